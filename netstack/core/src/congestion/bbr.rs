@@ -1,0 +1,375 @@
+//! BBR congestion control, the BBRv1 model (draft-cardwell-iccrg-bbr-congestion-control-00 and
+//! Linux `tcp_bbr.c`), tuned for random loss.
+//!
+//! Variant and tuning: the controller sends at the estimated bottleneck bandwidth (a windowed
+//! maximum of delivery-rate samples over 10 round trips) times a pacing gain, and caps inflight
+//! at `cwnd_gain × BDP`. Loss is not a congestion signal here: unlike Linux BBRv1 there is not
+//! even the one-round "packet conservation" cut on entering recovery, and unlike BBRv3 there is
+//! no `inflight_hi` bound from the loss rate (BBRv3 backs off once loss exceeds 2%, which is
+//! exactly what a lossy path must not do). Random loss lowers the delivery rate only by the
+//! lost fraction, so goodput stays near `link × (1 − loss)`. Only a retransmission timeout
+//! shrinks the window (to the four-segment minimum), as in Linux.
+
+use std::time::Duration;
+
+use super::{AckEvent, Controller, ControllerMetrics, INITIAL_WINDOW_SEGMENTS};
+use crate::time::Instant;
+
+/// 2/ln(2): the smallest gain that doubles the sending rate each round in Startup.
+const HIGH_GAIN: f64 = 2.885;
+/// Drain undoes Startup's queue in one round.
+const DRAIN_GAIN: f64 = 1.0 / HIGH_GAIN;
+/// Inflight cap in BDPs outside Startup; 2 absorbs delayed and aggregated ACKs.
+const CWND_GAIN: f64 = 2.0;
+/// ProbeBW gain cycle: probe up, drain the probe's queue, then cruise for six phases.
+const PACING_GAIN_CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+/// Bandwidth filter length, in round trips.
+const BW_FILTER_ROUNDS: u64 = 10;
+/// Min-RTT filter length.
+const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// Time spent at the minimum window in ProbeRTT.
+const PROBE_RTT_DURATION: Duration = Duration::from_millis(200);
+/// Startup ends after three rounds without 25% bandwidth growth.
+const FULL_BW_GROWTH: f64 = 1.25;
+const FULL_BW_ROUNDS: u32 = 3;
+/// Minimum window in segments.
+const MIN_WINDOW_SEGMENTS: u64 = 4;
+/// Pace 1% below the estimate so the bottleneck queue drains (Linux `bbr_pacing_margin_percent`).
+const PACING_MARGIN: f64 = 0.99;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Startup,
+    Drain,
+    ProbeBw,
+    ProbeRtt,
+}
+
+/// A windowed maximum over the last `BW_FILTER_ROUNDS` rounds: one slot per round.
+#[derive(Debug, Clone, Default)]
+struct MaxBandwidthFilter {
+    /// (round, max bytes/s seen in that round)
+    slots: [(u64, u64); BW_FILTER_ROUNDS as usize],
+}
+
+impl MaxBandwidthFilter {
+    fn update(&mut self, round: u64, bw: u64) {
+        let slot = &mut self.slots[(round % BW_FILTER_ROUNDS) as usize];
+        if slot.0 != round {
+            *slot = (round, 0);
+        }
+        slot.1 = slot.1.max(bw);
+    }
+
+    fn get(&self, round: u64) -> u64 {
+        self.slots
+            .iter()
+            .filter(|(r, _)| round.saturating_sub(*r) < BW_FILTER_ROUNDS)
+            .map(|(_, bw)| *bw)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// BBR state.
+#[derive(Debug, Clone)]
+pub struct Bbr {
+    mss: u64,
+    mode: Mode,
+    cwnd: u64,
+    max_bw: MaxBandwidthFilter,
+    min_rtt: Option<Duration>,
+    min_rtt_stamp: Instant,
+    round_count: u64,
+    next_round_delivered: u64,
+    full_bw: u64,
+    full_bw_count: u32,
+    full_bw_reached: bool,
+    pacing_gain: f64,
+    cwnd_gain: f64,
+    cycle_index: usize,
+    cycle_stamp: Instant,
+    probe_rtt_done: Option<Instant>,
+    prior_cwnd: u64,
+}
+
+impl Bbr {
+    /// A controller in Startup with the RFC 6928 initial window.
+    pub fn new(mss: u64, now: Instant) -> Self {
+        Self {
+            mss,
+            mode: Mode::Startup,
+            cwnd: INITIAL_WINDOW_SEGMENTS * mss,
+            max_bw: MaxBandwidthFilter::default(),
+            min_rtt: None,
+            min_rtt_stamp: now,
+            round_count: 0,
+            next_round_delivered: 0,
+            full_bw: 0,
+            full_bw_count: 0,
+            full_bw_reached: false,
+            pacing_gain: HIGH_GAIN,
+            cwnd_gain: HIGH_GAIN,
+            cycle_index: 0,
+            cycle_stamp: now,
+            probe_rtt_done: None,
+            prior_cwnd: 0,
+        }
+    }
+
+    fn bandwidth(&self) -> u64 {
+        self.max_bw.get(self.round_count)
+    }
+
+    /// Bandwidth-delay product times `gain`, in bytes; `None` before the first samples.
+    fn bdp(&self, gain: f64) -> Option<u64> {
+        let rtt = self.min_rtt?;
+        let bw = self.bandwidth();
+        if bw == 0 {
+            return None;
+        }
+        Some((bw as f64 * rtt.as_secs_f64() * gain) as u64)
+    }
+
+    fn min_window(&self) -> u64 {
+        MIN_WINDOW_SEGMENTS * self.mss
+    }
+
+    fn target_window(&self, gain: f64) -> u64 {
+        match self.bdp(gain) {
+            // Linux adds three segments of quanta so small BDPs still keep the pipe full.
+            Some(bdp) => (bdp + 3 * self.mss).max(self.min_window()),
+            None => INITIAL_WINDOW_SEGMENTS * self.mss,
+        }
+    }
+
+    fn enter_probe_bw(&mut self, now: Instant) {
+        self.mode = Mode::ProbeBw;
+        self.cwnd_gain = CWND_GAIN;
+        // Start the cycle at a random-ish phase other than the drain phase; the round count is
+        // as good a source of variety as any and keeps the core deterministic.
+        self.cycle_index = [0, 2, 3, 4, 5, 6, 7][(self.round_count % 7) as usize];
+        self.pacing_gain = PACING_GAIN_CYCLE[self.cycle_index];
+        self.cycle_stamp = now;
+    }
+
+    fn update_round(&mut self, ack: &AckEvent) -> bool {
+        let Some(rate) = ack.rate else { return false };
+        if rate.prior_delivered >= self.next_round_delivered {
+            self.next_round_delivered = ack.total_delivered;
+            self.round_count += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn update_bandwidth(&mut self, ack: &AckEvent) {
+        let Some(rate) = ack.rate else { return };
+        let Some(bw) = rate.bytes_per_second() else {
+            return;
+        };
+        // App-limited samples only count when they raise the estimate.
+        if !rate.is_app_limited || bw >= self.bandwidth() {
+            self.max_bw.update(self.round_count, bw);
+        }
+    }
+
+    fn check_full_bandwidth(&mut self, round_start: bool, app_limited: bool) {
+        if self.full_bw_reached || !round_start || app_limited {
+            return;
+        }
+        let bw = self.bandwidth();
+        if bw as f64 >= self.full_bw as f64 * FULL_BW_GROWTH {
+            self.full_bw = bw;
+            self.full_bw_count = 0;
+            return;
+        }
+        self.full_bw_count += 1;
+        self.full_bw_reached = self.full_bw_count >= FULL_BW_ROUNDS;
+    }
+
+    fn advance_cycle(&mut self, ack: &AckEvent) {
+        let Some(min_rtt) = self.min_rtt else { return };
+        let phase_done = ack.now.saturating_duration_since(self.cycle_stamp) > min_rtt;
+        let gain = self.pacing_gain;
+        let advance = if gain > 1.0 {
+            // Probe until the extra inflight is really out there (or loss says the pipe is full).
+            phase_done && (ack.newly_lost > 0 || ack.prior_inflight >= self.bdp(gain).unwrap_or(0))
+        } else if gain < 1.0 {
+            phase_done || ack.inflight <= self.bdp(1.0).unwrap_or(0)
+        } else {
+            phase_done
+        };
+        if advance {
+            self.cycle_index = (self.cycle_index + 1) % PACING_GAIN_CYCLE.len();
+            self.cycle_stamp = ack.now;
+            self.pacing_gain = PACING_GAIN_CYCLE[self.cycle_index];
+        }
+    }
+
+    fn update_min_rtt(&mut self, ack: &AckEvent) {
+        let expired = ack.now.saturating_duration_since(self.min_rtt_stamp) > MIN_RTT_WINDOW;
+        if let Some(sample) = ack.rtt_sample
+            && (self.min_rtt.is_none_or(|m| sample <= m) || expired)
+        {
+            self.min_rtt = Some(sample);
+            self.min_rtt_stamp = ack.now;
+        }
+        if expired && self.mode != Mode::ProbeRtt && self.min_rtt.is_some() {
+            self.mode = Mode::ProbeRtt;
+            self.pacing_gain = 1.0;
+            self.cwnd_gain = 1.0;
+            self.prior_cwnd = self.cwnd;
+            self.probe_rtt_done = None;
+        }
+        if self.mode == Mode::ProbeRtt {
+            match self.probe_rtt_done {
+                None if ack.inflight <= self.min_window() => {
+                    self.probe_rtt_done = Some(ack.now + PROBE_RTT_DURATION);
+                }
+                Some(done) if ack.now >= done => {
+                    self.min_rtt_stamp = ack.now;
+                    self.cwnd = self.cwnd.max(self.prior_cwnd);
+                    if self.full_bw_reached {
+                        self.enter_probe_bw(ack.now);
+                    } else {
+                        self.mode = Mode::Startup;
+                        self.pacing_gain = HIGH_GAIN;
+                        self.cwnd_gain = HIGH_GAIN;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn update_window(&mut self, ack: &AckEvent) {
+        if self.mode == Mode::ProbeRtt {
+            self.cwnd = self.cwnd.min(self.min_window());
+            return;
+        }
+        let target = self.target_window(self.cwnd_gain);
+        if self.full_bw_reached {
+            self.cwnd = (self.cwnd + ack.delivered_bytes).min(target);
+        } else if self.cwnd < target || ack.total_delivered < INITIAL_WINDOW_SEGMENTS * self.mss {
+            self.cwnd += ack.delivered_bytes;
+        }
+        self.cwnd = self.cwnd.max(self.min_window());
+    }
+}
+
+impl Controller for Bbr {
+    fn on_ack(&mut self, ack: &AckEvent) {
+        let round_start = self.update_round(ack);
+        self.update_bandwidth(ack);
+        let app_limited = ack.rate.is_some_and(|r| r.is_app_limited);
+        self.check_full_bandwidth(round_start, app_limited);
+        match self.mode {
+            Mode::Startup if self.full_bw_reached => {
+                self.mode = Mode::Drain;
+                self.pacing_gain = DRAIN_GAIN;
+                self.cwnd_gain = HIGH_GAIN;
+            }
+            Mode::ProbeBw => self.advance_cycle(ack),
+            _ => {}
+        }
+        if self.mode == Mode::Drain && ack.inflight <= self.bdp(1.0).unwrap_or(0) {
+            self.enter_probe_bw(ack.now);
+        }
+        self.update_min_rtt(ack);
+        self.update_window(ack);
+    }
+
+    fn on_rto(&mut self, _now: Instant) {
+        self.prior_cwnd = self.cwnd.max(self.prior_cwnd);
+        self.cwnd = self.min_window();
+    }
+
+    fn on_recovery_exit(&mut self, _now: Instant) {
+        // Restore what an RTO took away once the lost data is repaired.
+        self.cwnd = self.cwnd.max(self.prior_cwnd);
+        self.prior_cwnd = 0;
+    }
+
+    fn on_mss_change(&mut self, mss: u64) {
+        self.mss = mss.max(1);
+    }
+
+    fn window(&self) -> u64 {
+        self.cwnd
+    }
+
+    fn pacing_rate(&self, smoothed_rtt: Option<Duration>) -> Option<u64> {
+        let bw = self.bandwidth();
+        if bw == 0 {
+            // No sample yet: pace the initial window over the handshake RTT (1 ms if unknown).
+            let rtt = smoothed_rtt
+                .unwrap_or(Duration::from_millis(1))
+                .as_secs_f64();
+            let initial = (INITIAL_WINDOW_SEGMENTS * self.mss) as f64;
+            return Some((HIGH_GAIN * initial / rtt.max(1e-6)) as u64);
+        }
+        Some((bw as f64 * self.pacing_gain * PACING_MARGIN) as u64)
+    }
+
+    fn name(&self) -> &'static str {
+        "bbr"
+    }
+
+    fn metrics(&self, smoothed_rtt: Option<Duration>) -> ControllerMetrics {
+        ControllerMetrics {
+            window: self.cwnd,
+            pacing_rate: self.pacing_rate(smoothed_rtt),
+            bandwidth_estimate: Some(self.bandwidth()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::congestion::RateSample;
+
+    #[test]
+    fn converges_to_link_rate_and_two_bdp_window() {
+        // A fluid model of a 10 MB/s link with 20 ms RTT: each ms the link delivers 10 kB.
+        let mss = 1000;
+        let mut bbr = Bbr::new(mss, Instant::ZERO);
+        let rtt = Duration::from_millis(20);
+        let mut delivered = 0u64;
+        for ms in 1..3000u64 {
+            let now = Instant::from_millis(ms);
+            let sending = bbr.pacing_rate(Some(rtt)).unwrap().min(10_000_000);
+            let bytes = sending / 1000;
+            let prior = delivered;
+            delivered += bytes;
+            bbr.on_ack(&AckEvent {
+                now,
+                delivered_bytes: bytes,
+                total_delivered: delivered,
+                prior_inflight: bbr.window(),
+                inflight: bbr.window().min(sending / 50),
+                rtt_sample: Some(rtt),
+                smoothed_rtt: Some(rtt),
+                min_rtt: Some(rtt),
+                rate: Some(RateSample {
+                    delivered: bytes * 20,
+                    interval: rtt,
+                    prior_delivered: prior.saturating_sub(bytes * 20),
+                    is_app_limited: false,
+                }),
+                in_recovery: false,
+                newly_lost: 0,
+            });
+        }
+        assert_eq!(bbr.mode, Mode::ProbeBw);
+        assert!(bbr.bandwidth() >= 9_000_000, "bw {}", bbr.bandwidth());
+        let bdp = 10_000_000 / 50;
+        assert!(bbr.window() <= 2 * bdp + 3 * mss, "cwnd {}", bbr.window());
+        // Loss is not a signal: a congestion event leaves the window alone.
+        let before = bbr.window();
+        bbr.on_congestion_event(Instant::from_millis(3000), before);
+        assert_eq!(bbr.window(), before);
+    }
+}

@@ -1,0 +1,42 @@
+//! The boundary between the stack and packet I/O engines.
+//!
+//! Frames are lent, not returned: `receive` passes the engine's own buffer to a closure and
+//! `transmit` lets the stack write straight into a ring slot, so batched, zero-copy engines
+//! (TPACKET rings, AF_XDP UMEM, DPDK mbufs) fit without an extra copy.
+
+/// What an engine can do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceCapabilities {
+    /// IP MTU in bytes (the Ethernet payload size, 1500 on most links).
+    pub mtu: usize,
+}
+
+impl Default for DeviceCapabilities {
+    fn default() -> Self {
+        Self { mtu: 1500 }
+    }
+}
+
+/// Per-frame facts the engine learned from the kernel or hardware.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RxMeta {
+    /// The transport checksum was already verified, or was never filled in because the frame
+    /// came from a local sender with checksum offload (AF_PACKET `TP_STATUS_CSUMNOTREADY`).
+    pub checksum_trusted: bool,
+}
+
+/// A packet I/O engine.
+pub trait Device {
+    /// The engine's capabilities.
+    fn capabilities(&self) -> DeviceCapabilities;
+
+    /// Passes the next received Ethernet frame to `f`; `None` when no frame is waiting.
+    fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R>;
+
+    /// Lends a buffer of at least `max_len` bytes. `f` writes one Ethernet frame and returns its
+    /// length, or 0 to send nothing. `None` when no transmit buffer is free.
+    fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize>;
+
+    /// Pushes batched transmissions to the wire.
+    fn flush(&mut self) {}
+}

@@ -1,0 +1,292 @@
+//! A deterministic simulated network: two stacks joined by a link with propagation delay, a
+//! rate-limited bottleneck queue, random loss, duplication and reordering, all driven by a
+//! seeded PRNG and simulated time. Used by the tests, the goodput tables and the fuzz targets.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::phy::{Device, DeviceCapabilities, RxMeta};
+use crate::stack::{Stack, StackConfig};
+use crate::time::Instant;
+
+/// SplitMix64: tiny, fast and good enough for impairment decisions.
+#[derive(Clone, Debug)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform value in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && self.unit() < p
+    }
+}
+
+/// Impairments of one direction of the link.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinkConfig {
+    /// One-way propagation delay.
+    pub delay: Duration,
+    /// Bottleneck rate in bits per second; 0 means unlimited.
+    pub rate_bps: u64,
+    /// Bottleneck queue in bytes; frames arriving to a fuller queue are dropped.
+    pub queue_bytes: usize,
+    /// Probability that a frame is lost.
+    pub loss: f64,
+    /// Probability that a frame is delivered twice.
+    pub duplicate: f64,
+    /// Probability that a frame is held back by `reorder_delay`.
+    pub reorder: f64,
+    /// Extra delay of reordered frames.
+    pub reorder_delay: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        Self {
+            delay: Duration::from_millis(1),
+            rate_bps: 0,
+            queue_bytes: 1 << 20,
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            reorder_delay: Duration::from_millis(2),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Link {
+    config: LinkConfig,
+    busy_until: Instant,
+    in_flight: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>>,
+    counter: u64,
+    dropped: u64,
+}
+
+impl Link {
+    fn new(config: LinkConfig) -> Self {
+        Self {
+            config,
+            busy_until: Instant::ZERO,
+            in_flight: BinaryHeap::new(),
+            counter: 0,
+            dropped: 0,
+        }
+    }
+
+    fn send(&mut self, now: Instant, frame: Vec<u8>, rng: &mut SimRng) {
+        if rng.chance(self.config.loss) {
+            self.dropped += 1;
+            return;
+        }
+        let mut arrive = now;
+        if self.config.rate_bps > 0 {
+            let start = self.busy_until.max(now);
+            let backlog = start.saturating_duration_since(now).as_secs_f64();
+            let queued = backlog * self.config.rate_bps as f64 / 8.0;
+            if queued > self.config.queue_bytes as f64 {
+                self.dropped += 1;
+                return;
+            }
+            let serialization =
+                Duration::from_secs_f64(frame.len() as f64 * 8.0 / self.config.rate_bps as f64);
+            self.busy_until = start + serialization;
+            arrive = self.busy_until;
+        }
+        arrive = arrive + self.config.delay;
+        if rng.chance(self.config.reorder) {
+            arrive = arrive + self.config.reorder_delay;
+        }
+        if rng.chance(self.config.duplicate) {
+            self.counter += 1;
+            self.in_flight
+                .push(Reverse((arrive, self.counter, frame.clone())));
+        }
+        self.counter += 1;
+        self.in_flight.push(Reverse((arrive, self.counter, frame)));
+    }
+
+    fn next_arrival(&self) -> Option<Instant> {
+        self.in_flight.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    fn deliver(&mut self, now: Instant, to: &mut SimDevice) {
+        while let Some(Reverse((at, _, _))) = self.in_flight.peek() {
+            if *at > now {
+                break;
+            }
+            if let Some(Reverse((_, _, frame))) = self.in_flight.pop() {
+                to.rx.push_back(frame);
+            }
+        }
+    }
+}
+
+/// An in-memory device: frames to transmit pile up in `tx`, frames to receive wait in `rx`.
+#[derive(Debug, Default)]
+pub struct SimDevice {
+    /// Frames waiting to be received by the stack.
+    pub rx: VecDeque<Vec<u8>>,
+    /// Frames the stack transmitted.
+    pub tx: Vec<Vec<u8>>,
+}
+
+impl Device for SimDevice {
+    fn capabilities(&self) -> DeviceCapabilities {
+        DeviceCapabilities::default()
+    }
+
+    fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {
+        let frame = self.rx.pop_front()?;
+        Some(f(&frame, RxMeta::default()))
+    }
+
+    fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize> {
+        let mut buf = vec![0u8; max_len];
+        let len = f(&mut buf).min(max_len);
+        if len > 0 {
+            buf.truncate(len);
+            self.tx.push(buf);
+        }
+        Some(len)
+    }
+}
+
+/// Two stacks, `a` (10.0.0.1) and `b` (10.0.0.2), on one simulated link.
+#[derive(Debug)]
+pub struct Network {
+    /// The first stack.
+    pub a: Stack,
+    /// The second stack.
+    pub b: Stack,
+    dev_a: SimDevice,
+    dev_b: SimDevice,
+    a_to_b: Link,
+    b_to_a: Link,
+    rng: SimRng,
+    now: Instant,
+}
+
+/// Address of stack `a`.
+pub const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// Address of stack `b`.
+pub const ADDR_B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+impl Network {
+    /// A network whose stacks use `configure` on their default configs.
+    pub fn new(
+        seed: u64,
+        a_to_b: LinkConfig,
+        b_to_a: LinkConfig,
+        configure: impl Fn(&mut StackConfig),
+    ) -> Self {
+        let mut config_a = StackConfig::new([2, 0, 0, 0, 0, 1], ADDR_A, 24, [0xa5; 16]);
+        let mut config_b = StackConfig::new([2, 0, 0, 0, 0, 2], ADDR_B, 24, [0x5a; 16]);
+        configure(&mut config_a);
+        configure(&mut config_b);
+        Self {
+            a: Stack::new(config_a),
+            b: Stack::new(config_b),
+            dev_a: SimDevice::default(),
+            dev_b: SimDevice::default(),
+            a_to_b: Link::new(a_to_b),
+            b_to_a: Link::new(b_to_a),
+            rng: SimRng::new(seed),
+            // Start away from zero so "time since" arithmetic is exercised honestly.
+            now: Instant::from_millis(1_000),
+        }
+    }
+
+    /// Simulated time.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Frames dropped by the links (random loss plus queue overflow).
+    pub fn dropped_frames(&self) -> u64 {
+        self.a_to_b.dropped + self.b_to_a.dropped
+    }
+
+    /// Changes the impairments of both directions.
+    pub fn set_links(&mut self, a_to_b: LinkConfig, b_to_a: LinkConfig) {
+        self.a_to_b.config = a_to_b;
+        self.b_to_a.config = b_to_a;
+    }
+
+    /// Polls both stacks, moves frames onto the links and advances time to the next event,
+    /// never past `limit`. Returns false when nothing is scheduled before `limit`.
+    pub fn step(&mut self, limit: Instant) -> bool {
+        let now = self.now;
+        self.a.poll(now, &mut self.dev_a);
+        self.b.poll(now, &mut self.dev_b);
+        for frame in self.dev_a.tx.drain(..) {
+            self.a_to_b.send(now, frame, &mut self.rng);
+        }
+        for frame in self.dev_b.tx.drain(..) {
+            self.b_to_a.send(now, frame, &mut self.rng);
+        }
+        let mut next = None;
+        for candidate in [
+            self.a.poll_at(),
+            self.b.poll_at(),
+            self.a_to_b.next_arrival(),
+            self.b_to_a.next_arrival(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            next = Some(next.map_or(candidate, |n: Instant| n.min(candidate)));
+        }
+        let Some(next) = next else {
+            self.now = limit;
+            return false;
+        };
+        if next > limit {
+            self.now = limit;
+            return false;
+        }
+        // Time always moves forward by at least 1 µs so a busy stack cannot stall the clock.
+        self.now = next.max(now + Duration::from_micros(1));
+        self.a_to_b.deliver(self.now, &mut self.dev_b);
+        self.b_to_a.deliver(self.now, &mut self.dev_a);
+        true
+    }
+
+    /// Runs until `done` holds or `limit` passes; returns whether `done` held.
+    pub fn run_until(&mut self, limit: Instant, mut done: impl FnMut(&mut Self) -> bool) -> bool {
+        loop {
+            if done(self) {
+                return true;
+            }
+            if !self.step(limit) && self.now >= limit {
+                return done(self);
+            }
+        }
+    }
+
+    /// Runs for `duration` of simulated time.
+    pub fn run_for(&mut self, duration: Duration) {
+        let limit = self.now + duration;
+        while self.step(limit) {}
+    }
+}

@@ -1,0 +1,1225 @@
+//! The stack: one interface (Ethernet, ARP, IPv4, ICMP), the socket table and the socket API.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol,
+    Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+};
+
+use crate::congestion::CongestionControl;
+use crate::isn::IsnGenerator;
+use crate::phy::{Device, RxMeta};
+use crate::seq::Seq;
+use crate::tcp::{Connection, ConnectionStats, Endpoints, Keepalive, State, TcpConfig, TcpError};
+use crate::time::{Instant, earliest};
+
+/// Interface and defaults for a [`Stack`].
+#[derive(Clone, Debug)]
+pub struct StackConfig {
+    /// Our Ethernet address.
+    pub mac: [u8; 6],
+    /// Our IPv4 address.
+    pub address: Ipv4Addr,
+    /// Prefix length of the on-link subnet.
+    pub prefix_len: u8,
+    /// Next hop for destinations off the subnet.
+    pub gateway: Option<Ipv4Addr>,
+    /// IP MTU.
+    pub mtu: usize,
+    /// Secret for RFC 6528 initial sequence numbers; draw it from a CSPRNG.
+    pub isn_secret: [u8; 16],
+    /// Defaults for new connections.
+    pub tcp: TcpConfig,
+    /// Local ports for active opens.
+    pub ephemeral_ports: RangeInclusive<u16>,
+    /// How long a learned ARP entry stays valid.
+    pub arp_timeout: Duration,
+}
+
+impl StackConfig {
+    /// A configuration with default TCP settings, a 1500-byte MTU and no gateway.
+    pub fn new(mac: [u8; 6], address: Ipv4Addr, prefix_len: u8, isn_secret: [u8; 16]) -> Self {
+        Self {
+            mac,
+            address,
+            prefix_len: prefix_len.min(32),
+            gateway: None,
+            mtu: 1500,
+            isn_secret,
+            tcp: TcpConfig::default(),
+            ephemeral_ports: 49152..=65535,
+            arp_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Names a listener or connection in a [`Stack`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketHandle {
+    index: u32,
+    generation: u32,
+}
+
+/// Level-triggered readiness of a socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// `recv` returns data, EOF or an error without blocking (for a listener: `accept` does).
+    pub readable: bool,
+    /// `send` accepts at least one byte.
+    pub writable: bool,
+    /// The connection failed.
+    pub error: bool,
+    /// The connection is fully closed.
+    pub closed: bool,
+}
+
+/// What became ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A listener has a connection to accept.
+    Acceptable,
+    /// Data or EOF can be read.
+    Readable,
+    /// Buffer space opened (or the handshake completed).
+    Writable,
+    /// The connection failed.
+    Error(TcpError),
+    /// The connection reached CLOSED.
+    Closed,
+}
+
+/// An edge-triggered readiness event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The socket it concerns.
+    pub handle: SocketHandle,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// Why `listen` failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenError {
+    /// Another listener owns the port.
+    PortInUse,
+    /// Port 0 cannot be listened on.
+    InvalidPort,
+}
+
+impl core::fmt::Display for ListenError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::PortInUse => "port already has a listener",
+            Self::InvalidPort => "port 0 is not valid",
+        })
+    }
+}
+
+impl std::error::Error for ListenError {}
+
+/// Why a socket call failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketError {
+    /// The handle does not name a socket of the right kind (closed, or a listener).
+    InvalidHandle,
+    /// Nothing can be done now; wait for a readiness event.
+    WouldBlock,
+    /// The connection is not in a state that allows the call.
+    NotConnected,
+    /// Writing after `shutdown` or `close`.
+    Shutdown,
+    /// No local port is free.
+    NoPortsAvailable,
+    /// The destination is unusable (our own address, port 0, unspecified).
+    InvalidAddress,
+    /// The connection failed.
+    Connection(TcpError),
+}
+
+impl core::fmt::Display for SocketError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::InvalidHandle => f.write_str("invalid socket handle"),
+            Self::WouldBlock => f.write_str("operation would block"),
+            Self::NotConnected => f.write_str("socket is not connected"),
+            Self::Shutdown => f.write_str("socket is shut down for writing"),
+            Self::NoPortsAvailable => f.write_str("no ephemeral port available"),
+            Self::InvalidAddress => f.write_str("invalid destination address"),
+            Self::Connection(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for SocketError {}
+
+/// Per-socket options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketOption {
+    /// `TCP_NODELAY`: disable Nagle's algorithm.
+    NoDelay(bool),
+    /// `SO_KEEPALIVE` with its timing.
+    Keepalive(Option<Keepalive>),
+    /// `SO_SNDBUF` in bytes.
+    SendBuffer(usize),
+}
+
+/// Interface counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackStats {
+    /// Frames received.
+    pub rx_frames: u64,
+    /// Frames dropped as malformed, misaddressed or failing checksums.
+    pub rx_dropped: u64,
+    /// Frames sent.
+    pub tx_frames: u64,
+    /// Segments the engine had no buffer for (they count as lost).
+    pub tx_dropped: u64,
+    /// RSTs sent for segments that matched no socket.
+    pub rst_sent: u64,
+    /// SYNs dropped because a listener's backlog was full.
+    pub syn_dropped: u64,
+}
+
+#[derive(Debug)]
+struct Listener {
+    port: u16,
+    backlog: usize,
+    embryonic: usize,
+    ready: VecDeque<SocketHandle>,
+}
+
+#[derive(Debug)]
+struct ConnSlot {
+    conn: Connection,
+    listener: Option<SocketHandle>,
+    /// The application holds the handle (accepted or connected, not yet closed).
+    app_owned: bool,
+    last: Readiness,
+}
+
+#[derive(Debug)]
+enum Entry {
+    Listener(Listener),
+    Conn(Box<ConnSlot>),
+}
+
+#[derive(Debug)]
+struct Slot {
+    generation: u32,
+    entry: Option<Entry>,
+}
+
+type TupleKey = (u16, Ipv4Addr, u16);
+
+/// Frames processed per `poll` before egress gets a turn.
+const RX_BUDGET: usize = 256;
+/// Segments one connection may emit per `poll`.
+const TX_BUDGET_PER_SOCKET: usize = 128;
+
+/// The user-space TCP/IP stack. See the crate docs.
+#[derive(Debug)]
+pub struct Stack {
+    config: StackConfig,
+    isn: IsnGenerator,
+    slots: Vec<Slot>,
+    free_slots: Vec<u32>,
+    tuples: HashMap<TupleKey, SocketHandle>,
+    listeners: HashMap<u16, SocketHandle>,
+    ports_in_use: HashMap<u16, usize>,
+    next_port: u16,
+    arp_cache: HashMap<Ipv4Addr, ([u8; 6], Instant)>,
+    arp_requested: HashMap<Ipv4Addr, Instant>,
+    control_frames: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    scratch: Vec<u8>,
+    stats: StackStats,
+    now: Instant,
+}
+
+impl Stack {
+    /// A stack with no sockets.
+    pub fn new(config: StackConfig) -> Self {
+        let next_port = *config.ephemeral_ports.start();
+        Self {
+            isn: IsnGenerator::new(config.isn_secret),
+            config,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            tuples: HashMap::new(),
+            listeners: HashMap::new(),
+            ports_in_use: HashMap::new(),
+            next_port,
+            arp_cache: HashMap::new(),
+            arp_requested: HashMap::new(),
+            control_frames: VecDeque::new(),
+            events: VecDeque::new(),
+            scratch: Vec::with_capacity(2048),
+            stats: StackStats::default(),
+            now: Instant::ZERO,
+        }
+    }
+
+    /// The interface configuration.
+    pub fn config(&self) -> &StackConfig {
+        &self.config
+    }
+
+    /// Interface counters.
+    pub fn stats(&self) -> StackStats {
+        self.stats
+    }
+
+    /// Adds a static ARP entry (useful for point-to-point links and tests).
+    pub fn add_neighbor(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
+        self.arp_cache
+            .insert(ip, (mac, Instant::from_micros(u64::MAX)));
+    }
+
+    // === impl Stack: handles ===
+
+    fn insert(&mut self, entry: Entry) -> SocketHandle {
+        if let Some(index) = self.free_slots.pop() {
+            let slot = &mut self.slots[index as usize];
+            slot.generation = slot.generation.wrapping_add(1);
+            slot.entry = Some(entry);
+            return SocketHandle {
+                index,
+                generation: slot.generation,
+            };
+        }
+        self.slots.push(Slot {
+            generation: 0,
+            entry: Some(entry),
+        });
+        SocketHandle {
+            index: (self.slots.len() - 1) as u32,
+            generation: 0,
+        }
+    }
+
+    fn entry(&self, handle: SocketHandle) -> Option<&Entry> {
+        let slot = self.slots.get(handle.index as usize)?;
+        (slot.generation == handle.generation)
+            .then_some(slot.entry.as_ref())
+            .flatten()
+    }
+
+    fn entry_mut(&mut self, handle: SocketHandle) -> Option<&mut Entry> {
+        let slot = self.slots.get_mut(handle.index as usize)?;
+        if slot.generation != handle.generation {
+            return None;
+        }
+        slot.entry.as_mut()
+    }
+
+    fn conn(&self, handle: SocketHandle) -> Result<&ConnSlot, SocketError> {
+        match self.entry(handle) {
+            Some(Entry::Conn(c)) if c.app_owned => Ok(c),
+            _ => Err(SocketError::InvalidHandle),
+        }
+    }
+
+    fn conn_mut(&mut self, handle: SocketHandle) -> Result<&mut ConnSlot, SocketError> {
+        match self.entry_mut(handle) {
+            Some(Entry::Conn(c)) if c.app_owned => Ok(c),
+            _ => Err(SocketError::InvalidHandle),
+        }
+    }
+
+    fn remove(&mut self, handle: SocketHandle) {
+        let Some(slot) = self.slots.get_mut(handle.index as usize) else {
+            return;
+        };
+        if slot.generation != handle.generation {
+            return;
+        }
+        match slot.entry.take() {
+            Some(Entry::Conn(c)) => {
+                let ep = c.conn.endpoints;
+                let key = (ep.local.port(), *ep.remote.ip(), ep.remote.port());
+                if self.tuples.get(&key) == Some(&handle) {
+                    self.tuples.remove(&key);
+                }
+                self.release_port(ep.local.port());
+            }
+            Some(Entry::Listener(l)) => {
+                self.listeners.remove(&l.port);
+                self.release_port(l.port);
+            }
+            None => return,
+        }
+        self.free_slots.push(handle.index);
+    }
+
+    fn claim_port(&mut self, port: u16) {
+        *self.ports_in_use.entry(port).or_default() += 1;
+    }
+
+    fn release_port(&mut self, port: u16) {
+        if let Some(count) = self.ports_in_use.get_mut(&port) {
+            *count -= 1;
+            if *count == 0 {
+                self.ports_in_use.remove(&port);
+            }
+        }
+    }
+
+    // === impl Stack: socket API ===
+
+    /// Listens on `port`, keeping at most `backlog` connections that are being established or
+    /// waiting for `accept`.
+    pub fn listen(&mut self, port: u16, backlog: usize) -> Result<SocketHandle, ListenError> {
+        if port == 0 {
+            return Err(ListenError::InvalidPort);
+        }
+        if self.listeners.contains_key(&port) {
+            return Err(ListenError::PortInUse);
+        }
+        let handle = self.insert(Entry::Listener(Listener {
+            port,
+            backlog: backlog.max(1),
+            embryonic: 0,
+            ready: VecDeque::new(),
+        }));
+        self.listeners.insert(port, handle);
+        self.claim_port(port);
+        Ok(handle)
+    }
+
+    /// Takes the next established connection from a listener's accept queue.
+    pub fn accept(&mut self, listener: SocketHandle) -> Result<SocketHandle, SocketError> {
+        let Some(Entry::Listener(l)) = self.entry_mut(listener) else {
+            return Err(SocketError::InvalidHandle);
+        };
+        let handle = l.ready.pop_front().ok_or(SocketError::WouldBlock)?;
+        if let Some(Entry::Conn(c)) = self.entry_mut(handle) {
+            c.app_owned = true;
+            c.listener = None;
+            c.last = Readiness::default();
+        }
+        self.refresh(handle);
+        Ok(handle)
+    }
+
+    /// Opens a connection with the stack's default TCP configuration.
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        remote: SocketAddrV4,
+    ) -> Result<SocketHandle, SocketError> {
+        let config = self.config.tcp.clone();
+        self.connect_with(now, remote, config)
+    }
+
+    /// Opens a connection with its own TCP configuration (for example another controller).
+    pub fn connect_with(
+        &mut self,
+        now: Instant,
+        remote: SocketAddrV4,
+        config: TcpConfig,
+    ) -> Result<SocketHandle, SocketError> {
+        if remote.port() == 0 || remote.ip().is_unspecified() || *remote.ip() == self.config.address
+        {
+            return Err(SocketError::InvalidAddress);
+        }
+        let port = self.pick_port(remote)?;
+        let endpoints = Endpoints {
+            local: SocketAddrV4::new(self.config.address, port),
+            remote,
+        };
+        let iss = self.isn.isn(now, endpoints.local, endpoints.remote);
+        let ts = self.isn.timestamp_offset(endpoints.local, endpoints.remote);
+        let conn = Connection::connect(now, endpoints, iss, ts, config, self.mtu_mss());
+        let handle = self.insert(Entry::Conn(Box::new(ConnSlot {
+            conn,
+            listener: None,
+            app_owned: true,
+            last: Readiness::default(),
+        })));
+        self.tuples
+            .insert((port, *remote.ip(), remote.port()), handle);
+        self.claim_port(port);
+        Ok(handle)
+    }
+
+    fn pick_port(&mut self, remote: SocketAddrV4) -> Result<u16, SocketError> {
+        let range = self.config.ephemeral_ports.clone();
+        let span = u32::from(*range.end()) - u32::from(*range.start()) + 1;
+        for _ in 0..span {
+            let port = self.next_port;
+            self.next_port = if port >= *range.end() {
+                *range.start()
+            } else {
+                port + 1
+            };
+            let key = (port, *remote.ip(), remote.port());
+            if !self.listeners.contains_key(&port) && !self.tuples.contains_key(&key) {
+                return Ok(port);
+            }
+        }
+        Err(SocketError::NoPortsAvailable)
+    }
+
+    fn mtu_mss(&self) -> u16 {
+        self.config.mtu.saturating_sub(40).clamp(88, 65535) as u16
+    }
+
+    /// Queues bytes for sending; returns how many were taken.
+    pub fn send(&mut self, handle: SocketHandle, data: &[u8]) -> Result<usize, SocketError> {
+        let slot = self.conn_mut(handle)?;
+        if let Some(e) = slot.conn.error() {
+            return Err(SocketError::Connection(e));
+        }
+        match slot.conn.state() {
+            State::Closed => return Err(SocketError::NotConnected),
+            State::FinWait1
+            | State::FinWait2
+            | State::Closing
+            | State::LastAck
+            | State::TimeWait => {
+                return Err(SocketError::Shutdown);
+            }
+            _ => {}
+        }
+        let n = slot.conn.send(data);
+        if n == 0 && !data.is_empty() {
+            slot.last.writable = false;
+            return Err(SocketError::WouldBlock);
+        }
+        self.refresh(handle);
+        Ok(n)
+    }
+
+    /// Reads received bytes. `Ok(0)` means the peer closed (EOF).
+    pub fn recv(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize, SocketError> {
+        let slot = self.conn_mut(handle)?;
+        let n = slot.conn.recv(buf);
+        if n > 0 || buf.is_empty() {
+            if slot.conn.recv_available() == 0 {
+                slot.last.readable = slot.conn.at_eof();
+            }
+            return Ok(n);
+        }
+        if let Some(e) = slot.conn.error() {
+            return Err(SocketError::Connection(e));
+        }
+        if slot.conn.at_eof() {
+            return Ok(0);
+        }
+        if slot.conn.state() == State::Closed {
+            return Ok(0);
+        }
+        slot.last.readable = false;
+        Err(SocketError::WouldBlock)
+    }
+
+    /// Half-closes the sending side: a FIN follows the queued data.
+    pub fn shutdown(&mut self, handle: SocketHandle) -> Result<(), SocketError> {
+        self.conn_mut(handle)?.conn.shutdown_write();
+        self.refresh(handle);
+        Ok(())
+    }
+
+    /// Closes the socket. The connection finishes (FIN, TIME-WAIT) in the background; the handle
+    /// is invalid afterwards. Closing a listener resets connections waiting in its queue.
+    pub fn close(&mut self, handle: SocketHandle) -> Result<(), SocketError> {
+        match self.entry_mut(handle) {
+            Some(Entry::Listener(l)) => {
+                let queued: Vec<SocketHandle> = l.ready.drain(..).collect();
+                for child in queued {
+                    if let Some(Entry::Conn(c)) = self.entry_mut(child) {
+                        c.conn.abort();
+                    }
+                }
+                self.remove(handle);
+                Ok(())
+            }
+            Some(Entry::Conn(c)) if c.app_owned => {
+                c.app_owned = false;
+                c.conn.close();
+                if c.conn.is_finished() {
+                    self.remove(handle);
+                }
+                Ok(())
+            }
+            _ => Err(SocketError::InvalidHandle),
+        }
+    }
+
+    /// Resets the connection (RST) and releases the handle.
+    pub fn abort(&mut self, handle: SocketHandle) -> Result<(), SocketError> {
+        let slot = self.conn_mut(handle)?;
+        slot.app_owned = false;
+        slot.conn.abort();
+        Ok(())
+    }
+
+    /// Sets a socket option.
+    pub fn set_option(
+        &mut self,
+        handle: SocketHandle,
+        option: SocketOption,
+    ) -> Result<(), SocketError> {
+        let now = self.now;
+        let slot = self.conn_mut(handle)?;
+        match option {
+            SocketOption::NoDelay(on) => slot.conn.set_nodelay(on),
+            SocketOption::Keepalive(k) => slot.conn.set_keepalive(now, k),
+            SocketOption::SendBuffer(bytes) => slot.conn.set_send_buffer(bytes),
+        }
+        Ok(())
+    }
+
+    /// The connection's TCP state.
+    pub fn state(&self, handle: SocketHandle) -> Result<State, SocketError> {
+        Ok(self.conn(handle)?.conn.state())
+    }
+
+    /// The connection's failure, if any.
+    pub fn error(&self, handle: SocketHandle) -> Result<Option<TcpError>, SocketError> {
+        Ok(self.conn(handle)?.conn.error())
+    }
+
+    /// Counters of one connection.
+    pub fn connection_stats(&self, handle: SocketHandle) -> Result<ConnectionStats, SocketError> {
+        Ok(self.conn(handle)?.conn.stats())
+    }
+
+    /// The congestion controller a connection runs.
+    pub fn congestion_control(
+        &self,
+        handle: SocketHandle,
+    ) -> Result<CongestionControl, SocketError> {
+        Ok(self.conn(handle)?.conn.config().congestion_control)
+    }
+
+    /// Name of the controller instance (for reports).
+    pub fn congestion_control_name(
+        &self,
+        handle: SocketHandle,
+    ) -> Result<&'static str, SocketError> {
+        Ok(self.conn(handle)?.conn.congestion_control_name())
+    }
+
+    /// Local and remote addresses of a connection.
+    pub fn addresses(
+        &self,
+        handle: SocketHandle,
+    ) -> Result<(SocketAddrV4, SocketAddrV4), SocketError> {
+        let ep = self.conn(handle)?.conn.endpoints;
+        Ok((ep.local, ep.remote))
+    }
+
+    /// Current readiness (level-triggered).
+    pub fn readiness(&self, handle: SocketHandle) -> Result<Readiness, SocketError> {
+        match self.entry(handle) {
+            Some(Entry::Listener(l)) => Ok(Readiness {
+                readable: !l.ready.is_empty(),
+                ..Readiness::default()
+            }),
+            Some(Entry::Conn(c)) if c.app_owned => Ok(readiness_of(&c.conn)),
+            _ => Err(SocketError::InvalidHandle),
+        }
+    }
+
+    /// The next readiness event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Number of sockets (listeners and connections, including ones closing in the background).
+    pub fn socket_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.entry.is_some()).count()
+    }
+
+    /// Re-evaluates one socket after a change: readiness events, accept queue, freeing.
+    fn refresh(&mut self, handle: SocketHandle) {
+        let Some(Entry::Conn(slot)) = self.entry_mut(handle) else {
+            return;
+        };
+        let now_ready = readiness_of(&slot.conn);
+        let state = slot.conn.state();
+        let finished = slot.conn.is_finished();
+        let mut new_events = Vec::new();
+        if slot.app_owned {
+            let last = slot.last;
+            if now_ready.readable && !last.readable {
+                new_events.push(EventKind::Readable);
+            }
+            if now_ready.writable && !last.writable {
+                new_events.push(EventKind::Writable);
+            }
+            if now_ready.error
+                && !last.error
+                && let Some(e) = slot.conn.error()
+            {
+                new_events.push(EventKind::Error(e));
+            }
+            if now_ready.closed && !last.closed {
+                new_events.push(EventKind::Closed);
+            }
+            slot.last = now_ready;
+        }
+        let app_owned = slot.app_owned;
+        let listener = slot.listener;
+        for kind in new_events {
+            self.events.push_back(Event { handle, kind });
+        }
+        if let Some(listener_handle) = listener {
+            let established = !matches!(state, State::SynReceived | State::Closed);
+            if established || finished {
+                if let Some(Entry::Conn(slot)) = self.entry_mut(handle) {
+                    slot.listener = None;
+                }
+                if let Some(Entry::Listener(l)) = self.entry_mut(listener_handle) {
+                    l.embryonic = l.embryonic.saturating_sub(1);
+                    if established {
+                        l.ready.push_back(handle);
+                        self.events.push_back(Event {
+                            handle: listener_handle,
+                            kind: EventKind::Acceptable,
+                        });
+                    }
+                } else if established {
+                    // The listener went away before the handshake completed.
+                    if let Some(Entry::Conn(slot)) = self.entry_mut(handle) {
+                        slot.conn.abort();
+                    }
+                }
+            }
+        }
+        if finished && !app_owned && listener.is_none() {
+            // Still referenced from an accept queue: keep until accepted or the listener closes.
+            let queued = self.listeners.values().any(|l| match self.entry(*l) {
+                Some(Entry::Listener(l)) => l.ready.contains(&handle),
+                _ => false,
+            });
+            if !queued {
+                self.remove(handle);
+            }
+        }
+    }
+
+    // === impl Stack: driving ===
+
+    /// When `poll` should next be called, if nothing arrives before.
+    pub fn poll_at(&self) -> Option<Instant> {
+        if !self.control_frames.is_empty() {
+            return Some(self.now);
+        }
+        let mut at = None;
+        for slot in &self.slots {
+            if let Some(Entry::Conn(c)) = &slot.entry {
+                let remote = *c.conn.endpoints.remote.ip();
+                if self.cached_neighbor(remote).is_none() && !c.conn.is_finished() {
+                    // Blocked on ARP: wake for the next request instead of spinning.
+                    let hop = self.next_hop(remote);
+                    let retry = self
+                        .arp_requested
+                        .get(&hop)
+                        .map_or(self.now, |last| *last + Duration::from_secs(1));
+                    at = earliest(at, Some(retry));
+                    continue;
+                }
+                if c.conn.wants_transmit() {
+                    return Some(self.now);
+                }
+                at = earliest(at, c.conn.poll_at());
+            }
+        }
+        at
+    }
+
+    /// Processes received frames, fires timers and transmits. Returns true if anything was
+    /// received or sent.
+    pub fn poll<D: Device>(&mut self, now: Instant, device: &mut D) -> bool {
+        self.now = self.now.max(now);
+        let now = self.now;
+        let mut activity = false;
+        for _ in 0..RX_BUDGET {
+            let mut frame = std::mem::take(&mut self.scratch);
+            let got = device.receive(|bytes, meta| {
+                frame.clear();
+                frame.extend_from_slice(bytes);
+                meta
+            });
+            let Some(meta) = got else {
+                self.scratch = frame;
+                break;
+            };
+            activity = true;
+            self.stats.rx_frames += 1;
+            self.ingress(now, &frame, meta);
+            self.scratch = frame;
+        }
+        activity |= self.egress(now, device);
+        device.flush();
+        activity
+    }
+
+    fn ingress(&mut self, now: Instant, frame: &[u8], meta: RxMeta) {
+        if !self.process_frame(now, frame, meta) {
+            self.stats.rx_dropped += 1;
+        }
+    }
+
+    /// Returns false when the frame was dropped.
+    fn process_frame(&mut self, now: Instant, frame: &[u8], meta: RxMeta) -> bool {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return false;
+        };
+        let Ok(eth_repr) = EthernetRepr::parse(&eth) else {
+            return false;
+        };
+        let ours = EthernetAddress(self.config.mac);
+        if eth_repr.dst_addr != ours && !eth_repr.dst_addr.is_broadcast() {
+            return false;
+        }
+        match eth_repr.ethertype {
+            EthernetProtocol::Arp => self.process_arp(now, eth.payload()),
+            EthernetProtocol::Ipv4 => {
+                self.process_ipv4(now, eth_repr.src_addr, eth.payload(), meta)
+            }
+            _ => false,
+        }
+    }
+
+    fn process_arp(&mut self, now: Instant, payload: &[u8]) -> bool {
+        let Ok(packet) = ArpPacket::new_checked(payload) else {
+            return false;
+        };
+        let Ok(ArpRepr::EthernetIpv4 {
+            operation,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        }) = ArpRepr::parse(&packet)
+        else {
+            return false;
+        };
+        let sender: Ipv4Addr = source_protocol_addr;
+        if target_protocol_addr == self.config.address || self.arp_requested.contains_key(&sender) {
+            // RFC 826: learn the sender when the packet concerns us.
+            if source_hardware_addr.is_unicast() {
+                self.arp_cache.insert(
+                    sender,
+                    (source_hardware_addr.0, now + self.config.arp_timeout),
+                );
+                self.arp_requested.remove(&sender);
+            }
+        }
+        if operation == ArpOperation::Request && target_protocol_addr == self.config.address {
+            let reply = ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Reply,
+                source_hardware_addr: EthernetAddress(self.config.mac),
+                source_protocol_addr: self.config.address,
+                target_hardware_addr: source_hardware_addr,
+                target_protocol_addr: sender,
+            };
+            self.queue_arp(reply, source_hardware_addr);
+        }
+        true
+    }
+
+    fn queue_arp(&mut self, repr: ArpRepr, dst: EthernetAddress) {
+        let mut frame = vec![0u8; 14 + repr.buffer_len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+        EthernetRepr {
+            src_addr: EthernetAddress(self.config.mac),
+            dst_addr: dst,
+            ethertype: EthernetProtocol::Arp,
+        }
+        .emit(&mut eth);
+        repr.emit(&mut ArpPacket::new_unchecked(eth.payload_mut()));
+        self.control_frames.push_back(frame);
+    }
+
+    fn process_ipv4(
+        &mut self,
+        now: Instant,
+        _src_mac: EthernetAddress,
+        payload: &[u8],
+        meta: RxMeta,
+    ) -> bool {
+        let Ok(packet) = Ipv4Packet::new_checked(payload) else {
+            return false;
+        };
+        let Ok(ip) = Ipv4Repr::parse(&packet, &ChecksumCapabilities::default()) else {
+            return false;
+        };
+        if ip.dst_addr != self.config.address {
+            return false;
+        }
+        let body = packet.payload();
+        match ip.next_header {
+            IpProtocol::Tcp => self.process_tcp(now, &ip, body, meta),
+            IpProtocol::Icmp => self.process_icmp(&ip, body),
+            _ => false,
+        }
+    }
+
+    fn process_icmp(&mut self, ip: &Ipv4Repr, body: &[u8]) -> bool {
+        let Ok(packet) = Icmpv4Packet::new_checked(body) else {
+            return false;
+        };
+        let Ok(repr) = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default()) else {
+            return false;
+        };
+        match repr {
+            Icmpv4Repr::EchoRequest {
+                ident,
+                seq_no,
+                data,
+            } => {
+                let reply = Icmpv4Repr::EchoReply {
+                    ident,
+                    seq_no,
+                    data,
+                };
+                self.queue_icmp(ip.src_addr, reply);
+                true
+            }
+            Icmpv4Repr::DstUnreachable {
+                reason: Icmpv4DstUnreachable::FragRequired,
+                header,
+                data,
+            } if header.next_header == IpProtocol::Tcp && data.len() >= 8 => {
+                // RFC 1191: the next-hop MTU sits in bytes 6..8 of the ICMP header.
+                let mtu = u16::from_be_bytes([body[6], body[7]]);
+                let local_port = u16::from_be_bytes([data[0], data[1]]);
+                let remote_port = u16::from_be_bytes([data[2], data[3]]);
+                let seq = Seq(u32::from_be_bytes([data[4], data[5], data[6], data[7]]));
+                let key = (local_port, header.dst_addr, remote_port);
+                if header.src_addr == self.config.address
+                    && let Some(&handle) = self.tuples.get(&key)
+                    && let Some(Entry::Conn(slot)) = self.entry_mut(handle)
+                {
+                    slot.conn.on_path_mtu(mtu, seq);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn queue_icmp(&mut self, dst: Ipv4Addr, repr: Icmpv4Repr<'_>) {
+        let Some(mac) = self.cached_neighbor(dst) else {
+            return;
+        };
+        let ip = Ipv4Repr {
+            src_addr: self.config.address,
+            dst_addr: dst,
+            next_header: IpProtocol::Icmp,
+            payload_len: repr.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut frame = vec![0u8; 14 + ip.buffer_len() + repr.buffer_len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+        EthernetRepr {
+            src_addr: EthernetAddress(self.config.mac),
+            dst_addr: EthernetAddress(mac),
+            ethertype: EthernetProtocol::Ipv4,
+        }
+        .emit(&mut eth);
+        let mut ip_packet = Ipv4Packet::new_unchecked(eth.payload_mut());
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut ip_packet, &caps);
+        repr.emit(
+            &mut Icmpv4Packet::new_unchecked(ip_packet.payload_mut()),
+            &caps,
+        );
+        self.control_frames.push_back(frame);
+    }
+
+    fn process_tcp(&mut self, now: Instant, ip: &Ipv4Repr, body: &[u8], meta: RxMeta) -> bool {
+        let Ok(packet) = TcpPacket::new_checked(body) else {
+            return false;
+        };
+        let mut caps = ChecksumCapabilities::default();
+        if meta.checksum_trusted {
+            caps = ChecksumCapabilities::ignored();
+        }
+        let src = IpAddress::Ipv4(ip.src_addr);
+        let dst = IpAddress::Ipv4(ip.dst_addr);
+        let Ok(seg) = TcpRepr::parse(&packet, &src, &dst, &caps) else {
+            return false;
+        };
+        let key = (seg.dst_port, ip.src_addr, seg.src_port);
+        if let Some(&handle) = self.tuples.get(&key) {
+            if let Some(Entry::Conn(slot)) = self.entry_mut(handle) {
+                slot.conn.handle_segment(now, &seg);
+            }
+            self.refresh(handle);
+            return true;
+        }
+        if let Some(&listener) = self.listeners.get(&seg.dst_port)
+            && seg.control == TcpControl::Syn
+            && seg.ack_number.is_none()
+        {
+            self.accept_syn(now, listener, ip.src_addr, &seg);
+            return true;
+        }
+        if seg.control != TcpControl::Rst {
+            self.reset_unknown(ip, &seg);
+        }
+        true
+    }
+
+    fn accept_syn(
+        &mut self,
+        now: Instant,
+        listener: SocketHandle,
+        from: Ipv4Addr,
+        seg: &TcpRepr<'_>,
+    ) {
+        let Some(Entry::Listener(l)) = self.entry_mut(listener) else {
+            return;
+        };
+        if l.embryonic + l.ready.len() >= l.backlog {
+            // Drop rather than reset: the client retries, as with Linux's full backlog.
+            self.stats.syn_dropped += 1;
+            return;
+        }
+        l.embryonic += 1;
+        let endpoints = Endpoints {
+            local: SocketAddrV4::new(self.config.address, seg.dst_port),
+            remote: SocketAddrV4::new(from, seg.src_port),
+        };
+        let iss = self.isn.isn(now, endpoints.local, endpoints.remote);
+        let ts = self.isn.timestamp_offset(endpoints.local, endpoints.remote);
+        let conn = Connection::accept(
+            now,
+            endpoints,
+            iss,
+            ts,
+            self.config.tcp.clone(),
+            self.mtu_mss(),
+            seg,
+        );
+        let handle = self.insert(Entry::Conn(Box::new(ConnSlot {
+            conn,
+            listener: Some(listener),
+            app_owned: false,
+            last: Readiness::default(),
+        })));
+        self.tuples
+            .insert((seg.dst_port, from, seg.src_port), handle);
+        self.claim_port(seg.dst_port);
+    }
+
+    /// RFC 9293 §3.10.7.1: a segment for no connection gets a RST.
+    fn reset_unknown(&mut self, ip: &Ipv4Repr, seg: &TcpRepr<'_>) {
+        let (seq, ack) = match seg.ack_number {
+            Some(ack) => (ack, None),
+            None => (TcpSeqNumber(0), Some(seg.seq_number + seg.segment_len())),
+        };
+        let repr = TcpRepr {
+            src_port: seg.dst_port,
+            dst_port: seg.src_port,
+            control: TcpControl::Rst,
+            seq_number: seq,
+            ack_number: ack,
+            window_len: 0,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let Some(mac) = self.cached_neighbor(ip.src_addr) else {
+            return;
+        };
+        let mut frame = vec![0u8; 14 + 20 + repr.buffer_len()];
+        let len = emit_tcp_frame(
+            &mut frame,
+            self.config.mac,
+            mac,
+            self.config.address,
+            ip.src_addr,
+            &repr,
+        );
+        frame.truncate(len);
+        self.stats.rst_sent += 1;
+        self.control_frames.push_back(frame);
+    }
+
+    fn next_hop(&self, dst: Ipv4Addr) -> Ipv4Addr {
+        let mask = if self.config.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.config.prefix_len))
+        };
+        let on_link = (u32::from(dst) & mask) == (u32::from(self.config.address) & mask);
+        match (on_link, self.config.gateway) {
+            (false, Some(gateway)) => gateway,
+            _ => dst,
+        }
+    }
+
+    fn cached_neighbor(&self, dst: Ipv4Addr) -> Option<[u8; 6]> {
+        let hop = self.next_hop(dst);
+        self.arp_cache
+            .get(&hop)
+            .filter(|(_, expires)| *expires > self.now)
+            .map(|(mac, _)| *mac)
+    }
+
+    /// Resolves the next hop's MAC, sending an ARP request (at most one per second) if unknown.
+    fn resolve(&mut self, now: Instant, dst: Ipv4Addr) -> Option<[u8; 6]> {
+        if let Some(mac) = self.cached_neighbor(dst) {
+            return Some(mac);
+        }
+        let hop = self.next_hop(dst);
+        let due = self
+            .arp_requested
+            .get(&hop)
+            .is_none_or(|last| now.saturating_duration_since(*last) >= Duration::from_secs(1));
+        if due {
+            self.arp_requested.insert(hop, now);
+            let request = ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Request,
+                source_hardware_addr: EthernetAddress(self.config.mac),
+                source_protocol_addr: self.config.address,
+                target_hardware_addr: EthernetAddress([0; 6]),
+                target_protocol_addr: hop,
+            };
+            self.queue_arp(request, EthernetAddress::BROADCAST);
+        }
+        None
+    }
+
+    fn egress<D: Device>(&mut self, now: Instant, device: &mut D) -> bool {
+        let mut activity = false;
+        let max_frame = self.config.mtu + 14;
+        for index in 0..self.slots.len() {
+            let generation = self.slots[index].generation;
+            let handle = SocketHandle {
+                index: index as u32,
+                generation,
+            };
+            let remote = match &mut self.slots[index].entry {
+                Some(Entry::Conn(slot)) => {
+                    slot.conn.handle_timeout(now);
+                    *slot.conn.endpoints.remote.ip()
+                }
+                _ => continue,
+            };
+            let mac = self.resolve(now, remote);
+            if let Some(mac) = mac {
+                for _ in 0..TX_BUDGET_PER_SOCKET {
+                    let Some(Entry::Conn(slot)) = &mut self.slots[index].entry else {
+                        break;
+                    };
+                    let conn = &mut slot.conn;
+                    let scratch = &mut self.scratch;
+                    let config = &self.config;
+                    let mut produced = false;
+                    let sent = device.transmit(max_frame, |buf| {
+                        let Some(mut repr) = conn.poll_transmit(now, scratch) else {
+                            return 0;
+                        };
+                        produced = true;
+                        repr.payload = scratch;
+                        emit_tcp_frame(
+                            buf,
+                            config.mac,
+                            mac,
+                            config.address,
+                            *conn.endpoints.remote.ip(),
+                            &repr,
+                        )
+                    });
+                    match sent {
+                        Some(0) => break,
+                        Some(_) => {
+                            self.stats.tx_frames += 1;
+                            activity = true;
+                        }
+                        None => {
+                            if produced {
+                                self.stats.tx_dropped += 1;
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            self.refresh(handle);
+        }
+        while let Some(frame) = self.control_frames.pop_front() {
+            let sent = device.transmit(frame.len(), |buf| {
+                buf[..frame.len()].copy_from_slice(&frame);
+                frame.len()
+            });
+            if sent.is_none() {
+                self.control_frames.push_front(frame);
+                break;
+            }
+            self.stats.tx_frames += 1;
+            activity = true;
+        }
+        activity
+    }
+}
+
+fn readiness_of(conn: &Connection) -> Readiness {
+    Readiness {
+        readable: conn.readable(),
+        writable: conn.writable(),
+        error: conn.error().is_some(),
+        closed: conn.state() == State::Closed,
+    }
+}
+
+/// Writes Ethernet + IPv4 + TCP into `buf`; returns the frame length, or 0 if it does not fit.
+pub(crate) fn emit_tcp_frame(
+    buf: &mut [u8],
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src_ip: Ipv4Addr,
+    dst_ip: Ipv4Addr,
+    repr: &TcpRepr<'_>,
+) -> usize {
+    let ip = Ipv4Repr {
+        src_addr: src_ip,
+        dst_addr: dst_ip,
+        next_header: IpProtocol::Tcp,
+        payload_len: repr.buffer_len(),
+        hop_limit: 64,
+    };
+    let total = 14 + ip.buffer_len() + repr.buffer_len();
+    if total > buf.len() {
+        return 0;
+    }
+    let buf = &mut buf[..total];
+    let mut eth = EthernetFrame::new_unchecked(&mut *buf);
+    EthernetRepr {
+        src_addr: EthernetAddress(src_mac),
+        dst_addr: EthernetAddress(dst_mac),
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut eth);
+    let caps = ChecksumCapabilities::default();
+    let mut ip_packet = Ipv4Packet::new_unchecked(eth.payload_mut());
+    ip.emit(&mut ip_packet, &caps);
+    let src: Ipv4Address = src_ip;
+    let dst: Ipv4Address = dst_ip;
+    repr.emit(
+        &mut TcpPacket::new_unchecked(ip_packet.payload_mut()),
+        &IpAddress::Ipv4(src),
+        &IpAddress::Ipv4(dst),
+        &caps,
+    );
+    total
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+//! End-to-end tests over the deterministic simulated network.
+
+use std::net::SocketAddrV4;
+use std::time::Duration;
+
+use stackroute_netstack::congestion::CongestionControl;
+use stackroute_netstack::sim::{ADDR_B, LinkConfig, Network, SimRng};
+use stackroute_netstack::{SocketError, SocketHandle, Stack, TcpState};
+
+const PORT: u16 = 5001;
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = SimRng::new(seed);
+    (0..len).map(|_| rng.next_u64() as u8).collect()
+}
+
+/// Client on `a` sends `data` to a server on `b`, shuts down, and the server echoes nothing but
+/// reads to EOF and then closes. Returns what the server received and the simulated duration.
+struct Transfer {
+    client: SocketHandle,
+    server: Option<SocketHandle>,
+    listener: SocketHandle,
+    sent: usize,
+    received: Vec<u8>,
+    server_eof: bool,
+    client_eof: bool,
+}
+
+impl Transfer {
+    fn start(net: &mut Network, cc: CongestionControl) -> Self {
+        let listener = net.b.listen(PORT, 8).unwrap();
+        let mut config = net.a.config().tcp.clone();
+        config.congestion_control = cc;
+        let now = net.now();
+        let client = net
+            .a
+            .connect_with(now, SocketAddrV4::new(ADDR_B, PORT), config)
+            .unwrap();
+        Self {
+            client,
+            server: None,
+            listener,
+            sent: 0,
+            received: Vec::new(),
+            server_eof: false,
+            client_eof: false,
+        }
+    }
+
+    /// Moves data between the applications and the stacks; returns true when both sides saw EOF.
+    fn pump(&mut self, net: &mut Network, data: &[u8]) -> bool {
+        if self.server.is_none()
+            && let Ok(h) = net.b.accept(self.listener)
+        {
+            self.server = Some(h);
+        }
+        while self.sent < data.len() {
+            match net.a.send(self.client, &data[self.sent..]) {
+                Ok(n) => {
+                    self.sent += n;
+                    if self.sent == data.len() {
+                        net.a.shutdown(self.client).unwrap();
+                    }
+                }
+                Err(SocketError::WouldBlock) => break,
+                Err(e) => panic!("client send failed: {e}"),
+            }
+        }
+        if let Some(server) = self.server {
+            let mut buf = [0u8; 65536];
+            while !self.server_eof {
+                match net.b.recv(server, &mut buf) {
+                    Ok(0) => {
+                        self.server_eof = true;
+                        net.b.close(server).unwrap();
+                    }
+                    Ok(n) => self.received.extend_from_slice(&buf[..n]),
+                    Err(SocketError::WouldBlock) => break,
+                    Err(e) => panic!("server recv failed: {e}"),
+                }
+            }
+        }
+        if !self.client_eof {
+            let mut buf = [0u8; 1024];
+            match net.a.recv(self.client, &mut buf) {
+                Ok(0) => self.client_eof = true,
+                Ok(_) => panic!("server sent unexpected data"),
+                Err(SocketError::WouldBlock) => {}
+                Err(e) => panic!("client recv failed: {e}"),
+            }
+        }
+        self.server_eof && self.client_eof
+    }
+}
+
+fn run_transfer(
+    seed: u64,
+    link: LinkConfig,
+    cc: CongestionControl,
+    len: usize,
+    limit: Duration,
+) -> (Network, Transfer, Vec<u8>, bool) {
+    let mut net = Network::new(seed, link, link, |_| {});
+    let data = pattern(len, seed);
+    let mut transfer = Transfer::start(&mut net, cc);
+    let deadline = net.now() + limit;
+    let done = net.run_until(deadline, |net| transfer.pump(net, &data));
+    (net, transfer, data, done)
+}
+
+fn assert_exact(transfer: &Transfer, data: &[u8]) {
+    assert_eq!(transfer.received.len(), data.len(), "byte count");
+    let first_diff = transfer.received.iter().zip(data).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "payload differs");
+}
+
+#[test]
+fn clean_link_transfers_every_byte_in_order() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(5),
+        rate_bps: 50_000_000,
+        ..LinkConfig::default()
+    };
+    let (net, transfer, data, done) = run_transfer(
+        1,
+        link,
+        CongestionControl::Bbr,
+        2_000_000,
+        Duration::from_secs(20),
+    );
+    assert!(
+        done,
+        "transfer did not finish: sent {} received {} eofs {} {} state {:?} {:?} at {:?}",
+        transfer.sent,
+        transfer.received.len(),
+        transfer.server_eof,
+        transfer.client_eof,
+        net.a.state(transfer.client),
+        net.a.connection_stats(transfer.client),
+        net.now()
+    );
+    assert_exact(&transfer, &data);
+    let stats = net.a.connection_stats(transfer.client).unwrap();
+    assert_eq!(stats.retransmits, 0, "no loss, no retransmissions");
+}
+
+#[test]
+fn impaired_link_delivers_exactly_once_in_order_for_every_controller() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(10),
+        rate_bps: 20_000_000,
+        queue_bytes: 100_000,
+        loss: 0.03,
+        duplicate: 0.02,
+        reorder: 0.05,
+        reorder_delay: Duration::from_millis(3),
+    };
+    for (seed, cc) in [
+        (11, CongestionControl::Bbr),
+        (12, CongestionControl::Cubic),
+        (13, CongestionControl::Reno),
+    ] {
+        let (net, transfer, data, done) =
+            run_transfer(seed, link, cc, 1_000_000, Duration::from_secs(120));
+        assert!(done, "{cc:?}: transfer did not finish by {:?}", net.now());
+        assert_exact(&transfer, &data);
+        assert!(net.dropped_frames() > 0);
+    }
+}
+
+#[test]
+fn high_loss_and_heavy_reordering_still_complete() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(20),
+        rate_bps: 10_000_000,
+        queue_bytes: 200_000,
+        loss: 0.15,
+        duplicate: 0.05,
+        reorder: 0.2,
+        reorder_delay: Duration::from_millis(15),
+    };
+    let (_net, transfer, data, done) = run_transfer(
+        21,
+        link,
+        CongestionControl::Bbr,
+        300_000,
+        Duration::from_secs(300),
+    );
+    assert!(done, "transfer did not finish");
+    assert_exact(&transfer, &data);
+}
+
+fn stack_state(stack: &Stack, handle: SocketHandle) -> Option<TcpState> {
+    stack.state(handle).ok()
+}
+
+#[test]
+fn both_directions_close_and_sockets_are_freed_after_time_wait() {
+    let link = LinkConfig::default();
+    let mut net = Network::new(3, link, link, |c| c.tcp.time_wait = Duration::from_secs(2));
+    let data = pattern(10_000, 3);
+    let mut transfer = Transfer::start(&mut net, CongestionControl::Bbr);
+    let deadline = net.now() + Duration::from_secs(10);
+    assert!(net.run_until(deadline, |net| transfer.pump(net, &data)));
+    assert_exact(&transfer, &data);
+    // The client shut down first, so after its close it lingers in TIME-WAIT.
+    assert_eq!(
+        stack_state(&net.a, transfer.client),
+        Some(TcpState::TimeWait)
+    );
+    net.a.close(transfer.client).unwrap();
+    net.b.close(transfer.listener).unwrap();
+    assert_eq!(
+        net.a.socket_count(),
+        1,
+        "TIME-WAIT connection kept after close"
+    );
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.a.socket_count(), 0);
+    assert_eq!(net.b.socket_count(), 0);
+}

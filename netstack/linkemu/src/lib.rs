@@ -1,0 +1,1 @@
+//! Link emulator (work in progress).

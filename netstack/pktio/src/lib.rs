@@ -1,0 +1,1 @@
+//! Packet I/O engines for the stackroute netstack (work in progress).
