@@ -9,6 +9,8 @@
 #![forbid(unsafe_code)]
 // The KubeSchema derive emits private shadow copies of each public struct, which trips this lint.
 #![allow(unreachable_pub)]
+// printcolumn(...) repeats `type_ = "string"` by design; clippy reads that as a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
 
 pub mod types;
 pub mod validate;

@@ -89,18 +89,18 @@ pub fn validate_object(kind: RouteKind, object: &Value) -> Vec<Problem> {
     check_metadata(kind, object, &mut problems);
     let schema = kind.schema();
     walk(schema, object, &mut String::new(), &mut problems, true);
-    if problems.is_empty() {
-        if let Err(errors) = Validator::new().validate(schema, object, None) {
-            for error in errors.iter() {
-                problems.push(Problem {
-                    path: if error.field_path.is_empty() {
-                        "(object)".into()
-                    } else {
-                        error.field_path.clone()
-                    },
-                    message: error.message.clone(),
-                });
-            }
+    if problems.is_empty()
+        && let Err(errors) = Validator::new().validate(schema, object, None)
+    {
+        for error in errors.iter() {
+            problems.push(Problem {
+                path: if error.field_path.is_empty() {
+                    "(object)".into()
+                } else {
+                    error.field_path.clone()
+                },
+                message: error.message.clone(),
+            });
         }
     }
     problems
@@ -222,21 +222,21 @@ fn walk(schema: &Value, value: &Value, path: &mut String, problems: &mut Vec<Pro
             }
         }
         Value::Array(items) => {
-            if let Some(min) = schema.get("minItems").and_then(Value::as_u64) {
-                if (items.len() as u64) < min {
-                    problems.push(Problem {
-                        path: here(path),
-                        message: format!("must have at least {min} item(s)"),
-                    });
-                }
+            if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+                && (items.len() as u64) < min
+            {
+                problems.push(Problem {
+                    path: here(path),
+                    message: format!("must have at least {min} item(s)"),
+                });
             }
-            if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
-                if items.len() as u64 > max {
-                    problems.push(Problem {
-                        path: here(path),
-                        message: format!("must have at most {max} items (has {})", items.len()),
-                    });
-                }
+            if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+                && items.len() as u64 > max
+            {
+                problems.push(Problem {
+                    path: here(path),
+                    message: format!("must have at most {max} items (has {})", items.len()),
+                });
             }
             if let Some(item_schema) = schema.get("items") {
                 for (index, item) in items.iter().enumerate() {
@@ -248,63 +248,62 @@ fn walk(schema: &Value, value: &Value, path: &mut String, problems: &mut Vec<Pro
             }
         }
         Value::String(text) => {
-            if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-                if !allowed.iter().any(|a| a.as_str() == Some(text)) {
-                    let list: Vec<String> = allowed.iter().map(|a| a.to_string()).collect();
-                    problems.push(Problem {
-                        path: here(path),
-                        message: format!(
-                            "Unsupported value {text:?}: supported values: {}",
-                            list.join(", ")
-                        ),
-                    });
-                }
+            if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+                && !allowed.iter().any(|a| a.as_str() == Some(text))
+            {
+                let list: Vec<String> = allowed.iter().map(|a| a.to_string()).collect();
+                problems.push(Problem {
+                    path: here(path),
+                    message: format!(
+                        "Unsupported value {text:?}: supported values: {}",
+                        list.join(", ")
+                    ),
+                });
             }
             let chars = text.chars().count() as u64;
-            if let Some(min) = schema.get("minLength").and_then(Value::as_u64) {
-                if chars < min {
-                    problems.push(Problem {
-                        path: here(path),
-                        message: format!("must be at least {min} character(s) long"),
-                    });
-                }
+            if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
+                && chars < min
+            {
+                problems.push(Problem {
+                    path: here(path),
+                    message: format!("must be at least {min} character(s) long"),
+                });
             }
-            if let Some(max) = schema.get("maxLength").and_then(Value::as_u64) {
-                if chars > max {
-                    problems.push(Problem {
-                        path: here(path),
-                        message: format!("must be at most {max} characters long"),
-                    });
-                }
+            if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
+                && chars > max
+            {
+                problems.push(Problem {
+                    path: here(path),
+                    message: format!("must be at most {max} characters long"),
+                });
             }
-            if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
-                if let Ok(re) = regex::Regex::new(pattern) {
-                    if !re.is_match(text) {
-                        problems.push(Problem {
+            if let Some(pattern) = schema.get("pattern").and_then(Value::as_str)
+                && let Ok(re) = regex::Regex::new(pattern)
+                && !re.is_match(text)
+            {
+                problems.push(Problem {
                             path: here(path),
                             message: format!("Invalid value {text:?}: must match {pattern} (lowercase letters, digits and '-')"),
                         });
-                    }
-                }
             }
         }
         Value::Number(number) => {
             if let Some(n) = number.as_f64() {
-                if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
-                    if n < min {
-                        problems.push(Problem {
-                            path: here(path),
-                            message: format!("Invalid value {number}: must be at least {min}"),
-                        });
-                    }
+                if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
+                    && n < min
+                {
+                    problems.push(Problem {
+                        path: here(path),
+                        message: format!("Invalid value {number}: must be at least {min}"),
+                    });
                 }
-                if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
-                    if n > max {
-                        problems.push(Problem {
-                            path: here(path),
-                            message: format!("Invalid value {number}: must be at most {max}"),
-                        });
-                    }
+                if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
+                    && n > max
+                {
+                    problems.push(Problem {
+                        path: here(path),
+                        message: format!("Invalid value {number}: must be at most {max}"),
+                    });
                 }
             }
         }

@@ -1,0 +1,224 @@
+//! `stackroute`: check, explain and print stackroute policy offline.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use stackroute_policy::{ClusterState, Compiled, Settings, explain};
+use stackroute_snapshot::{Cidr, Protocol};
+
+#[derive(Parser)]
+#[command(
+    name = "stackroute",
+    version,
+    about = "Protocol routing for Kubernetes: check and explain StackRoute policy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check StackRoute and ClusterStackRoute objects against the CRD's schema and CEL rules.
+    /// Exit status: 0 all valid, 1 something invalid, 2 unreadable input.
+    Validate {
+        /// Files or directories (searched for *.yaml, *.yml, *.json).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Explain which transport a connection gets, and why.
+    Explain(ExplainArgs),
+    /// Print the CustomResourceDefinitions as YAML.
+    Crd,
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// Cluster state: a YAML file or a directory of them, as `kubectl get … -o yaml` prints.
+    #[arg(long)]
+    state: PathBuf,
+    /// Source pod as NAMESPACE/POD.
+    #[arg(long)]
+    from: String,
+    /// Destination as IP:PORT (IPv6 as [ADDR]:PORT).
+    #[arg(long)]
+    to: SocketAddr,
+    /// Transport protocol.
+    #[arg(long, value_enum, default_value = "TCP", ignore_case = true)]
+    protocol: ProtocolArg,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value = "text")]
+    output: Output,
+    /// Networks that count as inside the cluster (comma-separated CIDRs).
+    #[arg(long, value_delimiter = ',', env = "STACKROUTE_CLUSTER_NETWORKS")]
+    cluster_networks: Option<Vec<String>>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+#[allow(clippy::upper_case_acronyms)]
+enum ProtocolArg {
+    TCP,
+    UDP,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+/// Exit status for input that could not be read or parsed at all.
+const UNREADABLE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate { paths } => validate(&paths),
+        Command::Explain(args) => run_explain(&args),
+        Command::Crd => {
+            print!("{}", stackroute_api::crds_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    result.unwrap_or_else(|error| {
+        eprintln!("stackroute: {error:#}");
+        ExitCode::from(UNREADABLE)
+    })
+}
+
+/// Every YAML/JSON file under `paths`, sorted, so output is stable.
+fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        let metadata =
+            std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        if metadata.is_dir() {
+            walk(path, &mut files).with_context(|| format!("{}: cannot list", path.display()))?;
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    for entry in entries {
+        if entry.is_dir() {
+            walk(&entry, files)?;
+        } else if matches!(
+            entry.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            files.push(entry);
+        }
+    }
+    Ok(())
+}
+
+fn validate(paths: &[PathBuf]) -> Result<ExitCode> {
+    let files = collect_files(paths)?;
+    let mut invalid = false;
+    let mut unreadable = false;
+    let mut checked = 0usize;
+    for file in &files {
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(error) => {
+                eprintln!("{}: cannot read: {error}", file.display());
+                unreadable = true;
+                continue;
+            }
+        };
+        let source = file.display().to_string();
+        let mut state = ClusterState::default();
+        for problem in state.load_text(&source, &text) {
+            match (&problem.object, problem.invalid_policy) {
+                (Some(object), true) => {
+                    invalid = true;
+                    println!(
+                        "{source}: {object}: {}: {}",
+                        problem.path.as_deref().unwrap_or("(object)"),
+                        problem.message
+                    );
+                }
+                _ => {
+                    unreadable = true;
+                    eprintln!("{problem}");
+                }
+            }
+        }
+        // Checks the schema cannot express (label selector operators and values).
+        let compiled = Compiled::new(&state, Settings::default());
+        for problem in &compiled.problems {
+            invalid = true;
+            println!("{source}: {problem}");
+        }
+        checked +=
+            state.stack_routes.len() + state.cluster_stack_routes.len() + compiled.problems.len();
+    }
+    if unreadable {
+        return Ok(ExitCode::from(UNREADABLE));
+    }
+    if invalid {
+        return Ok(ExitCode::from(1));
+    }
+    eprintln!("{checked} object(s) in {} file(s): valid", files.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_explain(args: &ExplainArgs) -> Result<ExitCode> {
+    let (namespace, pod) = args
+        .from
+        .split_once('/')
+        .filter(|(ns, pod)| !ns.is_empty() && !pod.is_empty())
+        .with_context(|| format!("--from {:?}: expected NAMESPACE/POD", args.from))?;
+    let mut settings = Settings::default();
+    if let Some(networks) = &args.cluster_networks {
+        settings.cluster_networks = networks
+            .iter()
+            .map(|n| n.trim().parse::<Cidr>().map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()
+            .context("--cluster-networks")?;
+    }
+    let files = collect_files(std::slice::from_ref(&args.state))?;
+    let mut state = ClusterState::default();
+    for file in &files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("{}: cannot read", file.display()))?;
+        for problem in state.load_text(&file.display().to_string(), &text) {
+            eprintln!("warning: {problem} (ignored)");
+        }
+    }
+    let compiled = Compiled::new(&state, settings);
+    for problem in &compiled.problems {
+        eprintln!("warning: {problem} (policy ignored)");
+    }
+    let protocol = match args.protocol {
+        ProtocolArg::TCP => Protocol::Tcp,
+        ProtocolArg::UDP => Protocol::Udp,
+    };
+    let explanation = match explain(
+        &compiled,
+        &state,
+        namespace,
+        pod,
+        args.to.ip(),
+        args.to.port(),
+        protocol,
+    ) {
+        Ok(explanation) => explanation,
+        Err(error) => bail!("{error}"),
+    };
+    match args.output {
+        Output::Text => print!("{}", explanation.to_text()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}

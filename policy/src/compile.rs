@@ -1,0 +1,843 @@
+//! Compiling cluster state into per-node snapshots.
+//!
+//! ```text
+//! pods ─► identities (namespace + labels) ─► label index ─► selector results (identity sets, cached)
+//! policies ─► evaluation order (tier, priority, age, namespace/name) ─► compiled rules
+//! subjects ─► chain per identity (the ordered policies that apply) ─► deduplicated chains
+//! node ─► its pods' chains + shared tables ─► snapshot bytes
+//! ```
+//!
+//! A chain depends only on a pod's identity, so pods with equal labels in one namespace share
+//! everything; selectors are evaluated once per distinct selector and scope, through an
+//! inverted label index rather than by scanning every pod.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use stackroute_api::{
+    self as api, ClusterStackRoute, ClusterStackRouteSpec, RouteRule, StackRoute, StackRouteSpec,
+};
+use stackroute_snapshot::{
+    Action, AddressEntry, AddressKind, Cidr, CongestionControl, Entity, Isolation, LocationMatch,
+    NO_IDENTITY, NO_ZONE, NodeEntry, NodeInput, PeerEntry, PolicyEntry, PolicyKind, PortEntry,
+    Protocol, RuleEntry, ServiceEntry, SharedInput, SharedTables, Stack, Tier, TransportChoice,
+    WorkloadEntry,
+};
+
+use crate::selector::{Labels, Requirement, Selector};
+use crate::state::ClusterState;
+
+/// Installation settings that shape decisions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Addresses that count as inside the cluster even when they are not a known pod or node.
+    pub cluster_networks: Vec<Cidr>,
+    /// Transport when no rule matches.
+    pub default_transport: TransportChoice,
+}
+
+/// The default cluster networks: RFC 1918, CGNAT and IPv6 ULA space.
+pub const DEFAULT_CLUSTER_NETWORKS: [&str; 5] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fd00::/8",
+];
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            cluster_networks: DEFAULT_CLUSTER_NETWORKS
+                .iter()
+                .filter_map(|c| c.parse().ok())
+                .collect(),
+            default_transport: TransportChoice::KERNEL_DEFAULT,
+        }
+    }
+}
+
+/// A policy the engine could not use, with where and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyProblem {
+    /// `StackRoute/ns/name` or `ClusterStackRoute/name`.
+    pub object: String,
+    /// Field path.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for PolicyProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}: {}", self.object, self.path, self.message)
+    }
+}
+
+/// Where a compiled policy came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyOrigin {
+    /// Resource kind.
+    pub kind: PolicyKind,
+    /// Namespace (empty for ClusterStackRoutes).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// Cluster state compiled for snapshot generation.
+#[derive(Debug)]
+pub struct Compiled<'s> {
+    state: &'s ClusterState,
+    settings: Settings,
+    shared: SharedTables,
+    node_names: Vec<String>,
+    node_ids: HashMap<&'s str, u32>,
+    policies: Vec<PolicyEntry>,
+    chains: Vec<Vec<u32>>,
+    /// Chain of each pod of `state.pods`.
+    pod_chain: Vec<u32>,
+    /// Pods (indexes into `state.pods`) of each node.
+    pods_by_node: Vec<Vec<usize>>,
+    /// Policies left out, and why.
+    pub problems: Vec<PolicyProblem>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Scope {
+    All,
+    Namespace(u32),
+    Namespaces(u32),
+}
+
+struct Index<'s> {
+    namespace_ids: HashMap<String, u32>,
+    namespace_labels: Vec<Labels>,
+    identity_namespace: Vec<u32>,
+    identity_labels: Vec<&'s Labels>,
+    by_label: HashMap<(&'s str, &'s str), Vec<u32>>,
+    by_key: HashMap<&'s str, Vec<u32>>,
+    by_namespace: Vec<Vec<u32>>,
+    namespace_sets: Vec<Vec<bool>>,
+    namespace_set_ids: HashMap<Selector, u32>,
+    selections: HashMap<(Scope, Selector), u32>,
+    sets: Vec<Vec<u32>>,
+    set_ids: HashMap<Vec<u32>, u32>,
+}
+
+impl<'s> Index<'s> {
+    fn namespace_set(&mut self, selector: &Selector) -> u32 {
+        if let Some(id) = self.namespace_set_ids.get(selector) {
+            return *id;
+        }
+        let set: Vec<bool> = self
+            .namespace_labels
+            .iter()
+            .map(|labels| selector.matches(labels))
+            .collect();
+        let id = self.namespace_sets.len() as u32;
+        self.namespace_sets.push(set);
+        self.namespace_set_ids.insert(selector.clone(), id);
+        id
+    }
+
+    /// Identity set of the pods `selector` selects within `scope`; cached and deduplicated.
+    fn select(&mut self, scope: Scope, selector: &Selector) -> u32 {
+        if let Some(id) = self.selections.get(&(scope, selector.clone())) {
+            return *id;
+        }
+        let candidates = self.candidates(scope, selector);
+        let in_scope = |namespace: u32, index: &Self| match scope {
+            Scope::All => true,
+            Scope::Namespace(ns) => namespace == ns,
+            Scope::Namespaces(set) => index
+                .namespace_sets
+                .get(set as usize)
+                .and_then(|s| s.get(namespace as usize))
+                .copied()
+                .unwrap_or(false),
+        };
+        let mut set: Vec<u32> = candidates
+            .into_iter()
+            .filter(|id| {
+                in_scope(self.identity_namespace[*id as usize], self)
+                    && selector.matches(self.identity_labels[*id as usize])
+            })
+            .collect();
+        set.sort_unstable();
+        set.dedup();
+        let next = self.sets.len() as u32;
+        let id = *self.set_ids.entry(set.clone()).or_insert(next);
+        if id == next {
+            self.sets.push(set);
+        }
+        self.selections.insert((scope, selector.clone()), id);
+        id
+    }
+
+    /// A superset of the selected identities, as small as the index allows.
+    fn candidates(&self, scope: Scope, selector: &Selector) -> Vec<u32> {
+        let mut best: Option<Vec<u32>> = None;
+        for requirement in selector.requirements() {
+            let list: Vec<u32> = match requirement {
+                Requirement::In(key, values) => values
+                    .iter()
+                    .flat_map(|v| {
+                        self.by_label
+                            .get(&(key.as_str(), v.as_str()))
+                            .into_iter()
+                            .flatten()
+                            .copied()
+                    })
+                    .collect(),
+                Requirement::Exists(key) => {
+                    self.by_key.get(key.as_str()).cloned().unwrap_or_default()
+                }
+                _ => continue,
+            };
+            if best.as_ref().is_none_or(|b| list.len() < b.len()) {
+                best = Some(list);
+            }
+        }
+        if let Some(best) = best {
+            return best;
+        }
+        match scope {
+            Scope::Namespace(ns) => self
+                .by_namespace
+                .get(ns as usize)
+                .cloned()
+                .unwrap_or_default(),
+            _ => (0..self.identity_labels.len() as u32).collect(),
+        }
+    }
+}
+
+struct PolicySource<'s> {
+    kind: PolicyKind,
+    tier: Tier,
+    priority: i32,
+    created: Option<String>,
+    namespace: &'s str,
+    name: &'s str,
+    rules: &'s [RouteRule],
+    subject: Subject<'s>,
+}
+
+enum Subject<'s> {
+    StackRoute(&'s StackRouteSpec),
+    Cluster(&'s ClusterStackRouteSpec),
+}
+
+impl<'s> Compiled<'s> {
+    /// Compiles `state`. Policies whose selectors are invalid are left out and reported in
+    /// [`Compiled::problems`]; everything else is used.
+    pub fn new(state: &'s ClusterState, settings: Settings) -> Self {
+        let mut problems = Vec::new();
+
+        // Namespaces: every listed one plus every one a pod or policy lives in.
+        let mut namespace_names: Vec<&str> = state.namespaces.keys().map(String::as_str).collect();
+        namespace_names.extend(state.pods.iter().map(|p| p.namespace.as_str()));
+        namespace_names.extend(
+            state
+                .stack_routes
+                .iter()
+                .filter_map(|r| r.metadata.namespace.as_deref()),
+        );
+        namespace_names.sort_unstable();
+        namespace_names.dedup();
+        let namespace_ids: HashMap<String, u32> = namespace_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), i as u32))
+            .collect();
+        let namespace_labels: Vec<Labels> = namespace_names
+            .iter()
+            .map(|n| state.namespace_labels(n))
+            .collect();
+
+        // Nodes: listed ones, then any a pod names but that was not listed (no zone, no address).
+        let mut node_names: Vec<String> = state.nodes.iter().map(|n| n.name.clone()).collect();
+        let mut extra: Vec<&str> = state
+            .pods
+            .iter()
+            .filter_map(|p| p.node.as_deref())
+            .collect();
+        extra.sort_unstable();
+        extra.dedup();
+        for name in extra {
+            if !state.nodes.iter().any(|n| n.name == name) {
+                node_names.push(name.to_string());
+            }
+        }
+        let mut zones: Vec<String> = state.nodes.iter().filter_map(|n| n.zone.clone()).collect();
+        zones.sort_unstable();
+        zones.dedup();
+        let node_entries: Vec<NodeEntry> = node_names
+            .iter()
+            .map(|name| {
+                let zone = state
+                    .nodes
+                    .iter()
+                    .find(|n| &n.name == name)
+                    .and_then(|n| n.zone.as_ref())
+                    .and_then(|z| zones.binary_search(z).ok())
+                    .map_or(NO_ZONE, |z| z as u32);
+                NodeEntry {
+                    name: name.clone(),
+                    zone,
+                }
+            })
+            .collect();
+
+        // Identities and the inverted label index.
+        let mut identity_ids: HashMap<(&str, &Labels), u32> = HashMap::new();
+        let mut identity_namespace = Vec::new();
+        let mut identity_labels: Vec<&Labels> = Vec::new();
+        let mut pod_identity = Vec::with_capacity(state.pods.len());
+        for pod in &state.pods {
+            let next = identity_labels.len() as u32;
+            let id = *identity_ids
+                .entry((pod.namespace.as_str(), &pod.labels))
+                .or_insert(next);
+            if id == next {
+                identity_namespace.push(namespace_ids[pod.namespace.as_str()]);
+                identity_labels.push(&pod.labels);
+            }
+            pod_identity.push(id);
+        }
+        let mut by_label: HashMap<(&str, &str), Vec<u32>> = HashMap::new();
+        let mut by_key: HashMap<&str, Vec<u32>> = HashMap::new();
+        let mut by_namespace = vec![Vec::new(); namespace_names.len()];
+        for (id, labels) in identity_labels.iter().enumerate() {
+            for (key, value) in labels.iter() {
+                by_label
+                    .entry((key.as_str(), value.as_str()))
+                    .or_default()
+                    .push(id as u32);
+                by_key.entry(key.as_str()).or_default().push(id as u32);
+            }
+            by_namespace[identity_namespace[id] as usize].push(id as u32);
+        }
+        let mut index = Index {
+            namespace_ids,
+            namespace_labels,
+            identity_namespace,
+            identity_labels,
+            by_label,
+            by_key,
+            by_namespace,
+            namespace_sets: Vec::new(),
+            namespace_set_ids: HashMap::new(),
+            selections: HashMap::new(),
+            sets: Vec::new(),
+            set_ids: HashMap::new(),
+        };
+
+        // Policies in evaluation order.
+        let mut sources: Vec<PolicySource<'s>> = Vec::new();
+        for route in &state.stack_routes {
+            sources.push(source_of_stack_route(route));
+        }
+        for route in &state.cluster_stack_routes {
+            sources.push(source_of_cluster_stack_route(route));
+        }
+        sources.sort_by(|a, b| {
+            (
+                a.tier,
+                a.priority,
+                a.created.is_none(),
+                &a.created,
+                a.namespace,
+                a.name,
+                a.kind,
+            )
+                .cmp(&(
+                    b.tier,
+                    b.priority,
+                    b.created.is_none(),
+                    &b.created,
+                    b.namespace,
+                    b.name,
+                    b.kind,
+                ))
+        });
+
+        let mut policies = Vec::with_capacity(sources.len());
+        let mut chain_lists: Vec<Vec<u32>> = vec![Vec::new(); index.identity_labels.len()];
+        for source in &sources {
+            let object = match source.kind {
+                PolicyKind::StackRoute => {
+                    format!("StackRoute/{}/{}", source.namespace, source.name)
+                }
+                PolicyKind::ClusterStackRoute => format!("ClusterStackRoute/{}", source.name),
+            };
+            match compile_policy(source, &mut index) {
+                Ok((entry, subject)) => {
+                    let policy = policies.len() as u32;
+                    for identity in &index.sets[subject as usize] {
+                        chain_lists[*identity as usize].push(policy);
+                    }
+                    policies.push(entry);
+                }
+                Err((path, message)) => problems.push(PolicyProblem {
+                    object,
+                    path,
+                    message,
+                }),
+            }
+        }
+
+        let mut chain_ids: HashMap<&[u32], u32> = HashMap::new();
+        let mut identity_chain = Vec::with_capacity(chain_lists.len());
+        let mut chains: Vec<Vec<u32>> = Vec::new();
+        for list in &chain_lists {
+            let next = chains.len() as u32;
+            let id = *chain_ids.entry(list.as_slice()).or_insert(next);
+            if id == next {
+                chains.push(list.clone());
+            }
+            identity_chain.push(id);
+        }
+        let pod_chain: Vec<u32> = pod_identity
+            .iter()
+            .map(|id| identity_chain[*id as usize])
+            .collect();
+
+        let node_ids: HashMap<&'s str, u32> = state
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .chain(state.pods.iter().filter_map(|p| p.node.as_deref()))
+            .filter_map(|name| {
+                node_names
+                    .iter()
+                    .position(|n| n == name)
+                    .map(|i| (name, i as u32))
+            })
+            .collect();
+        let mut pods_by_node = vec![Vec::new(); node_names.len()];
+        let mut addresses = Vec::new();
+        for (index_in_state, pod) in state.pods.iter().enumerate() {
+            let Some(node) = pod.node.as_deref().and_then(|n| node_ids.get(n)).copied() else {
+                continue;
+            };
+            pods_by_node[node as usize].push(index_in_state);
+            if !pod.host_network {
+                for ip in &pod.ips {
+                    addresses.push(AddressEntry {
+                        ip: *ip,
+                        kind: AddressKind::Pod,
+                        identity: pod_identity[index_in_state],
+                        node,
+                    });
+                }
+            }
+        }
+        for node in &state.nodes {
+            let id = node_ids[node.name.as_str()];
+            for ip in &node.addresses {
+                addresses.push(AddressEntry {
+                    ip: *ip,
+                    kind: AddressKind::Node,
+                    identity: NO_IDENTITY,
+                    node: id,
+                });
+            }
+        }
+
+        let services = service_entries(state);
+        let shared = SharedTables::build(&SharedInput {
+            zones,
+            nodes: node_entries,
+            cluster_networks: settings.cluster_networks.clone(),
+            addresses,
+            services,
+            identity_sets: std::mem::take(&mut index.sets),
+        });
+
+        Self {
+            state,
+            settings,
+            shared,
+            node_names,
+            node_ids,
+            policies,
+            chains,
+            pod_chain,
+            pods_by_node,
+            problems,
+        }
+    }
+
+    /// Node names, in node-id order.
+    pub fn node_names(&self) -> &[String] {
+        &self.node_names
+    }
+
+    /// Number of compiled policies and rules.
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            self.policies.len(),
+            self.policies.iter().map(|p| p.rules.len()).sum(),
+        )
+    }
+
+    /// Where each compiled policy came from, in evaluation order.
+    pub fn origins(&self) -> impl Iterator<Item = PolicyOrigin> + '_ {
+        self.policies.iter().map(|p| PolicyOrigin {
+            kind: p.kind,
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+        })
+    }
+
+    /// The settings used.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The snapshot of one node, or `None` for an unknown node.
+    pub fn node_snapshot(&self, node: &str, revision: u64) -> Option<Vec<u8>> {
+        let id = *self.node_ids.get(node)?;
+        let mut chain_map: HashMap<u32, u32> = HashMap::new();
+        let mut policy_map: HashMap<u32, u32> = HashMap::new();
+        let mut input = NodeInput {
+            revision,
+            own_node: id,
+            default_transport: Some(self.settings.default_transport),
+            ..Default::default()
+        };
+        for &pod_index in &self.pods_by_node[id as usize] {
+            let pod = &self.state.pods[pod_index];
+            let global_chain = self.pod_chain[pod_index];
+            let next = input.chains.len() as u32;
+            let chain = *chain_map.entry(global_chain).or_insert(next);
+            if chain == next {
+                let mut local = Vec::with_capacity(self.chains[global_chain as usize].len());
+                for &policy in &self.chains[global_chain as usize] {
+                    let next_policy = input.policies.len() as u32;
+                    let local_policy = *policy_map.entry(policy).or_insert(next_policy);
+                    if local_policy == next_policy {
+                        input.policies.push(&self.policies[policy as usize]);
+                    }
+                    local.push(local_policy);
+                }
+                input.chains.push(local);
+            }
+            input.workloads.push(WorkloadEntry {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                ips: if pod.host_network {
+                    Vec::new()
+                } else {
+                    pod.ips.clone()
+                },
+                chain,
+            });
+        }
+        Some(stackroute_snapshot::encode(&self.shared, &input))
+    }
+
+    /// Every node's snapshot, encoded on all available cores.
+    pub fn all_node_snapshots(&self, revision: u64) -> Vec<(String, Vec<u8>)> {
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(self.node_names.len().max(1));
+        let chunk = self.node_names.len().div_ceil(workers).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .node_names
+                .chunks(chunk)
+                .map(|names| {
+                    scope.spawn(move || {
+                        names
+                            .iter()
+                            .filter_map(|name| {
+                                Some((name.clone(), self.node_snapshot(name, revision)?))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            // A worker only encodes; it cannot panic on valid compiled state.
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("snapshot worker panicked"))
+                .collect()
+        })
+    }
+}
+
+fn source_of_stack_route(route: &StackRoute) -> PolicySource<'_> {
+    PolicySource {
+        kind: PolicyKind::StackRoute,
+        tier: Tier::Namespace,
+        priority: route.spec.priority,
+        created: route
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string()),
+        namespace: route.metadata.namespace.as_deref().unwrap_or("default"),
+        name: route.metadata.name.as_deref().unwrap_or_default(),
+        rules: &route.spec.rules,
+        subject: Subject::StackRoute(&route.spec),
+    }
+}
+
+fn source_of_cluster_stack_route(route: &ClusterStackRoute) -> PolicySource<'_> {
+    PolicySource {
+        kind: PolicyKind::ClusterStackRoute,
+        tier: match route.spec.tier {
+            api::Tier::Admin => Tier::Admin,
+            api::Tier::Baseline => Tier::Baseline,
+        },
+        priority: route.spec.priority,
+        created: route
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string()),
+        namespace: "",
+        name: route.metadata.name.as_deref().unwrap_or_default(),
+        rules: &route.spec.rules,
+        subject: Subject::Cluster(&route.spec),
+    }
+}
+
+type CompileError = (String, String);
+
+fn parse_selector(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    path: &str,
+) -> Result<Selector, CompileError> {
+    Selector::parse(selector).map_err(|message| (path.to_string(), message))
+}
+
+fn compile_policy(
+    source: &PolicySource<'_>,
+    index: &mut Index<'_>,
+) -> Result<(PolicyEntry, u32), CompileError> {
+    let own_namespace = index.namespace_ids.get(source.namespace).copied();
+    let subject = match source.subject {
+        Subject::StackRoute(spec) => {
+            let selector = parse_selector(&spec.pod_selector, "spec.podSelector")?;
+            // A StackRoute in a namespace with no pods selects nothing yet.
+            match own_namespace {
+                Some(ns) => index.select(Scope::Namespace(ns), &selector),
+                None => index.select(Scope::Namespaces(u32::MAX), &selector),
+            }
+        }
+        Subject::Cluster(spec) => match (&spec.subject.namespaces, &spec.subject.pods) {
+            (Some(namespaces), _) => {
+                let selector = parse_selector(namespaces, "spec.subject.namespaces")?;
+                let set = index.namespace_set(&selector);
+                index.select(Scope::Namespaces(set), &Selector::default())
+            }
+            (None, Some(pods)) => {
+                let pod_selector =
+                    parse_selector(&pods.pod_selector, "spec.subject.pods.podSelector")?;
+                let scope = match &pods.namespace_selector {
+                    Some(ns) => Scope::Namespaces(index.namespace_set(&parse_selector(
+                        ns,
+                        "spec.subject.pods.namespaceSelector",
+                    )?)),
+                    None => Scope::All,
+                };
+                index.select(scope, &pod_selector)
+            }
+            (None, None) => {
+                return Err((
+                    "spec.subject".into(),
+                    "must set exactly one of namespaces or pods".into(),
+                ));
+            }
+        },
+    };
+    let mut rules = Vec::with_capacity(source.rules.len());
+    for (position, rule) in source.rules.iter().enumerate() {
+        rules.push(compile_rule(source, own_namespace, rule, position, index)?);
+    }
+    Ok((
+        PolicyEntry {
+            kind: source.kind,
+            tier: source.tier,
+            priority: source.priority.clamp(0, 1000) as u16,
+            namespace: source.namespace.to_string(),
+            name: source.name.to_string(),
+            rules,
+        },
+        subject,
+    ))
+}
+
+fn compile_rule(
+    source: &PolicySource<'_>,
+    own_namespace: Option<u32>,
+    rule: &RouteRule,
+    position: usize,
+    index: &mut Index<'_>,
+) -> Result<RuleEntry, CompileError> {
+    let path = format!("spec.rules[{position}]");
+    let peers = match &rule.to {
+        None => None,
+        Some(peers) => {
+            let mut compiled = Vec::with_capacity(peers.len());
+            for (peer_position, peer) in peers.iter().enumerate() {
+                let peer_path = format!("{path}.to[{peer_position}]");
+                if let Some(pods) = &peer.pods {
+                    let pod_selector = parse_selector(
+                        &pods.pod_selector,
+                        &format!("{peer_path}.pods.podSelector"),
+                    )?;
+                    let scope = match (&pods.namespace_selector, source.kind) {
+                        (Some(ns), _) => Scope::Namespaces(index.namespace_set(&parse_selector(
+                            ns,
+                            &format!("{peer_path}.pods.namespaceSelector"),
+                        )?)),
+                        (None, PolicyKind::StackRoute) => {
+                            own_namespace.map_or(Scope::Namespaces(u32::MAX), Scope::Namespace)
+                        }
+                        (None, PolicyKind::ClusterStackRoute) => Scope::All,
+                    };
+                    compiled.push(PeerEntry::Pods(index.select(scope, &pod_selector)));
+                } else if let Some(networks) = &peer.networks {
+                    let mut cidrs = Vec::with_capacity(networks.len());
+                    for (n, text) in networks.iter().enumerate() {
+                        cidrs.push(
+                            text.parse::<Cidr>()
+                                .map_err(|m| (format!("{peer_path}.networks[{n}]"), m))?,
+                        );
+                    }
+                    compiled.push(PeerEntry::Networks(cidrs));
+                } else if let Some(entity) = peer.entity {
+                    compiled.push(PeerEntry::Entity(match entity {
+                        api::Entity::World => Entity::World,
+                        api::Entity::Cluster => Entity::Cluster,
+                    }));
+                } else {
+                    return Err((
+                        peer_path,
+                        "a peer must set exactly one of pods, networks or entity".into(),
+                    ));
+                }
+            }
+            Some(compiled)
+        }
+    };
+    let ports = rule.ports.as_ref().map(|ports| {
+        ports
+            .iter()
+            .map(|p| {
+                let protocol = match p.protocol {
+                    api::Protocol::TCP => Protocol::Tcp,
+                    api::Protocol::UDP => Protocol::Udp,
+                };
+                let first = p.port.map_or(0, |port| port.clamp(0, 65535) as u16);
+                let last = p
+                    .end_port
+                    .or(p.port)
+                    .map_or(65535, |port| port.clamp(0, 65535) as u16);
+                PortEntry {
+                    protocol,
+                    first,
+                    last: last.max(first),
+                }
+            })
+            .collect()
+    });
+    let isolation = match rule.isolation {
+        api::Isolation::None => Isolation::None,
+        api::Isolation::KernelEnforced => Isolation::KernelEnforced,
+        api::Isolation::Dedicated => Isolation::Dedicated,
+    };
+    let action = match rule.action.unwrap_or_default() {
+        api::Action::Route => Action::Route,
+        api::Action::Pass => Action::Pass,
+    };
+    let mut transports = Vec::new();
+    if let (Action::Route, Some(transport)) = (action, &rule.transport) {
+        transports.push(choice(transport.stack, transport.congestion_control));
+        for fallback in transport.fallback.iter().flatten() {
+            transports.push(choice(fallback.stack, fallback.congestion_control));
+        }
+        // The implicit last resort, unless the rule forbids the kernel or already ends there.
+        if isolation != Isolation::Dedicated
+            && !transports.contains(&TransportChoice::KERNEL_DEFAULT)
+        {
+            transports.push(TransportChoice::KERNEL_DEFAULT);
+        }
+    }
+    Ok(RuleEntry {
+        name: rule.name.clone(),
+        action,
+        peers,
+        ports,
+        location: match rule.location {
+            api::Location::SameNode => LocationMatch::SameNode,
+            api::Location::SameZone => LocationMatch::SameZone,
+            api::Location::SameCluster => LocationMatch::SameCluster,
+            api::Location::External => LocationMatch::External,
+            api::Location::Any => LocationMatch::Any,
+        },
+        isolation,
+        transports,
+    })
+}
+
+/// Converts an API stack and congestion control to the snapshot's.
+pub fn choice(stack: api::Stack, congestion_control: api::CongestionControl) -> TransportChoice {
+    TransportChoice {
+        stack: match stack {
+            api::Stack::Kernel => Stack::Kernel,
+            api::Stack::Userspace => Stack::Userspace,
+            api::Stack::RDMA => Stack::Rdma,
+        },
+        congestion_control: match congestion_control {
+            api::CongestionControl::Default => CongestionControl::Default,
+            api::CongestionControl::Cubic => CongestionControl::Cubic,
+            api::CongestionControl::BBR => CongestionControl::Bbr,
+            api::CongestionControl::Reno => CongestionControl::Reno,
+        },
+    }
+}
+
+/// Service frontends with their ready backends, resolved through EndpointSlices.
+fn service_entries(state: &ClusterState) -> Vec<ServiceEntry> {
+    let mut slices: BTreeMap<(&str, &str), Vec<&crate::state::EndpointSliceInfo>> = BTreeMap::new();
+    for slice in &state.endpoint_slices {
+        slices
+            .entry((slice.namespace.as_str(), slice.service.as_str()))
+            .or_default()
+            .push(slice);
+    }
+    let mut entries = Vec::new();
+    for service in &state.services {
+        let service_slices = slices.get(&(service.namespace.as_str(), service.name.as_str()));
+        for port in &service.ports {
+            let mut backends: Vec<(IpAddr, u16)> = Vec::new();
+            for slice in service_slices.into_iter().flatten() {
+                let Some((_, target, _)) = slice
+                    .ports
+                    .iter()
+                    .find(|(name, _, protocol)| *name == port.name && *protocol == port.protocol)
+                else {
+                    continue;
+                };
+                backends.extend(slice.addresses.iter().map(|ip| (*ip, *target)));
+            }
+            backends.sort();
+            backends.dedup();
+            for ip in &service.cluster_ips {
+                entries.push(ServiceEntry {
+                    ip: *ip,
+                    port: port.port,
+                    protocol: port.protocol,
+                    backends: backends.clone(),
+                });
+            }
+        }
+    }
+    entries
+}

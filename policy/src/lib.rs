@@ -1,0 +1,21 @@
+//! The policy engine: cluster state in, per-node snapshots and explanations out.
+//!
+//! - [`state`] loads Kubernetes YAML (Namespaces, Nodes, Pods, Services, EndpointSlices,
+//!   StackRoutes, ClusterStackRoutes) into a [`ClusterState`], reporting bad objects with file
+//!   and line and keeping the rest.
+//! - [`compile`] orders policies deterministically, evaluates selectors through a label index,
+//!   and encodes per-node snapshots ([`stackroute_snapshot`]).
+//! - [`explain`] runs the snapshot's own lookup with a trace, so an explanation can never
+//!   disagree with what the shim does.
+//!
+//! No I/O and no clock reads: callers pass text in and get bytes and values out.
+#![forbid(unsafe_code)]
+
+pub mod compile;
+pub mod explain;
+pub mod selector;
+pub mod state;
+
+pub use compile::{Compiled, PolicyProblem, Settings};
+pub use explain::{Explanation, explain, explain_in_snapshot};
+pub use state::{ClusterState, LoadProblem};

@@ -1,0 +1,487 @@
+//! Building snapshots from plain owned tables.
+//!
+//! Tables every node shares (node and zone names, cluster networks, address book, services,
+//! identity sets) are encoded once into [`SharedTables`]; [`encode`] then writes one node's
+//! policies, chains and workloads and copies the shared bytes, so compiling hundreds of node
+//! snapshots costs little more than copying.
+
+use std::net::IpAddr;
+
+use crate::format::{self, SectionId};
+use crate::{
+    Action, Cidr, Entity, Isolation, LocationMatch, PolicyKind, Protocol, Tier, TransportChoice,
+};
+
+/// A node of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeEntry {
+    /// Node name.
+    pub name: String,
+    /// Index into [`SharedInput::zones`], or [`crate::NO_ZONE`].
+    pub zone: u32,
+}
+
+/// Whether an address book entry is a pod or a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddressKind {
+    /// A pod address; carries an identity.
+    Pod,
+    /// A node's own address.
+    Node,
+}
+
+/// One address of the address book.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddressEntry {
+    /// The address.
+    pub ip: IpAddr,
+    /// Pod or node.
+    pub kind: AddressKind,
+    /// Identity (namespace + labels) of a pod; [`crate::NO_IDENTITY`] for nodes.
+    pub identity: u32,
+    /// Index of the node the address lives on.
+    pub node: u32,
+}
+
+/// A Service frontend (ClusterIP and port) and the backends its EndpointSlices list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// ClusterIP.
+    pub ip: IpAddr,
+    /// Service port.
+    pub port: u16,
+    /// Protocol of the port.
+    pub protocol: Protocol,
+    /// Ready backends: address and target port.
+    pub backends: Vec<(IpAddr, u16)>,
+}
+
+/// Input for [`SharedTables::build`].
+#[derive(Clone, Debug, Default)]
+pub struct SharedInput {
+    /// Zone names; a node's zone is an index into this list.
+    pub zones: Vec<String>,
+    /// Nodes; node ids are indexes into this list.
+    pub nodes: Vec<NodeEntry>,
+    /// Addresses inside the cluster that are not pods or nodes (service and pod CIDRs).
+    pub cluster_networks: Vec<Cidr>,
+    /// Every pod and node address. Order does not matter; duplicates keep the first entry.
+    pub addresses: Vec<AddressEntry>,
+    /// Service frontends.
+    pub services: Vec<ServiceEntry>,
+    /// Identity sets referenced by [`PeerEntry::Pods`]; each must be sorted ascending.
+    pub identity_sets: Vec<Vec<u32>>,
+}
+
+/// The encoded sections common to every node's snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct SharedTables {
+    sections: Vec<(SectionId, Vec<u8>)>,
+    identity_set_ranges: Vec<(u32, u32)>,
+}
+
+impl SharedTables {
+    /// Encodes the shared tables once.
+    pub fn build(input: &SharedInput) -> Self {
+        let mut strings = Vec::new();
+        let mut zones = Vec::with_capacity(input.zones.len() * 8);
+        for zone in &input.zones {
+            put_str(&mut zones, &mut strings, zone);
+        }
+        let mut nodes = Vec::with_capacity(input.nodes.len() * 12);
+        for node in &input.nodes {
+            put_str(&mut nodes, &mut strings, &node.name);
+            put_u32(&mut nodes, node.zone);
+        }
+        let mut networks = Vec::new();
+        for cidr in &input.cluster_networks {
+            put_cidr(&mut networks, cidr);
+        }
+
+        let mut v4: Vec<(u32, &AddressEntry)> = Vec::new();
+        let mut v6: Vec<([u8; 16], &AddressEntry)> = Vec::new();
+        for entry in &input.addresses {
+            match entry.ip.to_canonical() {
+                IpAddr::V4(ip) => v4.push((u32::from(ip), entry)),
+                IpAddr::V6(ip) => v6.push((ip.octets(), entry)),
+            }
+        }
+        // Stable sort keeps the first of duplicate addresses first; dedup then drops the rest.
+        v4.sort_by_key(|(ip, _)| *ip);
+        v4.dedup_by_key(|(ip, _)| *ip);
+        v6.sort_by_key(|(ip, _)| *ip);
+        v6.dedup_by_key(|(ip, _)| *ip);
+        let mut addresses4 = Vec::with_capacity(v4.len() * 16);
+        for (ip, entry) in v4 {
+            put_u32(&mut addresses4, ip);
+            put_address_tail(&mut addresses4, entry);
+        }
+        let mut addresses6 = Vec::with_capacity(v6.len() * 28);
+        for (ip, entry) in v6 {
+            addresses6.extend_from_slice(&ip);
+            put_address_tail(&mut addresses6, entry);
+        }
+
+        let mut services: Vec<&ServiceEntry> = input.services.iter().collect();
+        services.sort_by_key(|s| (ip_key(s.ip.to_canonical()), s.port, s.protocol as u8));
+        services.dedup_by_key(|s| (ip_key(s.ip.to_canonical()), s.port, s.protocol as u8));
+        let mut service_records = Vec::with_capacity(services.len() * 28);
+        let mut backends = Vec::new();
+        for service in services {
+            let (family, bytes) = ip_key(service.ip.to_canonical());
+            service_records.extend_from_slice(&bytes);
+            service_records.push(family);
+            service_records.push(service.protocol as u8);
+            put_u16(&mut service_records, service.port);
+            put_u32(&mut service_records, (backends.len() / 20) as u32);
+            put_u32(&mut service_records, service.backends.len() as u32);
+            for (ip, port) in &service.backends {
+                let (family, bytes) = ip_key(ip.to_canonical());
+                backends.extend_from_slice(&bytes);
+                backends.push(family);
+                backends.push(0);
+                put_u16(&mut backends, *port);
+            }
+        }
+
+        let mut identity_sets = Vec::new();
+        let mut identity_set_ranges = Vec::with_capacity(input.identity_sets.len());
+        for set in &input.identity_sets {
+            identity_set_ranges.push(((identity_sets.len() / 4) as u32, set.len() as u32));
+            for id in set {
+                put_u32(&mut identity_sets, *id);
+            }
+        }
+
+        Self {
+            sections: vec![
+                (SectionId::SharedStrings, strings),
+                (SectionId::Zones, zones),
+                (SectionId::Nodes, nodes),
+                (SectionId::ClusterNetworks, networks),
+                (SectionId::Addresses4, addresses4),
+                (SectionId::Addresses6, addresses6),
+                (SectionId::Services, service_records),
+                (SectionId::Backends, backends),
+                (SectionId::IdentitySets, identity_sets),
+            ],
+            identity_set_ranges,
+        }
+    }
+
+    /// Total bytes of the shared sections.
+    pub fn len(&self) -> usize {
+        self.sections.iter().map(|(_, bytes)| bytes.len()).sum()
+    }
+
+    /// Whether there are no shared bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A destination peer of a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerEntry {
+    /// Pods whose identity is in the identity set with this index.
+    Pods(u32),
+    /// Addresses in any of these networks.
+    Networks(Vec<Cidr>),
+    /// A label-less class of destinations.
+    Entity(Entity),
+}
+
+/// A port range of one protocol; `first..=last`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortEntry {
+    /// Protocol.
+    pub protocol: Protocol,
+    /// First port.
+    pub first: u16,
+    /// Last port.
+    pub last: u16,
+}
+
+/// One rule, compiled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleEntry {
+    /// Rule name.
+    pub name: String,
+    /// Route or Pass.
+    pub action: Action,
+    /// Destination peers; `None` matches any destination.
+    pub peers: Option<Vec<PeerEntry>>,
+    /// Destination ports; `None` matches every port of every protocol.
+    pub ports: Option<Vec<PortEntry>>,
+    /// Location constraint.
+    pub location: LocationMatch,
+    /// Isolation the chosen stack must provide.
+    pub isolation: Isolation,
+    /// The transport, then its fallbacks, then the implicit kernel entry where it applies.
+    /// Empty for Pass rules.
+    pub transports: Vec<TransportChoice>,
+}
+
+/// A StackRoute or ClusterStackRoute, compiled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyEntry {
+    /// Which resource.
+    pub kind: PolicyKind,
+    /// Evaluation tier.
+    pub tier: Tier,
+    /// `spec.priority`.
+    pub priority: u16,
+    /// Namespace; empty for ClusterStackRoutes.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Ordered rules.
+    pub rules: Vec<RuleEntry>,
+}
+
+/// A source workload on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadEntry {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod (or standalone workload) name.
+    pub name: String,
+    /// Its addresses, so the shim can find itself by source address too.
+    pub ips: Vec<IpAddr>,
+    /// Index into [`NodeInput::chains`].
+    pub chain: u32,
+}
+
+/// What is specific to one node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInput<'a> {
+    /// Controller revision.
+    pub revision: u64,
+    /// This node's index into [`SharedInput::nodes`].
+    pub own_node: u32,
+    /// Transport when no rule matches.
+    pub default_transport: Option<TransportChoice>,
+    /// The policies that apply to this node's workloads.
+    pub policies: Vec<&'a PolicyEntry>,
+    /// Chains: policy indexes (into `policies`) in evaluation order — tier, then priority,
+    /// creation time and name; the encoder keeps the order it is given.
+    pub chains: Vec<Vec<u32>>,
+    /// The workloads; any order.
+    pub workloads: Vec<WorkloadEntry>,
+}
+
+/// Encodes one node's snapshot.
+pub fn encode(shared: &SharedTables, node: &NodeInput<'_>) -> Vec<u8> {
+    let mut strings = Vec::new();
+    let mut networks = Vec::new();
+    let mut peers = Vec::new();
+    let mut ports = Vec::new();
+    let mut transports = Vec::new();
+    let mut rules = Vec::new();
+    let mut policies = Vec::new();
+    let mut rule_count = 0u32;
+    for policy in &node.policies {
+        policies.push(policy.kind as u8);
+        policies.push(policy.tier as u8);
+        put_u16(&mut policies, policy.priority);
+        put_str(&mut policies, &mut strings, &policy.namespace);
+        put_str(&mut policies, &mut strings, &policy.name);
+        put_u32(&mut policies, rule_count);
+        put_u32(&mut policies, policy.rules.len() as u32);
+        rule_count += policy.rules.len() as u32;
+        for rule in &policy.rules {
+            put_str(&mut rules, &mut strings, &rule.name);
+            let flags = if rule.peers.is_some() {
+                format::RULE_HAS_PEERS
+            } else {
+                0
+            } | if rule.ports.is_some() {
+                format::RULE_HAS_PORTS
+            } else {
+                0
+            };
+            rules.extend_from_slice(&[
+                rule.action as u8,
+                rule.location as u8,
+                rule.isolation as u8,
+                flags,
+            ]);
+
+            let rule_peers = rule.peers.as_deref().unwrap_or_default();
+            put_range(&mut rules, peers.len() / 12, rule_peers.len());
+            for peer in rule_peers {
+                match peer {
+                    PeerEntry::Pods(set) => {
+                        let (offset, len) = shared
+                            .identity_set_ranges
+                            .get(*set as usize)
+                            .copied()
+                            .unwrap_or((0, 0));
+                        peers.extend_from_slice(&[format::PEER_PODS, 0, 0, 0]);
+                        put_u32(&mut peers, offset);
+                        put_u32(&mut peers, len);
+                    }
+                    PeerEntry::Networks(cidrs) => {
+                        peers.extend_from_slice(&[format::PEER_NETWORKS, 0, 0, 0]);
+                        put_range(&mut peers, networks.len() / format::CIDR_LEN, cidrs.len());
+                        for cidr in cidrs {
+                            put_cidr(&mut networks, cidr);
+                        }
+                    }
+                    PeerEntry::Entity(entity) => {
+                        peers.extend_from_slice(&[format::PEER_ENTITY, *entity as u8, 0, 0]);
+                        put_range(&mut peers, 0, 0);
+                    }
+                }
+            }
+            let rule_ports = rule.ports.as_deref().unwrap_or_default();
+            put_range(&mut rules, ports.len() / 8, rule_ports.len());
+            for port in rule_ports {
+                ports.extend_from_slice(&[port.protocol as u8, 0]);
+                put_u16(&mut ports, port.first);
+                put_u16(&mut ports, port.last);
+                put_u16(&mut ports, 0);
+            }
+            put_range(&mut rules, transports.len() / 2, rule.transports.len());
+            for transport in &rule.transports {
+                transports.extend_from_slice(&[
+                    transport.stack as u8,
+                    transport.congestion_control as u8,
+                ]);
+            }
+        }
+    }
+
+    let mut chains = Vec::with_capacity(node.chains.len() * 8);
+    let mut chain_policies = Vec::new();
+    for chain in &node.chains {
+        put_range(&mut chains, chain_policies.len() / 4, chain.len());
+        for policy in chain {
+            put_u32(&mut chain_policies, *policy);
+        }
+    }
+
+    let mut order: Vec<&WorkloadEntry> = node.workloads.iter().collect();
+    order.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    order.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
+    let mut workloads = Vec::with_capacity(order.len() * 28);
+    let mut by_address: Vec<((u8, [u8; 16]), u32)> = Vec::new();
+    for (index, workload) in order.iter().enumerate() {
+        put_str(&mut workloads, &mut strings, &workload.namespace);
+        put_str(&mut workloads, &mut strings, &workload.name);
+        put_u32(&mut workloads, workload.chain);
+        put_u32(&mut workloads, 0); // unused: addresses live in WorkloadAddresses
+        put_u32(&mut workloads, workload.ips.len() as u32);
+        for ip in &workload.ips {
+            by_address.push((ip_key(ip.to_canonical()), index as u32));
+        }
+    }
+    by_address.sort();
+    by_address.dedup_by_key(|(key, _)| *key);
+    let mut workload_addresses = Vec::with_capacity(by_address.len() * 24);
+    for ((family, bytes), index) in by_address {
+        workload_addresses.extend_from_slice(&bytes);
+        workload_addresses.extend_from_slice(&[family, 0, 0, 0]);
+        put_u32(&mut workload_addresses, index);
+    }
+
+    let own: [(SectionId, &[u8]); 11] = [
+        (SectionId::Networks, &networks),
+        (SectionId::Peers, &peers),
+        (SectionId::Ports, &ports),
+        (SectionId::Transports, &transports),
+        (SectionId::Rules, &rules),
+        (SectionId::Policies, &policies),
+        (SectionId::Chains, &chains),
+        (SectionId::ChainPolicies, &chain_policies),
+        (SectionId::Workloads, &workloads),
+        (SectionId::WorkloadAddresses, &workload_addresses),
+        (SectionId::NodeStrings, &strings),
+    ];
+    let mut sections: Vec<(SectionId, &[u8])> = shared
+        .sections
+        .iter()
+        .map(|(id, b)| (*id, b.as_slice()))
+        .collect();
+    sections.extend(own);
+    sections.sort_by_key(|(id, _)| id.index());
+
+    let directory_len = sections.len() * format::DIRECTORY_ENTRY_LEN;
+    let body_len: usize = sections.iter().map(|(_, b)| b.len()).sum();
+    let total = format::HEADER_LEN + directory_len + body_len;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&format::MAGIC);
+    put_u32(&mut out, 0); // crc, patched below
+    put_u16(&mut out, format::VERSION);
+    put_u16(&mut out, 0);
+    out.extend_from_slice(&(total as u64).to_le_bytes());
+    out.extend_from_slice(&node.revision.to_le_bytes());
+    put_u32(&mut out, sections.len() as u32);
+    put_u32(&mut out, node.own_node);
+    let default = node
+        .default_transport
+        .unwrap_or(TransportChoice::KERNEL_DEFAULT);
+    out.extend_from_slice(&[default.stack as u8, default.congestion_control as u8]);
+    out.resize(format::HEADER_LEN, 0);
+    let mut offset = format::HEADER_LEN + directory_len;
+    for (id, bytes) in &sections {
+        put_u32(&mut out, *id as u32);
+        put_u32(&mut out, offset as u32);
+        put_u32(&mut out, bytes.len() as u32);
+        put_u32(&mut out, id.record_len() as u32);
+        offset += bytes.len();
+    }
+    for (_, bytes) in &sections {
+        out.extend_from_slice(bytes);
+    }
+    let crc = crc32fast::hash(&out[format::OFF_VERSION..]);
+    out[format::OFF_CRC..format::OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn put_u16(out: &mut Vec<u8>, value: u16) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_u32(out: &mut Vec<u8>, value: u32) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_range(out: &mut Vec<u8>, offset: usize, len: usize) {
+    put_u32(out, offset as u32);
+    put_u32(out, len as u32);
+}
+
+fn put_str(out: &mut Vec<u8>, strings: &mut Vec<u8>, text: &str) {
+    put_range(out, strings.len(), text.len());
+    strings.extend_from_slice(text.as_bytes());
+}
+
+fn put_cidr(out: &mut Vec<u8>, cidr: &Cidr) {
+    let (family, bytes) = ip_key(cidr.address);
+    out.extend_from_slice(&bytes);
+    out.extend_from_slice(&[family, cidr.prefix, 0, 0]);
+}
+
+fn put_address_tail(out: &mut Vec<u8>, entry: &AddressEntry) {
+    let kind = match entry.kind {
+        AddressKind::Pod => format::ADDRESS_POD,
+        AddressKind::Node => format::ADDRESS_NODE,
+    };
+    out.extend_from_slice(&[kind, 0, 0, 0]);
+    put_u32(out, entry.identity);
+    put_u32(out, entry.node);
+}
+
+/// `(family, 16 bytes)`: IPv4 in the first four bytes. Sorting by this key sorts IPv4 before
+/// IPv6 and each numerically.
+pub(crate) fn ip_key(ip: IpAddr) -> (u8, [u8; 16]) {
+    match ip {
+        IpAddr::V4(ip) => {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&ip.octets());
+            (4, bytes)
+        }
+        IpAddr::V6(ip) => (6, ip.octets()),
+    }
+}
