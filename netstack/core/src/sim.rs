@@ -257,14 +257,10 @@ impl Network {
         {
             next = Some(next.map_or(candidate, |n: Instant| n.min(candidate)));
         }
-        let Some(next) = next else {
-            self.now = limit;
+        let Some(next) = next.filter(|n| *n <= limit) else {
+            // Idle until `limit`: callers decide whether to jump there.
             return false;
         };
-        if next > limit {
-            self.now = limit;
-            return false;
-        }
         // Time always moves forward by at least 1 µs so a busy stack cannot stall the clock.
         self.now = next.max(now + Duration::from_micros(1));
         self.a_to_b.deliver(self.now, &mut self.dev_b);
@@ -278,8 +274,12 @@ impl Network {
             if done(self) {
                 return true;
             }
-            if !self.step(limit) && self.now >= limit {
-                return done(self);
+            if !self.step(limit) {
+                if done(self) {
+                    return true;
+                }
+                self.now = self.now.max(limit);
+                return false;
             }
         }
     }
@@ -288,5 +288,6 @@ impl Network {
     pub fn run_for(&mut self, duration: Duration) {
         let limit = self.now + duration;
         while self.step(limit) {}
+        self.now = self.now.max(limit);
     }
 }

@@ -429,6 +429,36 @@ impl Stack {
             return Err(SocketError::InvalidAddress);
         }
         let port = self.pick_port(remote)?;
+        self.open(now, port, remote, config)
+    }
+
+    /// Opens a connection from a chosen local port (`bind` then `connect`).
+    pub fn connect_from(
+        &mut self,
+        now: Instant,
+        local_port: u16,
+        remote: SocketAddrV4,
+        config: TcpConfig,
+    ) -> Result<SocketHandle, SocketError> {
+        let key = (local_port, *remote.ip(), remote.port());
+        if local_port == 0
+            || remote.port() == 0
+            || remote.ip().is_unspecified()
+            || *remote.ip() == self.config.address
+            || self.tuples.contains_key(&key)
+        {
+            return Err(SocketError::InvalidAddress);
+        }
+        self.open(now, local_port, remote, config)
+    }
+
+    fn open(
+        &mut self,
+        now: Instant,
+        port: u16,
+        remote: SocketAddrV4,
+        config: TcpConfig,
+    ) -> Result<SocketHandle, SocketError> {
         let endpoints = Endpoints {
             local: SocketAddrV4::new(self.config.address, port),
             remote,
@@ -486,6 +516,9 @@ impl Stack {
                 return Err(SocketError::Shutdown);
             }
             _ => {}
+        }
+        if slot.conn.write_closed() {
+            return Err(SocketError::Shutdown);
         }
         let n = slot.conn.send(data);
         if n == 0 && !data.is_empty() {

@@ -1,1 +1,296 @@
+//! Packet-level tests: byte literals in, parsed frames out.
 
+use std::net::Ipv4Addr;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    EthernetFrame, IpAddress, Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    TcpTimestampRepr,
+};
+
+use super::*;
+use crate::sim::SimDevice;
+
+const OUR_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const OUR_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+/// SYN from 10.0.0.2:40000 to 10.0.0.1:80, seq 0x01020304, window 64240, options
+/// MSS 1460, SACK-permitted, timestamps (100, 0), NOP, window scale 7. Checksums are valid.
+const SYN_FRAME: [u8; 74] = [
+    0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x08, 0x00, //
+    0x45, 0x00, 0x00, 0x3c, 0x12, 0x34, 0x40, 0x00, 0x40, 0x06, 0x14, 0x86, 0x0a, 0x00, //
+    0x00, 0x02, 0x0a, 0x00, 0x00, 0x01, 0x9c, 0x40, 0x00, 0x50, 0x01, 0x02, 0x03, 0x04, //
+    0x00, 0x00, 0x00, 0x00, 0xa0, 0x02, 0xfa, 0xf0, 0x98, 0x12, 0x00, 0x00, 0x02, 0x04, //
+    0x05, 0xb4, 0x04, 0x02, 0x08, 0x0a, 0x00, 0x00, 0x00, 0x64, 0x00, 0x00, 0x00, 0x00, //
+    0x01, 0x03, 0x03, 0x07,
+];
+
+/// ARP request: who has 10.0.0.1? tell 10.0.0.2.
+const ARP_REQUEST: [u8; 42] = [
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x08, 0x06, //
+    0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x02, //
+    0x0a, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x0a, 0x00, 0x00, 0x01,
+];
+
+fn stack() -> (Stack, SimDevice) {
+    let mut stack = Stack::new(StackConfig::new(OUR_MAC, OUR_IP, 24, [9; 16]));
+    stack.add_neighbor(PEER_IP, PEER_MAC);
+    (stack, SimDevice::default())
+}
+
+fn feed(stack: &mut Stack, dev: &mut SimDevice, now: Instant, frame: &[u8]) -> Vec<Vec<u8>> {
+    dev.rx.push_back(frame.to_vec());
+    stack.poll(now, dev);
+    std::mem::take(&mut dev.tx)
+}
+
+fn parse_tcp(frame: &[u8]) -> TcpRepr<'_> {
+    let eth = EthernetFrame::new_checked(frame).unwrap();
+    let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
+    assert_eq!(eth.dst_addr().0, PEER_MAC);
+    assert_eq!(ip.src_addr(), OUR_IP);
+    assert_eq!(ip.dst_addr(), PEER_IP);
+    assert!(ip.verify_checksum());
+    let header_len = usize::from(ip.header_len());
+    let total = usize::from(ip.total_len());
+    let tcp = TcpPacket::new_checked(&frame[14 + header_len..14 + total]).unwrap();
+    TcpRepr::parse(
+        &tcp,
+        &IpAddress::Ipv4(OUR_IP),
+        &IpAddress::Ipv4(PEER_IP),
+        &ChecksumCapabilities::default(),
+    )
+    .unwrap()
+}
+
+fn peer_segment(repr: &TcpRepr<'_>) -> Vec<u8> {
+    let mut frame = vec![0u8; 14 + 20 + repr.buffer_len()];
+    let len = emit_tcp_frame(&mut frame, PEER_MAC, OUR_MAC, PEER_IP, OUR_IP, repr);
+    frame.truncate(len);
+    frame
+}
+
+fn bare(seq: u32, ack: Option<u32>, control: TcpControl) -> TcpRepr<'static> {
+    TcpRepr {
+        src_port: 40000,
+        dst_port: 80,
+        control,
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len: 1000,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    }
+}
+
+#[test]
+fn syn_literal_gets_syn_ack_with_negotiated_options() {
+    let (mut stack, mut dev) = stack();
+    stack.listen(80, 4).unwrap();
+    let out = feed(&mut stack, &mut dev, Instant::from_millis(5), &SYN_FRAME);
+    assert_eq!(out.len(), 1);
+    let frame = &out[0];
+    assert_eq!(
+        &frame[0..14],
+        &[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]
+    );
+    assert_eq!(frame[14 + 9], 6, "IP protocol is TCP");
+    assert_eq!(frame[14 + 20 + 13], 0x12, "flags SYN|ACK");
+    let syn_ack = parse_tcp(frame);
+    assert_eq!(syn_ack.control, TcpControl::Syn);
+    assert_eq!((syn_ack.src_port, syn_ack.dst_port), (80, 40000));
+    assert_eq!(syn_ack.ack_number, Some(TcpSeqNumber(0x0102_0305)));
+    assert_eq!(syn_ack.max_seg_size, Some(1460));
+    assert_eq!(syn_ack.window_scale, Some(7), "4 MiB buffer needs shift 7");
+    assert!(syn_ack.sack_permitted);
+    assert_eq!(syn_ack.timestamp.map(|t| t.tsecr), Some(100));
+}
+
+#[test]
+fn corrupted_checksum_is_dropped_silently() {
+    let (mut stack, mut dev) = stack();
+    stack.listen(80, 4).unwrap();
+    let mut frame = SYN_FRAME;
+    frame[73] ^= 0x01; // last option byte: TCP checksum no longer matches
+    let out = feed(&mut stack, &mut dev, Instant::ZERO, &frame);
+    assert!(out.is_empty());
+    assert_eq!(stack.stats().rx_dropped, 1);
+}
+
+#[test]
+fn syn_to_closed_port_gets_rst_ack() {
+    let (mut stack, mut dev) = stack();
+    let out = feed(&mut stack, &mut dev, Instant::ZERO, &SYN_FRAME);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0][14 + 20 + 13], 0x14, "flags RST|ACK");
+    let rst = parse_tcp(&out[0]);
+    assert_eq!(rst.control, TcpControl::Rst);
+    assert_eq!(rst.seq_number, TcpSeqNumber(0));
+    assert_eq!(rst.ack_number, Some(TcpSeqNumber(0x0102_0305)));
+    // A RST never answers a RST.
+    let reset = peer_segment(&bare(5, None, TcpControl::Rst));
+    assert!(feed(&mut stack, &mut dev, Instant::ZERO, &reset).is_empty());
+}
+
+#[test]
+fn arp_request_literal_gets_reply() {
+    let (mut stack, mut dev) = stack();
+    let out = feed(&mut stack, &mut dev, Instant::ZERO, &ARP_REQUEST);
+    assert_eq!(out.len(), 1);
+    let expected: [u8; 42] = [
+        0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, //
+        0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x02, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, //
+        0x0a, 0x00, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x0a, 0x00, 0x00, 0x02,
+    ];
+    assert_eq!(out[0], expected);
+}
+
+#[test]
+fn every_truncation_of_valid_frames_is_dropped_without_panic() {
+    let (mut stack, mut dev) = stack();
+    stack.listen(80, 4).unwrap();
+    for frame in [&SYN_FRAME[..], &ARP_REQUEST[..]] {
+        for len in 0..frame.len() {
+            let _ = feed(&mut stack, &mut dev, Instant::ZERO, &frame[..len]);
+        }
+    }
+    assert_eq!(
+        stack.stats().rx_frames,
+        (SYN_FRAME.len() + ARP_REQUEST.len()) as u64
+    );
+}
+
+/// Completes a handshake with the listener on port 80; returns (stack, device, server handle,
+/// our ISS + 1).
+fn established() -> (Stack, SimDevice, SocketHandle, u32) {
+    let (mut stack, mut dev) = stack();
+    let listener = stack.listen(80, 4).unwrap();
+    let mut syn = bare(1000, None, TcpControl::Syn);
+    syn.max_seg_size = Some(1460);
+    let out = feed(&mut stack, &mut dev, Instant::ZERO, &peer_segment(&syn));
+    let syn_ack = parse_tcp(&out[0]);
+    let iss = syn_ack.seq_number.0 as u32;
+    let ack = bare(1001, Some(iss.wrapping_add(1)), TcpControl::None);
+    assert!(
+        feed(
+            &mut stack,
+            &mut dev,
+            Instant::from_millis(1),
+            &peer_segment(&ack)
+        )
+        .is_empty()
+    );
+    let server = stack.accept(listener).unwrap();
+    assert_eq!(stack.state(server), Ok(State::Established));
+    (stack, dev, server, iss.wrapping_add(1))
+}
+
+#[test]
+fn in_window_rst_gets_challenge_ack_and_exact_rst_resets() {
+    let (mut stack, mut dev, server, our_next) = established();
+    // RFC 5961 §3.2: in the window but not at RCV.NXT.
+    let blind = peer_segment(&bare(1001 + 500, None, TcpControl::Rst));
+    let out = feed(&mut stack, &mut dev, Instant::from_millis(2), &blind);
+    assert_eq!(out.len(), 1, "challenge ACK");
+    let challenge = parse_tcp(&out[0]);
+    assert_eq!(challenge.control, TcpControl::None);
+    assert_eq!(challenge.ack_number, Some(TcpSeqNumber(1001)));
+    assert_eq!(challenge.seq_number, TcpSeqNumber(our_next as i32));
+    assert_eq!(stack.state(server), Ok(State::Established));
+    // Exactly at RCV.NXT: the connection is reset.
+    let exact = peer_segment(&bare(1001, None, TcpControl::Rst));
+    assert!(feed(&mut stack, &mut dev, Instant::from_millis(3), &exact).is_empty());
+    assert_eq!(stack.error(server), Ok(Some(TcpError::Reset)));
+    let events: Vec<_> = std::iter::from_fn(|| stack.poll_event()).collect();
+    assert!(events.contains(&Event {
+        handle: server,
+        kind: EventKind::Error(TcpError::Reset)
+    }));
+}
+
+#[test]
+fn syn_in_synchronized_state_gets_challenge_ack() {
+    let (mut stack, mut dev, server, _) = established();
+    let out = feed(
+        &mut stack,
+        &mut dev,
+        Instant::from_millis(2),
+        &peer_segment(&bare(77, None, TcpControl::Syn)),
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(parse_tcp(&out[0]).control, TcpControl::None);
+    assert_eq!(stack.state(server), Ok(State::Established));
+}
+
+#[test]
+fn out_of_order_data_is_acked_at_once_with_sack_and_reassembled() {
+    let (mut stack, mut dev) = stack();
+    let listener = stack.listen(80, 4).unwrap();
+    let mut syn = bare(1000, None, TcpControl::Syn);
+    syn.sack_permitted = true;
+    syn.timestamp = Some(TcpTimestampRepr::new(1, 0));
+    let out = feed(&mut stack, &mut dev, Instant::ZERO, &peer_segment(&syn));
+    let iss1 = (parse_tcp(&out[0]).seq_number.0 as u32).wrapping_add(1);
+    let mut ack = bare(1001, Some(iss1), TcpControl::None);
+    ack.timestamp = Some(TcpTimestampRepr::new(2, 0));
+    feed(
+        &mut stack,
+        &mut dev,
+        Instant::from_millis(1),
+        &peer_segment(&ack),
+    );
+    let server = stack.accept(listener).unwrap();
+
+    let mut later = bare(1011, Some(iss1), TcpControl::None);
+    later.payload = b"klmnopqrst";
+    later.timestamp = Some(TcpTimestampRepr::new(3, 0));
+    let out = feed(
+        &mut stack,
+        &mut dev,
+        Instant::from_millis(2),
+        &peer_segment(&later),
+    );
+    assert_eq!(
+        out.len(),
+        1,
+        "out-of-order data is acknowledged immediately"
+    );
+    let dup_ack = parse_tcp(&out[0]);
+    assert_eq!(dup_ack.ack_number, Some(TcpSeqNumber(1001)));
+    assert_eq!(dup_ack.sack_ranges[0], Some((1011, 1021)));
+    let mut buf = [0u8; 64];
+    assert_eq!(stack.recv(server, &mut buf), Err(SocketError::WouldBlock));
+
+    let mut first = bare(1001, Some(iss1), TcpControl::None);
+    first.payload = b"abcdefghij";
+    first.timestamp = Some(TcpTimestampRepr::new(4, 0));
+    let out = feed(
+        &mut stack,
+        &mut dev,
+        Instant::from_millis(3),
+        &peer_segment(&first),
+    );
+    assert_eq!(parse_tcp(&out[0]).ack_number, Some(TcpSeqNumber(1021)));
+    assert_eq!(parse_tcp(&out[0]).sack_ranges[0], None);
+    assert_eq!(stack.recv(server, &mut buf), Ok(20));
+    assert_eq!(&buf[..20], b"abcdefghijklmnopqrst");
+
+    // PAWS (RFC 7323): a segment with an older timestamp is dropped and re-acknowledged.
+    let mut stale = bare(1021, Some(iss1), TcpControl::None);
+    stale.payload = b"old";
+    stale.timestamp = Some(TcpTimestampRepr::new(1, 0));
+    let out = feed(
+        &mut stack,
+        &mut dev,
+        Instant::from_millis(4),
+        &peer_segment(&stale),
+    );
+    assert_eq!(parse_tcp(&out[0]).ack_number, Some(TcpSeqNumber(1021)));
+    assert_eq!(stack.recv(server, &mut buf), Err(SocketError::WouldBlock));
+}

@@ -207,6 +207,8 @@ pub(crate) struct Connection {
     // --- congestion control, recovery, rate sampling ---
     cc: Box<dyn Controller>,
     recovery_point: Option<u64>,
+    /// The current recovery episode started with a retransmission timeout.
+    rto_recovery: bool,
     dup_acks: u32,
     pacer: Pacer,
     rack: Rack,
@@ -307,6 +309,7 @@ impl Connection {
             rst_due: None,
             cc,
             recovery_point: None,
+            rto_recovery: false,
             dup_acks: 0,
             pacer: Pacer {
                 tokens: 0.0,
@@ -403,6 +406,11 @@ impl Connection {
             self.state,
             State::SynSent | State::SynReceived | State::Established | State::CloseWait
         ) && !self.fin_queued
+    }
+
+    /// The application shut down the sending side.
+    pub(crate) fn write_closed(&self) -> bool {
+        self.fin_queued
     }
 
     /// Bytes the send buffer can still take.
@@ -1044,7 +1052,9 @@ impl Connection {
                 smoothed_rtt: self.rtt.smoothed(),
                 min_rtt: self.rtt.min(),
                 rate,
-                in_recovery: self.recovery_point.is_some(),
+                // After an RTO the sender slow-starts (RFC 5681 §3.1); only fast recovery
+                // freezes window growth.
+                in_recovery: self.recovery_point.is_some() && !self.rto_recovery,
                 newly_lost,
             };
             self.cc.on_ack(&event);
@@ -1248,6 +1258,7 @@ impl Connection {
             && self.snd_una >= point
         {
             self.recovery_point = None;
+            self.rto_recovery = false;
             self.cc.on_recovery_exit(now);
         }
         if self.recovery_point.is_none() && self.lost_segments > 0 {
@@ -1419,6 +1430,7 @@ impl Connection {
         self.tlp_deadline = None;
         self.cc.on_rto(now);
         self.recovery_point = Some(self.snd_nxt);
+        self.rto_recovery = true;
         // Re-arm right away so a lost retransmission is still timed.
         self.rto_deadline = Some(now + self.rtt.rto_backed_off(self.rto_backoff));
     }
