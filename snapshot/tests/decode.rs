@@ -1,0 +1,282 @@
+//! Round trips, and corrupt or truncated input rejected with an error — never a panic.
+
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+use stackroute_snapshot::*;
+
+fn sample() -> Vec<u8> {
+    let shared = SharedTables::build(&SharedInput {
+        zones: vec!["zone-a".into()],
+        nodes: vec![
+            NodeEntry {
+                name: "n1".into(),
+                zone: 0,
+            },
+            NodeEntry {
+                name: "n2".into(),
+                zone: 0,
+            },
+        ],
+        cluster_networks: vec!["10.0.0.0/8".parse().unwrap()],
+        addresses: vec![
+            AddressEntry {
+                ip: "10.1.0.2".parse().unwrap(),
+                kind: AddressKind::Pod,
+                identity: 0,
+                node: 1,
+            },
+            AddressEntry {
+                ip: "10.1.0.1".parse().unwrap(),
+                kind: AddressKind::Pod,
+                identity: 1,
+                node: 0,
+            },
+            AddressEntry {
+                ip: "fd00::5".parse().unwrap(),
+                kind: AddressKind::Pod,
+                identity: 0,
+                node: 0,
+            },
+            AddressEntry {
+                ip: "172.16.0.2".parse().unwrap(),
+                kind: AddressKind::Node,
+                identity: NO_IDENTITY,
+                node: 1,
+            },
+        ],
+        services: vec![ServiceEntry {
+            ip: "10.96.0.1".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            backends: vec![("10.1.0.2".parse().unwrap(), 8080)],
+        }],
+        identity_sets: vec![vec![0]],
+    });
+    let policy = PolicyEntry {
+        kind: PolicyKind::StackRoute,
+        tier: Tier::Namespace,
+        priority: 500,
+        namespace: "ml".into(),
+        name: "fabric".into(),
+        rules: vec![
+            RuleEntry {
+                name: "web".into(),
+                action: Action::Route,
+                peers: Some(vec![PeerEntry::Pods(0)]),
+                ports: Some(vec![PortEntry {
+                    protocol: Protocol::Tcp,
+                    first: 8080,
+                    last: 8090,
+                }]),
+                location: LocationMatch::SameZone,
+                isolation: Isolation::None,
+                transports: vec![
+                    TransportChoice {
+                        stack: Stack::Userspace,
+                        congestion_control: CongestionControl::Bbr,
+                    },
+                    TransportChoice::KERNEL_DEFAULT,
+                ],
+            },
+            RuleEntry {
+                name: "outside".into(),
+                action: Action::Route,
+                peers: Some(vec![
+                    PeerEntry::Networks(vec!["8.8.0.0/16".parse().unwrap()]),
+                    PeerEntry::Entity(Entity::World),
+                ]),
+                ports: None,
+                location: LocationMatch::Any,
+                isolation: Isolation::KernelEnforced,
+                transports: vec![TransportChoice {
+                    stack: Stack::Kernel,
+                    congestion_control: CongestionControl::Bbr,
+                }],
+            },
+        ],
+    };
+    encode(
+        &shared,
+        &NodeInput {
+            revision: 42,
+            own_node: 0,
+            default_transport: None,
+            policies: vec![&policy],
+            chains: vec![vec![0], vec![]],
+            workloads: vec![
+                WorkloadEntry {
+                    namespace: "ml".into(),
+                    name: "b".into(),
+                    ips: vec![],
+                    chain: 1,
+                },
+                WorkloadEntry {
+                    namespace: "ml".into(),
+                    name: "a".into(),
+                    ips: vec!["10.1.0.1".parse().unwrap()],
+                    chain: 0,
+                },
+            ],
+        },
+    )
+}
+
+fn exercise(snapshot: &Snapshot<'_>) {
+    let destinations: [IpAddr; 6] = [
+        "10.1.0.2".parse().unwrap(),
+        "10.1.0.1".parse().unwrap(),
+        "fd00::5".parse().unwrap(),
+        "8.8.8.8".parse().unwrap(),
+        "10.96.0.1".parse().unwrap(),
+        "172.16.0.2".parse().unwrap(),
+    ];
+    let (_, _, workloads) = snapshot.counts();
+    for w in 0..workloads as u32 + 1 {
+        for ip in destinations {
+            for port in [80, 8080] {
+                let d = snapshot.decide(WorkloadId(w), ip, port, Protocol::Tcp, &mut NoTrace);
+                let _ = d.transports().count();
+                if let Some(rule) = d.matched {
+                    let _ = (
+                        snapshot.rule(rule).name,
+                        snapshot.policy(rule.policy).name,
+                        snapshot.describe_peers(rule),
+                    );
+                }
+            }
+        }
+    }
+    let _ = snapshot.workload_by_name("ml", "a");
+    let _ = snapshot.workload_by_ip("10.1.0.1".parse().unwrap());
+    let _ = snapshot.node_name();
+}
+
+#[test]
+fn round_trip_decides() {
+    let bytes = sample();
+    let snapshot = Snapshot::parse(&bytes).unwrap();
+    assert_eq!(snapshot.revision(), 42);
+    assert_eq!(snapshot.node_name(), "n1");
+    assert_eq!(snapshot.node(1), ("n2", "zone-a"));
+    let a = snapshot.workload_by_name("ml", "a").unwrap();
+    assert_eq!(
+        snapshot.workload_by_ip("10.1.0.1".parse().unwrap()),
+        Some(a)
+    );
+    assert_eq!(snapshot.workload(a), ("ml", "a"));
+    assert!(snapshot.workload_by_name("ml", "zz").is_none());
+
+    let d = snapshot.decide(
+        a,
+        "10.1.0.2".parse().unwrap(),
+        8085,
+        Protocol::Tcp,
+        &mut NoTrace,
+    );
+    assert_eq!(d.location, Location::SameZone);
+    assert_eq!(d.matched, Some(RuleRef { policy: 0, rule: 0 }));
+    assert_eq!(
+        d.transports().map(|t| t.to_string()).collect::<Vec<_>>(),
+        ["Userspace/BBR", "Kernel/Default"]
+    );
+
+    // Through the Service: the only backend is 10.1.0.2:8080.
+    let d = snapshot.decide(
+        a,
+        "10.96.0.1".parse().unwrap(),
+        80,
+        Protocol::Tcp,
+        &mut NoTrace,
+    );
+    assert_eq!(d.via, Via::ServiceUnanimous { backends: 1 });
+    assert_eq!(d.matched, Some(RuleRef { policy: 0, rule: 0 }));
+
+    let d = snapshot.decide(
+        a,
+        "8.8.8.8".parse().unwrap(),
+        53,
+        Protocol::Udp,
+        &mut NoTrace,
+    );
+    assert_eq!(
+        (d.location, d.isolation, d.transport().to_string()),
+        (
+            Location::External,
+            Isolation::KernelEnforced,
+            "Kernel/BBR".into()
+        )
+    );
+
+    // Workload b has an empty chain: the default.
+    let b = snapshot.workload_by_name("ml", "b").unwrap();
+    let d = snapshot.decide(
+        b,
+        "10.1.0.2".parse().unwrap(),
+        8085,
+        Protocol::Tcp,
+        &mut NoTrace,
+    );
+    assert_eq!(
+        (d.matched, d.transport()),
+        (None, TransportChoice::KERNEL_DEFAULT)
+    );
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    let bytes = sample();
+    for len in 0..bytes.len() {
+        assert!(
+            Snapshot::parse(&bytes[..len]).is_err(),
+            "truncated to {len} parsed"
+        );
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(Snapshot::parse(&longer).is_err());
+}
+
+#[test]
+fn every_flipped_byte_is_detected() {
+    let bytes = sample();
+    for index in 0..bytes.len() {
+        let mut corrupt = bytes.clone();
+        corrupt[index] ^= 0x5a;
+        assert!(
+            Snapshot::parse(&corrupt).is_err(),
+            "flip at {index} went unnoticed"
+        );
+    }
+}
+
+fn with_fixed_checksum(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.len() >= 12 {
+        let crc = crc32fast::hash(&bytes[12..]);
+        bytes[8..12].copy_from_slice(&crc.to_le_bytes());
+    }
+    bytes
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+        let _ = Snapshot::parse(&bytes);
+        if let Ok(snapshot) = Snapshot::parse(&with_fixed_checksum(bytes.clone())) {
+            exercise(&snapshot);
+        }
+    }
+
+    #[test]
+    fn mutations_past_the_checksum_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+        let mut bytes = sample();
+        for (index, value) in edits {
+            let at = index.index(bytes.len());
+            bytes[at] = value;
+        }
+        let bytes = with_fixed_checksum(bytes);
+        if let Ok(snapshot) = Snapshot::parse(&bytes) {
+            exercise(&snapshot);
+        }
+    }
+}
