@@ -66,7 +66,7 @@ prop_compose! {
     }
 }
 
-fn cluster_documents(pods: &[(usize, usize, usize)]) -> Vec<String> {
+fn cluster_documents(pods: &[PodSpec]) -> Vec<String> {
     let mut documents = Vec::new();
     for node in 0..3 {
         let zone = if node < 2 { "a" } else { "b" };
@@ -140,7 +140,10 @@ fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
     out
 }
 
-fn scenario() -> impl Strategy<Value = (Vec<(usize, usize, usize)>, Vec<String>, Vec<usize>)> {
+/// `(namespace, app, node)` of each pod.
+type PodSpec = (usize, usize, usize);
+
+fn scenario() -> impl Strategy<Value = (Vec<PodSpec>, Vec<String>, Vec<usize>)> {
     (
         prop::collection::vec((0..3usize, 0..3usize, 0..3usize), 2..10),
         1..7usize,
