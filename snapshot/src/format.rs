@@ -80,7 +80,8 @@ pub enum SectionId {
     /// Policy indexes of every chain, in evaluation order.
     ChainPolicies = 17,
     /// Workloads on this node, sorted by (namespace, name):
-    /// `{namespace str, name str, chain u32, ips range}`.
+    /// `{namespace str, name str, chain u32, reserved u32, address count u32}`; the addresses
+    /// themselves are in `WorkloadAddresses`.
     Workloads = 18,
     /// Workload addresses, sorted by ip: `{ip [16], family u8, pad 3, workload u32}`.
     WorkloadAddresses = 19,
