@@ -1,1 +1,188 @@
-fn main() {}
+//! `stackroute-netperf`: runs the stackroute netstack as a TCP client or server over a packet
+//! I/O engine, so it can face the Linux kernel and real programs. Ends by printing one JSON line.
+
+mod host;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use stackroute_netstack::congestion::CongestionControl;
+
+/// Run the stackroute user-space TCP stack as a client or server.
+#[derive(Parser, Debug)]
+#[command(name = "stackroute-netperf", version)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// Accept connections and count (or echo) what arrives.
+    Server(ServerArgs),
+    /// Connect, then send a bulk payload or run request/response round trips.
+    Client(ClientArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    /// AF_PACKET with mmap'ed TPACKET_V2 rings.
+    #[value(name = "af_packet")]
+    AfPacket,
+    /// AF_XDP (not implemented yet; fails with a clear message).
+    #[value(name = "af_xdp")]
+    AfXdp,
+    /// A TAP interface (created if missing).
+    Tap,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Cc {
+    Bbr,
+    Cubic,
+    Reno,
+}
+
+impl From<Cc> for CongestionControl {
+    fn from(cc: Cc) -> Self {
+        match cc {
+            Cc::Bbr => Self::Bbr,
+            Cc::Cubic => Self::Cubic,
+            Cc::Reno => Self::Reno,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Packet I/O engine.
+    #[arg(long, value_enum, default_value = "af_packet")]
+    engine: Engine,
+    /// Interface to attach to.
+    #[arg(long)]
+    interface: String,
+    /// The stack's own address, IP/PREFIX. Use an address the kernel does not own.
+    #[arg(long)]
+    address: String,
+    /// Next hop for off-subnet destinations.
+    #[arg(long)]
+    gateway: Option<Ipv4Addr>,
+    /// Congestion controller.
+    #[arg(long, value_enum, default_value = "bbr")]
+    cc: Cc,
+    /// Ethernet address to use (default: the interface's own).
+    #[arg(long)]
+    mac: Option<String>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Disable Nagle's algorithm.
+    #[arg(long)]
+    nodelay: bool,
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Port to listen on.
+    #[arg(long)]
+    port: u16,
+    /// Echo received bytes back instead of only counting them.
+    #[arg(long)]
+    echo: bool,
+    /// Exit after serving this many connections (0: serve until the timeout).
+    #[arg(long, default_value_t = 1)]
+    connections: u64,
+}
+
+#[derive(Args, Debug)]
+struct ClientArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Server to connect to, IP:PORT.
+    #[arg(long)]
+    connect: SocketAddrV4,
+    /// Send this many bytes, shut down the write side, read until the peer closes.
+    #[arg(long, conflicts_with = "rr")]
+    send: Option<u64>,
+    /// Run this many request/response round trips.
+    #[arg(long)]
+    rr: Option<u64>,
+    /// Request and response size for `--rr`.
+    #[arg(long, default_value_t = 64)]
+    rr_size: usize,
+    /// Open this many connections one after another (connection churn).
+    #[arg(long, default_value_t = 1)]
+    connections: u64,
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        bail!("MAC address must have six colon-separated bytes: {text}");
+    }
+    let mut mac = [0u8; 6];
+    for (out, part) in mac.iter_mut().zip(parts) {
+        *out = u8::from_str_radix(part, 16).with_context(|| format!("bad MAC byte {part}"))?;
+    }
+    Ok(mac)
+}
+
+fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8)> {
+    let (ip, prefix) = text
+        .split_once('/')
+        .with_context(|| format!("address must be IP/PREFIX: {text}"))?;
+    let prefix: u8 = prefix.parse().context("bad prefix length")?;
+    if prefix > 32 {
+        bail!("prefix length {prefix} is above 32");
+    }
+    Ok((ip.parse().context("bad IPv4 address")?, prefix))
+}
+
+fn host_config(common: &Common) -> Result<host::HostConfig> {
+    let (address, prefix_len) = parse_cidr(&common.address)?;
+    Ok(host::HostConfig {
+        engine: match common.engine {
+            Engine::AfPacket => host::EngineKind::AfPacket,
+            Engine::Tap => host::EngineKind::Tap,
+            Engine::AfXdp => {
+                bail!("the af_xdp engine is not implemented yet; use --engine af_packet or tap")
+            }
+        },
+        interface: common.interface.clone(),
+        address,
+        prefix_len,
+        gateway: common.gateway,
+        mac: common.mac.as_deref().map(parse_mac).transpose()?,
+        congestion_control: common.cc.into(),
+        nodelay: common.nodelay,
+        timeout: Duration::from_secs(common.timeout),
+    })
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let report = match cli.mode {
+        Mode::Server(args) => {
+            let config = host_config(&args.common)?;
+            host::run_server(&config, args.port, args.echo, args.connections)?
+        }
+        Mode::Client(args) => {
+            let config = host_config(&args.common)?;
+            let work = match (args.send, args.rr) {
+                (Some(bytes), None) => host::ClientWork::Send(bytes),
+                (None, Some(round_trips)) => host::ClientWork::RequestResponse {
+                    round_trips,
+                    size: args.rr_size.max(1),
+                },
+                _ => bail!("the client needs exactly one of --send BYTES or --rr N"),
+            };
+            host::run_client(&config, args.connect, work, args.connections.max(1))?
+        }
+    };
+    println!("{}", report);
+    Ok(())
+}

@@ -1,1 +1,89 @@
-//! Packet I/O engines for the stackroute netstack (work in progress).
+//! Packet I/O engines for the stackroute netstack, behind the core's `Device` trait:
+//! - [`AfPacket`]: AF_PACKET with mmap'ed TPACKET_V2 RX/TX rings (zero-copy in the ring);
+//! - [`Tap`]: a TAP interface.
+//!
+//! AF_XDP is not implemented yet. All `unsafe` code lives in the `sys` module, one system call
+//! or raw-memory access per block, each with a `// SAFETY:` line.
+
+#![deny(unsafe_code)]
+
+mod af_packet;
+mod sys;
+mod tap;
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+pub use af_packet::{AfPacket, RingConfig};
+use stackroute_netstack::{Device, DeviceCapabilities, RxMeta};
+pub use tap::Tap;
+
+/// Interface facts read from the kernel.
+pub mod interface {
+    use std::io;
+
+    /// The interface's Ethernet address.
+    pub fn mac(name: &str) -> io::Result<[u8; 6]> {
+        crate::sys::if_mac(name)
+    }
+
+    /// The interface's MTU.
+    pub fn mtu(name: &str) -> io::Result<usize> {
+        crate::sys::if_mtu(name)
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes; returns whether it is readable.
+pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
+    sys::wait_readable(fd, timeout)
+}
+
+/// An engine chosen at run time.
+#[derive(Debug)]
+pub enum AnyDevice {
+    /// AF_PACKET rings.
+    AfPacket(AfPacket),
+    /// TAP.
+    Tap(Tap),
+}
+
+impl AnyDevice {
+    /// The descriptor to wait on.
+    pub fn raw_fd(&self) -> RawFd {
+        match self {
+            Self::AfPacket(d) => d.raw_fd(),
+            Self::Tap(d) => d.raw_fd(),
+        }
+    }
+}
+
+impl Device for AnyDevice {
+    fn capabilities(&self) -> DeviceCapabilities {
+        match self {
+            Self::AfPacket(d) => d.capabilities(),
+            Self::Tap(d) => d.capabilities(),
+        }
+    }
+
+    fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {
+        match self {
+            Self::AfPacket(d) => d.receive(f),
+            Self::Tap(d) => d.receive(f),
+        }
+    }
+
+    fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize> {
+        match self {
+            Self::AfPacket(d) => d.transmit(max_len, f),
+            Self::Tap(d) => d.transmit(max_len, f),
+        }
+    }
+
+    fn flush(&mut self) {
+        match self {
+            Self::AfPacket(d) => d.flush(),
+            Self::Tap(d) => d.flush(),
+        }
+    }
+}

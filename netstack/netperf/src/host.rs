@@ -1,0 +1,472 @@
+//! The host loop: owns the clock and the engine, drives the sans-IO stack, and runs the
+//! client or server application on the socket API.
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant as StdInstant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use stackroute_netstack::congestion::CongestionControl;
+use stackroute_netstack::sim::SimRng;
+use stackroute_netstack::{
+    Instant, SocketError, SocketHandle, SocketOption, Stack, StackConfig, TcpState,
+};
+use stackroute_pktio::{AfPacket, AnyDevice, RingConfig, Tap};
+
+pub(crate) enum EngineKind {
+    AfPacket,
+    Tap,
+}
+
+pub(crate) struct HostConfig {
+    pub(crate) engine: EngineKind,
+    pub(crate) interface: String,
+    pub(crate) address: Ipv4Addr,
+    pub(crate) prefix_len: u8,
+    pub(crate) gateway: Option<Ipv4Addr>,
+    pub(crate) mac: Option<[u8; 6]>,
+    pub(crate) congestion_control: CongestionControl,
+    pub(crate) nodelay: bool,
+    pub(crate) timeout: Duration,
+}
+
+pub(crate) enum ClientWork {
+    Send(u64),
+    RequestResponse { round_trips: u64, size: usize },
+}
+
+/// The payload sent by `--send`: a fixed pseudo-random stream, so both ends can checksum it.
+struct Payload {
+    rng: SimRng,
+    block: Vec<u8>,
+}
+
+impl Payload {
+    fn new() -> Self {
+        Self {
+            rng: SimRng::new(0x5eed),
+            block: vec![0; 64 * 1024],
+        }
+    }
+
+    fn next_block(&mut self) -> &[u8] {
+        for chunk in self.block.chunks_mut(8) {
+            let word = self.rng.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+        &self.block
+    }
+}
+
+struct Host {
+    stack: Stack,
+    device: AnyDevice,
+    epoch: StdInstant,
+    deadline: StdInstant,
+    config_cc: CongestionControl,
+    nodelay: bool,
+}
+
+fn random_secret() -> Result<[u8; 16]> {
+    let mut secret = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut secret))
+        .context("reading /dev/urandom for the ISN secret")?;
+    Ok(secret)
+}
+
+impl Host {
+    fn new(config: &HostConfig) -> Result<Self> {
+        let (device, interface_mac) = match config.engine {
+            EngineKind::AfPacket => {
+                let dev = AfPacket::open(&config.interface, RingConfig::default()).with_context(
+                    || format!("opening AF_PACKET on {} (needs root)", config.interface),
+                )?;
+                let mac = dev.mac();
+                (AnyDevice::AfPacket(dev), mac)
+            }
+            EngineKind::Tap => {
+                let dev = Tap::open(&config.interface)
+                    .with_context(|| format!("opening TAP {}", config.interface))?;
+                // A TAP's own MAC belongs to the kernel side; the stack needs a different one.
+                let mut mac = stackroute_pktio::interface::mac(&config.interface)?;
+                mac[5] ^= 0x01;
+                mac[0] = (mac[0] | 0x02) & 0xfe;
+                (AnyDevice::Tap(dev), mac)
+            }
+        };
+        let mut stack_config = StackConfig::new(
+            config.mac.unwrap_or(interface_mac),
+            config.address,
+            config.prefix_len,
+            random_secret()?,
+        );
+        stack_config.gateway = config.gateway;
+        stack_config.mtu = stackroute_pktio::interface::mtu(&config.interface).unwrap_or(1500);
+        stack_config.tcp.congestion_control = config.congestion_control;
+        stack_config.tcp.nodelay = config.nodelay;
+        let now = StdInstant::now();
+        Ok(Self {
+            stack: Stack::new(stack_config),
+            device,
+            epoch: now,
+            deadline: now + config.timeout,
+            config_cc: config.congestion_control,
+            nodelay: config.nodelay,
+        })
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.epoch.elapsed().as_micros() as u64)
+    }
+
+    fn check_deadline(&self) -> Result<()> {
+        if StdInstant::now() >= self.deadline {
+            bail!("timed out");
+        }
+        Ok(())
+    }
+
+    /// Runs the stack once, then sleeps until the next timer or a received frame.
+    fn turn(&mut self) -> Result<()> {
+        let now = self.now();
+        if self.stack.poll(now, &mut self.device) {
+            return Ok(());
+        }
+        let wait = match self.stack.poll_at() {
+            Some(at) if at <= now => return Ok(()),
+            Some(at) => at.saturating_duration_since(now),
+            None => Duration::from_millis(50),
+        };
+        stackroute_pktio::wait_readable(
+            self.device.raw_fd(),
+            Some(wait.min(Duration::from_millis(50))),
+        )?;
+        Ok(())
+    }
+
+    /// Keeps the stack running for `duration` so final ACKs and FINs leave.
+    fn linger(&mut self, duration: Duration) -> Result<()> {
+        let until = StdInstant::now() + duration;
+        while StdInstant::now() < until {
+            self.turn()?;
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self, remote: SocketAddrV4) -> Result<SocketHandle> {
+        let now = self.now();
+        let mut tcp = self.stack.config().tcp.clone();
+        tcp.congestion_control = self.config_cc;
+        tcp.nodelay = self.nodelay;
+        let handle = self
+            .stack
+            .connect_with(now, remote, tcp)
+            .map_err(|e| anyhow!("connect: {e}"))?;
+        loop {
+            self.check_deadline()?;
+            match self.stack.state(handle).map_err(|e| anyhow!("{e}"))? {
+                TcpState::SynSent | TcpState::SynReceived => self.turn()?,
+                TcpState::Closed => {
+                    let err = self.stack.error(handle).ok().flatten();
+                    bail!("connect to {remote} failed: {err:?}");
+                }
+                _ => return Ok(handle),
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Totals {
+    bytes_sent: u64,
+    bytes_received: u64,
+    retransmits: u64,
+    connections: u64,
+}
+
+fn report(totals: &Totals, seconds: f64, extra: serde_json::Value, cc: &str) -> serde_json::Value {
+    let goodput = if seconds > 0.0 {
+        (totals.bytes_sent.max(totals.bytes_received) as f64 * 8.0 / seconds) as u64
+    } else {
+        0
+    };
+    let mut value = json!({
+        "bytes_sent": totals.bytes_sent,
+        "bytes_received": totals.bytes_received,
+        "seconds": seconds,
+        "goodput_bps": goodput,
+        "retransmits": totals.retransmits,
+        "connections": totals.connections,
+        "congestion_control": cc,
+    });
+    if let (Some(map), serde_json::Value::Object(extra)) = (value.as_object_mut(), extra) {
+        map.extend(extra);
+    }
+    value
+}
+
+/// Client: `--send` or `--rr`, over `connections` sequential connections.
+pub(crate) fn run_client(
+    config: &HostConfig,
+    remote: SocketAddrV4,
+    work: ClientWork,
+    connections: u64,
+) -> Result<serde_json::Value> {
+    let mut host = Host::new(config)?;
+    let mut totals = Totals::default();
+    let mut latencies_us: Vec<u64> = Vec::new();
+    let mut sent_hash = Sha256::new();
+    let mut received_hash = Sha256::new();
+    let started = StdInstant::now();
+    for _ in 0..connections {
+        let handle = host.connect(remote)?;
+        match work {
+            ClientWork::Send(bytes) => {
+                let mut payload = Payload::new();
+                let mut remaining = bytes;
+                let mut block_offset = usize::MAX;
+                let mut block = Vec::new();
+                while remaining > 0 {
+                    host.check_deadline()?;
+                    if block_offset >= block.len() {
+                        block = payload.next_block().to_vec();
+                        block_offset = 0;
+                    }
+                    let want = (block.len() - block_offset).min(remaining as usize);
+                    match host
+                        .stack
+                        .send(handle, &block[block_offset..block_offset + want])
+                    {
+                        Ok(n) => {
+                            sent_hash.update(&block[block_offset..block_offset + n]);
+                            block_offset += n;
+                            remaining -= n as u64;
+                            totals.bytes_sent += n as u64;
+                        }
+                        Err(SocketError::WouldBlock) => host.turn()?,
+                        Err(e) => bail!("send: {e}"),
+                    }
+                    drain(&mut host, handle, &mut totals, &mut received_hash)?;
+                }
+                host.stack.shutdown(handle).map_err(|e| anyhow!("{e}"))?;
+                while !drain(&mut host, handle, &mut totals, &mut received_hash)? {
+                    host.check_deadline()?;
+                    host.turn()?;
+                }
+            }
+            ClientWork::RequestResponse { round_trips, size } => {
+                let request = vec![0x52u8; size];
+                let mut buf = vec![0u8; size.max(4096)];
+                for _ in 0..round_trips {
+                    let t0 = StdInstant::now();
+                    let mut written = 0;
+                    while written < size {
+                        host.check_deadline()?;
+                        match host.stack.send(handle, &request[written..]) {
+                            Ok(n) => written += n,
+                            Err(SocketError::WouldBlock) => host.turn()?,
+                            Err(e) => bail!("send: {e}"),
+                        }
+                    }
+                    totals.bytes_sent += size as u64;
+                    // Push the request out now rather than on the next timer.
+                    let now = host.now();
+                    host.stack.poll(now, &mut host.device);
+                    let mut got = 0;
+                    while got < size {
+                        host.check_deadline()?;
+                        match host.stack.recv(handle, &mut buf[..size - got]) {
+                            Ok(0) => bail!("server closed mid-response"),
+                            Ok(n) => got += n,
+                            Err(SocketError::WouldBlock) => host.turn()?,
+                            Err(e) => bail!("recv: {e}"),
+                        }
+                    }
+                    totals.bytes_received += size as u64;
+                    latencies_us.push(t0.elapsed().as_micros() as u64);
+                }
+                host.stack.shutdown(handle).map_err(|e| anyhow!("{e}"))?;
+                let mut sink = Sha256::new();
+                while !drain(&mut host, handle, &mut totals, &mut sink)? {
+                    host.check_deadline()?;
+                    host.turn()?;
+                }
+            }
+        }
+        totals.retransmits += host
+            .stack
+            .connection_stats(handle)
+            .map(|s| s.retransmits)
+            .unwrap_or(0);
+        totals.connections += 1;
+        host.stack.close(handle).map_err(|e| anyhow!("{e}"))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    host.linger(Duration::from_millis(200))?;
+    latencies_us.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if latencies_us.is_empty() {
+            return 0;
+        }
+        let idx = ((latencies_us.len() - 1) as f64 * p).round() as usize;
+        latencies_us[idx]
+    };
+    let extra = match work {
+        ClientWork::Send(_) => json!({
+            "sent_sha256": hex(&sent_hash.finalize()),
+            "received_sha256": hex(&received_hash.finalize()),
+        }),
+        ClientWork::RequestResponse { .. } => json!({
+            "round_trips": latencies_us.len(),
+            "rtt_us_mean": if latencies_us.is_empty() { 0 } else {
+                latencies_us.iter().sum::<u64>() / latencies_us.len() as u64
+            },
+            "rtt_us_p50": pct(0.5),
+            "rtt_us_p99": pct(0.99),
+        }),
+    };
+    Ok(report(
+        &totals,
+        seconds,
+        extra,
+        config.congestion_control.name(),
+    ))
+}
+
+/// Reads everything available; returns true at EOF.
+fn drain(
+    host: &mut Host,
+    handle: SocketHandle,
+    totals: &mut Totals,
+    hash: &mut Sha256,
+) -> Result<bool> {
+    let mut buf = [0u8; 65536];
+    loop {
+        match host.stack.recv(handle, &mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                totals.bytes_received += n as u64;
+            }
+            Err(SocketError::WouldBlock) => return Ok(false),
+            Err(e) => bail!("recv: {e}"),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct ServerConn {
+    handle: SocketHandle,
+    pending_echo: Vec<u8>,
+    eof: bool,
+    hash: Sha256,
+}
+
+/// Server: accept, count or echo, close when the peer closes.
+pub(crate) fn run_server(
+    config: &HostConfig,
+    port: u16,
+    echo: bool,
+    connections: u64,
+) -> Result<serde_json::Value> {
+    let mut host = Host::new(config)?;
+    let listener = host
+        .stack
+        .listen(port, 128)
+        .map_err(|e| anyhow!("listen: {e}"))?;
+    let mut totals = Totals::default();
+    let mut open: Vec<ServerConn> = Vec::new();
+    let mut first_accept: Option<StdInstant> = None;
+    let mut last_close = StdInstant::now();
+    let mut last_hash = String::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        if StdInstant::now() >= host.deadline {
+            if connections == 0 {
+                break;
+            }
+            bail!(
+                "timed out with {} of {connections} connections served",
+                totals.connections
+            );
+        }
+        while let Ok(handle) = host.stack.accept(listener) {
+            first_accept.get_or_insert_with(StdInstant::now);
+            if host.nodelay {
+                let _ = host.stack.set_option(handle, SocketOption::NoDelay(true));
+            }
+            open.push(ServerConn {
+                handle,
+                pending_echo: Vec::new(),
+                eof: false,
+                hash: Sha256::new(),
+            });
+        }
+        let mut finished = Vec::new();
+        for (i, conn) in open.iter_mut().enumerate() {
+            while !conn.eof {
+                match host.stack.recv(conn.handle, &mut buf) {
+                    Ok(0) => conn.eof = true,
+                    Ok(n) => {
+                        totals.bytes_received += n as u64;
+                        conn.hash.update(&buf[..n]);
+                        if echo {
+                            conn.pending_echo.extend_from_slice(&buf[..n]);
+                        }
+                        if conn.pending_echo.len() > 4 << 20 {
+                            break;
+                        }
+                    }
+                    Err(SocketError::WouldBlock) => break,
+                    Err(e) => {
+                        eprintln!("connection error: {e}");
+                        conn.eof = true;
+                        conn.pending_echo.clear();
+                    }
+                }
+            }
+            while !conn.pending_echo.is_empty() {
+                match host.stack.send(conn.handle, &conn.pending_echo) {
+                    Ok(n) => {
+                        conn.pending_echo.drain(..n);
+                        totals.bytes_sent += n as u64;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if conn.eof && conn.pending_echo.is_empty() {
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            let conn = open.remove(i);
+            totals.retransmits += host
+                .stack
+                .connection_stats(conn.handle)
+                .map(|s| s.retransmits)
+                .unwrap_or(0);
+            let _ = host.stack.close(conn.handle);
+            totals.connections += 1;
+            last_close = StdInstant::now();
+            last_hash = hex(&conn.hash.finalize());
+        }
+        if connections > 0 && totals.connections >= connections {
+            break;
+        }
+        host.turn()?;
+    }
+    host.linger(Duration::from_millis(300))?;
+    let seconds = first_accept.map_or(0.0, |t| last_close.duration_since(t).as_secs_f64());
+    Ok(report(
+        &totals,
+        seconds,
+        json!({ "received_sha256": last_hash }),
+        config.congestion_control.name(),
+    ))
+}

@@ -1,0 +1,259 @@
+//! Interop with unmodified Linux kernel TCP (CPython sockets) across network namespaces, with
+//! random loss. Root only: prints `SKIP:` otherwise, or fails when STACKROUTE_REQUIRE_NETNS=1.
+//!
+//! Bulk sizes: 100 MB on a clean path; `STACKROUTE_INTEROP_LOSSY_BYTES` (default 10 MB) per
+//! loss rate so the suite stays within CI time in debug builds.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Lab, json_line, py, should_run};
+
+const CLEAN_BYTES: u64 = 100 * 1000 * 1000;
+const LOSS_RATES: [f64; 3] = [0.01, 0.05, 0.10];
+
+fn lossy_bytes() -> u64 {
+    std::env::var("STACKROUTE_INTEROP_LOSSY_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10 * 1000 * 1000)
+}
+
+fn result_fields(line: &str) -> Vec<String> {
+    line.split_whitespace().skip(1).map(str::to_owned).collect()
+}
+
+fn our_client_to_kernel_server(loss: f64, bytes: u64) {
+    let mut lab = Lab::new(loss);
+    let ip = lab.kernel_ip.clone();
+    let server = lab.spawn_kernel(&["python3", "-c", py::SINK_SERVER, &ip, "5201", "1"]);
+    lab.wait_for_line(server, "READY", Duration::from_secs(10));
+    let target = format!("{ip}:5201");
+    let size = bytes.to_string();
+    let client = lab.spawn_netperf(&[
+        "client",
+        "--engine",
+        "af_packet",
+        "--connect",
+        &target,
+        "--send",
+        &size,
+        "--timeout",
+        "240",
+    ]);
+    let (out, err, ok) = lab.wait(client, Duration::from_secs(250));
+    assert!(ok, "netperf client failed at loss {loss}: {err}");
+    let report = json_line(&out);
+    let (server_out, _, server_ok) = lab.wait(server, Duration::from_secs(10));
+    assert!(server_ok);
+    let result = server_out
+        .lines()
+        .find(|l| l.starts_with("RESULT"))
+        .expect("server result");
+    let fields = result_fields(result);
+    assert_eq!(fields[0], size, "kernel received every byte");
+    assert_eq!(
+        report["sent_sha256"].as_str(),
+        Some(fields[1].as_str()),
+        "checksum matches"
+    );
+    assert_eq!(report["bytes_sent"].as_u64(), Some(bytes));
+    if loss > 0.0 {
+        assert!(report["retransmits"].as_u64().unwrap_or(0) > 0);
+    }
+    eprintln!("our client → kernel, loss {loss}: {report}");
+}
+
+fn kernel_client_to_our_server(loss: f64, bytes: u64) {
+    let mut lab = Lab::new(loss);
+    let stack_ip = lab.stack_addr.split('/').next().unwrap().to_owned();
+    let server = lab.spawn_netperf(&[
+        "server",
+        "--engine",
+        "af_packet",
+        "--port",
+        "5202",
+        "--connections",
+        "1",
+        "--timeout",
+        "240",
+    ]);
+    // The server needs a moment to open its ring; the kernel client retries SYNs anyway.
+    std::thread::sleep(Duration::from_millis(300));
+    let size = bytes.to_string();
+    let client = lab.spawn_kernel(&[
+        "python3",
+        "-c",
+        py::BULK_CLIENT,
+        &stack_ip,
+        "5202",
+        &size,
+        "1",
+    ]);
+    let (client_out, client_err, client_ok) = lab.wait(client, Duration::from_secs(250));
+    assert!(
+        client_ok,
+        "kernel client failed at loss {loss}: {client_err}"
+    );
+    let (out, err, ok) = lab.wait(server, Duration::from_secs(20));
+    assert!(ok, "netperf server failed: {err}");
+    let report = json_line(&out);
+    let fields = result_fields(
+        client_out
+            .lines()
+            .find(|l| l.starts_with("RESULT"))
+            .expect("client result"),
+    );
+    assert_eq!(report["bytes_received"].as_u64(), Some(bytes));
+    assert_eq!(report["received_sha256"].as_str(), Some(fields[1].as_str()));
+    eprintln!("kernel client → our server, loss {loss}: {report}");
+}
+
+#[test]
+fn our_client_sends_100mb_to_kernel_server() {
+    if should_run("our_client_sends_100mb_to_kernel_server") {
+        our_client_to_kernel_server(0.0, CLEAN_BYTES);
+    }
+}
+
+#[test]
+fn kernel_client_sends_100mb_to_our_server() {
+    if should_run("kernel_client_sends_100mb_to_our_server") {
+        kernel_client_to_our_server(0.0, CLEAN_BYTES);
+    }
+}
+
+#[test]
+fn our_client_to_kernel_server_under_random_loss() {
+    if should_run("our_client_to_kernel_server_under_random_loss") {
+        for loss in LOSS_RATES {
+            our_client_to_kernel_server(loss, lossy_bytes());
+        }
+    }
+}
+
+#[test]
+fn kernel_client_to_our_server_under_random_loss() {
+    if should_run("kernel_client_to_our_server_under_random_loss") {
+        for loss in LOSS_RATES {
+            kernel_client_to_our_server(loss, lossy_bytes());
+        }
+    }
+}
+
+#[test]
+fn request_response_both_ways() {
+    if !should_run("request_response_both_ways") {
+        return;
+    }
+    let mut lab = Lab::new(0.0);
+    let ip = lab.kernel_ip.clone();
+    let echo = lab.spawn_kernel(&["python3", "-c", py::ECHO_SERVER, &ip, "5203", "1"]);
+    lab.wait_for_line(echo, "READY", Duration::from_secs(10));
+    let target = format!("{ip}:5203");
+    let client = lab.spawn_netperf(&[
+        "client",
+        "--connect",
+        &target,
+        "--rr",
+        "500",
+        "--rr-size",
+        "100",
+        "--nodelay",
+        "--timeout",
+        "60",
+    ]);
+    let (out, err, ok) = lab.wait(client, Duration::from_secs(70));
+    assert!(ok, "rr client failed: {err}");
+    let report = json_line(&out);
+    assert_eq!(report["round_trips"].as_u64(), Some(500));
+    assert_eq!(report["bytes_received"].as_u64(), Some(500 * 100));
+    eprintln!("our rr client ↔ kernel echo: {report}");
+
+    let stack_ip = lab.stack_addr.split('/').next().unwrap().to_owned();
+    let server = lab.spawn_netperf(&[
+        "server",
+        "--port",
+        "5204",
+        "--echo",
+        "--connections",
+        "1",
+        "--nodelay",
+        "--timeout",
+        "60",
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    let client = lab.spawn_kernel(&[
+        "python3",
+        "-c",
+        py::RR_CLIENT,
+        &stack_ip,
+        "5204",
+        "500",
+        "100",
+    ]);
+    let (client_out, client_err, client_ok) = lab.wait(client, Duration::from_secs(70));
+    assert!(client_ok, "kernel rr client failed: {client_err}");
+    assert!(client_out.contains("RESULT 500"));
+    let (out, err, ok) = lab.wait(server, Duration::from_secs(10));
+    assert!(ok, "echo server failed: {err}");
+    assert_eq!(json_line(&out)["bytes_sent"].as_u64(), Some(500 * 100));
+    eprintln!("kernel rr client ↔ our echo: {}", client_out.trim());
+}
+
+#[test]
+fn connection_churn_both_ways() {
+    if !should_run("connection_churn_both_ways") {
+        return;
+    }
+    let mut lab = Lab::new(0.0);
+    let ip = lab.kernel_ip.clone();
+    let sink = lab.spawn_kernel(&["python3", "-c", py::SINK_SERVER, &ip, "5205", "40"]);
+    lab.wait_for_line(sink, "READY", Duration::from_secs(10));
+    let target = format!("{ip}:5205");
+    let client = lab.spawn_netperf(&[
+        "client",
+        "--connect",
+        &target,
+        "--send",
+        "20000",
+        "--connections",
+        "40",
+        "--timeout",
+        "120",
+    ]);
+    let (out, err, ok) = lab.wait(client, Duration::from_secs(130));
+    assert!(ok, "churn client failed: {err}");
+    assert_eq!(json_line(&out)["connections"].as_u64(), Some(40));
+    let (sink_out, _, _) = lab.wait(sink, Duration::from_secs(10));
+    assert_eq!(sink_out.matches("RESULT 20000 ").count(), 40);
+
+    let stack_ip = lab.stack_addr.split('/').next().unwrap().to_owned();
+    let server = lab.spawn_netperf(&[
+        "server",
+        "--port",
+        "5206",
+        "--connections",
+        "40",
+        "--timeout",
+        "120",
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    let client = lab.spawn_kernel(&[
+        "python3",
+        "-c",
+        py::BULK_CLIENT,
+        &stack_ip,
+        "5206",
+        "20000",
+        "40",
+    ]);
+    let (_, client_err, client_ok) = lab.wait(client, Duration::from_secs(130));
+    assert!(client_ok, "kernel churn client failed: {client_err}");
+    let (out, err, ok) = lab.wait(server, Duration::from_secs(20));
+    assert!(ok, "churn server failed: {err}");
+    let report = json_line(&out);
+    assert_eq!(report["connections"].as_u64(), Some(40));
+    assert_eq!(report["bytes_received"].as_u64(), Some(40 * 20000));
+}

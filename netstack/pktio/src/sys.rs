@@ -1,0 +1,307 @@
+//! The only place in this crate that talks to the kernel. Every `unsafe` block is a single
+//! system call or raw-memory access with its precondition stated.
+
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// Runs a libc call that returns -1 on error and turns it into `io::Result`.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: the caller of `syscall!` upholds the documented contract of `$fn`.
+        let result = unsafe { libc::$fn($($arg),*) };
+        if result == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(result)
+        }
+    }};
+}
+
+// Linux uapi constants (include/uapi/linux/if_packet.h, if_tun.h).
+pub(crate) const ETH_P_ALL: u16 = 0x0003;
+pub(crate) const SOL_PACKET: libc::c_int = 263;
+pub(crate) const PACKET_RX_RING: libc::c_int = 5;
+pub(crate) const PACKET_VERSION: libc::c_int = 10;
+pub(crate) const PACKET_TX_RING: libc::c_int = 13;
+pub(crate) const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+pub(crate) const TPACKET_V2: libc::c_int = 1;
+pub(crate) const TP_STATUS_KERNEL: u32 = 0;
+pub(crate) const TP_STATUS_USER: u32 = 1;
+pub(crate) const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
+pub(crate) const TP_STATUS_CSUM_VALID: u32 = 1 << 7;
+pub(crate) const TP_STATUS_AVAILABLE: u32 = 0;
+pub(crate) const TP_STATUS_SEND_REQUEST: u32 = 1;
+pub(crate) const TP_STATUS_WRONG_FORMAT: u32 = 1 << 2;
+pub(crate) const PACKET_OUTGOING: u8 = 4;
+
+/// `struct tpacket_req`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TpacketReq {
+    pub(crate) block_size: u32,
+    pub(crate) block_nr: u32,
+    pub(crate) frame_size: u32,
+    pub(crate) frame_nr: u32,
+}
+
+fn interface_name(name: &str) -> io::Result<[libc::c_char; libc::IFNAMSIZ]> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid interface name {name:?}"),
+        ));
+    }
+    let mut out = [0 as libc::c_char; libc::IFNAMSIZ];
+    for (slot, byte) in out.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    Ok(out)
+}
+
+/// Interface index by name.
+pub(crate) fn if_index(name: &str) -> io::Result<u32> {
+    let c_name = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name has NUL"))?;
+    // SAFETY: `c_name` is a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(index)
+}
+
+fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    req.ifr_name = interface_name(name)?;
+    Ok(req)
+}
+
+fn control_socket() -> io::Result<OwnedFd> {
+    let fd = syscall!(socket(
+        libc::AF_INET,
+        libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+        0
+    ))?;
+    // SAFETY: `socket` just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The interface's Ethernet address.
+pub(crate) fn if_mac(name: &str) -> io::Result<[u8; 6]> {
+    let sock = control_socket()?;
+    let mut req = ifreq_for(name)?;
+    syscall!(ioctl(
+        sock.as_raw_fd(),
+        libc::SIOCGIFHWADDR as _,
+        &mut req as *mut libc::ifreq
+    ))?;
+    // SAFETY: SIOCGIFHWADDR filled the `ifru_hwaddr` member of the union.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (out, byte) in mac.iter_mut().zip(data.iter()) {
+        *out = *byte as u8;
+    }
+    Ok(mac)
+}
+
+/// The interface's MTU.
+pub(crate) fn if_mtu(name: &str) -> io::Result<usize> {
+    let sock = control_socket()?;
+    let mut req = ifreq_for(name)?;
+    syscall!(ioctl(
+        sock.as_raw_fd(),
+        libc::SIOCGIFMTU as _,
+        &mut req as *mut libc::ifreq
+    ))?;
+    // SAFETY: SIOCGIFMTU filled the `ifru_mtu` member of the union.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    Ok(usize::try_from(mtu).unwrap_or(1500))
+}
+
+/// A non-blocking AF_PACKET socket bound to all protocols on `ifindex`.
+pub(crate) fn packet_socket() -> io::Result<OwnedFd> {
+    let fd = syscall!(socket(
+        libc::AF_PACKET,
+        libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        i32::from(ETH_P_ALL.to_be())
+    ))?;
+    // SAFETY: `socket` just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) fn set_option<T>(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        (value as *const T).cast(),
+        size_of::<T>() as libc::socklen_t
+    ))?;
+    Ok(())
+}
+
+pub(crate) fn bind_packet(fd: &OwnedFd, ifindex: u32) -> io::Result<()> {
+    // SAFETY: `sockaddr_ll` is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = ETH_P_ALL.to_be();
+    addr.sll_ifindex = ifindex as i32;
+    syscall!(bind(
+        fd.as_raw_fd(),
+        (&addr as *const libc::sockaddr_ll).cast(),
+        size_of::<libc::sockaddr_ll>() as libc::socklen_t
+    ))?;
+    Ok(())
+}
+
+/// Asks the kernel to transmit frames queued in the TX ring.
+pub(crate) fn kick_tx(fd: &OwnedFd) -> io::Result<()> {
+    match syscall!(send(
+        fd.as_raw_fd(),
+        std::ptr::null(),
+        0,
+        libc::MSG_DONTWAIT
+    )) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        // ENOBUFS: the device queue is full; frames stay in the ring and go out on the next kick.
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A shared memory mapping of a socket's packet rings.
+#[derive(Debug)]
+pub(crate) struct RingMap {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through `&mut self` methods or
+// volatile reads; moving it to another thread is sound.
+unsafe impl Send for RingMap {}
+
+impl RingMap {
+    pub(crate) fn new(fd: &OwnedFd, len: usize) -> io::Result<Self> {
+        // SAFETY: mapping `len` bytes of a packet socket with rings configured for that size;
+        // the kernel validates the length against the rings.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            base: base.cast(),
+            len,
+        })
+    }
+
+    /// Reads the 32-bit frame status word at `offset` with acquire ordering.
+    pub(crate) fn status(&self, offset: usize) -> u32 {
+        assert!(offset + 4 <= self.len && offset.is_multiple_of(4));
+        // SAFETY: in bounds and 4-aligned (checked above); the kernel writes this word
+        // concurrently, so it is read as an atomic.
+        let word = unsafe { std::sync::atomic::AtomicU32::from_ptr(self.base.add(offset).cast()) };
+        word.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Writes the status word with release ordering, handing the frame to the other side.
+    pub(crate) fn set_status(&mut self, offset: usize, value: u32) {
+        assert!(offset + 4 <= self.len && offset.is_multiple_of(4));
+        // SAFETY: as in `status`.
+        let word = unsafe { std::sync::atomic::AtomicU32::from_ptr(self.base.add(offset).cast()) };
+        word.store(value, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A view of `len` bytes at `offset`. Only call for frames the kernel has handed to us.
+    pub(crate) fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: in bounds (checked above); the frame is owned by user space while its status
+        // says so, so the kernel does not write it concurrently.
+        unsafe { std::slice::from_raw_parts(self.base.add(offset), len) }
+    }
+
+    /// A mutable view of `len` bytes at `offset`. Only for frames user space owns.
+    pub(crate) fn bytes_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: as in `bytes`, and `&mut self` guarantees no other view exists.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(offset), len) }
+    }
+}
+
+impl Drop for RingMap {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` came from a successful mmap and are unmapped exactly once.
+        unsafe {
+            libc::munmap(self.base.cast(), self.len);
+        }
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes (`None` waits forever).
+pub(crate) fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    match syscall!(ppoll(&mut pfd, 1, ts_ptr, std::ptr::null())) {
+        Ok(n) => Ok(n > 0),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens a TAP device (creating it if needed) in non-blocking mode, without packet info.
+pub(crate) fn open_tap(name: &str) -> io::Result<OwnedFd> {
+    let path = c"/dev/net/tun";
+    let fd = syscall!(open(
+        path.as_ptr(),
+        libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC
+    ))?;
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = ifreq_for(name)?;
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    syscall!(ioctl(
+        fd.as_raw_fd(),
+        libc::TUNSETIFF as _,
+        &mut req as *mut libc::ifreq
+    ))?;
+    Ok(fd)
+}
+
+pub(crate) fn read(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    let n = syscall!(read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()))?;
+    Ok(n as usize)
+}
+
+pub(crate) fn write(fd: &OwnedFd, buf: &[u8]) -> io::Result<usize> {
+    let n = syscall!(write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()))?;
+    Ok(n as usize)
+}
