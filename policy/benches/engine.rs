@@ -1323,6 +1323,20 @@ fn main() {
     let all = latency(&samples);
     print_latency("pod + external (headline)", &headline);
     print_latency("all", &all);
+    // The address-book step alone (public `classify`: binary search over every pod and node
+    // address), for the pod and external lookups: how much of a decision it is.
+    let mut classify_samples = Vec::with_capacity(headline_samples.len());
+    for lookup in lookups
+        .iter()
+        .filter(|l| matches!(l.kind, Kind::Pod | Kind::External))
+    {
+        let start = Instant::now();
+        let class = snapshot.classify(black_box(lookup.ip));
+        let elapsed = start.elapsed().as_nanos() as u64;
+        black_box(class);
+        classify_samples.push(elapsed.saturating_sub(overhead));
+    }
+    print_latency("classify() only, pod + ext", &latency(&classify_samples));
     println!(
         "  batch mean without per-call timer: {batch:.0} ns per lookup over {} lookups",
         lookups.len()
