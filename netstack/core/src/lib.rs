@@ -23,6 +23,8 @@
 #![forbid(unsafe_code)]
 
 pub mod congestion;
+#[doc(hidden)]
+pub mod fuzzing;
 mod isn;
 mod phy;
 mod seq;

@@ -36,7 +36,12 @@ pub mod interface {
 
 /// Waits until `fd` is readable or `timeout` passes; returns whether it is readable.
 pub fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
-    sys::wait_readable(fd, timeout)
+    sys::wait_readable(&[fd], timeout)
+}
+
+/// Waits until any of `fds` is readable or `timeout` passes.
+pub fn wait_any_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<bool> {
+    sys::wait_readable(fds, timeout)
 }
 
 /// An engine chosen at run time.

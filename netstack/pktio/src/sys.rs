@@ -256,13 +256,16 @@ impl Drop for RingMap {
     }
 }
 
-/// Waits until `fd` is readable or `timeout` passes (`None` waits forever).
-pub(crate) fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+/// Waits until any of `fds` is readable or `timeout` passes (`None` waits forever).
+pub(crate) fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<bool> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
@@ -270,7 +273,12 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<
     let ts_ptr = ts
         .as_ref()
         .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    match syscall!(ppoll(&mut pfd, 1, ts_ptr, std::ptr::null())) {
+    match syscall!(ppoll(
+        pfds.as_mut_ptr(),
+        pfds.len() as libc::nfds_t,
+        ts_ptr,
+        std::ptr::null()
+    )) {
         Ok(n) => Ok(n > 0),
         Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
         Err(e) => Err(e),
