@@ -184,10 +184,20 @@ struct Totals {
     bytes_sent: u64,
     bytes_received: u64,
     retransmits: u64,
+    rto_count: u64,
+    tlp_count: u64,
+    last_srtt_us: u64,
     connections: u64,
 }
 
-fn report(totals: &Totals, seconds: f64, extra: serde_json::Value, cc: &str) -> serde_json::Value {
+fn report(
+    totals: &Totals,
+    stack: &Stack,
+    seconds: f64,
+    extra: serde_json::Value,
+    cc: &str,
+) -> serde_json::Value {
+    let interface = stack.stats();
     let goodput = if seconds > 0.0 {
         (totals.bytes_sent.max(totals.bytes_received) as f64 * 8.0 / seconds) as u64
     } else {
@@ -201,6 +211,13 @@ fn report(totals: &Totals, seconds: f64, extra: serde_json::Value, cc: &str) -> 
         "retransmits": totals.retransmits,
         "connections": totals.connections,
         "congestion_control": cc,
+        "rto_count": totals.rto_count,
+        "tlp_count": totals.tlp_count,
+        "smoothed_rtt_us": totals.last_srtt_us,
+        "rx_frames": interface.rx_frames,
+        "rx_dropped": interface.rx_dropped,
+        "tx_frames": interface.tx_frames,
+        "tx_no_buffer": interface.tx_dropped,
     });
     if let (Some(map), serde_json::Value::Object(extra)) = (value.as_object_mut(), extra) {
         map.extend(extra);
@@ -229,8 +246,14 @@ pub(crate) fn run_client(
                 let mut remaining = bytes;
                 let mut block_offset = usize::MAX;
                 let mut block = Vec::new();
+                let trace = std::env::var_os("STACKROUTE_NETPERF_TRACE").is_some();
+                let mut next_trace = StdInstant::now();
                 while remaining > 0 {
                     host.check_deadline()?;
+                    if trace && StdInstant::now() >= next_trace {
+                        next_trace += Duration::from_secs(1);
+                        eprintln!("{:?}", host.stack.connection_stats(handle));
+                    }
                     if block_offset >= block.len() {
                         block = payload.next_block().to_vec();
                         block_offset = 0;
@@ -296,11 +319,12 @@ pub(crate) fn run_client(
                 }
             }
         }
-        totals.retransmits += host
-            .stack
-            .connection_stats(handle)
-            .map(|s| s.retransmits)
-            .unwrap_or(0);
+        if let Ok(stats) = host.stack.connection_stats(handle) {
+            totals.retransmits += stats.retransmits;
+            totals.rto_count += stats.rto_count;
+            totals.tlp_count += stats.tlp_count;
+            totals.last_srtt_us = stats.smoothed_rtt_us;
+        }
         totals.connections += 1;
         host.stack.close(handle).map_err(|e| anyhow!("{e}"))?;
     }
@@ -330,6 +354,7 @@ pub(crate) fn run_client(
     };
     Ok(report(
         &totals,
+        &host.stack,
         seconds,
         extra,
         config.congestion_control.name(),
@@ -465,6 +490,7 @@ pub(crate) fn run_server(
     let seconds = first_accept.map_or(0.0, |t| last_close.duration_since(t).as_secs_f64());
     Ok(report(
         &totals,
+        &host.stack,
         seconds,
         json!({ "received_sha256": last_hash }),
         config.congestion_control.name(),

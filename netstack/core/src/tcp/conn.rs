@@ -60,6 +60,16 @@ pub struct ConnectionStats {
     pub smoothed_rtt_us: u64,
     /// Current congestion window in bytes.
     pub cwnd: u64,
+    /// Pacing rate in bytes per second (0 when not pacing).
+    pub pacing_rate: u64,
+    /// Bottleneck-bandwidth estimate in bytes per second (BBR only, else 0).
+    pub bandwidth_estimate: u64,
+    /// Bytes in flight (sent, not acknowledged, not SACKed, not marked lost).
+    pub inflight: u64,
+    /// The peer's receive window in bytes.
+    pub peer_window: u64,
+    /// Whether a loss-recovery episode is in progress.
+    pub in_recovery: bool,
 }
 
 /// The two ends of a connection.
@@ -109,7 +119,7 @@ impl Pacer {
     fn burst(rate: u64, mss: u64) -> f64 {
         // One millisecond at the pacing rate, at least two segments, at most 64 KiB: the host
         // loop cannot time sends more finely than that without spinning.
-        (rate as f64 / 1000.0).clamp(2.0 * mss as f64, 65536.0_f64.max(2.0 * mss as f64))
+        (rate as f64 / 200.0).clamp(2.0 * mss as f64, 262144.0_f64.max(2.0 * mss as f64))
     }
 
     fn refill(&mut self, now: Instant, rate: u64, mss: u64) {
@@ -387,12 +397,18 @@ impl Connection {
     }
 
     pub(crate) fn stats(&self) -> ConnectionStats {
+        let metrics = self.cc.metrics(self.rtt.smoothed());
         ConnectionStats {
             smoothed_rtt_us: self
                 .rtt
                 .smoothed()
                 .map_or(0, |d| d.as_micros().min(u128::from(u64::MAX)) as u64),
             cwnd: self.cc.window(),
+            pacing_rate: metrics.pacing_rate.unwrap_or(0),
+            bandwidth_estimate: metrics.bandwidth_estimate.unwrap_or(0),
+            inflight: self.pipe,
+            peer_window: self.snd_wnd,
+            in_recovery: self.recovery_point.is_some(),
             ..self.stats
         }
     }
