@@ -19,9 +19,9 @@ use stackroute_api::{
 };
 use stackroute_snapshot::{
     Action, AddressEntry, AddressKind, Cidr, CongestionControl, Entity, Isolation, LocationMatch,
-    NO_IDENTITY, NO_ZONE, NodeEntry, NodeInput, PeerEntry, PolicyEntry, PolicyKind, PortEntry,
-    Protocol, RuleEntry, ServiceEntry, SharedInput, SharedTables, Stack, Tier, TransportChoice,
-    WorkloadEntry,
+    NO_IDENTITY, NO_ZONE, NodeEntry, NodeInput, NodeTables, PeerEntry, PolicyEntry, PolicyKind,
+    PortEntry, Protocol, RuleEntry, ServiceEntry, SharedInput, SharedTables, Stack, Tier,
+    TransportChoice, WorkloadEntry,
 };
 
 use crate::selector::{Labels, Requirement, Selector};
@@ -236,8 +236,11 @@ impl<'s> Compiled<'s> {
         let mut problems = Vec::new();
 
         // Namespaces: every listed one plus every one a pod or policy lives in.
-        let mut namespace_names: Vec<&str> = state.namespaces.keys().map(String::as_str).collect();
-        namespace_names.extend(state.pods.iter().map(|p| p.namespace.as_str()));
+        // Distinct names first (a set), then sort: pods outnumber namespaces a thousand to one.
+        let mut distinct: std::collections::HashSet<&str> =
+            state.namespaces.keys().map(String::as_str).collect();
+        distinct.extend(state.pods.iter().map(|p| p.namespace.as_str()));
+        let mut namespace_names: Vec<&str> = distinct.into_iter().collect();
         namespace_names.extend(
             state
                 .stack_routes
@@ -404,17 +407,17 @@ impl<'s> Compiled<'s> {
             .map(|id| identity_chain[*id as usize])
             .collect();
 
+        let index_of_name: HashMap<&str, u32> = node_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i as u32))
+            .collect();
         let node_ids: HashMap<&'s str, u32> = state
             .nodes
             .iter()
             .map(|n| n.name.as_str())
             .chain(state.pods.iter().filter_map(|p| p.node.as_deref()))
-            .filter_map(|name| {
-                node_names
-                    .iter()
-                    .position(|n| n == name)
-                    .map(|i| (name, i as u32))
-            })
+            .filter_map(|name| index_of_name.get(name).map(|i| (name, *i)))
             .collect();
         let mut pods_by_node = vec![Vec::new(); node_names.len()];
         let mut addresses = Vec::new();
@@ -499,6 +502,20 @@ impl<'s> Compiled<'s> {
 
     /// The snapshot of one node, or `None` for an unknown node.
     pub fn node_snapshot(&self, node: &str, revision: u64) -> Option<Vec<u8>> {
+        Some(stackroute_snapshot::assemble(
+            &self.shared,
+            &self.node_tables(node, revision)?,
+        ))
+    }
+
+    /// The tables every node's snapshot shares (address book, Services, identity sets).
+    pub fn shared_tables(&self) -> &SharedTables {
+        &self.shared
+    }
+
+    /// The node-specific part of one node's snapshot, or `None` for an unknown node; join it
+    /// with [`Compiled::shared_tables`] by [`stackroute_snapshot::assemble`].
+    pub fn node_tables(&self, node: &str, revision: u64) -> Option<NodeTables> {
         let id = *self.node_ids.get(node)?;
         let mut chain_map: HashMap<u32, u32> = HashMap::new();
         let mut policy_map: HashMap<u32, u32> = HashMap::new();
@@ -536,15 +553,29 @@ impl<'s> Compiled<'s> {
                 chain,
             });
         }
-        Some(stackroute_snapshot::encode(&self.shared, &input))
+        Some(stackroute_snapshot::encode_node_tables(
+            &self.shared,
+            &input,
+        ))
     }
 
-    /// Every node's snapshot, encoded on all available cores.
+    /// Every node's own tables, encoded on all available cores: what a revision costs the
+    /// controller when the shared tables travel once.
+    pub fn all_node_tables(&self, revision: u64) -> Vec<(String, NodeTables)> {
+        self.for_all_nodes(|name| self.node_tables(name, revision))
+    }
+
+    /// Every node's complete snapshot, encoded on all available cores.
     pub fn all_node_snapshots(&self, revision: u64) -> Vec<(String, Vec<u8>)> {
+        self.for_all_nodes(|name| self.node_snapshot(name, revision))
+    }
+
+    fn for_all_nodes<T: Send>(&self, each: impl Fn(&str) -> Option<T> + Sync) -> Vec<(String, T)> {
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(self.node_names.len().max(1));
         let chunk = self.node_names.len().div_ceil(workers).max(1);
+        let each = &each;
         std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .node_names
@@ -553,9 +584,7 @@ impl<'s> Compiled<'s> {
                     scope.spawn(move || {
                         names
                             .iter()
-                            .filter_map(|name| {
-                                Some((name.clone(), self.node_snapshot(name, revision)?))
-                            })
+                            .filter_map(|name| Some((name.clone(), each(name)?)))
                             .collect::<Vec<_>>()
                     })
                 })

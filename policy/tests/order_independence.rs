@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 use stackroute_policy::{ClusterState, Compiled, Settings};
-use stackroute_snapshot::{NoTrace, Protocol, Snapshot};
+use stackroute_snapshot::{NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict};
 
 const APPS: [&str; 3] = ["x", "y", "z"];
 const STACKS: [&str; 3] = ["Kernel", "Userspace", "RDMA"];
@@ -88,6 +88,13 @@ fn cluster_documents(pods: &[PodSpec]) -> Vec<String> {
     documents
 }
 
+/// A trace that asks for rule-by-rule evaluation.
+struct Detailed;
+
+impl Trace for Detailed {
+    fn rule(&mut self, _rule: RuleRef, _verdict: Verdict) {}
+}
+
 /// Every decision, keyed by names so that internal numbering cannot matter.
 fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
     let mut state = ClusterState::default();
@@ -118,6 +125,14 @@ fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
             for port in [80, 81, 9999] {
                 let decision =
                     snapshot.decide(workload, *destination, port, Protocol::Tcp, &mut NoTrace);
+                // The shim's fast path (policy summaries, early exit) must agree with the
+                // rule-by-rule evaluation that explain traces.
+                let traced =
+                    snapshot.decide(workload, *destination, port, Protocol::Tcp, &mut Detailed);
+                assert!(
+                    decision.same_outcome(&traced),
+                    "fast path differs for {destination}:{port}"
+                );
                 let by = decision.matched.map(|m| {
                     let policy = snapshot.policy(m.policy);
                     format!(

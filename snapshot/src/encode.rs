@@ -78,6 +78,7 @@ pub struct SharedInput {
 pub struct SharedTables {
     sections: Vec<(SectionId, Vec<u8>)>,
     identity_set_ranges: Vec<(u32, u32)>,
+    identity_set_blooms: Vec<[u8; format::BLOOM_BYTES]>,
 }
 
 impl SharedTables {
@@ -146,11 +147,17 @@ impl SharedTables {
 
         let mut identity_sets = Vec::new();
         let mut identity_set_ranges = Vec::with_capacity(input.identity_sets.len());
+        let mut identity_set_blooms = Vec::with_capacity(input.identity_sets.len());
         for set in &input.identity_sets {
             identity_set_ranges.push(((identity_sets.len() / 4) as u32, set.len() as u32));
+            let mut bloom = [0u8; format::BLOOM_BYTES];
             for id in set {
                 put_u32(&mut identity_sets, *id);
+                for bit in format::bloom_bits(*id) {
+                    bloom[bit / 8] |= 1 << (bit % 8);
+                }
             }
+            identity_set_blooms.push(bloom);
         }
 
         Self {
@@ -166,6 +173,7 @@ impl SharedTables {
                 (SectionId::IdentitySets, identity_sets),
             ],
             identity_set_ranges,
+            identity_set_blooms,
         }
     }
 
@@ -270,8 +278,43 @@ pub struct NodeInput<'a> {
     pub workloads: Vec<WorkloadEntry>,
 }
 
+/// What is specific to one node, encoded: everything a snapshot holds except the
+/// [`SharedTables`]. Small (a node's policies, chains and workloads), so the controller can
+/// compile every node per revision cheaply; [`assemble`] joins it with the shared tables into a
+/// snapshot where one is needed (on the node, or for `explain`).
+#[derive(Clone, Debug, Default)]
+pub struct NodeTables {
+    revision: u64,
+    own_node: u32,
+    default_transport: TransportChoice,
+    sections: Vec<(SectionId, Vec<u8>)>,
+}
+
+impl NodeTables {
+    /// Total bytes of the node's own sections.
+    pub fn len(&self) -> usize {
+        self.sections.iter().map(|(_, bytes)| bytes.len()).sum()
+    }
+
+    /// Whether there are no bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Default for TransportChoice {
+    fn default() -> Self {
+        Self::KERNEL_DEFAULT
+    }
+}
+
 /// Encodes one node's snapshot.
 pub fn encode(shared: &SharedTables, node: &NodeInput<'_>) -> Vec<u8> {
+    assemble(shared, &encode_node_tables(shared, node))
+}
+
+/// Encodes the node-specific part of a snapshot.
+pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTables {
     let mut strings = Vec::new();
     let mut networks = Vec::new();
     let mut peers = Vec::new();
@@ -289,6 +332,7 @@ pub fn encode(shared: &SharedTables, node: &NodeInput<'_>) -> Vec<u8> {
         put_u32(&mut policies, rule_count);
         put_u32(&mut policies, policy.rules.len() as u32);
         rule_count += policy.rules.len() as u32;
+        put_policy_filter(&mut policies, shared, policy);
         for rule in &policy.rules {
             put_str(&mut rules, &mut strings, &rule.name);
             let flags = if rule.peers.is_some() {
@@ -385,25 +429,36 @@ pub fn encode(shared: &SharedTables, node: &NodeInput<'_>) -> Vec<u8> {
         put_u32(&mut workload_addresses, index);
     }
 
-    let own: [(SectionId, &[u8]); 11] = [
-        (SectionId::Networks, &networks),
-        (SectionId::Peers, &peers),
-        (SectionId::Ports, &ports),
-        (SectionId::Transports, &transports),
-        (SectionId::Rules, &rules),
-        (SectionId::Policies, &policies),
-        (SectionId::Chains, &chains),
-        (SectionId::ChainPolicies, &chain_policies),
-        (SectionId::Workloads, &workloads),
-        (SectionId::WorkloadAddresses, &workload_addresses),
-        (SectionId::NodeStrings, &strings),
-    ];
+    NodeTables {
+        revision: node.revision,
+        own_node: node.own_node,
+        default_transport: node
+            .default_transport
+            .unwrap_or(TransportChoice::KERNEL_DEFAULT),
+        sections: vec![
+            (SectionId::Networks, networks),
+            (SectionId::Peers, peers),
+            (SectionId::Ports, ports),
+            (SectionId::Transports, transports),
+            (SectionId::Rules, rules),
+            (SectionId::Policies, policies),
+            (SectionId::Chains, chains),
+            (SectionId::ChainPolicies, chain_policies),
+            (SectionId::Workloads, workloads),
+            (SectionId::WorkloadAddresses, workload_addresses),
+            (SectionId::NodeStrings, strings),
+        ],
+    }
+}
+
+/// Joins the shared tables and one node's tables into a complete, checksummed snapshot.
+pub fn assemble(shared: &SharedTables, node: &NodeTables) -> Vec<u8> {
     let mut sections: Vec<(SectionId, &[u8])> = shared
         .sections
         .iter()
+        .chain(&node.sections)
         .map(|(id, b)| (*id, b.as_slice()))
         .collect();
-    sections.extend(own);
     sections.sort_by_key(|(id, _)| id.index());
 
     let directory_len = sections.len() * format::DIRECTORY_ENTRY_LEN;
@@ -418,9 +473,7 @@ pub fn encode(shared: &SharedTables, node: &NodeInput<'_>) -> Vec<u8> {
     out.extend_from_slice(&node.revision.to_le_bytes());
     put_u32(&mut out, sections.len() as u32);
     put_u32(&mut out, node.own_node);
-    let default = node
-        .default_transport
-        .unwrap_or(TransportChoice::KERNEL_DEFAULT);
+    let default = node.default_transport;
     out.extend_from_slice(&[default.stack as u8, default.congestion_control as u8]);
     out.resize(format::HEADER_LEN, 0);
     let mut offset = format::HEADER_LEN + directory_len;
@@ -437,6 +490,67 @@ pub fn encode(shared: &SharedTables, node: &NodeInput<'_>) -> Vec<u8> {
     let crc = crc32fast::hash(&out[format::OFF_VERSION..]);
     out[format::OFF_CRC..format::OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
     out
+}
+
+/// The summary that lets a lookup skip a whole policy (see `SectionId::Policies`).
+fn put_policy_filter(out: &mut Vec<u8>, shared: &SharedTables, policy: &PolicyEntry) {
+    let (mut first, mut last, mut protocols) = (u16::MAX, 0u16, 0u8);
+    let mut every_port = policy.rules.is_empty();
+    let mut pods_only = !policy.rules.is_empty();
+    let mut bloom = [0u8; format::BLOOM_BYTES];
+    for rule in &policy.rules {
+        match &rule.ports {
+            None => every_port = true,
+            Some(ports) => {
+                for port in ports {
+                    first = first.min(port.first);
+                    last = last.max(port.last);
+                    protocols |= protocol_bit(port.protocol);
+                }
+            }
+        }
+        match &rule.peers {
+            None => pods_only = false,
+            Some(peers) => {
+                for peer in peers {
+                    match peer {
+                        PeerEntry::Pods(set) => {
+                            let set_bloom = shared.identity_set_blooms.get(*set as usize);
+                            for (byte, set_byte) in
+                                bloom.iter_mut().zip(set_bloom.into_iter().flatten())
+                            {
+                                *byte |= set_byte;
+                            }
+                        }
+                        PeerEntry::Networks(_) | PeerEntry::Entity(_) => pods_only = false,
+                    }
+                }
+            }
+        }
+    }
+    if every_port || first > last {
+        (first, last, protocols) = (0, u16::MAX, 0xff);
+    }
+    put_u16(out, first);
+    put_u16(out, last);
+    out.extend_from_slice(&[
+        protocols,
+        if pods_only {
+            format::POLICY_PODS_ONLY
+        } else {
+            0
+        },
+        0,
+        0,
+    ]);
+    out.extend_from_slice(&bloom);
+}
+
+pub(crate) fn protocol_bit(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => 1,
+        Protocol::Udp => 2,
+    }
 }
 
 fn put_u16(out: &mut Vec<u8>, value: u16) {

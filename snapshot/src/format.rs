@@ -73,7 +73,11 @@ pub enum SectionId {
     Transports = 13,
     /// Rules: see [`RULE_LEN`].
     Rules = 14,
-    /// Policies: `{kind u8, tier u8, priority u16, namespace str, name str, rules range}`.
+    /// Policies: `{kind u8, tier u8, priority u16, namespace str, name str, rules range,
+    /// first port u16, last port u16, protocol mask u8, filter flags u8, pad 2, identity bloom [32]}`.
+    /// The last fields summarise the rules so a lookup can skip a policy none of whose rules can
+    /// match: the ports all rules together cover, and — when every rule names only pods peers —
+    /// a 256-bit Bloom filter of the identities those peers select. See [`POLICY_LEN`].
     Policies = 15,
     /// Chains: a range of CHAIN_POLICIES.
     Chains = 16,
@@ -130,7 +134,7 @@ impl SectionId {
             Self::Ports => 8,
             Self::Transports => 2,
             Self::Rules => RULE_LEN,
-            Self::Policies => 28,
+            Self::Policies => POLICY_LEN,
             Self::Chains => 8,
             Self::ChainPolicies => 4,
             Self::Workloads => 28,
@@ -152,6 +156,21 @@ pub const CIDR_LEN: usize = 20;
 pub const RULE_LEN: usize = 36;
 pub(crate) const RULE_HAS_PEERS: u8 = 1;
 pub(crate) const RULE_HAS_PORTS: u8 = 2;
+
+/// Policy record length (see [`SectionId::Policies`]).
+pub const POLICY_LEN: usize = 68;
+/// Policy filter flag: every rule has `to` and every peer is a pods peer.
+pub(crate) const POLICY_PODS_ONLY: u8 = 1;
+/// Size of a policy's identity Bloom filter.
+pub(crate) const BLOOM_BYTES: usize = 32;
+
+/// The two bit positions of an identity in a 256-bit Bloom filter.
+pub(crate) fn bloom_bits(identity: u32) -> [usize; 2] {
+    [
+        (identity.wrapping_mul(0x9E37_79B1) >> 24) as usize,
+        (identity.wrapping_mul(0x85EB_CA77).rotate_left(13) >> 24) as usize,
+    ]
+}
 
 /// Peer kinds.
 pub(crate) const PEER_PODS: u8 = 0;

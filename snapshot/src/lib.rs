@@ -23,8 +23,9 @@ pub mod format;
 pub mod view;
 
 pub use encode::{
-    AddressEntry, AddressKind, NodeEntry, NodeInput, PeerEntry, PolicyEntry, PortEntry, RuleEntry,
-    ServiceEntry, SharedInput, SharedTables, WorkloadEntry, encode,
+    AddressEntry, AddressKind, NodeEntry, NodeInput, NodeTables, PeerEntry, PolicyEntry, PortEntry,
+    RuleEntry, ServiceEntry, SharedInput, SharedTables, WorkloadEntry, assemble, encode,
+    encode_node_tables,
 };
 pub use view::{
     Decision, DecodeError, DestinationClass, Mismatch, NoTrace, PolicyView, RuleRef, RuleView,
@@ -161,10 +162,16 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.address, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                prefix_eq(&net.octets(), &ip.octets(), self.prefix)
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix.min(32)))
+                    .unwrap_or(0);
+                (u32::from(net) ^ u32::from(ip)) & mask == 0
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                prefix_eq(&net.octets(), &ip.octets(), self.prefix)
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix.min(128)))
+                    .unwrap_or(0);
+                (u128::from(net) ^ u128::from(ip)) & mask == 0
             }
             _ => false,
         }
@@ -194,22 +201,6 @@ impl std::str::FromStr for Cidr {
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.address, self.prefix)
-    }
-}
-
-fn prefix_eq(a: &[u8], b: &[u8], prefix: u8) -> bool {
-    let full = usize::from(prefix / 8);
-    let rest = prefix % 8;
-    if a.get(..full) != b.get(..full) {
-        return false;
-    }
-    if rest == 0 {
-        return true;
-    }
-    let mask = 0xffu8 << (8 - rest);
-    match (a.get(full), b.get(full)) {
-        (Some(x), Some(y)) => x & mask == y & mask,
-        _ => false,
     }
 }
 

@@ -207,6 +207,12 @@ pub trait Trace {
     /// Called before the rules are walked for one Service backend (`None` when the destination
     /// was looked up directly).
     fn backend(&mut self, _backend: Option<(IpAddr, u16)>) {}
+    /// Whether this trace wants every rule's own first reason and every Service backend. When
+    /// false (the shim's [`NoTrace`]), the lookup skips whole policies by their summary and stops
+    /// at the first disagreeing backend; the decision is the same either way.
+    fn detailed(&self) -> bool {
+        true
+    }
 }
 
 /// A [`Trace`] that records nothing and costs nothing.
@@ -216,6 +222,10 @@ pub struct NoTrace;
 impl Trace for NoTrace {
     #[inline]
     fn rule(&mut self, _rule: RuleRef, _verdict: Verdict) {}
+
+    fn detailed(&self) -> bool {
+        false
+    }
 }
 
 /// Read access to a policy record.
@@ -938,7 +948,12 @@ impl<'a> Snapshot<'a> {
             let decision = self.decide_direct(workload, backend_ip, backend_port, protocol, trace);
             match &agreed {
                 None => agreed = Some(decision),
-                Some(first) if !first.same_outcome(&decision) => unanimous = false,
+                Some(first) if !first.same_outcome(&decision) => {
+                    unanimous = false;
+                    if !trace.detailed() {
+                        break;
+                    }
+                }
                 Some(_) => {}
             }
         }
@@ -981,6 +996,23 @@ impl<'a> Snapshot<'a> {
                             rule,
                         },
                         Verdict::SkippedByPass,
+                    );
+                }
+                continue;
+            }
+            let skip = if trace.detailed() {
+                None
+            } else {
+                policy_cannot_match(policy, class, port, protocol)
+            };
+            if let Some(mismatch) = skip {
+                for rule in 0..rule_count {
+                    trace.rule(
+                        RuleRef {
+                            policy: policy_index,
+                            rule,
+                        },
+                        Verdict::NoMatch(mismatch),
                     );
                 }
                 continue;
@@ -1111,6 +1143,39 @@ impl<'a> Snapshot<'a> {
     }
 }
 
+/// Whether the policy's summary proves that none of its rules can match; the mismatch every
+/// rule would report first. Exact: it only skips what rule-by-rule evaluation would reject.
+fn policy_cannot_match(
+    policy: &[u8],
+    class: DestinationClass,
+    port: u16,
+    protocol: Protocol,
+) -> Option<Mismatch> {
+    let (first, last) = (le16(policy, 28), le16(policy, 30));
+    let protocols = policy.get(32).copied().unwrap_or(0xff);
+    if protocols & crate::encode::protocol_bit(protocol) == 0 || port < first || port > last {
+        return Some(Mismatch::Port);
+    }
+    if policy
+        .get(33)
+        .is_some_and(|f| f & format::POLICY_PODS_ONLY != 0)
+    {
+        let DestinationClass::Pod { identity, .. } = class else {
+            return Some(Mismatch::Peer);
+        };
+        let bloom = policy.get(36..36 + format::BLOOM_BYTES).unwrap_or(&[]);
+        let present = format::bloom_bits(identity).iter().all(|bit| {
+            bloom
+                .get(bit / 8)
+                .is_none_or(|byte| byte & (1 << (bit % 8)) != 0)
+        });
+        if !present {
+            return Some(Mismatch::Peer);
+        }
+    }
+    None
+}
+
 fn check_address_tail(tail: &[u8], nodes: u32) -> Result<(), &'static str> {
     if !matches!(tail[0], format::ADDRESS_POD | format::ADDRESS_NODE) {
         return Err("unknown address kind");
@@ -1149,9 +1214,29 @@ fn backend_address(record: &[u8]) -> IpAddr {
 }
 
 fn cidr_contains(record: &[u8], ip: IpAddr) -> bool {
-    let cidr = crate::Cidr {
-        address: cidr_address(record),
-        prefix: record[17],
+    // Masked integer comparison: this runs for every networks peer of every rule scanned.
+    let (Some(bytes), Some(&family), Some(&prefix)) =
+        (record.get(..16), record.get(16), record.get(17))
+    else {
+        return false;
     };
-    cidr.contains(ip)
+    match (family, ip) {
+        (4, IpAddr::V4(ip)) => {
+            let net = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            (net ^ u32::from(ip)) & mask == 0
+        }
+        (6, IpAddr::V6(ip)) => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(bytes);
+            let net = u128::from_be_bytes(octets);
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            (net ^ u128::from(ip)) & mask == 0
+        }
+        _ => false,
+    }
 }
