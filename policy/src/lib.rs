@@ -14,6 +14,7 @@
 pub mod compile;
 pub mod explain;
 pub mod selector;
+pub mod shadow;
 pub mod state;
 
 pub use compile::{Compiled, PolicyProblem, Settings};
