@@ -24,6 +24,13 @@ for tool in ip iperf3 python3; do
 done
 (cd "$ROOT" && cargo build --release -q -p stackroute-netperf -p stackroute-linkemu)
 
+# The emulator and the user-space stack run under SCHED_FIFO when chrt exists: the emulator must
+# keep accurate time for all three contenders, and a user-space stack is deployed on a core of its
+# own; kernel TCP already runs in softirq context ahead of every user process. Without this, a
+# busy 2-core machine measures the scheduler rather than the stack.
+RT_EMU=""; RT_STACK=""
+if command -v chrt >/dev/null; then RT_EMU="chrt -f 20"; RT_STACK="chrt -f 10"; fi
+
 P=$$
 C=bnC$P; E=bnE$P; S=bnS$P
 SUB=10.$(( 100 + P % 150 )).0
@@ -49,7 +56,7 @@ ip -n $E link set e0 promisc on
 ip -n $E link set e1 promisc on
 
 start_emu() { # loss delay rate
-  ip netns exec $E "$BIN/stackroute-linkemu" --left e0 --right e1 \
+  ip netns exec $E $RT_EMU "$BIN/stackroute-linkemu" --left e0 --right e1 \
     --loss "$1" --delay-ms "$2" --rate-mbit "$3" 2>/dev/null &
   EMU=$!; PIDS+=("$EMU"); sleep 0.3
 }
@@ -91,7 +98,7 @@ kernel_iperf() { # cc -> Mbit/s received
 
 netstack_send() { # bytes -> Mbit/s goodput
   ip netns exec $S python3 -c "$SINK" $KS 5301 >/dev/null & local srv=$!; sleep 0.3
-  ip netns exec $C "$BIN/stackroute-netperf" client --engine af_packet --interface c0 \
+  ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --engine af_packet --interface c0 \
     --address $NS_ADDR/24 --connect $KS:5301 --send "$1" --cc bbr --timeout 120 2>/dev/null |
     python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print("%.1f" % (r["goodput_bps"]/1e6))' || echo "fail"
   kill $srv 2>/dev/null || true; wait $srv 2>/dev/null || true
@@ -122,7 +129,7 @@ ip netns exec $S python3 -c "$ECHO" $KS 5302 >/dev/null & srv=$!; sleep 0.3
 k=$(ip netns exec $C python3 -c "$RR" $KS 5302 5000)
 wait $srv 2>/dev/null || true
 ip netns exec $S python3 -c "$ECHO" $KS 5303 >/dev/null & srv=$!; sleep 0.3
-n=$(ip netns exec $C "$BIN/stackroute-netperf" client --interface c0 --address $NS_ADDR/24 \
+n=$(ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --interface c0 --address $NS_ADDR/24 \
   --connect $KS:5303 --rr 5000 --rr-size 64 --nodelay --timeout 60 2>/dev/null |
   python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(r["rtt_us_mean"], r["rtt_us_p50"], r["rtt_us_p99"])')
 wait $srv 2>/dev/null || true

@@ -81,6 +81,9 @@ struct Common {
     /// Disable Nagle's algorithm.
     #[arg(long)]
     nodelay: bool,
+    /// Busy-poll this many microseconds after activity before sleeping (0 disables).
+    #[arg(long, default_value_t = 200)]
+    busy_poll_us: u64,
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +163,7 @@ fn host_config(common: &Common) -> Result<host::HostConfig> {
         congestion_control: common.cc.into(),
         nodelay: common.nodelay,
         timeout: Duration::from_secs(common.timeout),
+        busy_poll: Duration::from_micros(common.busy_poll_us),
     })
 }
 
