@@ -6,7 +6,13 @@
 #![forbid(unsafe_code)]
 
 /// API version `v1alpha1`.
-#[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all, clippy::pedantic)]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic
+)]
 pub mod v1alpha1 {
     tonic::include_proto!("stackroute.v1alpha1");
 }
