@@ -13,10 +13,11 @@ use stackroute_netstack::sim::SimRng;
 use stackroute_netstack::{
     Instant, SocketError, SocketHandle, SocketOption, Stack, StackConfig, TcpState,
 };
-use stackroute_pktio::{AfPacket, AnyDevice, RingConfig, Tap};
+use stackroute_pktio::{AfPacket, AfXdp, AnyDevice, RingConfig, Tap};
 
 pub(crate) enum EngineKind {
     AfPacket,
+    AfXdp,
     Tap,
 }
 
@@ -89,6 +90,13 @@ impl Host {
                 )?;
                 let mac = dev.mac();
                 (AnyDevice::AfPacket(dev), mac)
+            }
+            EngineKind::AfXdp => {
+                let dev = AfXdp::open(&config.interface, config.address).with_context(|| {
+                    format!("opening AF_XDP on {} (needs root)", config.interface)
+                })?;
+                let mac = dev.mac();
+                (AnyDevice::AfXdp(Box::new(dev)), mac)
             }
             EngineKind::Tap => {
                 let dev = Tap::open(&config.interface)

@@ -31,7 +31,7 @@ enum Engine {
     /// AF_PACKET with mmap'ed TPACKET_V2 rings.
     #[value(name = "af_packet")]
     AfPacket,
-    /// AF_XDP (not implemented yet; fails with a clear message).
+    /// AF_XDP (copy mode, XDP program in generic mode) on queue 0.
     #[value(name = "af_xdp")]
     AfXdp,
     /// A TAP interface (created if missing).
@@ -151,9 +151,7 @@ fn host_config(common: &Common) -> Result<host::HostConfig> {
         engine: match common.engine {
             Engine::AfPacket => host::EngineKind::AfPacket,
             Engine::Tap => host::EngineKind::Tap,
-            Engine::AfXdp => {
-                bail!("the af_xdp engine is not implemented yet; use --engine af_packet or tap")
-            }
+            Engine::AfXdp => host::EngineKind::AfXdp,
         },
         interface: common.interface.clone(),
         address,

@@ -25,6 +25,10 @@ fn result_fields(line: &str) -> Vec<String> {
 }
 
 fn our_client_to_kernel_server(loss: f64, bytes: u64) {
+    our_client_to_kernel_server_on(loss, bytes, "af_packet");
+}
+
+fn our_client_to_kernel_server_on(loss: f64, bytes: u64, engine: &str) {
     let mut lab = Lab::new(loss);
     let ip = lab.kernel_ip.clone();
     let server = lab.spawn_kernel(&["python3", "-c", py::SINK_SERVER, &ip, "5201", "1"]);
@@ -62,10 +66,14 @@ fn our_client_to_kernel_server(loss: f64, bytes: u64) {
     if loss > 0.0 {
         assert!(report["retransmits"].as_u64().unwrap_or(0) > 0);
     }
-    eprintln!("our client → kernel, loss {loss}: {report}");
+    eprintln!("our client ({engine}) → kernel, loss {loss}: {report}");
 }
 
 fn kernel_client_to_our_server(loss: f64, bytes: u64) {
+    kernel_client_to_our_server_on(loss, bytes, "af_packet");
+}
+
+fn kernel_client_to_our_server_on(loss: f64, bytes: u64, engine: &str) {
     let mut lab = Lab::new(loss);
     let stack_ip = lab.stack_addr.split('/').next().unwrap().to_owned();
     let server = lab.spawn_netperf(&[
@@ -107,7 +115,7 @@ fn kernel_client_to_our_server(loss: f64, bytes: u64) {
     );
     assert_eq!(report["bytes_received"].as_u64(), Some(bytes));
     assert_eq!(report["received_sha256"].as_str(), Some(fields[1].as_str()));
-    eprintln!("kernel client → our server, loss {loss}: {report}");
+    eprintln!("kernel client → our server ({engine}), loss {loss}: {report}");
 }
 
 #[test]
@@ -256,4 +264,15 @@ fn connection_churn_both_ways() {
     let report = json_line(&out);
     assert_eq!(report["connections"].as_u64(), Some(40));
     assert_eq!(report["bytes_received"].as_u64(), Some(40 * 20000));
+}
+
+#[test]
+fn af_xdp_engine_interops_both_ways_with_loss() {
+    if !should_run("af_xdp_engine_interops_both_ways_with_loss") {
+        return;
+    }
+    for loss in [0.0, 0.05] {
+        our_client_to_kernel_server_on(loss, lossy_bytes(), "af_xdp");
+        kernel_client_to_our_server_on(loss, lossy_bytes(), "af_xdp");
+    }
 }

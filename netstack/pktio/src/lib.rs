@@ -1,13 +1,16 @@
 //! Packet I/O engines for the stackroute netstack, behind the core's `Device` trait:
 //! - [`AfPacket`]: AF_PACKET with mmap'ed TPACKET_V2 RX/TX rings (zero-copy in the ring);
+//! - [`AfXdp`]: AF_XDP in copy mode with a UMEM and an XDP steering program (generic mode, so
+//!   it works on veth);
 //! - [`Tap`]: a TAP interface.
 //!
-//! AF_XDP is not implemented yet. All `unsafe` code lives in the `sys` module, one system call
+//! All `unsafe` code lives in the `sys` module, one system call
 //! or raw-memory access per block, each with a `// SAFETY:` line.
 
 #![deny(unsafe_code)]
 
 mod af_packet;
+mod af_xdp;
 mod sys;
 mod tap;
 
@@ -16,6 +19,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 pub use af_packet::{AfPacket, RingConfig};
+pub use af_xdp::AfXdp;
 use stackroute_netstack::{Device, DeviceCapabilities, RxMeta};
 pub use tap::Tap;
 
@@ -49,6 +53,8 @@ pub fn wait_any_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result
 pub enum AnyDevice {
     /// AF_PACKET rings.
     AfPacket(AfPacket),
+    /// AF_XDP socket (boxed: its ring state is large).
+    AfXdp(Box<AfXdp>),
     /// TAP.
     Tap(Tap),
 }
@@ -58,6 +64,7 @@ impl AnyDevice {
     pub fn raw_fd(&self) -> RawFd {
         match self {
             Self::AfPacket(d) => d.raw_fd(),
+            Self::AfXdp(d) => d.raw_fd(),
             Self::Tap(d) => d.raw_fd(),
         }
     }
@@ -67,6 +74,7 @@ impl Device for AnyDevice {
     fn capabilities(&self) -> DeviceCapabilities {
         match self {
             Self::AfPacket(d) => d.capabilities(),
+            Self::AfXdp(d) => d.capabilities(),
             Self::Tap(d) => d.capabilities(),
         }
     }
@@ -74,6 +82,7 @@ impl Device for AnyDevice {
     fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {
         match self {
             Self::AfPacket(d) => d.receive(f),
+            Self::AfXdp(d) => d.receive(f),
             Self::Tap(d) => d.receive(f),
         }
     }
@@ -81,6 +90,7 @@ impl Device for AnyDevice {
     fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize> {
         match self {
             Self::AfPacket(d) => d.transmit(max_len, f),
+            Self::AfXdp(d) => d.transmit(max_len, f),
             Self::Tap(d) => d.transmit(max_len, f),
         }
     }
@@ -88,6 +98,7 @@ impl Device for AnyDevice {
     fn flush(&mut self) {
         match self {
             Self::AfPacket(d) => d.flush(),
+            Self::AfXdp(d) => d.flush(),
             Self::Tap(d) => d.flush(),
         }
     }

@@ -175,33 +175,60 @@ pub(crate) fn kick_tx(fd: &OwnedFd) -> io::Result<()> {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
         // ENOBUFS: the device queue is full; frames stay in the ring and go out on the next kick.
-        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EBUSY)) => Ok(()),
         Err(e) => Err(e),
     }
 }
 
-/// A shared memory mapping of a socket's packet rings.
+/// A memory mapping: a socket's rings (AF_PACKET, AF_XDP) or anonymous memory (AF_XDP UMEM).
 #[derive(Debug)]
 pub(crate) struct RingMap {
     base: *mut u8,
     len: usize,
 }
 
-// SAFETY: the mapping is owned by this value and only accessed through `&mut self` methods or
-// volatile reads; moving it to another thread is sound.
+// SAFETY: the mapping is owned by this value and only accessed through `&mut self` methods,
+// atomics or bounds-checked views; moving it to another thread is sound.
 unsafe impl Send for RingMap {}
 
 impl RingMap {
+    /// Maps `len` bytes of `fd` at `offset` (shared, read-write).
     pub(crate) fn new(fd: &OwnedFd, len: usize) -> io::Result<Self> {
-        // SAFETY: mapping `len` bytes of a packet socket with rings configured for that size;
-        // the kernel validates the length against the rings.
+        Self::socket_at(fd, len, 0)
+    }
+
+    pub(crate) fn socket_at(fd: &OwnedFd, len: usize, offset: u64) -> io::Result<Self> {
+        // SAFETY: mapping `len` bytes of a socket whose rings were configured for that size;
+        // the kernel validates the length and offset.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
                 fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            base: base.cast(),
+            len,
+        })
+    }
+
+    /// Private anonymous memory (page-aligned), for an AF_XDP UMEM.
+    pub(crate) fn anonymous(len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh private anonymous mapping; no file or existing memory is involved.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
                 0,
             )
         };
@@ -214,32 +241,38 @@ impl RingMap {
         })
     }
 
-    /// Reads the 32-bit frame status word at `offset` with acquire ordering.
+    pub(crate) fn address(&self) -> u64 {
+        self.base as u64
+    }
+
+    fn atomic_u32(&self, offset: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(offset + 4 <= self.len && offset.is_multiple_of(4));
+        // SAFETY: in bounds and 4-aligned (checked above, and mappings are page-aligned); the
+        // kernel writes this word concurrently, so it is only ever accessed atomically.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.base.add(offset).cast()) }
+    }
+
+    /// Reads a shared 32-bit word (ring index or frame status) with acquire ordering.
     pub(crate) fn status(&self, offset: usize) -> u32 {
-        assert!(offset + 4 <= self.len && offset.is_multiple_of(4));
-        // SAFETY: in bounds and 4-aligned (checked above); the kernel writes this word
-        // concurrently, so it is read as an atomic.
-        let word = unsafe { std::sync::atomic::AtomicU32::from_ptr(self.base.add(offset).cast()) };
-        word.load(std::sync::atomic::Ordering::Acquire)
+        self.atomic_u32(offset)
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Writes the status word with release ordering, handing the frame to the other side.
+    /// Writes a shared 32-bit word with release ordering, publishing earlier writes.
     pub(crate) fn set_status(&mut self, offset: usize, value: u32) {
-        assert!(offset + 4 <= self.len && offset.is_multiple_of(4));
-        // SAFETY: as in `status`.
-        let word = unsafe { std::sync::atomic::AtomicU32::from_ptr(self.base.add(offset).cast()) };
-        word.store(value, std::sync::atomic::Ordering::Release);
+        self.atomic_u32(offset)
+            .store(value, std::sync::atomic::Ordering::Release);
     }
 
-    /// A view of `len` bytes at `offset`. Only call for frames the kernel has handed to us.
+    /// A view of `len` bytes at `offset`. Only call for memory the kernel has handed to us.
     pub(crate) fn bytes(&self, offset: usize, len: usize) -> &[u8] {
         assert!(offset.checked_add(len).is_some_and(|end| end <= self.len));
-        // SAFETY: in bounds (checked above); the frame is owned by user space while its status
-        // says so, so the kernel does not write it concurrently.
+        // SAFETY: in bounds (checked above); the region is owned by user space while the ring
+        // protocol says so, so the kernel does not write it concurrently.
         unsafe { std::slice::from_raw_parts(self.base.add(offset), len) }
     }
 
-    /// A mutable view of `len` bytes at `offset`. Only for frames user space owns.
+    /// A mutable view of `len` bytes at `offset`. Only for memory user space owns.
     pub(crate) fn bytes_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
         assert!(offset.checked_add(len).is_some_and(|end| end <= self.len));
         // SAFETY: as in `bytes`, and `&mut self` guarantees no other view exists.
@@ -254,6 +287,200 @@ impl Drop for RingMap {
             libc::munmap(self.base.cast(), self.len);
         }
     }
+}
+
+// --- AF_XDP and eBPF ---
+
+pub(crate) const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_MAP_TYPE_XSKMAP: u32 = 17;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+
+/// One eBPF instruction (`struct bpf_insn`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BpfInsn {
+    pub(crate) code: u8,
+    /// dst_reg in the low nibble, src_reg in the high nibble.
+    pub(crate) regs: u8,
+    pub(crate) off: i16,
+    pub(crate) imm: i32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+#[repr(C)]
+struct MapUpdateAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a valid, initialised `bpf_attr` prefix of `size_of::<T>()` bytes for
+    // `command`; the kernel zero-extends the rest of the union.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            (attr as *mut T).cast::<libc::c_void>(),
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the commands used here return a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(result as RawFd) })
+}
+
+/// Creates an XSKMAP with `entries` slots.
+pub(crate) fn create_xsk_map(entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_XSKMAP,
+        key_size: 4,
+        value_size: 4,
+        max_entries: entries,
+        map_flags: 0,
+    };
+    bpf(BPF_MAP_CREATE, &mut attr)
+}
+
+/// Puts `socket` into slot `key` of an XSKMAP.
+pub(crate) fn xsk_map_insert(map: &OwnedFd, key: u32, socket: &OwnedFd) -> io::Result<()> {
+    let value = socket.as_raw_fd() as u32;
+    let mut attr = MapUpdateAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: (&key as *const u32) as u64,
+        value: (&value as *const u32) as u64,
+        flags: 0,
+    };
+    // SAFETY: as in `bpf`; key and value outlive the call.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            (&mut attr as *mut MapUpdateAttr).cast::<libc::c_void>(),
+            size_of::<MapUpdateAttr>() as libc::c_uint,
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Loads an XDP program; on failure the verifier log is part of the error.
+pub(crate) fn load_xdp_program(insns: &[BpfInsn]) -> io::Result<OwnedFd> {
+    let license = c"Dual BSD/GPL";
+    let mut log = vec![0u8; 65536];
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_XDP,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        expected_attach_type: BPF_XDP,
+        ..ProgLoadAttr::default()
+    };
+    attr.prog_name[..8].copy_from_slice(b"sr_steer");
+    bpf(BPF_PROG_LOAD, &mut attr).map_err(|e| {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        io::Error::new(
+            e.kind(),
+            format!("{e}; verifier: {}", String::from_utf8_lossy(&log[..end])),
+        )
+    })
+}
+
+/// Attaches an XDP program in generic (SKB) mode; detached when the link fd closes.
+pub(crate) fn attach_xdp(prog: &OwnedFd, ifindex: u32) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags: XDP_FLAGS_SKB_MODE,
+    };
+    bpf(BPF_LINK_CREATE, &mut attr)
+}
+
+pub(crate) fn xdp_socket() -> io::Result<OwnedFd> {
+    let fd = syscall!(socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0))?;
+    // SAFETY: `socket` just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) fn xdp_mmap_offsets(fd: &OwnedFd) -> io::Result<libc::xdp_mmap_offsets> {
+    // SAFETY: plain old data; all-zero is valid.
+    let mut offsets: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::xdp_mmap_offsets>() as libc::socklen_t;
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_XDP,
+        libc::XDP_MMAP_OFFSETS,
+        (&mut offsets as *mut libc::xdp_mmap_offsets).cast(),
+        &mut len
+    ))?;
+    Ok(offsets)
+}
+
+pub(crate) fn bind_xdp(fd: &OwnedFd, ifindex: u32, queue: u32, flags: u16) -> io::Result<()> {
+    let addr = libc::sockaddr_xdp {
+        sxdp_family: libc::AF_XDP as u16,
+        sxdp_flags: flags,
+        sxdp_ifindex: ifindex,
+        sxdp_queue_id: queue,
+        sxdp_shared_umem_fd: 0,
+    };
+    syscall!(bind(
+        fd.as_raw_fd(),
+        (&addr as *const libc::sockaddr_xdp).cast(),
+        size_of::<libc::sockaddr_xdp>() as libc::socklen_t
+    ))?;
+    Ok(())
 }
 
 /// Waits until any of `fds` is readable or `timeout` passes (`None` waits forever).

@@ -1,0 +1,307 @@
+//! AF_XDP engine: an XSK socket on one queue of an interface, a UMEM of 2 KiB frames, and a
+//! small XDP program (attached in generic/SKB mode, so it works on veth) that steers to the
+//! socket only the frames for the stack's own IPv4 address: IPv4 packets to it and ARP packets
+//! asking for it. Everything else goes on to the kernel, so stack and kernel share the
+//! interface. Detaching is automatic: the program is held by a BPF link whose descriptor closes
+//! with the engine (or the process).
+//!
+//! Ring protocol (Documentation/networking/af_xdp.rst): user space produces on the fill and TX
+//! rings and consumes the RX and completion rings; indices are free-running u32 counters.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use stackroute_netstack::{Device, DeviceCapabilities, RxMeta};
+
+use crate::sys::{self, BpfInsn, RingMap};
+
+const FRAME_SIZE: u32 = 2048;
+const FRAME_COUNT: u32 = 4096;
+const RING_SIZE: u32 = 2048;
+/// `struct xdp_desc`: addr u64, len u32, options u32.
+const XDP_DESC_SIZE: usize = 16;
+
+/// The steering program. `ip` is the stack's address as the u32 that a little-endian load of
+/// its four network-order bytes yields; `map_fd` is the XSKMAP.
+fn steering_program(ip: u32, map_fd: i32) -> Vec<BpfInsn> {
+    let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| BpfInsn {
+        code,
+        regs: dst | (src << 4),
+        off,
+        imm,
+    };
+    const XDP_PASS: i32 = 2;
+    const BPF_FUNC_REDIRECT_MAP: i32 = 51;
+    const BPF_PSEUDO_MAP_FD: u8 = 1;
+    vec![
+        insn(0xbf, 6, 1, 0, 0),                      // 0: r6 = ctx
+        insn(0x61, 2, 1, 0, 0),                      // 1: r2 = ctx->data
+        insn(0x61, 3, 1, 4, 0),                      // 2: r3 = ctx->data_end
+        insn(0xbf, 4, 2, 0, 0),                      // 3: r4 = r2
+        insn(0x07, 4, 0, 0, 42), // 4: r4 += 42 (Ethernet + ARP, or up to the IPv4 dst)
+        insn(0x2d, 4, 3, 15, 0), // 5: if r4 > r3 goto pass (21)
+        insn(0x69, 5, 2, 12, 0), // 6: r5 = ethertype (as loaded little-endian)
+        insn(0x16, 5, 0, 2, 0x0008), // 7: if w5 == IPv4 goto ipv4 (10)
+        insn(0x16, 5, 0, 4, 0x0608), // 8: if w5 == ARP goto arp (13)
+        insn(0x05, 0, 0, 11, 0), // 9: goto pass (21)
+        insn(0x61, 5, 2, 30, 0), // 10: ipv4: r5 = destination address
+        insn(0x56, 5, 0, 9, ip as i32), // 11: if w5 != ours goto pass (21)
+        insn(0x05, 0, 0, 2, 0),  // 12: goto redirect (15)
+        insn(0x61, 5, 2, 38, 0), // 13: arp: r5 = target protocol address
+        insn(0x56, 5, 0, 6, ip as i32), // 14: if w5 != ours goto pass (21)
+        insn(0x61, 2, 6, 16, 0), // 15: redirect: r2 = ctx->rx_queue_index
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map_fd), // 16: r1 = map (ld_imm64, low half)
+        insn(0x00, 0, 0, 0, 0),  // 17: (ld_imm64, high half)
+        insn(0xb7, 3, 0, 0, XDP_PASS), // 18: r3 = XDP_PASS (fallback if the slot is empty)
+        insn(0x85, 0, 0, 0, BPF_FUNC_REDIRECT_MAP), // 19: call bpf_redirect_map
+        insn(0x95, 0, 0, 0, 0),  // 20: exit
+        insn(0xb7, 0, 0, 0, XDP_PASS), // 21: pass: r0 = XDP_PASS
+        insn(0x95, 0, 0, 0, 0),  // 22: exit
+    ]
+}
+
+/// One mapped ring.
+#[derive(Debug)]
+struct Ring {
+    map: RingMap,
+    producer: usize,
+    consumer: usize,
+    desc: usize,
+    /// Our private copy of the index we own (producer for fill/TX, consumer for RX/completion).
+    local: u32,
+}
+
+impl Ring {
+    fn map(
+        fd: &OwnedFd,
+        offsets: &libc::xdp_ring_offset,
+        entry_size: usize,
+        page_offset: u64,
+    ) -> io::Result<Self> {
+        let len = offsets.desc as usize + RING_SIZE as usize * entry_size;
+        let map = RingMap::socket_at(fd, len, page_offset)?;
+        Ok(Self {
+            map,
+            producer: offsets.producer as usize,
+            consumer: offsets.consumer as usize,
+            desc: offsets.desc as usize,
+            local: 0,
+        })
+    }
+
+    fn slot(&self, index: u32, entry_size: usize) -> usize {
+        self.desc + (index & (RING_SIZE - 1)) as usize * entry_size
+    }
+}
+
+/// An AF_XDP socket bound to queue `queue` of an interface, in copy mode.
+#[derive(Debug)]
+pub struct AfXdp {
+    socket: OwnedFd,
+    umem: RingMap,
+    fill: Ring,
+    completion: Ring,
+    rx: Ring,
+    tx: Ring,
+    free_tx_frames: VecDeque<u64>,
+    tx_pending: bool,
+    mtu: usize,
+    mac: [u8; 6],
+    // Kept open for the engine's lifetime: closing the link detaches the program.
+    _map: OwnedFd,
+    _program: OwnedFd,
+    _link: OwnedFd,
+}
+
+impl AfXdp {
+    /// Opens queue 0 of `interface` and steers frames for `address` to it (needs root).
+    pub fn open(interface: &str, address: Ipv4Addr) -> io::Result<Self> {
+        let ifindex = sys::if_index(interface)?;
+        let mac = sys::if_mac(interface)?;
+        let mtu = sys::if_mtu(interface)?;
+        let queue = 0;
+
+        let socket = sys::xdp_socket()?;
+        let umem = RingMap::anonymous((FRAME_SIZE * FRAME_COUNT) as usize)?;
+        let reg = libc::xdp_umem_reg {
+            addr: umem.address(),
+            len: u64::from(FRAME_SIZE * FRAME_COUNT),
+            chunk_size: FRAME_SIZE,
+            headroom: 0,
+            flags: 0,
+            tx_metadata_len: 0,
+        };
+        sys::set_option(&socket, libc::SOL_XDP, libc::XDP_UMEM_REG, &reg)?;
+        for ring in [
+            libc::XDP_UMEM_FILL_RING,
+            libc::XDP_UMEM_COMPLETION_RING,
+            libc::XDP_RX_RING,
+            libc::XDP_TX_RING,
+        ] {
+            sys::set_option(&socket, libc::SOL_XDP, ring, &RING_SIZE)?;
+        }
+        let offsets = sys::xdp_mmap_offsets(&socket)?;
+        let fill = Ring::map(&socket, &offsets.fr, 8, libc::XDP_UMEM_PGOFF_FILL_RING)?;
+        let completion = Ring::map(
+            &socket,
+            &offsets.cr,
+            8,
+            libc::XDP_UMEM_PGOFF_COMPLETION_RING,
+        )?;
+        let rx = Ring::map(
+            &socket,
+            &offsets.rx,
+            XDP_DESC_SIZE,
+            libc::XDP_PGOFF_RX_RING as u64,
+        )?;
+        let tx = Ring::map(
+            &socket,
+            &offsets.tx,
+            XDP_DESC_SIZE,
+            libc::XDP_PGOFF_TX_RING as u64,
+        )?;
+        sys::bind_xdp(&socket, ifindex, queue, libc::XDP_COPY)?;
+
+        let map = sys::create_xsk_map(1)?;
+        sys::xsk_map_insert(&map, queue, &socket)?;
+        let ip = u32::from_le_bytes(address.octets());
+        let program = sys::load_xdp_program(&steering_program(ip, map.as_raw_fd()))?;
+        let link = sys::attach_xdp(&program, ifindex)?;
+
+        let mut engine = Self {
+            socket,
+            umem,
+            fill,
+            completion,
+            rx,
+            tx,
+            // The upper half of the UMEM is for transmission, the lower half for reception.
+            free_tx_frames: (FRAME_COUNT / 2..FRAME_COUNT)
+                .map(|i| u64::from(i * FRAME_SIZE))
+                .collect(),
+            tx_pending: false,
+            mtu,
+            mac,
+            _map: map,
+            _program: program,
+            _link: link,
+        };
+        for i in 0..FRAME_COUNT / 2 {
+            engine.give_to_fill(u64::from(i * FRAME_SIZE));
+        }
+        Ok(engine)
+    }
+
+    /// The interface's Ethernet address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The descriptor to wait on for received frames.
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    fn give_to_fill(&mut self, addr: u64) {
+        let consumer = self.fill.map.status(self.fill.consumer);
+        if self.fill.local.wrapping_sub(consumer) >= RING_SIZE {
+            // Cannot happen: the fill ring is as large as the RX half of the UMEM.
+            return;
+        }
+        let slot = self.fill.slot(self.fill.local, 8);
+        self.fill
+            .map
+            .bytes_mut(slot, 8)
+            .copy_from_slice(&addr.to_ne_bytes());
+        self.fill.local = self.fill.local.wrapping_add(1);
+        let producer = self.fill.producer;
+        let local = self.fill.local;
+        self.fill.map.set_status(producer, local);
+    }
+
+    fn reclaim_completions(&mut self) {
+        let produced = self.completion.map.status(self.completion.producer);
+        while self.completion.local != produced {
+            let slot = self.completion.slot(self.completion.local, 8);
+            let bytes = self.completion.map.bytes(slot, 8);
+            let mut addr = [0u8; 8];
+            addr.copy_from_slice(bytes);
+            self.free_tx_frames.push_back(u64::from_ne_bytes(addr));
+            self.completion.local = self.completion.local.wrapping_add(1);
+        }
+        let consumer = self.completion.consumer;
+        let local = self.completion.local;
+        self.completion.map.set_status(consumer, local);
+    }
+}
+
+impl Device for AfXdp {
+    fn capabilities(&self) -> DeviceCapabilities {
+        DeviceCapabilities { mtu: self.mtu }
+    }
+
+    fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {
+        let produced = self.rx.map.status(self.rx.producer);
+        if self.rx.local == produced {
+            return None;
+        }
+        let slot = self.rx.slot(self.rx.local, XDP_DESC_SIZE);
+        let desc = self.rx.map.bytes(slot, XDP_DESC_SIZE);
+        let addr = u64::from_ne_bytes(desc[0..8].try_into().unwrap_or([0; 8]));
+        let len = u32::from_ne_bytes(desc[8..12].try_into().unwrap_or([0; 4])) as usize;
+        self.rx.local = self.rx.local.wrapping_add(1);
+        let consumer = self.rx.consumer;
+        let local = self.rx.local;
+        self.rx.map.set_status(consumer, local);
+        let frame_start = (addr % u64::from(FRAME_SIZE * FRAME_COUNT)) as usize;
+        let len = len.min((FRAME_SIZE * FRAME_COUNT) as usize - frame_start);
+        // Generic XDP hands over frames whose checksums the kernel has not verified, so they are
+        // checked in software (RxMeta::default()).
+        let result = f(self.umem.bytes(frame_start, len), RxMeta::default());
+        let chunk = addr - addr % u64::from(FRAME_SIZE);
+        self.give_to_fill(chunk);
+        Some(result)
+    }
+
+    fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize> {
+        if max_len > FRAME_SIZE as usize {
+            return None;
+        }
+        if self.free_tx_frames.is_empty() {
+            self.reclaim_completions();
+        }
+        let consumer = self.tx.map.status(self.tx.consumer);
+        if self.tx.local.wrapping_sub(consumer) >= RING_SIZE || self.free_tx_frames.is_empty() {
+            self.flush();
+            return None;
+        }
+        let addr = self.free_tx_frames.pop_front()?;
+        let len = f(self.umem.bytes_mut(addr as usize, max_len)).min(max_len);
+        if len == 0 {
+            self.free_tx_frames.push_front(addr);
+            return Some(0);
+        }
+        let slot = self.tx.slot(self.tx.local, XDP_DESC_SIZE);
+        let desc = self.tx.map.bytes_mut(slot, XDP_DESC_SIZE);
+        desc[0..8].copy_from_slice(&addr.to_ne_bytes());
+        desc[8..12].copy_from_slice(&(len as u32).to_ne_bytes());
+        desc[12..16].copy_from_slice(&0u32.to_ne_bytes());
+        self.tx.local = self.tx.local.wrapping_add(1);
+        let producer = self.tx.producer;
+        let local = self.tx.local;
+        self.tx.map.set_status(producer, local);
+        self.tx_pending = true;
+        Some(len)
+    }
+
+    fn flush(&mut self) {
+        if self.tx_pending {
+            // Copy mode transmits only when kicked.
+            let _ = sys::kick_tx(&self.socket);
+            self.tx_pending = false;
+        }
+        self.reclaim_completions();
+    }
+}
