@@ -1,0 +1,66 @@
+//! Command-line arguments.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use stackroute_snapshot::Cidr;
+
+/// The stackroute controller: compiles policy into per-node snapshots and serves them to node
+/// agents over gRPC.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "stackroute-controller", version)]
+pub struct Args {
+    /// Standalone mode: a directory of Kubernetes YAML/JSON (Namespaces, Nodes, Pods, Services,
+    /// EndpointSlices, StackRoutes, ClusterStackRoutes), watched for changes.
+    #[arg(long, env = "STACKROUTE_STATE_DIR")]
+    pub state: PathBuf,
+
+    /// gRPC listen address for agents and tools.
+    #[arg(long, env = "STACKROUTE_GRPC_ADDR", default_value = "127.0.0.1:7420")]
+    pub grpc_addr: SocketAddr,
+
+    /// HTTP listen address for /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "STACKROUTE_METRICS_ADDR",
+        default_value = "127.0.0.1:7421"
+    )]
+    pub metrics_addr: SocketAddr,
+
+    /// etcd endpoints (comma-separated URLs); registries and revisions then live in etcd,
+    /// shared by every replica. Without it, the embedded in-memory store is used.
+    #[arg(long, env = "STACKROUTE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix in etcd.
+    #[arg(long, env = "STACKROUTE_ETCD_PREFIX", default_value = "/stackroute/")]
+    pub etcd_prefix: String,
+
+    /// Networks that count as inside the cluster (comma-separated CIDRs); default: RFC 1918,
+    /// 100.64.0.0/10 and fd00::/8.
+    #[arg(long, env = "STACKROUTE_CLUSTER_NETWORKS", value_delimiter = ',')]
+    pub cluster_networks: Vec<Cidr>,
+
+    /// Quiet period before a recompile, in milliseconds.
+    #[arg(long, env = "STACKROUTE_DEBOUNCE_MS", default_value_t = 100)]
+    pub debounce_ms: u64,
+
+    /// Longest a change waits for a recompile under constant churn, in milliseconds.
+    #[arg(long, env = "STACKROUTE_DEBOUNCE_MAX_MS", default_value_t = 1000)]
+    pub debounce_max_ms: u64,
+
+    /// How often the state directory is polled, in milliseconds.
+    #[arg(long, env = "STACKROUTE_POLL_MS", default_value_t = 200)]
+    pub poll_ms: u64,
+
+    /// A connected node that has not acked the current revision this long after it was
+    /// published is reported stale, in milliseconds.
+    #[arg(long, env = "STACKROUTE_STALE_AFTER_MS", default_value_t = 10_000)]
+    pub stale_after_ms: u64,
+}
+
+/// Milliseconds as a duration.
+pub fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}

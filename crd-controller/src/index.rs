@@ -1,0 +1,1096 @@
+//! The index: one task owns every input and publishes per-node snapshots.
+//!
+//! ```text
+//! state files ─┐                                     ┌─► watch::Sender (node a) ─► WatchSnapshots
+//! registries ──┼─► mpsc ─► Index (one task) ─► compile on a blocking thread ─► (node b) ─► …
+//! agents ──────┘        debounce 100 ms / max 1 s       revision from the store    └─► GetStatus
+//! ```
+//!
+//! All mutations arrive as [`Command`]s on one channel, so there is no lock. Recompiles are
+//! debounced ([`Debouncer`]); each publishes a new, strictly greater revision. Each node's
+//! snapshot goes out through its own `tokio::sync::watch` channel, which keeps only the latest
+//! value: a slow agent skips revisions and never holds anyone up. Nothing is compiled before
+//! every source has synced, so no agent ever sees partial state.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stackroute_policy::selector::{Labels, Selector};
+use stackroute_policy::state::{NodeInfo, PodInfo};
+use stackroute_policy::{ClusterState, Compiled, Settings};
+use stackroute_proto::v1alpha1::{
+    Listener, NodeCapabilities, NodeStatus, PolicyStatus, SnapshotUpdate, StatusResponse, Workload,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::files::{FileEvent, FileSource};
+use crate::metrics::Metrics;
+use crate::store::{Store, listener_key, workload_key};
+
+/// What a node's watch channel holds: nothing until the node's first compile.
+pub type Published = Option<Arc<SnapshotUpdate>>;
+
+/// A change to the listener or workload registry.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RegistryChange {
+    /// The whole registry, as read from the store (replaces everything).
+    Reset {
+        /// Every listener.
+        listeners: Vec<Listener>,
+        /// Every workload.
+        workloads: Vec<Workload>,
+    },
+    /// A listener was registered (or re-registered).
+    PutListener(Listener),
+    /// A listener was removed (registry key, see [`listener_key`]).
+    RemoveListener(String),
+    /// A workload was registered.
+    PutWorkload(Workload),
+    /// A workload was removed (registry key, see [`workload_key`]).
+    RemoveWorkload(String),
+}
+
+/// A message to the index task.
+#[derive(Debug)]
+pub enum Command {
+    /// A state-directory change.
+    File(FileEvent),
+    /// A registry change; the reply (if any) gets the lowest revision that includes it.
+    Registry(RegistryChange, Option<oneshot::Sender<u64>>),
+    /// An agent starts watching its node's snapshots.
+    Subscribe {
+        /// Node name.
+        node: String,
+        /// The agent's id.
+        agent_id: String,
+        /// The revision the agent already serves.
+        known_revision: u64,
+        /// Identifies this stream.
+        stream_id: u64,
+        /// The node's channel.
+        reply: oneshot::Sender<watch::Receiver<Published>>,
+    },
+    /// A watch stream ended.
+    Unsubscribe {
+        /// Node name.
+        node: String,
+        /// The stream.
+        stream_id: u64,
+    },
+    /// An agent applied (or rejected) a revision.
+    Ack {
+        /// Node name.
+        node: String,
+        /// The agent's id.
+        agent_id: String,
+        /// Revision.
+        revision: u64,
+        /// Non-empty if the agent rejected it.
+        error: String,
+    },
+    /// A node's capability report.
+    Capabilities(NodeCapabilities),
+    /// A status query.
+    Status(oneshot::Sender<StatusResponse>),
+    /// A compile finished (sent by the index task to itself).
+    Compiled(Result<Box<CompileOutput>, String>),
+}
+
+// === impl IndexHandle ===
+
+/// The sending side of the index task's channel; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct IndexHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    next_stream: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The index task is gone (the process is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the index task has stopped")]
+pub struct IndexClosed;
+
+/// A node's snapshot channel; the index learns the stream ended when this is dropped.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Latest snapshot of the node.
+    pub rx: watch::Receiver<Published>,
+    guard: SubscriptionGuard,
+}
+
+impl Subscription {
+    /// Splits into the receiver and the guard that must live as long as the stream.
+    pub fn into_parts(self) -> (watch::Receiver<Published>, SubscriptionGuard) {
+        (self.rx, self.guard)
+    }
+}
+
+/// Tells the index a watch stream ended, when dropped.
+#[derive(Debug)]
+pub struct SubscriptionGuard {
+    tx: mpsc::UnboundedSender<Command>,
+    node: String,
+    stream_id: u64,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Unsubscribe {
+            node: std::mem::take(&mut self.node),
+            stream_id: self.stream_id,
+        });
+    }
+}
+
+impl IndexHandle {
+    /// A handle and the receiving end for [`run`].
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<Command>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Self {
+                tx,
+                next_stream: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Whether the index task has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Delivers a state-directory change.
+    pub fn file(&self, event: FileEvent) -> Result<(), IndexClosed> {
+        self.tx.send(Command::File(event)).map_err(|_| IndexClosed)
+    }
+
+    /// Delivers a registry change seen in the store (no reply).
+    pub fn registry(&self, change: RegistryChange) {
+        let _ = self.tx.send(Command::Registry(change, None));
+    }
+
+    /// Applies a registry change and returns the lowest revision that will include it.
+    pub async fn register(&self, change: RegistryChange) -> Result<u64, IndexClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Registry(change, Some(reply)))
+            .map_err(|_| IndexClosed)?;
+        rx.await.map_err(|_| IndexClosed)
+    }
+
+    /// Subscribes to a node's snapshots.
+    pub async fn subscribe(
+        &self,
+        node: &str,
+        agent_id: &str,
+        known_revision: u64,
+    ) -> Result<Subscription, IndexClosed> {
+        let stream_id = self
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        // The guard exists before the request goes out, so a cancelled call still unsubscribes.
+        let guard = SubscriptionGuard {
+            tx: self.tx.clone(),
+            node: node.to_string(),
+            stream_id,
+        };
+        self.tx
+            .send(Command::Subscribe {
+                node: node.to_string(),
+                agent_id: agent_id.to_string(),
+                known_revision,
+                stream_id,
+                reply,
+            })
+            .map_err(|_| IndexClosed)?;
+        let rx = rx.await.map_err(|_| IndexClosed)?;
+        Ok(Subscription { rx, guard })
+    }
+
+    /// Records an ack.
+    pub fn ack(
+        &self,
+        node: String,
+        agent_id: String,
+        revision: u64,
+        error: String,
+    ) -> Result<(), IndexClosed> {
+        self.tx
+            .send(Command::Ack {
+                node,
+                agent_id,
+                revision,
+                error,
+            })
+            .map_err(|_| IndexClosed)
+    }
+
+    /// Records a capability report.
+    pub fn capabilities(&self, report: NodeCapabilities) -> Result<(), IndexClosed> {
+        self.tx
+            .send(Command::Capabilities(report))
+            .map_err(|_| IndexClosed)
+    }
+
+    /// The current status.
+    pub async fn status(&self) -> Result<StatusResponse, IndexClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Status(reply))
+            .map_err(|_| IndexClosed)?;
+        rx.await.map_err(|_| IndexClosed)
+    }
+}
+
+// === impl Debouncer ===
+
+/// When to recompile: `quiet` after the last change, but no later than `max_delay` after the
+/// first unpublished one; within `urgent` when an agent waits for its node's first snapshot.
+#[derive(Clone, Debug)]
+pub struct Debouncer {
+    quiet: Duration,
+    max_delay: Duration,
+    urgent_delay: Duration,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    urgent: Option<Instant>,
+}
+
+impl Debouncer {
+    /// A debouncer with the given quiet period and maximum delay (urgent: 10 ms).
+    pub fn new(quiet: Duration, max_delay: Duration) -> Self {
+        Self {
+            quiet,
+            max_delay: max_delay.max(quiet),
+            urgent_delay: Duration::from_millis(10).min(quiet),
+            first: None,
+            last: None,
+            urgent: None,
+        }
+    }
+
+    /// Something changed at `now`.
+    pub fn changed(&mut self, now: Instant) {
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+
+    /// Someone waits for a compile (a node's first snapshot).
+    pub fn urgent(&mut self, now: Instant) {
+        self.urgent.get_or_insert(now);
+    }
+
+    /// When the next compile should start, if one is due.
+    pub fn deadline(&self) -> Option<Instant> {
+        let debounced = match (self.first, self.last) {
+            (Some(first), Some(last)) => Some((last + self.quiet).min(first + self.max_delay)),
+            _ => None,
+        };
+        let urgent = self.urgent.map(|u| u + self.urgent_delay);
+        match (debounced, urgent) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A compile starts now: everything so far is included.
+    pub fn take(&mut self) {
+        self.first = None;
+        self.last = None;
+        self.urgent = None;
+    }
+}
+
+// === impl Index ===
+
+/// What an agent connection told us.
+#[derive(Clone, Debug, Default)]
+struct NodeRecord {
+    /// Open watch streams: stream id → agent id.
+    streams: BTreeMap<u64, String>,
+    acked: u64,
+    last_error: String,
+    capabilities: Option<NodeCapabilities>,
+}
+
+/// A policy as last compiled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyRecord {
+    /// `StackRoute` or `ClusterStackRoute`.
+    pub kind: &'static str,
+    /// Namespace (empty for ClusterStackRoutes).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Hash of the spec: a new value means a new version of the policy.
+    pub fingerprint: u64,
+    /// Nodes hosting one of its source pods.
+    pub targets: BTreeSet<String>,
+    /// Why the engine left it out, if it did.
+    pub problem: Option<String>,
+}
+
+impl PolicyRecord {
+    fn object(&self) -> String {
+        object_name(self.kind, &self.namespace, &self.name)
+    }
+}
+
+fn object_name(kind: &str, namespace: &str, name: &str) -> String {
+    if namespace.is_empty() {
+        format!("{kind}/{name}")
+    } else {
+        format!("{kind}/{namespace}/{name}")
+    }
+}
+
+/// What a compile needs, cut from the index (runs on a blocking thread).
+#[derive(Debug)]
+pub struct CompileInput {
+    /// The merged state.
+    pub state: ClusterState,
+    /// Nodes to encode snapshots for (those with watchers).
+    pub nodes: Vec<String>,
+    /// The listener registry.
+    pub listeners: Vec<Listener>,
+    /// Settings.
+    pub settings: Settings,
+}
+
+/// What a compile produced.
+#[derive(Debug)]
+pub struct CompileOutput {
+    /// Its revision.
+    pub revision: u64,
+    /// Encoded snapshot per node.
+    pub snapshots: Vec<(String, Vec<u8>)>,
+    /// Listeners sent with every update.
+    pub listeners: Vec<Listener>,
+    /// Every policy in the state.
+    pub policies: Vec<PolicyRecord>,
+    /// Every node of the compiled state.
+    pub nodes: BTreeSet<String>,
+    /// How long the compile took.
+    pub duration: Duration,
+}
+
+/// The index proper: every input, the last compile, and the per-node channels.
+#[derive(Debug)]
+pub struct Index {
+    files: BTreeMap<String, FileSource>,
+    unreadable: BTreeMap<String, String>,
+    listeners: BTreeMap<String, Listener>,
+    workloads: BTreeMap<String, Workload>,
+    nodes: BTreeMap<String, NodeRecord>,
+    channels: BTreeMap<String, watch::Sender<Published>>,
+    revision: u64,
+    revision_floor: u64,
+    published_at: Option<Instant>,
+    state_nodes: BTreeSet<String>,
+    policies: Vec<PolicyRecord>,
+    /// Policy object → (fingerprint, first revision that contained that version).
+    first_contained: BTreeMap<String, (u64, u64)>,
+    sources_synced: bool,
+    registry_synced: bool,
+    settings: Settings,
+    stale_after: Duration,
+    metrics: Arc<Metrics>,
+    ready: watch::Sender<bool>,
+}
+
+/// What a command means for the next compile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing to recompile.
+    None,
+    /// Inputs changed: recompile after the debounce.
+    Changed,
+    /// An agent waits for its first snapshot: recompile soon.
+    Urgent,
+}
+
+impl Index {
+    /// An empty index. `ready` turns true after the first publish.
+    pub fn new(
+        settings: Settings,
+        stale_after: Duration,
+        metrics: Arc<Metrics>,
+        ready: watch::Sender<bool>,
+    ) -> Self {
+        Self {
+            files: BTreeMap::new(),
+            unreadable: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+            workloads: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            revision: 0,
+            revision_floor: 1,
+            published_at: None,
+            state_nodes: BTreeSet::new(),
+            policies: Vec::new(),
+            first_contained: BTreeMap::new(),
+            sources_synced: false,
+            registry_synced: false,
+            settings,
+            stale_after,
+            metrics,
+            ready,
+        }
+    }
+
+    /// The last published revision (0 before the first).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Whether every source has synced, so a compile would not publish partial state.
+    pub fn ready_to_compile(&self) -> bool {
+        self.sources_synced && self.registry_synced
+    }
+
+    /// The smallest revision the next compile may use.
+    pub fn revision_floor(&self) -> u64 {
+        self.revision_floor.max(self.revision + 1)
+    }
+
+    /// Applies one command (except [`Command::Compiled`], see [`Index::publish`]).
+    pub fn handle(&mut self, command: Command, now: Instant) -> Effect {
+        match command {
+            Command::File(event) => self.apply_file(event),
+            Command::Registry(change, reply) => {
+                let effect = self.apply_registry(change);
+                if let Some(reply) = reply {
+                    let _ = reply.send(self.revision_floor());
+                }
+                effect
+            }
+            Command::Subscribe {
+                node,
+                agent_id,
+                known_revision,
+                stream_id,
+                reply,
+            } => {
+                let (rx, effect) = self.subscribe(&node, &agent_id, known_revision, stream_id);
+                let _ = reply.send(rx);
+                effect
+            }
+            Command::Unsubscribe { node, stream_id } => {
+                self.unsubscribe(&node, stream_id);
+                Effect::None
+            }
+            Command::Ack {
+                node,
+                agent_id,
+                revision,
+                error,
+            } => {
+                self.ack(&node, &agent_id, revision, error);
+                Effect::None
+            }
+            Command::Capabilities(report) => {
+                let node = report.node.clone();
+                self.nodes.entry(node).or_default().capabilities = Some(report);
+                Effect::None
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(self.status(now));
+                Effect::None
+            }
+            Command::Compiled(_) => Effect::None,
+        }
+    }
+
+    /// Applies a state-directory event.
+    pub fn apply_file(&mut self, event: FileEvent) -> Effect {
+        match event {
+            FileEvent::Changed(source, text) => {
+                self.unreadable.remove(&source);
+                match self.files.get_mut(&source) {
+                    Some(file) => file.update(&source, &text),
+                    None => {
+                        self.files
+                            .insert(source.clone(), FileSource::new(&source, &text));
+                    }
+                }
+                let file = &self.files[&source];
+                for problem in file.problems() {
+                    if file.kept_previous() {
+                        tracing::warn!(%problem, "state file has a problem; its last good version stays in force");
+                    } else {
+                        tracing::warn!(%problem, "state file has a problem; the rest of it applies");
+                    }
+                }
+                if file.problems().is_empty() {
+                    tracing::info!(%source, "state file loaded");
+                }
+                self.update_source_error_metric();
+                Effect::Changed
+            }
+            FileEvent::Removed(source) => {
+                self.unreadable.remove(&source);
+                let removed = self.files.remove(&source).is_some();
+                tracing::info!(%source, "state file removed");
+                self.update_source_error_metric();
+                if removed {
+                    Effect::Changed
+                } else {
+                    Effect::None
+                }
+            }
+            FileEvent::Unreadable(source, why) => {
+                tracing::warn!(%source, %why, "cannot read state file; its last version stays in force");
+                self.unreadable.insert(source, why);
+                self.update_source_error_metric();
+                Effect::None
+            }
+            FileEvent::Synced => {
+                self.sources_synced = true;
+                Effect::Changed
+            }
+        }
+    }
+
+    fn update_source_error_metric(&self) {
+        let count = self
+            .files
+            .values()
+            .map(|f| f.problems().len())
+            .sum::<usize>()
+            + self.unreadable.len();
+        self.metrics.source_errors.set(count as i64);
+    }
+
+    /// Applies a registry change; identical re-registrations change nothing.
+    pub fn apply_registry(&mut self, change: RegistryChange) -> Effect {
+        let changed = match change {
+            RegistryChange::Reset {
+                listeners,
+                workloads,
+            } => {
+                let listeners: BTreeMap<String, Listener> = listeners
+                    .into_iter()
+                    .map(|l| (listener_key(&l.key.clone().unwrap_or_default()), l))
+                    .collect();
+                let workloads: BTreeMap<String, Workload> = workloads
+                    .into_iter()
+                    .map(|w| (workload_key(&w.key.clone().unwrap_or_default()), w))
+                    .collect();
+                let changed = listeners != self.listeners || workloads != self.workloads;
+                self.listeners = listeners;
+                self.workloads = workloads;
+                let first = !self.registry_synced;
+                self.registry_synced = true;
+                changed || first
+            }
+            RegistryChange::PutListener(listener) => {
+                let key = listener_key(&listener.key.clone().unwrap_or_default());
+                self.listeners.insert(key, listener.clone()) != Some(listener)
+            }
+            RegistryChange::RemoveListener(key) => self.listeners.remove(&key).is_some(),
+            RegistryChange::PutWorkload(workload) => {
+                let key = workload_key(&workload.key.clone().unwrap_or_default());
+                self.workloads.insert(key, workload.clone()) != Some(workload)
+            }
+            RegistryChange::RemoveWorkload(key) => self.workloads.remove(&key).is_some(),
+        };
+        self.metrics.listeners.set(self.listeners.len() as i64);
+        self.metrics.workloads.set(self.workloads.len() as i64);
+        if changed {
+            Effect::Changed
+        } else {
+            Effect::None
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        node: &str,
+        agent_id: &str,
+        known_revision: u64,
+        stream_id: u64,
+    ) -> (watch::Receiver<Published>, Effect) {
+        let record = self.nodes.entry(node.to_string()).or_default();
+        record.streams.insert(stream_id, agent_id.to_string());
+        tracing::info!(node, agent_id, known_revision, "agent connected");
+        if known_revision >= self.revision_floor() {
+            // The agent saw revisions from an earlier life of this store: stay above them.
+            self.revision_floor = known_revision + 1;
+        }
+        self.update_connected_metric();
+        let sender = self
+            .channels
+            .entry(node.to_string())
+            .or_insert_with(|| watch::channel(None).0);
+        let rx = sender.subscribe();
+        let effect = if sender.borrow().is_none() {
+            Effect::Urgent
+        } else {
+            Effect::None
+        };
+        (rx, effect)
+    }
+
+    fn unsubscribe(&mut self, node: &str, stream_id: u64) {
+        let Some(record) = self.nodes.get_mut(node) else {
+            return;
+        };
+        if let Some(agent_id) = record.streams.remove(&stream_id) {
+            tracing::info!(node, agent_id, "agent disconnected");
+        }
+        if record.streams.is_empty() {
+            // Nobody watches: stop encoding this node until an agent comes back.
+            self.channels.remove(node);
+        }
+        self.update_connected_metric();
+    }
+
+    fn update_connected_metric(&self) {
+        let connected: usize = self.nodes.values().map(|n| n.streams.len()).sum();
+        self.metrics.connected_agents.set(connected as i64);
+    }
+
+    fn ack(&mut self, node: &str, agent_id: &str, revision: u64, error: String) {
+        let record = self.nodes.entry(node.to_string()).or_default();
+        if error.is_empty() {
+            if revision > record.acked {
+                record.acked = revision;
+                self.metrics
+                    .acked_revision
+                    .get_or_create(&vec![("node".to_string(), node.to_string())])
+                    .set(i64::try_from(revision).unwrap_or(i64::MAX));
+            }
+            record.last_error.clear();
+        } else {
+            tracing::warn!(node, agent_id, revision, %error, "agent rejected a revision");
+            record.last_error = error;
+        }
+    }
+
+    /// The state every file, registered workload and watching node contributes.
+    pub fn merged_state(&self) -> ClusterState {
+        let mut state = ClusterState::default();
+        for file in self.files.values() {
+            let objects = file.objects();
+            state.namespaces.extend(
+                objects
+                    .namespaces
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+            state.nodes.extend(objects.nodes.iter().cloned());
+            state.pods.extend(objects.pods.iter().cloned());
+            state.services.extend(objects.services.iter().cloned());
+            state
+                .endpoint_slices
+                .extend(objects.endpoint_slices.iter().cloned());
+            state
+                .stack_routes
+                .extend(objects.stack_routes.iter().cloned());
+            state
+                .cluster_stack_routes
+                .extend(objects.cluster_stack_routes.iter().cloned());
+        }
+        // A registered workload is the live truth about its pod: it replaces a file's copy.
+        let registered: HashSet<(&str, &str)> = self
+            .workloads
+            .values()
+            .filter_map(|w| w.key.as_ref())
+            .map(|k| (k.namespace.as_str(), k.name.as_str()))
+            .collect();
+        state
+            .pods
+            .retain(|p| !registered.contains(&(p.namespace.as_str(), p.name.as_str())));
+        for workload in self.workloads.values() {
+            let key = workload.key.clone().unwrap_or_default();
+            state.pods.push(PodInfo {
+                namespace: key.namespace,
+                name: key.name,
+                labels: workload
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                node: Some(key.node),
+                ips: workload
+                    .ips
+                    .iter()
+                    .filter_map(|ip| ip.parse().ok())
+                    .collect(),
+                host_network: false,
+            });
+        }
+        // A node with an agent gets a snapshot even if no file lists it.
+        for node in self.channels.keys() {
+            if !state.nodes.iter().any(|n| &n.name == node) {
+                state.nodes.push(NodeInfo {
+                    name: node.clone(),
+                    zone: None,
+                    addresses: Vec::new(),
+                });
+            }
+        }
+        state
+    }
+
+    /// Everything a compile needs.
+    pub fn compile_input(&self) -> CompileInput {
+        CompileInput {
+            state: self.merged_state(),
+            nodes: self.channels.keys().cloned().collect(),
+            listeners: self.listeners.values().cloned().collect(),
+            settings: self.settings.clone(),
+        }
+    }
+
+    /// Publishes a compile's snapshots to the watching agents.
+    pub fn publish(&mut self, output: CompileOutput, now: Instant) {
+        debug_assert!(output.revision > self.revision, "revisions must increase");
+        self.revision = output.revision.max(self.revision);
+        self.published_at = Some(now);
+        self.metrics
+            .revision
+            .set(i64::try_from(self.revision).unwrap_or(i64::MAX));
+        self.metrics
+            .compile_seconds
+            .observe(output.duration.as_secs_f64());
+        let mut sent = 0;
+        for (node, snapshot) in output.snapshots {
+            if let Some(channel) = self.channels.get(&node) {
+                channel.send_replace(Some(Arc::new(SnapshotUpdate {
+                    revision: output.revision,
+                    node: node.clone(),
+                    snapshot,
+                    listeners: output.listeners.clone(),
+                })));
+                sent += 1;
+            }
+        }
+        let mut present = BTreeSet::new();
+        for policy in &output.policies {
+            let object = policy.object();
+            let entry = self
+                .first_contained
+                .entry(object.clone())
+                .or_insert((policy.fingerprint, output.revision));
+            if entry.0 != policy.fingerprint || policy.problem.is_some() {
+                *entry = (policy.fingerprint, output.revision);
+            }
+            present.insert(object);
+        }
+        self.first_contained.retain(|k, _| present.contains(k));
+        self.policies = output.policies;
+        self.state_nodes = output.nodes;
+        tracing::info!(
+            revision = output.revision,
+            nodes = sent,
+            policies = self.policies.len(),
+            compile_ms = output.duration.as_millis() as u64,
+            "published"
+        );
+        self.ready.send_replace(true);
+    }
+
+    /// Nodes, acks, and per-policy Accepted/Programmed.
+    pub fn status(&self, now: Instant) -> StatusResponse {
+        let lagging = self
+            .published_at
+            .is_some_and(|at| now.saturating_duration_since(at) > self.stale_after);
+        let names: BTreeSet<&String> = self.state_nodes.iter().chain(self.nodes.keys()).collect();
+        let nodes = names
+            .into_iter()
+            .map(|name| {
+                let record = self.nodes.get(name).cloned().unwrap_or_default();
+                let connected = !record.streams.is_empty();
+                let behind = record.acked < self.revision;
+                NodeStatus {
+                    node: name.clone(),
+                    agents: record.streams.values().cloned().collect(),
+                    acked_revision: record.acked,
+                    connected,
+                    stale: !connected || (behind && lagging),
+                    capabilities: record.capabilities,
+                }
+            })
+            .collect();
+
+        let mut load_problems: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut source_errors = Vec::new();
+        for file in self.files.values() {
+            for problem in file.problems() {
+                let mut text = problem.to_string();
+                if file.kept_previous() {
+                    text.push_str(" (the last good version of this file stays in force)");
+                }
+                if problem.invalid_policy
+                    && let Some(object) = &problem.object
+                {
+                    load_problems
+                        .entry(object.clone())
+                        .or_default()
+                        .push(text.clone());
+                }
+                source_errors.push(text);
+            }
+        }
+        for (source, why) in &self.unreadable {
+            source_errors.push(format!("{source}: cannot read: {why}"));
+        }
+
+        let mut policies = Vec::new();
+        let mut listed = BTreeSet::new();
+        for policy in &self.policies {
+            let object = policy.object();
+            let first = self.first_contained.get(&object).map_or(u64::MAX, |e| e.1);
+            let programmed_nodes = policy
+                .targets
+                .iter()
+                .filter(|node| self.nodes.get(*node).is_some_and(|r| r.acked >= first))
+                .count();
+            let mut messages: Vec<String> = policy.problem.iter().cloned().collect();
+            messages.extend(load_problems.get(&object).into_iter().flatten().cloned());
+            policies.push(PolicyStatus {
+                kind: policy.kind.to_string(),
+                namespace: policy.namespace.clone(),
+                name: policy.name.clone(),
+                accepted: messages.is_empty(),
+                message: messages.join("; "),
+                programmed: policy.problem.is_none() && programmed_nodes == policy.targets.len(),
+                target_nodes: policy.targets.len() as u32,
+                programmed_nodes: programmed_nodes as u32,
+                shadowed_rules: 0,
+            });
+            listed.insert(object);
+        }
+        // Invalid objects that never made it into the state.
+        for (object, messages) in &load_problems {
+            if listed.contains(object) {
+                continue;
+            }
+            let mut parts = object.splitn(3, '/');
+            let kind = parts.next().unwrap_or_default().to_string();
+            let (namespace, name) = match (parts.next(), parts.next()) {
+                (Some(ns), Some(name)) => (ns.to_string(), name.to_string()),
+                (Some(name), None) => (String::new(), name.to_string()),
+                _ => (String::new(), String::new()),
+            };
+            policies.push(PolicyStatus {
+                kind,
+                namespace,
+                name,
+                accepted: false,
+                message: messages.join("; "),
+                programmed: false,
+                target_nodes: 0,
+                programmed_nodes: 0,
+                shadowed_rules: 0,
+            });
+        }
+
+        StatusResponse {
+            revision: self.revision,
+            nodes,
+            policies,
+            source_errors,
+            listeners: self.listeners.len() as u32,
+            workloads: self.workloads.len() as u32,
+        }
+    }
+}
+
+// === compile ===
+
+/// Compiles the state and encodes the watched nodes' snapshots (CPU-bound: call it on a
+/// blocking thread).
+pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
+    let started = Instant::now();
+    let CompileInput {
+        state,
+        nodes,
+        listeners,
+        settings,
+    } = input;
+    let compiled = Compiled::new(&state, settings);
+    let problems: BTreeMap<String, String> = compiled
+        .problems
+        .iter()
+        .map(|p| (p.object.clone(), p.to_string()))
+        .collect();
+    let snapshots = nodes
+        .iter()
+        .filter_map(|node| Some((node.clone(), compiled.node_snapshot(node, revision)?)))
+        .collect();
+    let policies = policy_records(&state, &problems);
+    let all_nodes = compiled.node_names().iter().cloned().collect();
+    CompileOutput {
+        revision,
+        snapshots,
+        listeners,
+        policies,
+        nodes: all_nodes,
+        duration: started.elapsed(),
+    }
+}
+
+/// A hash of a policy spec's canonical JSON: equal specs, equal fingerprints.
+fn fingerprint<T: serde::Serialize>(spec: &T) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(spec)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Every policy of the state with the nodes hosting its source pods.
+fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> Vec<PolicyRecord> {
+    let nodes_of = |selects: &dyn Fn(&PodInfo) -> bool| -> BTreeSet<String> {
+        state
+            .pods
+            .iter()
+            .filter(|p| selects(p))
+            .filter_map(|p| p.node.clone())
+            .collect()
+    };
+    let parse = |selector| Selector::parse(selector).ok();
+    let mut records = Vec::new();
+    for route in &state.stack_routes {
+        let namespace = route.metadata.namespace.clone().unwrap_or_default();
+        let name = route.metadata.name.clone().unwrap_or_default();
+        let targets = match parse(&route.spec.pod_selector) {
+            Some(selector) => {
+                nodes_of(&|p| p.namespace == namespace && selector.matches(&p.labels))
+            }
+            None => BTreeSet::new(),
+        };
+        let object = object_name("StackRoute", &namespace, &name);
+        records.push(PolicyRecord {
+            kind: "StackRoute",
+            problem: problems.get(&object).cloned(),
+            namespace,
+            name,
+            fingerprint: fingerprint(&route.spec),
+            targets,
+        });
+    }
+    let namespace_labels = |namespace: &str| -> Labels { state.namespace_labels(namespace) };
+    for route in &state.cluster_stack_routes {
+        let name = route.metadata.name.clone().unwrap_or_default();
+        let subject = &route.spec.subject;
+        let targets = match (&subject.namespaces, &subject.pods) {
+            (Some(namespaces), _) => match parse(namespaces) {
+                Some(selector) => nodes_of(&|p| selector.matches(&namespace_labels(&p.namespace))),
+                None => BTreeSet::new(),
+            },
+            (None, Some(pods)) => {
+                let pod_selector = parse(&pods.pod_selector);
+                let namespace_selector = match &pods.namespace_selector {
+                    Some(s) => parse(s).map(Some),
+                    None => Some(None),
+                };
+                match (pod_selector, namespace_selector) {
+                    (Some(pod_selector), Some(namespace_selector)) => nodes_of(&|p| {
+                        pod_selector.matches(&p.labels)
+                            && namespace_selector
+                                .as_ref()
+                                .is_none_or(|s| s.matches(&namespace_labels(&p.namespace)))
+                    }),
+                    _ => BTreeSet::new(),
+                }
+            }
+            (None, None) => BTreeSet::new(),
+        };
+        let object = object_name("ClusterStackRoute", "", &name);
+        records.push(PolicyRecord {
+            kind: "ClusterStackRoute",
+            problem: problems.get(&object).cloned(),
+            namespace: String::new(),
+            name,
+            fingerprint: fingerprint(&route.spec),
+            targets,
+        });
+    }
+    records
+}
+
+// === the task ===
+
+/// Runs the index task until every handle is dropped.
+pub async fn run(
+    mut index: Index,
+    handle: IndexHandle,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    store: Arc<dyn Store>,
+    mut debouncer: Debouncer,
+) {
+    let mut compiling = false;
+    loop {
+        let deadline = if compiling || !index.ready_to_compile() {
+            None
+        } else {
+            debouncer.deadline()
+        };
+        let due = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            command = rx.recv() => {
+                let Some(command) = command else { return };
+                let now = Instant::now();
+                match command {
+                    Command::Compiled(result) => {
+                        compiling = false;
+                        match result {
+                            Ok(output) => index.publish(*output, now),
+                            Err(error) => {
+                                tracing::error!(%error, "compile failed; retrying");
+                                debouncer.changed(now);
+                            }
+                        }
+                    }
+                    command => match index.handle(command, now) {
+                        Effect::None => {}
+                        Effect::Changed => debouncer.changed(now),
+                        Effect::Urgent => debouncer.urgent(now),
+                    },
+                }
+            }
+            () = due => {
+                debouncer.take();
+                compiling = true;
+                let input = index.compile_input();
+                let floor = index.revision_floor();
+                let store = store.clone();
+                let tx = handle.tx.clone();
+                tokio::spawn(async move {
+                    let result = compile_task(store, input, floor).await;
+                    let _ = tx.send(Command::Compiled(result));
+                });
+            }
+        }
+    }
+}
+
+async fn compile_task(
+    store: Arc<dyn Store>,
+    input: CompileInput,
+    floor: u64,
+) -> Result<Box<CompileOutput>, String> {
+    let revision = store
+        .next_revision(floor)
+        .await
+        .map_err(|e| format!("no revision from the {} store: {e:#}", store.kind()))?;
+    tokio::task::spawn_blocking(move || Box::new(compile(input, revision)))
+        .await
+        .map_err(|e| format!("compile task failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,122 @@
+//! Prometheus metrics (`/metrics`, text format).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label set `[(name, value)]`.
+pub type Labels = Vec<(String, String)>;
+
+/// Every metric the controller exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Last published revision.
+    pub revision: Gauge,
+    /// Compile (and encode) time per revision.
+    pub compile_seconds: Histogram,
+    /// Open WatchSnapshots streams.
+    pub connected_agents: Gauge,
+    /// Highest revision each node acked.
+    pub acked_revision: Family<Labels, Gauge>,
+    /// Registrations by kind (listener, workload) and operation (put, remove).
+    pub registrations: Family<Labels, Counter>,
+    /// Problems in the state sources.
+    pub source_errors: Gauge,
+    /// Registered listeners.
+    pub listeners: Gauge,
+    /// Registered workloads.
+    pub workloads: Gauge,
+    /// gRPC requests rejected as invalid, by method.
+    pub invalid_requests: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("stackroute_controller");
+        let revision = Gauge::default();
+        registry.register("revision", "Last published revision", revision.clone());
+        let compile_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "compile_duration_seconds",
+            "Time to compile the state and encode the watched nodes' snapshots",
+            compile_seconds.clone(),
+        );
+        let connected_agents = Gauge::default();
+        registry.register(
+            "connected_agents",
+            "Open WatchSnapshots streams",
+            connected_agents.clone(),
+        );
+        let acked_revision = Family::<Labels, Gauge>::default();
+        registry.register(
+            "node_acked_revision",
+            "Highest revision each node acknowledged",
+            acked_revision.clone(),
+        );
+        let registrations = Family::<Labels, Counter>::default();
+        registry.register(
+            "registrations",
+            "Listener and workload registrations and removals",
+            registrations.clone(),
+        );
+        let source_errors = Gauge::default();
+        registry.register(
+            "source_errors",
+            "Problems in the state sources (the last good version of a broken file stays in force)",
+            source_errors.clone(),
+        );
+        let listeners = Gauge::default();
+        registry.register("listeners", "Registered listeners", listeners.clone());
+        let workloads = Gauge::default();
+        registry.register("workloads", "Registered workloads", workloads.clone());
+        let invalid_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "invalid_requests",
+            "gRPC requests rejected as invalid",
+            invalid_requests.clone(),
+        );
+        Self {
+            registry,
+            revision,
+            compile_seconds,
+            connected_agents,
+            acked_revision,
+            registrations,
+            source_errors,
+            listeners,
+            workloads,
+            invalid_requests,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        encode(&mut text, &self.registry).expect("encoding metrics into a String");
+        text
+    }
+
+    /// Counts a registration.
+    pub fn registration(&self, kind: &str, op: &str) {
+        self.registrations
+            .get_or_create(&vec![
+                ("kind".to_string(), kind.to_string()),
+                ("op".to_string(), op.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts an invalid request.
+    pub fn invalid(&self, method: &str) {
+        self.invalid_requests
+            .get_or_create(&vec![("method".to_string(), method.to_string())])
+            .inc();
+    }
+}

@@ -1,0 +1,386 @@
+//! Where the listener and workload registries and the revision counter live.
+//!
+//! - [`MemoryStore`] (the default): the index itself holds the registries; revisions start at
+//!   the current Unix time in milliseconds, so a restarted controller never hands out a smaller
+//!   revision than before (compiles are debounced, so the counter advances far slower than the
+//!   clock).
+//! - [`EtcdStore`] (`--etcd-endpoints`): registrations are written to etcd before they are
+//!   acknowledged, every replica watches the registry prefix and feeds what it sees into its
+//!   index, and revisions are etcd's own store revision, which is monotonic across replicas
+//!   and restarts.
+//!
+//! Keys under the prefix (default `/stackroute/`):
+//! `listeners/{node}/{ip}/{port}/{TCP|UDP}` and `workloads/{node}/{namespace}/{name}` hold the
+//! protobuf-encoded `Listener` / `Workload`; `revision` is bumped once per compile.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use prost::Message as _;
+use stackroute_proto::v1alpha1::{Listener, ListenerKey, Protocol, Workload, WorkloadKey};
+
+use crate::index::{IndexHandle, RegistryChange};
+
+/// A boxed, sendable future (object-safe async methods).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The registries and the revision counter.
+pub trait Store: Send + Sync + 'static {
+    /// `"memory"` or `"etcd"`, for logs.
+    fn kind(&self) -> &'static str;
+    /// Feeds the index: the whole registry once ([`RegistryChange::Reset`]), then every change
+    /// made by any replica. Runs until the process ends; reconnects and resyncs on errors.
+    fn run(&self, index: IndexHandle) -> BoxFuture<'_, ()>;
+    /// Persists a listener (before the index applies it).
+    fn put_listener(&self, listener: &Listener) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Removes a listener by its registry key.
+    fn remove_listener(&self, key: &str) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Persists a workload.
+    fn put_workload(&self, workload: &Workload) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Removes a workload by its registry key.
+    fn remove_workload(&self, key: &str) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// A revision greater than every revision handed out before, and at least `floor`.
+    fn next_revision(&self, floor: u64) -> BoxFuture<'_, anyhow::Result<u64>>;
+}
+
+/// The registry key of a listener: `{node}/{ip}/{port}/{protocol}` (the IP in canonical form).
+pub fn listener_key(key: &ListenerKey) -> String {
+    let ip = key
+        .ip
+        .parse::<std::net::IpAddr>()
+        .map_or_else(|_| key.ip.clone(), |ip| ip.to_string());
+    let protocol = match Protocol::try_from(key.protocol) {
+        Ok(Protocol::Udp) => "UDP",
+        Ok(Protocol::Tcp) => "TCP",
+        _ => "UNSPECIFIED",
+    };
+    format!("{}/{ip}/{}/{protocol}", key.node, key.port)
+}
+
+/// The registry key of a workload: `{node}/{namespace}/{name}`.
+pub fn workload_key(key: &WorkloadKey) -> String {
+    format!("{}/{}/{}", key.node, key.namespace, key.name)
+}
+
+// === impl MemoryStore ===
+
+/// The embedded store: nothing leaves the process.
+#[derive(Debug)]
+pub struct MemoryStore {
+    counter: AtomicU64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2));
+        Self {
+            counter: AtomicU64::new(now_ms),
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn run(&self, index: IndexHandle) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            index.registry(RegistryChange::Reset {
+                listeners: Vec::new(),
+                workloads: Vec::new(),
+            });
+        })
+    }
+
+    fn put_listener(&self, _listener: &Listener) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn remove_listener(&self, _key: &str) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn put_workload(&self, _workload: &Workload) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn remove_workload(&self, _key: &str) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn next_revision(&self, floor: u64) -> BoxFuture<'_, anyhow::Result<u64>> {
+        let previous = self
+            .counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                Some(c.saturating_add(1).max(floor))
+            })
+            .unwrap_or_else(|c| c);
+        let next = previous.saturating_add(1).max(floor);
+        Box::pin(async move { Ok(next) })
+    }
+}
+
+// === impl EtcdStore ===
+
+/// Registries and revisions in etcd, shared by every replica.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+const LISTENERS: &str = "listeners/";
+const WORKLOADS: &str = "workloads/";
+const REVISION: &str = "revision";
+
+impl EtcdStore {
+    /// Connects to etcd. Fails if no endpoint answers within a few seconds.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> anyhow::Result<Self> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5));
+        let mut client = Client::connect(endpoints, Some(options))
+            .await
+            .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+        let status = client
+            .status()
+            .await
+            .with_context(|| format!("etcd at {} does not answer", endpoints.join(",")))?;
+        tracing::info!(version = status.version(), prefix, "connected to etcd");
+        Ok(Self {
+            client,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    fn key(&self, section: &str, rest: &str) -> String {
+        format!("{}{section}{rest}", self.prefix)
+    }
+
+    /// One full read then a watch from the revision after it; returns on any error.
+    async fn sync_once(&self, index: &IndexHandle) -> anyhow::Result<()> {
+        let mut client = self.client.clone();
+        let response = client
+            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .context("reading the registries")?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        let mut listeners = Vec::new();
+        let mut workloads = Vec::new();
+        for kv in response.kvs() {
+            match self.decode(kv.key(), kv.value()) {
+                Some(RegistryChange::PutListener(l)) => listeners.push(l),
+                Some(RegistryChange::PutWorkload(w)) => workloads.push(w),
+                _ => {}
+            }
+        }
+        tracing::info!(
+            listeners = listeners.len(),
+            workloads = workloads.len(),
+            revision,
+            "read the registries from etcd"
+        );
+        index.registry(RegistryChange::Reset {
+            listeners,
+            workloads,
+        });
+        let mut stream = client
+            .watch(
+                self.prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await
+            .context("watching the registries")?;
+        while let Some(response) = stream.message().await.context("registry watch")? {
+            if response.canceled() {
+                anyhow::bail!(
+                    "registry watch canceled (compacted at {}): {}",
+                    response.compact_revision(),
+                    response.cancel_reason()
+                );
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let change = match event.event_type() {
+                    EventType::Put => self.decode(kv.key(), kv.value()),
+                    EventType::Delete => self.decode_removal(kv.key()),
+                };
+                if let Some(change) = change {
+                    index.registry(change);
+                }
+            }
+        }
+        anyhow::bail!("registry watch ended")
+    }
+
+    fn section<'k>(&self, key: &'k [u8]) -> Option<(&'static str, &'k str)> {
+        let key = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
+        [LISTENERS, WORKLOADS]
+            .into_iter()
+            .find_map(|section| key.strip_prefix(section).map(|rest| (section, rest)))
+    }
+
+    fn decode(&self, key: &[u8], value: &[u8]) -> Option<RegistryChange> {
+        let (section, rest) = self.section(key)?;
+        let decoded = match section {
+            LISTENERS => Listener::decode(value).map(RegistryChange::PutListener),
+            _ => Workload::decode(value).map(RegistryChange::PutWorkload),
+        };
+        match decoded {
+            Ok(change) => Some(change),
+            Err(error) => {
+                tracing::warn!(key = rest, %error, "skipping an undecodable registry entry");
+                None
+            }
+        }
+    }
+
+    fn decode_removal(&self, key: &[u8]) -> Option<RegistryChange> {
+        let (section, rest) = self.section(key)?;
+        Some(match section {
+            LISTENERS => RegistryChange::RemoveListener(rest.to_string()),
+            _ => RegistryChange::RemoveWorkload(rest.to_string()),
+        })
+    }
+}
+
+impl Store for EtcdStore {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn run(&self, index: IndexHandle) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            loop {
+                if let Err(error) = self.sync_once(&index).await {
+                    if index.is_closed() {
+                        return;
+                    }
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "etcd registry sync failed; retrying"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    }
+
+    fn put_listener(&self, listener: &Listener) -> BoxFuture<'_, anyhow::Result<()>> {
+        let key = self.key(
+            LISTENERS,
+            &listener_key(&listener.key.clone().unwrap_or_default()),
+        );
+        let value = listener.encode_to_vec();
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            client.put(key, value, None).await.context("etcd put")?;
+            Ok(())
+        })
+    }
+
+    fn remove_listener(&self, key: &str) -> BoxFuture<'_, anyhow::Result<()>> {
+        let key = self.key(LISTENERS, key);
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            client.delete(key, None).await.context("etcd delete")?;
+            Ok(())
+        })
+    }
+
+    fn put_workload(&self, workload: &Workload) -> BoxFuture<'_, anyhow::Result<()>> {
+        let key = self.key(
+            WORKLOADS,
+            &workload_key(&workload.key.clone().unwrap_or_default()),
+        );
+        let value = workload.encode_to_vec();
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            client.put(key, value, None).await.context("etcd put")?;
+            Ok(())
+        })
+    }
+
+    fn remove_workload(&self, key: &str) -> BoxFuture<'_, anyhow::Result<()>> {
+        let key = self.key(WORKLOADS, key);
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            client.delete(key, None).await.context("etcd delete")?;
+            Ok(())
+        })
+    }
+
+    fn next_revision(&self, floor: u64) -> BoxFuture<'_, anyhow::Result<u64>> {
+        let key = format!("{}{REVISION}", self.prefix);
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            // The store revision of this write: greater than every earlier write's, whoever
+            // made it, and it survives restarts with the data directory.
+            let response = client
+                .put(key, Vec::<u8>::new(), None)
+                .await
+                .context("bumping the revision in etcd")?;
+            let revision = response
+                .header()
+                .map(|h| u64::try_from(h.revision()).unwrap_or(0))
+                .context("etcd answered without a header")?;
+            Ok(revision.max(floor))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_revisions_increase_and_respect_the_floor() {
+        let store = MemoryStore::default();
+        let a = store.next_revision(0).await.expect("revision");
+        let b = store.next_revision(0).await.expect("revision");
+        assert!(b > a, "{a} {b}");
+        let c = store.next_revision(b + 1000).await.expect("revision");
+        assert_eq!(c, b + 1000);
+        let d = store.next_revision(0).await.expect("revision");
+        assert!(d > c, "{c} {d}");
+        // Seeded from the clock: a restarted controller starts above an earlier run.
+        let later = MemoryStore::default();
+        assert!(later.next_revision(0).await.expect("revision") >= a);
+    }
+
+    #[test]
+    fn registry_keys_are_canonical() {
+        let key = ListenerKey {
+            node: "n1".into(),
+            ip: "fd00:0::1".into(),
+            port: 80,
+            protocol: Protocol::Tcp as i32,
+        };
+        assert_eq!(listener_key(&key), "n1/fd00::1/80/TCP");
+        let key = WorkloadKey {
+            node: "n1".into(),
+            namespace: "ns".into(),
+            name: "w".into(),
+        };
+        assert_eq!(workload_key(&key), "n1/ns/w");
+    }
+}
