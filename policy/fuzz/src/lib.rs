@@ -5,7 +5,18 @@ use std::net::IpAddr;
 
 use stackroute_policy::explain::AddressNamer;
 use stackroute_policy::{ClusterState, Compiled, Settings, explain_in_snapshot};
-use stackroute_snapshot::{NoTrace, Protocol, Snapshot};
+use stackroute_snapshot::{NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict};
+
+/// A trace that asks for the detailed, rule-by-rule walk (as `explain` does) and records nothing.
+struct Detailed;
+
+impl Trace for Detailed {
+    fn rule(&mut self, _rule: RuleRef, _verdict: Verdict) {}
+
+    fn detailed(&self) -> bool {
+        true
+    }
+}
 
 /// Most nodes, pods per node and destinations one run walks, to keep a run short.
 const MAX_NODES: usize = 8;
@@ -77,7 +88,19 @@ pub fn load_yaml(data: &[u8]) {
                 });
             for (ip, port, protocol) in &destinations {
                 let _ = snapshot.classify(*ip);
-                let decision = snapshot.decide(id, *ip, *port, *protocol, &mut NoTrace);
+                let decision = snapshot.decide(id, *ip, *port, *protocol, &mut Detailed);
+                // The shim's fast path skips policies by their summaries: it must decide
+                // exactly as the rule-by-rule walk on a snapshot the encoder wrote.
+                let fast = snapshot.decide(id, *ip, *port, *protocol, &mut NoTrace);
+                assert!(
+                    fast.same_outcome(&decision)
+                        && fast.location == decision.location
+                        && fast.via == decision.via,
+                    "fast path {fast:?} differs from rule-by-rule {decision:?} for {}/{} -> \
+                     {ip}:{port} {protocol}",
+                    pod.namespace,
+                    pod.name
+                );
                 let explanation = explain_in_snapshot(
                     &snapshot,
                     &pod.namespace,
@@ -91,9 +114,20 @@ pub fn load_yaml(data: &[u8]) {
                     panic!("explain {}/{} -> {ip}:{port}: {e}", pod.namespace, pod.name)
                 });
                 // explain runs the same lookup with a trace: it must report the same decision.
+                let transport = decision.transport();
                 assert_eq!(
-                    explanation.transport.stack,
-                    decision.transport().stack.to_string(),
+                    (
+                        explanation.transport.stack.as_str(),
+                        explanation.transport.congestion_control.as_str(),
+                        explanation.fallback.len(),
+                        explanation.matched.is_some(),
+                    ),
+                    (
+                        transport.stack.as_str(),
+                        transport.congestion_control.as_str(),
+                        decision.transports().count().saturating_sub(1),
+                        decision.matched.is_some(),
+                    ),
                     "explain and decide disagree for {}/{} -> {ip}:{port}",
                     pod.namespace,
                     pod.name

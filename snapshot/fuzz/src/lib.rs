@@ -18,9 +18,9 @@ use std::sync::OnceLock;
 
 use stackroute_snapshot::{
     Action, AddressEntry, AddressKind, Cidr, CongestionControl, Decision, Entity, Isolation,
-    LocationMatch, NO_IDENTITY, NO_ZONE, NodeEntry, NodeInput, PeerEntry, PolicyEntry, PolicyKind,
-    PortEntry, Protocol, RuleEntry, RuleRef, ServiceEntry, SharedInput, SharedTables, Snapshot,
-    Stack, Tier, Trace, TransportChoice, Verdict, Via, WorkloadEntry, WorkloadId, encode,
+    LocationMatch, NO_IDENTITY, NO_ZONE, NoTrace, NodeEntry, NodeInput, PeerEntry, PolicyEntry,
+    PolicyKind, PortEntry, Protocol, RuleEntry, RuleRef, ServiceEntry, SharedInput, SharedTables,
+    Snapshot, Stack, Tier, Trace, TransportChoice, Verdict, Via, WorkloadEntry, WorkloadId, encode,
 };
 
 /// Offset of the CRC-32 in the header.
@@ -36,7 +36,9 @@ const MAX_WALK: u32 = 32;
 /// Target `decode`.
 pub fn decode(data: &[u8]) {
     if let Ok(snapshot) = Snapshot::parse(data) {
-        exercise(&snapshot, data);
+        // Arbitrary bytes can carry policy summaries that disagree with their rules (the parser
+        // does not recompute them), so the fast path is only required not to panic.
+        exercise(&snapshot, data, false);
     }
 }
 
@@ -68,7 +70,8 @@ pub fn mutate_and_report(data: &[u8]) -> bool {
     fix_crc(&mut bytes);
     match Snapshot::parse(&bytes) {
         Ok(snapshot) => {
-            exercise(&snapshot, edits);
+            // Unedited, the summaries are the encoder's own: the fast path must then agree.
+            exercise(&snapshot, edits, edits.len() < 4);
             true
         }
         Err(error) if edits.len() < 4 => {
@@ -203,8 +206,10 @@ fn destinations() -> &'static [(IpAddr, u16)] {
     })
 }
 
-/// Every public read of `snapshot`; `data` supplies extra destination addresses.
-pub fn exercise(snapshot: &Snapshot<'_>, data: &[u8]) {
+/// Every public read of `snapshot`; `data` supplies extra destination addresses. With
+/// `trusted_summaries` (the snapshot is as `encode` wrote it), the shim's fast path (`NoTrace`,
+/// which skips policies by their summaries) must decide exactly as the rule-by-rule walk.
+pub fn exercise(snapshot: &Snapshot<'_>, data: &[u8], trusted_summaries: bool) {
     let _ = (
         snapshot.revision(),
         snapshot.len(),
@@ -300,6 +305,16 @@ pub fn exercise(snapshot: &Snapshot<'_>, data: &[u8]) {
                 let mut checker = Checker::default();
                 let decision = snapshot.decide(id, *ip, *port, protocol, &mut checker);
                 check_decision(snapshot, &decision, &checker);
+                let fast = snapshot.decide(id, *ip, *port, protocol, &mut NoTrace);
+                if trusted_summaries {
+                    assert!(
+                        fast.same_outcome(&decision)
+                            && fast.location == decision.location
+                            && fast.via == decision.via,
+                        "fast path {fast:?} differs from rule-by-rule {decision:?} for workload \
+                         {index} -> {ip}:{port} {protocol}"
+                    );
+                }
             }
         }
     }
@@ -681,13 +696,13 @@ mod tests {
             ip("10.244.2.10"),
             29500,
             Protocol::Tcp,
-            &mut stackroute_snapshot::NoTrace,
+            &mut NoTrace,
         );
         // The Admin Pass rule hands trainer traffic on to the namespace tier: RDMA.
         assert_eq!(decision.transport().stack, Stack::Rdma);
         for sample in samples() {
             let snapshot = Snapshot::parse(sample).expect("every sample parses");
-            exercise(&snapshot, &[]);
+            exercise(&snapshot, &[], true);
         }
     }
 
