@@ -1,0 +1,277 @@
+//! Requests and replies on the agent's Unix socket. Every message is a JSON object whose `kind`
+//! field names it; unknown kinds are rejected, unknown fields are ignored (so fields can be
+//! added without breaking older peers).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Transport protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Protocol {
+    /// TCP.
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// UDP.
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+/// A network stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Stack {
+    /// Linux kernel TCP/IP.
+    Kernel,
+    /// stackroute's user-space TCP/IP.
+    Userspace,
+    /// RDMA (RoCE).
+    #[serde(rename = "RDMA")]
+    Rdma,
+}
+
+/// Why the shim fell back to the kernel (or down its fallback list). Counted per reason in the
+/// agent's `/metrics` (`stackroute_lrd_fallback_reports_total{reason=…}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FallbackReason {
+    /// The agent was unreachable, or no snapshot was published.
+    NoAgent,
+    /// The local node lacks the chosen stack (no RDMA device, BBR not allowed, …).
+    NoCapability,
+    /// RDMA was chosen but the server has no listener registered for it.
+    PeerNotRegistered,
+    /// Connecting on the chosen stack failed or timed out.
+    ConnectFailed,
+    /// The rule's isolation forbids the stack that was available.
+    IsolationForbids,
+    /// The call or option is not supported on the chosen stack.
+    Unsupported,
+    /// The program bypasses the shim (static binary, raw syscalls, io_uring).
+    Unaccelerated,
+    /// Anything else.
+    Other,
+}
+
+impl FallbackReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [Self; 8] = [
+        Self::NoAgent,
+        Self::NoCapability,
+        Self::PeerNotRegistered,
+        Self::ConnectFailed,
+        Self::IsolationForbids,
+        Self::Unsupported,
+        Self::Unaccelerated,
+        Self::Other,
+    ];
+
+    /// The name used on the wire and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoAgent => "no-agent",
+            Self::NoCapability => "no-capability",
+            Self::PeerNotRegistered => "peer-not-registered",
+            Self::ConnectFailed => "connect-failed",
+            Self::IsolationForbids => "isolation-forbids",
+            Self::Unsupported => "unsupported",
+            Self::Unaccelerated => "unaccelerated",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// A request from a local process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Request {
+    /// A server socket now listens (sent by the shim at `listen()`). The agent checks that `ip`
+    /// belongs to the caller's network namespace (or is the unspecified address), then forwards
+    /// it to the controller.
+    #[serde(rename_all = "camelCase")]
+    RegisterListener {
+        /// Listening address; `0.0.0.0` or `::` for a wildcard bind.
+        ip: IpAddr,
+        /// Port.
+        port: u16,
+        /// Protocol.
+        protocol: Protocol,
+        /// The workload's namespace.
+        namespace: String,
+        /// The workload's name.
+        workload: String,
+        /// Stacks it accepts on; the kernel is added if missing.
+        #[serde(default)]
+        stacks: Vec<Stack>,
+        /// Where to reach it on stacks that need an address of their own, keyed by stack name.
+        #[serde(default)]
+        endpoints: BTreeMap<String, String>,
+    },
+    /// A server socket closed.
+    #[serde(rename_all = "camelCase")]
+    RemoveListener {
+        /// Listening address.
+        ip: IpAddr,
+        /// Port.
+        port: u16,
+        /// Protocol.
+        protocol: Protocol,
+    },
+    /// Standalone mode: a workload started by `stackroute run` declares its identity.
+    #[serde(rename_all = "camelCase")]
+    RegisterWorkload {
+        /// Namespace.
+        namespace: String,
+        /// Name (plays the role of the pod name).
+        name: String,
+        /// Labels that policies select on.
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+        /// Addresses of the workload (none: it shares the node's addresses).
+        #[serde(default)]
+        ips: Vec<IpAddr>,
+    },
+    /// A connection the shim could not decide from its mapped table (no table yet, or a stale
+    /// mapping): the agent decides on its current snapshot.
+    #[serde(rename_all = "camelCase")]
+    Lookup {
+        /// Source workload's namespace.
+        namespace: String,
+        /// Source workload's name.
+        workload: String,
+        /// Destination address.
+        ip: IpAddr,
+        /// Destination port.
+        port: u16,
+        /// Protocol.
+        protocol: Protocol,
+    },
+    /// The shim fell back `count` times for `reason` since its last report.
+    #[serde(rename_all = "camelCase")]
+    FallbackReport {
+        /// Why.
+        reason: FallbackReason,
+        /// How many times (at least 1).
+        #[serde(default = "one")]
+        count: u64,
+    },
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl Request {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RegisterListener { .. } => "register-listener",
+            Self::RemoveListener { .. } => "remove-listener",
+            Self::RegisterWorkload { .. } => "register-workload",
+            Self::Lookup { .. } => "lookup",
+            Self::FallbackReport { .. } => "fallback-report",
+        }
+    }
+}
+
+/// One transport of a decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Transport {
+    /// Stack.
+    pub stack: Stack,
+    /// `Default`, `Cubic`, `BBR` or `Reno`.
+    pub congestion_control: String,
+}
+
+/// The agent's answer to [`Request::Lookup`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LookupAnswer {
+    /// Revision of the snapshot that decided.
+    pub revision: u64,
+    /// Whether that snapshot is a persisted one not yet confirmed by a controller.
+    pub stale: bool,
+    /// The transport to use first, then the fallbacks in order.
+    pub transports: Vec<Transport>,
+    /// `None`, `KernelEnforced` or `Dedicated`.
+    pub isolation: String,
+    /// `SameNode`, `SameZone`, `SameCluster` or `External`.
+    pub location: String,
+    /// The deciding rule as `Kind/[namespace/]name#rule`, or `None` for the default.
+    pub matched: Option<String>,
+}
+
+/// A reply from the agent: exactly one per request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Response {
+    /// A registration, removal or report was accepted.
+    #[serde(rename_all = "camelCase")]
+    Ok {
+        /// The revision that will include a registration, when the controller answered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revision: Option<u64>,
+        /// True when the controller is unreachable: the agent keeps the registration and sends
+        /// it when it reconnects.
+        #[serde(default)]
+        queued: bool,
+    },
+    /// The answer to a lookup.
+    Decision(LookupAnswer),
+    /// The request was rejected; the connection stays usable unless the frame itself was bad.
+    #[serde(rename_all = "camelCase")]
+    Error {
+        /// What was wrong.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_json_form() {
+        let request = Request::RegisterListener {
+            ip: "10.0.0.1".parse().unwrap(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+            namespace: "shop".into(),
+            workload: "web".into(),
+            stacks: vec![Stack::Kernel, Stack::Rdma],
+            endpoints: BTreeMap::from([("RDMA".into(), "fe80::1/4791".into())]),
+        };
+        let text = serde_json::to_string(&request).unwrap();
+        assert_eq!(
+            text,
+            r#"{"kind":"registerListener","ip":"10.0.0.1","port":8080,"protocol":"TCP","namespace":"shop","workload":"web","stacks":["Kernel","RDMA"],"endpoints":{"RDMA":"fe80::1/4791"}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);
+        let report: Request =
+            serde_json::from_str(r#"{"kind":"fallbackReport","reason":"connect-failed"}"#).unwrap();
+        assert_eq!(
+            report,
+            Request::FallbackReport {
+                reason: FallbackReason::ConnectFailed,
+                count: 1
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_and_reasons_are_rejected() {
+        assert!(serde_json::from_str::<Request>(r#"{"kind":"format","disk":"c:"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"kind":"fallbackReport","reason":"x"}"#).is_err()
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"port":1}"#).is_err());
+        let reasons: Vec<_> = FallbackReason::ALL.iter().map(|r| r.as_str()).collect();
+        for (reason, name) in FallbackReason::ALL.iter().zip(reasons) {
+            assert_eq!(
+                serde_json::to_string(reason).unwrap(),
+                format!("\"{name}\"")
+            );
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The controller connection: connect to one of the controllers (rotating on failure), report
+//! capabilities, re-send held registrations, watch the node's snapshots, apply and ack each.
+//! Reconnects with capped exponential backoff and jitter; the last snapshot stays published
+//! while no controller is reachable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stackroute_proto::MAX_MESSAGE_BYTES;
+use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
+use stackroute_proto::v1alpha1::{AckRequest, ApiVersion, WatchRequest};
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::caps;
+use crate::state::Agent;
+
+/// First reconnect delay.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A session that lasted this long resets the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// The delay after `failures` consecutive failures: exponential, capped, with ±50 % jitter.
+pub fn backoff(failures: u32) -> Duration {
+    let base = BACKOFF_MIN
+        .saturating_mul(1 << failures.min(16))
+        .min(BACKOFF_MAX);
+    base.mul_f64(0.5 + fastrand::f64())
+}
+
+/// Runs forever.
+pub async fn run(agent: Arc<Agent>) {
+    let controllers = agent.config.controllers.clone();
+    let mut failures = 0u32;
+    for (attempt, url) in controllers.iter().cycle().enumerate() {
+        if attempt > 0 {
+            agent.metrics.reconnects.inc();
+        }
+        let started = Instant::now();
+        match session(&agent, url).await {
+            Ok(()) => info!(controller = %url, "the controller ended the watch"),
+            Err(error) => {
+                warn!(controller = %url, error = %format!("{error:#}"), "controller session failed")
+            }
+        }
+        agent.set_client(None);
+        if started.elapsed() >= HEALTHY_SESSION {
+            failures = 0;
+        }
+        let delay = backoff(failures);
+        failures = failures.saturating_add(1);
+        debug!(?delay, "reconnecting after a delay");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    let url = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    };
+    Ok(Endpoint::from_shared(url)?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true))
+}
+
+async fn session(agent: &Arc<Agent>, url: &str) -> anyhow::Result<()> {
+    let channel = endpoint(url)?.connect().await?;
+    let mut client = DistributionClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    info!(controller = %url, agent_id = %agent.agent_id, "connected");
+
+    let capabilities = caps::discover(&agent.config.node);
+    if let Err(status) = client.report_capabilities(capabilities).await {
+        warn!(%status, "ReportCapabilities failed");
+    }
+    resend_registrations(agent, &mut client).await?;
+
+    let known_revision = agent.current().map_or(0, |c| c.revision);
+    let mut stream = client
+        .watch_snapshots(WatchRequest {
+            node: agent.config.node.clone(),
+            agent_id: agent.agent_id.clone(),
+            known_revision,
+            api_version: ApiVersion::V1alpha1 as i32,
+        })
+        .await?
+        .into_inner();
+    agent.set_client(Some(client.clone()));
+    while let Some(update) = stream.message().await? {
+        let revision = update.revision;
+        let result = agent.apply(revision, update.snapshot);
+        if let Err(error) = &result {
+            warn!(revision, %error, "rejected snapshot; the previous one stays in force");
+        }
+        let ack = AckRequest {
+            node: agent.config.node.clone(),
+            agent_id: agent.agent_id.clone(),
+            revision,
+            error: result.err().unwrap_or_default(),
+        };
+        if let Err(status) = client.ack(ack).await {
+            warn!(revision, %status, "Ack failed");
+        }
+    }
+    Ok(())
+}
+
+/// Sends every held registration again: the controller may have restarted without a store.
+async fn resend_registrations(
+    agent: &Agent,
+    client: &mut DistributionClient<Channel>,
+) -> anyhow::Result<()> {
+    let (listeners, workloads) = {
+        let held = agent.registrations();
+        (
+            held.listeners
+                .values()
+                .map(|h| h.value.clone())
+                .collect::<Vec<_>>(),
+            held.workloads
+                .values()
+                .map(|h| h.value.clone())
+                .collect::<Vec<_>>(),
+        )
+    };
+    for workload in workloads {
+        client.register_workload(workload).await?;
+    }
+    for listener in listeners {
+        client.register_listener(listener).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        for failures in 0..40 {
+            let delay = backoff(failures);
+            let base = BACKOFF_MIN
+                .saturating_mul(1 << failures.min(16))
+                .min(BACKOFF_MAX);
+            assert!(
+                delay >= base / 2 && delay <= base * 3 / 2,
+                "{failures}: {delay:?}"
+            );
+            assert!(delay <= BACKOFF_MAX * 3 / 2);
+        }
+        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(3)).collect();
+        assert!(samples.len() > 1, "no jitter");
+    }
+
+    #[test]
+    fn endpoints_accept_bare_addresses_and_urls() {
+        assert_eq!(
+            endpoint("127.0.0.1:9").unwrap().uri().to_string(),
+            "http://127.0.0.1:9/"
+        );
+        assert_eq!(
+            endpoint("https://c.example:443")
+                .unwrap()
+                .uri()
+                .scheme_str(),
+            Some("https")
+        );
+        assert!(endpoint("http://bad host").is_err());
+    }
+}

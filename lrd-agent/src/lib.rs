@@ -1,0 +1,26 @@
+//! `stackroute-lrd`, the node agent: receives this node's snapshots from a controller,
+//! validates, persists and publishes them for local processes, and serves those processes on a
+//! Unix socket.
+//!
+//! Layers:
+//! - [`controller`]: the gRPC session (watch, apply, ack, reconnect with backoff).
+//! - [`state`]: what the tasks share — the snapshot served, held registrations, metrics.
+//! - [`files`]: atomic persistence in the state directory and publication in the socket
+//!   directory (file layout in `stackroute_local_api::published`).
+//! - [`local`]: the Unix socket (`stackroute_local_api::message`), with [`peer`] for caller
+//!   identity and address ownership.
+//! - [`caps`]: node capability discovery. [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! The only unsafe code is the shared mapping of the generation counter (`genmap`).
+
+pub mod args;
+pub mod caps;
+pub mod controller;
+pub mod files;
+mod genmap;
+pub mod local;
+pub mod metrics;
+pub mod peer;
+pub mod state;
+
+pub use args::Args;

@@ -1,0 +1,550 @@
+//! The Unix socket `DIR/agent.sock`: requests from local processes (see
+//! `stackroute_local_api::message`), one reply per request, length-prefixed JSON frames.
+//! Callers are identified by `SO_PEERCRED`. A bad frame gets an error reply and is logged; an
+//! oversized or truncated one also closes that connection (its boundaries are lost). Nothing a
+//! client sends can stop the agent.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stackroute_local_api::frame::{self, HEADER_LEN};
+use stackroute_local_api::message::{self, LookupAnswer, Request, Response, Transport};
+use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
+use stackroute_proto::v1alpha1::{
+    self as proto, Listener, ListenerKey, RegistrationResponse, Workload, WorkloadKey,
+};
+use stackroute_snapshot::{NoTrace, Snapshot};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::peer::{self, Peer, ProcNet};
+use crate::state::{Agent, Held};
+
+/// Most concurrent connections; further clients wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 4096;
+/// Time allowed for the body of a frame once its header arrived.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for a forwarded registration before it is reported as queued.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often registrations of exited processes are withdrawn.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest namespace, workload or label text accepted.
+const MAX_NAME: usize = 253;
+
+/// Accepts connections forever.
+pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    connection(&agent, stream).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                warn!(%error, "accept on the agent socket failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(agent: &Agent, stream: UnixStream) {
+    let peer = match stream.peer_cred() {
+        Ok(cred) => Peer {
+            pid: cred.pid(),
+            uid: cred.uid(),
+            gid: cred.gid(),
+        },
+        Err(error) => {
+            warn!(%error, "no peer credentials; closing");
+            return;
+        }
+    };
+    let cgroup = peer
+        .pid
+        .and_then(|pid| peer::cgroup(Path::new("/proc"), pid));
+    debug!(pid = ?peer.pid, uid = peer.uid, gid = peer.gid, cgroup = ?cgroup, "local connection");
+    let (mut reader, mut writer) = stream.into_split();
+    loop {
+        let mut header = [0; HEADER_LEN];
+        if let Err(error) = reader.read_exact(&mut header).await {
+            if error.kind() != std::io::ErrorKind::UnexpectedEof {
+                debug!(%error, pid = ?peer.pid, "local connection failed");
+            }
+            return;
+        }
+        let (response, keep_open) = match frame::body_len(header) {
+            Err(error) => {
+                warn!(pid = ?peer.pid, uid = peer.uid, %error, "rejected frame; closing the connection");
+                agent.metrics.request("invalid", "error");
+                (
+                    Response::Error {
+                        message: error.to_string(),
+                    },
+                    false,
+                )
+            }
+            Ok(len) => {
+                let mut body = vec![0; len];
+                match tokio::time::timeout(BODY_TIMEOUT, reader.read_exact(&mut body)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        warn!(pid = ?peer.pid, %error, "truncated frame; closing the connection");
+                        agent.metrics.request("invalid", "error");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(pid = ?peer.pid, "frame body timed out; closing the connection");
+                        agent.metrics.request("invalid", "error");
+                        return;
+                    }
+                }
+                match frame::decode::<Request>(&body) {
+                    Ok(request) => (handle(agent, &peer, request).await, true),
+                    Err(error) => {
+                        warn!(pid = ?peer.pid, uid = peer.uid, %error, "rejected message");
+                        agent.metrics.request("invalid", "error");
+                        (
+                            Response::Error {
+                                message: error.to_string(),
+                            },
+                            true,
+                        )
+                    }
+                }
+            }
+        };
+        let bytes = match frame::encode(&response) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                warn!(%error, "cannot encode a reply");
+                frame::encode(&Response::Error {
+                    message: "reply too large".into(),
+                })
+                .unwrap_or_default()
+            }
+        };
+        if writer.write_all(&bytes).await.is_err() || !keep_open {
+            return;
+        }
+    }
+}
+
+/// Answers one request and counts it.
+pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
+    let kind = request.kind();
+    let (response, result) = match request {
+        Request::RegisterListener {
+            ip,
+            port,
+            protocol,
+            namespace,
+            workload,
+            stacks,
+            endpoints,
+        } => {
+            register_listener(
+                agent, peer, ip, port, protocol, namespace, workload, stacks, endpoints,
+            )
+            .await
+        }
+        Request::RemoveListener { ip, port, protocol } => {
+            remove_listener(agent, peer, ip, port, protocol).await
+        }
+        Request::RegisterWorkload {
+            namespace,
+            name,
+            labels,
+            ips,
+        } => register_workload(agent, peer, namespace, name, labels, ips).await,
+        Request::Lookup {
+            namespace,
+            workload,
+            ip,
+            port,
+            protocol,
+        } => match lookup(agent, &namespace, &workload, ip, port, protocol) {
+            Ok(answer) => (Response::Decision(answer), "ok"),
+            Err(message) => (Response::Error { message }, "error"),
+        },
+        Request::FallbackReport { reason, count } => {
+            agent
+                .metrics
+                .fallbacks
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: reason.as_str(),
+                })
+                .inc_by(count.clamp(1, 1 << 20));
+            (
+                Response::Ok {
+                    revision: None,
+                    queued: false,
+                },
+                "ok",
+            )
+        }
+    };
+    if result != "ok" {
+        info!(kind, result, pid = ?peer.pid, uid = peer.uid, ?response, "local request not served");
+    }
+    agent.metrics.request(kind, result);
+    response
+}
+
+fn error(message: String) -> (Response, &'static str) {
+    (Response::Error { message }, "error")
+}
+
+fn denied(message: String) -> (Response, &'static str) {
+    (Response::Error { message }, "denied")
+}
+
+fn check_name(what: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > MAX_NAME || value.chars().any(char::is_control) {
+        return Err(format!(
+            "{what} must be 1 to {MAX_NAME} printable characters"
+        ));
+    }
+    Ok(())
+}
+
+fn check_owned(peer: &Peer, ip: IpAddr) -> Result<(), String> {
+    match ProcNet::default().owns(peer, ip) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "address {ip} is not assigned to an interface in the caller's network namespace"
+        )),
+        Err(error) => Err(format!("cannot check address {ip}: {error}")),
+    }
+}
+
+fn proto_protocol(protocol: message::Protocol) -> i32 {
+    match protocol {
+        message::Protocol::Tcp => proto::Protocol::Tcp as i32,
+        message::Protocol::Udp => proto::Protocol::Udp as i32,
+    }
+}
+
+fn proto_stack(stack: message::Stack) -> i32 {
+    match stack {
+        message::Stack::Kernel => proto::Stack::Kernel as i32,
+        message::Stack::Userspace => proto::Stack::Userspace as i32,
+        message::Stack::Rdma => proto::Stack::Rdma as i32,
+    }
+}
+
+enum Forwarded {
+    Done(u64),
+    Queued,
+    Refused(String),
+}
+
+impl Forwarded {
+    fn reply(self) -> (Response, &'static str) {
+        match self {
+            Self::Done(revision) => (
+                Response::Ok {
+                    revision: Some(revision),
+                    queued: false,
+                },
+                "ok",
+            ),
+            Self::Queued => (
+                Response::Ok {
+                    revision: None,
+                    queued: true,
+                },
+                "queued",
+            ),
+            Self::Refused(message) => error(format!("the controller refused: {message}")),
+        }
+    }
+}
+
+/// Sends a registration to the controller if one is connected. Transport failures leave it
+/// queued (it is re-sent on reconnect); a refusal by the controller is final.
+async fn forward<F, Fut>(agent: &Agent, call: F) -> Forwarded
+where
+    F: FnOnce(DistributionClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<RegistrationResponse>, tonic::Status>>,
+{
+    let Some(client) = agent.client() else {
+        return Forwarded::Queued;
+    };
+    match tokio::time::timeout(FORWARD_TIMEOUT, call(client)).await {
+        Ok(Ok(response)) => Forwarded::Done(response.into_inner().revision),
+        Ok(Err(status))
+            if matches!(
+                status.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::OutOfRange
+            ) =>
+        {
+            Forwarded::Refused(status.message().to_string())
+        }
+        Ok(Err(status)) => {
+            warn!(%status, "forwarding a registration failed; queued for the next connection");
+            Forwarded::Queued
+        }
+        Err(_) => Forwarded::Queued,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn register_listener(
+    agent: &Agent,
+    peer: &Peer,
+    ip: IpAddr,
+    port: u16,
+    protocol: message::Protocol,
+    namespace: String,
+    workload: String,
+    stacks: Vec<message::Stack>,
+    endpoints: std::collections::BTreeMap<String, String>,
+) -> (Response, &'static str) {
+    if let Err(message) = check_name("namespace", &namespace).and(check_name("workload", &workload))
+    {
+        return error(message);
+    }
+    if port == 0 {
+        return error("port must not be 0".into());
+    }
+    if let Err(message) = check_owned(peer, ip) {
+        return denied(message);
+    }
+    let mut stacks: Vec<i32> = std::iter::once(message::Stack::Kernel)
+        .chain(stacks)
+        .map(proto_stack)
+        .collect();
+    stacks.sort_unstable();
+    stacks.dedup();
+    let key = ListenerKey {
+        node: agent.config.node.clone(),
+        ip: ip.to_canonical().to_string(),
+        port: u32::from(port),
+        protocol: proto_protocol(protocol),
+    };
+    let id = (key.ip.clone(), key.port, key.protocol);
+    let listener = Listener {
+        key: Some(key),
+        namespace,
+        workload,
+        stacks,
+        endpoints: endpoints.into_iter().collect(),
+    };
+    agent.registrations().listeners.insert(
+        id.clone(),
+        Held {
+            value: listener.clone(),
+            pid: peer.pid.unwrap_or(0),
+        },
+    );
+    let outcome = forward(agent, |mut client| async move {
+        client.register_listener(listener).await
+    })
+    .await;
+    if matches!(outcome, Forwarded::Refused(_)) {
+        agent.registrations().listeners.remove(&id);
+    }
+    outcome.reply()
+}
+
+async fn remove_listener(
+    agent: &Agent,
+    peer: &Peer,
+    ip: IpAddr,
+    port: u16,
+    protocol: message::Protocol,
+) -> (Response, &'static str) {
+    if let Err(message) = check_owned(peer, ip) {
+        return denied(message);
+    }
+    let key = ListenerKey {
+        node: agent.config.node.clone(),
+        ip: ip.to_canonical().to_string(),
+        port: u32::from(port),
+        protocol: proto_protocol(protocol),
+    };
+    agent
+        .registrations()
+        .listeners
+        .remove(&(key.ip.clone(), key.port, key.protocol));
+    forward(agent, |mut client| async move {
+        client.remove_listener(key).await
+    })
+    .await
+    .reply()
+}
+
+async fn register_workload(
+    agent: &Agent,
+    peer: &Peer,
+    namespace: String,
+    name: String,
+    labels: std::collections::BTreeMap<String, String>,
+    ips: Vec<IpAddr>,
+) -> (Response, &'static str) {
+    let names = check_name("namespace", &namespace).and(check_name("name", &name));
+    let labels_ok = labels.iter().try_for_each(|(k, v)| {
+        check_name("label key", k)?;
+        if v.len() > MAX_NAME {
+            return Err(format!("label {k:?}: value longer than {MAX_NAME}"));
+        }
+        Ok(())
+    });
+    if let Err(message) = names.and(labels_ok) {
+        return error(message);
+    }
+    for ip in &ips {
+        if ip.is_unspecified() {
+            return error("a workload address must not be the unspecified address".into());
+        }
+        if let Err(message) = check_owned(peer, *ip) {
+            return denied(message);
+        }
+    }
+    let id = (namespace.clone(), name.clone());
+    let workload = Workload {
+        key: Some(WorkloadKey {
+            node: agent.config.node.clone(),
+            namespace,
+            name,
+        }),
+        labels: labels.into_iter().collect(),
+        ips: ips.iter().map(|ip| ip.to_canonical().to_string()).collect(),
+    };
+    agent.registrations().workloads.insert(
+        id.clone(),
+        Held {
+            value: workload.clone(),
+            pid: peer.pid.unwrap_or(0),
+        },
+    );
+    let outcome = forward(agent, |mut client| async move {
+        client.register_workload(workload).await
+    })
+    .await;
+    if matches!(outcome, Forwarded::Refused(_)) {
+        agent.registrations().workloads.remove(&id);
+    }
+    outcome.reply()
+}
+
+/// Decides a connection on the current snapshot.
+pub fn lookup(
+    agent: &Agent,
+    namespace: &str,
+    workload: &str,
+    ip: IpAddr,
+    port: u16,
+    protocol: message::Protocol,
+) -> Result<LookupAnswer, String> {
+    let current = agent.current().ok_or("no snapshot is published yet")?;
+    let snapshot = Snapshot::parse(&current.bytes)
+        .map_err(|e| format!("the published snapshot does not validate: {e}"))?;
+    let id = snapshot
+        .workload_by_name(namespace, workload)
+        .ok_or_else(|| {
+            format!(
+                "workload {namespace}/{workload} is not on node {} in revision {}",
+                snapshot.node_name(),
+                current.revision
+            )
+        })?;
+    let protocol = match protocol {
+        message::Protocol::Tcp => stackroute_snapshot::Protocol::Tcp,
+        message::Protocol::Udp => stackroute_snapshot::Protocol::Udp,
+    };
+    let decision = snapshot.decide(id, ip, port, protocol, &mut NoTrace);
+    let transports = decision
+        .transports()
+        .map(|choice| Transport {
+            stack: match choice.stack {
+                stackroute_snapshot::Stack::Kernel => message::Stack::Kernel,
+                stackroute_snapshot::Stack::Userspace => message::Stack::Userspace,
+                stackroute_snapshot::Stack::Rdma => message::Stack::Rdma,
+            },
+            congestion_control: choice.congestion_control.to_string(),
+        })
+        .collect();
+    let matched = decision.matched.map(|rule| {
+        let policy = snapshot.policy(rule.policy);
+        let name = snapshot.rule(rule).name;
+        if policy.namespace.is_empty() {
+            format!("{}/{}#{name}", policy.kind, policy.name)
+        } else {
+            format!(
+                "{}/{}/{}#{name}",
+                policy.kind, policy.namespace, policy.name
+            )
+        }
+    });
+    Ok(LookupAnswer {
+        revision: current.revision,
+        stale: current.stale,
+        transports,
+        isolation: decision.isolation.to_string(),
+        location: decision.location.to_string(),
+        matched,
+    })
+}
+
+/// Withdraws, every few seconds, the registrations of processes that have exited.
+pub async fn sweep(agent: Arc<Agent>) {
+    let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let alive = |pid: i32| pid <= 0 || Path::new(&format!("/proc/{pid}")).exists();
+        let (listeners, workloads) = {
+            let mut held = agent.registrations();
+            let listeners: Vec<Held<Listener>> = extract_dead(&mut held.listeners, alive);
+            let workloads: Vec<Held<Workload>> = extract_dead(&mut held.workloads, alive);
+            (listeners, workloads)
+        };
+        for listener in listeners {
+            info!(pid = listener.pid, key = ?listener.value.key, "listener owner exited; removing");
+            if let Some(key) = listener.value.key {
+                let _ = forward(agent.as_ref(), |mut c| async move {
+                    c.remove_listener(key).await
+                })
+                .await;
+            }
+        }
+        for workload in workloads {
+            info!(pid = workload.pid, key = ?workload.value.key, "workload exited; removing");
+            if let Some(key) = workload.value.key {
+                let _ = forward(agent.as_ref(), |mut c| async move {
+                    c.remove_workload(key).await
+                })
+                .await;
+            }
+        }
+    }
+}
+
+fn extract_dead<K: Ord + Clone, T>(
+    map: &mut std::collections::BTreeMap<K, Held<T>>,
+    alive: impl Fn(i32) -> bool,
+) -> Vec<Held<T>> {
+    let dead: Vec<K> = map
+        .iter()
+        .filter(|(_, h)| !alive(h.pid))
+        .map(|(k, _)| k.clone())
+        .collect();
+    dead.into_iter().filter_map(|k| map.remove(&k)).collect()
+}

@@ -1,0 +1,223 @@
+//! The agent's shared state: the snapshot it serves, the registrations it holds on behalf of
+//! local processes, the controller connection in use, and its metrics.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use prometheus_client::registry::Registry;
+use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
+use stackroute_proto::v1alpha1::{Listener, Workload};
+use stackroute_snapshot::Snapshot;
+use tonic::transport::Channel;
+use tracing::{error, info, warn};
+
+use crate::files::{self, Publisher};
+use crate::metrics::Metrics;
+
+/// Where the agent lives and whom it talks to.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's name (as in the controller's Node objects).
+    pub node: String,
+    /// Controller URLs, tried in order.
+    pub controllers: Vec<String>,
+    /// Directory of the Unix socket and the published files.
+    pub socket_dir: PathBuf,
+    /// Directory of the persisted snapshot.
+    pub state_dir: PathBuf,
+}
+
+/// The snapshot being served.
+#[derive(Debug)]
+pub struct Current {
+    /// The encoded snapshot (validated).
+    pub bytes: Vec<u8>,
+    /// Its revision.
+    pub revision: u64,
+    /// Loaded from disk and not yet confirmed by a controller.
+    pub stale: bool,
+    /// The generation it was published as.
+    pub generation: u64,
+}
+
+/// A registration held by the agent for a local process (re-sent after every reconnect and
+/// withdrawn when the process is gone).
+#[derive(Clone, Debug)]
+pub struct Held<T> {
+    /// What was registered.
+    pub value: T,
+    /// The process that registered it.
+    pub pid: i32,
+}
+
+/// Listener key: (ip, port, protocol number).
+pub type ListenerId = (String, u32, i32);
+/// Workload key: (namespace, name).
+pub type WorkloadId = (String, String);
+
+/// Registrations held for local processes.
+#[derive(Debug, Default)]
+pub struct Registrations {
+    /// Listeners by address.
+    pub listeners: BTreeMap<ListenerId, Held<Listener>>,
+    /// Workloads by name.
+    pub workloads: BTreeMap<WorkloadId, Held<Workload>>,
+}
+
+/// Everything the agent's tasks share.
+#[derive(Debug)]
+pub struct Agent {
+    /// Configuration.
+    pub config: Config,
+    /// Identifies this agent process to the controller.
+    pub agent_id: String,
+    /// Metrics (registered in `registry`).
+    pub metrics: Metrics,
+    /// The Prometheus registry.
+    pub registry: Registry,
+    current: RwLock<Option<Arc<Current>>>,
+    publisher: Mutex<Publisher>,
+    registrations: Mutex<Registrations>,
+    client: Mutex<Option<DistributionClient<Channel>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (every critical
+    // section is a single assignment or map operation), so poisoning is ignored.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Agent {
+    /// Prepares the directories and publishes the persisted snapshot (marked stale) if one
+    /// validates.
+    pub fn start(config: Config) -> anyhow::Result<Arc<Self>> {
+        files::ensure_dir(&config.socket_dir, 0o755)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", config.socket_dir.display()))?;
+        files::ensure_dir(&config.state_dir, 0o700)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", config.state_dir.display()))?;
+        let publisher = Publisher::open(&config.socket_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: cannot open the generation file: {e}",
+                config.socket_dir.display()
+            )
+        })?;
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let agent = Arc::new(Self {
+            agent_id: format!(
+                "{}-{}-{:08x}",
+                config.node,
+                std::process::id(),
+                fastrand::u32(..)
+            ),
+            config,
+            metrics,
+            registry,
+            current: RwLock::new(None),
+            publisher: Mutex::new(publisher),
+            registrations: Mutex::default(),
+            client: Mutex::new(None),
+        });
+        if let Some(bytes) = files::load_persisted(&agent.config.state_dir, &agent.config.node) {
+            // `load_persisted` validated it.
+            let revision = Snapshot::parse(&bytes).map(|s| s.revision()).unwrap_or(0);
+            agent
+                .publish(revision, true, bytes)
+                .map_err(|e| anyhow::anyhow!("cannot publish the persisted snapshot: {e}"))?;
+        }
+        Ok(agent)
+    }
+
+    /// The snapshot being served, if any.
+    pub fn current(&self) -> Option<Arc<Current>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn publish(&self, revision: u64, stale: bool, bytes: Vec<u8>) -> std::io::Result<()> {
+        let mut publisher = lock(&self.publisher);
+        let generation = publisher.publish(revision, stale, &bytes)?;
+        self.metrics.revision.set(revision as i64);
+        self.metrics.stale.set(i64::from(stale));
+        self.metrics.generation.set(generation as i64);
+        self.metrics.snapshot_bytes.set(bytes.len() as i64);
+        info!(
+            revision,
+            stale,
+            generation,
+            bytes = bytes.len(),
+            "published snapshot"
+        );
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Current {
+            bytes,
+            revision,
+            stale,
+            generation,
+        }));
+        Ok(())
+    }
+
+    /// Applies a snapshot received from a controller: validates it, persists it, publishes it.
+    /// On error nothing changes (the previous snapshot stays in force) and the message says
+    /// why, for the controller's `Ack`.
+    pub fn apply(&self, revision: u64, bytes: Vec<u8>) -> Result<(), String> {
+        let snapshot = match Snapshot::parse(&bytes) {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                self.metrics.rejected.inc();
+                return Err(format!(
+                    "snapshot of revision {revision} does not validate: {error}"
+                ));
+            }
+        };
+        if snapshot.node_name() != self.config.node {
+            self.metrics.rejected.inc();
+            return Err(format!(
+                "snapshot of revision {revision} is for node {:?}, not {:?}",
+                snapshot.node_name(),
+                self.config.node
+            ));
+        }
+        if snapshot.revision() != revision {
+            warn!(
+                revision,
+                snapshot_revision = snapshot.revision(),
+                "update and snapshot revisions differ"
+            );
+        }
+        if let Some(current) = self.current()
+            && !current.stale
+            && current.revision == revision
+            && current.bytes == bytes
+        {
+            return Ok(());
+        }
+        let persisted = files::persist(&self.config.state_dir, &bytes);
+        if let Err(error) = &persisted {
+            error!(%error, dir = %self.config.state_dir.display(), "cannot persist the snapshot; serving it anyway");
+        }
+        self.publish(revision, false, bytes)
+            .map_err(|e| format!("cannot publish revision {revision}: {e}"))?;
+        persisted.map_err(|e| format!("published revision {revision} but cannot persist it: {e}"))
+    }
+
+    /// The registrations held for local processes.
+    pub fn registrations(&self) -> MutexGuard<'_, Registrations> {
+        lock(&self.registrations)
+    }
+
+    /// The controller client in use, if connected.
+    pub fn client(&self) -> Option<DistributionClient<Channel>> {
+        lock(&self.client).clone()
+    }
+
+    /// Sets (or clears) the controller client in use.
+    pub fn set_client(&self, client: Option<DistributionClient<Channel>>) {
+        self.metrics.connected.set(i64::from(client.is_some()));
+        *lock(&self.client) = client;
+    }
+}
