@@ -1,4 +1,8 @@
-//! `stackroute`: check, explain and print stackroute policy offline.
+//! `stackroute`: check, explain and print stackroute policy offline; run workloads under the
+//! node agent; show the controller's status.
+
+mod agent;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,13 +37,31 @@ enum Command {
     Explain(ExplainArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+    /// Register a workload with the local node agent, then execute the command under the shim
+    /// (the command still runs, unmanaged, when no agent answers).
+    Run(agent::RunArgs),
+    /// Nodes, their acked revisions and stale agents, and per-policy Accepted/Programmed.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Controller address (HOST:PORT or http://HOST:PORT).
+    #[arg(long, env = "STACKROUTE_CONTROLLER")]
+    controller: String,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value = "text")]
+    output: Output,
 }
 
 #[derive(clap::Args)]
 struct ExplainArgs {
     /// Cluster state: a YAML file or a directory of them, as `kubectl get … -o yaml` prints.
-    #[arg(long)]
-    state: PathBuf,
+    #[arg(long, required_unless_present = "agent", conflicts_with = "agent")]
+    state: Option<PathBuf>,
+    /// Explain from a live node agent's published snapshot in this socket directory instead.
+    #[arg(long, value_name = "SOCKET_DIR")]
+    agent: Option<PathBuf>,
     /// Source pod as NAMESPACE/POD.
     #[arg(long)]
     from: String,
@@ -82,6 +104,8 @@ fn main() -> ExitCode {
             print!("{}", stackroute_api::crds_yaml());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run(args) => agent::run(args),
+        Command::Status(args) => run_status(&args),
     };
     result.unwrap_or_else(|error| {
         eprintln!("stackroute: {error:#}");
@@ -173,12 +197,36 @@ fn validate(paths: &[PathBuf]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn run_status(args: &StatusArgs) -> Result<ExitCode> {
+    let response = status::fetch(&args.controller)?;
+    match args.output {
+        Output::Text => print!("{}", status::to_text(&response)),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&status::to_json(&response))?
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run_explain(args: &ExplainArgs) -> Result<ExitCode> {
     let (namespace, pod) = args
         .from
         .split_once('/')
         .filter(|(ns, pod)| !ns.is_empty() && !pod.is_empty())
         .with_context(|| format!("--from {:?}: expected NAMESPACE/POD", args.from))?;
+    let protocol = match args.protocol {
+        ProtocolArg::TCP => Protocol::Tcp,
+        ProtocolArg::UDP => Protocol::Udp,
+    };
+    let state_path = match (&args.state, &args.agent) {
+        (Some(state), None) => state,
+        (None, Some(socket_dir)) => {
+            let explanation = agent::explain(socket_dir, namespace, pod, args.to, protocol)?;
+            return print_explanation(&explanation, args.output);
+        }
+        _ => bail!("give exactly one of --state and --agent"),
+    };
     let mut settings = Settings::default();
     if let Some(networks) = &args.cluster_networks {
         settings.cluster_networks = networks
@@ -187,7 +235,7 @@ fn run_explain(args: &ExplainArgs) -> Result<ExitCode> {
             .collect::<Result<_>>()
             .context("--cluster-networks")?;
     }
-    let files = collect_files(std::slice::from_ref(&args.state))?;
+    let files = collect_files(std::slice::from_ref(state_path))?;
     let mut state = ClusterState::default();
     for file in &files {
         let text = std::fs::read_to_string(file)
@@ -200,10 +248,6 @@ fn run_explain(args: &ExplainArgs) -> Result<ExitCode> {
     for problem in &compiled.problems {
         eprintln!("warning: {problem} (policy ignored)");
     }
-    let protocol = match args.protocol {
-        ProtocolArg::TCP => Protocol::Tcp,
-        ProtocolArg::UDP => Protocol::Udp,
-    };
     let explanation = match explain(
         &compiled,
         &state,
@@ -216,9 +260,16 @@ fn run_explain(args: &ExplainArgs) -> Result<ExitCode> {
         Ok(explanation) => explanation,
         Err(error) => bail!("{error}"),
     };
-    match args.output {
+    print_explanation(&explanation, args.output)
+}
+
+fn print_explanation(
+    explanation: &stackroute_policy::Explanation,
+    output: Output,
+) -> Result<ExitCode> {
+    match output {
         Output::Text => print!("{}", explanation.to_text()),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+        Output::Json => println!("{}", serde_json::to_string_pretty(explanation)?),
     }
     Ok(ExitCode::SUCCESS)
 }

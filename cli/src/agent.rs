@@ -1,0 +1,165 @@
+//! Commands that talk to the local node agent: `stackroute run` and `stackroute explain
+//! --agent`.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use stackroute_local_api::frame;
+use stackroute_local_api::message::{Request, Response};
+use stackroute_local_api::published::{self, SNAPSHOT_FILE, SOCKET_FILE};
+use stackroute_policy::explain::{Explanation, NoNames};
+use stackroute_snapshot::{Protocol, Snapshot};
+
+/// How long `run` waits for the agent before starting the command anyway.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `stackroute run`'s arguments.
+#[derive(clap::Args)]
+pub(crate) struct RunArgs {
+    /// The workload's namespace.
+    #[arg(long, env = "STACKROUTE_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// The workload's name (default: the command's file name).
+    #[arg(long, env = "STACKROUTE_WORKLOAD")]
+    name: Option<String>,
+    /// Labels as k=v,k=v.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// The agent's socket directory.
+    #[arg(long, env = "STACKROUTE_SOCKET_DIR", default_value = "/run/stackroute")]
+    socket_dir: PathBuf,
+    /// The command and its arguments.
+    #[arg(required = true, last = true)]
+    command: Vec<OsString>,
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    labels
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|label| {
+            let (key, value) = label
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .with_context(|| format!("--labels: {label:?} is not KEY=VALUE"))?;
+            Ok((key.trim().to_string(), value.trim().to_string()))
+        })
+        .collect()
+}
+
+/// One request to the agent over its socket in `socket_dir`.
+pub(crate) fn call_agent(socket_dir: &Path, request: &Request) -> Result<Response> {
+    let path = socket_dir.join(SOCKET_FILE);
+    let mut stream = UnixStream::connect(&path)
+        .with_context(|| format!("{}: cannot connect", path.display()))?;
+    stream.set_read_timeout(Some(AGENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(AGENT_TIMEOUT))?;
+    frame::call(&mut stream, request).with_context(|| format!("{}", path.display()))
+}
+
+/// Registers the workload with the agent (warning only on failure: fail open), then replaces
+/// this process with the command, so the registration's pid is the workload's.
+pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
+    let labels = parse_labels(&args.labels)?;
+    let (program, rest) = args.command.split_first().context("no command given")?;
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => Path::new(program)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("--name is required when the command has no file name")?
+            .to_string(),
+    };
+    let request = Request::RegisterWorkload {
+        namespace: args.namespace.clone(),
+        name: name.clone(),
+        labels,
+        ips: Vec::new(),
+    };
+    match call_agent(&args.socket_dir, &request) {
+        Ok(Response::Ok { queued: false, .. }) => {}
+        Ok(Response::Ok { queued: true, .. }) => eprintln!(
+            "stackroute: warning: the agent has no controller; registration of {}/{name} is queued",
+            args.namespace
+        ),
+        Ok(Response::Error { message }) => {
+            eprintln!("stackroute: warning: the agent refused the registration: {message}")
+        }
+        Ok(other) => eprintln!("stackroute: warning: unexpected reply from the agent: {other:?}"),
+        Err(error) => eprintln!(
+            "stackroute: warning: no agent ({error:#}); running {}/{name} unmanaged",
+            args.namespace
+        ),
+    }
+    let mut command = std::process::Command::new(program);
+    command
+        .args(rest)
+        .env("STACKROUTE_SOCKET_DIR", &args.socket_dir)
+        .env("STACKROUTE_NAMESPACE", &args.namespace)
+        .env("STACKROUTE_WORKLOAD", &name);
+    if let Some(shim) = std::env::var_os("STACKROUTE_SHIM").filter(|s| Path::new(s).is_file()) {
+        let preload = match std::env::var_os("LD_PRELOAD").filter(|p| !p.is_empty()) {
+            Some(existing) => {
+                let mut joined = shim;
+                joined.push(":");
+                joined.push(existing);
+                joined
+            }
+            None => shim,
+        };
+        command.env("LD_PRELOAD", preload);
+    }
+    let error = command.exec();
+    bail!("{}: cannot execute: {error}", Path::new(program).display())
+}
+
+/// Explains a connection from the agent's published snapshot in `socket_dir`.
+pub(crate) fn explain(
+    socket_dir: &Path,
+    namespace: &str,
+    pod: &str,
+    to: std::net::SocketAddr,
+    protocol: Protocol,
+) -> Result<Explanation> {
+    let path = socket_dir.join(SNAPSHOT_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let view = published::parse(&bytes).with_context(|| format!("{}", path.display()))?;
+    let snapshot = Snapshot::parse(view.snapshot)
+        .map_err(|e| anyhow::anyhow!("{}: the snapshot does not validate: {e}", path.display()))?;
+    if view.stale {
+        eprintln!(
+            "warning: the agent serves revision {} from disk: not yet confirmed by a controller",
+            view.revision
+        );
+    }
+    stackroute_policy::explain_in_snapshot(
+        &snapshot,
+        namespace,
+        pod,
+        to.ip(),
+        to.port(),
+        protocol,
+        &NoNames,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_parse() {
+        let labels = parse_labels(&["app=web".into(), " tier = gold ".into(), "".into()]).unwrap();
+        assert_eq!(labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(labels.get("tier").map(String::as_str), Some("gold"));
+        assert!(parse_labels(&["novalue".into()]).is_err());
+        assert!(parse_labels(&["=x".into()]).is_err());
+    }
+}

@@ -1,0 +1,452 @@
+//! The node agent with real processes: the controller binary, three agents, the CLI.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use stackroute_local_api::frame;
+use stackroute_local_api::message::{FallbackReason, Protocol, Request, Response, Stack};
+
+const TO_DB: &str = "10.1.0.20:5432";
+
+fn write_state(dir: &std::path::Path, stack: &str, cc: &str) {
+    std::fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
+    // Write then rename, so the controller never reads half a file.
+    std::fs::write(dir.join(".policy.tmp"), policy(stack, cc)).unwrap();
+    std::fs::rename(dir.join(".policy.tmp"), dir.join("policy.yaml")).unwrap();
+}
+
+fn lookup(agent: &Agent, workload: &str) -> Response {
+    agent.call(&Request::Lookup {
+        namespace: "shop".into(),
+        workload: workload.into(),
+        ip: "10.1.0.20".parse().unwrap(),
+        port: 5432,
+        protocol: Protocol::Tcp,
+    })
+}
+
+#[test]
+fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    write_state(&state, "Kernel", "BBR");
+    let controller = Controller::start(&state, tmp.path(), free_port());
+    let url = format!("http://{}", controller.grpc);
+    let agents: Vec<Agent> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| Agent::start(n, &url, tmp.path()))
+        .collect();
+
+    for (i, agent) in agents.iter().enumerate() {
+        let from = format!("shop/web-{}", i + 1);
+        let explanation = wait_for(&format!("{from}: Kernel/BBR"), WAIT, || {
+            explain_agent(&agent.socket_dir, &from, TO_DB).filter(|e| transport(e) == "Kernel/BBR")
+        });
+        assert_eq!(explanation["matched"]["name"], "web", "{explanation}");
+        let (generation, _, stale, _) = agent.published().unwrap();
+        assert!(!stale);
+        assert_eq!(agent.generation(), generation);
+        assert_eq!(http_get(agent.http, "/readyz").unwrap().0, 200);
+    }
+    let before: Vec<u64> = agents.iter().map(|a| a.published().unwrap().1).collect();
+
+    write_state(&state, "Kernel", "Reno");
+    for (i, agent) in agents.iter().enumerate() {
+        let from = format!("shop/web-{}", i + 1);
+        wait_for(&format!("{from}: Kernel/Reno"), WAIT, || {
+            explain_agent(&agent.socket_dir, &from, TO_DB).filter(|e| transport(e) == "Kernel/Reno")
+        });
+        let (generation, revision, stale, snapshot) = agent.published().unwrap();
+        assert!(revision > before[i] && !stale);
+        assert_eq!(agent.generation(), generation);
+        // The lookup on the socket agrees with the mapped table.
+        match lookup(agent, &format!("web-{}", i + 1)) {
+            Response::Decision(answer) => {
+                assert_eq!(answer.transports[0].stack, Stack::Kernel);
+                assert_eq!(answer.transports[0].congestion_control, "Reno");
+                assert_eq!(answer.matched.as_deref(), Some("StackRoute/shop/web#all"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The persisted copy is the published one.
+        assert_eq!(
+            std::fs::read(agent.state_dir.join("snapshot")).unwrap(),
+            snapshot
+        );
+        let metrics = agent.metrics();
+        assert!(
+            metrics.contains(&format!("stackroute_lrd_snapshot_revision {revision}")),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("stackroute_lrd_snapshot_stale 0"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("stackroute_lrd_controller_connected 1"),
+            "{metrics}"
+        );
+    }
+
+    // The controller sees every node ack the revision: `stackroute status`.
+    let latest = agents
+        .iter()
+        .map(|a| a.published().unwrap().1)
+        .max()
+        .unwrap();
+    let status: Value = wait_for("every node acked", WAIT, || {
+        let output = cli(&["status", "--controller", &url, "--output", "json"], &[]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let nodes = status["nodes"].as_array()?;
+        let acked = ["n1", "n2", "n3"].iter().all(|n| {
+            nodes
+                .iter()
+                .any(|x| x["node"] == *n && x["ackedRevision"].as_u64() >= Some(latest))
+        });
+        acked.then_some(status)
+    });
+    let web = status["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "web")
+        .unwrap();
+    assert_eq!(web["accepted"], true, "{status}");
+    let text = cli(&["status", "--controller", &url], &[]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("NODE") && text.contains("n3") && text.contains("StackRoute"),
+        "{text}"
+    );
+    drop(controller);
+}
+
+#[test]
+fn without_the_controller_agents_keep_answering_and_restart_stale_from_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    write_state(&state, "Kernel", "BBR");
+    let port = free_port();
+    let mut controller = Controller::start(&state, tmp.path(), port);
+    let url = format!("http://{}", controller.grpc);
+    let mut agent = Agent::start("n1", &url, tmp.path());
+    wait_for("a fresh snapshot", WAIT, || {
+        agent.published().filter(|p| !p.2)
+    });
+    let (_, revision, _, snapshot) = agent.published().unwrap();
+
+    controller.proc.kill();
+    // Still answering on its socket, from the same table.
+    wait_for("the agent to notice", WAIT, || {
+        agent
+            .metrics()
+            .contains("stackroute_lrd_controller_connected 0")
+            .then_some(())
+    });
+    match lookup(&agent, "web-1") {
+        Response::Decision(answer) => {
+            assert_eq!((answer.revision, answer.stale), (revision, false));
+            assert_eq!(answer.transports[0].congestion_control, "BBR");
+        }
+        other => panic!("{other:?}"),
+    }
+    let explanation = explain_agent(&agent.socket_dir, "shop/web-1", TO_DB).unwrap();
+    assert_eq!(transport(&explanation), "Kernel/BBR");
+    // A registration made meanwhile is queued and sent when a controller is back.
+    let reply = agent.call(&Request::RegisterListener {
+        ip: "127.0.0.1".parse().unwrap(),
+        port: 7001,
+        protocol: Protocol::Tcp,
+        namespace: "shop".into(),
+        workload: "web-1".into(),
+        stacks: vec![Stack::Userspace],
+        endpoints: Default::default(),
+    });
+    assert_eq!(
+        reply,
+        Response::Ok {
+            revision: None,
+            queued: true
+        }
+    );
+
+    // Restarted with no controller: the persisted snapshot, marked stale, at once.
+    agent.restart();
+    let (_, stale_revision, stale, stale_snapshot) =
+        wait_for("the persisted snapshot", WAIT, || {
+            agent.published().filter(|p| p.2)
+        });
+    assert!(stale);
+    assert_eq!((stale_revision, stale_snapshot), (revision, snapshot));
+    assert_eq!(http_get(agent.http, "/readyz").unwrap().0, 200);
+    assert!(agent.metrics().contains("stackroute_lrd_snapshot_stale 1"));
+    match lookup(&agent, "web-1") {
+        Response::Decision(answer) => assert!(answer.stale && answer.revision == revision),
+        other => panic!("{other:?}"),
+    }
+    // (The restarted agent lost the queued registration with its process: registrations
+    // belong to live callers, which register again.)
+    let reply = agent.call(&Request::RegisterListener {
+        ip: "127.0.0.1".parse().unwrap(),
+        port: 7001,
+        protocol: Protocol::Tcp,
+        namespace: "shop".into(),
+        workload: "web-1".into(),
+        stacks: vec![],
+        endpoints: Default::default(),
+    });
+    assert_eq!(
+        reply,
+        Response::Ok {
+            revision: None,
+            queued: true
+        }
+    );
+
+    // The controller comes back on the same address: fresh again, and the listener arrives.
+    let controller = Controller::start(&state, tmp.path(), port);
+    wait_for(
+        "a fresh snapshot after the controller returned",
+        WAIT,
+        || agent.published().filter(|p| !p.2),
+    );
+    let explanation = explain_agent(&agent.socket_dir, "shop/web-1", TO_DB).unwrap();
+    assert_eq!(transport(&explanation), "Kernel/BBR");
+    wait_for("the queued listener at the controller", WAIT, || {
+        let output = cli(&["status", "--controller", &url, "--output", "json"], &[]);
+        let status: Value = serde_json::from_slice(&output.stdout).ok()?;
+        (status["listeners"] == 1).then_some(())
+    });
+    drop(controller);
+}
+
+#[test]
+fn malformed_and_oversized_socket_messages_are_rejected_without_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No controller listens there: the socket works regardless.
+    let mut agent = Agent::start("n1", &format!("127.0.0.1:{}", free_port()), tmp.path());
+    let read_reply = |stream: &mut std::os::unix::net::UnixStream| -> Response {
+        frame::decode(&frame::read_frame(stream).expect("a reply")).expect("a valid reply")
+    };
+    let error = |reply: Response| match reply {
+        Response::Error { message } => message,
+        other => panic!("expected an error, got {other:?}"),
+    };
+
+    let mut stream = connect(&agent.socket_dir);
+    for body in [
+        &b"{not json"[..],
+        b"[]",
+        br#"{"kind":"format","disk":"c:"}"#,
+        b"\xff\xfe",
+        b"",
+    ] {
+        stream
+            .write_all(&(body.len() as u32).to_le_bytes())
+            .unwrap();
+        stream.write_all(body).unwrap();
+        let message = error(read_reply(&mut stream));
+        assert!(message.starts_with("malformed message"), "{message}");
+    }
+    // The same connection still serves valid requests.
+    let report = Request::FallbackReport {
+        reason: FallbackReason::ConnectFailed,
+        count: 3,
+    };
+    frame::write_frame(&mut stream, &report).unwrap();
+    assert_eq!(
+        read_reply(&mut stream),
+        Response::Ok {
+            revision: None,
+            queued: false
+        }
+    );
+    // A lookup before any snapshot exists is an error, not a crash.
+    assert!(error(lookup(&agent, "web-1")).contains("no snapshot"));
+
+    // Oversized: refused from the header alone, then the connection is closed.
+    let mut stream = connect(&agent.socket_dir);
+    stream.write_all(&(10u32 << 20).to_le_bytes()).unwrap();
+    let message = error(read_reply(&mut stream));
+    assert!(message.contains("exceeds the limit of 65536"), "{message}");
+    let mut rest = Vec::new();
+    assert_eq!(
+        stream.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after an oversized frame"
+    );
+
+    // Truncated frame and hang-up.
+    let mut stream = connect(&agent.socket_dir);
+    stream.write_all(&100u32.to_le_bytes()).unwrap();
+    stream.write_all(b"{\"kind\"").unwrap();
+    drop(stream);
+
+    // Listener on an address the caller's namespace does not own: denied.
+    let message = error(agent.call(&Request::RegisterListener {
+        ip: "203.0.113.9".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+        namespace: "shop".into(),
+        workload: "web-1".into(),
+        stacks: vec![],
+        endpoints: Default::default(),
+    }));
+    assert!(
+        message.contains("not assigned to an interface"),
+        "{message}"
+    );
+    // Bad names.
+    let message = error(agent.call(&Request::RegisterWorkload {
+        namespace: String::new(),
+        name: "x".into(),
+        labels: Default::default(),
+        ips: vec![],
+    }));
+    assert!(message.contains("namespace"), "{message}");
+
+    // Still alive, and it counted everything.
+    assert!(agent.proc.alive(), "{}", agent.proc.log_text());
+    let metrics = wait_for("metrics", WAIT, || {
+        let m = agent.metrics();
+        m.contains(r#"kind="invalid",result="error"} 7"#)
+            .then_some(m)
+    });
+    assert!(
+        metrics.contains(r#"stackroute_lrd_fallback_reports_total{reason="connect-failed"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"kind="register-listener",result="denied"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"kind="lookup",result="error"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(http_get(agent.http, "/readyz").unwrap().0, 503);
+    assert_eq!(http_get(agent.http, "/healthz").unwrap().0, 200);
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("rejected message") && log.contains("rejected frame"),
+        "{log}"
+    );
+    agent.proc.kill();
+}
+
+#[test]
+fn stackroute_run_registers_the_workload_and_execs_the_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    write_state(&state, "Kernel", "BBR");
+    let controller = Controller::start(&state, tmp.path(), free_port());
+    let agent = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
+    wait_for("a fresh snapshot", WAIT, || {
+        agent.published().filter(|p| !p.2)
+    });
+    let dir = agent.socket_dir.to_str().unwrap().to_string();
+
+    // The command outlives the check below (its registration is withdrawn when it exits).
+    let script = "echo ok $STACKROUTE_NAMESPACE/$STACKROUTE_WORKLOAD ${LD_PRELOAD-unset} $STACKROUTE_SOCKET_DIR; sleep 4";
+    let child = std::thread::spawn({
+        let dir = dir.clone();
+        move || {
+            cli(
+                &[
+                    "run",
+                    "--namespace",
+                    "shop",
+                    "--name",
+                    "job-1",
+                    "--labels",
+                    "app=web,tier=batch",
+                    "--socket-dir",
+                    &dir,
+                    "--",
+                    "sh",
+                    "-c",
+                    script,
+                ],
+                &[("STACKROUTE_SHIM", "/nonexistent/libnsocket.so")],
+            )
+        }
+    });
+    let explanation = wait_for("shop/job-1 in the agent's table", WAIT, || {
+        explain_agent(&agent.socket_dir, "shop/job-1", TO_DB)
+    });
+    assert_eq!(
+        transport(&explanation),
+        "Kernel/BBR",
+        "selected by its registered labels"
+    );
+    let output = child.join().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("ok shop/job-1 unset {dir}")
+    );
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Fail-open: no agent, a warning, the command still runs.
+    let empty = tmp.path().join("no-agent");
+    let output = cli(
+        &[
+            "run",
+            "--socket-dir",
+            empty.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "echo ok",
+        ],
+        &[],
+    );
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "ok");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("warning: no agent"));
+    drop(controller);
+}
+
+#[test]
+fn a_corrupt_persisted_snapshot_is_not_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state_dir = tmp.path().join("n1-state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    std::fs::write(
+        state_dir.join("snapshot"),
+        b"\x89SRSNAP\nnot really a snapshot",
+    )
+    .unwrap();
+    let agent = Agent::start("n1", &format!("127.0.0.1:{}", free_port()), tmp.path());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent.published().is_none(),
+        "nothing published from a corrupt file"
+    );
+    assert_eq!(http_get(agent.http, "/readyz").unwrap().0, 503);
+    assert!(
+        agent.proc.log_text().contains("corrupt"),
+        "{}",
+        agent.proc.log_text()
+    );
+}

@@ -1,0 +1,338 @@
+//! Real processes for the agent's integration tests: the controller, agents and the CLI, each
+//! killed by PID when its guard drops; every wait has a timeout.
+//!
+//! The binaries come from the same target directory as the test: `cargo test --workspace`
+//! builds them; with `-p stackroute-lrd`, run `cargo build -p stackroute-controller -p
+//! stackroute-cli` first.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stackroute_local_api::frame;
+use stackroute_local_api::message::{Request, Response};
+use stackroute_local_api::published;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Three nodes with one web pod each, and a db pod on n2.
+pub const CLUSTER: &str = r#"apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Node, metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}, status: {addresses: [{type: InternalIP, address: 10.0.0.1}]}}
+- {apiVersion: v1, kind: Node, metadata: {name: n2, labels: {topology.kubernetes.io/zone: z1}}, status: {addresses: [{type: InternalIP, address: 10.0.0.2}]}}
+- {apiVersion: v1, kind: Node, metadata: {name: n3, labels: {topology.kubernetes.io/zone: z2}}, status: {addresses: [{type: InternalIP, address: 10.0.0.3}]}}
+- {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web-1, namespace: shop, labels: {app: web}}, spec: {nodeName: n1, containers: []}, status: {podIP: 10.1.0.11}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web-2, namespace: shop, labels: {app: web}}, spec: {nodeName: n2, containers: []}, status: {podIP: 10.1.0.12}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web-3, namespace: shop, labels: {app: web}}, spec: {nodeName: n3, containers: []}, status: {podIP: 10.1.0.13}}
+- {apiVersion: v1, kind: Pod, metadata: {name: db-0, namespace: shop, labels: {app: db}}, spec: {nodeName: n2, containers: []}, status: {podIP: 10.1.0.20}}
+"#;
+
+/// Web → anything: the given stack and congestion control.
+pub fn policy(stack: &str, congestion_control: &str) -> String {
+    format!(
+        "apiVersion: stackroute.dev/v1alpha1\nkind: StackRoute\nmetadata: {{name: web, namespace: shop}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  rules:\n  - name: all\n    transport: {{stack: {stack}, congestionControl: {congestion_control}}}\n"
+    )
+}
+
+/// A binary built into the same target directory as this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p stackroute-controller -p stackroute-lrd -p stackroute-cli` (or `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Polls `check` every 25 ms until it returns `Some`, or panics after `timeout`.
+#[track_caller]
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A plain HTTP/1.0 GET: (status code, body), or `None` if nothing answers.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// A child process killed by PID when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut command: Command, log: PathBuf) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The controller on a fixed gRPC port (so it can come back on the same address).
+pub struct Controller {
+    pub proc: Proc,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    state: PathBuf,
+}
+
+impl Controller {
+    pub fn start(state: &Path, logs: &Path, grpc_port: u16) -> Self {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], grpc_port));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut command = Command::new(bin("stackroute-controller"));
+        command
+            .arg("--state")
+            .arg(state)
+            .args([
+                "--grpc-addr",
+                &grpc.to_string(),
+                "--metrics-addr",
+                &http.to_string(),
+            ])
+            .args(["--debounce-ms", "30", "--poll-ms", "50"])
+            .env("RUST_LOG", "info");
+        let proc = Proc::spawn(command, logs.join(format!("controller-{grpc_port}.log")));
+        let mut controller = Self {
+            proc,
+            grpc,
+            http,
+            state: state.to_path_buf(),
+        };
+        wait_for("the controller to be ready", WAIT, || {
+            assert!(
+                controller.proc.alive(),
+                "controller exited:\n{}",
+                controller.proc.log_text()
+            );
+            http_get(http, "/readyz").filter(|(code, _)| *code == 200)
+        });
+        controller
+    }
+}
+
+/// A node agent with its own socket and state directories.
+pub struct Agent {
+    pub proc: Proc,
+    pub node: String,
+    pub socket_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub http: SocketAddr,
+    controller: String,
+    logs: PathBuf,
+}
+
+impl Agent {
+    pub fn start(node: &str, controller: &str, root: &Path) -> Self {
+        let socket_dir = root.join(format!("{node}-run"));
+        let state_dir = root.join(format!("{node}-state"));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut agent = Self {
+            proc: Proc {
+                child: None,
+                log: root.join(format!("agent-{node}.log")),
+            },
+            node: node.into(),
+            socket_dir,
+            state_dir,
+            http,
+            controller: controller.into(),
+            logs: root.to_path_buf(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.socket_dir.join(published::SOCKET_FILE));
+        let mut command = Command::new(bin("stackroute-lrd"));
+        command
+            .args(["--controller", &self.controller, "--node", &self.node])
+            .arg("--socket-dir")
+            .arg(&self.socket_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--metrics-addr", &self.http.to_string()])
+            .env("STACKROUTE_LOG", "info,stackroute_lrd=debug");
+        self.proc = Proc::spawn(command, self.proc.log.clone());
+        let socket = self.socket_dir.join(published::SOCKET_FILE);
+        wait_for("the agent socket", WAIT, || {
+            assert!(self.proc.alive(), "agent exited:\n{}", self.proc.log_text());
+            UnixStream::connect(&socket).ok()
+        });
+    }
+
+    /// Kills the agent and starts it again with the same directories.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        self.spawn();
+    }
+
+    /// The published snapshot: (generation, revision, stale, snapshot bytes).
+    pub fn published(&self) -> Option<(u64, u64, bool, Vec<u8>)> {
+        let bytes = std::fs::read(self.socket_dir.join(published::SNAPSHOT_FILE)).ok()?;
+        let view = published::parse(&bytes).expect("the published file always parses");
+        Some((
+            view.generation,
+            view.revision,
+            view.stale,
+            view.snapshot.to_vec(),
+        ))
+    }
+
+    /// The generation counter file.
+    pub fn generation(&self) -> u64 {
+        let bytes = std::fs::read(self.socket_dir.join(published::GENERATION_FILE)).unwrap();
+        published::parse_generation(&bytes).expect("a generation file")
+    }
+
+    /// One request on a new connection.
+    pub fn call(&self, request: &Request) -> Response {
+        let mut stream = connect(&self.socket_dir);
+        frame::call(&mut stream, request).expect("a reply from the agent")
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.http, "/metrics").expect("metrics").1
+    }
+}
+
+pub fn connect(socket_dir: &Path) -> UnixStream {
+    let stream = UnixStream::connect(socket_dir.join(published::SOCKET_FILE)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+}
+
+/// Runs the `stackroute` CLI with a timeout.
+pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(bin("stackroute"));
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("starting stackroute");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("stackroute {args:?} timed out");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `stackroute explain --agent DIR --from FROM --to TO --output json`, if it succeeds.
+pub fn explain_agent(socket_dir: &Path, from: &str, to: &str) -> Option<Value> {
+    let dir = socket_dir.to_str().expect("utf-8 path");
+    let output = cli(
+        &[
+            "explain", "--agent", dir, "--from", from, "--to", to, "--output", "json",
+        ],
+        &[],
+    );
+    output
+        .status
+        .success()
+        .then(|| serde_json::from_slice(&output.stdout).expect("JSON"))
+}
+
+/// "Stack/CC" of an explanation.
+pub fn transport(explanation: &Value) -> String {
+    format!(
+        "{}/{}",
+        explanation["transport"]["stack"].as_str().unwrap_or("?"),
+        explanation["transport"]["congestionControl"]
+            .as_str()
+            .unwrap_or("?")
+    )
+}
