@@ -13,8 +13,8 @@ use anyhow::{Context, Result, bail};
 use stackroute_local_api::frame;
 use stackroute_local_api::message::{Request, Response};
 use stackroute_local_api::published::{self, SNAPSHOT_FILE, SOCKET_FILE};
-use stackroute_policy::explain::{Explanation, NoNames};
-use stackroute_snapshot::{Protocol, Snapshot};
+use stackroute_policy::explain::{AddressNamer, Explanation};
+use stackroute_snapshot::{DestinationClass, Protocol, Snapshot};
 
 /// How long `run` waits for the agent before starting the command anyway.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -145,9 +145,29 @@ pub(crate) fn explain(
         to.ip(),
         to.port(),
         protocol,
-        &NoNames,
+        &SnapshotNames(snapshot),
     )
     .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Names addresses from what a node's snapshot knows: its own workloads by name, nodes by
+/// name, and pods elsewhere by the node they run on (their names are not in the snapshot).
+struct SnapshotNames<'a>(Snapshot<'a>);
+
+impl AddressNamer for SnapshotNames<'_> {
+    fn name(&self, ip: std::net::IpAddr) -> Option<String> {
+        if let Some(workload) = self.0.workload_by_ip(ip) {
+            let (namespace, name) = self.0.workload(workload);
+            return Some(format!("pod {namespace}/{name}"));
+        }
+        match self.0.classify(ip).0 {
+            DestinationClass::Node { node } => Some(format!("node {}", self.0.node(node).0)),
+            DestinationClass::Pod { node, .. } => {
+                Some(format!("pod on node {}", self.0.node(node).0))
+            }
+            DestinationClass::Unknown => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -93,6 +93,34 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
         );
     }
 
+    // The same JSON as the offline form (db-0 runs on n2, so n2's table names it too); only
+    // the revision differs (the offline form compiles at revision 0).
+    let offline = cli(
+        &[
+            "explain",
+            "--state",
+            state.to_str().unwrap(),
+            "--from",
+            "shop/web-2",
+            "--to",
+            TO_DB,
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    assert!(
+        offline.status.success(),
+        "{}",
+        String::from_utf8_lossy(&offline.stderr)
+    );
+    let mut offline: Value = serde_json::from_slice(&offline.stdout).unwrap();
+    let mut live = explain_agent(&agents[1].socket_dir, "shop/web-2", TO_DB).unwrap();
+    assert_eq!(live["destination"], "pod shop/db-0");
+    offline["revision"] = Value::Null;
+    live["revision"] = Value::Null;
+    assert_eq!(live, offline);
+
     // The controller sees every node ack the revision: `stackroute status`.
     let latest = agents
         .iter()
