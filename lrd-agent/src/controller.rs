@@ -97,6 +97,9 @@ async fn session(agent: &Arc<Agent>, url: &str) -> anyhow::Result<()> {
     while let Some(update) = stream.message().await? {
         let revision = update.revision;
         let result = agent.apply(revision, update.snapshot);
+        if result.is_ok() {
+            agent.set_listeners(update.listeners);
+        }
         if let Err(error) = &result {
             warn!(revision, %error, "rejected snapshot; the previous one stays in force");
         }

@@ -179,6 +179,12 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
             Ok(answer) => (Response::Decision(answer), "ok"),
             Err(message) => (Response::Error { message }, "error"),
         },
+        Request::FindListener { ip, port, protocol } => (
+            Response::Listener {
+                listener: find_listener(agent, ip, port, protocol),
+            },
+            "ok",
+        ),
         Request::FallbackReport { reason, count } => {
             agent
                 .metrics
@@ -501,6 +507,71 @@ pub fn lookup(
         isolation: decision.isolation.to_string(),
         location: decision.location.to_string(),
         matched,
+    })
+}
+
+fn stack_from_proto(stack: i32) -> Option<message::Stack> {
+    match proto::Stack::try_from(stack).ok()? {
+        proto::Stack::Kernel => Some(message::Stack::Kernel),
+        proto::Stack::Userspace => Some(message::Stack::Userspace),
+        proto::Stack::Rdma => Some(message::Stack::Rdma),
+        proto::Stack::Unspecified => None,
+    }
+}
+
+/// The listener registered for `ip:port`: an exact registration, else a wildcard one on the
+/// node that owns `ip` according to the current snapshot's address book.
+pub fn find_listener(
+    agent: &Agent,
+    ip: IpAddr,
+    port: u16,
+    protocol: message::Protocol,
+) -> Option<message::ListenerInfo> {
+    let ip = ip.to_canonical();
+    let protocol = proto_protocol(protocol);
+    let listeners = agent.listeners();
+    let at_port = |l: &&Listener| {
+        l.key
+            .as_ref()
+            .is_some_and(|k| k.port == u32::from(port) && k.protocol == protocol)
+    };
+    let exact = listeners.iter().filter(at_port).find(|l| {
+        l.key
+            .as_ref()
+            .and_then(|k| k.ip.parse::<IpAddr>().ok())
+            .map(|a| a.to_canonical())
+            == Some(ip)
+    });
+    let found = exact.or_else(|| {
+        let current = agent.current()?;
+        let snapshot = Snapshot::parse(&current.bytes).ok()?;
+        let node = match snapshot.classify(ip).0 {
+            stackroute_snapshot::DestinationClass::Pod { node, .. }
+            | stackroute_snapshot::DestinationClass::Node { node } => snapshot.node(node).0,
+            stackroute_snapshot::DestinationClass::Unknown => return None,
+        };
+        listeners.iter().filter(at_port).find(|l| {
+            l.key.as_ref().is_some_and(|k| {
+                k.node == node && k.ip.parse::<IpAddr>().is_ok_and(|a| a.is_unspecified())
+            })
+        })
+    })?;
+    let key = found.key.as_ref()?;
+    Some(message::ListenerInfo {
+        node: key.node.clone(),
+        ip: key.ip.clone(),
+        namespace: found.namespace.clone(),
+        workload: found.workload.clone(),
+        stacks: found
+            .stacks
+            .iter()
+            .filter_map(|s| stack_from_proto(*s))
+            .collect(),
+        endpoints: found
+            .endpoints
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 

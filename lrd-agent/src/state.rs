@@ -80,6 +80,7 @@ pub struct Agent {
     publisher: Mutex<Publisher>,
     registrations: Mutex<Registrations>,
     client: Mutex<Option<DistributionClient<Channel>>>,
+    listeners: RwLock<Arc<Vec<Listener>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,6 +120,7 @@ impl Agent {
             publisher: Mutex::new(publisher),
             registrations: Mutex::default(),
             client: Mutex::new(None),
+            listeners: RwLock::default(),
         });
         if let Some(bytes) = files::load_persisted(&agent.config.state_dir, &agent.config.node) {
             // `load_persisted` validated it.
@@ -203,6 +205,22 @@ impl Agent {
         self.publish(revision, false, bytes)
             .map_err(|e| format!("cannot publish revision {revision}: {e}"))?;
         persisted.map_err(|e| format!("published revision {revision} but cannot persist it: {e}"))
+    }
+
+    /// The cluster's listener registry, as of the last snapshot applied.
+    pub fn listeners(&self) -> Arc<Vec<Listener>> {
+        self.listeners
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the cluster's listener registry.
+    pub fn set_listeners(&self, listeners: Vec<Listener>) {
+        *self
+            .listeners
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(listeners);
     }
 
     /// The registrations held for local processes.

@@ -121,6 +121,51 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
     live["revision"] = Value::Null;
     assert_eq!(live, offline);
 
+    // A listener registered through n1's agent reaches n2's agent with the next snapshot.
+    let reply = agents[0].call(&Request::RegisterListener {
+        ip: "127.0.0.1".parse().unwrap(),
+        port: 7002,
+        protocol: Protocol::Tcp,
+        namespace: "shop".into(),
+        workload: "web-1".into(),
+        stacks: vec![Stack::Rdma],
+        endpoints: [("RDMA".to_string(), "fe80::1/7002".to_string())].into(),
+    });
+    assert!(
+        matches!(
+            reply,
+            Response::Ok {
+                revision: Some(_),
+                queued: false
+            }
+        ),
+        "{reply:?}"
+    );
+    let find = Request::FindListener {
+        ip: "127.0.0.1".parse().unwrap(),
+        port: 7002,
+        protocol: Protocol::Tcp,
+    };
+    let listener = wait_for("the listener at n2", WAIT, || match agents[1].call(&find) {
+        Response::Listener { listener } => listener,
+        other => panic!("{other:?}"),
+    });
+    assert_eq!(
+        (listener.node.as_str(), listener.workload.as_str()),
+        ("n1", "web-1")
+    );
+    assert_eq!(listener.stacks, [Stack::Kernel, Stack::Rdma]);
+    assert_eq!(listener.endpoints["RDMA"], "fe80::1/7002");
+    let other_port = Request::FindListener {
+        ip: "127.0.0.1".parse().unwrap(),
+        port: 7003,
+        protocol: Protocol::Tcp,
+    };
+    assert_eq!(
+        agents[1].call(&other_port),
+        Response::Listener { listener: None }
+    );
+
     // The controller sees every node ack the revision: `stackroute status`.
     let latest = agents
         .iter()

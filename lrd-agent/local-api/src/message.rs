@@ -146,6 +146,17 @@ pub enum Request {
         /// Protocol.
         protocol: Protocol,
     },
+    /// Which stacks a server accepts on, from the cluster's listener registry (the client end of
+    /// an RDMA connection needs the server's registration and endpoint).
+    #[serde(rename_all = "camelCase")]
+    FindListener {
+        /// Destination address.
+        ip: IpAddr,
+        /// Destination port.
+        port: u16,
+        /// Protocol.
+        protocol: Protocol,
+    },
     /// The shim fell back `count` times for `reason` since its last report.
     #[serde(rename_all = "camelCase")]
     FallbackReport {
@@ -169,6 +180,7 @@ impl Request {
             Self::RemoveListener { .. } => "remove-listener",
             Self::RegisterWorkload { .. } => "register-workload",
             Self::Lookup { .. } => "lookup",
+            Self::FindListener { .. } => "find-listener",
             Self::FallbackReport { .. } => "fallback-report",
         }
     }
@@ -202,6 +214,24 @@ pub struct LookupAnswer {
     pub matched: Option<String>,
 }
 
+/// A registered listener, as the controller distributes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerInfo {
+    /// The node it runs on.
+    pub node: String,
+    /// The address it was registered with (the unspecified address for a wildcard bind).
+    pub ip: String,
+    /// The workload's namespace.
+    pub namespace: String,
+    /// The workload's name.
+    pub workload: String,
+    /// Stacks it accepts on (always including the kernel).
+    pub stacks: Vec<Stack>,
+    /// Addresses per stack name, where a stack needs one.
+    pub endpoints: BTreeMap<String, String>,
+}
+
 /// A reply from the agent: exactly one per request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
@@ -219,6 +249,12 @@ pub enum Response {
     },
     /// The answer to a lookup.
     Decision(LookupAnswer),
+    /// The answer to [`Request::FindListener`]: `None` when nothing is registered there.
+    #[serde(rename_all = "camelCase")]
+    Listener {
+        /// The listener.
+        listener: Option<ListenerInfo>,
+    },
     /// The request was rejected; the connection stays usable unless the frame itself was bad.
     #[serde(rename_all = "camelCase")]
     Error {
