@@ -69,16 +69,18 @@ impl Args {
             state_dir: self.state_dir,
         })?;
         let listener = bind_socket(&agent.config.socket_dir.join(SOCKET_FILE))?;
+        let max_connections = local::connection_limit(raise_fd_limit());
         info!(
             node = %agent.config.node,
             socket_dir = %agent.config.socket_dir.display(),
             state_dir = %agent.config.state_dir.display(),
             controllers = ?agent.config.controllers,
+            max_connections,
             "agent started"
         );
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(controller::run(agent.clone()));
-        tasks.spawn(local::serve(agent.clone(), listener));
+        tasks.spawn(local::serve(agent.clone(), listener, max_connections));
         tasks.spawn(local::sweep(agent.clone()));
         if let Some(addr) = self.metrics_addr {
             let agent = agent.clone();
@@ -98,6 +100,25 @@ impl Args {
             }
         }
     }
+}
+
+/// Raises the soft open-file limit to the hard one (every local client holds a descriptor) and
+/// returns the limit in force.
+fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(maximum) = limit.maximum
+        && limit.current.is_some_and(|current| current < maximum)
+    {
+        let raised = Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(%error, "cannot raise the open-file limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
 async fn shutdown() -> Result<()> {

@@ -13,7 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::caps;
-use crate::state::Agent;
+use crate::state::{Agent, Removal};
 
 /// First reconnect delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -96,7 +96,11 @@ async fn session(agent: &Arc<Agent>, url: &str) -> anyhow::Result<()> {
     agent.set_client(Some(client.clone()));
     while let Some(update) = stream.message().await? {
         let revision = update.revision;
-        let result = agent.apply(revision, update.snapshot);
+        // Validation, fsync and rename block: off the async workers.
+        let applier = agent.clone();
+        let result = tokio::task::spawn_blocking(move || applier.apply(revision, update.snapshot))
+            .await
+            .unwrap_or_else(|e| Err(format!("applying revision {revision} panicked: {e}")));
         if result.is_ok() {
             agent.set_listeners(update.listeners);
         }
@@ -116,14 +120,30 @@ async fn session(agent: &Arc<Agent>, url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a failed call may succeed later (connection trouble, overload) rather than being a
+/// final answer about the request.
+pub fn transient(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted
+            | tonic::Code::Internal
+    )
+}
+
 /// Sends every held registration again: the controller may have restarted without a store.
 async fn resend_registrations(
     agent: &Agent,
     client: &mut DistributionClient<Channel>,
 ) -> anyhow::Result<()> {
-    let (listeners, workloads) = {
-        let held = agent.registrations();
+    let (removals, listeners, workloads) = {
+        let mut held = agent.registrations();
         (
+            std::mem::take(&mut held.removals),
             held.listeners
                 .values()
                 .map(|h| h.value.clone())
@@ -134,6 +154,24 @@ async fn resend_registrations(
                 .collect::<Vec<_>>(),
         )
     };
+    for (sent, removal) in removals.iter().enumerate() {
+        let result = match removal.clone() {
+            Removal::Listener(key) => client.remove_listener(key).await,
+            Removal::Workload(key) => client.remove_workload(key).await,
+        };
+        match result {
+            Ok(_) => {}
+            Err(status) if transient(status.code()) => {
+                // Keep what was not delivered for the next connection.
+                agent
+                    .registrations()
+                    .removals
+                    .extend(removals[sent..].iter().cloned());
+                return Err(status.into());
+            }
+            Err(status) => warn!(?removal, %status, "the controller refused a removal; dropped"),
+        }
+    }
     for workload in workloads {
         client.register_workload(workload).await?;
     }

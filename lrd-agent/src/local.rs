@@ -24,10 +24,20 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::peer::{self, Peer, ProcNet};
-use crate::state::{Agent, Held};
+use crate::state::{Agent, Held, Removal};
 
 /// Most concurrent connections; further clients wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 4096;
+/// Descriptors kept for everything but client connections.
+const RESERVED_FDS: u64 = 128;
+
+/// How many clients to serve at once with `fd_limit` open files.
+pub fn connection_limit(fd_limit: u64) -> usize {
+    let available = fd_limit.saturating_sub(RESERVED_FDS).max(16);
+    usize::try_from(available)
+        .unwrap_or(MAX_CONNECTIONS)
+        .min(MAX_CONNECTIONS)
+}
 /// Time allowed for the body of a frame once its header arrived.
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for a forwarded registration before it is reported as queued.
@@ -38,8 +48,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 const MAX_NAME: usize = 253;
 
 /// Accepts connections forever.
-pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+pub async fn serve(agent: Arc<Agent>, listener: UnixListener, max_connections: usize) {
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -291,16 +301,7 @@ where
     };
     match tokio::time::timeout(FORWARD_TIMEOUT, call(client)).await {
         Ok(Ok(response)) => Forwarded::Done(response.into_inner().revision),
-        Ok(Err(status))
-            if matches!(
-                status.code(),
-                tonic::Code::InvalidArgument
-                    | tonic::Code::PermissionDenied
-                    | tonic::Code::FailedPrecondition
-                    | tonic::Code::AlreadyExists
-                    | tonic::Code::OutOfRange
-            ) =>
-        {
+        Ok(Err(status)) if !crate::controller::transient(status.code()) => {
             Forwarded::Refused(status.message().to_string())
         }
         Ok(Err(status)) => {
@@ -390,11 +391,7 @@ async fn remove_listener(
         .registrations()
         .listeners
         .remove(&(key.ip.clone(), key.port, key.protocol));
-    forward(agent, |mut client| async move {
-        client.remove_listener(key).await
-    })
-    .await
-    .reply()
+    remove(agent, Removal::Listener(key)).await.reply()
 }
 
 async fn register_workload(
@@ -575,6 +572,22 @@ pub fn find_listener(
     })
 }
 
+/// Sends a removal; one that cannot be delivered now is kept and sent on the next connection.
+async fn remove(agent: &Agent, removal: Removal) -> Forwarded {
+    let outcome = match removal.clone() {
+        Removal::Listener(key) => {
+            forward(agent, |mut c| async move { c.remove_listener(key).await }).await
+        }
+        Removal::Workload(key) => {
+            forward(agent, |mut c| async move { c.remove_workload(key).await }).await
+        }
+    };
+    if matches!(outcome, Forwarded::Queued) {
+        agent.registrations().removals.push(removal);
+    }
+    outcome
+}
+
 /// Withdraws, every few seconds, the registrations of processes that have exited.
 pub async fn sweep(agent: Arc<Agent>) {
     let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
@@ -590,19 +603,13 @@ pub async fn sweep(agent: Arc<Agent>) {
         for listener in listeners {
             info!(pid = listener.pid, key = ?listener.value.key, "listener owner exited; removing");
             if let Some(key) = listener.value.key {
-                let _ = forward(agent.as_ref(), |mut c| async move {
-                    c.remove_listener(key).await
-                })
-                .await;
+                remove(&agent, Removal::Listener(key)).await;
             }
         }
         for workload in workloads {
             info!(pid = workload.pid, key = ?workload.value.key, "workload exited; removing");
             if let Some(key) = workload.value.key {
-                let _ = forward(agent.as_ref(), |mut c| async move {
-                    c.remove_workload(key).await
-                })
-                .await;
+                remove(&agent, Removal::Workload(key)).await;
             }
         }
     }

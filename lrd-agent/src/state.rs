@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use prometheus_client::registry::Registry;
 use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
-use stackroute_proto::v1alpha1::{Listener, Workload};
+use stackroute_proto::v1alpha1::{Listener, ListenerKey, Workload, WorkloadKey};
 use stackroute_snapshot::Snapshot;
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
@@ -56,6 +56,15 @@ pub type ListenerId = (String, u32, i32);
 /// Workload key: (namespace, name).
 pub type WorkloadId = (String, String);
 
+/// A withdrawal the controller has not received yet.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Removal {
+    /// `RemoveListener`.
+    Listener(ListenerKey),
+    /// `RemoveWorkload`.
+    Workload(WorkloadKey),
+}
+
 /// Registrations held for local processes.
 #[derive(Debug, Default)]
 pub struct Registrations {
@@ -63,6 +72,8 @@ pub struct Registrations {
     pub listeners: BTreeMap<ListenerId, Held<Listener>>,
     /// Workloads by name.
     pub workloads: BTreeMap<WorkloadId, Held<Workload>>,
+    /// Withdrawals made while no controller was reachable, sent on the next connection.
+    pub removals: Vec<Removal>,
 }
 
 /// Everything the agent's tasks share.

@@ -19,6 +19,20 @@ fn write_state(dir: &std::path::Path, stack: &str, cc: &str) {
     std::fs::rename(dir.join(".policy.tmp"), dir.join("policy.yaml")).unwrap();
 }
 
+/// Waits until the agent is between updates — the generation file, the published file, the
+/// persisted copy and the revision metric agree — and returns the published snapshot.
+fn settled(agent: &Agent) -> (u64, u64, bool, Vec<u8>) {
+    wait_for("the agent to settle", WAIT, || {
+        let generation = agent.generation();
+        let published = agent.published()?;
+        let persisted = std::fs::read(agent.state_dir.join("snapshot")).ok()?;
+        let metrics = agent.metrics();
+        let revision = format!("stackroute_lrd_snapshot_revision {}\n", published.1);
+        (generation == published.0 && persisted == published.3 && metrics.contains(&revision))
+            .then_some(published)
+    })
+}
+
 fn lookup(agent: &Agent, workload: &str) -> Response {
     agent.call(&Request::Lookup {
         namespace: "shop".into(),
@@ -48,9 +62,8 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
             explain_agent(&agent.socket_dir, &from, TO_DB).filter(|e| transport(e) == "Kernel/BBR")
         });
         assert_eq!(explanation["matched"]["name"], "web", "{explanation}");
-        let (generation, _, stale, _) = agent.published().unwrap();
+        let (_, _, stale, _) = settled(agent);
         assert!(!stale);
-        assert_eq!(agent.generation(), generation);
         assert_eq!(http_get(agent.http, "/readyz").unwrap().0, 200);
     }
     let before: Vec<u64> = agents.iter().map(|a| a.published().unwrap().1).collect();
@@ -61,9 +74,8 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
         wait_for(&format!("{from}: Kernel/Reno"), WAIT, || {
             explain_agent(&agent.socket_dir, &from, TO_DB).filter(|e| transport(e) == "Kernel/Reno")
         });
-        let (generation, revision, stale, snapshot) = agent.published().unwrap();
+        let (_, revision, stale, _) = settled(agent);
         assert!(revision > before[i] && !stale);
-        assert_eq!(agent.generation(), generation);
         // The lookup on the socket agrees with the mapped table.
         match lookup(agent, &format!("web-{}", i + 1)) {
             Response::Decision(answer) => {
@@ -73,11 +85,6 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
             }
             other => panic!("{other:?}"),
         }
-        // The persisted copy is the published one.
-        assert_eq!(
-            std::fs::read(agent.state_dir.join("snapshot")).unwrap(),
-            snapshot
-        );
         let metrics = agent.metrics();
         assert!(
             metrics.contains(&format!("stackroute_lrd_snapshot_revision {revision}")),
@@ -479,6 +486,13 @@ fn stackroute_run_registers_the_workload_and_execs_the_command() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // The command exited: the agent withdraws its registration and the table drops it.
+    wait_for("shop/job-1 to leave the table", WAIT, || {
+        explain_agent(&agent.socket_dir, "shop/job-1", TO_DB)
+            .is_none()
+            .then_some(())
+    });
+    assert!(agent.proc.log_text().contains("workload exited; removing"));
 
     // Fail-open: no agent, a warning, the command still runs.
     let empty = tmp.path().join("no-agent");
