@@ -130,6 +130,22 @@ impl Publisher {
         self.generation
     }
 
+    /// Removes a published snapshot left by an earlier agent (when this one has nothing valid
+    /// to serve) and advances the generation, so readers drop their mapping. Nothing to remove:
+    /// nothing happens.
+    pub fn withdraw(&mut self) -> io::Result<bool> {
+        match fs::remove_file(self.dir.join(SNAPSHOT_FILE)) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(error) => return Err(error),
+        }
+        File::open(&self.dir)?.sync_all()?;
+        let next = self.generation.max(self.map.load()) + 1;
+        self.map.store(next);
+        self.generation = next;
+        Ok(true)
+    }
+
     /// Publishes a validated snapshot as the next generation, returning it.
     pub fn publish(&mut self, revision: u64, stale: bool, snapshot: &[u8]) -> io::Result<u64> {
         let next = self.generation.max(self.map.load()) + 1;

@@ -139,6 +139,11 @@ impl Agent {
             agent
                 .publish(revision, true, bytes)
                 .map_err(|e| anyhow::anyhow!("cannot publish the persisted snapshot: {e}"))?;
+        } else if lock(&agent.publisher)
+            .withdraw()
+            .map_err(|e| anyhow::anyhow!("cannot remove the previous published snapshot: {e}"))?
+        {
+            warn!("removed the snapshot published by an earlier agent: nothing valid to serve yet");
         }
         Ok(agent)
     }
@@ -248,5 +253,107 @@ impl Agent {
     pub fn set_client(&self, client: Option<DistributionClient<Channel>>) {
         self.metrics.connected.set(i64::from(client.is_some()));
         *lock(&self.client) = client;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use stackroute_local_api::published;
+
+    use super::*;
+    use crate::files::tests::example_snapshot;
+
+    fn config(root: &std::path::Path) -> Config {
+        Config {
+            node: "node-a1".into(),
+            controllers: vec!["127.0.0.1:1".into()],
+            socket_dir: root.join("run"),
+            state_dir: root.join("state"),
+        }
+    }
+
+    fn published_file(agent: &Agent) -> (u64, u64, bool) {
+        let bytes = std::fs::read(agent.config.socket_dir.join(published::SNAPSHOT_FILE)).unwrap();
+        let view = published::parse(&bytes).unwrap();
+        (view.generation, view.revision, view.stale)
+    }
+
+    #[test]
+    fn bad_snapshots_are_rejected_and_the_previous_one_stays() {
+        let root = tempfile::tempdir().unwrap();
+        let agent = Agent::start(config(root.path())).unwrap();
+        assert!(agent.current().is_none());
+
+        let mut corrupt = example_snapshot("node-a1", 4);
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 1;
+        let error = agent.apply(4, corrupt).unwrap_err();
+        assert!(error.contains("does not validate"), "{error}");
+        assert!(agent.current().is_none());
+        assert!(
+            !agent
+                .config
+                .socket_dir
+                .join(published::SNAPSHOT_FILE)
+                .exists()
+        );
+
+        agent.apply(5, example_snapshot("node-a1", 5)).unwrap();
+        assert_eq!(published_file(&agent), (1, 5, false));
+        let error = agent.apply(6, example_snapshot("node-b1", 6)).unwrap_err();
+        assert!(error.contains("is for node \"node-b1\""), "{error}");
+        let error = agent.apply(7, b"short".to_vec()).unwrap_err();
+        assert!(error.contains("does not validate"), "{error}");
+        let current = agent.current().unwrap();
+        assert_eq!(
+            (current.revision, current.stale, current.generation),
+            (5, false, 1)
+        );
+        assert_eq!(published_file(&agent), (1, 5, false));
+        // The same revision again changes nothing.
+        agent.apply(5, example_snapshot("node-a1", 5)).unwrap();
+        assert_eq!(agent.current().unwrap().generation, 1);
+        let mut metrics = String::new();
+        prometheus_client::encoding::text::encode(&mut metrics, &agent.registry).unwrap();
+        assert!(
+            metrics.contains("stackroute_lrd_snapshots_rejected_total 3"),
+            "{metrics}"
+        );
+    }
+
+    #[test]
+    fn a_restart_serves_the_persisted_snapshot_stale_until_a_fresh_one_arrives() {
+        let root = tempfile::tempdir().unwrap();
+        let agent = Agent::start(config(root.path())).unwrap();
+        agent.apply(9, example_snapshot("node-a1", 9)).unwrap();
+        drop(agent);
+
+        let agent = Agent::start(config(root.path())).unwrap();
+        let current = agent.current().unwrap();
+        assert_eq!(
+            (current.revision, current.stale, current.generation),
+            (9, true, 2)
+        );
+        assert_eq!(published_file(&agent), (2, 9, true));
+        // The controller confirms the same revision: republished fresh.
+        agent.apply(9, example_snapshot("node-a1", 9)).unwrap();
+        assert_eq!(published_file(&agent), (3, 9, false));
+        drop(agent);
+
+        // A corrupt persisted file: nothing is served.
+        std::fs::write(root.path().join("state/snapshot"), b"\x89SRSNAP\ngarbage").unwrap();
+        let agent = Agent::start(config(root.path())).unwrap();
+        assert!(agent.current().is_none());
+        // …and the file the previous agent published is withdrawn, with a new generation.
+        assert!(
+            !agent
+                .config
+                .socket_dir
+                .join(published::SNAPSHOT_FILE)
+                .exists()
+        );
+        let generation =
+            std::fs::read(agent.config.socket_dir.join(published::GENERATION_FILE)).unwrap();
+        assert_eq!(published::parse_generation(&generation), Some(4));
     }
 }

@@ -22,7 +22,8 @@
 //! `DIR/snapshot`, map it, check the header ([`parse`]), and switch to it when its generation
 //! is at least the one loaded (a smaller one means a rename raced the read: keep the old map and
 //! retry on the next lookup). Old maps stay valid after a rename (the inode lives until unmapped),
-//! so the switch can happen at leisure; a lookup costs one atomic load, no syscall. The agent
+//! so the switch can happen at leisure; a lookup costs one atomic load, no syscall. A new
+//! generation with no `DIR/snapshot` means the agent withdrew it: drop the mapping. The agent
 //! only ever publishes snapshots it has fully validated, and the generation never goes
 //! backwards, also across agent restarts (the agent continues from the value in the file).
 
