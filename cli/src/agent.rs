@@ -29,7 +29,7 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "STACKROUTE_WORKLOAD")]
     name: Option<String>,
     /// Labels as k=v,k=v.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "STACKROUTE_LABELS", value_delimiter = ',')]
     labels: Vec<String>,
     /// The agent's socket directory.
     #[arg(long, env = "STACKROUTE_SOCKET_DIR", default_value = "/run/stackroute")]

@@ -74,7 +74,8 @@ struct ExplainArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value = "text")]
     output: Output,
-    /// Networks that count as inside the cluster (comma-separated CIDRs).
+    /// Networks that count as inside the cluster (comma-separated CIDRs). Offline form only:
+    /// with --agent, the controller's setting compiled into the snapshot applies.
     #[arg(long, value_delimiter = ',', env = "STACKROUTE_CLUSTER_NETWORKS")]
     cluster_networks: Option<Vec<String>>,
 }

@@ -62,13 +62,17 @@ impl Args {
         if self.node.is_empty() {
             bail!("--node must not be empty");
         }
+        // The socket first: it tells whether another agent already serves this directory,
+        // before anything in it is touched.
+        crate::files::ensure_dir(&self.socket_dir, 0o755)
+            .with_context(|| format!("{}: cannot create", self.socket_dir.display()))?;
+        let listener = bind_socket(&self.socket_dir.join(SOCKET_FILE))?;
         let agent = Agent::start(Config {
             node: self.node,
             controllers,
             socket_dir: self.socket_dir,
             state_dir: self.state_dir,
         })?;
-        let listener = bind_socket(&agent.config.socket_dir.join(SOCKET_FILE))?;
         let max_connections = local::connection_limit(raise_fd_limit());
         info!(
             node = %agent.config.node,
@@ -135,8 +139,16 @@ async fn shutdown() -> Result<()> {
 /// credentials, not by file permissions.
 fn bind_socket(path: &Path) -> Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
-            .with_context(|| format!("{}: cannot remove the old socket", path.display()))?,
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "{}: another agent is serving this socket directory",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("{}: cannot remove the old socket", path.display()))?
+        }
         Ok(_) => bail!("{}: exists and is not a socket", path.display()),
         Err(_) => {}
     }

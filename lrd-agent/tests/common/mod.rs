@@ -286,18 +286,15 @@ pub fn connect(socket_dir: &Path) -> UnixStream {
     stream
 }
 
-/// Runs the `stackroute` CLI with a timeout.
-pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(bin("stackroute"));
+/// Runs `command` to completion, killing it if it takes longer than `WAIT`.
+pub fn output_within(mut command: Command) -> Output {
     command
-        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let mut child = command.spawn().expect("starting stackroute");
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
     let deadline = Instant::now() + WAIT;
     loop {
         if child.try_wait().expect("wait").is_some() {
@@ -305,10 +302,21 @@ pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("stackroute {args:?} timed out");
+            let _ = child.wait();
+            panic!("{command:?} timed out");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs the `stackroute` CLI with a timeout.
+pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(bin("stackroute"));
+    command.args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    output_within(command)
 }
 
 /// `stackroute explain --agent DIR --from FROM --to TO --output json`, if it succeeds.
