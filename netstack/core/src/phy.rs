@@ -23,6 +23,10 @@ pub struct RxMeta {
     /// The transport checksum was already verified, or was never filled in because the frame
     /// came from a local sender with checksum offload (AF_PACKET `TP_STATUS_CSUMNOTREADY`).
     pub checksum_trusted: bool,
+    /// The engine cannot tell offloaded frames apart (generic-mode AF_XDP), so a TCP checksum
+    /// field holding exactly the pseudo-header sum is an unfinished offload from a local sender
+    /// (Linux `CHECKSUM_PARTIAL`), not corruption, and is accepted.
+    pub partial_checksum_possible: bool,
 }
 
 /// A packet I/O engine.

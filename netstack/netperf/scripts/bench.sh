@@ -39,6 +39,7 @@ PIDS=()
 cleanup() {
   for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
   for ns in $C $E $S; do ip netns del "$ns" 2>/dev/null || true; done
+  rm -rf "${TMP:-/nonexistent}"
 }
 trap cleanup EXIT
 
@@ -54,6 +55,30 @@ for pair in "$C c0" "$E e0" "$E e1" "$S s0"; do
 done
 ip -n $E link set e0 promisc on
 ip -n $E link set e1 promisc on
+# A plain veth between the same two namespaces, no emulator, for the no-loss comparison.
+SUB2=10.$(( 100 + P % 150 )).1
+ip link add c1 netns $C type veth peer name s1 netns $S
+ip -n $C addr add $SUB2.1/24 dev c1
+ip -n $S addr add $SUB2.2/24 dev s1
+for pair in "$C c1" "$S s1"; do
+  set -- $pair
+  ip -n "$1" link set "$2" up
+  ip netns exec "$1" ethtool -K "$2" tso off gso off gro off >/dev/null 2>&1 || true
+done
+
+TMP=$(mktemp -d)
+# Starts a Python server in a namespace and waits (bounded) until it prints READY; sets SRV.
+start_py() { # ns script ip port
+  ip netns exec "$1" python3 -c "$2" "$3" "$4" > "$TMP/srv.$4" 2>&1 &
+  SRV=$!; PIDS+=("$SRV")
+  for _ in $(seq 200); do grep -q READY "$TMP/srv.$4" && return 0; sleep 0.05; done
+  echo "server on port $4 did not start" >&2; return 1
+}
+# Waits (bounded) for a server to exit, then makes sure it is gone.
+stop_srv() { # pid
+  for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.05; done
+  kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true
+}
 
 start_emu() { # loss delay rate
   ip netns exec $E $RT_EMU "$BIN/stackroute-linkemu" --left e0 --right e1 \
@@ -90,18 +115,18 @@ for _ in range(n):
 lat.sort(); print(int(sum(lat) / n * 1e6), int(lat[n // 2] * 1e6), int(lat[int(n * 0.99)] * 1e6))'
 
 kernel_iperf() { # cc -> Mbit/s received
-  ip netns exec $S iperf3 -s -1 -B $KS >/dev/null 2>&1 & local srv=$!; sleep 0.3
+  ip netns exec $S iperf3 -s -1 -B $KS >/dev/null 2>&1 & local srv=$!; PIDS+=("$srv"); sleep 0.5
   ip netns exec $C iperf3 -c $KS -t "$SECONDS_PER_RUN" -C "$1" -J 2>/dev/null |
-    python3 -c 'import json,sys; print("%.1f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))' || echo "fail"
-  wait $srv 2>/dev/null || true
+    python3 -c 'import json,sys; print("%.1f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))' 2>/dev/null || echo "fail"
+  stop_srv $srv
 }
 
 netstack_send() { # bytes -> Mbit/s goodput
-  ip netns exec $S python3 -c "$SINK" $KS 5301 >/dev/null & local srv=$!; sleep 0.3
+  start_py $S "$SINK" $KS 5301 || { echo fail; return; }; local srv=$SRV
   ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --engine af_packet --interface c0 \
-    --address $NS_ADDR/24 --connect $KS:5301 --send "$1" --cc bbr --timeout 120 2>/dev/null |
-    python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print("%.1f" % (r["goodput_bps"]/1e6))' || echo "fail"
-  kill $srv 2>/dev/null || true; wait $srv 2>/dev/null || true
+    --address $NS_ADDR/24 --connect $KS:5301 --send "$1" --cc bbr --no-checksum --timeout 120 2>/dev/null |
+    python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print("%.1f" % (r["goodput_bps"]/1e6))' 2>/dev/null || echo "fail"
+  stop_srv $srv
 }
 
 BYTES=$(( RATE * 1000000 / 8 * SECONDS_PER_RUN ))
@@ -120,18 +145,35 @@ for loss in $LOSSES; do
 done
 
 echo
-echo "# Plain veth through the emulator with no impairment (unlimited rate, no delay)"
-start_emu 0 0 0
-ns=$(netstack_send 500000000)
-cubic=$(kernel_iperf cubic)
-printf "throughput: netstack-bbr %s Mbit/s, kernel-cubic %s Mbit/s\n" "$ns" "$cubic"
-ip netns exec $S python3 -c "$ECHO" $KS 5302 >/dev/null & srv=$!; sleep 0.3
-k=$(ip netns exec $C python3 -c "$RR" $KS 5302 5000)
-wait $srv 2>/dev/null || true
-ip netns exec $S python3 -c "$ECHO" $KS 5303 >/dev/null & srv=$!; sleep 0.3
-n=$(ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --interface c0 --address $NS_ADDR/24 \
-  --connect $KS:5303 --rr 5000 --rr-size 64 --nodelay --timeout 60 2>/dev/null |
-  python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(r["rtt_us_mean"], r["rtt_us_p50"], r["rtt_us_p99"])')
-wait $srv 2>/dev/null || true
-stop_emu
-echo "request/response 64 B (µs mean p50 p99): kernel client $k; netstack client $n"
+echo "# Plain veth (no emulator, no loss), TSO/GSO/GRO off on both ends"
+plain_send() { # engine -> Mbit/s
+  start_py $S "$SINK" $SUB2.2 5311 || { echo fail; return; }; local srv=$SRV
+  ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --engine "$1" --interface c1 \
+    --address $SUB2.3/24 --connect $SUB2.2:5311 --send 1000000000 --no-checksum --timeout 120 2>/dev/null |
+    python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print("%.0f" % (r["goodput_bps"]/1e6))' 2>/dev/null || echo "fail"
+  stop_srv $srv
+}
+plain_kernel() {
+  ip netns exec $S iperf3 -s -1 -B $SUB2.2 >/dev/null 2>&1 & local srv=$!; PIDS+=("$srv"); sleep 0.5
+  ip netns exec $C iperf3 -c $SUB2.2 -t "$SECONDS_PER_RUN" -C cubic -J 2>/dev/null |
+    python3 -c 'import json,sys; print("%.0f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e6))' 2>/dev/null || echo "fail"
+  stop_srv $srv
+}
+plain_rr() { # engine -> "mean p50 p99"
+  start_py $S "$ECHO" $SUB2.2 5312 || { echo fail; return; }; local srv=$SRV
+  ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --engine "$1" --interface c1 \
+    --address $SUB2.3/24 --connect $SUB2.2:5312 --rr 5000 --rr-size 64 --nodelay --timeout 60 2>/dev/null |
+    python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(r["rtt_us_mean"], r["rtt_us_p50"], r["rtt_us_p99"])' 2>/dev/null || echo "fail"
+  stop_srv $srv
+}
+k=$(plain_kernel)
+xdp=$(plain_send af_xdp)
+pkt=$(plain_send af_packet)
+echo "throughput Mbit/s: kernel-cubic $k, netstack af_xdp $xdp ($(python3 -c "print('%.2fx' % ($xdp/$k))" 2>/dev/null || echo -)), netstack af_packet $pkt ($(python3 -c "print('%.2fx' % ($pkt/$k))" 2>/dev/null || echo -))"
+start_py $S "$ECHO" $SUB2.2 5313; srv=$SRV
+krr=$(timeout 60 ip netns exec $C python3 -c "$RR" $SUB2.2 5313 5000 || echo fail)
+stop_srv $srv
+echo "request/response 64 B, µs mean p50 p99 (Python kernel echo server):"
+echo "  kernel client (Python)   $krr"
+echo "  netstack af_xdp client   $(plain_rr af_xdp)"
+echo "  netstack af_packet client $(plain_rr af_packet)"

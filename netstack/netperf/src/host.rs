@@ -32,6 +32,7 @@ pub(crate) struct HostConfig {
     pub(crate) nodelay: bool,
     pub(crate) timeout: Duration,
     pub(crate) busy_poll: Duration,
+    pub(crate) checksum: bool,
 }
 
 pub(crate) enum ClientWork {
@@ -39,27 +40,15 @@ pub(crate) enum ClientWork {
     RequestResponse { round_trips: u64, size: usize },
 }
 
-/// The payload sent by `--send`: a fixed pseudo-random stream, so both ends can checksum it.
-struct Payload {
-    rng: SimRng,
-    block: Vec<u8>,
-}
-
-impl Payload {
-    fn new() -> Self {
-        Self {
-            rng: SimRng::new(0x5eed),
-            block: vec![0; 64 * 1024],
-        }
+/// The payload sent by `--send`: one pseudo-random MiB, repeated, so both ends can checksum it
+/// without the generator costing as much as the stack.
+fn payload_block() -> Vec<u8> {
+    let mut rng = SimRng::new(0x5eed);
+    let mut block = vec![0u8; 1 << 20];
+    for chunk in block.chunks_mut(8) {
+        chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
     }
-
-    fn next_block(&mut self) -> &[u8] {
-        for chunk in self.block.chunks_mut(8) {
-            let word = self.rng.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
-        }
-        &self.block
-    }
+    block
 }
 
 struct Host {
@@ -257,15 +246,16 @@ pub(crate) fn run_client(
     let mut latencies_us: Vec<u64> = Vec::new();
     let mut sent_hash = Sha256::new();
     let mut received_hash = Sha256::new();
+    let block = payload_block();
+    let mut rx_buf = vec![0u8; 65536];
+    let checksum = config.checksum;
     let started = StdInstant::now();
     for _ in 0..connections {
         let handle = host.connect(remote)?;
         match work {
             ClientWork::Send(bytes) => {
-                let mut payload = Payload::new();
                 let mut remaining = bytes;
-                let mut block_offset = usize::MAX;
-                let mut block = Vec::new();
+                let mut block_offset = 0usize;
                 let trace = std::env::var_os("STACKROUTE_NETPERF_TRACE").is_some();
                 let mut next_trace = StdInstant::now();
                 while remaining > 0 {
@@ -275,16 +265,15 @@ pub(crate) fn run_client(
                         eprintln!("{:?}", host.stack.connection_stats(handle));
                     }
                     if block_offset >= block.len() {
-                        block = payload.next_block().to_vec();
                         block_offset = 0;
                     }
                     let want = (block.len() - block_offset).min(remaining as usize);
-                    match host
-                        .stack
-                        .send(handle, &block[block_offset..block_offset + want])
-                    {
+                    let chunk = &block[block_offset..block_offset + want];
+                    match host.stack.send(handle, chunk) {
                         Ok(n) => {
-                            sent_hash.update(&block[block_offset..block_offset + n]);
+                            if checksum {
+                                sent_hash.update(&chunk[..n]);
+                            }
                             block_offset += n;
                             remaining -= n as u64;
                             totals.bytes_sent += n as u64;
@@ -292,10 +281,22 @@ pub(crate) fn run_client(
                         Err(SocketError::WouldBlock) => host.turn()?,
                         Err(e) => bail!("send: {e}"),
                     }
-                    drain(&mut host, handle, &mut totals, &mut received_hash)?;
+                    drain(
+                        &mut host,
+                        handle,
+                        &mut totals,
+                        &mut received_hash,
+                        &mut rx_buf,
+                    )?;
                 }
                 host.stack.shutdown(handle).map_err(|e| anyhow!("{e}"))?;
-                while !drain(&mut host, handle, &mut totals, &mut received_hash)? {
+                while !drain(
+                    &mut host,
+                    handle,
+                    &mut totals,
+                    &mut received_hash,
+                    &mut rx_buf,
+                )? {
                     host.check_deadline()?;
                     host.turn()?;
                 }
@@ -333,7 +334,7 @@ pub(crate) fn run_client(
                 }
                 host.stack.shutdown(handle).map_err(|e| anyhow!("{e}"))?;
                 let mut sink = Sha256::new();
-                while !drain(&mut host, handle, &mut totals, &mut sink)? {
+                while !drain(&mut host, handle, &mut totals, &mut sink, &mut rx_buf)? {
                     host.check_deadline()?;
                     host.turn()?;
                 }
@@ -359,10 +360,11 @@ pub(crate) fn run_client(
         latencies_us[idx]
     };
     let extra = match work {
-        ClientWork::Send(_) => json!({
+        ClientWork::Send(_) if checksum => json!({
             "sent_sha256": hex(&sent_hash.finalize()),
             "received_sha256": hex(&received_hash.finalize()),
         }),
+        ClientWork::Send(_) => json!({}),
         ClientWork::RequestResponse { .. } => json!({
             "round_trips": latencies_us.len(),
             "rtt_us_mean": if latencies_us.is_empty() { 0 } else {
@@ -387,10 +389,10 @@ fn drain(
     handle: SocketHandle,
     totals: &mut Totals,
     hash: &mut Sha256,
+    buf: &mut [u8],
 ) -> Result<bool> {
-    let mut buf = [0u8; 65536];
     loop {
-        match host.stack.recv(handle, &mut buf) {
+        match host.stack.recv(handle, buf) {
             Ok(0) => return Ok(true),
             Ok(n) => {
                 hash.update(&buf[..n]);
@@ -460,7 +462,9 @@ pub(crate) fn run_server(
                     Ok(0) => conn.eof = true,
                     Ok(n) => {
                         totals.bytes_received += n as u64;
-                        conn.hash.update(&buf[..n]);
+                        if config.checksum {
+                            conn.hash.update(&buf[..n]);
+                        }
                         if echo {
                             conn.pending_echo.extend_from_slice(&buf[..n]);
                         }

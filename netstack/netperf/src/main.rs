@@ -81,6 +81,9 @@ struct Common {
     /// Disable Nagle's algorithm.
     #[arg(long)]
     nodelay: bool,
+    /// Skip the SHA-256 of the data (it costs as much CPU as the stack at Gbit/s rates).
+    #[arg(long)]
+    no_checksum: bool,
     /// Busy-poll this many microseconds after activity before sleeping (0 disables).
     #[arg(long, default_value_t = 200)]
     busy_poll_us: u64,
@@ -162,6 +165,7 @@ fn host_config(common: &Common) -> Result<host::HostConfig> {
         nodelay: common.nodelay,
         timeout: Duration::from_secs(common.timeout),
         busy_poll: Duration::from_micros(common.busy_poll_us),
+        checksum: !common.no_checksum,
     })
 }
 

@@ -276,3 +276,50 @@ fn af_xdp_engine_interops_both_ways_with_loss() {
         kernel_client_to_our_server_on(loss, lossy_bytes(), "af_xdp");
     }
 }
+
+#[test]
+fn tap_engine_sends_to_kernel_in_the_same_namespace() {
+    if !should_run("tap_engine_sends_to_kernel_in_the_same_namespace") {
+        return;
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        println!("SKIP: tap_engine_sends_to_kernel_in_the_same_namespace: no /dev/net/tun");
+        return;
+    }
+    let mut lab = Lab::new(0.0);
+    // The kernel owns 10.254.0.1 on the TAP's kernel side; the stack is 10.254.0.2 behind it.
+    lab.exec_kernel(&["ip", "tuntap", "add", "dev", "srtap0", "mode", "tap"]);
+    lab.exec_kernel(&["ip", "addr", "add", "10.254.0.1/24", "dev", "srtap0"]);
+    lab.exec_kernel(&["ip", "link", "set", "srtap0", "up"]);
+    let sink = lab.spawn_kernel(&["python3", "-c", py::SINK_SERVER, "10.254.0.1", "5207", "1"]);
+    lab.wait_for_line(sink, "READY", Duration::from_secs(10));
+    let bytes = 5_000_000u64;
+    let size = bytes.to_string();
+    let client = lab.spawn_netperf_in_kernel_ns(&[
+        "client",
+        "--engine",
+        "tap",
+        "--interface",
+        "srtap0",
+        "--address",
+        "10.254.0.2/24",
+        "--connect",
+        "10.254.0.1:5207",
+        "--send",
+        &size,
+        "--timeout",
+        "60",
+    ]);
+    let (out, err, ok) = lab.wait(client, Duration::from_secs(70));
+    assert!(ok, "tap client failed: {err}");
+    let report = json_line(&out);
+    let (sink_out, _, _) = lab.wait(sink, Duration::from_secs(10));
+    let fields = result_fields(
+        sink_out
+            .lines()
+            .find(|l| l.starts_with("RESULT"))
+            .expect("result"),
+    );
+    assert_eq!(fields[0], size);
+    assert_eq!(report["sent_sha256"].as_str(), Some(fields[1].as_str()));
+}

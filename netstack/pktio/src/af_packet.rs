@@ -155,6 +155,7 @@ impl Device for AfPacket {
                 checksum_trusted: status
                     & (sys::TP_STATUS_CSUMNOTREADY | sys::TP_STATUS_CSUM_VALID)
                     != 0,
+                partial_checksum_possible: false,
             };
             let result = if pkttype != sys::PACKET_OUTGOING && fits {
                 f.take()

@@ -257,9 +257,14 @@ impl Device for AfXdp {
         self.rx.map.set_status(consumer, local);
         let frame_start = (addr % u64::from(FRAME_SIZE * FRAME_COUNT)) as usize;
         let len = len.min((FRAME_SIZE * FRAME_COUNT) as usize - frame_start);
-        // Generic XDP hands over frames whose checksums the kernel has not verified, so they are
-        // checked in software (RxMeta::default()).
-        let result = f(self.umem.bytes(frame_start, len), RxMeta::default());
+        // Generic XDP hands over frames whose checksums the kernel has not verified (they are
+        // checked in software) and, from a local sender with checksum offload, not even filled
+        // in: the stack recognises the latter by its pseudo-header-only checksum.
+        let meta = RxMeta {
+            checksum_trusted: false,
+            partial_checksum_possible: true,
+        };
+        let result = f(self.umem.bytes(frame_start, len), meta);
         let chunk = addr - addr % u64::from(FRAME_SIZE);
         self.give_to_fill(chunk);
         Some(result)

@@ -34,6 +34,11 @@ const FULL_BW_GROWTH: f64 = 1.25;
 const FULL_BW_ROUNDS: u32 = 3;
 /// Minimum window in segments.
 const MIN_WINDOW_SEGMENTS: u64 = 4;
+/// Floor on the RTT used for the BDP. On sub-millisecond paths (veth, a LAN) the measured
+/// minimum RTT is far below the RTT a user-space host loop actually sees under load (ACKs wait
+/// for the next poll), so a BDP from the raw minimum starves the window and the bandwidth
+/// estimate collapses with it. Paths with a larger RTT are unaffected.
+const MIN_RTT_FLOOR_FOR_BDP: Duration = Duration::from_micros(500);
 /// Pace 1% below the estimate so the bottleneck queue drains (Linux `bbr_pacing_margin_percent`).
 const PACING_MARGIN: f64 = 0.99;
 
@@ -128,7 +133,7 @@ impl Bbr {
         if bw == 0 {
             return None;
         }
-        Some((bw as f64 * rtt.as_secs_f64() * gain) as u64)
+        Some((bw as f64 * rtt.max(MIN_RTT_FLOOR_FOR_BDP).as_secs_f64() * gain) as u64)
     }
 
     fn min_window(&self) -> u64 {

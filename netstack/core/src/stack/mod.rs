@@ -981,6 +981,13 @@ impl Stack {
         }
         let src = IpAddress::Ipv4(ip.src_addr);
         let dst = IpAddress::Ipv4(ip.dst_addr);
+        if meta.partial_checksum_possible
+            && !meta.checksum_trusted
+            && !packet.verify_checksum(&src, &dst)
+            && packet.checksum() == pseudo_header_sum(ip.src_addr, ip.dst_addr, body.len())
+        {
+            caps = ChecksumCapabilities::ignored();
+        }
         let Ok(seg) = TcpRepr::parse(&packet, &src, &dst, &caps) else {
             return false;
         };
@@ -1201,6 +1208,21 @@ impl Stack {
         }
         activity
     }
+}
+
+/// The folded (not complemented) TCP pseudo-header sum: what a sender using checksum offload
+/// leaves in the checksum field for the NIC to finish.
+fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, tcp_len: usize) -> u16 {
+    let mut sum: u32 = 0;
+    for pair in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    sum += u32::from(u8::from(IpProtocol::Tcp));
+    sum += tcp_len as u32;
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
 }
 
 fn readiness_of(conn: &Connection) -> Readiness {

@@ -294,3 +294,52 @@ fn out_of_order_data_is_acked_at_once_with_sack_and_reassembled() {
     assert_eq!(parse_tcp(&out[0]).ack_number, Some(TcpSeqNumber(1021)));
     assert_eq!(stack.recv(server, &mut buf), Err(SocketError::WouldBlock));
 }
+
+/// A device that hands one frame over with the given metadata.
+struct MetaDevice {
+    frame: Option<Vec<u8>>,
+    meta: RxMeta,
+    sent: Vec<Vec<u8>>,
+}
+
+impl Device for MetaDevice {
+    fn capabilities(&self) -> crate::phy::DeviceCapabilities {
+        crate::phy::DeviceCapabilities::default()
+    }
+    fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {
+        let frame = self.frame.take()?;
+        Some(f(&frame, self.meta))
+    }
+    fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize> {
+        let mut buf = vec![0u8; max_len];
+        let len = f(&mut buf);
+        if len > 0 {
+            buf.truncate(len);
+            self.sent.push(buf);
+        }
+        Some(len)
+    }
+}
+
+#[test]
+fn offload_partial_checksum_is_accepted_only_when_the_engine_says_it_can_occur() {
+    // SYN_FRAME with its TCP checksum replaced by the folded pseudo-header sum, as a local
+    // sender with checksum offload leaves it (10.0.0.2 → 10.0.0.1, TCP, 40 bytes).
+    let partial: u32 = 0x0a00 + 0x0002 + 0x0a00 + 0x0001 + 6 + 40;
+    let mut frame = SYN_FRAME;
+    frame[50..52].copy_from_slice(&(partial as u16).to_be_bytes());
+    for (possible, expect_reply) in [(false, false), (true, true)] {
+        let (mut stack, _) = stack();
+        stack.listen(80, 4).unwrap();
+        let mut dev = MetaDevice {
+            frame: Some(frame.to_vec()),
+            meta: RxMeta {
+                checksum_trusted: false,
+                partial_checksum_possible: possible,
+            },
+            sent: Vec::new(),
+        };
+        stack.poll(Instant::ZERO, &mut dev);
+        assert_eq!(!dev.sent.is_empty(), expect_reply, "possible = {possible}");
+    }
+}

@@ -230,6 +230,21 @@ impl Lab {
         self.spawn_in(&self.ns_stack.clone(), &refs)
     }
 
+    /// Runs a command to completion inside the kernel-TCP namespace (setup steps).
+    pub fn exec_kernel(&self, args: &[&str]) {
+        let mut full = vec!["ip", "netns", "exec", self.ns_kernel.as_str()];
+        full.extend_from_slice(args);
+        run(&full);
+    }
+
+    /// Starts `stackroute-netperf` with exactly `args` inside the kernel-TCP namespace.
+    pub fn spawn_netperf_in_kernel_ns(&mut self, args: &[&str]) -> usize {
+        let bin = env!("CARGO_BIN_EXE_stackroute-netperf").to_owned();
+        let mut full = vec![bin.as_str()];
+        full.extend_from_slice(args);
+        self.spawn_in(&self.ns_kernel.clone(), &full)
+    }
+
     fn spawn_in(&mut self, ns: &str, program: &[&str]) -> usize {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns])
