@@ -13,7 +13,8 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::caps;
-use crate::state::{Agent, Removal};
+use crate::registry::Removal;
+use crate::state::Agent;
 
 /// First reconnect delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);

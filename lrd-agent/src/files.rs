@@ -22,7 +22,7 @@ const PERSISTED_TMP_FILE: &str = ".snapshot.tmp";
 
 /// Writes `parts` to `dir/tmp` with `mode`, fsyncs it, renames it to `dir/name` and fsyncs
 /// the directory.
-fn replace_atomically(
+pub(crate) fn replace_atomically(
     dir: &Path,
     tmp: &str,
     name: &str,

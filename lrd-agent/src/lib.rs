@@ -9,6 +9,8 @@
 //!   directory (file layout in `stackroute_local_api::published`).
 //! - [`local`]: the Unix socket (`stackroute_local_api::message`), with [`peer`] for caller
 //!   identity and address ownership.
+//! - [`registry`]: registrations held for local processes, persisted, withdrawn when their
+//!   process exits.
 //! - [`caps`]: node capability discovery. [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //!
 //! The only unsafe code is the shared mapping of the generation counter (`genmap`).
@@ -21,6 +23,7 @@ mod genmap;
 pub mod local;
 pub mod metrics;
 pub mod peer;
+pub mod registry;
 pub mod state;
 
 pub use args::Args;

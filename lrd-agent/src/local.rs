@@ -24,7 +24,8 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::peer::{self, Peer, ProcNet};
-use crate::state::{Agent, Held, Removal};
+use crate::registry::{Held, Owner, Removal};
+use crate::state::Agent;
 
 /// Most concurrent connections; further clients wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 4096;
@@ -358,7 +359,7 @@ async fn register_listener(
         id.clone(),
         Held {
             value: listener.clone(),
-            pid: peer.pid.unwrap_or(0),
+            owner: Owner::of(peer.pid),
         },
     );
     let outcome = forward(agent, |mut client| async move {
@@ -435,7 +436,7 @@ async fn register_workload(
         id.clone(),
         Held {
             value: workload.clone(),
-            pid: peer.pid.unwrap_or(0),
+            owner: Owner::of(peer.pid),
         },
     );
     let outcome = forward(agent, |mut client| async move {
@@ -593,21 +594,25 @@ pub async fn sweep(agent: Arc<Agent>) {
     let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         ticker.tick().await;
-        let alive = |pid: i32| pid <= 0 || Path::new(&format!("/proc/{pid}")).exists();
         let (listeners, workloads) = {
             let mut held = agent.registrations();
-            let listeners: Vec<Held<Listener>> = extract_dead(&mut held.listeners, alive);
-            let workloads: Vec<Held<Workload>> = extract_dead(&mut held.workloads, alive);
+            let any_dead = held.listeners.values().any(|h| !h.owner.alive())
+                || held.workloads.values().any(|h| !h.owner.alive());
+            if !any_dead {
+                continue;
+            }
+            let listeners: Vec<Held<Listener>> = extract_dead(&mut held.listeners);
+            let workloads: Vec<Held<Workload>> = extract_dead(&mut held.workloads);
             (listeners, workloads)
         };
         for listener in listeners {
-            info!(pid = listener.pid, key = ?listener.value.key, "listener owner exited; removing");
+            info!(pid = listener.owner.pid, key = ?listener.value.key, "listener owner exited; removing");
             if let Some(key) = listener.value.key {
                 remove(&agent, Removal::Listener(key)).await;
             }
         }
         for workload in workloads {
-            info!(pid = workload.pid, key = ?workload.value.key, "workload exited; removing");
+            info!(pid = workload.owner.pid, key = ?workload.value.key, "workload exited; removing");
             if let Some(key) = workload.value.key {
                 remove(&agent, Removal::Workload(key)).await;
             }
@@ -617,11 +622,10 @@ pub async fn sweep(agent: Arc<Agent>) {
 
 fn extract_dead<K: Ord + Clone, T>(
     map: &mut std::collections::BTreeMap<K, Held<T>>,
-    alive: impl Fn(i32) -> bool,
 ) -> Vec<Held<T>> {
     let dead: Vec<K> = map
         .iter()
-        .filter(|(_, h)| !alive(h.pid))
+        .filter(|(_, h)| !h.owner.alive())
         .map(|(k, _)| k.clone())
         .collect();
     dead.into_iter().filter_map(|k| map.remove(&k)).collect()

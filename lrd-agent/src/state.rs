@@ -1,19 +1,19 @@
 //! The agent's shared state: the snapshot it serves, the registrations it holds on behalf of
 //! local processes, the controller connection in use, and its metrics.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use prometheus_client::registry::Registry;
+use stackroute_proto::v1alpha1::Listener;
 use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
-use stackroute_proto::v1alpha1::{Listener, ListenerKey, Workload, WorkloadKey};
 use stackroute_snapshot::Snapshot;
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
 use crate::files::{self, Publisher};
 use crate::metrics::Metrics;
+use crate::registry::Registrations;
 
 /// Where the agent lives and whom it talks to.
 #[derive(Clone, Debug)]
@@ -41,41 +41,6 @@ pub struct Current {
     pub generation: u64,
 }
 
-/// A registration held by the agent for a local process (re-sent after every reconnect and
-/// withdrawn when the process is gone).
-#[derive(Clone, Debug)]
-pub struct Held<T> {
-    /// What was registered.
-    pub value: T,
-    /// The process that registered it.
-    pub pid: i32,
-}
-
-/// Listener key: (ip, port, protocol number).
-pub type ListenerId = (String, u32, i32);
-/// Workload key: (namespace, name).
-pub type WorkloadId = (String, String);
-
-/// A withdrawal the controller has not received yet.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Removal {
-    /// `RemoveListener`.
-    Listener(ListenerKey),
-    /// `RemoveWorkload`.
-    Workload(WorkloadKey),
-}
-
-/// Registrations held for local processes.
-#[derive(Debug, Default)]
-pub struct Registrations {
-    /// Listeners by address.
-    pub listeners: BTreeMap<ListenerId, Held<Listener>>,
-    /// Workloads by name.
-    pub workloads: BTreeMap<WorkloadId, Held<Workload>>,
-    /// Withdrawals made while no controller was reachable, sent on the next connection.
-    pub removals: Vec<Removal>,
-}
-
 /// Everything the agent's tasks share.
 #[derive(Debug)]
 pub struct Agent {
@@ -92,6 +57,37 @@ pub struct Agent {
     registrations: Mutex<Registrations>,
     client: Mutex<Option<DistributionClient<Channel>>>,
     listeners: RwLock<Arc<Vec<Listener>>>,
+}
+
+/// Access to the held registrations; writes them to the state directory when dropped.
+#[derive(Debug)]
+pub struct RegistrationsGuard<'a> {
+    guard: MutexGuard<'a, Registrations>,
+    state_dir: &'a std::path::Path,
+    changed: bool,
+}
+
+impl std::ops::Deref for RegistrationsGuard<'_> {
+    type Target = Registrations;
+
+    fn deref(&self) -> &Registrations {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for RegistrationsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Registrations {
+        self.changed = true;
+        &mut self.guard
+    }
+}
+
+impl Drop for RegistrationsGuard<'_> {
+    fn drop(&mut self) {
+        if self.changed {
+            self.guard.save(self.state_dir);
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -117,6 +113,7 @@ impl Agent {
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
+        let registrations = Registrations::load(&config.state_dir);
         let agent = Arc::new(Self {
             agent_id: format!(
                 "{}-{}-{:08x}",
@@ -129,7 +126,7 @@ impl Agent {
             registry,
             current: RwLock::new(None),
             publisher: Mutex::new(publisher),
-            registrations: Mutex::default(),
+            registrations: Mutex::new(registrations),
             client: Mutex::new(None),
             listeners: RwLock::default(),
         });
@@ -239,9 +236,14 @@ impl Agent {
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(listeners);
     }
 
-    /// The registrations held for local processes.
-    pub fn registrations(&self) -> MutexGuard<'_, Registrations> {
-        lock(&self.registrations)
+    /// The registrations held for local processes; persisted when a guard that was used
+    /// mutably drops.
+    pub fn registrations(&self) -> RegistrationsGuard<'_> {
+        RegistrationsGuard {
+            guard: lock(&self.registrations),
+            state_dir: &self.config.state_dir,
+            changed: false,
+        }
     }
 
     /// The controller client in use, if connected.
