@@ -77,16 +77,16 @@ async fn connection(agent: &Agent, stream: UnixStream) {
             pid: cred.pid(),
             uid: cred.uid(),
             gid: cred.gid(),
+            cgroup: cred
+                .pid()
+                .and_then(|pid| peer::cgroup(Path::new("/proc"), pid)),
         },
         Err(error) => {
             warn!(%error, "no peer credentials; closing");
             return;
         }
     };
-    let cgroup = peer
-        .pid
-        .and_then(|pid| peer::cgroup(Path::new("/proc"), pid));
-    debug!(pid = ?peer.pid, uid = peer.uid, gid = peer.gid, cgroup = ?cgroup, "local connection");
+    debug!(pid = ?peer.pid, uid = peer.uid, gid = peer.gid, cgroup = ?peer.cgroup, "local connection");
     let (mut reader, mut writer) = stream.into_split();
     loop {
         let mut header = [0; HEADER_LEN];
@@ -213,8 +213,11 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
             )
         }
     };
-    if result != "ok" {
-        info!(kind, result, pid = ?peer.pid, uid = peer.uid, ?response, "local request not served");
+    let served = matches!(result, "ok" | "queued");
+    if !served {
+        info!(kind, result, pid = ?peer.pid, uid = peer.uid, cgroup = ?peer.cgroup, ?response, "local request not served");
+    } else if kind.starts_with("register") || kind.starts_with("remove") {
+        info!(kind, result, pid = ?peer.pid, uid = peer.uid, cgroup = ?peer.cgroup, "local registration");
     }
     agent.metrics.request(kind, result);
     response

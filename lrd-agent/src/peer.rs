@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 /// The caller of a Unix-socket connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
     /// Its pid as seen from the agent's pid namespace (`None` if not visible there).
     pub pid: Option<i32>,
@@ -23,6 +23,8 @@ pub struct Peer {
     pub uid: u32,
     /// Effective gid.
     pub gid: u32,
+    /// Its cgroup (from `/proc/PID/cgroup`), which names the pod under Kubernetes.
+    pub cgroup: Option<String>,
 }
 
 /// The cgroup v2 path of `pid` (`0::/path`), or the first line for cgroup v1.
@@ -217,6 +219,7 @@ Local:
             pid: Some(std::process::id() as i32),
             uid: 0,
             gid: 0,
+            cgroup: None,
         };
         let proc_net = ProcNet::default();
         assert!(proc_net.owns(&me, "127.0.0.1".parse().unwrap()).unwrap());
@@ -224,7 +227,10 @@ Local:
         assert!(proc_net.owns(&me, "::".parse().unwrap()).unwrap());
         // TEST-NET-3 is assigned to no interface here.
         assert!(!proc_net.owns(&me, "203.0.113.77".parse().unwrap()).unwrap());
-        let ghost = Peer { pid: None, ..me };
+        let ghost = Peer {
+            pid: None,
+            ..me.clone()
+        };
         assert!(matches!(
             proc_net.owns(&ghost, "127.0.0.1".parse().unwrap()),
             Err(OwnershipError::NoPid)
@@ -257,6 +263,7 @@ Local:
             pid: Some(42),
             uid: 1000,
             gid: 1000,
+            cgroup: None,
         };
         assert!(proc_net.owns(&peer, "10.0.2.15".parse().unwrap()).unwrap());
         assert!(
