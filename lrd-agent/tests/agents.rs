@@ -9,6 +9,7 @@ use common::*;
 use serde_json::Value;
 use stackroute_local_api::frame;
 use stackroute_local_api::message::{FallbackReason, Protocol, Request, Response, Stack};
+use stackroute_local_api::published;
 
 const TO_DB: &str = "10.1.0.20:5432";
 
@@ -67,6 +68,29 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
         assert_eq!(http_get(agent.http, "/readyz").unwrap().0, 200);
     }
     let before: Vec<u64> = agents.iter().map(|a| a.published().unwrap().1).collect();
+
+    // A reader that keeps loading n1's published files while revisions change: every snapshot
+    // it sees is complete and valid, and generations never go backwards.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = std::thread::spawn({
+        let dir = agents[0].socket_dir.clone();
+        let stop = stop.clone();
+        move || {
+            let (mut reads, mut last_generation) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let generation = std::fs::read(dir.join(published::GENERATION_FILE)).unwrap();
+                let generation = published::parse_generation(&generation).unwrap();
+                assert!(generation >= last_generation, "generation went backwards");
+                last_generation = generation;
+                let bytes = std::fs::read(dir.join(published::SNAPSHOT_FILE)).unwrap();
+                let view = published::parse(&bytes).expect("a complete published file");
+                assert!(view.generation >= generation, "file older than the counter");
+                stackroute_snapshot::Snapshot::parse(view.snapshot).expect("a valid snapshot");
+                reads += 1;
+            }
+            reads
+        }
+    });
 
     write_state(&state, "Kernel", "Reno");
     for (i, agent) in agents.iter().enumerate() {
@@ -179,6 +203,12 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
         .map(|a| a.published().unwrap().1)
         .max()
         .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader
+        .join()
+        .expect("the reader saw only complete, valid snapshots");
+    assert!(reads > 10, "{reads} reads");
+
     let status: Value = wait_for("every node acked", WAIT, || {
         let output = cli(&["status", "--controller", &url, "--output", "json"], &[]);
         assert!(

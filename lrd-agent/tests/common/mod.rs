@@ -236,7 +236,8 @@ impl Agent {
         let socket = self.socket_dir.join(published::SOCKET_FILE);
         wait_for("the agent socket", WAIT, || {
             assert!(self.proc.alive(), "agent exited:\n{}", self.proc.log_text());
-            UnixStream::connect(&socket).ok()
+            UnixStream::connect(&socket).ok()?;
+            http_get(self.http, "/healthz").filter(|(code, _)| *code == 200)
         });
     }
 
