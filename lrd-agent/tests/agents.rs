@@ -52,9 +52,11 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
     write_state(&state, "Kernel", "BBR");
     let controller = Controller::start(&state, tmp.path(), free_port());
     let url = format!("http://{}", controller.grpc);
-    let agents: Vec<Agent> = ["n1", "n2", "n3"]
+    // n3 is given a dead controller address first: it rotates to the live one.
+    let dead_then_live = format!("http://127.0.0.1:{},{url}", free_port());
+    let agents: Vec<Agent> = [("n1", &url), ("n2", &url), ("n3", &dead_then_live)]
         .iter()
-        .map(|n| Agent::start(n, &url, tmp.path()))
+        .map(|(n, controllers)| Agent::start(n, controllers, tmp.path()))
         .collect();
 
     for (i, agent) in agents.iter().enumerate() {
@@ -204,6 +206,13 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
         .max()
         .unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let metrics = agents[2].metrics();
+    let reconnects: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("stackroute_lrd_controller_reconnects_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no reconnect counter: {metrics}"));
+    assert!(reconnects >= 1, "n3 failed over to the live controller");
     let reads = reader
         .join()
         .expect("the reader saw only complete, valid snapshots");
