@@ -13,8 +13,38 @@ use stackroute_snapshot::Cidr;
 pub struct Args {
     /// Standalone mode: a directory of Kubernetes YAML/JSON (Namespaces, Nodes, Pods, Services,
     /// EndpointSlices, StackRoutes, ClusterStackRoutes), watched for changes.
-    #[arg(long, env = "STACKROUTE_STATE_DIR")]
-    pub state: PathBuf,
+    #[arg(
+        long,
+        env = "STACKROUTE_STATE_DIR",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub state: Option<PathBuf>,
+
+    /// Kubernetes mode: watch the API server (in-cluster config or KUBECONFIG) and write
+    /// StackRoute/ClusterStackRoute status from the replica holding the Lease.
+    #[arg(long, env = "STACKROUTE_KUBERNETES")]
+    pub kubernetes: bool,
+
+    /// Namespace of the status-writer Lease (Kubernetes mode).
+    #[arg(
+        long,
+        env = "STACKROUTE_LEASE_NAMESPACE",
+        default_value = "stackroute-system"
+    )]
+    pub lease_namespace: String,
+
+    /// Name of the status-writer Lease (Kubernetes mode).
+    #[arg(
+        long,
+        env = "STACKROUTE_LEASE_NAME",
+        default_value = "stackroute-controller-status"
+    )]
+    pub lease_name: String,
+
+    /// This replica's identity in the Lease; default: $HOSTNAME (the pod name).
+    #[arg(long, env = "STACKROUTE_IDENTITY")]
+    pub identity: Option<String>,
 
     /// gRPC listen address for agents and tools.
     #[arg(long, env = "STACKROUTE_GRPC_ADDR", default_value = "127.0.0.1:7420")]

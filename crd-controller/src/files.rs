@@ -13,6 +13,9 @@ use std::time::{Duration, SystemTime};
 
 use stackroute_policy::{ClusterState, LoadProblem};
 
+/// The source name of the state directory, for [`FileEvent::Synced`].
+pub const DIRECTORY: &str = "state directory";
+
 /// One state file as the index keeps it: the objects in force and the problems of the version
 /// most recently read.
 #[derive(Debug, Default)]
@@ -80,8 +83,8 @@ pub enum FileEvent {
     Removed(String),
     /// A file could not be read (permissions, not UTF-8, ...): source name and why.
     Unreadable(String, String),
-    /// The first complete scan has been delivered.
-    Synced,
+    /// A source delivered its first complete view (the directory poller: [`DIRECTORY`]).
+    Synced(String),
 }
 
 /// Whether a directory entry is a state file.
@@ -191,7 +194,7 @@ pub fn poll_dir(dir: &Path, interval: Duration, mut emit: impl FnMut(FileEvent) 
         unreadable.retain(|p, _| present.contains(p));
         if !synced {
             synced = true;
-            if !emit(FileEvent::Synced) {
+            if !emit(FileEvent::Synced(DIRECTORY.to_string())) {
                 return;
             }
         }
@@ -279,7 +282,7 @@ mod tests {
         };
         let a = dir.path().join("a.yaml").display().to_string();
         assert_eq!(next(), FileEvent::Changed(a.clone(), GOOD.to_string()));
-        assert_eq!(next(), FileEvent::Synced);
+        assert_eq!(next(), FileEvent::Synced(DIRECTORY.to_string()));
         // Same length, same mtime tick possible: the content comparison still sees it.
         let rewritten = GOOD.replace("10.1.0.1", "10.1.0.2");
         std::fs::write(dir.path().join("a.yaml"), &rewritten).expect("write");

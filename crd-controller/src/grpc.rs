@@ -125,9 +125,11 @@ pub fn check_listener(mut listener: Listener) -> Result<Listener, String> {
         }
     }
     for (stack, endpoint) in &listener.endpoints {
-        if Stack::from_str_name(stack).is_none()
-            && !matches!(stack.as_str(), "Kernel" | "Userspace" | "RDMA")
-        {
+        let known = Stack::from_str_name(stack).is_some()
+            || ["Kernel", "Userspace", "RDMA"]
+                .iter()
+                .any(|name| name.eq_ignore_ascii_case(stack));
+        if !known {
             return Err(format!(
                 "endpoints: key {stack:?} is not a stack name (Kernel, Userspace, RDMA)"
             ));

@@ -94,6 +94,8 @@ pub enum Command {
     Capabilities(NodeCapabilities),
     /// A status query.
     Status(oneshot::Sender<StatusResponse>),
+    /// Per-policy status with generations, for the Kubernetes status writer.
+    Policies(oneshot::Sender<Vec<PolicyReport>>),
     /// A compile finished (sent by the index task to itself).
     Compiled(Result<Box<CompileOutput>, String>),
 }
@@ -236,6 +238,15 @@ impl IndexHandle {
             .map_err(|_| IndexClosed)
     }
 
+    /// Per-policy status with the generation it describes.
+    pub async fn policies(&self) -> Result<Vec<PolicyReport>, IndexClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Policies(reply))
+            .map_err(|_| IndexClosed)?;
+        rx.await.map_err(|_| IndexClosed)
+    }
+
     /// The current status.
     pub async fn status(&self) -> Result<StatusResponse, IndexClosed> {
         let (reply, rx) = oneshot::channel();
@@ -326,6 +337,8 @@ pub struct PolicyRecord {
     pub namespace: String,
     /// Name.
     pub name: String,
+    /// `metadata.generation`, when the source sets it (Kubernetes).
+    pub generation: Option<i64>,
     /// Hash of the spec: a new value means a new version of the policy.
     pub fingerprint: u64,
     /// Nodes hosting one of its source pods.
@@ -346,6 +359,15 @@ fn object_name(kind: &str, namespace: &str, name: &str) -> String {
     } else {
         format!("{kind}/{namespace}/{name}")
     }
+}
+
+/// A policy's status and the `metadata.generation` it describes (if known).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyReport {
+    /// Accepted/Programmed and counts.
+    pub status: PolicyStatus,
+    /// The generation in force (`None` for objects that never loaded).
+    pub generation: Option<i64>,
 }
 
 /// What a compile needs, cut from the index (runs on a blocking thread).
@@ -394,7 +416,8 @@ pub struct Index {
     policies: Vec<PolicyRecord>,
     /// Policy object → (fingerprint, first revision that contained that version).
     first_contained: BTreeMap<String, (u64, u64)>,
-    sources_synced: bool,
+    /// Sources that have not delivered their first complete view yet.
+    pending_sources: BTreeSet<String>,
     registry_synced: bool,
     settings: Settings,
     stale_after: Duration,
@@ -434,13 +457,19 @@ impl Index {
             state_nodes: BTreeSet::new(),
             policies: Vec::new(),
             first_contained: BTreeMap::new(),
-            sources_synced: false,
+            pending_sources: BTreeSet::from([crate::files::DIRECTORY.to_string()]),
             registry_synced: false,
             settings,
             stale_after,
             metrics,
             ready,
         }
+    }
+
+    /// Replaces the sources that must sync before the first compile (default: the state
+    /// directory).
+    pub fn expect_sources(&mut self, sources: impl IntoIterator<Item = String>) {
+        self.pending_sources = sources.into_iter().collect();
     }
 
     /// The last published revision (0 before the first).
@@ -450,7 +479,7 @@ impl Index {
 
     /// Whether every source has synced, so a compile would not publish partial state.
     pub fn ready_to_compile(&self) -> bool {
-        self.sources_synced && self.registry_synced
+        self.pending_sources.is_empty() && self.registry_synced
     }
 
     /// The smallest revision the next compile may use.
@@ -502,6 +531,10 @@ impl Index {
                 let _ = reply.send(self.status(now));
                 Effect::None
             }
+            Command::Policies(reply) => {
+                let _ = reply.send(self.policy_reports(now));
+                Effect::None
+            }
             Command::Compiled(_) => Effect::None,
         }
     }
@@ -549,8 +582,10 @@ impl Index {
                 self.update_source_error_metric();
                 Effect::None
             }
-            FileEvent::Synced => {
-                self.sources_synced = true;
+            FileEvent::Synced(source) => {
+                if self.pending_sources.remove(&source) {
+                    tracing::info!(%source, "source synced");
+                }
                 Effect::Changed
             }
         }
@@ -796,6 +831,35 @@ impl Index {
         self.ready.send_replace(true);
     }
 
+    /// Per-policy status with generations.
+    pub fn policy_reports(&self, now: Instant) -> Vec<PolicyReport> {
+        let generations: BTreeMap<(String, String, String), Option<i64>> = self
+            .policies
+            .iter()
+            .map(|p| {
+                (
+                    (p.kind.to_string(), p.namespace.clone(), p.name.clone()),
+                    p.generation,
+                )
+            })
+            .collect();
+        self.status(now)
+            .policies
+            .into_iter()
+            .map(|status| {
+                let key = (
+                    status.kind.clone(),
+                    status.namespace.clone(),
+                    status.name.clone(),
+                );
+                PolicyReport {
+                    generation: generations.get(&key).copied().flatten(),
+                    status,
+                }
+            })
+            .collect()
+    }
+
     /// Nodes, acks, and per-policy Accepted/Programmed.
     pub fn status(&self, now: Instant) -> StatusResponse {
         let lagging = self
@@ -973,6 +1037,7 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
             problem: problems.get(&object).cloned(),
             namespace,
             name,
+            generation: route.metadata.generation,
             fingerprint: fingerprint(&route.spec),
             targets,
         });
@@ -1010,6 +1075,7 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
             problem: problems.get(&object).cloned(),
             namespace: String::new(),
             name,
+            generation: route.metadata.generation,
             fingerprint: fingerprint(&route.spec),
             targets,
         });

@@ -19,6 +19,7 @@ pub mod files;
 pub mod grpc;
 pub mod http;
 pub mod index;
+pub mod kubernetes;
 pub mod metrics;
 pub mod store;
 
@@ -40,6 +41,10 @@ impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let Self {
             state,
+            kubernetes,
+            lease_namespace,
+            lease_name,
+            identity,
             grpc_addr,
             metrics_addr,
             etcd_endpoints,
@@ -50,11 +55,21 @@ impl Args {
             poll_ms,
             stale_after_ms,
         } = self;
-        anyhow::ensure!(
-            state.is_dir(),
-            "--state {} is not a directory",
-            state.display()
-        );
+        if let Some(state) = &state {
+            anyhow::ensure!(
+                state.is_dir(),
+                "--state {} is not a directory",
+                state.display()
+            );
+        }
+        let kube_client =
+            if kubernetes {
+                Some(kube::Client::try_default().await.context(
+                    "connecting to the Kubernetes API (in-cluster config or KUBECONFIG)",
+                )?)
+            } else {
+                None
+            };
         let mut settings = Settings::default();
         if !cluster_networks.is_empty() {
             settings.cluster_networks = cluster_networks;
@@ -68,12 +83,15 @@ impl Args {
         let metrics = Arc::new(Metrics::default());
         let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
         let (handle, rx) = IndexHandle::channel();
-        let index = Index::new(
+        let mut index = Index::new(
             settings,
             args::ms(stale_after_ms),
             metrics.clone(),
             ready_tx,
         );
+        if kube_client.is_some() {
+            index.expect_sources(kubernetes::resources().iter().map(kubernetes::source_of));
+        }
         let debouncer = Debouncer::new(args::ms(debounce_ms), args::ms(debounce_max_ms));
         tokio::spawn(index::run(
             index,
@@ -91,7 +109,7 @@ impl Args {
         }
 
         // The state directory, polled on its own thread.
-        {
+        if let Some(state) = state {
             let handle = handle.clone();
             let interval = args::ms(poll_ms);
             std::thread::Builder::new()
@@ -100,6 +118,32 @@ impl Args {
                     files::poll_dir(&state, interval, |event| handle.file(event).is_ok());
                 })
                 .context("starting the state directory poller")?;
+        }
+
+        // Or the API server, with one status writer elected through a Lease.
+        if let Some(client) = kube_client {
+            kubernetes::spawn_watchers(&client, &handle);
+            let identity = identity
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| format!("stackroute-controller-{}", std::process::id()));
+            let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(kubernetes::hold_lease(
+                client.clone(),
+                kubernetes::LeaseConfig {
+                    namespace: lease_namespace,
+                    name: lease_name,
+                    identity,
+                    duration: std::time::Duration::from_secs(15),
+                },
+                leader_tx,
+            ));
+            tokio::spawn(kubernetes::write_statuses(
+                client,
+                handle.clone(),
+                leader_rx,
+            ));
+        } else {
+            let _ = (lease_namespace, lease_name, identity);
         }
 
         let http_listener = http::bind(metrics_addr).await?;

@@ -284,7 +284,9 @@ async fn nothing_is_published_before_every_source_synced() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(rx.borrow().is_none(), "published before the sources synced");
     handle.file(changed("p.yaml", POLICY_BBR)).unwrap();
-    handle.file(FileEvent::Synced).unwrap();
+    handle
+        .file(FileEvent::Synced(crate::files::DIRECTORY.into()))
+        .unwrap();
     let update = next_update(&mut rx).await;
     assert_eq!(
         decide_web(&update),
@@ -301,7 +303,9 @@ async fn revisions_increase_and_snapshots_follow_changes() {
         workloads: vec![],
     });
     handle.file(changed("c.yaml", CLUSTER)).unwrap();
-    handle.file(FileEvent::Synced).unwrap();
+    handle
+        .file(FileEvent::Synced(crate::files::DIRECTORY.into()))
+        .unwrap();
     let (mut rx, _guard) = handle.subscribe("n1", "a", 0).await.unwrap().into_parts();
     let first = next_update(&mut rx).await;
     assert_eq!(decide_web(&first), "Kernel/Default");
@@ -371,7 +375,9 @@ async fn an_agent_that_knows_a_later_revision_gets_a_greater_one() {
         listeners: vec![],
         workloads: vec![],
     });
-    handle.file(FileEvent::Synced).unwrap();
+    handle
+        .file(FileEvent::Synced(crate::files::DIRECTORY.into()))
+        .unwrap();
     let known = u64::MAX / 4;
     let (mut rx, _guard) = handle
         .subscribe("n1", "a", known)

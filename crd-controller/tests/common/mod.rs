@@ -104,13 +104,40 @@ pub struct Controller {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub log: PathBuf,
-    state: PathBuf,
-    extra: Vec<String>,
+    /// Arguments after the addresses (`--state DIR …` or `--kubernetes …`).
+    mode: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Controller {
     /// Starts the controller on free ports and waits until `/readyz` says ready.
     pub async fn start(state: &Path, log_dir: &Path, extra: &[&str]) -> Self {
+        let mut mode = vec!["--state".to_string(), state.display().to_string()];
+        mode.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_with(log_dir, mode, Vec::new()).await
+    }
+
+    /// Starts it in Kubernetes mode against `kubeconfig`, its Lease in `namespace`.
+    pub async fn start_kubernetes(log_dir: &Path, kubeconfig: &str, namespace: &str) -> Self {
+        let mode = [
+            "--kubernetes",
+            "--lease-namespace",
+            namespace,
+            "--identity",
+            "test",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Self::start_with(
+            log_dir,
+            mode,
+            vec![("KUBECONFIG".into(), kubeconfig.into())],
+        )
+        .await
+    }
+
+    async fn start_with(log_dir: &Path, mode: Vec<String>, env: Vec<(String, String)>) -> Self {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut controller = Self {
@@ -118,8 +145,8 @@ impl Controller {
             grpc,
             http,
             log: log_dir.join(format!("controller-{}.log", grpc.port())),
-            state: state.to_path_buf(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            mode,
+            env,
         };
         controller.spawn().await;
         controller
@@ -132,14 +159,13 @@ impl Controller {
             .open(&self.log)
             .expect("controller log file");
         let child = Command::new(env!("CARGO_BIN_EXE_stackroute-controller"))
-            .arg("--state")
-            .arg(&self.state)
             .arg("--grpc-addr")
             .arg(self.grpc.to_string())
             .arg("--metrics-addr")
             .arg(self.http.to_string())
             .args(["--debounce-ms", "50", "--poll-ms", "50"])
-            .args(&self.extra)
+            .args(&self.mode)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,308 @@
+//! Controller benchmark (issue 3): change-to-last-ack latency and resident memory.
+//!
+//! Run with `cargo bench -p stackroute-controller --bench fanout` (release profile). A plain
+//! `harness = false` binary that spawns the real `stackroute-controller` (embedded store,
+//! default debounce 100 ms and state-directory poll 200 ms) and prints measured figures with a
+//! PASS/MISS line per target; it never fails on a missed target.
+//!
+//! 1. Fan-out: N lightweight agents (100, then 1,000), each a tokio task with its own gRPC
+//!    connection over loopback TCP, watch their own node's snapshot and ack every revision.
+//!    Each round rewrites the policy file; the latency of a round is the time from the write
+//!    to the moment the last agent's ack returned. The poll interval and the debounce are part
+//!    of it, as they would be in production.
+//! 2. Memory: 100,000 pods on 500 nodes and 10,000 rules (1,000 StackRoutes of 10 rules) in
+//!    the state directory, 20 agents watching; the controller's VmRSS and VmHWM after the
+//!    first publish.
+//!
+//! Sizes can be overridden: `FANOUT_AGENTS=100,1000 FANOUT_ROUNDS=20 MEMORY_PODS=100000`.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
+use stackroute_proto::v1alpha1::{AckRequest, ApiVersion, WatchRequest};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+const TARGET_P99_100: Duration = Duration::from_millis(500);
+const TARGET_P99_1000: Duration = Duration::from_secs(2);
+const TARGET_RSS_BYTES: u64 = 1 << 30;
+
+fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+struct Controller {
+    child: Child,
+    grpc: SocketAddr,
+}
+
+impl Controller {
+    fn start(state: &Path) -> Self {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = Command::new(env!("CARGO_BIN_EXE_stackroute-controller"))
+            .arg("--state")
+            .arg(state)
+            .args(["--grpc-addr", &grpc.to_string()])
+            .args(["--metrics-addr", &http.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting stackroute-controller");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while TcpStream::connect(grpc).is_err() {
+            assert!(Instant::now() < deadline, "the controller did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, grpc }
+    }
+
+    fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .map_or(0, |kb| kb * 1024)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cluster_yaml(nodes: usize, pods_per_node: usize) -> String {
+    let mut text = String::from("apiVersion: v1\nkind: List\nitems:\n");
+    text.push_str("- {apiVersion: v1, kind: Namespace, metadata: {name: bench}}\n");
+    for n in 0..nodes {
+        let _ = writeln!(
+            text,
+            "- {{apiVersion: v1, kind: Node, metadata: {{name: node-{n}, labels: {{topology.kubernetes.io/zone: z{}}}}}, status: {{addresses: [{{type: InternalIP, address: 10.0.{}.{}}}]}}}}",
+            n % 3,
+            n / 250,
+            n % 250 + 1
+        );
+        for p in 0..pods_per_node {
+            let _ = writeln!(
+                text,
+                "- {{apiVersion: v1, kind: Pod, metadata: {{name: app-{n}-{p}, namespace: bench, labels: {{app: app{}}}}}, spec: {{nodeName: node-{n}, containers: []}}, status: {{podIP: 10.{}.{}.{}}}}}",
+                p % 10,
+                100 + n / 250,
+                n % 250,
+                p + 1
+            );
+        }
+    }
+    text
+}
+
+fn policy_yaml(congestion_control: &str) -> String {
+    format!(
+        "apiVersion: stackroute.dev/v1alpha1\nkind: StackRoute\nmetadata: {{name: bench, namespace: bench}}\nspec:\n  podSelector: {{}}\n  rules:\n  - name: all\n    transport: {{stack: Kernel, congestionControl: {congestion_control}}}\n"
+    )
+}
+
+/// One agent: watches its node, acks every revision, publishes the highest acked revision.
+async fn agent(grpc: SocketAddr, node: String, acked: watch::Sender<u64>) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(format!("http://{grpc}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connect (raise `ulimit -n` for many agents): {e}"))?;
+    let mut client = DistributionClient::new(channel)
+        .max_decoding_message_size(stackroute_proto::MAX_MESSAGE_BYTES);
+    let mut stream = client
+        .watch_snapshots(WatchRequest {
+            node: node.clone(),
+            agent_id: format!("bench-{node}"),
+            known_revision: 0,
+            api_version: ApiVersion::V1alpha1 as i32,
+        })
+        .await?
+        .into_inner();
+    while let Some(update) = stream.message().await? {
+        // A real agent validates before it acks.
+        stackroute_snapshot::Snapshot::parse(&update.snapshot)
+            .map_err(|e| anyhow::anyhow!("bad snapshot: {e:?}"))?;
+        client
+            .ack(AckRequest {
+                node: node.clone(),
+                agent_id: format!("bench-{node}"),
+                revision: update.revision,
+                error: String::new(),
+            })
+            .await?;
+        acked.send_replace(update.revision);
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+async fn fanout(agents: usize, rounds: usize) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("cluster.yaml"), cluster_yaml(agents, 2)).expect("write");
+    std::fs::write(dir.path().join("policy.yaml"), policy_yaml("BBR")).expect("write");
+    let controller = Controller::start(dir.path());
+    let mut acks = Vec::with_capacity(agents);
+    for n in 0..agents {
+        let (tx, rx) = watch::channel(0u64);
+        acks.push(rx);
+        let node = format!("node-{n}");
+        let grpc = controller.grpc;
+        tokio::spawn(async move {
+            if let Err(error) = agent(grpc, node.clone(), tx).await {
+                eprintln!("agent {node}: {error:#}");
+            }
+        });
+    }
+    let acks = Arc::new(acks);
+    let all_acked_above = |floor: u64| {
+        let acks = acks.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            for rx in acks.iter() {
+                let mut rx = rx.clone();
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                tokio::time::timeout(remaining, rx.wait_for(|r| *r > floor))
+                    .await
+                    .expect("every agent acks within 60 s")
+                    .expect("agent alive");
+            }
+            acks.iter().map(|rx| *rx.borrow()).max().unwrap_or(0)
+        }
+    };
+    let mut current = all_acked_above(0).await;
+    let mut latencies = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        // Let the poller see a new mtime tick, then change the policy.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let cc = ["Cubic", "BBR", "Reno"][round % 3];
+        let started = Instant::now();
+        std::fs::write(dir.path().join("policy.yaml"), policy_yaml(cc)).expect("write");
+        current = all_acked_above(current).await;
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    let p50 = percentile(&latencies, 0.5);
+    let p99 = percentile(&latencies, 0.99);
+    let target = if agents <= 100 {
+        TARGET_P99_100
+    } else {
+        TARGET_P99_1000
+    };
+    let (rss, hwm) = controller.memory();
+    println!(
+        "fanout {agents:>5} agents, {rounds} rounds: change→last ack p50 {:>4} ms, p99 {:>4} ms, max {:>4} ms (target p99 < {} ms: {}); controller RSS {} MiB (peak {} MiB)",
+        p50.as_millis(),
+        p99.as_millis(),
+        latencies.last().copied().unwrap_or_default().as_millis(),
+        target.as_millis(),
+        if p99 < target { "PASS" } else { "MISS" },
+        rss >> 20,
+        hwm >> 20,
+    );
+}
+
+async fn memory(pods: usize) {
+    let nodes = 500;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("cluster.yaml"),
+        cluster_yaml(nodes, pods / nodes),
+    )
+    .expect("write");
+    // 1,000 StackRoutes of 10 rules: 10,000 rules.
+    let mut policies = String::new();
+    for p in 0..1000 {
+        let _ = write!(
+            policies,
+            "---\napiVersion: stackroute.dev/v1alpha1\nkind: StackRoute\nmetadata: {{name: r{p}, namespace: bench}}\nspec:\n  priority: {}\n  podSelector: {{matchLabels: {{app: app{}}}}}\n  rules:\n",
+            p % 1000,
+            p % 10
+        );
+        for r in 0..10 {
+            let _ = write!(
+                policies,
+                "  - name: r{r}\n    to: [{{pods: {{podSelector: {{matchLabels: {{app: app{}}}}}}}}}]\n    ports: [{{port: {}}}]\n    transport: {{stack: Userspace, congestionControl: BBR}}\n",
+                (p + r) % 10,
+                1000 + p * 10 + r
+            );
+        }
+    }
+    std::fs::write(dir.path().join("policies.yaml"), policies).expect("write");
+    let started = Instant::now();
+    let controller = Controller::start(dir.path());
+    let watchers = 20;
+    let mut acks = Vec::new();
+    for n in 0..watchers {
+        let (tx, rx) = watch::channel(0u64);
+        acks.push(rx);
+        let grpc = controller.grpc;
+        tokio::spawn(async move {
+            if let Err(error) = agent(grpc, format!("node-{n}"), tx).await {
+                eprintln!("agent: {error:#}");
+            }
+        });
+    }
+    for rx in &mut acks {
+        tokio::time::timeout(Duration::from_secs(600), rx.wait_for(|r| *r > 0))
+            .await
+            .expect("first snapshot within 10 min")
+            .expect("agent alive");
+    }
+    let elapsed = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss, hwm) = controller.memory();
+    println!(
+        "memory {pods} pods / 500 nodes / 10000 rules, {watchers} agents: first ack after {:.1} s (YAML load + compile); controller RSS {} MiB, peak {} MiB (target < 1024 MiB: {})",
+        elapsed.as_secs_f64(),
+        rss >> 20,
+        hwm >> 20,
+        if hwm < TARGET_RSS_BYTES {
+            "PASS"
+        } else {
+            "MISS"
+        },
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    let rounds = env_list("FANOUT_ROUNDS", &[20])[0];
+    for agents in env_list("FANOUT_AGENTS", &[100, 1000]) {
+        fanout(agents, rounds).await;
+    }
+    for pods in env_list("MEMORY_PODS", &[100_000]) {
+        memory(pods).await;
+    }
+}
