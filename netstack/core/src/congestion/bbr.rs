@@ -95,7 +95,13 @@ pub struct Bbr {
     cycle_index: usize,
     cycle_stamp: Instant,
     probe_rtt_done: Option<Instant>,
-    prior_cwnd: u64,
+    /// Window to restore when ProbeRTT ends.
+    probe_rtt_saved_cwnd: u64,
+    /// Window to restore when the recovery episode an RTO started ends. Kept apart from the
+    /// ProbeRTT one: with random loss, recovery episodes end inside ProbeRTT all the time, and
+    /// one shared slot let them erase the ProbeRTT restore point, collapsing the window to four
+    /// segments and the bandwidth estimate with it.
+    rto_saved_cwnd: u64,
 }
 
 impl Bbr {
@@ -118,7 +124,8 @@ impl Bbr {
             cycle_index: 0,
             cycle_stamp: now,
             probe_rtt_done: None,
-            prior_cwnd: 0,
+            probe_rtt_saved_cwnd: 0,
+            rto_saved_cwnd: 0,
         }
     }
 
@@ -216,7 +223,7 @@ impl Bbr {
     fn update_min_rtt(&mut self, ack: &AckEvent) {
         let expired = ack.now.saturating_duration_since(self.min_rtt_stamp) > MIN_RTT_WINDOW;
         if let Some(sample) = ack.rtt_sample
-            && (self.min_rtt.is_none_or(|m| sample <= m) || expired)
+            && (self.min_rtt.is_none_or(|m| sample < m) || expired)
         {
             self.min_rtt = Some(sample);
             self.min_rtt_stamp = ack.now;
@@ -225,7 +232,7 @@ impl Bbr {
             self.mode = Mode::ProbeRtt;
             self.pacing_gain = 1.0;
             self.cwnd_gain = 1.0;
-            self.prior_cwnd = self.cwnd;
+            self.probe_rtt_saved_cwnd = self.cwnd.max(self.rto_saved_cwnd);
             self.probe_rtt_done = None;
         }
         if self.mode == Mode::ProbeRtt {
@@ -235,7 +242,8 @@ impl Bbr {
                 }
                 Some(done) if ack.now >= done => {
                     self.min_rtt_stamp = ack.now;
-                    self.cwnd = self.cwnd.max(self.prior_cwnd);
+                    self.cwnd = self.cwnd.max(self.probe_rtt_saved_cwnd);
+                    self.probe_rtt_saved_cwnd = 0;
                     if self.full_bw_reached {
                         self.enter_probe_bw(ack.now);
                     } else {
@@ -287,14 +295,19 @@ impl Controller for Bbr {
     }
 
     fn on_rto(&mut self, _now: Instant) {
-        self.prior_cwnd = self.cwnd.max(self.prior_cwnd);
+        if self.mode != Mode::ProbeRtt {
+            self.rto_saved_cwnd = self.cwnd.max(self.rto_saved_cwnd);
+        }
         self.cwnd = self.min_window();
     }
 
     fn on_recovery_exit(&mut self, _now: Instant) {
-        // Restore what an RTO took away once the lost data is repaired.
-        self.cwnd = self.cwnd.max(self.prior_cwnd);
-        self.prior_cwnd = 0;
+        // Restore what an RTO took away once the lost data is repaired (ProbeRTT restores its
+        // own window when it ends).
+        if self.mode != Mode::ProbeRtt {
+            self.cwnd = self.cwnd.max(self.rto_saved_cwnd);
+        }
+        self.rto_saved_cwnd = 0;
     }
 
     fn on_mss_change(&mut self, mss: u64) {
@@ -335,6 +348,60 @@ impl Controller for Bbr {
 mod tests {
     use super::*;
     use crate::congestion::RateSample;
+
+    fn ack(now: Instant, delivered: u64, inflight: u64, rtt: Duration) -> AckEvent {
+        AckEvent {
+            now,
+            delivered_bytes: 1000,
+            total_delivered: delivered,
+            prior_inflight: inflight,
+            inflight,
+            rtt_sample: Some(rtt),
+            smoothed_rtt: Some(rtt),
+            min_rtt: Some(rtt),
+            rate: Some(RateSample {
+                delivered: 100_000,
+                interval: Duration::from_millis(10),
+                prior_delivered: delivered.saturating_sub(100_000),
+                is_app_limited: false,
+            }),
+            in_recovery: false,
+            newly_lost: 0,
+        }
+    }
+
+    #[test]
+    fn probe_rtt_restores_its_window_even_if_recovery_ends_inside_it() {
+        let mss = 1000;
+        let mut bbr = Bbr::new(mss, Instant::ZERO);
+        bbr.cwnd = 400_000;
+        bbr.full_bw_reached = true;
+        bbr.mode = Mode::ProbeBw;
+        bbr.min_rtt = Some(Duration::from_millis(10));
+        bbr.min_rtt_stamp = Instant::ZERO;
+        // 11 s later with a larger RTT sample: the min-RTT filter expires and ProbeRTT starts.
+        let t = Instant::from_millis(11_000);
+        bbr.on_ack(&ack(t, 1_000_000, 4 * mss, Duration::from_millis(12)));
+        assert_eq!(bbr.mode, Mode::ProbeRtt);
+        assert_eq!(bbr.window(), 4 * mss);
+        // A loss-recovery episode ends during ProbeRTT (frequent under random loss).
+        bbr.on_recovery_exit(t + Duration::from_millis(50));
+        assert_eq!(bbr.window(), 4 * mss, "ProbeRTT keeps its minimum window");
+        // ProbeRTT ends 200 ms after inflight reached the minimum.
+        bbr.on_ack(&ack(
+            t + Duration::from_millis(250),
+            1_010_000,
+            4 * mss,
+            Duration::from_millis(12),
+        ));
+        assert_eq!(bbr.mode, Mode::ProbeBw);
+        // Restored (then capped at 2 × BDP of the model), not left at four segments.
+        assert!(
+            bbr.window() > 200 * mss,
+            "window {} not restored",
+            bbr.window()
+        );
+    }
 
     #[test]
     fn converges_to_link_rate_and_two_bdp_window() {
