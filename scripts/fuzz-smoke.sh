@@ -74,9 +74,11 @@ for crate in policy snapshot; do
   done
   if [ "${#wanted[@]}" = 0 ]; then continue; fi
   log "building $crate/fuzz: ${wanted[*]}"
+  started=$SECONDS
   for target in "${wanted[@]}"; do
     (cd "$crate" && cargo fuzz build "${fuzz_flags[@]}" "$target")
   done
+  log "built $crate/fuzz in $((SECONDS - started))s"
 done
 
 # --- run ---------------------------------------------------------------------------------------
