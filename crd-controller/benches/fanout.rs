@@ -32,6 +32,15 @@ const TARGET_P99_100: Duration = Duration::from_millis(500);
 const TARGET_P99_1000: Duration = Duration::from_secs(2);
 const TARGET_RSS_BYTES: u64 = 1 << 30;
 
+/// Set while a scenario's controller is being stopped: its agents' errors are expected.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn report_agent_error(node: &str, error: &anyhow::Error) {
+    if !STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("agent {node}: {error:#}");
+    }
+}
+
 fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
     std::env::var(name)
         .ok()
@@ -60,7 +69,10 @@ impl Controller {
             .arg(state)
             .args(["--grpc-addr", &grpc.to_string()])
             .args(["--metrics-addr", &http.to_string()])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -180,7 +192,7 @@ async fn fanout(agents: usize, rounds: usize) {
         let grpc = controller.grpc;
         tokio::spawn(async move {
             if let Err(error) = agent(grpc, node.clone(), tx).await {
-                eprintln!("agent {node}: {error:#}");
+                report_agent_error(&node, &error);
             }
         });
     }
@@ -230,6 +242,15 @@ async fn fanout(agents: usize, rounds: usize) {
         rss >> 20,
         hwm >> 20,
     );
+    stop(controller).await;
+}
+
+/// Stops a scenario's controller; its agents' connection errors are expected then.
+async fn stop(controller: Controller) {
+    STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(controller);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    STOPPING.store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
 async fn memory(pods: usize) {
@@ -268,8 +289,9 @@ async fn memory(pods: usize) {
         acks.push(rx);
         let grpc = controller.grpc;
         tokio::spawn(async move {
-            if let Err(error) = agent(grpc, format!("node-{n}"), tx).await {
-                eprintln!("agent: {error:#}");
+            let node = format!("node-{n}");
+            if let Err(error) = agent(grpc, node.clone(), tx).await {
+                report_agent_error(&node, &error);
             }
         });
     }
@@ -293,6 +315,7 @@ async fn memory(pods: usize) {
             "MISS"
         },
     );
+    stop(controller).await;
 }
 
 #[tokio::main]

@@ -560,7 +560,7 @@ impl Index {
                     }
                 }
                 if file.problems().is_empty() {
-                    tracing::info!(%source, "state file loaded");
+                    tracing::debug!(%source, "source loaded");
                 }
                 self.update_source_error_metric();
                 Effect::Changed
@@ -568,7 +568,7 @@ impl Index {
             FileEvent::Removed(source) => {
                 self.unreadable.remove(&source);
                 let removed = self.files.remove(&source).is_some();
-                tracing::info!(%source, "state file removed");
+                tracing::debug!(%source, "source removed");
                 self.update_source_error_metric();
                 if removed {
                     Effect::Changed
@@ -1012,12 +1012,20 @@ fn fingerprint<T: serde::Serialize>(spec: &T) -> u64 {
 
 /// Every policy of the state with the nodes hosting its source pods.
 fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> Vec<PolicyRecord> {
-    let nodes_of = |selects: &dyn Fn(&PodInfo) -> bool| -> BTreeSet<String> {
-        state
-            .pods
+    // Pods with equal namespace and labels are selected alike: evaluate selectors once per
+    // such identity, not once per pod.
+    let mut identities: BTreeMap<(&str, &Labels), BTreeSet<&str>> = BTreeMap::new();
+    for pod in &state.pods {
+        let nodes = identities
+            .entry((pod.namespace.as_str(), &pod.labels))
+            .or_default();
+        nodes.extend(pod.node.as_deref());
+    }
+    let nodes_of = |selects: &dyn Fn(&str, &Labels) -> bool| -> BTreeSet<String> {
+        identities
             .iter()
-            .filter(|p| selects(p))
-            .filter_map(|p| p.node.clone())
+            .filter(|((namespace, labels), _)| selects(namespace, labels))
+            .flat_map(|(_, nodes)| nodes.iter().map(|n| n.to_string()))
             .collect()
     };
     let parse = |selector| Selector::parse(selector).ok();
@@ -1026,9 +1034,7 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
         let namespace = route.metadata.namespace.clone().unwrap_or_default();
         let name = route.metadata.name.clone().unwrap_or_default();
         let targets = match parse(&route.spec.pod_selector) {
-            Some(selector) => {
-                nodes_of(&|p| p.namespace == namespace && selector.matches(&p.labels))
-            }
+            Some(selector) => nodes_of(&|ns, labels| ns == namespace && selector.matches(labels)),
             None => BTreeSet::new(),
         };
         let object = object_name("StackRoute", &namespace, &name);
@@ -1048,7 +1054,7 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
         let subject = &route.spec.subject;
         let targets = match (&subject.namespaces, &subject.pods) {
             (Some(namespaces), _) => match parse(namespaces) {
-                Some(selector) => nodes_of(&|p| selector.matches(&namespace_labels(&p.namespace))),
+                Some(selector) => nodes_of(&|ns, _| selector.matches(&namespace_labels(ns))),
                 None => BTreeSet::new(),
             },
             (None, Some(pods)) => {
@@ -1058,11 +1064,11 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
                     None => Some(None),
                 };
                 match (pod_selector, namespace_selector) {
-                    (Some(pod_selector), Some(namespace_selector)) => nodes_of(&|p| {
-                        pod_selector.matches(&p.labels)
+                    (Some(pod_selector), Some(namespace_selector)) => nodes_of(&|ns, labels| {
+                        pod_selector.matches(labels)
                             && namespace_selector
                                 .as_ref()
-                                .is_none_or(|s| s.matches(&namespace_labels(&p.namespace)))
+                                .is_none_or(|s| s.matches(&namespace_labels(ns)))
                     }),
                     _ => BTreeSet::new(),
                 }
