@@ -4,7 +4,8 @@
 # path), then netstack vs kernel on a plain veth (throughput and request/response latency).
 #
 #   sudo netstack/netperf/scripts/bench.sh            # defaults: 100 Mbit/s, 15 ms each way (30 ms RTT)
-#   RATE=100 DELAY=25 RUN_SECONDS=10 LOSSES="0 0.01 0.05 0.1" sudo -E netstack/netperf/scripts/bench.sh
+#   RATE=100 DELAY=25 RUN_SECONDS=10 LOSSES="0 0.01 0.05 0.1" REPEAT=3 sudo -E netstack/netperf/scripts/bench.sh
+#   SKIP_EMULATED=1 ... runs only the plain-veth part
 #
 # Needs root, iproute2, iperf3, python3, ethtool (optional). Everything runs in namespaces the
 # script creates (names include its PID) and removes on exit.
@@ -14,6 +15,7 @@ RATE=${RATE:-100}
 DELAY=${DELAY:-15}
 SECONDS_PER_RUN=${RUN_SECONDS:-10}
 LOSSES=${LOSSES:-"0 0.01 0.05 0.1"}
+REPEAT=${REPEAT:-1}   # runs per cell; the median is reported (this machine's noise is large)
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-netstack}
 BIN=$CARGO_TARGET_DIR/release
@@ -129,20 +131,33 @@ netstack_send() { # bytes -> Mbit/s goodput
   stop_srv $srv
 }
 
+median() { python3 -c "
+import statistics, sys
+v = [float(x) for x in sys.argv[1:] if x != 'fail']
+print('%.1f' % statistics.median(v) if v else 'fail')" "$@"; }
+repeat() { # command... -> median of REPEAT runs
+  local out=()
+  for _ in $(seq "$REPEAT"); do out+=("$("$@")"); done
+  median "${out[@]}"
+}
+
 BYTES=$(( RATE * 1000000 / 8 * SECONDS_PER_RUN ))
+if [ -z "${SKIP_EMULATED:-}" ]; then
 echo "# Emulated path: ${RATE} Mbit/s, ${DELAY} ms each way (RTT $((2 * DELAY)) ms), random loss on the data path"
-echo "# kernel: iperf3 -t ${SECONDS_PER_RUN}; netstack: stackroute-netperf --send ${BYTES} (AF_PACKET)"
+echo "# kernel: iperf3 -t ${SECONDS_PER_RUN}; netstack: stackroute-netperf --send ${BYTES} (AF_PACKET); median of ${REPEAT} run(s)"
 printf "%-6s %14s %14s %14s %12s %12s\n" loss netstack-bbr kernel-cubic kernel-bbr "ns/cubic" "ns/kbbr"
 for loss in $LOSSES; do
   start_emu "$loss" "$DELAY" "$RATE"
-  ns=$(netstack_send $BYTES)
-  cubic=$(kernel_iperf cubic)
-  kbbr=$(kernel_iperf bbr)
+  ns=$(repeat netstack_send $BYTES)
+  cubic=$(repeat kernel_iperf cubic)
+  kbbr=$(repeat kernel_iperf bbr)
   stop_emu
   ratio() { python3 -c "a,b='$1','$2'; print('%.1fx' % (float(a)/float(b)) if b not in ('fail','0.0') and a!='fail' else '-')"; }
   printf "%-6s %11s Mb %11s Mb %11s Mb %12s %12s\n" "$(python3 -c "print('%g%%' % ($loss*100))")" \
     "$ns" "$cubic" "$kbbr" "$(ratio "$ns" "$cubic")" "$(ratio "$ns" "$kbbr")"
 done
+
+fi
 
 echo
 echo "# Plain veth (no emulator, no loss), TSO/GSO/GRO off on both ends"
@@ -161,14 +176,16 @@ plain_kernel() {
 }
 plain_rr() { # engine -> "mean p50 p99"
   start_py $S "$ECHO" $SUB2.2 5312 || { echo fail; return; }; local srv=$SRV
-  ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --engine "$1" --interface c1 \
+  # No SCHED_FIFO here: a real-time task busy-polling would keep ksoftirqd, which delivers the
+  # veth's packets, off its CPU and add milliseconds to the tail.
+  ip netns exec $C "$BIN/stackroute-netperf" client --engine "$1" --interface c1 \
     --address $SUB2.3/24 --connect $SUB2.2:5312 --rr 5000 --rr-size 64 --nodelay --timeout 60 2>/dev/null |
     python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(r["rtt_us_mean"], r["rtt_us_p50"], r["rtt_us_p99"])' 2>/dev/null || echo "fail"
   stop_srv $srv
 }
-k=$(plain_kernel)
-xdp=$(plain_send af_xdp)
-pkt=$(plain_send af_packet)
+k=$(repeat plain_kernel)
+xdp=$(repeat plain_send af_xdp)
+pkt=$(repeat plain_send af_packet)
 echo "throughput Mbit/s: kernel-cubic $k, netstack af_xdp $xdp ($(python3 -c "print('%.2fx' % ($xdp/$k))" 2>/dev/null || echo -)), netstack af_packet $pkt ($(python3 -c "print('%.2fx' % ($pkt/$k))" 2>/dev/null || echo -))"
 start_py $S "$ECHO" $SUB2.2 5313; srv=$SRV
 krr=$(timeout 60 ip netns exec $C python3 -c "$RR" $SUB2.2 5313 5000 || echo fail)
