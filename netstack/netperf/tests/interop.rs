@@ -283,7 +283,9 @@ fn tap_engine_sends_to_kernel_in_the_same_namespace() {
         return;
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
-        println!("SKIP: tap_engine_sends_to_kernel_in_the_same_namespace: no /dev/net/tun");
+        common::skip_notice(
+            "SKIP: tap_engine_sends_to_kernel_in_the_same_namespace: no /dev/net/tun",
+        );
         return;
     }
     let mut lab = Lab::new(0.0);

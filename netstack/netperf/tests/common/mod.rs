@@ -43,6 +43,13 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// Prints past libtest's output capture (which only intercepts the print macros), so a skip is
+/// visible in a normal `cargo test` run.
+pub fn skip_notice(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// Returns true if the test should run; prints SKIP (or panics under STACKROUTE_REQUIRE_NETNS=1).
 pub fn should_run(test: &str) -> bool {
     match unavailable() {
@@ -51,8 +58,7 @@ pub fn should_run(test: &str) -> bool {
             if std::env::var("STACKROUTE_REQUIRE_NETNS").as_deref() == Ok("1") {
                 panic!("{test}: STACKROUTE_REQUIRE_NETNS=1 but {reason}");
             }
-            println!("SKIP: {test}: {reason}");
-            eprintln!("SKIP: {test}: {reason}");
+            skip_notice(&format!("SKIP: {test}: {reason}"));
             false
         }
     }
