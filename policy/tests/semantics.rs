@@ -297,6 +297,28 @@ fn pass_ends_its_tier_only() {
 }
 
 #[test]
+fn an_admin_pass_does_not_skip_the_baseline_tier() {
+    let admin = csr(
+        "delegate",
+        "",
+        "  tier: Admin\n  subject: {namespaces: {}}\n  rules:\n  - name: world-later\n    action: Pass\n    to: [{entity: World}]",
+    );
+    let baseline = csr(
+        "egress",
+        "",
+        "  tier: Baseline\n  subject: {namespaces: {}}\n  rules:\n  - name: world\n    to: [{entity: World}]\n    transport: {stack: Kernel, congestionControl: BBR}",
+    );
+    check(
+        &format!("{admin}{baseline}"),
+        &[(
+            "shop/web",
+            "8.8.8.8:443",
+            "Kernel/BBR,Kernel/Default by egress/world @External",
+        )],
+    );
+}
+
+#[test]
 fn pods_peer_namespace_scope() {
     // A StackRoute pods peer without namespaceSelector means its own namespace only.
     let namespaced = sr(

@@ -811,7 +811,10 @@ impl<'a> Snapshot<'a> {
     /// The rule `rule`.
     pub fn rule(&self, rule: RuleRef) -> RuleView<'a> {
         let policy = self.record(SectionId::Policies, rule.policy as usize);
-        let r = self.record(SectionId::Rules, (le32(policy, 20) + rule.rule) as usize);
+        let r = self.record(
+            SectionId::Rules,
+            le32(policy, 20).saturating_add(rule.rule) as usize,
+        );
         RuleView {
             name: self.string(SectionId::NodeStrings, r, 0),
             action: r
@@ -985,7 +988,8 @@ impl<'a> Snapshot<'a> {
         let mut passed_tier: Option<u8> = None;
         for policy_index in policies.chunks_exact(4).map(|c| le32(c, 0)) {
             let policy = self.record(SectionId::Policies, policy_index as usize);
-            let tier = policy.first().copied().unwrap_or(0);
+            // Byte 1 is the tier (byte 0 is the kind): a Pass ends its own tier only.
+            let tier = policy.get(1).copied().unwrap_or(0);
             let first_rule = le32(policy, 20);
             let rule_count = le32(policy, 24);
             if passed_tier == Some(tier) {
@@ -1120,7 +1124,10 @@ impl<'a> Snapshot<'a> {
     /// Renders a peer list for explain output: one string per peer.
     pub fn describe_peers(&self, rule: RuleRef) -> Vec<String> {
         let policy = self.record(SectionId::Policies, rule.policy as usize);
-        let record = self.record(SectionId::Rules, (le32(policy, 20) + rule.rule) as usize);
+        let record = self.record(
+            SectionId::Rules,
+            le32(policy, 20).saturating_add(rule.rule) as usize,
+        );
         let peers = self.range(SectionId::Peers, le32(record, 12), le32(record, 16));
         peers
             .chunks_exact(12)
