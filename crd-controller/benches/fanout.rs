@@ -215,8 +215,10 @@ async fn fanout(agents: usize, rounds: usize) {
     let mut current = all_acked_above(0).await;
     let mut latencies = Vec::with_capacity(rounds);
     for round in 0..rounds {
-        // Let the poller see a new mtime tick, then change the policy.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Let the poller see a new mtime tick, then change the policy at a varying phase of
+        // the 200 ms poll period.
+        let jitter = (round as u64 * 73) % 200;
+        tokio::time::sleep(Duration::from_millis(300 + jitter)).await;
         let cc = ["Cubic", "BBR", "Reno"][round % 3];
         let started = Instant::now();
         std::fs::write(dir.path().join("policy.yaml"), policy_yaml(cc)).expect("write");
