@@ -387,6 +387,10 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
                 put_u16(&mut ports, 0);
             }
             put_range(&mut rules, transports.len() / 2, rule.transports.len());
+            let (first, last, protocols) = port_span(rule.ports.as_deref());
+            put_u16(&mut rules, first);
+            put_u16(&mut rules, last);
+            rules.extend_from_slice(&[protocols, 0, 0, 0]);
             for transport in &rule.transports {
                 transports.extend_from_slice(&[
                     transport.stack as u8,
@@ -490,6 +494,24 @@ pub fn assemble(shared: &SharedTables, node: &NodeTables) -> Vec<u8> {
     let crc = crc32fast::hash(&out[format::OFF_VERSION..]);
     out[format::OFF_CRC..format::OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
     out
+}
+
+/// `(first, last, protocol mask)` covering port entries; everything when there are none.
+fn port_span(ports: Option<&[PortEntry]>) -> (u16, u16, u8) {
+    match ports {
+        Some(ports) if !ports.is_empty() => {
+            ports
+                .iter()
+                .fold((u16::MAX, 0, 0), |(first, last, mask), p| {
+                    (
+                        first.min(p.first),
+                        last.max(p.last),
+                        mask | protocol_bit(p.protocol),
+                    )
+                })
+        }
+        _ => (0, u16::MAX, 0xff),
+    }
 }
 
 /// The summary that lets a lookup skip a whole policy (see `SectionId::Policies`).

@@ -152,8 +152,10 @@ pub const CIDR_LEN: usize = 20;
 
 /// Rule record:
 /// `{name str 8, action u8, location u8, isolation u8, flags u8, peers range 8, ports range 8,
-///   transports range 8}` = 36 bytes. Flag bit 0: the rule has `to`; bit 1: it has `ports`.
-pub const RULE_LEN: usize = 36;
+///   transports range 8, first port u16, last port u16, protocol mask u8, pad 3}` = 44 bytes.
+/// Flag bit 0: the rule has `to`; bit 1: it has `ports`. The port span and protocol mask cover
+/// all of the rule's port entries, so most port mismatches are found without reading them.
+pub const RULE_LEN: usize = 44;
 pub(crate) const RULE_HAS_PEERS: u8 = 1;
 pub(crate) const RULE_HAS_PORTS: u8 = 2;
 

@@ -1077,6 +1077,13 @@ impl<'a> Snapshot<'a> {
     ) -> Result<(), Mismatch> {
         let flags = rule.get(11).copied().unwrap_or(0);
         if flags & format::RULE_HAS_PORTS != 0 {
+            let protocols = rule.get(40).copied().unwrap_or(0xff);
+            if protocols & crate::encode::protocol_bit(protocol) == 0
+                || port < le16(rule, 36)
+                || port > le16(rule, 38)
+            {
+                return Err(Mismatch::Port);
+            }
             let ports = self.range(SectionId::Ports, le32(rule, 20), le32(rule, 24));
             let hit = ports
                 .chunks_exact(8)
