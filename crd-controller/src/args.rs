@@ -15,7 +15,7 @@ pub struct Args {
     /// EndpointSlices, StackRoutes, ClusterStackRoutes), watched for changes.
     #[arg(
         long,
-        env = "STACKROUTE_STATE_DIR",
+        env = "STACKROUTE_CONTROLLER_STATE_DIR",
         required_unless_present = "kubernetes",
         conflicts_with = "kubernetes"
     )]
@@ -23,13 +23,13 @@ pub struct Args {
 
     /// Kubernetes mode: watch the API server (in-cluster config or KUBECONFIG) and write
     /// StackRoute/ClusterStackRoute status from the replica holding the Lease.
-    #[arg(long, env = "STACKROUTE_KUBERNETES")]
+    #[arg(long, env = "STACKROUTE_CONTROLLER_KUBERNETES")]
     pub kubernetes: bool,
 
     /// Namespace of the status-writer Lease (Kubernetes mode).
     #[arg(
         long,
-        env = "STACKROUTE_LEASE_NAMESPACE",
+        env = "STACKROUTE_CONTROLLER_LEASE_NAMESPACE",
         default_value = "stackroute-system"
     )]
     pub lease_namespace: String,
@@ -37,56 +37,80 @@ pub struct Args {
     /// Name of the status-writer Lease (Kubernetes mode).
     #[arg(
         long,
-        env = "STACKROUTE_LEASE_NAME",
+        env = "STACKROUTE_CONTROLLER_LEASE_NAME",
         default_value = "stackroute-controller-status"
     )]
     pub lease_name: String,
 
     /// This replica's identity in the Lease; default: $HOSTNAME (the pod name).
-    #[arg(long, env = "STACKROUTE_IDENTITY")]
+    #[arg(long, env = "STACKROUTE_CONTROLLER_IDENTITY")]
     pub identity: Option<String>,
 
     /// gRPC listen address for agents and tools.
-    #[arg(long, env = "STACKROUTE_GRPC_ADDR", default_value = "127.0.0.1:7420")]
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_GRPC_ADDR",
+        default_value = "127.0.0.1:7420"
+    )]
     pub grpc_addr: SocketAddr,
 
     /// HTTP listen address for /metrics, /healthz and /readyz.
     #[arg(
         long,
-        env = "STACKROUTE_METRICS_ADDR",
+        env = "STACKROUTE_CONTROLLER_METRICS_ADDR",
         default_value = "127.0.0.1:7421"
     )]
     pub metrics_addr: SocketAddr,
 
     /// etcd endpoints (comma-separated URLs); registries and revisions then live in etcd,
     /// shared by every replica. Without it, the embedded in-memory store is used.
-    #[arg(long, env = "STACKROUTE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_ETCD_ENDPOINTS",
+        value_delimiter = ','
+    )]
     pub etcd_endpoints: Vec<String>,
 
     /// Key prefix in etcd.
-    #[arg(long, env = "STACKROUTE_ETCD_PREFIX", default_value = "/stackroute/")]
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_ETCD_PREFIX",
+        default_value = "/stackroute/"
+    )]
     pub etcd_prefix: String,
 
     /// Networks that count as inside the cluster (comma-separated CIDRs); default: RFC 1918,
     /// 100.64.0.0/10 and fd00::/8.
-    #[arg(long, env = "STACKROUTE_CLUSTER_NETWORKS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_CLUSTER_NETWORKS",
+        value_delimiter = ','
+    )]
     pub cluster_networks: Vec<Cidr>,
 
     /// Quiet period before a recompile, in milliseconds.
-    #[arg(long, env = "STACKROUTE_DEBOUNCE_MS", default_value_t = 100)]
+    #[arg(long, env = "STACKROUTE_CONTROLLER_DEBOUNCE_MS", default_value_t = 100)]
     pub debounce_ms: u64,
 
     /// Longest a change waits for a recompile under constant churn, in milliseconds.
-    #[arg(long, env = "STACKROUTE_DEBOUNCE_MAX_MS", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_DEBOUNCE_MAX_MS",
+        default_value_t = 1000
+    )]
     pub debounce_max_ms: u64,
 
     /// How often the state directory is polled, in milliseconds.
-    #[arg(long, env = "STACKROUTE_POLL_MS", default_value_t = 200)]
+    #[arg(long, env = "STACKROUTE_CONTROLLER_POLL_MS", default_value_t = 200)]
     pub poll_ms: u64,
 
     /// A connected node that has not acked the current revision this long after it was
     /// published is reported stale, in milliseconds.
-    #[arg(long, env = "STACKROUTE_STALE_AFTER_MS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_STALE_AFTER_MS",
+        default_value_t = 10_000
+    )]
     pub stale_after_ms: u64,
 }
 
