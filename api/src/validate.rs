@@ -5,10 +5,11 @@
 //! (types, required fields, enums, bounds, unknown fields) is walked here, and the
 //! `x-kubernetes-validations` rules are evaluated by kube's CEL validator (`kube-cel`).
 
+use std::cell::OnceCell;
 use std::sync::OnceLock;
 
 use kube::CustomResourceExt;
-use kube::core::cel::Validator;
+use kube::core::cel::{CompiledSchema, ValidationErrors, Validator, compile_schema};
 use serde_json::Value;
 
 use crate::{ClusterStackRoute, StackRoute};
@@ -90,7 +91,7 @@ pub fn validate_object(kind: RouteKind, object: &Value) -> Vec<Problem> {
     let schema = kind.schema();
     walk(schema, object, &mut String::new(), &mut problems, true);
     if problems.is_empty()
-        && let Err(errors) = Validator::new().validate(schema, object, None)
+        && let Err(errors) = validate_cel(kind, schema, object)
     {
         for error in errors.iter() {
             problems.push(Problem {
@@ -104,6 +105,23 @@ pub fn validate_object(kind: RouteKind, object: &Value) -> Vec<Problem> {
         }
     }
     problems
+}
+
+thread_local! {
+    // Compiling the CEL rules costs far more than evaluating them, so each thread compiles each
+    // kind's schema once. (Thread-local: the compiled programs are not `Sync`.)
+    static CEL: (Validator, [OnceCell<CompiledSchema>; 2]) =
+        (Validator::new(), [OnceCell::new(), OnceCell::new()]);
+}
+
+fn validate_cel(kind: RouteKind, schema: &Value, object: &Value) -> Result<(), ValidationErrors> {
+    CEL.with(|(validator, compiled)| {
+        let slot = match kind {
+            RouteKind::StackRoute => &compiled[0],
+            RouteKind::ClusterStackRoute => &compiled[1],
+        };
+        validator.validate_compiled(slot.get_or_init(|| compile_schema(schema)), object, None)
+    })
 }
 
 fn check_metadata(kind: RouteKind, object: &Value, problems: &mut Vec<Problem>) {

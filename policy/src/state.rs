@@ -264,9 +264,10 @@ impl ClusterState {
             return;
         }
         if kind == "List" || kind.ends_with("List") && value.get("items").is_some() {
-            match value.get("items") {
+            let mut value = value;
+            match value.get_mut("items").map(Value::take) {
                 Some(Value::Array(items)) => {
-                    for item in items.clone() {
+                    for item in items {
                         self.add_value(source, line, item, problems);
                     }
                 }
