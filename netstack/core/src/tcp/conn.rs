@@ -58,6 +58,8 @@ pub struct ConnectionStats {
     pub tlp_count: u64,
     /// Smoothed RTT in microseconds (0 if unknown).
     pub smoothed_rtt_us: u64,
+    /// Minimum RTT seen, in microseconds (0 if unknown).
+    pub min_rtt_us: u64,
     /// Current congestion window in bytes.
     pub cwnd: u64,
     /// Pacing rate in bytes per second (0 when not pacing).
@@ -402,6 +404,10 @@ impl Connection {
             smoothed_rtt_us: self
                 .rtt
                 .smoothed()
+                .map_or(0, |d| d.as_micros().min(u128::from(u64::MAX)) as u64),
+            min_rtt_us: self
+                .rtt
+                .min()
                 .map_or(0, |d| d.as_micros().min(u128::from(u64::MAX)) as u64),
             cwnd: self.cc.window(),
             pacing_rate: metrics.pacing_rate.unwrap_or(0),
@@ -1025,9 +1031,12 @@ impl Connection {
         let rate = newest
             .as_ref()
             .and_then(|p| self.rate_sample(p, prior_delivered));
+        let mut rtt_sampled = false;
         if let Some(p) = &newest {
+            // Karn's algorithm: never sample a retransmitted segment.
             if !p.retransmitted {
                 self.rtt.on_sample(now.saturating_duration_since(p.tx_time));
+                rtt_sampled = true;
             }
             self.rack_update(p);
         }
@@ -1060,11 +1069,7 @@ impl Connection {
                 total_delivered: self.delivered,
                 prior_inflight,
                 inflight: self.pipe,
-                rtt_sample: if newest.as_ref().is_some_and(|p| !p.retransmitted) {
-                    self.rtt.latest()
-                } else {
-                    None
-                },
+                rtt_sample: if rtt_sampled { self.rtt.latest() } else { None },
                 smoothed_rtt: self.rtt.smoothed(),
                 min_rtt: self.rtt.min(),
                 rate,
