@@ -345,6 +345,8 @@ pub struct PolicyRecord {
     pub targets: BTreeSet<String>,
     /// Why the engine left it out, if it did.
     pub problem: Option<String>,
+    /// Rules an earlier rule of the same object covers (they can never match).
+    pub shadowed_rules: u32,
 }
 
 impl PolicyRecord {
@@ -927,7 +929,7 @@ impl Index {
                 programmed: policy.problem.is_none() && programmed_nodes == policy.targets.len(),
                 target_nodes: policy.targets.len() as u32,
                 programmed_nodes: programmed_nodes as u32,
-                shadowed_rules: 0,
+                shadowed_rules: policy.shadowed_rules,
             });
             listed.insert(object);
         }
@@ -1046,6 +1048,8 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
             generation: route.metadata.generation,
             fingerprint: fingerprint(&route.spec),
             targets,
+            shadowed_rules: stackroute_policy::shadow::shadowed_rules(&route.spec.rules).len()
+                as u32,
         });
     }
     let namespace_labels = |namespace: &str| -> Labels { state.namespace_labels(namespace) };
@@ -1084,6 +1088,8 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
             generation: route.metadata.generation,
             fingerprint: fingerprint(&route.spec),
             targets,
+            shadowed_rules: stackroute_policy::shadow::shadowed_rules(&route.spec.rules).len()
+                as u32,
         });
     }
     records

@@ -292,13 +292,26 @@ pub fn route_status(
             status.programmed_nodes, status.target_nodes
         ),
     );
+    let shadowed = if status.shadowed_rules == 0 {
+        condition("Shadowed", false, "NoShadowing", String::new())
+    } else {
+        condition(
+            "Shadowed",
+            true,
+            "RulesShadowed",
+            format!(
+                "{} rule(s) can never match: an earlier rule of this object covers them",
+                status.shadowed_rules
+            ),
+        )
+    };
     RouteStatus {
         observed_generation: generation,
-        conditions: vec![accepted, programmed],
+        conditions: vec![accepted, programmed, shadowed],
         selected_pods: None,
         target_nodes: Some(i64::from(status.target_nodes)),
         programmed_nodes: Some(i64::from(status.programmed_nodes)),
-        shadowed_rules: None,
+        shadowed_rules: Some(i64::from(status.shadowed_rules)),
     }
 }
 
@@ -434,7 +447,8 @@ mod tests {
             types,
             vec![
                 ("Accepted", "True", "Accepted"),
-                ("Programmed", "False", "Pending")
+                ("Programmed", "False", "Pending"),
+                ("Shadowed", "False", "NoShadowing")
             ]
         );
         assert_eq!(
@@ -458,6 +472,19 @@ mod tests {
             route_status(&report(true, true), Some(&second), ts(300)),
             second
         );
+
+        let mut shadowing = report(true, true);
+        shadowing.status.shadowed_rules = 2;
+        let shadowed = route_status(&shadowing, Some(&second), ts(350));
+        assert_eq!(shadowed.shadowed_rules, Some(2));
+        assert_eq!(
+            (
+                shadowed.conditions[2].status.as_str(),
+                shadowed.conditions[2].reason.as_str()
+            ),
+            ("True", "RulesShadowed")
+        );
+        assert_eq!(shadowed.conditions[2].last_transition_time, Time(ts(350)));
 
         let rejected = route_status(&report(false, false), Some(&second), ts(400));
         assert_eq!(rejected.conditions[0].status, "False");
