@@ -101,10 +101,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate { paths } => validate(&paths),
         Command::Explain(args) => run_explain(&args),
-        Command::Crd => {
-            print!("{}", stackroute_api::crds_yaml());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Crd => emit(&stackroute_api::crds_yaml()).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => agent::run(args),
         Command::Status(args) => run_status(&args),
     };
@@ -269,8 +266,17 @@ fn print_explanation(
     output: Output,
 ) -> Result<ExitCode> {
     match output {
-        Output::Text => print!("{}", explanation.to_text()),
-        Output::Json => println!("{}", serde_json::to_string_pretty(explanation)?),
+        Output::Text => emit(&explanation.to_text())?,
+        Output::Json => emit(&format!("{}\n", serde_json::to_string_pretty(explanation)?))?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
