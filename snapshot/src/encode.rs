@@ -9,7 +9,8 @@ use std::net::IpAddr;
 
 use crate::format::{self, SectionId};
 use crate::{
-    Action, Cidr, Entity, Isolation, LocationMatch, PolicyKind, Protocol, Tier, TransportChoice,
+    Action, Cidr, Entity, Isolation, Location, LocationMatch, PolicyKind, Protocol, Tier,
+    TransportChoice,
 };
 
 /// A node of the cluster.
@@ -555,6 +556,21 @@ fn put_policy_filter(out: &mut Vec<u8>, shared: &SharedTables, policy: &PolicyEn
     }
     put_u16(out, first);
     put_u16(out, last);
+    // Bit n: some rule admits a destination at `Location` n; bit 4 marks the mask as present.
+    let locations = policy
+        .rules
+        .iter()
+        .fold(format::POLICY_LOCATIONS_PRESENT, |mask, rule| {
+            [
+                Location::SameNode,
+                Location::SameZone,
+                Location::SameCluster,
+                Location::External,
+            ]
+            .iter()
+            .filter(|l| rule.location.admits(**l))
+            .fold(mask, |mask, l| mask | 1 << (*l as u8))
+        });
     out.extend_from_slice(&[
         protocols,
         if pods_only {
@@ -562,7 +578,7 @@ fn put_policy_filter(out: &mut Vec<u8>, shared: &SharedTables, policy: &PolicyEn
         } else {
             0
         },
-        0,
+        locations,
         0,
     ]);
     out.extend_from_slice(&bloom);

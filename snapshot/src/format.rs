@@ -74,7 +74,8 @@ pub enum SectionId {
     /// Rules: see [`RULE_LEN`].
     Rules = 14,
     /// Policies: `{kind u8, tier u8, priority u16, namespace str, name str, rules range,
-    /// first port u16, last port u16, protocol mask u8, filter flags u8, pad 2, identity bloom [32]}`.
+    /// first port u16, last port u16, protocol mask u8, filter flags u8, location mask u8, pad 1,
+    /// identity bloom [32]}`.
     /// The last fields summarise the rules so a lookup can skip a policy none of whose rules can
     /// match: the ports all rules together cover, and — when every rule names only pods peers —
     /// a 256-bit Bloom filter of the identities those peers select. See [`POLICY_LEN`].
@@ -163,6 +164,8 @@ pub(crate) const RULE_HAS_PORTS: u8 = 2;
 pub const POLICY_LEN: usize = 68;
 /// Policy filter flag: every rule has `to` and every peer is a pods peer.
 pub(crate) const POLICY_PODS_ONLY: u8 = 1;
+/// Policy location mask: set when the mask of admitted locations (bits 0–3) is present.
+pub(crate) const POLICY_LOCATIONS_PRESENT: u8 = 0x10;
 /// Size of a policy's identity Bloom filter.
 pub(crate) const BLOOM_BYTES: usize = 32;
 

@@ -1007,7 +1007,7 @@ impl<'a> Snapshot<'a> {
             let skip = if trace.detailed() {
                 None
             } else {
-                policy_cannot_match(policy, class, port, protocol)
+                policy_cannot_match(policy, class, location, port, protocol)
             };
             if let Some(mismatch) = skip {
                 for rule in 0..rule_count {
@@ -1021,12 +1021,12 @@ impl<'a> Snapshot<'a> {
                 }
                 continue;
             }
-            for rule in 0..rule_count {
+            let records = self.range(SectionId::Rules, first_rule, rule_count);
+            for (rule, record) in (0..rule_count).zip(records.chunks_exact(format::RULE_LEN)) {
                 let reference = RuleRef {
                     policy: policy_index,
                     rule,
                 };
-                let record = self.record(SectionId::Rules, (first_rule + rule) as usize);
                 match self.rule_matches(record, class, location, ip, port, protocol) {
                     Err(mismatch) => trace.rule(reference, Verdict::NoMatch(mismatch)),
                     Ok(()) if record.get(8) == Some(&(Action::Pass as u8)) => {
@@ -1162,9 +1162,20 @@ impl<'a> Snapshot<'a> {
 fn policy_cannot_match(
     policy: &[u8],
     class: DestinationClass,
+    location: Location,
     port: u16,
     protocol: Protocol,
 ) -> Option<Mismatch> {
+    let locations = policy.get(34).copied().unwrap_or(0);
+    if locations & format::POLICY_LOCATIONS_PRESENT != 0 && locations & (1 << (location as u8)) == 0
+    {
+        // Every rule would report its port or location mismatch first; which one depends on
+        // the rule, so the fast path (no trace) is the only user of this answer.
+        return Some(Mismatch::Location {
+            required: LocationMatch::Any,
+            actual: location,
+        });
+    }
     let (first, last) = (le16(policy, 28), le16(policy, 30));
     let protocols = policy.get(32).copied().unwrap_or(0xff);
     if protocols & crate::encode::protocol_bit(protocol) == 0 || port < first || port > last {
