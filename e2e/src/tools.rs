@@ -1,0 +1,128 @@
+//! Preconditions (root, programs, the project's binaries) and visible skips.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+/// `STACKROUTE_REQUIRE_NETNS=1`: a missing precondition fails instead of skipping (CI sets it).
+pub const REQUIRE_NETNS: &str = "STACKROUTE_REQUIRE_NETNS";
+
+/// Whether `var` is set to `1`.
+pub fn required(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+/// Prints a visible skip (past libtest's capture) — or panics when `require_var` is `1`.
+pub fn skip(test: &str, reason: &str, require_var: &str) {
+    if required(require_var) {
+        panic!("{test}: {reason}, and {require_var}=1 forbids skipping");
+    }
+    // stderr of a test is captured; /dev/tty may not exist. Write to the real stderr fd.
+    eprintln!("SKIP {test}: {reason} (set {require_var}=1 to fail instead)");
+    use std::io::Write as _;
+    let _ = std::io::stderr().flush();
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// The first `name` on `PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Root and the network tools the harness needs; `Err(reason)` otherwise.
+pub fn netns_preconditions() -> Result<(), String> {
+    if !is_root() {
+        return Err("needs root (network namespaces, veth, iptables, tc)".into());
+    }
+    for tool in ["ip", "iptables", "tc", "ethtool", "ss", "sysctl"] {
+        if which(tool).is_none() {
+            return Err(format!("{tool} is not installed"));
+        }
+    }
+    Ok(())
+}
+
+/// The project's binaries the harness runs.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    /// `stackroute-controller`.
+    pub controller: PathBuf,
+    /// `stackroute-lrd`.
+    pub lrd: PathBuf,
+    /// `stackroute` (the CLI; `stackroute run`).
+    pub cli: PathBuf,
+    /// `libnsocket.so`, if built.
+    pub shim: Option<PathBuf>,
+}
+
+impl Bins {
+    /// Looks in `$STACKROUTE_BIN_DIR`, else in the target directory of the running executable
+    /// (`target/<profile>/` for binaries, its parent for tests in `deps/`). The shim is
+    /// `$STACKROUTE_SHIM` if set, else `libnsocket.so` in the same directory.
+    pub fn find() -> Result<Self> {
+        let dir = match std::env::var_os("STACKROUTE_BIN_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => {
+                let exe = std::env::current_exe()?;
+                let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+                if dir.ends_with("deps") {
+                    dir.pop();
+                }
+                dir
+            }
+        };
+        let bin = |name: &str| -> Result<PathBuf> {
+            let path = dir.join(name);
+            if !path.is_file() {
+                bail!(
+                    "{} is missing: run `cargo build -p stackroute-controller -p stackroute-lrd -p stackroute-cli -p nsocket-shim` with the same profile and target directory (or `cargo test --workspace`), or set STACKROUTE_BIN_DIR",
+                    path.display()
+                );
+            }
+            Ok(path)
+        };
+        let shim = match std::env::var_os("STACKROUTE_SHIM") {
+            Some(path) => Some(PathBuf::from(path)),
+            None => Some(dir.join("libnsocket.so")),
+        }
+        .filter(|p| p.is_file());
+        Ok(Self {
+            controller: bin("stackroute-controller")?,
+            lrd: bin("stackroute-lrd")?,
+            cli: bin("stackroute")?,
+            shim,
+        })
+    }
+}
+
+/// `true` when network-namespace tests can run here; otherwise prints a visible SKIP (or
+/// panics under `STACKROUTE_REQUIRE_NETNS=1`) and returns `false`.
+pub fn netns_available(test: &str) -> bool {
+    match netns_preconditions() {
+        Ok(()) => true,
+        Err(reason) => {
+            skip(test, &reason, REQUIRE_NETNS);
+            false
+        }
+    }
+}
+
+/// `true` when `programs` are all installed; otherwise a visible SKIP (or a panic under
+/// `STACKROUTE_REQUIRE_NETNS=1`, since CI installs them) and `false`.
+pub fn programs_available(test: &str, programs: &[&str]) -> bool {
+    match programs.iter().find(|p| which(p).is_none()) {
+        None => true,
+        Some(missing) => {
+            skip(test, &format!("{missing} is not installed"), REQUIRE_NETNS);
+            false
+        }
+    }
+}
