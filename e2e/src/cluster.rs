@@ -96,6 +96,9 @@ pub struct Options {
     pub default_cc: &'static str,
     /// Loss and rate limit on the router's link towards the internet host.
     pub internet: Impairment,
+    /// One-way delay added on the path towards the internet host, in milliseconds (a TUN
+    /// forwarding process in the router; 0: none).
+    pub internet_delay_ms: u32,
     /// Start the controller and the agents.
     pub control_plane: bool,
 }
@@ -105,6 +108,7 @@ impl Default for Options {
         Self {
             default_cc: "reno",
             internet: Impairment::default(),
+            internet_delay_ms: 0,
             control_plane: true,
         }
     }
@@ -133,6 +137,7 @@ pub struct Workload<'a> {
 /// The running cluster. Dropping it stops the agents and the controller, kills whatever is
 /// left in its namespaces and deletes them, then removes its temporary directory.
 pub struct Cluster {
+    delay: Option<Proc>,
     agents: BTreeMap<&'static str, Proc>,
     controller: Option<Proc>,
     /// The namespaces.
@@ -202,6 +207,7 @@ impl Cluster {
         let mut net = Net::new()?;
         build_topology(&mut net, &options)?;
         let mut cluster = Self {
+            delay: None,
             agents: BTreeMap::new(),
             controller: None,
             net,
@@ -212,6 +218,9 @@ impl Cluster {
             dir,
         };
         cluster.write_state()?;
+        if options.internet_delay_ms > 0 {
+            cluster.start_delay(options.internet_delay_ms)?;
+        }
         if options.control_plane {
             cluster.start_controller()?;
             for node in &NODES {
@@ -323,6 +332,59 @@ impl Cluster {
         let tmp = state.join(format!(".{file}.tmp"));
         std::fs::write(&tmp, content)?;
         std::fs::rename(&tmp, state.join(file))?;
+        Ok(())
+    }
+
+    /// Routes the router's traffic for the internet host through a TUN device served by
+    /// `stackroute-e2e-delay`, which hands every packet back after `ms`; packets coming back out
+    /// of the TUN device are routed on to the internet link by a policy rule.
+    fn start_delay(&mut self, ms: u32) -> Result<()> {
+        let bin = self
+            .bins
+            .delay
+            .clone()
+            .context("stackroute-e2e-delay is not built")?;
+        let ns = self.net.ns(ROUTER);
+        crate::net::ip(&["-n", &ns, "tuntap", "add", "dev", "dly0", "mode", "tun"])?;
+        crate::net::ip(&["-n", &ns, "link", "set", "dly0", "up"])?;
+        for key in ["all", "default", "dly0"] {
+            self.net
+                .sysctl(ROUTER, &format!("net.ipv4.conf.{key}.rp_filter"), "0")?;
+        }
+        let bin = bin.to_string_lossy().into_owned();
+        self.delay = Some(self.spawn_plain(
+            ROUTER,
+            "delay",
+            &[&bin, "--dev", "dly0", "--delay-ms", &ms.to_string()],
+        )?);
+        wait_for("the delay forwarder", Duration::from_secs(10), || {
+            crate::net::ip(&["-n", &ns, "link", "show", "dly0"])
+                .ok()
+                .filter(|s| s.contains("LOWER_UP"))
+        })?;
+        crate::net::ip(&[
+            "-n", &ns, "rule", "add", "iif", "dly0", "lookup", "100", "pref", "100",
+        ])?;
+        crate::net::ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "dev",
+            INTERNET_LINK,
+            "table",
+            "100",
+        ])?;
+        crate::net::ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            &format!("{INTERNET_IP}/32"),
+            "dev",
+            "dly0",
+        ])?;
         Ok(())
     }
 

@@ -7,3 +7,4 @@ pub mod net;
 pub mod proc;
 pub mod ss;
 pub mod tools;
+pub mod tun;

@@ -61,6 +61,8 @@ pub struct Bins {
     pub cli: PathBuf,
     /// `libnsocket.so`, if built.
     pub shim: Option<PathBuf>,
+    /// `stackroute-e2e-delay` (this crate), if built.
+    pub delay: Option<PathBuf>,
 }
 
 impl Bins {
@@ -99,6 +101,7 @@ impl Bins {
             lrd: bin("stackroute-lrd")?,
             cli: bin("stackroute")?,
             shim,
+            delay: Some(dir.join("stackroute-e2e-delay")).filter(|p| p.is_file()),
         })
     }
 }
