@@ -1,0 +1,627 @@
+//! Programs nobody here wrote, under the shim, across namespaces: curl and python's
+//! http.server, iperf3, nginx with curl and wrk, redis-server with redis-benchmark. Every
+//! assertion about a transport is what the kernel reports for the connection (`ss -tin` in the
+//! client's namespace), never the shim's own word.
+//!
+//! The hosts default to **reno**, so `cubic` or `bbr` on a connection can only come from the
+//! policy, applied by the shim (`setsockopt(TCP_CONGESTION)`).
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use stackroute_e2e::cluster::{Cluster, INTERNET, INTERNET_IP, Options, Workload, node, wait_for};
+use stackroute_e2e::proc::Proc;
+use stackroute_e2e::ss;
+use stackroute_e2e::tools::{REQUIRE_NETNS, netns_available, programs_available, skip};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Per location: same node CUBIC, same zone BBR, other zone CUBIC, internet BBR; and one
+/// port-specific rule (TCP 6379, redis) that wins over the location rules: BBR everywhere.
+const POLICY: &str = r#"apiVersion: stackroute.dev/v1alpha1
+kind: StackRoute
+metadata: {name: e2e-paths, namespace: e2e}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  rules:
+  - name: redis
+    ports: [{protocol: TCP, port: 6379}]
+    transport: {stack: Kernel, congestionControl: BBR}
+  - name: same-node
+    to: [{pods: {podSelector: {}}}]
+    location: SameNode
+    transport: {stack: Kernel, congestionControl: Cubic}
+  - name: same-zone
+    to: [{pods: {podSelector: {}}}]
+    location: SameZone
+    transport: {stack: Kernel, congestionControl: BBR}
+  - name: cluster
+    to: [{entity: Cluster}]
+    location: SameCluster
+    transport: {stack: Kernel, congestionControl: Cubic}
+  - name: internet
+    to: [{entity: World}]
+    location: External
+    transport: {stack: Kernel, congestionControl: BBR}
+"#;
+
+/// The cluster with the shim built, or `None` after a visible skip.
+fn cluster(test: &str, programs: &[&str]) -> Option<Cluster> {
+    if !netns_available(test) || !programs_available(test, programs) {
+        return None;
+    }
+    let cluster = Cluster::start(Options::default()).expect("the e2e cluster starts");
+    if cluster.bins.shim.is_none() {
+        skip(
+            test,
+            "libnsocket.so is not built (cargo build -p nsocket-shim, same target directory)",
+            REQUIRE_NETNS,
+        );
+        return None;
+    }
+    Some(cluster)
+}
+
+fn client<'a>(node: &'a str, name: &'a str) -> Workload<'a> {
+    Workload {
+        node,
+        name,
+        labels: &["app=client"],
+    }
+}
+
+/// Runs `client` to completion while sampling `ss` in its node for connections to `peer`;
+/// returns the congestion control of every connection seen and the client's output.
+fn observe(
+    cluster: &Cluster,
+    mut client: Proc,
+    host: &str,
+    peer: SocketAddr,
+) -> (BTreeSet<String>, String) {
+    let mut seen = BTreeSet::new();
+    while client.running() {
+        if let Ok(conns) = ss::connections_to(&cluster.net, host, peer) {
+            seen.extend(
+                conns
+                    .into_iter()
+                    .map(|c| c.cc.unwrap_or_else(|| "none".into())),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = client
+        .success(LONG)
+        .unwrap_or_else(|e| panic!("{e:#}\ncontroller log:\n{}", cluster.controller_log()));
+    (seen, output)
+}
+
+fn assert_cc(seen: &BTreeSet<String>, expected: &str, what: &str, output: &str) {
+    let want: BTreeSet<String> = [expected.to_string()].into();
+    assert_eq!(
+        seen, &want,
+        "{what}: the kernel showed {seen:?} for the client's connections, expected only {expected}. Client output:\n{output}"
+    );
+}
+
+/// curl (under the shim) fetching a 4 MB file from python's http.server at 2 MB/s, from each
+/// kind of path: same node, same zone, other zone, internet.
+#[test]
+fn curl_and_python_http_server_get_the_transport_of_their_path() {
+    let test = "curl_and_python_http_server_get_the_transport_of_their_path";
+    let Some(mut cluster) = cluster(test, &["python3", "curl"]) else {
+        return;
+    };
+    let web = cluster
+        .add_pod("web", "node-a1", &["app=web"], true)
+        .unwrap()
+        .unwrap();
+    for (n, host) in [("node-a1", "a1"), ("node-a2", "a2"), ("node-b1", "b1")] {
+        cluster
+            .add_pod(&format!("curl-{host}"), n, &["app=client"], false)
+            .unwrap();
+    }
+    let files = cluster.dir().join("www");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("blob"), vec![7u8; 4 << 20]).unwrap();
+    let files = files.to_string_lossy().into_owned();
+    let _cluster_server = cluster
+        .spawn(
+            &Workload {
+                node: "node-a1",
+                name: "http-server",
+                labels: &["app=web"],
+            },
+            true,
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                "--bind",
+                &web.to_string(),
+                "--directory",
+                &files,
+                "8080",
+            ],
+        )
+        .unwrap();
+    let _internet_server = cluster
+        .spawn_plain(
+            INTERNET,
+            "internet-http",
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                "--directory",
+                &files,
+                "8080",
+            ],
+        )
+        .unwrap();
+    cluster.wait_listening("a1", 8080).unwrap();
+    cluster.wait_listening(INTERNET, 8080).unwrap();
+    cluster.set_policy("paths.yaml", POLICY).unwrap();
+
+    let in_cluster = SocketAddr::new(IpAddr::V4(web), 8080);
+    let internet = SocketAddr::new(IpAddr::V4(INTERNET_IP), 8080);
+    let cases = [
+        ("node-a1", "curl-a1", in_cluster, "Kernel/Cubic", "cubic"),
+        ("node-a2", "curl-a2", in_cluster, "Kernel/BBR", "bbr"),
+        ("node-b1", "curl-b1", in_cluster, "Kernel/Cubic", "cubic"),
+        ("node-a1", "curl-a1", internet, "Kernel/BBR", "bbr"),
+    ];
+    for (node_name, pod, peer, decision, cc) in cases {
+        cluster
+            .wait_decision(node_name, pod, peer, decision)
+            .unwrap();
+        let url = format!("http://{peer}/blob");
+        let curl = cluster
+            .spawn(
+                &client(node_name, pod),
+                true,
+                &[
+                    "curl",
+                    "-sS",
+                    "--limit-rate",
+                    "2M",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{size_download}",
+                    &url,
+                ],
+            )
+            .unwrap();
+        let (seen, output) = observe(&cluster, curl, node(node_name).host, peer);
+        assert!(output.contains("200 4194304"), "{pod} → {peer}: {output}");
+        assert_cc(&seen, cc, &format!("curl {pod} → {peer}"), &output);
+    }
+}
+
+/// iperf3 client and server both under the shim: zone-b → zone-a (other zone: CUBIC) and
+/// zone-a → zone-a (same zone: BBR).
+#[test]
+fn iperf3_client_and_server_under_the_shim() {
+    let test = "iperf3_client_and_server_under_the_shim";
+    let Some(mut cluster) = cluster(test, &["iperf3"]) else {
+        return;
+    };
+    let sink = cluster
+        .add_pod("sink", "node-a1", &["app=sink"], true)
+        .unwrap()
+        .unwrap();
+    cluster
+        .add_pod("iperf-a2", "node-a2", &["app=client"], false)
+        .unwrap();
+    cluster
+        .add_pod("iperf-b1", "node-b1", &["app=client"], false)
+        .unwrap();
+    let _server = cluster
+        .spawn(
+            &Workload {
+                node: "node-a1",
+                name: "iperf3-server",
+                labels: &["app=sink"],
+            },
+            true,
+            &["iperf3", "-s", "-B", &sink.to_string(), "-p", "5201"],
+        )
+        .unwrap();
+    cluster.wait_listening("a1", 5201).unwrap();
+    cluster.set_policy("paths.yaml", POLICY).unwrap();
+    let peer = SocketAddr::new(IpAddr::V4(sink), 5201);
+    for (node_name, pod, decision, cc) in [
+        ("node-b1", "iperf-b1", "Kernel/Cubic", "cubic"),
+        ("node-a2", "iperf-a2", "Kernel/BBR", "bbr"),
+    ] {
+        cluster
+            .wait_decision(node_name, pod, peer, decision)
+            .unwrap();
+        let iperf = cluster
+            .spawn(
+                &client(node_name, pod),
+                true,
+                &[
+                    "iperf3",
+                    "-c",
+                    &sink.to_string(),
+                    "-p",
+                    "5201",
+                    "-t",
+                    "2",
+                    "-J",
+                ],
+            )
+            .unwrap();
+        let (seen, output) = observe(&cluster, iperf, node(node_name).host, peer);
+        let json: serde_json::Value =
+            serde_json::from_str(&output[output.find('{').unwrap()..]).unwrap();
+        let sent = json["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0);
+        assert!(sent > 1_000_000, "{pod}: iperf3 moved {sent} bytes");
+        // Both the control and the data connection go through connect(): both are decided.
+        assert_cc(&seen, cc, &format!("iperf3 {pod}"), &output);
+    }
+}
+
+/// nginx (its own config, in its node's namespace, master and workers under the shim) with
+/// curl and wrk as clients from the same zone (BBR) and the other zone (CUBIC).
+#[test]
+fn nginx_with_curl_and_wrk() {
+    let test = "nginx_with_curl_and_wrk";
+    let Some(mut cluster) = cluster(test, &["nginx", "curl", "wrk"]) else {
+        return;
+    };
+    let web = cluster
+        .add_pod("nginx", "node-a1", &["app=web"], true)
+        .unwrap()
+        .unwrap();
+    cluster
+        .add_pod("wrk-a2", "node-a2", &["app=client"], false)
+        .unwrap();
+    cluster
+        .add_pod("curl-b1", "node-b1", &["app=client"], false)
+        .unwrap();
+    let dir = cluster.dir().join("nginx");
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(dir.join("www").join("blob"), vec![1u8; 4 << 20]).unwrap();
+    let config = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ use epoll; worker_connections 256; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
+         \n  server {{\n    listen {web}:8081;\n    root {d}/www;\n    location = /hello {{ return 200 \"hello from nginx\\n\"; }}\n  }}\n}}\n",
+        d = dir.display()
+    );
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    std::fs::write(dir.join("nginx.conf"), config).unwrap();
+    let conf = dir.join("nginx.conf").to_string_lossy().into_owned();
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut nginx = cluster
+        .spawn(
+            &Workload {
+                node: "node-a1",
+                name: "nginx-server",
+                labels: &["app=web"],
+            },
+            true,
+            &["nginx", "-p", &prefix, "-c", &conf],
+        )
+        .unwrap();
+    cluster
+        .wait_listening("a1", 8081)
+        .unwrap_or_else(|e| panic!("{e:#}: {}", nginx.output()));
+    cluster.set_policy("paths.yaml", POLICY).unwrap();
+    let peer = SocketAddr::new(IpAddr::V4(web), 8081);
+
+    cluster
+        .wait_decision("node-b1", "curl-b1", peer, "Kernel/Cubic")
+        .unwrap();
+    let curl = cluster
+        .spawn(
+            &client("node-b1", "curl-b1"),
+            true,
+            &[
+                "curl",
+                "-sS",
+                "--limit-rate",
+                "2M",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download}",
+                &format!("http://{peer}/blob"),
+            ],
+        )
+        .unwrap();
+    let (seen, output) = observe(&cluster, curl, "b1", peer);
+    assert!(output.contains("200 4194304"), "{output}");
+    assert_cc(&seen, "cubic", "curl → nginx from the other zone", &output);
+
+    cluster
+        .wait_decision("node-a2", "wrk-a2", peer, "Kernel/BBR")
+        .unwrap();
+    let wrk = cluster
+        .spawn(
+            &client("node-a2", "wrk-a2"),
+            true,
+            &["wrk", "-t2", "-c8", "-d2s", &format!("http://{peer}/hello")],
+        )
+        .unwrap();
+    let (seen, output) = observe(&cluster, wrk, "a2", peer);
+    let requests: u64 = output
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(requests > 100, "wrk: {output}");
+    assert!(!output.contains("Non-2xx"), "wrk saw errors: {output}");
+    assert_cc(&seen, "bbr", "wrk → nginx from the same zone", &output);
+    assert!(nginx.running(), "nginx exited: {}", nginx.output());
+}
+
+/// redis-server under the shim and redis-benchmark from the other zone: the port rule (6379 →
+/// BBR) wins over the location rule (other zone → CUBIC).
+#[test]
+fn redis_with_redis_benchmark() {
+    let test = "redis_with_redis_benchmark";
+    let Some(mut cluster) = cluster(test, &["redis-server", "redis-benchmark"]) else {
+        return;
+    };
+    let db = cluster
+        .add_pod("redis", "node-a2", &["app=db"], true)
+        .unwrap()
+        .unwrap();
+    cluster
+        .add_pod("bench-b1", "node-b1", &["app=client"], false)
+        .unwrap();
+    let dir = cluster.dir().join("redis");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir = dir.to_string_lossy().into_owned();
+    let mut redis = cluster
+        .spawn(
+            &Workload {
+                node: "node-a2",
+                name: "redis-server",
+                labels: &["app=db"],
+            },
+            true,
+            &[
+                "redis-server",
+                "--bind",
+                &db.to_string(),
+                "--port",
+                "6379",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir,
+            ],
+        )
+        .unwrap();
+    cluster
+        .wait_listening("a2", 6379)
+        .unwrap_or_else(|e| panic!("{e:#}: {}", redis.output()));
+    cluster.set_policy("paths.yaml", POLICY).unwrap();
+    let peer = SocketAddr::new(IpAddr::V4(db), 6379);
+    cluster
+        .wait_decision("node-b1", "bench-b1", peer, "Kernel/BBR")
+        .unwrap();
+    let bench = cluster
+        .spawn(
+            &client("node-b1", "bench-b1"),
+            true,
+            &[
+                "redis-benchmark",
+                "-h",
+                &db.to_string(),
+                "-p",
+                "6379",
+                "-c",
+                "10",
+                "-n",
+                "60000",
+                "-t",
+                "set,get",
+                "-q",
+            ],
+        )
+        .unwrap();
+    let (seen, output) = observe(&cluster, bench, "b1", peer);
+    assert!(
+        output.contains("SET:") && output.contains("GET:"),
+        "{output}"
+    );
+    assert_cc(&seen, "bbr", "redis-benchmark → redis-server", &output);
+    assert!(redis.running(), "redis exited: {}", redis.output());
+}
+
+/// A policy change applies to new connections; a connection opened before keeps its
+/// transport for its life.
+#[test]
+fn a_policy_change_applies_to_new_connections_only() {
+    let test = "a_policy_change_applies_to_new_connections_only";
+    let Some(mut cluster) = cluster(test, &["iperf3"]) else {
+        return;
+    };
+    let sink = cluster
+        .add_pod("sink", "node-b1", &["app=sink"], true)
+        .unwrap()
+        .unwrap();
+    cluster
+        .add_pod("mover", "node-a1", &["app=client"], false)
+        .unwrap();
+    let _servers: Vec<Proc> = [5201u16, 5202]
+        .iter()
+        .map(|port| {
+            cluster
+                .spawn_plain(
+                    "b1",
+                    &format!("iperf3-{port}"),
+                    &[
+                        "iperf3",
+                        "-s",
+                        "-B",
+                        &sink.to_string(),
+                        "-p",
+                        &port.to_string(),
+                    ],
+                )
+                .unwrap()
+        })
+        .collect();
+    cluster.wait_listening("b1", 5201).unwrap();
+    cluster.wait_listening("b1", 5202).unwrap();
+    let policy = |cc: &str| {
+        format!(
+            "apiVersion: stackroute.dev/v1alpha1\nkind: StackRoute\nmetadata: {{name: mover, namespace: e2e}}\nspec:\n  podSelector: {{matchLabels: {{app: client}}}}\n  rules:\n  - name: all\n    transport: {{stack: Kernel, congestionControl: {cc}}}\n"
+        )
+    };
+    let first = SocketAddr::new(IpAddr::V4(sink), 5201);
+    let second = SocketAddr::new(IpAddr::V4(sink), 5202);
+    cluster.set_policy("mover.yaml", &policy("BBR")).unwrap();
+    cluster
+        .wait_decision("node-a1", "mover", first, "Kernel/BBR")
+        .unwrap();
+    let mover = client("node-a1", "mover");
+    let sink_s = sink.to_string();
+    let long = cluster
+        .spawn(
+            &mover,
+            true,
+            &[
+                "iperf3", "-c", &sink_s, "-p", "5201", "-t", "6", "-b", "20M",
+            ],
+        )
+        .unwrap();
+    wait_for("the first connection", Duration::from_secs(10), || {
+        let conns = ss::connections_to(&cluster.net, "a1", first).ok()?;
+        (conns.len() >= 2).then_some(())
+    })
+    .unwrap();
+
+    cluster.set_policy("mover.yaml", &policy("Cubic")).unwrap();
+    cluster
+        .wait_decision("node-a1", "mover", second, "Kernel/Cubic")
+        .unwrap();
+    let short = cluster
+        .spawn(
+            &mover,
+            true,
+            &[
+                "iperf3", "-c", &sink_s, "-p", "5202", "-t", "2", "-b", "20M",
+            ],
+        )
+        .unwrap();
+    let (new_seen, output) = observe(&cluster, short, "a1", second);
+    assert_cc(
+        &new_seen,
+        "cubic",
+        "a connection opened after the change",
+        &output,
+    );
+    let old: BTreeSet<String> = ss::connections_to(&cluster.net, "a1", first)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.cc.unwrap_or_default())
+        .collect();
+    assert_cc(
+        &old,
+        "bbr",
+        "the connection opened before the change (still open)",
+        "",
+    );
+    let (_, output) = observe(&cluster, long, "a1", first);
+    assert!(output.contains("receiver"), "{output}");
+}
+
+/// Fail-open: with no agent on the node (never started: `stackroute run` warns and runs the
+/// command; the shim finds no snapshot), the application works exactly as without the shim and
+/// its connections use the host's default. With the agent killed after the policy reached it,
+/// traffic keeps flowing.
+#[test]
+fn without_an_agent_applications_fall_back_to_the_kernel_and_keep_working() {
+    let test = "without_an_agent_applications_fall_back_to_the_kernel_and_keep_working";
+    let Some(mut cluster) = cluster(test, &["python3", "curl"]) else {
+        return;
+    };
+    let web = cluster
+        .add_pod("web", "node-b1", &["app=web"], true)
+        .unwrap()
+        .unwrap();
+    cluster
+        .add_pod("curl-a1", "node-a1", &["app=client"], false)
+        .unwrap();
+    cluster
+        .add_pod("curl-a2", "node-a2", &["app=client"], false)
+        .unwrap();
+    let files = cluster.dir().join("www");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("blob"), vec![9u8; 2 << 20]).unwrap();
+    let files = files.to_string_lossy().into_owned();
+    let _server = cluster
+        .spawn_plain(
+            "b1",
+            "http-server",
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                "--bind",
+                &web.to_string(),
+                "--directory",
+                &files,
+                "8080",
+            ],
+        )
+        .unwrap();
+    cluster.wait_listening("b1", 8080).unwrap();
+    cluster.set_policy("paths.yaml", POLICY).unwrap();
+    let peer = SocketAddr::new(IpAddr::V4(web), 8080);
+    let url = format!("http://{peer}/blob");
+    let curl_args = [
+        "curl",
+        "-sS",
+        "--limit-rate",
+        "2M",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download}",
+        url.as_str(),
+    ];
+    cluster
+        .wait_decision("node-a1", "curl-a1", peer, "Kernel/Cubic")
+        .unwrap();
+    cluster
+        .wait_decision("node-a2", "curl-a2", peer, "Kernel/Cubic")
+        .unwrap();
+
+    // The agent of node-a1 crashes (its published files stay): traffic keeps flowing.
+    cluster.kill_agent("node-a1");
+    let curl = cluster
+        .spawn(&client("node-a1", "curl-a1"), true, &curl_args)
+        .unwrap();
+    let (seen, output) = observe(&cluster, curl, "a1", peer);
+    assert!(output.contains("200 2097152"), "agent killed: {output}");
+    assert!(
+        seen.iter().all(|cc| cc == "cubic" || cc == "reno") && !seen.is_empty(),
+        "agent killed: {seen:?}"
+    );
+
+    // node-a2 has no agent at all: an empty socket directory.
+    cluster.kill_agent("node-a2");
+    let dir = cluster.socket_dir("node-a2");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let curl = cluster
+        .spawn(&client("node-a2", "curl-a2"), true, &curl_args)
+        .unwrap();
+    let (seen, output) = observe(&cluster, curl, "a2", peer);
+    assert!(output.contains("200 2097152"), "no agent: {output}");
+    assert_cc(&seen, "reno", "no agent: the host's default", &output);
+}
