@@ -103,7 +103,7 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         .env("STACKROUTE_SOCKET_DIR", &args.socket_dir)
         .env("STACKROUTE_NAMESPACE", &args.namespace)
         .env("STACKROUTE_WORKLOAD", &name);
-    if let Some(shim) = std::env::var_os("STACKROUTE_SHIM").filter(|s| Path::new(s).is_file()) {
+    if let Some(shim) = find_shim() {
         let preload = match std::env::var_os("LD_PRELOAD").filter(|p| !p.is_empty()) {
             Some(existing) => {
                 let mut joined = shim;
@@ -114,9 +114,44 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
             None => shim,
         };
         command.env("LD_PRELOAD", preload);
+    } else {
+        eprintln!(
+            "stackroute: warning: libnsocket.so not found ($STACKROUTE_SHIM, next to stackroute, {}); running {}/{name} without the shim",
+            SHIM_INSTALL_PATHS.join(", "),
+            args.namespace
+        );
     }
     let error = command.exec();
     bail!("{}: cannot execute: {error}", Path::new(program).display())
+}
+
+/// Where `stackroute run` looks for the shim after `$STACKROUTE_SHIM` and the directory of the
+/// `stackroute` binary.
+const SHIM_INSTALL_PATHS: [&str; 2] = [
+    "/usr/local/lib/stackroute/libnsocket.so",
+    "/usr/lib/stackroute/libnsocket.so",
+];
+
+/// The shim to preload: `$STACKROUTE_SHIM` if it names a file, else `libnsocket.so` next to this
+/// binary (a cargo target directory), else the install paths.
+fn find_shim() -> Option<OsString> {
+    if let Some(shim) = std::env::var_os("STACKROUTE_SHIM") {
+        if Path::new(&shim).is_file() {
+            return Some(shim);
+        }
+        eprintln!(
+            "stackroute: warning: STACKROUTE_SHIM={} is not a file; looking elsewhere",
+            Path::new(&shim).display()
+        );
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("libnsocket.so")));
+    beside
+        .into_iter()
+        .chain(SHIM_INSTALL_PATHS.iter().map(PathBuf::from))
+        .find(|path| path.is_file())
+        .map(PathBuf::into_os_string)
 }
 
 /// Explains a connection from the agent's published snapshot in `socket_dir`.

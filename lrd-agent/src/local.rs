@@ -212,6 +212,19 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
                 "ok",
             )
         }
+        Request::ShimReport {
+            decisions,
+            fallbacks,
+        } => {
+            agent.metrics.shim_report(&decisions, &fallbacks);
+            (
+                Response::Ok {
+                    revision: None,
+                    queued: false,
+                },
+                "ok",
+            )
+        }
     };
     let served = matches!(result, "ok" | "queued");
     if !served {

@@ -17,6 +17,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
+use stackroute_local_api::message::{DecisionCount, FallbackCount, Stack};
+
 use crate::state::Agent;
 
 /// Labels of `stackroute_lrd_local_requests_total`.
@@ -33,6 +35,15 @@ pub struct RequestLabels {
 pub struct ReasonLabels {
     /// Fallback reason.
     pub reason: &'static str,
+}
+
+/// Labels of `stackroute_lrd_shim_decisions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `Kernel`, `Userspace` or `RDMA`.
+    pub stack: &'static str,
+    /// `Default`, `Cubic`, `BBR`, `Reno` (anything else is counted as `other`).
+    pub congestion_control: &'static str,
 }
 
 /// Every metric the agent exports.
@@ -56,6 +67,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter<u64, AtomicU64>>,
     /// Fallbacks reported by shims.
     pub fallbacks: Family<ReasonLabels, Counter<u64, AtomicU64>>,
+    /// Connections decided by shims, by the transport they used.
+    pub shim_decisions: Family<DecisionLabels, Counter<u64, AtomicU64>>,
 }
 
 impl Metrics {
@@ -107,6 +120,40 @@ impl Metrics {
             "Fallbacks reported by shims, by reason",
             self.fallbacks.clone(),
         );
+        r.register(
+            "shim_decisions",
+            "Connections decided by shims, by the transport used",
+            self.shim_decisions.clone(),
+        );
+    }
+
+    /// Adds a shim's report: its decisions and its fallbacks (one counter with
+    /// `fallbackReport`).
+    pub fn shim_report(&self, decisions: &[DecisionCount], fallbacks: &[FallbackCount]) {
+        for decision in decisions {
+            let congestion_control = ["Default", "Cubic", "BBR", "Reno"]
+                .into_iter()
+                .find(|name| *name == decision.congestion_control)
+                .unwrap_or("other");
+            let stack = match decision.stack {
+                Stack::Kernel => "Kernel",
+                Stack::Userspace => "Userspace",
+                Stack::Rdma => "RDMA",
+            };
+            self.shim_decisions
+                .get_or_create(&DecisionLabels {
+                    stack,
+                    congestion_control,
+                })
+                .inc_by(decision.count.min(1 << 32));
+        }
+        for fallback in fallbacks {
+            self.fallbacks
+                .get_or_create(&ReasonLabels {
+                    reason: fallback.reason.as_str(),
+                })
+                .inc_by(fallback.count.min(1 << 32));
+        }
     }
 
     /// Counts one local request.

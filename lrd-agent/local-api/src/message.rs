@@ -49,13 +49,19 @@ pub enum FallbackReason {
     Unsupported,
     /// The program bypasses the shim (static binary, raw syscalls, io_uring).
     Unaccelerated,
+    /// A stack this build of the shim cannot run yet (Userspace, RDMA): the next transport of
+    /// the list was used.
+    StackUnavailable,
+    /// The process's own workload (`STACKROUTE_NAMESPACE`/`STACKROUTE_WORKLOAD`) is unset or not
+    /// in the node's snapshot: the installation default was used.
+    UnknownWorkload,
     /// Anything else.
     Other,
 }
 
 impl FallbackReason {
     /// Every reason, in declaration order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 10] = [
         Self::NoAgent,
         Self::NoCapability,
         Self::PeerNotRegistered,
@@ -63,6 +69,8 @@ impl FallbackReason {
         Self::IsolationForbids,
         Self::Unsupported,
         Self::Unaccelerated,
+        Self::StackUnavailable,
+        Self::UnknownWorkload,
         Self::Other,
     ];
 
@@ -76,6 +84,8 @@ impl FallbackReason {
             Self::IsolationForbids => "isolation-forbids",
             Self::Unsupported => "unsupported",
             Self::Unaccelerated => "unaccelerated",
+            Self::StackUnavailable => "stack-unavailable",
+            Self::UnknownWorkload => "unknown-workload",
             Self::Other => "other",
         }
     }
@@ -166,6 +176,40 @@ pub enum Request {
         #[serde(default = "one")]
         count: u64,
     },
+    /// The shim's per-process counters since its last report: decisions by the transport that
+    /// was used, and fallbacks by reason. Sent at exit and at most once a second from a
+    /// decision, never from a thread of its own.
+    #[serde(rename_all = "camelCase")]
+    ShimReport {
+        /// Connections decided, by the transport actually used.
+        #[serde(default)]
+        decisions: Vec<DecisionCount>,
+        /// Fallbacks, by reason.
+        #[serde(default)]
+        fallbacks: Vec<FallbackCount>,
+    },
+}
+
+/// How many connections a shim decided onto one transport.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionCount {
+    /// Stack.
+    pub stack: Stack,
+    /// `Default`, `Cubic`, `BBR` or `Reno`.
+    pub congestion_control: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// How many times a shim fell back for one reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FallbackCount {
+    /// Why.
+    pub reason: FallbackReason,
+    /// How many times.
+    pub count: u64,
 }
 
 fn one() -> u64 {
@@ -182,6 +226,7 @@ impl Request {
             Self::Lookup { .. } => "lookup",
             Self::FindListener { .. } => "find-listener",
             Self::FallbackReport { .. } => "fallback-report",
+            Self::ShimReport { .. } => "shim-report",
         }
     }
 }
@@ -302,6 +347,24 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"kind":"fallbackReport","reason":"x"}"#).is_err()
         );
         assert!(serde_json::from_str::<Request>(r#"{"port":1}"#).is_err());
+        let report: Request = serde_json::from_str(
+            r#"{"kind":"shimReport","decisions":[{"stack":"Kernel","congestionControl":"BBR","count":3}],"fallbacks":[{"reason":"stack-unavailable","count":1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            report,
+            Request::ShimReport {
+                decisions: vec![DecisionCount {
+                    stack: Stack::Kernel,
+                    congestion_control: "BBR".into(),
+                    count: 3
+                }],
+                fallbacks: vec![FallbackCount {
+                    reason: FallbackReason::StackUnavailable,
+                    count: 1
+                }],
+            }
+        );
         let reasons: Vec<_> = FallbackReason::ALL.iter().map(|r| r.as_str()).collect();
         for (reason, name) in FallbackReason::ALL.iter().zip(reasons) {
             assert_eq!(

@@ -1,0 +1,110 @@
+//! What the shim reads from its environment, once, when the library is loaded.
+#![deny(unsafe_code)]
+
+use std::ffi::CString;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use stackroute_local_api::published;
+
+/// Default socket directory of the node agent.
+pub(crate) const DEFAULT_SOCKET_DIR: &str = "/run/stackroute";
+
+/// The shim's configuration.
+#[derive(Debug)]
+pub(crate) struct Config {
+    /// `STACKROUTE_NAMESPACE`.
+    pub(crate) namespace: Option<String>,
+    /// `STACKROUTE_WORKLOAD`.
+    pub(crate) workload: Option<String>,
+    /// `DIR/generation`.
+    pub(crate) generation_path: CString,
+    /// `DIR/snapshot`.
+    pub(crate) snapshot_path: CString,
+    /// `DIR/agent.sock`.
+    pub(crate) socket_path: CString,
+    /// `STACKROUTE_LOG` asks for debug output.
+    pub(crate) debug: bool,
+    /// `STACKROUTE_SHIM_DISABLE=1`: every hook passes through (for side-by-side measurements).
+    pub(crate) disabled: bool,
+}
+
+impl Config {
+    /// Builds the configuration from an environment lookup.
+    pub(crate) fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
+        let dir = get("STACKROUTE_SOCKET_DIR")
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| DEFAULT_SOCKET_DIR.into());
+        let path = |file: &str| {
+            CString::new(
+                Path::new(&dir)
+                    .join(file)
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            )
+            .unwrap_or_default()
+        };
+        let log = get("STACKROUTE_LOG").unwrap_or_default();
+        Self {
+            namespace: get("STACKROUTE_NAMESPACE").filter(|s| !s.is_empty()),
+            workload: get("STACKROUTE_WORKLOAD").filter(|s| !s.is_empty()),
+            generation_path: path(published::GENERATION_FILE),
+            snapshot_path: path(published::SNAPSHOT_FILE),
+            socket_path: path(published::SOCKET_FILE),
+            debug: wants_debug(&log),
+            disabled: get("STACKROUTE_SHIM_DISABLE").is_some_and(|v| v == "1"),
+        }
+    }
+}
+
+/// `debug`/`trace`, or a directive for the shim (`nsocket=debug`) in a tracing-style filter.
+fn wants_debug(filter: &str) -> bool {
+    filter.split(',').any(|directive| {
+        let directive = directive.trim();
+        matches!(directive, "debug" | "trace")
+            || directive == "nsocket=debug"
+            || directive == "nsocket=trace"
+    })
+}
+
+static CONFIG: OnceLock<Config> = OnceLock::new();
+
+/// The configuration, read from the process environment on first use (the library's
+/// constructor makes that first use happen at load time).
+pub(crate) fn get() -> &'static Config {
+    CONFIG.get_or_init(|| Config::from_lookup(|key| std::env::var(key).ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_names_paths_and_log_filter() {
+        let env = |key: &str| match key {
+            "STACKROUTE_SOCKET_DIR" => Some("/tmp/sr".to_string()),
+            "STACKROUTE_NAMESPACE" => Some("shop".into()),
+            "STACKROUTE_WORKLOAD" => Some(String::new()),
+            "STACKROUTE_LOG" => Some("info,nsocket=debug".into()),
+            _ => None,
+        };
+        let config = Config::from_lookup(env);
+        assert_eq!(config.namespace.as_deref(), Some("shop"));
+        assert_eq!(config.workload, None);
+        assert_eq!(
+            config.generation_path.to_str().unwrap(),
+            "/tmp/sr/generation"
+        );
+        assert_eq!(config.socket_path.to_str().unwrap(), "/tmp/sr/agent.sock");
+        assert!(config.debug);
+        assert!(!config.disabled);
+        let defaults = Config::from_lookup(|_| None);
+        assert_eq!(
+            defaults.snapshot_path.to_str().unwrap(),
+            "/run/stackroute/snapshot"
+        );
+        assert!(!defaults.debug);
+        assert!(!wants_debug("info,stackroute_lrd=debug"));
+        assert!(wants_debug("debug"));
+    }
+}

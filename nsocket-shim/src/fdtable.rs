@@ -1,0 +1,193 @@
+//! What the shim knows about each file descriptor, in a fixed table of atomics indexed by fd:
+//! one load answers "is there anything to do for this fd", no lock, no allocation. The table
+//! is zero-initialised memory (untouched pages cost nothing); `fork` copies it with the
+//! process.
+#![deny(unsafe_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use stackroute_snapshot::{CongestionControl, Stack};
+
+/// Descriptors at or above this are not tracked: they are decided again at each `connect`
+/// (the same decision) and their listeners are withdrawn by the agent at exit, not at close.
+pub(crate) const TABLE_LEN: usize = 1 << 20;
+
+static TABLE: [AtomicU32; TABLE_LEN] = [const { AtomicU32::new(0) }; TABLE_LEN];
+/// One past the highest fd ever written, so ranges are cleared without touching the rest.
+static HIGH: AtomicU32 = AtomicU32::new(0);
+
+/// What kind of socket an fd is, as far as decisions go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Not seen created (inherited, or from a call the shim does not hook): ask the kernel.
+    Unknown,
+    /// An IPv4/IPv6 TCP socket.
+    Tcp,
+    /// An IPv4/IPv6 UDP socket.
+    Udp,
+    /// Anything else (AF_UNIX, raw, netlink, …): left alone.
+    Other,
+}
+
+/// One fd's entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Entry(u32);
+
+const KIND_MASK: u32 = 0b11;
+const DECIDED: u32 = 1 << 2;
+const LISTENER: u32 = 1 << 3;
+const STACK_SHIFT: u32 = 4;
+const CC_SHIFT: u32 = 6;
+
+impl Entry {
+    /// Nothing known.
+    pub(crate) const EMPTY: Self = Self(0);
+
+    /// A fresh socket of `kind`.
+    pub(crate) fn new(kind: Kind) -> Self {
+        Self(match kind {
+            Kind::Unknown => 0,
+            Kind::Tcp => 1,
+            Kind::Udp => 2,
+            Kind::Other => 3,
+        })
+    }
+
+    /// Its kind.
+    pub(crate) fn kind(self) -> Kind {
+        match self.0 & KIND_MASK {
+            1 => Kind::Tcp,
+            2 => Kind::Udp,
+            3 => Kind::Other,
+            _ => Kind::Unknown,
+        }
+    }
+
+    /// With `kind`.
+    pub(crate) fn with_kind(self, kind: Kind) -> Self {
+        Self(self.0 & !KIND_MASK | Self::new(kind).0)
+    }
+
+    /// Whether a transport is pinned.
+    pub(crate) fn decided(self) -> bool {
+        self.0 & DECIDED != 0
+    }
+
+    /// The pinned transport.
+    pub(crate) fn transport(self) -> Option<(Stack, CongestionControl)> {
+        self.decided().then(|| {
+            (
+                Stack::from_byte(((self.0 >> STACK_SHIFT) & 0b11) as u8).unwrap_or(Stack::Kernel),
+                CongestionControl::from_byte(((self.0 >> CC_SHIFT) & 0b111) as u8)
+                    .unwrap_or(CongestionControl::Default),
+            )
+        })
+    }
+
+    /// With `stack`/`cc` pinned.
+    pub(crate) fn with_decision(self, stack: Stack, cc: CongestionControl) -> Self {
+        Self(
+            self.0 & !(0b11 << STACK_SHIFT | 0b111 << CC_SHIFT)
+                | DECIDED
+                | (stack as u32) << STACK_SHIFT
+                | (cc as u32) << CC_SHIFT,
+        )
+    }
+
+    /// Whether this process registered it as a listener with the agent.
+    pub(crate) fn listener(self) -> bool {
+        self.0 & LISTENER != 0
+    }
+
+    /// With the listener mark set or cleared.
+    pub(crate) fn with_listener(self, listener: bool) -> Self {
+        if listener {
+            Self(self.0 | LISTENER)
+        } else {
+            Self(self.0 & !LISTENER)
+        }
+    }
+}
+
+fn slot(fd: i32) -> Option<&'static AtomicU32> {
+    usize::try_from(fd).ok().and_then(|i| TABLE.get(i))
+}
+
+/// The entry of `fd` (empty for untracked fds).
+#[inline]
+pub(crate) fn get(fd: i32) -> Entry {
+    slot(fd).map_or(Entry::EMPTY, |s| Entry(s.load(Ordering::Acquire)))
+}
+
+/// Sets the entry of `fd` (ignored for untracked fds).
+pub(crate) fn set(fd: i32, entry: Entry) {
+    if let Some(s) = slot(fd) {
+        if entry != Entry::EMPTY {
+            HIGH.fetch_max(fd as u32 + 1, Ordering::Relaxed);
+        }
+        s.store(entry.0, Ordering::Release);
+    }
+}
+
+/// Clears the entry of `fd`, returning what it held.
+#[inline]
+pub(crate) fn take(fd: i32) -> Entry {
+    match slot(fd) {
+        // A load first: closing an fd the shim never saw writes nothing.
+        Some(s) if s.load(Ordering::Relaxed) != 0 => Entry(s.swap(0, Ordering::AcqRel)),
+        _ => Entry::EMPTY,
+    }
+}
+
+/// Calls `each` with every fd in `first..=last` that has an entry, clearing it.
+pub(crate) fn take_range(first: u32, last: u32, mut each: impl FnMut(i32, Entry)) {
+    let end = (HIGH.load(Ordering::Relaxed) as u64).min(u64::from(last) + 1);
+    for fd in u64::from(first)..end {
+        let entry = take(fd as i32);
+        if entry != Entry::EMPTY {
+            each(fd as i32, entry);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip() {
+        let entry = Entry::new(Kind::Tcp);
+        assert_eq!(entry.kind(), Kind::Tcp);
+        assert!(!entry.decided());
+        let decided = entry.with_decision(Stack::Kernel, CongestionControl::Bbr);
+        assert_eq!(
+            decided.transport(),
+            Some((Stack::Kernel, CongestionControl::Bbr))
+        );
+        assert_eq!(decided.kind(), Kind::Tcp);
+        let listener = decided.with_listener(true);
+        assert!(listener.listener());
+        assert!(!listener.with_listener(false).listener());
+        assert_eq!(listener.with_kind(Kind::Udp).kind(), Kind::Udp);
+        assert_eq!(
+            Entry::new(Kind::Other)
+                .with_decision(Stack::Rdma, CongestionControl::Reno)
+                .transport(),
+            Some((Stack::Rdma, CongestionControl::Reno))
+        );
+    }
+
+    #[test]
+    fn table_set_take_and_ranges() {
+        set(900_000, Entry::new(Kind::Udp));
+        set(900_002, Entry::new(Kind::Tcp));
+        set(-1, Entry::new(Kind::Tcp));
+        set(TABLE_LEN as i32, Entry::new(Kind::Tcp));
+        assert_eq!(get(TABLE_LEN as i32), Entry::EMPTY);
+        assert_eq!(get(900_000).kind(), Kind::Udp);
+        let mut seen = Vec::new();
+        take_range(899_999, u32::MAX, |fd, e| seen.push((fd, e.kind())));
+        assert_eq!(seen, [(900_000, Kind::Udp), (900_002, Kind::Tcp)]);
+        assert_eq!(take(900_000), Entry::EMPTY);
+    }
+}

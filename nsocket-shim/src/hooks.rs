@@ -1,0 +1,250 @@
+//! The exported socket API. One list declares every hook; each is one line: what to do before
+//! the real call (`logic`, which may refuse with an errno), and after it. The real function is
+//! the next definition of the same symbol (`dlsym(RTLD_NEXT)`, cached in an atomic).
+//!
+//! `run` is the only path: a thread-local guard makes calls the shim itself causes (its agent
+//! socket, its maps) go straight to the real function; a panic in the shim's logic never
+//! crosses the C ABI (it is caught, counted as `other`, and the call proceeds as without the
+//! shim); `errno` is exactly what the real call left.
+
+// The exported functions are the library's C ABI: public by design, unreachable from Rust.
+#![allow(unreachable_pub)]
+
+use std::cell::Cell;
+use std::ffi::{c_int, c_uint, c_ulong, c_void};
+use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use libc::{mmsghdr, msghdr, size_t, sockaddr, socklen_t, ssize_t};
+use stackroute_local_api::message::FallbackReason;
+
+use crate::logic::{self, Pre};
+use crate::sys::{self, Real};
+use crate::{counters, fdtable};
+
+thread_local! {
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A C return type and its failure value.
+trait Ret: Copy {
+    const FAIL: Self;
+}
+impl Ret for c_int {
+    const FAIL: Self = -1;
+}
+impl Ret for ssize_t {
+    const FAIL: Self = -1;
+}
+impl Ret for () {
+    const FAIL: Self = ();
+}
+
+/// `before`, the real call, `after`, with the guard, panic containment and errno discipline.
+fn run<R: Ret, S>(
+    before: impl FnOnce() -> (Pre, S),
+    real: impl FnOnce() -> R,
+    after: impl FnOnce(S, R),
+) -> R {
+    if INSIDE.get() {
+        return real();
+    }
+    INSIDE.set(true);
+    let saved = sys::errno();
+    let pre = catch_unwind(AssertUnwindSafe(before));
+    INSIDE.set(false);
+    sys::set_errno(saved);
+    let state = match pre {
+        Ok((Pre::Forward, state)) => state,
+        Ok((Pre::Fail(errno), _)) => {
+            sys::set_errno(errno);
+            return R::FAIL;
+        }
+        Err(_) => {
+            counters::fell_back(FallbackReason::Other);
+            return real();
+        }
+    };
+    let result = real();
+    let errno = sys::errno();
+    INSIDE.set(true);
+    if catch_unwind(AssertUnwindSafe(|| after(state, result))).is_err() {
+        counters::fell_back(FallbackReason::Other);
+    }
+    INSIDE.set(false);
+    sys::set_errno(errno);
+    result
+}
+
+fn forward() -> (Pre, ()) {
+    (Pre::Forward, ())
+}
+
+fn nothing<R>(_: (), _: R) {}
+
+/// The address argument of a hook. Only called with the caller's own arguments, which the C
+/// API requires to be null or readable for `len` bytes.
+fn address_arg(address: *const sockaddr, len: socklen_t) -> Option<SocketAddr> {
+    // SAFETY: see above: the caller's (address, len) pair as connect(2)/sendto(2) require it.
+    unsafe { sys::socket_address(address, len) }
+}
+
+/// The destination of a `sendmsg` message (the caller's msghdr, readable as sendmsg(2)
+/// requires).
+fn message_arg(message: *const msghdr) -> Option<SocketAddr> {
+    // SAFETY: the caller's msghdr, as sendmsg(2) requires it.
+    unsafe { sys::message_address(message) }
+}
+
+/// The destination of the first message of a `sendmmsg`.
+fn messages_arg(messages: *const mmsghdr, count: c_uint) -> Option<SocketAddr> {
+    if count == 0 || messages.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's array holds `count` >= 1 messages, as sendmmsg(2) requires; the
+    // header is the first field of the first one.
+    unsafe { sys::message_address(&raw const (*messages).msg_hdr) }
+}
+
+macro_rules! hooks {
+    ($( fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => |$real:ident| $body:expr; )*) => {$(
+        #[unsafe(no_mangle)]
+        #[doc = concat!("Interposed `", stringify!($name), "` (see the module documentation).")]
+        pub extern "C" fn $name($($arg: $ty),*) -> $ret {
+            static REAL: Real = Real::new(match std::ffi::CStr::from_bytes_with_nul(
+                concat!(stringify!($name), "\0").as_bytes(),
+            ) {
+                Ok(name) => name,
+                Err(_) => panic!("symbol name"),
+            });
+            #[allow(unused_variables)]
+            let $real = |$($arg: $ty),*| -> $ret {
+                let address = REAL.address();
+                if address == 0 {
+                    sys::set_errno(libc::ENOSYS);
+                    return <$ret as Ret>::FAIL;
+                }
+                // SAFETY: `address` is the next definition of this very C symbol, whose
+                // signature is the one declared here (glibc's), called with the caller's own
+                // arguments.
+                unsafe {
+                    std::mem::transmute::<usize, unsafe extern "C" fn($($ty),*) -> $ret>(address)(
+                        $($arg),*
+                    )
+                }
+            };
+            $body
+        }
+    )*};
+}
+
+hooks! {
+    fn socket(domain: c_int, kind: c_int, protocol: c_int) -> c_int => |real| run(forward, || real(domain, kind, protocol), |(), fd| logic::after_socket(domain, kind, protocol, fd));
+    fn connect(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int => |real| run(|| (logic::connect(fd, address_arg(address, len)), ()), || real(fd, address, len), nothing);
+    fn listen(fd: c_int, backlog: c_int) -> c_int => |real| run(forward, || real(fd, backlog), |(), rc| logic::after_listen(fd, rc));
+    fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| run(forward, || real(fd, address, len), |(), new| logic::after_accept(new));
+    fn accept4(fd: c_int, address: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int => |real| run(forward, || real(fd, address, len, flags), |(), new| logic::after_accept(new));
+    fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, address: *const sockaddr, len: socklen_t) -> ssize_t => |real| run(|| (logic::send_to(fd, address_arg(address, len), flags), ()), || real(fd, buf, n, flags, address, len), nothing);
+    fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => |real| run(|| (logic::send_to(fd, message_arg(message), flags), ()), || real(fd, message, flags), nothing);
+    fn sendmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int) -> c_int => |real| run(|| (logic::send_to(fd, messages_arg(messages, count), flags), ()), || real(fd, messages, count, flags), nothing);
+    fn close(fd: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_close(fd)), || real(fd), logic::after_close);
+    fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_close_range(first, last, flags)), || real(first, last, flags), logic::after_close_range);
+    fn closefrom(first: c_int) -> () => |real| run(|| (Pre::Forward, logic::before_close_range(first.max(0) as u32, u32::MAX, 0)), || real(first), |found, ()| logic::after_close_range(found, 0));
+    fn dup(old: c_int) -> c_int => |real| run(forward, || real(old), |(), new| logic::after_dup(old, new));
+    fn dup2(old: c_int, new: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_dup_onto(old, new)), || real(old, new), |closed, rc| { logic::after_close(closed, rc.min(0)); logic::after_dup(old, rc) });
+    fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_dup_onto(old, new)), || real(old, new, flags), |closed, rc| { logic::after_close(closed, rc.min(0)); logic::after_dup(old, rc) });
+}
+
+static REAL_FCNTL: Real = Real::new(c"fcntl");
+static REAL_FCNTL64: Real = Real::new(c"fcntl64");
+
+/// `fcntl`/`fcntl64` (defined in C, variadic, forwarding here with the one argument every
+/// command takes as an `unsigned long`): `F_DUPFD`/`F_DUPFD_CLOEXEC` copy the decision.
+#[unsafe(no_mangle)]
+pub extern "C" fn nsocket_fcntl(fd: c_int, cmd: c_int, arg: c_ulong, variant: c_int) -> c_int {
+    let real = || {
+        let address = if variant == 0 {
+            &REAL_FCNTL
+        } else {
+            &REAL_FCNTL64
+        }
+        .address();
+        if address == 0 {
+            sys::set_errno(libc::ENOSYS);
+            return -1;
+        }
+        // SAFETY: the next `fcntl`/`fcntl64`, a C-variadic function of this prefix, called with
+        // the caller's arguments (the one optional argument passed as a word, as the kernel
+        // reads it).
+        unsafe {
+            std::mem::transmute::<usize, unsafe extern "C" fn(c_int, c_int, ...) -> c_int>(address)(
+                fd, cmd, arg,
+            )
+        }
+    };
+    let dups = matches!(cmd, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC);
+    run(forward, real, |(), new| {
+        if dups {
+            logic::after_dup(fd, new);
+        }
+    })
+}
+
+unsafe extern "C" {
+    // In src/entry.c: C-variadic `fcntl`/`fcntl64` bodies that forward to `nsocket_fcntl`.
+    fn nsocket_fcntl_entry(fd: c_int, cmd: c_int, ...) -> c_int;
+    fn nsocket_fcntl64_entry(fd: c_int, cmd: c_int, ...) -> c_int;
+}
+
+/// Exports a C-variadic function implemented in C under `$name`: a single jump, so the C body
+/// sees the caller's exact registers and stack (stable Rust cannot define a variadic function,
+/// and rustc's version script would hide a symbol defined in C).
+macro_rules! variadic_trampoline {
+    ($name:ident => $target:ident) => {
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        #[doc = concat!("Interposed `", stringify!($name), "`: jumps to the C-variadic body.")]
+        pub extern "C" fn $name(fd: c_int, cmd: c_int) -> c_int {
+            #[cfg(target_arch = "x86_64")]
+            std::arch::naked_asm!("jmp {}", sym $target);
+            #[cfg(target_arch = "aarch64")]
+            std::arch::naked_asm!("b {}", sym $target);
+        }
+    };
+}
+
+variadic_trampoline!(fcntl => nsocket_fcntl_entry);
+variadic_trampoline!(fcntl64 => nsocket_fcntl64_entry);
+
+/// Called by the C constructor when the library is loaded.
+#[unsafe(no_mangle)]
+pub extern "C" fn nsocket_load() {
+    // A panic inside the shim is contained and counted; it prints nothing into the
+    // application's stderr.
+    std::panic::set_hook(Box::new(|_| {}));
+    run(forward, || (), |(), ()| logic::load());
+}
+
+/// Called by the C destructor at `exit()`.
+#[unsafe(no_mangle)]
+pub extern "C" fn nsocket_unload() {
+    run(forward, || (), |(), ()| logic::unload());
+}
+
+/// One decision's lookup without a socket, for the benchmark (see `logic::probe`); the address
+/// is a caller's `sockaddr_in`/`sockaddr_in6`. Not part of the socket API.
+#[unsafe(no_mangle)]
+pub extern "C" fn nsocket_probe(address: *const sockaddr, len: socklen_t, tcp: c_int) -> c_int {
+    match address_arg(address, len) {
+        Some(destination) => logic::probe(destination, tcp != 0),
+        None => i32::MIN,
+    }
+}
+
+/// Whether `fd` has a pinned decision, for tests: `stack * 8 + congestion control`, or -1.
+#[unsafe(no_mangle)]
+pub extern "C" fn nsocket_pinned(fd: c_int) -> c_int {
+    fdtable::get(fd)
+        .transport()
+        .map_or(-1, |(stack, cc)| stack as c_int * 8 + cc as c_int)
+}
