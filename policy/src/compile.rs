@@ -518,7 +518,7 @@ impl<'s> Compiled<'s> {
     pub fn node_tables(&self, node: &str, revision: u64) -> Option<NodeTables> {
         let id = *self.node_ids.get(node)?;
         let mut chain_map: HashMap<u32, u32> = HashMap::new();
-        let mut policy_map: HashMap<u32, u32> = HashMap::new();
+        let mut global_chains: Vec<u32> = Vec::new();
         let mut input = NodeInput {
             revision,
             own_node: id,
@@ -531,16 +531,8 @@ impl<'s> Compiled<'s> {
             let next = input.chains.len() as u32;
             let chain = *chain_map.entry(global_chain).or_insert(next);
             if chain == next {
-                let mut local = Vec::with_capacity(self.chains[global_chain as usize].len());
-                for &policy in &self.chains[global_chain as usize] {
-                    let next_policy = input.policies.len() as u32;
-                    let local_policy = *policy_map.entry(policy).or_insert(next_policy);
-                    if local_policy == next_policy {
-                        input.policies.push(&self.policies[policy as usize]);
-                    }
-                    local.push(local_policy);
-                }
-                input.chains.push(local);
+                global_chains.push(global_chain);
+                input.chains.push(Vec::new());
             }
             input.workloads.push(WorkloadEntry {
                 namespace: pod.namespace.clone(),
@@ -552,6 +544,22 @@ impl<'s> Compiled<'s> {
                 },
                 chain,
             });
+        }
+        // Local policy numbers follow the global evaluation order, so every chain ascends
+        // through the Policies, Rules and RuleFilters sections: a lookup's walk reads memory
+        // forwards, which the hardware prefetcher follows.
+        let mut used: Vec<u32> = global_chains
+            .iter()
+            .flat_map(|c| self.chains[*c as usize].iter().copied())
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        input.policies = used.iter().map(|p| &self.policies[*p as usize]).collect();
+        for (local, global) in input.chains.iter_mut().zip(&global_chains) {
+            *local = self.chains[*global as usize]
+                .iter()
+                .map(|p| used.binary_search(p).unwrap_or_default() as u32)
+                .collect();
         }
         Some(stackroute_snapshot::encode_node_tables(
             &self.shared,

@@ -20,17 +20,26 @@ fn pod_ip(index: usize) -> String {
 
 prop_compose! {
     fn rule_yaml(index: usize)(
-        peer in 0..4usize, app in 0..3usize, port in prop::option::of(0..3u16),
+        peer in 0..6usize, app in 0..3usize, port in prop::option::of(0..3u16), udp in any::<bool>(),
         stack in 0..3usize, cc in 0..4usize, pass in any::<bool>(), location in 0..3usize,
     ) -> (String, bool) {
         let to = match peer {
             0 => format!("    to: [{{pods: {{podSelector: {{matchLabels: {{app: {}}}}}}}}}]\n", APPS[app]),
             1 => "    to: [{networks: [10.0.1.0/24]}]\n".to_string(),
             2 => "    to: [{entity: Cluster}]\n".to_string(),
+            3 => "    to: [{entity: World}]\n".to_string(),
+            4 => "    to: [{networks: [8.8.0.0/16, \"fd00::/8\"]}, {pods: {podSelector: {}}}]\n".to_string(),
             _ => String::new(),
         };
-        let ports = port.map(|p| format!("    ports: [{{port: {}}}]\n", 80 + p)).unwrap_or_default();
-        let location = if peer == 0 { ["Any", "SameZone", "SameNode"][location] } else { "Any" };
+        let protocol = if udp { "UDP" } else { "TCP" };
+        let ports = port.map(|p| format!("    ports: [{{protocol: {protocol}, port: {}}}]\n", 80 + p)).unwrap_or_default();
+        let location = match peer {
+            0 => ["Any", "SameZone", "SameNode"][location],
+            1 | 5 => ["Any", "SameCluster", "External"][location],
+            _ => "Any",
+        };
+        // RDMA cannot reach External destinations (a CRD rule).
+        let stack = if location == "External" && STACKS[stack] == "RDMA" { 1 } else { stack };
         let cc = if STACKS[stack] == "RDMA" { "Default" } else { CCS[cc] };
         let body = if pass {
             "    action: Pass\n".to_string()
@@ -107,9 +116,16 @@ fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
     let snapshots: Vec<(String, Vec<u8>)> = compiled.all_node_snapshots(1);
     let mut destinations: Vec<IpAddr> = (0..pods).map(|i| pod_ip(i).parse().unwrap()).collect();
     destinations.extend(
-        ["172.16.0.1", "10.0.1.200", "8.8.8.8"]
-            .iter()
-            .map(|ip| ip.parse::<IpAddr>().unwrap()),
+        [
+            "172.16.0.1",
+            "10.0.1.200",
+            "8.8.8.8",
+            "9.9.9.9",
+            "fd00::1",
+            "2001:db8::1",
+        ]
+        .iter()
+        .map(|ip| ip.parse::<IpAddr>().unwrap()),
     );
     let mut out = Vec::new();
     for pod in &state.pods {
@@ -122,13 +138,17 @@ fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
             .workload_by_name(&pod.namespace, &pod.name)
             .unwrap();
         for destination in &destinations {
-            for port in [80, 81, 9999] {
+            for (port, protocol) in [
+                (80, Protocol::Tcp),
+                (81, Protocol::Tcp),
+                (9999, Protocol::Tcp),
+                (82, Protocol::Udp),
+            ] {
                 let decision =
-                    snapshot.decide(workload, *destination, port, Protocol::Tcp, &mut NoTrace);
-                // The shim's fast path (policy summaries, early exit) must agree with the
-                // rule-by-rule evaluation that explain traces.
-                let traced =
-                    snapshot.decide(workload, *destination, port, Protocol::Tcp, &mut Detailed);
+                    snapshot.decide(workload, *destination, port, protocol, &mut NoTrace);
+                // The shim's fast path (policy summaries, rule filters, early exit) must agree
+                // with the rule-by-rule evaluation that explain traces.
+                let traced = snapshot.decide(workload, *destination, port, protocol, &mut Detailed);
                 assert!(
                     decision.same_outcome(&traced),
                     "fast path differs for {destination}:{port}"
@@ -145,7 +165,7 @@ fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
                 let transports: Vec<String> =
                     decision.transports().map(|t| t.to_string()).collect();
                 out.push(format!(
-                    "{}/{} → {destination}:{port} = {by:?} {transports:?}",
+                    "{}/{} → {destination}:{port}/{protocol} = {by:?} {transports:?}",
                     pod.namespace, pod.name
                 ));
             }

@@ -9,8 +9,7 @@ use std::net::IpAddr;
 
 use crate::format::{self, SectionId};
 use crate::{
-    Action, Cidr, Entity, Isolation, Location, LocationMatch, PolicyKind, Protocol, Tier,
-    TransportChoice,
+    Action, Cidr, Entity, Isolation, LocationMatch, PolicyKind, Protocol, Tier, TransportChoice,
 };
 
 /// A node of the cluster.
@@ -79,7 +78,8 @@ pub struct SharedInput {
 pub struct SharedTables {
     sections: Vec<(SectionId, Vec<u8>)>,
     identity_set_ranges: Vec<(u32, u32)>,
-    identity_set_blooms: Vec<[u8; format::BLOOM_BYTES]>,
+    identity_set_blooms: Vec<u128>,
+    identity_set_rule_blooms: Vec<u64>,
 }
 
 impl SharedTables {
@@ -114,10 +114,18 @@ impl SharedTables {
         v6.sort_by_key(|(ip, _)| *ip);
         v6.dedup_by_key(|(ip, _)| *ip);
         let mut addresses4 = Vec::with_capacity(v4.len() * 16);
-        for (ip, entry) in v4 {
+        let mut index4 = vec![format::EMPTY_SLOT; format::address4_index_slots(v4.len())];
+        let mask = index4.len() - 1;
+        for (position, (ip, entry)) in v4.into_iter().enumerate() {
             put_u32(&mut addresses4, ip);
             put_address_tail(&mut addresses4, entry);
+            let mut slot = format::address4_slot(ip, index4.len());
+            while index4[slot] != format::EMPTY_SLOT {
+                slot = (slot + 1) & mask;
+            }
+            index4[slot] = position as u32;
         }
+        let index4: Vec<u8> = index4.iter().flat_map(|i| i.to_le_bytes()).collect();
         let mut addresses6 = Vec::with_capacity(v6.len() * 28);
         for (ip, entry) in v6 {
             addresses6.extend_from_slice(&ip);
@@ -149,16 +157,15 @@ impl SharedTables {
         let mut identity_sets = Vec::new();
         let mut identity_set_ranges = Vec::with_capacity(input.identity_sets.len());
         let mut identity_set_blooms = Vec::with_capacity(input.identity_sets.len());
+        let mut identity_set_rule_blooms = Vec::with_capacity(input.identity_sets.len());
         for set in &input.identity_sets {
             identity_set_ranges.push(((identity_sets.len() / 4) as u32, set.len() as u32));
-            let mut bloom = [0u8; format::BLOOM_BYTES];
             for id in set {
                 put_u32(&mut identity_sets, *id);
-                for bit in format::bloom_bits(*id) {
-                    bloom[bit / 8] |= 1 << (bit % 8);
-                }
             }
+            let (bloom, rule_bloom) = format::identity_set_blooms(set.iter().copied());
             identity_set_blooms.push(bloom);
+            identity_set_rule_blooms.push(rule_bloom);
         }
 
         Self {
@@ -168,6 +175,7 @@ impl SharedTables {
                 (SectionId::Nodes, nodes),
                 (SectionId::ClusterNetworks, networks),
                 (SectionId::Addresses4, addresses4),
+                (SectionId::Addresses4Index, index4),
                 (SectionId::Addresses6, addresses6),
                 (SectionId::Services, service_records),
                 (SectionId::Backends, backends),
@@ -175,6 +183,7 @@ impl SharedTables {
             ],
             identity_set_ranges,
             identity_set_blooms,
+            identity_set_rule_blooms,
         }
     }
 
@@ -322,7 +331,9 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
     let mut ports = Vec::new();
     let mut transports = Vec::new();
     let mut rules = Vec::new();
+    let mut rule_filters = Vec::new();
     let mut policies = Vec::new();
+    let mut policy_filters = Vec::new();
     let mut rule_count = 0u32;
     for policy in &node.policies {
         policies.push(policy.kind as u8);
@@ -332,8 +343,8 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
         put_str(&mut policies, &mut strings, &policy.name);
         put_u32(&mut policies, rule_count);
         put_u32(&mut policies, policy.rules.len() as u32);
+        put_policy_filter(&mut policy_filters, shared, policy, rule_count);
         rule_count += policy.rules.len() as u32;
-        put_policy_filter(&mut policies, shared, policy);
         for rule in &policy.rules {
             put_str(&mut rules, &mut strings, &rule.name);
             let flags = if rule.peers.is_some() {
@@ -352,6 +363,8 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
                 flags,
             ]);
 
+            let span = port_span(rule.ports.as_deref());
+            let mut filter = format::RuleFilter::new(span, rule.location, rule.peers.is_some());
             let rule_peers = rule.peers.as_deref().unwrap_or_default();
             put_range(&mut rules, peers.len() / 12, rule_peers.len());
             for peer in rule_peers {
@@ -365,17 +378,27 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
                         peers.extend_from_slice(&[format::PEER_PODS, 0, 0, 0]);
                         put_u32(&mut peers, offset);
                         put_u32(&mut peers, len);
+                        filter.add_pods(
+                            shared
+                                .identity_set_rule_blooms
+                                .get(*set as usize)
+                                .copied()
+                                .unwrap_or(0),
+                        );
                     }
                     PeerEntry::Networks(cidrs) => {
                         peers.extend_from_slice(&[format::PEER_NETWORKS, 0, 0, 0]);
                         put_range(&mut peers, networks.len() / format::CIDR_LEN, cidrs.len());
                         for cidr in cidrs {
+                            let at = networks.len();
                             put_cidr(&mut networks, cidr);
+                            filter.add_cidr(&networks[at..]);
                         }
                     }
                     PeerEntry::Entity(entity) => {
                         peers.extend_from_slice(&[format::PEER_ENTITY, *entity as u8, 0, 0]);
                         put_range(&mut peers, 0, 0);
+                        filter.add_entity(*entity);
                     }
                 }
             }
@@ -388,7 +411,8 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
                 put_u16(&mut ports, 0);
             }
             put_range(&mut rules, transports.len() / 2, rule.transports.len());
-            let (first, last, protocols) = port_span(rule.ports.as_deref());
+            rule_filters.extend_from_slice(&filter.to_bytes());
+            let (first, last, protocols) = span;
             put_u16(&mut rules, first);
             put_u16(&mut rules, last);
             rules.extend_from_slice(&[protocols, 0, 0, 0]);
@@ -446,7 +470,9 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
             (SectionId::Ports, ports),
             (SectionId::Transports, transports),
             (SectionId::Rules, rules),
+            (SectionId::RuleFilters, rule_filters),
             (SectionId::Policies, policies),
+            (SectionId::PolicyFilters, policy_filters),
             (SectionId::Chains, chains),
             (SectionId::ChainPolicies, chain_policies),
             (SectionId::Workloads, workloads),
@@ -515,73 +541,28 @@ fn port_span(ports: Option<&[PortEntry]>) -> (u16, u16, u8) {
     }
 }
 
-/// The summary that lets a lookup skip a whole policy (see `SectionId::Policies`).
-fn put_policy_filter(out: &mut Vec<u8>, shared: &SharedTables, policy: &PolicyEntry) {
-    let (mut first, mut last, mut protocols) = (u16::MAX, 0u16, 0u8);
-    let mut every_port = policy.rules.is_empty();
-    let mut pods_only = !policy.rules.is_empty();
-    let mut bloom = [0u8; format::BLOOM_BYTES];
+/// The summary that lets a lookup skip a whole policy (see `SectionId::PolicyFilters`).
+fn put_policy_filter(
+    out: &mut Vec<u8>,
+    shared: &SharedTables,
+    policy: &PolicyEntry,
+    first_rule: u32,
+) {
+    let mut summary =
+        format::PolicySummary::new(first_rule, policy.rules.len() as u32, policy.tier as u8);
     for rule in &policy.rules {
-        match &rule.ports {
-            None => every_port = true,
-            Some(ports) => {
-                for port in ports {
-                    first = first.min(port.first);
-                    last = last.max(port.last);
-                    protocols |= protocol_bit(port.protocol);
-                }
-            }
-        }
-        match &rule.peers {
-            None => pods_only = false,
-            Some(peers) => {
-                for peer in peers {
-                    match peer {
-                        PeerEntry::Pods(set) => {
-                            let set_bloom = shared.identity_set_blooms.get(*set as usize);
-                            for (byte, set_byte) in
-                                bloom.iter_mut().zip(set_bloom.into_iter().flatten())
-                            {
-                                *byte |= set_byte;
-                            }
-                        }
-                        PeerEntry::Networks(_) | PeerEntry::Entity(_) => pods_only = false,
-                    }
-                }
+        let peers = rule.peers.as_deref();
+        let pods_only = peers.is_some_and(|p| p.iter().all(|p| matches!(p, PeerEntry::Pods(_))));
+        summary.add_rule(port_span(rule.ports.as_deref()), rule.location, pods_only);
+        for peer in peers.unwrap_or_default() {
+            if let PeerEntry::Pods(set) = peer
+                && let Some(bloom) = shared.identity_set_blooms.get(*set as usize)
+            {
+                summary.add_pods(*bloom);
             }
         }
     }
-    if every_port || first > last {
-        (first, last, protocols) = (0, u16::MAX, 0xff);
-    }
-    put_u16(out, first);
-    put_u16(out, last);
-    // Bit n: some rule admits a destination at `Location` n; bit 4 marks the mask as present.
-    let locations = policy
-        .rules
-        .iter()
-        .fold(format::POLICY_LOCATIONS_PRESENT, |mask, rule| {
-            [
-                Location::SameNode,
-                Location::SameZone,
-                Location::SameCluster,
-                Location::External,
-            ]
-            .iter()
-            .filter(|l| rule.location.admits(**l))
-            .fold(mask, |mask, l| mask | 1 << (*l as u8))
-        });
-    out.extend_from_slice(&[
-        protocols,
-        if pods_only {
-            format::POLICY_PODS_ONLY
-        } else {
-            0
-        },
-        locations,
-        0,
-    ]);
-    out.extend_from_slice(&bloom);
+    out.extend_from_slice(&summary.to_bytes());
 }
 
 pub(crate) fn protocol_bit(protocol: Protocol) -> u8 {

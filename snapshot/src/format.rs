@@ -73,12 +73,9 @@ pub enum SectionId {
     Transports = 13,
     /// Rules: see [`RULE_LEN`].
     Rules = 14,
-    /// Policies: `{kind u8, tier u8, priority u16, namespace str, name str, rules range,
-    /// first port u16, last port u16, protocol mask u8, filter flags u8, location mask u8, pad 1,
-    /// identity bloom [32]}`.
-    /// The last fields summarise the rules so a lookup can skip a policy none of whose rules can
-    /// match: the ports all rules together cover, and — when every rule names only pods peers —
-    /// a 256-bit Bloom filter of the identities those peers select. See [`POLICY_LEN`].
+    /// Policies: `{kind u8, tier u8, priority u16, namespace str, name str, rules range}`.
+    /// Local policy numbers follow the global evaluation order, so every chain ascends through
+    /// this section and the rule sections. A lookup reads only `PolicyFilters`.
     Policies = 15,
     /// Chains: a range of CHAIN_POLICIES.
     Chains = 16,
@@ -92,16 +89,26 @@ pub enum SectionId {
     WorkloadAddresses = 19,
     /// UTF-8 strings of this node: policy, rule, namespace and workload names.
     NodeStrings = 20,
+    /// One prefilter per rule, parallel to `Rules`: see [`RULE_FILTER_LEN`].
+    RuleFilters = 21,
+    /// Hash index of `Addresses4`: a power-of-two number of `u32` slots, each
+    /// [`EMPTY_SLOT`] or an index into `Addresses4`; an address sits at the first free slot at
+    /// or after [`address4_slot`] (linear probing), and at least one slot is free. A lookup
+    /// touches one or two cache lines where a binary search over 100,000 addresses touches 17.
+    Addresses4Index = 22,
+    /// One summary per policy, parallel to `Policies`: see [`POLICY_FILTER_LEN`].
+    PolicyFilters = 23,
 }
 
 impl SectionId {
     /// Every section, in the order they are written.
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 23] = [
         Self::SharedStrings,
         Self::Zones,
         Self::Nodes,
         Self::ClusterNetworks,
         Self::Addresses4,
+        Self::Addresses4Index,
         Self::Addresses6,
         Self::Services,
         Self::Backends,
@@ -111,7 +118,9 @@ impl SectionId {
         Self::Ports,
         Self::Transports,
         Self::Rules,
+        Self::RuleFilters,
         Self::Policies,
+        Self::PolicyFilters,
         Self::Chains,
         Self::ChainPolicies,
         Self::Workloads,
@@ -135,6 +144,9 @@ impl SectionId {
             Self::Ports => 8,
             Self::Transports => 2,
             Self::Rules => RULE_LEN,
+            Self::RuleFilters => RULE_FILTER_LEN,
+            Self::Addresses4Index => 4,
+            Self::PolicyFilters => POLICY_FILTER_LEN,
             Self::Policies => POLICY_LEN,
             Self::Chains => 8,
             Self::ChainPolicies => 4,
@@ -160,17 +172,90 @@ pub const RULE_LEN: usize = 44;
 pub(crate) const RULE_HAS_PEERS: u8 = 1;
 pub(crate) const RULE_HAS_PORTS: u8 = 2;
 
-/// Policy record length (see [`SectionId::Policies`]).
-pub const POLICY_LEN: usize = 68;
-/// Policy filter flag: every rule has `to` and every peer is a pods peer.
-pub(crate) const POLICY_PODS_ONLY: u8 = 1;
-/// Policy location mask: set when the mask of admitted locations (bits 0–3) is present.
-pub(crate) const POLICY_LOCATIONS_PRESENT: u8 = 0x10;
-/// Size of a policy's identity Bloom filter.
-pub(crate) const BLOOM_BYTES: usize = 32;
+/// A free slot of `Addresses4Index`.
+pub const EMPTY_SLOT: u32 = u32::MAX;
 
-/// The two bit positions of an identity in a 256-bit Bloom filter.
-pub(crate) fn bloom_bits(identity: u32) -> [usize; 2] {
+/// The home slot of an IPv4 address in an index of `slots` slots (a power of two).
+pub fn address4_slot(ip: u32, slots: usize) -> usize {
+    // Fibonacci hashing: the high bits of the product mix every bit of the address, so pod
+    // addresses that differ only in their low bits still spread.
+    let bits = slots.trailing_zeros();
+    if bits == 0 {
+        return 0;
+    }
+    (ip.wrapping_mul(0x9E37_79B9) >> (32 - bits.min(32))) as usize
+}
+
+/// Slots for an index of `addresses` IPv4 addresses: load factor at most one half.
+pub fn address4_index_slots(addresses: usize) -> usize {
+    (addresses * 2).max(2).next_power_of_two()
+}
+
+/// Rule filter record, one per rule in the same order as `Rules`:
+/// `{first port u16, last port u16, protocol mask u8, location mask u8, open locations u8,
+///   peer kinds u8, identity bloom u64, IPv4 first u32, IPv4 last u32}` = 24 bytes.
+///
+/// Everything a lookup needs to reject a rule sits in one small record, so the shim's walk of a
+/// chain reads 24 contiguous bytes per rule instead of following the rule's peer, port and
+/// identity-set ranges. A filter only ever rejects rules that cannot match; whatever passes is
+/// checked in full. Location masks use bit n for [`crate::Location`] n. *Open locations*: where
+/// the rule's peers admit any address (no `to`, or an `entity` peer). *Peer kinds*:
+/// [`FILTER_PODS`], [`FILTER_NETWORKS4`], [`FILTER_NETWORKS6`]. The Bloom filter covers the
+/// identities of every pods peer ([`rule_bloom_mask`]); the IPv4 span covers every IPv4 CIDR of
+/// its networks peers. `Snapshot::parse` recomputes every filter and rejects a snapshot whose
+/// filters differ, so a lookup can trust them.
+pub const RULE_FILTER_LEN: usize = 24;
+/// Rule filter peer kind: some peer is a pods peer.
+pub const FILTER_PODS: u8 = 1;
+/// Rule filter peer kind: some networks peer holds an IPv4 CIDR.
+pub const FILTER_NETWORKS4: u8 = 2;
+/// Rule filter peer kind: some networks peer holds an IPv6 CIDR.
+pub const FILTER_NETWORKS6: u8 = 4;
+
+/// The two bits an identity sets in a rule filter's 64-bit Bloom filter.
+pub fn rule_bloom_mask(identity: u32) -> u64 {
+    bloom_bits(identity)
+        .iter()
+        .fold(0, |mask, bit| mask | 1u64 << (bit >> 2))
+}
+
+/// The lowest and highest IPv4 address of a CIDR record, when it is an IPv4 one.
+pub(crate) fn cidr4_span(record: &[u8]) -> Option<(u32, u32)> {
+    if record.get(16) != Some(&4) {
+        return None;
+    }
+    let base = u32::from_be_bytes(record.get(..4)?.try_into().ok()?);
+    let prefix = u32::from(*record.get(17)?).min(32);
+    let host = u32::MAX.checked_shr(prefix).unwrap_or(0);
+    Some((base & !host, base | host))
+}
+
+/// Policy record length (see [`SectionId::Policies`]).
+pub const POLICY_LEN: usize = 28;
+
+/// Policy filter record, one per policy in the same order as `Policies`:
+/// `{first rule u32, rule count u32, first port u16, last port u16, protocol mask u8, flags u8,
+///   location mask u8, tier u8, identity bloom u128}` = 32 bytes.
+///
+/// Everything a lookup reads to walk past a policy: its rules (a range of `Rules` and
+/// `RuleFilters`), its tier (a Pass ends the tier), and a summary of its rules — the ports they
+/// cover together, the locations they admit, and, when every rule names only pods peers
+/// ([`POLICY_PODS_ONLY`]), a 128-bit Bloom filter of the identities those peers select
+/// ([`policy_bloom_mask`]). 1,000 policies take 32 KB, small enough to stay in cache between
+/// lookups, where the full policy records would not.
+pub const POLICY_FILTER_LEN: usize = 32;
+/// Policy filter flag: every rule has `to` and every peer is a pods peer.
+pub const POLICY_PODS_ONLY: u8 = 1;
+
+/// The two bits an identity sets in a policy filter's 128-bit Bloom filter.
+pub fn policy_bloom_mask(identity: u32) -> u128 {
+    bloom_bits(identity)
+        .iter()
+        .fold(0, |mask, bit| mask | 1u128 << (bit >> 1))
+}
+
+/// Two independent 8-bit hashes of an identity; the Bloom filters use their top bits.
+fn bloom_bits(identity: u32) -> [usize; 2] {
     [
         (identity.wrapping_mul(0x9E37_79B1) >> 24) as usize,
         (identity.wrapping_mul(0x85EB_CA77).rotate_left(13) >> 24) as usize,
@@ -185,3 +270,253 @@ pub(crate) const PEER_ENTITY: u8 = 2;
 /// Address kinds.
 pub(crate) const ADDRESS_POD: u8 = 0;
 pub(crate) const ADDRESS_NODE: u8 = 1;
+
+/// Builds a rule filter record (see [`RULE_FILTER_LEN`]). The encoder and the validator in
+/// `Snapshot::parse` both build filters with this, from the rule's data, and must agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RuleFilter {
+    first_port: u16,
+    last_port: u16,
+    protocols: u8,
+    locations: u8,
+    open_locations: u8,
+    peer_kinds: u8,
+    bloom: u64,
+    v4_first: u32,
+    v4_last: u32,
+}
+
+const EVERY_LOCATION: [crate::Location; 4] = [
+    crate::Location::SameNode,
+    crate::Location::SameZone,
+    crate::Location::SameCluster,
+    crate::Location::External,
+];
+
+fn location_mask(admits: impl Fn(crate::Location) -> bool) -> u8 {
+    EVERY_LOCATION
+        .iter()
+        .filter(|l| admits(**l))
+        .fold(0, |mask, l| mask | 1 << (*l as u8))
+}
+
+impl RuleFilter {
+    /// A filter for a rule with this port span, location constraint and — when `has_peers` is
+    /// false — no `to` (every address). Peers are added one by one.
+    pub(crate) fn new(
+        (first_port, last_port, protocols): (u16, u16, u8),
+        location: crate::LocationMatch,
+        has_peers: bool,
+    ) -> Self {
+        Self {
+            first_port,
+            last_port,
+            protocols,
+            locations: location_mask(|l| location.admits(l)),
+            open_locations: if has_peers { 0 } else { 0x0f },
+            peer_kinds: 0,
+            bloom: 0,
+            v4_first: u32::MAX,
+            v4_last: 0,
+        }
+    }
+
+    /// A pods peer whose identity set has this 64-bit Bloom filter.
+    pub(crate) fn add_pods(&mut self, bloom: u64) {
+        self.peer_kinds |= FILTER_PODS;
+        self.bloom |= bloom;
+    }
+
+    /// One CIDR record of a networks peer.
+    pub(crate) fn add_cidr(&mut self, record: &[u8]) {
+        match cidr4_span(record) {
+            Some((first, last)) => {
+                self.peer_kinds |= FILTER_NETWORKS4;
+                self.v4_first = self.v4_first.min(first);
+                self.v4_last = self.v4_last.max(last);
+            }
+            None => self.peer_kinds |= FILTER_NETWORKS6,
+        }
+    }
+
+    /// An entity peer.
+    pub(crate) fn add_entity(&mut self, entity: crate::Entity) {
+        self.open_locations |= location_mask(|l| entity.admits(l));
+    }
+
+    pub(crate) fn to_bytes(self) -> [u8; RULE_FILTER_LEN] {
+        let mut out = [0u8; RULE_FILTER_LEN];
+        out[0..2].copy_from_slice(&self.first_port.to_le_bytes());
+        out[2..4].copy_from_slice(&self.last_port.to_le_bytes());
+        out[4] = self.protocols;
+        out[5] = self.locations;
+        out[6] = self.open_locations;
+        out[7] = self.peer_kinds;
+        out[8..16].copy_from_slice(&self.bloom.to_le_bytes());
+        out[16..20].copy_from_slice(&self.v4_first.to_le_bytes());
+        out[20..24].copy_from_slice(&self.v4_last.to_le_bytes());
+        out
+    }
+}
+
+/// What a lookup knows about its destination before walking a chain, folded into the shape
+/// the filters are tested against.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FilterProbe {
+    pub(crate) port: u16,
+    pub(crate) protocol_bit: u8,
+    pub(crate) location_bit: u8,
+    /// The destination's rule Bloom bits when it is a pod with an identity, else 0.
+    pub(crate) identity_mask: u64,
+    /// The destination's policy Bloom bits when it is a pod with an identity, else 0.
+    pub(crate) policy_identity_mask: u128,
+    /// The destination as an IPv4 number, when it is IPv4.
+    pub(crate) v4: Option<u32>,
+}
+
+impl FilterProbe {
+    /// Whether the rule with this filter record may match; `false` only when it cannot.
+    #[inline]
+    pub(crate) fn admits(&self, filter: &[u8; RULE_FILTER_LEN]) -> bool {
+        let first = u16::from_le_bytes([filter[0], filter[1]]);
+        let last = u16::from_le_bytes([filter[2], filter[3]]);
+        if filter[4] & self.protocol_bit == 0
+            || self.port < first
+            || self.port > last
+            || filter[5] & self.location_bit == 0
+        {
+            return false;
+        }
+        if filter[6] & self.location_bit != 0 {
+            return true;
+        }
+        let kinds = filter[7];
+        if kinds & FILTER_PODS != 0 && self.identity_mask != 0 {
+            let bloom = u64::from_le_bytes([
+                filter[8], filter[9], filter[10], filter[11], filter[12], filter[13], filter[14],
+                filter[15],
+            ]);
+            if bloom & self.identity_mask == self.identity_mask {
+                return true;
+            }
+        }
+        match self.v4 {
+            Some(ip) => {
+                kinds & FILTER_NETWORKS4 != 0
+                    && u32::from_le_bytes([filter[16], filter[17], filter[18], filter[19]]) <= ip
+                    && ip <= u32::from_le_bytes([filter[20], filter[21], filter[22], filter[23]])
+            }
+            None => kinds & FILTER_NETWORKS6 != 0,
+        }
+    }
+}
+
+/// Builds a policy filter record (see [`POLICY_FILTER_LEN`]) from the policy's rules. Shared
+/// by the encoder and the validator, like [`RuleFilter`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PolicySummary {
+    first_rule: u32,
+    rule_count: u32,
+    tier: u8,
+    first_port: u16,
+    last_port: u16,
+    protocols: u8,
+    pods_only: bool,
+    locations: u8,
+    bloom: u128,
+}
+
+impl PolicySummary {
+    /// An empty summary of the policy holding `rule_count` rules from `first_rule`.
+    pub(crate) fn new(first_rule: u32, rule_count: u32, tier: u8) -> Self {
+        Self {
+            first_rule,
+            rule_count,
+            tier,
+            first_port: u16::MAX,
+            last_port: 0,
+            protocols: 0,
+            pods_only: true,
+            locations: 0,
+            bloom: 0,
+        }
+    }
+
+    /// Adds one rule: its port span, location constraint, and whether every peer it has is a
+    /// pods peer (false for a rule without `to`).
+    pub(crate) fn add_rule(
+        &mut self,
+        (first, last, protocols): (u16, u16, u8),
+        location: crate::LocationMatch,
+        pods_only: bool,
+    ) {
+        self.first_port = self.first_port.min(first);
+        self.last_port = self.last_port.max(last);
+        self.protocols |= protocols;
+        self.pods_only &= pods_only;
+        self.locations |= location_mask(|l| location.admits(l));
+    }
+
+    /// Adds the policy Bloom filter of a pods peer's identity set.
+    pub(crate) fn add_pods(&mut self, bloom: u128) {
+        self.bloom |= bloom;
+    }
+
+    pub(crate) fn to_bytes(self) -> [u8; POLICY_FILTER_LEN] {
+        let empty = self.first_port > self.last_port;
+        let (first, last, protocols) = if empty {
+            (0, u16::MAX, 0xff)
+        } else {
+            (self.first_port, self.last_port, self.protocols)
+        };
+        let mut out = [0u8; POLICY_FILTER_LEN];
+        out[0..4].copy_from_slice(&self.first_rule.to_le_bytes());
+        out[4..8].copy_from_slice(&self.rule_count.to_le_bytes());
+        out[8..10].copy_from_slice(&first.to_le_bytes());
+        out[10..12].copy_from_slice(&last.to_le_bytes());
+        out[12] = protocols;
+        out[13] = if self.pods_only && !empty {
+            POLICY_PODS_ONLY
+        } else {
+            0
+        };
+        out[14] = self.locations;
+        out[15] = self.tier;
+        out[16..].copy_from_slice(&self.bloom.to_le_bytes());
+        out
+    }
+}
+
+/// The policy and rule Bloom filters of an identity set.
+pub(crate) fn identity_set_blooms(identities: impl Iterator<Item = u32>) -> (u128, u64) {
+    identities.fold((0, 0), |(policy, rule), identity| {
+        (
+            policy | policy_bloom_mask(identity),
+            rule | rule_bloom_mask(identity),
+        )
+    })
+}
+
+impl FilterProbe {
+    /// Whether some rule of the policy with this filter record may match; `false` only when
+    /// none can.
+    #[inline]
+    pub(crate) fn admits_policy(&self, filter: &[u8; POLICY_FILTER_LEN]) -> bool {
+        let first = u16::from_le_bytes([filter[8], filter[9]]);
+        let last = u16::from_le_bytes([filter[10], filter[11]]);
+        if filter[12] & self.protocol_bit == 0
+            || self.port < first
+            || self.port > last
+            || filter[14] & self.location_bit == 0
+        {
+            return false;
+        }
+        if filter[13] & POLICY_PODS_ONLY == 0 {
+            return true;
+        }
+        let mut bloom = [0u8; 16];
+        bloom.copy_from_slice(&filter[16..32]);
+        self.policy_identity_mask != 0
+            && u128::from_le_bytes(bloom) & self.policy_identity_mask == self.policy_identity_mask
+    }
+}

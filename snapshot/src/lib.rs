@@ -4,9 +4,11 @@
 //!
 //! Layers, top down:
 //! - [`Snapshot`] ([`view`]): validates a byte slice once (magic, version, checksum, every
-//!   offset and enum byte) and then answers [`Snapshot::decide`] by binary search and a scan of
-//!   the source workload's ordered rule chain. Corrupt or truncated input is an error, never a
-//!   panic.
+//!   offset and enum byte, and every derived table recomputed from the data it summarises) and
+//!   then answers [`Snapshot::decide`]: a hash probe finds the destination in the address book,
+//!   and a forward walk of the source workload's ordered chain skips policies and rules on
+//!   small filter records (32 bytes per policy, 24 per rule) before checking what is left in
+//!   full. Corrupt or truncated input is an error, never a panic.
 //! - [`encode`]: turns plain owned tables ([`SharedInput`], [`NodeInput`]) into bytes. Tables
 //!   common to every node (address book, services, identity sets) are encoded once into
 //!   [`SharedTables`] and copied into each node's snapshot.

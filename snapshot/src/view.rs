@@ -1,5 +1,6 @@
 //! Reading a snapshot in place and deciding connections.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use crate::encode::ip_key;
@@ -327,6 +328,9 @@ fn name_of(id: SectionId) -> &'static str {
         SectionId::Workloads => "workloads",
         SectionId::WorkloadAddresses => "workload-addresses",
         SectionId::NodeStrings => "node-strings",
+        SectionId::RuleFilters => "rule-filters",
+        SectionId::Addresses4Index => "addresses4-index",
+        SectionId::PolicyFilters => "policy-filters",
     }
 }
 
@@ -453,6 +457,114 @@ impl<'a> Snapshot<'a> {
         std::str::from_utf8(bytes).unwrap_or("")
     }
 
+    /// Recomputes every rule's port span and filter and every policy's summary from the rules
+    /// they describe: lookups skip rules and policies on their word, so a wrong one would
+    /// silently change decisions. Runs after every range has been checked.
+    fn validate_summaries(&self) -> Result<(), DecodeError> {
+        if self.count(SectionId::RuleFilters) != self.count(SectionId::Rules) {
+            return Err(DecodeError::BadSection(
+                "rule-filters does not hold one record per rule",
+            ));
+        }
+        let mut set_blooms: HashMap<(u32, u32), (u128, u64)> = HashMap::new();
+        let mut rule_summaries = Vec::with_capacity(self.count(SectionId::Rules));
+        let rules = self.records(SectionId::Rules);
+        for (i, (rule, stored)) in rules.zip(self.records(SectionId::RuleFilters)).enumerate() {
+            let bad = |problem| DecodeError::BadRecord {
+                section: name_of(SectionId::Rules),
+                index: i,
+                problem,
+            };
+            let flags = rule[11];
+            let span = if flags & format::RULE_HAS_PORTS == 0 {
+                (0, u16::MAX, 0xff)
+            } else {
+                let ports = self.range(SectionId::Ports, le32(rule, 20), le32(rule, 24));
+                ports.chunks_exact(8).fold(
+                    if ports.is_empty() {
+                        (0, u16::MAX, 0xff)
+                    } else {
+                        (u16::MAX, 0, 0)
+                    },
+                    |(first, last, mask), p| {
+                        let protocol = Protocol::from_byte(p[0]).unwrap_or(Protocol::Tcp);
+                        (
+                            first.min(le16(p, 2)),
+                            last.max(le16(p, 4)),
+                            mask | crate::encode::protocol_bit(protocol),
+                        )
+                    },
+                )
+            };
+            if (le16(rule, 36), le16(rule, 38), rule[40]) != span {
+                return Err(bad("port span differs from the rule's ports"));
+            }
+            let location = LocationMatch::from_byte(rule[9]).unwrap_or(LocationMatch::Any);
+            let has_peers = flags & format::RULE_HAS_PEERS != 0;
+            let mut filter = format::RuleFilter::new(span, location, has_peers);
+            let mut pods_only = has_peers;
+            let mut policy_bloom = 0u128;
+            let peers = self.range(SectionId::Peers, le32(rule, 12), le32(rule, 16));
+            for peer in peers.chunks_exact(12) {
+                let range = (le32(peer, 4), le32(peer, 8));
+                match peer[0] {
+                    format::PEER_PODS => {
+                        let (bloom, rule_bloom) = *set_blooms.entry(range).or_insert_with(|| {
+                            let set = self.range(SectionId::IdentitySets, range.0, range.1);
+                            format::identity_set_blooms(set.chunks_exact(4).map(|c| le32(c, 0)))
+                        });
+                        filter.add_pods(rule_bloom);
+                        policy_bloom |= bloom;
+                    }
+                    format::PEER_NETWORKS => {
+                        pods_only = false;
+                        let cidrs = self.range(SectionId::Networks, range.0, range.1);
+                        for cidr in cidrs.chunks_exact(format::CIDR_LEN) {
+                            filter.add_cidr(cidr);
+                        }
+                    }
+                    _ => {
+                        pods_only = false;
+                        filter.add_entity(Entity::from_byte(peer[1]).unwrap_or(Entity::World));
+                    }
+                }
+            }
+            if stored != filter.to_bytes() {
+                return Err(bad("rule filter differs from the rule"));
+            }
+            rule_summaries.push((span, location, pods_only, policy_bloom));
+        }
+        if self.count(SectionId::PolicyFilters) != self.count(SectionId::Policies) {
+            return Err(DecodeError::BadSection(
+                "policy-filters does not hold one record per policy",
+            ));
+        }
+        let policies = self.records(SectionId::Policies);
+        for (i, (policy, stored)) in policies
+            .zip(self.records(SectionId::PolicyFilters))
+            .enumerate()
+        {
+            let (first, count) = (le32(policy, 20), le32(policy, 24));
+            let mut summary = format::PolicySummary::new(first, count, policy[1]);
+            let rules = rule_summaries
+                .iter()
+                .skip(first as usize)
+                .take(count as usize);
+            for (span, location, pods_only, bloom) in rules {
+                summary.add_rule(*span, *location, *pods_only);
+                summary.add_pods(*bloom);
+            }
+            if stored != summary.to_bytes() {
+                return Err(DecodeError::BadRecord {
+                    section: name_of(SectionId::PolicyFilters),
+                    index: i,
+                    problem: "summary differs from the policy's rules",
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), DecodeError> {
         let bad =
             |section: SectionId, index: usize, problem: &'static str| DecodeError::BadRecord {
@@ -519,6 +631,35 @@ impl<'a> Snapshot<'a> {
             }
             previous4 = Some(ip);
             check_address_tail(&r[4..], nodes).map_err(|p| bad(SectionId::Addresses4, i, p))?;
+        }
+        let slots = self.count(SectionId::Addresses4Index);
+        let addresses4 = self.count(SectionId::Addresses4);
+        if !slots.is_power_of_two() || slots <= addresses4 {
+            return Err(DecodeError::BadSection(
+                "addresses4-index is not a power of two larger than addresses4",
+            ));
+        }
+        let mut filled = 0usize;
+        for (i, r) in self.records(SectionId::Addresses4Index).enumerate() {
+            let position = le32(r, 0);
+            if position != format::EMPTY_SLOT {
+                if position as usize >= addresses4 {
+                    return Err(bad(SectionId::Addresses4Index, i, "index out of range"));
+                }
+                filled += 1;
+            }
+        }
+        // Every address reachable by its own probe sequence, and nothing else in the table:
+        // then a lookup finds exactly what a binary search would.
+        if filled != addresses4 {
+            return Err(DecodeError::BadSection(
+                "addresses4-index does not hold every address exactly once",
+            ));
+        }
+        for (i, r) in self.records(SectionId::Addresses4).enumerate() {
+            if self.address4(le32(r, 0)) != Some(i) {
+                return Err(bad(SectionId::Addresses4Index, i, "address not reachable"));
+            }
         }
         let mut previous6: Option<&[u8]> = None;
         for (i, r) in self.records(SectionId::Addresses6).enumerate() {
@@ -630,6 +771,7 @@ impl<'a> Snapshot<'a> {
                 le32(r, 32),
             )?;
         }
+        self.validate_summaries()?;
         for (i, r) in self.records(SectionId::Policies).enumerate() {
             if PolicyKind::from_byte(r[0]).is_none() || Tier::from_byte(r[1]).is_none() {
                 return Err(bad(SectionId::Policies, i, "unknown kind or tier"));
@@ -842,7 +984,7 @@ impl<'a> Snapshot<'a> {
         let found = match ip {
             IpAddr::V4(v4) => {
                 let key = u32::from(v4);
-                self.search(SectionId::Addresses4, |r| le32(r, 0).cmp(&key))
+                self.address4(key)
                     .and_then(|i| self.record(SectionId::Addresses4, i).get(4..))
             }
             IpAddr::V6(v6) => {
@@ -886,6 +1028,25 @@ impl<'a> Snapshot<'a> {
             }
         };
         (class, location)
+    }
+
+    /// The `Addresses4` record of `ip`, through the hash index.
+    fn address4(&self, ip: u32) -> Option<usize> {
+        let slots = self.count(SectionId::Addresses4Index);
+        let index = self.section(SectionId::Addresses4Index);
+        let mut slot = format::address4_slot(ip, slots);
+        // Validation guarantees a free slot, so the probe ends; the bound is belt and braces.
+        for _ in 0..slots {
+            let position = le32(index, slot * 4);
+            if position == format::EMPTY_SLOT {
+                return None;
+            }
+            if le32(self.record(SectionId::Addresses4, position as usize), 0) == ip {
+                return Some(position as usize);
+            }
+            slot = (slot + 1) & (slots - 1);
+        }
+        None
     }
 
     fn search(
@@ -986,12 +1147,40 @@ impl<'a> Snapshot<'a> {
         );
         let policies = self.range(SectionId::ChainPolicies, le32(chain, 0), le32(chain, 4));
         let mut passed_tier: Option<u8> = None;
+        // The fast path (no trace) rejects most rules on their 24-byte filter alone.
+        let use_filters = !trace.detailed();
+        let probe = format::FilterProbe {
+            port,
+            protocol_bit: crate::encode::protocol_bit(protocol),
+            location_bit: 1 << (location as u8),
+            identity_mask: match class {
+                DestinationClass::Pod { identity, .. } if identity != NO_IDENTITY => {
+                    format::rule_bloom_mask(identity)
+                }
+                _ => 0,
+            },
+            policy_identity_mask: match class {
+                DestinationClass::Pod { identity, .. } if identity != NO_IDENTITY => {
+                    format::policy_bloom_mask(identity)
+                }
+                _ => 0,
+            },
+            v4: match ip {
+                IpAddr::V4(v4) => Some(u32::from(v4)),
+                IpAddr::V6(_) => None,
+            },
+        };
+        let (policy_filters, _) = self
+            .section(SectionId::PolicyFilters)
+            .as_chunks::<{ format::POLICY_FILTER_LEN }>();
         for policy_index in policies.chunks_exact(4).map(|c| le32(c, 0)) {
-            let policy = self.record(SectionId::Policies, policy_index as usize);
-            // Byte 1 is the tier (byte 0 is the kind): a Pass ends its own tier only.
-            let tier = policy.get(1).copied().unwrap_or(0);
-            let first_rule = le32(policy, 20);
-            let rule_count = le32(policy, 24);
+            let Some(policy) = policy_filters.get(policy_index as usize) else {
+                continue; // validated: every chain entry names a policy
+            };
+            // A Pass ends its own tier only.
+            let tier = policy[15];
+            let first_rule = le32(policy, 0);
+            let rule_count = le32(policy, 4);
             if passed_tier == Some(tier) {
                 for rule in 0..rule_count {
                     trace.rule(
@@ -1004,29 +1193,36 @@ impl<'a> Snapshot<'a> {
                 }
                 continue;
             }
-            let skip = if trace.detailed() {
-                None
-            } else {
-                policy_cannot_match(policy, class, location, port, protocol)
-            };
-            if let Some(mismatch) = skip {
+            if use_filters && !probe.admits_policy(policy) {
+                // Only the fast path gets here, and it does not report reasons.
                 for rule in 0..rule_count {
                     trace.rule(
                         RuleRef {
                             policy: policy_index,
                             rule,
                         },
-                        Verdict::NoMatch(mismatch),
+                        Verdict::NoMatch(Mismatch::Peer),
                     );
                 }
                 continue;
             }
             let records = self.range(SectionId::Rules, first_rule, rule_count);
-            for (rule, record) in (0..rule_count).zip(records.chunks_exact(format::RULE_LEN)) {
+            let (filters, _) = self
+                .range(SectionId::RuleFilters, first_rule, rule_count)
+                .as_chunks::<{ format::RULE_FILTER_LEN }>();
+            for ((rule, record), filter) in (0..rule_count)
+                .zip(records.chunks_exact(format::RULE_LEN))
+                .zip(filters)
+            {
                 let reference = RuleRef {
                     policy: policy_index,
                     rule,
                 };
+                if use_filters && !probe.admits(filter) {
+                    // Only the fast path gets here, and it does not report reasons.
+                    trace.rule(reference, Verdict::NoMatch(Mismatch::Peer));
+                    continue;
+                }
                 match self.rule_matches(record, class, location, ip, port, protocol) {
                     Err(mismatch) => trace.rule(reference, Verdict::NoMatch(mismatch)),
                     Ok(()) if record.get(8) == Some(&(Action::Pass as u8)) => {
@@ -1159,48 +1355,6 @@ impl<'a> Snapshot<'a> {
 
 /// Whether the policy's summary proves that none of its rules can match; the mismatch every
 /// rule would report first. Exact: it only skips what rule-by-rule evaluation would reject.
-fn policy_cannot_match(
-    policy: &[u8],
-    class: DestinationClass,
-    location: Location,
-    port: u16,
-    protocol: Protocol,
-) -> Option<Mismatch> {
-    let locations = policy.get(34).copied().unwrap_or(0);
-    if locations & format::POLICY_LOCATIONS_PRESENT != 0 && locations & (1 << (location as u8)) == 0
-    {
-        // Every rule would report its port or location mismatch first; which one depends on
-        // the rule, so the fast path (no trace) is the only user of this answer.
-        return Some(Mismatch::Location {
-            required: LocationMatch::Any,
-            actual: location,
-        });
-    }
-    let (first, last) = (le16(policy, 28), le16(policy, 30));
-    let protocols = policy.get(32).copied().unwrap_or(0xff);
-    if protocols & crate::encode::protocol_bit(protocol) == 0 || port < first || port > last {
-        return Some(Mismatch::Port);
-    }
-    if policy
-        .get(33)
-        .is_some_and(|f| f & format::POLICY_PODS_ONLY != 0)
-    {
-        let DestinationClass::Pod { identity, .. } = class else {
-            return Some(Mismatch::Peer);
-        };
-        let bloom = policy.get(36..36 + format::BLOOM_BYTES).unwrap_or(&[]);
-        let present = format::bloom_bits(identity).iter().all(|bit| {
-            bloom
-                .get(bit / 8)
-                .is_none_or(|byte| byte & (1 << (bit % 8)) != 0)
-        });
-        if !present {
-            return Some(Mismatch::Peer);
-        }
-    }
-    None
-}
-
 fn check_address_tail(tail: &[u8], nodes: u32) -> Result<(), &'static str> {
     if !matches!(tail[0], format::ADDRESS_POD | format::ADDRESS_NODE) {
         return Err("unknown address kind");

@@ -250,6 +250,76 @@ fn every_flipped_byte_is_detected() {
     }
 }
 
+/// Byte range of a section, read from the directory.
+fn section_range(bytes: &[u8], id: format::SectionId) -> std::ops::Range<usize> {
+    let le32 = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let count = le32(32);
+    (0..count)
+        .map(|i| format::HEADER_LEN + i * format::DIRECTORY_ENTRY_LEN)
+        .find(|entry| le32(*entry) == id as usize)
+        .map(|entry| le32(entry + 4)..le32(entry + 4) + le32(entry + 8))
+        .expect("section present")
+}
+
+/// Lookups skip rules and policies on the word of their filters and find addresses through
+/// the index, so parse recomputes all three: a consistent checksum does not make a wrong
+/// filter acceptable.
+#[test]
+fn derived_tables_that_disagree_with_their_data_are_rejected() {
+    let bytes = sample();
+    let cases = [
+        (
+            format::SectionId::RuleFilters,
+            8,
+            "rule filter differs from the rule",
+        ),
+        (
+            format::SectionId::RuleFilters,
+            0,
+            "rule filter differs from the rule",
+        ),
+        (
+            format::SectionId::PolicyFilters,
+            16,
+            "summary differs from the policy's rules",
+        ),
+        (
+            format::SectionId::PolicyFilters,
+            14,
+            "summary differs from the policy's rules",
+        ),
+    ];
+    for (section, offset, problem) in cases {
+        let mut corrupt = bytes.clone();
+        let at = section_range(&bytes, section).start + offset;
+        corrupt[at] ^= 0x01;
+        match Snapshot::parse(&with_fixed_checksum(corrupt)) {
+            Err(DecodeError::BadRecord { problem: found, .. }) => assert_eq!(found, problem),
+            other => panic!("{section:?} byte {offset} flipped: {other:?}"),
+        }
+    }
+    // Swapping two occupied slots of the address index leaves every index in range but puts
+    // addresses off their probe sequence.
+    let index = section_range(&bytes, format::SectionId::Addresses4Index);
+    let occupied: Vec<usize> = (index.start..index.end)
+        .step_by(4)
+        .filter(|at| bytes[*at..*at + 4] != [0xff; 4])
+        .collect();
+    assert!(
+        occupied.len() >= 2,
+        "sample has at least two IPv4 addresses"
+    );
+    let mut corrupt = bytes.clone();
+    let (a, b) = (occupied[0], occupied[1]);
+    let slot_a: [u8; 4] = bytes[a..a + 4].try_into().unwrap();
+    corrupt.copy_within(b..b + 4, a);
+    corrupt[b..b + 4].copy_from_slice(&slot_a);
+    assert!(
+        Snapshot::parse(&with_fixed_checksum(corrupt)).is_err(),
+        "a scrambled address index was accepted"
+    );
+}
+
 fn with_fixed_checksum(mut bytes: Vec<u8>) -> Vec<u8> {
     if bytes.len() >= 12 {
         let crc = crc32fast::hash(&bytes[12..]);

@@ -773,9 +773,11 @@ mod tests {
             decode(&input);
         }
         // The CRC repair must let a fair share of mutations through to the lookups, or the
-        // target only ever tests the checksum.
+        // target only ever tests the checksum. Parse also recomputes the derived tables (rule
+        // and policy filters, the address index), so an edit to the data they summarise is
+        // rightly rejected; about one in twenty edits survives.
         assert!(
-            parsed * 20 >= iterations,
+            parsed * 40 >= iterations,
             "only {parsed} of {iterations} mutated snapshots parsed"
         );
         eprintln!("{parsed} of {iterations} mutated snapshots parsed and were looked up");
