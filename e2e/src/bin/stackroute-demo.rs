@@ -22,9 +22,12 @@ use stackroute_e2e::tools::{is_root, netns_preconditions, which};
 #[derive(Parser)]
 #[command(about = "stackroute demo: per-path transport choice, measured")]
 struct Args {
-    /// Bytes each client sends (iperf3 -n; K and M suffixes work).
+    /// Bytes the internet client sends (iperf3 -n; K, M and G suffixes work).
     #[arg(long, default_value = "8M")]
     size: String,
+    /// Bytes each in-cluster client sends (fast paths: more bytes for a measurable time).
+    #[arg(long, default_value = "1G")]
+    cluster_size: String,
     /// Random loss on the internet link (probability per packet).
     #[arg(long, default_value_t = 0.01)]
     loss: f64,
@@ -35,13 +38,16 @@ struct Args {
     #[arg(long, default_value_t = 40)]
     delay_ms: u32,
     /// Runs of each measurement (the table shows the median).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Only measure the internet path with iperf3 -C cubic and -C bbr, no shim and no policy
     /// (checks that the link shows BBR's advantage before the demo relies on it).
     #[arg(long)]
     calibrate: bool,
 }
+
+/// Set by SIGINT/SIGTERM.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// The installation default of this cluster, in force in both halves: kernel CUBIC everywhere,
 /// as on a stock Linux host. (A network namespace can only default to an algorithm in
@@ -83,6 +89,7 @@ spec:
 
 struct Path {
     label: &'static str,
+    internet: bool,
     client: &'static str,
     node: &'static str,
     server: SocketAddr,
@@ -113,9 +120,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     // Ctrl-C: stop measuring, let the cluster's drop guards clean up, exit.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    install_sigint(interrupted.clone());
-    match demo(&args, &interrupted) {
+    install_sigint();
+    match demo(&args, &INTERRUPTED) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("stackroute-demo: {error:#}");
@@ -126,7 +132,8 @@ fn main() -> ExitCode {
 
 /// SIGINT/SIGTERM set `flag` instead of killing the process, so the measurement loop stops and
 /// the cluster's drop guards remove everything (the children get the terminal's SIGINT too).
-fn install_sigint(flag: Arc<AtomicBool>) {
+fn install_sigint() {
+    let flag = &INTERRUPTED;
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -206,18 +213,21 @@ fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
     let paths = [
         Path {
             label: "same node",
+            internet: false,
             client: "client-same-node",
             node: "node-a1",
             server: in_cluster,
         },
         Path {
             label: "same zone",
+            internet: false,
             client: "client-same-zone",
             node: "node-a2",
             server: in_cluster,
         },
         Path {
             label: "internet",
+            internet: true,
             client: "client-internet",
             node: "node-b1",
             server: internet,
@@ -245,16 +255,16 @@ fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
     let after = measure_all(&cluster, args, &paths, interrupted)?;
 
     println!(
-        "\n{:<10} {:<18} {:<17} │ {:^28} │ {:^28} │ {:>8}",
+        "\n{:<10} {:<15} {:<18}│ {:^26} │ {:^26} │ {:>8}",
         "path", "client (node)", "server", "without policy", "with StackRoute", "speed-up"
     );
     println!(
-        "{:<10} {:<18} {:<17} │ {:<6} {:>8} {:>12} │ {:<6} {:>8} {:>12} │",
-        "", "", "", "cc", "time", "throughput", "cc", "time", "throughput"
+        "{:<10} {:<15} {:<18}│ {:<6} {:>7} {:>11} │ {:<6} {:>7} {:>11} │",
+        "", "", "", "cc", "time", "Mbit/s", "cc", "time", "Mbit/s"
     );
     for ((path, a), b) in paths.iter().zip(&before).zip(&after) {
         println!(
-            "{:<10} {:<18} {:<17} │ {:<6} {:>7.2}s {:>6.1} Mbit/s │ {:<6} {:>7.2}s {:>6.1} Mbit/s │ {:>7.2}×",
+            "{:<10} {:<15} {:<18}│ {:<6} {:>6.2}s {:>11.1} │ {:<6} {:>6.2}s {:>11.1} │ {:>7.2}×{}",
             path.label,
             format!(
                 "{} ({})",
@@ -268,12 +278,17 @@ fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
             b.cc,
             b.seconds,
             b.mbit,
-            a.seconds / b.seconds
+            a.seconds / b.seconds,
+            if a.cc == b.cc {
+                "  (same cc both times: noise)"
+            } else {
+                ""
+            }
         );
     }
     println!(
-        "\ncc: the congestion control the kernel reported for the connection (ss -tin), read outside the application.\ntime: iperf3's receiver-side transfer time of {} (median of {} run(s)); retransmits without/with policy on the internet path: {}/{}.",
-        args.size, args.runs, before[2].retransmits, after[2].retransmits
+        "\ncc: the congestion control the kernel reported for the client's connections (ss -tin in its node), read outside the application.\ntime: iperf3's receiver-side time to move {} in the cluster, {} over the internet (median of {} runs); speed-up: time without / time with.\nretransmits on the internet path without/with policy: {}/{}.",
+        args.cluster_size, args.size, args.runs, before[2].retransmits, after[2].retransmits
     );
     Ok(())
 }
@@ -291,6 +306,11 @@ fn measure_all(
             if interrupted.load(Ordering::Relaxed) {
                 bail!("interrupted");
             }
+            let size = if path.internet {
+                &args.size
+            } else {
+                &args.cluster_size
+            };
             let workload = Workload {
                 node: path.node,
                 name: path.client,
@@ -310,7 +330,7 @@ fn measure_all(
                         "-p".into(),
                         path.server.port().to_string(),
                         "-n".into(),
-                        args.size.clone(),
+                        size.clone(),
                         "-J".into(),
                     ]);
                     argv.extend(extra.iter().map(|s| s.to_string()));
@@ -370,6 +390,10 @@ fn iperf3(
     let seen = Arc::new(Mutex::new(BTreeSet::new()));
     let mut client = start(&[])?;
     while client.running() {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            client.stop();
+            bail!("interrupted");
+        }
         if let Ok(conns) = ss::connections_to(&cluster.net, host, server) {
             let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
             seen.extend(
@@ -378,7 +402,7 @@ fn iperf3(
                     .map(|c| c.cc.unwrap_or_else(|| "?".into())),
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
     let output = client.success(Duration::from_secs(300))?;
     let json_start = output.find('{').context("iperf3 printed no JSON")?;

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The stackroute demo: three paths (same node, same zone, a lossy rate-limited internet path),
+# first without policy (kernel CUBIC everywhere), then with a StackRoute that picks BBR for the
+# internet path; a table of transfer time, throughput and speed-up. About a minute.
+#
+#   sudo scripts/demo.sh [stackroute-demo options]     (--help lists them; --calibrate checks the link)
+#
+# Needs root (network namespaces, veth, tc, iptables — all created for the run and removed
+# after it, also on Ctrl-C). Installs iperf3/iproute2/iptables/ethtool with apt if missing and
+# builds the release binaries with cargo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "demo.sh: needs root — it creates network namespaces, veth pairs, tc and iptables rules" >&2
+  echo "         (removed when it ends). Run: sudo $0 $*" >&2
+  exit 2
+fi
+
+missing=()
+for tool in ip:iproute2 iptables:iptables tc:iproute2 ethtool:ethtool ss:iproute2 iperf3:iperf3; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "demo.sh: installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "demo.sh: please install: ${missing[*]}" >&2
+    exit 2
+  fi
+fi
+command -v protoc >/dev/null 2>&1 || {
+  command -v apt-get >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+}
+
+target="${CARGO_TARGET_DIR:-target}"
+echo "demo.sh: building (cargo build --release; the first build takes a few minutes)"
+cargo build --release --locked -q -p stackroute-controller -p stackroute-lrd -p stackroute-cli \
+  -p nsocket-shim -p stackroute-e2e
+
+# The demo binary cleans up after itself (drop guards; SIGINT/SIGTERM are caught). If it is
+# killed outright, the next run removes namespaces whose creating process is gone.
+demo_pid=""
+cleanup() {
+  if [ -n "$demo_pid" ] && kill -0 "$demo_pid" 2>/dev/null; then
+    kill -TERM "$demo_pid" 2>/dev/null || true
+    wait "$demo_pid" 2>/dev/null || true
+  fi
+}
+trap cleanup INT TERM EXIT
+"$target/release/stackroute-demo" "$@" &
+demo_pid=$!
+wait "$demo_pid"
