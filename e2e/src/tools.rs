@@ -17,10 +17,13 @@ pub fn skip(test: &str, reason: &str, require_var: &str) {
     if required(require_var) {
         panic!("{test}: {reason}, and {require_var}=1 forbids skipping");
     }
-    // stderr of a test is captured; /dev/tty may not exist. Write to the real stderr fd.
-    eprintln!("SKIP {test}: {reason} (set {require_var}=1 to fail instead)");
+    // eprintln! is captured by libtest for passing tests; a direct write to the stderr handle
+    // is not, so the skip is visible in `cargo test` output.
     use std::io::Write as _;
-    let _ = std::io::stderr().flush();
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIP {test}: {reason} (set {require_var}=1 to fail instead)"
+    );
 }
 
 /// Whether this process runs as root.
