@@ -1046,6 +1046,22 @@ fn main() {
     let mut state = cluster.state.clone();
     realistic_policies(&mut rng, &mut state);
     let generation = started.elapsed();
+    if std::env::var_os("STACKROUTE_BENCH_PROFILE").is_some() {
+        // Lookups only, for a profiler or a cache simulator (valgrind --tool=cachegrind), which
+        // count work instead of time and so are not disturbed by other load on the machine.
+        let compiled = Compiled::new(&state, Settings::default());
+        let bytes = compiled.node_snapshot(HUB, 1).expect("hub snapshot");
+        let snapshot = Snapshot::parse(&bytes).expect("hub snapshot parses");
+        let workload_ids: Vec<WorkloadId> = cluster
+            .hub_pods
+            .iter()
+            .filter_map(|(ns, name)| snapshot.workload_by_name(ns, name))
+            .collect();
+        let lookups = lookups(&mut Rng(99), &cluster, &workload_ids, 100_000);
+        let (samples, _) = time_lookups(&snapshot, &lookups, 0);
+        println!("  profiled {} lookups", samples.len());
+        return;
+    }
     let started = Instant::now();
     let invalid = validate_policies(&state);
     let validation = started.elapsed();

@@ -25,7 +25,7 @@ prop_compose! {
     ) -> (String, bool) {
         let to = match peer {
             0 => format!("    to: [{{pods: {{podSelector: {{matchLabels: {{app: {}}}}}}}}}]\n", APPS[app]),
-            1 => "    to: [{networks: [10.0.1.0/24]}]\n".to_string(),
+            1 => "    to: [{networks: [10.0.1.0/24, 10.0.0.0/30]}]\n".to_string(),
             2 => "    to: [{entity: Cluster}]\n".to_string(),
             3 => "    to: [{entity: World}]\n".to_string(),
             4 => "    to: [{networks: [8.8.0.0/16, \"fd00::/8\"]}, {pods: {podSelector: {}}}]\n".to_string(),
@@ -94,7 +94,41 @@ fn cluster_documents(pods: &[PodSpec]) -> Vec<String> {
             pod_ip(index)
         ));
     }
+    // A Service per (namespace, app) with the matching pods as backends; two of them also list
+    // an address that is no pod (a node, and an address only a networks peer can match), so
+    // the fast path must decide those backends one by one.
+    for namespace in 0..3 {
+        for (app, name) in APPS.iter().enumerate() {
+            let mut addresses: Vec<String> = pods
+                .iter()
+                .enumerate()
+                .filter(|(_, (n, a, _))| *n == namespace && *a == app)
+                .map(|(index, _)| pod_ip(index))
+                .collect();
+            match (namespace, app) {
+                (0, 0) => addresses.push("172.16.0.2".into()),
+                (1, 1) => addresses.push("10.0.1.200".into()),
+                _ => {}
+            }
+            let target = 80 + app;
+            documents.push(format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: n{namespace}}}\nspec: {{clusterIP: {}, ports: [{{port: 80, targetPort: {target}}}]}}",
+                service_ip(namespace, app)
+            ));
+            let endpoints: String = addresses
+                .iter()
+                .map(|a| format!("{{addresses: [{a}], conditions: {{ready: true}}}}, "))
+                .collect();
+            documents.push(format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: n{namespace}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{port: {target}, protocol: TCP}}]\nendpoints: [{endpoints}]"
+            ));
+        }
+    }
     documents
+}
+
+fn service_ip(namespace: usize, app: usize) -> String {
+    format!("10.96.{namespace}.{}", app + 1)
 }
 
 /// A trace that asks for rule-by-rule evaluation.
@@ -127,6 +161,11 @@ fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
         .iter()
         .map(|ip| ip.parse::<IpAddr>().unwrap()),
     );
+    for namespace in 0..3 {
+        for app in 0..APPS.len() {
+            destinations.push(service_ip(namespace, app).parse().unwrap());
+        }
+    }
     let mut out = Vec::new();
     for pod in &state.pods {
         let (_, bytes) = snapshots
@@ -185,7 +224,7 @@ fn scenario() -> impl Strategy<Value = (Vec<PodSpec>, Vec<String>, Vec<usize>)> 
     )
         .prop_flat_map(|(pods, policy_count)| {
             let policies: Vec<_> = (0..policy_count).map(policy_yaml).collect();
-            let total = 6 + pods.len() + policy_count;
+            let total = cluster_documents(&pods).len() + policy_count;
             (
                 Just(pods),
                 policies,

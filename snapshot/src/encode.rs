@@ -5,12 +5,17 @@
 //! policies, chains and workloads and copies the shared bytes, so compiling hundreds of node
 //! snapshots costs little more than copying.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use crate::format::{self, SectionId};
 use crate::{
-    Action, Cidr, Entity, Isolation, LocationMatch, PolicyKind, Protocol, Tier, TransportChoice,
+    Action, Cidr, Entity, Isolation, LocationMatch, NO_IDENTITY, NO_ZONE, PolicyKind, Protocol,
+    Tier, TransportChoice,
 };
+
+/// A backend in the order a Service's backends are stored: identity, port, zone, node, address.
+type BackendKey = (u32, u16, u32, u32, (u8, [u8; 16]));
 
 /// A node of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +137,14 @@ impl SharedTables {
             put_address_tail(&mut addresses6, entry);
         }
 
+        // What the address book says of each backend; the first entry of a duplicate wins, as
+        // in the book itself.
+        let mut book: HashMap<IpAddr, &AddressEntry> =
+            HashMap::with_capacity(input.addresses.len());
+        for entry in &input.addresses {
+            book.entry(entry.ip.to_canonical()).or_insert(entry);
+        }
+        let zone_of = |node: u32| input.nodes.get(node as usize).map_or(NO_ZONE, |n| n.zone);
         let mut services: Vec<&ServiceEntry> = input.services.iter().collect();
         services.sort_by_key(|s| (ip_key(s.ip.to_canonical()), s.port, s.protocol as u8));
         services.dedup_by_key(|s| (ip_key(s.ip.to_canonical()), s.port, s.protocol as u8));
@@ -143,14 +156,39 @@ impl SharedTables {
             service_records.push(family);
             service_records.push(service.protocol as u8);
             put_u16(&mut service_records, service.port);
-            put_u32(&mut service_records, (backends.len() / 20) as u32);
+            put_u32(
+                &mut service_records,
+                (backends.len() / format::BACKEND_LEN) as u32,
+            );
             put_u32(&mut service_records, service.backends.len() as u32);
-            for (ip, port) in &service.backends {
-                let (family, bytes) = ip_key(ip.to_canonical());
+            let mut sorted: Vec<BackendKey> = service
+                .backends
+                .iter()
+                .map(|(ip, port)| {
+                    let ip = ip.to_canonical();
+                    let (identity, node) = match book.get(&ip) {
+                        Some(entry) if entry.kind == AddressKind::Pod => {
+                            (entry.identity, entry.node)
+                        }
+                        _ => (NO_IDENTITY, format::NO_NODE),
+                    };
+                    let zone = if node == format::NO_NODE {
+                        NO_ZONE
+                    } else {
+                        zone_of(node)
+                    };
+                    (identity, *port, zone, node, ip_key(ip))
+                })
+                .collect();
+            sorted.sort_unstable();
+            for (identity, port, zone, node, (family, bytes)) in sorted {
                 backends.extend_from_slice(&bytes);
                 backends.push(family);
                 backends.push(0);
-                put_u16(&mut backends, *port);
+                put_u16(&mut backends, port);
+                put_u32(&mut backends, identity);
+                put_u32(&mut backends, node);
+                put_u32(&mut backends, zone);
             }
         }
 

@@ -59,7 +59,11 @@ pub enum SectionId {
     /// Service frontends, sorted by (ip, port, protocol):
     /// `{ip [16], family u8, protocol u8, port u16, backends range}`.
     Services = 7,
-    /// Service backends: `{ip [16], family u8, pad 1, port u16}`.
+    /// Service backends: `{ip [16], family u8, pad 1, port u16, identity u32, node u32,
+    /// zone u32}`. Identity, node and zone repeat what the address book says of a pod backend
+    /// ([`crate::NO_IDENTITY`], [`NO_NODE`], [`crate::NO_ZONE`] for any other address). Each
+    /// Service's backends are sorted by (identity, port, zone, node, address), so pod backends
+    /// that only differ in where they run form runs a lookup can decide once per location.
     Backends = 8,
     /// Identity sets: sorted runs of `u32` identity ids.
     IdentitySets = 9,
@@ -138,7 +142,7 @@ impl SectionId {
             Self::Addresses4 => 16,
             Self::Addresses6 => 28,
             Self::Services => 28,
-            Self::Backends => 20,
+            Self::Backends => BACKEND_LEN,
             Self::IdentitySets => 4,
             Self::Peers => 12,
             Self::Ports => 8,
@@ -171,6 +175,11 @@ pub const CIDR_LEN: usize = 20;
 pub const RULE_LEN: usize = 44;
 pub(crate) const RULE_HAS_PEERS: u8 = 1;
 pub(crate) const RULE_HAS_PORTS: u8 = 2;
+
+/// Backend record length (see [`SectionId::Backends`]).
+pub const BACKEND_LEN: usize = 32;
+/// The node of a backend that is not a pod.
+pub const NO_NODE: u32 = u32::MAX;
 
 /// A free slot of `Addresses4Index`.
 pub const EMPTY_SLOT: u32 = u32::MAX;
@@ -359,6 +368,61 @@ impl RuleFilter {
     }
 }
 
+/// The IPv4 addresses that would get the same decision as the one being decided, as far as
+/// the address itself matters: every networks check a decision makes narrows it to the side of
+/// the CIDR the address is on. Identity and location are compared separately. A Service's pod
+/// backends that share identity, port and location and fall inside the range share a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SameAddresses {
+    first: u32,
+    last: u32,
+    /// Only the address decided: an IPv6 networks check was made (no range kept for those).
+    only_this: bool,
+}
+
+impl Default for SameAddresses {
+    fn default() -> Self {
+        Self {
+            first: 0,
+            last: u32::MAX,
+            only_this: false,
+        }
+    }
+}
+
+impl SameAddresses {
+    /// Records a check of `ip` against `first..=last` and returns whether it is inside.
+    #[inline]
+    pub(crate) fn narrow(&mut self, ip: u32, first: u32, last: u32) -> bool {
+        if ip < first {
+            self.last = self.last.min(first - 1);
+            false
+        } else if ip > last {
+            self.first = self.first.max(last + 1);
+            false
+        } else {
+            self.first = self.first.max(first);
+            self.last = self.last.min(last);
+            true
+        }
+    }
+
+    /// Records a check whose outcome may differ for any other address.
+    pub(crate) fn only_this(&mut self) {
+        self.only_this = true;
+    }
+
+    /// Whether `ip` would get the same answers to every check recorded.
+    pub(crate) fn contains(&self, ip: std::net::IpAddr) -> bool {
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                !self.only_this && (self.first..=self.last).contains(&u32::from(v4))
+            }
+            std::net::IpAddr::V6(_) => false,
+        }
+    }
+}
+
 /// What a lookup knows about its destination before walking a chain, folded into the shape
 /// the filters are tested against.
 #[derive(Clone, Copy, Debug)]
@@ -376,8 +440,9 @@ pub(crate) struct FilterProbe {
 
 impl FilterProbe {
     /// Whether the rule with this filter record may match; `false` only when it cannot.
+    /// Narrows `same` to the addresses for which the answer would be the same.
     #[inline]
-    pub(crate) fn admits(&self, filter: &[u8; RULE_FILTER_LEN]) -> bool {
+    pub(crate) fn admits(&self, filter: &[u8; RULE_FILTER_LEN], same: &mut SameAddresses) -> bool {
         let first = u16::from_le_bytes([filter[0], filter[1]]);
         let last = u16::from_le_bytes([filter[2], filter[3]]);
         if filter[4] & self.protocol_bit == 0
@@ -401,12 +466,18 @@ impl FilterProbe {
             }
         }
         match self.v4 {
-            Some(ip) => {
-                kinds & FILTER_NETWORKS4 != 0
-                    && u32::from_le_bytes([filter[16], filter[17], filter[18], filter[19]]) <= ip
-                    && ip <= u32::from_le_bytes([filter[20], filter[21], filter[22], filter[23]])
+            Some(ip) if kinds & FILTER_NETWORKS4 != 0 => {
+                let first = u32::from_le_bytes([filter[16], filter[17], filter[18], filter[19]]);
+                let last = u32::from_le_bytes([filter[20], filter[21], filter[22], filter[23]]);
+                same.narrow(ip, first, last)
             }
-            None => kinds & FILTER_NETWORKS6 != 0,
+            Some(_) => false,
+            None => {
+                if kinds & FILTER_NETWORKS6 != 0 {
+                    same.only_this();
+                }
+                kinds & FILTER_NETWORKS6 != 0
+            }
         }
     }
 }

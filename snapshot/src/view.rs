@@ -691,6 +691,33 @@ impl<'a> Snapshot<'a> {
             if !matches!(r[16], 4 | 6) {
                 return Err(bad(SectionId::Backends, i, "bad family"));
             }
+            // What a lookup groups backends by must be what the address book says.
+            let (identity, node) = match self.classify(backend_address(r)).0 {
+                DestinationClass::Pod { identity, node } => (identity, node),
+                _ => (NO_IDENTITY, format::NO_NODE),
+            };
+            let zone = if node == format::NO_NODE {
+                NO_ZONE
+            } else {
+                le32(self.record(SectionId::Nodes, node as usize), 8)
+            };
+            if (le32(r, 20), le32(r, 24), le32(r, 28)) != (identity, node, zone) {
+                return Err(bad(
+                    SectionId::Backends,
+                    i,
+                    "identity, node or zone differs from the address book",
+                ));
+            }
+        }
+        for (i, service) in self.records(SectionId::Services).enumerate() {
+            let backends = self.range(SectionId::Backends, le32(service, 20), le32(service, 24));
+            let sorted = backends
+                .chunks_exact(format::BACKEND_LEN)
+                .map(backend_key)
+                .is_sorted();
+            if !sorted {
+                return Err(bad(SectionId::Services, i, "backends not sorted"));
+            }
         }
         for (i, r) in self.records(SectionId::Peers).enumerate() {
             match r[0] {
@@ -1097,19 +1124,43 @@ impl<'a> Snapshot<'a> {
         });
         let Some(service) = service else {
             trace.backend(None);
-            return self.decide_direct(workload, ip, port, protocol, trace);
+            return self.decide_direct(
+                workload,
+                ip,
+                port,
+                protocol,
+                trace,
+                &mut Default::default(),
+            );
         };
         let record = self.record(SectionId::Services, service);
         let backends = self.range(SectionId::Backends, le32(record, 20), le32(record, 24));
         let count = (backends.len() / SectionId::Backends.record_len()) as u32;
         let (_, frontend_location) = self.classify(ip);
+        if !trace.detailed() {
+            return match self.decide_backends(workload, backends, protocol) {
+                Some(decision) => Decision {
+                    via: Via::ServiceUnanimous { backends: count },
+                    ..decision
+                },
+                None => self
+                    .default_decision(frontend_location, Via::ServiceAmbiguous { backends: count }),
+            };
+        }
         let mut agreed: Option<Decision<'a>> = None;
         let mut unanimous = count > 0;
         for backend in backends.chunks_exact(SectionId::Backends.record_len()) {
             let backend_ip = backend_address(backend);
             let backend_port = le16(backend, 18);
             trace.backend(Some((backend_ip, backend_port)));
-            let decision = self.decide_direct(workload, backend_ip, backend_port, protocol, trace);
+            let decision = self.decide_direct(
+                workload,
+                backend_ip,
+                backend_port,
+                protocol,
+                trace,
+                &mut Default::default(),
+            );
             match &agreed {
                 None => agreed = Some(decision),
                 Some(first) if !first.same_outcome(&decision) => {
@@ -1132,6 +1183,96 @@ impl<'a> Snapshot<'a> {
         }
     }
 
+    /// The fast path's decision for a Service's backends: `Some` when they all get the same
+    /// outcome. Backends are sorted so that pod backends of one identity and port form a run,
+    /// ordered by zone and node inside it; within a run only the location and the address can
+    /// change a decision. So each location present (own node, own zone, elsewhere: at most three
+    /// groups) is decided once for one backend, and the rest of its group shares that decision
+    /// if its address is on the same side of every CIDR that decision checked — else it is
+    /// decided on its own.
+    fn decide_backends(
+        &self,
+        workload: WorkloadId,
+        backends: &'a [u8],
+        protocol: Protocol,
+    ) -> Option<Decision<'a>> {
+        let (records, _) = backends.as_chunks::<{ format::BACKEND_LEN }>();
+        let own = self.header_own_node();
+        let own_zone = le32(self.record(SectionId::Nodes, own as usize), 8);
+        let mut agreed: Option<Decision<'a>> = None;
+        let mut start = 0;
+        while let Some(first) = records.get(start) {
+            let (identity, port) = (le32(first, 20), le16(first, 18));
+            let run_len = if identity == NO_IDENTITY {
+                1 // not a pod: nothing to share with other backends
+            } else {
+                records[start..].partition_point(|b| (le32(b, 20), le16(b, 18)) == (identity, port))
+            };
+            let run = &records[start..start + run_len];
+            start += run_len;
+            let zone = run.partition_point(|b| le32(b, 28) < own_zone)
+                ..run.partition_point(|b| le32(b, 28) <= own_zone);
+            let in_zone = &run[zone.clone()];
+            let node = zone.start + in_zone.partition_point(|b| le32(b, 24) < own)
+                ..zone.start + in_zone.partition_point(|b| le32(b, 24) <= own);
+            // The groups, as (range, excluded subrange) of the run.
+            let elsewhere = if own_zone == NO_ZONE {
+                node.clone()
+            } else {
+                zone.clone()
+            };
+            let same_zone = if own_zone == NO_ZONE {
+                0..0
+            } else {
+                zone.clone()
+            };
+            let groups = [
+                (node.clone(), 0..0),
+                (same_zone, node.clone()),
+                (0..run.len(), elsewhere),
+            ];
+            for (range, excluded) in groups {
+                let mut members = range.filter(|i| !excluded.contains(i)).map(|i| &run[i]);
+                let Some(representative) = members.next() else {
+                    continue;
+                };
+                let mut same = format::SameAddresses::default();
+                let decision = self.decide_direct(
+                    workload,
+                    backend_address(representative),
+                    port,
+                    protocol,
+                    &mut NoTrace,
+                    &mut same,
+                );
+                if !agree(&mut agreed, decision) {
+                    return None;
+                }
+                for backend in members {
+                    let ip = backend_address(backend);
+                    if same.contains(ip) {
+                        continue;
+                    }
+                    let decision = self.decide_direct(
+                        workload,
+                        ip,
+                        port,
+                        protocol,
+                        &mut NoTrace,
+                        &mut Default::default(),
+                    );
+                    if !agree(&mut agreed, decision) {
+                        return None;
+                    }
+                }
+            }
+        }
+        agreed
+    }
+
+    /// Decides one destination address. `same` is narrowed to the addresses whose networks
+    /// checks would come out the same (with the same identity and location, they get the same
+    /// decision).
     fn decide_direct<T: Trace>(
         &self,
         workload: WorkloadId,
@@ -1139,6 +1280,7 @@ impl<'a> Snapshot<'a> {
         port: u16,
         protocol: Protocol,
         trace: &mut T,
+        same: &mut format::SameAddresses,
     ) -> Decision<'a> {
         let (class, location) = self.classify(ip);
         let chain = self.record(
@@ -1146,6 +1288,13 @@ impl<'a> Snapshot<'a> {
             le32(self.record(SectionId::Workloads, workload.0 as usize), 16) as usize,
         );
         let policies = self.range(SectionId::ChainPolicies, le32(chain, 0), le32(chain, 4));
+        let destination = Destination {
+            class,
+            location,
+            ip,
+            port,
+            protocol,
+        };
         let mut passed_tier: Option<u8> = None;
         // The fast path (no trace) rejects most rules on their 24-byte filter alone.
         let use_filters = !trace.detailed();
@@ -1218,12 +1367,12 @@ impl<'a> Snapshot<'a> {
                     policy: policy_index,
                     rule,
                 };
-                if use_filters && !probe.admits(filter) {
+                if use_filters && !probe.admits(filter, same) {
                     // Only the fast path gets here, and it does not report reasons.
                     trace.rule(reference, Verdict::NoMatch(Mismatch::Peer));
                     continue;
                 }
-                match self.rule_matches(record, class, location, ip, port, protocol) {
+                match self.rule_matches(record, &destination, same) {
                     Err(mismatch) => trace.rule(reference, Verdict::NoMatch(mismatch)),
                     Ok(()) if record.get(8) == Some(&(Action::Pass as u8)) => {
                         trace.rule(reference, Verdict::Passed);
@@ -1265,12 +1414,16 @@ impl<'a> Snapshot<'a> {
     fn rule_matches(
         &self,
         rule: &[u8],
-        class: DestinationClass,
-        location: Location,
-        ip: IpAddr,
-        port: u16,
-        protocol: Protocol,
+        to: &Destination,
+        same: &mut format::SameAddresses,
     ) -> Result<(), Mismatch> {
+        let Destination {
+            class,
+            location,
+            ip,
+            port,
+            protocol,
+        } = *to;
         let flags = rule.get(11).copied().unwrap_or(0);
         if flags & format::RULE_HAS_PORTS != 0 {
             let protocols = rule.get(40).copied().unwrap_or(0xff);
@@ -1311,7 +1464,16 @@ impl<'a> Snapshot<'a> {
                 format::PEER_NETWORKS => self
                     .range(SectionId::Networks, le32(peer, 4), le32(peer, 8))
                     .chunks_exact(format::CIDR_LEN)
-                    .any(|cidr| cidr_contains(cidr, ip)),
+                    .any(|cidr| match (format::cidr4_span(cidr), ip) {
+                        (Some((first, last)), IpAddr::V4(v4)) => {
+                            same.narrow(u32::from(v4), first, last)
+                        }
+                        (None, IpAddr::V6(_)) => {
+                            same.only_this();
+                            cidr_contains(cidr, ip)
+                        }
+                        _ => false, // the other family: false for every address of this one
+                    }),
                 format::PEER_ENTITY => {
                     Entity::from_byte(peer[1]).is_some_and(|e| e.admits(location))
                 }
@@ -1386,6 +1548,39 @@ fn cidr_address(record: &[u8]) -> IpAddr {
     } else {
         IpAddr::from(bytes)
     }
+}
+
+/// A connection's destination as the rules see it.
+#[derive(Clone, Copy, Debug)]
+struct Destination {
+    class: DestinationClass,
+    location: Location,
+    ip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+}
+
+/// Keeps the first decision and says whether `decision` has the same outcome.
+fn agree<'a>(agreed: &mut Option<Decision<'a>>, decision: Decision<'a>) -> bool {
+    match agreed {
+        None => {
+            *agreed = Some(decision);
+            true
+        }
+        Some(first) => first.same_outcome(&decision),
+    }
+}
+
+/// The order of a Service's backends: (identity, port, zone, node, address).
+fn backend_key(record: &[u8]) -> (u32, u16, u32, u32, u8, &[u8]) {
+    (
+        le32(record, 20),
+        le16(record, 18),
+        le32(record, 28),
+        le32(record, 24),
+        record[16],
+        &record[..16],
+    )
 }
 
 fn backend_address(record: &[u8]) -> IpAddr {
