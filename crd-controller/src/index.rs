@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::hash::{Hash as _, Hasher as _};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -734,31 +735,48 @@ impl Index {
                 .extend(objects.cluster_stack_routes.iter().cloned());
         }
         // A registered workload is the live truth about its pod: it replaces a file's copy.
+        // What a registration leaves empty (addresses, labels: `stackroute run` knows neither
+        // unless told) is taken from the file's Pod of the same name, so registering a process
+        // does not erase its pod's address.
         let registered: HashSet<(&str, &str)> = self
             .workloads
             .values()
             .filter_map(|w| w.key.as_ref())
             .map(|k| (k.namespace.as_str(), k.name.as_str()))
             .collect();
-        state
-            .pods
-            .retain(|p| !registered.contains(&(p.namespace.as_str(), p.name.as_str())));
+        let (replaced, kept): (Vec<PodInfo>, Vec<PodInfo>) = std::mem::take(&mut state.pods)
+            .into_iter()
+            .partition(|p| registered.contains(&(p.namespace.as_str(), p.name.as_str())));
+        state.pods = kept;
         for workload in self.workloads.values() {
             let key = workload.key.clone().unwrap_or_default();
+            let file_copy = replaced
+                .iter()
+                .find(|p| p.namespace == key.namespace && p.name == key.name);
+            let mut labels: Labels = workload
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let mut ips: Vec<IpAddr> = workload
+                .ips
+                .iter()
+                .filter_map(|ip| ip.parse().ok())
+                .collect();
+            if let Some(pod) = file_copy {
+                if labels.is_empty() {
+                    labels = pod.labels.clone();
+                }
+                if ips.is_empty() {
+                    ips = pod.ips.clone();
+                }
+            }
             state.pods.push(PodInfo {
                 namespace: key.namespace,
                 name: key.name,
-                labels: workload
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
+                labels,
                 node: Some(key.node),
-                ips: workload
-                    .ips
-                    .iter()
-                    .filter_map(|ip| ip.parse().ok())
-                    .collect(),
+                ips,
                 host_network: false,
             });
         }

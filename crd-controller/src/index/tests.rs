@@ -165,6 +165,24 @@ fn a_broken_file_keeps_its_last_good_version_while_others_apply() {
 // === registries ===
 
 #[test]
+fn a_registration_without_addresses_or_labels_keeps_the_file_pods() {
+    let (mut index, _) = mk_index();
+    index.apply_file(changed("c.yaml", CLUSTER));
+    let file_pod = index.merged_state().pods[0].clone();
+    assert!(!file_pod.ips.is_empty() && !file_pod.labels.is_empty());
+    let mut bare = mk_workload("n9", "web-0", "");
+    bare.ips.clear();
+    bare.labels.clear();
+    index.apply_registry(RegistryChange::PutWorkload(bare));
+    let state = index.merged_state();
+    assert_eq!(state.pods.len(), 1);
+    // The registration says where the process runs; the file still says what it is.
+    assert_eq!(state.pods[0].node.as_deref(), Some("n9"));
+    assert_eq!(state.pods[0].ips, file_pod.ips);
+    assert_eq!(state.pods[0].labels, file_pod.labels);
+}
+
+#[test]
 fn workloads_become_pods_and_agent_nodes_become_nodes() {
     let (mut index, _) = mk_index();
     index.apply_file(changed("c.yaml", CLUSTER));
@@ -189,7 +207,7 @@ fn workloads_become_pods_and_agent_nodes_become_nodes() {
     assert_eq!(state.pods[0].node.as_deref(), Some("n9"));
     assert_eq!(
         state.pods[0].ips,
-        vec!["10.9.0.1".parse::<std::net::IpAddr>().unwrap()]
+        vec!["10.9.0.1".parse::<IpAddr>().unwrap()]
     );
     let n7 = state
         .nodes
