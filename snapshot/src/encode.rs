@@ -118,19 +118,21 @@ impl SharedTables {
         v4.dedup_by_key(|(ip, _)| *ip);
         v6.sort_by_key(|(ip, _)| *ip);
         v6.dedup_by_key(|(ip, _)| *ip);
-        let mut addresses4 = Vec::with_capacity(v4.len() * 16);
-        let mut index4 = vec![format::EMPTY_SLOT; format::address4_index_slots(v4.len())];
-        let mask = index4.len() - 1;
-        for (position, (ip, entry)) in v4.into_iter().enumerate() {
-            put_u32(&mut addresses4, ip);
-            put_address_tail(&mut addresses4, entry);
-            let mut slot = format::address4_slot(ip, index4.len());
-            while index4[slot] != format::EMPTY_SLOT {
-                slot = (slot + 1) & mask;
-            }
-            index4[slot] = position as u32;
+        let slots = format::address4_slots(v4.len());
+        let mut addresses4 = vec![0u8; slots * 16];
+        for slot in addresses4.chunks_exact_mut(16) {
+            slot[4] = format::EMPTY_SLOT;
         }
-        let index4: Vec<u8> = index4.iter().flat_map(|i| i.to_le_bytes()).collect();
+        for (ip, entry) in v4 {
+            let mut slot = format::address4_slot(ip, slots);
+            while addresses4[slot * 16 + 4] != format::EMPTY_SLOT {
+                slot = if slot + 1 == slots { 0 } else { slot + 1 };
+            }
+            let mut record = Vec::with_capacity(16);
+            put_u32(&mut record, ip);
+            put_address_tail(&mut record, entry);
+            addresses4[slot * 16..slot * 16 + 16].copy_from_slice(&record);
+        }
         let mut addresses6 = Vec::with_capacity(v6.len() * 28);
         for (ip, entry) in v6 {
             addresses6.extend_from_slice(&ip);
@@ -213,7 +215,6 @@ impl SharedTables {
                 (SectionId::Nodes, nodes),
                 (SectionId::ClusterNetworks, networks),
                 (SectionId::Addresses4, addresses4),
-                (SectionId::Addresses4Index, index4),
                 (SectionId::Addresses6, addresses6),
                 (SectionId::Services, service_records),
                 (SectionId::Backends, backends),

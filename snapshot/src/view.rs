@@ -329,7 +329,6 @@ fn name_of(id: SectionId) -> &'static str {
         SectionId::WorkloadAddresses => "workload-addresses",
         SectionId::NodeStrings => "node-strings",
         SectionId::RuleFilters => "rule-filters",
-        SectionId::Addresses4Index => "addresses4-index",
         SectionId::PolicyFilters => "policy-filters",
     }
 }
@@ -623,43 +622,25 @@ impl<'a> Snapshot<'a> {
                 }
             }
         }
-        let mut previous4: Option<u32> = None;
+        let mut free = 0usize;
         for (i, r) in self.records(SectionId::Addresses4).enumerate() {
-            let ip = le32(r, 0);
-            if previous4.is_some_and(|p| p >= ip) {
-                return Err(bad(SectionId::Addresses4, i, "not sorted"));
+            if r[4] == format::EMPTY_SLOT {
+                free += 1;
+                continue;
             }
-            previous4 = Some(ip);
             check_address_tail(&r[4..], nodes).map_err(|p| bad(SectionId::Addresses4, i, p))?;
-        }
-        let slots = self.count(SectionId::Addresses4Index);
-        let addresses4 = self.count(SectionId::Addresses4);
-        if !slots.is_power_of_two() || slots <= addresses4 {
-            return Err(DecodeError::BadSection(
-                "addresses4-index is not a power of two larger than addresses4",
-            ));
-        }
-        let mut filled = 0usize;
-        for (i, r) in self.records(SectionId::Addresses4Index).enumerate() {
-            let position = le32(r, 0);
-            if position != format::EMPTY_SLOT {
-                if position as usize >= addresses4 {
-                    return Err(bad(SectionId::Addresses4Index, i, "index out of range"));
-                }
-                filled += 1;
-            }
-        }
-        // Every address reachable by its own probe sequence, and nothing else in the table:
-        // then a lookup finds exactly what a binary search would.
-        if filled != addresses4 {
-            return Err(DecodeError::BadSection(
-                "addresses4-index does not hold every address exactly once",
-            ));
-        }
-        for (i, r) in self.records(SectionId::Addresses4).enumerate() {
+            // Reachable by its own probe sequence, and the first slot holding its address:
+            // a lookup finds exactly this record.
             if self.address4(le32(r, 0)) != Some(i) {
-                return Err(bad(SectionId::Addresses4Index, i, "address not reachable"));
+                return Err(bad(
+                    SectionId::Addresses4,
+                    i,
+                    "address not in its probe sequence",
+                ));
             }
+        }
+        if free == 0 {
+            return Err(DecodeError::BadSection("addresses4 has no free slot"));
         }
         let mut previous6: Option<&[u8]> = None;
         for (i, r) in self.records(SectionId::Addresses6).enumerate() {
@@ -1057,21 +1038,21 @@ impl<'a> Snapshot<'a> {
         (class, location)
     }
 
-    /// The `Addresses4` record of `ip`, through the hash index.
+    /// The `Addresses4` slot holding `ip`.
     fn address4(&self, ip: u32) -> Option<usize> {
-        let slots = self.count(SectionId::Addresses4Index);
-        let index = self.section(SectionId::Addresses4Index);
+        let slots = self.count(SectionId::Addresses4);
+        let (table, _) = self.section(SectionId::Addresses4).as_chunks::<16>();
         let mut slot = format::address4_slot(ip, slots);
         // Validation guarantees a free slot, so the probe ends; the bound is belt and braces.
         for _ in 0..slots {
-            let position = le32(index, slot * 4);
-            if position == format::EMPTY_SLOT {
+            let record = table.get(slot)?;
+            if record[4] == format::EMPTY_SLOT {
                 return None;
             }
-            if le32(self.record(SectionId::Addresses4, position as usize), 0) == ip {
-                return Some(position as usize);
+            if le32(record, 0) == ip {
+                return Some(slot);
             }
-            slot = (slot + 1) & (slots - 1);
+            slot = if slot + 1 == slots { 0 } else { slot + 1 };
         }
         None
     }
@@ -1119,9 +1100,23 @@ impl<'a> Snapshot<'a> {
     ) -> Decision<'a> {
         let ip = ip.to_canonical();
         let (family, key) = ip_key(ip);
-        let service = self.search(SectionId::Services, |r| {
-            (r[16], &r[..16], le16(r, 18), r[17]).cmp(&(family, &key[..], port, protocol as u8))
-        });
+        // ClusterIPs come from one service range: most destinations fall outside the first and
+        // last frontend, and skip the search.
+        let services = self.count(SectionId::Services);
+        let outside = |index: usize, ordering| {
+            let r = self.record(SectionId::Services, index);
+            (family, &key[..]).cmp(&(r[16], &r[..16])) == ordering
+        };
+        let service = if services == 0
+            || outside(0, std::cmp::Ordering::Less)
+            || outside(services - 1, std::cmp::Ordering::Greater)
+        {
+            None
+        } else {
+            self.search(SectionId::Services, |r| {
+                (r[16], &r[..16], le16(r, 18), r[17]).cmp(&(family, &key[..], port, protocol as u8))
+            })
+        };
         let Some(service) = service else {
             trace.backend(None);
             return self.decide_direct(
@@ -1433,10 +1428,13 @@ impl<'a> Snapshot<'a> {
             {
                 return Err(Mismatch::Port);
             }
-            let ports = self.range(SectionId::Ports, le32(rule, 20), le32(rule, 24));
-            let hit = ports
-                .chunks_exact(8)
-                .any(|p| p[0] == protocol as u8 && le16(p, 2) <= port && port <= le16(p, 4));
+            // With one port entry the span (validated against it) is the entry: done.
+            let count = le32(rule, 24);
+            let ports = self.range(SectionId::Ports, le32(rule, 20), count);
+            let hit = count == 1
+                || ports
+                    .chunks_exact(8)
+                    .any(|p| p[0] == protocol as u8 && le16(p, 2) <= port && port <= le16(p, 4));
             if !hit {
                 return Err(Mismatch::Port);
             }

@@ -261,8 +261,8 @@ fn section_range(bytes: &[u8], id: format::SectionId) -> std::ops::Range<usize> 
         .expect("section present")
 }
 
-/// Lookups skip rules and policies on the word of their filters and find addresses through
-/// the index, so parse recomputes all three: a consistent checksum does not make a wrong
+/// Lookups skip rules and policies on the word of their filters and find addresses by hash,
+/// so parse recomputes the filters and probes for every address: a consistent checksum does not make a wrong
 /// filter acceptable.
 #[test]
 fn derived_tables_that_disagree_with_their_data_are_rejected() {
@@ -298,25 +298,26 @@ fn derived_tables_that_disagree_with_their_data_are_rejected() {
             other => panic!("{section:?} byte {offset} flipped: {other:?}"),
         }
     }
-    // Swapping two occupied slots of the address index leaves every index in range but puts
-    // addresses off their probe sequence.
-    let index = section_range(&bytes, format::SectionId::Addresses4Index);
-    let occupied: Vec<usize> = (index.start..index.end)
-        .step_by(4)
-        .filter(|at| bytes[*at..*at + 4] != [0xff; 4])
-        .collect();
-    assert!(
-        occupied.len() >= 2,
-        "sample has at least two IPv4 addresses"
-    );
+    // Moving an address to a free slot keeps every record well-formed but puts the address off
+    // its probe sequence, where a lookup would not find it.
+    let table = section_range(&bytes, format::SectionId::Addresses4);
+    let slots: Vec<usize> = (table.start..table.end).step_by(16).collect();
+    let occupied = slots
+        .iter()
+        .find(|at| bytes[**at + 4] != format::EMPTY_SLOT);
+    let free = slots
+        .iter()
+        .rev()
+        .find(|at| bytes[**at + 4] == format::EMPTY_SLOT);
+    let (Some(&from), Some(&to)) = (occupied, free) else {
+        panic!("sample has an address and a free slot");
+    };
     let mut corrupt = bytes.clone();
-    let (a, b) = (occupied[0], occupied[1]);
-    let slot_a: [u8; 4] = bytes[a..a + 4].try_into().unwrap();
-    corrupt.copy_within(b..b + 4, a);
-    corrupt[b..b + 4].copy_from_slice(&slot_a);
+    corrupt.copy_within(from..from + 16, to);
+    corrupt[from + 4] = format::EMPTY_SLOT;
     assert!(
         Snapshot::parse(&with_fixed_checksum(corrupt)).is_err(),
-        "a scrambled address index was accepted"
+        "an address off its probe sequence was accepted"
     );
 }
 
