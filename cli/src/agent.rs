@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use stackroute_local_api::frame;
-use stackroute_local_api::message::{Request, Response};
+use stackroute_local_api::message::{FallbackReason, Request, Response};
 use stackroute_local_api::published::{self, SNAPSHOT_FILE, SOCKET_FILE};
 use stackroute_policy::explain::{AddressNamer, Explanation};
 use stackroute_snapshot::{DestinationClass, Protocol, Snapshot};
@@ -96,6 +96,21 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
             "stackroute: warning: no agent ({error:#}); running {}/{name} unmanaged",
             args.namespace
         ),
+    }
+    let unreachable = crate::reach::resolve(Path::new(program))
+        .and_then(|path| crate::reach::unreachable_reason(&path).ok().flatten());
+    if let Some(reason) = unreachable {
+        eprintln!(
+            "stackroute: warning: {} is not accelerated ({reason}); it runs on the kernel default",
+            Path::new(program).display()
+        );
+        let report = Request::FallbackReport {
+            reason: FallbackReason::Unaccelerated,
+            count: 1,
+        };
+        if let Err(error) = call_agent(&args.socket_dir, &report) {
+            eprintln!("stackroute: warning: could not report it to the agent: {error:#}");
+        }
     }
     let mut command = std::process::Command::new(program);
     command

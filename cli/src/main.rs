@@ -2,6 +2,7 @@
 //! node agent; show the controller's status.
 
 mod agent;
+mod reach;
 mod status;
 
 use std::net::SocketAddr;
@@ -78,6 +79,10 @@ struct ExplainArgs {
     /// with --agent, the controller's setting compiled into the snapshot applies.
     #[arg(long, value_delimiter = ',', env = "STACKROUTE_CLUSTER_NETWORKS")]
     cluster_networks: Option<Vec<String>>,
+    /// The program the source pod runs: checked for what LD_PRELOAD cannot reach (static and Go
+    /// binaries, set-user-ID programs), whose connections never see the decision.
+    #[arg(long, value_name = "PATH")]
+    program: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -217,11 +222,19 @@ fn run_explain(args: &ExplainArgs) -> Result<ExitCode> {
         ProtocolArg::TCP => Protocol::Tcp,
         ProtocolArg::UDP => Protocol::Udp,
     };
+    let unreachable = match &args.program {
+        Some(program) => {
+            let path = reach::resolve(program)
+                .with_context(|| format!("--program {}: not found", program.display()))?;
+            reach::unreachable_reason(&path)?.map(|reason| format!("{}: {reason}", path.display()))
+        }
+        None => None,
+    };
     let state_path = match (&args.state, &args.agent) {
         (Some(state), None) => state,
         (None, Some(socket_dir)) => {
             let explanation = agent::explain(socket_dir, namespace, pod, args.to, protocol)?;
-            return print_explanation(&explanation, args.output);
+            return print_explanation(&explanation, args.output, unreachable.as_deref());
         }
         _ => bail!("give exactly one of --state and --agent"),
     };
@@ -258,16 +271,32 @@ fn run_explain(args: &ExplainArgs) -> Result<ExitCode> {
         Ok(explanation) => explanation,
         Err(error) => bail!("{error}"),
     };
-    print_explanation(&explanation, args.output)
+    print_explanation(&explanation, args.output, unreachable.as_deref())
 }
 
+/// Prints the explanation; `unreachable` (from `--program`) says the decision never applies.
 fn print_explanation(
     explanation: &stackroute_policy::Explanation,
     output: Output,
+    unreachable: Option<&str>,
 ) -> Result<ExitCode> {
     match output {
-        Output::Text => emit(&explanation.to_text())?,
-        Output::Json => emit(&format!("{}\n", serde_json::to_string_pretty(explanation)?))?,
+        Output::Text => {
+            let mut text = explanation.to_text();
+            if let Some(reason) = unreachable {
+                text.push_str(&format!(
+                    "unaccelerated: {reason}; its connections use the kernel default, not this decision\n"
+                ));
+            }
+            emit(&text)?
+        }
+        Output::Json => {
+            let mut json = serde_json::to_value(explanation)?;
+            if let (Some(object), Some(reason)) = (json.as_object_mut(), unreachable) {
+                object.insert("unaccelerated".into(), reason.into());
+            }
+            emit(&format!("{}\n", serde_json::to_string_pretty(&json)?))?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
