@@ -83,7 +83,21 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         ips: Vec::new(),
     };
     match call_agent(&args.socket_dir, &request) {
-        Ok(Response::Ok { queued: false, .. }) => {}
+        Ok(Response::Ok {
+            queued: false,
+            revision,
+        }) => {
+            // Start the program once the agent publishes the revision that includes it, so its
+            // first connections are decided by its own policies, not the default.
+            if let Some(revision) = revision
+                && !wait_for_revision(&args.socket_dir, revision)
+            {
+                eprintln!(
+                    "stackroute: warning: the agent has not published revision {revision} with {}/{name} yet; starting anyway",
+                    args.namespace
+                );
+            }
+        }
         Ok(Response::Ok { queued: true, .. }) => eprintln!(
             "stackroute: warning: the agent has no controller; registration of {}/{name} is queued",
             args.namespace
@@ -138,6 +152,31 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let error = command.exec();
     bail!("{}: cannot execute: {error}", Path::new(program).display())
+}
+
+/// Waits up to [`AGENT_TIMEOUT`] until `DIR/snapshot` holds `revision` or a later one.
+fn wait_for_revision(socket_dir: &Path, revision: u64) -> bool {
+    let deadline = std::time::Instant::now() + AGENT_TIMEOUT;
+    loop {
+        let published = std::fs::File::open(socket_dir.join(SNAPSHOT_FILE))
+            .ok()
+            .and_then(|file| {
+                use std::io::Read as _;
+                let mut header = [0u8; published::HEADER_LEN];
+                file.take(header.len() as u64)
+                    .read_exact(&mut header)
+                    .ok()
+                    .filter(|()| header[..8] == published::MAGIC)
+                    .map(|()| u64::from_le_bytes(header[16..24].try_into().unwrap_or_default()))
+            });
+        if published.is_some_and(|p| p >= revision) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Where `stackroute run` looks for the shim after `$STACKROUTE_SHIM` and the directory of the
