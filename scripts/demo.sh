@@ -24,6 +24,7 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     echo "demo.sh: installing ${missing[*]}"
+    apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
     echo "demo.sh: please install: ${missing[*]}" >&2
@@ -31,7 +32,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 command -v protoc >/dev/null 2>&1 || {
-  command -v apt-get >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
+  command -v apt-get >/dev/null 2>&1 && apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null
 }
 
 target="${CARGO_TARGET_DIR:-target}"
