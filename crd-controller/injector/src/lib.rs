@@ -1,0 +1,60 @@
+//! What the stackroute injection webhook does to a pod, as pure functions: no I/O, no clock.
+//!
+//! ```text
+//! AdmissionReview bytes ─► review::parse ─► decide (pod, namespace meta) ─► patch::build ─► review::respond
+//! ```
+//!
+//! - [`decide`]: opt-in rules (annotation or label `stackroute.dev/inject`, pod or namespace;
+//!   `disabled` on the pod wins), exclusions (hostNetwork, the controller's namespace,
+//!   kube-system) and the per-pod `config.stackroute.dev/*` settings.
+//! - [`patch`]: the RFC 6902 JSONPatch; idempotent, so a reinvocation adds only what a later
+//!   webhook made necessary.
+//! - [`review`]: AdmissionReview v1 in and out, with an error for every malformed input.
+//!
+//! The controller crate supplies the I/O: the HTTPS server, the namespace lookup, metrics.
+#![forbid(unsafe_code)]
+
+pub mod decide;
+pub mod patch;
+pub mod review;
+
+pub use decide::{Decision, Libc, NamespaceMeta, Settings, Skip, decide, not_injected, pod_opt_in};
+pub use patch::build as build_patch;
+
+/// Opt-in annotation and label (`enabled` / `disabled`), on a pod or its namespace.
+pub const INJECT: &str = "stackroute.dev/inject";
+/// Status annotation written by the webhook: what it did.
+pub const INJECTED: &str = "stackroute.dev/injected";
+/// Per-pod setting: `STACKROUTE_LOG` for the shim (e.g. `debug`).
+pub const CONFIG_LOG: &str = "config.stackroute.dev/log";
+/// Per-pod setting: `glibc` (default) or `musl`, the shim build copied into the pod.
+pub const CONFIG_LIBC: &str = "config.stackroute.dev/libc";
+/// Per-pod setting: the workload name (default: the pod name, by the downward API).
+pub const CONFIG_WORKLOAD: &str = "config.stackroute.dev/workload";
+
+/// Name of the init container, and of the emptyDir volume holding the shim.
+pub const SHIM_NAME: &str = "stackroute-shim";
+/// Name of the hostPath volume of the agent's socket directory.
+pub const SOCKETS_NAME: &str = "stackroute-sockets";
+/// Where the shim emptyDir is mounted in the application's containers.
+pub const SHIM_MOUNT: &str = "/stackroute";
+/// Where the init container mounts the emptyDir (not `/stackroute`, which would hide the
+/// builds inside the shim image).
+pub const INSTALL_MOUNT: &str = "/stackroute-install";
+/// `LD_PRELOAD` value the webhook adds (prepended to an existing one).
+pub const SHIM_PATH: &str = "/stackroute/libnsocket.so";
+
+/// Namespaces never injected besides the controller's own.
+pub const SYSTEM_NAMESPACES: &[&str] = &["kube-system"];
+
+/// What the webhook is configured with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Image of the init container; holds `/stackroute/lib/libnsocket.so` (glibc build),
+    /// `/stackroute/lib/musl/libnsocket.so` and a POSIX `sh` with `cp`.
+    pub shim_image: String,
+    /// The node agent's socket directory on the host, mounted at the same path in pods.
+    pub socket_dir: String,
+    /// The controller's own namespace: never injected.
+    pub own_namespace: String,
+}
