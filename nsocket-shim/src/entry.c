@@ -4,6 +4,7 @@
 #include <stdarg.h>
 
 int nsocket_fcntl(int fd, int cmd, unsigned long arg, int variant);
+int nsocket_ioctl(int fd, unsigned long request, unsigned long arg);
 void nsocket_load(void);
 void nsocket_unload(void);
 
@@ -29,6 +30,16 @@ __attribute__((visibility("hidden"))) int nsocket_fcntl64_entry(int fd, int cmd,
     unsigned long arg = va_arg(ap, unsigned long);
     va_end(ap);
     return nsocket_fcntl(fd, cmd, arg, 1);
+}
+
+/* ioctl takes at most one argument after the request, an int or a pointer: read as a word for
+ * the same reason as fcntl's. */
+__attribute__((visibility("hidden"))) int nsocket_ioctl_entry(int fd, unsigned long request, ...) {
+    va_list ap;
+    va_start(ap, request);
+    unsigned long arg = va_arg(ap, unsigned long);
+    va_end(ap);
+    return nsocket_ioctl(fd, request, arg);
 }
 
 /* Reads the environment once, when the library is loaded (before main, and before servers

@@ -11,11 +11,14 @@
 #![allow(unreachable_pub)]
 
 use std::cell::Cell;
-use std::ffi::{c_int, c_uint, c_ulong, c_void};
+use std::ffi::{c_char, c_int, c_uint, c_ulong, c_void};
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use libc::{mmsghdr, msghdr, size_t, sockaddr, socklen_t, ssize_t};
+use libc::{
+    epoll_event, fd_set, iovec, mmsghdr, msghdr, nfds_t, off_t, pollfd, sigset_t, size_t, sockaddr,
+    socklen_t, ssize_t, timespec, timeval,
+};
 use stackroute_local_api::message::FallbackReason;
 
 use crate::logic::{self, Pre};
@@ -153,6 +156,42 @@ hooks! {
     fn dup(old: c_int) -> c_int => |real| run(forward, || real(old), |(), new| logic::after_dup(old, new));
     fn dup2(old: c_int, new: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_dup_onto(old, new)), || real(old, new), |closed, rc| { logic::after_close(closed, rc.min(0)); logic::after_dup(old, rc) });
     fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_dup_onto(old, new)), || real(old, new, flags), |closed, rc| { logic::after_close(closed, rc.min(0)); logic::after_dup(old, rc) });
+    // The rest of the socket surface: every socket is a kernel socket in this build (a
+    // Userspace or RDMA decision falls back to the kernel before `connect`), so these forward;
+    // they are declared here so that the one list is the whole surface and a stack that owns
+    // sockets has one place to take its calls.
+    fn bind(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int => |real| run(forward, || real(fd, address, len), nothing);
+    fn socketpair(domain: c_int, kind: c_int, protocol: c_int, fds: *mut c_int) -> c_int => |real| run(forward, || real(domain, kind, protocol, fds), nothing);
+    fn shutdown(fd: c_int, how: c_int) -> c_int => |real| run(forward, || real(fd, how), nothing);
+    fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int => |real| run(forward, || real(fd, level, name, value, len), nothing);
+    fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int => |real| run(forward, || real(fd, level, name, value, len), nothing);
+    fn getsockname(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| run(forward, || real(fd, address, len), nothing);
+    fn getpeername(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| run(forward, || real(fd, address, len), nothing);
+    fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t => |real| run(forward, || real(fd, buf, n), nothing);
+    fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t => |real| run(forward, || real(fd, buf, n), nothing);
+    fn readv(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| run(forward, || real(fd, iov, count), nothing);
+    fn writev(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| run(forward, || real(fd, iov, count), nothing);
+    fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t => |real| run(forward, || real(fd, buf, n, flags), nothing);
+    fn recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, address: *mut sockaddr, len: *mut socklen_t) -> ssize_t => |real| run(forward, || real(fd, buf, n, flags, address, len), nothing);
+    fn recvmsg(fd: c_int, message: *mut msghdr, flags: c_int) -> ssize_t => |real| run(forward, || real(fd, message, flags), nothing);
+    fn recvmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int, timeout: *mut timespec) -> c_int => |real| run(forward, || real(fd, messages, count, flags, timeout), nothing);
+    fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t => |real| run(forward, || real(fd, buf, n, flags), nothing);
+    fn sendfile(out: c_int, input: c_int, offset: *mut off_t, count: size_t) -> ssize_t => |real| run(forward, || real(out, input, offset, count), nothing);
+    fn poll(fds: *mut pollfd, count: nfds_t, timeout: c_int) -> c_int => |real| run(forward, || real(fds, count, timeout), nothing);
+    fn ppoll(fds: *mut pollfd, count: nfds_t, timeout: *const timespec, mask: *const sigset_t) -> c_int => |real| run(forward, || real(fds, count, timeout, mask), nothing);
+    fn select(count: c_int, reads: *mut fd_set, writes: *mut fd_set, errors: *mut fd_set, timeout: *mut timeval) -> c_int => |real| run(forward, || real(count, reads, writes, errors, timeout), nothing);
+    fn pselect(count: c_int, reads: *mut fd_set, writes: *mut fd_set, errors: *mut fd_set, timeout: *const timespec, mask: *const sigset_t) -> c_int => |real| run(forward, || real(count, reads, writes, errors, timeout, mask), nothing);
+    fn epoll_create(size: c_int) -> c_int => |real| run(forward, || real(size), nothing);
+    fn epoll_create1(flags: c_int) -> c_int => |real| run(forward, || real(flags), nothing);
+    fn epoll_ctl(epoll: c_int, op: c_int, fd: c_int, event: *mut epoll_event) -> c_int => |real| run(forward, || real(epoll, op, fd, event), nothing);
+    fn epoll_wait(epoll: c_int, events: *mut epoll_event, max: c_int, timeout: c_int) -> c_int => |real| run(forward, || real(epoll, events, max, timeout), nothing);
+    fn epoll_pwait(epoll: c_int, events: *mut epoll_event, max: c_int, timeout: c_int, mask: *const sigset_t) -> c_int => |real| run(forward, || real(epoll, events, max, timeout, mask), nothing);
+    fn fork() -> c_int => |real| run(forward, real, nothing);
+    // exec: what this process counted is reported first (the new image starts from zero).
+    fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int => |real| run(logic::before_exec, || real(path, argv, envp), nothing);
+    fn execv(path: *const c_char, argv: *const *const c_char) -> c_int => |real| run(logic::before_exec, || real(path, argv), nothing);
+    fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int => |real| run(logic::before_exec, || real(file, argv), nothing);
+    fn execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int => |real| run(logic::before_exec, || real(file, argv, envp), nothing);
 }
 
 static REAL_FCNTL: Real = Real::new(c"fcntl");
@@ -190,10 +229,36 @@ pub extern "C" fn nsocket_fcntl(fd: c_int, cmd: c_int, arg: c_ulong, variant: c_
     })
 }
 
+static REAL_IOCTL: Real = Real::new(c"ioctl");
+
+/// `ioctl` (defined in C, variadic, forwarding here with its one optional argument as a
+/// word): every socket is a kernel socket in this build, so it forwards.
+#[unsafe(no_mangle)]
+pub extern "C" fn nsocket_ioctl(fd: c_int, request: c_ulong, arg: c_ulong) -> c_int {
+    let real = || {
+        let address = REAL_IOCTL.address();
+        if address == 0 {
+            sys::set_errno(libc::ENOSYS);
+            return -1;
+        }
+        // SAFETY: the next `ioctl`, a C-variadic function of this prefix, called with the
+        // caller's arguments (the one optional argument passed as a word, as the kernel reads
+        // it).
+        unsafe {
+            std::mem::transmute::<usize, unsafe extern "C" fn(c_int, c_ulong, ...) -> c_int>(
+                address,
+            )(fd, request, arg)
+        }
+    };
+    run(forward, real, nothing)
+}
+
 unsafe extern "C" {
-    // In src/entry.c: C-variadic `fcntl`/`fcntl64` bodies that forward to `nsocket_fcntl`.
+    // In src/entry.c: C-variadic `fcntl`/`fcntl64`/`ioctl` bodies that forward to
+    // `nsocket_fcntl`/`nsocket_ioctl`.
     fn nsocket_fcntl_entry(fd: c_int, cmd: c_int, ...) -> c_int;
     fn nsocket_fcntl64_entry(fd: c_int, cmd: c_int, ...) -> c_int;
+    fn nsocket_ioctl_entry(fd: c_int, request: c_ulong, ...) -> c_int;
 }
 
 /// Exports a C-variadic function implemented in C under `$name`: a single jump, so the C body
@@ -215,6 +280,7 @@ macro_rules! variadic_trampoline {
 
 variadic_trampoline!(fcntl => nsocket_fcntl_entry);
 variadic_trampoline!(fcntl64 => nsocket_fcntl64_entry);
+variadic_trampoline!(ioctl => nsocket_ioctl_entry);
 
 /// Called by the C constructor when the library is loaded.
 #[unsafe(no_mangle)]

@@ -503,6 +503,12 @@ extern "C" fn after_fork_child() {
 }
 
 /// `exit()`: report the counters.
+/// Before `exec*`: report what this process counted, since the new image starts from zero.
+pub(crate) fn before_exec() -> (Pre, ()) {
+    unload();
+    (Pre::Forward, ())
+}
+
 pub(crate) fn unload() {
     let config = config::get();
     if !config.disabled {
