@@ -976,11 +976,26 @@ fn lookups(rng: &mut Rng, cluster: &Cluster, workloads: &[WorkloadId], n: usize)
 }
 
 /// Times every lookup on its own; returns nanoseconds with the timer overhead subtracted, and
-/// the allocations the loop made.
-fn time_lookups(snapshot: &Snapshot<'_>, lookups: &[Lookup], overhead: u64) -> (Vec<u64>, u64) {
+/// the allocations the loop made. `warm`: each lookup is made once untimed right before, so its
+/// part of the snapshot is in cache.
+fn time_lookups(
+    snapshot: &Snapshot<'_>,
+    lookups: &[Lookup],
+    overhead: u64,
+    warm: bool,
+) -> (Vec<u64>, u64) {
     let mut samples = Vec::with_capacity(lookups.len());
     let ((), allocations) = counting_allocations(|| {
         for lookup in lookups {
+            if warm {
+                black_box(snapshot.decide(
+                    lookup.workload,
+                    lookup.ip,
+                    lookup.port,
+                    Protocol::Tcp,
+                    &mut NoTrace,
+                ));
+            }
             let start = Instant::now();
             let decision = snapshot.decide(
                 black_box(lookup.workload),
@@ -1058,7 +1073,7 @@ fn main() {
             .filter_map(|(ns, name)| snapshot.workload_by_name(ns, name))
             .collect();
         let lookups = lookups(&mut Rng(99), &cluster, &workload_ids, 100_000);
-        let (samples, _) = time_lookups(&snapshot, &lookups, 0);
+        let (samples, _) = time_lookups(&snapshot, &lookups, 0, false);
         println!("  profiled {} lookups", samples.len());
         return;
     }
@@ -1331,7 +1346,7 @@ fn main() {
     );
     // Warm caches and branch predictors once, then measure.
     black_box(batch_mean(&snapshot, &lookups[..lookups.len() / 10]));
-    let (samples, allocations) = time_lookups(&snapshot, &lookups, overhead);
+    let (samples, allocations) = time_lookups(&snapshot, &lookups, overhead, false);
     let batch = batch_mean(&snapshot, &lookups);
     print_latency_header();
     let mut headline_samples = Vec::new();
@@ -1368,30 +1383,12 @@ fn main() {
     // The same lookups, each timed right after an identical one: what a decision costs when its
     // part of the snapshot is in cache (a connection pool re-connecting), against the cold
     // figures above where every lookup goes to a random workload and destination.
-    let mut warm_samples = Vec::with_capacity(headline_samples.len());
-    for lookup in lookups
+    let headline_lookups: Vec<Lookup> = lookups
         .iter()
         .filter(|l| matches!(l.kind, Kind::Pod | Kind::External))
-    {
-        black_box(snapshot.decide(
-            lookup.workload,
-            lookup.ip,
-            lookup.port,
-            Protocol::Tcp,
-            &mut NoTrace,
-        ));
-        let start = Instant::now();
-        let decision = snapshot.decide(
-            black_box(lookup.workload),
-            black_box(lookup.ip),
-            black_box(lookup.port),
-            Protocol::Tcp,
-            &mut NoTrace,
-        );
-        let elapsed = start.elapsed().as_nanos() as u64;
-        black_box(decision);
-        warm_samples.push(elapsed.saturating_sub(overhead));
-    }
+        .copied()
+        .collect();
+    let (warm_samples, _) = time_lookups(&snapshot, &headline_lookups, overhead, true);
     print_latency("pod + ext, repeated (warm)", &latency(&warm_samples));
     println!(
         "  batch mean without per-call timer: {batch:.0} ns per lookup over {} lookups",
@@ -1448,7 +1445,7 @@ fn main() {
                 kind: Kind::Pod,
             })
             .collect();
-        time_lookups(&worst, &worst_lookups, overhead)
+        time_lookups(&worst, &worst_lookups, overhead, false)
     };
     let (samples_match, alloc_match) = repeat(target_pod, 8080, WORST_CASE_LOOKUPS);
     let (samples_none, alloc_none) = repeat(
