@@ -45,7 +45,7 @@ fn compile(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     out
 }
 
-fn explain_json(program: &Path) -> serde_json::Value {
+fn explain(program: &Path, output: &str) -> Vec<u8> {
     let out = stackroute(&[
         "explain",
         "--state",
@@ -55,7 +55,7 @@ fn explain_json(program: &Path) -> serde_json::Value {
         "--to",
         "10.244.2.10:29501",
         "--output",
-        "json",
+        output,
         "--program",
         program.to_str().expect("utf-8 path"),
     ]);
@@ -64,7 +64,11 @@ fn explain_json(program: &Path) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("json")
+    out.stdout
+}
+
+fn explain_json(program: &Path) -> serde_json::Value {
+    serde_json::from_slice(&explain(program, "json")).expect("json")
 }
 
 #[test]
@@ -97,18 +101,8 @@ fn explain_reports_static_and_go_programs_as_unaccelerated() {
     let reason = explain_json(&go)["unaccelerated"].to_string();
     assert!(reason.contains("Go program"), "{reason}");
 
-    let text = stackroute(&[
-        "explain",
-        "--state",
-        "examples/cluster",
-        "--from",
-        "ml/trainer-0",
-        "--to",
-        "10.244.2.10:29501",
-        "--program",
-        fully_static.to_str().expect("utf-8 path"),
-    ]);
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = explain(&fully_static, "text");
+    let text = String::from_utf8_lossy(&text);
     assert!(text.contains("unaccelerated: "), "{text}");
 }
 
