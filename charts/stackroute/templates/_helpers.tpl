@@ -1,0 +1,104 @@
+{{/* Name prefix of every object: the release name unless overridden. */}}
+{{- define "stackroute.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "stackroute.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels of a component: only name, instance and component (selectors are immutable). */}}
+{{- define "stackroute.selectorLabels" -}}
+app.kubernetes.io/name: stackroute
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Recommended labels. Call with (dict "root" $ "component" "controller"). */}}
+{{- define "stackroute.labels" -}}
+{{ include "stackroute.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: stackroute
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ include "stackroute.chart" .root }}
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* An image reference. Call with (dict "root" $ "image" .Values.controller.image). */}}
+{{- define "stackroute.image" -}}
+{{- $tag := .image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion -}}
+{{- if .root.Values.image.registry -}}
+{{- printf "%s/%s:%s" (trimSuffix "/" .root.Values.image.registry) .image.repository $tag -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "stackroute.controllerName" -}}{{ include "stackroute.fullname" . }}-controller{{- end -}}
+{{- define "stackroute.agentName" -}}{{ include "stackroute.fullname" . }}-agent{{- end -}}
+{{- define "stackroute.webhookServiceName" -}}{{ include "stackroute.fullname" . }}-webhook{{- end -}}
+{{- define "stackroute.injectorName" -}}{{ include "stackroute.fullname" . }}-injector{{- end -}}
+{{- define "stackroute.webhookCASecret" -}}{{ include "stackroute.fullname" . }}-webhook-ca{{- end -}}
+{{- define "stackroute.webhookTLSSecret" -}}{{ include "stackroute.fullname" . }}-webhook-tls{{- end -}}
+{{- define "stackroute.etcdName" -}}{{ include "stackroute.fullname" . }}-etcd{{- end -}}
+{{- define "stackroute.leaseName" -}}
+{{- .Values.controller.leaseName | default (printf "%s-controller-status" (include "stackroute.fullname" .)) -}}
+{{- end -}}
+
+{{/* failurePolicy of the label-selected webhook entries: Fail with HA, Ignore for one replica. */}}
+{{- define "stackroute.webhookFailurePolicy" -}}
+{{- if .Values.webhook.failurePolicy -}}
+{{- .Values.webhook.failurePolicy -}}
+{{- else if gt (int .Values.controller.replicas) 1 -}}
+Fail
+{{- else -}}
+Ignore
+{{- end -}}
+{{- end -}}
+
+{{/* etcd endpoints the controller uses, comma separated ("" for the embedded store). */}}
+{{- define "stackroute.etcdEndpoints" -}}
+{{- if .Values.etcd.endpoints -}}
+{{- join "," .Values.etcd.endpoints -}}
+{{- else if .Values.etcd.bundled.enabled -}}
+{{- $name := include "stackroute.etcdName" . -}}
+{{- $eps := list -}}
+{{- range $i := until (int .Values.etcd.bundled.replicas) -}}
+{{- $eps = append $eps (printf "http://%s-%d.%s-headless.%s.svc:2379" $name $i $name $.Release.Namespace) -}}
+{{- end -}}
+{{- join "," $eps -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Rendering guards. */}}
+{{- define "stackroute.validate" -}}
+{{- if and (gt (int .Values.controller.replicas) 1) (not (include "stackroute.etcdEndpoints" .)) -}}
+{{- fail "controller.replicas > 1 needs shared state: set etcd.endpoints or etcd.bundled.enabled=true" -}}
+{{- end -}}
+{{- if and .Values.etcd.endpoints .Values.etcd.bundled.enabled -}}
+{{- fail "set either etcd.endpoints or etcd.bundled.enabled, not both" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Fields shared by the injector's webhook entries. */}}
+{{- define "stackroute.webhookCommon" -}}
+admissionReviewVersions: [v1]
+sideEffects: None
+timeoutSeconds: {{ .root.Values.webhook.timeoutSeconds }}
+reinvocationPolicy: IfNeeded
+matchPolicy: Equivalent
+clientConfig:
+  service:
+    name: {{ .svc }}
+    namespace: {{ .root.Release.Namespace }}
+    path: /inject
+    port: 443
+rules:
+  - operations: [CREATE]
+    apiGroups: [""]
+    apiVersions: [v1]
+    resources: [pods]
+    scope: Namespaced
+{{- end -}}
