@@ -112,6 +112,52 @@ pub struct Args {
         default_value_t = 10_000
     )]
     pub stale_after_ms: u64,
+
+    /// HTTPS listen address of the pod injection webhook (`POST /inject`, `GET /healthz`);
+    /// the webhook is off without it.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_WEBHOOK_ADDR",
+        requires_all = ["webhook_cert_dir", "shim_image"]
+    )]
+    pub webhook_addr: Option<SocketAddr>,
+
+    /// Directory of the webhook's serving certificate, `tls.crt` and `tls.key` (reloaded when
+    /// they change). With --webhook-ca-secret the controller writes them there itself.
+    #[arg(long, env = "STACKROUTE_CONTROLLER_WEBHOOK_CERT_DIR")]
+    pub webhook_cert_dir: Option<PathBuf>,
+
+    /// Kubernetes mode without cert-manager: the Secret (in the controller's namespace) holding
+    /// the controller-owned CA, created when missing; the controller issues its serving
+    /// certificate from it and patches caBundle of --webhook-config-name.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_WEBHOOK_CA_SECRET",
+        requires_all = ["kubernetes", "webhook_addr", "webhook_config_name", "webhook_service"]
+    )]
+    pub webhook_ca_secret: Option<String>,
+
+    /// The MutatingWebhookConfiguration whose webhooks get the CA as caBundle.
+    #[arg(long, env = "STACKROUTE_CONTROLLER_WEBHOOK_CONFIG_NAME")]
+    pub webhook_config_name: Option<String>,
+
+    /// The Service in front of the webhook: the serving certificate names
+    /// NAME.NAMESPACE.svc (and NAME.NAMESPACE.svc.cluster.local, NAME.NAMESPACE, NAME).
+    #[arg(long, env = "STACKROUTE_CONTROLLER_WEBHOOK_SERVICE")]
+    pub webhook_service: Option<String>,
+
+    /// Image of the injected init container (holds /stackroute/lib/libnsocket.so, the musl
+    /// build under /stackroute/lib/musl/, and /bin/sh with cp).
+    #[arg(long, env = "STACKROUTE_CONTROLLER_SHIM_IMAGE")]
+    pub shim_image: Option<String>,
+
+    /// The node agent's socket directory on every node, mounted read-only into injected pods.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_SOCKET_DIR",
+        default_value = "/run/stackroute"
+    )]
+    pub socket_dir: String,
 }
 
 /// Milliseconds as a duration.

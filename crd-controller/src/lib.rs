@@ -12,6 +12,8 @@
 //! - [`store`]: registries and revisions, embedded or in etcd.
 //! - [`grpc`]: the `Distribution` service with input validation.
 //! - [`http`] and [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`webhook`]: the pod injection webhook over HTTPS (decisions and patch in
+//!   `stackroute-injector`), its certificates, and the not-injected report.
 #![forbid(unsafe_code)]
 
 pub mod args;
@@ -22,6 +24,7 @@ pub mod index;
 pub mod kubernetes;
 pub mod metrics;
 pub mod store;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -54,6 +57,13 @@ impl Args {
             debounce_max_ms,
             poll_ms,
             stale_after_ms,
+            webhook_addr,
+            webhook_cert_dir,
+            webhook_ca_secret,
+            webhook_config_name,
+            webhook_service,
+            shim_image,
+            socket_dir,
         } = self;
         if let Some(state) = &state {
             anyhow::ensure!(
@@ -70,6 +80,15 @@ impl Args {
             } else {
                 None
             };
+        // The webhook's settings; the controller's own namespace is never injected.
+        let injector_config = webhook_addr.map(|_| stackroute_injector::Config {
+            shim_image: shim_image.clone().unwrap_or_default(),
+            socket_dir: socket_dir.clone(),
+            own_namespace: kube_client.as_ref().map_or_else(
+                || lease_namespace.clone(),
+                |c| c.default_namespace().to_string(),
+            ),
+        });
         let mut settings = Settings::default();
         if !cluster_networks.is_empty() {
             settings.cluster_networks = cluster_networks;
@@ -81,6 +100,20 @@ impl Args {
             Arc::new(EtcdStore::connect(&etcd_endpoints, &etcd_prefix).await?)
         };
         let metrics = Arc::new(Metrics::default());
+        let webhook = match (webhook_addr, &injector_config) {
+            (Some(addr), Some(config)) => Some(
+                start_webhook(
+                    addr,
+                    config.clone(),
+                    webhook_cert_dir.context("--webhook-addr needs --webhook-cert-dir")?,
+                    kube_client.as_ref(),
+                    webhook_ca_secret.zip(webhook_config_name.zip(webhook_service)),
+                    metrics.clone(),
+                )
+                .await?,
+            ),
+            _ => None,
+        };
         let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
         let (handle, rx) = IndexHandle::channel();
         let mut index = Index::new(
@@ -132,11 +165,20 @@ impl Args {
                 kubernetes::LeaseConfig {
                     namespace: lease_namespace,
                     name: lease_name,
-                    identity,
+                    identity: identity.clone(),
                     duration: std::time::Duration::from_secs(15),
                 },
                 leader_tx,
             ));
+            if let Some(config) = injector_config {
+                tokio::spawn(webhook::kubernetes::report_not_injected(
+                    client.clone(),
+                    config,
+                    metrics.clone(),
+                    leader_rx.clone(),
+                    identity.clone(),
+                ));
+            }
             tokio::spawn(kubernetes::write_statuses(
                 client,
                 handle.clone(),
@@ -167,13 +209,80 @@ impl Args {
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown_signal());
 
+        let webhook = async {
+            match webhook {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             result = grpc => result.context("gRPC server")?,
+            result = webhook => result.context("webhook server task")?.context("webhook server")?,
             result = http => result.context("HTTP server task")?.context("HTTP server")?,
         }
         tracing::info!("shut down");
         Ok(())
     }
+}
+
+/// How often the webhook's certificate files are checked for changes.
+const CERT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Binds the webhook listener, loads (or, with a CA Secret, issues) its certificate and starts
+/// serving.
+async fn start_webhook(
+    addr: std::net::SocketAddr,
+    config: stackroute_injector::Config,
+    cert_dir: std::path::PathBuf,
+    client: Option<&kube::Client>,
+    ca: Option<(String, (String, String))>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let files = webhook::tls::CertFiles::new(&cert_dir);
+    match (ca, client) {
+        (Some((secret, (config_name, service))), Some(client)) => {
+            tokio::spawn(
+                webhook::kubernetes::CertificateManager {
+                    client: client.clone(),
+                    namespace: config.own_namespace.clone(),
+                    secret,
+                    config_name,
+                    service,
+                    files: files.clone(),
+                }
+                .run(),
+            );
+        }
+        (Some(_), None) => anyhow::bail!("--webhook-ca-secret needs --kubernetes"),
+        (None, _) => {
+            if let Err(error) = files.reload() {
+                tracing::warn!(error = %format!("{error:#}"),
+                    "webhook certificate not loaded yet; TLS handshakes fail until it appears");
+            }
+        }
+    }
+    tokio::spawn(files.clone().watch(CERT_POLL));
+    let namespaces: Arc<dyn webhook::Namespaces> = match client {
+        Some(client) => Arc::new(webhook::kubernetes::KubeNamespaces(kube::Api::all(
+            client.clone(),
+        ))),
+        None => Arc::new(webhook::StaticNamespaces::default()),
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the webhook address {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, cert_dir = %cert_dir.display(),
+        own_namespace = %config.own_namespace, "serving the injection webhook (HTTPS /inject)");
+    let app = webhook::router(Arc::new(webhook::Webhook {
+        config,
+        namespaces,
+        metrics,
+    }));
+    Ok(tokio::spawn(webhook::serve(
+        listener,
+        files.server_config()?,
+        app,
+    )))
 }
 
 async fn shutdown_signal() {

@@ -32,6 +32,10 @@ pub struct Metrics {
     pub workloads: Gauge,
     /// gRPC requests rejected as invalid, by method.
     pub invalid_requests: Family<Labels, Counter>,
+    /// Injection webhook reviews by result.
+    pub webhook_requests: Family<Labels, Counter>,
+    /// Pods that opted in to injection but carry no `stackroute.dev/injected` (Kubernetes mode).
+    pub pods_not_injected: Gauge,
 }
 
 impl Default for Metrics {
@@ -79,6 +83,18 @@ impl Default for Metrics {
             "gRPC requests rejected as invalid",
             invalid_requests.clone(),
         );
+        let webhook_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "webhook_requests",
+            "Injection webhook reviews by result (injected, unchanged, skipped, namespace_error, invalid)",
+            webhook_requests.clone(),
+        );
+        let pods_not_injected = Gauge::default();
+        registry.register(
+            "pods_not_injected",
+            "Pods that opted in to injection but were not injected (Kubernetes mode, listed every minute)",
+            pods_not_injected.clone(),
+        );
         Self {
             registry,
             revision,
@@ -90,6 +106,8 @@ impl Default for Metrics {
             listeners,
             workloads,
             invalid_requests,
+            webhook_requests,
+            pods_not_injected,
         }
     }
 }
@@ -117,6 +135,13 @@ impl Metrics {
     pub fn invalid(&self, method: &str) {
         self.invalid_requests
             .get_or_create(&vec![("method".to_string(), method.to_string())])
+            .inc();
+    }
+
+    /// Counts a webhook review.
+    pub fn webhook_request(&self, result: &str) {
+        self.webhook_requests
+            .get_or_create(&vec![("result".to_string(), result.to_string())])
             .inc();
     }
 }

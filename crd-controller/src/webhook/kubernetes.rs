@@ -1,0 +1,539 @@
+//! Kubernetes-mode parts of the webhook: namespace lookups, the controller-owned CA Secret, the
+//! serving certificate written where the webhook serves from, `caBundle` of the
+//! MutatingWebhookConfiguration, and the report of pods that opted in but were not injected.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource as _};
+use serde_json::{Value, json};
+use stackroute_injector::{Config, NamespaceMeta};
+use tokio::sync::watch;
+
+use super::certs::{self, Ca};
+use super::tls::{CERT_FILE, CertFiles, KEY_FILE};
+use super::{BoxFuture, Namespaces};
+use crate::metrics::Metrics;
+
+/// Key of the CA certificate in the Secret.
+pub const CA_CERT_KEY: &str = "ca.crt";
+/// Key of the CA private key in the Secret.
+pub const CA_KEY_KEY: &str = "ca.key";
+/// How often `caBundle` is checked (and the serving certificate's age).
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
+/// How often pods are listed for the not-injected report.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Namespaces read from the API server (one GET per review that needs it).
+pub struct KubeNamespaces(pub Api<Namespace>);
+
+impl Namespaces for KubeNamespaces {
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, anyhow::Result<Option<NamespaceMeta>>> {
+        Box::pin(async move {
+            let namespace = self
+                .0
+                .get_opt(name)
+                .await
+                .context("reading the namespace")?;
+            Ok(namespace.map(|ns| NamespaceMeta::from_meta(&ns.metadata)))
+        })
+    }
+}
+
+// === CA Secret ===
+
+/// The CA held by a Secret, when it has both keys and they form a usable CA.
+pub fn ca_from_secret(secret: &Secret, now: SystemTime) -> Option<Ca> {
+    let data = secret.data.as_ref()?;
+    let text = |key: &str| {
+        data.get(key)
+            .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
+    };
+    let ca = Ca {
+        cert_pem: text(CA_CERT_KEY)?,
+        key_pem: text(CA_KEY_KEY)?,
+    };
+    certs::ca_usable(&ca, now).then_some(ca)
+}
+
+fn ca_secret(name: &str, namespace: &str, ca: &Ca, resource_version: Option<String>) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            resource_version,
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_string(),
+                "stackroute-controller".to_string(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([
+            (
+                CA_CERT_KEY.to_string(),
+                ByteString(ca.cert_pem.clone().into_bytes()),
+            ),
+            (
+                CA_KEY_KEY.to_string(),
+                ByteString(ca.key_pem.clone().into_bytes()),
+            ),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// Reads the CA from Secret `name`, creating it (or replacing an unusable one) when needed.
+/// Replicas racing on the Secret converge on whichever write the API server accepted first.
+pub async fn ensure_ca(secrets: &Api<Secret>, name: &str, namespace: &str) -> anyhow::Result<Ca> {
+    for _ in 0..5 {
+        let now = SystemTime::now();
+        match secrets
+            .get_opt(name)
+            .await
+            .context("reading the CA Secret")?
+        {
+            Some(secret) => {
+                if let Some(ca) = ca_from_secret(&secret, now) {
+                    return Ok(ca);
+                }
+                tracing::warn!(
+                    secret = name,
+                    "the CA Secret holds no usable CA; replacing it"
+                );
+                let ca = certs::new_ca(now)?;
+                let replacement = ca_secret(
+                    name,
+                    namespace,
+                    &ca,
+                    secret.metadata.resource_version.clone(),
+                );
+                match secrets
+                    .replace(name, &PostParams::default(), &replacement)
+                    .await
+                {
+                    Ok(_) => return Ok(ca),
+                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                    Err(error) => return Err(error).context("replacing the CA Secret"),
+                }
+            }
+            None => {
+                let ca = certs::new_ca(now)?;
+                match secrets
+                    .create(
+                        &PostParams::default(),
+                        &ca_secret(name, namespace, &ca, None),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(secret = name, "created the webhook CA");
+                        return Ok(ca);
+                    }
+                    Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                    Err(error) => return Err(error).context("creating the CA Secret"),
+                }
+            }
+        }
+    }
+    anyhow::bail!("the CA Secret {namespace}/{name} kept changing under us")
+}
+
+// === caBundle ===
+
+/// JSONPatch operations setting `caBundle` of every webhook of `config` that does not already
+/// hold `ca_pem` (each guarded by a `test` of the webhook's name); empty when all do.
+pub fn ca_bundle_ops(config: &MutatingWebhookConfiguration, ca_pem: &str) -> Vec<Value> {
+    let wanted = ByteString(ca_pem.as_bytes().to_vec());
+    let encoded = base64::engine::general_purpose::STANDARD.encode(ca_pem.as_bytes());
+    let mut ops = Vec::new();
+    for (i, webhook) in config.webhooks.iter().flatten().enumerate() {
+        if webhook.client_config.ca_bundle.as_ref() == Some(&wanted) {
+            continue;
+        }
+        ops.push(
+            json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": webhook.name}),
+        );
+        ops.push(json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": encoded}));
+    }
+    ops
+}
+
+/// Sets `caBundle` of every webhook of MutatingWebhookConfiguration `name`; returns how many
+/// webhooks changed.
+pub async fn patch_ca_bundle(
+    api: &Api<MutatingWebhookConfiguration>,
+    name: &str,
+    ca_pem: &str,
+) -> anyhow::Result<usize> {
+    let config = api
+        .get(name)
+        .await
+        .with_context(|| format!("reading MutatingWebhookConfiguration {name}"))?;
+    let ops = ca_bundle_ops(&config, ca_pem);
+    if ops.is_empty() {
+        return Ok(0);
+    }
+    let patch: json_patch::Patch =
+        serde_json::from_value(Value::Array(ops.clone())).context("building the patch")?;
+    api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .with_context(|| format!("patching caBundle of {name}"))?;
+    Ok(ops.len() / 2)
+}
+
+// === Serving certificate ===
+
+fn write_atomically(dir: &Path, file: &str, contents: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = dir.join(format!(".{file}.tmp"));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    out.write_all(contents.as_bytes())?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, dir.join(file))
+        .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    Ok(())
+}
+
+/// Writes a serving certificate into `dir` (key first, each by rename; the reloader accepts
+/// only a matching pair, so a half-written update is never served).
+pub fn write_serving(dir: &Path, serving: &certs::Serving) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomically(dir, KEY_FILE, &serving.key_pem, 0o600)?;
+    write_atomically(dir, CERT_FILE, &serving.cert_pem, 0o644)?;
+    Ok(())
+}
+
+/// What the certificate manager works with.
+pub struct CertificateManager {
+    /// The API client.
+    pub client: Client,
+    /// The controller's namespace (the CA Secret's and the Service's).
+    pub namespace: String,
+    /// `--webhook-ca-secret`.
+    pub secret: String,
+    /// `--webhook-config-name`.
+    pub config_name: String,
+    /// `--webhook-service`.
+    pub service: String,
+    /// The served certificate files.
+    pub files: Arc<CertFiles>,
+}
+
+impl CertificateManager {
+    /// Ensures the CA, issues the serving certificate, keeps `caBundle` in place and renews the
+    /// certificate after two thirds of its life; retries every [`RECONCILE_INTERVAL`] on error.
+    pub async fn run(self) {
+        let names = certs::service_names(&self.service, &self.namespace);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let configs: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let mut issued: Option<(String, SystemTime)> = None; // (CA PEM, when)
+        loop {
+            let step = async {
+                let ca = ensure_ca(&secrets, &self.secret, &self.namespace).await?;
+                let now = SystemTime::now();
+                let renew = match &issued {
+                    Some((ca_pem, at)) => {
+                        *ca_pem != ca.cert_pem
+                            || now.duration_since(*at).unwrap_or_default()
+                                > certs::SERVING_VALIDITY * 2 / 3
+                    }
+                    None => true,
+                };
+                if renew {
+                    let serving = certs::issue_serving(&ca, &names, now, certs::SERVING_VALIDITY)?;
+                    write_serving(self.files.dir(), &serving)?;
+                    self.files.reload()?;
+                    issued = Some((ca.cert_pem.clone(), now));
+                    tracing::info!(names = ?names, dir = %self.files.dir().display(),
+                        "issued the webhook serving certificate");
+                }
+                let changed = patch_ca_bundle(&configs, &self.config_name, &ca.cert_pem).await?;
+                if changed > 0 {
+                    tracing::info!(config = %self.config_name, webhooks = changed, "patched caBundle");
+                }
+                anyhow::Ok(())
+            };
+            if let Err(error) = step.await {
+                tracing::warn!(error = %format!("{error:#}"), "webhook certificate reconcile failed; retrying");
+            }
+            tokio::time::sleep(RECONCILE_INTERVAL).await;
+        }
+    }
+}
+
+// === Pods that opted in but were not injected ===
+
+/// The pods among `pods` that opted in but carry no `stackroute.dev/injected`.
+pub fn select_not_injected<'a>(
+    pods: &'a [Pod],
+    namespaces: &BTreeMap<String, NamespaceMeta>,
+    config: &Config,
+) -> Vec<&'a Pod> {
+    pods.iter()
+        .filter(|pod| {
+            let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+            stackroute_injector::not_injected(pod, ns, namespaces.get(ns), config)
+        })
+        .collect()
+}
+
+async fn list_all<K>(api: &Api<K>) -> anyhow::Result<Vec<K>>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut items = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        items.extend(page.items);
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(items),
+        }
+    }
+}
+
+/// Every [`REPORT_INTERVAL`]: lists namespaces and pods, sets
+/// `stackroute_controller_pods_not_injected`, and — on the replica holding the status Lease —
+/// records a Warning Event `NotInjected` on each such pod once.
+pub async fn report_not_injected(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    leader: watch::Receiver<bool>,
+    identity: String,
+) {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "stackroute-controller".into(),
+            instance: Some(identity),
+        },
+    );
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::all(client);
+    let mut reported: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let round = async {
+            let ns_meta: BTreeMap<String, NamespaceMeta> = list_all(&namespaces)
+                .await
+                .context("listing namespaces")?
+                .iter()
+                .filter_map(|ns| {
+                    Some((
+                        ns.metadata.name.clone()?,
+                        NamespaceMeta::from_meta(&ns.metadata),
+                    ))
+                })
+                .collect();
+            let all = list_all(&pods).await.context("listing pods")?;
+            let found = select_not_injected(&all, &ns_meta, &config);
+            metrics.pods_not_injected.set(found.len() as i64);
+            let uids: BTreeSet<String> = found
+                .iter()
+                .filter_map(|p| p.metadata.uid.clone())
+                .collect();
+            if *leader.borrow() {
+                for pod in &found {
+                    let Some(uid) = pod.metadata.uid.clone() else {
+                        continue;
+                    };
+                    if reported.contains(&uid) {
+                        continue;
+                    }
+                    let event = Event {
+                        type_: EventType::Warning,
+                        reason: "NotInjected".into(),
+                        note: Some(format!(
+                            "opted in to stackroute ({}) but has no {} annotation: the injection webhook was not called or failed when the pod was created; recreate the pod to inject it",
+                            stackroute_injector::INJECT,
+                            stackroute_injector::INJECTED
+                        )),
+                        action: "CheckInjection".into(),
+                        secondary: None,
+                    };
+                    match recorder.publish(&event, &pod.object_ref(&())).await {
+                        Ok(()) => {
+                            reported.insert(uid);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, pod = ?pod.metadata.name, "recording a NotInjected event failed");
+                        }
+                    }
+                }
+            }
+            reported.retain(|uid| uids.contains(uid));
+            if !found.is_empty() {
+                tracing::warn!(
+                    count = found.len(),
+                    "pods opted in to injection but were not injected"
+                );
+            }
+            anyhow::Ok(())
+        };
+        if let Err(error) = round.await {
+            tracing::warn!(error = %format!("{error:#}"), "not-injected report failed");
+        }
+        tokio::time::sleep(REPORT_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mk_config() -> Config {
+        Config {
+            shim_image: "shim:1".into(),
+            socket_dir: "/run/stackroute".into(),
+            own_namespace: "stackroute-system".into(),
+        }
+    }
+
+    fn mk_pod(ns: &str, name: &str, labels: Value, annotations: Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name, "uid": name, "labels": labels, "annotations": annotations},
+            "spec": {"containers": [{"name": "c"}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn not_injected_selection() {
+        let config = mk_config();
+        let namespaces = BTreeMap::from([
+            (
+                "shop".to_string(),
+                NamespaceMeta {
+                    annotations: BTreeMap::from([(
+                        "stackroute.dev/inject".to_string(),
+                        "enabled".to_string(),
+                    )]),
+                    ..Default::default()
+                },
+            ),
+            ("other".to_string(), NamespaceMeta::default()),
+        ]);
+        let pods = vec![
+            mk_pod("shop", "a", json!({}), json!({})), // namespace opt-in, missing: reported
+            mk_pod(
+                "shop",
+                "b",
+                json!({}),
+                json!({"stackroute.dev/injected": "x"}),
+            ),
+            mk_pod(
+                "shop",
+                "c",
+                json!({}),
+                json!({"stackroute.dev/inject": "disabled"}),
+            ),
+            mk_pod(
+                "other",
+                "d",
+                json!({"stackroute.dev/inject": "enabled"}),
+                json!({}),
+            ), // reported
+            mk_pod("other", "e", json!({}), json!({})),
+            mk_pod(
+                "stackroute-system",
+                "f",
+                json!({"stackroute.dev/inject": "enabled"}),
+                json!({}),
+            ),
+        ];
+        let found: Vec<_> = select_not_injected(&pods, &namespaces, &config)
+            .iter()
+            .map(|p| p.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(found, ["a", "d"]);
+    }
+
+    #[test]
+    fn ca_bundle_ops_touch_only_stale_webhooks() {
+        let ca = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": "stackroute"},
+            "webhooks": [
+                {"name": "a.stackroute.dev", "clientConfig": {}, "admissionReviewVersions": ["v1"], "sideEffects": "None"},
+                {"name": "b.stackroute.dev", "clientConfig": {"caBundle": base64::engine::general_purpose::STANDARD.encode(ca)},
+                 "admissionReviewVersions": ["v1"], "sideEffects": "None"},
+                {"name": "c.stackroute.dev", "clientConfig": {"caBundle": "b2xk"}, "admissionReviewVersions": ["v1"], "sideEffects": "None"},
+            ]
+        }))
+        .unwrap();
+        let ops = ca_bundle_ops(&config, ca);
+        assert_eq!(ops.len(), 4, "{ops:?}");
+        let mut doc = serde_json::to_value(&config).unwrap();
+        let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+        json_patch::patch(&mut doc, &patch).unwrap();
+        let patched: MutatingWebhookConfiguration = serde_json::from_value(doc).unwrap();
+        for webhook in patched.webhooks.as_ref().unwrap() {
+            assert_eq!(
+                webhook.client_config.ca_bundle.as_ref().unwrap().0,
+                ca.as_bytes()
+            );
+        }
+        assert!(ca_bundle_ops(&patched, ca).is_empty());
+    }
+
+    #[test]
+    fn ca_secret_round_trip() {
+        let now = SystemTime::now();
+        let ca = certs::new_ca(now).unwrap();
+        let secret = ca_secret("ca", "stackroute-system", &ca, None);
+        assert_eq!(ca_from_secret(&secret, now), Some(ca.clone()));
+        let mut broken = secret.clone();
+        broken
+            .data
+            .as_mut()
+            .unwrap()
+            .insert(CA_KEY_KEY.into(), ByteString(b"junk".to_vec()));
+        assert_eq!(ca_from_secret(&broken, now), None);
+        assert_eq!(ca_from_secret(&Secret::default(), now), None);
+    }
+
+    #[test]
+    fn serving_files_are_written_and_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let ca = certs::new_ca(now).unwrap();
+        let serving = certs::issue_serving(
+            &ca,
+            &certs::service_names("wh", "ns"),
+            now,
+            certs::SERVING_VALIDITY,
+        )
+        .unwrap();
+        let files = CertFiles::new(dir.path());
+        assert!(files.reload().is_err(), "no files yet");
+        write_serving(dir.path(), &serving).unwrap();
+        assert!(files.reload().unwrap());
+        assert!(!files.reload().unwrap(), "unchanged");
+        assert!(files.loaded());
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
