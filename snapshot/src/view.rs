@@ -1134,8 +1134,10 @@ impl<'a> Snapshot<'a> {
         let (_, frontend_location) = self.classify(ip);
         if !trace.detailed() {
             return match self.decide_backends(workload, backends, protocol) {
+                // Reported as the rule-by-rule walk does: where the first backend is.
                 Some(decision) => Decision {
                     via: Via::ServiceUnanimous { backends: count },
+                    location: self.classify(backend_address(backends)).1,
                     ..decision
                 },
                 None => self
