@@ -7,20 +7,16 @@
 # against the default render. Details: scripts/charts.py. Exit status non-zero on any failure.
 #
 # The Python packages go into a virtualenv (default target/chart-venv, override with
-# STACKROUTE_CHART_VENV); versions are pinned here. `scripts/check-charts.sh refresh` regenerates
+# STACKROUTE_CHART_VENV); every version is pinned in scripts/chart-requirements.txt.
+# `scripts/check-charts.sh refresh` regenerates
 # the CRD chart template and manifests/install.yaml after a change to the charts or the CRDs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-HELM_PYTHON_SDK=0.2.2
-KUBERNETES_VALIDATE=1.37.0
-PYYAML=6.0.3
-JSONSCHEMA=4.26.0
-
+requirements=scripts/chart-requirements.txt   # helm-python-sdk, kubernetes-validate, PyYAML, jsonschema + their dependencies, pinned
 venv="${STACKROUTE_CHART_VENV:-target/chart-venv}"
-stamp="$venv/.stackroute-pins"
-pins="helm-python-sdk==$HELM_PYTHON_SDK kubernetes-validate==$KUBERNETES_VALIDATE PyYAML==$PYYAML jsonschema==$JSONSCHEMA"
-if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$pins" ]; then
+stamp="$venv/.stackroute-requirements"
+if [ ! -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$stamp"; then
   if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
@@ -31,9 +27,8 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$pins" ]; 
   fi
   rm -rf "$venv"
   python3 -m venv "$venv"
-  # shellcheck disable=SC2086
-  "$venv/bin/pip" install -q --disable-pip-version-check $pins
-  echo "$pins" > "$stamp"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$stamp"
 fi
-echo "check-charts: $pins ($venv)"
+echo "check-charts: $(grep -v "^#" "$requirements" | tr "\n" " ")($venv)"
 exec "$venv/bin/python" scripts/charts.py "${1:-check}"
