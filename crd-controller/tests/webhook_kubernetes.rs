@@ -1,0 +1,245 @@
+//! The webhook's Kubernetes-mode parts against a real API server named by
+//! `STACKROUTE_TEST_KUBECONFIG`: the controller-owned CA Secret, the serving certificate
+//! written to the certificate directory, `caBundle` of a MutatingWebhookConfiguration, the
+//! namespace lookup, and the not-injected report (metric and Event). Skipped visibly without
+//! an API server; fails instead when `STACKROUTE_REQUIRE_KUBERNETES=1`.
+//!
+//! The MutatingWebhookConfiguration it creates selects no namespace (a selector on a label
+//! nothing carries) and fails open, so it cannot affect the cluster; it and the test namespace
+//! are deleted at the end.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::json;
+use stackroute_controller::metrics::Metrics;
+use stackroute_controller::webhook::Namespaces as _;
+use stackroute_controller::webhook::certs;
+use stackroute_controller::webhook::kubernetes::{
+    CA_CERT_KEY, CertificateManager, KubeNamespaces, ensure_ca, patch_ca_bundle,
+    report_not_injected,
+};
+use stackroute_controller::webhook::tls::CertFiles;
+
+async fn client(path: &str) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).expect("reading STACKROUTE_TEST_KUBECONFIG");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("a usable kubeconfig");
+    Client::try_from(config).expect("a Kubernetes client")
+}
+
+fn object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+    serde_json::from_value(value).expect("a valid object")
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn ca_secret_ca_bundle_namespace_lookup_and_not_injected_report() {
+    let Ok(kubeconfig) = std::env::var("STACKROUTE_TEST_KUBECONFIG") else {
+        assert!(
+            std::env::var("STACKROUTE_REQUIRE_KUBERNETES").as_deref() != Ok("1"),
+            "STACKROUTE_REQUIRE_KUBERNETES=1 but STACKROUTE_TEST_KUBECONFIG is not set"
+        );
+        println!("SKIP: STACKROUTE_TEST_KUBECONFIG not set (no Kubernetes API server)");
+        return;
+    };
+    let client = client(&kubeconfig).await;
+    let ns = format!("stackroute-webhook-test-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &object(json!({"metadata": {"name": ns, "annotations": {"stackroute.dev/inject": "enabled"}}})),
+        )
+        .await
+        .expect("creating the test namespace");
+    let config_name = format!("{ns}-injector");
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    configs
+        .create(
+            &PostParams::default(),
+            &object(json!({
+                "metadata": {"name": config_name},
+                "webhooks": [
+                    {"name": "pods.stackroute.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                     "failurePolicy": "Ignore", "timeoutSeconds": 5, "reinvocationPolicy": "IfNeeded",
+                     "namespaceSelector": {"matchLabels": {"stackroute-test-selects-nothing": ns}},
+                     "clientConfig": {"service": {"namespace": ns, "name": "injector", "path": "/inject"}},
+                     "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]},
+                    {"name": "pods-by-label.stackroute.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                     "failurePolicy": "Ignore", "timeoutSeconds": 5,
+                     "namespaceSelector": {"matchLabels": {"stackroute-test-selects-nothing": ns}},
+                     "clientConfig": {"service": {"namespace": ns, "name": "injector", "path": "/inject"}},
+                     "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]}
+                ]
+            })),
+        )
+        .await
+        .expect("creating the MutatingWebhookConfiguration");
+    let _cleanup = Cleanup {
+        namespaces: namespaces.clone(),
+        configs: configs.clone(),
+        ns: ns.clone(),
+        config: config_name.clone(),
+    };
+
+    // The CA Secret: created once, then read back unchanged.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let ca = ensure_ca(&secrets, "stackroute-webhook-ca", &ns)
+        .await
+        .expect("creating the CA");
+    let again = ensure_ca(&secrets, "stackroute-webhook-ca", &ns)
+        .await
+        .expect("reading the CA");
+    assert_eq!(ca, again, "the stored CA is reused");
+    let stored = secrets.get("stackroute-webhook-ca").await.unwrap();
+    assert_eq!(stored.data.unwrap()[CA_CERT_KEY].0, ca.cert_pem.as_bytes());
+
+    // caBundle of every webhook, and idempotent.
+    assert_eq!(
+        patch_ca_bundle(&configs, &config_name, &ca.cert_pem)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        patch_ca_bundle(&configs, &config_name, &ca.cert_pem)
+            .await
+            .unwrap(),
+        0
+    );
+
+    // The manager: writes a serving certificate for the Service that chains to the CA.
+    let dir = tempfile::tempdir().unwrap();
+    let files = CertFiles::new(dir.path());
+    let manager = tokio::spawn(
+        CertificateManager {
+            client: client.clone(),
+            namespace: ns.clone(),
+            secret: "stackroute-webhook-ca".into(),
+            config_name: config_name.clone(),
+            service: "injector".into(),
+            files: files.clone(),
+        }
+        .run(),
+    );
+    eventually("the serving certificate is written and loaded", || {
+        let files = files.clone();
+        async move { files.loaded() }
+    })
+    .await;
+    manager.abort();
+    let leaf = std::fs::read_to_string(dir.path().join("tls.crt")).unwrap();
+    certs::verify(
+        &ca.cert_pem,
+        &leaf,
+        &format!("injector.{ns}.svc"),
+        SystemTime::now(),
+    )
+    .expect("the serving certificate names the Service and chains to the CA");
+
+    // The namespace lookup the webhook uses.
+    let lookup = KubeNamespaces(namespaces.clone());
+    let meta = lookup
+        .get(&ns)
+        .await
+        .unwrap()
+        .expect("the namespace exists");
+    assert_eq!(meta.annotations["stackroute.dev/inject"], "enabled");
+    assert!(
+        lookup
+            .get("no-such-namespace-here")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A pod the webhook never saw (it selects nothing): reported by the metric and an Event.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.create(
+        &PostParams::default(),
+        &object(json!({
+            "metadata": {"name": "missed"},
+            "spec": {"nodeName": format!("{ns}-node"), "containers": [{"name": "c", "image": "none"}]}
+        })),
+    )
+    .await
+    .expect("creating the pod");
+    let metrics = Arc::new(Metrics::default());
+    let (_leader_tx, leader_rx) = tokio::sync::watch::channel(true);
+    let reporter = tokio::spawn(report_not_injected(
+        client.clone(),
+        stackroute_injector::Config {
+            shim_image: "shim:test".into(),
+            socket_dir: "/run/stackroute".into(),
+            own_namespace: "stackroute-system".into(),
+        },
+        metrics.clone(),
+        leader_rx,
+        "test".into(),
+    ));
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    eventually("a NotInjected event on the pod", || {
+        let events = events.clone();
+        async move {
+            events
+                .list(&ListParams::default())
+                .await
+                .map(|list| {
+                    list.items.iter().any(|e| {
+                        e.reason.as_deref() == Some("NotInjected")
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                                == Some("missed")
+                    })
+                })
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    reporter.abort();
+    assert!(metrics.pods_not_injected.get() >= 1);
+}
+
+struct Cleanup {
+    namespaces: Api<Namespace>,
+    configs: Api<MutatingWebhookConfiguration>,
+    ns: String,
+    config: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (namespaces, configs) = (self.namespaces.clone(), self.configs.clone());
+        let (ns, config) = (self.ns.clone(), self.config.clone());
+        // Best effort, on a runtime of its own (we may be unwinding).
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let _ = configs.delete(&config, &DeleteParams::default()).await;
+                let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+            });
+        })
+        .join();
+    }
+}
