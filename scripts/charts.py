@@ -382,7 +382,8 @@ def check_workloads(c: Checker, variant: str, objs: list[dict], values: dict) ->
     us = ds["spec"]["updateStrategy"]
     if us.get("type") != "RollingUpdate":
         problems.append("updateStrategy")
-    if f"--socket-dir={sock}" not in cargs or f"--socket-dir={sock}" not in actr["args"]:
+    if f"--socket-dir={sock}" not in actr["args"] or \
+            (values["webhook"]["enabled"] and f"--socket-dir={sock}" not in cargs):
         problems.append("controller and agent disagree on --socket-dir")
     c.expect(not problems, f"[{variant}] agent DaemonSet: {sock} hostPath DirectoryOrCreate, system-node-critical, "
              "tolerates all taints, RollingUpdate, hostPID, no host network, no token, not privileged, "
@@ -416,7 +417,15 @@ def check_workloads(c: Checker, variant: str, objs: list[dict], values: dict) ->
             problems.append("bundled etcd StatefulSet/endpoints")
         if not find(objs, "NetworkPolicy", f"{RELEASE}-etcd"):
             problems.append("bundled etcd without NetworkPolicy")
+    lease = [a.split("=", 1)[1] for a in cargs if a.startswith("--lease-name=")]
+    lease_rules = [r for r in find(objs, "Role", f"{RELEASE}-controller")[0]["rules"]
+                   if r.get("resources") == ["leases"] and r.get("resourceNames")]
+    if not lease or not lease_rules or lease_rules[0]["resourceNames"] != lease:
+        problems.append(f"--lease-name {lease} and the Role's Lease {lease_rules} differ")
+    if f"--lease-namespace={NAMESPACE}" not in cargs:
+        problems.append("--lease-namespace is not the release namespace")
     c.expect(not problems, f"[{variant}] controller: {replicas} replica(s), --kubernetes, shim image, non-root, "
+             "Lease in the release namespace matches its Role, "
              f"PDB iff replicas>1, etcd when replicas>1"
              f"{', bundled etcd StatefulSet + NetworkPolicy' if values['etcd']['bundled']['enabled'] else ''}",
              "; ".join(problems))
@@ -579,6 +588,7 @@ def check() -> int:
         "ha": [MAIN_CHART / "values-ha.yaml"],
         "cert-manager": [MAIN_CHART / "examples" / "values-cert-manager.yaml"],
         "external-etcd": [MAIN_CHART / "ci" / "external-etcd-values.yaml"],
+        "no-webhook": [MAIN_CHART / "ci" / "no-webhook-values.yaml"],
     }
 
     print("\n== helm lint (warnings are failures)")
@@ -628,8 +638,9 @@ def check() -> int:
         check_rbac(c, variant, objs)
         check_webhook(c, variant, objs, merged)
         notes = rendered.get("stackroute/templates/NOTES.txt", "")
-        c.expect("kubectl get sr" in notes and "stackroute.dev/inject=enabled" in notes,
-                 f"[{variant}] NOTES.txt renders and explains opt-in and `kubectl get sr`")
+        optin = "stackroute.dev/inject=enabled" if merged["webhook"]["enabled"] else "stackroute run"
+        c.expect("kubectl get sr" in notes and optin in notes,
+                 f"[{variant}] NOTES.txt renders and explains opt-in ({optin}) and `kubectl get sr`")
 
     print("\n== negative control: the Kubernetes schema check rejects a typo")
     import kubernetes_validate as kv
@@ -647,7 +658,7 @@ def check() -> int:
     stripped = strip_chart_metadata(rendered_text)
     if not c.expect(stripped == crd, f"rendered {CRD_TEMPLATE.relative_to(ROOT)} minus the chart's labels/annotations "
                     f"is byte-for-byte `stackroute crd` ({len(crd)} bytes, {len(crd_objs)} CRDs)",
-                    "run scripts/charts.py refresh"):
+                    "run scripts/check-charts.sh refresh"):
         import difflib
         sys.stdout.writelines(list(difflib.unified_diff(crd.splitlines(True), stripped.splitlines(True),
                                                         "stackroute crd", "rendered chart"))[:60])
@@ -667,7 +678,7 @@ def check() -> int:
     fresh = default_install()
     current = INSTALL_YAML.read_text() if INSTALL_YAML.exists() else ""
     if not c.expect(current == fresh, f"{INSTALL_YAML.relative_to(ROOT)} equals the default render "
-                    f"({len(load_docs(fresh))} objects)", "run scripts/charts.py refresh"):
+                    f"({len(load_docs(fresh))} objects)", "run scripts/check-charts.sh refresh"):
         import difflib
         sys.stdout.writelines(list(difflib.unified_diff(current.splitlines(True), fresh.splitlines(True),
                                                         "manifests/install.yaml", "default render"))[:60])
