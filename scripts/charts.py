@@ -610,9 +610,11 @@ def check() -> int:
             chart.render(bad, name=RELEASE, namespace=NAMESPACE, is_install=True)
             c.fail(f"schema accepted {bad}")
         except h.HelmError as e:
-            c.ok(f"rejected {json.dumps(bad)}: {' '.join(str(e).split())[-100:]}")
+            msg = " ".join(str(e).split())
+            c.ok(f"schema rejects {json.dumps(bad)}: {msg[msg.find('at '):] if 'at ' in msg else msg}")
     for bad, needle in (({"controller": {"replicas": 2}}, "needs shared state"),
-                        ({"etcd": {"endpoints": ["http://e:2379"], "bundled": {"enabled": True}}}, "not both")):
+                        ({"etcd": {"endpoints": ["http://e:2379"], "bundled": {"enabled": True}}}, "not both"),
+                        ({"agent": {"updateStrategy": {"maxSurge": 0, "maxUnavailable": 0}}}, "cannot both be 0")):
         try:
             chart.render(bad, name=RELEASE, namespace=NAMESPACE, is_install=True)
             c.fail(f"render accepted {bad}")

@@ -77,6 +77,10 @@ Ignore
 {{- if and (gt (int .Values.controller.replicas) 1) (not (include "stackroute.etcdEndpoints" .)) -}}
 {{- fail "controller.replicas > 1 needs shared state: set etcd.endpoints or etcd.bundled.enabled=true" -}}
 {{- end -}}
+{{- $us := .Values.agent.updateStrategy -}}
+{{- if and (eq (toString $us.maxSurge) "0") (eq (toString $us.maxUnavailable) "0") -}}
+{{- fail "agent.updateStrategy: maxSurge and maxUnavailable cannot both be 0" -}}
+{{- end -}}
 {{- if and .Values.etcd.endpoints .Values.etcd.bundled.enabled -}}
 {{- fail "set either etcd.endpoints or etcd.bundled.enabled, not both" -}}
 {{- end -}}
