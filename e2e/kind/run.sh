@@ -9,7 +9,8 @@
 #      (`ss -tin` in the pod's network namespace, entered with nsenter on its kind node), and
 #      the opted-out control pod's does not;
 #   4. examples/policies pass the API server's validation (OpenAPI + CEL) on a dry run;
-#   5. after the upgrade the same checks pass again.
+#   5. upgrade: the previous chart installs and accepts a StackRoute, `helm upgrade` to the
+#      working tree keeps that StackRoute, and checks 1-4 run on the upgraded release.
 #
 # Needs docker (daemon reachable), kind, kubectl and helm. Without them it prints
 # "SKIP: <reason>" and exits 0, or exits 1 when STACKROUTE_REQUIRE_KUBERNETES=1.
@@ -213,7 +214,13 @@ if [ -n "$prev" ]; then
   rm -rf "$WORK/previous" && mkdir -p "$WORK/previous"
   git archive "$prev" charts | tar -x -C "$WORK/previous"
   install_chart "$WORK/previous/charts" "previous chart $(sed -n 's/^version: *//p' "$WORK/previous/charts/stackroute/Chart.yaml") @ ${prev:0:10}"
-  run_tests "previous chart ${prev:0:10}"
+  # A StackRoute written under the previous release must survive the upgrade (CRDs upgraded in
+  # place, never deleted) and stay Accepted.
+  k create namespace stackroute-e2e-upgrade --dry-run=client -o yaml | k apply -f - >/dev/null
+  sed 's/namespace: stackroute-e2e$/namespace: stackroute-e2e-upgrade/' "$HERE/manifests/policy.yaml" | k apply -f - >/dev/null
+  k -n stackroute-e2e-upgrade wait --for=condition=Accepted sr/client-to-server-reno --timeout=60s >/dev/null \
+    || fail "previous chart: StackRoute not Accepted"
+  pass "previous chart: a StackRoute is Accepted"
 else
   echo "SKIP: upgrade test: git history has no earlier chart to upgrade from (set STACKROUTE_E2E_PREVIOUS_REF)"
 fi
@@ -223,6 +230,11 @@ install_chart "$ROOT/charts" "chart $(sed -n 's/^version: *//p' charts/stackrout
 k get crd stackroutes.stackroute.dev -o jsonpath='{.metadata.labels.helm\.sh/chart}' | grep -q stackroute-crds \
   || fail "CRDs not managed by the stackroute-crds chart"
 pass "CRDs applied from the stackroute-crds chart templates"
+if [ -n "$prev" ]; then
+  k -n stackroute-e2e-upgrade wait --for=condition=Accepted sr/client-to-server-reno --timeout=60s >/dev/null \
+    || fail "the StackRoute written before the upgrade is gone or no longer Accepted"
+  pass "the StackRoute written before the upgrade survived it and is Accepted"
+fi
 
 if [ -n "$prev" ]; then run_tests "after the upgrade from ${prev:0:10}"; else run_tests "fresh install"; fi
 
