@@ -263,9 +263,7 @@ async fn start_webhook(
     }
     tokio::spawn(files.clone().watch(CERT_POLL));
     let namespaces: Arc<dyn webhook::Namespaces> = match client {
-        Some(client) => Arc::new(webhook::kubernetes::KubeNamespaces(kube::Api::all(
-            client.clone(),
-        ))),
+        Some(client) => Arc::new(webhook::kubernetes::KubeNamespaces::new(client.clone())),
         None => Arc::new(webhook::StaticNamespaces::default()),
     };
     let listener = tokio::net::TcpListener::bind(addr)

@@ -157,7 +157,7 @@ async fn ca_secret_ca_bundle_namespace_lookup_and_not_injected_report() {
     .expect("the serving certificate names the Service and chains to the CA");
 
     // The namespace lookup the webhook uses.
-    let lookup = KubeNamespaces(namespaces.clone());
+    let lookup = KubeNamespaces::new(client.clone());
     let meta = lookup
         .get(&ns)
         .await

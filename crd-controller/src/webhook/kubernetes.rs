@@ -14,11 +14,16 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Client, Resource as _};
 use serde_json::{Value, json};
 use stackroute_injector::{Config, NamespaceMeta};
 use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
 
 use super::certs::{self, Ca};
 use super::tls::{CERT_FILE, CertFiles, KEY_FILE};
@@ -34,15 +39,44 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often pods are listed for the not-injected report.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Namespaces read from the API server (one GET per review that needs it).
-pub struct KubeNamespaces(pub Api<Namespace>);
+/// Namespaces from a metadata-only watch (a reflector), with a GET for a namespace the cache
+/// does not hold yet (before the first list, or just created).
+pub struct KubeNamespaces {
+    api: Api<Namespace>,
+    cache: Store<PartialObjectMeta<Namespace>>,
+}
+
+impl KubeNamespaces {
+    /// Starts the watch that fills the cache (it runs until the process ends).
+    pub fn new(client: Client) -> Self {
+        let metadata: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+        let (cache, writer) = reflector::store();
+        let stream = reflector::reflector(
+            writer,
+            watcher(metadata, watcher::Config::default()).default_backoff(),
+        );
+        let api: Api<Namespace> = Api::all(client);
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(error) = event {
+                    tracing::debug!(%error, "namespace cache watch error (retrying)");
+                }
+            }
+        });
+        Self { api, cache }
+    }
+}
 
 impl Namespaces for KubeNamespaces {
     fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, anyhow::Result<Option<NamespaceMeta>>> {
         Box::pin(async move {
+            if let Some(cached) = self.cache.get(&ObjectRef::new(name)) {
+                return Ok(Some(NamespaceMeta::from_meta(&cached.metadata)));
+            }
             let namespace = self
-                .0
-                .get_opt(name)
+                .api
+                .get_metadata_opt(name)
                 .await
                 .context("reading the namespace")?;
             Ok(namespace.map(|ns| NamespaceMeta::from_meta(&ns.metadata)))
@@ -311,9 +345,10 @@ where
     }
 }
 
-/// Every [`REPORT_INTERVAL`]: lists namespaces and pods, sets
-/// `stackroute_controller_pods_not_injected`, and — on the replica holding the status Lease —
-/// records a Warning Event `NotInjected` on each such pod once.
+/// Every [`REPORT_INTERVAL`], on the replica holding the status Lease only (one list of all
+/// pods per interval, not one per replica): lists namespaces and pods, sets
+/// `stackroute_controller_pods_not_injected` and records a Warning Event `NotInjected` on each
+/// such pod once. Other replicas report 0, so the sum (or max) over replicas is the count.
 pub async fn report_not_injected(
     client: Client,
     config: Config,
@@ -332,6 +367,12 @@ pub async fn report_not_injected(
     let pods: Api<Pod> = Api::all(client);
     let mut reported: BTreeSet<String> = BTreeSet::new();
     loop {
+        if !*leader.borrow() {
+            metrics.pods_not_injected.set(0);
+            reported.clear();
+            tokio::time::sleep(REPORT_INTERVAL.min(Duration::from_secs(5))).await;
+            continue;
+        }
         let round = async {
             let ns_meta: BTreeMap<String, NamespaceMeta> = list_all(&namespaces)
                 .await
@@ -351,32 +392,30 @@ pub async fn report_not_injected(
                 .iter()
                 .filter_map(|p| p.metadata.uid.clone())
                 .collect();
-            if *leader.borrow() {
-                for pod in &found {
-                    let Some(uid) = pod.metadata.uid.clone() else {
-                        continue;
-                    };
-                    if reported.contains(&uid) {
-                        continue;
+            for pod in &found {
+                let Some(uid) = pod.metadata.uid.clone() else {
+                    continue;
+                };
+                if reported.contains(&uid) {
+                    continue;
+                }
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "NotInjected".into(),
+                    note: Some(format!(
+                        "opted in to stackroute ({}) but has no {} annotation: the injection webhook was not called or failed when the pod was created; recreate the pod to inject it",
+                        stackroute_injector::INJECT,
+                        stackroute_injector::INJECTED
+                    )),
+                    action: "CheckInjection".into(),
+                    secondary: None,
+                };
+                match recorder.publish(&event, &pod.object_ref(&())).await {
+                    Ok(()) => {
+                        reported.insert(uid);
                     }
-                    let event = Event {
-                        type_: EventType::Warning,
-                        reason: "NotInjected".into(),
-                        note: Some(format!(
-                            "opted in to stackroute ({}) but has no {} annotation: the injection webhook was not called or failed when the pod was created; recreate the pod to inject it",
-                            stackroute_injector::INJECT,
-                            stackroute_injector::INJECTED
-                        )),
-                        action: "CheckInjection".into(),
-                        secondary: None,
-                    };
-                    match recorder.publish(&event, &pod.object_ref(&())).await {
-                        Ok(()) => {
-                            reported.insert(uid);
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, pod = ?pod.metadata.name, "recording a NotInjected event failed");
-                        }
+                    Err(error) => {
+                        tracing::warn!(%error, pod = ?pod.metadata.name, "recording a NotInjected event failed");
                     }
                 }
             }
