@@ -238,6 +238,9 @@ async fn start_webhook(
     ca: Option<(String, (String, String))>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--shim-image/--socket-dir: {e}"))?;
     let files = webhook::tls::CertFiles::new(&cert_dir);
     match (ca, client) {
         (Some((secret, (config_name, service))), Some(client)) => {

@@ -772,4 +772,30 @@ async fn binary_serves_the_webhook_with_the_chart_flags() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--shim-image"));
+
+    // An image that is not an image reference (it ends up in a shell script) is refused.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stackroute-controller"))
+        .args([
+            "--state",
+            state.to_str().unwrap(),
+            "--webhook-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--shim-image", "shim:1\"; reboot"])
+        .arg("--webhook-cert-dir")
+        .arg(&certs_dir)
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("not an image reference"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

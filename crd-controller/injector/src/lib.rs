@@ -58,3 +58,63 @@ pub struct Config {
     /// The controller's own namespace: never injected.
     pub own_namespace: String,
 }
+
+impl Config {
+    /// Checks what the patch embeds: the image goes into the init container's shell script, so
+    /// only image-reference characters are accepted; the socket directory must be absolute.
+    pub fn validate(&self) -> Result<(), String> {
+        let image_ok = !self.shim_image.is_empty()
+            && self
+                .shim_image
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c));
+        if !image_ok {
+            return Err(format!(
+                "shim image {:?} is not an image reference",
+                self.shim_image
+            ));
+        }
+        let dir_ok = self.socket_dir.starts_with('/')
+            && !self.socket_dir.contains("..")
+            && !self
+                .socket_dir
+                .chars()
+                .any(|c| c.is_whitespace() || c == ':');
+        if !dir_ok {
+            return Err(format!(
+                "socket directory {:?} is not an absolute path",
+                self.socket_dir
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation() {
+        let good = Config {
+            shim_image: "ghcr.io/example/stackroute-shim:0.1.0@sha256:abc".into(),
+            socket_dir: "/run/stackroute".into(),
+            own_namespace: "stackroute-system".into(),
+        };
+        assert_eq!(good.validate(), Ok(()));
+        for image in ["", "x\"; rm -rf /", "img $(id)"] {
+            let bad = Config {
+                shim_image: image.into(),
+                ..good.clone()
+            };
+            assert!(bad.validate().is_err(), "{image}");
+        }
+        for dir in ["run/stackroute", "/run/../etc", "/a b"] {
+            let bad = Config {
+                socket_dir: dir.into(),
+                ..good.clone()
+            };
+            assert!(bad.validate().is_err(), "{dir}");
+        }
+    }
+}
