@@ -448,4 +448,53 @@ mod tests {
             .unwrap();
         assert_eq!(mounts.len(), 2);
     }
+
+    /// Runs the init container's script under `sh` with its absolute paths moved into a
+    /// temporary directory: it copies the chosen build, records what it did, and fails when the
+    /// build is missing.
+    #[test]
+    fn init_script_copies_and_records() {
+        let config = mk_config();
+        for libc in [Libc::Glibc, Libc::Musl] {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().display().to_string();
+            let settings = Settings {
+                libc,
+                ..Settings::default()
+            };
+            let script = init_container(&settings, &config).command.unwrap()[2]
+                .replace("/stackroute/lib/", &format!("{root}/lib/"))
+                .replace(INSTALL_MOUNT, &format!("{root}/out"))
+                .replace("/dev/termination-log", &format!("{root}/termination-log"));
+            std::fs::create_dir_all(dir.path().join("out")).unwrap();
+            let run = || {
+                std::process::Command::new("/bin/sh")
+                    .args(["-c", &script])
+                    .output()
+                    .unwrap()
+            };
+            // The build is missing: the container fails.
+            assert!(!run().status.success());
+
+            let build = dir
+                .path()
+                .join(libc.source().trim_start_matches("/stackroute/"));
+            std::fs::create_dir_all(build.parent().unwrap()).unwrap();
+            std::fs::write(&build, libc.as_str()).unwrap();
+            let output = run();
+            assert!(output.status.success(), "{output:?}");
+            let copied = std::fs::read_to_string(dir.path().join("out/libnsocket.so")).unwrap();
+            assert_eq!(copied, libc.as_str());
+            let record = std::fs::read_to_string(dir.path().join("out/installed")).unwrap();
+            assert!(record.contains(&build.display().to_string()), "{record}");
+            assert!(
+                record.contains(&format!("({} build)", libc.as_str())),
+                "{record}"
+            );
+            assert!(record.contains(&config.shim_image), "{record}");
+            let message = std::fs::read_to_string(dir.path().join("termination-log")).unwrap();
+            assert_eq!(message, record);
+            assert_eq!(String::from_utf8_lossy(&output.stdout), record);
+        }
+    }
 }
