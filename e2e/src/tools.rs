@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 /// `STACKROUTE_REQUIRE_NETNS=1`: a missing precondition fails instead of skipping (CI sets it).
 pub const REQUIRE_NETNS: &str = "STACKROUTE_REQUIRE_NETNS";
@@ -68,6 +68,26 @@ pub struct Bins {
     pub delay: Option<PathBuf>,
 }
 
+/// Builds `libnsocket.so` into `profile_dir` (`target/<profile>`): `cargo test` builds the shim
+/// crate's `rlib` for tests but never its `cdylib`, so a fresh `cargo test --workspace` lacks it.
+fn build_shim_into(profile_dir: &Path) -> Result<()> {
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev",
+        Some(other) => other,
+    };
+    let target_dir = profile_dir.parent().context("target directory")?;
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--lib", "-p", "nsocket-shim", "--profile", profile])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()?;
+    if !status.success() {
+        bail!("cargo build -p nsocket-shim failed");
+    }
+    Ok(())
+}
+
 impl Bins {
     /// Looks in `$STACKROUTE_BIN_DIR`, else in the target directory of the running executable
     /// (`target/<profile>/` for binaries, its parent for tests in `deps/`). The shim is
@@ -98,7 +118,7 @@ impl Bins {
             Some(path) => Some(PathBuf::from(path)),
             None => Some(dir.join("libnsocket.so")),
         }
-        .filter(|p| p.is_file());
+        .filter(|p| p.is_file() || build_shim_into(&dir).is_ok_and(|()| p.is_file()));
         Ok(Self {
             controller: bin("stackroute-controller")?,
             lrd: bin("stackroute-lrd")?,

@@ -80,19 +80,29 @@ fn observe(
     peer: SocketAddr,
 ) -> (BTreeSet<String>, String) {
     let mut seen = BTreeSet::new();
+    let mut failed_samples = Vec::new();
     while client.running() {
-        if let Ok(conns) = ss::connections_to(&cluster.net, host, peer) {
-            seen.extend(
+        match ss::connections_to(&cluster.net, host, peer) {
+            Ok(conns) => seen.extend(
                 conns
                     .into_iter()
                     .map(|c| c.cc.unwrap_or_else(|| "none".into())),
-            );
+            ),
+            Err(error) => failed_samples.push(format!("{error:#}")),
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let output = client
+    let mut output = client
         .success(LONG)
         .unwrap_or_else(|e| panic!("{e:#}\ncontroller log:\n{}", cluster.controller_log()));
+    if seen.is_empty() && !failed_samples.is_empty() {
+        // Say why nothing was seen, should it come to that.
+        output.push_str(&format!(
+            "\n{} ss samples failed, the last: {}",
+            failed_samples.len(),
+            failed_samples.last().map_or("", String::as_str)
+        ));
+    }
     (seen, output)
 }
 

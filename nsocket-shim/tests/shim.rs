@@ -41,7 +41,7 @@ const UDP: u16 = 26000;
 
 /// The shim built with this test.
 fn shim() -> PathBuf {
-    common::bin("libnsocket.so")
+    common::library("nsocket-shim", "libnsocket.so")
 }
 
 /// The C probe, compiled once per test run.

@@ -57,6 +57,39 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A shared library of a workspace package, built into the same target directory and profile
+/// as this test when it is not there yet: `cargo test` builds a package's `rlib` for its tests
+/// but never its `cdylib`, so a fresh `cargo test --workspace` would otherwise lack it.
+pub fn library(package: &str, file: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = profile_dir.join(file);
+    if !path.is_file() {
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
+        let target_dir = profile_dir.parent().expect("target directory");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--lib", "-p", package, "--profile", profile])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p {package} failed");
+    }
+    assert!(
+        path.is_file(),
+        "{} is missing after building",
+        path.display()
+    );
+    path
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
