@@ -567,6 +567,34 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until no agent has published a new snapshot for `quiet` (at most 10 s): the
+    /// control plane has finished reacting to registrations (a listener registered at
+    /// `listen()` is compiled and distributed to every node), so a measurement that starts now
+    /// does not share the CPUs with it.
+    pub fn wait_settled(&self, quiet: Duration) -> Result<()> {
+        let generations = || -> Vec<Option<Vec<u8>>> {
+            NODES
+                .iter()
+                .map(|n| std::fs::read(self.socket_dir(n.name).join("generation")).ok())
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = generations();
+        let mut since = Instant::now();
+        while since.elapsed() < quiet {
+            if Instant::now() > deadline {
+                bail!("the agents kept publishing snapshots for 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            let now = generations();
+            if now != seen {
+                seen = now;
+                since = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
     /// The controller's log so far (for failure messages).
     pub fn controller_log(&self) -> String {
         self.controller
