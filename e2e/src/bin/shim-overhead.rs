@@ -42,8 +42,8 @@ enum Variant {
 impl Variant {
     fn name(self) -> &'static str {
         match self {
-            Variant::Plain => "plain",
-            Variant::Shim => "shim ",
+            Self::Plain => "plain",
+            Self::Shim => "shim ",
         }
     }
 }
