@@ -106,6 +106,40 @@ fn observe(
     (seen, output)
 }
 
+/// curl downloading `url` to nowhere at 2 MB/s (so `ss` can sample the connection), printing
+/// `HTTP-CODE BYTES`.
+fn curl_download(url: &str) -> [&str; 9] {
+    [
+        "curl",
+        "-sS",
+        "--limit-rate",
+        "2M",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download}",
+        url,
+    ]
+}
+
+/// python's http.server serving `dir` on port 8080 (of `bind`, or every address).
+fn python_http_server<'a>(bind: Option<&'a str>, dir: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["python3", "-m", "http.server"];
+    if let Some(bind) = bind {
+        args.extend(["--bind", bind]);
+    }
+    args.extend(["--directory", dir, "8080"]);
+    args
+}
+
+/// A directory `name` in the cluster's scratch space holding `blob`: `bytes` bytes of `fill`.
+fn files_with_blob(cluster: &Cluster, name: &str, bytes: usize, fill: u8) -> String {
+    let dir = cluster.dir().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("blob"), vec![fill; bytes]).unwrap();
+    dir.to_string_lossy().into_owned()
+}
+
 fn assert_cc(seen: &BTreeSet<String>, expected: &str, what: &str, output: &str) {
     let want: BTreeSet<String> = [expected.to_string()].into();
     assert_eq!(
@@ -131,10 +165,8 @@ fn curl_and_python_http_server_get_the_transport_of_their_path() {
             .add_pod(&format!("curl-{host}"), n, &["app=client"], false)
             .unwrap();
     }
-    let files = cluster.dir().join("www");
-    std::fs::create_dir(&files).unwrap();
-    std::fs::write(files.join("blob"), vec![7u8; 4 << 20]).unwrap();
-    let files = files.to_string_lossy().into_owned();
+    let files = files_with_blob(&cluster, "www", 4 << 20, 7);
+    let web_ip = web.to_string();
     let _cluster_server = cluster
         .spawn(
             &Workload {
@@ -143,31 +175,11 @@ fn curl_and_python_http_server_get_the_transport_of_their_path() {
                 labels: &["app=web"],
             },
             true,
-            &[
-                "python3",
-                "-m",
-                "http.server",
-                "--bind",
-                &web.to_string(),
-                "--directory",
-                &files,
-                "8080",
-            ],
+            &python_http_server(Some(&web_ip), &files),
         )
         .unwrap();
     let _internet_server = cluster
-        .spawn_plain(
-            INTERNET,
-            "internet-http",
-            &[
-                "python3",
-                "-m",
-                "http.server",
-                "--directory",
-                &files,
-                "8080",
-            ],
-        )
+        .spawn_plain(INTERNET, "internet-http", &python_http_server(None, &files))
         .unwrap();
     cluster.wait_listening("a1", 8080).unwrap();
     cluster.wait_listening(INTERNET, 8080).unwrap();
@@ -187,21 +199,7 @@ fn curl_and_python_http_server_get_the_transport_of_their_path() {
             .unwrap();
         let url = format!("http://{peer}/blob");
         let curl = cluster
-            .spawn(
-                &client(node_name, pod),
-                true,
-                &[
-                    "curl",
-                    "-sS",
-                    "--limit-rate",
-                    "2M",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code} %{size_download}",
-                    &url,
-                ],
-            )
+            .spawn(&client(node_name, pod), true, &curl_download(&url))
             .unwrap();
         let (seen, output) = observe(&cluster, curl, node(node_name).host, peer);
         assert!(output.contains("200 4194304"), "{pod} → {peer}: {output}");
@@ -292,9 +290,8 @@ fn nginx_with_curl_and_wrk() {
     cluster
         .add_pod("curl-b1", "node-b1", &["app=client"], false)
         .unwrap();
+    files_with_blob(&cluster, "nginx/www", 4 << 20, 1);
     let dir = cluster.dir().join("nginx");
-    std::fs::create_dir_all(dir.join("www")).unwrap();
-    std::fs::write(dir.join("www").join("blob"), vec![1u8; 4 << 20]).unwrap();
     let config = format!(
         "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          events {{ use epoll; worker_connections 256; }}\n\
@@ -326,22 +323,9 @@ fn nginx_with_curl_and_wrk() {
     cluster
         .wait_decision("node-b1", "curl-b1", peer, "Kernel/Cubic")
         .unwrap();
+    let url = format!("http://{peer}/blob");
     let curl = cluster
-        .spawn(
-            &client("node-b1", "curl-b1"),
-            true,
-            &[
-                "curl",
-                "-sS",
-                "--limit-rate",
-                "2M",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code} %{size_download}",
-                &format!("http://{peer}/blob"),
-            ],
-        )
+        .spawn(&client("node-b1", "curl-b1"), true, &curl_download(&url))
         .unwrap();
     let (seen, output) = observe(&cluster, curl, "b1", peer);
     assert!(output.contains("200 4194304"), "{output}");
@@ -569,41 +553,20 @@ fn without_an_agent_applications_fall_back_to_the_kernel_and_keep_working() {
     cluster
         .add_pod("curl-a2", "node-a2", &["app=client"], false)
         .unwrap();
-    let files = cluster.dir().join("www");
-    std::fs::create_dir(&files).unwrap();
-    std::fs::write(files.join("blob"), vec![9u8; 2 << 20]).unwrap();
-    let files = files.to_string_lossy().into_owned();
+    let files = files_with_blob(&cluster, "www", 2 << 20, 9);
+    let web_ip = web.to_string();
     let _server = cluster
         .spawn_plain(
             "b1",
             "http-server",
-            &[
-                "python3",
-                "-m",
-                "http.server",
-                "--bind",
-                &web.to_string(),
-                "--directory",
-                &files,
-                "8080",
-            ],
+            &python_http_server(Some(&web_ip), &files),
         )
         .unwrap();
     cluster.wait_listening("b1", 8080).unwrap();
     cluster.set_policy("paths.yaml", POLICY).unwrap();
     let peer = SocketAddr::new(IpAddr::V4(web), 8080);
     let url = format!("http://{peer}/blob");
-    let curl_args = [
-        "curl",
-        "-sS",
-        "--limit-rate",
-        "2M",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code} %{size_download}",
-        url.as_str(),
-    ];
+    let curl_args = curl_download(&url);
     cluster
         .wait_decision("node-a1", "curl-a1", peer, "Kernel/Cubic")
         .unwrap();
