@@ -149,6 +149,8 @@ pub struct SimDevice {
     pub rx: VecDeque<Vec<u8>>,
     /// Frames the stack transmitted.
     pub tx: Vec<Vec<u8>>,
+    /// Stamped on received frames as `RxMeta::received_at`.
+    pub receive_time: Option<Instant>,
 }
 
 impl Device for SimDevice {
@@ -158,7 +160,11 @@ impl Device for SimDevice {
 
     fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {
         let frame = self.rx.pop_front()?;
-        Some(f(&frame, RxMeta::default()))
+        let meta = RxMeta {
+            received_at: self.receive_time,
+            ..RxMeta::default()
+        };
+        Some(f(&frame, meta))
     }
 
     fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize> {
@@ -170,6 +176,21 @@ impl Device for SimDevice {
         }
         Some(len)
     }
+}
+
+/// Host stalls of stack `a`: every `every`, its host reads the clock, is descheduled for
+/// `length` (as a real-time task throttled by the kernel, or any task on a busy machine), and
+/// only then polls the stack with the time it read before the stall, while the frames that
+/// arrived meanwhile wait in its ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostStall {
+    /// Time between the starts of two stalls.
+    pub every: Duration,
+    /// How long the host is away.
+    pub length: Duration,
+    /// Whether the host stamps each frame with the time it takes it from the ring
+    /// (`RxMeta::received_at`), as `stackroute-netperf` does.
+    pub stamp_receive_time: bool,
 }
 
 /// Two stacks, `a` (10.0.0.1) and `b` (10.0.0.2), on one simulated link.
@@ -185,6 +206,10 @@ pub struct Network {
     b_to_a: Link,
     rng: SimRng,
     now: Instant,
+    stall: Option<HostStall>,
+    next_stall: Instant,
+    /// (the time the stalled host read, when it resumes)
+    stalled: Option<(Instant, Instant)>,
 }
 
 /// Address of stack `a`.
@@ -214,7 +239,18 @@ impl Network {
             rng: SimRng::new(seed),
             // Start away from zero so "time since" arithmetic is exercised honestly.
             now: Instant::from_millis(1_000),
+            stall: None,
+            next_stall: Instant::ZERO,
+            stalled: None,
         }
+    }
+
+    /// Makes stack `a`'s host stall periodically (see [`HostStall`]); the first stall starts
+    /// one period from now.
+    pub fn set_host_stall(&mut self, stall: Option<HostStall>) {
+        self.stall = stall;
+        self.next_stall = self.now + stall.map_or(Duration::ZERO, |s| s.every);
+        self.stalled = None;
     }
 
     /// Simulated time.
@@ -237,7 +273,27 @@ impl Network {
     /// never past `limit`. Returns false when nothing is scheduled before `limit`.
     pub fn step(&mut self, limit: Instant) -> bool {
         let now = self.now;
-        self.a.poll(now, &mut self.dev_a);
+        if let Some(stall) = self.stall
+            && self.stalled.is_none()
+            && now >= self.next_stall
+        {
+            self.stalled = Some((now, now + stall.length));
+            self.next_stall = now + stall.every;
+        }
+        match self.stalled {
+            Some((_, resume)) if now < resume => {}
+            Some((read, _)) => {
+                // Back from the stall: poll with the clock value read before it.
+                self.stalled = None;
+                let stamp = self.stall.is_some_and(|s| s.stamp_receive_time);
+                self.dev_a.receive_time = stamp.then_some(now);
+                self.a.poll(read, &mut self.dev_a);
+                self.dev_a.receive_time = None;
+            }
+            None => {
+                self.a.poll(now, &mut self.dev_a);
+            }
+        }
         self.b.poll(now, &mut self.dev_b);
         for frame in self.dev_a.tx.drain(..) {
             self.a_to_b.send(now, frame, &mut self.rng);
@@ -246,8 +302,12 @@ impl Network {
             self.b_to_a.send(now, frame, &mut self.rng);
         }
         let mut next = None;
+        let a_due = match self.stalled {
+            Some((_, resume)) => Some(resume),
+            None => self.a.poll_at(),
+        };
         for candidate in [
-            self.a.poll_at(),
+            a_due,
             self.b.poll_at(),
             self.a_to_b.next_arrival(),
             self.b_to_a.next_arrival(),

@@ -102,9 +102,10 @@ fn main() -> Result<()> {
         }
         let mut busy = false;
         for _ in 0..256 {
-            let t = now_us();
-            let got = left.receive(|frame, meta| forward(&mut to_right, t, frame, meta));
-            let got2 = right.receive(|frame, meta| forward(&mut to_left, t, frame, meta));
+            // Read the clock once a frame is there: a stall between a clock read and the ring
+            // read would otherwise shorten the emulated delay of every frame that waited.
+            let got = left.receive(|frame, meta| forward(&mut to_right, now_us(), frame, meta));
+            let got2 = right.receive(|frame, meta| forward(&mut to_left, now_us(), frame, meta));
             if got.is_none() && got2.is_none() {
                 break;
             }

@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 use stackroute_netstack::congestion::CongestionControl;
 use stackroute_netstack::sim::SimRng;
 use stackroute_netstack::{
-    Instant, SocketError, SocketHandle, SocketOption, Stack, StackConfig, TcpState,
+    Device, DeviceCapabilities, Instant, RxMeta, SocketError, SocketHandle, SocketOption, Stack,
+    StackConfig, TcpState,
 };
 use stackroute_pktio::{AfPacket, AfXdp, AnyDevice, RingConfig, Tap};
 
@@ -60,6 +61,44 @@ struct Host {
     nodelay: bool,
     busy_poll: Duration,
     last_activity: StdInstant,
+}
+
+/// Microseconds since `epoch`: the clock the host passes to the stack.
+fn elapsed_instant(epoch: StdInstant) -> Instant {
+    Instant::from_micros(epoch.elapsed().as_micros() as u64)
+}
+
+/// The engine as the stack sees it: each received frame carries the time the host took it out
+/// of the ring (`RxMeta::received_at`), read once the frame is there. The `now` a poll starts
+/// with can be tens of milliseconds old by the time the ring is read (under `chrt -f` the
+/// kernel throttles a busy real-time task for 50 ms once a second; on a loaded 2-core machine
+/// any task can be descheduled), and ACKs processed at that stale time gave BBR RTT samples of
+/// 12 µs to 18 ms on a 30 ms path.
+struct Stamped<'a> {
+    device: &'a mut AnyDevice,
+    epoch: StdInstant,
+}
+
+impl Device for Stamped<'_> {
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.device.capabilities()
+    }
+
+    fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {
+        let epoch = self.epoch;
+        self.device.receive(|frame, mut meta| {
+            meta.received_at = Some(elapsed_instant(epoch));
+            f(frame, meta)
+        })
+    }
+
+    fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize> {
+        self.device.transmit(max_len, f)
+    }
+
+    fn flush(&mut self) {
+        self.device.flush();
+    }
 }
 
 fn random_secret() -> Result<[u8; 16]> {
@@ -121,7 +160,16 @@ impl Host {
     }
 
     fn now(&self) -> Instant {
-        Instant::from_micros(self.epoch.elapsed().as_micros() as u64)
+        elapsed_instant(self.epoch)
+    }
+
+    /// One `Stack::poll` with receive times stamped on every frame.
+    fn poll(&mut self, now: Instant) -> bool {
+        let mut device = Stamped {
+            device: &mut self.device,
+            epoch: self.epoch,
+        };
+        self.stack.poll(now, &mut device)
     }
 
     fn check_deadline(&self) -> Result<()> {
@@ -136,7 +184,7 @@ impl Host {
     /// sleep/wake-up round trip through the scheduler costs tens of microseconds of latency.
     fn turn(&mut self) -> Result<()> {
         let now = self.now();
-        if self.stack.poll(now, &mut self.device) {
+        if self.poll(now) {
             self.last_activity = StdInstant::now();
             return Ok(());
         }
@@ -318,7 +366,7 @@ pub(crate) fn run_client(
                     totals.bytes_sent += size as u64;
                     // Push the request out now rather than on the next timer.
                     let now = host.now();
-                    host.stack.poll(now, &mut host.device);
+                    host.poll(now);
                     let mut got = 0;
                     while got < size {
                         host.check_deadline()?;

@@ -156,6 +156,7 @@ impl Device for AfPacket {
                     & (sys::TP_STATUS_CSUMNOTREADY | sys::TP_STATUS_CSUM_VALID)
                     != 0,
                 partial_checksum_possible: false,
+                received_at: None,
             };
             let result = if pkttype != sys::PACKET_OUTGOING && fits {
                 f.take()

@@ -263,6 +263,7 @@ impl Device for AfXdp {
         let meta = RxMeta {
             checksum_trusted: false,
             partial_checksum_possible: true,
+            received_at: None,
         };
         let result = f(self.umem.bytes(frame_start, len), meta);
         let chunk = addr - addr % u64::from(FRAME_SIZE);

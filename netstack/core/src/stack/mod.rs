@@ -773,7 +773,6 @@ impl Stack {
     /// received or sent.
     pub fn poll<D: Device>(&mut self, now: Instant, device: &mut D) -> bool {
         self.now = self.now.max(now);
-        let now = self.now;
         let mut activity = false;
         for _ in 0..RX_BUDGET {
             let mut frame = std::mem::take(&mut self.scratch);
@@ -788,9 +787,16 @@ impl Stack {
             };
             activity = true;
             self.stats.rx_frames += 1;
+            // Process each frame no earlier than the host took it from the engine (see
+            // `RxMeta::received_at`): an ACK handled at a stale `now` yields a too-short RTT.
+            if let Some(at) = meta.received_at {
+                self.now = self.now.max(at);
+            }
+            let now = self.now;
             self.ingress(now, &frame, meta);
             self.scratch = frame;
         }
+        let now = self.now;
         activity |= self.egress(now, device);
         device.flush();
         activity

@@ -336,6 +336,7 @@ fn offload_partial_checksum_is_accepted_only_when_the_engine_says_it_can_occur()
             meta: RxMeta {
                 checksum_trusted: false,
                 partial_checksum_possible: possible,
+                received_at: None,
             },
             sent: Vec::new(),
         };
