@@ -2,16 +2,20 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use stackroute_local_api::published::SOCKET_FILE;
 use tokio::net::UnixListener;
-use tracing::info;
+use tracing::{error, info};
 
+use crate::handover::{self, HandedState, Stopped};
+use crate::serving::Serving;
 use crate::state::{Agent, Config};
-use crate::{controller, local, metrics};
+use crate::{local, metrics};
 
 /// `stackroute-lrd`: the stackroute node agent.
 #[derive(Debug, Parser)]
@@ -45,6 +49,14 @@ pub struct Args {
     /// Address for /metrics, /healthz and /readyz (not served when absent).
     #[arg(long, env = "STACKROUTE_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// How long to wait for a running agent on the same socket directory to hand it over
+    /// before taking it over without it.
+    #[arg(long, env = "STACKROUTE_HANDOVER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handover_timeout_ms: u64,
+    /// Exit (status 0) once this agent has handed its socket directory over, instead of
+    /// waiting for SIGTERM. Not for a DaemonSet: an exited container is restarted.
+    #[arg(long, env = "STACKROUTE_EXIT_AFTER_HANDOVER")]
+    pub exit_after_handover: bool,
 }
 
 impl Args {
@@ -66,13 +78,28 @@ impl Args {
         // before anything in it is touched.
         crate::files::ensure_dir(&self.socket_dir, 0o755)
             .with_context(|| format!("{}: cannot create", self.socket_dir.display()))?;
-        let listener = bind_socket(&self.socket_dir.join(SOCKET_FILE))?;
-        let agent = Agent::start(Config {
-            node: self.node,
-            controllers,
-            socket_dir: self.socket_dir,
-            state_dir: self.state_dir,
-        })?;
+        let (listener, handed) = {
+            let (dir, node) = (self.socket_dir.clone(), self.node.clone());
+            let timeout = Duration::from_millis(self.handover_timeout_ms);
+            let metrics_addr = self.metrics_addr;
+            tokio::task::spawn_blocking(move || acquire_socket(&dir, &node, timeout, metrics_addr))
+                .await??
+        };
+        listener.set_nonblocking(true)?;
+        let listener = UnixListener::from_std(listener)?;
+        let agent = Agent::start_with(
+            Config {
+                node: self.node,
+                controllers,
+                socket_dir: self.socket_dir,
+                state_dir: self.state_dir,
+            },
+            handed,
+        )?;
+        agent
+            .set_socket_file()
+            .context("cannot stat the agent socket")?;
+        let handover_listener = handover::bind(&agent.config.socket_dir)?;
         let max_connections = local::connection_limit(raise_fd_limit());
         info!(
             node = %agent.config.node,
@@ -82,27 +109,43 @@ impl Args {
             max_connections,
             "agent started"
         );
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(controller::run(agent.clone()));
-        tasks.spawn(local::serve(agent.clone(), listener, max_connections));
-        tasks.spawn(local::sweep(agent.clone()));
-        if let Some(addr) = self.metrics_addr {
+        let serving = Serving::start(&agent, listener, max_connections);
+        let metrics_task = self.metrics_addr.map(|addr| {
             let agent = agent.clone();
-            tasks.spawn(async move {
+            tokio::spawn(async move {
                 if let Err(error) = metrics::serve(addr, agent).await {
                     tracing::error!(%addr, error = %format!("{error:#}"), "metrics server failed");
                     std::process::exit(1);
                 }
-            });
-        }
-        tokio::select! {
-            _ = tasks.join_next() => bail!("an agent task ended unexpectedly"),
+            })
+        });
+        let stopped = tokio::select! {
+            stopped = handover::supervise(agent.clone(), serving, handover_listener, self.metrics_addr) => stopped?,
             signal = shutdown() => {
                 signal?;
                 info!("shutting down");
-                Ok(())
+                return Ok(());
             }
+        };
+        if stopped
+            == (Stopped::HandedOver {
+                release_metrics: true,
+            })
+            && let Some(task) = metrics_task
+        {
+            info!(
+                "closing the metrics listener for the new agent (same network namespace and address)"
+            );
+            task.abort();
         }
+        if self.exit_after_handover {
+            info!("exiting: another agent serves the socket directory");
+            return Ok(());
+        }
+        info!("another agent serves the socket directory; waiting for SIGTERM");
+        shutdown().await?;
+        info!("shutting down");
+        Ok(())
     }
 }
 
@@ -134,26 +177,50 @@ async fn shutdown() -> Result<()> {
     Ok(())
 }
 
-/// Binds the agent socket, replacing a socket file left by an earlier agent (but never another
-/// kind of file), readable and writable by every local user: callers are told apart by their
-/// credentials, not by file permissions.
-fn bind_socket(path: &Path) -> Result<UnixListener> {
-    match std::fs::symlink_metadata(path) {
+/// The agent socket: handed over by the agent serving `dir` if there is one and it does so
+/// within `timeout`; otherwise bound anew, replacing a socket file left by an earlier agent
+/// (but never another kind of file).
+fn acquire_socket(
+    dir: &Path,
+    node: &str,
+    timeout: Duration,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<(StdUnixListener, Option<HandedState>)> {
+    let path = dir.join(SOCKET_FILE);
+    match std::fs::symlink_metadata(&path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!(
-                    "{}: another agent is serving this socket directory",
-                    path.display()
-                );
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                info!(dir = %dir.display(), "another agent serves this socket directory; asking it to hand over");
+                let started = Instant::now();
+                match handover::request(dir, node, timeout, metrics_addr) {
+                    Ok((listener, state)) => {
+                        info!(
+                            generation = state.generation,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "took the socket directory over from the running agent"
+                        );
+                        return Ok((listener, Some(state)));
+                    }
+                    Err(reason) => error!(
+                        %reason,
+                        "hand-over from the running agent failed; taking the socket directory over without it (the old agent stops serving once it notices)"
+                    ),
+                }
             }
-            std::fs::remove_file(path)
+            std::fs::remove_file(&path)
                 .with_context(|| format!("{}: cannot remove the old socket", path.display()))?
         }
         Ok(_) => bail!("{}: exists and is not a socket", path.display()),
         Err(_) => {}
     }
+    Ok((bind_socket(&path)?, None))
+}
+
+/// Binds the agent socket, readable and writable by every local user: callers are told apart
+/// by their credentials, not by file permissions.
+fn bind_socket(path: &Path) -> Result<StdUnixListener> {
     let listener =
-        UnixListener::bind(path).with_context(|| format!("{}: cannot bind", path.display()))?;
+        StdUnixListener::bind(path).with_context(|| format!("{}: cannot bind", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .with_context(|| format!("{}: cannot set permissions", path.display()))?;
     Ok(listener)

@@ -130,6 +130,19 @@ impl Publisher {
         self.generation
     }
 
+    /// Continues above `generation` (announced by an agent that handed over), should the file
+    /// hold less. Nothing is stored: readers see the next publication.
+    pub fn advance_to(&mut self, generation: u64) {
+        if generation > self.generation {
+            warn!(
+                file = self.generation,
+                handed_over = generation,
+                "the generation file is behind the handed-over generation; continuing above it"
+            );
+            self.generation = generation;
+        }
+    }
+
     /// Removes a published snapshot left by an earlier agent (when this one has nothing valid
     /// to serve) and advances the generation, so readers drop their mapping. Nothing to remove:
     /// nothing happens.

@@ -11,6 +11,8 @@
 //!   identity and address ownership.
 //! - [`registry`]: registrations held for local processes, persisted, withdrawn when their
 //!   process exits.
+//! - [`handover`]: passing the socket directory from a running agent to a new one;
+//!   [`serving`]: the tasks it stops and restarts.
 //! - [`caps`]: node capability discovery. [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //!
 //! The only unsafe code is the shared mapping of the generation counter (`genmap`).
@@ -20,10 +22,12 @@ pub mod caps;
 pub mod controller;
 pub mod files;
 mod genmap;
+pub mod handover;
 pub mod local;
 pub mod metrics;
 pub mod peer;
 pub mod registry;
+pub mod serving;
 pub mod state;
 
 pub use args::Args;

@@ -48,18 +48,78 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest namespace, workload or label text accepted.
 const MAX_NAME: usize = 253;
 
-/// Accepts connections forever.
-pub async fn serve(agent: Arc<Agent>, listener: UnixListener, max_connections: usize) {
-    let slots = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+/// How long a connection accepted before a hand-over began may take to send its request once
+/// the agent drains: one-shot clients (the shim, the CLI) write it right after connecting.
+const DRAIN_IDLE_GRACE: Duration = Duration::from_millis(200);
+
+/// The accept loop on `agent.sock` and its connections, stoppable for a hand-over.
+#[derive(Debug)]
+pub struct LocalServer {
+    stop: tokio::sync::watch::Sender<bool>,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    task: tokio::task::JoinHandle<UnixListener>,
+}
+
+impl LocalServer {
+    /// Starts accepting on `listener`, at most `max_connections` clients at once.
+    pub fn start(agent: Arc<Agent>, listener: UnixListener, max_connections: usize) -> Self {
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let slots = Arc::new(Semaphore::new(max_connections));
+        let task = tokio::spawn(serve(agent, listener, slots.clone(), stopping));
+        Self {
+            stop,
+            slots,
+            max_connections,
+            task,
+        }
+    }
+
+    /// Stops accepting (new clients wait in the socket's backlog), lets every open connection
+    /// finish the request it is on, and returns the listening socket and the number of
+    /// connections still busy after `drain_timeout`.
+    pub async fn stop(self, drain_timeout: Duration) -> (UnixListener, usize) {
+        let _ = self.stop.send(true);
+        let listener = match self.task.await {
+            Ok(listener) => listener,
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
         };
-        match listener.accept().await {
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        let busy = match tokio::time::timeout(drain_timeout, self.slots.acquire_many(all)).await {
+            Ok(_) => 0,
+            Err(_) => self.max_connections - self.slots.available_permits(),
+        };
+        (listener, busy)
+    }
+}
+
+async fn serve(
+    agent: Arc<Agent>,
+    listener: UnixListener,
+    slots: Arc<Semaphore>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> UnixListener {
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = stopping.wait_for(|stop| *stop) => return listener,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return listener,
+            },
+        };
+        // `accept` is cancel-safe: a client is either accepted here or stays in the backlog.
+        let accepted = tokio::select! {
+            biased;
+            _ = stopping.wait_for(|stop| *stop) => return listener,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((stream, _)) => {
                 let agent = agent.clone();
+                let stopping = stopping.clone();
                 tokio::spawn(async move {
-                    connection(&agent, stream).await;
+                    connection(&agent, stream, stopping).await;
                     drop(permit);
                 });
             }
@@ -71,7 +131,11 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener, max_connections: u
     }
 }
 
-async fn connection(agent: &Agent, stream: UnixStream) {
+async fn connection(
+    agent: &Agent,
+    stream: UnixStream,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) {
     let peer = match stream.peer_cred() {
         Ok(cred) => Peer {
             pid: cred.pid(),
@@ -90,7 +154,24 @@ async fn connection(agent: &Agent, stream: UnixStream) {
     let (mut reader, mut writer) = stream.into_split();
     loop {
         let mut header = [0; HEADER_LEN];
-        if let Err(error) = reader.read_exact(&mut header).await {
+        // While draining for a hand-over, a connection gets one short grace to send its
+        // request; the read is never cancelled half-way (the same future is awaited on).
+        let read = {
+            let read = reader.read_exact(&mut header);
+            tokio::pin!(read);
+            let done = tokio::select! {
+                result = &mut read => Some(result),
+                _ = wait_draining(&mut draining) => None,
+            };
+            match done {
+                Some(result) => result,
+                None => match tokio::time::timeout(DRAIN_IDLE_GRACE, &mut read).await {
+                    Ok(result) => result,
+                    Err(_) => return,
+                },
+            }
+        };
+        if let Err(error) = read {
             if error.kind() != std::io::ErrorKind::UnexpectedEof {
                 debug!(%error, pid = ?peer.pid, "local connection failed");
             }
@@ -147,10 +228,18 @@ async fn connection(agent: &Agent, stream: UnixStream) {
                 .unwrap_or_default()
             }
         };
-        if writer.write_all(&bytes).await.is_err() || !keep_open {
+        // Draining: the answered request was this connection's last.
+        let write_failed = writer.write_all(&bytes).await.is_err();
+        let draining_now = *draining.borrow();
+        if write_failed || !keep_open || draining_now {
             return;
         }
     }
+}
+
+/// Resolves once the server drains (or is gone).
+async fn wait_draining(draining: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = draining.wait_for(|drain| *drain).await.map(|_| ());
 }
 
 /// Answers one request and counts it.

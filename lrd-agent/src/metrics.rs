@@ -188,6 +188,21 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(agent): State<Arc<Agent>>) -> (StatusCode, String) {
+    match agent.role() {
+        crate::state::Role::Serving => {}
+        crate::state::Role::HandingOver => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "handing the socket directory over to a new agent\n".into(),
+            );
+        }
+        crate::state::Role::Stopped => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "another agent serves the socket directory\n".into(),
+            );
+        }
+    }
     match agent.current() {
         Some(current) => (
             StatusCode::OK,
@@ -204,9 +219,28 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> (StatusCode, String) {
     }
 }
 
+/// How long the address may stay in use: an agent that handed over in the same network
+/// namespace (host network) closes it right after the hand-over.
+const BIND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn bind_retrying(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + BIND_RETRY_FOR;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(error)
+                if error.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, agent: Arc<Agent>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = bind_retrying(addr).await?;
     info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
     let app = Router::new()
         .route("/metrics", get(metrics))

@@ -95,8 +95,9 @@ pub struct Registrations {
 
 // === the file ===
 
-#[derive(Serialize, Deserialize)]
-struct ListenerRecord {
+/// A listener as stored in the registrations file and sent in a hand-over.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListenerRecord {
     owner: Owner,
     node: String,
     ip: String,
@@ -108,7 +109,7 @@ struct ListenerRecord {
     endpoints: BTreeMap<String, String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct WorkloadRecord {
     owner: Owner,
     node: String,
@@ -118,7 +119,7 @@ struct WorkloadRecord {
     ips: Vec<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 enum RemovalRecord {
     Listener {
@@ -134,39 +135,79 @@ enum RemovalRecord {
     },
 }
 
-#[derive(Default, Serialize, Deserialize)]
-struct File {
+/// The registrations in their serialised form: the registrations file, and the hand-over.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RegistrationRecords {
     listeners: Vec<ListenerRecord>,
     workloads: Vec<WorkloadRecord>,
     removals: Vec<RemovalRecord>,
 }
 
+impl ListenerRecord {
+    /// The record of `listener` registered by `owner`; `None` without a key.
+    pub fn of(listener: &Listener, owner: Owner) -> Option<Self> {
+        let key = listener.key.as_ref()?;
+        Some(Self {
+            owner,
+            node: key.node.clone(),
+            ip: key.ip.clone(),
+            port: key.port,
+            protocol: key.protocol,
+            namespace: listener.namespace.clone(),
+            workload: listener.workload.clone(),
+            stacks: listener.stacks.clone(),
+            endpoints: listener
+                .endpoints
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+
+    /// The listener and its owner.
+    pub fn into_listener(self) -> (Listener, Owner) {
+        let listener = Listener {
+            key: Some(ListenerKey {
+                node: self.node,
+                ip: self.ip,
+                port: self.port,
+                protocol: self.protocol,
+            }),
+            namespace: self.namespace,
+            workload: self.workload,
+            stacks: self.stacks,
+            endpoints: self.endpoints.into_iter().collect(),
+        };
+        (listener, self.owner)
+    }
+}
+
 impl Registrations {
     /// Writes the registrations to the state directory (atomically).
     pub fn save(&self, state_dir: &Path) {
-        let file = File {
+        let result = serde_json::to_vec_pretty(&self.records())
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                files::replace_atomically(
+                    state_dir,
+                    REGISTRATIONS_TMP_FILE,
+                    REGISTRATIONS_FILE,
+                    0o600,
+                    &[&bytes],
+                )
+            });
+        if let Err(error) = result {
+            warn!(%error, dir = %state_dir.display(), "cannot persist the registrations");
+        }
+    }
+
+    /// The registrations in their serialised form.
+    pub fn records(&self) -> RegistrationRecords {
+        RegistrationRecords {
             listeners: self
                 .listeners
                 .values()
-                .filter_map(|held| {
-                    let l = &held.value;
-                    let key = l.key.as_ref()?;
-                    Some(ListenerRecord {
-                        owner: held.owner,
-                        node: key.node.clone(),
-                        ip: key.ip.clone(),
-                        port: key.port,
-                        protocol: key.protocol,
-                        namespace: l.namespace.clone(),
-                        workload: l.workload.clone(),
-                        stacks: l.stacks.clone(),
-                        endpoints: l
-                            .endpoints
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect(),
-                    })
-                })
+                .filter_map(|held| ListenerRecord::of(&held.value, held.owner))
                 .collect(),
             workloads: self
                 .workloads
@@ -205,20 +246,6 @@ impl Registrations {
                     },
                 })
                 .collect(),
-        };
-        let result = serde_json::to_vec_pretty(&file)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                files::replace_atomically(
-                    state_dir,
-                    REGISTRATIONS_TMP_FILE,
-                    REGISTRATIONS_FILE,
-                    0o600,
-                    &[&bytes],
-                )
-            });
-        if let Err(error) = result {
-            warn!(%error, dir = %state_dir.display(), "cannot persist the registrations");
         }
     }
 
@@ -226,43 +253,33 @@ impl Registrations {
     /// become removals; an unreadable file is logged and ignored.
     pub fn load(state_dir: &Path) -> Self {
         let path = state_dir.join(REGISTRATIONS_FILE);
-        let file: File = match std::fs::read(&path) {
+        match std::fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice(&bytes) {
-                Ok(file) => file,
+                Ok(file) => Self::from_records(file),
                 Err(error) => {
                     warn!(path = %path.display(), %error, "ignoring unreadable registrations");
-                    return Self::default();
+                    Self::default()
                 }
             },
-            Err(_) => return Self::default(),
-        };
+            Err(_) => Self::default(),
+        }
+    }
+
+    /// Registrations from their serialised form. Those whose process has exited become
+    /// removals.
+    pub fn from_records(file: RegistrationRecords) -> Self {
         let mut registrations = Self::default();
-        for r in file.listeners {
-            let key = ListenerKey {
-                node: r.node,
-                ip: r.ip,
-                port: r.port,
-                protocol: r.protocol,
+        for record in file.listeners {
+            let (value, owner) = record.into_listener();
+            let Some(key) = value.key.clone() else {
+                continue;
             };
-            if !r.owner.alive() {
+            if !owner.alive() {
                 registrations.removals.push(Removal::Listener(key));
                 continue;
             }
-            let id = (key.ip.clone(), key.port, key.protocol);
-            let value = Listener {
-                key: Some(key),
-                namespace: r.namespace,
-                workload: r.workload,
-                stacks: r.stacks,
-                endpoints: r.endpoints.into_iter().collect(),
-            };
-            registrations.listeners.insert(
-                id,
-                Held {
-                    value,
-                    owner: r.owner,
-                },
-            );
+            let id = (key.ip, key.port, key.protocol);
+            registrations.listeners.insert(id, Held { value, owner });
         }
         for r in file.workloads {
             let key = WorkloadKey {

@@ -1,7 +1,9 @@
 //! The agent's shared state: the snapshot it serves, the registrations it holds on behalf of
 //! local processes, the controller connection in use, and its metrics.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use prometheus_client::registry::Registry;
@@ -11,9 +13,25 @@ use stackroute_snapshot::Snapshot;
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
+use stackroute_local_api::published::{self, SOCKET_FILE};
+
 use crate::files::{self, Publisher};
+use crate::handover::HandedState;
 use crate::metrics::Metrics;
-use crate::registry::Registrations;
+use crate::registry::{ListenerRecord, Registrations};
+
+/// Whether this agent serves its socket directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// Serving and publishing.
+    Serving = 0,
+    /// A hand-over is in progress: not accepting, not publishing; resumes if it fails.
+    HandingOver = 1,
+    /// Another agent serves the directory now (handed over, or took it over): this one never
+    /// publishes again.
+    Stopped = 2,
+}
 
 /// Where the agent lives and whom it talks to.
 #[derive(Clone, Debug)]
@@ -57,6 +75,10 @@ pub struct Agent {
     registrations: Mutex<Registrations>,
     client: Mutex<Option<DistributionClient<Channel>>>,
     listeners: RwLock<Arc<Vec<Listener>>>,
+    role: AtomicU8,
+    /// (device, inode) of the `agent.sock` this agent serves: if the path names another file,
+    /// another agent took the directory over.
+    socket_file: Mutex<Option<(u64, u64)>>,
 }
 
 /// Access to the held registrations; writes them to the state directory when dropped.
@@ -100,11 +122,19 @@ impl Agent {
     /// Prepares the directories and publishes the persisted snapshot (marked stale) if one
     /// validates.
     pub fn start(config: Config) -> anyhow::Result<Arc<Self>> {
+        Self::start_with(config, None)
+    }
+
+    /// Like [`Agent::start`], continuing from what a running agent handed over (if any): its
+    /// registrations, its listener registry, and the snapshot it published — adopted as it is
+    /// (same generation, nothing republished) when the published file is the one it
+    /// announced.
+    pub fn start_with(config: Config, handed: Option<HandedState>) -> anyhow::Result<Arc<Self>> {
         files::ensure_dir(&config.socket_dir, 0o755)
             .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", config.socket_dir.display()))?;
         files::ensure_dir(&config.state_dir, 0o700)
             .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", config.state_dir.display()))?;
-        let publisher = Publisher::open(&config.socket_dir).map_err(|e| {
+        let mut publisher = Publisher::open(&config.socket_dir).map_err(|e| {
             anyhow::anyhow!(
                 "{}: cannot open the generation file: {e}",
                 config.socket_dir.display()
@@ -113,7 +143,15 @@ impl Agent {
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let registrations = Registrations::load(&config.state_dir);
+        let registrations = match &handed {
+            Some(handed) => {
+                publisher.advance_to(handed.generation);
+                let registrations = Registrations::from_records(handed.registrations.clone());
+                registrations.save(&config.state_dir);
+                registrations
+            }
+            None => Registrations::load(&config.state_dir),
+        };
         let agent = Arc::new(Self {
             agent_id: format!(
                 "{}-{}-{:08x}",
@@ -129,7 +167,24 @@ impl Agent {
             registrations: Mutex::new(registrations),
             client: Mutex::new(None),
             listeners: RwLock::default(),
+            role: AtomicU8::new(Role::Serving as u8),
+            socket_file: Mutex::new(None),
         });
+        if let Some(handed) = handed {
+            agent.set_listeners(
+                handed
+                    .cluster_listeners
+                    .into_iter()
+                    .map(|record| record.into_listener().0)
+                    .collect(),
+            );
+            match agent.adopt_published(handed.generation) {
+                Ok(()) => return Ok(agent),
+                Err(why) => {
+                    warn!(%why, "not adopting the handed-over published snapshot; starting from the persisted one")
+                }
+            }
+        }
         if let Some(bytes) = files::load_persisted(&agent.config.state_dir, &agent.config.node) {
             // `load_persisted` validated it.
             let revision = Snapshot::parse(&bytes).map(|s| s.revision()).unwrap_or(0);
@@ -153,8 +208,110 @@ impl Agent {
             .clone()
     }
 
+    /// Serves `DIR/snapshot` as published by the agent that handed over, if it is the
+    /// generation it announced and validates for this node.
+    fn adopt_published(&self, generation: u64) -> Result<(), String> {
+        let path = self.config.socket_dir.join(published::SNAPSHOT_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let view = published::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        if view.generation != generation {
+            return Err(format!(
+                "{} is generation {}, the hand-over announced {generation}",
+                path.display(),
+                view.generation
+            ));
+        }
+        let snapshot = Snapshot::parse(view.snapshot).map_err(|e| e.to_string())?;
+        if snapshot.node_name() != self.config.node {
+            return Err(format!(
+                "{} is for node {:?}",
+                path.display(),
+                snapshot.node_name()
+            ));
+        }
+        let (revision, stale) = (view.revision, view.stale);
+        let snapshot = view.snapshot.to_vec();
+        self.metrics.revision.set(revision as i64);
+        self.metrics.stale.set(i64::from(stale));
+        self.metrics.generation.set(generation as i64);
+        self.metrics.snapshot_bytes.set(snapshot.len() as i64);
+        info!(
+            revision,
+            stale, generation, "serving the snapshot handed over"
+        );
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Current {
+            bytes: snapshot,
+            revision,
+            stale,
+            generation,
+        }));
+        Ok(())
+    }
+
+    /// This agent's role.
+    pub fn role(&self) -> Role {
+        match self.role.load(Ordering::Acquire) {
+            0 => Role::Serving,
+            1 => Role::HandingOver,
+            _ => Role::Stopped,
+        }
+    }
+
+    /// Changes the role. Publishing is refused unless serving; a stopped agent stays stopped.
+    pub fn set_role(&self, role: Role) {
+        // Taking the publisher lock orders the change after any publication in progress.
+        let _publisher = lock(&self.publisher);
+        if self.role() != Role::Stopped {
+            self.role.store(role as u8, Ordering::Release);
+        }
+    }
+
+    /// Records which `agent.sock` this agent serves.
+    pub fn set_socket_file(&self) -> std::io::Result<()> {
+        let meta = std::fs::symlink_metadata(self.config.socket_dir.join(SOCKET_FILE))?;
+        *lock(&self.socket_file) = Some((meta.dev(), meta.ino()));
+        Ok(())
+    }
+
+    /// Whether `DIR/agent.sock` is still the socket this agent serves (true before it is
+    /// recorded). False means another agent replaced it.
+    pub fn owns_directory(&self) -> bool {
+        let Some(owned) = *lock(&self.socket_file) else {
+            return true;
+        };
+        std::fs::symlink_metadata(self.config.socket_dir.join(SOCKET_FILE))
+            .is_ok_and(|meta| (meta.dev(), meta.ino()) == owned)
+    }
+
+    /// What a new agent needs to continue: the last generation, the registrations, the
+    /// listener registry. Taken while not publishing ([`Role::HandingOver`]).
+    pub fn handed_state(&self) -> HandedState {
+        let generation = lock(&self.publisher).generation();
+        HandedState {
+            version: crate::handover::VERSION,
+            node: self.config.node.clone(),
+            generation,
+            registrations: self.registrations().records(),
+            cluster_listeners: self
+                .listeners()
+                .iter()
+                .filter_map(|l| ListenerRecord::of(l, Default::default()))
+                .collect(),
+        }
+    }
+
     fn publish(&self, revision: u64, stale: bool, bytes: Vec<u8>) -> std::io::Result<()> {
         let mut publisher = lock(&self.publisher);
+        if self.role() != Role::Serving {
+            return Err(std::io::Error::other(
+                "this agent is handing its socket directory over; not publishing",
+            ));
+        }
+        if !self.owns_directory() {
+            return Err(std::io::Error::other(
+                "another agent took this socket directory over; not publishing",
+            ));
+        }
         let generation = publisher.publish(revision, stale, &bytes)?;
         self.metrics.revision.set(revision as i64);
         self.metrics.stale.set(i64::from(stale));

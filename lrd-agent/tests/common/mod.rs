@@ -168,6 +168,37 @@ impl Proc {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` (a `kill` name: TERM, STOP, CONT, …) to the process, by PID.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("a running process");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status, if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -231,10 +262,26 @@ pub struct Agent {
     pub http: SocketAddr,
     controller: String,
     logs: PathBuf,
+    extra_args: Vec<String>,
 }
 
 impl Agent {
     pub fn start(node: &str, controller: &str, root: &Path) -> Self {
+        Self::start_with(node, controller, root, &[])
+    }
+
+    /// Like [`Agent::start`], with extra flags.
+    pub fn start_with(node: &str, controller: &str, root: &Path, extra_args: &[&str]) -> Self {
+        let _ = std::fs::remove_file(
+            root.join(format!("{node}-run"))
+                .join(published::SOCKET_FILE),
+        );
+        Self::start_in_place(node, controller, root, extra_args)
+    }
+
+    /// Like [`Agent::start_with`], leaving whatever is in the socket directory for the agent
+    /// to deal with.
+    pub fn start_in_place(node: &str, controller: &str, root: &Path, extra_args: &[&str]) -> Self {
         let socket_dir = root.join(format!("{node}-run"));
         let state_dir = root.join(format!("{node}-state"));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -249,13 +296,33 @@ impl Agent {
             http,
             controller: controller.into(),
             logs: root.to_path_buf(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// A second agent on this one's socket and state directories (its own metrics port and
+    /// log `agent-LABEL.log`), started while this one runs; returns once it serves /healthz.
+    pub fn successor(&self, label: &str, extra_args: &[&str]) -> Self {
+        let mut agent = Self {
+            proc: Proc {
+                child: None,
+                log: self.logs.join(format!("agent-{label}.log")),
+            },
+            node: self.node.clone(),
+            socket_dir: self.socket_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            http: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            controller: self.controller.clone(),
+            logs: self.logs.clone(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         agent.spawn();
         agent
     }
 
     fn spawn(&mut self) {
-        let _ = std::fs::remove_file(self.socket_dir.join(published::SOCKET_FILE));
         let mut command = Command::new(bin("stackroute-lrd"));
         command
             .args(["--controller", &self.controller, "--node", &self.node])
@@ -264,6 +331,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(["--metrics-addr", &self.http.to_string()])
+            .args(&self.extra_args)
             .env("STACKROUTE_LOG", "info,stackroute_lrd=debug");
         self.proc = Proc::spawn(command, self.proc.log.clone());
         let socket = self.socket_dir.join(published::SOCKET_FILE);
@@ -277,6 +345,7 @@ impl Agent {
     /// Kills the agent and starts it again with the same directories.
     pub fn restart(&mut self) {
         self.proc.kill();
+        let _ = std::fs::remove_file(self.socket_dir.join(published::SOCKET_FILE));
         self.spawn();
     }
 
