@@ -382,11 +382,20 @@ def check_workloads(c: Checker, variant: str, objs: list[dict], values: dict) ->
     us = ds["spec"]["updateStrategy"]
     if us.get("type") != "RollingUpdate":
         problems.append("updateStrategy")
+    # The agent hands its socket directory over to a surge pod: a node never lacks an agent.
+    rolling = us.get("rollingUpdate", {})
+    want = values["agent"]["updateStrategy"]
+    if (rolling.get("maxSurge"), rolling.get("maxUnavailable")) != (want["maxSurge"], want["maxUnavailable"]):
+        problems.append(f"rollingUpdate {rolling} is not the values' {want}")
+    if not spec.get("hostNetwork") and (rolling.get("maxSurge"), rolling.get("maxUnavailable")) != (1, 0):
+        problems.append(f"rollingUpdate {rolling}: expected the surge default maxSurge 1, maxUnavailable 0")
+    if actr.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/readyz":
+        problems.append("readiness probe is not /readyz (ready only while serving)")
     if f"--socket-dir={sock}" not in actr["args"] or \
             (values["webhook"]["enabled"] and f"--socket-dir={sock}" not in cargs):
         problems.append("controller and agent disagree on --socket-dir")
     c.expect(not problems, f"[{variant}] agent DaemonSet: {sock} hostPath DirectoryOrCreate, system-node-critical, "
-             "tolerates all taints, RollingUpdate, hostPID, no host network, no token, not privileged, "
+             "tolerates all taints, RollingUpdate with surge 1 / unavailable 0, readiness /readyz, hostPID, no host network, no token, not privileged, "
              "caps drop ALL + SYS_PTRACE only; controller --socket-dir matches", "; ".join(problems))
 
     replicas = values["controller"]["replicas"]
@@ -614,7 +623,8 @@ def check() -> int:
             c.ok(f"schema rejects {json.dumps(bad)}: {msg[msg.find('at '):] if 'at ' in msg else msg}")
     for bad, needle in (({"controller": {"replicas": 2}}, "needs shared state"),
                         ({"etcd": {"endpoints": ["http://e:2379"], "bundled": {"enabled": True}}}, "not both"),
-                        ({"agent": {"updateStrategy": {"maxSurge": 0, "maxUnavailable": 0}}}, "cannot both be 0")):
+                        ({"agent": {"updateStrategy": {"maxSurge": 0, "maxUnavailable": 0}}}, "cannot both be 0"),
+                        ({"agent": {"hostNetwork": True}}, "same host port")):
         try:
             chart.render(bad, name=RELEASE, namespace=NAMESPACE, is_install=True)
             c.fail(f"render accepted {bad}")

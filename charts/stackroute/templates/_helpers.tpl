@@ -81,6 +81,9 @@ Ignore
 {{- if and (eq (toString $us.maxSurge) "0") (eq (toString $us.maxUnavailable) "0") -}}
 {{- fail "agent.updateStrategy: maxSurge and maxUnavailable cannot both be 0" -}}
 {{- end -}}
+{{- if and .Values.agent.hostNetwork (ne (toString $us.maxSurge) "0") -}}
+{{- fail "agent.hostNetwork: a surge pod would need the same host port as the running agent and never be scheduled; set agent.updateStrategy.maxSurge=0 and maxUnavailable=1" -}}
+{{- end -}}
 {{- if and .Values.etcd.endpoints .Values.etcd.bundled.enabled -}}
 {{- fail "set either etcd.endpoints or etcd.bundled.enabled, not both" -}}
 {{- end -}}
