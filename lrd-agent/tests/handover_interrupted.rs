@@ -1,0 +1,115 @@
+//! A new agent that dies in the middle of a hand-over: the running agent serves again. The
+//! "new agent" is this test process, renamed `stackroute-lrd` (the running agent only hands
+//! over to a process of that name) — which is why this test has a binary of its own.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::*;
+use stackroute_local_api::frame;
+use stackroute_local_api::message::{Protocol, Request, Response};
+use stackroute_local_api::published;
+
+fn lookup() -> Request {
+    Request::Lookup {
+        namespace: "shop".into(),
+        workload: "web-1".into(),
+        ip: "10.1.0.20".parse().unwrap(),
+        port: 5432,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn request_frame() -> Vec<u8> {
+    let json = br#"{"kind":"request","version":1,"node":"n1"}"#;
+    let mut bytes = (json.len() as u32).to_le_bytes().to_vec();
+    bytes.extend_from_slice(json);
+    bytes
+}
+
+#[test]
+fn the_running_agent_serves_again_when_the_new_one_dies_mid_hand_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("cluster.yaml"), CLUSTER).unwrap();
+    std::fs::write(state.join("policy.yaml"), policy("Kernel", "BBR")).unwrap();
+    let controller = Controller::start(&state, tmp.path(), free_port());
+    let agent = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
+    wait_for("a fresh snapshot", WAIT, || {
+        agent.published().filter(|p| !p.2)
+    });
+    std::fs::write("/proc/self/comm", "stackroute-lrd").expect("rename this process");
+
+    // A client keeps calling throughout; none of its calls may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = std::thread::spawn({
+        let dir = agent.socket_dir.clone();
+        let stop = stop.clone();
+        move || {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let reply = UnixStream::connect(dir.join(published::SOCKET_FILE))
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(WAIT)).unwrap();
+                        frame::call::<_, _, Response>(&mut s, &lookup()).map_err(|e| e.to_string())
+                    });
+                match reply {
+                    Ok(Response::Decision(_)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        }
+    });
+
+    for (round, confirmation) in [&b""[..], b"\x05\x00\x00\x00junk!"].into_iter().enumerate() {
+        let mut stream =
+            UnixStream::connect(agent.socket_dir.join("handover.sock")).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.write_all(&request_frame()).unwrap();
+        // The state arrives (its descriptor is discarded by a plain read); then this "new
+        // agent" hangs up, or confirms with garbage.
+        let mut header = [0; 4];
+        stream.read_exact(&mut header).expect("the agent's state");
+        let mut body = vec![0; u32::from_le_bytes(header) as usize];
+        stream.read_exact(&mut body).unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(state["kind"], "state", "{state}");
+        assert_eq!(http_get(agent.http, "/readyz").unwrap().0, 503);
+        stream.write_all(confirmation).unwrap();
+        drop(stream);
+        wait_for("the agent to serve again", WAIT, || {
+            let log = agent.proc.log_text();
+            (log.matches("hand-over failed; serving again").count() > round).then_some(())
+        });
+        wait_for("the agent to be ready again", WAIT, || {
+            http_get(agent.http, "/readyz").filter(|(code, _)| *code == 200)
+        });
+        assert!(matches!(agent.call(&lookup()), Response::Decision(_)));
+    }
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("closed the connection without answering"),
+        "{log}"
+    );
+    assert!(log.contains("the new agent sent garbage"), "{log}");
+
+    // It still publishes: a policy change reaches its table.
+    std::fs::write(state.join(".p"), policy("Kernel", "Reno")).unwrap();
+    std::fs::rename(state.join(".p"), state.join("policy.yaml")).unwrap();
+    wait_for("Kernel/Reno", WAIT, || {
+        explain_agent(&agent.socket_dir, "shop/web-1", "10.1.0.20:5432")
+            .filter(|e| transport(e) == "Kernel/Reno")
+    });
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = client.join().unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 0);
+    drop(controller);
+}
