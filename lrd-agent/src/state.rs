@@ -87,6 +87,8 @@ pub struct RegistrationsGuard<'a> {
     guard: MutexGuard<'a, Registrations>,
     state_dir: &'a std::path::Path,
     changed: bool,
+    /// False once another agent serves the directory: the shared state directory is its.
+    persist: bool,
 }
 
 impl std::ops::Deref for RegistrationsGuard<'_> {
@@ -106,7 +108,7 @@ impl std::ops::DerefMut for RegistrationsGuard<'_> {
 
 impl Drop for RegistrationsGuard<'_> {
     fn drop(&mut self) {
-        if self.changed {
+        if self.changed && self.persist {
             self.guard.save(self.state_dir);
         }
     }
@@ -400,6 +402,7 @@ impl Agent {
             guard: lock(&self.registrations),
             state_dir: &self.config.state_dir,
             changed: false,
+            persist: self.role() != Role::Stopped,
         }
     }
 

@@ -60,6 +60,7 @@ pub fn request(
     timeout: Duration,
     metrics_addr: Option<std::net::SocketAddr>,
 ) -> Result<(StdUnixListener, HandedState), String> {
+    let timeout = timeout.max(Duration::from_millis(1));
     let deadline = Instant::now() + timeout;
     let path = dir.join(HANDOVER_SOCKET_FILE);
     let stream = StdUnixStream::connect(&path).map_err(|e| {
