@@ -370,6 +370,13 @@ impl Agent {
         {
             return Ok(());
         }
+        // Neither persisted nor published while handing over or after: the state directory
+        // and the published files are the next agent's.
+        if self.role() != Role::Serving || !self.owns_directory() {
+            return Err(format!(
+                "revision {revision} not applied: this agent no longer serves its socket directory"
+            ));
+        }
         let persisted = files::persist(&self.config.state_dir, &bytes);
         if let Err(error) = &persisted {
             error!(%error, dir = %self.config.state_dir.display(), "cannot persist the snapshot; serving it anyway");
@@ -517,5 +524,46 @@ mod tests {
         let generation =
             std::fs::read(agent.config.socket_dir.join(published::GENERATION_FILE)).unwrap();
         assert_eq!(published::parse_generation(&generation), Some(4));
+    }
+
+    #[test]
+    fn a_hand_over_adopts_the_published_snapshot_and_continues_above_its_generation() {
+        let root = tempfile::tempdir().unwrap();
+        let old = Agent::start(config(root.path())).unwrap();
+        old.apply(5, example_snapshot("node-a1", 5)).unwrap();
+        old.apply(6, example_snapshot("node-a1", 6)).unwrap();
+        old.set_role(Role::HandingOver);
+        assert!(
+            old.apply(7, example_snapshot("node-a1", 7)).is_err(),
+            "frozen"
+        );
+        let handed = old.handed_state();
+        assert_eq!(handed.generation, 2);
+
+        // The published file is the one announced: served as it is, nothing republished.
+        let new = Agent::start_with(config(root.path()), Some(handed.clone())).unwrap();
+        let current = new.current().unwrap();
+        assert_eq!(
+            (current.revision, current.stale, current.generation),
+            (6, false, 2)
+        );
+        assert_eq!(published_file(&new), (2, 6, false));
+        new.apply(7, example_snapshot("node-a1", 7)).unwrap();
+        assert_eq!(published_file(&new), (3, 7, false));
+        // The old agent, stopped, never publishes again.
+        old.set_role(Role::Stopped);
+        old.set_role(Role::Serving);
+        assert_eq!(old.role(), Role::Stopped);
+        assert!(old.apply(8, example_snapshot("node-a1", 8)).is_err());
+        drop((old, new));
+
+        // An announced generation that is not the file's: republished from the persisted
+        // snapshot, above both.
+        let stale_claim = HandedState {
+            generation: 9,
+            ..handed
+        };
+        let new = Agent::start_with(config(root.path()), Some(stale_claim)).unwrap();
+        assert_eq!(published_file(&new), (10, 7, true));
     }
 }

@@ -273,9 +273,10 @@ async fn answer(
         "hand-over requested: no longer accepting; draining connections"
     );
     let started = Instant::now();
-    agent.set_role(Role::HandingOver);
     let max_connections = serving.max_connections();
     let (listener, busy) = serving.stop(agent, DRAIN_TIMEOUT).await;
+    // After the controller session ended, so no update is refused (and acked as an error).
+    agent.set_role(Role::HandingOver);
     if busy > 0 {
         warn!(
             busy,
