@@ -154,8 +154,8 @@ run_tests() { # $1: label for the output
   k -n "$APP_NS" delete pod client --wait=true >/dev/null
   sed "s|PYTHON_IMAGE|$PYTHON_IMAGE|; s|SERVER_IP|$SERVER_IP|" "$HERE/manifests/clients.yaml" | k apply -f - >/dev/null
   k -n "$APP_NS" wait --for=condition=Ready pod/client --timeout=2m >/dev/null
-  local out="" i
-  for i in $(seq 30); do
+  local out="" _
+  for _ in $(seq 30); do
     out=$(ss_of client || true)
     echo "$out" | grep -qw reno && break
     sleep 1
@@ -184,7 +184,7 @@ run_tests() { # $1: label for the output
 }
 
 # ----------------------------------------------------------------------------- helm
-HELM_ARGS=(--set image.registry=$REGISTRY --set image.tag=$TAG --set image.pullPolicy=Never)
+HELM_ARGS=(--set "image.registry=$REGISTRY" --set "image.tag=$TAG" --set image.pullPolicy=Never)
 
 install_chart() { # $1: charts directory, $2: description
   helm upgrade --install stackroute-crds "$1/stackroute-crds" --wait --timeout 2m
