@@ -27,8 +27,12 @@ const PACING_GAIN_CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const BW_FILTER_ROUNDS: u64 = 10;
 /// Min-RTT filter length.
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
-/// Time spent at the minimum window in ProbeRTT.
+/// Time spent at the ProbeRTT window.
 const PROBE_RTT_DURATION: Duration = Duration::from_millis(200);
+/// ProbeRTT's window in BDPs (BBRv2/v3 `probe_rtt_cwnd_gain`): half a BDP of inflight empties
+/// the bottleneck queue as surely as BBRv1's four segments, while the flow keeps about half its
+/// rate for the 200 ms instead of stopping (a 125 MB transfer always contains one ProbeRTT).
+const PROBE_RTT_CWND_GAIN: f64 = 0.5;
 /// Startup ends after three rounds without 25% bandwidth growth.
 const FULL_BW_GROWTH: f64 = 1.25;
 const FULL_BW_ROUNDS: u32 = 3;
@@ -41,6 +45,13 @@ const MIN_WINDOW_SEGMENTS: u64 = 4;
 const MIN_RTT_FLOOR_FOR_BDP: Duration = Duration::from_micros(500);
 /// Pace 1% below the estimate so the bottleneck queue drains (Linux `bbr_pacing_margin_percent`).
 const PACING_MARGIN: f64 = 0.99;
+/// Largest loss rate the cruise phases compensate for (see `Bbr::loss_compensation`).
+const MAX_COMPENSATED_LOSS: f64 = 0.15;
+/// Weight of one round's loss rate in the loss-rate average.
+const LOSS_EWMA_WEIGHT: f64 = 0.125;
+/// Compensate only while the smoothed RTT is within this factor of the minimum (no standing
+/// queue: the losses are not the bottleneck overflowing).
+const COMPENSATE_BELOW_RTT_RATIO: f64 = 1.25;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -102,6 +113,14 @@ pub struct Bbr {
     /// one shared slot let them erase the ProbeRTT restore point, collapsing the window to four
     /// segments and the bandwidth estimate with it.
     rto_saved_cwnd: u64,
+    /// Bytes handed to the network, retransmissions included.
+    sent: u64,
+    /// (bytes sent, bytes delivered, inflight) at the start of the current round.
+    round_snapshot: (u64, u64, u64),
+    /// Moving average of the per-round fraction of sent bytes that were lost.
+    loss_rate: f64,
+    /// The smoothed RTT was near the minimum at the last ACK.
+    queue_small: bool,
 }
 
 impl Bbr {
@@ -126,7 +145,44 @@ impl Bbr {
             probe_rtt_done: None,
             probe_rtt_saved_cwnd: 0,
             rto_saved_cwnd: 0,
+            sent: 0,
+            round_snapshot: (0, 0, 0),
+            loss_rate: 0.0,
+            queue_small: false,
         }
+    }
+
+    /// Updates the loss-rate average at the start of a round. Every byte sent is, by now,
+    /// delivered, marked lost or still in flight, so the bytes lost during the round are
+    /// `sent − delivered − growth of inflight`: this counts losses found by RACK's reordering
+    /// timer as well, which never reach the controller as `newly_lost`.
+    fn update_loss_rate(&mut self, ack: &AckEvent) {
+        let (sent0, delivered0, inflight0) = self.round_snapshot;
+        let sent = self.sent.saturating_sub(sent0);
+        let accounted = i128::from(ack.total_delivered.saturating_sub(delivered0))
+            + i128::from(ack.inflight)
+            - i128::from(inflight0);
+        if sent >= 8 * self.mss {
+            let lost = (i128::from(sent) - accounted).max(0) as f64;
+            let rate = (lost / sent as f64).min(1.0);
+            self.loss_rate += LOSS_EWMA_WEIGHT * (rate - self.loss_rate);
+        }
+        self.round_snapshot = (self.sent, ack.total_delivered, ack.inflight);
+    }
+
+    /// Pacing-gain factor of the cruise phases: `1 / (1 − loss rate)`. Random loss upstream of
+    /// the bottleneck removes that fraction of what is sent before it reaches the link, so a
+    /// sender pacing at exactly the bottleneck rate leaves the link idle by the loss rate (at
+    /// 5% loss BBRv1, Linux's included, cruises at 0.95 × 0.99 of the link). Only outside
+    /// Startup/Drain/ProbeRTT, in phases with gain 1, up to `MAX_COMPENSATED_LOSS`, and while
+    /// the RTT shows no standing queue: losses from a full queue are not compensated. The
+    /// bandwidth estimate is a delivery rate, so it cannot grow from this; cwnd still caps
+    /// inflight at 2 × BDP.
+    fn loss_compensation(&self) -> f64 {
+        if self.mode != Mode::ProbeBw || self.pacing_gain != 1.0 || !self.queue_small {
+            return 1.0;
+        }
+        1.0 / (1.0 - self.loss_rate.clamp(0.0, MAX_COMPENSATED_LOSS))
     }
 
     fn bandwidth(&self) -> u64 {
@@ -145,6 +201,12 @@ impl Bbr {
 
     fn min_window(&self) -> u64 {
         MIN_WINDOW_SEGMENTS * self.mss
+    }
+
+    fn probe_rtt_window(&self) -> u64 {
+        self.bdp(PROBE_RTT_CWND_GAIN)
+            .unwrap_or(0)
+            .max(self.min_window())
     }
 
     fn target_window(&self, gain: f64) -> u64 {
@@ -237,7 +299,7 @@ impl Bbr {
         }
         if self.mode == Mode::ProbeRtt {
             match self.probe_rtt_done {
-                None if ack.inflight <= self.min_window() => {
+                None if ack.inflight <= self.probe_rtt_window() => {
                     self.probe_rtt_done = Some(ack.now + PROBE_RTT_DURATION);
                 }
                 Some(done) if ack.now >= done => {
@@ -259,7 +321,7 @@ impl Bbr {
 
     fn update_window(&mut self, ack: &AckEvent) {
         if self.mode == Mode::ProbeRtt {
-            self.cwnd = self.cwnd.min(self.min_window());
+            self.cwnd = self.cwnd.min(self.probe_rtt_window());
             return;
         }
         let target = self.target_window(self.cwnd_gain);
@@ -275,6 +337,15 @@ impl Bbr {
 impl Controller for Bbr {
     fn on_ack(&mut self, ack: &AckEvent) {
         let round_start = self.update_round(ack);
+        if round_start {
+            self.update_loss_rate(ack);
+        }
+        self.queue_small = match (ack.smoothed_rtt, self.min_rtt) {
+            (Some(srtt), Some(min)) => {
+                srtt.as_secs_f64() <= min.as_secs_f64() * COMPENSATE_BELOW_RTT_RATIO
+            }
+            _ => false,
+        };
         self.update_bandwidth(ack);
         let app_limited = ack.rate.is_some_and(|r| r.is_app_limited);
         self.check_full_bandwidth(round_start, app_limited);
@@ -310,6 +381,10 @@ impl Controller for Bbr {
         self.rto_saved_cwnd = 0;
     }
 
+    fn on_sent(&mut self, _now: Instant, bytes: u64, _inflight: u64) {
+        self.sent += bytes;
+    }
+
     fn on_mss_change(&mut self, mss: u64) {
         self.mss = mss.max(1);
     }
@@ -328,7 +403,7 @@ impl Controller for Bbr {
             let initial = (INITIAL_WINDOW_SEGMENTS * self.mss) as f64;
             return Some((HIGH_GAIN * initial / rtt.max(1e-6)) as u64);
         }
-        Some((bw as f64 * self.pacing_gain * PACING_MARGIN) as u64)
+        Some((bw as f64 * self.pacing_gain * self.loss_compensation() * PACING_MARGIN) as u64)
     }
 
     fn name(&self) -> &'static str {
@@ -383,10 +458,13 @@ mod tests {
         let t = Instant::from_millis(11_000);
         bbr.on_ack(&ack(t, 1_000_000, 4 * mss, Duration::from_millis(12)));
         assert_eq!(bbr.mode, Mode::ProbeRtt);
-        assert_eq!(bbr.window(), 4 * mss);
+        // Half a BDP (10 MB/s × 12 ms / 2 = 60 segments), far below the 400 it had.
+        let probe_window = bbr.probe_rtt_window();
+        assert_eq!(probe_window, 60 * mss);
+        assert_eq!(bbr.window(), probe_window);
         // A loss-recovery episode ends during ProbeRTT (frequent under random loss).
         bbr.on_recovery_exit(t + Duration::from_millis(50));
-        assert_eq!(bbr.window(), 4 * mss, "ProbeRTT keeps its minimum window");
+        assert_eq!(bbr.window(), probe_window, "ProbeRTT keeps its window");
         // ProbeRTT ends 200 ms after inflight reached the minimum.
         bbr.on_ack(&ack(
             t + Duration::from_millis(250),

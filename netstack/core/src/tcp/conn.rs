@@ -1293,8 +1293,12 @@ impl Connection {
     // === impl Connection: timers ===
 
     fn arm_tlp(&mut self, now: Instant) {
-        // RFC 8985 §7.2: only with SACK, outside recovery, one probe at a time.
-        if !self.sack_enabled || self.recovery_point.is_some() || self.tlp_end.is_some() {
+        // RFC 8985 §7.2: only with SACK, one probe at a time. Unlike RFC 8985 (and like QUIC's
+        // PTO, RFC 9002 §6.2) also during fast recovery, but not after an RTO: under random loss
+        // a sender is in recovery nearly all the time, and a lost last segment (or a lost tail
+        // whose later segments never arrive to let RACK see it) otherwise waits for the RTO,
+        // 200 ms or more at the end of every transfer.
+        if !self.sack_enabled || self.rto_recovery || self.tlp_end.is_some() {
             self.tlp_deadline = None;
             return;
         }
@@ -1457,7 +1461,7 @@ impl Connection {
     }
 
     fn send_tail_loss_probe(&mut self) {
-        if self.snd_una >= self.snd_nxt || self.recovery_point.is_some() {
+        if self.snd_una >= self.snd_nxt || self.rto_recovery {
             return;
         }
         // RFC 8985 §7.3: send new data if possible, otherwise retransmit the last segment.
@@ -1715,6 +1719,13 @@ impl Connection {
         let window_room = (self.snd_una + self.snd_wnd).saturating_sub(self.snd_nxt);
         let fin_pending = self.fin_queued && self.snd_nxt <= data_end;
         let len = avail.min(self.mss).min(window_room);
+        if !is_probe && avail > window_room && window_room < self.mss {
+            // Limited by the peer's receive window, not by the network: like app-limited
+            // rounds, these must not convince BBR that the bottleneck is full. A receiver whose
+            // autotuning grows its window slowly otherwise ended Startup at a fraction of the
+            // link rate, and ProbeBW then needed seconds to climb (1.25× per eight rounds).
+            self.app_limited_until = (self.delivered + self.pipe).max(1);
+        }
         if len == 0 && !(avail == 0 && fin_pending) {
             if avail == 0 {
                 if !fin_pending && self.pipe < self.cc.window() {
