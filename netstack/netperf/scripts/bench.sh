@@ -6,6 +6,8 @@
 #   sudo netstack/netperf/scripts/bench.sh            # defaults: 100 Mbit/s, 15 ms each way (30 ms RTT)
 #   RATE=100 DELAY=25 RUN_SECONDS=10 LOSSES="0 0.01 0.05 0.1" REPEAT=3 sudo -E netstack/netperf/scripts/bench.sh
 #   SKIP_EMULATED=1 ... runs only the plain-veth part
+#   TRACE_DIR=/tmp/t ... keeps each netstack run's STACKROUTE_NETPERF_TRACE output (min_rtt_us,
+#                        cwnd, bandwidth estimate once a second) in /tmp/t/netstack-LOSS-TIME.err
 #
 # Needs root, iproute2, iperf3, python3, ethtool (optional). Everything runs in namespaces the
 # script creates (names include its PID) and removes on exit.
@@ -123,10 +125,15 @@ kernel_iperf() { # cc -> Mbit/s received
   stop_srv $srv
 }
 
-netstack_send() { # bytes -> Mbit/s goodput
+netstack_send() { # bytes loss -> Mbit/s goodput
   start_py $S "$SINK" $KS 5301 || { echo fail; return; }; local srv=$SRV
+  local err=/dev/null
+  if [ -n "${TRACE_DIR:-}" ]; then
+    mkdir -p "$TRACE_DIR"; err="$TRACE_DIR/netstack-$2-$(date +%H%M%S%N).err"
+    export STACKROUTE_NETPERF_TRACE=1
+  fi
   ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --engine af_packet --interface c0 \
-    --address $NS_ADDR/24 --connect $KS:5301 --send "$1" --cc bbr --no-checksum --timeout 120 2>/dev/null |
+    --address $NS_ADDR/24 --connect $KS:5301 --send "$1" --cc bbr --no-checksum --timeout 120 2>"$err" |
     python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print("%.1f" % (r["goodput_bps"]/1e6))' 2>/dev/null || echo "fail"
   stop_srv $srv
 }
@@ -138,6 +145,7 @@ print('%.1f' % statistics.median(v) if v else 'fail')" "$@"; }
 repeat() { # command... -> median of REPEAT runs
   local out=()
   for _ in $(seq "$REPEAT"); do out+=("$("$@")"); done
+  echo "#   $1 ${2:-} ${3:-}: ${out[*]}" >&2   # every run, for the spread
   median "${out[@]}"
 }
 
@@ -148,7 +156,7 @@ echo "# kernel: iperf3 -t ${SECONDS_PER_RUN}; netstack: stackroute-netperf --sen
 printf "%-6s %14s %14s %14s %12s %12s\n" loss netstack-bbr kernel-cubic kernel-bbr "ns/cubic" "ns/kbbr"
 for loss in $LOSSES; do
   start_emu "$loss" "$DELAY" "$RATE"
-  ns=$(repeat netstack_send $BYTES)
+  ns=$(repeat netstack_send $BYTES "$loss")
   cubic=$(repeat kernel_iperf cubic)
   kbbr=$(repeat kernel_iperf bbr)
   stop_emu

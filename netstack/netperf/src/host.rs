@@ -245,6 +245,8 @@ struct Totals {
     tlp_count: u64,
     last_srtt_us: u64,
     connections: u64,
+    /// Time spent in `connect` (SYN → established).
+    handshake_seconds: f64,
 }
 
 fn report(
@@ -255,8 +257,11 @@ fn report(
     cc: &str,
 ) -> serde_json::Value {
     let interface = stack.stats();
-    let goodput = if seconds > 0.0 {
-        (totals.bytes_sent.max(totals.bytes_received) as f64 * 8.0 / seconds) as u64
+    // Like iperf3, goodput counts from the established connection: a lost SYN costs the
+    // initial RTO (1 s, RFC 6298) before any data moves, which says nothing about the transfer.
+    let transfer_seconds = seconds - totals.handshake_seconds;
+    let goodput = if transfer_seconds > 0.0 {
+        (totals.bytes_sent.max(totals.bytes_received) as f64 * 8.0 / transfer_seconds) as u64
     } else {
         0
     };
@@ -264,6 +269,7 @@ fn report(
         "bytes_sent": totals.bytes_sent,
         "bytes_received": totals.bytes_received,
         "seconds": seconds,
+        "handshake_seconds": totals.handshake_seconds,
         "goodput_bps": goodput,
         "retransmits": totals.retransmits,
         "connections": totals.connections,
@@ -299,7 +305,9 @@ pub(crate) fn run_client(
     let checksum = config.checksum;
     let started = StdInstant::now();
     for _ in 0..connections {
+        let dialed = StdInstant::now();
         let handle = host.connect(remote)?;
+        totals.handshake_seconds += dialed.elapsed().as_secs_f64();
         match work {
             ClientWork::Send(bytes) => {
                 let mut remaining = bytes;
@@ -346,6 +354,16 @@ pub(crate) fn run_client(
                     &mut rx_buf,
                 )? {
                     host.check_deadline()?;
+                    if trace && StdInstant::now() >= next_trace {
+                        // The last send buffer's worth drains here: keep tracing until the end.
+                        next_trace = StdInstant::now() + Duration::from_millis(100);
+                        if let Ok(stats) = host.stack.connection_stats(handle) {
+                            eprintln!(
+                                "closing at {:.3} s: {stats:?}",
+                                started.elapsed().as_secs_f64()
+                            );
+                        }
+                    }
                     host.turn()?;
                 }
             }

@@ -17,6 +17,11 @@ use crate::time::Instant;
 
 /// 2/ln(2): the smallest gain that doubles the sending rate each round in Startup.
 const HIGH_GAIN: f64 = 2.885;
+/// Inflight cap in BDPs in Startup and Drain (BBRv3's `startup_cwnd_gain`; BBRv1 uses 2.885).
+/// Pacing at 2.885 still doubles the rate each round, but inflight stops at the pipe plus one
+/// BDP of queue: BBRv1's 2.885 BDPs overflowed a one-BDP bottleneck queue at the end of every
+/// Startup (≈ 600 retransmissions at 100 Mbit/s, 30 ms), which then had to be repaired.
+const STARTUP_CWND_GAIN: f64 = 2.0;
 /// Drain undoes Startup's queue in one round.
 const DRAIN_GAIN: f64 = 1.0 / HIGH_GAIN;
 /// Inflight cap in BDPs outside Startup; 2 absorbs delayed and aggregated ACKs.
@@ -27,6 +32,8 @@ const PACING_GAIN_CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const BW_FILTER_ROUNDS: u64 = 10;
 /// Min-RTT filter length.
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// A sample within 1/64 of the minimum RTT, or this much, confirms it (see `update_min_rtt`).
+const MIN_RTT_CONFIRM_SLACK: Duration = Duration::from_micros(100);
 /// Time spent at the ProbeRTT window.
 const PROBE_RTT_DURATION: Duration = Duration::from_millis(200);
 /// ProbeRTT's window in BDPs (BBRv2/v3 `probe_rtt_cwnd_gain`): half a BDP of inflight empties
@@ -52,6 +59,11 @@ const LOSS_EWMA_WEIGHT: f64 = 0.125;
 /// Compensate only while the smoothed RTT is within this factor of the minimum (no standing
 /// queue: the losses are not the bottleneck overflowing).
 const COMPENSATE_BELOW_RTT_RATIO: f64 = 1.25;
+/// A round whose loss rate exceeds twice the average and the average plus this, while a
+/// queue stands, overflowed the bottleneck queue.
+const OVERFLOW_EXCESS_LOSS: f64 = 0.10;
+/// ...and lost at least this many segments (small rounds are noisy).
+const OVERFLOW_MIN_LOST_SEGMENTS: u64 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -117,8 +129,9 @@ pub struct Bbr {
     sent: u64,
     /// (bytes sent, bytes delivered, inflight) at the start of the current round.
     round_snapshot: (u64, u64, u64),
-    /// Moving average of the per-round fraction of sent bytes that were lost.
-    loss_rate: f64,
+    /// Moving average of the per-round fraction of sent bytes that were lost (rounds where the
+    /// bottleneck queue overflowed left out); `None` before the first round with traffic.
+    loss_rate: Option<f64>,
     /// The smoothed RTT was near the minimum at the last ACK.
     queue_small: bool,
 }
@@ -139,7 +152,7 @@ impl Bbr {
             full_bw_count: 0,
             full_bw_reached: false,
             pacing_gain: HIGH_GAIN,
-            cwnd_gain: HIGH_GAIN,
+            cwnd_gain: STARTUP_CWND_GAIN,
             cycle_index: 0,
             cycle_stamp: now,
             probe_rtt_done: None,
@@ -147,7 +160,7 @@ impl Bbr {
             rto_saved_cwnd: 0,
             sent: 0,
             round_snapshot: (0, 0, 0),
-            loss_rate: 0.0,
+            loss_rate: None,
             queue_small: false,
         }
     }
@@ -165,7 +178,21 @@ impl Bbr {
         if sent >= 8 * self.mss {
             let lost = (i128::from(sent) - accounted).max(0) as f64;
             let rate = (lost / sent as f64).min(1.0);
-            self.loss_rate += LOSS_EWMA_WEIGHT * (rate - self.loss_rate);
+            let baseline = self.loss_rate.unwrap_or(rate);
+            // A round losing far more than the path's usual random loss while a queue stands:
+            // the bottleneck queue overflowed. Not random loss, so not averaged in; in Startup
+            // it means the pipe is full (BBRv2/v3 leave Startup on loss too, but above a fixed
+            // 2%, which random loss alone exceeds).
+            let overflow = !self.queue_small
+                && lost >= (OVERFLOW_MIN_LOST_SEGMENTS * self.mss) as f64
+                && rate > (baseline * 2.0).max(baseline + OVERFLOW_EXCESS_LOSS);
+            if overflow {
+                if self.mode == Mode::Startup {
+                    self.full_bw_reached = true;
+                }
+            } else {
+                self.loss_rate = Some(baseline + LOSS_EWMA_WEIGHT * (rate - baseline));
+            }
         }
         self.round_snapshot = (self.sent, ack.total_delivered, ack.inflight);
     }
@@ -182,7 +209,11 @@ impl Bbr {
         if self.mode != Mode::ProbeBw || self.pacing_gain != 1.0 || !self.queue_small {
             return 1.0;
         }
-        1.0 / (1.0 - self.loss_rate.clamp(0.0, MAX_COMPENSATED_LOSS))
+        1.0 / (1.0
+            - self
+                .loss_rate
+                .unwrap_or(0.0)
+                .clamp(0.0, MAX_COMPENSATED_LOSS))
     }
 
     fn bandwidth(&self) -> u64 {
@@ -284,11 +315,20 @@ impl Bbr {
 
     fn update_min_rtt(&mut self, ack: &AckEvent) {
         let expired = ack.now.saturating_duration_since(self.min_rtt_stamp) > MIN_RTT_WINDOW;
-        if let Some(sample) = ack.rtt_sample
-            && (self.min_rtt.is_none_or(|m| sample < m) || expired)
-        {
-            self.min_rtt = Some(sample);
-            self.min_rtt_stamp = ack.now;
+        if let Some(sample) = ack.rtt_sample {
+            if self.min_rtt.is_none_or(|m| sample < m) || expired {
+                self.min_rtt = Some(sample);
+                self.min_rtt_stamp = ack.now;
+            } else if self
+                .min_rtt
+                .is_some_and(|m| sample <= m + (m / 64).max(MIN_RTT_CONFIRM_SLACK))
+            {
+                // The queue was empty again (the ProbeBW drain phase does that when the flow
+                // is alone): the minimum is confirmed, so ProbeRTT, which exists to empty the
+                // queue and see it, is not needed yet. Flows that share a standing queue never
+                // see such samples and probe every 10 s as before.
+                self.min_rtt_stamp = ack.now;
+            }
         }
         if expired && self.mode != Mode::ProbeRtt && self.min_rtt.is_some() {
             self.mode = Mode::ProbeRtt;
@@ -311,7 +351,7 @@ impl Bbr {
                     } else {
                         self.mode = Mode::Startup;
                         self.pacing_gain = HIGH_GAIN;
-                        self.cwnd_gain = HIGH_GAIN;
+                        self.cwnd_gain = STARTUP_CWND_GAIN;
                     }
                 }
                 _ => {}
@@ -337,15 +377,15 @@ impl Bbr {
 impl Controller for Bbr {
     fn on_ack(&mut self, ack: &AckEvent) {
         let round_start = self.update_round(ack);
-        if round_start {
-            self.update_loss_rate(ack);
-        }
         self.queue_small = match (ack.smoothed_rtt, self.min_rtt) {
             (Some(srtt), Some(min)) => {
                 srtt.as_secs_f64() <= min.as_secs_f64() * COMPENSATE_BELOW_RTT_RATIO
             }
             _ => false,
         };
+        if round_start {
+            self.update_loss_rate(ack);
+        }
         self.update_bandwidth(ack);
         let app_limited = ack.rate.is_some_and(|r| r.is_app_limited);
         self.check_full_bandwidth(round_start, app_limited);
@@ -353,7 +393,7 @@ impl Controller for Bbr {
             Mode::Startup if self.full_bw_reached => {
                 self.mode = Mode::Drain;
                 self.pacing_gain = DRAIN_GAIN;
-                self.cwnd_gain = HIGH_GAIN;
+                self.cwnd_gain = STARTUP_CWND_GAIN;
             }
             Mode::ProbeBw => self.advance_cycle(ack),
             _ => {}
@@ -479,6 +519,95 @@ mod tests {
             "window {} not restored",
             bbr.window()
         );
+    }
+
+    /// Startup rounds of 30 ms whose sending doubles each round; `loss` and the smoothed RTT
+    /// (in min-RTT multiples) per round. Returns the mode after each round.
+    fn startup_rounds(loss: &[f64], rtt_factor: &[f64]) -> Vec<Mode> {
+        let mss = 1000;
+        let min_rtt = Duration::from_millis(30);
+        let mut bbr = Bbr::new(mss, Instant::ZERO);
+        let mut delivered = 0u64;
+        let mut modes = Vec::new();
+        for (round, (&loss, &factor)) in loss.iter().zip(rtt_factor).enumerate() {
+            let now = Instant::from_millis(30 * (round as u64 + 1));
+            let sent = 50_000u64 << round;
+            bbr.on_sent(now, sent, sent);
+            let prior = delivered;
+            let got = (sent as f64 * (1.0 - loss)) as u64;
+            delivered += got;
+            bbr.on_ack(&AckEvent {
+                now,
+                delivered_bytes: got,
+                total_delivered: delivered,
+                prior_inflight: 0,
+                inflight: 0,
+                rtt_sample: Some(min_rtt),
+                smoothed_rtt: Some(min_rtt.mul_f64(factor)),
+                min_rtt: Some(min_rtt),
+                rate: Some(RateSample {
+                    delivered: got,
+                    interval: min_rtt,
+                    prior_delivered: prior,
+                    is_app_limited: false,
+                }),
+                in_recovery: loss > 0.0,
+                newly_lost: 0,
+            });
+            modes.push(bbr.mode);
+        }
+        modes
+    }
+
+    #[test]
+    fn startup_survives_random_loss_but_ends_when_the_queue_overflows() {
+        // 5% (and 10%) random loss with no queue: Startup keeps doubling.
+        for loss in [0.05, 0.10] {
+            let modes = startup_rounds(&[loss; 6], &[1.0; 6]);
+            assert!(
+                modes.iter().all(|m| *m == Mode::Startup),
+                "{loss}: {modes:?}"
+            );
+        }
+        // Even a loss spike does not end it while the RTT shows no queue (random loss).
+        let modes = startup_rounds(&[0.05, 0.05, 0.05, 0.05, 0.40, 0.05], &[1.0; 6]);
+        assert!(modes.iter().all(|m| *m == Mode::Startup), "{modes:?}");
+        // The queue fills (RTT 1.6 × min) and a round loses 40% on top of 5% random loss:
+        // the bottleneck overflowed, Startup ends at once.
+        let modes = startup_rounds(
+            &[0.05, 0.05, 0.05, 0.05, 0.40, 0.05],
+            &[1.0, 1.0, 1.0, 1.3, 1.6, 1.6],
+        );
+        assert_eq!(modes[3], Mode::Startup);
+        // (Drain, or already ProbeBW: this model's inflight is zero.)
+        assert_ne!(modes[4], Mode::Startup, "{modes:?}");
+    }
+
+    #[test]
+    fn samples_near_the_minimum_rtt_postpone_probe_rtt() {
+        let mss = 1000;
+        let mut bbr = Bbr::new(mss, Instant::ZERO);
+        bbr.cwnd = 400_000;
+        bbr.full_bw_reached = true;
+        bbr.mode = Mode::ProbeBw;
+        bbr.min_rtt = Some(Duration::from_millis(30));
+        bbr.min_rtt_stamp = Instant::ZERO;
+        // 9 s later the queue drains and a sample comes within 1/64 of the minimum.
+        let t = Instant::from_millis(9_000);
+        bbr.on_ack(&ack(t, 1_000_000, 300 * mss, Duration::from_micros(30_300)));
+        // 11 s after the minimum was set, but 2 s after it was confirmed: no ProbeRTT.
+        let later = Instant::from_millis(11_000);
+        bbr.on_ack(&ack(later, 1_100_000, 300 * mss, Duration::from_millis(36)));
+        assert_eq!(bbr.mode, Mode::ProbeBw);
+        assert_eq!(bbr.min_rtt, Some(Duration::from_millis(30)));
+        // With only queued samples (36 ms), the filter expires 10 s after the confirmation.
+        bbr.on_ack(&ack(
+            Instant::from_millis(19_100),
+            1_200_000,
+            300 * mss,
+            Duration::from_millis(36),
+        ));
+        assert_eq!(bbr.mode, Mode::ProbeRtt);
     }
 
     #[test]
