@@ -73,6 +73,7 @@ done
 TMP=$(mktemp -d)
 # Starts a Python server in a namespace and waits (bounded) until it prints READY; sets SRV.
 start_py() { # ns script ip port
+  rm -f "$TMP/srv.$4"   # else the previous server's READY is seen before this one listens
   ip netns exec "$1" python3 -c "$2" "$3" "$4" > "$TMP/srv.$4" 2>&1 &
   SRV=$!; PIDS+=("$SRV")
   for _ in $(seq 200); do grep -q READY "$TMP/srv.$4" && return 0; sleep 0.05; done
