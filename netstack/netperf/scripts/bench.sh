@@ -6,6 +6,7 @@
 #   sudo netstack/netperf/scripts/bench.sh            # defaults: 100 Mbit/s, 15 ms each way (30 ms RTT)
 #   RATE=100 DELAY=25 RUN_SECONDS=10 LOSSES="0 0.01 0.05 0.1" REPEAT=3 sudo -E netstack/netperf/scripts/bench.sh
 #   SKIP_EMULATED=1 ... runs only the plain-veth part
+#   PLAIN_ARGS="--busy-poll-us 0" ... extra stackroute-netperf arguments for the plain-veth runs
 #   TRACE_DIR=/tmp/t ... keeps each netstack run's STACKROUTE_NETPERF_TRACE output (min_rtt_us,
 #                        cwnd, bandwidth estimate once a second) in /tmp/t/netstack-LOSS-TIME.err
 #
@@ -173,7 +174,7 @@ echo "# Plain veth (no emulator, no loss), TSO/GSO/GRO off on both ends"
 plain_send() { # engine -> Mbit/s
   start_py $S "$SINK" $SUB2.2 5311 || { echo fail; return; }; local srv=$SRV
   ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --engine "$1" --interface c1 \
-    --address $SUB2.3/24 --connect $SUB2.2:5311 --send 1000000000 --no-checksum --timeout 120 2>/dev/null |
+    --address $SUB2.3/24 --connect $SUB2.2:5311 --send 1000000000 --no-checksum --timeout 120 ${PLAIN_ARGS:-} 2>/dev/null |
     python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print("%.0f" % (r["goodput_bps"]/1e6))' 2>/dev/null || echo "fail"
   stop_srv $srv
 }
@@ -188,7 +189,7 @@ plain_rr() { # engine -> "mean p50 p99"
   # No SCHED_FIFO here: a real-time task busy-polling would keep ksoftirqd, which delivers the
   # veth's packets, off its CPU and add milliseconds to the tail.
   ip netns exec $C "$BIN/stackroute-netperf" client --engine "$1" --interface c1 \
-    --address $SUB2.3/24 --connect $SUB2.2:5312 --rr 5000 --rr-size 64 --nodelay --timeout 60 2>/dev/null |
+    --address $SUB2.3/24 --connect $SUB2.2:5312 --rr 5000 --rr-size 64 --nodelay --timeout 60 ${PLAIN_ARGS:-} 2>/dev/null |
     python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(r["rtt_us_mean"], r["rtt_us_p50"], r["rtt_us_p99"])' 2>/dev/null || echo "fail"
   stop_srv $srv
 }

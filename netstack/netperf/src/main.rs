@@ -87,6 +87,10 @@ struct Common {
     /// Busy-poll this many microseconds after activity before sleeping (0 disables).
     #[arg(long, default_value_t = 200)]
     busy_poll_us: u64,
+    /// Spin without `sched_yield()` between empty busy polls (by default the host loop yields,
+    /// so a task woken on its CPU, such as ksoftirqd or the peer, runs at once).
+    #[arg(long)]
+    busy_poll_no_yield: bool,
 }
 
 #[derive(Args, Debug)]
@@ -165,6 +169,7 @@ fn host_config(common: &Common) -> Result<host::HostConfig> {
         nodelay: common.nodelay,
         timeout: Duration::from_secs(common.timeout),
         busy_poll: Duration::from_micros(common.busy_poll_us),
+        busy_poll_yield: !common.busy_poll_no_yield,
         checksum: !common.no_checksum,
     })
 }
