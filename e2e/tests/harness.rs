@@ -219,19 +219,23 @@ fn ss_reports_the_congestion_control_the_sender_chose() {
             args.extend(["-C", cc]);
         }
         let mut client = cluster.spawn_plain("a1", "iperf3-client", &args).unwrap();
-        let seen = stackroute_e2e::cluster::wait_for("the iperf3 data connection", SECS, || {
-            let conns = ss::connections_to(&cluster.net, "a1", peer).ok()?;
-            (conns.len() >= 2).then_some(conns)
-        })
-        .unwrap();
-        client.success(SECS).unwrap();
         let expected = if cc == "default" { "reno" } else { cc };
         // iperf3 applies -C to its data connection only; the control connection keeps the
-        // host's default (reno here).
-        assert!(
-            seen.iter().any(|c| c.cc.as_deref() == Some(expected)),
-            "{cc}: {seen:?}"
-        );
+        // host's default (reno here). The data connection can be sampled before iperf3 has set
+        // its congestion control, so this waits for a sample that shows it.
+        let mut last = Vec::new();
+        let seen = stackroute_e2e::cluster::wait_for("the iperf3 data connection", SECS, || {
+            let conns = ss::connections_to(&cluster.net, "a1", peer).ok()?;
+            let shows = conns.len() >= 2 && conns.iter().any(|c| c.cc.as_deref() == Some(expected));
+            if shows {
+                Some(conns)
+            } else {
+                last = conns;
+                None
+            }
+        })
+        .unwrap_or_else(|e| panic!("{cc}: {e:#}; last sample: {last:?}"));
+        client.success(SECS).unwrap();
         assert!(
             seen.iter()
                 .all(|c| matches!(c.cc.as_deref(), Some(x) if x == expected || x == "reno")),
