@@ -13,13 +13,6 @@ use stackroute_local_api::published;
 
 const TO_DB: &str = "10.1.0.20:5432";
 
-fn write_state(dir: &std::path::Path, stack: &str, cc: &str) {
-    std::fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
-    // Write then rename, so the controller never reads half a file.
-    std::fs::write(dir.join(".policy.tmp"), policy(stack, cc)).unwrap();
-    std::fs::rename(dir.join(".policy.tmp"), dir.join("policy.yaml")).unwrap();
-}
-
 /// Waits until the agent is between updates — the generation file, the published file, the
 /// persisted copy and the revision metric agree — and returns the published snapshot.
 fn settled(agent: &Agent) -> (u64, u64, bool, Vec<u8>) {
@@ -35,21 +28,13 @@ fn settled(agent: &Agent) -> (u64, u64, bool, Vec<u8>) {
 }
 
 fn lookup(agent: &Agent, workload: &str) -> Response {
-    agent.call(&Request::Lookup {
-        namespace: "shop".into(),
-        workload: workload.into(),
-        ip: "10.1.0.20".parse().unwrap(),
-        port: 5432,
-        protocol: Protocol::Tcp,
-    })
+    agent.call(&lookup_db(workload))
 }
 
 #[test]
 fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    write_state(&state, "Kernel", "BBR");
+    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
     let controller = Controller::start(&state, tmp.path(), free_port());
     let url = format!("http://{}", controller.grpc);
     // n3 is given a dead controller address first: it rotates to the live one.
@@ -253,9 +238,7 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
 #[test]
 fn without_the_controller_agents_keep_answering_and_restart_stale_from_disk() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    write_state(&state, "Kernel", "BBR");
+    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
     let port = free_port();
     let mut controller = Controller::start(&state, tmp.path(), port);
     let url = format!("http://{}", controller.grpc);
@@ -452,9 +435,7 @@ fn malformed_and_oversized_socket_messages_are_rejected_without_a_crash() {
 #[test]
 fn stackroute_run_registers_the_workload_and_execs_the_command() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    write_state(&state, "Kernel", "BBR");
+    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
     let controller = Controller::start(&state, tmp.path(), free_port());
     let agent = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
     wait_for("a fresh snapshot", WAIT, || {

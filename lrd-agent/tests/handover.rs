@@ -21,22 +21,6 @@ use stackroute_local_api::published;
 const TO_DB: &str = "10.1.0.20:5432";
 const HANDOVER_SOCKET: &str = "handover.sock";
 
-fn write_state(dir: &Path, stack: &str, cc: &str) {
-    std::fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
-    std::fs::write(dir.join(".policy.tmp"), policy(stack, cc)).unwrap();
-    std::fs::rename(dir.join(".policy.tmp"), dir.join("policy.yaml")).unwrap();
-}
-
-fn lookup_request(workload: &str) -> Request {
-    Request::Lookup {
-        namespace: "shop".into(),
-        workload: workload.into(),
-        ip: "10.1.0.20".parse().unwrap(),
-        port: 5432,
-        protocol: Protocol::Tcp,
-    }
-}
-
 fn find_listener_request() -> Request {
     Request::FindListener {
         ip: "127.0.0.1".parse().unwrap(),
@@ -140,9 +124,7 @@ fn log_field(log: &str, message: &str, field: &str) -> Option<u64> {
 #[test]
 fn a_new_agent_takes_over_from_a_running_one_without_a_failed_call() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    write_state(&state, "Kernel", "BBR");
+    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
     let controller = Controller::start(&state, tmp.path(), free_port());
     let mut old = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
     wait_for("a fresh snapshot", WAIT, || {
@@ -181,7 +163,7 @@ fn a_new_agent_takes_over_from_a_running_one_without_a_failed_call() {
                 old.call(&find_listener_request()),
                 Response::Listener { listener: Some(_) }
             );
-            let decided = matches!(old.call(&lookup_request("job-1")), Response::Decision(_));
+            let decided = matches!(old.call(&lookup_db("job-1")), Response::Decision(_));
             (listed && decided).then_some(())
         },
     );
@@ -191,9 +173,9 @@ fn a_new_agent_takes_over_from_a_running_one_without_a_failed_call() {
     let done = Arc::new(AtomicU64::new(0));
     let sampler = sample_generations(old.socket_dir.clone(), stop.clone());
     let clients: Vec<_> = [
-        lookup_request("web-1"),
+        lookup_db("web-1"),
         find_listener_request(),
-        lookup_request("job-1"),
+        lookup_db("job-1"),
     ]
     .into_iter()
     .map(|request| keep_calling(old.socket_dir.clone(), request, stop.clone(), done.clone()))
@@ -299,7 +281,7 @@ fn a_new_agent_takes_over_from_a_running_one_without_a_failed_call() {
     assert!(status.success(), "{status:?}");
     // The socket stays served by the new agent.
     assert!(matches!(
-        new.call(&lookup_request("web-1")),
+        new.call(&lookup_db("web-1")),
         Response::Decision(_)
     ));
     drop(controller);
@@ -308,9 +290,7 @@ fn a_new_agent_takes_over_from_a_running_one_without_a_failed_call() {
 #[test]
 fn a_stopped_agent_is_taken_over_after_the_timeout_and_stops_when_it_wakes() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    write_state(&state, "Kernel", "BBR");
+    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
     let controller = Controller::start(&state, tmp.path(), free_port());
     let mut old = Agent::start_with(
         "n1",
@@ -341,7 +321,7 @@ fn a_stopped_agent_is_taken_over_after_the_timeout_and_stops_when_it_wakes() {
         "{log}"
     );
     assert!(matches!(
-        new.call(&lookup_request("web-1")),
+        new.call(&lookup_db("web-1")),
         Response::Decision(_)
     ));
 
@@ -387,9 +367,7 @@ fn handover_frame(json: &str) -> Vec<u8> {
 #[test]
 fn a_running_agent_refuses_garbage_and_strangers_and_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    write_state(&state, "Kernel", "BBR");
+    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
     let controller = Controller::start(&state, tmp.path(), free_port());
     let agent = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
     wait_for("a fresh snapshot", WAIT, || {
@@ -461,7 +439,7 @@ fn a_running_agent_refuses_garbage_and_strangers_and_keeps_serving() {
             .then_some(())
     });
     assert!(matches!(
-        agent.call(&lookup_request("web-1")),
+        agent.call(&lookup_db("web-1")),
         Response::Decision(_)
     ));
     assert_eq!(http_get(agent.http, "/readyz").unwrap().0, 200);
@@ -549,7 +527,7 @@ fn a_new_agent_starts_when_the_running_one_answers_garbage_or_dies_mid_hand_over
             "{what}: expected {expected:?} in {log}"
         );
         // It serves the local API (no snapshot yet: no controller), on a socket of its own.
-        match agent.call(&lookup_request("web-1")) {
+        match agent.call(&lookup_db("web-1")) {
             Response::Error { message } => {
                 assert!(message.contains("no snapshot"), "{what}: {message}")
             }
@@ -557,7 +535,7 @@ fn a_new_agent_starts_when_the_running_one_answers_garbage_or_dies_mid_hand_over
         }
         drop(fake_socket);
         assert!(matches!(
-            agent.call(&lookup_request("web-1")),
+            agent.call(&lookup_db("web-1")),
             Response::Error { .. }
         ));
     }

@@ -11,18 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
 use stackroute_local_api::frame;
-use stackroute_local_api::message::{Protocol, Request, Response};
+use stackroute_local_api::message::Response;
 use stackroute_local_api::published;
-
-fn lookup() -> Request {
-    Request::Lookup {
-        namespace: "shop".into(),
-        workload: "web-1".into(),
-        ip: "10.1.0.20".parse().unwrap(),
-        port: 5432,
-        protocol: Protocol::Tcp,
-    }
-}
 
 fn request_frame() -> Vec<u8> {
     let json = br#"{"kind":"request","version":1,"node":"n1"}"#;
@@ -34,10 +24,7 @@ fn request_frame() -> Vec<u8> {
 #[test]
 fn the_running_agent_serves_again_when_the_new_one_dies_mid_hand_over() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    std::fs::write(state.join("cluster.yaml"), CLUSTER).unwrap();
-    std::fs::write(state.join("policy.yaml"), policy("Kernel", "BBR")).unwrap();
+    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
     let controller = Controller::start(&state, tmp.path(), free_port());
     let agent = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
     wait_for("a fresh snapshot", WAIT, || {
@@ -57,7 +44,8 @@ fn the_running_agent_serves_again_when_the_new_one_dies_mid_hand_over() {
                     .map_err(|e| e.to_string())
                     .and_then(|mut s| {
                         s.set_read_timeout(Some(WAIT)).unwrap();
-                        frame::call::<_, _, Response>(&mut s, &lookup()).map_err(|e| e.to_string())
+                        frame::call::<_, _, Response>(&mut s, &lookup_db("web-1"))
+                            .map_err(|e| e.to_string())
                     });
                 match reply {
                     Ok(Response::Decision(_)) => ok += 1,
@@ -91,7 +79,10 @@ fn the_running_agent_serves_again_when_the_new_one_dies_mid_hand_over() {
         wait_for("the agent to be ready again", WAIT, || {
             http_get(agent.http, "/readyz").filter(|(code, _)| *code == 200)
         });
-        assert!(matches!(agent.call(&lookup()), Response::Decision(_)));
+        assert!(matches!(
+            agent.call(&lookup_db("web-1")),
+            Response::Decision(_)
+        ));
     }
     let log = agent.proc.log_text();
     assert!(

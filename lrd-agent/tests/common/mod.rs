@@ -34,6 +34,33 @@ items:
 - {apiVersion: v1, kind: Pod, metadata: {name: db-0, namespace: shop, labels: {app: db}}, spec: {nodeName: n2, containers: []}, status: {podIP: 10.1.0.20}}
 "#;
 
+/// Writes the cluster and a web policy (`stack`, `cc`) into a controller state directory; the
+/// policy is written then renamed, so the controller never reads half a file.
+pub fn write_state(dir: &Path, stack: &str, cc: &str) {
+    std::fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
+    std::fs::write(dir.join(".policy.tmp"), policy(stack, cc)).unwrap();
+    std::fs::rename(dir.join(".policy.tmp"), dir.join("policy.yaml")).unwrap();
+}
+
+/// `ROOT/state`, created and holding the cluster and a web policy (`stack`, `cc`).
+pub fn new_state_dir(root: &Path, stack: &str, cc: &str) -> PathBuf {
+    let state = root.join("state");
+    std::fs::create_dir(&state).unwrap();
+    write_state(&state, stack, cc);
+    state
+}
+
+/// The lookup of `shop/WORKLOAD` → db-0 (10.1.0.20:5432, TCP).
+pub fn lookup_db(workload: &str) -> Request {
+    Request::Lookup {
+        namespace: "shop".into(),
+        workload: workload.into(),
+        ip: "10.1.0.20".parse().unwrap(),
+        port: 5432,
+        protocol: stackroute_local_api::message::Protocol::Tcp,
+    }
+}
+
 /// Web → anything: the given stack and congestion control.
 pub fn policy(stack: &str, congestion_control: &str) -> String {
     format!(
