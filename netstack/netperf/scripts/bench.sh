@@ -5,9 +5,9 @@
 #
 #   sudo netstack/netperf/scripts/bench.sh            # defaults: 100 Mbit/s, 15 ms each way (30 ms RTT)
 #   RATE=100 DELAY=25 RUN_SECONDS=10 LOSSES="0 0.01 0.05 0.1" REPEAT=3 sudo -E netstack/netperf/scripts/bench.sh
-#   SKIP_EMULATED=1 ... runs only the plain-veth part
+#   SKIP_EMULATED=1 ... runs only the plain-veth part; SKIP_PLAIN=1 only the emulated part
 #   PLAIN_ARGS="--busy-poll-us 0" ... extra stackroute-netperf arguments for the plain-veth runs
-#   TRACE_DIR=/tmp/t ... keeps each netstack run's STACKROUTE_NETPERF_TRACE output (min_rtt_us,
+#   TRACE_DIR=/tmp/t [TRACE_MS=50] ... keeps each netstack run's STACKROUTE_NETPERF_TRACE output (min_rtt_us,
 #                        cwnd, bandwidth estimate once a second) in /tmp/t/netstack-LOSS-TIME.err
 #
 # Needs root, iproute2, iperf3, python3, ethtool (optional). Everything runs in namespaces the
@@ -120,6 +120,26 @@ for _ in range(n):
     lat.append(time.perf_counter() - t)
 lat.sort(); print(int(sum(lat) / n * 1e6), int(lat[n // 2] * 1e6), int(lat[int(n * 0.99)] * 1e6))'
 
+# The kernel doing exactly what `stackroute-netperf client --send` does, timed the same way: from
+# the established connection until the peer has closed after the last byte (iperf3 -t instead
+# stops its clock when the sender stops, so the data still in flight and the repair of the last
+# losses are not in its figure).
+SEND='
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, sys.argv[4].encode())
+left = int(sys.argv[3]); block = memoryview(bytes(range(256)) * 4096); t = time.perf_counter()
+while left:
+    n = c.send(block[:min(left, len(block))]); left -= n
+c.shutdown(socket.SHUT_WR)
+while c.recv(65536): pass
+print("%.1f" % (int(sys.argv[3]) * 8 / (time.perf_counter() - t) / 1e6))'
+kernel_send() { # bytes cc -> Mbit/s goodput
+  start_py $S "$SINK" $KS 5302 || { echo fail; return; }; local srv=$SRV
+  timeout 120 ip netns exec $C python3 -c "$SEND" $KS 5302 "$1" "$2" 2>/dev/null || echo "fail"
+  stop_srv $srv
+}
+
 kernel_iperf() { # cc -> Mbit/s received
   ip netns exec $S iperf3 -s -1 -B $KS >/dev/null 2>&1 & local srv=$!; PIDS+=("$srv"); sleep 0.5
   ip netns exec $C iperf3 -c $KS -t "$SECONDS_PER_RUN" -C "$1" -J 2>/dev/null |
@@ -132,7 +152,7 @@ netstack_send() { # bytes loss -> Mbit/s goodput
   local err=/dev/null
   if [ -n "${TRACE_DIR:-}" ]; then
     mkdir -p "$TRACE_DIR"; err="$TRACE_DIR/netstack-$2-$(date +%H%M%S%N).err"
-    export STACKROUTE_NETPERF_TRACE=1
+    export STACKROUTE_NETPERF_TRACE=${TRACE_MS:-1}
   fi
   ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --engine af_packet --interface c0 \
     --address $NS_ADDR/24 --connect $KS:5301 --send "$1" --cc bbr --no-checksum --timeout 120 2>"$err" |
@@ -154,21 +174,25 @@ repeat() { # command... -> median of REPEAT runs
 BYTES=$(( RATE * 1000000 / 8 * SECONDS_PER_RUN ))
 if [ -z "${SKIP_EMULATED:-}" ]; then
 echo "# Emulated path: ${RATE} Mbit/s, ${DELAY} ms each way (RTT $((2 * DELAY)) ms), random loss on the data path"
-echo "# kernel: iperf3 -t ${SECONDS_PER_RUN}; netstack: stackroute-netperf --send ${BYTES} (AF_PACKET); median of ${REPEAT} run(s)"
-printf "%-6s %14s %14s %14s %12s %12s\n" loss netstack-bbr kernel-cubic kernel-bbr "ns/cubic" "ns/kbbr"
+echo "# netstack: stackroute-netperf --send ${BYTES} (AF_PACKET); kernel: iperf3 -t ${SECONDS_PER_RUN}, and"
+echo "# kbbr-send: the same ${BYTES} bytes timed to the peer's close like netstack; median of ${REPEAT} run(s)"
+printf "%-6s %14s %14s %14s %14s %9s %9s %11s\n" loss netstack-bbr kernel-cubic kernel-bbr kbbr-send \
+  "ns/cubic" "ns/kbbr" "ns/kbbr-send"
 for loss in $LOSSES; do
   start_emu "$loss" "$DELAY" "$RATE"
   ns=$(repeat netstack_send $BYTES "$loss")
   cubic=$(repeat kernel_iperf cubic)
   kbbr=$(repeat kernel_iperf bbr)
+  ksend=$(repeat kernel_send $BYTES bbr)
   stop_emu
-  ratio() { python3 -c "a,b='$1','$2'; print('%.1fx' % (float(a)/float(b)) if b not in ('fail','0.0') and a!='fail' else '-')"; }
-  printf "%-6s %11s Mb %11s Mb %11s Mb %12s %12s\n" "$(python3 -c "print('%g%%' % ($loss*100))")" \
-    "$ns" "$cubic" "$kbbr" "$(ratio "$ns" "$cubic")" "$(ratio "$ns" "$kbbr")"
+  ratio() { python3 -c "a,b='$1','$2'; print('%.2fx' % (float(a)/float(b)) if b not in ('fail','0.0') and a!='fail' else '-')"; }
+  printf "%-6s %11s Mb %11s Mb %11s Mb %11s Mb %9s %9s %11s\n" "$(python3 -c "print('%g%%' % ($loss*100))")" \
+    "$ns" "$cubic" "$kbbr" "$ksend" "$(ratio "$ns" "$cubic")" "$(ratio "$ns" "$kbbr")" "$(ratio "$ns" "$ksend")"
 done
 
 fi
 
+[ -n "${SKIP_PLAIN:-}" ] && exit 0
 echo
 echo "# Plain veth (no emulator, no loss), TSO/GSO/GRO off on both ends"
 plain_send() { # engine -> Mbit/s

@@ -324,13 +324,26 @@ pub(crate) fn run_client(
             ClientWork::Send(bytes) => {
                 let mut remaining = bytes;
                 let mut block_offset = 0usize;
-                let trace = std::env::var_os("STACKROUTE_NETPERF_TRACE").is_some();
+                // STACKROUTE_NETPERF_TRACE=1 traces once a second; a larger number is the
+                // interval in milliseconds.
+                let trace_every = std::env::var("STACKROUTE_NETPERF_TRACE").ok().map(|v| {
+                    match v.parse::<u64>() {
+                        Ok(ms) if ms > 1 => Duration::from_millis(ms),
+                        _ => Duration::from_secs(1),
+                    }
+                });
+                let trace = trace_every.is_some();
+                let trace_every = trace_every.unwrap_or_default();
                 let mut next_trace = StdInstant::now();
                 while remaining > 0 {
                     host.check_deadline()?;
                     if trace && StdInstant::now() >= next_trace {
-                        next_trace += Duration::from_secs(1);
-                        eprintln!("{:?}", host.stack.connection_stats(handle));
+                        next_trace += trace_every;
+                        eprintln!(
+                            "at {:.3} s: {:?}",
+                            started.elapsed().as_secs_f64(),
+                            host.stack.connection_stats(handle)
+                        );
                     }
                     if block_offset >= block.len() {
                         block_offset = 0;
