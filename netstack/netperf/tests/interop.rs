@@ -155,7 +155,16 @@ fn request_response_both_ways() {
     if !should_run("request_response_both_ways") {
         return;
     }
-    let mut lab = Lab::new(0.0);
+    request_response_both_ways_at(0.0, 500);
+    // Under loss every lost request or reply waits for a TLP or an RTO: fewer round trips.
+    for loss in LOSS_RATES {
+        request_response_both_ways_at(loss, 150);
+    }
+}
+
+fn request_response_both_ways_at(loss: f64, round_trips: u64) {
+    let rounds = round_trips.to_string();
+    let mut lab = Lab::new(loss);
     let ip = lab.kernel_ip.clone();
     let echo = lab.spawn_kernel(&["python3", "-c", py::ECHO_SERVER, &ip, "5203", "1"]);
     lab.wait_for_line(echo, "READY", Duration::from_secs(10));
@@ -165,7 +174,7 @@ fn request_response_both_ways() {
         "--connect",
         &target,
         "--rr",
-        "500",
+        &rounds,
         "--rr-size",
         "100",
         "--nodelay",
@@ -173,11 +182,11 @@ fn request_response_both_ways() {
         "60",
     ]);
     let (out, err, ok) = lab.wait(client, Duration::from_secs(70));
-    assert!(ok, "rr client failed: {err}");
+    assert!(ok, "rr client failed at loss {loss}: {err}");
     let report = json_line(&out);
-    assert_eq!(report["round_trips"].as_u64(), Some(500));
-    assert_eq!(report["bytes_received"].as_u64(), Some(500 * 100));
-    eprintln!("our rr client ↔ kernel echo: {report}");
+    assert_eq!(report["round_trips"].as_u64(), Some(round_trips));
+    assert_eq!(report["bytes_received"].as_u64(), Some(round_trips * 100));
+    eprintln!("our rr client ↔ kernel echo, loss {loss}: {report}");
 
     let stack_ip = lab.stack_addr.split('/').next().unwrap().to_owned();
     let server = lab.spawn_netperf(&[
@@ -198,16 +207,25 @@ fn request_response_both_ways() {
         py::RR_CLIENT,
         &stack_ip,
         "5204",
-        "500",
+        &rounds,
         "100",
     ]);
     let (client_out, client_err, client_ok) = lab.wait(client, Duration::from_secs(70));
-    assert!(client_ok, "kernel rr client failed: {client_err}");
-    assert!(client_out.contains("RESULT 500"));
+    assert!(
+        client_ok,
+        "kernel rr client failed at loss {loss}: {client_err}"
+    );
+    assert!(client_out.contains(&format!("RESULT {round_trips}")));
     let (out, err, ok) = lab.wait(server, Duration::from_secs(10));
-    assert!(ok, "echo server failed: {err}");
-    assert_eq!(json_line(&out)["bytes_sent"].as_u64(), Some(500 * 100));
-    eprintln!("kernel rr client ↔ our echo: {}", client_out.trim());
+    assert!(ok, "echo server failed at loss {loss}: {err}");
+    assert_eq!(
+        json_line(&out)["bytes_sent"].as_u64(),
+        Some(round_trips * 100)
+    );
+    eprintln!(
+        "kernel rr client ↔ our echo, loss {loss}: {}",
+        client_out.trim()
+    );
 }
 
 #[test]
@@ -215,7 +233,14 @@ fn connection_churn_both_ways() {
     if !should_run("connection_churn_both_ways") {
         return;
     }
-    let mut lab = Lab::new(0.0);
+    for loss in [0.0].into_iter().chain(LOSS_RATES) {
+        connection_churn_both_ways_at(loss);
+    }
+}
+
+/// 40 connections of 20 kB each way; a lost SYN costs its sender the 1 s initial RTO.
+fn connection_churn_both_ways_at(loss: f64) {
+    let mut lab = Lab::new(loss);
     let ip = lab.kernel_ip.clone();
     let sink = lab.spawn_kernel(&["python3", "-c", py::SINK_SERVER, &ip, "5205", "40"]);
     lab.wait_for_line(sink, "READY", Duration::from_secs(10));
@@ -232,7 +257,7 @@ fn connection_churn_both_ways() {
         "120",
     ]);
     let (out, err, ok) = lab.wait(client, Duration::from_secs(130));
-    assert!(ok, "churn client failed: {err}");
+    assert!(ok, "churn client failed at loss {loss}: {err}");
     assert_eq!(json_line(&out)["connections"].as_u64(), Some(40));
     let (sink_out, _, _) = lab.wait(sink, Duration::from_secs(10));
     assert_eq!(sink_out.matches("RESULT 20000 ").count(), 40);
@@ -258,9 +283,12 @@ fn connection_churn_both_ways() {
         "40",
     ]);
     let (_, client_err, client_ok) = lab.wait(client, Duration::from_secs(130));
-    assert!(client_ok, "kernel churn client failed: {client_err}");
+    assert!(
+        client_ok,
+        "kernel churn client failed at loss {loss}: {client_err}"
+    );
     let (out, err, ok) = lab.wait(server, Duration::from_secs(20));
-    assert!(ok, "churn server failed: {err}");
+    assert!(ok, "churn server failed at loss {loss}: {err}");
     let report = json_line(&out);
     assert_eq!(report["connections"].as_u64(), Some(40));
     assert_eq!(report["bytes_received"].as_u64(), Some(40 * 20000));
