@@ -40,7 +40,12 @@ pub(crate) struct HostConfig {
 
 pub(crate) enum ClientWork {
     Send(u64),
-    RequestResponse { round_trips: u64, size: usize },
+    RequestResponse {
+        round_trips: u64,
+        size: usize,
+    },
+    /// `GET` this path over HTTP/1.0 and read the response until the server closes.
+    HttpGet(String),
 }
 
 /// The payload sent by `--send`: one pseudo-random MiB, repeated, so both ends can checksum it
@@ -314,6 +319,7 @@ pub(crate) fn run_client(
     let mut received_hash = Sha256::new();
     let block = payload_block();
     let mut rx_buf = vec![0u8; 65536];
+    let mut http_response = HttpResponse::default();
     let checksum = config.checksum;
     let started = StdInstant::now();
     for _ in 0..connections {
@@ -392,6 +398,34 @@ pub(crate) fn run_client(
                     host.turn()?;
                 }
             }
+            ClientWork::HttpGet(ref path) => {
+                let request = format!(
+                    "GET {path} HTTP/1.0\r\nHost: {remote}\r\nUser-Agent: stackroute-netperf\r\n\r\n"
+                );
+                let mut written = 0;
+                while written < request.len() {
+                    host.check_deadline()?;
+                    match host.stack.send(handle, &request.as_bytes()[written..]) {
+                        Ok(n) => written += n,
+                        Err(SocketError::WouldBlock) => host.turn()?,
+                        Err(e) => bail!("send: {e}"),
+                    }
+                }
+                totals.bytes_sent += request.len() as u64;
+                loop {
+                    host.check_deadline()?;
+                    match host.stack.recv(handle, &mut rx_buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            totals.bytes_received += n as u64;
+                            http_response.push(&rx_buf[..n]);
+                        }
+                        Err(SocketError::WouldBlock) => host.turn()?,
+                        Err(e) => bail!("recv: {e}"),
+                    }
+                }
+                host.stack.shutdown(handle).map_err(|e| anyhow!("{e}"))?;
+            }
             ClientWork::RequestResponse { round_trips, size } => {
                 let request = vec![0x52u8; size];
                 let mut buf = vec![0u8; size.max(4096)];
@@ -456,6 +490,7 @@ pub(crate) fn run_client(
             "received_sha256": hex(&received_hash.finalize()),
         }),
         ClientWork::Send(_) => json!({}),
+        ClientWork::HttpGet(_) => http_response.report()?,
         ClientWork::RequestResponse { .. } => json!({
             "round_trips": latencies_us.len(),
             "rtt_us_mean": if latencies_us.is_empty() { 0 } else {
@@ -472,6 +507,48 @@ pub(crate) fn run_client(
         extra,
         config.congestion_control.name(),
     ))
+}
+
+/// An HTTP response read as it arrives: the header kept until its blank line, the body hashed.
+#[derive(Default)]
+struct HttpResponse {
+    header: Vec<u8>,
+    header_done: bool,
+    body_bytes: u64,
+    body_hash: Sha256,
+}
+
+impl HttpResponse {
+    fn push(&mut self, mut bytes: &[u8]) {
+        if !self.header_done {
+            let before = self.header.len();
+            self.header.extend_from_slice(bytes);
+            let Some(end) = header_end(&self.header) else {
+                return;
+            };
+            self.header_done = true;
+            self.header.truncate(end);
+            bytes = &bytes[end - before..];
+        }
+        self.body_bytes += bytes.len() as u64;
+        self.body_hash.update(bytes);
+    }
+
+    /// `http_status`, `body_bytes` and `body_sha256`; an error if no status line arrived.
+    fn report(&self) -> Result<serde_json::Value> {
+        let header = String::from_utf8_lossy(&self.header);
+        let status: u16 = header
+            .split_whitespace()
+            .nth(1)
+            .filter(|_| self.header_done && header.starts_with("HTTP/"))
+            .and_then(|code| code.parse().ok())
+            .with_context(|| format!("no HTTP status line in the response: {header:.80}"))?;
+        Ok(json!({
+            "http_status": status,
+            "body_bytes": self.body_bytes,
+            "body_sha256": hex(&self.body_hash.clone().finalize()),
+        }))
+    }
 }
 
 /// Reads everything available; returns true at EOF.
@@ -499,20 +576,57 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-struct ServerConn {
-    handle: SocketHandle,
-    pending_echo: Vec<u8>,
-    eof: bool,
-    hash: Sha256,
+/// What the server does with a connection.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ServerWork {
+    /// Count (and checksum) what arrives.
+    Count,
+    /// Send back what arrives.
+    Echo,
+    /// Read an HTTP/1.0 request, answer `200 OK` with this many bytes of the payload stream,
+    /// then close first: enough HTTP for curl or any other unmodified client.
+    Http { body_bytes: u64 },
 }
 
-/// Server: accept, count or echo, close when the peer closes.
+struct ServerConn {
+    handle: SocketHandle,
+    /// Bytes to send before anything else: echoed data or the HTTP header.
+    pending: Vec<u8>,
+    eof: bool,
+    hash: Sha256,
+    http: HttpReply,
+}
+
+/// Progress of an HTTP reply.
+#[derive(Default)]
+struct HttpReply {
+    /// The request so far, until its blank line.
+    request: Vec<u8>,
+    /// Body bytes still to send, once the request is complete.
+    body_left: Option<u64>,
+    body_offset: usize,
+    body_hash: Sha256,
+    /// Our FIN is queued.
+    shut_down: bool,
+}
+
+/// End of an HTTP request's header block.
+fn header_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+}
+
+/// Server: accept, count, echo or answer HTTP; close when the peer closes.
 pub(crate) fn run_server(
     config: &HostConfig,
     port: u16,
-    echo: bool,
+    work: ServerWork,
     connections: u64,
 ) -> Result<serde_json::Value> {
+    let block = payload_block();
+    let mut body_hash = String::new();
     let mut host = Host::new(config)?;
     let listener = host
         .stack
@@ -541,9 +655,10 @@ pub(crate) fn run_server(
             }
             open.push(ServerConn {
                 handle,
-                pending_echo: Vec::new(),
+                pending: Vec::new(),
                 eof: false,
                 hash: Sha256::new(),
+                http: HttpReply::default(),
             });
         }
         let mut finished = Vec::new();
@@ -556,10 +671,27 @@ pub(crate) fn run_server(
                         if config.checksum {
                             conn.hash.update(&buf[..n]);
                         }
-                        if echo {
-                            conn.pending_echo.extend_from_slice(&buf[..n]);
+                        match work {
+                            ServerWork::Count => {}
+                            ServerWork::Echo => conn.pending.extend_from_slice(&buf[..n]),
+                            ServerWork::Http { body_bytes } => {
+                                let http = &mut conn.http;
+                                if http.body_left.is_none() {
+                                    http.request.extend_from_slice(&buf[..n]);
+                                    if header_end(&http.request).is_some() {
+                                        http.body_left = Some(body_bytes);
+                                        conn.pending = format!(
+                                            "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {body_bytes}\r\nConnection: close\r\n\r\n"
+                                        )
+                                        .into_bytes();
+                                    } else if http.request.len() > 64 << 10 {
+                                        eprintln!("HTTP request header above 64 KiB: closing");
+                                        http.body_left = Some(0);
+                                    }
+                                }
+                            }
                         }
-                        if conn.pending_echo.len() > 4 << 20 {
+                        if conn.pending.len() > 4 << 20 {
                             break;
                         }
                     }
@@ -567,20 +699,48 @@ pub(crate) fn run_server(
                     Err(e) => {
                         eprintln!("connection error: {e}");
                         conn.eof = true;
-                        conn.pending_echo.clear();
+                        conn.pending.clear();
+                        conn.http.body_left = None;
                     }
                 }
             }
-            while !conn.pending_echo.is_empty() {
-                match host.stack.send(conn.handle, &conn.pending_echo) {
+            while !conn.pending.is_empty() {
+                match host.stack.send(conn.handle, &conn.pending) {
                     Ok(n) => {
-                        conn.pending_echo.drain(..n);
+                        conn.pending.drain(..n);
                         totals.bytes_sent += n as u64;
                     }
                     Err(_) => break,
                 }
             }
-            if conn.eof && conn.pending_echo.is_empty() {
+            let http = &mut conn.http;
+            while conn.pending.is_empty() && http.body_left.is_some_and(|left| left > 0) {
+                let left = http.body_left.unwrap_or(0);
+                if http.body_offset >= block.len() {
+                    http.body_offset = 0;
+                }
+                let want = (block.len() - http.body_offset).min(left as usize);
+                let chunk = &block[http.body_offset..http.body_offset + want];
+                match host.stack.send(conn.handle, chunk) {
+                    Ok(n) => {
+                        http.body_hash.update(&chunk[..n]);
+                        http.body_offset += n;
+                        http.body_left = Some(left - n as u64);
+                        totals.bytes_sent += n as u64;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if conn.pending.is_empty() && http.body_left == Some(0) && !http.shut_down {
+                // HTTP/1.0 without keep-alive: the server closes first; the client closes
+                // once it has read to our FIN, and that EOF ends the connection here.
+                host.stack
+                    .shutdown(conn.handle)
+                    .map_err(|e| anyhow!("shutdown: {e}"))?;
+                http.shut_down = true;
+                body_hash = hex(&std::mem::take(&mut http.body_hash).finalize());
+            }
+            if conn.eof && conn.pending.is_empty() {
                 finished.push(i);
             }
         }
@@ -607,7 +767,37 @@ pub(crate) fn run_server(
         &totals,
         &host.stack,
         seconds,
-        json!({ "received_sha256": last_hash }),
+        match work {
+            ServerWork::Http { .. } => json!({ "body_sha256": body_hash }),
+            _ => json!({ "received_sha256": last_hash }),
+        },
         config.congestion_control.name(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_response_splits_header_and_body_across_reads() {
+        let response = b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        // Every split point, including inside the blank line.
+        for split in 0..response.len() {
+            let mut parsed = HttpResponse::default();
+            parsed.push(&response[..split]);
+            parsed.push(&response[split..]);
+            let report = parsed.report().expect("status line");
+            assert_eq!(report["http_status"], 200);
+            assert_eq!(report["body_bytes"], 5);
+            assert_eq!(
+                report["body_sha256"],
+                hex(&Sha256::digest(b"hello")),
+                "split at {split}"
+            );
+        }
+        let mut garbage = HttpResponse::default();
+        garbage.push(b"SSH-2.0-OpenSSH\r\n\r\n");
+        assert!(garbage.report().is_err());
+    }
 }

@@ -20,9 +20,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Mode {
-    /// Accept connections and count (or echo) what arrives.
+    /// Accept connections and count (or echo) what arrives, or answer HTTP requests.
     Server(ServerArgs),
-    /// Connect, then send a bulk payload or run request/response round trips.
+    /// Connect, then send a bulk payload, run request/response round trips or fetch over HTTP.
     Client(ClientArgs),
 }
 
@@ -105,6 +105,10 @@ struct ServerArgs {
     /// Echo received bytes back instead of only counting them.
     #[arg(long)]
     echo: bool,
+    /// Answer each connection's HTTP request with `200 OK` and this many bytes, then close
+    /// (for curl and other unmodified HTTP clients); the report has the body's SHA-256.
+    #[arg(long, conflicts_with = "echo")]
+    http_bytes: Option<u64>,
     /// Exit after serving this many connections (0: serve until the timeout).
     #[arg(long, default_value_t = 1)]
     connections: u64,
@@ -121,8 +125,12 @@ struct ClientArgs {
     #[arg(long, conflicts_with = "rr")]
     send: Option<u64>,
     /// Run this many request/response round trips.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "http_get")]
     rr: Option<u64>,
+    /// Fetch this path with HTTP/1.0 `GET` (from python's http.server, nginx, ...) and read
+    /// until the server closes; the report has the status, body size and body SHA-256.
+    #[arg(long, conflicts_with = "send")]
+    http_get: Option<String>,
     /// Request and response size for `--rr`.
     #[arg(long, default_value_t = 64)]
     rr_size: usize,
@@ -217,17 +225,30 @@ fn main() -> Result<()> {
     let report = match cli.mode {
         Mode::Server(args) => {
             let config = host_config(&args.common)?;
-            host::run_server(&config, args.port, args.echo, args.connections)?
+            let work = match (args.echo, args.http_bytes) {
+                (_, Some(body_bytes)) => host::ServerWork::Http { body_bytes },
+                (true, None) => host::ServerWork::Echo,
+                (false, None) => host::ServerWork::Count,
+            };
+            host::run_server(&config, args.port, work, args.connections)?
         }
         Mode::Client(args) => {
             let config = host_config(&args.common)?;
-            let work = match (args.send, args.rr) {
-                (Some(bytes), None) => host::ClientWork::Send(bytes),
-                (None, Some(round_trips)) => host::ClientWork::RequestResponse {
+            let work = match (args.send, args.rr, args.http_get) {
+                (Some(bytes), None, None) => host::ClientWork::Send(bytes),
+                (None, Some(round_trips), None) => host::ClientWork::RequestResponse {
                     round_trips,
                     size: args.rr_size.max(1),
                 },
-                _ => bail!("the client needs exactly one of --send BYTES or --rr N"),
+                (None, None, Some(path)) if path.starts_with('/') => {
+                    host::ClientWork::HttpGet(path)
+                }
+                (None, None, Some(path)) => {
+                    bail!("--http-get takes a path starting with /: {path}")
+                }
+                _ => {
+                    bail!("the client needs exactly one of --send BYTES, --rr N or --http-get PATH")
+                }
             };
             host::run_client(&config, args.connect, work, args.connections.max(1))?
         }

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Lab, json_line, py, should_run};
+use common::{Lab, json_line, py, should_run, should_run_with};
 
 const CLEAN_BYTES: u64 = 100 * 1000 * 1000;
 const LOSS_RATES: [f64; 3] = [0.01, 0.05, 0.10];
@@ -352,4 +352,133 @@ fn tap_engine_sends_to_kernel_in_the_same_namespace() {
     );
     assert_eq!(fields[0], size);
     assert_eq!(report["sent_sha256"].as_str(), Some(fields[1].as_str()));
+}
+
+/// A directory removed when dropped (also when an assertion fails).
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "stackroute-interop-{tag}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&path).expect("create scratch dir");
+        Self(path)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Unmodified HTTP programs on the kernel side: our client fetches a file from
+/// `python3 -m http.server`, and `curl` fetches from our server (which closes first), each body
+/// checked by SHA-256, on a clean path and at 5% loss.
+#[test]
+fn http_with_unmodified_programs_both_ways() {
+    if !should_run_with("http_with_unmodified_programs_both_ways", &["curl"]) {
+        return;
+    }
+    const BODY: usize = 4_000_000;
+    for loss in [0.0, 0.05] {
+        let mut lab = Lab::new(loss);
+        let ip = lab.kernel_ip.clone();
+        let scratch = ScratchDir::new("http");
+        // Incompressible, so nothing along the way can shortcut it.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let blob: Vec<u8> = (0..BODY)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        std::fs::write(scratch.0.join("blob"), &blob).expect("write blob");
+        let directory = scratch.0.to_string_lossy().into_owned();
+        let server = lab.spawn_kernel(&[
+            "python3",
+            "-u",
+            "-m",
+            "http.server",
+            "5210",
+            "--bind",
+            &ip,
+            "--directory",
+            &directory,
+        ]);
+        lab.wait_for_line(server, "Serving HTTP", Duration::from_secs(10));
+        let client = lab.spawn_netperf(&[
+            "client",
+            "--connect",
+            &format!("{ip}:5210"),
+            "--http-get",
+            "/blob",
+            "--timeout",
+            "120",
+        ]);
+        let (out, err, ok) = lab.wait(client, Duration::from_secs(130));
+        assert!(ok, "HTTP client failed at loss {loss}: {err}");
+        let report = json_line(&out);
+        assert_eq!(report["http_status"].as_u64(), Some(200), "{report}");
+        assert_eq!(report["body_bytes"].as_u64(), Some(BODY as u64), "{report}");
+        assert_eq!(
+            report["body_sha256"].as_str(),
+            Some(sha256_hex(&blob).as_str())
+        );
+        eprintln!("our HTTP client ← python http.server, loss {loss}: {report}");
+
+        let stack_ip = lab.stack_addr.split('/').next().unwrap().to_owned();
+        let server = lab.spawn_netperf(&[
+            "server",
+            "--port",
+            "5211",
+            "--http-bytes",
+            &BODY.to_string(),
+            "--connections",
+            "1",
+            "--timeout",
+            "120",
+        ]);
+        std::thread::sleep(Duration::from_millis(300));
+        let fetched = scratch.0.join("fetched");
+        let curl = lab.spawn_kernel(&[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "100",
+            "-o",
+            &fetched.to_string_lossy(),
+            &format!("http://{stack_ip}:5211/blob"),
+        ]);
+        let (_, curl_err, curl_ok) = lab.wait(curl, Duration::from_secs(110));
+        assert!(curl_ok, "curl failed at loss {loss}: {curl_err}");
+        let (out, err, ok) = lab.wait(server, Duration::from_secs(20));
+        assert!(ok, "HTTP server failed at loss {loss}: {err}");
+        let report = json_line(&out);
+        let body = std::fs::read(&fetched).expect("curl output");
+        assert_eq!(body.len(), BODY);
+        assert_eq!(
+            report["body_sha256"].as_str(),
+            Some(sha256_hex(&body).as_str()),
+            "{report}"
+        );
+        eprintln!("curl ← our HTTP server, loss {loss}: {report}");
+    }
 }

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Why the lab cannot run here, if it cannot.
-pub fn unavailable() -> Option<String> {
+/// Why the lab, plus these extra programs, cannot run here, if it cannot.
+pub fn unavailable_with(extra_tools: &[&str]) -> Option<String> {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -31,7 +31,7 @@ pub fn unavailable() -> Option<String> {
     if uid.as_deref() != Some("0") {
         return Some("not running as root (network namespaces need CAP_SYS_ADMIN)".into());
     }
-    for tool in ["ip", "iptables", "python3"] {
+    for &tool in ["ip", "iptables", "python3"].iter().chain(extra_tools) {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -52,7 +52,12 @@ pub fn skip_notice(line: &str) {
 
 /// Returns true if the test should run; prints SKIP (or panics under STACKROUTE_REQUIRE_NETNS=1).
 pub fn should_run(test: &str) -> bool {
-    match unavailable() {
+    should_run_with(test, &[])
+}
+
+/// `should_run` for a test that also needs `extra_tools`.
+pub fn should_run_with(test: &str, extra_tools: &[&str]) -> bool {
+    match unavailable_with(extra_tools) {
         None => true,
         Some(reason) => {
             if std::env::var("STACKROUTE_REQUIRE_NETNS").as_deref() == Ok("1") {
