@@ -196,11 +196,39 @@ pub fn run_operations(data: &[u8]) {
                 net.set_links(link, link);
             }
             9 if !flows.is_empty() => {
-                let i = pick(flows.len());
-                let _ = net.a.set_option(
-                    flows[i].client,
-                    crate::stack::SocketOption::NoDelay(arg & 1 == 1),
-                );
+                use crate::congestion::CongestionControl;
+                use crate::stack::SocketOption;
+                let flow = &flows[pick(flows.len())];
+                let controllers = [
+                    CongestionControl::Bbr,
+                    CongestionControl::Cubic,
+                    CongestionControl::Reno,
+                ];
+                // Buffers from 1 KiB to 1 MiB: shrinking below what is queued or offered too.
+                let size = 1usize << (10 + arg / 4 % 11);
+                match arg % 4 {
+                    0 => {
+                        let _ = net
+                            .a
+                            .set_option(flow.client, SocketOption::NoDelay(arg & 4 == 4));
+                    }
+                    1 => {
+                        let cc = controllers[usize::from(arg / 4) % controllers.len()];
+                        let _ = net
+                            .a
+                            .set_option(flow.client, SocketOption::CongestionControl(cc));
+                    }
+                    2 => {
+                        let _ = net
+                            .a
+                            .set_option(flow.client, SocketOption::SendBuffer(size));
+                    }
+                    _ => {
+                        if let Some(server) = flow.server {
+                            let _ = net.b.set_option(server, SocketOption::ReceiveBuffer(size));
+                        }
+                    }
+                }
             }
             10 => {
                 // A stray frame from nowhere.

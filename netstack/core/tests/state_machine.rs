@@ -259,3 +259,84 @@ fn nagle_coalesces_small_writes_and_nodelay_does_not() {
     assert_eq!(without, 20);
     assert!(with_nagle <= 3, "Nagle sent {with_nagle} segments");
 }
+
+#[test]
+fn listener_options_reach_accepted_connections_and_options_change_midstream() {
+    use stackroute_netstack::congestion::CongestionControl;
+
+    let mut net = Network::new(9, link(10), link(10), |_| {});
+    let listener = net.b.listen(80, 4).unwrap();
+    // Set on the listener: inherited by what it accepts, as with Linux.
+    for option in [
+        SocketOption::CongestionControl(CongestionControl::Cubic),
+        SocketOption::ReceiveBuffer(32 << 10),
+        SocketOption::NoDelay(true),
+    ] {
+        net.b.set_option(listener, option).unwrap();
+    }
+    let now = net.now();
+    let a = net.a.connect(now, SocketAddrV4::new(ADDR_B, 80)).unwrap();
+    let limit = net.now() + Duration::from_secs(2);
+    let mut b = None;
+    assert!(net.run_until(limit, |net| {
+        b = net.b.accept(listener).ok();
+        b.is_some()
+    }));
+    let b = b.unwrap();
+    assert_eq!(net.b.congestion_control(b), Ok(CongestionControl::Cubic));
+    assert_eq!(net.a.congestion_control(a), Ok(CongestionControl::Bbr));
+    // A 32 KiB buffer needs no window scaling: the SYN-ACK offered no shift.
+    let offered = net.a.connection_stats(a).unwrap().peer_window;
+    assert!(offered > 0 && offered <= 32 << 10, "offered {offered}");
+
+    // Shrinking the buffer does not take back window already offered: 30 kB sent into the
+    // 32 KiB window all arrive (no drop, no retransmission) although the buffer is now 4 KiB.
+    let data: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(net.a.send(a, &data), Ok(data.len()));
+    net.b
+        .set_option(b, SocketOption::ReceiveBuffer(4 << 10))
+        .unwrap();
+    net.run_for(Duration::from_millis(200));
+    let mut got = vec![0u8; 64 << 10];
+    assert_eq!(net.b.recv(b, &mut got), Ok(data.len()));
+    assert_eq!(&got[..data.len()], &data[..]);
+    let stats = net.a.connection_stats(a).unwrap();
+    assert_eq!(stats.retransmits, 0);
+    assert_eq!(stats.bytes_acked, data.len() as u64);
+
+    // Growing it widens the window, up to 65535 since the scale (0) was fixed at the SYN.
+    net.b
+        .set_option(b, SocketOption::ReceiveBuffer(1 << 20))
+        .unwrap();
+    net.run_for(Duration::from_millis(100));
+    assert_eq!(net.a.connection_stats(a).unwrap().peer_window, 65535);
+
+    // TCP_CONGESTION mid-transfer: the new controller takes over and the stream is intact.
+    let bulk: Vec<u8> = (0..400_000u32).map(|i| (i % 241) as u8).collect();
+    let mut sent = 0;
+    let mut received = Vec::new();
+    let limit = net.now() + Duration::from_secs(30);
+    let mut switched = false;
+    while received.len() < bulk.len() && net.now() < limit {
+        if sent < bulk.len() {
+            sent += net.a.send(a, &bulk[sent..]).unwrap_or(0);
+        }
+        if !switched && sent > 100_000 {
+            net.a
+                .set_option(a, SocketOption::CongestionControl(CongestionControl::Reno))
+                .unwrap();
+            assert_eq!(net.a.congestion_control_name(a), Ok("reno"));
+            switched = true;
+        }
+        net.run_for(Duration::from_millis(5));
+        while let Ok(n) = net.b.recv(b, &mut got) {
+            if n == 0 {
+                break;
+            }
+            received.extend_from_slice(&got[..n]);
+        }
+    }
+    assert!(switched);
+    assert_eq!(received, bulk);
+    assert_eq!(net.a.congestion_control(a), Ok(CongestionControl::Reno));
+}

@@ -167,6 +167,13 @@ pub enum SocketOption {
     Keepalive(Option<Keepalive>),
     /// `SO_SNDBUF` in bytes.
     SendBuffer(usize),
+    /// `SO_RCVBUF` in bytes. After the handshake the window scale is fixed, so a larger buffer
+    /// only widens the window up to `65535 << scale`; a smaller one never takes back window
+    /// already offered (RFC 9293 §3.8.6.2.2).
+    ReceiveBuffer(usize),
+    /// `TCP_CONGESTION`: switch controller. Like Linux, the new controller starts from its
+    /// initial state.
+    CongestionControl(CongestionControl),
 }
 
 /// Interface counters.
@@ -188,6 +195,8 @@ pub struct StackStats {
 
 #[derive(Debug)]
 struct Listener {
+    /// Configuration of the connections it accepts (socket options set on the listener).
+    config: TcpConfig,
     port: u16,
     backlog: usize,
     embryonic: usize,
@@ -375,6 +384,17 @@ impl Stack {
     /// Listens on `port`, keeping at most `backlog` connections that are being established or
     /// waiting for `accept`.
     pub fn listen(&mut self, port: u16, backlog: usize) -> Result<SocketHandle, ListenError> {
+        let config = self.config.tcp.clone();
+        self.listen_with(port, backlog, config)
+    }
+
+    /// Listens with its own TCP configuration for the connections it accepts.
+    pub fn listen_with(
+        &mut self,
+        port: u16,
+        backlog: usize,
+        config: TcpConfig,
+    ) -> Result<SocketHandle, ListenError> {
         if port == 0 {
             return Err(ListenError::InvalidPort);
         }
@@ -382,6 +402,7 @@ impl Stack {
             return Err(ListenError::PortInUse);
         }
         let handle = self.insert(Entry::Listener(Listener {
+            config,
             port,
             backlog: backlog.max(1),
             embryonic: 0,
@@ -593,19 +614,34 @@ impl Stack {
         Ok(())
     }
 
-    /// Sets a socket option.
+    /// Sets a socket option on a connection, or on a listener for the connections it accepts
+    /// from now on (as Linux's accepted sockets inherit the listener's options).
     pub fn set_option(
         &mut self,
         handle: SocketHandle,
         option: SocketOption,
     ) -> Result<(), SocketError> {
         let now = self.now;
+        if let Some(Entry::Listener(l)) = self.entry_mut(handle) {
+            let config = &mut l.config;
+            match option {
+                SocketOption::NoDelay(on) => config.nodelay = on,
+                SocketOption::Keepalive(k) => config.keepalive = k,
+                SocketOption::SendBuffer(bytes) => config.send_buffer = bytes.max(1),
+                SocketOption::ReceiveBuffer(bytes) => config.recv_buffer = bytes.max(1),
+                SocketOption::CongestionControl(cc) => config.congestion_control = cc,
+            }
+            return Ok(());
+        }
         let slot = self.conn_mut(handle)?;
         match option {
             SocketOption::NoDelay(on) => slot.conn.set_nodelay(on),
             SocketOption::Keepalive(k) => slot.conn.set_keepalive(now, k),
             SocketOption::SendBuffer(bytes) => slot.conn.set_send_buffer(bytes),
+            SocketOption::ReceiveBuffer(bytes) => slot.conn.set_recv_buffer(bytes),
+            SocketOption::CongestionControl(cc) => slot.conn.set_congestion_control(now, cc),
         }
+        self.refresh(handle);
         Ok(())
     }
 
@@ -1034,21 +1070,14 @@ impl Stack {
             return;
         }
         l.embryonic += 1;
+        let config = l.config.clone();
         let endpoints = Endpoints {
             local: SocketAddrV4::new(self.config.address, seg.dst_port),
             remote: SocketAddrV4::new(from, seg.src_port),
         };
         let iss = self.isn.isn(now, endpoints.local, endpoints.remote);
         let ts = self.isn.timestamp_offset(endpoints.local, endpoints.remote);
-        let conn = Connection::accept(
-            now,
-            endpoints,
-            iss,
-            ts,
-            self.config.tcp.clone(),
-            self.mtu_mss(),
-            seg,
-        );
+        let conn = Connection::accept(now, endpoints, iss, ts, config, self.mtu_mss(), seg);
         let handle = self.insert(Entry::Conn(Box::new(ConnSlot {
             conn,
             listener: Some(listener),

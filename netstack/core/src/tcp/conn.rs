@@ -10,7 +10,7 @@ use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber, TcpTimestampRepr};
 use super::reassembly::Reassembly;
 use super::rtt::RttEstimator;
 use super::{TcpConfig, TcpError};
-use crate::congestion::{AckEvent, Controller, RateSample};
+use crate::congestion::{AckEvent, CongestionControl, Controller, RateSample};
 use crate::seq::Seq;
 use crate::time::{Instant, earliest};
 
@@ -396,6 +396,19 @@ impl Connection {
 
     pub(crate) fn set_send_buffer(&mut self, bytes: usize) {
         self.config.send_buffer = bytes.max(1);
+    }
+
+    /// A new receive-buffer size; a larger window is announced at once if it is worth it.
+    pub(crate) fn set_recv_buffer(&mut self, bytes: usize) {
+        self.config.recv_buffer = bytes.max(1);
+        self.maybe_window_update();
+    }
+
+    pub(crate) fn set_congestion_control(&mut self, now: Instant, cc: CongestionControl) {
+        if cc != self.config.congestion_control {
+            self.config.congestion_control = cc;
+            self.cc = cc.build(self.mss, now);
+        }
     }
 
     pub(crate) fn stats(&self) -> ConnectionStats {
@@ -887,7 +900,8 @@ impl Connection {
 
     fn receive_data(&mut self, now: Instant, start: i64, payload: &[u8]) {
         let nxt = self.rcv_nxt as i64;
-        let window_end = nxt + self.free_recv_space() as i64;
+        // Window already offered stays offered even if the buffer was made smaller since.
+        let window_end = (nxt + self.free_recv_space() as i64).max(self.rcv_adv as i64);
         let mut data = payload;
         let mut at = start;
         if at < nxt {
