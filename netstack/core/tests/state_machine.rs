@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use stackroute_netstack::sim::{ADDR_A, ADDR_B, LinkConfig, Network};
 use stackroute_netstack::{
-    EventKind, Keepalive, SocketError, SocketOption, TcpConfig, TcpError, TcpState,
+    EventKind, Keepalive, SocketError, SocketHandle, SocketOption, TcpConfig, TcpError, TcpState,
 };
 
 fn link(delay_ms: u64) -> LinkConfig {
@@ -14,6 +14,19 @@ fn link(delay_ms: u64) -> LinkConfig {
         delay: Duration::from_millis(delay_ms),
         ..LinkConfig::default()
     }
+}
+
+/// A connects to B's `listener` on port 80; returns both ends once B has accepted.
+fn connect_and_accept(net: &mut Network, listener: SocketHandle) -> (SocketHandle, SocketHandle) {
+    let now = net.now();
+    let a = net.a.connect(now, SocketAddrV4::new(ADDR_B, 80)).unwrap();
+    let limit = net.now() + Duration::from_secs(2);
+    let mut b = None;
+    assert!(net.run_until(limit, |net| {
+        b = net.b.accept(listener).ok();
+        b.is_some()
+    }));
+    (a, b.unwrap())
 }
 
 fn blackhole() -> LinkConfig {
@@ -60,15 +73,7 @@ fn simultaneous_close_goes_through_closing_to_time_wait() {
         c.tcp.time_wait = Duration::from_secs(1);
     });
     let listener = net.b.listen(80, 4).unwrap();
-    let now = net.now();
-    let a = net.a.connect(now, SocketAddrV4::new(ADDR_B, 80)).unwrap();
-    let limit = net.now() + Duration::from_secs(2);
-    let mut b = None;
-    assert!(net.run_until(limit, |net| {
-        b = net.b.accept(listener).ok();
-        b.is_some()
-    }));
-    let b = b.unwrap();
+    let (a, b) = connect_and_accept(&mut net, listener);
     // Both FINs leave before either arrives.
     net.a.shutdown(a).unwrap();
     net.b.shutdown(b).unwrap();
@@ -274,15 +279,7 @@ fn listener_options_reach_accepted_connections_and_options_change_midstream() {
     ] {
         net.b.set_option(listener, option).unwrap();
     }
-    let now = net.now();
-    let a = net.a.connect(now, SocketAddrV4::new(ADDR_B, 80)).unwrap();
-    let limit = net.now() + Duration::from_secs(2);
-    let mut b = None;
-    assert!(net.run_until(limit, |net| {
-        b = net.b.accept(listener).ok();
-        b.is_some()
-    }));
-    let b = b.unwrap();
+    let (a, b) = connect_and_accept(&mut net, listener);
     assert_eq!(net.b.congestion_control(b), Ok(CongestionControl::Cubic));
     assert_eq!(net.a.congestion_control(a), Ok(CongestionControl::Bbr));
     // A 32 KiB buffer needs no window scaling: the SYN-ACK offered no shift.
