@@ -2,7 +2,7 @@
 //! 4 µs clock and `F` is SipHash-2-4 keyed with a secret the host supplies (the core has no
 //! source of randomness of its own).
 
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::seq::Seq;
 use crate::time::Instant;
@@ -33,28 +33,31 @@ impl IsnGenerator {
     }
 
     /// The ISN for a connection between `local` and `remote` created at `now`.
-    pub fn isn(&self, now: Instant, local: SocketAddrV4, remote: SocketAddrV4) -> Seq {
-        let mut message = [0u8; 12];
-        message[0..4].copy_from_slice(&local.ip().octets());
-        message[4..6].copy_from_slice(&local.port().to_be_bytes());
-        message[6..10].copy_from_slice(&remote.ip().octets());
-        message[10..12].copy_from_slice(&remote.port().to_be_bytes());
-        let hash = siphash24(self.key, &message);
+    pub fn isn(&self, now: Instant, local: SocketAddr, remote: SocketAddr) -> Seq {
+        let hash = siphash24(self.key, &four_tuple(local, remote, None));
         // RFC 6528 §3: M is a timer that increments every 4 microseconds.
         let clock = (now.total_micros() / 4) as u32;
         Seq(clock.wrapping_add(hash as u32))
     }
 
     /// A per-connection hash used to offset TCP timestamps (RFC 7323 §5.4).
-    pub(crate) fn timestamp_offset(&self, local: SocketAddrV4, remote: SocketAddrV4) -> u32 {
-        let mut message = [0u8; 13];
-        message[0..4].copy_from_slice(&remote.ip().octets());
-        message[4..6].copy_from_slice(&remote.port().to_be_bytes());
-        message[6..10].copy_from_slice(&local.ip().octets());
-        message[10..12].copy_from_slice(&local.port().to_be_bytes());
-        message[12] = 0x75;
-        (siphash24(self.key, &message) >> 32) as u32
+    pub(crate) fn timestamp_offset(&self, local: SocketAddr, remote: SocketAddr) -> u32 {
+        (siphash24(self.key, &four_tuple(remote, local, Some(0x75))) >> 32) as u32
     }
+}
+
+/// Addresses and ports as hashed: `first` address and port, then `second`'s, then `tag`.
+fn four_tuple(first: SocketAddr, second: SocketAddr, tag: Option<u8>) -> Vec<u8> {
+    let mut message = Vec::with_capacity(37);
+    for end in [first, second] {
+        match end.ip() {
+            IpAddr::V4(ip) => message.extend_from_slice(&ip.octets()),
+            IpAddr::V6(ip) => message.extend_from_slice(&ip.octets()),
+        }
+        message.extend_from_slice(&end.port().to_be_bytes());
+    }
+    message.extend(tag);
+    message
 }
 
 fn sip_round(v: &mut [u64; 4]) {
@@ -118,9 +121,9 @@ mod tests {
 
     #[test]
     fn isn_depends_on_tuple_secret_and_clock() {
-        let local: SocketAddrV4 = "10.0.0.1:40000".parse().unwrap();
-        let remote: SocketAddrV4 = "10.0.0.2:80".parse().unwrap();
-        let other: SocketAddrV4 = "10.0.0.2:81".parse().unwrap();
+        let local: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let other: SocketAddr = "10.0.0.2:81".parse().unwrap();
         let a = IsnGenerator::new([1; 16]);
         let b = IsnGenerator::new([2; 16]);
         let t = Instant::from_micros(1_000);

@@ -1,15 +1,17 @@
-//! The stack: one interface (Ethernet, ARP, IPv4, ICMP), the socket table and the socket API.
+//! The stack: one interface (Ethernet; ARP, IPv4 and ICMP; IPv6, NDP and ICMPv6), the socket
+//! table and the socket API.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol,
-    Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    EthernetRepr, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscNeighborFlags,
+    NdiscRepr, RawHardwareAddress, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 
 use crate::congestion::CongestionControl;
@@ -24,12 +26,14 @@ use crate::time::{Instant, earliest};
 pub struct StackConfig {
     /// Our Ethernet address.
     pub mac: [u8; 6],
-    /// Our IPv4 address.
+    /// Our IPv4 address (unspecified: no IPv4).
     pub address: Ipv4Addr,
     /// Prefix length of the on-link subnet.
     pub prefix_len: u8,
     /// Next hop for destinations off the subnet.
     pub gateway: Option<Ipv4Addr>,
+    /// IPv6, if the interface has it.
+    pub ipv6: Option<Ipv6Config>,
     /// IP MTU.
     pub mtu: usize,
     /// Secret for RFC 6528 initial sequence numbers; draw it from a CSPRNG.
@@ -38,8 +42,31 @@ pub struct StackConfig {
     pub tcp: TcpConfig,
     /// Local ports for active opens.
     pub ephemeral_ports: RangeInclusive<u16>,
-    /// How long a learned ARP entry stays valid.
+    /// How long a learned neighbour (ARP or NDP) entry stays valid.
     pub arp_timeout: Duration,
+}
+
+/// The interface's IPv6 configuration. Its link-local address is derived from the MAC address
+/// (modified EUI-64, RFC 4291 appendix A); neighbours are found with NDP (RFC 4861).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Config {
+    /// Our global (or unique-local) address.
+    pub address: Ipv6Addr,
+    /// Prefix length of the on-link subnet.
+    pub prefix_len: u8,
+    /// Next hop for destinations off the subnet (often a link-local router address).
+    pub gateway: Option<Ipv6Addr>,
+}
+
+impl Ipv6Config {
+    /// An address on a subnet, no gateway.
+    pub fn new(address: Ipv6Addr, prefix_len: u8) -> Self {
+        Self {
+            address,
+            prefix_len: prefix_len.min(128),
+            gateway: None,
+        }
+    }
 }
 
 impl StackConfig {
@@ -50,6 +77,7 @@ impl StackConfig {
             address,
             prefix_len: prefix_len.min(32),
             gateway: None,
+            ipv6: None,
             mtu: 1500,
             isn_secret,
             tcp: TcpConfig::default(),
@@ -136,8 +164,10 @@ pub enum SocketError {
     Shutdown,
     /// No local port is free.
     NoPortsAvailable,
-    /// The destination is unusable (our own address, port 0, unspecified).
+    /// The destination is unusable (our own address, port 0, unspecified, multicast).
     InvalidAddress,
+    /// The interface has no address of the destination's family.
+    NoSourceAddress,
     /// The connection failed.
     Connection(TcpError),
 }
@@ -151,6 +181,9 @@ impl core::fmt::Display for SocketError {
             Self::Shutdown => f.write_str("socket is shut down for writing"),
             Self::NoPortsAvailable => f.write_str("no ephemeral port available"),
             Self::InvalidAddress => f.write_str("invalid destination address"),
+            Self::NoSourceAddress => {
+                f.write_str("no local address of the destination's address family")
+            }
             Self::Connection(e) => e.fmt(f),
         }
     }
@@ -224,7 +257,8 @@ struct Slot {
     entry: Option<Entry>,
 }
 
-type TupleKey = (u16, Ipv4Addr, u16);
+/// (local port, remote address, remote port).
+type TupleKey = (u16, IpAddr, u16);
 
 /// Frames processed per `poll` before egress gets a turn.
 const RX_BUDGET: usize = 256;
@@ -242,8 +276,12 @@ pub struct Stack {
     listeners: HashMap<u16, SocketHandle>,
     ports_in_use: HashMap<u16, usize>,
     next_port: u16,
-    arp_cache: HashMap<Ipv4Addr, ([u8; 6], Instant)>,
-    arp_requested: HashMap<Ipv4Addr, Instant>,
+    /// Our IPv6 link-local address, when IPv6 is configured.
+    link_local: Option<Ipv6Addr>,
+    /// Neighbour cache (ARP and NDP): MAC address and expiry.
+    neighbors: HashMap<IpAddr, ([u8; 6], Instant)>,
+    /// When we last asked for a neighbour (ARP request or neighbour solicitation).
+    solicited: HashMap<IpAddr, Instant>,
     control_frames: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     scratch: Vec<u8>,
@@ -257,20 +295,21 @@ impl Stack {
         let next_port = *config.ephemeral_ports.start();
         Self {
             isn: IsnGenerator::new(config.isn_secret),
-            config,
             slots: Vec::new(),
             free_slots: Vec::new(),
             tuples: HashMap::new(),
             listeners: HashMap::new(),
             ports_in_use: HashMap::new(),
             next_port,
-            arp_cache: HashMap::new(),
-            arp_requested: HashMap::new(),
+            link_local: config.ipv6.map(|_| link_local_address(config.mac)),
+            neighbors: HashMap::new(),
+            solicited: HashMap::new(),
             control_frames: VecDeque::new(),
             events: VecDeque::new(),
             scratch: Vec::with_capacity(2048),
             stats: StackStats::default(),
             now: Instant::ZERO,
+            config,
         }
     }
 
@@ -284,10 +323,36 @@ impl Stack {
         self.stats
     }
 
-    /// Adds a static ARP entry (useful for point-to-point links and tests).
-    pub fn add_neighbor(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
-        self.arp_cache
-            .insert(ip, (mac, Instant::from_micros(u64::MAX)));
+    /// Adds a static neighbour entry (useful for point-to-point links and tests).
+    pub fn add_neighbor(&mut self, ip: impl Into<IpAddr>, mac: [u8; 6]) {
+        self.neighbors
+            .insert(ip.into(), (mac, Instant::from_micros(u64::MAX)));
+    }
+
+    /// Our IPv6 link-local address, when IPv6 is configured.
+    pub fn link_local_address(&self) -> Option<Ipv6Addr> {
+        self.link_local
+    }
+
+    /// Whether `ip` is one of our unicast addresses.
+    fn is_our_address(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => !v4.is_unspecified() && v4 == self.config.address,
+            IpAddr::V6(v6) => {
+                Some(v6) == self.link_local || self.config.ipv6.is_some_and(|c| c.address == v6)
+            }
+        }
+    }
+
+    /// The source address for talking to `remote`.
+    fn source_address_for(&self, remote: IpAddr) -> Option<IpAddr> {
+        match remote {
+            IpAddr::V4(_) => {
+                (!self.config.address.is_unspecified()).then_some(IpAddr::V4(self.config.address))
+            }
+            IpAddr::V6(v6) if is_link_local(v6) => self.link_local.map(IpAddr::V6),
+            IpAddr::V6(_) => self.config.ipv6.map(|c| IpAddr::V6(c.address)),
+        }
     }
 
     // === impl Stack: handles ===
@@ -351,7 +416,7 @@ impl Stack {
         match slot.entry.take() {
             Some(Entry::Conn(c)) => {
                 let ep = c.conn.endpoints;
-                let key = (ep.local.port(), *ep.remote.ip(), ep.remote.port());
+                let key = (ep.local.port(), ep.remote.ip(), ep.remote.port());
                 if self.tuples.get(&key) == Some(&handle) {
                     self.tuples.remove(&key);
                 }
@@ -428,11 +493,11 @@ impl Stack {
         Ok(handle)
     }
 
-    /// Opens a connection with the stack's default TCP configuration.
+    /// Opens a connection (IPv4 or IPv6) with the stack's default TCP configuration.
     pub fn connect(
         &mut self,
         now: Instant,
-        remote: SocketAddrV4,
+        remote: impl Into<SocketAddr>,
     ) -> Result<SocketHandle, SocketError> {
         let config = self.config.tcp.clone();
         self.connect_with(now, remote, config)
@@ -442,13 +507,11 @@ impl Stack {
     pub fn connect_with(
         &mut self,
         now: Instant,
-        remote: SocketAddrV4,
+        remote: impl Into<SocketAddr>,
         config: TcpConfig,
     ) -> Result<SocketHandle, SocketError> {
-        if remote.port() == 0 || remote.ip().is_unspecified() || *remote.ip() == self.config.address
-        {
-            return Err(SocketError::InvalidAddress);
-        }
+        let remote = remote.into();
+        self.check_destination(remote)?;
         let port = self.pick_port(remote)?;
         self.open(now, port, remote, config)
     }
@@ -458,35 +521,54 @@ impl Stack {
         &mut self,
         now: Instant,
         local_port: u16,
-        remote: SocketAddrV4,
+        remote: impl Into<SocketAddr>,
         config: TcpConfig,
     ) -> Result<SocketHandle, SocketError> {
-        let key = (local_port, *remote.ip(), remote.port());
+        let remote = remote.into();
+        self.check_destination(remote)?;
         if local_port == 0
-            || remote.port() == 0
-            || remote.ip().is_unspecified()
-            || *remote.ip() == self.config.address
-            || self.tuples.contains_key(&key)
+            || self
+                .tuples
+                .contains_key(&(local_port, remote.ip(), remote.port()))
         {
             return Err(SocketError::InvalidAddress);
         }
         self.open(now, local_port, remote, config)
     }
 
+    fn check_destination(&self, remote: SocketAddr) -> Result<(), SocketError> {
+        let ip = remote.ip();
+        if remote.port() == 0 || ip.is_unspecified() || ip.is_multicast() || self.is_our_address(ip)
+        {
+            return Err(SocketError::InvalidAddress);
+        }
+        if let IpAddr::V4(v4) = ip
+            && v4.is_broadcast()
+        {
+            return Err(SocketError::InvalidAddress);
+        }
+        self.source_address_for(ip)
+            .map(|_| ())
+            .ok_or(SocketError::NoSourceAddress)
+    }
+
     fn open(
         &mut self,
         now: Instant,
         port: u16,
-        remote: SocketAddrV4,
+        remote: SocketAddr,
         config: TcpConfig,
     ) -> Result<SocketHandle, SocketError> {
+        let local_ip = self
+            .source_address_for(remote.ip())
+            .ok_or(SocketError::NoSourceAddress)?;
         let endpoints = Endpoints {
-            local: SocketAddrV4::new(self.config.address, port),
+            local: SocketAddr::new(local_ip, port),
             remote,
         };
         let iss = self.isn.isn(now, endpoints.local, endpoints.remote);
         let ts = self.isn.timestamp_offset(endpoints.local, endpoints.remote);
-        let conn = Connection::connect(now, endpoints, iss, ts, config, self.mtu_mss());
+        let conn = Connection::connect(now, endpoints, iss, ts, config, self.mtu_mss(remote.ip()));
         let handle = self.insert(Entry::Conn(Box::new(ConnSlot {
             conn,
             listener: None,
@@ -494,12 +576,12 @@ impl Stack {
             last: Readiness::default(),
         })));
         self.tuples
-            .insert((port, *remote.ip(), remote.port()), handle);
+            .insert((port, remote.ip(), remote.port()), handle);
         self.claim_port(port);
         Ok(handle)
     }
 
-    fn pick_port(&mut self, remote: SocketAddrV4) -> Result<u16, SocketError> {
+    fn pick_port(&mut self, remote: SocketAddr) -> Result<u16, SocketError> {
         let range = self.config.ephemeral_ports.clone();
         let span = u32::from(*range.end()) - u32::from(*range.start()) + 1;
         for _ in 0..span {
@@ -509,7 +591,7 @@ impl Stack {
             } else {
                 port + 1
             };
-            let key = (port, *remote.ip(), remote.port());
+            let key = (port, remote.ip(), remote.port());
             if !self.listeners.contains_key(&port) && !self.tuples.contains_key(&key) {
                 return Ok(port);
             }
@@ -517,8 +599,10 @@ impl Stack {
         Err(SocketError::NoPortsAvailable)
     }
 
-    fn mtu_mss(&self) -> u16 {
-        self.config.mtu.saturating_sub(40).clamp(88, 65535) as u16
+    /// MSS the interface MTU allows towards `remote` (IP and TCP headers off).
+    fn mtu_mss(&self, remote: IpAddr) -> u16 {
+        let headers = if remote.is_ipv6() { 60 } else { 40 };
+        self.config.mtu.saturating_sub(headers).clamp(88, 65535) as u16
     }
 
     /// Queues bytes for sending; returns how many were taken.
@@ -677,10 +761,7 @@ impl Stack {
     }
 
     /// Local and remote addresses of a connection.
-    pub fn addresses(
-        &self,
-        handle: SocketHandle,
-    ) -> Result<(SocketAddrV4, SocketAddrV4), SocketError> {
+    pub fn addresses(&self, handle: SocketHandle) -> Result<(SocketAddr, SocketAddr), SocketError> {
         let ep = self.conn(handle)?.conn.endpoints;
         Ok((ep.local, ep.remote))
     }
@@ -785,12 +866,12 @@ impl Stack {
         let mut at = None;
         for slot in &self.slots {
             if let Some(Entry::Conn(c)) = &slot.entry {
-                let remote = *c.conn.endpoints.remote.ip();
+                let remote = c.conn.endpoints.remote.ip();
                 if self.cached_neighbor(remote).is_none() && !c.conn.is_finished() {
-                    // Blocked on ARP: wake for the next request instead of spinning.
+                    // Blocked on ARP/NDP: wake for the next request instead of spinning.
                     let hop = self.next_hop(remote);
                     let retry = self
-                        .arp_requested
+                        .solicited
                         .get(&hop)
                         .map_or(self.now, |last| *last + Duration::from_secs(1));
                     at = earliest(at, Some(retry));
@@ -853,13 +934,17 @@ impl Stack {
             return false;
         };
         let ours = EthernetAddress(self.config.mac);
-        if eth_repr.dst_addr != ours && !eth_repr.dst_addr.is_broadcast() {
+        // IPv6 multicast (33:33:…) carries neighbour solicitations; the IPv6 layer then keeps
+        // only the groups we are in.
+        let ipv6_multicast = self.link_local.is_some() && eth_repr.dst_addr.0[..2] == [0x33, 0x33];
+        if eth_repr.dst_addr != ours && !eth_repr.dst_addr.is_broadcast() && !ipv6_multicast {
             return false;
         }
         match eth_repr.ethertype {
             EthernetProtocol::Arp => self.process_arp(now, eth.payload()),
-            EthernetProtocol::Ipv4 => {
-                self.process_ipv4(now, eth_repr.src_addr, eth.payload(), meta)
+            EthernetProtocol::Ipv4 => self.process_ipv4(now, eth.payload(), meta),
+            EthernetProtocol::Ipv6 if self.link_local.is_some() => {
+                self.process_ipv6(now, eth_repr.src_addr, eth.payload(), meta)
             }
             _ => false,
         }
@@ -879,16 +964,15 @@ impl Stack {
         else {
             return false;
         };
+        if self.config.address.is_unspecified() {
+            return false;
+        }
         let sender: Ipv4Addr = source_protocol_addr;
-        if target_protocol_addr == self.config.address || self.arp_requested.contains_key(&sender) {
+        if target_protocol_addr == self.config.address
+            || self.solicited.contains_key(&IpAddr::V4(sender))
+        {
             // RFC 826: learn the sender when the packet concerns us.
-            if source_hardware_addr.is_unicast() {
-                self.arp_cache.insert(
-                    sender,
-                    (source_hardware_addr.0, now + self.config.arp_timeout),
-                );
-                self.arp_requested.remove(&sender);
-            }
+            self.learn_neighbor(now, IpAddr::V4(sender), source_hardware_addr);
         }
         if operation == ArpOperation::Request && target_protocol_addr == self.config.address {
             let reply = ArpRepr::EthernetIpv4 {
@@ -916,28 +1000,224 @@ impl Stack {
         self.control_frames.push_back(frame);
     }
 
-    fn process_ipv4(
-        &mut self,
-        now: Instant,
-        _src_mac: EthernetAddress,
-        payload: &[u8],
-        meta: RxMeta,
-    ) -> bool {
+    fn learn_neighbor(&mut self, now: Instant, ip: IpAddr, mac: EthernetAddress) {
+        if mac.is_unicast() {
+            self.neighbors
+                .insert(ip, (mac.0, now + self.config.arp_timeout));
+            self.solicited.remove(&ip);
+        }
+    }
+
+    fn process_ipv4(&mut self, now: Instant, payload: &[u8], meta: RxMeta) -> bool {
         let Ok(packet) = Ipv4Packet::new_checked(payload) else {
             return false;
         };
         let Ok(ip) = Ipv4Repr::parse(&packet, &ChecksumCapabilities::default()) else {
             return false;
         };
-        if ip.dst_addr != self.config.address {
+        if ip.dst_addr != self.config.address || ip.dst_addr.is_unspecified() {
             return false;
         }
         let body = packet.payload();
         match ip.next_header {
-            IpProtocol::Tcp => self.process_tcp(now, &ip, body, meta),
+            IpProtocol::Tcp => self.process_tcp(
+                now,
+                IpAddr::V4(ip.src_addr),
+                IpAddr::V4(ip.dst_addr),
+                body,
+                meta,
+            ),
             IpProtocol::Icmp => self.process_icmp(&ip, body),
             _ => false,
         }
+    }
+
+    fn process_ipv6(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        payload: &[u8],
+        meta: RxMeta,
+    ) -> bool {
+        let Ok(packet) = Ipv6Packet::new_checked(payload) else {
+            return false;
+        };
+        let Ok(ip) = Ipv6Repr::parse(&packet) else {
+            return false;
+        };
+        let dst = ip.dst_addr;
+        let unicast_to_us = self.is_our_address(IpAddr::V6(dst));
+        let group_we_are_in =
+            dst == IPV6_ALL_NODES || self.our_ipv6().any(|ours| solicited_node(ours) == dst);
+        if !unicast_to_us && !group_we_are_in {
+            return false;
+        }
+        // Extension headers are not followed: TCP and ICMPv6 directly after the fixed header.
+        let body = &packet.payload()[..ip.payload_len.min(packet.payload().len())];
+        match ip.next_header {
+            IpProtocol::Tcp if unicast_to_us => {
+                self.process_tcp(now, IpAddr::V6(ip.src_addr), IpAddr::V6(dst), body, meta)
+            }
+            IpProtocol::Icmpv6 => self.process_icmpv6(now, &ip, src_mac, body, unicast_to_us),
+            _ => false,
+        }
+    }
+
+    /// Our IPv6 unicast addresses: link-local, then global.
+    fn our_ipv6(&self) -> impl Iterator<Item = Ipv6Addr> + '_ {
+        self.link_local
+            .into_iter()
+            .chain(self.config.ipv6.map(|c| c.address))
+    }
+
+    fn process_icmpv6(
+        &mut self,
+        now: Instant,
+        ip: &Ipv6Repr,
+        src_mac: EthernetAddress,
+        body: &[u8],
+        unicast_to_us: bool,
+    ) -> bool {
+        let Ok(packet) = Icmpv6Packet::new_checked(body) else {
+            return false;
+        };
+        let Ok(repr) = Icmpv6Repr::parse(
+            &ip.src_addr,
+            &ip.dst_addr,
+            &packet,
+            &ChecksumCapabilities::default(),
+        ) else {
+            return false;
+        };
+        match repr {
+            Icmpv6Repr::EchoRequest {
+                ident,
+                seq_no,
+                data,
+            } if unicast_to_us => {
+                let reply = Icmpv6Repr::EchoReply {
+                    ident,
+                    seq_no,
+                    data,
+                };
+                self.queue_icmpv6(ip.dst_addr, ip.src_addr, None, 64, &reply);
+                true
+            }
+            Icmpv6Repr::PktTooBig { mtu, header, data }
+                if header.next_header == IpProtocol::Tcp && data.len() >= 8 =>
+            {
+                let local_port = u16::from_be_bytes([data[0], data[1]]);
+                let remote_port = u16::from_be_bytes([data[2], data[3]]);
+                let seq = Seq(u32::from_be_bytes([data[4], data[5], data[6], data[7]]));
+                let key = (local_port, IpAddr::V6(header.dst_addr), remote_port);
+                if self.is_our_address(IpAddr::V6(header.src_addr))
+                    && let Some(&handle) = self.tuples.get(&key)
+                    && let Some(Entry::Conn(slot)) = self.entry_mut(handle)
+                {
+                    slot.conn
+                        .on_path_mtu(mtu.min(u32::from(u16::MAX)) as u16, seq);
+                }
+                true
+            }
+            // RFC 4861 §7.1: neighbour discovery only from the link itself (hop limit 255).
+            Icmpv6Repr::Ndisc(ndisc) if ip.hop_limit == 255 => {
+                self.process_ndisc(now, ip, src_mac, ndisc)
+            }
+            _ => false,
+        }
+    }
+
+    fn process_ndisc(
+        &mut self,
+        now: Instant,
+        ip: &Ipv6Repr,
+        src_mac: EthernetAddress,
+        ndisc: NdiscRepr<'_>,
+    ) -> bool {
+        match ndisc {
+            NdiscRepr::NeighborSolicit {
+                target_addr,
+                lladdr,
+            } if self.is_our_address(IpAddr::V6(target_addr)) => {
+                let from_dad = ip.src_addr.is_unspecified();
+                if !from_dad && let Some(mac) = ethernet_lladdr(lladdr) {
+                    self.learn_neighbor(now, IpAddr::V6(ip.src_addr), mac);
+                }
+                // §7.2.4: answer the soliciting node, or all nodes for a DAD probe.
+                let (dst, flags, dst_mac) = if from_dad {
+                    (
+                        IPV6_ALL_NODES,
+                        NdiscNeighborFlags::OVERRIDE,
+                        ipv6_multicast_mac(IPV6_ALL_NODES),
+                    )
+                } else {
+                    (
+                        ip.src_addr,
+                        NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::OVERRIDE,
+                        ethernet_lladdr(lladdr).unwrap_or(src_mac),
+                    )
+                };
+                let advert = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+                    flags,
+                    target_addr,
+                    lladdr: Some(EthernetAddress(self.config.mac).into()),
+                });
+                self.queue_icmpv6(target_addr, dst, Some(dst_mac.0), 255, &advert);
+                true
+            }
+            NdiscRepr::NeighborAdvert {
+                target_addr,
+                lladdr,
+                ..
+            } => {
+                let target = IpAddr::V6(target_addr);
+                if self.solicited.contains_key(&target) || self.neighbors.contains_key(&target) {
+                    let mac = ethernet_lladdr(lladdr).unwrap_or(src_mac);
+                    self.learn_neighbor(now, target, mac);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Queues an ICMPv6 message; to the neighbour's cached MAC address unless `dst_mac` is given
+    /// (dropped if neither is known).
+    fn queue_icmpv6(
+        &mut self,
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        dst_mac: Option<[u8; 6]>,
+        hop_limit: u8,
+        repr: &Icmpv6Repr<'_>,
+    ) {
+        let Some(mac) = dst_mac.or_else(|| self.cached_neighbor(IpAddr::V6(dst))) else {
+            return;
+        };
+        let ip = Ipv6Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Icmpv6,
+            payload_len: repr.buffer_len(),
+            hop_limit,
+        };
+        let mut frame = vec![0u8; 14 + ip.buffer_len() + repr.buffer_len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+        EthernetRepr {
+            src_addr: EthernetAddress(self.config.mac),
+            dst_addr: EthernetAddress(mac),
+            ethertype: EthernetProtocol::Ipv6,
+        }
+        .emit(&mut eth);
+        let mut ip_packet = Ipv6Packet::new_unchecked(eth.payload_mut());
+        ip.emit(&mut ip_packet);
+        repr.emit(
+            &src,
+            &dst,
+            &mut Icmpv6Packet::new_unchecked(ip_packet.payload_mut()),
+            &ChecksumCapabilities::default(),
+        );
+        self.control_frames.push_back(frame);
     }
 
     fn process_icmp(&mut self, ip: &Ipv4Repr, body: &[u8]) -> bool {
@@ -971,7 +1251,7 @@ impl Stack {
                 let local_port = u16::from_be_bytes([data[0], data[1]]);
                 let remote_port = u16::from_be_bytes([data[2], data[3]]);
                 let seq = Seq(u32::from_be_bytes([data[4], data[5], data[6], data[7]]));
-                let key = (local_port, header.dst_addr, remote_port);
+                let key = (local_port, IpAddr::V4(header.dst_addr), remote_port);
                 if header.src_addr == self.config.address
                     && let Some(&handle) = self.tuples.get(&key)
                     && let Some(Entry::Conn(slot)) = self.entry_mut(handle)
@@ -985,7 +1265,7 @@ impl Stack {
     }
 
     fn queue_icmp(&mut self, dst: Ipv4Addr, repr: Icmpv4Repr<'_>) {
-        let Some(mac) = self.cached_neighbor(dst) else {
+        let Some(mac) = self.cached_neighbor(IpAddr::V4(dst)) else {
             return;
         };
         let ip = Ipv4Repr {
@@ -1013,7 +1293,14 @@ impl Stack {
         self.control_frames.push_back(frame);
     }
 
-    fn process_tcp(&mut self, now: Instant, ip: &Ipv4Repr, body: &[u8], meta: RxMeta) -> bool {
+    fn process_tcp(
+        &mut self,
+        now: Instant,
+        src_ip: IpAddr,
+        dst_ip: IpAddr,
+        body: &[u8],
+        meta: RxMeta,
+    ) -> bool {
         let Ok(packet) = TcpPacket::new_checked(body) else {
             return false;
         };
@@ -1021,19 +1308,19 @@ impl Stack {
         if meta.checksum_trusted {
             caps = ChecksumCapabilities::ignored();
         }
-        let src = IpAddress::Ipv4(ip.src_addr);
-        let dst = IpAddress::Ipv4(ip.dst_addr);
+        let src = IpAddress::from(src_ip);
+        let dst = IpAddress::from(dst_ip);
         if meta.partial_checksum_possible
             && !meta.checksum_trusted
             && !packet.verify_checksum(&src, &dst)
-            && packet.checksum() == pseudo_header_sum(ip.src_addr, ip.dst_addr, body.len())
+            && packet.checksum() == pseudo_header_sum(src_ip, dst_ip, body.len())
         {
             caps = ChecksumCapabilities::ignored();
         }
         let Ok(seg) = TcpRepr::parse(&packet, &src, &dst, &caps) else {
             return false;
         };
-        let key = (seg.dst_port, ip.src_addr, seg.src_port);
+        let key = (seg.dst_port, src_ip, seg.src_port);
         if let Some(&handle) = self.tuples.get(&key) {
             if let Some(Entry::Conn(slot)) = self.entry_mut(handle) {
                 slot.conn.handle_segment(now, &seg);
@@ -1045,11 +1332,11 @@ impl Stack {
             && seg.control == TcpControl::Syn
             && seg.ack_number.is_none()
         {
-            self.accept_syn(now, listener, ip.src_addr, &seg);
+            self.accept_syn(now, listener, dst_ip, src_ip, &seg);
             return true;
         }
         if seg.control != TcpControl::Rst {
-            self.reset_unknown(ip, &seg);
+            self.reset_unknown(dst_ip, src_ip, &seg);
         }
         true
     }
@@ -1058,7 +1345,8 @@ impl Stack {
         &mut self,
         now: Instant,
         listener: SocketHandle,
-        from: Ipv4Addr,
+        local: IpAddr,
+        from: IpAddr,
         seg: &TcpRepr<'_>,
     ) {
         let Some(Entry::Listener(l)) = self.entry_mut(listener) else {
@@ -1072,12 +1360,12 @@ impl Stack {
         l.embryonic += 1;
         let config = l.config.clone();
         let endpoints = Endpoints {
-            local: SocketAddrV4::new(self.config.address, seg.dst_port),
-            remote: SocketAddrV4::new(from, seg.src_port),
+            local: SocketAddr::new(local, seg.dst_port),
+            remote: SocketAddr::new(from, seg.src_port),
         };
         let iss = self.isn.isn(now, endpoints.local, endpoints.remote);
         let ts = self.isn.timestamp_offset(endpoints.local, endpoints.remote);
-        let conn = Connection::accept(now, endpoints, iss, ts, config, self.mtu_mss(), seg);
+        let conn = Connection::accept(now, endpoints, iss, ts, config, self.mtu_mss(from), seg);
         let handle = self.insert(Entry::Conn(Box::new(ConnSlot {
             conn,
             listener: Some(listener),
@@ -1090,7 +1378,7 @@ impl Stack {
     }
 
     /// RFC 9293 §3.10.7.1: a segment for no connection gets a RST.
-    fn reset_unknown(&mut self, ip: &Ipv4Repr, seg: &TcpRepr<'_>) {
+    fn reset_unknown(&mut self, local: IpAddr, peer: IpAddr, seg: &TcpRepr<'_>) {
         let (seq, ack) = match seg.ack_number {
             Some(ack) => (ack, None),
             None => (TcpSeqNumber(0), Some(seg.seq_number + seg.segment_len())),
@@ -1109,64 +1397,87 @@ impl Stack {
             timestamp: None,
             payload: &[],
         };
-        let Some(mac) = self.cached_neighbor(ip.src_addr) else {
+        let Some(mac) = self.cached_neighbor(peer) else {
             return;
         };
-        let mut frame = vec![0u8; 14 + 20 + repr.buffer_len()];
-        let len = emit_tcp_frame(
-            &mut frame,
-            self.config.mac,
-            mac,
-            self.config.address,
-            ip.src_addr,
-            &repr,
-        );
+        let mut frame = vec![0u8; 14 + 40 + repr.buffer_len()];
+        let len = emit_tcp_frame(&mut frame, self.config.mac, mac, local, peer, &repr);
         frame.truncate(len);
         self.stats.rst_sent += 1;
         self.control_frames.push_back(frame);
     }
 
-    fn next_hop(&self, dst: Ipv4Addr) -> Ipv4Addr {
-        let mask = if self.config.prefix_len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.config.prefix_len))
-        };
-        let on_link = (u32::from(dst) & mask) == (u32::from(self.config.address) & mask);
-        match (on_link, self.config.gateway) {
-            (false, Some(gateway)) => gateway,
-            _ => dst,
+    fn next_hop(&self, dst: IpAddr) -> IpAddr {
+        match dst {
+            IpAddr::V4(dst) => {
+                let mask = prefix_mask_v4(self.config.prefix_len);
+                let on_link = (u32::from(dst) & mask) == (u32::from(self.config.address) & mask);
+                match (on_link, self.config.gateway) {
+                    (false, Some(gateway)) => IpAddr::V4(gateway),
+                    _ => IpAddr::V4(dst),
+                }
+            }
+            IpAddr::V6(dst) => {
+                let Some(v6) = self.config.ipv6 else {
+                    return IpAddr::V6(dst);
+                };
+                let mask = prefix_mask_v6(v6.prefix_len);
+                let on_link = is_link_local(dst)
+                    || (u128::from(dst) & mask) == (u128::from(v6.address) & mask);
+                match (on_link, v6.gateway) {
+                    (false, Some(gateway)) => IpAddr::V6(gateway),
+                    _ => IpAddr::V6(dst),
+                }
+            }
         }
     }
 
-    fn cached_neighbor(&self, dst: Ipv4Addr) -> Option<[u8; 6]> {
+    fn cached_neighbor(&self, dst: IpAddr) -> Option<[u8; 6]> {
         let hop = self.next_hop(dst);
-        self.arp_cache
+        self.neighbors
             .get(&hop)
             .filter(|(_, expires)| *expires > self.now)
             .map(|(mac, _)| *mac)
     }
 
     /// Resolves the next hop's MAC, sending an ARP request (at most one per second) if unknown.
-    fn resolve(&mut self, now: Instant, dst: Ipv4Addr) -> Option<[u8; 6]> {
+    fn resolve(&mut self, now: Instant, dst: IpAddr) -> Option<[u8; 6]> {
         if let Some(mac) = self.cached_neighbor(dst) {
             return Some(mac);
         }
         let hop = self.next_hop(dst);
         let due = self
-            .arp_requested
+            .solicited
             .get(&hop)
             .is_none_or(|last| now.saturating_duration_since(*last) >= Duration::from_secs(1));
-        if due {
-            self.arp_requested.insert(hop, now);
-            let request = ArpRepr::EthernetIpv4 {
-                operation: ArpOperation::Request,
-                source_hardware_addr: EthernetAddress(self.config.mac),
-                source_protocol_addr: self.config.address,
-                target_hardware_addr: EthernetAddress([0; 6]),
-                target_protocol_addr: hop,
-            };
-            self.queue_arp(request, EthernetAddress::BROADCAST);
+        if !due {
+            return None;
+        }
+        self.solicited.insert(hop, now);
+        match hop {
+            IpAddr::V4(hop) => {
+                let request = ArpRepr::EthernetIpv4 {
+                    operation: ArpOperation::Request,
+                    source_hardware_addr: EthernetAddress(self.config.mac),
+                    source_protocol_addr: self.config.address,
+                    target_hardware_addr: EthernetAddress([0; 6]),
+                    target_protocol_addr: hop,
+                };
+                self.queue_arp(request, EthernetAddress::BROADCAST);
+            }
+            IpAddr::V6(hop) => {
+                // RFC 4861 §7.2.2: to the target's solicited-node group, from an address of
+                // ours (link-local for a link-local target), with our MAC address attached.
+                let Some(IpAddr::V6(src)) = self.source_address_for(IpAddr::V6(hop)) else {
+                    return None;
+                };
+                let group = solicited_node(hop);
+                let solicit = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+                    target_addr: hop,
+                    lladdr: Some(EthernetAddress(self.config.mac).into()),
+                });
+                self.queue_icmpv6(src, group, Some(ipv6_multicast_mac(group).0), 255, &solicit);
+            }
         }
         None
     }
@@ -1183,7 +1494,7 @@ impl Stack {
             let remote = match &mut self.slots[index].entry {
                 Some(Entry::Conn(slot)) => {
                     slot.conn.handle_timeout(now);
-                    *slot.conn.endpoints.remote.ip()
+                    slot.conn.endpoints.remote.ip()
                 }
                 _ => continue,
             };
@@ -1207,8 +1518,8 @@ impl Stack {
                             buf,
                             config.mac,
                             mac,
-                            config.address,
-                            *conn.endpoints.remote.ip(),
+                            conn.endpoints.local.ip(),
+                            conn.endpoints.remote.ip(),
                             &repr,
                         )
                     });
@@ -1247,9 +1558,21 @@ impl Stack {
 
 /// The folded (not complemented) TCP pseudo-header sum: what a sender using checksum offload
 /// leaves in the checksum field for the NIC to finish.
-fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, tcp_len: usize) -> u16 {
+/// All-nodes multicast group, ff02::1.
+const IPV6_ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+
+fn octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// The TCP pseudo-header's one's-complement sum (RFC 9293 §3.1, RFC 8200 §8.1): what a sender
+/// using checksum offload leaves in the checksum field.
+fn pseudo_header_sum(src: IpAddr, dst: IpAddr, tcp_len: usize) -> u16 {
     let mut sum: u32 = 0;
-    for pair in src.octets().chunks(2).chain(dst.octets().chunks(2)) {
+    for pair in octets(src).chunks(2).chain(octets(dst).chunks(2)) {
         sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
     }
     sum += u32::from(u8::from(IpProtocol::Tcp));
@@ -1258,6 +1581,69 @@ fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, tcp_len: usize) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     sum as u16
+}
+
+fn prefix_mask_v4(prefix_len: u8) -> u32 {
+    match prefix_len {
+        0 => 0,
+        n => u32::MAX << (32 - u32::from(n.min(32))),
+    }
+}
+
+fn prefix_mask_v6(prefix_len: u8) -> u128 {
+    match prefix_len {
+        0 => 0,
+        n => u128::MAX << (128 - u32::from(n.min(128))),
+    }
+}
+
+/// fe80::/10.
+fn is_link_local(ip: Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// The solicited-node multicast group of an address (RFC 4291 §2.7.1): ff02::1:ffXX:XXXX.
+fn solicited_node(ip: Ipv6Addr) -> Ipv6Addr {
+    let o = ip.octets();
+    Ipv6Addr::from([
+        0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0xff, o[13], o[14], o[15],
+    ])
+}
+
+/// The Ethernet address of an IPv6 multicast group (RFC 2464 §7): 33:33 and its last 32 bits.
+fn ipv6_multicast_mac(group: Ipv6Addr) -> EthernetAddress {
+    let o = group.octets();
+    EthernetAddress([0x33, 0x33, o[12], o[13], o[14], o[15]])
+}
+
+/// An NDP link-layer address option holding an Ethernet address.
+fn ethernet_lladdr(lladdr: Option<RawHardwareAddress>) -> Option<EthernetAddress> {
+    let raw = lladdr?;
+    let bytes = raw.as_bytes();
+    (bytes.len() == 6).then(|| EthernetAddress::from_bytes(bytes))
+}
+
+/// The link-local address from a MAC address: fe80::/64 and the modified EUI-64 interface
+/// identifier (RFC 4291 appendix A).
+fn link_local_address(mac: [u8; 6]) -> Ipv6Addr {
+    Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ])
 }
 
 fn readiness_of(conn: &Connection) -> Readiness {
@@ -1270,23 +1656,22 @@ fn readiness_of(conn: &Connection) -> Readiness {
 }
 
 /// Writes Ethernet + IPv4 + TCP into `buf`; returns the frame length, or 0 if it does not fit.
+/// Writes Ethernet, IP (the family of the addresses) and TCP headers plus payload into `buf`;
+/// returns the frame length, or 0 if it does not fit or the families differ.
 pub(crate) fn emit_tcp_frame(
     buf: &mut [u8],
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
-    src_ip: Ipv4Addr,
-    dst_ip: Ipv4Addr,
+    src_ip: IpAddr,
+    dst_ip: IpAddr,
     repr: &TcpRepr<'_>,
 ) -> usize {
-    let ip = Ipv4Repr {
-        src_addr: src_ip,
-        dst_addr: dst_ip,
-        next_header: IpProtocol::Tcp,
-        payload_len: repr.buffer_len(),
-        hop_limit: 64,
+    let (ethertype, ip_header_len) = match src_ip {
+        IpAddr::V4(_) => (EthernetProtocol::Ipv4, 20),
+        IpAddr::V6(_) => (EthernetProtocol::Ipv6, 40),
     };
-    let total = 14 + ip.buffer_len() + repr.buffer_len();
-    if total > buf.len() {
+    let total = 14 + ip_header_len + repr.buffer_len();
+    if total > buf.len() || src_ip.is_ipv6() != dst_ip.is_ipv6() {
         return 0;
     }
     let buf = &mut buf[..total];
@@ -1294,18 +1679,34 @@ pub(crate) fn emit_tcp_frame(
     EthernetRepr {
         src_addr: EthernetAddress(src_mac),
         dst_addr: EthernetAddress(dst_mac),
-        ethertype: EthernetProtocol::Ipv4,
+        ethertype,
     }
     .emit(&mut eth);
     let caps = ChecksumCapabilities::default();
-    let mut ip_packet = Ipv4Packet::new_unchecked(eth.payload_mut());
-    ip.emit(&mut ip_packet, &caps);
-    let src: Ipv4Address = src_ip;
-    let dst: Ipv4Address = dst_ip;
+    let ip_bytes = eth.payload_mut();
+    match (src_ip, dst_ip) {
+        (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => Ipv4Repr {
+            src_addr,
+            dst_addr,
+            next_header: IpProtocol::Tcp,
+            payload_len: repr.buffer_len(),
+            hop_limit: 64,
+        }
+        .emit(&mut Ipv4Packet::new_unchecked(&mut *ip_bytes), &caps),
+        (IpAddr::V6(src_addr), IpAddr::V6(dst_addr)) => Ipv6Repr {
+            src_addr,
+            dst_addr,
+            next_header: IpProtocol::Tcp,
+            payload_len: repr.buffer_len(),
+            hop_limit: 64,
+        }
+        .emit(&mut Ipv6Packet::new_unchecked(&mut *ip_bytes)),
+        _ => return 0,
+    }
     repr.emit(
-        &mut TcpPacket::new_unchecked(ip_packet.payload_mut()),
-        &IpAddress::Ipv4(src),
-        &IpAddress::Ipv4(dst),
+        &mut TcpPacket::new_unchecked(&mut ip_bytes[ip_header_len..]),
+        &IpAddress::from(src_ip),
+        &IpAddress::from(dst_ip),
         &caps,
     );
     total

@@ -67,7 +67,14 @@ fn parse_tcp(frame: &[u8]) -> TcpRepr<'_> {
 
 fn peer_segment(repr: &TcpRepr<'_>) -> Vec<u8> {
     let mut frame = vec![0u8; 14 + 20 + repr.buffer_len()];
-    let len = emit_tcp_frame(&mut frame, PEER_MAC, OUR_MAC, PEER_IP, OUR_IP, repr);
+    let len = emit_tcp_frame(
+        &mut frame,
+        PEER_MAC,
+        OUR_MAC,
+        PEER_IP.into(),
+        OUR_IP.into(),
+        repr,
+    );
     frame.truncate(len);
     frame
 }

@@ -2,7 +2,7 @@
 //! loss detection, RFC 6298 timers, delivery-rate sampling and pacing.
 
 use std::collections::VecDeque;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber, TcpTimestampRepr};
@@ -77,8 +77,8 @@ pub struct ConnectionStats {
 /// The two ends of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Endpoints {
-    pub(crate) local: SocketAddrV4,
-    pub(crate) remote: SocketAddrV4,
+    pub(crate) local: SocketAddr,
+    pub(crate) remote: SocketAddr,
 }
 
 /// One transmitted, not yet cumulatively acknowledged run of sequence space.
@@ -642,7 +642,14 @@ impl Connection {
         if offset < self.snd_una as i64 || offset >= self.snd_nxt.max(1) as i64 {
             return;
         }
-        let new_mss = u64::from(mtu).saturating_sub(40).max(536);
+        // IP and TCP headers; the floor is what every path must carry (RFC 9293 §3.7.1's 576
+        // bytes for IPv4, RFC 8200's 1280 for IPv6).
+        let (headers, floor) = if self.endpoints.remote.is_ipv6() {
+            (60, 1220)
+        } else {
+            (40, 536)
+        };
+        let new_mss = u64::from(mtu).saturating_sub(headers).max(floor);
         if new_mss < self.mtu_mss {
             self.mtu_mss = new_mss;
             self.update_mss();
