@@ -3,19 +3,21 @@
 //! input; `run_operations` also checks that every byte a receiver reads is the byte the sender
 //! wrote at that stream offset.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{IpAddress, TcpPacket};
+use smoltcp::wire::{Icmpv6Packet, IpAddress, IpProtocol, TcpPacket};
 
 use crate::phy::{Device, DeviceCapabilities, RxMeta};
 use crate::sim::{ADDR_A, ADDR_B, LinkConfig, Network, SimDevice};
-use crate::stack::{SocketHandle, Stack, StackConfig};
+use crate::stack::{Ipv6Config, SocketHandle, Stack, StackConfig};
 use crate::time::Instant;
 
 const OUR_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const OUR_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+const PEER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 
 struct OneShot {
     frames: Vec<Vec<u8>>,
@@ -65,17 +67,53 @@ fn wrap_tcp(tcp: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// Feeds `data` to a stack as a raw frame and as a TCP segment (with valid lower layers) to a
-/// stack that has a listener and a connection in progress.
+/// Wraps `payload` in valid Ethernet and IPv6 headers (hop limit 255, so neighbour discovery
+/// is considered) as TCP or ICMPv6 with a correct checksum. For ICMPv6 the first byte picks a
+/// message type the stack handles, so random input reaches echo, NDP and packet-too-big.
+fn wrap_ipv6(next_header: IpProtocol, payload: &[u8]) -> Vec<u8> {
+    let payload = &payload[..payload.len().min(65535)];
+    let mut frame = Vec::with_capacity(54 + payload.len());
+    frame.extend_from_slice(&[2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd]);
+    frame.extend_from_slice(&[0x60, 0, 0, 0]);
+    frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[u8::from(next_header), 255]);
+    frame.extend_from_slice(&PEER_IP6.octets());
+    frame.extend_from_slice(&OUR_IP6.octets());
+    frame.extend_from_slice(payload);
+    let (src, dst) = (IpAddress::Ipv6(PEER_IP6), IpAddress::Ipv6(OUR_IP6));
+    match next_header {
+        IpProtocol::Tcp if payload.len() >= 20 => {
+            TcpPacket::new_unchecked(&mut frame[54..]).fill_checksum(&src, &dst);
+        }
+        IpProtocol::Icmpv6 if payload.len() >= 4 => {
+            frame[54] = [128, 133, 134, 135, 136, 137, 2][usize::from(payload[0]) % 7];
+            Icmpv6Packet::new_unchecked(&mut frame[54..]).fill_checksum(&PEER_IP6, &OUR_IP6);
+        }
+        _ => {}
+    }
+    frame
+}
+
+/// Feeds `data` to a dual-stack stack that has a listener and connections in progress: as a
+/// raw frame, as a TCP segment over IPv4 and over IPv6, and as an ICMPv6 message (each with
+/// valid lower layers).
 pub fn feed_frame(data: &[u8]) {
     let mut config = StackConfig::new([2, 0, 0, 0, 0, 1], OUR_IP, 24, [3; 16]);
+    config.ipv6 = Some(Ipv6Config::new(OUR_IP6, 64));
     config.tcp.time_wait = Duration::from_millis(10);
     let mut stack = Stack::new(config);
     stack.add_neighbor(PEER_IP, [2, 0, 0, 0, 0, 2]);
+    stack.add_neighbor(PEER_IP6, [2, 0, 0, 0, 0, 2]);
     let _ = stack.listen(80, 4);
     let _ = stack.connect(Instant::ZERO, SocketAddrV4::new(PEER_IP, 80));
+    let _ = stack.connect(Instant::ZERO, SocketAddr::new(PEER_IP6.into(), 80));
     let mut device = OneShot {
-        frames: vec![wrap_tcp(data), data.to_vec()],
+        frames: vec![
+            wrap_ipv6(IpProtocol::Icmpv6, data),
+            wrap_ipv6(IpProtocol::Tcp, data),
+            wrap_tcp(data),
+            data.to_vec(),
+        ],
         sent: 0,
     };
     let mut now = Instant::from_millis(1);

@@ -37,8 +37,8 @@ pub use isn::IsnGenerator;
 pub use phy::{Device, DeviceCapabilities, RxMeta};
 pub use seq::Seq;
 pub use stack::{
-    Event, EventKind, ListenError, Readiness, SocketError, SocketHandle, SocketOption, Stack,
-    StackConfig, StackStats,
+    Event, EventKind, Ipv6Config, ListenError, Readiness, SocketError, SocketHandle, SocketOption,
+    Stack, StackConfig, StackStats,
 };
 pub use tcp::{ConnectionStats, Keepalive, State as TcpState, TcpConfig, TcpError};
 pub use time::Instant;

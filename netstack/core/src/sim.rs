@@ -4,11 +4,11 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use crate::phy::{Device, DeviceCapabilities, RxMeta};
-use crate::stack::{Stack, StackConfig};
+use crate::stack::{Ipv6Config, Stack, StackConfig};
 use crate::time::Instant;
 
 /// SplitMix64: tiny, fast and good enough for impairment decisions.
@@ -216,6 +216,10 @@ pub struct Network {
 pub const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 /// Address of stack `b`.
 pub const ADDR_B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// IPv6 address of stack `a` (fd00::1/64; both stacks are dual-stack).
+pub const ADDR6_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+/// IPv6 address of stack `b`.
+pub const ADDR6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 
 impl Network {
     /// A network whose stacks use `configure` on their default configs.
@@ -227,6 +231,8 @@ impl Network {
     ) -> Self {
         let mut config_a = StackConfig::new([2, 0, 0, 0, 0, 1], ADDR_A, 24, [0xa5; 16]);
         let mut config_b = StackConfig::new([2, 0, 0, 0, 0, 2], ADDR_B, 24, [0x5a; 16]);
+        config_a.ipv6 = Some(Ipv6Config::new(ADDR6_A, 64));
+        config_b.ipv6 = Some(Ipv6Config::new(ADDR6_B, 64));
         configure(&mut config_a);
         configure(&mut config_b);
         Self {

@@ -1,10 +1,10 @@
 //! End-to-end tests over the deterministic simulated network.
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use stackroute_netstack::congestion::CongestionControl;
-use stackroute_netstack::sim::{ADDR_B, LinkConfig, Network, SimRng};
+use stackroute_netstack::sim::{ADDR_B, ADDR6_B, LinkConfig, Network, SimRng};
 use stackroute_netstack::{SocketError, SocketHandle, Stack, TcpState};
 
 const PORT: u16 = 5001;
@@ -27,15 +27,12 @@ struct Transfer {
 }
 
 impl Transfer {
-    fn start(net: &mut Network, cc: CongestionControl) -> Self {
+    fn start(net: &mut Network, cc: CongestionControl, to: SocketAddr) -> Self {
         let listener = net.b.listen(PORT, 8).unwrap();
         let mut config = net.a.config().tcp.clone();
         config.congestion_control = cc;
         let now = net.now();
-        let client = net
-            .a
-            .connect_with(now, SocketAddrV4::new(ADDR_B, PORT), config)
-            .unwrap();
+        let client = net.a.connect_with(now, to, config).unwrap();
         Self {
             client,
             server: None,
@@ -100,9 +97,23 @@ fn run_transfer(
     len: usize,
     limit: Duration,
 ) -> (Network, Transfer, Vec<u8>, bool) {
+    let to = SocketAddrV4::new(ADDR_B, PORT).into();
+    run_transfer_to(seed, link, cc, len, limit, |_| to)
+}
+
+/// `run_transfer` to the address `to` picks once the network exists.
+fn run_transfer_to(
+    seed: u64,
+    link: LinkConfig,
+    cc: CongestionControl,
+    len: usize,
+    limit: Duration,
+    to: impl Fn(&Network) -> SocketAddr,
+) -> (Network, Transfer, Vec<u8>, bool) {
     let mut net = Network::new(seed, link, link, |_| {});
     let data = pattern(len, seed);
-    let mut transfer = Transfer::start(&mut net, cc);
+    let destination = to(&net);
+    let mut transfer = Transfer::start(&mut net, cc, destination);
     let deadline = net.now() + limit;
     let done = net.run_until(deadline, |net| transfer.pump(net, &data));
     (net, transfer, data, done)
@@ -169,6 +180,56 @@ fn impaired_link_delivers_exactly_once_in_order_for_every_controller() {
 }
 
 #[test]
+fn ipv6_transfers_find_the_neighbor_by_ndp_and_arrive_exactly_once() {
+    let link = LinkConfig {
+        delay: Duration::from_millis(10),
+        rate_bps: 20_000_000,
+        queue_bytes: 100_000,
+        loss: 0.03,
+        duplicate: 0.02,
+        reorder: 0.05,
+        reorder_delay: Duration::from_millis(3),
+    };
+    // No static neighbours in the simulator: the first solicitation (or its answer) may be
+    // lost too, and is repeated.
+    let to_global = |_: &Network| SocketAddr::new(ADDR6_B.into(), PORT);
+    let (net, transfer, data, done) = run_transfer_to(
+        21,
+        link,
+        CongestionControl::Bbr,
+        1_000_000,
+        Duration::from_secs(120),
+        to_global,
+    );
+    assert!(done, "global: transfer did not finish by {:?}", net.now());
+    assert_exact(&transfer, &data);
+    let (local, remote) = net.a.addresses(transfer.client).unwrap();
+    assert_eq!(remote, to_global(&net));
+    assert!(local.is_ipv6());
+    assert!(net.dropped_frames() > 0);
+    assert!(net.a.connection_stats(transfer.client).unwrap().retransmits > 0);
+
+    // To the peer's link-local address: our link-local address is the source.
+    let to_link_local =
+        |net: &Network| SocketAddr::new(net.b.link_local_address().unwrap().into(), PORT);
+    let (net, transfer, data, done) = run_transfer_to(
+        22,
+        LinkConfig {
+            delay: Duration::from_millis(2),
+            ..LinkConfig::default()
+        },
+        CongestionControl::Cubic,
+        200_000,
+        Duration::from_secs(30),
+        to_link_local,
+    );
+    assert!(done, "link-local: transfer did not finish");
+    assert_exact(&transfer, &data);
+    let (local, _) = net.a.addresses(transfer.client).unwrap();
+    assert_eq!(local.ip(), net.a.link_local_address().unwrap());
+}
+
+#[test]
 fn high_loss_and_heavy_reordering_still_complete() {
     let link = LinkConfig {
         delay: Duration::from_millis(20),
@@ -199,7 +260,11 @@ fn both_directions_close_and_sockets_are_freed_after_time_wait() {
     let link = LinkConfig::default();
     let mut net = Network::new(3, link, link, |c| c.tcp.time_wait = Duration::from_secs(2));
     let data = pattern(10_000, 3);
-    let mut transfer = Transfer::start(&mut net, CongestionControl::Bbr);
+    let mut transfer = Transfer::start(
+        &mut net,
+        CongestionControl::Bbr,
+        SocketAddrV4::new(ADDR_B, PORT).into(),
+    );
     let deadline = net.now() + Duration::from_secs(10);
     assert!(net.run_until(deadline, |net| transfer.pump(net, &data)));
     assert_exact(&transfer, &data);

@@ -1,6 +1,6 @@
 //! Packet-level tests: byte literals in, parsed frames out.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -350,4 +350,180 @@ fn offload_partial_checksum_is_accepted_only_when_the_engine_says_it_can_occur()
         stack.poll(Instant::ZERO, &mut dev);
         assert_eq!(!dev.sent.is_empty(), expect_reply, "possible = {possible}");
     }
+}
+
+// --- IPv6 and NDP ---
+
+const OUR_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+const PEER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+
+/// Neighbour solicitation from fd00::2 (02:00:00:00:00:02): who has fd00::1? Sent to the
+/// solicited-node group ff02::1:ff00:1 (33:33:ff:00:00:01), hop limit 255, with the sender's
+/// link-layer address option. The ICMPv6 checksum is valid.
+const NEIGHBOR_SOLICIT: [u8; 86] = [
+    0x33, 0x33, 0xff, 0x00, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x86, 0xdd, //
+    0x60, 0x00, 0x00, 0x00, 0x00, 0x20, 0x3a, 0xff, 0xfd, 0x00, 0x00, 0x00, 0x00, 0x00, //
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0xff, 0x02, 0x00, 0x00, //
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0xff, 0x00, 0x00, 0x01, 0x87, 0x00, //
+    0x7d, 0x97, 0x00, 0x00, 0x00, 0x00, 0xfd, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, //
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x01, 0x01, 0x02, 0x00, 0x00, 0x00, //
+    0x00, 0x02,
+];
+
+fn dual_stack() -> (Stack, SimDevice) {
+    let mut config = StackConfig::new(OUR_MAC, OUR_IP, 24, [9; 16]);
+    config.ipv6 = Some(Ipv6Config::new(OUR_IP6, 64));
+    (Stack::new(config), SimDevice::default())
+}
+
+#[test]
+fn neighbor_solicitation_literal_gets_a_solicited_advertisement() {
+    let (mut stack, mut dev) = dual_stack();
+    let out = feed(
+        &mut stack,
+        &mut dev,
+        Instant::from_millis(1),
+        &NEIGHBOR_SOLICIT,
+    );
+    assert_eq!(out.len(), 1, "one neighbour advertisement");
+    let frame = &out[0];
+    // Unicast back to the solicitor's link-layer address, IPv6, ICMPv6 with hop limit 255.
+    assert_eq!(
+        &frame[0..14],
+        &[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd]
+    );
+    let ip = Ipv6Packet::new_checked(&frame[14..]).unwrap();
+    let ip_repr = Ipv6Repr::parse(&ip).unwrap();
+    assert_eq!(
+        (ip_repr.src_addr, ip_repr.dst_addr, ip_repr.hop_limit),
+        (OUR_IP6, PEER_IP6, 255)
+    );
+    let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+    let repr = Icmpv6Repr::parse(&OUR_IP6, &PEER_IP6, &icmp, &ChecksumCapabilities::default())
+        .expect("valid ICMPv6 checksum");
+    let Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+        flags,
+        target_addr,
+        lladdr,
+    }) = repr
+    else {
+        panic!("not a neighbour advertisement: {repr:?}");
+    };
+    assert_eq!(target_addr, OUR_IP6);
+    assert_eq!(
+        flags,
+        NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::OVERRIDE
+    );
+    assert_eq!(ethernet_lladdr(lladdr), Some(EthernetAddress(OUR_MAC)));
+    // The solicitor was learned: a connection to it needs no solicitation of its own.
+    let now = Instant::from_millis(2);
+    stack
+        .connect(now, SocketAddr::new(PEER_IP6.into(), 80))
+        .unwrap();
+    stack.poll(now, &mut dev);
+    let syn = std::mem::take(&mut dev.tx);
+    assert_eq!(syn.len(), 1);
+    assert_eq!(
+        &syn[0][0..6],
+        &PEER_MAC,
+        "SYN sent straight to the learned MAC"
+    );
+    assert_eq!(&syn[0][12..14], &[0x86, 0xdd]);
+}
+
+#[test]
+fn neighbor_solicitations_not_for_us_or_from_off_link_are_ignored() {
+    let mut off_link = NEIGHBOR_SOLICIT;
+    off_link[21] = 64; // hop limit: a router forwarded it (RFC 4861 §7.1.1)
+    let mut other_target = NEIGHBOR_SOLICIT;
+    other_target[14 + 40 + 8 + 15] = 0x09; // target fd00::9 (checksum now wrong as well)
+    let (mut dual, mut dev) = dual_stack();
+    for frame in [&off_link[..], &other_target[..], &NEIGHBOR_SOLICIT[..70]] {
+        assert!(feed(&mut dual, &mut dev, Instant::from_millis(1), frame).is_empty());
+    }
+    assert_eq!(dual.stats().rx_dropped, 3);
+    // Without IPv6 configured, even the valid one is dropped.
+    let (mut v4_only, mut dev) = stack();
+    assert!(
+        feed(
+            &mut v4_only,
+            &mut dev,
+            Instant::from_millis(1),
+            &NEIGHBOR_SOLICIT
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn ipv6_syn_gets_syn_ack_and_connect_solicits_the_neighbor() {
+    let (mut dual, mut dev) = dual_stack();
+    dual.listen(80, 4).unwrap();
+    dual.add_neighbor(PEER_IP6, PEER_MAC);
+    let mut syn = bare(7, None, TcpControl::Syn);
+    syn.max_seg_size = Some(1440);
+    let mut frame = vec![0u8; 14 + 40 + syn.buffer_len()];
+    let len = emit_tcp_frame(
+        &mut frame,
+        PEER_MAC,
+        OUR_MAC,
+        PEER_IP6.into(),
+        OUR_IP6.into(),
+        &syn,
+    );
+    frame.truncate(len);
+    let out = feed(&mut dual, &mut dev, Instant::from_millis(1), &frame);
+    assert_eq!(out.len(), 1);
+    let ip = Ipv6Packet::new_checked(&out[0][14..]).unwrap();
+    assert_eq!(ip.next_header(), IpProtocol::Tcp);
+    let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+    let syn_ack = TcpRepr::parse(
+        &tcp,
+        &IpAddress::Ipv6(OUR_IP6),
+        &IpAddress::Ipv6(PEER_IP6),
+        &ChecksumCapabilities::default(),
+    )
+    .expect("valid TCP checksum over the IPv6 pseudo-header");
+    assert_eq!(syn_ack.control, TcpControl::Syn);
+    assert_eq!(syn_ack.ack_number, Some(TcpSeqNumber(8)));
+    assert_eq!(
+        syn_ack.max_seg_size,
+        Some(1440),
+        "1500 − 60 bytes of headers"
+    );
+
+    // Connecting to an unknown neighbour sends a solicitation to its solicited-node group.
+    let (mut dual, mut dev) = dual_stack();
+    let stranger = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0x12, 0x3456);
+    dual.connect(
+        Instant::from_millis(1),
+        SocketAddr::new(stranger.into(), 80),
+    )
+    .unwrap();
+    dual.poll(Instant::from_millis(1), &mut dev);
+    let out = std::mem::take(&mut dev.tx);
+    assert_eq!(out.len(), 1);
+    assert_eq!(&out[0][0..6], &[0x33, 0x33, 0xff, 0x12, 0x34, 0x56]);
+    let ip = Ipv6Repr::parse(&Ipv6Packet::new_checked(&out[0][14..]).unwrap()).unwrap();
+    assert_eq!(ip.dst_addr, solicited_node(stranger));
+    assert_eq!((ip.src_addr, ip.hop_limit), (OUR_IP6, 255));
+
+    // No IPv6 address: an IPv6 destination is refused up front.
+    let (mut v4_only, _) = stack();
+    assert_eq!(
+        v4_only.connect(Instant::ZERO, SocketAddr::new(stranger.into(), 80)),
+        Err(SocketError::NoSourceAddress)
+    );
+}
+
+#[test]
+fn link_local_address_is_modified_eui64() {
+    assert_eq!(
+        link_local_address([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]),
+        "fe80::5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap()
+    );
+    assert_eq!(
+        solicited_node("2001:db8::1:2:3".parse().unwrap()),
+        "ff02::1:ff02:3".parse::<Ipv6Addr>().unwrap()
+    );
 }
