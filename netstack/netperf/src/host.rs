@@ -2,7 +2,7 @@
 //! client or server application on the socket API.
 
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant as StdInstant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 use stackroute_netstack::congestion::CongestionControl;
 use stackroute_netstack::sim::SimRng;
 use stackroute_netstack::{
-    Device, DeviceCapabilities, Instant, RxMeta, SocketError, SocketHandle, SocketOption, Stack,
-    StackConfig, TcpState,
+    Device, DeviceCapabilities, Instant, Ipv6Config, RxMeta, SocketError, SocketHandle,
+    SocketOption, Stack, StackConfig, TcpState,
 };
 use stackroute_pktio::{AfPacket, AfXdp, AnyDevice, RingConfig, Tap};
 
@@ -25,9 +25,11 @@ pub(crate) enum EngineKind {
 pub(crate) struct HostConfig {
     pub(crate) engine: EngineKind,
     pub(crate) interface: String,
+    /// Unspecified: no IPv4.
     pub(crate) address: Ipv4Addr,
     pub(crate) prefix_len: u8,
     pub(crate) gateway: Option<Ipv4Addr>,
+    pub(crate) ipv6: Option<Ipv6Config>,
     pub(crate) mac: Option<[u8; 6]>,
     pub(crate) congestion_control: CongestionControl,
     pub(crate) nodelay: bool,
@@ -151,6 +153,7 @@ impl Host {
             random_secret()?,
         );
         stack_config.gateway = config.gateway;
+        stack_config.ipv6 = config.ipv6;
         stack_config.mtu = stackroute_pktio::interface::mtu(&config.interface).unwrap_or(1500);
         stack_config.tcp.congestion_control = config.congestion_control;
         stack_config.tcp.nodelay = config.nodelay;
@@ -230,7 +233,7 @@ impl Host {
         Ok(())
     }
 
-    fn connect(&mut self, remote: SocketAddrV4) -> Result<SocketHandle> {
+    fn connect(&mut self, remote: SocketAddr) -> Result<SocketHandle> {
         let now = self.now();
         let mut tcp = self.stack.config().tcp.clone();
         tcp.congestion_control = self.config_cc;
@@ -308,7 +311,7 @@ fn report(
 /// Client: `--send` or `--rr`, over `connections` sequential connections.
 pub(crate) fn run_client(
     config: &HostConfig,
-    remote: SocketAddrV4,
+    remote: SocketAddr,
     work: ClientWork,
     connections: u64,
 ) -> Result<serde_json::Value> {

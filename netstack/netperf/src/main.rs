@@ -3,11 +3,12 @@
 
 mod host;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use stackroute_netstack::Ipv6Config;
 use stackroute_netstack::congestion::CongestionControl;
 
 /// Run the stackroute user-space TCP stack as a client or server.
@@ -63,12 +64,13 @@ struct Common {
     /// Interface to attach to.
     #[arg(long)]
     interface: String,
-    /// The stack's own address, IP/PREFIX. Use an address the kernel does not own.
+    /// The stack's own address, IP/PREFIX (IPv4 or IPv6; give it twice for both). Use an
+    /// address the kernel does not own.
+    #[arg(long, required = true)]
+    address: Vec<String>,
+    /// Next hop for off-subnet destinations (one per address family).
     #[arg(long)]
-    address: String,
-    /// Next hop for off-subnet destinations.
-    #[arg(long)]
-    gateway: Option<Ipv4Addr>,
+    gateway: Vec<IpAddr>,
     /// Congestion controller.
     #[arg(long, value_enum, default_value = "bbr")]
     cc: Cc,
@@ -118,9 +120,9 @@ struct ServerArgs {
 struct ClientArgs {
     #[command(flatten)]
     common: Common,
-    /// Server to connect to, IP:PORT.
+    /// Server to connect to, IP:PORT or [IPv6]:PORT.
     #[arg(long)]
-    connect: SocketAddrV4,
+    connect: SocketAddr,
     /// Send this many bytes, shut down the write side, read until the peer closes.
     #[arg(long, conflicts_with = "rr")]
     send: Option<u64>,
@@ -151,15 +153,51 @@ fn parse_mac(text: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
-fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8)> {
+fn parse_cidr(text: &str) -> Result<(IpAddr, u8)> {
     let (ip, prefix) = text
         .split_once('/')
         .with_context(|| format!("address must be IP/PREFIX: {text}"))?;
-    let prefix: u8 = prefix.parse().context("bad prefix length")?;
-    if prefix > 32 {
-        bail!("prefix length {prefix} is above 32");
+    let ip: IpAddr = ip
+        .parse()
+        .with_context(|| format!("bad IP address in {text}"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .with_context(|| format!("bad prefix length in {text}"))?;
+    let max = if ip.is_ipv6() { 128 } else { 32 };
+    if prefix > max {
+        bail!("prefix length {prefix} is above {max} in {text}");
     }
-    Ok((ip.parse().context("bad IPv4 address")?, prefix))
+    Ok((ip, prefix))
+}
+
+/// An IPv4 address, its prefix length and gateway.
+type Ipv4Interface = (Ipv4Addr, u8, Option<Ipv4Addr>);
+
+/// The interface's addresses: at most one IPv4 and one IPv6 address, each with its gateway.
+fn interface_addresses(
+    addresses: &[String],
+    gateways: &[IpAddr],
+) -> Result<(Option<Ipv4Interface>, Option<Ipv6Config>)> {
+    let (mut v4, mut v6) = (None, None);
+    for text in addresses {
+        match parse_cidr(text)? {
+            (IpAddr::V4(ip), prefix) if v4.is_none() => v4 = Some((ip, prefix, None)),
+            (IpAddr::V6(ip), prefix) if v6.is_none() => v6 = Some(Ipv6Config::new(ip, prefix)),
+            _ => bail!("--address {text}: one address per family (IPv4, IPv6)"),
+        }
+    }
+    for gateway in gateways {
+        match (gateway, &mut v4, &mut v6) {
+            (IpAddr::V4(g), Some((_, _, slot @ None)), _) => *slot = Some(*g),
+            (IpAddr::V6(g), _, Some(config)) if config.gateway.is_none() => {
+                config.gateway = Some(*g);
+            }
+            _ => bail!(
+                "--gateway {gateway}: needs an --address of its family, and one gateway per family"
+            ),
+        }
+    }
+    Ok((v4, v6))
 }
 
 /// Busy-poll window when `--busy-poll-us` is not given. A real-time task that busy-polls
@@ -199,7 +237,14 @@ fn policy_from_stat(stat: &str) -> Option<i32> {
 }
 
 fn host_config(common: &Common) -> Result<host::HostConfig> {
-    let (address, prefix_len) = parse_cidr(&common.address)?;
+    let (v4, ipv6) = interface_addresses(&common.address, &common.gateway)?;
+    let (address, prefix_len, gateway) = v4.unwrap_or((Ipv4Addr::UNSPECIFIED, 0, None));
+    if common.engine == Engine::AfXdp && v4.is_none() {
+        bail!(
+            "--engine af_xdp needs an IPv4 --address: its XDP program steers frames by IPv4 \
+             address and ARP; use af_packet or tap for IPv6 only"
+        );
+    }
     Ok(host::HostConfig {
         engine: match common.engine {
             Engine::AfPacket => host::EngineKind::AfPacket,
@@ -209,7 +254,8 @@ fn host_config(common: &Common) -> Result<host::HostConfig> {
         interface: common.interface.clone(),
         address,
         prefix_len,
-        gateway: common.gateway,
+        gateway,
+        ipv6,
         mac: common.mac.as_deref().map(parse_mac).transpose()?,
         congestion_control: common.cc.into(),
         nodelay: common.nodelay,
@@ -270,5 +316,61 @@ mod tests {
         assert_eq!(policy_from_stat("4242 (truncated) R 1"), None);
         // This test process: readable, and a valid policy number.
         assert!(scheduling_policy().is_some_and(|p| (0..=6).contains(&p)));
+    }
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn one_address_and_gateway_per_family() {
+        let (v4, v6) = interface_addresses(
+            &strings(&["10.0.0.2/24", "fd00::2/64"]),
+            &["fd00::1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+        )
+        .unwrap();
+        assert_eq!(
+            v4,
+            Some((
+                "10.0.0.2".parse().unwrap(),
+                24,
+                Some("10.0.0.1".parse().unwrap())
+            ))
+        );
+        let v6 = v6.unwrap();
+        assert_eq!(
+            (v6.address, v6.prefix_len),
+            ("fd00::2".parse().unwrap(), 64)
+        );
+        assert_eq!(v6.gateway, Some("fd00::1".parse().unwrap()));
+        // IPv6 only.
+        let (v4, v6) = interface_addresses(&strings(&["fd00::2/64"]), &[]).unwrap();
+        assert!(v4.is_none() && v6.is_some());
+    }
+
+    #[test]
+    fn bad_address_lists_are_refused_with_the_culprit_named() {
+        for (addresses, gateways, culprit) in [
+            (&["10.0.0.2/24", "10.0.0.3/24"][..], &[][..], "10.0.0.3/24"),
+            (&["fd00::2/129"][..], &[][..], "fd00::2/129"),
+            (&["10.0.0.2"][..], &[][..], "10.0.0.2"),
+            (&["10.0.0.2/24"][..], &["fd00::1"][..], "fd00::1"),
+            (
+                &["10.0.0.2/24"][..],
+                &["10.0.0.1", "10.0.0.9"][..],
+                "10.0.0.9",
+            ),
+        ] {
+            let gateways: Vec<IpAddr> = gateways.iter().map(|g| g.parse().unwrap()).collect();
+            let error = interface_addresses(&strings(addresses), &gateways)
+                .expect_err("must be refused")
+                .to_string();
+            assert!(error.contains(culprit), "{error:?} does not name {culprit}");
+        }
     }
 }

@@ -31,7 +31,10 @@ pub fn unavailable_with(extra_tools: &[&str]) -> Option<String> {
     if uid.as_deref() != Some("0") {
         return Some("not running as root (network namespaces need CAP_SYS_ADMIN)".into());
     }
-    for &tool in ["ip", "iptables", "python3"].iter().chain(extra_tools) {
+    for &tool in ["ip", "iptables", "ip6tables", "python3"]
+        .iter()
+        .chain(extra_tools)
+    {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -82,6 +85,23 @@ fn run(args: &[&str]) -> Output {
     out
 }
 
+/// Waits (at most 5 s) until `dev` in `ns` has a link-local address and no tentative one.
+fn wait_ipv6_ready(ns: &str, dev: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = run(&["ip", "-n", ns, "-6", "addr", "show", "dev", dev]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("scope link") && !text.contains("tentative") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "IPv6 on {dev} in {ns} not ready: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn run_quiet(args: &[&str]) {
     let _ = Command::new(args[0])
         .args(&args[1..])
@@ -98,6 +118,10 @@ pub struct Lab {
     pub stack_addr: String,
     pub gateway: String,
     pub kernel_ip: String,
+    /// The same, for IPv6 (every lab is dual-stack; neighbours found by NDP).
+    pub stack_addr6: String,
+    pub gateway6: String,
+    pub kernel_ip6: String,
     children: Vec<Proc>,
 }
 
@@ -123,6 +147,9 @@ impl Lab {
             stack_addr: format!("10.{subnet}.1.2/24"),
             gateway: format!("10.{subnet}.1.1"),
             kernel_ip: format!("10.{subnet}.2.2"),
+            stack_addr6: format!("fd00:{subnet}:1::2/64"),
+            gateway6: format!("fd00:{subnet}:1::1"),
+            kernel_ip6: format!("fd00:{subnet}:2::2"),
             children: Vec::new(),
         };
         // From here on, Drop cleans up whatever was created.
@@ -175,6 +202,24 @@ impl Lab {
         ns(&lab.ns_router, &["ip", "addr", "add", &gw_cidr, "dev", &r0]);
         ns(&lab.ns_router, &["ip", "addr", "add", &r1_cidr, "dev", &r1]);
         ns(&lab.ns_kernel, &["ip", "addr", "add", &b_cidr, "dev", &b0]);
+        // IPv6 without duplicate address detection (addresses usable at once). The stack's
+        // side of its link has IPv6 off in the kernel, so only the stack speaks NDP there.
+        let gw6_cidr = format!("{}/64", lab.gateway6);
+        let r1_6_cidr = format!("fd00:{subnet}:2::1/64");
+        let b6_cidr = format!("{}/64", lab.kernel_ip6);
+        let disable_ipv6 = format!("net.ipv6.conf.{}.disable_ipv6=1", lab.stack_if);
+        ns(&lab.ns_stack, &["sysctl", "-qw", &disable_ipv6]);
+        for (n, cidr, dev) in [
+            (&lab.ns_router, &gw6_cidr, &r0),
+            (&lab.ns_router, &r1_6_cidr, &r1),
+            (&lab.ns_kernel, &b6_cidr, &b0),
+        ] {
+            // No DAD for the link-local address either: while it is tentative the kernel
+            // does not answer neighbour solicitations (2 s of NDP retries before the first SYN).
+            let no_dad = format!("net.ipv6.conf.{dev}.accept_dad=0");
+            ns(n, &["sysctl", "-qw", &no_dad]);
+            ns(n, &["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"]);
+        }
         for (n, dev) in [
             (&lab.ns_stack, &lab.stack_if),
             (&lab.ns_router, &r0),
@@ -193,25 +238,47 @@ impl Lab {
             &lab.ns_kernel,
             &["ip", "route", "add", "default", "via", &b_gw],
         );
+        let b_gw6 = format!("fd00:{subnet}:2::1");
+        ns(
+            &lab.ns_kernel,
+            &["ip", "-6", "route", "add", "default", "via", &b_gw6],
+        );
         ns(&lab.ns_router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        ns(
+            &lab.ns_router,
+            &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+        );
         if loss > 0.0 {
             let p = format!("{loss}");
-            ns(
-                &lab.ns_router,
-                &[
-                    "iptables",
-                    "-A",
-                    "FORWARD",
-                    "-m",
-                    "statistic",
-                    "--mode",
-                    "random",
-                    "--probability",
-                    &p,
-                    "-j",
-                    "DROP",
-                ],
-            );
+            for table in ["iptables", "ip6tables"] {
+                ns(
+                    &lab.ns_router,
+                    &[
+                        table,
+                        "-A",
+                        "FORWARD",
+                        "-m",
+                        "statistic",
+                        "--mode",
+                        "random",
+                        "--probability",
+                        &p,
+                        "-j",
+                        "DROP",
+                    ],
+                );
+            }
+        }
+        // The kernel ignores neighbour solicitations on an interface whose IPv6 is not up yet
+        // (no link-local address, or one still tentative): the stack's first solicitation then
+        // goes unanswered and its SYN leaves a second later. Wait until every kernel interface
+        // of the path is ready.
+        for (n, dev) in [
+            (&lab.ns_router, &r0),
+            (&lab.ns_router, &r1),
+            (&lab.ns_kernel, &b0),
+        ] {
+            wait_ipv6_ready(n, dev);
         }
         lab
     }
@@ -233,6 +300,10 @@ impl Lab {
             &self.stack_addr.clone(),
             "--gateway",
             &self.gateway.clone(),
+            "--address",
+            &self.stack_addr6.clone(),
+            "--gateway",
+            &self.gateway6.clone(),
         ]
         .map(str::to_owned);
         let mut owned: Vec<String> = full.iter().map(|s| s.to_string()).collect();
@@ -364,7 +435,8 @@ pub mod py {
     pub const SINK_SERVER: &str = r#"
 import hashlib, socket, sys
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((host, port)); s.listen(128); print("READY", flush=True)
 for _ in range(count):
     c, _ = s.accept(); h = hashlib.sha256(); n = 0
@@ -379,7 +451,8 @@ for _ in range(count):
     pub const ECHO_SERVER: &str = r#"
 import socket, sys
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((host, port)); s.listen(128); print("READY", flush=True)
 for _ in range(count):
     c, _ = s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
