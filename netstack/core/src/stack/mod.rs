@@ -1561,20 +1561,22 @@ impl Stack {
 /// All-nodes multicast group, ff02::1.
 const IPV6_ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 
-fn octets(ip: IpAddr) -> Vec<u8> {
+/// Sum of an address's 16-bit words (no allocation: this runs per frame on AF_XDP).
+fn address_word_sum(ip: IpAddr) -> u32 {
     match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            u32::from(u16::from_be_bytes([o[0], o[1]]))
+                + u32::from(u16::from_be_bytes([o[2], o[3]]))
+        }
+        IpAddr::V6(v6) => v6.segments().iter().map(|&w| u32::from(w)).sum(),
     }
 }
 
 /// The TCP pseudo-header's one's-complement sum (RFC 9293 §3.1, RFC 8200 §8.1): what a sender
 /// using checksum offload leaves in the checksum field.
 fn pseudo_header_sum(src: IpAddr, dst: IpAddr, tcp_len: usize) -> u16 {
-    let mut sum: u32 = 0;
-    for pair in octets(src).chunks(2).chain(octets(dst).chunks(2)) {
-        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
+    let mut sum: u32 = address_word_sum(src) + address_word_sum(dst);
     sum += u32::from(u8::from(IpProtocol::Tcp));
     sum += tcp_len as u32;
     while sum > 0xffff {

@@ -527,3 +527,38 @@ fn link_local_address_is_modified_eui64() {
         "ff02::1:ff02:3".parse::<Ipv6Addr>().unwrap()
     );
 }
+
+#[test]
+fn ipv6_offload_partial_checksum_is_accepted_when_the_engine_says_it_can_occur() {
+    let syn = bare(7, None, TcpControl::Syn);
+    let mut frame = vec![0u8; 14 + 40 + syn.buffer_len()];
+    let len = emit_tcp_frame(
+        &mut frame,
+        PEER_MAC,
+        OUR_MAC,
+        PEER_IP6.into(),
+        OUR_IP6.into(),
+        &syn,
+    );
+    frame.truncate(len);
+    // fd00::2 → fd00::1, next header TCP, 20 bytes: the folded pseudo-header sum.
+    let partial: u32 = 0xfd00 + 0x0002 + 0xfd00 + 0x0001 + 6 + 20;
+    let folded = (partial & 0xffff) + (partial >> 16);
+    frame[14 + 40 + 16..14 + 40 + 18].copy_from_slice(&(folded as u16).to_be_bytes());
+    for (possible, expect_reply) in [(false, false), (true, true)] {
+        let (mut dual, _) = dual_stack();
+        dual.add_neighbor(PEER_IP6, PEER_MAC);
+        dual.listen(80, 4).unwrap();
+        let mut dev = MetaDevice {
+            frame: Some(frame.clone()),
+            meta: RxMeta {
+                checksum_trusted: false,
+                partial_checksum_possible: possible,
+                received_at: None,
+            },
+            sent: Vec::new(),
+        };
+        dual.poll(Instant::ZERO, &mut dev);
+        assert_eq!(!dev.sent.is_empty(), expect_reply, "possible = {possible}");
+    }
+}
