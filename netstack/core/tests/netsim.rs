@@ -230,6 +230,42 @@ fn ipv6_transfers_find_the_neighbor_by_ndp_and_arrive_exactly_once() {
 }
 
 #[test]
+fn dsack_widens_the_reordering_window_so_reordering_stops_causing_retransmissions() {
+    // No loss, but 3% of segments arrive 8 ms late on a 20 ms path: past RACK's initial
+    // reordering window (min RTT / 4 = 5 ms), so the first ones are retransmitted spuriously.
+    // The receiver reports each duplicate with a DSACK, the sender widens its window, and
+    // the rest of the reordering is tolerated.
+    let link = LinkConfig {
+        delay: Duration::from_millis(10),
+        rate_bps: 50_000_000,
+        reorder: 0.03,
+        reorder_delay: Duration::from_millis(8),
+        ..LinkConfig::default()
+    };
+    let (net, transfer, data, done) = run_transfer(
+        31,
+        link,
+        CongestionControl::Bbr,
+        4_000_000,
+        Duration::from_secs(60),
+    );
+    assert!(done, "transfer did not finish by {:?}", net.now());
+    assert_exact(&transfer, &data);
+    let stats = net.a.connection_stats(transfer.client).unwrap();
+    // ≈ 2760 segments, ≈ 80 of them reordered.
+    eprintln!("{stats:?}");
+    assert!(stats.dsacks_received >= 1, "{stats:?}");
+    assert!(
+        stats.reorder_window_us > 5_000,
+        "window not widened: {stats:?}"
+    );
+    assert!(
+        stats.retransmits <= 20,
+        "reordering still retransmitted: {stats:?}"
+    );
+}
+
+#[test]
 fn high_loss_and_heavy_reordering_still_complete() {
     let link = LinkConfig {
         delay: Duration::from_millis(20),

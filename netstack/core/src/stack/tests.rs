@@ -300,6 +300,22 @@ fn out_of_order_data_is_acked_at_once_with_sack_and_reassembled() {
     );
     assert_eq!(parse_tcp(&out[0]).ack_number, Some(TcpSeqNumber(1021)));
     assert_eq!(stack.recv(server, &mut buf), Err(SocketError::WouldBlock));
+
+    // RFC 2883: a retransmission of data already delivered is reported as a DSACK, the first
+    // SACK block, below the cumulative ACK.
+    let mut again = bare(1011, Some(iss1), TcpControl::None);
+    again.payload = b"klmnopqrst";
+    again.timestamp = Some(TcpTimestampRepr::new(5, 0));
+    let out = feed(
+        &mut stack,
+        &mut dev,
+        Instant::from_millis(5),
+        &peer_segment(&again),
+    );
+    let ack = parse_tcp(&out[0]);
+    assert_eq!(ack.ack_number, Some(TcpSeqNumber(1021)));
+    assert_eq!(ack.sack_ranges[0], Some((1011, 1021)), "DSACK block");
+    assert_eq!(ack.sack_ranges[1], None);
 }
 
 /// A device that hands one frame over with the given metadata.

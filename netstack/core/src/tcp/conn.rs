@@ -72,6 +72,11 @@ pub struct ConnectionStats {
     pub peer_window: u64,
     /// Whether a loss-recovery episode is in progress.
     pub in_recovery: bool,
+    /// DSACKs received (RFC 2883): the peer got a segment twice, so one retransmission was
+    /// spurious.
+    pub dsacks_received: u64,
+    /// RACK's current reordering window in microseconds.
+    pub reorder_window_us: u64,
 }
 
 /// The two ends of a connection.
@@ -147,6 +152,13 @@ struct Rack {
     xmit_ts: Option<Instant>,
     end_seq: u64,
     rtt: Option<Duration>,
+    /// Reordering-window adaptation (§6.2 step 4): the window is `min_RTT / 4 × multiplier`;
+    /// each round trip with a DSACK (a spurious retransmission, so the window was too small)
+    /// raises the multiplier once, and it returns to 1 after 16 recoveries without one.
+    reo_wnd_mult: u32,
+    reo_wnd_persist: u32,
+    /// `snd_nxt` when the multiplier was last raised: one raise per round trip.
+    dsack_round: Option<u64>,
 }
 
 /// A TCP connection.
@@ -186,6 +198,8 @@ pub(crate) struct Connection {
     rcv_wscale: u8,
     recv_buf: VecDeque<u8>,
     reassembly: Reassembly,
+    /// A duplicate segment's range to report first in the next ACK (RFC 2883 DSACK).
+    dsack: Option<(u64, u64)>,
     peer_fin: Option<u64>,
     /// Right edge of the last advertised window; never moved left (RFC 9293 §3.8.6.2.2).
     rcv_adv: u64,
@@ -295,6 +309,7 @@ impl Connection {
             rcv_wscale,
             recv_buf: VecDeque::new(),
             reassembly: Reassembly::default(),
+            dsack: None,
             peer_fin: None,
             rcv_adv: 0,
             ack_now: false,
@@ -428,6 +443,7 @@ impl Connection {
             inflight: self.pipe,
             peer_window: self.snd_wnd,
             in_recovery: self.recovery_point.is_some(),
+            reorder_window_us: self.reorder_window().as_micros() as u64,
             ..self.stats
         }
     }
@@ -757,6 +773,7 @@ impl Connection {
         if !self.segment_acceptable(seg, start, seg_len) {
             if seg.control != TcpControl::Rst {
                 self.ack_now = true;
+                self.note_duplicate(start, seg.payload.len());
                 if self.state == State::TimeWait && seg.control == TcpControl::Fin {
                     self.time_wait_deadline = Some(now + self.config.time_wait);
                 }
@@ -905,6 +922,16 @@ impl Connection {
         self.reassembly.clear();
     }
 
+    /// RFC 2883: data we already had is reported first in the next ACK (a DSACK), so the
+    /// sender learns that its retransmission, or the network's copy, was not needed.
+    fn note_duplicate(&mut self, start: i64, len: usize) {
+        let end = (start + len as i64).min(self.rcv_nxt as i64);
+        if self.sack_enabled && len > 0 && start >= 0 && start < end {
+            self.dsack = Some((start as u64, end as u64));
+            self.ack_now = true;
+        }
+    }
+
     fn receive_data(&mut self, now: Instant, start: i64, payload: &[u8]) {
         let nxt = self.rcv_nxt as i64;
         // Window already offered stays offered even if the buffer was made smaller since.
@@ -912,6 +939,7 @@ impl Connection {
         let mut data = payload;
         let mut at = start;
         if at < nxt {
+            self.note_duplicate(start, payload.len());
             let skip = ((nxt - at) as usize).min(data.len());
             data = &data[skip..];
             at = nxt;
@@ -1026,6 +1054,14 @@ impl Connection {
         // Selective acknowledgments.
         let mut sacked_new = false;
         if self.sack_enabled {
+            if is_dsack(
+                &seg.sack_ranges,
+                |seq| self.ack_offset(Seq(seq)),
+                self.snd_una,
+            ) {
+                self.stats.dsacks_received += 1;
+                self.adapt_reorder_window();
+            }
             for (left, right) in seg.sack_ranges.iter().flatten() {
                 let l = self.ack_offset(Seq(*left));
                 let r = self.ack_offset(Seq(*right));
@@ -1247,9 +1283,26 @@ impl Connection {
     }
 
     fn reorder_window(&self) -> Duration {
-        // RFC 8985 §6.2 step 4: min_RTT / 4, bounded by SRTT.
+        // RFC 8985 §6.2 step 4: min_RTT / 4 times the DSACK multiplier, bounded by SRTT.
         let quarter = self.rtt.min().map_or(Duration::ZERO, |m| m / 4);
-        self.rtt.smoothed().map_or(quarter, |s| quarter.min(s))
+        let window = quarter * self.rack.reo_wnd_mult.max(1);
+        self.rtt.smoothed().map_or(window, |s| window.min(s))
+    }
+
+    /// RFC 8985 §6.2 step 4 on a DSACK: widen the reordering window, at most once per round.
+    fn adapt_reorder_window(&mut self) {
+        if self
+            .rack
+            .dsack_round
+            .is_some_and(|round| self.snd_una >= round)
+        {
+            self.rack.dsack_round = None;
+        }
+        if self.rack.dsack_round.is_none() {
+            self.rack.dsack_round = Some(self.snd_nxt);
+            self.rack.reo_wnd_mult = self.rack.reo_wnd_mult.max(1) + 1;
+            self.rack.reo_wnd_persist = 16;
+        }
     }
 
     /// RFC 8985 §6.2 step 5.
@@ -1302,6 +1355,11 @@ impl Connection {
             self.recovery_point = None;
             self.rto_recovery = false;
             self.cc.on_recovery_exit(now);
+            // RFC 8985 §6.2 step 4: the widened window persists for 16 recoveries.
+            self.rack.reo_wnd_persist = self.rack.reo_wnd_persist.saturating_sub(1);
+            if self.rack.reo_wnd_persist == 0 {
+                self.rack.reo_wnd_mult = 1;
+            }
         }
         if self.recovery_point.is_none() && self.lost_segments > 0 {
             // A new loss episode: one congestion response per episode (RFC 6582, RFC 6675).
@@ -1635,12 +1693,11 @@ impl Connection {
         if self.ts_enabled {
             repr.timestamp = Some(self.timestamp(now));
         }
-        if self.sack_enabled && !self.reassembly.is_empty() {
-            for (slot, (start, end)) in repr
-                .sack_ranges
-                .iter_mut()
-                .zip(self.reassembly.sack_blocks(3))
-            {
+        if self.sack_enabled {
+            // A DSACK block goes first (RFC 2883 §4), then the out-of-order blocks.
+            let dsack = self.dsack.take();
+            let blocks = dsack.into_iter().chain(self.reassembly.sack_blocks(3));
+            for (slot, (start, end)) in repr.sack_ranges.iter_mut().zip(blocks) {
                 *slot = Some((self.peer_seq_at(start).0, self.peer_seq_at(end).0));
             }
         }
@@ -1835,4 +1892,20 @@ impl Connection {
         self.stats.retransmits += 1;
         self.data_segment(now, start, end, fin)
     }
+}
+
+/// Whether an ACK's first SACK block is a DSACK (RFC 2883 §4): below the cumulative ACK, or
+/// inside the second block.
+fn is_dsack(blocks: &[Option<(u32, u32)>; 3], offset: impl Fn(u32) -> i64, snd_una: u64) -> bool {
+    let Some((left, right)) = blocks[0] else {
+        return false;
+    };
+    let (l, r) = (offset(left), offset(right));
+    if l >= r {
+        return false;
+    }
+    if r <= snd_una as i64 {
+        return true;
+    }
+    blocks[1].is_some_and(|(left2, right2)| offset(left2) <= l && r <= offset(right2))
 }
