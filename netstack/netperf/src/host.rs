@@ -61,6 +61,9 @@ fn payload_block() -> Vec<u8> {
     block
 }
 
+mod iperf3;
+pub(crate) use iperf3::run_iperf3_server;
+
 struct Host {
     stack: Stack,
     device: AnyDevice,

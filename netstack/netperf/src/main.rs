@@ -111,6 +111,9 @@ struct ServerArgs {
     /// (for curl and other unmodified HTTP clients); the report has the body's SHA-256.
     #[arg(long, conflicts_with = "echo")]
     http_bytes: Option<u64>,
+    /// Serve one test to an unmodified `iperf3 -c` (TCP, client sending, any -P), then exit.
+    #[arg(long, conflicts_with_all = ["echo", "http_bytes"])]
+    iperf3: bool,
     /// Exit after serving this many connections (0: serve until the timeout).
     #[arg(long, default_value_t = 1)]
     connections: u64,
@@ -271,6 +274,11 @@ fn main() -> Result<()> {
     let report = match cli.mode {
         Mode::Server(args) => {
             let config = host_config(&args.common)?;
+            if args.iperf3 {
+                let report = host::run_iperf3_server(&config, args.port)?;
+                println!("{report}");
+                return Ok(());
+            }
             let work = match (args.echo, args.http_bytes) {
                 (_, Some(body_bytes)) => host::ServerWork::Http { body_bytes },
                 (true, None) => host::ServerWork::Echo,

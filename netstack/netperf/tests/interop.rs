@@ -509,3 +509,51 @@ fn http_with_unmodified_programs_both_ways() {
         eprintln!("curl ← our HTTP server, loss {loss}: {report}");
     }
 }
+
+/// An unmodified `iperf3 -c` (two parallel streams, 2 s) against the stack's `--iperf3`
+/// server, clean and at 5% loss: iperf3 must finish its protocol and every byte it wrote
+/// must have arrived.
+#[test]
+fn iperf3_client_runs_a_test_against_our_server() {
+    if !should_run_with("iperf3_client_runs_a_test_against_our_server", &["iperf3"]) {
+        return;
+    }
+    for loss in [0.0, 0.05] {
+        let mut lab = Lab::new(loss);
+        let stack_ip = lab.stack_addr.split('/').next().unwrap().to_owned();
+        let server =
+            lab.spawn_netperf(&["server", "--iperf3", "--port", "5212", "--timeout", "60"]);
+        std::thread::sleep(Duration::from_millis(300));
+        let client = lab.spawn_kernel(&[
+            "iperf3", "-c", &stack_ip, "-p", "5212", "-t", "2", "-P", "2", "-J",
+        ]);
+        let (client_out, client_err, client_ok) = lab.wait(client, Duration::from_secs(60));
+        assert!(
+            client_ok,
+            "iperf3 failed at loss {loss}: {client_err} {client_out}"
+        );
+        let iperf: serde_json::Value = serde_json::from_str(&client_out).expect("iperf3 JSON");
+        let sent = iperf["end"]["sum_sent"]["bytes"]
+            .as_u64()
+            .expect("sum_sent");
+        let received_at_end = iperf["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+        let (out, err, ok) = lab.wait(server, Duration::from_secs(30));
+        assert!(ok, "iperf3 server failed at loss {loss}: {err}");
+        let report = json_line(&out);
+        assert_eq!(report["iperf3_streams"].as_u64(), Some(2));
+        assert!(sent > 1_000_000, "iperf3 sent only {sent} bytes");
+        assert_eq!(
+            report["bytes_received"].as_u64(),
+            Some(sent),
+            "every byte iperf3 wrote arrived"
+        );
+        assert!(received_at_end > 0 && received_at_end <= sent);
+        eprintln!(
+            "iperf3 -P 2 → our server, loss {loss}: iperf3 sent {sent} B ({:.1} Mbit/s), {report}",
+            iperf["end"]["sum_sent"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+                / 1e6
+        );
+    }
+}
