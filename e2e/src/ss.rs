@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::net::Net;
 
-/// One established TCP connection as `ss -tin` shows it.
+/// One open TCP connection as `ss -tin` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpConn {
     /// Local address and port.
@@ -68,9 +68,15 @@ fn parse_addr(word: &str) -> Option<SocketAddr> {
     .ok()
 }
 
-/// Established TCP connections in `host` whose peer is `peer` (ip and port).
+/// Open TCP connections in `host` whose peer is `peer` (ip and port): established, and those
+/// the peer has already closed while the application still reads (CLOSE-WAIT). A server that
+/// sends a small body at once closes within milliseconds while a rate-limited client reads for
+/// a second: sampling only ESTABLISHED then missed the connection entirely (a CI failure).
 pub fn connections_to(net: &Net, host: &str, peer: SocketAddr) -> Result<Vec<TcpConn>> {
-    let output = net.exec(host, &["ss", "-tinH", "state", "established"])?;
+    let output = net.exec(
+        host,
+        &["ss", "-tinH", "state", "established", "state", "close-wait"],
+    )?;
     Ok(parse(&output)
         .into_iter()
         .filter(|c| c.peer == peer)
