@@ -337,3 +337,48 @@ fn listener_options_reach_accepted_connections_and_options_change_midstream() {
     assert_eq!(received, bulk);
     assert_eq!(net.a.congestion_control(a), Ok(CongestionControl::Reno));
 }
+
+#[test]
+fn a_new_syn_reuses_a_time_wait_four_tuple_when_it_is_newer() {
+    // RFC 6191: the server closes first, so it holds TIME-WAIT (60 s); the client comes back
+    // from the same port at once and is accepted, with and without timestamps.
+    for timestamps in [true, false] {
+        let mut net = Network::new(10, link(5), link(5), |c| c.tcp.timestamps = timestamps);
+        let listener = net.b.listen(80, 4).unwrap();
+        let config = net.a.config().tcp.clone();
+        // Without reuse the SYN would get a challenge ACK, the client would reset it and
+        // retry after its 1 s SYN timeout: the second connection must be faster than that.
+        let mut serve_one = |net: &mut Network, within: Duration| {
+            let now = net.now();
+            let a = net
+                .a
+                .connect_from(now, 7000, SocketAddrV4::new(ADDR_B, 80), config.clone())
+                .unwrap();
+            let limit = net.now() + within;
+            let mut b = None;
+            let accepted = net.run_until(limit, |net| {
+                b = b.or_else(|| net.b.accept(listener).ok());
+                b.is_some()
+            });
+            assert!(
+                accepted,
+                "timestamps {timestamps}: not accepted within {within:?}"
+            );
+            let b = b.unwrap();
+            net.b.close(b).unwrap();
+            net.run_for(Duration::from_millis(50));
+            let mut buf = [0u8; 8];
+            assert_eq!(net.a.recv(a, &mut buf), Ok(0), "EOF from the server's FIN");
+            net.a.close(a).unwrap();
+            net.run_for(Duration::from_millis(200));
+        };
+        serve_one(&mut net, Duration::from_secs(2));
+        assert_eq!(
+            net.b.socket_count(),
+            2,
+            "listener and the TIME-WAIT connection"
+        );
+        serve_one(&mut net, Duration::from_millis(500));
+        assert_eq!(net.b.stats().time_wait_reused, 1, "timestamps {timestamps}");
+    }
+}

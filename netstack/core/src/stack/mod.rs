@@ -224,6 +224,8 @@ pub struct StackStats {
     pub rst_sent: u64,
     /// SYNs dropped because a listener's backlog was full.
     pub syn_dropped: u64,
+    /// Connections in TIME-WAIT replaced by a new SYN for the same four-tuple (RFC 6191).
+    pub time_wait_reused: u64,
 }
 
 #[derive(Debug)]
@@ -1322,11 +1324,19 @@ impl Stack {
         };
         let key = (seg.dst_port, src_ip, seg.src_port);
         if let Some(&handle) = self.tuples.get(&key) {
-            if let Some(Entry::Conn(slot)) = self.entry_mut(handle) {
-                slot.conn.handle_segment(now, &seg);
+            let reincarnation = self.listeners.contains_key(&seg.dst_port)
+                && matches!(self.entry(handle), Some(Entry::Conn(slot))
+                    if !slot.app_owned && slot.conn.time_wait_accepts_syn(&seg));
+            if !reincarnation {
+                if let Some(Entry::Conn(slot)) = self.entry_mut(handle) {
+                    slot.conn.handle_segment(now, &seg);
+                }
+                self.refresh(handle);
+                return true;
             }
-            self.refresh(handle);
-            return true;
+            // The old incarnation ends here; the SYN goes to the listener below.
+            self.remove(handle);
+            self.stats.time_wait_reused += 1;
         }
         if let Some(&listener) = self.listeners.get(&seg.dst_port)
             && seg.control == TcpControl::Syn

@@ -387,6 +387,23 @@ impl Connection {
 
     // === impl Connection: application side ===
 
+    /// RFC 6191: whether a SYN for this connection's four-tuple may open a new incarnation
+    /// while it sits in TIME-WAIT. It must be impossible to confuse with the old one: a newer
+    /// timestamp when both ends used timestamps, else an initial sequence number beyond all the
+    /// old connection received (RFC 6528 ISNs grow with time for a given tuple).
+    pub(crate) fn time_wait_accepts_syn(&self, seg: &TcpRepr<'_>) -> bool {
+        if self.state != State::TimeWait
+            || seg.control != TcpControl::Syn
+            || seg.ack_number.is_some()
+        {
+            return false;
+        }
+        match (self.ts_enabled, seg.timestamp) {
+            (true, Some(ts)) => Seq(ts.tsval).gt(Seq(self.ts_recent)),
+            _ => from_seq_number(seg.seq_number).gt(self.peer_seq_at(self.rcv_nxt)),
+        }
+    }
+
     pub(crate) fn state(&self) -> State {
         self.state
     }
