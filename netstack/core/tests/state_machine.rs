@@ -348,7 +348,7 @@ fn a_new_syn_reuses_a_time_wait_four_tuple_when_it_is_newer() {
         let config = net.a.config().tcp.clone();
         // Without reuse the SYN would get a challenge ACK, the client would reset it and
         // retry after its 1 s SYN timeout: the second connection must be faster than that.
-        let mut serve_one = |net: &mut Network, within: Duration| {
+        let serve_one = |net: &mut Network, within: Duration| {
             let now = net.now();
             let a = net
                 .a
