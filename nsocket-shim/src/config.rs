@@ -4,6 +4,7 @@
 use std::ffi::CString;
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use stackroute_local_api::published;
 
@@ -27,6 +28,9 @@ pub(crate) struct Config {
     pub(crate) debug: bool,
     /// `STACKROUTE_SHIM_DISABLE=1`: every hook passes through (for side-by-side measurements).
     pub(crate) disabled: bool,
+    /// `STACKROUTE_TEST_LOAD_DELAY_MS`: a test hook that slows every snapshot load, so races at
+    /// a process's first load are reproducible (0 unless set).
+    pub(crate) load_delay: Duration,
 }
 
 impl Config {
@@ -53,6 +57,12 @@ impl Config {
             socket_path: path(published::SOCKET_FILE),
             debug: wants_debug(&log),
             disabled: get("STACKROUTE_SHIM_DISABLE").is_some_and(|v| v == "1"),
+            load_delay: Duration::from_millis(
+                get("STACKROUTE_TEST_LOAD_DELAY_MS")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+                    .min(10_000),
+            ),
         }
     }
 }

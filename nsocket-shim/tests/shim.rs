@@ -427,6 +427,21 @@ fn threads_decide_concurrently() {
 }
 
 #[test]
+fn threads_connecting_during_the_first_snapshot_load_wait_for_it() {
+    // Every snapshot load takes 30 ms: the threads that decide while the first one is being
+    // loaded must wait for it, not fall back to the kernel as if there were no agent.
+    let env = Env::start();
+    let (l, port) = listener("127.0.0.1", RENO);
+    serve(l);
+    let mut command = env.command(&["threads", "127.0.0.1", &port.to_string()]);
+    command.env("STACKROUTE_TEST_LOAD_DELAY_MS", "30");
+    let (ok, out, err) = finish(command);
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.trim(), "connections=160 cc=reno same=1", "{err}");
+    assert!(!err.contains("fallback=no-agent"), "{err}");
+}
+
+#[test]
 fn af_unix_is_left_alone() {
     let env = Env::start();
     let dir = tempfile::tempdir().unwrap();
