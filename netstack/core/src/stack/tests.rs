@@ -392,6 +392,21 @@ const NEIGHBOR_SOLICIT: [u8; 86] = [
     0x00, 0x02,
 ];
 
+/// A segment from the peer's IPv6 address to ours.
+fn peer_segment6(repr: &TcpRepr<'_>) -> Vec<u8> {
+    let mut frame = vec![0u8; 14 + 40 + repr.buffer_len()];
+    let len = emit_tcp_frame(
+        &mut frame,
+        PEER_MAC,
+        OUR_MAC,
+        PEER_IP6.into(),
+        OUR_IP6.into(),
+        repr,
+    );
+    frame.truncate(len);
+    frame
+}
+
 fn dual_stack() -> (Stack, SimDevice) {
     let mut config = StackConfig::new(OUR_MAC, OUR_IP, 24, [9; 16]);
     config.ipv6 = Some(Ipv6Config::new(OUR_IP6, 64));
@@ -484,16 +499,7 @@ fn ipv6_syn_gets_syn_ack_and_connect_solicits_the_neighbor() {
     dual.add_neighbor(PEER_IP6, PEER_MAC);
     let mut syn = bare(7, None, TcpControl::Syn);
     syn.max_seg_size = Some(1440);
-    let mut frame = vec![0u8; 14 + 40 + syn.buffer_len()];
-    let len = emit_tcp_frame(
-        &mut frame,
-        PEER_MAC,
-        OUR_MAC,
-        PEER_IP6.into(),
-        OUR_IP6.into(),
-        &syn,
-    );
-    frame.truncate(len);
+    let frame = peer_segment6(&syn);
     let out = feed(&mut dual, &mut dev, Instant::from_millis(1), &frame);
     assert_eq!(out.len(), 1);
     let ip = Ipv6Packet::new_checked(&out[0][14..]).unwrap();
@@ -553,16 +559,7 @@ fn link_local_address_is_modified_eui64() {
 #[test]
 fn ipv6_offload_partial_checksum_is_accepted_when_the_engine_says_it_can_occur() {
     let syn = bare(7, None, TcpControl::Syn);
-    let mut frame = vec![0u8; 14 + 40 + syn.buffer_len()];
-    let len = emit_tcp_frame(
-        &mut frame,
-        PEER_MAC,
-        OUR_MAC,
-        PEER_IP6.into(),
-        OUR_IP6.into(),
-        &syn,
-    );
-    frame.truncate(len);
+    let mut frame = peer_segment6(&syn);
     // fd00::2 → fd00::1, next header TCP, 20 bytes: the folded pseudo-header sum.
     let partial: u32 = 0xfd00 + 0x0002 + 0xfd00 + 0x0001 + 6 + 20;
     let folded = (partial & 0xffff) + (partial >> 16);
