@@ -68,9 +68,20 @@ pub struct Bins {
     pub delay: Option<PathBuf>,
 }
 
-/// Builds `libnsocket.so` into `profile_dir` (`target/<profile>`): `cargo test` builds the shim
-/// crate's `rlib` for tests but never its `cdylib`, so a fresh `cargo test --workspace` lacks it.
+/// Builds `libnsocket.so` into `profile_dir` (`target/<profile>`), once per process: `cargo
+/// test` builds the shim crate's `rlib` for tests but never its `cdylib`, so a fresh `cargo test
+/// --workspace` lacks it and a kept target directory holds a stale one. Cargo's freshness check
+/// makes the build a no-op when nothing changed.
 fn build_shim_into(profile_dir: &Path) -> Result<()> {
+    static BUILT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *BUILT.get_or_init(|| build_shim_now(profile_dir).is_ok()) {
+        Ok(())
+    } else {
+        bail!("cargo build -p nsocket-shim failed")
+    }
+}
+
+fn build_shim_now(profile_dir: &Path) -> Result<()> {
     let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => "dev",
         Some(other) => other,
@@ -118,7 +129,22 @@ impl Bins {
             Some(path) => Some(PathBuf::from(path)),
             None => Some(dir.join("libnsocket.so")),
         }
-        .filter(|p| p.is_file() || build_shim_into(&dir).is_ok_and(|()| p.is_file()));
+        .filter(|p| {
+            // In our own target directory the library is brought up to date; an explicit
+            // $STACKROUTE_SHIM or $STACKROUTE_BIN_DIR is used as it is (built only if missing).
+            let own_target_dir = std::env::var_os("STACKROUTE_SHIM").is_none()
+                && std::env::var_os("STACKROUTE_BIN_DIR").is_none();
+            if (own_target_dir || !p.is_file())
+                && let Err(error) = build_shim_into(&dir)
+                && p.is_file()
+            {
+                eprintln!(
+                    "note: could not rebuild libnsocket.so ({error:#}); using {} as it is",
+                    p.display()
+                );
+            }
+            p.is_file()
+        });
         Ok(Self {
             controller: bin("stackroute-controller")?,
             lrd: bin("stackroute-lrd")?,

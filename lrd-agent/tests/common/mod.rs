@@ -84,17 +84,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A shared library of a workspace package, built into the same target directory and profile
-/// as this test when it is not there yet: `cargo test` builds a package's `rlib` for its tests
-/// but never its `cdylib`, so a fresh `cargo test --workspace` would otherwise lack it.
+/// A shared library of a workspace package, built (once per test process) into the same
+/// target directory and profile as this test: `cargo test` builds a package's `rlib` for its
+/// tests but never its `cdylib`, so a fresh `cargo test --workspace` would lack it, and a kept
+/// target directory would hold a stale one (a CI run tested an old `libnsocket.so` against a
+/// new test). Cargo's own freshness check makes the build a no-op when nothing changed.
 pub fn library(package: &str, file: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps");
     let path = profile_dir.join(file);
-    if !path.is_file() {
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !built.iter().any(|p| p == package) {
         let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") | None => "dev",
             Some(other) => other,
@@ -108,6 +114,7 @@ pub fn library(package: &str, file: &str) -> PathBuf {
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build -p {package} failed");
+        built.push(package.to_owned());
     }
     assert!(
         path.is_file(),
