@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Fuzz smoke test: builds the cargo-fuzz targets of policy/fuzz and snapshot/fuzz with the
+# Fuzz smoke test: builds the cargo-fuzz targets of policy/fuzz, snapshot/fuzz and netstack/fuzz with the
 # *stable* toolchain and runs each for a bounded time. Exits non-zero when a target crashes
 # (panics, times out or runs out of memory) or does not build; the crashing input is left in
 # <crate>/fuzz/artifacts/<target>/ and its path printed.
 #
-#   FUZZ_SECONDS=20     seconds per target (3 targets: load_yaml, decode, mutate)
+#   FUZZ_SECONDS=20     seconds per target (load_yaml, decode, mutate, parse_frame, operation_sequence)
 #   FUZZ_TARGETS="..."  a subset, e.g. "decode mutate"
 #   FUZZ_SANITIZER=none none (default: the crates are #![forbid(unsafe_code)], so the bugs to
 #                       find are panics; plain stable builds it) or address (ASan: needs
@@ -21,7 +21,7 @@ root=$PWD
 seconds="${FUZZ_SECONDS:-20}"
 sanitizer="${FUZZ_SANITIZER:-none}"
 target_dir="${FUZZ_TARGET_DIR:-$root/target-fuzz/cargo-fuzz}"
-targets="${FUZZ_TARGETS:-load_yaml decode mutate}"
+targets="${FUZZ_TARGETS:-load_yaml decode mutate parse_frame operation_sequence}"
 cargo_fuzz_version="0.13.2"
 
 log() { printf 'fuzz-smoke: %s\n' "$*" >&2; }
@@ -55,19 +55,30 @@ crate_of() {
   case "$1" in
     load_yaml) echo policy ;;
     decode | mutate) echo snapshot ;;
+    parse_frame | operation_sequence) echo netstack ;;
     *) echo unknown ;;
   esac
 }
 for target in $targets; do
   if [ "$(crate_of "$target")" = unknown ]; then
-    log "unknown fuzz target '$target' (known: load_yaml decode mutate)"; exit 2
+    log "unknown fuzz target '$target' (known: load_yaml decode mutate parse_frame operation_sequence)"; exit 2
   fi
 done
+# cargo fuzz SUBCOMMAND ARGS... for <crate>/fuzz: from inside a crate directory, or with
+# --fuzz-dir where <crate> is a folder of crates (netstack/) with no Cargo.toml of its own.
+fuzz_in() {
+  local crate=$1 subcommand=$2; shift 2
+  if [ -f "$crate/Cargo.toml" ]; then
+    (cd "$crate" && cargo fuzz "$subcommand" "$@")
+  else
+    cargo fuzz "$subcommand" --fuzz-dir "$crate/fuzz" "$@"
+  fi
+}
 logs="$target_dir/logs"
 mkdir -p "$logs"
 
 # --- build everything first, so a build error is reported as such -------------------------------
-for crate in policy snapshot; do
+for crate in policy snapshot netstack; do
   wanted=()
   for target in $targets; do
     if [ "$(crate_of "$target")" = "$crate" ]; then wanted+=("$target"); fi
@@ -76,7 +87,7 @@ for crate in policy snapshot; do
   log "building $crate/fuzz: ${wanted[*]}"
   started=$SECONDS
   for target in "${wanted[@]}"; do
-    (cd "$crate" && cargo fuzz build "${fuzz_flags[@]}" "$target")
+    fuzz_in "$crate" build "${fuzz_flags[@]}" "$target"
   done
   log "built $crate/fuzz in $((SECONDS - started))s"
 done
@@ -94,9 +105,9 @@ for target in $targets; do
   esac
   log "running $target for ${seconds}s"
   started=$SECONDS
-  if (cd "$crate" && cargo fuzz run "${fuzz_flags[@]}" "$target" "$corpus" "$dir/seeds/$target" -- \
+  if fuzz_in "$crate" run "${fuzz_flags[@]}" "$target" "$corpus" "$dir/seeds/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-        "${extra[@]}") >"$logs/$target.log" 2>&1; then
+        "${extra[@]}" >"$logs/$target.log" 2>&1; then
     runs=$(grep -o 'Done [0-9]* runs' "$logs/$target.log" | tail -1 || true)
     log "$target: ok (${runs:-no run count}, $((SECONDS - started))s)"
   else
