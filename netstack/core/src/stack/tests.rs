@@ -271,6 +271,20 @@ fn out_of_order_data_is_acked_at_once_with_sack_and_reassembled() {
     let dup_ack = parse_tcp(&out[0]);
     assert_eq!(dup_ack.ack_number, Some(TcpSeqNumber(1001)));
     assert_eq!(dup_ack.sack_ranges[0], Some((1011, 1021)));
+    // The same out-of-order segment again: a DSACK for it, then the block that holds it.
+    let out = feed(
+        &mut stack,
+        &mut dev,
+        Instant::from_millis(2),
+        &peer_segment(&later),
+    );
+    let dup_ack = parse_tcp(&out[0]);
+    assert_eq!(dup_ack.sack_ranges[0], Some((1011, 1021)), "DSACK block");
+    assert_eq!(
+        dup_ack.sack_ranges[1],
+        Some((1011, 1021)),
+        "containing block"
+    );
     let mut buf = [0u8; 64];
     assert_eq!(stack.recv(server, &mut buf), Err(SocketError::WouldBlock));
 

@@ -986,6 +986,12 @@ impl Connection {
             }
         } else {
             // RFC 5681 §4.2: out-of-order data is acknowledged immediately (with SACK blocks).
+            let end = at as u64 + data.len() as u64;
+            if self.sack_enabled && self.reassembly.covers(at as u64, end) {
+                // RFC 2883: a duplicate of data held out of order is a DSACK too; the block
+                // holding it follows as the second SACK block.
+                self.dsack = Some((at as u64, end));
+            }
             self.reassembly.insert(at as u64, data);
             self.ack_now = true;
         }

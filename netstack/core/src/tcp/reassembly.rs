@@ -54,6 +54,14 @@ impl Reassembly {
         self.latest_run = Some(start);
     }
 
+    /// Whether `[start, end)` is already held, all within one run.
+    pub(crate) fn covers(&self, start: u64, end: u64) -> bool {
+        self.runs
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(&run_start, run)| run_start + run.len() as u64 >= end)
+    }
+
     /// Removes and returns the run starting exactly at `offset` (or straddling it), trimmed so it
     /// begins at `offset`. Runs wholly below `offset` are dropped.
     pub(crate) fn take_at(&mut self, offset: u64) -> Option<Vec<u8>> {
