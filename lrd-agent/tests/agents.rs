@@ -435,12 +435,7 @@ fn malformed_and_oversized_socket_messages_are_rejected_without_a_crash() {
 #[test]
 fn stackroute_run_registers_the_workload_and_execs_the_command() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
-    let controller = Controller::start(&state, tmp.path(), free_port());
-    let agent = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
-    wait_for("a fresh snapshot", WAIT, || {
-        agent.published().filter(|p| !p.2)
-    });
+    let (controller, agent) = controller_and_agent(tmp.path());
     let dir = agent.socket_dir.to_str().unwrap().to_string();
 
     // The command outlives the check below (its registration is withdrawn when it exits). It

@@ -358,21 +358,10 @@ fn read_handover_frame(stream: &mut UnixStream) -> Option<Value> {
     serde_json::from_slice(&body).ok()
 }
 
-fn handover_frame(json: &str) -> Vec<u8> {
-    let mut bytes = (json.len() as u32).to_le_bytes().to_vec();
-    bytes.extend_from_slice(json.as_bytes());
-    bytes
-}
-
 #[test]
 fn a_running_agent_refuses_garbage_and_strangers_and_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
-    let controller = Controller::start(&state, tmp.path(), free_port());
-    let agent = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
-    wait_for("a fresh snapshot", WAIT, || {
-        agent.published().filter(|p| !p.2)
-    });
+    let (controller, agent) = controller_and_agent(tmp.path());
     let path = agent.socket_dir.join(HANDOVER_SOCKET);
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());

@@ -15,10 +15,7 @@ use stackroute_local_api::message::Response;
 use stackroute_local_api::published;
 
 fn request_frame() -> Vec<u8> {
-    let json = br#"{"kind":"request","version":1,"node":"n1"}"#;
-    let mut bytes = (json.len() as u32).to_le_bytes().to_vec();
-    bytes.extend_from_slice(json);
-    bytes
+    handover_frame(r#"{"kind":"request","version":1,"node":"n1"}"#)
 }
 
 #[test]

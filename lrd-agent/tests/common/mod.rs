@@ -43,6 +43,25 @@ pub fn write_state(dir: &Path, stack: &str, cc: &str) {
 }
 
 /// `ROOT/state`, created and holding the cluster and a web policy (`stack`, `cc`).
+/// A controller and one agent (`n1`) on a Kernel/BBR policy, returned once the agent has
+/// published a fresh snapshot.
+pub fn controller_and_agent(root: &Path) -> (Controller, Agent) {
+    let state = new_state_dir(root, "Kernel", "BBR");
+    let controller = Controller::start(&state, root, free_port());
+    let agent = Agent::start("n1", &format!("http://{}", controller.grpc), root);
+    wait_for("a fresh snapshot", WAIT, || {
+        agent.published().filter(|p| !p.2)
+    });
+    (controller, agent)
+}
+
+/// A hand-over protocol frame: the JSON's length (little-endian u32), then the JSON.
+pub fn handover_frame(json: &str) -> Vec<u8> {
+    let mut bytes = (json.len() as u32).to_le_bytes().to_vec();
+    bytes.extend_from_slice(json.as_bytes());
+    bytes
+}
+
 pub fn new_state_dir(root: &Path, stack: &str, cc: &str) -> PathBuf {
     let state = root.join("state");
     std::fs::create_dir(&state).unwrap();
