@@ -1324,7 +1324,10 @@ impl Stack {
         };
         let key = (seg.dst_port, src_ip, seg.src_port);
         if let Some(&handle) = self.tuples.get(&key) {
-            let reincarnation = self.listeners.contains_key(&seg.dst_port)
+            // Checked only for a SYN: every other segment goes straight to its connection.
+            let reincarnation = seg.control == TcpControl::Syn
+                && seg.ack_number.is_none()
+                && self.listeners.contains_key(&seg.dst_port)
                 && matches!(self.entry(handle), Some(Entry::Conn(slot))
                     if !slot.app_owned && slot.conn.time_wait_accepts_syn(&seg));
             if !reincarnation {

@@ -1719,7 +1719,13 @@ impl Connection {
         if self.sack_enabled {
             // A DSACK block goes first (RFC 2883 §4), then the out-of-order blocks.
             let dsack = self.dsack.take();
-            let blocks = dsack.into_iter().chain(self.reassembly.sack_blocks(3));
+            // No allocation for the common in-order ACK: blocks only while data is held.
+            let held = if self.reassembly.is_empty() {
+                Vec::new()
+            } else {
+                self.reassembly.sack_blocks(3)
+            };
+            let blocks = dsack.into_iter().chain(held);
             for (slot, (start, end)) in repr.sack_ranges.iter_mut().zip(blocks) {
                 *slot = Some((self.peer_seq_at(start).0, self.peer_seq_at(end).0));
             }
