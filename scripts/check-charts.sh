@@ -2,7 +2,8 @@
 # Chart checks (CI runs this from .ci/run before `cargo test`): Helm lint and render of
 # charts/stackroute-crds and charts/stackroute with default, HA, cert-manager and external-etcd
 # values through the real Helm engine (PyPI helm-python-sdk), every rendered object against the
-# Kubernetes 1.28 and 1.37 schemas (PyPI kubernetes-validate, strict), the StackRoute examples
+# Kubernetes 1.28 and 1.37 schemas (PyPI kubernetes-validate, strict), the same renders for
+# Kubernetes 1.20.2 and where each of the charts' degrades starts or ends, the StackRoute examples
 # against the CRDs' own OpenAPI schemas, the CRD chart against `stackroute crd`, and manifests/
 # against the default render. Details: scripts/charts.py. Exit status non-zero on any failure.
 #

@@ -72,6 +72,28 @@ Ignore
 {{- end -}}
 {{- end -}}
 
+{{/* Kubernetes features newer than the charts' floor (1.20), by the server's version (README
+"Older Kubernetes"). DaemonSet rollingUpdate.maxSurge: beta and on by default from 1.22. */}}
+{{- define "stackroute.daemonSetSurge" -}}
+{{- if semverCompare ">=1.22.0-0" .Capabilities.KubeVersion.Version -}}true{{- end -}}
+{{- end -}}
+
+{{/* PodDisruptionBudget: policy/v1 from 1.21; 1.20 serves only policy/v1beta1 (same fields). */}}
+{{- define "stackroute.pdbApiVersion" -}}
+{{- if semverCompare ">=1.21.0-0" .Capabilities.KubeVersion.Version -}}policy/v1{{- else -}}policy/v1beta1{{- end -}}
+{{- end -}}
+
+{{/* The API server labels every namespace kubernetes.io/metadata.name=<name> from 1.21; the
+webhook's namespace exclusions select on that label. */}}
+{{- define "stackroute.namespaceNameLabel" -}}
+{{- if semverCompare ">=1.21.0-0" .Capabilities.KubeVersion.Version -}}true{{- end -}}
+{{- end -}}
+
+{{/* Namespaces never sent to the injector, as a JSON list. */}}
+{{- define "stackroute.excludedNamespaces" -}}
+{{- concat (list "kube-system" .Release.Namespace) .Values.webhook.excludedNamespaces | uniq | toJson -}}
+{{- end -}}
+
 {{/* Rendering guards. */}}
 {{- define "stackroute.validate" -}}
 {{- if and (gt (int .Values.controller.replicas) 1) (not (include "stackroute.etcdEndpoints" .)) -}}
@@ -81,7 +103,7 @@ Ignore
 {{- if and (eq (toString $us.maxSurge) "0") (eq (toString $us.maxUnavailable) "0") -}}
 {{- fail "agent.updateStrategy: maxSurge and maxUnavailable cannot both be 0" -}}
 {{- end -}}
-{{- if and .Values.agent.hostNetwork (ne (toString $us.maxSurge) "0") -}}
+{{- if and .Values.agent.hostNetwork (ne (toString $us.maxSurge) "0") (include "stackroute.daemonSetSurge" .) -}}
 {{- fail "agent.hostNetwork: a surge pod would need the same host port as the running agent and never be scheduled; set agent.updateStrategy.maxSurge=0 and maxUnavailable=1" -}}
 {{- end -}}
 {{- if and .Values.etcd.endpoints .Values.etcd.bundled.enabled -}}
