@@ -1,0 +1,344 @@
+#!/usr/bin/env bash
+# The Kubernetes scenarios on the single-node lane (e2e/kube/cluster.sh), one per argument, in
+# the order given; `cargo test -p stackroute-e2e --test kube` runs them all as ordered trials.
+#
+#   e2e/kube/suite.sh install injection status transport validation agent-roll agent-handover \
+#     controller-failover rbac egress
+#
+# install              both charts with the real Helm engine (helm.py), controller (2 replicas,
+#                      Lease, stackroute's own etcd) and agent as Pods from the lane's images
+# injection            namespace label and pod annotation opt in (init container, LD_PRELOAD,
+#                      socket directory); a pod labelled disabled is left alone
+# status               kubectl apply a StackRoute: Accepted and Programmed in `kubectl get sr`
+# transport            the injected client's connection runs Reno as the StackRoute says, the
+#                      opted-out pod's the node default (`ss -tin` in each pod's network namespace)
+# validation           the examples pass the API server's validation; an object breaking a CEL
+#                      rule is rejected (CEL servers) or reported Accepted=False (Kubernetes < 1.25)
+# agent-roll           the agent DaemonSet rolls while a client connects in a loop: no failure
+# agent-handover       surge by hand (1.20 DaemonSets cannot): a second agent pod takes the socket
+#                      directory over, then the DaemonSet's replacement from it; no failure
+# controller-failover  the Lease holder is killed; the other replica takes the Lease and writes status
+# rbac                 the controller runs as the chart's ServiceAccount, which is not an admin
+# egress               the lane sent nothing outside its own addresses
+#
+# Needs KUBECONFIG (or STACKROUTE_TEST_KUBECONFIG) of the lane and root (nsenter, ctr).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+HERE=$ROOT/e2e/kube
+LANE=${STACKROUTE_LANE_DIR:-/var/tmp/stackroute-lane}
+export KUBECONFIG=${KUBECONFIG:-${STACKROUTE_TEST_KUBECONFIG:?set KUBECONFIG or STACKROUTE_TEST_KUBECONFIG (eval "$(e2e/kube/cluster.sh env)")}}
+export PATH=$LANE/bin:$PATH
+NS=stackroute-system
+APPS=sr-lane-apps
+REGISTRY=localhost/stackroute
+TAG=lane
+NODE_IP=10.200.0.1
+STORE=http://$NODE_IP:23792
+# No cluster DNS on the lane: the controller Service gets a fixed ClusterIP that agents dial.
+CONTROLLER_IP=10.96.0.20
+
+k() { kubectl "$@"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+pass() { echo "  ok    $*"; }
+step() { printf '=== %s (%ss)\n' "$*" "$SECONDS"; }
+retry() { # seconds cmd...: until cmd succeeds
+  local end=$(( $(date +%s) + $1 ))
+  shift
+  until "$@"; do [ "$(date +%s)" -lt "$end" ] || return 1; sleep 1; done
+}
+
+# Python with helm-python-sdk: the charts' virtualenv (scripts/check-charts.sh makes it).
+helm_py() {
+  local venv=${STACKROUTE_CHART_VENV:-$ROOT/target/chart-venv}
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import helm_python' 2>/dev/null; then
+    python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check -r "$ROOT/scripts/chart-requirements.txt" \
+      || fail "cannot create the Helm virtualenv $venv"
+  fi
+  "$venv/bin/python" "$HERE/helm.py" "$@"
+}
+
+diagnostics() {
+  echo "--- diagnostics"
+  k get pods -A -o wide || true
+  k -n "$NS" logs -l app.kubernetes.io/component=controller --tail=60 --all-containers --prefix || true
+  k -n "$NS" logs -l app.kubernetes.io/component=agent --tail=40 --all-containers --prefix || true
+  k get sr -A -o wide || true
+}
+on_exit() {
+  local rc=$?
+  [ "$rc" = 0 ] || diagnostics
+  exit "$rc"
+}
+trap on_exit EXIT
+
+# PID of a pod's container on this node (containerd task of its container ID).
+pid_of() { # namespace pod [container index]
+  local id
+  id=$(k -n "$1" get pod "$2" -o jsonpath="{.status.containerStatuses[${3:-0}].containerID}")
+  id=${id#containerd://}
+  [ -n "$id" ] || fail "pod $1/$2 has no running container"
+  ctr -a "$LANE/run/containerd.sock" -n k8s.io tasks ls | awk -v id="$id" '$1 == id {print $2}'
+}
+# `ss -tin` of a pod's connections to a destination, inside the pod's network namespace.
+ss_of() { # namespace pod destination-ip port
+  nsenter -t "$(pid_of "$1" "$2")" -n ss -tin state established "( dst $3 and dport = :$4 )"
+}
+server_ip() { k -n "$APPS" get pod server -o jsonpath='{.status.podIP}'; }
+
+# ------------------------------------------------------------------------ scenarios
+install() {
+  step "install: stackroute-crds and stackroute charts (real Helm engine)"
+  helm_py install stackroute-crds "$ROOT/charts/stackroute-crds" default
+  k wait --for=condition=Established crd/stackroutes.stackroute.dev crd/clusterstackroutes.stackroute.dev --timeout=60s >/dev/null
+  helm_py install stackroute "$ROOT/charts/stackroute" "$NS" \
+    --set-json "image.registry=\"$REGISTRY\"" --set-json "image.tag=\"$TAG\"" \
+    --set-json 'image.pullPolicy="Never"' \
+    --set-json 'controller.replicas=2' --set-json "etcd.endpoints=[\"$STORE\"]" \
+    --set-json 'controller.antiAffinity="none"' --set-json "controller.serviceClusterIP=\"$CONTROLLER_IP\"" \
+    --set-json "agent.socketDir=\"$LANE/node/run-stackroute\"" \
+    --set-json "agent.stateDir=\"$LANE/node/lib-stackroute\""
+  k -n "$NS" rollout status deploy/stackroute-controller --timeout=180s
+  k -n "$NS" rollout status ds/stackroute-agent --timeout=180s
+  pass "controller (2 replicas) and agent rolled out: $(k -n "$NS" get pods --no-headers | awk '{print $1 "=" $3}' | tr '\n' ' ')"
+  # The webhook must be serving before any opted-in pod is created.
+  retry 60 sh -c "kubectl get mutatingwebhookconfiguration stackroute-injector -o jsonpath='{.webhooks[0].clientConfig.caBundle}' | grep -q ." \
+    || fail "the controller did not set caBundle on the MutatingWebhookConfiguration"
+  pass "injector caBundle set by the controller"
+}
+
+injection() {
+  step "injection: namespace label, pod annotation, opt-out"
+  k apply -f "$HERE/manifests/apps.yaml" >/dev/null
+  k -n "$APPS" wait --for=condition=Ready pod/server pod/client pod/control --timeout=120s >/dev/null
+  k -n sr-lane-annotated wait --for=condition=Ready pod/annotated --timeout=120s >/dev/null
+  local ns pod preload init mounts
+  for ns_pod in "$APPS/client" "$APPS/server" "sr-lane-annotated/annotated"; do
+    ns=${ns_pod%/*} pod=${ns_pod#*/}
+    preload=$(k -n "$ns" get pod "$pod" -o jsonpath='{.spec.containers[0].env[?(@.name=="LD_PRELOAD")].value}')
+    init=$(k -n "$ns" get pod "$pod" -o jsonpath='{.spec.initContainers[*].image}')
+    mounts=$(k -n "$ns" get pod "$pod" -o jsonpath='{.spec.volumes[*].hostPath.path}')
+    [ -n "$preload" ] || fail "$ns_pod not injected (no LD_PRELOAD)"
+    [ "$init" = "$REGISTRY/stackroute-shim:$TAG" ] || fail "$ns_pod init container image '$init'"
+    echo "$mounts" | grep -qw "$LANE/node/run-stackroute" || fail "$ns_pod does not mount the agent socket directory ($mounts)"
+    k -n "$ns" exec "$pod" -- sh -c 'test -s "$LD_PRELOAD"' || fail "$ns_pod: the shim library is not in place"
+    pass "$ns_pod injected: LD_PRELOAD=$preload, init $init, socket dir mounted"
+  done
+  [ -z "$(k -n "$APPS" get pod control -o jsonpath='{.metadata.annotations.stackroute\.dev/injected}{.spec.containers[0].env[?(@.name=="LD_PRELOAD")].value}{.spec.initContainers}')" ] \
+    || fail "the control pod (label stackroute.dev/inject=disabled) was injected"
+  pass "$APPS/control (label disabled) not injected"
+}
+
+status() {
+  step "status: a StackRoute becomes Accepted and Programmed"
+  k apply -f "$HERE/manifests/policy.yaml" >/dev/null
+  k -n "$APPS" wait --for=condition=Accepted sr/client-to-server-reno --timeout=60s >/dev/null || fail "StackRoute not Accepted"
+  k -n "$APPS" wait --for=condition=Programmed sr/client-to-server-reno --timeout=120s >/dev/null || fail "StackRoute not Programmed"
+  k -n "$APPS" get sr
+  pass "Accepted and Programmed"
+}
+
+transport() {
+  step "transport: the policy's congestion control on the wire"
+  local ip out cc
+  ip=$(server_ip)
+  # Decisions are pinned at connect: connect only after Programmed (status ran before).
+  k -n "$APPS" exec client -- iperf3 -c "$ip" -p 5201 -t 8 -b 20M >/dev/null &
+  local client_pid=$!
+  retry 6 sh -c "nsenter -t $(pid_of "$APPS" client) -n ss -tin state established '( dst $ip and dport = :5201 )' | grep -q ." \
+    || fail "no connection from the client to $ip:5201"
+  out=$(ss_of "$APPS" client "$ip" 5201)
+  echo "$out" | sed 's/^/        /'
+  echo "$out" | grep -qw reno || fail "the injected client's connection to $ip:5201 does not run reno"
+  pass "injected client → server:5201 runs reno (ss -tin in the client's network namespace)"
+  wait "$client_pid" || fail "iperf3 in the client failed"
+  # iperf3 serves one test at a time: the control pod's run follows the client's.
+  k -n "$APPS" exec control -- iperf3 -c "$ip" -p 5201 -t 4 -b 5M >/dev/null &
+  client_pid=$!
+  retry 6 sh -c "nsenter -t $(pid_of "$APPS" control) -n ss -tin state established '( dst $ip and dport = :5201 )' | grep -q ." \
+    || fail "no connection from the control pod to $ip:5201"
+  out=$(ss_of "$APPS" control "$ip" 5201)
+  echo "$out" | sed 's/^/        /'
+  echo "$out" | grep -qw reno && fail "the opted-out pod also runs reno: the check cannot tell them apart"
+  cc=$(echo "$out" | grep -ow 'cubic\|bbr' | head -1)
+  [ -n "$cc" ] || fail "cannot read the control pod's congestion control"
+  pass "opted-out control pod keeps the node default ($cc)"
+  wait "$client_pid" || fail "iperf3 in the control pod failed"
+}
+
+validation() {
+  step "validation: the API server and the controller agree"
+  local f ns minor out
+  for ns in $(sed -n 's/.*namespace: *\([a-z0-9-]*\).*/\1/p' "$ROOT"/examples/policies/*.yaml | sort -u); do
+    k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
+  done
+  for f in "$ROOT"/examples/policies/*.yaml; do
+    out=$(k apply --dry-run=server -f "$f" 2>&1) || fail "the API server rejects $f: $out"
+  done
+  pass "examples/policies/*.yaml accepted by the API server (dry run)"
+  out=$(k apply --dry-run=server --validate=true -f "$ROOT/examples/invalid/unknown-field.yaml" 2>&1) \
+    && fail "the API server accepts examples/invalid/unknown-field.yaml"
+  echo "$out" | grep -qi 'unknown field' || fail "unknown-field.yaml rejected for another reason: $out"
+  pass "an unknown field is rejected"
+
+  # A broken CEL rule (endPort below port).
+  minor=$(k version -o json | python3 -c 'import json,sys; print(int("".join(c for c in json.load(sys.stdin)["serverVersion"]["minor"] if c.isdigit())))')
+  local bad
+  bad=$(sed 's/namespace: ml/namespace: sr-lane-apps/; s/name: nccl-ports/name: backwards-ports/' "$ROOT/examples/invalid/endport-below-port.yaml")
+  if out=$(echo "$bad" | k apply -f - 2>&1); then
+    [ "$minor" -lt 25 ] || fail "a 1.$minor API server accepted a StackRoute that breaks a CEL rule"
+    retry 60 sh -c "kubectl -n $APPS get sr backwards-ports -o jsonpath='{.status.conditions[?(@.type==\"Accepted\")].status}' | grep -qx False" \
+      || fail "the controller did not report Accepted=False for a StackRoute breaking a CEL rule"
+    out=$(k -n "$APPS" get sr backwards-ports -o jsonpath='{.status.conditions[?(@.type=="Accepted")].message}')
+    echo "$out" | grep -q 'endPort requires port and must be greater than or equal to it' \
+      || fail "Accepted=False without the rule's message: $out"
+    k -n "$APPS" delete sr backwards-ports >/dev/null
+    pass "Kubernetes 1.$minor evaluates no CEL: the controller reports Accepted=False: $out"
+  else
+    echo "$out" | grep -q 'endPort requires port and must be greater than or equal to it' \
+      || fail "rejected for another reason: $out"
+    pass "the API server rejects the broken CEL rule: $out"
+  fi
+}
+
+# Connections in a loop from the injected client while the agent DaemonSet rolls.
+agent_roll() {
+  step "agent-roll: the agent DaemonSet rolls under load"
+  local ip before after log=/tmp/stackroute-lane-roll.$$
+  ip=$(server_ip)
+  before=$(k -n "$NS" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].metadata.name}')
+  k -n "$APPS" exec client -- sh -c "ok=0; failed=0; end=\$((\$(date +%s) + 40)); \
+    while [ \$(date +%s) -lt \$end ]; do \
+      if curl -s -m 3 -o /dev/null http://$ip:8080/; then ok=\$((ok+1)); else failed=\$((failed+1)); fi; \
+    done; echo \"\$ok \$failed\"" > "$log" &
+  local loop=$!
+  sleep 3
+  k -n "$NS" rollout restart ds/stackroute-agent >/dev/null
+  k -n "$NS" rollout status ds/stackroute-agent --timeout=120s >/dev/null || fail "the agent DaemonSet did not roll"
+  after=$(k -n "$NS" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].metadata.name}')
+  [ "$before" != "$after" ] || fail "the agent pod was not replaced ($before)"
+  wait "$loop" || fail "the connection loop in the client failed"
+  local ok failed
+  read -r ok failed < "$log"
+  rm -f "$log"
+  echo "        $ok connections, $failed failed; agent $before → $after"
+  [ "${ok:-0}" -gt 50 ] || fail "too few connections to tell ($ok)"
+  [ "$failed" = 0 ] || fail "$failed of $((ok + failed)) connections failed while the agent rolled"
+  pass "$ok connections while the agent rolled, none failed"
+  # The new agent serves the policy: a new connection still runs Reno.
+  k -n "$APPS" exec client -- iperf3 -c "$ip" -p 5201 -t 4 -b 5M >/dev/null &
+  local client_pid=$!
+  retry 6 sh -c "nsenter -t $(pid_of "$APPS" client) -n ss -tin state established '( dst $ip and dport = :5201 )' | grep -qw reno" \
+    || fail "after the roll the client's new connection does not run reno"
+  wait "$client_pid" || true
+  pass "after the roll a new connection still runs reno"
+}
+
+# What a DaemonSet with maxSurge does (Kubernetes >= 1.22; this lane's 1.20 cannot surge), done
+# by hand with the DaemonSet's own pod template: a second agent pod starts on the node, takes the
+# socket directory over from the running one (hand-over), the old one turns unready and is
+# deleted, the DaemonSet's replacement takes over from the surge pod, which then goes. A client
+# connects in a loop all along.
+agent_handover() {
+  step "agent-handover: surge pods hand the socket directory over under load"
+  local ip old new log=/tmp/stackroute-lane-handover.$$
+  ip=$(server_ip)
+  old=$(k -n "$NS" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[0].metadata.name}')
+  k -n "$APPS" exec client -- sh -c "ok=0; failed=0; end=\$((\$(date +%s) + 45)); \
+    while [ \$(date +%s) -lt \$end ]; do \
+      if curl -s -m 3 -o /dev/null http://$ip:8080/; then ok=\$((ok+1)); else failed=\$((failed+1)); fi; \
+    done; echo \"\$ok \$failed\"" > "$log" &
+  local loop=$!
+  sleep 2
+  # The surge pod: the DaemonSet's template, under a label its selector does not match.
+  k -n "$NS" get ds stackroute-agent -o json | python3 -c '
+import json, sys
+ds = json.load(sys.stdin)
+t = ds["spec"]["template"]
+labels = dict(t["metadata"].get("labels", {}), **{"app.kubernetes.io/component": "agent-surge"})
+pod = {"apiVersion": "v1", "kind": "Pod",
+       "metadata": {"name": "stackroute-agent-surge", "namespace": ds["metadata"]["namespace"], "labels": labels},
+       "spec": dict(t["spec"], nodeName=sys.argv[1])}
+json.dump(pod, sys.stdout)' "$(k get nodes -o jsonpath='{.items[0].metadata.name}')" | k apply -f - >/dev/null
+  k -n "$NS" wait --for=condition=Ready pod/stackroute-agent-surge --timeout=60s >/dev/null \
+    || fail "the surge agent did not become ready (it serves only after a hand-over)"
+  retry 20 sh -c "[ \"\$(kubectl -n $NS get pod $old -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}')\" = False ]" \
+    || fail "the old agent $old still reports ready after handing over"
+  k -n "$NS" logs "$old" | grep "handed the socket directory over" >/dev/null \
+    || fail "the old agent's log does not show the hand-over"
+  pass "surge pod took the socket directory over from $old, which turned unready"
+  k -n "$NS" delete pod "$old" --wait=true >/dev/null
+  retry 60 sh -c "kubectl -n $NS get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True" \
+    || fail "the DaemonSet's new agent did not become ready"
+  new=$(k -n "$NS" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[0].metadata.name}')
+  k -n "$NS" logs stackroute-agent-surge | grep "handed the socket directory over" >/dev/null \
+    || fail "the surge agent did not hand over to the DaemonSet's new pod $new"
+  k -n "$NS" delete pod stackroute-agent-surge --wait=true >/dev/null
+  pass "the DaemonSet's new pod $new took over from the surge pod"
+  wait "$loop" || fail "the connection loop in the client failed"
+  local ok failed
+  read -r ok failed < "$log"
+  rm -f "$log"
+  echo "        $ok connections, $failed failed; agents $old → surge → $new"
+  [ "${ok:-0}" -gt 50 ] || fail "too few connections to tell ($ok)"
+  [ "$failed" = 0 ] || fail "$failed of $((ok + failed)) connections failed during the hand-overs"
+  pass "$ok connections through two hand-overs, none failed"
+}
+
+controller_failover() {
+  step "controller-failover: kill the Lease holder"
+  local lease holder pods new gen
+  lease=$(k -n "$NS" get lease -o name | grep controller-status | head -1)
+  [ -n "$lease" ] || fail "no controller status Lease in $NS"
+  holder=$(k -n "$NS" get "$lease" -o jsonpath='{.spec.holderIdentity}')
+  pods=$(k -n "$NS" get pods -l app.kubernetes.io/component=controller -o jsonpath='{.items[*].metadata.name}')
+  echo "        $lease held by '$holder'; replicas: $pods"
+  echo "$pods" | grep -qw "$holder" || fail "the Lease holder '$holder' is not a controller pod"
+  k -n "$NS" delete pod "$holder" --grace-period=0 --force >/dev/null 2>&1
+  retry 90 sh -c "h=\$(kubectl -n $NS get $lease -o jsonpath='{.spec.holderIdentity}'); [ -n \"\$h\" ] && [ \"\$h\" != '$holder' ]" \
+    || fail "no other replica took the Lease after $holder was killed"
+  new=$(k -n "$NS" get "$lease" -o jsonpath='{.spec.holderIdentity}')
+  pass "$new holds the Lease after $holder was killed"
+  # The new holder writes status: change the policy and wait for its generation.
+  k -n "$APPS" patch sr client-to-server-reno --type=json \
+    -p '[{"op":"add","path":"/spec/rules/0/ports/-","value":{"port":8081}}]' >/dev/null
+  gen=$(k -n "$APPS" get sr client-to-server-reno -o jsonpath='{.metadata.generation}')
+  retry 60 sh -c "kubectl -n $APPS get sr client-to-server-reno -o jsonpath='{.status.conditions[?(@.type==\"Accepted\")].observedGeneration}' | grep -qx $gen" \
+    || fail "status was not written for generation $gen after the failover"
+  k -n "$APPS" wait --for=condition=Programmed sr/client-to-server-reno --timeout=60s >/dev/null || fail "not Programmed after the failover"
+  pass "generation $gen Accepted and Programmed, written by the new holder"
+  k -n "$NS" rollout status deploy/stackroute-controller --timeout=120s >/dev/null
+}
+
+rbac() {
+  step "rbac: the controller is not an admin"
+  local sa as
+  sa=$(k -n "$NS" get deploy stackroute-controller -o jsonpath='{.spec.template.spec.serviceAccountName}')
+  [ -n "$sa" ] && [ "$sa" != default ] || fail "the controller runs as '$sa'"
+  as=system:serviceaccount:$NS:$sa
+  [ "$(k auth can-i '*' '*' --all-namespaces --as="$as" 2>/dev/null || true)" = no ] || fail "$as is a cluster admin"
+  [ "$(k auth can-i create pods --all-namespaces --as="$as" 2>/dev/null || true)" = no ] || fail "$as may create pods"
+  [ "$(k auth can-i patch stackroutes.stackroute.dev --subresource=status --all-namespaces --as="$as" 2>/dev/null || true)" = yes ] \
+    || fail "$as may not write StackRoute status (the status scenario passed, so how?)"
+  pass "controller runs as $sa: not admin, cannot create pods, writes StackRoute status (every scenario above ran under it)"
+}
+
+egress() {
+  step "egress: nothing left the lane's addresses"
+  local n
+  n=$("$HERE/cluster.sh" egress) || fail "cannot read the lane's egress counter"
+  [ "$n" = 0 ] || fail "$n packets addressed outside the lane were rejected (dmesg | grep stackroute-lane-egress)"
+  pass "0 packets to addresses outside loopback, $NODE_IP, the pod and the Service ranges"
+  "$HERE/cluster.sh" egress-self-test || fail "the egress counter's self-test failed"
+  pass "the counter works: a lane process's packet to an address outside the set was counted"
+}
+
+[ $# -gt 0 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
+for scenario in "$@"; do
+  case "$scenario" in
+    install | injection | status | transport | validation | rbac | egress) "$scenario" ;;
+    agent-roll) agent_roll ;;
+    agent-handover) agent_handover ;;
+    controller-failover) controller_failover ;;
+    *) fail "unknown scenario '$scenario'" ;;
+  esac
+done
