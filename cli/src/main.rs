@@ -37,12 +37,27 @@ enum Command {
     /// Explain which transport a connection gets, and why.
     Explain(ExplainArgs),
     /// Print the CustomResourceDefinitions as YAML.
-    Crd,
+    Crd(CrdArgs),
     /// Register a workload with the local node agent, then execute the command under the shim
     /// (the command still runs, unmanaged, when no agent answers).
     Run(agent::RunArgs),
     /// Nodes, their acked revisions and stale agents, and per-policy Accepted/Programmed.
     Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct CrdArgs {
+    /// The Kubernetes version of the API server the CRDs are for (`1.20`, `v1.20.2`). Below 1.25
+    /// the CEL rules (`x-kubernetes-validations`) are left out, since such a server refuses or
+    /// drops them; the controller still checks every rule and reports a breaking object as
+    /// `Accepted=False`. Without this option: the full CRDs, for current servers.
+    #[arg(long, value_name = "MAJOR.MINOR", value_parser = parse_kube_version)]
+    kube_version: Option<(u32, u32)>,
+}
+
+fn parse_kube_version(text: &str) -> Result<(u32, u32), String> {
+    stackroute_api::parse_kube_version(text)
+        .ok_or_else(|| format!("{text:?} is not a Kubernetes version such as 1.20 or v1.33.1"))
 }
 
 #[derive(clap::Args)]
@@ -106,7 +121,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate { paths } => validate(&paths),
         Command::Explain(args) => run_explain(&args),
-        Command::Crd => emit(&stackroute_api::crds_yaml()).map(|()| ExitCode::SUCCESS),
+        Command::Crd(args) => emit(&match args.kube_version {
+            Some((major, minor)) => stackroute_api::crds_yaml_for_server(major, minor),
+            None => stackroute_api::crds_yaml(),
+        })
+        .map(|()| ExitCode::SUCCESS),
         Command::Run(args) => agent::run(args),
         Command::Status(args) => run_status(&args),
     };

@@ -548,6 +548,62 @@ spec:
     );
 }
 
+/// YAML text without its `x-kubernetes-validations:` blocks (the key line, and the list below it
+/// at the same or a deeper indentation).
+fn without_cel_blocks(yaml: &str) -> String {
+    let mut out = String::new();
+    let mut skipping: Option<usize> = None;
+    for line in yaml.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some(key_indent) = skipping {
+            let inside = indent > key_indent
+                || (indent == key_indent && line.trim_start().starts_with("- "));
+            if inside {
+                continue;
+            }
+            skipping = None;
+        }
+        if line.trim_start() == "x-kubernetes-validations:" {
+            skipping = Some(indent);
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn crd_for_an_old_server_leaves_out_only_the_cel_rules() {
+    let full = stackroute(&["crd"]);
+    let current = stackroute(&["crd", "--kube-version", "1.25"]);
+    assert_eq!(current.status.code(), Some(0), "{}", describe(&current));
+    assert!(current.stdout == full.stdout, "1.25 takes the CEL rules");
+    for version in ["1.20", "v1.20.2", "1.24"] {
+        let old = stackroute(&["crd", "--kube-version", version]);
+        assert_eq!(old.status.code(), Some(0), "{}", describe(&old));
+        let old = text(&old.stdout);
+        assert!(!old.contains("x-kubernetes-validations"), "{version}");
+        assert!(
+            old.contains("name: stackroutes.stackroute.dev"),
+            "{version}"
+        );
+        assert!(
+            old.contains("name: clusterstackroutes.stackroute.dev"),
+            "{version}"
+        );
+        // Byte for byte the full CRDs without their x-kubernetes-validations blocks.
+        assert_eq!(old, without_cel_blocks(&text(&full.stdout)), "{version}");
+    }
+    let bad = stackroute(&["crd", "--kube-version", "twenty"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", describe(&bad));
+    assert!(
+        text(&bad.stderr).contains("not a Kubernetes version"),
+        "{}",
+        describe(&bad)
+    );
+}
+
 #[test]
 fn committed_crd_manifest_is_fresh() {
     let output = stackroute(&["crd"]);

@@ -10,17 +10,29 @@
 //! file. An object the engine cannot read is reported and skipped — the watch never wedges —
 //! and an invalid new version of a StackRoute keeps its last good version in force. Every
 //! replica serves agents; only the Lease holder writes status.
+//!
+//! Older API servers, explicitly:
+//! - EndpointSlices are watched at the version the server serves, found by discovery at start:
+//!   `discovery.k8s.io/v1`, else `v1beta1` (Kubernetes < 1.21, logged as a warning), else not at
+//!   all (warning; the kind counts as synced so readiness is not held up).
+//! - Below Kubernetes 1.25 the API server does not enforce the CRDs' CEL rules (they are
+//!   installed without them: `stackroute crd --kube-version`). Every object is still checked
+//!   against the full schema, CEL included, when it is loaded, so one that breaks a rule gets
+//!   `Accepted=False` with the rule's message and stays out of the snapshots (a warning at start
+//!   says so).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use kube::error::DiscoveryError;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use stackroute_api::{ClusterStackRoute, RouteStatus, StackRoute};
@@ -33,22 +45,135 @@ use crate::index::{IndexHandle, PolicyReport};
 /// Field manager of the status writer.
 pub const FIELD_MANAGER: &str = "stackroute-controller";
 
-/// The watched kinds.
+/// The kinds watched at a fixed version. EndpointSlice is watched too, at the version the
+/// server serves ([`EndpointSliceVersion`]).
 pub fn resources() -> Vec<ApiResource> {
     vec![
         ApiResource::erase::<Namespace>(&()),
         ApiResource::erase::<Node>(&()),
         ApiResource::erase::<Pod>(&()),
         ApiResource::erase::<Service>(&()),
-        ApiResource::erase::<EndpointSlice>(&()),
         ApiResource::erase::<StackRoute>(&()),
         ApiResource::erase::<ClusterStackRoute>(&()),
     ]
 }
 
+/// The source names the index must see synced before its first compile: one per watched kind,
+/// EndpointSlice included.
+pub fn sources() -> Vec<String> {
+    let mut sources: Vec<String> = resources().iter().map(source_of).collect();
+    sources.push(endpoint_slice_source());
+    sources
+}
+
 /// The source name a watcher reports as synced.
 pub fn source_of(resource: &ApiResource) -> String {
     format!("kubernetes {}", resource.kind)
+}
+
+fn endpoint_slice_source() -> String {
+    format!("kubernetes {ENDPOINT_SLICE_KIND}")
+}
+
+// === EndpointSlice version ===
+
+/// API group of EndpointSlices.
+pub const ENDPOINT_SLICE_GROUP: &str = "discovery.k8s.io";
+const ENDPOINT_SLICE_KIND: &str = "EndpointSlice";
+
+/// The EndpointSlice API version the controller watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointSliceVersion {
+    /// `discovery.k8s.io/v1` (Kubernetes 1.21 and later).
+    V1,
+    /// `discovery.k8s.io/v1beta1` (Kubernetes 1.17–1.24; the only one before 1.21). The policy
+    /// loader reads it like v1.
+    V1beta1,
+}
+
+impl EndpointSliceVersion {
+    /// `v1` or `v1beta1`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V1beta1 => "v1beta1",
+        }
+    }
+
+    /// What the watcher lists and watches.
+    pub fn api_resource(self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(ENDPOINT_SLICE_GROUP, self.as_str(), ENDPOINT_SLICE_KIND),
+            "endpointslices",
+        )
+    }
+}
+
+/// Picks the EndpointSlice version to watch from the versions of `discovery.k8s.io` the server
+/// serves EndpointSlice at: v1 when there, else v1beta1, else none (an empty list is a server
+/// without the group).
+pub fn choose_endpoint_slice_version<'a>(
+    served: impl IntoIterator<Item = &'a str>,
+) -> Option<EndpointSliceVersion> {
+    let served: BTreeSet<&str> = served.into_iter().collect();
+    [EndpointSliceVersion::V1, EndpointSliceVersion::V1beta1]
+        .into_iter()
+        .find(|version| served.contains(version.as_str()))
+}
+
+/// The versions of `discovery.k8s.io` that serve EndpointSlice (none when the server lacks the
+/// group).
+async fn served_endpoint_slice_versions(client: &Client) -> Result<Vec<String>, kube::Error> {
+    match kube::discovery::group(client, ENDPOINT_SLICE_GROUP).await {
+        Ok(group) => Ok(group
+            .versions()
+            .filter(|version| {
+                group
+                    .versioned_resources(version)
+                    .iter()
+                    .any(|(resource, _)| resource.kind == ENDPOINT_SLICE_KIND)
+            })
+            .map(str::to_string)
+            .collect()),
+        Err(kube::Error::Discovery(DiscoveryError::MissingApiGroup(_))) => Ok(Vec::new()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Discovers the EndpointSlice version (retrying until the server answers), logs the choice,
+/// then watches at that version; with none served, reports the kind synced and returns.
+async fn watch_endpoint_slices(client: Client, index: IndexHandle) {
+    let mut delay = Duration::from_secs(1);
+    let served = loop {
+        match served_endpoint_slice_versions(&client).await {
+            Ok(served) => break served,
+            Err(error) => {
+                tracing::warn!(group = ENDPOINT_SLICE_GROUP, %error,
+                    "API discovery failed; retrying with backoff");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    let served_list = served.join(",");
+    match choose_endpoint_slice_version(served.iter().map(String::as_str)) {
+        Some(version @ EndpointSliceVersion::V1) => {
+            tracing::info!(served = %served_list, "watching EndpointSlices at discovery.k8s.io/v1");
+            watch_kind(client, version.api_resource(), index).await;
+        }
+        Some(version @ EndpointSliceVersion::V1beta1) => {
+            tracing::warn!(served = %served_list,
+                "the API server lacks discovery.k8s.io/v1 (Kubernetes < 1.21): \
+                 watching EndpointSlices at discovery.k8s.io/v1beta1 instead");
+            watch_kind(client, version.api_resource(), index).await;
+        }
+        None => {
+            tracing::warn!(served = %served_list,
+                "the API server serves no EndpointSlices (neither discovery.k8s.io/v1 nor \
+                 v1beta1); not watching them: Service ClusterIPs resolve to no backends");
+            let _ = index.file(FileEvent::Synced(endpoint_slice_source()));
+        }
+    }
 }
 
 /// The source name of one object: `Kind/namespace/name` or `Kind/name`.
@@ -70,16 +195,46 @@ pub fn object_text(resource: &ApiResource, object: &DynamicObject) -> String {
     value.to_string()
 }
 
-/// Starts one watcher per kind; returns the source names the index must see synced.
+/// Starts one watcher per kind (EndpointSlice after discovering its version); returns the
+/// source names the index must see synced ([`sources`]).
 pub fn spawn_watchers(client: &Client, index: &IndexHandle) -> Vec<String> {
-    let mut sources = Vec::new();
     for resource in resources() {
-        sources.push(source_of(&resource));
         let client = client.clone();
         let index = index.clone();
         tokio::spawn(async move { watch_kind(client, resource, index).await });
     }
-    sources
+    tokio::spawn(watch_endpoint_slices(client.clone(), index.clone()));
+    sources()
+}
+
+/// Logs the API server's version and, below Kubernetes 1.25, that the server does not enforce
+/// the CRDs' CEL rules and this controller reports objects that break one instead.
+pub async fn report_server_version(client: Client) {
+    let info = match client.apiserver_version().await {
+        Ok(info) => info,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the API server's version");
+            return;
+        }
+    };
+    let version = stackroute_api::server_version(&info.major, &info.minor);
+    tracing::info!(version = %info.git_version, "Kubernetes API server");
+    if let Some(message) = version.and_then(|(major, minor)| cel_note(major, minor)) {
+        tracing::warn!(version = %info.git_version, "{message}");
+    }
+}
+
+/// What an API server of `major.minor` means for the CRDs' CEL rules, when it matters.
+pub fn cel_note(major: u32, minor: u32) -> Option<String> {
+    let (min_major, min_minor) = stackroute_api::CEL_MIN_SERVER_VERSION;
+    (!stackroute_api::server_supports_cel(major, minor)).then(|| {
+        format!(
+            "Kubernetes {major}.{minor} does not enforce the CRDs' CEL rules (x-kubernetes-validations, \
+             {min_major}.{min_minor} or newer does): objects that break one are admitted by the API server, \
+             and this controller reports them Accepted=False with the rule's message and leaves them \
+             out of the snapshots"
+        )
+    })
 }
 
 async fn watch_kind(client: Client, resource: ApiResource, index: IndexHandle) {
@@ -293,7 +448,14 @@ pub fn route_status(
         ),
     );
     let shadowed = if status.shadowed_rules == 0 {
-        condition("Shadowed", false, "NoShadowing", String::new())
+        // Never an empty message: a 1.20 API server turns "" into null in a server-side apply
+        // of /status and rejects it ("must be of type string").
+        condition(
+            "Shadowed",
+            false,
+            "NoShadowing",
+            "no rule is shadowed".into(),
+        )
     } else {
         condition(
             "Shadowed",
@@ -331,6 +493,19 @@ pub async fn write_statuses(client: Client, index: IndexHandle, mut leader: watc
             return;
         };
         let now = Timestamp::now();
+        // Forget what was written for objects that are gone: one recreated under the same name
+        // starts without status and must be written even if its status equals the old one.
+        let current: BTreeSet<(String, String, String)> = reports
+            .iter()
+            .map(|r| {
+                (
+                    r.status.kind.clone(),
+                    r.status.namespace.clone(),
+                    r.status.name.clone(),
+                )
+            })
+            .collect();
+        written.retain(|key, _| current.contains(key));
         for report in reports {
             let key = (
                 report.status.kind.clone(),
@@ -506,5 +681,156 @@ mod tests {
         let routes = ApiResource::erase::<StackRoute>(&());
         assert_eq!(routes.api_version, "stackroute.dev/v1alpha1");
         assert_eq!(source_of(&routes), "kubernetes StackRoute");
+    }
+
+    #[test]
+    fn endpoint_slices_prefer_v1_then_v1beta1_then_none() {
+        use EndpointSliceVersion::{V1, V1beta1};
+        // Kubernetes 1.21–1.24 serve both, 1.25+ only v1.
+        assert_eq!(choose_endpoint_slice_version(["v1", "v1beta1"]), Some(V1));
+        assert_eq!(choose_endpoint_slice_version(["v1beta1", "v1"]), Some(V1));
+        assert_eq!(choose_endpoint_slice_version(["v1"]), Some(V1));
+        // Kubernetes 1.17–1.20.
+        assert_eq!(choose_endpoint_slice_version(["v1beta1"]), Some(V1beta1));
+        // No group (before 1.17, or disabled), or only versions we do not read.
+        assert_eq!(choose_endpoint_slice_version([]), None);
+        assert_eq!(choose_endpoint_slice_version(["v1alpha1", "v2"]), None);
+
+        let beta = V1beta1.api_resource();
+        assert_eq!(
+            (
+                beta.api_version.as_str(),
+                beta.plural.as_str(),
+                beta.kind.as_str()
+            ),
+            (
+                "discovery.k8s.io/v1beta1",
+                "endpointslices",
+                "EndpointSlice"
+            )
+        );
+        let v1 = V1.api_resource();
+        assert_eq!(
+            v1,
+            ApiResource::erase::<k8s_openapi::api::discovery::v1::EndpointSlice>(&())
+        );
+        // Either way the index waits for the same source.
+        assert_eq!(source_of(&beta), source_of(&v1));
+        assert!(sources().contains(&source_of(&beta)));
+        assert_eq!(sources().len(), resources().len() + 1);
+    }
+
+    #[test]
+    fn a_v1beta1_endpoint_slice_reaches_the_loader() {
+        let resource = EndpointSliceVersion::V1beta1.api_resource();
+        let mut object = DynamicObject::new("web-abc12", &resource).within("shop");
+        object.types = None; // as in a list response
+        object.metadata.labels = Some(BTreeMap::from([(
+            "kubernetes.io/service-name".to_string(),
+            "web".to_string(),
+        )]));
+        object.data = serde_json::json!({
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.0.5"], "conditions": {"ready": true},
+                           "topology": {"kubernetes.io/hostname": "n1"}}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+        });
+        let mut state = stackroute_policy::ClusterState::default();
+        let problems = state.load_text(
+            &object_source(&resource.kind, &object),
+            &object_text(&resource, &object),
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(state.endpoint_slices.len(), 1);
+        assert_eq!(state.endpoint_slices[0].service, "web");
+        assert_eq!(
+            state.endpoint_slices[0].addresses,
+            vec!["10.244.0.5".parse::<std::net::IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn old_servers_get_a_cel_note() {
+        let note = cel_note(1, 20).expect("1.20 does not enforce CEL");
+        assert!(note.contains("Kubernetes 1.20 does not enforce"), "{note}");
+        assert!(note.contains("Accepted=False"), "{note}");
+        assert!(cel_note(1, 24).is_some());
+        assert_eq!(cel_note(1, 25), None);
+        assert_eq!(cel_note(1, 33), None);
+    }
+
+    /// A StackRoute that breaks a CEL rule, as a server without CEL (Kubernetes < 1.25) admits
+    /// and returns it: server-set metadata, no status yet.
+    fn admitted_without_cel(name: &str, ports: serde_json::Value) -> (ApiResource, DynamicObject) {
+        let resource = ApiResource::erase::<StackRoute>(&());
+        let mut object = DynamicObject::new(name, &resource).within("shop");
+        object.types = None; // as in a list response
+        object.metadata.uid = Some("6b1f0c1e-0000-4000-8000-000000000001".into());
+        object.metadata.generation = Some(1);
+        object.metadata.resource_version = Some("4711".into());
+        object.data = serde_json::json!({
+            "spec": {
+                "priority": 500,
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "rules": [{"name": "range", "ports": ports,
+                           "transport": {"stack": "Kernel", "congestionControl": "BBR"}}]
+            }
+        });
+        (resource, object)
+    }
+
+    #[test]
+    fn an_object_breaking_a_cel_rule_gets_accepted_false_with_the_rules_message() {
+        let (ready, _ready_rx) = watch::channel(false);
+        let mut index = crate::index::Index::new(
+            stackroute_policy::Settings::default(),
+            Duration::from_secs(5),
+            std::sync::Arc::new(crate::metrics::Metrics::default()),
+            ready,
+        );
+        let (resource, good) = admitted_without_cel(
+            "good",
+            serde_json::json!([{"port": 29500, "endPort": 29600}]),
+        );
+        let (_, bad) = admitted_without_cel(
+            "bad",
+            serde_json::json!([{"port": 29600, "endPort": 29500}]),
+        );
+        for object in [&good, &bad] {
+            index.apply_file(FileEvent::Changed(
+                object_source(&resource.kind, object),
+                object_text(&resource, object),
+            ));
+        }
+        // The invalid object is not in force.
+        let state = index.merged_state();
+        let names: Vec<_> = state
+            .stack_routes
+            .iter()
+            .map(|r| r.metadata.name.as_deref().unwrap_or_default())
+            .collect();
+        assert_eq!(names, vec!["good"]);
+
+        let reports = index.policy_reports(std::time::Instant::now());
+        let report = reports
+            .iter()
+            .find(|r| r.status.name == "bad")
+            .expect("a report for the invalid object");
+        let status = route_status(report, None, ts(100));
+        let accepted = &status.conditions[0];
+        assert_eq!(
+            (
+                accepted.type_.as_str(),
+                accepted.status.as_str(),
+                accepted.reason.as_str()
+            ),
+            ("Accepted", "False", "Invalid")
+        );
+        assert_eq!(
+            accepted.message,
+            "StackRoute/shop/bad: spec.rules[0].ports[0]: \
+             endPort requires port and must be greater than or equal to it"
+        );
+        assert_eq!(status.conditions[1].status, "False", "not programmed");
     }
 }

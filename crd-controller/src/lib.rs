@@ -123,7 +123,7 @@ impl Args {
             ready_tx,
         );
         if kube_client.is_some() {
-            index.expect_sources(kubernetes::resources().iter().map(kubernetes::source_of));
+            index.expect_sources(kubernetes::sources());
         }
         let debouncer = Debouncer::new(args::ms(debounce_ms), args::ms(debounce_max_ms));
         tokio::spawn(index::run(
@@ -155,6 +155,7 @@ impl Args {
 
         // Or the API server, with one status writer elected through a Lease.
         if let Some(client) = kube_client {
+            tokio::spawn(kubernetes::report_server_version(client.clone()));
             kubernetes::spawn_watchers(&client, &handle);
             let identity = identity
                 .or_else(|| std::env::var("HOSTNAME").ok())

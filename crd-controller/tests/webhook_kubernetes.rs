@@ -1,13 +1,16 @@
 //! The webhook's Kubernetes-mode parts against a real API server named by
 //! `STACKROUTE_TEST_KUBECONFIG`: the controller-owned CA Secret, the serving certificate
 //! written to the certificate directory, `caBundle` of a MutatingWebhookConfiguration, the
-//! namespace lookup, and the not-injected report (metric and Event). Skipped visibly without
-//! an API server; fails instead when `STACKROUTE_REQUIRE_KUBERNETES=1`.
+//! namespace lookup, and the not-injected report (metric and Event). A `harness = false`
+//! binary on the testkit harness: without an API server the trial shows as ignored, with the
+//! reason; with `STACKROUTE_REQUIRE_KUBERNETES=1` it fails instead.
 //!
 //! The MutatingWebhookConfiguration it creates selects no namespace (a selector on a label
 //! nothing carries) and fails open, so it cannot affect the cluster; it and the test namespace
 //! are deleted at the end.
 
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,7 +18,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use stackroute_controller::metrics::Metrics;
@@ -26,8 +29,21 @@ use stackroute_controller::webhook::kubernetes::{
     report_not_injected,
 };
 use stackroute_controller::webhook::tls::CertFiles;
+use testkit::Trial;
 
-async fn client(path: &str) -> Client {
+fn main() -> ExitCode {
+    testkit::run(vec![Trial::gated(
+        "ca_secret_ca_bundle_namespace_lookup_and_not_injected_report",
+        testkit::kubernetes,
+        |kubeconfig| {
+            testkit::block_on(
+                ca_secret_ca_bundle_namespace_lookup_and_not_injected_report(&kubeconfig),
+            )
+        },
+    )])
+}
+
+async fn client(path: &Path) -> Client {
     let kubeconfig = Kubeconfig::read_from(path).expect("reading STACKROUTE_TEST_KUBECONFIG");
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
@@ -51,26 +67,49 @@ where
     }
 }
 
-#[tokio::test]
-async fn ca_secret_ca_bundle_namespace_lookup_and_not_injected_report() {
-    let Ok(kubeconfig) = std::env::var("STACKROUTE_TEST_KUBECONFIG") else {
-        assert!(
-            std::env::var("STACKROUTE_REQUIRE_KUBERNETES").as_deref() != Ok("1"),
-            "STACKROUTE_REQUIRE_KUBERNETES=1 but STACKROUTE_TEST_KUBECONFIG is not set"
-        );
-        println!("SKIP: STACKROUTE_TEST_KUBECONFIG not set (no Kubernetes API server)");
-        return;
-    };
-    let client = client(&kubeconfig).await;
+async fn ca_secret_ca_bundle_namespace_lookup_and_not_injected_report(kubeconfig: &Path) {
+    let client = client(kubeconfig).await;
     let ns = format!("stackroute-webhook-test-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
         .create(
             &PostParams::default(),
-            &object(json!({"metadata": {"name": ns, "annotations": {"stackroute.dev/inject": "enabled"}}})),
+            &object(json!({"metadata": {"name": ns}})),
         )
         .await
         .expect("creating the test namespace");
+
+    // A pod created before its namespace opts in to injection, so that no injection webhook
+    // (also not a stackroute installed in this cluster) can have injected it. No
+    // service-account token (no kubelet runs it). Until the namespace's default ServiceAccount
+    // exists the API server answers "retry" (500 ServerTimeout); so retry.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let missed: Pod = object(json!({
+        "metadata": {"name": "missed"},
+        "spec": {"nodeName": format!("{ns}-node"), "automountServiceAccountToken": false,
+                 "containers": [{"name": "c", "image": "none"}]}
+    }));
+    eventually("the pod is created", || {
+        let (pods, missed) = (pods.clone(), missed.clone());
+        async move {
+            match pods.create(&PostParams::default(), &missed).await {
+                Ok(_) => true,
+                Err(kube::Error::Api(status)) if status.reason == "ServerTimeout" => false,
+                Err(error) => panic!("creating the pod: {error}"),
+            }
+        }
+    })
+    .await;
+    namespaces
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"stackroute.dev/inject": "enabled"}}}),
+            ),
+        )
+        .await
+        .expect("opting the namespace in");
     let config_name = format!("{ns}-injector");
     let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     configs
@@ -95,8 +134,7 @@ async fn ca_secret_ca_bundle_namespace_lookup_and_not_injected_report() {
         .await
         .expect("creating the MutatingWebhookConfiguration");
     let _cleanup = Cleanup {
-        namespaces: namespaces.clone(),
-        configs: configs.clone(),
+        kubeconfig: kubeconfig.to_path_buf(),
         ns: ns.clone(),
         config: config_name.clone(),
     };
@@ -172,17 +210,7 @@ async fn ca_secret_ca_bundle_namespace_lookup_and_not_injected_report() {
             .is_none()
     );
 
-    // A pod the webhook never saw (it selects nothing): reported by the metric and an Event.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    pods.create(
-        &PostParams::default(),
-        &object(json!({
-            "metadata": {"name": "missed"},
-            "spec": {"nodeName": format!("{ns}-node"), "containers": [{"name": "c", "image": "none"}]}
-        })),
-    )
-    .await
-    .expect("creating the pod");
+    // The pod the webhook never saw: reported by the metric and an Event below.
     let metrics = Arc::new(Metrics::default());
     let (_leader_tx, leader_rx) = tokio::sync::watch::channel(true);
     let reporter = tokio::spawn(report_not_injected(
@@ -218,26 +246,42 @@ async fn ca_secret_ca_bundle_namespace_lookup_and_not_injected_report() {
     assert!(metrics.pods_not_injected.get() >= 1);
 }
 
+/// Deletes the MutatingWebhookConfiguration and the test namespace when dropped, also while
+/// unwinding.
 struct Cleanup {
-    namespaces: Api<Namespace>,
-    configs: Api<MutatingWebhookConfiguration>,
+    kubeconfig: PathBuf,
     ns: String,
     config: String,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let (namespaces, configs) = (self.namespaces.clone(), self.configs.clone());
+        let kubeconfig = self.kubeconfig.clone();
         let (ns, config) = (self.ns.clone(), self.config.clone());
-        // Best effort, on a runtime of its own (we may be unwinding).
+        // Best effort, on a thread and runtime of its own with a client of its own: the test's
+        // client works only while the test's runtime runs, and that one waits here.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let _ = configs.delete(&config, &DeleteParams::default()).await;
-                let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+            testkit::block_on(async move {
+                let client = client(&kubeconfig).await;
+                let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+                let namespaces: Api<Namespace> = Api::all(client);
+                let wait = Duration::from_secs(20);
+                let deleted = tokio::time::timeout(wait, async {
+                    (
+                        configs
+                            .delete(&config, &DeleteParams::default())
+                            .await
+                            .is_ok(),
+                        namespaces
+                            .delete(&ns, &DeleteParams::default())
+                            .await
+                            .is_ok(),
+                    )
+                })
+                .await;
+                if deleted != Ok((true, true)) {
+                    eprintln!("could not delete {config} and namespace {ns}: {deleted:?}");
+                }
             });
         })
         .join();

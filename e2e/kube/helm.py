@@ -68,9 +68,9 @@ def main() -> None:
                                   create_namespace=True, wait="watcher", timeout=args.timeout)
     except helm_python.HelmError as error:
         sys.exit(f"helm.py: {args.command} {args.release}: {error}")
-    info = release.get("info", {}) if isinstance(release, dict) else {}
-    print(f"release {args.release} ({'upgraded' if exists else 'installed'}): {info.get('status', '?')}")
-    notes = info.get("notes")
+    print(f"release {args.release} {'upgraded' if exists else 'installed'}: revision "
+          f"{release.get('revision')}, {release.get('status')}, chart {release.get('chart_version')}")
+    notes = release.get("notes")
     if notes:
         print(notes.rstrip())
 

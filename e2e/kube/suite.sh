@@ -3,7 +3,7 @@
 # the order given; `cargo test -p stackroute-e2e --test kube` runs them all as ordered trials.
 #
 #   e2e/kube/suite.sh install injection status transport validation agent-roll agent-handover \
-#     controller-failover rbac egress
+#     controller-failover rbac egress uninstall
 #
 # install              both charts with the real Helm engine (helm.py), controller (2 replicas,
 #                      Lease, stackroute's own etcd) and agent as Pods from the lane's images
@@ -20,6 +20,7 @@
 # controller-failover  the Lease holder is killed; the other replica takes the Lease and writes status
 # rbac                 the controller runs as the chart's ServiceAccount, which is not an admin
 # egress               the lane sent nothing outside its own addresses
+# uninstall            both releases uninstall cleanly (the cluster is left as it was found)
 #
 # Needs KUBECONFIG (or STACKROUTE_TEST_KUBECONFIG) of the lane and root (nsenter, ctr).
 set -euo pipefail
@@ -88,6 +89,8 @@ server_ip() { k -n "$APPS" get pod server -o jsonpath='{.status.podIP}'; }
 # ------------------------------------------------------------------------ scenarios
 install() {
   step "install: stackroute-crds and stackroute charts (real Helm engine)"
+  # A clean start for the workloads of an earlier run on the same lane.
+  k delete namespace "$APPS" sr-lane-annotated --ignore-not-found --wait=true --timeout=120s >/dev/null
   helm_py install stackroute-crds "$ROOT/charts/stackroute-crds" default
   k wait --for=condition=Established crd/stackroutes.stackroute.dev crd/clusterstackroutes.stackroute.dev --timeout=60s >/dev/null
   helm_py install stackroute "$ROOT/charts/stackroute" "$NS" \
@@ -332,10 +335,23 @@ egress() {
   pass "the counter works: a lane process's packet to an address outside the set was counted"
 }
 
+uninstall() {
+  step "uninstall: both releases go, the cluster is as before"
+  k delete namespace "$APPS" sr-lane-annotated --ignore-not-found --wait=true --timeout=120s >/dev/null
+  helm_py uninstall stackroute "$NS"
+  helm_py uninstall stackroute-crds default
+  retry 60 sh -c "[ -z \"\$(kubectl -n $NS get pods -o name)\" ]" || fail "stackroute pods still running after uninstall"
+  k get mutatingwebhookconfiguration stackroute-injector >/dev/null 2>&1 && fail "the injector's webhook configuration is still there"
+  k get crd stackroutes.stackroute.dev clusterstackroutes.stackroute.dev >/dev/null \
+    || fail "uninstalling stackroute-crds removed the CRDs (resource-policy: keep must leave them and every policy)"
+  k delete crd stackroutes.stackroute.dev clusterstackroutes.stackroute.dev --wait=true >/dev/null
+  pass "no stackroute pod or webhook configuration left; the CRDs stayed (resource-policy: keep) until deleted by hand"
+}
+
 [ $# -gt 0 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 for scenario in "$@"; do
   case "$scenario" in
-    install | injection | status | transport | validation | rbac | egress) "$scenario" ;;
+    install | injection | status | transport | validation | rbac | egress | uninstall) "$scenario" ;;
     agent-roll) agent_roll ;;
     agent-handover) agent_handover ;;
     controller-failover) controller_failover ;;

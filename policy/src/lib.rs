@@ -1,8 +1,9 @@
 //! The policy engine: cluster state in, per-node snapshots and explanations out.
 //!
-//! - [`state`] loads Kubernetes YAML (Namespaces, Nodes, Pods, Services, EndpointSlices,
-//!   StackRoutes, ClusterStackRoutes) into a [`ClusterState`], reporting bad objects with file
-//!   and line and keeping the rest.
+//! - [`state`] loads Kubernetes YAML (Namespaces, Nodes, Pods, Services, EndpointSlices —
+//!   `discovery.k8s.io/v1`, or `v1beta1` as Kubernetes < 1.21 serves them —, StackRoutes,
+//!   ClusterStackRoutes) into a [`ClusterState`], reporting bad objects with file and line and
+//!   keeping the rest.
 //! - [`compile`] orders policies deterministically, evaluates selectors through a label index,
 //!   and encodes per-node snapshots ([`stackroute_snapshot`]).
 //! - [`explain`] runs the snapshot's own lookup with a trace, so an explanation can never

@@ -129,12 +129,19 @@ pub struct LoadProblem {
 
 impl std::fmt::Display for LoadProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.source)?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-        }
-        if let Some(object) = &self.object {
-            write!(f, ": {object}")?;
+        match &self.object {
+            // A source that is one object (the controller's Kubernetes mode names each object's
+            // source `Kind/namespace/name`): its name says it all, a line would say nothing.
+            Some(object) if *object == self.source => write!(f, "{object}")?,
+            object => {
+                write!(f, "{}", self.source)?;
+                if let Some(line) = self.line {
+                    write!(f, ":{line}")?;
+                }
+                if let Some(object) = object {
+                    write!(f, ": {object}")?;
+                }
+            }
         }
         if let Some(path) = &self.path {
             write!(f, ": {path}")?;
@@ -318,6 +325,13 @@ impl ClusterState {
                 serde_json::from_value::<EndpointSlice>(value)
                     .map(|slice| self.add_endpoint_slice(slice))
             }
+            // Kubernetes < 1.21 serves only v1beta1. What is read here (addresses,
+            // conditions.ready, ports, the service-name label) has v1's shape; v1beta1's
+            // `topology` map is not read (v1 ignores it as an unknown field).
+            (ENDPOINT_SLICE_V1BETA1, "EndpointSlice") => {
+                serde_json::from_value::<EndpointSlice>(endpoint_slice_as_v1(value))
+                    .map(|slice| self.add_endpoint_slice(slice))
+            }
             _ => Ok(()), // other kinds carry nothing the engine reads
         };
         if let Err(error) = result {
@@ -453,6 +467,21 @@ impl ClusterState {
     }
 }
 
+/// `apiVersion` of the EndpointSlices of Kubernetes 1.17–1.20 (and still served up to 1.24).
+pub const ENDPOINT_SLICE_V1BETA1: &str = "discovery.k8s.io/v1beta1";
+
+/// A `discovery.k8s.io/v1beta1` EndpointSlice relabelled as v1, which has the same shape in
+/// every field the engine reads (the v1 type refuses any other `apiVersion`).
+fn endpoint_slice_as_v1(mut value: Value) -> Value {
+    if let Some(map) = value.as_object_mut() {
+        map.insert(
+            "apiVersion".into(),
+            Value::String("discovery.k8s.io/v1".into()),
+        );
+    }
+    value
+}
+
 fn protocol_of(protocol: Option<&str>) -> Option<stackroute_snapshot::Protocol> {
     match protocol.unwrap_or("TCP") {
         "TCP" => Some(stackroute_snapshot::Protocol::Tcp),
@@ -532,6 +561,96 @@ spec: {containers: "not a list"}
         assert!(
             rendered[1].starts_with("state.yaml:24: Pod/broken:"),
             "{rendered:?}"
+        );
+    }
+
+    const SLICE_V1BETA1: &str = r#"
+apiVersion: discovery.k8s.io/v1beta1
+kind: EndpointSlice
+metadata:
+  name: web-abc12
+  namespace: shop
+  labels: {kubernetes.io/service-name: web, endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.0.5]
+  conditions: {ready: true}
+  topology: {kubernetes.io/hostname: n1, topology.kubernetes.io/zone: z1}
+  targetRef: {kind: Pod, namespace: shop, name: web-0}
+- addresses: [10.244.0.6]
+  conditions: {ready: false}
+  topology: {kubernetes.io/hostname: n1}
+- addresses: [10.244.0.7]
+  topology: {kubernetes.io/hostname: n2}
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 53, protocol: UDP}
+- {name: sctp, port: 9, protocol: SCTP}
+"#;
+
+    #[test]
+    fn v1beta1_endpoint_slices_load_like_v1() {
+        let mut beta = ClusterState::default();
+        let problems = beta.load_text("slices.yaml", SLICE_V1BETA1);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            beta.endpoint_slices,
+            vec![EndpointSliceInfo {
+                namespace: "shop".into(),
+                name: "web-abc12".into(),
+                service: "web".into(),
+                ports: vec![
+                    ("http".into(), 8080, stackroute_snapshot::Protocol::Tcp),
+                    ("dns".into(), 53, stackroute_snapshot::Protocol::Udp),
+                ],
+                // Ready, and unknown readiness (counted as ready, as in v1); not the unready one.
+                addresses: vec!["10.244.0.5".parse().unwrap(), "10.244.0.7".parse().unwrap()],
+            }]
+        );
+        // The same slice as v1 (topology becomes nodeName/zone there) loads to the same.
+        let v1 = SLICE_V1BETA1
+            .replace("discovery.k8s.io/v1beta1", "discovery.k8s.io/v1")
+            .replace(
+                "topology: {kubernetes.io/hostname: n1, topology.kubernetes.io/zone: z1}",
+                "nodeName: n1\n  zone: z1",
+            )
+            .replace("topology: {kubernetes.io/hostname: n1}", "nodeName: n1")
+            .replace("topology: {kubernetes.io/hostname: n2}", "nodeName: n2");
+        let mut stable = ClusterState::default();
+        let problems = stable.load_text("slices.yaml", &v1);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(stable.endpoint_slices, beta.endpoint_slices);
+    }
+
+    #[test]
+    fn a_broken_v1beta1_endpoint_slice_is_reported_like_any_object() {
+        let text = SLICE_V1BETA1.replace("addresses: [10.244.0.5]", "addresses: 10.244.0.5");
+        let mut state = ClusterState::default();
+        let problems = state.load_text("slices.yaml", &text);
+        assert!(state.endpoint_slices.is_empty());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems[0].object.as_deref(),
+            Some("EndpointSlice/shop/web-abc12")
+        );
+        assert!(!problems[0].invalid_policy);
+        // Unknown EndpointSlice versions carry nothing the engine reads, as before.
+        let mut state = ClusterState::default();
+        let alpha = SLICE_V1BETA1.replace("v1beta1", "v1alpha1");
+        assert!(state.load_text("slices.yaml", &alpha).is_empty());
+        assert!(state.endpoint_slices.is_empty());
+    }
+
+    #[test]
+    fn a_source_that_is_one_object_is_named_once() {
+        let text = SLICE_V1BETA1.replace("addresses: [10.244.0.5]", "addresses: 10.244.0.5");
+        let mut state = ClusterState::default();
+        let problems = state.load_text("EndpointSlice/shop/web-abc12", &text);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let rendered = problems[0].to_string();
+        assert!(
+            rendered.starts_with("EndpointSlice/shop/web-abc12: invalid type"),
+            "{rendered}"
         );
     }
 

@@ -685,6 +685,57 @@ fn services_resolve_to_their_ready_backends() {
 }
 
 #[test]
+fn v1beta1_endpoint_slices_resolve_services_like_v1() {
+    // A Kubernetes 1.20 server serves EndpointSlices only as discovery.k8s.io/v1beta1.
+    let old_cluster = CLUSTER.replace("discovery.k8s.io/v1\n", "discovery.k8s.io/v1beta1\n");
+    assert_eq!(old_cluster.matches("discovery.k8s.io/v1beta1").count(), 2);
+    let policy = sr(
+        "p",
+        "ml",
+        "",
+        &format!(
+            "  podSelector: {{}}\n  rules:\n  - name: trainers\n    to: [{{pods: {{podSelector: {{matchLabels: {{app: trainer}}}}}}}}]\n    ports: [{{port: 9000}}]\n{USERSPACE_BBR}"
+        ),
+    );
+    let backends = |cluster: &str| {
+        let mut state = ClusterState::default();
+        assert!(state.load_text("c", cluster).is_empty());
+        assert!(state.load_text("p", &policy).is_empty());
+        let compiled = Compiled::new(&state, Settings::default());
+        let e = explain(
+            &compiled,
+            &state,
+            "ml",
+            "db",
+            "10.96.0.1".parse().unwrap(),
+            80,
+            Protocol::Tcp,
+        )
+        .unwrap();
+        let backends: Vec<(String, u16)> = e
+            .backends
+            .iter()
+            .map(|b| (b.address.clone(), b.port))
+            .collect();
+        (e.via, e.transport, backends)
+    };
+    let old = backends(&old_cluster);
+    assert_eq!(old.0, "service-unanimous");
+    assert_eq!(
+        (old.1.stack.as_str(), old.1.congestion_control.as_str()),
+        ("Userspace", "BBR")
+    );
+    assert_eq!(
+        old.2,
+        vec![
+            ("10.1.0.11".to_string(), 9000),
+            ("10.2.0.10".to_string(), 9000)
+        ]
+    );
+    assert_eq!(old, backends(CLUSTER));
+}
+
+#[test]
 fn ipv6_destinations_and_networks() {
     let policy = sr(
         "p",
