@@ -90,12 +90,15 @@ def helm():
 # --------------------------------------------------------------------------- generation
 
 
-def stackroute_crd() -> str:
+def stackroute_crd(kube_version: str | None = None) -> str:
+    """`stackroute crd`, or with a version `stackroute crd --kube-version V` (the CRDs a server of
+    that version takes; None when STACKROUTE_CRD_FILE stands in for the CLI)."""
     path = os.environ.get("STACKROUTE_CRD_FILE")
     if path:
-        return Path(path).read_text()
+        return None if kube_version else Path(path).read_text()
+    args = ["--kube-version", kube_version] if kube_version else []
     out = subprocess.run(
-        ["cargo", "run", "-q", "--locked", "-p", "stackroute-cli", "--", "crd"],
+        ["cargo", "run", "-q", "--locked", "-p", "stackroute-cli", "--", "crd", *args],
         cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True,
     )
     return out.stdout
@@ -604,6 +607,11 @@ def check_crd_versions(c: Checker, crd: str) -> None:
         c.expect(strip_chart_metadata(text) == crd_for(crd, kube or "v99.0.0") and present == want,
                  f"[stackroute-crds {shown}] {present} of {len(blocks)} x-kubernetes-validations blocks, "
                  "otherwise byte for byte `stackroute crd`")
+        # One authority for what a server version takes: the API crate (crds_for_server).
+        cli = stackroute_crd(kube) if kube else crd
+        if cli is not None:
+            c.expect(strip_chart_metadata(text) == cli,
+                     f"[stackroute-crds {shown}] equals `stackroute crd --kube-version {kube or '(none)'}`")
         raw_notes = rendered.get("stackroute-crds/templates/NOTES.txt", "")
         notes = words(raw_notes)
         if kube and not kube_at_least(kube, CEL_SINCE):

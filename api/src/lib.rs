@@ -7,7 +7,8 @@
 //!
 //! Older API servers cannot take the CEL rules (`x-kubernetes-validations`): [`crds_for_server`]
 //! gives the CRDs for a server version, without the rules below Kubernetes
-//! [`CEL_MIN_SERVER_VERSION`]. The offline validator keeps the full schema either way, so an
+//! [`CEL_MIN_SERVER_VERSION`] and without those calling a CEL library the server lacks (IP/CIDR
+//! before 1.31). The offline validator keeps the full schema either way, so an
 //! object such a server admits is still checked against every rule (the controller reports it
 //! as `Accepted=False`).
 //!
@@ -45,21 +46,60 @@ pub fn server_supports_cel(major: u32, minor: u32) -> bool {
     (major, minor) >= CEL_MIN_SERVER_VERSION
 }
 
-/// Both CRDs as an API server of version `major.minor` can take them: unchanged from 1.25 on
-/// ([`CEL_MIN_SERVER_VERSION`]); below it, with every `x-kubernetes-validations` removed (the
-/// rest of the structural schema — types, enums, bounds, required fields — stays).
+/// Kubernetes' own CEL libraries arrived after CEL itself: a rule that calls one does not
+/// compile on an older server, which then refuses the whole CRD. (pattern in the rule, first
+/// version that has the library). `scripts/charts.py` gates the CRD chart's blocks the same way
+/// and checks its renders against [`crds_for_server`].
+const CEL_LIBRARIES: [(&[&str], (u32, u32)); 3] = [
+    (&["isIP(", "ip(", "isCIDR(", "cidr("], (1, 31)),
+    (&["isQuantity(", "quantity("], (1, 29)),
+    (&["isSemver(", "semver("], (1, 34)),
+];
+
+/// The first server version that compiles `rule`: 1.25, or later for a library it calls.
+pub fn cel_rule_min_server_version(rule: &str) -> (u32, u32) {
+    // A call of `name`: not the tail of a longer identifier (`self.skip(` calls no `ip(`).
+    let calls = |name: &str| {
+        rule.match_indices(name).any(|(at, _)| {
+            !rule[..at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+    };
+    CEL_LIBRARIES
+        .iter()
+        .filter(|(names, _)| names.iter().any(|name| calls(name)))
+        .map(|(_, since)| *since)
+        .fold(CEL_MIN_SERVER_VERSION, std::cmp::max)
+}
+
+/// Both CRDs as an API server of version `major.minor` can take them: unchanged where it
+/// compiles every rule; otherwise each `x-kubernetes-validations` list holding a rule it cannot
+/// compile is left out whole — all of them below 1.25 ([`CEL_MIN_SERVER_VERSION`]), the lists
+/// calling the IP/CIDR library below 1.31. The rest of the structural schema (types, enums,
+/// bounds, required fields) stays.
 pub fn crds_for_server(major: u32, minor: u32) -> Vec<CustomResourceDefinition> {
     let mut crds = crds();
-    if !server_supports_cel(major, minor) {
-        for crd in &mut crds {
-            remove_cel_rules(crd);
-        }
+    for crd in &mut crds {
+        remove_cel_rules_where(crd, |rule| {
+            cel_rule_min_server_version(rule) > (major, minor)
+        });
     }
     crds
 }
 
 /// Removes every `x-kubernetes-validations` from a CRD's schemas; returns how many rules went.
 pub fn remove_cel_rules(crd: &mut CustomResourceDefinition) -> usize {
+    remove_cel_rules_where(crd, |_| true)
+}
+
+/// Removes each `x-kubernetes-validations` list that holds a rule for which `unsupported` is
+/// true; returns how many rules went.
+fn remove_cel_rules_where(
+    crd: &mut CustomResourceDefinition,
+    unsupported: impl Fn(&str) -> bool,
+) -> usize {
     let mut removed = 0;
     for version in &mut crd.spec.versions {
         if let Some(schema) = version
@@ -67,18 +107,25 @@ pub fn remove_cel_rules(crd: &mut CustomResourceDefinition) -> usize {
             .as_mut()
             .and_then(|s| s.open_api_v3_schema.as_mut())
         {
-            removed += remove_schema_rules(schema);
+            removed += remove_schema_rules(schema, &unsupported);
         }
     }
     removed
 }
 
-fn remove_schema_rules(schema: &mut JSONSchemaProps) -> usize {
-    let mut removed = schema
+fn remove_schema_rules(schema: &mut JSONSchemaProps, unsupported: &dyn Fn(&str) -> bool) -> usize {
+    let mut removed = 0;
+    if schema
         .x_kubernetes_validations
-        .take()
-        .map_or(0, |r| r.len());
-    let mut visit = |s: &mut JSONSchemaProps| removed += remove_schema_rules(s);
+        .as_ref()
+        .is_some_and(|rules| rules.iter().any(|r| unsupported(&r.rule)))
+    {
+        removed = schema
+            .x_kubernetes_validations
+            .take()
+            .map_or(0, |r| r.len());
+    }
+    let mut visit = |s: &mut JSONSchemaProps| removed += remove_schema_rules(s, unsupported);
     for map in [
         &mut schema.properties,
         &mut schema.pattern_properties,
@@ -195,7 +242,7 @@ mod tests {
         // 15 `x-kubernetes-validations` lists (7 in StackRoute, 8 in ClusterStackRoute) holding
         // 24 rules, as in manifests/crds/stackroute.dev.yaml.
         assert_eq!(count_rules(&crds()), (15, 24));
-        for (major, minor) in [(1, 25), (1, 29), (1, 33), (2, 0)] {
+        for (major, minor) in [(1, 31), (1, 33), (2, 0)] {
             assert_eq!(crds_for_server(major, minor), crds(), "{major}.{minor}");
         }
         assert_eq!(crds_yaml_for_server(1, 33), crds_yaml());
@@ -217,6 +264,31 @@ mod tests {
         let spec = &old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
         assert_eq!(spec["properties"]["priority"]["maximum"], 1000.0);
         assert_eq!(spec["properties"]["rules"]["maxItems"], 25);
+    }
+
+    #[test]
+    fn rules_calling_the_cidr_library_wait_for_1_31() {
+        assert_eq!(
+            cel_rule_min_server_version("self.all(c, isCIDR(c))"),
+            (1, 31)
+        );
+        assert_eq!(
+            cel_rule_min_server_version("cidr(self).prefixLength() < 8"),
+            (1, 31)
+        );
+        assert_eq!(
+            cel_rule_min_server_version("self.endPort >= self.port"),
+            (1, 25)
+        );
+        // a field that merely ends in "ip(" is no library call
+        assert_eq!(cel_rule_min_server_version("self.skip(1)"), (1, 25));
+        // 1.25-1.30: 13 lists, without the 2 that call isCIDR; from 1.31 all 15.
+        for minor in [25, 28, 30] {
+            let crds = crds_for_server(1, minor);
+            assert_eq!(count_rules(&crds).0, 13, "1.{minor}");
+            assert!(!serde_json::to_string(&crds).unwrap().contains("isCIDR"));
+        }
+        assert_eq!(count_rules(&crds_for_server(1, 31)).0, 15);
     }
 
     #[test]

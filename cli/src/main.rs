@@ -47,10 +47,11 @@ enum Command {
 
 #[derive(clap::Args)]
 struct CrdArgs {
-    /// The Kubernetes version of the API server the CRDs are for (`1.20`, `v1.20.2`). Below 1.25
-    /// the CEL rules (`x-kubernetes-validations`) are left out, since such a server refuses or
-    /// drops them; the controller still checks every rule and reports a breaking object as
-    /// `Accepted=False`. Without this option: the full CRDs, for current servers.
+    /// The Kubernetes version of the API server the CRDs are for (`1.20`, `v1.20.2`). Rules such
+    /// a server cannot compile are left out: every CEL rule (`x-kubernetes-validations`) below
+    /// 1.25, the rules calling the IP/CIDR library below 1.31. The controller still checks
+    /// every rule and reports a breaking object as `Accepted=False`. Without this option: the
+    /// full CRDs, for current servers.
     #[arg(long, value_name = "MAJOR.MINOR", value_parser = parse_kube_version)]
     kube_version: Option<(u32, u32)>,
 }
