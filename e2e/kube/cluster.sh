@@ -525,6 +525,8 @@ stop() { # name
 
 down() {
   need_root
+  # Best effort, step by step: one thing that is already gone must not stop the rest.
+  set +e +o pipefail
   [ -d "$LANE" ] || { echo "cluster.sh: nothing to do ($LANE does not exist)"; remove_egress_rules; return 0; }
   stop kube-proxy
   stop kubelet
@@ -578,6 +580,16 @@ down() {
   fi
   [ -d "$CGROUP" ] && rmdir "$CGROUP" 2>/dev/null || true
   rm -rf "$LANE"
+  # What must be gone now.
+  local left=()
+  for d in "$NODE_BRIDGE" "$CNI_BRIDGE"; do ip link show "$d" >/dev/null 2>&1 && left+=("interface $d"); done
+  iptables-save | grep -q -e 'KUBE-' -e "$EGRESS_CHAIN" && left+=("iptables rules")
+  grep -q -e " $LANE" -e " /var/lib/kubelet" -e " /run/containerd/" /proc/self/mounts && left+=("mounts")
+  [ -d "$CGROUP" ] && left+=("cgroup $CGROUP")
+  if [ ${#left[@]} -gt 0 ]; then
+    echo "cluster.sh: down left: ${left[*]}" >&2
+    exit 1
+  fi
   echo "cluster.sh: down (the Kubernetes build cache stays in ${STACKROUTE_KUBE_CACHE:-/var/cache/stackroute-kube})"
 }
 
