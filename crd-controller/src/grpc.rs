@@ -237,12 +237,33 @@ impl Distribution for DistributionService {
         if request.error.len() > 4096 {
             return Err(self.invalid("Ack", "error is longer than 4096 bytes".into()));
         }
-        self.index.ack(
-            request.node,
-            request.agent_id,
-            request.revision,
-            request.error,
-        )?;
+        if !self.store.shares_acks() {
+            self.index.ack(
+                request.node,
+                request.agent_id,
+                request.revision,
+                request.error,
+            )?;
+            return Ok(Response::new(AckResponse {}));
+        }
+        // Other replicas (the status writer among them) learn of it through the store.
+        let shared = self
+            .index
+            .ack_to_share(
+                request.node,
+                request.agent_id,
+                request.revision,
+                request.error,
+            )
+            .await?;
+        if let Some(ack) = shared
+            && let Err(error) = self.store.put_ack(&ack).await
+        {
+            // This replica has it; the agent would not retry an ack, so do not fail it.
+            tracing::warn!(node = %ack.node, revision = ack.revision,
+                error = format!("{error:#}"),
+                "could not share an ack with the other replicas; they see the node's next one");
+        }
         Ok(Response::new(AckResponse {}))
     }
 

@@ -12,8 +12,7 @@
 //! value: a slow agent skips revisions and never holds anyone up. Nothing is compiled before
 //! every source has synced, so no agent ever sees partial state.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::hash::{Hash as _, Hasher as _};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,12 +35,15 @@ pub type Published = Option<Arc<SnapshotUpdate>>;
 /// A change to the listener or workload registry.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RegistryChange {
-    /// The whole registry, as read from the store (replaces everything).
+    /// The whole registry, as read from the store (replaces everything but acks, which only
+    /// ever move forward).
     Reset {
         /// Every listener.
         listeners: Vec<Listener>,
         /// Every workload.
         workloads: Vec<Workload>,
+        /// Every shared ack.
+        acks: Vec<AckRecord>,
     },
     /// A listener was registered (or re-registered).
     PutListener(Listener),
@@ -51,6 +53,34 @@ pub enum RegistryChange {
     PutWorkload(Workload),
     /// A workload was removed (registry key, see [`workload_key`]).
     RemoveWorkload(String),
+    /// A node's ack as shared through the store (by any replica, this one included).
+    Ack(AckRecord),
+}
+
+/// A node's ack as the replicas share it through the store (`acks/{node}` in etcd).
+///
+/// The revision alone would not do: revisions come from one counter shared by every replica,
+/// but each replica compiles its own view of the sources, so whether revision `r` of replica B
+/// contains a policy's current spec cannot be told from the revisions of replica A (B may have
+/// compiled `r` before it saw a new spec that A compiled at a smaller revision, or after A's
+/// first revision with it while B saw it first at a smaller one). So the replica that published
+/// `r` and received the ack also says which policy versions the node's snapshot contained, and
+/// every replica computes Programmed from those versions; `first_contained` is only ever
+/// compared with the replica's own revisions.
+///
+/// What is left: a node's shared ack only moves to a greater revision, so an agent that moves to
+/// a replica whose latest revision is lower than the one it acked elsewhere is counted with the
+/// higher revision's contents until that replica publishes again — which matters only while the
+/// two replicas' views of the sources differ (one lags behind the API server).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AckRecord {
+    /// Node name.
+    pub node: String,
+    /// The revision the node's agent applied.
+    pub revision: u64,
+    /// Versions ([`PolicyRecord::fingerprint`]) of the policies aimed at the node that the
+    /// snapshot of `revision` contained; sorted, no duplicates.
+    pub contained: Vec<u64>,
 }
 
 /// A message to the index task.
@@ -90,6 +120,9 @@ pub enum Command {
         revision: u64,
         /// Non-empty if the agent rejected it.
         error: String,
+        /// Gets the ack to share with other replicas, if it advanced the node (only asked for
+        /// when the store shares acks).
+        reply: Option<oneshot::Sender<Option<AckRecord>>>,
     },
     /// A node's capability report.
     Capabilities(NodeCapabilities),
@@ -228,8 +261,31 @@ impl IndexHandle {
                 agent_id,
                 revision,
                 error,
+                reply: None,
             })
             .map_err(|_| IndexClosed)
+    }
+
+    /// Records an ack and returns what to share with the other replicas: `Some` when it moved
+    /// the node to a later revision this replica published.
+    pub async fn ack_to_share(
+        &self,
+        node: String,
+        agent_id: String,
+        revision: u64,
+        error: String,
+    ) -> Result<Option<AckRecord>, IndexClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Ack {
+                node,
+                agent_id,
+                revision,
+                error,
+                reply: Some(reply),
+            })
+            .map_err(|_| IndexClosed)?;
+        rx.await.map_err(|_| IndexClosed)
     }
 
     /// Records a capability report.
@@ -319,14 +375,44 @@ impl Debouncer {
 
 // === impl Index ===
 
-/// What an agent connection told us.
+/// What agent connections (to this replica, or to others through shared acks) told us.
 #[derive(Clone, Debug, Default)]
 struct NodeRecord {
-    /// Open watch streams: stream id → agent id.
+    /// Open watch streams to this replica: stream id → agent id.
     streams: BTreeMap<u64, String>,
+    /// The highest revision the node acked, here or at another replica.
     acked: u64,
+    /// Policy versions the snapshot of `acked` contained, as far as known (sorted): what
+    /// Programmed is computed from.
+    contained: Vec<u64>,
     last_error: String,
     capabilities: Option<NodeCapabilities>,
+}
+
+impl NodeRecord {
+    /// Takes an ack: a later revision replaces what the node runs, the same revision adds
+    /// what else is known about it, an earlier one changes nothing. Returns whether it moved
+    /// the node forward.
+    fn merge(&mut self, revision: u64, contained: Vec<u64>) -> bool {
+        match revision.cmp(&self.acked) {
+            std::cmp::Ordering::Greater => {
+                self.acked = revision;
+                self.contained = contained;
+                self.contained.sort_unstable();
+                self.contained.dedup();
+                true
+            }
+            std::cmp::Ordering::Equal => {
+                // Both describe the same snapshot (one replica published it): each lists
+                // versions it certainly contained.
+                self.contained.extend(contained);
+                self.contained.sort_unstable();
+                self.contained.dedup();
+                false
+            }
+            std::cmp::Ordering::Less => false,
+        }
+    }
 }
 
 /// A policy as last compiled.
@@ -340,7 +426,9 @@ pub struct PolicyRecord {
     pub name: String,
     /// `metadata.generation`, when the source sets it (Kubernetes).
     pub generation: Option<i64>,
-    /// Hash of the spec: a new value means a new version of the policy.
+    /// The policy's version: a hash of its object name and spec (see [`policy_version`]); a
+    /// new value means a new version. Stable across processes, so replicas compare them in
+    /// shared acks.
     pub fingerprint: u64,
     /// Nodes hosting one of its source pods.
     pub targets: BTreeSet<String>,
@@ -417,8 +505,11 @@ pub struct Index {
     published_at: Option<Instant>,
     state_nodes: BTreeSet<String>,
     policies: Vec<PolicyRecord>,
-    /// Policy object → (fingerprint, first revision that contained that version).
+    /// Policy object → (fingerprint, first revision of this replica that contained that
+    /// version). Compared only with this replica's own revisions (see [`Index::contained`]).
     first_contained: BTreeMap<String, (u64, u64)>,
+    /// The revisions this replica published last (oldest first, at most [`RECENT_REVISIONS`]).
+    recent: VecDeque<u64>,
     /// Sources that have not delivered their first complete view yet.
     pending_sources: BTreeSet<String>,
     registry_synced: bool,
@@ -427,6 +518,10 @@ pub struct Index {
     metrics: Arc<Metrics>,
     ready: watch::Sender<bool>,
 }
+
+/// How many of its latest revisions a replica remembers publishing: acks of older ones (or of
+/// other replicas' revisions) count as acked but show nothing programmed.
+pub const RECENT_REVISIONS: usize = 64;
 
 /// What a command means for the next compile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -460,6 +555,7 @@ impl Index {
             state_nodes: BTreeSet::new(),
             policies: Vec::new(),
             first_contained: BTreeMap::new(),
+            recent: VecDeque::new(),
             pending_sources: BTreeSet::from([crate::files::DIRECTORY.to_string()]),
             registry_synced: false,
             settings,
@@ -521,8 +617,12 @@ impl Index {
                 agent_id,
                 revision,
                 error,
+                reply,
             } => {
-                self.ack(&node, &agent_id, revision, error);
+                let shared = self.ack(&node, &agent_id, revision, error);
+                if let Some(reply) = reply {
+                    let _ = reply.send(shared);
+                }
                 Effect::None
             }
             Command::Capabilities(report) => {
@@ -610,7 +710,11 @@ impl Index {
             RegistryChange::Reset {
                 listeners,
                 workloads,
+                acks,
             } => {
+                for ack in acks {
+                    self.remote_ack(ack);
+                }
                 let listeners: BTreeMap<String, Listener> = listeners
                     .into_iter()
                     .map(|l| (listener_key(&l.key.clone().unwrap_or_default()), l))
@@ -636,6 +740,11 @@ impl Index {
                 self.workloads.insert(key, workload.clone()) != Some(workload)
             }
             RegistryChange::RemoveWorkload(key) => self.workloads.remove(&key).is_some(),
+            RegistryChange::Ack(ack) => {
+                // Status only: nothing to recompile.
+                self.remote_ack(ack);
+                false
+            }
         };
         self.metrics.listeners.set(self.listeners.len() as i64);
         self.metrics.workloads.set(self.workloads.len() as i64);
@@ -693,21 +802,90 @@ impl Index {
         self.metrics.connected_agents.set(connected as i64);
     }
 
-    fn ack(&mut self, node: &str, agent_id: &str, revision: u64, error: String) {
-        let record = self.nodes.entry(node.to_string()).or_default();
-        if error.is_empty() {
-            if revision > record.acked {
-                record.acked = revision;
-                self.metrics
-                    .acked_revision
-                    .get_or_create(&vec![("node".to_string(), node.to_string())])
-                    .set(i64::try_from(revision).unwrap_or(i64::MAX));
-            }
-            record.last_error.clear();
-        } else {
+    /// An agent connected to this replica applied (or rejected) a revision. Returns the ack
+    /// to share with the other replicas when it moved the node to a later revision of this
+    /// replica's.
+    fn ack(
+        &mut self,
+        node: &str,
+        agent_id: &str,
+        revision: u64,
+        error: String,
+    ) -> Option<AckRecord> {
+        if !error.is_empty() {
             tracing::warn!(node, agent_id, revision, %error, "agent rejected a revision");
-            record.last_error = error;
+            self.nodes.entry(node.to_string()).or_default().last_error = error;
+            return None;
         }
+        // What the snapshot contained is known only for revisions this replica published. An
+        // agent whose connection moved to this replica may still ack another replica's
+        // revision: it counts as acked but proves nothing until that replica shares it.
+        let ours = self.recent.contains(&revision);
+        let contained = if ours {
+            self.contained(node, revision)
+        } else {
+            Vec::new()
+        };
+        let record = self.nodes.entry(node.to_string()).or_default();
+        record.last_error.clear();
+        let advanced = record.merge(revision, contained.clone());
+        if advanced {
+            self.set_acked_metric(node, revision);
+        }
+        (advanced && ours).then(|| AckRecord {
+            node: node.to_string(),
+            revision,
+            contained,
+        })
+    }
+
+    /// An ack shared through the store (by another replica, or this one's own coming back):
+    /// only ever moves the node forward; it is no agent of this replica's.
+    fn remote_ack(&mut self, ack: AckRecord) {
+        let AckRecord {
+            node,
+            revision,
+            contained,
+        } = ack;
+        if self
+            .nodes
+            .entry(node.clone())
+            .or_default()
+            .merge(revision, contained)
+        {
+            self.set_acked_metric(&node, revision);
+        }
+    }
+
+    fn set_acked_metric(&self, node: &str, revision: u64) {
+        self.metrics
+            .acked_revision
+            .get_or_create(&vec![("node".to_string(), node.to_string())])
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+    }
+
+    /// The versions of the policies aimed at `node` that this replica's `revision` contained:
+    /// those whose current version this replica first compiled at or before `revision`.
+    /// `first_contained` holds this replica's own revisions, so `revision` must be one too.
+    ///
+    /// Targets are the last compile's: an ack of an earlier revision that arrives after a
+    /// compile that moved a source pod onto the node counts that policy a moment early (the
+    /// node acks the later revision right after).
+    fn contained(&self, node: &str, revision: u64) -> Vec<u64> {
+        let mut versions: Vec<u64> = self
+            .policies
+            .iter()
+            .filter(|p| p.problem.is_none() && p.targets.contains(node))
+            .filter(|p| {
+                self.first_contained
+                    .get(&p.object())
+                    .is_some_and(|&(version, first)| version == p.fingerprint && first <= revision)
+            })
+            .map(|p| p.fingerprint)
+            .collect();
+        versions.sort_unstable();
+        versions.dedup();
+        versions
     }
 
     /// The state every file, registered workload and watching node contributes.
@@ -826,14 +1004,23 @@ impl Index {
                 sent += 1;
             }
         }
+        self.recent.push_back(output.revision);
+        while self.recent.len() > RECENT_REVISIONS {
+            self.recent.pop_front();
+        }
         let mut present = BTreeSet::new();
         for policy in &output.policies {
+            if policy.problem.is_some() {
+                // Left out of this revision's snapshots: contained from the first revision
+                // that has it again.
+                continue;
+            }
             let object = policy.object();
             let entry = self
                 .first_contained
                 .entry(object.clone())
                 .or_insert((policy.fingerprint, output.revision));
-            if entry.0 != policy.fingerprint || policy.problem.is_some() {
+            if entry.0 != policy.fingerprint {
                 *entry = (policy.fingerprint, output.revision);
             }
             present.insert(object);
@@ -930,12 +1117,21 @@ impl Index {
         let mut listed = BTreeSet::new();
         for policy in &self.policies {
             let object = policy.object();
-            let first = self.first_contained.get(&object).map_or(u64::MAX, |e| e.1);
-            let programmed_nodes = policy
-                .targets
-                .iter()
-                .filter(|node| self.nodes.get(*node).is_some_and(|r| r.acked >= first))
-                .count();
+            // Programmed on a node: the snapshot it acked last (here or at another replica)
+            // contained this version of the policy.
+            let programmed_nodes = if policy.problem.is_some() {
+                0
+            } else {
+                policy
+                    .targets
+                    .iter()
+                    .filter(|node| {
+                        self.nodes
+                            .get(*node)
+                            .is_some_and(|r| r.contained.binary_search(&policy.fingerprint).is_ok())
+                    })
+                    .count()
+            };
             let mut messages: Vec<String> = policy.problem.iter().cloned().collect();
             messages.extend(load_problems.get(&object).into_iter().flatten().cloned());
             policies.push(PolicyStatus {
@@ -1021,13 +1217,18 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
     }
 }
 
-/// A hash of a policy spec's canonical JSON: equal specs, equal fingerprints.
-fn fingerprint<T: serde::Serialize>(spec: &T) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(spec)
-        .unwrap_or_default()
-        .hash(&mut hasher);
-    hasher.finish()
+/// A policy's version: FNV-1a (64 bit) of its object name (`Kind/namespace/name`), a zero byte
+/// and its spec's JSON. Equal specs of the same object, equal versions — in every process and
+/// build (unlike `DefaultHasher`), since replicas compare them in shared acks. Not
+/// cryptographic: a collision could at worst show a policy programmed early.
+pub fn policy_version<T: serde::Serialize>(object: &str, spec: &T) -> u64 {
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in object.bytes().chain([0]).chain(json) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
 }
 
 /// Every policy of the state with the nodes hosting its source pods.
@@ -1061,10 +1262,10 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
         records.push(PolicyRecord {
             kind: "StackRoute",
             problem: problems.get(&object).cloned(),
+            fingerprint: policy_version(&object, &route.spec),
             namespace,
             name,
             generation: route.metadata.generation,
-            fingerprint: fingerprint(&route.spec),
             targets,
             shadowed_rules: stackroute_policy::shadow::shadowed_rules(&route.spec.rules).len()
                 as u32,
@@ -1101,10 +1302,10 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
         records.push(PolicyRecord {
             kind: "ClusterStackRoute",
             problem: problems.get(&object).cloned(),
+            fingerprint: policy_version(&object, &route.spec),
             namespace: String::new(),
             name,
             generation: route.metadata.generation,
-            fingerprint: fingerprint(&route.spec),
             targets,
             shadowed_rules: stackroute_policy::shadow::shadowed_rules(&route.spec.rules).len()
                 as u32,

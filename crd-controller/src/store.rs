@@ -11,7 +11,10 @@
 //!
 //! Keys under the prefix (default `/stackroute/`):
 //! `listeners/{node}/{ip}/{port}/{TCP|UDP}` and `workloads/{node}/{namespace}/{name}` hold the
-//! protobuf-encoded `Listener` / `Workload`; `revision` is bumped once per compile.
+//! protobuf-encoded `Listener` / `Workload`; `revision` is bumped once per compile;
+//! `acks/{node}` holds the latest revision a node's agent acked at any replica and the policy
+//! versions its snapshot contained (see [`encode_ack`]), so the replica that writes status
+//! sees acks of agents connected to the others.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,11 +22,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
 use prost::Message as _;
 use stackroute_proto::v1alpha1::{Listener, ListenerKey, Protocol, Workload, WorkloadKey};
 
-use crate::index::{IndexHandle, RegistryChange};
+use crate::index::{AckRecord, IndexHandle, RegistryChange};
 
 /// A boxed, sendable future (object-safe async methods).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -45,6 +51,15 @@ pub trait Store: Send + Sync + 'static {
     fn remove_workload(&self, key: &str) -> BoxFuture<'_, anyhow::Result<()>>;
     /// A revision greater than every revision handed out before, and at least `floor`.
     fn next_revision(&self, floor: u64) -> BoxFuture<'_, anyhow::Result<u64>>;
+    /// Whether other replicas share this store, so acks are worth [`Store::put_ack`]ing.
+    fn shares_acks(&self) -> bool {
+        false
+    }
+    /// Shares a node's ack with the other replicas (they see it through [`Store::run`]). Never
+    /// replaces a later or equal revision of the node.
+    fn put_ack(&self, _ack: &AckRecord) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The registry key of a listener: `{node}/{ip}/{port}/{protocol}` (the IP in canonical form).
@@ -64,6 +79,59 @@ pub fn listener_key(key: &ListenerKey) -> String {
 /// The registry key of a workload: `{node}/{namespace}/{name}`.
 pub fn workload_key(key: &WorkloadKey) -> String {
     format!("{}/{}/{}", key.node, key.namespace, key.name)
+}
+
+/// Digits of a revision in an ack value: `u64::MAX` has 20.
+const REVISION_DIGITS: usize = 20;
+
+/// The stored form of an ack (the value of `acks/{node}`): the revision as 20 decimal digits,
+/// zero-padded, then one ` {version:016x}` per contained policy version, e.g.
+/// `00000000000000001234 0c5a3e0d9b0f7a11`.
+///
+/// Zero-padded so that etcd's byte-wise comparison of values orders them by revision: the
+/// write is a transaction that puts only over a value less than the padded new revision, so a
+/// node's ack never moves backwards whichever replica writes, in whatever order. ASCII, so
+/// `etcdctl get --prefix /stackroute/acks/` is readable.
+pub fn encode_ack(ack: &AckRecord) -> String {
+    use std::fmt::Write as _;
+    let mut value = format!("{:0width$}", ack.revision, width = REVISION_DIGITS);
+    for version in &ack.contained {
+        let _ = write!(value, " {version:016x}");
+    }
+    value
+}
+
+/// Reads an ack back from its node (the key after `acks/`) and stored value; rejects what
+/// [`encode_ack`] would not have written and node names agents could not have sent.
+pub fn decode_ack(node: &str, value: &[u8]) -> Result<AckRecord, String> {
+    crate::grpc::check_name("node", node)?;
+    let text = std::str::from_utf8(value).map_err(|_| "the value is not UTF-8".to_string())?;
+    let mut parts = text.split(' ');
+    let digits = parts.next().unwrap_or_default();
+    if digits.len() != REVISION_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "the revision {digits:?} is not {REVISION_DIGITS} decimal digits"
+        ));
+    }
+    let revision = digits
+        .parse::<u64>()
+        .map_err(|_| format!("the revision {digits} is out of range"))?;
+    let mut contained = Vec::new();
+    for part in parts {
+        if part.len() != 16 || !part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(format!(
+                "the policy version {part:?} is not 16 lowercase hex digits"
+            ));
+        }
+        contained.push(u64::from_str_radix(part, 16).map_err(|e| e.to_string())?);
+    }
+    contained.sort_unstable();
+    contained.dedup();
+    Ok(AckRecord {
+        node: node.to_string(),
+        revision,
+        contained,
+    })
 }
 
 // === impl MemoryStore ===
@@ -95,6 +163,7 @@ impl Store for MemoryStore {
             index.registry(RegistryChange::Reset {
                 listeners: Vec::new(),
                 workloads: Vec::new(),
+                acks: Vec::new(),
             });
         })
     }
@@ -146,6 +215,7 @@ impl std::fmt::Debug for EtcdStore {
 
 const LISTENERS: &str = "listeners/";
 const WORKLOADS: &str = "workloads/";
+const ACKS: &str = "acks/";
 const REVISION: &str = "revision";
 
 impl EtcdStore {
@@ -182,22 +252,26 @@ impl EtcdStore {
         let revision = response.header().map_or(0, |h| h.revision());
         let mut listeners = Vec::new();
         let mut workloads = Vec::new();
+        let mut acks = Vec::new();
         for kv in response.kvs() {
             match self.decode(kv.key(), kv.value()) {
                 Some(RegistryChange::PutListener(l)) => listeners.push(l),
                 Some(RegistryChange::PutWorkload(w)) => workloads.push(w),
+                Some(RegistryChange::Ack(a)) => acks.push(a),
                 _ => {}
             }
         }
         tracing::info!(
             listeners = listeners.len(),
             workloads = workloads.len(),
+            acks = acks.len(),
             revision,
             "read the registries from etcd"
         );
         index.registry(RegistryChange::Reset {
             listeners,
             workloads,
+            acks,
         });
         let mut stream = client
             .watch(
@@ -234,7 +308,7 @@ impl EtcdStore {
 
     fn section<'k>(&self, key: &'k [u8]) -> Option<(&'static str, &'k str)> {
         let key = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
-        [LISTENERS, WORKLOADS]
+        [LISTENERS, WORKLOADS, ACKS]
             .into_iter()
             .find_map(|section| key.strip_prefix(section).map(|rest| (section, rest)))
     }
@@ -243,7 +317,17 @@ impl EtcdStore {
         let (section, rest) = self.section(key)?;
         let decoded = match section {
             LISTENERS => Listener::decode(value).map(RegistryChange::PutListener),
-            _ => Workload::decode(value).map(RegistryChange::PutWorkload),
+            WORKLOADS => Workload::decode(value).map(RegistryChange::PutWorkload),
+            _ => {
+                return match decode_ack(rest, value) {
+                    Ok(ack) => Some(RegistryChange::Ack(ack)),
+                    Err(error) => {
+                        tracing::warn!(key = %format!("{ACKS}{rest}"), %error,
+                            "skipping a malformed ack in etcd");
+                        None
+                    }
+                };
+            }
         };
         match decoded {
             Ok(change) => Some(change),
@@ -258,7 +342,9 @@ impl EtcdStore {
         let (section, rest) = self.section(key)?;
         Some(match section {
             LISTENERS => RegistryChange::RemoveListener(rest.to_string()),
-            _ => RegistryChange::RemoveWorkload(rest.to_string()),
+            WORKLOADS => RegistryChange::RemoveWorkload(rest.to_string()),
+            // Acks only move forward; a deleted one (by hand) is simply no longer shared.
+            _ => return None,
         })
     }
 }
@@ -346,6 +432,64 @@ impl Store for EtcdStore {
             Ok(revision.max(floor))
         })
     }
+
+    fn shares_acks(&self) -> bool {
+        true
+    }
+
+    fn put_ack(&self, ack: &AckRecord) -> BoxFuture<'_, anyhow::Result<()>> {
+        let key = self.key(ACKS, &ack.node);
+        let value = encode_ack(ack);
+        let revision = ack.revision;
+        let node = ack.node.clone();
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let padded = format!("{revision:0width$}", width = REVISION_DIGITS);
+            for _ in 0..3 {
+                // Over an earlier revision only (same-width decimals: byte order is numeric
+                // order). A value compare fails on a missing key, hence the read-back.
+                let txn = Txn::new()
+                    .when([Compare::value(
+                        key.as_str(),
+                        CompareOp::Less,
+                        padded.as_str(),
+                    )])
+                    .and_then([TxnOp::put(key.as_str(), value.as_str(), None)])
+                    .or_else([TxnOp::get(key.as_str(), None)]);
+                let response = client.txn(txn).await.context("etcd txn (ack)")?;
+                if response.succeeded() {
+                    return Ok(());
+                }
+                let stored = response.op_responses().into_iter().find_map(|r| match r {
+                    TxnOpResponse::Get(get) => Some(get.kvs().first().cloned()),
+                    _ => None,
+                });
+                let guard = match stored.flatten() {
+                    None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                    Some(kv) => {
+                        match decode_ack(&node, kv.value()) {
+                            // This revision or a later one is there already.
+                            Ok(stored) if stored.revision >= revision => return Ok(()),
+                            Ok(_) => {}
+                            Err(error) => tracing::warn!(%key, %error,
+                                "replacing a malformed ack in etcd"),
+                        }
+                        // Replace it, unless it changed meanwhile.
+                        Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())
+                    }
+                };
+                let txn = Txn::new().when([guard]).and_then([TxnOp::put(
+                    key.as_str(),
+                    value.as_str(),
+                    None,
+                )]);
+                if client.txn(txn).await.context("etcd txn (ack)")?.succeeded() {
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("the stored ack at {key} kept changing")
+        })
+    }
 }
 
 #[cfg(test)]
@@ -365,6 +509,66 @@ mod tests {
         // Seeded from the clock: a restarted controller starts above an earlier run.
         let later = MemoryStore::default();
         assert!(later.next_revision(0).await.expect("revision") >= a);
+    }
+
+    #[test]
+    fn acks_round_trip_and_order_by_revision_as_bytes() {
+        let ack = AckRecord {
+            node: "n1".into(),
+            revision: 1234,
+            contained: vec![0x0c5a_3e0d_9b0f_7a11, u64::MAX],
+        };
+        let value = encode_ack(&ack);
+        assert_eq!(
+            value,
+            "00000000000000001234 0c5a3e0d9b0f7a11 ffffffffffffffff"
+        );
+        assert_eq!(decode_ack("n1", value.as_bytes()), Ok(ack));
+        let max = AckRecord {
+            node: "n1".into(),
+            revision: u64::MAX,
+            contained: vec![],
+        };
+        assert_eq!(decode_ack("n1", encode_ack(&max).as_bytes()), Ok(max));
+        // What the etcd transaction relies on: a value sorts below the padded revision exactly
+        // when its revision is smaller, whatever versions follow.
+        let padded = |r: u64| format!("{r:020}");
+        for (stored, new) in [(9, 10), (99, 100), (1234, 1235), (1, u64::MAX)] {
+            let stored = encode_ack(&AckRecord {
+                node: "n".into(),
+                revision: stored,
+                contained: vec![u64::MAX],
+            });
+            assert!(stored < padded(new), "{stored} < {new}");
+        }
+        assert!(value.as_str() >= padded(1234).as_str());
+        assert!(value.as_str() > padded(1233).as_str());
+    }
+
+    #[test]
+    fn malformed_acks_are_refused() {
+        let good = "00000000000000000007";
+        for (node, value, why) in [
+            ("", good, "node must not be empty"),
+            ("a b", good, "contains ' '"),
+            (&*"n".repeat(254), good, "longer than 253"),
+            ("n1", "7", "not 20 decimal digits"),
+            ("n1", "0000000000000000000x", "not 20 decimal digits"),
+            ("n1", "99999999999999999999", "out of range"),
+            ("n1", "00000000000000000007 12", "not 16 lowercase hex"),
+            (
+                "n1",
+                "00000000000000000007 0C5A3E0D9B0F7A11",
+                "not 16 lowercase hex",
+            ),
+            ("n1", "00000000000000000007  ", "not 16 lowercase hex"),
+        ] {
+            let error = decode_ack(node, value.as_bytes()).expect_err(value);
+            assert!(error.contains(why), "{node:?} {value:?}: {error}");
+        }
+        assert!(decode_ack("n1", &[0xff, 0xfe]).is_err());
+        // The node comes from the key: `acks/a/b` is not a node's ack.
+        assert!(decode_ack("a/b", good.as_bytes()).is_err());
     }
 
     #[test]

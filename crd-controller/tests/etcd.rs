@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::{CLUSTER, Controller, Etcd, decide, next_matching, policy, status, watch};
-use stackroute_proto::v1alpha1::{Listener, ListenerKey, Protocol, Stack, Workload, WorkloadKey};
+use stackroute_proto::v1alpha1::{
+    AckRequest, Listener, ListenerKey, NodeStatus, PolicyStatus, Protocol, Stack, StatusResponse,
+    Workload, WorkloadKey,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -149,4 +152,183 @@ async fn a_killed_and_restarted_controller_loses_no_registration() {
     );
     assert_eq!(after.listeners, vec![rdma_listener(7000)]);
     assert_eq!(decide(&after, "shop", "web-3", "8.8.8.8:443"), "Kernel/BBR");
+}
+
+/// Polls replica's status until `accept` holds for it (10 s).
+async fn status_until(
+    client: &mut stackroute_proto::v1alpha1::distribution_client::DistributionClient<
+        tonic::transport::Channel,
+    >,
+    what: &str,
+    accept: impl Fn(&StatusResponse) -> bool,
+) -> StatusResponse {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let report = status(client).await;
+        if accept(&report) {
+            return report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}; last status: {report:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn web(report: &StatusResponse) -> &PolicyStatus {
+    report
+        .policies
+        .iter()
+        .find(|p| p.name == "web")
+        .expect("web in the status")
+}
+
+fn n1(report: &StatusResponse) -> Option<&NodeStatus> {
+    report.nodes.iter().find(|n| n.node == "n1")
+}
+
+fn ack(revision: u64) -> AckRequest {
+    AckRequest {
+        node: "n1".into(),
+        agent_id: "test-n1".into(),
+        revision,
+        error: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn acks_through_one_replica_program_policies_in_the_status_of_another() {
+    let Some(etcd) = Etcd::start("acks").await else {
+        return;
+    };
+    // Malformed acks left in etcd are logged and skipped; the one of n1 gets replaced.
+    let mut kv = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .expect("etcd client");
+    for (key, value) in [
+        ("/t3/acks/n1", "garbage"),
+        ("/t3/acks/bad node", "00000000000000000001"),
+    ] {
+        kv.put(key, value, None).await.expect("etcd put");
+    }
+    // Each replica reads its own state directory, so the test decides which one sees a new
+    // spec first.
+    let dir_a = state_dir();
+    let dir_b = state_dir();
+    let etcd_args = [
+        "--etcd-endpoints",
+        etcd.endpoint.as_str(),
+        "--etcd-prefix",
+        "/t3/",
+    ];
+    let a = Controller::start(dir_a.path(), dir_a.path(), &etcd_args).await;
+    let b = Controller::start(dir_b.path(), dir_b.path(), &etcd_args).await;
+    let mut client_a = a.client().await;
+    let mut client_b = b.client().await;
+    assert!(
+        a.log_text().contains("skipping a malformed ack"),
+        "{}",
+        a.log_text()
+    );
+
+    // An agent of n1 watches replica B and acks there; replica A (the status writer, say)
+    // sees the node acked and the policy programmed.
+    let mut agent_on_b = watch(&mut client_b, "n1").await;
+    let u1 = next_matching(&mut agent_on_b, WAIT, "n1's snapshot from B", |_| true).await;
+    assert_eq!(decide(&u1, "shop", "web-0", "8.8.8.8:443"), "Kernel/BBR");
+    client_b.ack(ack(u1.revision)).await.expect("Ack on B");
+    let report = status_until(&mut client_a, "A to see n1's ack through B", |r| {
+        n1(r).is_some_and(|n| n.acked_revision == u1.revision) && web(r).programmed
+    })
+    .await;
+    assert_eq!(
+        (web(&report).target_nodes, web(&report).programmed_nodes),
+        (1, 1)
+    );
+    let node = n1(&report).expect("n1");
+    assert!(!node.connected && node.agents.is_empty(), "{node:?}");
+    let stored = kv.get("/t3/acks/n1", None).await.expect("etcd get");
+    let value = String::from_utf8_lossy(stored.kvs()[0].value()).to_string();
+    assert!(
+        value.starts_with(&format!("{:020} ", u1.revision)),
+        "{value}"
+    );
+    assert!(
+        b.log_text().contains("replacing a malformed ack in etcd"),
+        "{}",
+        b.log_text()
+    );
+    let report = status(&mut client_b).await;
+    assert!(web(&report).programmed && n1(&report).is_some_and(|n| n.connected));
+
+    // B sees a new spec first: its revision is below A's first one with that spec, and still
+    // programs it (comparing revisions would wait for a later B revision that never comes).
+    std::fs::write(dir_b.path().join("policy.yaml"), policy("Kernel", "Cubic")).expect("write");
+    let u2 = next_matching(&mut agent_on_b, WAIT, "Cubic from B", |u| {
+        decide(u, "shop", "web-0", "8.8.8.8:443") == "Kernel/Cubic"
+    })
+    .await;
+    std::fs::write(dir_a.path().join("policy.yaml"), policy("Kernel", "Cubic")).expect("write");
+    let report = status_until(&mut client_a, "A to compile Cubic", |r| {
+        r.revision > u2.revision && !web(r).programmed
+    })
+    .await;
+    assert_eq!(web(&report).programmed_nodes, 0);
+    client_b.ack(ack(u2.revision)).await.expect("Ack on B");
+    let report = status_until(&mut client_a, "Cubic programmed through B", |r| {
+        n1(r).is_some_and(|n| n.acked_revision == u2.revision) && web(r).programmed
+    })
+    .await;
+    assert!(u2.revision < report.revision);
+
+    // A sees a new spec first; B then compiles a later revision without it: acked, but not
+    // programmed (comparing revisions would say it is).
+    std::fs::write(dir_a.path().join("policy.yaml"), policy("Kernel", "Reno")).expect("write");
+    let a_revision = status_until(&mut client_a, "A to compile Reno", |r| !web(r).programmed)
+        .await
+        .revision;
+    let mut cluster = std::fs::read_to_string(dir_b.path().join("cluster.yaml")).expect("read");
+    cluster.push_str("# touched: B recompiles\n");
+    std::fs::write(dir_b.path().join("cluster.yaml"), cluster).expect("write");
+    let u3 = next_matching(&mut agent_on_b, WAIT, "B's next revision", |u| {
+        u.revision > u2.revision
+    })
+    .await;
+    assert_eq!(decide(&u3, "shop", "web-0", "8.8.8.8:443"), "Kernel/Cubic");
+    assert!(u3.revision > a_revision, "{} > {a_revision}", u3.revision);
+    client_b.ack(ack(u3.revision)).await.expect("Ack on B");
+    let report = status_until(
+        &mut client_a,
+        "A to see the ack of B's later revision",
+        |r| n1(r).is_some_and(|n| n.acked_revision == u3.revision),
+    )
+    .await;
+    let policy_status = web(&report);
+    assert!(
+        !policy_status.programmed && policy_status.programmed_nodes == 0,
+        "{policy_status:?}"
+    );
+    // Once B has the spec too and the agent acks it, A reports it programmed.
+    std::fs::write(dir_b.path().join("policy.yaml"), policy("Kernel", "Reno")).expect("write");
+    let u4 = next_matching(&mut agent_on_b, WAIT, "Reno from B", |u| {
+        decide(u, "shop", "web-0", "8.8.8.8:443") == "Kernel/Reno"
+    })
+    .await;
+    client_b.ack(ack(u4.revision)).await.expect("Ack on B");
+    status_until(&mut client_a, "Reno programmed through B", |r| {
+        n1(r).is_some_and(|n| n.acked_revision == u4.revision) && web(r).programmed
+    })
+    .await;
+
+    // An older ack never moves the shared one backwards.
+    client_b.ack(ack(u1.revision)).await.expect("Ack on B");
+    let stored = kv.get("/t3/acks/n1", None).await.expect("etcd get");
+    let value = String::from_utf8_lossy(stored.kvs()[0].value()).to_string();
+    assert!(
+        value.starts_with(&format!("{:020} ", u4.revision)),
+        "{value}"
+    );
+    let report = status(&mut client_a).await;
+    assert_eq!(n1(&report).expect("n1").acked_revision, u4.revision);
 }

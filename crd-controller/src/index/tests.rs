@@ -238,10 +238,203 @@ fn a_registry_reset_replaces_everything() {
     index.apply_registry(RegistryChange::Reset {
         listeners: vec![listener(81)],
         workloads: vec![],
+        acks: vec![],
     });
     let keys: Vec<&String> = index.listeners.keys().collect();
     assert_eq!(keys, vec!["n1/10.1.0.10/81/TCP"]);
     assert!(index.registry_synced);
+}
+
+// === acks shared between replicas ===
+
+/// An index with the cluster and the BBR policy, published as this replica's `revision`.
+fn published_at(revision: u64) -> (Index, u64) {
+    let (mut index, _) = mk_index();
+    index.apply_file(changed("c.yaml", CLUSTER));
+    index.apply_file(changed("p.yaml", POLICY_BBR));
+    publish(&mut index, revision);
+    let version = index.policies[0].fingerprint;
+    (index, version)
+}
+
+fn publish(index: &mut Index, revision: u64) {
+    let output = compile(index.compile_input(), revision);
+    index.publish(output, Instant::now());
+}
+
+fn remote(node: &str, revision: u64, contained: &[u64]) -> RegistryChange {
+    RegistryChange::Ack(AckRecord {
+        node: node.into(),
+        revision,
+        contained: contained.to_vec(),
+    })
+}
+
+fn node_status(index: &Index, node: &str) -> NodeStatus {
+    index
+        .status(Instant::now())
+        .nodes
+        .into_iter()
+        .find(|n| n.node == node)
+        .unwrap_or_else(|| panic!("{node} in the status"))
+}
+
+fn web_status(index: &Index) -> PolicyStatus {
+    index
+        .status(Instant::now())
+        .policies
+        .into_iter()
+        .find(|p| p.name == "web")
+        .expect("web in the status")
+}
+
+#[test]
+fn remote_acks_only_move_forward_and_connect_nobody() {
+    let (mut index, _) = mk_index();
+    assert_eq!(
+        index.apply_registry(remote("n5", 10, &[2, 1])),
+        Effect::None
+    );
+    let n5 = node_status(&index, "n5");
+    assert_eq!(n5.acked_revision, 10);
+    assert!(!n5.connected && n5.stale && n5.agents.is_empty(), "{n5:?}");
+    assert_eq!(index.metrics.connected_agents.get(), 0);
+    let metrics = index.metrics.clone();
+    let gauge = || {
+        metrics
+            .acked_revision
+            .get_or_create(&vec![("node".to_string(), "n5".to_string())])
+            .get()
+    };
+    assert_eq!(gauge(), 10);
+
+    // Earlier revisions change nothing; the same one adds what else it is known to contain.
+    index.apply_registry(remote("n5", 7, &[3]));
+    assert_eq!(index.nodes["n5"].acked, 10);
+    assert_eq!(index.nodes["n5"].contained, vec![1, 2]);
+    index.apply_registry(remote("n5", 10, &[3, 1]));
+    assert_eq!(index.nodes["n5"].contained, vec![1, 2, 3]);
+
+    // A full re-read takes the maximum too, and leaves the registries' sync flag set.
+    index.apply_registry(RegistryChange::Reset {
+        listeners: vec![],
+        workloads: vec![],
+        acks: vec![
+            AckRecord {
+                node: "n5".into(),
+                revision: 9,
+                contained: vec![],
+            },
+            AckRecord {
+                node: "n6".into(),
+                revision: 12,
+                contained: vec![],
+            },
+        ],
+    });
+    assert_eq!(index.nodes["n5"].acked, 10);
+    assert_eq!(index.nodes["n6"].acked, 12);
+    assert_eq!(gauge(), 10);
+
+    // A local agent of a node known only from remote acks is a connected agent as usual.
+    let (_rx, _) = index.subscribe("n5", "agent-5", 0, 1);
+    let n5 = node_status(&index, "n5");
+    assert!(n5.connected && n5.agents == vec!["agent-5".to_string()]);
+    assert_eq!(n5.acked_revision, 10);
+}
+
+#[test]
+fn a_later_remote_revision_without_the_spec_is_not_programmed() {
+    // Replica B compiled revision 101 before it saw the spec this replica (A) compiled at 100:
+    // comparing revisions (101 >= 100) would call it programmed; the ack's contents do not.
+    let (mut index, version) = published_at(100);
+    assert!(!web_status(&index).programmed);
+    index.apply_registry(remote("n1", 101, &[]));
+    assert_eq!(node_status(&index, "n1").acked_revision, 101);
+    let web = web_status(&index);
+    assert!(!web.programmed && web.programmed_nodes == 0, "{web:?}");
+    index.apply_registry(remote("n1", 102, &[version ^ 1, version]));
+    let web = web_status(&index);
+    assert!(web.programmed && web.programmed_nodes == 1, "{web:?}");
+}
+
+#[test]
+fn an_earlier_remote_revision_with_the_spec_is_programmed() {
+    // B saw the spec first and compiled it at 150; A only at 200. A revision comparison would
+    // wait for a B revision >= 200 (which may never come: B compiles only on changes).
+    let (mut index, version) = published_at(200);
+    index.apply_registry(remote("n1", 150, &[version]));
+    let web = web_status(&index);
+    assert!(web.programmed && web.programmed_nodes == 1, "{web:?}");
+    assert!(!node_status(&index, "n1").connected);
+}
+
+#[test]
+fn local_acks_are_shared_with_what_their_snapshot_contained() {
+    let (mut index, version) = published_at(100);
+    let (_rx, _) = index.subscribe("n1", "a", 0, 1);
+    let shared = index.ack("n1", "a", 100, String::new());
+    assert_eq!(
+        shared,
+        Some(AckRecord {
+            node: "n1".into(),
+            revision: 100,
+            contained: vec![version],
+        })
+    );
+    assert!(web_status(&index).programmed);
+    // The same ack again, or our own share coming back through the store: nothing new.
+    assert_eq!(index.ack("n1", "a", 100, String::new()), None);
+    index.apply_registry(remote("n1", 100, &[version]));
+    assert!(web_status(&index).programmed);
+    // A rejection is not shared.
+    assert_eq!(index.ack("n1", "a", 100, "bad".into()), None);
+    assert_eq!(index.nodes["n1"].last_error, "bad");
+
+    // A new spec: not programmed until the node acks a revision containing it, and a late
+    // ack of the revision before does not count.
+    index.apply_file(changed("p.yaml", &POLICY_BBR.replace("BBR", "Cubic")));
+    publish(&mut index, 101);
+    let new_version = index.policies[0].fingerprint;
+    assert_ne!(new_version, version);
+    assert!(!web_status(&index).programmed);
+    let shared = index.ack("n1", "a", 101, String::new()).expect("shared");
+    assert_eq!(shared.contained, vec![new_version]);
+    assert!(web_status(&index).programmed);
+    // Back to the first spec: the same version as before, contained from 102 on.
+    index.apply_file(changed("p.yaml", POLICY_BBR));
+    publish(&mut index, 102);
+    assert_eq!(index.policies[0].fingerprint, version);
+    assert!(!web_status(&index).programmed, "101 had the Cubic spec");
+}
+
+#[test]
+fn an_ack_of_a_revision_this_replica_did_not_publish_proves_nothing() {
+    // The agent's connection moved here with an ack of another replica's revision 150.
+    let (mut index, version) = published_at(100);
+    assert_eq!(index.ack("n1", "a", 150, String::new()), None);
+    assert_eq!(node_status(&index, "n1").acked_revision, 150);
+    assert!(!web_status(&index).programmed);
+    // The replica that published 150 shares what it contained.
+    index.apply_registry(remote("n1", 150, &[version]));
+    assert!(web_status(&index).programmed);
+}
+
+#[test]
+fn policy_versions_are_stable_and_name_the_object() {
+    let spec = serde_json::json!({"rules": [{"name": "all"}]});
+    let a = policy_version("StackRoute/shop/web", &spec);
+    assert_eq!(a, policy_version("StackRoute/shop/web", &spec));
+    assert_ne!(a, policy_version("StackRoute/shop/web2", &spec));
+    // FNV-1a 64 of the bytes: the same in every process and build.
+    assert_eq!(policy_version("", &""), {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in [0u8, b'"', b'"'] {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash
+    });
 }
 
 // === the task ===
@@ -298,6 +491,7 @@ async fn nothing_is_published_before_every_source_synced() {
     handle.registry(RegistryChange::Reset {
         listeners: vec![],
         workloads: vec![],
+        acks: vec![],
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(rx.borrow().is_none(), "published before the sources synced");
@@ -319,6 +513,7 @@ async fn revisions_increase_and_snapshots_follow_changes() {
     handle.registry(RegistryChange::Reset {
         listeners: vec![],
         workloads: vec![],
+        acks: vec![],
     });
     handle.file(changed("c.yaml", CLUSTER)).unwrap();
     handle
@@ -392,6 +587,7 @@ async fn an_agent_that_knows_a_later_revision_gets_a_greater_one() {
     handle.registry(RegistryChange::Reset {
         listeners: vec![],
         workloads: vec![],
+        acks: vec![],
     });
     handle
         .file(FileEvent::Synced(crate::files::DIRECTORY.into()))
