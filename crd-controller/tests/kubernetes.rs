@@ -28,7 +28,14 @@ use testkit::{Options, Trial};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
-    testkit::run_with(
+    // The trials install the CRDs; the cluster is left as found: CRDs that were not there
+    // before are removed afterwards (a later `helm install` of the CRD chart could not adopt
+    // them).
+    let installed_here = std::env::var_os(testkit::KUBECONFIG_VAR)
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from)
+        .and_then(|path| testkit::block_on(missing_crds(&path)).map(|names| (path, names)));
+    let code = testkit::run_with(
         Options::parallel().sequential(true),
         vec![
             Trial::gated(
@@ -50,7 +57,40 @@ fn main() -> ExitCode {
                 },
             ),
         ],
+    );
+    if let Some((path, names)) = installed_here {
+        testkit::block_on(remove_crds(&path, &names));
+    }
+    code
+}
+
+/// The stackroute CRDs the cluster lacks now; `None` if it cannot be asked (the trials report that).
+async fn missing_crds(path: &Path) -> Option<Vec<String>> {
+    let client = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(path).ok()?,
+        &KubeConfigOptions::default(),
     )
+    .await
+    .ok()
+    .and_then(|config| Client::try_from(config).ok())?;
+    let api: Api<CustomResourceDefinition> = Api::all(client);
+    let mut missing = Vec::new();
+    for crd in stackroute_api::crds() {
+        let name = crd.metadata.name.expect("CRD name");
+        if api.get_opt(&name).await.ok()?.is_none() {
+            missing.push(name);
+        }
+    }
+    Some(missing)
+}
+
+async fn remove_crds(path: &Path, names: &[String]) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client(path).await);
+    for name in names {
+        if let Err(error) = crds.delete(name, &DeleteParams::default()).await {
+            eprintln!("could not remove the CRD {name} this test installed: {error}");
+        }
+    }
 }
 
 async fn client(path: &Path) -> Client {
