@@ -16,19 +16,21 @@ COMMANDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-pro
 log() { printf 'build-kubernetes: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# Debian's deb-src entries for bookworm, used only by this script's apt calls: the host's own
-# apt configuration is left as it is.
+# Debian's deb-src entries for bookworm and their index, private to this script's apt calls:
+# the host's apt configuration and package lists are left as they are.
 SOURCES_LIST=$CACHE/deb-src.list
-APT_SRC=(-o "Dir::Etc::SourceList=$SOURCES_LIST" -o "Dir::Etc::SourceParts=-")
+APT_SRC=(-o "Dir::Etc::SourceList=$SOURCES_LIST" -o "Dir::Etc::SourceParts=-"
+  -o "Dir::State::Lists=$CACHE/apt-lists")
 
-mkdir -p "$CACHE"
+mkdir -p "$CACHE/apt-lists/partial"
 cat > "$SOURCES_LIST" <<'EOF'
 deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
 deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main
 deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
 EOF
 
-version() { apt-cache "${APT_SRC[@]}" showsrc kubernetes 2>/dev/null | sed -n 's/^Version: //p' | sort -V | tail -1; }
+# The newest source version in the private index; empty before its first update.
+version() { { apt-cache "${APT_SRC[@]}" showsrc kubernetes 2>/dev/null || true; } | sed -n 's/^Version: //p' | sort -V | tail -1; }
 
 VERSION=$(version)
 if [ -z "$VERSION" ]; then
@@ -60,7 +62,8 @@ WORK=$CACHE/build
 rm -rf "$WORK" && mkdir -p "$WORK"
 start=$SECONDS
 log "downloading the source package kubernetes=$VERSION"
-(cd "$WORK" && apt-get "${APT_SRC[@]}" source --download-only -qq "kubernetes=$VERSION" >&2)
+(cd "$WORK" && apt-get "${APT_SRC[@]}" source --download-only -qq "kubernetes=$VERSION" >&2) \
+  || die "downloading the source package failed (a stale index? rm -r $CACHE/apt-lists and retry)"
 orig=$(ls "$WORK"/kubernetes_*.orig.tar.gz 2>/dev/null | head -1)
 [ -n "$orig" ] || die "the source package has no .orig.tar.gz"
 tar -xzf "$orig" -C "$WORK"
