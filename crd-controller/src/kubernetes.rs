@@ -227,14 +227,30 @@ pub async fn report_server_version(client: Client) {
 /// What an API server of `major.minor` means for the CRDs' CEL rules, when it matters.
 pub fn cel_note(major: u32, minor: u32) -> Option<String> {
     let (min_major, min_minor) = stackroute_api::CEL_MIN_SERVER_VERSION;
-    (!stackroute_api::server_supports_cel(major, minor)).then(|| {
-        format!(
+    let count = |crds: Vec<_>| -> usize {
+        crds.into_iter()
+            .map(|mut crd| stackroute_api::remove_cel_rules(&mut crd))
+            .sum()
+    };
+    let missing =
+        count(stackroute_api::crds()) - count(stackroute_api::crds_for_server(major, minor));
+    let consequence = "objects that break one are admitted by the API server, and this controller \
+                       reports them Accepted=False with the rule's message and leaves them out of \
+                       the snapshots";
+    if !stackroute_api::server_supports_cel(major, minor) {
+        Some(format!(
             "Kubernetes {major}.{minor} does not enforce the CRDs' CEL rules (x-kubernetes-validations, \
-             {min_major}.{min_minor} or newer does): objects that break one are admitted by the API server, \
-             and this controller reports them Accepted=False with the rule's message and leaves them \
-             out of the snapshots"
-        )
-    })
+             {min_major}.{min_minor} or newer does): {consequence}"
+        ))
+    } else if missing > 0 {
+        Some(format!(
+            "Kubernetes {major}.{minor} cannot compile {missing} of the CRDs' CEL rules (they call a CEL \
+             library it lacks; the CRD chart and `stackroute crd --kube-version` leave them out): \
+             {consequence}"
+        ))
+    } else {
+        None
+    }
 }
 
 async fn watch_kind(client: Client, resource: ApiResource, index: IndexHandle) {
@@ -755,7 +771,13 @@ mod tests {
         assert!(note.contains("Kubernetes 1.20 does not enforce"), "{note}");
         assert!(note.contains("Accepted=False"), "{note}");
         assert!(cel_note(1, 24).is_some());
-        assert_eq!(cel_note(1, 25), None);
+        // 1.25-1.30 enforce CEL but cannot compile the rules calling isCIDR.
+        let note = cel_note(1, 28).expect("1.28 lacks the CIDR library");
+        assert!(
+            note.contains("cannot compile 2 of the CRDs' CEL rules"),
+            "{note}"
+        );
+        assert_eq!(cel_note(1, 31), None);
         assert_eq!(cel_note(1, 33), None);
     }
 

@@ -20,7 +20,7 @@ die() { log "error: $*"; exit 1; }
 # the host's apt configuration and package lists are left as they are.
 SOURCES_LIST=$CACHE/deb-src.list
 APT_SRC=(-o "Dir::Etc::SourceList=$SOURCES_LIST" -o "Dir::Etc::SourceParts=-"
-  -o "Dir::State::Lists=$CACHE/apt-lists")
+  -o "Dir::State::Lists=$CACHE/apt-lists" -o APT::Sandbox::User=root)
 
 mkdir -p "$CACHE/apt-lists/partial"
 cat > "$SOURCES_LIST" <<'EOF'
