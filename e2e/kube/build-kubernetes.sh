@@ -8,13 +8,15 @@
 # Environment: STACKROUTE_KUBE_CACHE (default /var/cache/stackroute-kube).
 # Needs root (apt-get) the first time; about 5 minutes on 2 cores, 3 GB of scratch disk,
 # about 435 MB kept. Progress goes to stderr, the result directory to stdout.
-set -euo pipefail
+set -Eeuo pipefail
 
 CACHE=${STACKROUTE_KUBE_CACHE:-/var/cache/stackroute-kube}
 COMMANDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 
 log() { printf 'build-kubernetes: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# No silent exit under set -e: say which command failed.
+trap 'log "error: line $LINENO: $BASH_COMMAND failed"' ERR
 
 # Debian's deb-src entries for bookworm and their index, private to this script's apt calls:
 # the host's apt configuration and package lists are left as they are.

@@ -22,7 +22,7 @@
 #   STACKROUTE_KUBE_CACHE      Kubernetes build cache (/var/cache/stackroute-kube)
 #   STACKROUTE_LANE_PROFILE    cargo profile of the stackroute images: release (default) or dev
 #   STACKROUTE_LANE_SKIP_CARGO=1  use the binaries already in target/ as they are
-set -euo pipefail
+set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE=$ROOT/e2e/kube
@@ -55,6 +55,8 @@ DAEMONS=(kube-proxy kubelet kube-scheduler kube-controller-manager kube-apiserve
 t0=$(date +%s.%N)
 ts() { printf '[%6.1fs] %s\n' "$(echo "$(date +%s.%N) - $t0" | bc)" "$*"; }
 die() { echo "cluster.sh: error: $*" >&2; exit 1; }
+# No silent exit under set -e: say which command failed.
+trap 'echo "cluster.sh: error: line $LINENO: $BASH_COMMAND failed" >&2' ERR
 kc() { "$LANE/bin/kubectl" --kubeconfig "$LANE/etc/admin.kubeconfig" "$@"; }
 running() { local f=$LANE/run/$1.pid; [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; }
 
@@ -527,6 +529,7 @@ down() {
   need_root
   # Best effort, step by step: one thing that is already gone must not stop the rest.
   set +e +o pipefail
+  trap - ERR
   [ -d "$LANE" ] || { echo "cluster.sh: nothing to do ($LANE does not exist)"; remove_egress_rules; return 0; }
   stop kube-proxy
   stop kubelet
