@@ -203,30 +203,41 @@ validation() {
   fi
 }
 
+# Back-to-back HTTP connections from the injected client to the server for SECONDS, in the
+# background; `loop_result` waits and checks that none failed.
+LOOP_PID="" LOOP_LOG=""
+connection_loop() { # seconds
+  LOOP_LOG=/tmp/stackroute-lane-loop.$$
+  k -n "$APPS" exec client -- sh -c "ok=0; failed=0; end=\$((\$(date +%s) + $1)); \
+    while [ \$(date +%s) -lt \$end ]; do \
+      if curl -s -m 3 -o /dev/null http://$(server_ip):8080/; then ok=\$((ok+1)); else failed=\$((failed+1)); fi; \
+    done; echo \"\$ok \$failed\"" > "$LOOP_LOG" &
+  LOOP_PID=$!
+}
+loop_result() { # what happened meanwhile
+  local ok failed
+  wait "$LOOP_PID" || fail "the connection loop in the client failed"
+  read -r ok failed < "$LOOP_LOG"
+  rm -f "$LOOP_LOG"
+  echo "        $ok connections, $failed failed; $1"
+  [ "${ok:-0}" -gt 50 ] || fail "too few connections to tell ($ok)"
+  [ "$failed" = 0 ] || fail "$failed of $((ok + failed)) connections failed: $1"
+  pass "$ok connections, none failed: $1"
+}
+
 # Connections in a loop from the injected client while the agent DaemonSet rolls.
 agent_roll() {
   step "agent-roll: the agent DaemonSet rolls under load"
-  local ip before after log=/tmp/stackroute-lane-roll.$$
+  local ip before after
   ip=$(server_ip)
   before=$(k -n "$NS" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].metadata.name}')
-  k -n "$APPS" exec client -- sh -c "ok=0; failed=0; end=\$((\$(date +%s) + 40)); \
-    while [ \$(date +%s) -lt \$end ]; do \
-      if curl -s -m 3 -o /dev/null http://$ip:8080/; then ok=\$((ok+1)); else failed=\$((failed+1)); fi; \
-    done; echo \"\$ok \$failed\"" > "$log" &
-  local loop=$!
+  connection_loop 40
   sleep 3
   k -n "$NS" rollout restart ds/stackroute-agent >/dev/null
   k -n "$NS" rollout status ds/stackroute-agent --timeout=120s >/dev/null || fail "the agent DaemonSet did not roll"
   after=$(k -n "$NS" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].metadata.name}')
   [ "$before" != "$after" ] || fail "the agent pod was not replaced ($before)"
-  wait "$loop" || fail "the connection loop in the client failed"
-  local ok failed
-  read -r ok failed < "$log"
-  rm -f "$log"
-  echo "        $ok connections, $failed failed; agent $before → $after"
-  [ "${ok:-0}" -gt 50 ] || fail "too few connections to tell ($ok)"
-  [ "$failed" = 0 ] || fail "$failed of $((ok + failed)) connections failed while the agent rolled"
-  pass "$ok connections while the agent rolled, none failed"
+  loop_result "the agent rolled ($before → $after)"
   # The new agent serves the policy: a new connection still runs Reno.
   k -n "$APPS" exec client -- iperf3 -c "$ip" -p 5201 -t 4 -b 5M >/dev/null &
   local client_pid=$!
@@ -243,14 +254,9 @@ agent_roll() {
 # connects in a loop all along.
 agent_handover() {
   step "agent-handover: surge pods hand the socket directory over under load"
-  local ip old new log=/tmp/stackroute-lane-handover.$$
-  ip=$(server_ip)
+  local old new
   old=$(k -n "$NS" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[0].metadata.name}')
-  k -n "$APPS" exec client -- sh -c "ok=0; failed=0; end=\$((\$(date +%s) + 45)); \
-    while [ \$(date +%s) -lt \$end ]; do \
-      if curl -s -m 3 -o /dev/null http://$ip:8080/; then ok=\$((ok+1)); else failed=\$((failed+1)); fi; \
-    done; echo \"\$ok \$failed\"" > "$log" &
-  local loop=$!
+  connection_loop 45
   sleep 2
   # The surge pod: the DaemonSet's template, under a label its selector does not match.
   k -n "$NS" get ds stackroute-agent -o json | python3 -c '
@@ -277,14 +283,7 @@ json.dump(pod, sys.stdout)' "$(k get nodes -o jsonpath='{.items[0].metadata.name
     || fail "the surge agent did not hand over to the DaemonSet's new pod $new"
   k -n "$NS" delete pod stackroute-agent-surge --wait=true >/dev/null
   pass "the DaemonSet's new pod $new took over from the surge pod"
-  wait "$loop" || fail "the connection loop in the client failed"
-  local ok failed
-  read -r ok failed < "$log"
-  rm -f "$log"
-  echo "        $ok connections, $failed failed; agents $old → surge → $new"
-  [ "${ok:-0}" -gt 50 ] || fail "too few connections to tell ($ok)"
-  [ "$failed" = 0 ] || fail "$failed of $((ok + failed)) connections failed during the hand-overs"
-  pass "$ok connections through two hand-overs, none failed"
+  loop_result "two hand-overs ($old → surge → $new)"
 }
 
 controller_failover() {
