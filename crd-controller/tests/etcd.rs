@@ -1,9 +1,10 @@
 //! The controller with its registries in a real etcd (Debian `etcd-server`), started by the
-//! test on free loopback ports. Skipped visibly when etcd is not installed, unless
+//! test on free loopback ports. Without etcd the trials show as ignored with the reason, unless
 //! `STACKROUTE_REQUIRE_ETCD=1`.
 
 mod common;
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use common::{CLUSTER, Controller, Etcd, decide, next_matching, policy, status, watch};
@@ -11,6 +12,7 @@ use stackroute_proto::v1alpha1::{
     AckRequest, Listener, ListenerKey, NodeStatus, PolicyStatus, Protocol, Stack, StatusResponse,
     Workload, WorkloadKey,
 };
+use testkit::Trial;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -36,11 +38,37 @@ fn rdma_listener(port: u32) -> Listener {
     }
 }
 
-#[tokio::test]
+fn main() -> ExitCode {
+    // etcd from Debian's etcd-server; without it the trials show as ignored with the reason.
+    testkit::run(vec![
+        Trial::gated(
+            "a_listener_registered_through_one_replica_reaches_agents_of_another",
+            common::etcd_installed,
+            |_| {
+                testkit::block_on(
+                    a_listener_registered_through_one_replica_reaches_agents_of_another(),
+                )
+            },
+        ),
+        Trial::gated(
+            "a_killed_and_restarted_controller_loses_no_registration",
+            common::etcd_installed,
+            |_| testkit::block_on(a_killed_and_restarted_controller_loses_no_registration()),
+        ),
+        Trial::gated(
+            "acks_through_one_replica_program_policies_in_the_status_of_another",
+            common::etcd_installed,
+            |_| {
+                testkit::block_on(
+                    acks_through_one_replica_program_policies_in_the_status_of_another(),
+                )
+            },
+        ),
+    ])
+}
+
 async fn a_listener_registered_through_one_replica_reaches_agents_of_another() {
-    let Some(etcd) = Etcd::start("replicas").await else {
-        return;
-    };
+    let etcd = Etcd::start().await;
     let dir = state_dir();
     let etcd_args = [
         "--etcd-endpoints",
@@ -95,11 +123,8 @@ async fn a_listener_registered_through_one_replica_reaches_agents_of_another() {
     .await;
 }
 
-#[tokio::test]
 async fn a_killed_and_restarted_controller_loses_no_registration() {
-    let Some(etcd) = Etcd::start("restart").await else {
-        return;
-    };
+    let etcd = Etcd::start().await;
     let dir = state_dir();
     let etcd_args = [
         "--etcd-endpoints",
@@ -197,11 +222,8 @@ fn ack(revision: u64) -> AckRequest {
     }
 }
 
-#[tokio::test]
 async fn acks_through_one_replica_program_policies_in_the_status_of_another() {
-    let Some(etcd) = Etcd::start("acks").await else {
-        return;
-    };
+    let etcd = Etcd::start().await;
     // Malformed acks left in etcd are logged and skipped; the one of n1 gets replaced.
     let mut kv = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
         .await

@@ -89,6 +89,24 @@ pub fn kubernetes() -> Result<PathBuf, Ignored> {
     env_gate(KUBECONFIG_VAR, REQUIRE_KUBERNETES_VAR, KUBERNETES_MISSING).map(PathBuf::from)
 }
 
+/// A gate on a program the trial runs (`etcd`, say): its path when it is on `PATH`; otherwise
+/// ignored with "`name` not installed (`hint`)", or a panic (a failed trial) when `require_var`
+/// is `1`.
+pub fn program(name: &str, require_var: &str, hint: &str) -> Result<PathBuf, Ignored> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    match found {
+        Some(path) => Ok(path),
+        None if std::env::var_os(require_var).is_some_and(|r| r == "1") => {
+            panic!("{require_var}=1 but {name} is not installed ({hint})")
+        }
+        None => Err(Ignored::new(format!("{name} not installed ({hint})"))),
+    }
+}
+
 /// A gate on an environment variable: its value when set (and not empty); otherwise ignored
 /// with "`var` not set: `missing`", or a panic (a failed trial) when `require_var` is `1`.
 pub fn env_gate(var: &str, require_var: &str, missing: &str) -> Result<String, Ignored> {
@@ -358,6 +376,21 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    #[test]
+    fn a_program_gate_finds_programs_on_path_and_names_missing_ones() {
+        assert!(program("sh", "STACKROUTE_TESTKIT_UNSET_REQUIRE", "").is_ok());
+        let missing = program(
+            "stackroute-no-such-program",
+            "STACKROUTE_TESTKIT_UNSET_REQUIRE",
+            "install it",
+        )
+        .unwrap_err();
+        assert_eq!(
+            missing.reason(),
+            "stackroute-no-such-program not installed (install it)"
+        );
+    }
 
     /// Arguments for a nested run; its report goes nowhere, so that no `test result:` line of
     /// it lands in this test binary's own output.

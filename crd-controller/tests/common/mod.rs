@@ -332,24 +332,19 @@ pub struct Etcd {
     _data: tempfile::TempDir,
 }
 
+/// The gate of the etcd trials: `etcd` on PATH, else ignored (a failure with
+/// `STACKROUTE_REQUIRE_ETCD=1`).
+pub fn etcd_installed() -> Result<PathBuf, testkit::Ignored> {
+    testkit::program(
+        "etcd",
+        "STACKROUTE_REQUIRE_ETCD",
+        "Debian: apt-get install etcd-server",
+    )
+}
+
 impl Etcd {
-    /// Starts etcd on free loopback ports, or returns `None` (after printing SKIP) when it is not
-    /// installed. Panics when it is missing and `STACKROUTE_REQUIRE_ETCD=1`.
-    pub async fn start(test: &str) -> Option<Self> {
-        let installed = Command::new("etcd")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed {
-            assert!(
-                std::env::var("STACKROUTE_REQUIRE_ETCD").as_deref() != Ok("1"),
-                "etcd is not installed and STACKROUTE_REQUIRE_ETCD=1"
-            );
-            println!("SKIP: etcd not installed ({test})");
-            return None;
-        }
+    /// Starts etcd on free loopback ports (the trial's gate, [`etcd_installed`], found it).
+    pub async fn start() -> Self {
         let data = tempfile::tempdir().expect("etcd data dir");
         let client = free_port();
         let peer = free_port();
@@ -382,7 +377,7 @@ impl Etcd {
             async move { healthy.then_some(()) }
         })
         .await;
-        Some(etcd)
+        etcd
     }
 }
 
