@@ -237,26 +237,17 @@ impl Distribution for DistributionService {
         if request.error.len() > 4096 {
             return Err(self.invalid("Ack", "error is longer than 4096 bytes".into()));
         }
-        if !self.store.shares_acks() {
-            self.index.ack(
-                request.node,
-                request.agent_id,
-                request.revision,
-                request.error,
-            )?;
-            return Ok(Response::new(AckResponse {}));
-        }
         // Other replicas (the status writer among them) learn of it through the store.
         let shared = self
             .index
-            .ack_to_share(
+            .ack(
                 request.node,
                 request.agent_id,
                 request.revision,
                 request.error,
             )
             .await?;
-        if let Some(ack) = shared
+        if let Some(ack) = shared.filter(|_| self.store.shares_acks())
             && let Err(error) = self.store.put_ack(&ack).await
         {
             // This replica has it; the agent would not retry an ack, so do not fail it.

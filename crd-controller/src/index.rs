@@ -120,9 +120,8 @@ pub enum Command {
         revision: u64,
         /// Non-empty if the agent rejected it.
         error: String,
-        /// Gets the ack to share with other replicas, if it advanced the node (only asked for
-        /// when the store shares acks).
-        reply: Option<oneshot::Sender<Option<AckRecord>>>,
+        /// Gets the ack to share with other replicas, if it advanced the node.
+        reply: oneshot::Sender<Option<AckRecord>>,
     },
     /// A node's capability report.
     Capabilities(NodeCapabilities),
@@ -247,28 +246,9 @@ impl IndexHandle {
         Ok(Subscription { rx, guard })
     }
 
-    /// Records an ack.
-    pub fn ack(
-        &self,
-        node: String,
-        agent_id: String,
-        revision: u64,
-        error: String,
-    ) -> Result<(), IndexClosed> {
-        self.tx
-            .send(Command::Ack {
-                node,
-                agent_id,
-                revision,
-                error,
-                reply: None,
-            })
-            .map_err(|_| IndexClosed)
-    }
-
     /// Records an ack and returns what to share with the other replicas: `Some` when it moved
     /// the node to a later revision this replica published.
-    pub async fn ack_to_share(
+    pub async fn ack(
         &self,
         node: String,
         agent_id: String,
@@ -282,7 +262,7 @@ impl IndexHandle {
                 agent_id,
                 revision,
                 error,
-                reply: Some(reply),
+                reply,
             })
             .map_err(|_| IndexClosed)?;
         rx.await.map_err(|_| IndexClosed)
@@ -619,10 +599,7 @@ impl Index {
                 error,
                 reply,
             } => {
-                let shared = self.ack(&node, &agent_id, revision, error);
-                if let Some(reply) = reply {
-                    let _ = reply.send(shared);
-                }
+                let _ = reply.send(self.ack(&node, &agent_id, revision, error));
                 Effect::None
             }
             Command::Capabilities(report) => {

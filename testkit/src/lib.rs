@@ -176,7 +176,6 @@ type Body = Box<dyn FnOnce() -> Result<Option<Ignored>, Failed> + Send>;
 /// One named test: a body, maybe behind a gate.
 pub struct Trial {
     name: String,
-    ignored_flag: bool,
     body: Body,
 }
 
@@ -184,7 +183,6 @@ impl fmt::Debug for Trial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Trial")
             .field("name", &self.name)
-            .field("ignored_flag", &self.ignored_flag)
             .finish_non_exhaustive()
     }
 }
@@ -197,7 +195,6 @@ impl Trial {
     ) -> Self {
         Self {
             name: name.into(),
-            ignored_flag: false,
             body: Box::new(move || body().into_outcome().map(|()| None)),
         }
     }
@@ -212,18 +209,11 @@ impl Trial {
     ) -> Self {
         Self {
             name: name.into(),
-            ignored_flag: false,
             body: Box::new(move || match gate() {
                 Ok(value) => body(value).into_outcome().map(|()| None),
                 Err(ignored) => Ok(Some(ignored)),
             }),
         }
-    }
-
-    /// Like `#[ignore]`: the trial runs only with `--ignored` or `--include-ignored`.
-    pub fn with_ignored_flag(mut self, ignored: bool) -> Self {
-        self.ignored_flag = ignored;
-        self
     }
 
     /// The trial's name, as printed and matched by filters.
@@ -311,11 +301,7 @@ pub fn run_with_args(mut args: Arguments, options: Options, trials: Vec<Trial>) 
     let trials = trials
         .into_iter()
         .map(|trial| {
-            let Trial {
-                name,
-                ignored_flag,
-                body,
-            } = trial;
+            let Trial { name, body } = trial;
             let ignored = ignored.clone();
             let failed = failed.clone();
             let stop_after_failure = options.stop_after_failure;
@@ -346,7 +332,6 @@ pub fn run_with_args(mut args: Arguments, options: Options, trials: Vec<Trial>) 
                     }
                 }
             })
-            .with_ignored_flag(ignored_flag)
         })
         .collect();
     let terse = args.quiet
@@ -548,7 +533,7 @@ mod tests {
     }
 
     #[test]
-    fn filters_and_the_ignored_flag_work_as_with_libtest() {
+    fn filters_work_as_with_libtest() {
         let runs = Arc::new(AtomicUsize::new(0));
         let counting = |name: &str| {
             let runs = runs.clone();
@@ -562,17 +547,17 @@ mod tests {
             vec![
                 counting("alpha_one"),
                 counting("beta"),
-                counting("alpha_slow").with_ignored_flag(true),
+                counting("alpha_two"),
             ],
         );
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
         assert_eq!(
             (
                 conclusion.num_passed,
                 conclusion.num_ignored,
                 conclusion.num_filtered_out
             ),
-            (1, 1, 1)
+            (2, 0, 1)
         );
         // --list runs nothing, gates included.
         let conclusion = run_with_args(

@@ -572,6 +572,7 @@ async fn revisions_increase_and_snapshots_follow_changes() {
             with_listener.revision,
             String::new(),
         )
+        .await
         .unwrap();
     let status = handle.status().await.unwrap();
     let policy = &status.policies[0];
