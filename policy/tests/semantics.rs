@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use stackroute_policy::explain::Explanation;
 use stackroute_policy::{ClusterState, Compiled, Settings, explain};
 use stackroute_snapshot::Protocol;
 
@@ -60,9 +61,16 @@ fn csr(name: &str, extra: &str, spec: &str) -> String {
 }
 
 /// A decision rendered compactly: `TRANSPORTS by OBJECT/RULE` or `TRANSPORTS default`.
-fn decide(policies: &str, from: &str, to: &str, protocol: Protocol) -> String {
+/// The explanation of one connection with `cluster` and `policies` loaded (both must be valid).
+fn explanation(
+    cluster: &str,
+    policies: &str,
+    from: &str,
+    to: &str,
+    protocol: Protocol,
+) -> Explanation {
     let mut state = ClusterState::default();
-    let problems = state.load_text("cluster", CLUSTER);
+    let problems = state.load_text("cluster", cluster);
     assert!(problems.is_empty(), "{problems:?}");
     let problems = state.load_text("policies", policies);
     assert!(problems.is_empty(), "policies invalid: {problems:?}");
@@ -70,7 +78,7 @@ fn decide(policies: &str, from: &str, to: &str, protocol: Protocol) -> String {
     assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
     let (namespace, pod) = from.split_once('/').unwrap();
     let to: SocketAddr = to.parse().unwrap();
-    let e = explain(
+    explain(
         &compiled,
         &state,
         namespace,
@@ -79,7 +87,11 @@ fn decide(policies: &str, from: &str, to: &str, protocol: Protocol) -> String {
         to.port(),
         protocol,
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn decide(policies: &str, from: &str, to: &str, protocol: Protocol) -> String {
+    let e = explanation(CLUSTER, policies, from, to, protocol);
     let transports: Vec<String> = std::iter::once(&e.transport)
         .chain(&e.fallback)
         .map(|t| format!("{}/{}", t.stack, t.congestion_control))
@@ -639,20 +651,7 @@ fn services_resolve_to_their_ready_backends() {
             "Kernel/Default default @SameCluster",
         )],
     );
-    let mut state = ClusterState::default();
-    state.load_text("c", CLUSTER);
-    state.load_text("p", &policy);
-    let compiled = Compiled::new(&state, Settings::default());
-    let e = explain(
-        &compiled,
-        &state,
-        "ml",
-        "db",
-        "10.96.0.1".parse().unwrap(),
-        80,
-        Protocol::Tcp,
-    )
-    .unwrap();
+    let e = explanation(CLUSTER, &policy, "ml/db", "10.96.0.1:80", Protocol::Tcp);
     assert_eq!(e.via, "service-unanimous");
     let backends: Vec<(String, u16)> = e
         .backends
@@ -666,16 +665,7 @@ fn services_resolve_to_their_ready_backends() {
             ("10.2.0.10".to_string(), 9000)
         ]
     );
-    let e = explain(
-        &compiled,
-        &state,
-        "ml",
-        "db",
-        "10.96.0.2".parse().unwrap(),
-        80,
-        Protocol::Tcp,
-    )
-    .unwrap();
+    let e = explanation(CLUSTER, &policy, "ml/db", "10.96.0.2:80", Protocol::Tcp);
     assert_eq!(e.via, "service-ambiguous");
     assert_eq!(e.backends.len(), 2);
     assert!(
@@ -698,20 +688,7 @@ fn v1beta1_endpoint_slices_resolve_services_like_v1() {
         ),
     );
     let backends = |cluster: &str| {
-        let mut state = ClusterState::default();
-        assert!(state.load_text("c", cluster).is_empty());
-        assert!(state.load_text("p", &policy).is_empty());
-        let compiled = Compiled::new(&state, Settings::default());
-        let e = explain(
-            &compiled,
-            &state,
-            "ml",
-            "db",
-            "10.96.0.1".parse().unwrap(),
-            80,
-            Protocol::Tcp,
-        )
-        .unwrap();
+        let e = explanation(cluster, &policy, "ml/db", "10.96.0.1:80", Protocol::Tcp);
         let backends: Vec<(String, u16)> = e
             .backends
             .iter()
