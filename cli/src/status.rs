@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use stackroute_proto::MAX_MESSAGE_BYTES;
+use stackroute_proto::MAX_UPDATE_BYTES;
 use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
 use stackroute_proto::v1alpha1::{StatusRequest, StatusResponse};
 use tonic::transport::Endpoint;
@@ -30,7 +30,7 @@ pub(crate) fn fetch(controller: &str) -> Result<StatusResponse> {
             .await
             .with_context(|| format!("{url}: cannot connect"))?;
         let mut client =
-            DistributionClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+            DistributionClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES);
         let status = client
             .get_status(StatusRequest {})
             .await

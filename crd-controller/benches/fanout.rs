@@ -147,7 +147,7 @@ async fn agent(grpc: SocketAddr, node: String, acked: watch::Sender<u64>) -> any
         .await
         .map_err(|e| anyhow::anyhow!("connect (raise `ulimit -n` for many agents): {e}"))?;
     let mut client = DistributionClient::new(channel)
-        .max_decoding_message_size(stackroute_proto::MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(stackroute_proto::MAX_UPDATE_BYTES);
     let mut stream = client
         .watch_snapshots(WatchRequest {
             node: node.clone(),

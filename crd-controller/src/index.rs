@@ -481,7 +481,6 @@ pub struct Index {
     nodes: BTreeMap<String, NodeRecord>,
     channels: BTreeMap<String, watch::Sender<Published>>,
     revision: u64,
-    revision_floor: u64,
     published_at: Option<Instant>,
     state_nodes: BTreeSet<String>,
     policies: Vec<PolicyRecord>,
@@ -530,7 +529,6 @@ impl Index {
             nodes: BTreeMap::new(),
             channels: BTreeMap::new(),
             revision: 0,
-            revision_floor: 1,
             published_at: None,
             state_nodes: BTreeSet::new(),
             policies: Vec::new(),
@@ -563,7 +561,7 @@ impl Index {
 
     /// The smallest revision the next compile may use.
     pub fn revision_floor(&self) -> u64 {
-        self.revision_floor.max(self.revision + 1)
+        self.revision.saturating_add(1)
     }
 
     /// Applies one command (except [`Command::Compiled`], see [`Index::publish`]).
@@ -742,9 +740,16 @@ impl Index {
         let record = self.nodes.entry(node.to_string()).or_default();
         record.streams.insert(stream_id, agent_id.to_string());
         tracing::info!(node, agent_id, known_revision, "agent connected");
-        if known_revision >= self.revision_floor() {
-            // The agent saw revisions from an earlier life of this store: stay above them.
-            self.revision_floor = known_revision + 1;
+        if known_revision > self.revision {
+            // Never adopted: a caller must not be able to push every later revision to
+            // u64::MAX. Revisions stay above an earlier life's on their own (etcd's counter;
+            // the memory store starts from the wall clock).
+            tracing::info!(
+                node,
+                known_revision,
+                revision = self.revision,
+                "the agent knows a revision this controller has not published; treated as 0"
+            );
         }
         self.update_connected_metric();
         let sender = self

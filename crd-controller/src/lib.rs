@@ -30,8 +30,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use stackroute_policy::Settings;
-use stackroute_proto::MAX_MESSAGE_BYTES;
 use stackroute_proto::v1alpha1::distribution_server::DistributionServer;
+use stackroute_proto::{MAX_REQUEST_BYTES, MAX_UPDATE_BYTES};
 
 pub use args::Args;
 
@@ -198,8 +198,8 @@ impl Args {
             store.clone(),
             metrics,
         ))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_UPDATE_BYTES);
         let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
             .await
             .with_context(|| format!("binding the gRPC address {grpc_addr}"))?;

@@ -104,7 +104,7 @@ pub fn encode_ack(ack: &AckRecord) -> String {
 /// Reads an ack back from its node (the key after `acks/`) and stored value; rejects what
 /// [`encode_ack`] would not have written and node names agents could not have sent.
 pub fn decode_ack(node: &str, value: &[u8]) -> Result<AckRecord, String> {
-    crate::grpc::check_name("node", node)?;
+    stackroute_proto::validate::check_name("node", node)?;
     let text = std::str::from_utf8(value).map_err(|_| "the value is not UTF-8".to_string())?;
     let mut parts = text.split(' ');
     let digits = parts.next().unwrap_or_default();

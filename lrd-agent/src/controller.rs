@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stackroute_proto::MAX_MESSAGE_BYTES;
 use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
-use stackroute_proto::v1alpha1::{AckRequest, ApiVersion, WatchRequest};
+use stackroute_proto::v1alpha1::{AckRequest, ApiVersion, Listener, WatchRequest, Workload};
+use stackroute_proto::{MAX_REQUEST_BYTES, MAX_UPDATE_BYTES};
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
@@ -74,8 +74,8 @@ fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
 async fn session(agent: &Arc<Agent>, url: &str) -> anyhow::Result<()> {
     let channel = endpoint(url)?.connect().await?;
     let mut client = DistributionClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_UPDATE_BYTES)
+        .max_encoding_message_size(MAX_REQUEST_BYTES);
     info!(controller = %url, agent_id = %agent.agent_id, "connected");
 
     let capabilities = caps::discover(&agent.config.node);
@@ -174,10 +174,52 @@ async fn resend_registrations(
         }
     }
     for workload in workloads {
-        client.register_workload(workload).await?;
+        if let Err(status) = client.register_workload(workload.clone()).await {
+            refused_on_resend(agent, status, Held::Workload(workload))?;
+        }
     }
     for listener in listeners {
-        client.register_listener(listener).await?;
+        if let Err(status) = client.register_listener(listener.clone()).await {
+            refused_on_resend(agent, status, Held::Listener(listener))?;
+        }
+    }
+    Ok(())
+}
+
+/// A held registration that failed to re-send.
+#[derive(Debug)]
+enum Held {
+    Listener(Listener),
+    Workload(Workload),
+}
+
+/// A transient failure ends the session (everything is re-sent on the next one); a final
+/// answer (the controller refuses this registration) drops it, so one bad entry can never keep
+/// the node from its snapshots.
+fn refused_on_resend(
+    agent: &Agent,
+    status: tonic::Status,
+    held: Held,
+) -> Result<(), tonic::Status> {
+    if transient(status.code()) {
+        return Err(status);
+    }
+    warn!(registration = ?held, %status, "the controller refused a held registration; dropped");
+    agent.metrics.dropped_registrations.inc();
+    let mut registrations = agent.registrations();
+    match held {
+        Held::Listener(listener) => {
+            if let Some(key) = listener.key {
+                registrations
+                    .listeners
+                    .remove(&(key.ip, key.port, key.protocol));
+            }
+        }
+        Held::Workload(workload) => {
+            if let Some(key) = workload.key {
+                registrations.workloads.remove(&(key.namespace, key.name));
+            }
+        }
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
 use stackroute_proto::v1alpha1::{
     self as proto, Listener, ListenerKey, RegistrationResponse, Workload, WorkloadKey,
 };
+use stackroute_proto::validate;
 use stackroute_snapshot::{NoTrace, Snapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -45,8 +46,6 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often registrations of exited processes are withdrawn.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
-/// Longest namespace, workload or label text accepted.
-const MAX_NAME: usize = 253;
 
 /// How long a connection accepted before a hand-over began may take to send its request once
 /// the agent drains: one-shot clients (the shim, the CLI) write it right after connecting.
@@ -333,15 +332,6 @@ fn denied(message: String) -> (Response, &'static str) {
     (Response::Error { message }, "denied")
 }
 
-fn check_name(what: &str, value: &str) -> Result<(), String> {
-    if value.is_empty() || value.len() > MAX_NAME || value.chars().any(char::is_control) {
-        return Err(format!(
-            "{what} must be 1 to {MAX_NAME} printable characters"
-        ));
-    }
-    Ok(())
-}
-
 fn check_owned(peer: &Peer, ip: IpAddr) -> Result<(), String> {
     match ProcNet::default().owns(peer, ip) {
         Ok(true) => Ok(()),
@@ -430,10 +420,6 @@ async fn register_listener(
     stacks: Vec<message::Stack>,
     endpoints: std::collections::BTreeMap<String, String>,
 ) -> (Response, &'static str) {
-    if let Err(message) = check_name("namespace", &namespace).and(check_name("workload", &workload))
-    {
-        return error(message);
-    }
     if port == 0 {
         return error("port must not be 0".into());
     }
@@ -453,12 +439,16 @@ async fn register_listener(
         protocol: proto_protocol(protocol),
     };
     let id = (key.ip.clone(), key.port, key.protocol);
-    let listener = Listener {
+    // The controller's own rules: what is held here must never be refused on re-send.
+    let listener = match validate::check_listener(Listener {
         key: Some(key),
         namespace,
         workload,
         stacks,
         endpoints: endpoints.into_iter().collect(),
+    }) {
+        Ok(listener) => listener,
+        Err(message) => return error(message),
     };
     agent.registrations().listeners.insert(
         id.clone(),
@@ -508,17 +498,6 @@ async fn register_workload(
     labels: std::collections::BTreeMap<String, String>,
     ips: Vec<IpAddr>,
 ) -> (Response, &'static str) {
-    let names = check_name("namespace", &namespace).and(check_name("name", &name));
-    let labels_ok = labels.iter().try_for_each(|(k, v)| {
-        check_name("label key", k)?;
-        if v.len() > MAX_NAME {
-            return Err(format!("label {k:?}: value longer than {MAX_NAME}"));
-        }
-        Ok(())
-    });
-    if let Err(message) = names.and(labels_ok) {
-        return error(message);
-    }
     for ip in &ips {
         if ip.is_unspecified() {
             return error("a workload address must not be the unspecified address".into());
@@ -528,7 +507,7 @@ async fn register_workload(
         }
     }
     let id = (namespace.clone(), name.clone());
-    let workload = Workload {
+    let workload = match validate::check_workload(Workload {
         key: Some(WorkloadKey {
             node: agent.config.node.clone(),
             namespace,
@@ -536,6 +515,9 @@ async fn register_workload(
         }),
         labels: labels.into_iter().collect(),
         ips: ips.iter().map(|ip| ip.to_canonical().to_string()).collect(),
+    }) {
+        Ok(workload) => workload,
+        Err(message) => return error(message),
     };
     agent.registrations().workloads.insert(
         id.clone(),

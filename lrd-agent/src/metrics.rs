@@ -63,6 +63,8 @@ pub struct Metrics {
     pub reconnects: Counter<u64, AtomicU64>,
     /// Snapshots received and rejected (failed validation or belonged to another node).
     pub rejected: Counter<u64, AtomicU64>,
+    /// Held registrations the controller refused when they were re-sent, and dropped.
+    pub dropped_registrations: Counter<u64, AtomicU64>,
     /// Requests on the Unix socket.
     pub requests: Family<RequestLabels, Counter<u64, AtomicU64>>,
     /// Fallbacks reported by shims.
@@ -109,6 +111,11 @@ impl Metrics {
             "snapshots_rejected",
             "Snapshots received from a controller and rejected",
             self.rejected.clone(),
+        );
+        r.register(
+            "registrations_dropped",
+            "Held registrations the controller refused on re-send, dropped so the session goes on",
+            self.dropped_registrations.clone(),
         );
         r.register(
             "local_requests",

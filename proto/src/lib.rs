@@ -17,5 +17,12 @@ pub mod v1alpha1 {
     tonic::include_proto!("stackroute.v1alpha1");
 }
 
-/// Largest message either side accepts: a snapshot of a large node plus the listener registry.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+pub mod validate;
+
+/// Largest message an agent accepts from the controller: a snapshot of a large node plus the
+/// listener registry.
+pub const MAX_UPDATE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest message the controller accepts from anyone: every request (a registration, an ack,
+/// a capability report) is a few KiB at most, so a caller cannot make it buffer more.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;

@@ -583,7 +583,7 @@ async fn revisions_increase_and_snapshots_follow_changes() {
 }
 
 #[tokio::test]
-async fn an_agent_that_knows_a_later_revision_gets_a_greater_one() {
+async fn a_known_revision_beyond_the_controllers_own_is_never_adopted() {
     let handle = spawn_index();
     handle.registry(RegistryChange::Reset {
         listeners: vec![],
@@ -593,11 +593,27 @@ async fn an_agent_that_knows_a_later_revision_gets_a_greater_one() {
     handle
         .file(FileEvent::Synced(crate::files::DIRECTORY.into()))
         .unwrap();
-    let known = u64::MAX / 4;
+    // The audit's attack: every later revision would have been u64::MAX.
+    let known = u64::MAX - 1;
     let (mut rx, _guard) = handle
         .subscribe("n1", "a", known)
         .await
         .unwrap()
         .into_parts();
-    assert!(next_update(&mut rx).await.revision > known);
+    let first = next_update(&mut rx).await.revision;
+    assert!(
+        first < u64::MAX / 2,
+        "adopted the caller's revision: {first}"
+    );
+    handle
+        .register(RegistryChange::PutWorkload(mk_workload(
+            "n1", "w", "10.0.0.9",
+        )))
+        .await
+        .unwrap();
+    let second = next_update(&mut rx).await.revision;
+    assert!(
+        second > first,
+        "revisions must keep increasing: {first} then {second}"
+    );
 }

@@ -222,7 +222,7 @@ impl Controller {
         })
         .await;
         DistributionClient::new(channel)
-            .max_decoding_message_size(stackroute_proto::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(stackroute_proto::MAX_UPDATE_BYTES)
     }
 
     /// A client whose HTTP/2 windows are tiny: it can hold almost nothing unread, like an
@@ -234,7 +234,7 @@ impl Controller {
             .initial_connection_window_size(Some(256));
         let channel = endpoint.connect().await.expect("gRPC connection");
         DistributionClient::new(channel)
-            .max_decoding_message_size(stackroute_proto::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(stackroute_proto::MAX_UPDATE_BYTES)
     }
 
     pub fn log_text(&self) -> String {
