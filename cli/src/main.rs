@@ -61,11 +61,39 @@ fn parse_kube_version(text: &str) -> Result<(u32, u32), String> {
         .ok_or_else(|| format!("{text:?} is not a Kubernetes version such as 1.20 or v1.33.1"))
 }
 
+fn security(args: &StatusArgs) -> stackroute_proto::client::Security {
+    match &args.credentials {
+        Some(dir) => stackroute_proto::client::Security::Tls {
+            dir: dir.clone(),
+            server_name: args.controller_server_name.clone(),
+        },
+        None => stackroute_proto::client::Security::Plaintext,
+    }
+}
+
 #[derive(clap::Args)]
 struct StatusArgs {
-    /// Controller address (HOST:PORT or http://HOST:PORT).
+    /// Controller address (HOST:PORT).
     #[arg(long, env = "STACKROUTE_CONTROLLER")]
     controller: String,
+    /// Credentials directory: `ca.crt` and a client certificate (`tls.crt`/`tls.key`, from
+    /// `stackroute-controller credentials issue --admin`), or a node's.
+    #[arg(
+        long,
+        env = "STACKROUTE_CREDENTIALS",
+        required_unless_present = "insecure_plaintext"
+    )]
+    credentials: Option<PathBuf>,
+    /// The name the controller's certificate carries, when the address is not that name.
+    #[arg(long, env = "STACKROUTE_CONTROLLER_SERVER_NAME")]
+    controller_server_name: Option<String>,
+    /// Talk to a controller started with --insecure-plaintext.
+    #[arg(
+        long,
+        env = "STACKROUTE_INSECURE_PLAINTEXT",
+        conflicts_with = "credentials"
+    )]
+    insecure_plaintext: bool,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "text")]
     output: Output,
@@ -221,7 +249,7 @@ fn validate(paths: &[PathBuf]) -> Result<ExitCode> {
 }
 
 fn run_status(args: &StatusArgs) -> Result<ExitCode> {
-    let response = status::fetch(&args.controller)?;
+    let response = status::fetch(&args.controller, &security(&args))?;
     match args.output {
         Output::Text => print!("{}", status::to_text(&response)),
         Output::Json => println!(

@@ -5,36 +5,26 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use stackroute_proto::MAX_UPDATE_BYTES;
-use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
+use stackroute_proto::client;
 use stackroute_proto::v1alpha1::{StatusRequest, StatusResponse};
-use tonic::transport::Endpoint;
 
-/// Fetches the status from `controller` (HOST:PORT or a URL).
-pub(crate) fn fetch(controller: &str) -> Result<StatusResponse> {
-    let url = if controller.contains("://") {
-        controller.to_string()
-    } else {
-        format!("http://{controller}")
-    };
+/// Fetches the status from `controller` (HOST:PORT).
+pub(crate) fn fetch(controller: &str, security: &client::Security) -> Result<StatusResponse> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let channel = Endpoint::from_shared(url.clone())
-            .with_context(|| format!("--controller {controller:?}: not a valid address"))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10))
-            .connect()
+        let mut client = client::connect(controller, security)
             .await
-            .with_context(|| format!("{url}: cannot connect"))?;
-        let mut client =
-            DistributionClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES);
-        let status = client
-            .get_status(StatusRequest {})
-            .await
-            .with_context(|| format!("{url}: GetStatus failed"))?;
+            .with_context(|| format!("{controller}: cannot connect"))?;
+        let status =
+            tokio::time::timeout(Duration::from_secs(10), client.get_status(StatusRequest {}))
+                .await
+                .with_context(|| format!("{controller}: GetStatus timed out"))?
+                .map_err(|status| {
+                    anyhow::anyhow!("{controller}: GetStatus refused: {}", status.message())
+                })?;
         Ok(status.into_inner())
     })
 }

@@ -9,8 +9,17 @@ use stackroute_snapshot::Cidr;
 /// The stackroute controller: compiles policy into per-node snapshots and serves them to node
 /// agents over gRPC.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "stackroute-controller", version)]
+#[command(
+    name = "stackroute-controller",
+    version,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    /// Without a subcommand: run the controller.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Standalone mode: a directory of Kubernetes YAML/JSON (Namespaces, Nodes, Pods, Services,
     /// EndpointSlices, StackRoutes, ClusterStackRoutes), watched for changes.
     #[arg(
@@ -113,6 +122,55 @@ pub struct Args {
     )]
     pub stale_after_ms: u64,
 
+    /// Directory of the gRPC service's TLS material: `tls.crt` and `tls.key` (served; reloaded
+    /// when they change) and `ca.crt` (the CA that signs client certificates). Standalone:
+    /// `stackroute-controller credentials init` writes one. Kubernetes: with --webhook-ca-secret
+    /// and --grpc-service the controller writes it itself.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_GRPC_TLS_DIR",
+        required_unless_present = "insecure_plaintext"
+    )]
+    pub grpc_tls_dir: Option<PathBuf>,
+
+    /// Serve gRPC in plaintext without authentication: every caller may act for every node.
+    /// For development on one machine only.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_INSECURE_PLAINTEXT",
+        conflicts_with = "grpc_tls_dir"
+    )]
+    pub insecure_plaintext: bool,
+
+    /// Kubernetes mode: accept agents' projected service-account tokens (audience
+    /// `stackroute.dev/agent`) of this service account, NAMESPACE:NAME; each agent may then act
+    /// only for the node its pod runs on.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_AGENT_SERVICE_ACCOUNT",
+        requires = "kubernetes"
+    )]
+    pub agent_service_account: Option<String>,
+
+    /// Kubernetes mode: the Service in front of the gRPC port. With --webhook-ca-secret the
+    /// controller issues the gRPC serving certificate for NAME.NAMESPACE.svc (and its short
+    /// forms) into --grpc-tls-dir.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_GRPC_SERVICE",
+        requires = "kubernetes"
+    )]
+    pub grpc_service: Option<String>,
+
+    /// Kubernetes mode: the ConfigMap (controller's namespace) where the controller publishes
+    /// its CA certificate (key `ca.crt`) for the agents to trust.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_CA_CONFIG_MAP",
+        requires = "kubernetes"
+    )]
+    pub ca_config_map: Option<String>,
+
     /// HTTPS listen address of the pod injection webhook (`POST /inject`, `GET /healthz`);
     /// the webhook is off without it.
     #[arg(
@@ -127,13 +185,15 @@ pub struct Args {
     #[arg(long, env = "STACKROUTE_CONTROLLER_WEBHOOK_CERT_DIR")]
     pub webhook_cert_dir: Option<PathBuf>,
 
-    /// Kubernetes mode without cert-manager: the Secret (in the controller's namespace) holding
-    /// the controller-owned CA, created when missing; the controller issues its serving
-    /// certificate from it and patches caBundle of --webhook-config-name.
+    /// Kubernetes mode: the Secret (in the controller's namespace) holding the controller-owned
+    /// CA, created when missing; the controller issues its serving certificates from it (the
+    /// webhook's, with --webhook-service, patching caBundle of --webhook-config-name; the gRPC
+    /// service's, with --grpc-service).
     #[arg(
         long,
+        alias = "ca-secret",
         env = "STACKROUTE_CONTROLLER_WEBHOOK_CA_SECRET",
-        requires_all = ["kubernetes", "webhook_addr", "webhook_config_name", "webhook_service"]
+        requires = "kubernetes"
     )]
     pub webhook_ca_secret: Option<String>,
 
@@ -158,6 +218,18 @@ pub struct Args {
         default_value = "/run/stackroute"
     )]
     pub socket_dir: String,
+}
+
+/// The controller's subcommands.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create a development CA, the controller's serving certificate and client credentials
+    /// for standalone deployments.
+    Credentials {
+        /// What to create.
+        #[command(subcommand)]
+        action: crate::credentials::Action,
+    },
 }
 
 /// Milliseconds as a duration.

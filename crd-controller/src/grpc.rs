@@ -1,6 +1,7 @@
-//! The `Distribution` gRPC service: validates every request at the edge, then talks to the
-//! index through its channel. A malformed request gets `InvalidArgument` with the reason and
-//! never reaches the index.
+//! The `Distribution` gRPC service: authenticates the caller and checks that it acts only for
+//! its own node ([`crate::auth`]), validates every request at the edge
+//! ([`stackroute_proto::validate`]), then talks to the index through its channel. A malformed
+//! request gets `InvalidArgument` with the reason and never reaches the index.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,9 +19,19 @@ use stackroute_proto::validate::{
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use stackroute_proto::identity::Caller;
+
+use crate::auth::Authenticator;
 use crate::index::{IndexClosed, IndexHandle, RegistryChange};
 use crate::metrics::Metrics;
 use crate::store::{Store, listener_key, workload_key};
+
+/// Most snapshot streams one node may hold open at once (an agent holds one; a hand-over
+/// briefly two).
+pub const MAX_WATCHES_PER_NODE: usize = 4;
 
 /// The service.
 #[derive(Clone)]
@@ -28,16 +39,71 @@ pub struct DistributionService {
     index: IndexHandle,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    auth: Arc<Authenticator>,
+    watches: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Holds one of a node's watch slots while its stream lives.
+struct WatchSlot {
+    node: String,
+    watches: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut watches = self.watches.lock().expect("watch slots");
+        if let Some(count) = watches.get_mut(&self.node) {
+            *count -= 1;
+            if *count == 0 {
+                watches.remove(&self.node);
+            }
+        }
+    }
 }
 
 impl DistributionService {
-    /// A service over the index and store.
-    pub fn new(index: IndexHandle, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+    /// A service over the index and store, authenticating callers with `auth`.
+    pub fn new(
+        index: IndexHandle,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        auth: Authenticator,
+    ) -> Self {
         Self {
             index,
             store,
             metrics,
+            auth: Arc::new(auth),
+            watches: Arc::default(),
         }
+    }
+
+    /// Authenticates the caller of `request` and checks it may act for `node`.
+    async fn for_node<T>(
+        &self,
+        method: &str,
+        request: &Request<T>,
+        node: impl FnOnce(&T) -> &str,
+    ) -> Result<(), Status> {
+        let caller = self.auth.caller(method, request).await?;
+        self.auth
+            .for_node(method, caller.as_ref(), node(request.get_ref()))
+    }
+
+    fn watch_slot(&self, node: &str) -> Result<WatchSlot, Status> {
+        let mut watches = self.watches.lock().expect("watch slots");
+        let count = watches.entry(node.to_string()).or_default();
+        if *count >= MAX_WATCHES_PER_NODE {
+            self.metrics.denied("WatchSnapshots", "stream-limit");
+            return Err(Status::resource_exhausted(format!(
+                "node {node} already holds {MAX_WATCHES_PER_NODE} snapshot streams"
+            )));
+        }
+        *count += 1;
+        Ok(WatchSlot {
+            node: node.to_string(),
+            watches: self.watches.clone(),
+        })
     }
 
     fn invalid(&self, method: &str, message: String) -> Status {
@@ -95,8 +161,11 @@ impl Distribution for DistributionService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchSnapshotsStream>, Status> {
+        self.for_node("WatchSnapshots", &request, |r| &r.node)
+            .await?;
         let request = request.into_inner();
         check_watch(&request).map_err(|m| self.invalid("WatchSnapshots", m))?;
+        let slot = self.watch_slot(&request.node)?;
         let subscription = self
             .index
             .subscribe(&request.node, &request.agent_id, request.known_revision)
@@ -105,13 +174,14 @@ impl Distribution for DistributionService {
         // The guard lives inside the stream: when tonic drops the stream (client gone), the
         // index hears about it.
         let stream = tokio_stream::wrappers::WatchStream::new(rx).filter_map(move |update| {
-            let _alive = &guard;
+            let _alive = (&guard, &slot);
             update.map(|update| Ok(SnapshotUpdate::clone(&update)))
         });
         Ok(Response::new(Box::pin(stream)))
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        self.for_node("Ack", &request, |r| &r.node).await?;
         let request = request.into_inner();
         check_name("node", &request.node).map_err(|m| self.invalid("Ack", m))?;
         if request.error.len() > 4096 {
@@ -142,6 +212,10 @@ impl Distribution for DistributionService {
         &self,
         request: Request<Listener>,
     ) -> Result<Response<RegistrationResponse>, Status> {
+        self.for_node("RegisterListener", &request, |r| {
+            r.key.as_ref().map_or("", |k| k.node.as_str())
+        })
+        .await?;
         let listener = check_listener(request.into_inner())
             .map_err(|m| self.invalid("RegisterListener", m))?;
         self.store
@@ -160,6 +234,8 @@ impl Distribution for DistributionService {
         &self,
         request: Request<ListenerKey>,
     ) -> Result<Response<RegistrationResponse>, Status> {
+        self.for_node("RemoveListener", &request, |r| &r.node)
+            .await?;
         let key = request.into_inner();
         check_listener_key(Some(&key)).map_err(|m| self.invalid("RemoveListener", m))?;
         let key = listener_key(&key);
@@ -179,6 +255,10 @@ impl Distribution for DistributionService {
         &self,
         request: Request<Workload>,
     ) -> Result<Response<RegistrationResponse>, Status> {
+        self.for_node("RegisterWorkload", &request, |r| {
+            r.key.as_ref().map_or("", |k| k.node.as_str())
+        })
+        .await?;
         let workload = check_workload(request.into_inner())
             .map_err(|m| self.invalid("RegisterWorkload", m))?;
         self.store
@@ -197,6 +277,8 @@ impl Distribution for DistributionService {
         &self,
         request: Request<WorkloadKey>,
     ) -> Result<Response<RegistrationResponse>, Status> {
+        self.for_node("RemoveWorkload", &request, |r| &r.node)
+            .await?;
         let key = request.into_inner();
         check_workload_key(Some(&key)).map_err(|m| self.invalid("RemoveWorkload", m))?;
         let key = workload_key(&key);
@@ -216,6 +298,8 @@ impl Distribution for DistributionService {
         &self,
         request: Request<NodeCapabilities>,
     ) -> Result<Response<CapabilitiesResponse>, Status> {
+        self.for_node("ReportCapabilities", &request, |r| &r.node)
+            .await?;
         let report = request.into_inner();
         check_capabilities(&report).map_err(|m| self.invalid("ReportCapabilities", m))?;
         self.index.capabilities(report)?;
@@ -224,8 +308,10 @@ impl Distribution for DistributionService {
 
     async fn get_status(
         &self,
-        _request: Request<StatusRequest>,
+        request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        // Any authenticated caller: administrators, and agents (`stackroute explain --agent`).
+        let _caller: Option<Caller> = self.auth.caller("GetStatus", &request).await?;
         Ok(Response::new(self.index.status().await?))
     }
 }

@@ -17,6 +17,9 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod auth;
+pub mod certs;
+pub mod credentials;
 pub mod files;
 pub mod grpc;
 pub mod http;
@@ -24,6 +27,7 @@ pub mod index;
 pub mod kubernetes;
 pub mod metrics;
 pub mod store;
+pub mod tls;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -43,6 +47,7 @@ impl Args {
     /// Runs the controller until it is interrupted (SIGINT/SIGTERM) or a server fails.
     pub async fn run(self) -> anyhow::Result<()> {
         let Self {
+            command,
             state,
             kubernetes,
             lease_namespace,
@@ -57,6 +62,11 @@ impl Args {
             debounce_max_ms,
             poll_ms,
             stale_after_ms,
+            grpc_tls_dir,
+            insecure_plaintext,
+            agent_service_account,
+            grpc_service,
+            ca_config_map,
             webhook_addr,
             webhook_cert_dir,
             webhook_ca_secret,
@@ -65,6 +75,9 @@ impl Args {
             shim_image,
             socket_dir,
         } = self;
+        if let Some(args::Command::Credentials { action }) = command {
+            return action.run();
+        }
         if let Some(state) = &state {
             anyhow::ensure!(
                 state.is_dir(),
@@ -80,6 +93,12 @@ impl Args {
             } else {
                 None
             };
+        let token_reviewer = match (&kube_client, agent_service_account) {
+            (Some(client), Some(account)) => {
+                Some(auth::TokenReviewer::new(client.clone(), account))
+            }
+            _ => None,
+        };
         // The webhook's settings; the controller's own namespace is never injected.
         let injector_config = webhook_addr.map(|_| stackroute_injector::Config {
             shim_image: shim_image.clone().unwrap_or_default(),
@@ -100,14 +119,47 @@ impl Args {
             Arc::new(EtcdStore::connect(&etcd_endpoints, &etcd_prefix).await?)
         };
         let metrics = Arc::new(Metrics::default());
+        let webhook_files = webhook_cert_dir.as_deref().map(tls::CertFiles::new);
+        let grpc_files = grpc_tls_dir.as_deref().map(tls::CertFiles::new);
+        let manages_certificates = webhook_ca_secret.is_some();
+        if let Some(secret) = webhook_ca_secret {
+            let client = kube_client
+                .clone()
+                .context("--webhook-ca-secret needs --kubernetes")?;
+            let mut targets = Vec::new();
+            if let (Some(service), Some(files)) = (webhook_service, &webhook_files) {
+                targets.push(webhook::kubernetes::ServingTarget {
+                    service,
+                    files: files.clone(),
+                    with_ca: false,
+                });
+            }
+            if let (Some(service), Some(files)) = (grpc_service, &grpc_files) {
+                targets.push(webhook::kubernetes::ServingTarget {
+                    service,
+                    files: files.clone(),
+                    with_ca: true,
+                });
+            }
+            tokio::spawn(
+                webhook::kubernetes::CertificateManager {
+                    namespace: client.default_namespace().to_string(),
+                    client,
+                    secret,
+                    targets,
+                    webhook_config: webhook_config_name,
+                    ca_config_map,
+                }
+                .run(),
+            );
+        }
         let webhook = match (webhook_addr, &injector_config) {
             (Some(addr), Some(config)) => Some(
                 start_webhook(
                     addr,
                     config.clone(),
-                    webhook_cert_dir.context("--webhook-addr needs --webhook-cert-dir")?,
+                    webhook_files.context("--webhook-addr needs --webhook-cert-dir")?,
                     kube_client.as_ref(),
-                    webhook_ca_secret.zip(webhook_config_name.zip(webhook_service)),
                     metrics.clone(),
                 )
                 .await?,
@@ -193,22 +245,54 @@ impl Args {
         tracing::info!(addr = %http_listener.local_addr()?, "serving /metrics, /healthz, /readyz");
         let http = tokio::spawn(http::serve(http_listener, metrics.clone(), ready_rx));
 
+        let auth = match &grpc_files {
+            None => {
+                anyhow::ensure!(
+                    insecure_plaintext,
+                    "gRPC needs --grpc-tls-dir or --insecure-plaintext"
+                );
+                tracing::warn!(
+                    "gRPC in plaintext without authentication (--insecure-plaintext): \
+                    any caller may act for any node"
+                );
+                auth::Authenticator::insecure(metrics.clone())
+            }
+            Some(_) => auth::Authenticator::secure(token_reviewer, metrics.clone()),
+        };
         let service = DistributionServer::new(grpc::DistributionService::new(
             handle,
             store.clone(),
             metrics,
+            auth,
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_UPDATE_BYTES);
         let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
             .await
             .with_context(|| format!("binding the gRPC address {grpc_addr}"))?;
-        tracing::info!(addr = %grpc_listener.local_addr()?, store = store.kind(), "serving gRPC");
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-        let grpc = tonic::transport::Server::builder()
+        tracing::info!(addr = %grpc_listener.local_addr()?, store = store.kind(),
+            tls = grpc_files.is_some(), "serving gRPC");
+        let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, shutdown_signal());
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .add_service(service);
+        let grpc = async move {
+            match grpc_files {
+                None => {
+                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+                    server
+                        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+                        .await
+                }
+                Some(files) => {
+                    let incoming = tls_incoming(grpc_listener, files, manages_certificates).await?;
+                    server
+                        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+                        .await
+                }
+            }
+            .map_err(anyhow::Error::from)
+        };
 
         let webhook = async {
             match webhook {
@@ -234,36 +318,17 @@ const CERT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 async fn start_webhook(
     addr: std::net::SocketAddr,
     config: stackroute_injector::Config,
-    cert_dir: std::path::PathBuf,
+    files: Arc<tls::CertFiles>,
     client: Option<&kube::Client>,
-    ca: Option<(String, (String, String))>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("--shim-image/--socket-dir: {e}"))?;
-    let files = webhook::tls::CertFiles::new(&cert_dir);
-    match (ca, client) {
-        (Some((secret, (config_name, service))), Some(client)) => {
-            tokio::spawn(
-                webhook::kubernetes::CertificateManager {
-                    client: client.clone(),
-                    namespace: config.own_namespace.clone(),
-                    secret,
-                    config_name,
-                    service,
-                    files: files.clone(),
-                }
-                .run(),
-            );
-        }
-        (Some(_), None) => anyhow::bail!("--webhook-ca-secret needs --kubernetes"),
-        (None, _) => {
-            if let Err(error) = files.reload() {
-                tracing::warn!(error = %format!("{error:#}"),
-                    "webhook certificate not loaded yet; TLS handshakes fail until it appears");
-            }
-        }
+    let cert_dir = files.dir().to_path_buf();
+    if let Err(error) = files.reload() {
+        tracing::warn!(error = %format!("{error:#}"),
+            "webhook certificate not loaded yet; TLS handshakes fail until it appears");
     }
     tokio::spawn(files.clone().watch(CERT_POLL));
     let namespaces: Arc<dyn webhook::Namespaces> = match client {
@@ -285,6 +350,81 @@ async fn start_webhook(
         files.server_config()?,
         app,
     )))
+}
+
+/// Most concurrent calls on one HTTP/2 connection (an agent needs a few).
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// Time a client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The gRPC connections, over TLS with the certificate in `files` (reloaded when it changes)
+/// and client certificates checked against the CA next to it; `wait`: the material is being
+/// written by the certificate manager, wait for it instead of failing. Handshakes run on their own
+/// tasks so that a slow client holds up nobody else.
+async fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    files: Arc<tls::CertFiles>,
+    wait: bool,
+) -> anyhow::Result<
+    impl tokio_stream::Stream<
+        Item = std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    >,
+> {
+    // In Kubernetes the certificate manager writes the directory shortly after start: wait for
+    // it (connections wait in the listen backlog meanwhile).
+    let ca_path = files.dir().join(tls::CA_FILE);
+    let mut warned = false;
+    let client_ca = loop {
+        let loaded = files.reload().and_then(|_| {
+            anyhow::ensure!(files.loaded(), "no usable tls.crt/tls.key yet");
+            std::fs::read(&ca_path).with_context(|| format!("reading {}", ca_path.display()))
+        });
+        match loaded {
+            Ok(client_ca) => break client_ca,
+            Err(error) if !wait => {
+                return Err(error.context(format!(
+                    "loading the gRPC TLS material from --grpc-tls-dir {}",
+                    files.dir().display()
+                )));
+            }
+            Err(error) if !warned => {
+                tracing::warn!(dir = %files.dir().display(), error = %format!("{error:#}"),
+                    "gRPC TLS material not there yet; waiting for it");
+                warned = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(files.grpc_server_config(&client_ca)?);
+    tokio::spawn(files.watch(CERT_POLL));
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "gRPC accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::info!(%peer, %error, "gRPC TLS handshake failed");
+                    }
+                    Err(_) => tracing::info!(%peer, "gRPC TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 async fn shutdown_signal() {

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub workloads: Gauge,
     /// gRPC requests rejected as invalid, by method.
     pub invalid_requests: Family<Labels, Counter>,
+    /// gRPC calls refused for want of an identity or authority, by method and reason.
+    pub denied_requests: Family<Labels, Counter>,
     /// Injection webhook reviews by result.
     pub webhook_requests: Family<Labels, Counter>,
     /// Pods that opted in to injection but carry no `stackroute.dev/injected` (Kubernetes mode).
@@ -83,6 +85,12 @@ impl Default for Metrics {
             "gRPC requests rejected as invalid",
             invalid_requests.clone(),
         );
+        let denied_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "denied_requests",
+            "gRPC calls refused by method and reason (unauthenticated, other-node, not-a-node, stream-limit)",
+            denied_requests.clone(),
+        );
         let webhook_requests = Family::<Labels, Counter>::default();
         registry.register(
             "webhook_requests",
@@ -106,6 +114,7 @@ impl Default for Metrics {
             listeners,
             workloads,
             invalid_requests,
+            denied_requests,
             webhook_requests,
             pods_not_injected,
         }
@@ -135,6 +144,16 @@ impl Metrics {
     pub fn invalid(&self, method: &str) {
         self.invalid_requests
             .get_or_create(&vec![("method".to_string(), method.to_string())])
+            .inc();
+    }
+
+    /// Counts a refused gRPC call.
+    pub fn denied(&self, method: &str, reason: &str) {
+        self.denied_requests
+            .get_or_create(&vec![
+                ("method".to_string(), method.to_string()),
+                ("reason".to_string(), reason.to_string()),
+            ])
             .inc();
     }
 

@@ -12,9 +12,7 @@
 //! [`kubernetes`] holds the Kubernetes-mode parts (CA Secret, `caBundle`, the report of pods
 //! that opted in but were not injected).
 
-pub mod certs;
 pub mod kubernetes;
-pub mod tls;
 
 use std::collections::BTreeMap;
 use std::future::Future;

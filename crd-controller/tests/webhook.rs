@@ -16,10 +16,10 @@ use base64::Engine as _;
 use http_body_util::{BodyExt as _, Full};
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
+use stackroute_controller::certs::{self, Ca};
 use stackroute_controller::metrics::Metrics;
-use stackroute_controller::webhook::certs::{self, Ca};
+use stackroute_controller::tls::CertFiles;
 use stackroute_controller::webhook::kubernetes::write_serving;
-use stackroute_controller::webhook::tls::CertFiles;
 use stackroute_controller::webhook::{self, BoxFuture, Namespaces, StaticNamespaces, Webhook};
 use stackroute_injector::{Config, INJECTED, NamespaceMeta, SHIM_NAME};
 
@@ -714,6 +714,7 @@ async fn binary_serves_the_webhook_with_the_chart_flags() {
         .args([
             "--state",
             state.to_str().unwrap(),
+            "--insecure-plaintext",
             "--grpc-addr",
             &free(),
             "--metrics-addr",
@@ -785,6 +786,7 @@ async fn binary_serves_the_webhook_with_the_chart_flags() {
         .arg("--webhook-cert-dir")
         .arg(&certs_dir)
         .args([
+            "--insecure-plaintext",
             "--grpc-addr",
             "127.0.0.1:0",
             "--metrics-addr",

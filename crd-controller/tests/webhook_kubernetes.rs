@@ -21,14 +21,14 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
+use stackroute_controller::certs;
 use stackroute_controller::metrics::Metrics;
+use stackroute_controller::tls::CertFiles;
 use stackroute_controller::webhook::Namespaces as _;
-use stackroute_controller::webhook::certs;
 use stackroute_controller::webhook::kubernetes::{
-    CA_CERT_KEY, CertificateManager, KubeNamespaces, ensure_ca, patch_ca_bundle,
+    CA_CERT_KEY, CertificateManager, KubeNamespaces, ServingTarget, ensure_ca, patch_ca_bundle,
     report_not_injected,
 };
-use stackroute_controller::webhook::tls::CertFiles;
 use testkit::Trial;
 
 fn main() -> ExitCode {
@@ -173,9 +173,13 @@ async fn ca_secret_ca_bundle_namespace_lookup_and_not_injected_report(kubeconfig
             client: client.clone(),
             namespace: ns.clone(),
             secret: "stackroute-webhook-ca".into(),
-            config_name: config_name.clone(),
-            service: "injector".into(),
-            files: files.clone(),
+            targets: vec![ServingTarget {
+                service: "injector".into(),
+                files: files.clone(),
+                with_ca: false,
+            }],
+            webhook_config: Some(config_name.clone()),
+            ca_config_map: None,
         }
         .run(),
     );

@@ -147,6 +147,8 @@ pub struct Cluster {
     pods: Vec<Pod>,
     grpc_port: u16,
     agent_ports: BTreeMap<&'static str, u16>,
+    /// The CA, the controller's certificate and each node's credentials.
+    pki: testkit::pki::Pki,
     dir: tempfile::TempDir,
 }
 
@@ -204,6 +206,7 @@ impl Cluster {
         for sub in ["state", "logs"] {
             std::fs::create_dir(dir.path().join(sub))?;
         }
+        let pki = testkit::pki::Pki::new(&bins.controller, &dir.path().join("pki"), &[]);
         let mut net = Net::new()?;
         build_topology(&mut net, &options)?;
         let mut cluster = Self {
@@ -215,6 +218,7 @@ impl Cluster {
             pods: Vec::new(),
             grpc_port: free_port(),
             agent_ports: BTreeMap::new(),
+            pki,
             dir,
         };
         cluster.write_state()?;
@@ -394,6 +398,8 @@ impl Cluster {
             .arg("--state")
             .arg(self.dir.path().join("state"))
             .args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)])
+            .arg("--grpc-tls-dir")
+            .arg(self.pki.server())
             .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
             .args([
                 "--poll-ms",
@@ -417,10 +423,9 @@ impl Cluster {
         let port = *self.agent_ports.entry(node.name).or_insert_with(free_port);
         let mut command = Command::new(&self.bins.lrd);
         command
-            .args([
-                "--controller",
-                &format!("http://127.0.0.1:{}", self.grpc_port),
-            ])
+            .args(["--controller", &format!("127.0.0.1:{}", self.grpc_port)])
+            .arg("--credentials")
+            .arg(self.pki.node(node.name))
             .args(["--node", node.name])
             .arg("--socket-dir")
             .arg(base.join("run"))

@@ -17,6 +17,8 @@ pub mod v1alpha1 {
     tonic::include_proto!("stackroute.v1alpha1");
 }
 
+pub mod client;
+pub mod identity;
 pub mod validate;
 
 /// Largest message an agent accepts from the controller: a snapshot of a large node plus the

@@ -40,6 +40,8 @@
 //! Trials run on the harness's threads: stdout and stderr are not captured (`--nocapture` is
 //! the only mode), and a panic fails the trial with its message.
 
+pub mod pki;
+
 use std::ffi::OsString;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};

@@ -41,6 +41,7 @@ helm.sh/chart: {{ include "stackroute.chart" .root }}
 {{- define "stackroute.webhookServiceName" -}}{{ include "stackroute.fullname" . }}-webhook{{- end -}}
 {{- define "stackroute.injectorName" -}}{{ include "stackroute.fullname" . }}-injector{{- end -}}
 {{- define "stackroute.webhookCASecret" -}}{{ include "stackroute.fullname" . }}-webhook-ca{{- end -}}
+{{- define "stackroute.caConfigMap" -}}{{ include "stackroute.fullname" . }}-ca{{- end -}}
 {{- define "stackroute.webhookTLSSecret" -}}{{ include "stackroute.fullname" . }}-webhook-tls{{- end -}}
 {{- define "stackroute.etcdName" -}}{{ include "stackroute.fullname" . }}-etcd{{- end -}}
 {{- define "stackroute.leaseName" -}}

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
@@ -25,10 +25,10 @@ use stackroute_injector::{Config, NamespaceMeta};
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 
-use super::certs::{self, Ca};
-use super::tls::{CERT_FILE, CertFiles, KEY_FILE};
 use super::{BoxFuture, Namespaces};
+use crate::certs::{self, Ca};
 use crate::metrics::Metrics;
+use crate::tls::CertFiles;
 
 /// Key of the CA certificate in the Secret.
 pub const CA_CERT_KEY: &str = "ca.crt";
@@ -228,56 +228,47 @@ pub async fn patch_ca_bundle(
 
 // === Serving certificate ===
 
-fn write_atomically(dir: &Path, file: &str, contents: &str, mode: u32) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = dir.join(format!(".{file}.tmp"));
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    out.write_all(contents.as_bytes())?;
-    out.sync_all()?;
-    std::fs::rename(&tmp, dir.join(file))
-        .with_context(|| format!("renaming {} into place", tmp.display()))?;
-    Ok(())
+/// Writes a serving certificate into `dir` (see [`crate::tls::write_pair`]).
+pub fn write_serving(dir: &Path, serving: &certs::Serving) -> anyhow::Result<()> {
+    crate::tls::write_pair(dir, serving, None)
 }
 
-/// Writes a serving certificate into `dir` (key first, each by rename; the reloader accepts
-/// only a matching pair, so a half-written update is never served).
-pub fn write_serving(dir: &Path, serving: &certs::Serving) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomically(dir, KEY_FILE, &serving.key_pem, 0o600)?;
-    write_atomically(dir, CERT_FILE, &serving.cert_pem, 0o644)?;
-    Ok(())
+/// A serving certificate the certificate manager keeps issued.
+#[derive(Clone, Debug)]
+pub struct ServingTarget {
+    /// The Service the certificate names (`NAME.NAMESPACE.svc` and its short forms).
+    pub service: String,
+    /// Where it is written and served from.
+    pub files: Arc<CertFiles>,
+    /// Also write the CA certificate (`ca.crt`) there: the gRPC service verifies client
+    /// certificates against it.
+    pub with_ca: bool,
 }
 
 /// What the certificate manager works with.
 pub struct CertificateManager {
     /// The API client.
     pub client: Client,
-    /// The controller's namespace (the CA Secret's and the Service's).
+    /// The controller's namespace (the CA Secret's and the Services').
     pub namespace: String,
     /// `--webhook-ca-secret`.
     pub secret: String,
-    /// `--webhook-config-name`.
-    pub config_name: String,
-    /// `--webhook-service`.
-    pub service: String,
-    /// The served certificate files.
-    pub files: Arc<CertFiles>,
+    /// The serving certificates to issue.
+    pub targets: Vec<ServingTarget>,
+    /// `--webhook-config-name`: whose webhooks get the CA as caBundle.
+    pub webhook_config: Option<String>,
+    /// `--ca-config-map`: where the CA certificate is published for the agents.
+    pub ca_config_map: Option<String>,
 }
 
 impl CertificateManager {
-    /// Ensures the CA, issues the serving certificate, keeps `caBundle` in place and renews the
-    /// certificate after two thirds of its life; retries every [`RECONCILE_INTERVAL`] on error.
+    /// Ensures the CA, issues each serving certificate, keeps `caBundle` and the CA ConfigMap
+    /// in place and renews the certificates after two thirds of their life; retries every
+    /// [`RECONCILE_INTERVAL`] on error.
     pub async fn run(self) {
-        let names = certs::service_names(&self.service, &self.namespace);
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
         let configs: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut issued: Option<(String, SystemTime)> = None; // (CA PEM, when)
         loop {
             let step = async {
@@ -292,23 +283,80 @@ impl CertificateManager {
                     None => true,
                 };
                 if renew {
-                    let serving = certs::issue_serving(&ca, &names, now, certs::SERVING_VALIDITY)?;
-                    write_serving(self.files.dir(), &serving)?;
-                    self.files.reload()?;
+                    for target in &self.targets {
+                        let names = certs::service_names(&target.service, &self.namespace);
+                        let serving =
+                            certs::issue_serving(&ca, &names, now, certs::SERVING_VALIDITY)?;
+                        crate::tls::write_pair(
+                            target.files.dir(),
+                            &serving,
+                            target.with_ca.then_some(ca.cert_pem.as_str()),
+                        )?;
+                        target.files.reload()?;
+                        tracing::info!(names = ?names, dir = %target.files.dir().display(),
+                            "issued a serving certificate");
+                    }
                     issued = Some((ca.cert_pem.clone(), now));
-                    tracing::info!(names = ?names, dir = %self.files.dir().display(),
-                        "issued the webhook serving certificate");
                 }
-                let changed = patch_ca_bundle(&configs, &self.config_name, &ca.cert_pem).await?;
-                if changed > 0 {
-                    tracing::info!(config = %self.config_name, webhooks = changed, "patched caBundle");
+                if let Some(name) = &self.webhook_config {
+                    let changed = patch_ca_bundle(&configs, name, &ca.cert_pem).await?;
+                    if changed > 0 {
+                        tracing::info!(config = %name, webhooks = changed, "patched caBundle");
+                    }
+                }
+                if let Some(name) = &self.ca_config_map {
+                    publish_ca(&config_maps, name, &ca.cert_pem).await?;
                 }
                 anyhow::Ok(())
             };
             if let Err(error) = step.await {
-                tracing::warn!(error = %format!("{error:#}"), "webhook certificate reconcile failed; retrying");
+                tracing::warn!(error = %format!("{error:#}"), "certificate reconcile failed; retrying");
             }
             tokio::time::sleep(RECONCILE_INTERVAL).await;
+        }
+    }
+}
+
+/// Creates or updates ConfigMap `name` so that its `ca.crt` is `ca_pem` (what agents mount to
+/// trust the controller; the CA key stays in the Secret).
+pub async fn publish_ca(api: &Api<ConfigMap>, name: &str, ca_pem: &str) -> anyhow::Result<()> {
+    let wanted = BTreeMap::from([(crate::tls::CA_FILE.to_string(), ca_pem.to_string())]);
+    match api
+        .get_opt(name)
+        .await
+        .context("reading the CA ConfigMap")?
+    {
+        Some(existing) if existing.data.as_ref() == Some(&wanted) => Ok(()),
+        Some(mut existing) => {
+            existing.data = Some(wanted);
+            api.replace(name, &PostParams::default(), &existing)
+                .await
+                .context("updating the CA ConfigMap")?;
+            tracing::info!(config_map = name, "published the CA certificate");
+            Ok(())
+        }
+        None => {
+            let config_map = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    labels: Some(BTreeMap::from([(
+                        "app.kubernetes.io/managed-by".to_string(),
+                        "stackroute-controller".to_string(),
+                    )])),
+                    ..Default::default()
+                },
+                data: Some(wanted),
+                ..Default::default()
+            };
+            match api.create(&PostParams::default(), &config_map).await {
+                Ok(_) => {
+                    tracing::info!(config_map = name, "published the CA certificate");
+                    Ok(())
+                }
+                // Another replica created it; the next round compares.
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+                Err(error) => Err(error).context("creating the CA ConfigMap"),
+            }
         }
     }
 }
@@ -569,7 +617,7 @@ mod tests {
         assert!(!files.reload().unwrap(), "unchanged");
         assert!(files.loaded());
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+        let mode = std::fs::metadata(dir.path().join(crate::tls::KEY_FILE))
             .unwrap()
             .permissions()
             .mode();

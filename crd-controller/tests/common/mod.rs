@@ -164,6 +164,11 @@ impl Controller {
             .arg("--metrics-addr")
             .arg(self.http.to_string())
             .args(["--debounce-ms", "50", "--poll-ms", "50"])
+            // These tests are about the index and the stores; tests/security.rs runs TLS.
+            .args(
+                (!self.mode.iter().any(|a| a == "--grpc-tls-dir"))
+                    .then_some("--insecure-plaintext"),
+            )
             .args(&self.mode)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")

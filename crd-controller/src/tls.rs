@@ -1,5 +1,6 @@
-//! The serving certificate, read from `tls.crt`/`tls.key` in a directory and reloaded when the
-//! files change (polled; each new TLS handshake uses the certificate in force).
+//! Serving certificates (the webhook's, the gRPC service's), read from `tls.crt`/`tls.key` in a
+//! directory and reloaded when the files change (polled; each new TLS handshake uses the
+//! certificate in force), and the writing of such directories.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,6 +17,8 @@ use rustls::sign::CertifiedKey;
 pub const CERT_FILE: &str = "tls.crt";
 /// The key file name in the directory.
 pub const KEY_FILE: &str = "tls.key";
+/// The CA file name: in the gRPC service's directory, the CA of client certificates.
+pub const CA_FILE: &str = "ca.crt";
 
 /// The crypto provider used for serving and for issuing checks.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -81,7 +84,7 @@ impl CertFiles {
         loop {
             match self.reload() {
                 Ok(true) => {
-                    tracing::info!(dir = %self.dir.display(), "webhook serving certificate loaded");
+                    tracing::info!(dir = %self.dir.display(), "serving certificate loaded");
                     last_error.clear();
                 }
                 Ok(false) => {}
@@ -91,7 +94,7 @@ impl CertFiles {
                         tracing::warn!(
                             dir = %self.dir.display(),
                             error = %text,
-                            "webhook serving certificate not (re)loaded; the previous one stays in force"
+                            "serving certificate not (re)loaded; the previous one stays in force"
                         );
                         last_error = text;
                     }
@@ -111,6 +114,82 @@ impl CertFiles {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
+}
+
+impl CertFiles {
+    /// A rustls server configuration for gRPC (HTTP/2) resolving to the certificate in force,
+    /// verifying client certificates against `client_ca_pem` when a client presents one. A
+    /// client without a certificate is let through the handshake so that it can present a
+    /// bearer token instead, or be told in one line what it lacks ([`crate::auth`]).
+    pub fn grpc_server_config(
+        self: &Arc<Self>,
+        client_ca_pem: &[u8],
+    ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(client_ca_pem) {
+            roots
+                .add(cert.context("parsing the client CA PEM")?)
+                .context("adding the client CA")?;
+        }
+        anyhow::ensure!(!roots.is_empty(), "no certificate in the client CA");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .context("building the client certificate verifier")?;
+        let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+fn write_atomically(dir: &Path, file: &str, contents: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = dir.join(format!(".{file}.tmp"));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    out.write_all(contents.as_bytes())?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, dir.join(file))
+        .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    Ok(())
+}
+
+/// Writes a leaf certificate and its key into `dir` (key first, each by rename; the reloader
+/// accepts only a matching pair, so a half-written update is never served), and the CA that
+/// issued it when given.
+pub fn write_pair(
+    dir: &Path,
+    leaf: &crate::certs::Serving,
+    ca_pem: Option<&str>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(ca_pem) = ca_pem {
+        write_atomically(dir, CA_FILE, ca_pem, 0o644)?;
+    }
+    write_atomically(dir, KEY_FILE, &leaf.key_pem, 0o600)?;
+    write_atomically(dir, CERT_FILE, &leaf.cert_pem, 0o644)?;
+    Ok(())
+}
+
+/// Writes a CA (certificate and key) into `dir`.
+pub fn write_ca(dir: &Path, ca: &crate::certs::Ca) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomically(dir, "ca.key", &ca.key_pem, 0o600)?;
+    write_atomically(dir, CA_FILE, &ca.cert_pem, 0o644)?;
+    Ok(())
 }
 
 impl ResolvesServerCert for CertFiles {

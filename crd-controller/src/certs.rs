@@ -37,7 +37,7 @@ pub struct Ca {
     pub key_pem: String,
 }
 
-/// A serving certificate (PEM leaf) and its key (PEM).
+/// A leaf certificate (PEM: serving or client) and its key (PEM).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Serving {
     /// `tls.crt`.
@@ -120,6 +120,42 @@ pub fn issue_serving(
     })
 }
 
+/// How long a client certificate issued by `stackroute-controller credentials` lasts.
+pub const CLIENT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A client certificate naming `caller` (URI SAN, as [`crate::auth`] reads it), signed by
+/// `ca`, valid from `now` for [`CLIENT_VALIDITY`].
+pub fn issue_client(
+    ca: &Ca,
+    caller: &stackroute_proto::identity::Caller,
+    now: SystemTime,
+) -> anyhow::Result<Serving> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).context("parsing the CA key")?;
+    let issuer = Issuer::new(ca_params(now), ca_key);
+    let mut params = CertificateParams::default();
+    let uri = caller.uri();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        uri.clone().try_into().context("the caller's URI")?,
+    )];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "stackroute");
+    dn.push(DnType::CommonName, uri);
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + CLIENT_VALIDITY).into();
+    let key = KeyPair::generate().context("generating the client key")?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("signing the client certificate")?;
+    Ok(Serving {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// Checks that `leaf_pem` chains to `ca_pem` and is valid for `name` at `now`, as a TLS
 /// client (the API server) would.
 pub fn verify(ca_pem: &str, leaf_pem: &str, name: &str, now: SystemTime) -> anyhow::Result<()> {
@@ -130,7 +166,7 @@ pub fn verify(ca_pem: &str, leaf_pem: &str, name: &str, now: SystemTime) -> anyh
             .context("adding the CA")?;
     }
     let verifier =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), super::tls::provider())
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
             .build()
             .context("building the verifier")?;
     let leaf = CertificateDer::from_pem_slice(leaf_pem.as_bytes()).context("parsing the leaf")?;
@@ -179,10 +215,10 @@ mod tests {
         let later = now + SERVING_VALIDITY + Duration::from_secs(7200);
         assert!(verify(&ca.cert_pem, &serving.cert_pem, &names[0], later).is_err());
         // The key pair loads as a serving certificate.
-        super::super::tls::parse(
+        crate::tls::parse(
             serving.cert_pem.as_bytes(),
             serving.key_pem.as_bytes(),
-            &super::super::tls::provider(),
+            &crate::tls::provider(),
         )
         .unwrap();
     }
