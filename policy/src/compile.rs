@@ -20,12 +20,16 @@ use stackroute_api::{
 use stackroute_snapshot::{
     Action, AddressEntry, AddressKind, Cidr, CongestionControl, Entity, Isolation, LocationMatch,
     NO_IDENTITY, NO_ZONE, NodeEntry, NodeInput, NodeTables, PeerEntry, PolicyEntry, PolicyKind,
-    PortEntry, Protocol, RuleEntry, ServiceEntry, SharedInput, SharedTables, Stack, Tier,
-    TransportChoice, WorkloadEntry,
+    PortEntry, Protocol, RuleEntry, RuleGate, RuleRef, ServiceEntry, SharedInput, SharedTables,
+    Stack, Tier, TransportChoice, WorkloadEntry,
 };
 
 use crate::selector::{Labels, Requirement, Selector};
 use crate::state::ClusterState;
+
+mod gate;
+
+pub use gate::{GATED_STACKS, GatedRule};
 
 /// Installation settings that shape decisions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +105,10 @@ pub struct Compiled<'s> {
     pods_by_node: Vec<Vec<usize>>,
     /// Policies left out, and why.
     pub problems: Vec<PolicyProblem>,
+    /// Rule entries the NetworkPolicy gate took a kernel-bypass stack from.
+    gated: Vec<GatedRule>,
+    /// (compiled policy, rule) → index into `gated`.
+    gated_at: HashMap<(u32, u32), usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -146,6 +154,25 @@ impl<'s> Index<'s> {
         if let Some(id) = self.selections.get(&(scope, selector.clone())) {
             return *id;
         }
+        let set = self.selected(scope, selector);
+        let id = self.intern(set);
+        self.selections.insert((scope, selector.clone()), id);
+        id
+    }
+
+    /// The identity set `set` (sorted, no duplicates) as a set of the snapshot: an id shared by
+    /// every equal set.
+    fn intern(&mut self, set: Vec<u32>) -> u32 {
+        let next = self.sets.len() as u32;
+        let id = *self.set_ids.entry(set.clone()).or_insert(next);
+        if id == next {
+            self.sets.push(set);
+        }
+        id
+    }
+
+    /// The identities `selector` selects within `scope`, ascending; not recorded as a set.
+    fn selected(&self, scope: Scope, selector: &Selector) -> Vec<u32> {
         let candidates = self.candidates(scope, selector);
         let in_scope = |namespace: u32, index: &Self| match scope {
             Scope::All => true,
@@ -166,13 +193,7 @@ impl<'s> Index<'s> {
             .collect();
         set.sort_unstable();
         set.dedup();
-        let next = self.sets.len() as u32;
-        let id = *self.set_ids.entry(set.clone()).or_insert(next);
-        if id == next {
-            self.sets.push(set);
-        }
-        self.selections.insert((scope, selector.clone()), id);
-        id
+        set
     }
 
     /// A superset of the selected identities, as small as the index allows.
@@ -367,6 +388,7 @@ impl<'s> Compiled<'s> {
         });
 
         let mut policies = Vec::with_capacity(sources.len());
+        let mut subjects = Vec::with_capacity(sources.len());
         let mut chain_lists: Vec<Vec<u32>> = vec![Vec::new(); index.identity_labels.len()];
         for source in &sources {
             let object = match source.kind {
@@ -382,6 +404,7 @@ impl<'s> Compiled<'s> {
                         chain_lists[*identity as usize].push(policy);
                     }
                     policies.push(entry);
+                    subjects.push(subject);
                 }
                 Err((path, message)) => problems.push(PolicyProblem {
                     object,
@@ -390,6 +413,17 @@ impl<'s> Compiled<'s> {
                 }),
             }
         }
+
+        // Kernel-bypass stacks only where NetworkPolicy allows: may copy policies per source.
+        let gated = gate::apply(
+            state,
+            &settings,
+            &mut index,
+            &pod_identity,
+            &mut policies,
+            &subjects,
+            &mut chain_lists,
+        );
 
         let mut chain_ids: HashMap<&[u32], u32> = HashMap::new();
         let mut identity_chain = Vec::with_capacity(chain_lists.len());
@@ -470,7 +504,32 @@ impl<'s> Compiled<'s> {
             pod_chain,
             pods_by_node,
             problems,
+            gated: gated.entries,
+            gated_at: gated.at,
         }
+    }
+
+    /// The rule entries the NetworkPolicy gate took a kernel-bypass stack from (for some or all
+    /// of their sources), with why: what a controller reports per policy and counts.
+    pub fn network_policy_gated(&self) -> &[GatedRule] {
+        &self.gated
+    }
+
+    /// What the NetworkPolicy gate did to `rule` of the snapshot of `node` (a rule the gate
+    /// split or took a stack from), or `None`.
+    pub fn gated_rule(&self, node: &str, rule: RuleRef) -> Option<&GatedRule> {
+        let id = *self.node_ids.get(node)?;
+        let mut used: Vec<u32> = self.pods_by_node[id as usize]
+            .iter()
+            .flat_map(|pod| self.chains[self.pod_chain[*pod] as usize].iter().copied())
+            .collect();
+        // The node's local policy numbers, as `node_tables` assigns them.
+        used.sort_unstable();
+        used.dedup();
+        let global = *used.get(rule.policy as usize)?;
+        self.gated_at
+            .get(&(global, rule.rule))
+            .and_then(|i| self.gated.get(*i))
     }
 
     /// Node names, in node-id order.
@@ -820,6 +879,7 @@ fn compile_rule(
         },
         isolation,
         transports,
+        gate: RuleGate::default(),
     })
 }
 

@@ -4,12 +4,16 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 use stackroute_snapshot::{
-    Decision, Mismatch, PolicyKind, Protocol, RuleRef, Snapshot, Trace, TransportChoice, Verdict,
-    Via,
+    Decision, Isolation, Mismatch, PolicyKind, Protocol, RuleRef, Snapshot, Trace, TransportChoice,
+    Verdict, Via,
 };
 
 use crate::compile::Compiled;
+use crate::netpol::NetworkPolicies;
 use crate::state::ClusterState;
+
+/// The reason code of a stack the NetworkPolicy gate removed.
+pub const NETWORK_POLICY_REASON: &str = "network-policy";
 
 /// A stack and congestion control, as JSON.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -28,6 +32,18 @@ impl From<TransportChoice> for TransportJson {
             congestion_control: choice.congestion_control.to_string(),
         }
     }
+}
+
+/// A stack the matched rule would name but the controller took out, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemovedJson {
+    /// `RDMA` (or `Userspace`).
+    pub stack: String,
+    /// The reason code: `network-policy`.
+    pub reason: String,
+    /// What NetworkPolicy says.
+    pub detail: String,
 }
 
 /// The rule that decided.
@@ -65,6 +81,10 @@ pub struct Considered {
     /// The first reason it did not match.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What the NetworkPolicy gate made of the rule: `allowed-part` (the part that keeps its
+    /// bypass stacks, for the destinations NetworkPolicy allows) or `bypass-removed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<String>,
 }
 
 /// The outcome for one concrete destination (the destination itself, or one Service backend).
@@ -79,10 +99,16 @@ pub struct Outcome {
     pub is: String,
     /// Location seen from the source.
     pub location: String,
-    /// First transport.
-    pub transport: TransportJson,
+    /// First transport; null when the connection is refused.
+    pub transport: Option<TransportJson>,
     /// Fallbacks in order, ending with the implicit kernel entry where it applies.
     pub fallback: Vec<TransportJson>,
+    /// Stacks the NetworkPolicy gate took from the matched rule, with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<RemovedJson>,
+    /// Why the shim refuses the connection (EACCES), when it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
     /// Isolation of the matched rule.
     pub isolation: String,
     /// The deciding rule, or null for the installation default.
@@ -107,10 +133,19 @@ pub struct Explanation {
     pub destination: String,
     /// Location seen from the source.
     pub location: String,
-    /// First transport.
-    pub transport: TransportJson,
+    /// First transport; null when the connection is refused (see `refused`).
+    pub transport: Option<TransportJson>,
     /// Fallbacks in order, ending with the implicit kernel entry where it applies.
     pub fallback: Vec<TransportJson>,
+    /// Stacks the matched rule names that the NetworkPolicy gate took out, with why (reason
+    /// `network-policy`): NetworkPolicy does not allow, or the controller cannot decide, every
+    /// flow the rule's entry covers.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<RemovedJson>,
+    /// Why the shim refuses the connection (EACCES), when it does: a rule with `isolation:
+    /// Dedicated` (no kernel fallback) with no transport left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
     /// Isolation of the matched rule.
     pub isolation: String,
     /// The deciding rule, or null for the installation default.
@@ -219,8 +254,31 @@ pub fn explain(
         .node_snapshot(node, 0)
         .ok_or_else(|| ExplainError::Unscheduled(source.clone()))?;
     let snapshot = Snapshot::parse(&bytes).map_err(|e| ExplainError::Snapshot(e.to_string()))?;
-    explain_in_snapshot(&snapshot, namespace, pod, ip, port, protocol, state)
+    let network_policies = NetworkPolicies::from_state(state);
+    // Why a stack is missing: what NetworkPolicy says of this very connection, else the flow the
+    // rule's entry also covers that it does not allow.
+    let detail = |rule: RuleRef, ip: IpAddr, port: u16| {
+        let verdict = network_policies.evaluate_connection(state, info, ip, port, protocol);
+        match verdict.reason() {
+            Some(reason) => format!("{}: {reason}", verdict.as_str()),
+            None => match compiled.gated_rule(node, rule) {
+                Some(gated) => format!(
+                    "NetworkPolicy allows this connection, but the rule also covers flows it \
+                     does not allow: {}",
+                    gated.reason
+                ),
+                None => GENERIC_DETAIL.to_string(),
+            },
+        }
+    };
+    explain_with(
+        &snapshot, namespace, pod, ip, port, protocol, state, &detail,
+    )
 }
+
+/// What a snapshot alone says of a stack the NetworkPolicy gate removed.
+const GENERIC_DETAIL: &str = "NetworkPolicy does not allow, or the controller cannot decide, \
+     every flow this rule covers (explain with --state names the NetworkPolicy)";
 
 /// Explains a connection from a workload of a snapshot (an agent's live table, or one just
 /// compiled).
@@ -232,6 +290,32 @@ pub fn explain_in_snapshot(
     port: u16,
     protocol: Protocol,
     names: &dyn AddressNamer,
+) -> Result<Explanation, ExplainError> {
+    explain_with(
+        snapshot,
+        namespace,
+        workload,
+        ip,
+        port,
+        protocol,
+        names,
+        &|_, _, _| GENERIC_DETAIL.to_string(),
+    )
+}
+
+/// Why the NetworkPolicy gate removed a stack of `rule` for a connection to `ip:port`.
+type Detail<'d> = dyn Fn(RuleRef, IpAddr, u16) -> String + 'd;
+
+#[allow(clippy::too_many_arguments)]
+fn explain_with(
+    snapshot: &Snapshot<'_>,
+    namespace: &str,
+    workload: &str,
+    ip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    names: &dyn AddressNamer,
+    detail: &Detail<'_>,
 ) -> Result<Explanation, ExplainError> {
     let id = snapshot
         .workload_by_name(namespace, workload)
@@ -245,6 +329,7 @@ pub fn explain_in_snapshot(
     let decision = snapshot.decide(id, ip, port, protocol, &mut recorder);
     let name_of = |ip: IpAddr| names.name(ip).unwrap_or_else(|| "unknown".to_string());
     let (transport, fallback) = transports(&decision);
+    let (removed, refused) = gate_effects(snapshot, &decision, ip, port, detail);
     let mut explanation = Explanation {
         from: format!("{namespace}/{workload}"),
         node: snapshot.node_name().to_string(),
@@ -254,6 +339,8 @@ pub fn explain_in_snapshot(
         location: decision.location.to_string(),
         transport,
         fallback,
+        removed,
+        refused,
         isolation: decision.isolation.to_string(),
         matched: decision.matched.map(|r| matched(snapshot, r)),
         via: match decision.via {
@@ -284,6 +371,8 @@ pub fn explain_in_snapshot(
                 &mut stackroute_snapshot::NoTrace,
             );
             let (transport, fallback) = transports(&outcome);
+            let (removed, refused) =
+                gate_effects(snapshot, &outcome, backend_ip, backend_port, detail);
             explanation.backends.push(Outcome {
                 address: backend_ip.to_string(),
                 port: backend_port,
@@ -291,6 +380,8 @@ pub fn explain_in_snapshot(
                 location: outcome.location.to_string(),
                 transport,
                 fallback,
+                removed,
+                refused,
                 isolation: outcome.isolation.to_string(),
                 matched: outcome.matched.map(|r| matched(snapshot, r)),
                 considered: considered(
@@ -304,15 +395,71 @@ pub fn explain_in_snapshot(
             });
         }
     }
+    // Through a Service whose backends agree, the decision is theirs: so is what was removed.
+    if decision.via != Via::Direct
+        && let Some(first) = explanation.backends.first()
+        && decision.matched.is_some()
+    {
+        explanation.removed = first.removed.clone();
+        explanation.refused = first.refused.clone();
+    }
     Ok(explanation)
 }
 
-fn transports(decision: &Decision<'_>) -> (TransportJson, Vec<TransportJson>) {
+/// The first transport (`None`: refused) and the rest. A decision without a matched rule or
+/// with an empty list on a rule that allows the kernel ends on the kernel, as the shim does.
+fn transports(decision: &Decision<'_>) -> (Option<TransportJson>, Vec<TransportJson>) {
     let mut all = decision.transports().map(TransportJson::from);
-    let first = all
-        .next()
-        .unwrap_or_else(|| TransportChoice::KERNEL_DEFAULT.into());
-    (first, all.collect())
+    match all.next() {
+        Some(first) => (Some(first), all.collect()),
+        None if refused(decision) => (None, Vec::new()),
+        None => (Some(TransportChoice::KERNEL_DEFAULT.into()), Vec::new()),
+    }
+}
+
+/// Whether the shim refuses the connection: a rule with isolation `Dedicated` (no kernel
+/// fallback) and no transport left.
+fn refused(decision: &Decision<'_>) -> bool {
+    decision.matched.is_some()
+        && decision.isolation == Isolation::Dedicated
+        && decision.transports().next().is_none()
+}
+
+/// What the NetworkPolicy gate took from the matched rule, and whether that leaves nothing.
+fn gate_effects(
+    snapshot: &Snapshot<'_>,
+    decision: &Decision<'_>,
+    ip: IpAddr,
+    port: u16,
+    detail: &Detail<'_>,
+) -> (Vec<RemovedJson>, Option<String>) {
+    let Some(rule) = decision.matched else {
+        return (Vec::new(), None);
+    };
+    let gate = snapshot.rule(rule).gate;
+    let removed: Vec<RemovedJson> = if gate.removed().next().is_some() {
+        let why = detail(rule, ip, port);
+        gate.removed()
+            .map(|stack| RemovedJson {
+                stack: stack.to_string(),
+                reason: NETWORK_POLICY_REASON.to_string(),
+                detail: why.clone(),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let refused = refused(decision).then(|| {
+        if removed.is_empty() {
+            "isolation Dedicated allows no kernel fallback and the rule names no other transport"
+                .to_string()
+        } else {
+            "isolation Dedicated allows no kernel fallback, and the NetworkPolicy gate removed \
+             every other transport"
+                .to_string()
+        }
+    });
+    (removed, refused)
 }
 
 fn matched(snapshot: &Snapshot<'_>, rule: RuleRef) -> MatchedJson {
@@ -390,6 +537,13 @@ fn considered(
                 rule: rule.name.to_string(),
                 result: result.to_string(),
                 reason,
+                network_policy: if rule.gate.allowed_part {
+                    Some("allowed-part".to_string())
+                } else if rule.gate.removed().next().is_some() {
+                    Some("bypass-removed".to_string())
+                } else {
+                    None
+                },
             }
         })
         .collect()
@@ -400,13 +554,26 @@ impl Explanation {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let transport = |t: &TransportJson| format!("{}/{}", t.stack, t.congestion_control);
-        let chain = |first: &TransportJson, rest: &[TransportJson]| {
-            std::iter::once(first)
+        let chain = |first: &Option<TransportJson>, rest: &[TransportJson]| match first {
+            Some(first) => std::iter::once(first)
                 .chain(rest)
                 .map(transport)
                 .collect::<Vec<_>>()
-                .join(" → ")
+                .join(" → "),
+            None => "refused (EACCES)".to_string(),
         };
+        let gate_lines =
+            |out: &mut String, removed: &[RemovedJson], refused: &Option<String>, indent: &str| {
+                for r in removed {
+                    out.push_str(&format!(
+                        "{indent}removed: {} ({}: {})\n",
+                        r.stack, r.reason, r.detail
+                    ));
+                }
+                if let Some(refused) = refused {
+                    out.push_str(&format!("{indent}refused: {refused}\n"));
+                }
+            };
         out.push_str(&format!(
             "{} (node {}) → {} {} [{}], location {}\n",
             self.from, self.node, self.to, self.protocol, self.destination, self.location
@@ -427,6 +594,7 @@ impl Explanation {
                 }
             )),
         }
+        gate_lines(&mut out, &self.removed, &self.refused, "");
         if self.isolation != "None" {
             out.push_str(&format!("isolation: {}\n", self.isolation));
         }
@@ -441,8 +609,17 @@ impl Explanation {
                     format!("{}/{}/{}", c.kind, c.namespace, c.name)
                 };
                 out.push_str(&format!(
-                    "{indent}{:<9} {} rule {} ({} tier, priority {})",
-                    c.result, object, c.rule, c.tier, c.priority
+                    "{indent}{:<9} {} rule {}{} ({} tier, priority {})",
+                    c.result,
+                    object,
+                    c.rule,
+                    match c.network_policy.as_deref() {
+                        Some("allowed-part") => " [part NetworkPolicy allows bypass for]",
+                        Some(_) => " [bypass stacks removed: network-policy]",
+                        None => "",
+                    },
+                    c.tier,
+                    c.priority
                 ));
                 if let Some(reason) = &c.reason {
                     out.push_str(&format!(": {reason}"));
@@ -472,6 +649,7 @@ impl Explanation {
                         .map(|m| format!(" by {}", describe(m)))
                         .unwrap_or_else(|| " (default)".into())
                 ));
+                gate_lines(&mut out, &b.removed, &b.refused, "    ");
                 render(&mut out, &b.considered, "    ");
             }
         }

@@ -2,10 +2,11 @@
 //!
 //! - [`state`] loads Kubernetes YAML (Namespaces, Nodes, Pods, Services, EndpointSlices —
 //!   `discovery.k8s.io/v1`, or `v1beta1` as Kubernetes < 1.21 serves them —, StackRoutes,
-//!   ClusterStackRoutes) into a [`ClusterState`], reporting bad objects with file and line and
-//!   keeping the rest.
+//!   ClusterStackRoutes, NetworkPolicies) into a [`ClusterState`], reporting bad objects with
+//!   file and line and keeping the rest.
 //! - [`compile`] orders policies deterministically, evaluates selectors through a label index,
-//!   and encodes per-node snapshots ([`stackroute_snapshot`]).
+//!   gates kernel-bypass stacks by NetworkPolicy ([`netpol`]), and encodes per-node snapshots
+//!   ([`stackroute_snapshot`]).
 //! - [`explain`] runs the snapshot's own lookup with a trace, so an explanation can never
 //!   disagree with what the shim does.
 //!
@@ -14,6 +15,7 @@
 
 pub mod compile;
 pub mod explain;
+pub mod netpol;
 pub mod selector;
 pub mod shadow;
 pub mod state;

@@ -10,11 +10,13 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy as K8sNetworkPolicy;
 use serde::Deserialize;
 use serde_json::Value;
 use stackroute_api::validate::{RouteKind, validate_object};
 use stackroute_api::{ClusterStackRoute, StackRoute};
 
+use crate::netpol::{self, NetworkPolicy, UnreadablePolicy};
 use crate::selector::Labels;
 
 /// Label that carries a node's zone.
@@ -108,6 +110,14 @@ pub struct ClusterState {
     pub stack_routes: Vec<StackRoute>,
     /// Valid ClusterStackRoutes.
     pub cluster_stack_routes: Vec<ClusterStackRoute>,
+    /// `networking.k8s.io/v1` NetworkPolicies, read and checked.
+    pub network_policies: Vec<NetworkPolicy>,
+    /// NetworkPolicies that could not be read: their namespaces' flows are undecidable.
+    pub unreadable_network_policies: Vec<UnreadablePolicy>,
+    /// Network policy objects of kinds the engine cannot evaluate
+    /// ([`netpol::is_foreign_policy`]), as `Kind/namespace/name`: while any is present, every
+    /// NetworkPolicy decision is undecidable.
+    pub foreign_policies: Vec<String>,
 }
 
 /// A problem found while loading, located as precisely as the input allows.
@@ -312,6 +322,32 @@ impl ClusterState {
             }
             return;
         }
+        if (api_version.as_str(), kind.as_str()) == (netpol::API_VERSION, "NetworkPolicy") {
+            let read = serde_json::from_value::<K8sNetworkPolicy>(value)
+                .map_err(|error| (None, error.to_string()))
+                .and_then(|policy| {
+                    NetworkPolicy::from_k8s(&policy)
+                        .map_err(|(path, message)| (Some(path), message))
+                });
+            match read {
+                Ok(policy) => self.network_policies.push(policy),
+                Err((path, message)) => {
+                    // Kept as unreadable rather than dropped: a policy left out could only
+                    // make its pods look less isolated than they are.
+                    self.unreadable_network_policies.push(UnreadablePolicy {
+                        namespace: namespace.clone().unwrap_or_else(|| "default".into()),
+                        object: label.clone(),
+                        message: message.clone(),
+                    });
+                    problems.push(problem(Some(label), path, message, false));
+                }
+            }
+            return;
+        }
+        if netpol::is_foreign_policy(&api_version, &kind) {
+            self.foreign_policies.push(label);
+            return;
+        }
         let result = match (api_version.as_str(), kind.as_str()) {
             ("v1", "Namespace") => {
                 serde_json::from_value::<Namespace>(value).map(|ns| self.add_namespace(ns))
@@ -457,6 +493,30 @@ impl ClusterState {
         self.namespaces.get(namespace).cloned().unwrap_or_else(|| {
             Labels::from([(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string())])
         })
+    }
+
+    /// Adds every object of `other` (what a controller does with the states of its sources).
+    pub fn extend_from(&mut self, other: &Self) {
+        self.namespaces.extend(
+            other
+                .namespaces
+                .iter()
+                .map(|(name, labels)| (name.clone(), labels.clone())),
+        );
+        self.nodes.extend(other.nodes.iter().cloned());
+        self.pods.extend(other.pods.iter().cloned());
+        self.services.extend(other.services.iter().cloned());
+        self.endpoint_slices
+            .extend(other.endpoint_slices.iter().cloned());
+        self.stack_routes.extend(other.stack_routes.iter().cloned());
+        self.cluster_stack_routes
+            .extend(other.cluster_stack_routes.iter().cloned());
+        self.network_policies
+            .extend(other.network_policies.iter().cloned());
+        self.unreadable_network_policies
+            .extend(other.unreadable_network_policies.iter().cloned());
+        self.foreign_policies
+            .extend(other.foreign_policies.iter().cloned());
     }
 
     /// Finds a pod.

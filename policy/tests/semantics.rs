@@ -92,7 +92,9 @@ fn explanation(
 
 fn decide(policies: &str, from: &str, to: &str, protocol: Protocol) -> String {
     let e = explanation(CLUSTER, policies, from, to, protocol);
-    let transports: Vec<String> = std::iter::once(&e.transport)
+    let transports: Vec<String> = e
+        .transport
+        .iter()
         .chain(&e.fallback)
         .map(|t| format!("{}/{}", t.stack, t.congestion_control))
         .collect();
@@ -694,7 +696,7 @@ fn v1beta1_endpoint_slices_resolve_services_like_v1() {
             .iter()
             .map(|b| (b.address.clone(), b.port))
             .collect();
-        (e.via, e.transport, backends)
+        (e.via, e.transport.expect("not refused"), backends)
     };
     let old = backends(&old_cluster);
     assert_eq!(old.0, "service-unanimous");

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use crate::format::{self, SectionId};
 use crate::{
     Action, Cidr, Entity, Isolation, LocationMatch, NO_IDENTITY, NO_ZONE, PolicyKind, Protocol,
-    Tier, TransportChoice,
+    Stack, Tier, TransportChoice,
 };
 
 /// A backend in the order a Service's backends are stored: identity, port, zone, node, address.
@@ -249,7 +249,7 @@ pub enum PeerEntry {
 }
 
 /// A port range of one protocol; `first..=last`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortEntry {
     /// Protocol.
     pub protocol: Protocol,
@@ -277,6 +277,57 @@ pub struct RuleEntry {
     /// The transport, then its fallbacks, then the implicit kernel entry where it applies.
     /// Empty for Pass rules.
     pub transports: Vec<TransportChoice>,
+    /// What the NetworkPolicy gate did to this rule (nothing, for almost every rule).
+    pub gate: RuleGate,
+}
+
+/// What the controller's NetworkPolicy gate did to a rule: stored in the rule's flag bits so
+/// that `explain` — also from a node agent's live snapshot — can say why a bypass stack is
+/// missing. It never changes a lookup: `transports` already holds only what is left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleGate {
+    /// RDMA was removed: NetworkPolicy does not allow (or the controller cannot decide) every
+    /// flow this rule covers.
+    pub removed_rdma: bool,
+    /// The user-space stack was removed (reserved for a user-space stack on a dedicated device;
+    /// not set by today's compiler, which gates RDMA only).
+    pub removed_userspace: bool,
+    /// This rule is the part of a split rule that keeps its bypass stacks: its peers are the
+    /// destinations NetworkPolicy allows them for. The next rule, of the same name, holds the
+    /// rest without them.
+    pub allowed_part: bool,
+}
+
+impl RuleGate {
+    /// The stacks the gate removed, in stack order.
+    pub fn removed(self) -> impl Iterator<Item = Stack> {
+        [
+            (self.removed_userspace, Stack::Userspace),
+            (self.removed_rdma, Stack::Rdma),
+        ]
+        .into_iter()
+        .filter_map(|(removed, stack)| removed.then_some(stack))
+    }
+
+    /// Whether the gate touched the rule at all.
+    pub fn is_empty(self) -> bool {
+        self == Self::default()
+    }
+
+    pub(crate) fn flags(self) -> u8 {
+        let bit = |set: bool, bit: u8| if set { bit } else { 0 };
+        bit(self.removed_rdma, format::RULE_GATE_REMOVED_RDMA)
+            | bit(self.removed_userspace, format::RULE_GATE_REMOVED_USERSPACE)
+            | bit(self.allowed_part, format::RULE_GATE_ALLOWED_PART)
+    }
+
+    pub(crate) fn from_flags(flags: u8) -> Self {
+        Self {
+            removed_rdma: flags & format::RULE_GATE_REMOVED_RDMA != 0,
+            removed_userspace: flags & format::RULE_GATE_REMOVED_USERSPACE != 0,
+            allowed_part: flags & format::RULE_GATE_ALLOWED_PART != 0,
+        }
+    }
 }
 
 /// A StackRoute or ClusterStackRoute, compiled.
@@ -394,7 +445,7 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
                 format::RULE_HAS_PORTS
             } else {
                 0
-            };
+            } | rule.gate.flags();
             rules.extend_from_slice(&[
                 rule.action as u8,
                 rule.location as u8,

@@ -169,9 +169,20 @@ pub const CIDR_LEN: usize = 20;
 ///   transports range 8, first port u16, last port u16, protocol mask u8, pad 3}` = 44 bytes.
 /// Flag bit 0: the rule has `to`; bit 1: it has `ports`. The port span and protocol mask cover
 /// all of the rule's port entries, so most port mismatches are found without reading them.
+/// Bits 2–4 record what the controller's NetworkPolicy gate did to the rule ([`crate::RuleGate`]);
+/// they never change a lookup (the transports list already says what is left), only what
+/// `explain` reports, and readers that predate them ignore them.
 pub const RULE_LEN: usize = 44;
 pub(crate) const RULE_HAS_PEERS: u8 = 1;
 pub(crate) const RULE_HAS_PORTS: u8 = 2;
+/// Flag bit 2: the NetworkPolicy gate removed RDMA from this rule's transports.
+pub(crate) const RULE_GATE_REMOVED_RDMA: u8 = 4;
+/// Flag bit 3: the NetworkPolicy gate removed the user-space stack from this rule's transports
+/// (reserved for a user-space stack on a dedicated device; the compiler never sets it today).
+pub(crate) const RULE_GATE_REMOVED_USERSPACE: u8 = 8;
+/// Flag bit 4: this rule is the part of a split rule that keeps its bypass stacks, for the
+/// destinations NetworkPolicy allows; the rule after it (same name) holds the rest.
+pub(crate) const RULE_GATE_ALLOWED_PART: u8 = 16;
 
 /// Backend record length (see [`SectionId::Backends`]).
 pub const BACKEND_LEN: usize = 32;

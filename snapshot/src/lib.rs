@@ -26,7 +26,7 @@ pub mod view;
 
 pub use encode::{
     AddressEntry, AddressKind, NodeEntry, NodeInput, NodeTables, PeerEntry, PolicyEntry, PortEntry,
-    RuleEntry, ServiceEntry, SharedInput, SharedTables, WorkloadEntry, assemble, encode,
+    RuleEntry, RuleGate, ServiceEntry, SharedInput, SharedTables, WorkloadEntry, assemble, encode,
     encode_node_tables,
 };
 pub use view::{

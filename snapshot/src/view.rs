@@ -7,7 +7,7 @@ use crate::encode::ip_key;
 use crate::format::{self, SectionId};
 use crate::{
     Action, CongestionControl, Entity, Isolation, Location, LocationMatch, NO_IDENTITY, NO_ZONE,
-    PolicyKind, Protocol, Stack, Tier, TransportChoice,
+    PolicyKind, Protocol, RuleGate, Stack, Tier, TransportChoice,
 };
 
 /// Why bytes are not a usable snapshot.
@@ -263,6 +263,8 @@ pub struct RuleView<'a> {
     pub has_ports: bool,
     /// `(protocol, first, last)` of each port entry.
     pub ports: &'a [u8],
+    /// What the controller's NetworkPolicy gate did to the rule.
+    pub gate: RuleGate,
     transports: &'a [u8],
 }
 
@@ -982,6 +984,7 @@ impl<'a> Snapshot<'a> {
             has_peers: r.get(11).is_some_and(|f| f & format::RULE_HAS_PEERS != 0),
             has_ports: r.get(11).is_some_and(|f| f & format::RULE_HAS_PORTS != 0),
             ports: self.range(SectionId::Ports, le32(r, 20), le32(r, 24)),
+            gate: RuleGate::from_flags(r.get(11).copied().unwrap_or(0)),
             transports: self.range(SectionId::Transports, le32(r, 28), le32(r, 32)),
         }
     }

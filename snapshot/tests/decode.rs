@@ -78,6 +78,7 @@ fn sample() -> Vec<u8> {
                     },
                     TransportChoice::KERNEL_DEFAULT,
                 ],
+                gate: RuleGate::default(),
             },
             RuleEntry {
                 name: "outside".into(),
@@ -93,6 +94,11 @@ fn sample() -> Vec<u8> {
                     stack: Stack::Kernel,
                     congestion_control: CongestionControl::Bbr,
                 }],
+                // As the NetworkPolicy gate leaves a rule that lost RDMA.
+                gate: RuleGate {
+                    removed_rdma: true,
+                    ..RuleGate::default()
+                },
             },
         ],
     };
@@ -207,6 +213,13 @@ fn round_trip_decides() {
             "Kernel/BBR".into()
         )
     );
+    // The gate's flag bits travel with the rule and change nothing else about it.
+    let outside = snapshot.rule(d.matched.unwrap());
+    assert_eq!(outside.name, "outside");
+    assert!(outside.has_peers && !outside.has_ports);
+    assert_eq!(outside.gate.removed().collect::<Vec<_>>(), [Stack::Rdma]);
+    let web = snapshot.rule(RuleRef { policy: 0, rule: 0 });
+    assert!(web.gate.is_empty() && web.has_peers && web.has_ports);
 
     // Workload b has an empty chain: the default.
     let b = snapshot.workload_by_name("ml", "b").unwrap();

@@ -19,8 +19,9 @@ use std::sync::OnceLock;
 use stackroute_snapshot::{
     Action, AddressEntry, AddressKind, Cidr, CongestionControl, Decision, Entity, Isolation,
     LocationMatch, NO_IDENTITY, NO_ZONE, NoTrace, NodeEntry, NodeInput, PeerEntry, PolicyEntry,
-    PolicyKind, PortEntry, Protocol, RuleEntry, RuleRef, ServiceEntry, SharedInput, SharedTables,
-    Snapshot, Stack, Tier, Trace, TransportChoice, Verdict, Via, WorkloadEntry, WorkloadId, encode,
+    PolicyKind, PortEntry, Protocol, RuleEntry, RuleGate, RuleRef, ServiceEntry, SharedInput,
+    SharedTables, Snapshot, Stack, Tier, Trace, TransportChoice, Verdict, Via, WorkloadEntry,
+    WorkloadId, encode,
 };
 
 /// Offset of the CRC-32 in the header.
@@ -395,6 +396,7 @@ fn rule(name: &str, location: LocationMatch, transports: Vec<TransportChoice>) -
         location,
         isolation: Isolation::None,
         transports,
+        gate: RuleGate::default(),
     }
 }
 
