@@ -481,6 +481,8 @@ pub struct Index {
     nodes: BTreeMap<String, NodeRecord>,
     channels: BTreeMap<String, watch::Sender<Published>>,
     revision: u64,
+    /// The pods come from the API server (Kubernetes mode): registrations never replace them.
+    pods_authoritative: bool,
     published_at: Option<Instant>,
     state_nodes: BTreeSet<String>,
     policies: Vec<PolicyRecord>,
@@ -529,6 +531,7 @@ impl Index {
             nodes: BTreeMap::new(),
             channels: BTreeMap::new(),
             revision: 0,
+            pods_authoritative: false,
             published_at: None,
             state_nodes: BTreeSet::new(),
             policies: Vec::new(),
@@ -547,6 +550,12 @@ impl Index {
     /// directory).
     pub fn expect_sources(&mut self, sources: impl IntoIterator<Item = String>) {
         self.pending_sources = sources.into_iter().collect();
+    }
+
+    /// Kubernetes mode: the API server's Pods are the truth about pod identity; a registered
+    /// workload never replaces one (it only adds pods the API server does not know).
+    pub fn pods_from_api_server(&mut self) {
+        self.pods_authoritative = true;
     }
 
     /// The last published revision (0 before the first).
@@ -897,10 +906,28 @@ impl Index {
         // A registered workload is the live truth about its pod: it replaces a file's copy.
         // What a registration leaves empty (addresses, labels: `stackroute run` knows neither
         // unless told) is taken from the file's Pod of the same name, so registering a process
-        // does not erase its pod's address.
-        let registered: HashSet<(&str, &str)> = self
+        // does not erase its pod's address. A node speaks only for itself: a registration never
+        // replaces a pod the sources place on another node, and with the API server as the
+        // source (Kubernetes mode) never replaces a Pod at all.
+        let accepted: Vec<&Workload> = self
             .workloads
             .values()
+            .filter(|w| {
+                let Some(key) = w.key.as_ref() else {
+                    return false;
+                };
+                state
+                    .pods
+                    .iter()
+                    .find(|p| p.namespace == key.namespace && p.name == key.name)
+                    .is_none_or(|pod| {
+                        !self.pods_authoritative
+                            && pod.node.as_deref().is_none_or(|node| node == key.node)
+                    })
+            })
+            .collect();
+        let registered: HashSet<(&str, &str)> = accepted
+            .iter()
             .filter_map(|w| w.key.as_ref())
             .map(|k| (k.namespace.as_str(), k.name.as_str()))
             .collect();
@@ -908,7 +935,7 @@ impl Index {
             .into_iter()
             .partition(|p| registered.contains(&(p.namespace.as_str(), p.name.as_str())));
         state.pods = kept;
-        for workload in self.workloads.values() {
+        for workload in accepted {
             let key = workload.key.clone().unwrap_or_default();
             let file_copy = replaced
                 .iter()

@@ -176,6 +176,7 @@ impl Args {
         );
         if kube_client.is_some() {
             index.expect_sources(kubernetes::sources());
+            index.pods_from_api_server();
         }
         let debouncer = Debouncer::new(args::ms(debounce_ms), args::ms(debounce_max_ms));
         tokio::spawn(index::run(

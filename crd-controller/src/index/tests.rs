@@ -170,14 +170,14 @@ fn a_registration_without_addresses_or_labels_keeps_the_file_pods() {
     index.apply_file(changed("c.yaml", CLUSTER));
     let file_pod = index.merged_state().pods[0].clone();
     assert!(!file_pod.ips.is_empty() && !file_pod.labels.is_empty());
-    let mut bare = mk_workload("n9", "web-0", "");
+    let mut bare = mk_workload("n1", "web-0", "");
     bare.ips.clear();
     bare.labels.clear();
     index.apply_registry(RegistryChange::PutWorkload(bare));
     let state = index.merged_state();
     assert_eq!(state.pods.len(), 1);
-    // The registration says where the process runs; the file still says what it is.
-    assert_eq!(state.pods[0].node.as_deref(), Some("n9"));
+    // The registration says the process runs; the file still says what it is.
+    assert_eq!(state.pods[0].node.as_deref(), Some("n1"));
     assert_eq!(state.pods[0].ips, file_pod.ips);
     assert_eq!(state.pods[0].labels, file_pod.labels);
 }
@@ -188,23 +188,23 @@ fn workloads_become_pods_and_agent_nodes_become_nodes() {
     index.apply_file(changed("c.yaml", CLUSTER));
     assert_eq!(
         index.apply_registry(RegistryChange::PutWorkload(mk_workload(
-            "n9", "web-0", "10.9.0.1"
+            "n1", "web-0", "10.9.0.1"
         ))),
         Effect::Changed
     );
     // The same registration again changes nothing.
     assert_eq!(
         index.apply_registry(RegistryChange::PutWorkload(mk_workload(
-            "n9", "web-0", "10.9.0.1"
+            "n1", "web-0", "10.9.0.1"
         ))),
         Effect::None
     );
     let (_rx, effect) = index.subscribe("n7", "agent-7", 0, 1);
     assert_eq!(effect, Effect::Urgent);
     let state = index.merged_state();
-    // The registered workload replaced the file's pod of the same name.
+    // The registered workload replaced the file's pod of the same name on its node.
     assert_eq!(state.pods.len(), 1);
-    assert_eq!(state.pods[0].node.as_deref(), Some("n9"));
+    assert_eq!(state.pods[0].node.as_deref(), Some("n1"));
     assert_eq!(
         state.pods[0].ips,
         vec!["10.9.0.1".parse::<IpAddr>().unwrap()]
@@ -216,10 +216,48 @@ fn workloads_become_pods_and_agent_nodes_become_nodes() {
         .expect("agent node added");
     assert_eq!(n7.zone, None);
     assert_eq!(
-        index.apply_registry(RegistryChange::RemoveWorkload("n9/shop/web-0".into())),
+        index.apply_registry(RegistryChange::RemoveWorkload("n1/shop/web-0".into())),
         Effect::Changed
     );
-    assert_eq!(index.merged_state().pods[0].node.as_deref(), Some("n1"));
+    assert_eq!(
+        index.merged_state().pods[0].ips,
+        vec!["10.1.0.10".parse::<IpAddr>().unwrap()]
+    );
+    // A new workload of a node is added as a pod of that node.
+    index.apply_registry(RegistryChange::PutWorkload(mk_workload("n9", "job-1", "10.9.0.2")));
+    let state = index.merged_state();
+    let job = state.pods.iter().find(|p| p.name == "job-1").expect("job-1");
+    assert_eq!(job.node.as_deref(), Some("n9"));
+}
+
+#[test]
+fn a_registration_never_moves_another_nodes_pod() {
+    // The audit's identity hijack (E3): node n9 registers shop/web-0, which runs on n1.
+    let (mut index, _) = mk_index();
+    index.apply_file(changed("c.yaml", CLUSTER));
+    let mut forged = mk_workload("n9", "web-0", "10.9.0.1");
+    forged.labels = [("app".to_string(), "evil".to_string())].into();
+    index.apply_registry(RegistryChange::PutWorkload(forged));
+    let state = index.merged_state();
+    assert_eq!(state.pods.len(), 1);
+    let web = &state.pods[0];
+    assert_eq!(web.node.as_deref(), Some("n1"));
+    assert_eq!(web.ips, vec!["10.1.0.10".parse::<IpAddr>().unwrap()]);
+    assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
+
+    // With the API server as the source, not even the pod's own node replaces it.
+    let (mut index, _) = mk_index();
+    index.pods_from_api_server();
+    index.apply_file(changed("c.yaml", CLUSTER));
+    let mut relabelled = mk_workload("n1", "web-0", "10.9.0.1");
+    relabelled.labels = [("app".to_string(), "evil".to_string())].into();
+    index.apply_registry(RegistryChange::PutWorkload(relabelled));
+    let state = index.merged_state();
+    assert_eq!(state.pods.len(), 1);
+    assert_eq!(
+        state.pods[0].labels.get("app").map(String::as_str),
+        Some("web")
+    );
 }
 
 #[test]
