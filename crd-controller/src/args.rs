@@ -171,6 +171,39 @@ pub struct Args {
     )]
     pub ca_config_map: Option<String>,
 
+    /// How long a node's registrations outlive its agent: once no replica has had a watch
+    /// stream of the node for this long, its listeners and workloads are removed.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_REGISTRATION_LEASE_SECS",
+        default_value_t = 600
+    )]
+    pub registration_lease_secs: u64,
+
+    /// Most listeners one node may register.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_MAX_LISTENERS_PER_NODE",
+        default_value_t = 4096
+    )]
+    pub max_listeners_per_node: usize,
+
+    /// Most workloads one node may register.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_MAX_WORKLOADS_PER_NODE",
+        default_value_t = 1024
+    )]
+    pub max_workloads_per_node: usize,
+
+    /// Most bytes (encoded) of registrations one node may hold.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_MAX_REGISTRATION_BYTES_PER_NODE",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    pub max_registration_bytes_per_node: usize,
+
     /// HTTPS listen address of the pod injection webhook (`POST /inject`, `GET /healthz`);
     /// the webhook is off without it.
     #[arg(

@@ -33,9 +33,31 @@ use crate::store::{Store, listener_key, workload_key};
 /// briefly two).
 pub const MAX_WATCHES_PER_NODE: usize = 4;
 
+/// What one node may register (`--max-*-per-node`).
+#[derive(Clone, Copy, Debug)]
+pub struct Quotas {
+    /// Listeners.
+    pub listeners: usize,
+    /// Workloads.
+    pub workloads: usize,
+    /// Encoded bytes of both.
+    pub bytes: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            listeners: 4096,
+            workloads: 1024,
+            bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
 /// The service.
 #[derive(Clone)]
 pub struct DistributionService {
+    quotas: Quotas,
     index: IndexHandle,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
@@ -68,8 +90,10 @@ impl DistributionService {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         auth: Authenticator,
+        quotas: Quotas,
     ) -> Self {
         Self {
+            quotas,
             index,
             store,
             metrics,
@@ -88,6 +112,36 @@ impl DistributionService {
         let caller = self.auth.caller(method, request).await?;
         self.auth
             .for_node(method, caller.as_ref(), node(request.get_ref()))
+    }
+
+    /// Refuses a registration that would take `node` over its quota (a replacement of an
+    /// existing entry counts as new: the quota is a bound, not an exact tally).
+    async fn within_quota(
+        &self,
+        method: &str,
+        node: &str,
+        listener: bool,
+        bytes: usize,
+    ) -> Result<(), Status> {
+        let held = self.index.node_registrations(node).await?;
+        let over = if listener && held.listeners >= self.quotas.listeners {
+            Some(format!("{} listeners", self.quotas.listeners))
+        } else if !listener && held.workloads >= self.quotas.workloads {
+            Some(format!("{} workloads", self.quotas.workloads))
+        } else if held.bytes + bytes > self.quotas.bytes {
+            Some(format!("{} bytes of registrations", self.quotas.bytes))
+        } else {
+            None
+        };
+        match over {
+            None => Ok(()),
+            Some(quota) => {
+                self.metrics.denied(method, "quota");
+                Err(Status::resource_exhausted(format!(
+                    "node {node} is at its quota of {quota}"
+                )))
+            }
+        }
     }
 
     fn watch_slot(&self, node: &str) -> Result<WatchSlot, Status> {
@@ -218,6 +272,14 @@ impl Distribution for DistributionService {
         .await?;
         let listener = check_listener(request.into_inner())
             .map_err(|m| self.invalid("RegisterListener", m))?;
+        let node = listener.key.as_ref().map_or("", |k| k.node.as_str());
+        self.within_quota(
+            "RegisterListener",
+            node,
+            true,
+            prost::Message::encoded_len(&listener),
+        )
+        .await?;
         self.store
             .put_listener(&listener)
             .await
@@ -261,6 +323,14 @@ impl Distribution for DistributionService {
         .await?;
         let workload = check_workload(request.into_inner())
             .map_err(|m| self.invalid("RegisterWorkload", m))?;
+        let node = workload.key.as_ref().map_or("", |k| k.node.as_str());
+        self.within_quota(
+            "RegisterWorkload",
+            node,
+            false,
+            prost::Message::encoded_len(&workload),
+        )
+        .await?;
         self.store
             .put_workload(&workload)
             .await

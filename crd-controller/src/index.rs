@@ -55,6 +55,37 @@ pub enum RegistryChange {
     RemoveWorkload(String),
     /// A node's ack as shared through the store (by any replica, this one included).
     Ack(AckRecord),
+    /// A replica had a watch stream of `node` open at `unix_ms` (shared through the store, so
+    /// that no replica expires the registrations of an agent connected to another).
+    Alive {
+        /// Node name.
+        node: String,
+        /// Wall-clock time, milliseconds since the Unix epoch.
+        unix_ms: u64,
+    },
+}
+
+/// What [`Index::liveness`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Liveness {
+    /// Nodes with a watch stream open to this replica.
+    pub connected: Vec<String>,
+    /// Registry keys (listeners, workloads) of nodes whose agent has been gone longer than
+    /// the registration lease.
+    pub expired_listeners: Vec<String>,
+    /// See `expired_listeners`.
+    pub expired_workloads: Vec<String>,
+}
+
+/// A node's registrations, for quotas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeRegistrations {
+    /// Listeners registered for the node.
+    pub listeners: usize,
+    /// Workloads registered for the node.
+    pub workloads: usize,
+    /// Their encoded size.
+    pub bytes: usize,
 }
 
 /// A node's ack as the replicas share it through the store (`acks/{node}` in etcd).
@@ -131,6 +162,17 @@ pub enum Command {
     Policies(oneshot::Sender<Vec<PolicyReport>>),
     /// A compile finished (sent by the index task to itself).
     Compiled(Result<Box<CompileOutput>, String>),
+    /// Which nodes are connected here and whose registrations expired (see [`Liveness`]).
+    Liveness {
+        /// The registration lease.
+        lease: Duration,
+        /// Wall-clock now, milliseconds since the Unix epoch.
+        unix_ms: u64,
+        /// Gets the answer.
+        reply: oneshot::Sender<Liveness>,
+    },
+    /// What a node has registered.
+    NodeRegistrations(String, oneshot::Sender<NodeRegistrations>),
 }
 
 // === impl IndexHandle ===
@@ -285,6 +327,28 @@ impl IndexHandle {
     }
 
     /// The current status.
+    /// See [`Liveness`].
+    pub async fn liveness(&self, lease: Duration, unix_ms: u64) -> Result<Liveness, IndexClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Liveness {
+                lease,
+                unix_ms,
+                reply,
+            })
+            .map_err(|_| IndexClosed)?;
+        rx.await.map_err(|_| IndexClosed)
+    }
+
+    /// What `node` has registered.
+    pub async fn node_registrations(&self, node: &str) -> Result<NodeRegistrations, IndexClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::NodeRegistrations(node.to_string(), reply))
+            .map_err(|_| IndexClosed)?;
+        rx.await.map_err(|_| IndexClosed)
+    }
+
     pub async fn status(&self) -> Result<StatusResponse, IndexClosed> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -489,6 +553,10 @@ pub struct Index {
     /// Policy object → (fingerprint, first revision of this replica that contained that
     /// version). Compared only with this replica's own revisions (see [`Index::contained`]).
     first_contained: BTreeMap<String, (u64, u64)>,
+    /// Since when each node with registrations has had no watch stream here.
+    gone_since: BTreeMap<String, Instant>,
+    /// When another replica (or this one) last shared that a node's agent was connected.
+    alive_elsewhere: BTreeMap<String, u64>,
     /// The revisions this replica published last (oldest first, at most [`RECENT_REVISIONS`]).
     recent: VecDeque<u64>,
     /// Sources that have not delivered their first complete view yet.
@@ -536,6 +604,8 @@ impl Index {
             state_nodes: BTreeSet::new(),
             policies: Vec::new(),
             first_contained: BTreeMap::new(),
+            gone_since: BTreeMap::new(),
+            alive_elsewhere: BTreeMap::new(),
             recent: VecDeque::new(),
             pending_sources: BTreeSet::from([crate::files::DIRECTORY.to_string()]),
             registry_synced: false,
@@ -616,6 +686,18 @@ impl Index {
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status(now));
+                Effect::None
+            }
+            Command::Liveness {
+                lease,
+                unix_ms,
+                reply,
+            } => {
+                let _ = reply.send(self.liveness(now, unix_ms, lease));
+                Effect::None
+            }
+            Command::NodeRegistrations(node, reply) => {
+                let _ = reply.send(self.node_registrations(&node));
                 Effect::None
             }
             Command::Policies(reply) => {
@@ -729,6 +811,11 @@ impl Index {
                 self.remote_ack(ack);
                 false
             }
+            RegistryChange::Alive { node, unix_ms } => {
+                let latest = self.alive_elsewhere.entry(node).or_default();
+                *latest = (*latest).max(unix_ms);
+                false
+            }
         };
         self.metrics.listeners.set(self.listeners.len() as i64);
         self.metrics.workloads.set(self.workloads.len() as i64);
@@ -748,6 +835,7 @@ impl Index {
     ) -> (watch::Receiver<Published>, Effect) {
         let record = self.nodes.entry(node.to_string()).or_default();
         record.streams.insert(stream_id, agent_id.to_string());
+        self.gone_since.remove(node);
         tracing::info!(node, agent_id, known_revision, "agent connected");
         if known_revision > self.revision {
             // Never adopted: a caller must not be able to push every later revision to
@@ -784,8 +872,81 @@ impl Index {
         if record.streams.is_empty() {
             // Nobody watches: stop encoding this node until an agent comes back.
             self.channels.remove(node);
+            self.gone_since.insert(node.to_string(), Instant::now());
         }
         self.update_connected_metric();
+    }
+
+    /// Nodes connected here, and the registrations of nodes whose agent has been gone (from
+    /// this replica, and as far as the store tells, from every other) for `lease` or longer.
+    /// A node with registrations but never seen by this replica starts its clock now.
+    pub fn liveness(&mut self, now: Instant, unix_ms: u64, lease: Duration) -> Liveness {
+        let connected: BTreeSet<&String> = self
+            .nodes
+            .iter()
+            .filter(|(_, record)| !record.streams.is_empty())
+            .map(|(node, _)| node)
+            .collect();
+        let registry_nodes: BTreeSet<String> = self
+            .listeners
+            .values()
+            .filter_map(|l| l.key.as_ref().map(|k| k.node.clone()))
+            .chain(
+                self.workloads
+                    .values()
+                    .filter_map(|w| w.key.as_ref().map(|k| k.node.clone())),
+            )
+            .collect();
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        let mut expired = BTreeSet::new();
+        for node in registry_nodes {
+            if connected.contains(&node) {
+                continue;
+            }
+            let since = *self.gone_since.entry(node.clone()).or_insert(now);
+            let seen_elsewhere = self
+                .alive_elsewhere
+                .get(&node)
+                .is_some_and(|at| unix_ms.saturating_sub(*at) < lease_ms);
+            if now.saturating_duration_since(since) >= lease && !seen_elsewhere {
+                expired.insert(node);
+            }
+        }
+        let of_expired = |node: Option<&str>| node.is_some_and(|n| expired.contains(n));
+        Liveness {
+            connected: connected.into_iter().cloned().collect(),
+            expired_listeners: self
+                .listeners
+                .iter()
+                .filter(|(_, l)| of_expired(l.key.as_ref().map(|k| k.node.as_str())))
+                .map(|(key, _)| key.clone())
+                .collect(),
+            expired_workloads: self
+                .workloads
+                .iter()
+                .filter(|(_, w)| of_expired(w.key.as_ref().map(|k| k.node.as_str())))
+                .map(|(key, _)| key.clone())
+                .collect(),
+        }
+    }
+
+    /// What `node` has registered (for quotas).
+    pub fn node_registrations(&self, node: &str) -> NodeRegistrations {
+        use prost::Message as _;
+        let mut counts = NodeRegistrations::default();
+        for listener in self.listeners.values() {
+            if listener.key.as_ref().is_some_and(|k| k.node == node) {
+                counts.listeners += 1;
+                counts.bytes += listener.encoded_len();
+            }
+        }
+        for workload in self.workloads.values() {
+            if workload.key.as_ref().is_some_and(|k| k.node == node) {
+                counts.workloads += 1;
+                counts.bytes += workload.encoded_len();
+            }
+        }
+        counts
     }
 
     fn update_connected_metric(&self) {

@@ -67,6 +67,10 @@ impl Args {
             agent_service_account,
             grpc_service,
             ca_config_map,
+            registration_lease_secs,
+            max_listeners_per_node,
+            max_workloads_per_node,
+            max_registration_bytes_per_node,
             webhook_addr,
             webhook_cert_dir,
             webhook_ca_secret,
@@ -260,11 +264,22 @@ impl Args {
             }
             Some(_) => auth::Authenticator::secure(token_reviewer, metrics.clone()),
         };
+        tokio::spawn(expire_registrations(
+            handle.clone(),
+            store.clone(),
+            metrics.clone(),
+            std::time::Duration::from_secs(registration_lease_secs),
+        ));
         let service = DistributionServer::new(grpc::DistributionService::new(
             handle,
             store.clone(),
             metrics,
             auth,
+            grpc::Quotas {
+                listeners: max_listeners_per_node,
+                workloads: max_workloads_per_node,
+                bytes: max_registration_bytes_per_node,
+            },
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_UPDATE_BYTES);
@@ -351,6 +366,58 @@ async fn start_webhook(
         files.server_config()?,
         app,
     )))
+}
+
+/// Every quarter lease (at least every second): tells the other replicas which agents are
+/// connected here, and removes the registrations of nodes whose agent has been gone from
+/// every replica for a whole lease.
+async fn expire_registrations(
+    index: IndexHandle,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    lease: std::time::Duration,
+) {
+    let period = (lease / 4).max(std::time::Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(period).await;
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let Ok(liveness) = index.liveness(lease, unix_ms).await else {
+            return;
+        };
+        for node in &liveness.connected {
+            if let Err(error) = store.put_alive(node, unix_ms).await {
+                tracing::warn!(
+                    node,
+                    error = format!("{error:#}"),
+                    "could not share a liveness mark"
+                );
+            }
+        }
+        for key in liveness.expired_listeners {
+            if store.remove_listener(&key).await.is_ok()
+                && index
+                    .register(index::RegistryChange::RemoveListener(key.clone()))
+                    .await
+                    .is_ok()
+            {
+                tracing::info!(key, "expired a listener registration: its agent is gone");
+                metrics.registration("listener", "expire");
+            }
+        }
+        for key in liveness.expired_workloads {
+            if store.remove_workload(&key).await.is_ok()
+                && index
+                    .register(index::RegistryChange::RemoveWorkload(key.clone()))
+                    .await
+                    .is_ok()
+            {
+                tracing::info!(key, "expired a workload registration: its agent is gone");
+                metrics.registration("workload", "expire");
+            }
+        }
+    }
 }
 
 /// Most concurrent calls on one HTTP/2 connection (an agent needs a few).

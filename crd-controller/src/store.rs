@@ -55,6 +55,11 @@ pub trait Store: Send + Sync + 'static {
     fn shares_acks(&self) -> bool {
         false
     }
+    /// Tells the other replicas that `node`'s agent is connected to this one at `unix_ms`
+    /// (they see it through [`Store::run`] as [`RegistryChange::Alive`]).
+    fn put_alive(&self, _node: &str, _unix_ms: u64) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Shares a node's ack with the other replicas (they see it through [`Store::run`]). Never
     /// replaces a later or equal revision of the node.
     fn put_ack(&self, _ack: &AckRecord) -> BoxFuture<'_, anyhow::Result<()>> {
@@ -216,6 +221,7 @@ impl std::fmt::Debug for EtcdStore {
 const LISTENERS: &str = "listeners/";
 const WORKLOADS: &str = "workloads/";
 const ACKS: &str = "acks/";
+const ALIVE: &str = "alive/";
 const REVISION: &str = "revision";
 
 impl EtcdStore {
@@ -253,11 +259,13 @@ impl EtcdStore {
         let mut listeners = Vec::new();
         let mut workloads = Vec::new();
         let mut acks = Vec::new();
+        let mut alive = Vec::new();
         for kv in response.kvs() {
             match self.decode(kv.key(), kv.value()) {
                 Some(RegistryChange::PutListener(l)) => listeners.push(l),
                 Some(RegistryChange::PutWorkload(w)) => workloads.push(w),
                 Some(RegistryChange::Ack(a)) => acks.push(a),
+                Some(change @ RegistryChange::Alive { .. }) => alive.push(change),
                 _ => {}
             }
         }
@@ -273,6 +281,9 @@ impl EtcdStore {
             workloads,
             acks,
         });
+        for change in alive {
+            index.registry(change);
+        }
         let mut stream = client
             .watch(
                 self.prefix.as_str(),
@@ -308,7 +319,7 @@ impl EtcdStore {
 
     fn section<'k>(&self, key: &'k [u8]) -> Option<(&'static str, &'k str)> {
         let key = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
-        [LISTENERS, WORKLOADS, ACKS]
+        [LISTENERS, WORKLOADS, ACKS, ALIVE]
             .into_iter()
             .find_map(|section| key.strip_prefix(section).map(|rest| (section, rest)))
     }
@@ -318,6 +329,15 @@ impl EtcdStore {
         let decoded = match section {
             LISTENERS => Listener::decode(value).map(RegistryChange::PutListener),
             WORKLOADS => Workload::decode(value).map(RegistryChange::PutWorkload),
+            ALIVE => {
+                return std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|text| text.parse().ok())
+                    .map(|unix_ms| RegistryChange::Alive {
+                        node: rest.to_string(),
+                        unix_ms,
+                    });
+            }
             _ => {
                 return match decode_ack(rest, value) {
                     Ok(ack) => Some(RegistryChange::Ack(ack)),
@@ -435,6 +455,18 @@ impl Store for EtcdStore {
 
     fn shares_acks(&self) -> bool {
         true
+    }
+
+    fn put_alive(&self, node: &str, unix_ms: u64) -> BoxFuture<'_, anyhow::Result<()>> {
+        let key = self.key(ALIVE, node);
+        Box::pin(async move {
+            self.client
+                .clone()
+                .put(key, unix_ms.to_string(), None)
+                .await
+                .context("writing a liveness mark")?;
+            Ok(())
+        })
     }
 
     fn put_ack(&self, ack: &AckRecord) -> BoxFuture<'_, anyhow::Result<()>> {

@@ -25,6 +25,10 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(&[]).await
+}
+
+async fn setup_with(extra: &[&str]) -> Setup {
     let dir = tempfile::tempdir().expect("temp dir");
     let state = dir.path().join("state");
     std::fs::create_dir(&state).expect("state dir");
@@ -36,8 +40,9 @@ async fn setup() -> Setup {
         &[],
     );
     let server = pki.server().display().to_string();
-    let controller =
-        Controller::start(&state, dir.path(), &["--grpc-tls-dir", server.as_str()]).await;
+    let mut args = vec!["--grpc-tls-dir", server.as_str()];
+    args.extend_from_slice(extra);
+    let controller = Controller::start(&state, dir.path(), &args).await;
     Setup {
         dir,
         pki,
@@ -349,4 +354,85 @@ async fn oversize_requests_and_stream_floods_are_refused() {
     n1.watch_snapshots(watch_request("n1", 0))
         .await
         .expect("a freed slot");
+}
+
+#[tokio::test]
+async fn quotas_bound_what_a_node_registers() {
+    let setup = setup_with(&["--max-listeners-per-node", "2"]).await;
+    let mut n1 = setup.node("n1").await;
+    for port in [8080, 8081] {
+        n1.register_listener(listener("n1", port, 8))
+            .await
+            .expect("within the quota");
+    }
+    let error = n1
+        .register_listener(listener("n1", 8082, 8))
+        .await
+        .expect_err("over the quota");
+    assert_eq!(error.code(), Code::ResourceExhausted);
+    assert_eq!(error.message(), "node n1 is at its quota of 2 listeners");
+    // Another node has its own quota.
+    let mut n2 = setup.node("n2").await;
+    n2.register_listener(listener("n2", 8082, 8))
+        .await
+        .expect("n2's own quota");
+    assert!(setup.metrics().contains(
+        "stackroute_controller_denied_requests_total{method=\"RegisterListener\",reason=\"quota\"} 1"
+    ));
+}
+
+#[tokio::test]
+async fn registrations_of_a_departed_agent_expire() {
+    let setup = setup_with(&["--registration-lease-secs", "1"]).await;
+    let mut admin = setup.client(&setup.pki.admin()).await;
+    // n1's agent stays (its watch stream is open); n2's registers and leaves.
+    let mut n1 = setup.node("n1").await;
+    n1.register_listener(listener("n1", 8080, 8))
+        .await
+        .expect("n1 listener");
+    let _n1_watch = n1
+        .watch_snapshots(watch_request("n1", 0))
+        .await
+        .expect("n1 watch");
+    {
+        let mut n2 = setup.node("n2").await;
+        n2.register_listener(listener("n2", 8080, 8))
+            .await
+            .expect("n2 listener");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = admin
+            .get_status(StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if status.listeners == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n2's listener did not expire: {} listeners",
+            status.listeners
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // What remains is n1's: its agent is connected.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = admin
+        .get_status(StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(
+        status.listeners, 1,
+        "n1's listener must stay while its agent watches"
+    );
+    assert!(
+        setup.metrics().contains(
+            "stackroute_controller_registrations_total{kind=\"listener\",op=\"expire\"} 1"
+        ),
+        "{}",
+        setup.metrics()
+    );
 }

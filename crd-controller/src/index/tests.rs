@@ -224,9 +224,15 @@ fn workloads_become_pods_and_agent_nodes_become_nodes() {
         vec!["10.1.0.10".parse::<IpAddr>().unwrap()]
     );
     // A new workload of a node is added as a pod of that node.
-    index.apply_registry(RegistryChange::PutWorkload(mk_workload("n9", "job-1", "10.9.0.2")));
+    index.apply_registry(RegistryChange::PutWorkload(mk_workload(
+        "n9", "job-1", "10.9.0.2",
+    )));
     let state = index.merged_state();
-    let job = state.pods.iter().find(|p| p.name == "job-1").expect("job-1");
+    let job = state
+        .pods
+        .iter()
+        .find(|p| p.name == "job-1")
+        .expect("job-1");
     assert_eq!(job.node.as_deref(), Some("n9"));
 }
 
@@ -653,5 +659,61 @@ async fn a_known_revision_beyond_the_controllers_own_is_never_adopted() {
     assert!(
         second > first,
         "revisions must keep increasing: {first} then {second}"
+    );
+}
+
+#[test]
+fn registrations_expire_a_lease_after_their_agent_is_gone_everywhere() {
+    let (mut index, _) = mk_index();
+    let lease = Duration::from_secs(600);
+    let start = Instant::now();
+    index.apply_registry(RegistryChange::PutWorkload(mk_workload(
+        "n1",
+        "web-0",
+        "10.1.0.10",
+    )));
+    index.apply_registry(RegistryChange::PutWorkload(mk_workload(
+        "n2",
+        "db-0",
+        "10.1.0.20",
+    )));
+    // n1's agent watches here; n2's was never seen: its clock starts at the first look.
+    let (_rx, _) = index.subscribe("n1", "a1", 0, 1);
+    let first = index.liveness(start, 0, lease);
+    assert_eq!(first.connected, vec!["n1".to_string()]);
+    assert!(first.expired_workloads.is_empty());
+    let later = start + lease;
+    assert_eq!(
+        index.liveness(later, 0, lease).expired_workloads,
+        vec!["n2/shop/db-0".to_string()]
+    );
+    // Another replica said n2's agent is connected to it: kept.
+    let now_ms = 10_000_000;
+    index.apply_registry(RegistryChange::Alive {
+        node: "n2".into(),
+        unix_ms: now_ms - 1_000,
+    });
+    assert!(
+        index
+            .liveness(later, now_ms, lease)
+            .expired_workloads
+            .is_empty()
+    );
+    // n1's agent leaves: a lease later its registrations go too (n2's mark is old by then).
+    index.unsubscribe("n1", 1);
+    let gone = Instant::now();
+    let expired = index.liveness(gone + lease, now_ms + 600_000, lease);
+    assert!(expired.connected.is_empty());
+    assert_eq!(
+        expired.expired_workloads,
+        vec!["n1/shop/web-0".to_string(), "n2/shop/db-0".to_string()]
+    );
+    assert_eq!(
+        index.node_registrations("n1"),
+        NodeRegistrations {
+            listeners: 0,
+            workloads: 1,
+            bytes: prost::Message::encoded_len(&mk_workload("n1", "web-0", "10.1.0.10")),
+        }
     );
 }
