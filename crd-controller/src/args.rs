@@ -88,6 +88,15 @@ pub struct Args {
     )]
     pub etcd_prefix: String,
 
+    /// Connect to etcd over TLS with the client certificate in this directory: `ca.crt` (the
+    /// etcd server's CA), `tls.crt` and `tls.key` (use `https://` endpoints).
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_ETCD_TLS_DIR",
+        requires = "etcd_endpoints"
+    )]
+    pub etcd_tls_dir: Option<PathBuf>,
+
     /// Networks that count as inside the cluster (comma-separated CIDRs); default: RFC 1918,
     /// 100.64.0.0/10 and fd00::/8.
     #[arg(

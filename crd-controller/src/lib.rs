@@ -57,6 +57,7 @@ impl Args {
             metrics_addr,
             etcd_endpoints,
             etcd_prefix,
+            etcd_tls_dir,
             cluster_networks,
             debounce_ms,
             debounce_max_ms,
@@ -120,7 +121,9 @@ impl Args {
         let store: Arc<dyn Store> = if etcd_endpoints.is_empty() {
             Arc::new(MemoryStore::default())
         } else {
-            Arc::new(EtcdStore::connect(&etcd_endpoints, &etcd_prefix).await?)
+            Arc::new(
+                EtcdStore::connect(&etcd_endpoints, &etcd_prefix, etcd_tls_dir.as_deref()).await?,
+            )
         };
         let metrics = Arc::new(Metrics::default());
         let webhook_files = webhook_cert_dir.as_deref().map(tls::CertFiles::new);

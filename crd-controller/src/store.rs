@@ -225,11 +225,30 @@ const ALIVE: &str = "alive/";
 const REVISION: &str = "revision";
 
 impl EtcdStore {
-    /// Connects to etcd. Fails if no endpoint answers within a few seconds.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> anyhow::Result<Self> {
-        let options = ConnectOptions::new()
+    /// Connects to etcd, over TLS with the client certificate in `tls` (`ca.crt`, `tls.crt`,
+    /// `tls.key`) when given. Fails if no endpoint answers within a few seconds.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5));
+        if let Some(dir) = tls {
+            let read = |file: &str| {
+                let path = dir.join(file);
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+            };
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read("ca.crt")?))
+                    .identity(etcd_client::Identity::from_pem(
+                        read("tls.crt")?,
+                        read("tls.key")?,
+                    )),
+            );
+        }
         let mut client = Client::connect(endpoints, Some(options))
             .await
             .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;

@@ -56,6 +56,13 @@ fn main() -> ExitCode {
             |_| testkit::block_on(a_killed_and_restarted_controller_loses_no_registration()),
         ),
         Trial::gated(
+            "the_controller_talks_to_etcd_over_tls_with_a_client_certificate",
+            common::etcd_installed,
+            |_| {
+                testkit::block_on(the_controller_talks_to_etcd_over_tls_with_a_client_certificate())
+            },
+        ),
+        Trial::gated(
             "acks_through_one_replica_program_policies_in_the_status_of_another",
             common::etcd_installed,
             |_| {
@@ -353,4 +360,45 @@ async fn acks_through_one_replica_program_policies_in_the_status_of_another() {
     );
     let report = status(&mut client_a).await;
     assert_eq!(n1(&report).expect("n1").acked_revision, u4.revision);
+}
+
+async fn the_controller_talks_to_etcd_over_tls_with_a_client_certificate() {
+    let dir = state_dir();
+    let pki = testkit::pki::Pki::new(
+        std::path::Path::new(env!("CARGO_BIN_EXE_stackroute-controller")),
+        &dir.path().join("pki"),
+        &[],
+    );
+    let etcd = Etcd::start_tls(&pki.server(), &dir.path().join("pki").join("ca.crt")).await;
+    let client_dir = pki.admin().display().to_string();
+    let args = [
+        "--etcd-endpoints",
+        etcd.endpoint.as_str(),
+        "--etcd-prefix",
+        "/tls/",
+        "--etcd-tls-dir",
+        client_dir.as_str(),
+    ];
+    let mut controller = Controller::start(dir.path(), dir.path(), &args).await;
+    let mut client = controller.client().await;
+    client
+        .register_listener(rdma_listener(7000))
+        .await
+        .expect("register over a TLS etcd");
+    controller.restart().await;
+    let mut client = controller.client().await;
+    assert_eq!(status(&mut client).await.listeners, 1, "kept in etcd");
+
+    // Without the client certificate etcd refuses, and the controller says so and exits.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stackroute-controller"))
+        .arg("--state")
+        .arg(dir.path())
+        .args(["--insecure-plaintext", "--grpc-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(["--etcd-endpoints", etcd.endpoint.as_str()])
+        .output()
+        .expect("controller");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("etcd"), "{stderr}");
 }

@@ -350,14 +350,42 @@ pub fn etcd_installed() -> Result<PathBuf, testkit::Ignored> {
 impl Etcd {
     /// Starts etcd on free loopback ports (the trial's gate, [`etcd_installed`], found it).
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts etcd serving clients over TLS with `server` (`tls.crt`, `tls.key`) and requiring
+    /// client certificates signed by `client_ca`.
+    pub async fn start_tls(server: &Path, client_ca: &Path) -> Self {
+        Self::start_with(Some((server, client_ca))).await
+    }
+
+    async fn start_with(tls: Option<(&Path, &Path)>) -> Self {
         let data = tempfile::tempdir().expect("etcd data dir");
         let client = free_port();
         let peer = free_port();
-        let client_url = format!("http://127.0.0.1:{client}");
+        let health = free_port();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some((server, client_ca)) = tls {
+            command
+                .arg("--cert-file")
+                .arg(server.join("tls.crt"))
+                .arg("--key-file")
+                .arg(server.join("tls.key"))
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(client_ca);
+        }
+        let child = command
             .args(["--name", "test", "--data-dir"])
             .arg(data.path())
+            // /health in plaintext on its own port, whatever the client port speaks.
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://127.0.0.1:{health}"),
+            ])
             .args(["--listen-client-urls", &client_url])
             .args(["--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &peer_url])
@@ -376,7 +404,7 @@ impl Etcd {
             endpoint: client_url,
             _data: data,
         };
-        let addr = SocketAddr::from(([127, 0, 0, 1], client));
+        let addr = SocketAddr::from(([127, 0, 0, 1], health));
         wait_for("etcd to be healthy", Duration::from_secs(15), || {
             let healthy = http_get(addr, "/health").is_some_and(|(_, body)| body.contains("true"));
             async move { healthy.then_some(()) }
