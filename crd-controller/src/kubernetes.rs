@@ -1,8 +1,10 @@
 //! Kubernetes mode: watchers feed the same index; one elected replica writes status.
 //!
 //! ```text
-//! Namespace, Node, Pod, Service, EndpointSlice, StackRoute, ClusterStackRoute
+//! Namespace, Node, Pod, Service, EndpointSlice, NetworkPolicy, StackRoute, ClusterStackRoute
 //!   ─► watcher (DynamicObject: never fails to deserialize) ─► FileEvent per object ─► index
+//! discovery every minute: network policy kinds the engine cannot evaluate (Cilium, Calico,
+//!   AdminNetworkPolicy, …) ─► list, then watch, each one served ─► FileEvent per object ─► index
 //! Lease coordination.k8s.io/v1 ─► leader? ─► status writer ─► server-side apply of /status
 //! ```
 //!
@@ -20,17 +22,26 @@
 //!   against the full schema, CEL included, when it is loaded, so one that breaks a rule gets
 //!   `Accepted=False` with the rule's message and stays out of the snapshots (a warning at start
 //!   says so).
+//!
+//! NetworkPolicy gates kernel-bypass stacks (policy crate, `netpol`): `networking.k8s.io/v1`
+//! NetworkPolicies are watched like every other kind. Objects of network policy kinds the engine
+//! cannot evaluate make every gated decision undecidable, so they are looked for too: every
+//! [`FOREIGN_POLICY_DISCOVERY_PERIOD`] the groups in [`FOREIGN_POLICY_GROUPS`] are discovered,
+//! and each kind named `…NetworkPolicy` they serve is listed (before the first compile, so the
+//! gate fails closed from the start) and then watched. A kind that cannot be listed (RBAC) counts
+//! as present until it can be.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::error::DiscoveryError;
 use kube::runtime::WatchStreamExt as _;
@@ -53,16 +64,18 @@ pub fn resources() -> Vec<ApiResource> {
         ApiResource::erase::<Node>(&()),
         ApiResource::erase::<Pod>(&()),
         ApiResource::erase::<Service>(&()),
+        ApiResource::erase::<NetworkPolicy>(&()),
         ApiResource::erase::<StackRoute>(&()),
         ApiResource::erase::<ClusterStackRoute>(&()),
     ]
 }
 
 /// The source names the index must see synced before its first compile: one per watched kind,
-/// EndpointSlice included.
+/// EndpointSlice included, and the first look for foreign network policies.
 pub fn sources() -> Vec<String> {
     let mut sources: Vec<String> = resources().iter().map(source_of).collect();
     sources.push(endpoint_slice_source());
+    sources.push(FOREIGN_POLICY_SOURCE.to_string());
     sources
 }
 
@@ -195,8 +208,8 @@ pub fn object_text(resource: &ApiResource, object: &DynamicObject) -> String {
     value.to_string()
 }
 
-/// Starts one watcher per kind (EndpointSlice after discovering its version); returns the
-/// source names the index must see synced ([`sources`]).
+/// Starts one watcher per kind (EndpointSlice after discovering its version) and the look for
+/// foreign network policies; returns the source names the index must see synced ([`sources`]).
 pub fn spawn_watchers(client: &Client, index: &IndexHandle) -> Vec<String> {
     for resource in resources() {
         let client = client.clone();
@@ -204,7 +217,137 @@ pub fn spawn_watchers(client: &Client, index: &IndexHandle) -> Vec<String> {
         tokio::spawn(async move { watch_kind(client, resource, index).await });
     }
     tokio::spawn(watch_endpoint_slices(client.clone(), index.clone()));
+    tokio::spawn(watch_foreign_policies(client.clone(), index.clone()));
     sources()
+}
+
+// === foreign network policies ===
+
+/// API groups that serve network policy kinds the engine cannot evaluate: AdminNetworkPolicy,
+/// BaselineAdminNetworkPolicy and ClusterNetworkPolicy; Cilium's; Calico's (as CRDs and through
+/// its API server); Antrea's; MultiNetworkPolicy.
+pub const FOREIGN_POLICY_GROUPS: [&str; 6] = [
+    "policy.networking.k8s.io",
+    "cilium.io",
+    "crd.projectcalico.org",
+    "projectcalico.org",
+    "crd.antrea.io",
+    "k8s.cni.cncf.io",
+];
+
+/// How often the groups are discovered again (a network plugin may be installed later).
+pub const FOREIGN_POLICY_DISCOVERY_PERIOD: Duration = Duration::from_secs(60);
+
+/// The source the first discovery round reports synced.
+pub const FOREIGN_POLICY_SOURCE: &str = "kubernetes foreign network policies";
+
+/// Of the kinds a group serves, the network policy kinds the engine cannot evaluate.
+pub fn foreign_policy_resources(served: impl IntoIterator<Item = ApiResource>) -> Vec<ApiResource> {
+    served
+        .into_iter()
+        .filter(|r| stackroute_policy::netpol::is_foreign_policy(&r.api_version, &r.kind))
+        .collect()
+}
+
+/// The source standing for a kind that cannot be listed, and its text: one object of the kind,
+/// so that the engine counts the kind as present (fail closed) until it can be listed.
+pub fn unlistable_kind(resource: &ApiResource, why: &str) -> (String, String) {
+    let source = format!("{} (cannot list)", resource.kind);
+    let text = serde_json::json!({
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "metadata": {"name": format!("(any: cannot list {}: {why})", resource.plural)},
+    })
+    .to_string();
+    (source, text)
+}
+
+/// Discovers the foreign network policy kinds the server serves (a missing group serves none).
+async fn served_foreign_policies(client: &Client) -> Result<Vec<ApiResource>, kube::Error> {
+    let mut found = Vec::new();
+    for group in FOREIGN_POLICY_GROUPS {
+        match kube::discovery::group(client, group).await {
+            Ok(group) => found.extend(foreign_policy_resources(
+                group.recommended_resources().into_iter().map(|(r, _)| r),
+            )),
+            Err(kube::Error::Discovery(DiscoveryError::MissingApiGroup(_))) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(found)
+}
+
+/// Looks for foreign network policy kinds every [`FOREIGN_POLICY_DISCOVERY_PERIOD`]; lists each
+/// new one (its objects reach the index before the first round reports synced) and then watches
+/// it. A kind that cannot be listed stands as present ([`unlistable_kind`]) and is tried again
+/// next round.
+async fn watch_foreign_policies(client: Client, index: IndexHandle) {
+    let mut watching: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut unlistable: BTreeSet<String> = BTreeSet::new();
+    let mut synced = false;
+    loop {
+        match served_foreign_policies(&client).await {
+            Ok(found) => {
+                for resource in found {
+                    let key = (resource.api_version.clone(), resource.kind.clone());
+                    if watching.contains(&key) {
+                        continue;
+                    }
+                    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+                    let (placeholder, _) = unlistable_kind(&resource, "");
+                    let delivered = match api.list(&ListParams::default()).await {
+                        Ok(list) => {
+                            tracing::warn!(kind = %resource.kind, api_version = %resource.api_version,
+                                objects = list.items.len(),
+                                "the cluster serves a network policy kind this controller cannot \
+                                 evaluate: while any object of it exists, NetworkPolicy cannot \
+                                 decide kernel-bypass flows and RDMA is left out of decisions");
+                            let mut result = Ok(());
+                            if unlistable.remove(&placeholder) {
+                                result = index.file(FileEvent::Removed(placeholder));
+                            }
+                            for object in &list.items {
+                                result = result.and(index.file(FileEvent::Changed(
+                                    object_source(&resource.kind, object),
+                                    object_text(&resource, object),
+                                )));
+                            }
+                            watching.insert(key);
+                            let (client, index, resource) =
+                                (client.clone(), index.clone(), resource.clone());
+                            tokio::spawn(async move { watch_kind(client, resource, index).await });
+                            result
+                        }
+                        Err(error) => {
+                            tracing::warn!(kind = %resource.kind, %error,
+                                "cannot list a network policy kind this controller cannot \
+                                 evaluate (RBAC?): counted as present, so RDMA is left out of \
+                                 decisions; trying again");
+                            let (_, text) = unlistable_kind(&resource, &error.to_string());
+                            unlistable.insert(placeholder.clone());
+                            index.file(FileEvent::Changed(placeholder, text))
+                        }
+                    };
+                    if delivered.is_err() {
+                        return; // the index is gone: shutting down
+                    }
+                }
+                if !synced {
+                    synced = true;
+                    if index
+                        .file(FileEvent::Synced(FOREIGN_POLICY_SOURCE.to_string()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "discovery of foreign network policy kinds failed; retrying");
+            }
+        }
+        tokio::time::sleep(FOREIGN_POLICY_DISCOVERY_PERIOD).await;
+    }
 }
 
 /// Logs the API server's version and, below Kubernetes 1.25, that the server does not enforce
@@ -733,7 +876,67 @@ mod tests {
         // Either way the index waits for the same source.
         assert_eq!(source_of(&beta), source_of(&v1));
         assert!(sources().contains(&source_of(&beta)));
-        assert_eq!(sources().len(), resources().len() + 1);
+        assert_eq!(sources().len(), resources().len() + 2);
+    }
+
+    #[test]
+    fn network_policies_and_foreign_policy_kinds_reach_the_loader() {
+        let resource = ApiResource::erase::<NetworkPolicy>(&());
+        assert!(resources().contains(&resource));
+        assert!(sources().contains(&source_of(&resource)));
+        assert!(sources().contains(&FOREIGN_POLICY_SOURCE.to_string()));
+        let mut object = DynamicObject::new("deny", &resource).within("shop");
+        object.types = None; // as in a list response
+        object.data = serde_json::json!({"spec": {"podSelector": {}, "policyTypes": ["Ingress"]}});
+        let mut state = stackroute_policy::ClusterState::default();
+        let problems = state.load_text(
+            &object_source(&resource.kind, &object),
+            &object_text(&resource, &object),
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(state.network_policies.len(), 1);
+        assert_eq!(state.network_policies[0].namespace, "shop");
+
+        // Of what the groups serve, only the policy kinds count.
+        let gvk = |group: &str, version: &str, kind: &str, plural: &str| {
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+        };
+        let cilium = gvk(
+            "cilium.io",
+            "v2",
+            "CiliumNetworkPolicy",
+            "ciliumnetworkpolicies",
+        );
+        let found = foreign_policy_resources([
+            cilium.clone(),
+            gvk("cilium.io", "v2", "CiliumEndpoint", "ciliumendpoints"),
+            gvk(
+                "policy.networking.k8s.io",
+                "v1alpha1",
+                "AdminNetworkPolicy",
+                "adminnetworkpolicies",
+            ),
+        ]);
+        let kinds: Vec<&str> = found.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(kinds, ["CiliumNetworkPolicy", "AdminNetworkPolicy"]);
+        // A listed object and a kind that cannot be listed both count as present.
+        let mut object = DynamicObject::new("l7", &cilium).within("ops");
+        object.types = None;
+        let (placeholder, text) = unlistable_kind(&cilium, "403 Forbidden");
+        let mut state = stackroute_policy::ClusterState::default();
+        assert!(
+            state
+                .load_text("CiliumNetworkPolicy/ops/l7", &object_text(&cilium, &object))
+                .is_empty()
+        );
+        assert!(state.load_text(&placeholder, &text).is_empty());
+        assert_eq!(
+            state.foreign_policies.len(),
+            2,
+            "{:?}",
+            state.foreign_policies
+        );
+        assert!(state.foreign_policies[1].contains("cannot list ciliumnetworkpolicies"));
     }
 
     #[test]
