@@ -439,10 +439,13 @@ def check_webhook(c: Checker, variant: str, objs: list[dict], values: dict) -> N
         ok = (len(certs) == 1 and ann == f"{NAMESPACE}/{certs[0]['metadata']['name']}"
               and vol.get("secret", {}).get("secretName") == certs[0]["spec"]["secretName"]
               and f"{svc_name}.{NAMESPACE}.svc" in certs[0]["spec"]["dnsNames"]
-              and not any(a.startswith("--webhook-ca-secret") for a in args)
-              and not find(objs, "Role")[0]["rules"][-1]["resources"] == ["secrets"])
+              and not any(a.startswith(("--webhook-config-name", "--webhook-service")) for a in args)
+              and not any("mutatingwebhookconfigurations" in rule.get("resources", [])
+                          for rule in find(objs, "ClusterRole")[0]["rules"]))
+        # The controller's own CA still signs the gRPC certificate; cert-manager owns the webhook's.
         c.expect(ok, f"[{variant}] cert-manager: Certificate for {svc_name}.{NAMESPACE}.svc, its Secret mounted, "
-                 "inject-ca-from annotation, no controller-owned CA flags or Secret RBAC")
+                 "inject-ca-from annotation, the controller neither issues the webhook's certificate nor "
+                 "patches caBundle (no --webhook-service/--webhook-config-name, no webhook configuration RBAC)")
     else:
         ok = (f"--webhook-ca-secret={RELEASE}-webhook-ca" in args
               and f"--webhook-config-name={RELEASE}-injector" in args

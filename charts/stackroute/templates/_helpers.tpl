@@ -41,6 +41,7 @@ helm.sh/chart: {{ include "stackroute.chart" .root }}
 {{- define "stackroute.webhookServiceName" -}}{{ include "stackroute.fullname" . }}-webhook{{- end -}}
 {{- define "stackroute.injectorName" -}}{{ include "stackroute.fullname" . }}-injector{{- end -}}
 {{- define "stackroute.webhookCASecret" -}}{{ include "stackroute.fullname" . }}-webhook-ca{{- end -}}
+{{- define "stackroute.etcdTLSSecret" -}}{{ include "stackroute.etcdName" . }}-tls{{- end -}}
 {{- define "stackroute.caConfigMap" -}}{{ include "stackroute.fullname" . }}-ca{{- end -}}
 {{- define "stackroute.webhookTLSSecret" -}}{{ include "stackroute.fullname" . }}-webhook-tls{{- end -}}
 {{- define "stackroute.etcdName" -}}{{ include "stackroute.fullname" . }}-etcd{{- end -}}
@@ -67,7 +68,7 @@ Ignore
 {{- $name := include "stackroute.etcdName" . -}}
 {{- $eps := list -}}
 {{- range $i := until (int .Values.etcd.bundled.replicas) -}}
-{{- $eps = append $eps (printf "http://%s-%d.%s-headless.%s.svc:2379" $name $i $name $.Release.Namespace) -}}
+{{- $eps = append $eps (printf "%s://%s-%d.%s-headless.%s.svc:2379" (ternary "https" "http" $.Values.etcd.bundled.tls.enabled) $name $i $name $.Release.Namespace) -}}
 {{- end -}}
 {{- join "," $eps -}}
 {{- end -}}
@@ -131,4 +132,11 @@ rules:
     apiVersions: [v1]
     resources: [pods]
     scope: Namespaced
+{{- end -}}
+
+{{/* "true" when the controller talks to etcd over TLS with a client certificate. */}}
+{{- define "stackroute.etcdClientTLS" -}}
+{{- if and .Values.etcd.bundled.enabled .Values.etcd.bundled.tls.enabled -}}true
+{{- else if and .Values.etcd.endpoints .Values.etcd.clientTLS.secretName -}}true
+{{- end -}}
 {{- end -}}
