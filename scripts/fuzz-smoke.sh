@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Fuzz smoke test: builds the cargo-fuzz targets of policy/fuzz, snapshot/fuzz and netstack/fuzz with the
+# Fuzz smoke test: builds the cargo-fuzz targets of policy/fuzz, snapshot/fuzz, netstack/fuzz,
+# proto/fuzz (the controller's request decoding) and lrd-agent/fuzz (the agent's local API and
+# hand-over protocol) with the
 # *stable* toolchain and runs each for a bounded time. Exits non-zero when a target crashes
 # (panics, times out or runs out of memory) or does not build; the crashing input is left in
 # <crate>/fuzz/artifacts/<target>/ and its path printed.
 #
-#   FUZZ_SECONDS=20     seconds per target (load_yaml, decode, mutate, parse_frame, operation_sequence)
+#   FUZZ_SECONDS=20     seconds per target (load_yaml, decode, mutate, parse_frame,
+#                       operation_sequence, grpc_request, local_request, handover_message)
 #   FUZZ_TARGETS="..."  a subset, e.g. "decode mutate"
 #   FUZZ_SANITIZER=none none (default: the crates are #![forbid(unsafe_code)], so the bugs to
 #                       find are panics; plain stable builds it) or address (ASan: needs
@@ -21,7 +24,8 @@ root=$PWD
 seconds="${FUZZ_SECONDS:-20}"
 sanitizer="${FUZZ_SANITIZER:-none}"
 target_dir="${FUZZ_TARGET_DIR:-$root/target-fuzz/cargo-fuzz}"
-targets="${FUZZ_TARGETS:-load_yaml decode mutate parse_frame operation_sequence}"
+all_targets="load_yaml decode mutate parse_frame operation_sequence grpc_request local_request handover_message"
+targets="${FUZZ_TARGETS:-$all_targets}"
 cargo_fuzz_version="0.13.2"
 
 log() { printf 'fuzz-smoke: %s\n' "$*" >&2; }
@@ -56,12 +60,14 @@ crate_of() {
     load_yaml) echo policy ;;
     decode | mutate) echo snapshot ;;
     parse_frame | operation_sequence) echo netstack ;;
+    grpc_request) echo proto ;;
+    local_request | handover_message) echo lrd-agent ;;
     *) echo unknown ;;
   esac
 }
 for target in $targets; do
   if [ "$(crate_of "$target")" = unknown ]; then
-    log "unknown fuzz target '$target' (known: load_yaml decode mutate parse_frame operation_sequence)"; exit 2
+    log "unknown fuzz target '$target' (known: $all_targets)"; exit 2
   fi
 done
 # cargo fuzz SUBCOMMAND ARGS... for <crate>/fuzz: from inside a crate directory, or with
@@ -78,7 +84,7 @@ logs="$target_dir/logs"
 mkdir -p "$logs"
 
 # --- build everything first, so a build error is reported as such -------------------------------
-for crate in policy snapshot netstack; do
+for crate in policy snapshot netstack proto lrd-agent; do
   wanted=()
   for target in $targets; do
     if [ "$(crate_of "$target")" = "$crate" ]; then wanted+=("$target"); fi

@@ -458,7 +458,9 @@ up() {
   start kube-scheduler "$LANE/bin/kube-scheduler" --kubeconfig="$LANE/etc/scheduler.kubeconfig" \
     --leader-elect=false --bind-address=127.0.0.1 --port=0 --secure-port=10259
   # AWS_EC2_METADATA_DISABLED: kubelet 1.20's built-in ECR credential provider otherwise sends
-  # SYNs to 169.254.169.254 at start-up, an address that is not ours.
+  # SYNs to 169.254.169.254 at start-up, an address that is not ours. --eviction-hard: the lane
+  # shares its disk with cargo's target directory; the default (10 % free) would taint the node
+  # with disk-pressure on a busy build machine and leave every new pod Pending.
   start kubelet env AWS_EC2_METADATA_DISABLED=true "$LANE/bin/kubelet" \
     --kubeconfig="$LANE/etc/kubelet-client.kubeconfig" \
     --container-runtime=remote --container-runtime-endpoint="unix://$LANE/run/containerd.sock" \
@@ -470,6 +472,7 @@ up() {
     --address="$NODE_IP" --port=10250 --read-only-port=0 --healthz-bind-address=127.0.0.1 \
     --healthz-port=10248 --fail-swap-on=false --cgroup-driver=cgroupfs --resolv-conf= \
     --cluster-domain=cluster.local --node-status-update-frequency=2s \
+    --eviction-hard='nodefs.available<1Gi,imagefs.available<1Gi,memory.available<100Mi' \
     --node-labels=topology.kubernetes.io/zone=lane-zone-a,topology.kubernetes.io/region=lane
   start kube-proxy "$LANE/bin/kube-proxy" --kubeconfig="$LANE/etc/kube-proxy.kubeconfig" \
     --proxy-mode=iptables --hostname-override="$NODE" --cluster-cidr="$POD_CIDR" --bind-address="$NODE_IP" \
