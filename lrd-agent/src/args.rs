@@ -57,6 +57,14 @@ pub struct Args {
     /// waiting for SIGTERM. Not for a DaemonSet: an exited container is restarted.
     #[arg(long, env = "STACKROUTE_EXIT_AFTER_HANDOVER")]
     pub exit_after_handover: bool,
+    /// Where local callers' workload identity comes from: `standalone` (a workload registers
+    /// itself, `stackroute run`) or `kubernetes` (the API server's pods, found by the caller's
+    /// network namespace; local `registerWorkload` is refused).
+    #[arg(long, env = "STACKROUTE_AGENT_MODE", value_enum, default_value_t = local::Mode::Standalone)]
+    pub mode: local::Mode,
+    /// Limits and quotas of the local socket.
+    #[command(flatten)]
+    pub local: local::LocalLimits,
 }
 
 impl Args {
@@ -99,6 +107,10 @@ impl Args {
         agent
             .set_socket_file()
             .context("cannot stat the agent socket")?;
+        agent.set_local_policy(local::LocalPolicy {
+            mode: self.mode,
+            limits: self.local,
+        });
         let handover_listener = handover::bind(&agent.config.socket_dir)?;
         let max_connections = local::connection_limit(raise_fd_limit());
         info!(
@@ -124,6 +136,7 @@ impl Args {
             signal = shutdown() => {
                 signal?;
                 info!("shutting down");
+                agent.flush_registrations(Duration::from_secs(2));
                 return Ok(());
             }
         };

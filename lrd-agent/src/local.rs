@@ -1,32 +1,43 @@
 //! The Unix socket `DIR/agent.sock`: requests from local processes (see
 //! `stackroute_local_api::message`), one reply per request, length-prefixed JSON frames.
-//! Callers are identified by `SO_PEERCRED`. A bad frame gets an error reply and is logged; an
-//! oversized or truncated one also closes that connection (its boundaries are lost). Nothing a
-//! client sends can stop the agent.
+//! A bad frame gets an error reply and is logged; an oversized or truncated one also closes
+//! that connection (its boundaries are lost). Nothing a client sends can stop the agent.
+//!
+//! Every request is bound to its caller, as the kernel reports it (`SO_PEERCRED` → `/proc`),
+//! never as the request claims ([`identity`]): a caller looks up, and registers listeners
+//! for, only its own workload; wildcard listeners are kept per pod (network namespace); a
+//! registration is replaced or removed only by its owner. Each caller has a connection cap,
+//! idle connections are closed, and registrations count against per-pod and per-node quotas
+//! ([`limits`]).
 
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use stackroute_local_api::frame::{self, HEADER_LEN};
 use stackroute_local_api::message::{self, LookupAnswer, Request, Response, Transport};
-use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
 use stackroute_proto::v1alpha1::{
     self as proto, Listener, ListenerKey, RegistrationResponse, Workload, WorkloadKey,
 };
 use stackroute_proto::validate;
-use stackroute_snapshot::{NoTrace, Snapshot};
+use stackroute_snapshot::NoTrace;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::peer::{self, Peer, ProcNet};
-use crate::registry::{Held, Owner, Removal};
+use crate::registry::{Held, ListenerId, Owner, Removal};
 use crate::state::Agent;
+
+pub mod identity;
+pub mod limits;
+
+pub use identity::Identity;
+pub use limits::{LocalLimits, LocalPolicy, Mode};
 
 /// Most concurrent connections; further clients wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 4096;
@@ -46,6 +57,8 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often registrations of exited processes are withdrawn.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// Time allowed to tell a caller over its connection cap why it is closed.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// How long a connection accepted before a hand-over began may take to send its request once
 /// the agent drains: one-shot clients (the shim, the CLI) write it right after connecting.
@@ -61,8 +74,12 @@ pub struct LocalServer {
 }
 
 impl LocalServer {
-    /// Starts accepting on `listener`, at most `max_connections` clients at once.
+    /// Starts accepting on `listener`, at most `max_connections` clients at once (and at most
+    /// the policy's `max_local_connections`).
     pub fn start(agent: Arc<Agent>, listener: UnixListener, max_connections: usize) -> Self {
+        let max_connections = max_connections
+            .min(agent.local_policy().limits.max_local_connections)
+            .max(1);
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let slots = Arc::new(Semaphore::new(max_connections));
         let task = tokio::spawn(serve(agent, listener, slots.clone(), stopping));
@@ -98,6 +115,7 @@ async fn serve(
     slots: Arc<Semaphore>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) -> UnixListener {
+    let caps = limits::ConnectionCaps::default();
     loop {
         let permit = tokio::select! {
             biased;
@@ -117,8 +135,9 @@ async fn serve(
             Ok((stream, _)) => {
                 let agent = agent.clone();
                 let stopping = stopping.clone();
+                let caps = caps.clone();
                 tokio::spawn(async move {
-                    connection(&agent, stream, stopping).await;
+                    connection(&agent, stream, stopping, &caps).await;
                     drop(permit);
                 });
             }
@@ -130,37 +149,61 @@ async fn serve(
     }
 }
 
+/// Connections refused for a caller over its cap, since the agent started (logged sparsely).
+static CAPPED: AtomicU64 = AtomicU64::new(0);
+
 async fn connection(
     agent: &Agent,
     stream: UnixStream,
     mut draining: tokio::sync::watch::Receiver<bool>,
+    caps: &limits::ConnectionCaps,
 ) {
     let peer = match stream.peer_cred() {
-        Ok(cred) => Peer {
-            pid: cred.pid(),
-            uid: cred.uid(),
-            gid: cred.gid(),
-            cgroup: cred
-                .pid()
-                .and_then(|pid| peer::cgroup(Path::new("/proc"), pid)),
-        },
+        Ok(cred) => Peer::from_proc(Path::new("/proc"), cred.pid(), cred.uid(), cred.gid()),
         Err(error) => {
             warn!(%error, "no peer credentials; closing");
             return;
         }
     };
-    debug!(pid = ?peer.pid, uid = peer.uid, gid = peer.gid, cgroup = ?peer.cgroup, "local connection");
+    debug!(pid = ?peer.pid, uid = peer.uid, gid = peer.gid, cgroup = ?peer.cgroup, netns = ?peer.netns, "local connection");
+    let limits = &agent.local_policy().limits;
+    let scope = peer.scope();
     let (mut reader, mut writer) = stream.into_split();
+    // One pod (or one uid+netns+cgroup outside pods) cannot hold every slot.
+    let Some(_slot) = caps.acquire(&scope, limits.max_connections_per_caller) else {
+        agent.metrics.request("connection", "denied");
+        let refused = CAPPED.fetch_add(1, Ordering::Relaxed);
+        if refused.is_power_of_two() || refused == 0 {
+            warn!(%scope, pid = ?peer.pid, cap = limits.max_connections_per_caller, refused = refused + 1,
+                "a caller is over its connection cap; refusing its further connections");
+        }
+        let reply = Response::Error {
+            message: format!(
+                "denied: too many connections from this caller ({scope}): at most {} at once",
+                limits.max_connections_per_caller
+            ),
+        };
+        if let Ok(bytes) = frame::encode(&reply) {
+            let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, writer.write_all(&bytes)).await;
+        }
+        return;
+    };
+    let idle_timeout = limits.idle_timeout();
     loop {
         let mut header = [0; HEADER_LEN];
         // While draining for a hand-over, a connection gets one short grace to send its
-        // request; the read is never cancelled half-way (the same future is awaited on).
+        // request; the read is never cancelled half-way (the same future is awaited on). A
+        // connection that sends nothing for the idle timeout is closed.
         let read = {
             let read = reader.read_exact(&mut header);
             tokio::pin!(read);
             let done = tokio::select! {
                 result = &mut read => Some(result),
                 _ = wait_draining(&mut draining) => None,
+                _ = tokio::time::sleep(idle_timeout) => {
+                    debug!(pid = ?peer.pid, ?idle_timeout, "idle local connection; closing");
+                    return;
+                }
             };
             match done {
                 Some(result) => result,
@@ -255,7 +298,17 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
             endpoints,
         } => {
             register_listener(
-                agent, peer, ip, port, protocol, namespace, workload, stacks, endpoints,
+                agent,
+                peer,
+                ListenerRequest {
+                    ip,
+                    port,
+                    protocol,
+                    namespace,
+                    workload,
+                    stacks,
+                    endpoints,
+                },
             )
             .await
         }
@@ -274,10 +327,7 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
             ip,
             port,
             protocol,
-        } => match lookup(agent, &namespace, &workload, ip, port, protocol) {
-            Ok(answer) => (Response::Decision(answer), "ok"),
-            Err(message) => (Response::Error { message }, "error"),
-        },
+        } => lookup(agent, peer, &namespace, &workload, ip, port, protocol),
         Request::FindListener { ip, port, protocol } => (
             Response::Listener {
                 listener: find_listener(agent, ip, port, protocol),
@@ -328,8 +378,25 @@ fn error(message: String) -> (Response, &'static str) {
     (Response::Error { message }, "error")
 }
 
+/// A refusal because of who the caller is, what it holds, or a quota: the message starts
+/// with `denied:` and says which.
 fn denied(message: String) -> (Response, &'static str) {
+    let message = if message.starts_with("denied:") {
+        message
+    } else {
+        format!("denied: {message}")
+    };
     (Response::Error { message }, "denied")
+}
+
+fn ok() -> (Response, &'static str) {
+    (
+        Response::Ok {
+            revision: None,
+            queued: false,
+        },
+        "ok",
+    )
 }
 
 fn check_owned(peer: &Peer, ip: IpAddr) -> Result<(), String> {
@@ -342,10 +409,28 @@ fn check_owned(peer: &Peer, ip: IpAddr) -> Result<(), String> {
     }
 }
 
+/// The inode of the agent's own network namespace: a caller in it is on the host's network.
+fn own_netns() -> Option<u64> {
+    static OWN: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| {
+        std::fs::read_link("/proc/self/ns/net")
+            .ok()
+            .and_then(|link| link.to_str().and_then(peer::parse_netns_link))
+    })
+}
+
 fn proto_protocol(protocol: message::Protocol) -> i32 {
     match protocol {
         message::Protocol::Tcp => proto::Protocol::Tcp as i32,
         message::Protocol::Udp => proto::Protocol::Udp as i32,
+    }
+}
+
+fn protocol_name(protocol: i32) -> &'static str {
+    if protocol == proto::Protocol::Udp as i32 {
+        "UDP"
+    } else {
+        "TCP"
     }
 }
 
@@ -383,13 +468,29 @@ impl Forwarded {
             Self::Refused(message) => error(format!("the controller refused: {message}")),
         }
     }
+
+    /// The outcome of several forwards: refused if any was, else queued if any was, else the
+    /// latest revision.
+    fn combine(outcomes: Vec<Self>) -> Self {
+        let mut combined = Self::Done(0);
+        for outcome in outcomes {
+            combined = match (combined, outcome) {
+                (refused @ Self::Refused(_), _) | (_, refused @ Self::Refused(_)) => refused,
+                (Self::Queued, _) | (_, Self::Queued) => Self::Queued,
+                (Self::Done(a), Self::Done(b)) => Self::Done(a.max(b)),
+            };
+        }
+        combined
+    }
 }
 
 /// Sends a registration to the controller if one is connected. Transport failures leave it
-/// queued (it is re-sent on reconnect); a refusal by the controller is final.
+/// queued (it is re-sent on reconnect); a refusal by the controller is final. The node being
+/// at its quota at the controller (`RESOURCE_EXHAUSTED`) is a refusal too: held, the
+/// registration would only be refused again on every re-send.
 async fn forward<F, Fut>(agent: &Agent, call: F) -> Forwarded
 where
-    F: FnOnce(DistributionClient<Channel>) -> Fut,
+    F: FnOnce(stackroute_proto::client::Client) -> Fut,
     Fut: Future<Output = Result<tonic::Response<RegistrationResponse>, tonic::Status>>,
 {
     let Some(client) = agent.client() else {
@@ -397,7 +498,10 @@ where
     };
     match tokio::time::timeout(FORWARD_TIMEOUT, call(client)).await {
         Ok(Ok(response)) => Forwarded::Done(response.into_inner().revision),
-        Ok(Err(status)) if !crate::controller::transient(status.code()) => {
+        Ok(Err(status))
+            if status.code() == tonic::Code::ResourceExhausted
+                || !crate::controller::transient(status.code()) =>
+        {
             Forwarded::Refused(status.message().to_string())
         }
         Ok(Err(status)) => {
@@ -408,10 +512,8 @@ where
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn register_listener(
-    agent: &Agent,
-    peer: &Peer,
+/// A `registerListener` request's fields.
+struct ListenerRequest {
     ip: IpAddr,
     port: u16,
     protocol: message::Protocol,
@@ -419,50 +521,244 @@ async fn register_listener(
     workload: String,
     stacks: Vec<message::Stack>,
     endpoints: std::collections::BTreeMap<String, String>,
+}
+
+/// The addresses a wildcard listener (`0.0.0.0`/`::`) of the caller stands for, so that it is
+/// kept per pod and sent to the controller under addresses unique on the node:
+/// - the caller's workload's addresses that its network namespace holds (Kubernetes: the pod
+///   IPs; standalone: the registered `ips`);
+/// - else, for a caller on the host's network, the wildcard itself (the node's addresses);
+/// - else every routable address of the caller's own network namespace.
+///
+/// `0.0.0.0` stands for IPv4 addresses only; `::` for both families (Linux binds `::`
+/// dual-stack unless `IPV6_V6ONLY` is set).
+fn wildcard_addresses(
+    peer: &Peer,
+    identity: &Identity,
+    wildcard: IpAddr,
+) -> Result<Vec<IpAddr>, String> {
+    let pid = peer
+        .pid
+        .ok_or("the caller's pid is not visible to the agent")?;
+    let (netns, addresses) = ProcNet::default()
+        .namespace_addresses(pid)
+        .map_err(|e| format!("cannot read the caller's network namespace: {e}"))?;
+    let family = |ip: &IpAddr| wildcard.is_ipv6() || ip.to_canonical().is_ipv4();
+    if let Identity::Known(known) = identity {
+        let mine: Vec<IpAddr> = known
+            .ips
+            .iter()
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| addresses.contains(ip) && family(ip))
+            .collect();
+        if !mine.is_empty() {
+            return Ok(mine);
+        }
+    }
+    if Some(netns) == own_netns() {
+        return Ok(vec![wildcard]);
+    }
+    let routable: Vec<IpAddr> = addresses
+        .into_iter()
+        .filter(|ip| peer::is_routable(*ip) && family(ip))
+        .collect();
+    if routable.is_empty() {
+        return Err(format!(
+            "the caller's network namespace has no {} address but loopback and link-local ones: nothing outside it can reach a listener on {wildcard}",
+            if wildcard.is_ipv6() { "IP" } else { "IPv4" }
+        ));
+    }
+    Ok(routable)
+}
+
+/// Usage of `kind` by `scope` and by the node, leaving out the entries `replacing`.
+fn usage<K: Ord, T>(
+    entries: &std::collections::BTreeMap<K, Held<T>>,
+    replacing: &[K],
+    scope: &str,
+    bytes: impl Fn(&T) -> usize,
+) -> limits::Usage {
+    let mut usage = limits::Usage::default();
+    for (key, held) in entries {
+        if replacing.contains(key) {
+            continue;
+        }
+        let size = bytes(&held.value);
+        usage.node_count += 1;
+        usage.node_bytes += size;
+        if held.owner.scope == scope {
+            usage.scope_count += 1;
+            usage.scope_bytes += size;
+        }
+    }
+    usage
+}
+
+/// Bytes held by `scope` and by the node in the other registry (quotas on bytes cover both).
+fn other_bytes<K, T>(
+    entries: &std::collections::BTreeMap<K, Held<T>>,
+    scope: &str,
+    bytes: impl Fn(&T) -> usize,
+) -> (usize, usize) {
+    entries.values().fold((0, 0), |(mine, all), held| {
+        let size = bytes(&held.value);
+        (
+            mine + if held.owner.scope == scope { size } else { 0 },
+            all + size,
+        )
+    })
+}
+
+async fn register_listener(
+    agent: &Agent,
+    peer: &Peer,
+    request: ListenerRequest,
 ) -> (Response, &'static str) {
+    let ListenerRequest {
+        ip,
+        port,
+        protocol,
+        namespace,
+        workload,
+        stacks,
+        endpoints,
+    } = request;
     if port == 0 {
         return error("port must not be 0".into());
     }
-    if let Err(message) = check_owned(peer, ip) {
-        return denied(message);
+    let policy = agent.local_policy();
+    let identity = identity::resolve(agent, peer);
+    match &identity {
+        Identity::Known(_) if !identity.is(&namespace, &workload) => {
+            return denied(format!(
+                "the caller is {}; it may register listeners only for its own workload, not {namespace}/{workload}",
+                identity.describe()
+            ));
+        }
+        Identity::Unknown(why) if policy.mode == Mode::Kubernetes => {
+            return denied(format!(
+                "cannot tell which pod the caller is ({why}); in Kubernetes mode only a pod of this node may register listeners"
+            ));
+        }
+        _ => {}
     }
+    let ip = ip.to_canonical();
+    let targets = if ip.is_unspecified() {
+        match wildcard_addresses(peer, &identity, ip) {
+            Ok(targets) => targets,
+            Err(message) => return denied(message),
+        }
+    } else {
+        if let Err(message) = check_owned(peer, ip) {
+            return denied(message);
+        }
+        vec![ip]
+    };
     let mut stacks: Vec<i32> = std::iter::once(message::Stack::Kernel)
         .chain(stacks)
         .map(proto_stack)
         .collect();
     stacks.sort_unstable();
     stacks.dedup();
-    let key = ListenerKey {
-        node: agent.config.node.clone(),
-        ip: ip.to_canonical().to_string(),
-        port: u32::from(port),
-        protocol: proto_protocol(protocol),
+    let owner = Owner {
+        wildcard: ip.is_unspecified().then_some(ip),
+        ..identity::owner(peer, &identity)
     };
-    let id = (key.ip.clone(), key.port, key.protocol);
-    // The controller's own rules: what is held here must never be refused on re-send.
-    let listener = match validate::check_listener(Listener {
-        key: Some(key),
-        namespace,
-        workload,
-        stacks,
-        endpoints: endpoints.into_iter().collect(),
-    }) {
-        Ok(listener) => listener,
-        Err(message) => return error(message),
+    let mut listeners: Vec<(ListenerId, Listener)> = Vec::with_capacity(targets.len());
+    for target in targets {
+        let key = ListenerKey {
+            node: agent.config.node.clone(),
+            ip: target.to_string(),
+            port: u32::from(port),
+            protocol: proto_protocol(protocol),
+        };
+        let id = (key.ip.clone(), key.port, key.protocol);
+        // The controller's own rules: what is held here must never be refused on re-send.
+        match validate::check_listener(Listener {
+            key: Some(key),
+            namespace: namespace.clone(),
+            workload: workload.clone(),
+            stacks: stacks.clone(),
+            endpoints: endpoints
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }) {
+            Ok(listener) => listeners.push((id, listener)),
+            Err(message) => return error(message),
+        }
+    }
+    // Owners, quotas and the insertion under one lock, so that two callers cannot both pass.
+    let previous: Vec<(ListenerId, Option<Held<Listener>>)> = {
+        let mut held = agent.registrations();
+        for (id, _) in &listeners {
+            if let Some(existing) = held.listeners.get(id)
+                && !existing.owner.yields_to(&owner)
+            {
+                return denied(format!(
+                    "listener {}:{port}/{} is registered by another pod or process (pid {}, {}); only its owner may replace it",
+                    id.0,
+                    protocol_name(id.2),
+                    existing.owner.pid,
+                    existing.owner.scope
+                ));
+            }
+        }
+        let replacing: Vec<ListenerId> = listeners.iter().map(|(id, _)| id.clone()).collect();
+        let adding_bytes: usize = listeners
+            .iter()
+            .map(|(_, l)| limits::listener_bytes(l))
+            .sum();
+        let mut used = usage(
+            &held.listeners,
+            &replacing,
+            &owner.scope,
+            limits::listener_bytes,
+        );
+        let (mine, all) = other_bytes(&held.workloads, &owner.scope, limits::workload_bytes);
+        used.scope_bytes += mine;
+        used.node_bytes += all;
+        if let Err(message) = policy.limits.check_quota(
+            limits::Kind::Listeners,
+            used,
+            listeners.len(),
+            adding_bytes,
+            &owner.scope,
+        ) {
+            return denied(message);
+        }
+        listeners
+            .iter()
+            .map(|(id, listener)| {
+                let old = held.listeners.insert(
+                    id.clone(),
+                    Held {
+                        value: listener.clone(),
+                        owner: owner.clone(),
+                    },
+                );
+                (id.clone(), old)
+            })
+            .collect()
     };
-    agent.registrations().listeners.insert(
-        id.clone(),
-        Held {
-            value: listener.clone(),
-            owner: Owner::of(peer.pid),
-        },
-    );
-    let outcome = forward(agent, |mut client| async move {
-        client.register_listener(listener).await
-    })
-    .await;
+    let mut outcomes = Vec::with_capacity(listeners.len());
+    for (_, listener) in listeners {
+        outcomes.push(
+            forward(agent, |mut client| async move {
+                client.register_listener(listener).await
+            })
+            .await,
+        );
+    }
+    let outcome = Forwarded::combine(outcomes);
     if matches!(outcome, Forwarded::Refused(_)) {
-        agent.registrations().listeners.remove(&id);
+        let mut held = agent.registrations();
+        for (id, old) in previous {
+            match old {
+                Some(old) => held.listeners.insert(id, old),
+                None => held.listeners.remove(&id),
+            };
+        }
     }
     outcome.reply()
 }
@@ -474,20 +770,60 @@ async fn remove_listener(
     port: u16,
     protocol: message::Protocol,
 ) -> (Response, &'static str) {
-    if let Err(message) = check_owned(peer, ip) {
+    let ip = ip.to_canonical();
+    if !ip.is_unspecified()
+        && let Err(message) = check_owned(peer, ip)
+    {
         return denied(message);
     }
-    let key = ListenerKey {
-        node: agent.config.node.clone(),
-        ip: ip.to_canonical().to_string(),
-        port: u32::from(port),
-        protocol: proto_protocol(protocol),
+    let identity = identity::resolve(agent, peer);
+    let caller = identity::owner(peer, &identity);
+    let protocol = proto_protocol(protocol);
+    let removed: Vec<ListenerKey> = {
+        let mut held = agent.registrations();
+        let ids: Vec<ListenerId> = if ip.is_unspecified() {
+            // Only the entries this caller's namespace derived from the same wildcard.
+            held.listeners
+                .iter()
+                .filter(|((_, p, proto), h)| {
+                    *p == u32::from(port)
+                        && *proto == protocol
+                        && h.owner.wildcard == Some(ip)
+                        && h.owner.netns == caller.netns
+                        && h.owner.yields_to(&caller)
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        } else {
+            let id = (ip.to_string(), u32::from(port), protocol);
+            match held.listeners.get(&id) {
+                None => Vec::new(),
+                Some(existing) if !existing.owner.yields_to(&caller) => {
+                    return denied(format!(
+                        "listener {ip}:{port}/{} is registered by another pod or process (pid {}, {}); only its owner may remove it",
+                        protocol_name(protocol),
+                        existing.owner.pid,
+                        existing.owner.scope
+                    ));
+                }
+                Some(_) => vec![id],
+            }
+        };
+        if ids.is_empty() {
+            // Nothing of this caller's is registered there.
+            debug!(%ip, port, pid = ?peer.pid, "removal of a listener that is not registered");
+            return ok();
+        }
+        ids.into_iter()
+            .filter_map(|id| held.listeners.remove(&id))
+            .filter_map(|h| h.value.key)
+            .collect()
     };
-    agent
-        .registrations()
-        .listeners
-        .remove(&(key.ip.clone(), key.port, key.protocol));
-    remove(agent, Removal::Listener(key)).await.reply()
+    let mut outcomes = Vec::with_capacity(removed.len());
+    for key in removed {
+        outcomes.push(remove(agent, Removal::Listener(key)).await);
+    }
+    Forwarded::combine(outcomes).reply()
 }
 
 async fn register_workload(
@@ -498,6 +834,12 @@ async fn register_workload(
     labels: std::collections::BTreeMap<String, String>,
     ips: Vec<IpAddr>,
 ) -> (Response, &'static str) {
+    let policy = agent.local_policy();
+    if policy.mode == Mode::Kubernetes {
+        return denied(format!(
+            "registerWorkload {namespace}/{name} is refused in Kubernetes mode: the API server is the source of pod identity (the agent knows a pod by its network namespace's address)"
+        ));
+    }
     for ip in &ips {
         if ip.is_unspecified() {
             return error("a workload address must not be the unspecified address".into());
@@ -519,44 +861,103 @@ async fn register_workload(
         Ok(workload) => workload,
         Err(message) => return error(message),
     };
-    agent.registrations().workloads.insert(
-        id.clone(),
-        Held {
-            value: workload.clone(),
-            owner: Owner::of(peer.pid),
-        },
-    );
+    // Workloads count against the process's own scope (its pod, or its uid, network namespace
+    // and cgroup): a registration is what gives it a workload identity in the first place.
+    let owner = Owner {
+        netns: peer.netns.unwrap_or(0),
+        scope: peer.scope(),
+        ..Owner::of(peer.pid)
+    };
+    let previous = {
+        let mut held = agent.registrations();
+        if let Some(existing) = held.workloads.get(&id)
+            && !existing.owner.same_process(&owner)
+            && existing.owner.alive()
+        {
+            return denied(format!(
+                "workload {}/{} is registered by another live process (pid {}); it cannot be replaced until that process exits",
+                id.0, id.1, existing.owner.pid
+            ));
+        }
+        let mut used = usage(
+            &held.workloads,
+            std::slice::from_ref(&id),
+            &owner.scope,
+            limits::workload_bytes,
+        );
+        let (mine, all) = other_bytes(&held.listeners, &owner.scope, limits::listener_bytes);
+        used.scope_bytes += mine;
+        used.node_bytes += all;
+        if let Err(message) = policy.limits.check_quota(
+            limits::Kind::Workloads,
+            used,
+            1,
+            limits::workload_bytes(&workload),
+            &owner.scope,
+        ) {
+            return denied(message);
+        }
+        held.workloads.insert(
+            id.clone(),
+            Held {
+                value: workload.clone(),
+                owner,
+            },
+        )
+    };
     let outcome = forward(agent, |mut client| async move {
         client.register_workload(workload).await
     })
     .await;
     if matches!(outcome, Forwarded::Refused(_)) {
-        agent.registrations().workloads.remove(&id);
+        let mut held = agent.registrations();
+        match previous {
+            Some(old) => held.workloads.insert(id, old),
+            None => held.workloads.remove(&id),
+        };
     }
     outcome.reply()
 }
 
-/// Decides a connection on the current snapshot.
-pub fn lookup(
+/// Decides a connection on the current snapshot, for the caller's own workload only (a
+/// standalone caller that no registration identifies may look up any: standalone identity is
+/// declared, not attested, and the published snapshot holds the same answers).
+#[allow(clippy::too_many_arguments)]
+fn lookup(
     agent: &Agent,
+    peer: &Peer,
     namespace: &str,
     workload: &str,
     ip: IpAddr,
     port: u16,
     protocol: message::Protocol,
-) -> Result<LookupAnswer, String> {
-    let current = agent.current().ok_or("no snapshot is published yet")?;
-    let snapshot = Snapshot::parse(&current.bytes)
-        .map_err(|e| format!("the published snapshot does not validate: {e}"))?;
-    let id = snapshot
-        .workload_by_name(namespace, workload)
-        .ok_or_else(|| {
-            format!(
-                "workload {namespace}/{workload} is not on node {} in revision {}",
-                snapshot.node_name(),
-                current.revision
-            )
-        })?;
+) -> (Response, &'static str) {
+    let Some(current) = agent.current() else {
+        return error("no snapshot is published yet".into());
+    };
+    let identity = identity::resolve(agent, peer);
+    match &identity {
+        Identity::Known(_) if !identity.is(namespace, workload) => {
+            return denied(format!(
+                "the caller is {}; it may look up only its own workload, not {namespace}/{workload}",
+                identity.describe()
+            ));
+        }
+        Identity::Unknown(why) if agent.local_policy().mode == Mode::Kubernetes => {
+            return denied(format!(
+                "cannot tell which pod the caller is ({why}); a pod may look up only its own workload, not {namespace}/{workload}"
+            ));
+        }
+        _ => {}
+    }
+    let snapshot = current.parsed.snapshot();
+    let Some(id) = snapshot.workload_by_name(namespace, workload) else {
+        return error(format!(
+            "workload {namespace}/{workload} is not on node {} in revision {}",
+            snapshot.node_name(),
+            current.revision
+        ));
+    };
     let protocol = match protocol {
         message::Protocol::Tcp => stackroute_snapshot::Protocol::Tcp,
         message::Protocol::Udp => stackroute_snapshot::Protocol::Udp,
@@ -585,14 +986,17 @@ pub fn lookup(
             )
         }
     });
-    Ok(LookupAnswer {
-        revision: current.revision,
-        stale: current.stale,
-        transports,
-        isolation: decision.isolation.to_string(),
-        location: decision.location.to_string(),
-        matched,
-    })
+    (
+        Response::Decision(LookupAnswer {
+            revision: current.revision,
+            stale: current.stale,
+            transports,
+            isolation: decision.isolation.to_string(),
+            location: decision.location.to_string(),
+            matched,
+        }),
+        "ok",
+    )
 }
 
 fn stack_from_proto(stack: i32) -> Option<message::Stack> {
@@ -604,8 +1008,10 @@ fn stack_from_proto(stack: i32) -> Option<message::Stack> {
     }
 }
 
-/// The listener registered for `ip:port`: an exact registration, else a wildcard one on the
-/// node that owns `ip` according to the current snapshot's address book.
+/// The listener registered for `ip:port`: an exact registration (a pod's wildcard listener is
+/// registered under its own addresses, so this is the pod that holds `ip`), else a wildcard
+/// one on the host network of the node whose own address `ip` is. A pod's address never
+/// answers with another pod's (or the host's) wildcard registration.
 pub fn find_listener(
     agent: &Agent,
     ip: IpAddr,
@@ -629,15 +1035,19 @@ pub fn find_listener(
     });
     let found = exact.or_else(|| {
         let current = agent.current()?;
-        let snapshot = Snapshot::parse(&current.bytes).ok()?;
+        let snapshot = current.parsed.snapshot();
         let node = match snapshot.classify(ip).0 {
-            stackroute_snapshot::DestinationClass::Pod { node, .. }
-            | stackroute_snapshot::DestinationClass::Node { node } => snapshot.node(node).0,
-            stackroute_snapshot::DestinationClass::Unknown => return None,
+            stackroute_snapshot::DestinationClass::Node { node } => snapshot.node(node).0,
+            stackroute_snapshot::DestinationClass::Pod { .. }
+            | stackroute_snapshot::DestinationClass::Unknown => return None,
         };
+        let family = |wildcard: IpAddr| wildcard.is_ipv6() || ip.is_ipv4();
         listeners.iter().filter(at_port).find(|l| {
             l.key.as_ref().is_some_and(|k| {
-                k.node == node && k.ip.parse::<IpAddr>().is_ok_and(|a| a.is_unspecified())
+                k.node == node
+                    && k.ip
+                        .parse::<IpAddr>()
+                        .is_ok_and(|a| a.is_unspecified() && family(a))
             })
         })
     })?;

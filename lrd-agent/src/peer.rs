@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 /// The caller of a Unix-socket connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peer {
     /// Its pid as seen from the agent's pid namespace (`None` if not visible there).
     pub pid: Option<i32>,
@@ -25,6 +25,110 @@ pub struct Peer {
     pub gid: u32,
     /// Its cgroup (from `/proc/PID/cgroup`), which names the pod under Kubernetes.
     pub cgroup: Option<String>,
+    /// The inode of its network namespace (`/proc/PID/ns/net`), which tells pods apart: every
+    /// pod but a host-network one has its own.
+    pub netns: Option<u64>,
+    /// The pod UID named by its cgroup path (kubelet's `pod<uid>` component), if any.
+    pub pod_uid: Option<String>,
+}
+
+impl Peer {
+    /// Reads what `/proc` tells about the process `pid` with credentials `uid`/`gid`.
+    pub fn from_proc(proc_root: &Path, pid: Option<i32>, uid: u32, gid: u32) -> Self {
+        let pid = pid.filter(|pid| *pid > 0);
+        let cgroup = pid.and_then(|pid| cgroup(proc_root, pid));
+        Self {
+            pid,
+            uid,
+            gid,
+            pod_uid: cgroup.as_deref().and_then(pod_uid),
+            netns: pid.and_then(|pid| netns_inode(proc_root, pid)),
+            cgroup,
+        }
+    }
+
+    /// Who this caller is for connection caps and quotas when it is not bound to a workload:
+    /// its pod (by UID) when its cgroup names one, else its uid, network namespace and cgroup.
+    pub fn scope(&self) -> String {
+        match &self.pod_uid {
+            Some(uid) => format!("pod {uid}"),
+            None => format!(
+                "uid {} netns {} cgroup {}",
+                self.uid,
+                self.netns
+                    .map_or_else(|| "?".to_string(), |n| n.to_string()),
+                self.cgroup.as_deref().unwrap_or("?")
+            ),
+        }
+    }
+}
+
+/// The inode of `pid`'s network namespace (`net:[INODE]` in `/proc/PID/ns/net`).
+pub fn netns_inode(proc_root: &Path, pid: i32) -> Option<u64> {
+    let link = std::fs::read_link(proc_root.join(pid.to_string()).join("ns/net")).ok()?;
+    parse_netns_link(link.to_str()?)
+}
+
+/// The inode from a namespace link's text, `net:[4026531840]`.
+pub fn parse_netns_link(link: &str) -> Option<u64> {
+    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// The pod UID in a kubelet cgroup path. The cgroupfs driver writes
+/// `/kubepods/burstable/pod1b2c…-…/CONTAINER`, the systemd driver
+/// `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c…_….slice/…` (dashes of
+/// the UID turned into underscores); either gives the UID with dashes.
+pub fn pod_uid(cgroup: &str) -> Option<String> {
+    cgroup.split('/').find_map(|component| {
+        let component = component.strip_suffix(".slice").unwrap_or(component);
+        // The last `pod` in the component: `kubepods-besteffort-pod<uid>` or `pod<uid>`.
+        let at = component.rfind("pod")?;
+        if at > 0 && !component[..at].ends_with('-') {
+            return None;
+        }
+        let uid = component[at + 3..].replace('_', "-");
+        let hex: Vec<&str> = uid.split('-').collect();
+        let lengths = [8, 4, 4, 4, 12];
+        (hex.len() == lengths.len()
+            && hex.iter().zip(lengths).all(|(part, len)| {
+                part.len() == len && part.chars().all(|c| c.is_ascii_hexdigit())
+            }))
+        .then(|| uid.to_ascii_lowercase())
+    })
+}
+
+/// The parent pid and start time (field 22) of `pid`, from `/proc/PID/stat`.
+pub fn parent_and_start(proc_root: &Path, pid: i32) -> Option<(i32, u64)> {
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    parse_parent_and_start(&stat)
+}
+
+/// Fields 4 (ppid) and 22 (starttime) of a `/proc/PID/stat` line, counted after the command
+/// name's last `)`.
+pub fn parse_parent_and_start(stat: &str) -> Option<(i32, u64)> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+}
+
+/// Whether `ip` names one pod or host on the network: not loopback, link-local, multicast or
+/// unspecified (every network namespace has those, so they identify nothing).
+pub fn is_routable(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_unspecified()
+                || v4.is_broadcast())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local())
+        }
+    }
 }
 
 /// The cgroup v2 path of `pid` (`0::/path`), or the first line for cgroup v1.
@@ -125,6 +229,13 @@ impl ProcNet {
 
     /// Every address assigned to an interface in `pid`'s network namespace.
     pub fn addresses(&self, pid: i32) -> Result<BTreeSet<IpAddr>, OwnershipError> {
+        self.namespace_addresses(pid)
+            .map(|(_, addresses)| addresses)
+    }
+
+    /// The inode of `pid`'s network namespace (0 if its link does not parse) and every address
+    /// assigned to an interface in it.
+    pub fn namespace_addresses(&self, pid: i32) -> Result<(u64, BTreeSet<IpAddr>), OwnershipError> {
         let dir = self.root.join(pid.to_string());
         let namespace = || std::fs::read_link(dir.join("ns/net")).map_err(OwnershipError::Io);
         let before = namespace()?;
@@ -136,7 +247,8 @@ impl ProcNet {
         }
         let mut addresses = parse_fib_trie(&fib);
         addresses.extend(parse_if_inet6(&inet6));
-        Ok(addresses)
+        let inode = before.to_str().and_then(parse_netns_link).unwrap_or(0);
+        Ok((inode, addresses))
     }
 
     /// Whether `ip` may be used by `peer`: the unspecified address always (a wildcard bind
@@ -214,12 +326,72 @@ Local:
     }
 
     #[test]
+    fn pod_uids_come_from_either_cgroup_driver() {
+        let uid = "1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d";
+        // cgroupfs driver, cgroup v1 and v2.
+        assert_eq!(
+            pod_uid(&format!("/kubepods/burstable/pod{uid}/0123abcd")).as_deref(),
+            Some(uid)
+        );
+        assert_eq!(
+            pod_uid(&format!("/kubepods/pod{uid}/c1")).as_deref(),
+            Some(uid)
+        );
+        // systemd driver: dashes become underscores.
+        let systemd = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-0123.scope",
+            uid.replace('-', "_")
+        );
+        assert_eq!(pod_uid(&systemd).as_deref(), Some(uid));
+        let guaranteed = format!(
+            "/kubepods.slice/kubepods-pod{}.slice/x.scope",
+            uid.replace('-', "_").to_uppercase()
+        );
+        assert_eq!(pod_uid(&guaranteed).as_deref(), Some(uid));
+        for not_a_pod in [
+            "/user.slice/user-0.slice/session-1.scope",
+            "/kubepods/burstable/podnot-a-uid/c",
+            "/system.slice/ipod-1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d.service",
+            "/",
+        ] {
+            assert_eq!(pod_uid(not_a_pod), None, "{not_a_pod}");
+        }
+    }
+
+    #[test]
+    fn proc_stat_and_namespace_links_parse() {
+        let stat = "1234 (we ird) (name) S 77 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_parent_and_start(stat), Some((77, 987654)));
+        assert_eq!(parse_parent_and_start("garbage"), None);
+        assert_eq!(parse_netns_link("net:[4026531840]"), Some(4026531840));
+        assert_eq!(parse_netns_link("mnt:[1]"), None);
+        let me = std::process::id() as i32;
+        let (parent, start) = parent_and_start(Path::new("/proc"), me).unwrap();
+        assert_eq!(parent as u32, std::os::unix::process::parent_id());
+        assert!(start > 0);
+        let peer = Peer::from_proc(Path::new("/proc"), Some(me), 0, 0);
+        assert!(peer.netns.is_some() && peer.cgroup.is_some());
+        assert!(peer.scope().starts_with("uid 0 netns "), "{}", peer.scope());
+        assert!(is_routable("192.0.2.1".parse().unwrap()));
+        assert!(is_routable("2001:db8::1".parse().unwrap()));
+        for local in [
+            "127.0.0.1",
+            "::1",
+            "fe80::1",
+            "169.254.0.1",
+            "0.0.0.0",
+            "::",
+            "ff02::1",
+        ] {
+            assert!(!is_routable(local.parse().unwrap()), "{local}");
+        }
+    }
+
+    #[test]
     fn ownership_is_checked_in_the_callers_namespace() {
         let me = Peer {
             pid: Some(std::process::id() as i32),
-            uid: 0,
-            gid: 0,
-            cgroup: None,
+            ..Default::default()
         };
         let proc_net = ProcNet::default();
         assert!(proc_net.owns(&me, "127.0.0.1".parse().unwrap()).unwrap());
@@ -263,7 +435,7 @@ Local:
             pid: Some(42),
             uid: 1000,
             gid: 1000,
-            cgroup: None,
+            ..Default::default()
         };
         assert!(proc_net.owns(&peer, "10.0.2.15".parse().unwrap()).unwrap());
         assert!(

@@ -3,10 +3,22 @@
 //! it could not send before.
 //!
 //! A process is identified by its pid and its start time (`/proc/PID/stat` field 22), so a
-//! reused pid is not mistaken for the process that registered.
+//! reused pid is not mistaken for the process that registered. Each registration also records
+//! the owner's network namespace and scope (its pod, or its workload, or its uid and cgroup):
+//! only the same owner may replace or remove it, and quotas count per scope.
+//!
+//! The file is written by one thread of its own ([`Persister`]), never on the async workers: a
+//! change only marks the registrations dirty, and the thread rewrites the file (temporary file,
+//! fsync, rename, fsync of the directory) at most once per [`PERSIST_INTERVAL`], so a burst of
+//! registrations costs a few writes, not one per change. A crash loses at most the changes of
+//! the last interval; the file on disk is always a complete earlier version.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use stackroute_proto::v1alpha1::{Listener, ListenerKey, Workload, WorkloadKey};
@@ -18,14 +30,32 @@ use crate::files;
 pub const REGISTRATIONS_FILE: &str = "registrations.json";
 const REGISTRATIONS_TMP_FILE: &str = ".registrations.tmp";
 
+/// Shortest time between two writes of the registrations file.
+pub const PERSIST_INTERVAL: Duration = Duration::from_millis(200);
+
 /// The registering process: pid and start time; `pid` 0 when it is not visible to the agent
 /// (such registrations are kept until removed explicitly).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     /// Pid in the agent's pid namespace.
     pub pid: i32,
     /// Start time in clock ticks after boot.
     pub start: u64,
+    /// Inode of the owner's network namespace (0: unknown, as in files of older agents).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub netns: u64,
+    /// Whom the registration counts against (quotas) and who may replace it besides the
+    /// owner process: `pod UID`, `workload NAMESPACE/NAME`, or `uid … netns … cgroup …`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
+    /// For a listener registered with the unspecified address, that address (`0.0.0.0` or
+    /// `::`): the entry was derived from it and its removal removes the entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wildcard: Option<IpAddr>,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl Owner {
@@ -35,6 +65,7 @@ impl Owner {
             Some(pid) => Self {
                 pid,
                 start: start_time(pid).unwrap_or(0),
+                ..Self::default()
             },
             None => Self::default(),
         }
@@ -44,6 +75,19 @@ impl Owner {
     pub fn alive(&self) -> bool {
         self.pid <= 0
             || start_time(self.pid).is_some_and(|start| self.start == 0 || start == self.start)
+    }
+
+    /// Whether `other` is the same process.
+    pub fn same_process(&self, other: &Self) -> bool {
+        self.pid > 0 && self.pid == other.pid && self.start == other.start
+    }
+
+    /// Whether `caller` may replace or remove what this owner registered: the same process,
+    /// or the same scope in the same network namespace, or anyone once this owner has exited.
+    pub fn yields_to(&self, caller: &Self) -> bool {
+        self.same_process(caller)
+            || (self.netns == caller.netns && self.scope == caller.scope)
+            || !self.alive()
     }
 }
 
@@ -182,10 +226,11 @@ impl ListenerRecord {
     }
 }
 
-impl Registrations {
-    /// Writes the registrations to the state directory (atomically).
+impl RegistrationRecords {
+    /// Writes the records to the state directory (atomically: a temporary file, fsync,
+    /// rename, fsync of the directory). Blocking: called from the [`Persister`] thread.
     pub fn save(&self, state_dir: &Path) {
-        let result = serde_json::to_vec_pretty(&self.records())
+        let result = serde_json::to_vec(self)
             .map_err(std::io::Error::other)
             .and_then(|bytes| {
                 files::replace_atomically(
@@ -200,6 +245,13 @@ impl Registrations {
             warn!(%error, dir = %state_dir.display(), "cannot persist the registrations");
         }
     }
+}
+
+impl Registrations {
+    /// Writes the registrations to the state directory (atomically), on the calling thread.
+    pub fn save(&self, state_dir: &Path) {
+        self.records().save(state_dir);
+    }
 
     /// The registrations in their serialised form.
     pub fn records(&self) -> RegistrationRecords {
@@ -207,7 +259,7 @@ impl Registrations {
             listeners: self
                 .listeners
                 .values()
-                .filter_map(|held| ListenerRecord::of(&held.value, held.owner))
+                .filter_map(|held| ListenerRecord::of(&held.value, held.owner.clone()))
                 .collect(),
             workloads: self
                 .workloads
@@ -216,7 +268,7 @@ impl Registrations {
                     let w = &held.value;
                     let key = w.key.as_ref()?;
                     Some(WorkloadRecord {
-                        owner: held.owner,
+                        owner: held.owner.clone(),
                         node: key.node.clone(),
                         namespace: key.namespace.clone(),
                         name: key.name.clone(),
@@ -333,6 +385,142 @@ impl Registrations {
     }
 }
 
+// === the writer ===
+
+/// What the [`Persister`] thread should do with a pending change.
+#[derive(Debug)]
+pub enum Persist {
+    /// Write these records.
+    Write(RegistrationRecords),
+    /// Not now (a hand-over is in progress): ask again after an interval.
+    Later,
+    /// Never (another agent serves the state directory now): drop the change.
+    Never,
+}
+
+enum Message {
+    Changed,
+    Flush(mpsc::Sender<()>),
+}
+
+/// The thread that writes the registrations file: [`Persister::changed`] never blocks; the
+/// thread asks its source for the records and writes them at most once per
+/// [`PERSIST_INTERVAL`] (the first change after a quiet interval at once).
+#[derive(Debug)]
+pub struct Persister {
+    sender: Mutex<mpsc::Sender<Message>>,
+    receiver: Mutex<Option<mpsc::Receiver<Message>>>,
+}
+
+impl Default for Persister {
+    fn default() -> Self {
+        let (sender, receiver) = mpsc::channel();
+        Self {
+            sender: Mutex::new(sender),
+            receiver: Mutex::new(Some(receiver)),
+        }
+    }
+}
+
+impl Persister {
+    /// Starts the writer thread (once; later calls do nothing): `source` says what to write
+    /// into `state_dir` when there are changes. Changes announced before are written first.
+    pub fn start<F>(&self, state_dir: PathBuf, source: F)
+    where
+        F: FnMut() -> Persist + Send + 'static,
+    {
+        let Some(receiver) = self
+            .receiver
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("registrations-writer".into())
+            .spawn(move || write_loop(&receiver, &state_dir, source));
+        if let Err(error) = spawned {
+            warn!(%error, "cannot start the registrations writer; registrations are not persisted");
+        }
+    }
+
+    /// Announces a change (never blocks).
+    pub fn changed(&self) {
+        let _ = self
+            .sender
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(Message::Changed);
+    }
+
+    /// Writes pending changes now and waits (up to `timeout`) until they are on disk; false if
+    /// the writer did not confirm in time (or was never started).
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let (ack, done) = mpsc::channel();
+        let sent = self
+            .sender
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(Message::Flush(ack));
+        sent.is_ok() && done.recv_timeout(timeout).is_ok()
+    }
+}
+
+fn write_loop(
+    receiver: &mpsc::Receiver<Message>,
+    state_dir: &Path,
+    mut source: impl FnMut() -> Persist,
+) {
+    let mut dirty = false;
+    let mut last_write: Option<Instant> = None;
+    let mut acks = Vec::new();
+    loop {
+        let message = if dirty {
+            let wait = last_write.map_or(Duration::ZERO, |last| {
+                (last + PERSIST_INTERVAL).saturating_duration_since(Instant::now())
+            });
+            match receiver.recv_timeout(wait) {
+                Ok(message) => Some(message),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    if let Persist::Write(records) = source() {
+                        records.save(state_dir);
+                    }
+                    return;
+                }
+            }
+        } else {
+            match receiver.recv() {
+                Ok(message) => Some(message),
+                Err(_) => return,
+            }
+        };
+        match message {
+            Some(Message::Changed) => {
+                dirty = true;
+                continue;
+            }
+            Some(Message::Flush(ack)) => acks.push(ack),
+            None => {}
+        }
+        if dirty {
+            match source() {
+                Persist::Write(records) => {
+                    records.save(state_dir);
+                    dirty = false;
+                }
+                Persist::Later => {}
+                Persist::Never => dirty = false,
+            }
+            last_write = Some(Instant::now());
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,7 +536,8 @@ mod tests {
         assert!(
             !Owner {
                 pid: me,
-                start: owner.start + 1
+                start: owner.start + 1,
+                ..Owner::default()
             }
             .alive(),
             "a reused pid"
@@ -356,7 +545,8 @@ mod tests {
         assert!(
             !Owner {
                 pid: i32::MAX,
-                start: 1
+                start: 1,
+                ..Owner::default()
             }
             .alive()
         );
@@ -370,6 +560,7 @@ mod tests {
         let gone = Owner {
             pid: i32::MAX,
             start: 5,
+            ..Owner::default()
         };
         let listener = |port| Listener {
             key: Some(ListenerKey {
@@ -397,21 +588,25 @@ mod tests {
             ("127.0.0.1".into(), 80, 6),
             Held {
                 value: listener(80),
-                owner: me,
+                owner: me.clone(),
             },
         );
         held.listeners.insert(
             ("127.0.0.1".into(), 81, 6),
             Held {
                 value: listener(81),
-                owner: gone,
+                owner: gone.clone(),
             },
         );
         held.workloads.insert(
             ("shop".into(), "a".into()),
             Held {
                 value: workload("a"),
-                owner: me,
+                owner: Owner {
+                    netns: 4026531840,
+                    scope: "workload shop/a".into(),
+                    ..me.clone()
+                },
             },
         );
         held.workloads.insert(
@@ -434,9 +629,11 @@ mod tests {
         assert_eq!(kept.value, listener(80));
         assert_eq!(kept.owner, me);
         assert_eq!(loaded.workloads.len(), 1);
+        let a = &loaded.workloads[&("shop".to_string(), "a".to_string())];
+        assert_eq!(a.value, workload("a"));
         assert_eq!(
-            loaded.workloads[&("shop".to_string(), "a".to_string())].value,
-            workload("a")
+            (a.owner.netns, a.owner.scope.as_str()),
+            (4026531840, "workload shop/a")
         );
         assert_eq!(loaded.removals.len(), 3);
         assert!(
@@ -453,5 +650,87 @@ mod tests {
         std::fs::write(dir.path().join(REGISTRATIONS_FILE), b"{not json").unwrap();
         let empty = Registrations::load(dir.path());
         assert!(empty.listeners.is_empty() && empty.removals.is_empty());
+    }
+
+    #[test]
+    fn the_writer_coalesces_bursts_and_flushes_on_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let persister = Persister::default();
+        // A change announced before the thread starts is written once it does.
+        persister.changed();
+        let counter = writes.clone();
+        let port = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1));
+        let source_port = port.clone();
+        persister.start(dir.path().to_path_buf(), move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut held = Registrations::default();
+            let port = source_port.load(std::sync::atomic::Ordering::SeqCst);
+            held.removals.push(Removal::Listener(ListenerKey {
+                node: "n1".into(),
+                ip: "127.0.0.1".into(),
+                port,
+                protocol: 6,
+            }));
+            Persist::Write(held.records())
+        });
+        assert!(persister.flush(Duration::from_secs(5)));
+        assert_eq!(writes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A burst of 1000 changes: a handful of writes, not 1000, and the last one wins.
+        let started = Instant::now();
+        for i in 0..1000 {
+            port.store(i + 2, std::sync::atomic::Ordering::SeqCst);
+            persister.changed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "changed() never blocks"
+        );
+        assert!(persister.flush(Duration::from_secs(5)));
+        let after_burst = writes.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((2..=4).contains(&after_burst), "{after_burst} writes");
+        let loaded = Registrations::load(dir.path());
+        assert_eq!(
+            loaded.removals,
+            [Removal::Listener(ListenerKey {
+                node: "n1".into(),
+                ip: "127.0.0.1".into(),
+                port: 1001,
+                protocol: 6,
+            })]
+        );
+        // Nothing pending: a flush writes nothing.
+        assert!(persister.flush(Duration::from_secs(5)));
+        assert_eq!(
+            writes.load(std::sync::atomic::Ordering::SeqCst),
+            after_burst
+        );
+    }
+
+    #[test]
+    fn owners_yield_to_themselves_their_scope_and_after_exiting() {
+        let me = Owner {
+            netns: 7,
+            scope: "pod a".into(),
+            ..Owner::of(Some(std::process::id() as i32))
+        };
+        let same_pod = Owner {
+            pid: 1,
+            start: 1,
+            ..me.clone()
+        };
+        let other_pod = Owner {
+            scope: "pod b".into(),
+            netns: 8,
+            ..same_pod.clone()
+        };
+        assert!(me.yields_to(&me) && me.yields_to(&same_pod));
+        assert!(!me.yields_to(&other_pod));
+        let gone = Owner {
+            pid: i32::MAX,
+            start: 3,
+            ..me.clone()
+        };
+        assert!(gone.yields_to(&other_pod));
     }
 }

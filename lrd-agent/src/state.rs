@@ -17,8 +17,9 @@ use stackroute_local_api::published::{self, SOCKET_FILE};
 
 use crate::files::{self, Publisher};
 use crate::handover::HandedState;
+use crate::local::LocalPolicy;
 use crate::metrics::Metrics;
-use crate::registry::{ListenerRecord, Registrations};
+use crate::registry::{ListenerRecord, Persist, Persister, Registrations};
 
 /// Whether this agent serves its socket directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,11 +47,46 @@ pub struct Config {
     pub state_dir: PathBuf,
 }
 
+/// A validated snapshot, parsed once when it is applied: the local API decides on the view
+/// without validating (and checksumming) the whole snapshot per request.
+#[derive(yoke::Yokeable)]
+pub struct View<'a>(pub Snapshot<'a>);
+
+/// A snapshot's bytes and its validated view, owned together.
+pub struct Parsed(yoke::Yoke<View<'static>, Vec<u8>>);
+
+impl Parsed {
+    /// Validates `bytes` (`Snapshot::parse`) and keeps them with their view.
+    pub fn new(bytes: Vec<u8>) -> Result<Self, stackroute_snapshot::DecodeError> {
+        yoke::Yoke::try_attach_to_cart(bytes, |bytes: &[u8]| Snapshot::parse(bytes).map(View))
+            .map(Self)
+    }
+
+    /// The encoded snapshot.
+    pub fn bytes(&self) -> &[u8] {
+        self.0.backing_cart()
+    }
+
+    /// The validated view.
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        self.0.get().0
+    }
+}
+
+impl std::fmt::Debug for Parsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parsed")
+            .field("bytes", &self.bytes().len())
+            .field("revision", &self.snapshot().revision())
+            .finish()
+    }
+}
+
 /// The snapshot being served.
 #[derive(Debug)]
 pub struct Current {
-    /// The encoded snapshot (validated).
-    pub bytes: Vec<u8>,
+    /// The snapshot (validated) and its view.
+    pub parsed: Parsed,
     /// Its revision.
     pub revision: u64,
     /// Loaded from disk and not yet confirmed by a controller.
@@ -73,6 +109,10 @@ pub struct Agent {
     current: RwLock<Option<Arc<Current>>>,
     publisher: Mutex<Publisher>,
     registrations: Mutex<Registrations>,
+    /// Writes `registrations` to the state directory, off the async workers.
+    persister: Persister,
+    /// Who may do what on the local socket, and its limits (set once at start).
+    local_policy: std::sync::OnceLock<LocalPolicy>,
     client: Mutex<Option<DistributionClient<Channel>>>,
     listeners: RwLock<Arc<Vec<Listener>>>,
     role: AtomicU8,
@@ -81,11 +121,12 @@ pub struct Agent {
     socket_file: Mutex<Option<(u64, u64)>>,
 }
 
-/// Access to the held registrations; writes them to the state directory when dropped.
+/// Access to the held registrations; when dropped after a change, has them written to the
+/// state directory (by the writer thread, never on the caller's).
 #[derive(Debug)]
 pub struct RegistrationsGuard<'a> {
     guard: MutexGuard<'a, Registrations>,
-    state_dir: &'a std::path::Path,
+    persister: &'a Persister,
     changed: bool,
     /// False once another agent serves the directory: the shared state directory is its.
     persist: bool,
@@ -109,7 +150,7 @@ impl std::ops::DerefMut for RegistrationsGuard<'_> {
 impl Drop for RegistrationsGuard<'_> {
     fn drop(&mut self) {
         if self.changed && self.persist {
-            self.guard.save(self.state_dir);
+            self.persister.changed();
         }
     }
 }
@@ -148,9 +189,8 @@ impl Agent {
         let registrations = match &handed {
             Some(handed) => {
                 publisher.advance_to(handed.generation);
-                let registrations = Registrations::from_records(handed.registrations.clone());
-                registrations.save(&config.state_dir);
-                registrations
+                // Written by the writer thread once it starts, below.
+                Registrations::from_records(handed.registrations.clone())
             }
             None => Registrations::load(&config.state_dir),
         };
@@ -167,11 +207,30 @@ impl Agent {
             current: RwLock::new(None),
             publisher: Mutex::new(publisher),
             registrations: Mutex::new(registrations),
+            persister: Persister::default(),
+            local_policy: std::sync::OnceLock::new(),
             client: Mutex::new(None),
             listeners: RwLock::default(),
             role: AtomicU8::new(Role::Serving as u8),
             socket_file: Mutex::new(None),
         });
+        let weak = Arc::downgrade(&agent);
+        agent
+            .persister
+            .start(agent.config.state_dir.clone(), move || {
+                let Some(agent) = weak.upgrade() else {
+                    return Persist::Never;
+                };
+                match agent.role() {
+                    _ if !agent.owns_directory() => Persist::Never,
+                    Role::Serving => Persist::Write(lock(&agent.registrations).records()),
+                    Role::HandingOver => Persist::Later,
+                    Role::Stopped => Persist::Never,
+                }
+            });
+        if handed.is_some() {
+            agent.persister.changed();
+        }
         if let Some(handed) = handed {
             agent.set_listeners(
                 handed
@@ -189,9 +248,11 @@ impl Agent {
         }
         if let Some(bytes) = files::load_persisted(&agent.config.state_dir, &agent.config.node) {
             // `load_persisted` validated it.
-            let revision = Snapshot::parse(&bytes).map(|s| s.revision()).unwrap_or(0);
+            let parsed = Parsed::new(bytes)
+                .map_err(|e| anyhow::anyhow!("the persisted snapshot does not validate: {e}"))?;
+            let revision = parsed.snapshot().revision();
             agent
-                .publish(revision, true, bytes)
+                .publish(revision, true, parsed)
                 .map_err(|e| anyhow::anyhow!("cannot publish the persisted snapshot: {e}"))?;
         } else if lock(&agent.publisher)
             .withdraw()
@@ -223,26 +284,25 @@ impl Agent {
                 view.generation
             ));
         }
-        let snapshot = Snapshot::parse(view.snapshot).map_err(|e| e.to_string())?;
-        if snapshot.node_name() != self.config.node {
+        let parsed = Parsed::new(view.snapshot.to_vec()).map_err(|e| e.to_string())?;
+        if parsed.snapshot().node_name() != self.config.node {
             return Err(format!(
                 "{} is for node {:?}",
                 path.display(),
-                snapshot.node_name()
+                parsed.snapshot().node_name()
             ));
         }
         let (revision, stale) = (view.revision, view.stale);
-        let snapshot = view.snapshot.to_vec();
         self.metrics.revision.set(revision as i64);
         self.metrics.stale.set(i64::from(stale));
         self.metrics.generation.set(generation as i64);
-        self.metrics.snapshot_bytes.set(snapshot.len() as i64);
+        self.metrics.snapshot_bytes.set(parsed.bytes().len() as i64);
         info!(
             revision,
             stale, generation, "serving the snapshot handed over"
         );
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Current {
-            bytes: snapshot,
+            parsed,
             revision,
             stale,
             generation,
@@ -302,7 +362,7 @@ impl Agent {
         }
     }
 
-    fn publish(&self, revision: u64, stale: bool, bytes: Vec<u8>) -> std::io::Result<()> {
+    fn publish(&self, revision: u64, stale: bool, parsed: Parsed) -> std::io::Result<()> {
         let mut publisher = lock(&self.publisher);
         if self.role() != Role::Serving {
             return Err(std::io::Error::other(
@@ -314,20 +374,20 @@ impl Agent {
                 "another agent took this socket directory over; not publishing",
             ));
         }
-        let generation = publisher.publish(revision, stale, &bytes)?;
+        let generation = publisher.publish(revision, stale, parsed.bytes())?;
         self.metrics.revision.set(revision as i64);
         self.metrics.stale.set(i64::from(stale));
         self.metrics.generation.set(generation as i64);
-        self.metrics.snapshot_bytes.set(bytes.len() as i64);
+        self.metrics.snapshot_bytes.set(parsed.bytes().len() as i64);
         info!(
             revision,
             stale,
             generation,
-            bytes = bytes.len(),
+            bytes = parsed.bytes().len(),
             "published snapshot"
         );
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Current {
-            bytes,
+            parsed,
             revision,
             stale,
             generation,
@@ -339,8 +399,9 @@ impl Agent {
     /// On error nothing changes (the previous snapshot stays in force) and the message says
     /// why, for the controller's `Ack`.
     pub fn apply(&self, revision: u64, bytes: Vec<u8>) -> Result<(), String> {
-        let snapshot = match Snapshot::parse(&bytes) {
-            Ok(snapshot) => snapshot,
+        // Parsed once here; the view is kept with the bytes for the local API.
+        let parsed = match Parsed::new(bytes) {
+            Ok(parsed) => parsed,
             Err(error) => {
                 self.metrics.rejected.inc();
                 return Err(format!(
@@ -348,6 +409,7 @@ impl Agent {
                 ));
             }
         };
+        let snapshot = parsed.snapshot();
         if snapshot.node_name() != self.config.node {
             self.metrics.rejected.inc();
             return Err(format!(
@@ -366,7 +428,7 @@ impl Agent {
         if let Some(current) = self.current()
             && !current.stale
             && current.revision == revision
-            && current.bytes == bytes
+            && current.parsed.bytes() == parsed.bytes()
         {
             return Ok(());
         }
@@ -377,11 +439,11 @@ impl Agent {
                 "revision {revision} not applied: this agent no longer serves its socket directory"
             ));
         }
-        let persisted = files::persist(&self.config.state_dir, &bytes);
+        let persisted = files::persist(&self.config.state_dir, parsed.bytes());
         if let Err(error) = &persisted {
             error!(%error, dir = %self.config.state_dir.display(), "cannot persist the snapshot; serving it anyway");
         }
-        self.publish(revision, false, bytes)
+        self.publish(revision, false, parsed)
             .map_err(|e| format!("cannot publish revision {revision}: {e}"))?;
         persisted.map_err(|e| format!("published revision {revision} but cannot persist it: {e}"))
     }
@@ -407,10 +469,29 @@ impl Agent {
     pub fn registrations(&self) -> RegistrationsGuard<'_> {
         RegistrationsGuard {
             guard: lock(&self.registrations),
-            state_dir: &self.config.state_dir,
+            persister: &self.persister,
             changed: false,
             persist: self.role() != Role::Stopped,
         }
+    }
+
+    /// Writes changed registrations to the state directory now, waiting up to `timeout`
+    /// (blocking: for shutdown and tests); false if they were not confirmed written in time.
+    pub fn flush_registrations(&self, timeout: std::time::Duration) -> bool {
+        self.persister.flush(timeout)
+    }
+
+    /// Sets who may do what on the local socket, and its limits; only the first call counts.
+    pub fn set_local_policy(&self, policy: LocalPolicy) {
+        info!(mode = policy.mode.as_str(), limits = ?policy.limits, "local API policy");
+        if self.local_policy.set(policy).is_err() {
+            warn!("the local API policy was already set; keeping the first");
+        }
+    }
+
+    /// Who may do what on the local socket, and its limits.
+    pub fn local_policy(&self) -> &LocalPolicy {
+        self.local_policy.get_or_init(LocalPolicy::default)
     }
 
     /// The controller client in use, if connected.

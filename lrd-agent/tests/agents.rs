@@ -283,6 +283,14 @@ fn without_the_controller_agents_keep_answering_and_restart_stale_from_disk() {
         }
     );
 
+    // The agent's writer thread persists it within moments (a crash before that would lose
+    // it: at most one write interval's changes).
+    wait_for("the queued registration on disk", WAIT, || {
+        std::fs::read_to_string(agent.state_dir.join("registrations.json"))
+            .ok()
+            .filter(|held| held.contains("\"port\":7001"))
+    });
+
     // Restarted with no controller: the persisted snapshot, marked stale, at once.
     agent.restart();
     let (_, stale_revision, stale, stale_snapshot) =
@@ -299,7 +307,7 @@ fn without_the_controller_agents_keep_answering_and_restart_stale_from_disk() {
     }
     // The queued registration survived the restart (its owner, this test, still runs).
     let held = std::fs::read_to_string(agent.state_dir.join("registrations.json")).unwrap();
-    assert!(held.contains("\"port\": 7001"), "{held}");
+    assert!(held.contains("\"port\":7001"), "{held}");
 
     // The controller comes back on the same address: fresh again, and the listener arrives.
     let controller = Controller::start(&state, tmp.path(), port);

@@ -172,8 +172,10 @@ fn a_new_agent_takes_over_from_a_running_one_without_a_failed_call() {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let sampler = sample_generations(old.socket_dir.clone(), stop.clone());
+    // This process registered shop/job-1 above, so the agent answers its lookups for job-1
+    // only (a caller looks up its own workload).
     let clients: Vec<_> = [
-        lookup_db("web-1"),
+        lookup_db("job-1"),
         find_listener_request(),
         lookup_db("job-1"),
     ]
@@ -281,7 +283,7 @@ fn a_new_agent_takes_over_from_a_running_one_without_a_failed_call() {
     assert!(status.success(), "{status:?}");
     // The socket stays served by the new agent.
     assert!(matches!(
-        new.call(&lookup_db("web-1")),
+        new.call(&lookup_db("job-1")),
         Response::Decision(_)
     ));
     drop(controller);

@@ -273,6 +273,11 @@ pub struct Controller {
 
 impl Controller {
     pub fn start(state: &Path, logs: &Path, grpc_port: u16) -> Self {
+        Self::start_with(state, logs, grpc_port, &[])
+    }
+
+    /// Like [`Controller::start`], with extra flags.
+    pub fn start_with(state: &Path, logs: &Path, grpc_port: u16, extra_args: &[&str]) -> Self {
         let grpc = SocketAddr::from(([127, 0, 0, 1], grpc_port));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut command = Command::new(bin("stackroute-controller"));
@@ -286,6 +291,7 @@ impl Controller {
                 &http.to_string(),
             ])
             .args(["--debounce-ms", "30", "--poll-ms", "50"])
+            .args(extra_args)
             .env("RUST_LOG", "info");
         let proc = Proc::spawn(command, logs.join(format!("controller-{grpc_port}.log")));
         let mut controller = Self {
