@@ -92,8 +92,6 @@ pub fn issue_serving(
     now: SystemTime,
     validity: Duration,
 ) -> anyhow::Result<Serving> {
-    let ca_key = KeyPair::from_pem(&ca.key_pem).context("parsing the CA key")?;
-    let issuer = Issuer::new(ca_params(now), ca_key);
     let mut params =
         CertificateParams::new(names.to_vec()).context("the serving certificate's names")?;
     let mut dn = DistinguishedName::new();
@@ -107,17 +105,7 @@ pub fn issue_serving(
         KeyUsagePurpose::KeyEncipherment,
     ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    params.not_before = (now - BACKDATE).into();
-    params.not_after = (now + validity).into();
-    let key = KeyPair::generate().context("generating the serving key")?;
-    let cert = params
-        .signed_by(&key, &issuer)
-        .context("signing the serving certificate")?;
-    Ok(Serving {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    sign_leaf(ca, params, now, validity)
 }
 
 /// How long a client certificate issued by `stackroute-controller credentials` lasts.
@@ -130,8 +118,6 @@ pub fn issue_client(
     caller: &stackroute_proto::identity::Caller,
     now: SystemTime,
 ) -> anyhow::Result<Serving> {
-    let ca_key = KeyPair::from_pem(&ca.key_pem).context("parsing the CA key")?;
-    let issuer = Issuer::new(ca_params(now), ca_key);
     let mut params = CertificateParams::default();
     let uri = caller.uri();
     params.subject_alt_names = vec![rcgen::SanType::URI(
@@ -143,13 +129,25 @@ pub fn issue_client(
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    sign_leaf(ca, params, now, CLIENT_VALIDITY)
+}
+
+/// Signs a leaf with a new key: valid from `now` (minus the skew allowance) for `validity`.
+fn sign_leaf(
+    ca: &Ca,
+    mut params: CertificateParams,
+    now: SystemTime,
+    validity: Duration,
+) -> anyhow::Result<Serving> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).context("parsing the CA key")?;
+    let issuer = Issuer::new(ca_params(now), ca_key);
     params.use_authority_key_identifier_extension = true;
     params.not_before = (now - BACKDATE).into();
-    params.not_after = (now + CLIENT_VALIDITY).into();
-    let key = KeyPair::generate().context("generating the client key")?;
+    params.not_after = (now + validity).into();
+    let key = KeyPair::generate().context("generating the key")?;
     let cert = params
         .signed_by(&key, &issuer)
-        .context("signing the client certificate")?;
+        .context("signing the certificate")?;
     Ok(Serving {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),

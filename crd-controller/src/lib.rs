@@ -398,26 +398,31 @@ async fn expire_registrations(
                 );
             }
         }
-        for key in liveness.expired_listeners {
-            if store.remove_listener(&key).await.is_ok()
-                && index
-                    .register(index::RegistryChange::RemoveListener(key.clone()))
-                    .await
-                    .is_ok()
-            {
-                tracing::info!(key, "expired a listener registration: its agent is gone");
-                metrics.registration("listener", "expire");
-            }
-        }
-        for key in liveness.expired_workloads {
-            if store.remove_workload(&key).await.is_ok()
-                && index
-                    .register(index::RegistryChange::RemoveWorkload(key.clone()))
-                    .await
-                    .is_ok()
-            {
-                tracing::info!(key, "expired a workload registration: its agent is gone");
-                metrics.registration("workload", "expire");
+        let expired = liveness
+            .expired_listeners
+            .into_iter()
+            .map(|key| ("listener", key))
+            .chain(
+                liveness
+                    .expired_workloads
+                    .into_iter()
+                    .map(|key| ("workload", key)),
+            );
+        for (kind, key) in expired {
+            let (removed, change) = if kind == "listener" {
+                (
+                    store.remove_listener(&key).await,
+                    index::RegistryChange::RemoveListener(key.clone()),
+                )
+            } else {
+                (
+                    store.remove_workload(&key).await,
+                    index::RegistryChange::RemoveWorkload(key.clone()),
+                )
+            };
+            if removed.is_ok() && index.register(change).await.is_ok() {
+                tracing::info!(kind, key, "expired a registration: its agent is gone");
+                metrics.registration(kind, "expire");
             }
         }
     }
