@@ -461,6 +461,100 @@ fn explain_json_gives_the_documented_decisions() {
     assert_eq!(egress["node"], "node-a1", "{egress}");
 }
 
+/// `examples/network-policy`: RDMA toward the parameter servers only where Kubernetes
+/// NetworkPolicy allows the connection; elsewhere it is removed with reason `network-policy`
+/// and the fallbacks decide. Foreign policy objects (here a CiliumNetworkPolicy) make every
+/// such decision undecidable: RDMA goes everywhere.
+#[test]
+fn explain_shows_rdma_removed_where_network_policy_does_not_allow_it() {
+    let matched = json!({"kind": "StackRoute", "namespace": "ml", "name": "trainer-fabric", "rule": "parameter-servers"});
+    let allowed = explain(
+        "examples/network-policy",
+        "ml/trainer-0",
+        "10.244.2.20:29500",
+    );
+    assert_eq!(
+        decision(&allowed),
+        json!({
+            "location": "SameZone",
+            "transport": transport("RDMA", "Default"),
+            "fallback": [transport("Userspace", "BBR"), transport("Kernel", "Default")],
+            "matched": matched,
+        }),
+        "{allowed}"
+    );
+    assert!(allowed.get("removed").is_none(), "{allowed}");
+
+    let denied = explain(
+        "examples/network-policy",
+        "ml/trainer-0",
+        "10.244.2.21:29500",
+    );
+    assert_eq!(
+        decision(&denied),
+        json!({
+            "location": "SameZone",
+            "transport": transport("Userspace", "BBR"),
+            "fallback": [transport("Kernel", "Default")],
+            "matched": matched,
+        }),
+        "{denied}"
+    );
+    assert_eq!(denied["removed"][0]["stack"], "RDMA", "{denied}");
+    assert_eq!(denied["removed"][0]["reason"], "network-policy", "{denied}");
+    let detail = denied["removed"][0]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with(
+            "denied: ingress to pod storage/ps-restricted-0 is isolated by NetworkPolicy \
+             storage/default-deny-ingress"
+        ),
+        "{denied}"
+    );
+    let output = stackroute(&[
+        "explain",
+        "--state",
+        "examples/network-policy",
+        "--from",
+        "ml/trainer-0",
+        "--to",
+        "10.244.2.21:29500",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let text_output = text(&output.stdout);
+    assert!(
+        text_output
+            .contains("decision: Userspace/BBR → Kernel/Default by StackRoute/ml/trainer-fabric")
+            && text_output.contains(
+                "removed: RDMA (network-policy: denied: ingress to pod storage/ps-restricted-0"
+            ),
+        "{}",
+        describe(&output)
+    );
+
+    let dir = TempDir::new("foreign");
+    for file in policy_files("examples/network-policy") {
+        let name = Path::new(&file).file_name().expect("file name");
+        std::fs::copy(repo().join(&file), dir.0.join(name)).expect("copy example");
+    }
+    std::fs::write(
+        dir.path("cilium.yaml"),
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: l7-visibility, namespace: storage}\nspec: {endpointSelector: {}}\n",
+    )
+    .expect("write cilium.yaml");
+    let state = dir.0.display().to_string();
+    let foreign = explain(&state, "ml/trainer-0", "10.244.2.20:29500");
+    assert_eq!(
+        foreign["transport"],
+        transport("Userspace", "BBR"),
+        "{foreign}"
+    );
+    let detail = foreign["removed"][0]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with("undecidable: policy objects the controller cannot evaluate are present (CiliumNetworkPolicy/storage/l7-visibility)"),
+        "{foreign}"
+    );
+}
+
 /// A Pass rule in the Admin tier ends the Admin tier only: the namespace's StackRoutes and then
 /// the Baseline tier still decide.
 #[test]

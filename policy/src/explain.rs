@@ -614,8 +614,8 @@ impl Explanation {
                     object,
                     c.rule,
                     match c.network_policy.as_deref() {
-                        Some("allowed-part") => " [part NetworkPolicy allows bypass for]",
-                        Some(_) => " [bypass stacks removed: network-policy]",
+                        Some("allowed-part") => " [NetworkPolicy-allowed part]",
+                        Some(_) => " [bypass removed: network-policy]",
                         None => "",
                     },
                     c.tier,

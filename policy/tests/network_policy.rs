@@ -703,10 +703,7 @@ fn rdma_toward_a_namespace_that_denies_ingress_is_removed_and_the_fallbacks_kept
         text.contains("removed: RDMA (network-policy: denied: ingress to pod shop/cart"),
         "{text}"
     );
-    assert!(
-        text.contains("[bypass stacks removed: network-policy]"),
-        "{text}"
-    );
+    assert!(text.contains("[bypass removed: network-policy]"), "{text}");
     let json = serde_json::to_value(&e).unwrap();
     assert_eq!(json["removed"][0]["reason"], "network-policy", "{json}");
     assert_eq!(json["transport"]["stack"], "Userspace", "{json}");

@@ -113,20 +113,27 @@ pub fn load_yaml(data: &[u8]) {
                 .unwrap_or_else(|e| {
                     panic!("explain {}/{} -> {ip}:{port}: {e}", pod.namespace, pod.name)
                 });
-                // explain runs the same lookup with a trace: it must report the same decision.
-                let transport = decision.transport();
+                // explain runs the same lookup with a trace: it must report the same decision
+                // (no transport at all: a Dedicated rule the NetworkPolicy gate left empty).
+                let refused = decision.matched.is_some()
+                    && decision.isolation == stackroute_snapshot::Isolation::Dedicated
+                    && decision.transports().next().is_none();
+                let transport = (!refused).then(|| decision.transport());
                 assert_eq!(
                     (
-                        explanation.transport.stack.as_str(),
-                        explanation.transport.congestion_control.as_str(),
+                        explanation
+                            .transport
+                            .as_ref()
+                            .map(|t| (t.stack.as_str(), t.congestion_control.as_str())),
                         explanation.fallback.len(),
                         explanation.matched.is_some(),
+                        explanation.refused.is_some(),
                     ),
                     (
-                        transport.stack.as_str(),
-                        transport.congestion_control.as_str(),
+                        transport.map(|t| (t.stack.as_str(), t.congestion_control.as_str())),
                         decision.transports().count().saturating_sub(1),
                         decision.matched.is_some(),
+                        refused,
                     ),
                     "explain and decide disagree for {}/{} -> {ip}:{port}",
                     pod.namespace,
