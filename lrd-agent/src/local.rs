@@ -409,13 +409,19 @@ fn check_owned(peer: &Peer, ip: IpAddr) -> Result<(), String> {
     }
 }
 
-/// The inode of the agent's own network namespace: a caller in it is on the host's network.
-fn own_netns() -> Option<u64> {
-    static OWN: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    *OWN.get_or_init(|| {
-        std::fs::read_link("/proc/self/ns/net")
-            .ok()
-            .and_then(|link| link.to_str().and_then(peer::parse_netns_link))
+/// The inode of the host's network namespace: that of pid 1 (the host's init, as the agent
+/// runs in the host's pid namespace; the agent itself may run in a pod network of its own),
+/// else the agent's own. A caller in it is on the host's network.
+fn host_netns() -> Option<u64> {
+    static HOST: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *HOST.get_or_init(|| {
+        ["/proc/1/ns/net", "/proc/self/ns/net"]
+            .iter()
+            .find_map(|path| {
+                std::fs::read_link(path)
+                    .ok()
+                    .and_then(|link| link.to_str().and_then(peer::parse_netns_link))
+            })
     })
 }
 
@@ -555,7 +561,7 @@ fn wildcard_addresses(
             return Ok(mine);
         }
     }
-    if Some(netns) == own_netns() {
+    if Some(netns) == host_netns() {
         return Ok(vec![wildcard]);
     }
     let routable: Vec<IpAddr> = addresses
