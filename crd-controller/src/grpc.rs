@@ -114,16 +114,20 @@ impl DistributionService {
             .for_node(method, caller.as_ref(), node(request.get_ref()))
     }
 
-    /// Refuses a registration that would take `node` over its quota (a replacement of an
-    /// existing entry counts as new: the quota is a bound, not an exact tally).
+    /// Refuses a registration that would take `node` over its quota. Re-registering an entry
+    /// the node already holds (an agent re-sends everything on reconnect) is always allowed.
     async fn within_quota(
         &self,
         method: &str,
         node: &str,
+        key: &str,
         listener: bool,
         bytes: usize,
     ) -> Result<(), Status> {
-        let held = self.index.node_registrations(node).await?;
+        let held = self.index.node_registrations(node, key).await?;
+        if held.replaces {
+            return Ok(());
+        }
         let over = if listener && held.listeners >= self.quotas.listeners {
             Some(format!("{} listeners", self.quotas.listeners))
         } else if !listener && held.workloads >= self.quotas.workloads {
@@ -276,6 +280,7 @@ impl Distribution for DistributionService {
         self.within_quota(
             "RegisterListener",
             node,
+            &listener_key(listener.key.as_ref().expect("validated")),
             true,
             prost::Message::encoded_len(&listener),
         )
@@ -327,6 +332,7 @@ impl Distribution for DistributionService {
         self.within_quota(
             "RegisterWorkload",
             node,
+            &workload_key(workload.key.as_ref().expect("validated")),
             false,
             prost::Message::encoded_len(&workload),
         )

@@ -86,6 +86,8 @@ pub struct NodeRegistrations {
     pub workloads: usize,
     /// Their encoded size.
     pub bytes: usize,
+    /// The registry key asked about is already registered (a re-registration replaces it).
+    pub replaces: bool,
 }
 
 /// A node's ack as the replicas share it through the store (`acks/{node}` in etcd).
@@ -171,8 +173,8 @@ pub enum Command {
         /// Gets the answer.
         reply: oneshot::Sender<Liveness>,
     },
-    /// What a node has registered.
-    NodeRegistrations(String, oneshot::Sender<NodeRegistrations>),
+    /// What a node has registered, and whether a registry key is among it.
+    NodeRegistrations(String, String, oneshot::Sender<NodeRegistrations>),
 }
 
 // === impl IndexHandle ===
@@ -340,11 +342,19 @@ impl IndexHandle {
         rx.await.map_err(|_| IndexClosed)
     }
 
-    /// What `node` has registered.
-    pub async fn node_registrations(&self, node: &str) -> Result<NodeRegistrations, IndexClosed> {
+    /// What `node` has registered, and whether registry key `key` is among it.
+    pub async fn node_registrations(
+        &self,
+        node: &str,
+        key: &str,
+    ) -> Result<NodeRegistrations, IndexClosed> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::NodeRegistrations(node.to_string(), reply))
+            .send(Command::NodeRegistrations(
+                node.to_string(),
+                key.to_string(),
+                reply,
+            ))
             .map_err(|_| IndexClosed)?;
         rx.await.map_err(|_| IndexClosed)
     }
@@ -696,8 +706,11 @@ impl Index {
                 let _ = reply.send(self.liveness(now, unix_ms, lease));
                 Effect::None
             }
-            Command::NodeRegistrations(node, reply) => {
-                let _ = reply.send(self.node_registrations(&node));
+            Command::NodeRegistrations(node, key, reply) => {
+                let mut counts = self.node_registrations(&node);
+                counts.replaces =
+                    self.listeners.contains_key(&key) || self.workloads.contains_key(&key);
+                let _ = reply.send(counts);
                 Effect::None
             }
             Command::Policies(reply) => {

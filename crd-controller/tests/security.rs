@@ -371,6 +371,10 @@ async fn quotas_bound_what_a_node_registers() {
         .expect_err("over the quota");
     assert_eq!(error.code(), Code::ResourceExhausted);
     assert_eq!(error.message(), "node n1 is at its quota of 2 listeners");
+    // At its quota a node still re-registers what it holds (an agent re-sends on reconnect).
+    n1.register_listener(listener("n1", 8081, 16))
+        .await
+        .expect("a re-registration at the quota");
     // Another node has its own quota.
     let mut n2 = setup.node("n2").await;
     n2.register_listener(listener("n2", 8082, 8))

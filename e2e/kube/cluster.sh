@@ -460,7 +460,8 @@ up() {
   # AWS_EC2_METADATA_DISABLED: kubelet 1.20's built-in ECR credential provider otherwise sends
   # SYNs to 169.254.169.254 at start-up, an address that is not ours. --eviction-hard: the lane
   # shares its disk with cargo's target directory; the default (10 % free) would taint the node
-  # with disk-pressure on a busy build machine and leave every new pod Pending.
+  # with disk-pressure on a busy build machine and leave every new pod Pending; no image garbage
+  # collection either: the lane's images are imported, not pullable, and must stay.
   start kubelet env AWS_EC2_METADATA_DISABLED=true "$LANE/bin/kubelet" \
     --kubeconfig="$LANE/etc/kubelet-client.kubeconfig" \
     --container-runtime=remote --container-runtime-endpoint="unix://$LANE/run/containerd.sock" \
@@ -473,6 +474,7 @@ up() {
     --healthz-port=10248 --fail-swap-on=false --cgroup-driver=cgroupfs --resolv-conf= \
     --cluster-domain=cluster.local --node-status-update-frequency=2s \
     --eviction-hard='nodefs.available<1Gi,imagefs.available<1Gi,memory.available<100Mi' \
+    --image-gc-high-threshold=100 --image-gc-low-threshold=99 \
     --node-labels=topology.kubernetes.io/zone=lane-zone-a,topology.kubernetes.io/region=lane
   start kube-proxy "$LANE/bin/kube-proxy" --kubeconfig="$LANE/etc/kube-proxy.kubeconfig" \
     --proxy-mode=iptables --hostname-override="$NODE" --cluster-cidr="$POD_CIDR" --bind-address="$NODE_IP" \

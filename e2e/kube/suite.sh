@@ -3,7 +3,7 @@
 # the order given; `cargo test -p stackroute-e2e --test kube` runs them all as ordered trials.
 #
 #   e2e/kube/suite.sh install injection status transport validation agent-roll agent-handover \
-#     controller-failover rbac egress uninstall
+#     controller-failover rbac trust egress uninstall
 #
 # install              both charts with the real Helm engine (helm.py), controller (2 replicas,
 #                      Lease, stackroute's own etcd) and agent as Pods from the lane's images
@@ -19,6 +19,8 @@
 #                      directory over, then the DaemonSet's replacement from it; no failure
 # controller-failover  the Lease holder is killed; the other replica takes the Lease and writes status
 # rbac                 the controller runs as the chart's ServiceAccount, which is not an admin
+# trust                the controller's gRPC (TLS) admits the agents' audience-bound token and
+#                      refuses no credentials, another service account, another audience
 # egress               the lane sent nothing outside its own addresses
 # uninstall            both releases uninstall cleanly (the cluster is left as it was found)
 #
@@ -334,6 +336,60 @@ egress() {
   pass "the counter works: a lane process's packet to an address outside the set was counted"
 }
 
+# A token from the TokenRequest API (kubectl create token is 1.24+): namespace, service
+# account, the pod it is bound to, audience.
+token_for() {
+  local uid
+  uid=$(k -n "$1" get pod "$3" -o jsonpath='{.metadata.uid}')
+  printf '{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{"audiences":["%s"],"expirationSeconds":600,"boundObjectRef":{"kind":"Pod","apiVersion":"v1","name":"%s","uid":"%s"}}}' \
+      "$4" "$3" "$uid" \
+    | k create --raw "/api/v1/namespaces/$1/serviceaccounts/$2/token" -f - \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["status"]["token"])'
+}
+
+# `stackroute status` from the node against the controller Service, with the credentials in $1.
+status_with() {
+  "$CLI" status --controller "$CONTROLLER_IP:7420" --credentials "$1" \
+    --controller-server-name "stackroute-controller.$NS.svc" 2>&1
+}
+
+trust() {
+  step "trust: the controller's gRPC takes an agent's audience-bound token and nothing less"
+  CLI=${STACKROUTE_CLI:-}
+  if [ -z "$CLI" ]; then
+    (cd "$ROOT" && cargo build -q --locked -p stackroute-cli) || fail "cannot build the stackroute CLI"
+    CLI=$ROOT/target/debug/stackroute
+  fi
+  local creds agent out
+  creds=$(mktemp -d)
+  # shellcheck disable=SC2064 # expand now: the directory is this function's
+  trap "rm -rf '$creds'" RETURN
+  k -n "$NS" get configmap stackroute-ca -o jsonpath='{.data.ca\.crt}' > "$creds/ca.crt"
+  grep -q "BEGIN CERTIFICATE" "$creds/ca.crt" || fail "the controller did not publish its CA in ConfigMap stackroute-ca"
+  out=$(status_with "$creds") && fail "no credentials: status answered: $out"
+  echo "$out" | grep -q "no client certificate and no bearer token" || fail "no credentials: unclear refusal: $out"
+  pass "no credentials: refused ($(echo "$out" | tail -1 | cut -c1-110))"
+  token_for "$APPS" default client stackroute.dev/agent > "$creds/token"
+  out=$(status_with "$creds") && fail "another service account's token: status answered: $out"
+  echo "$out" | grep -q "is not the agents' service account" || fail "another service account: unclear refusal: $out"
+  pass "a token of $APPS/default (audience stackroute.dev/agent) refused: not the agents' service account"
+  agent=$(k -n "$NS" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[0].metadata.name}')
+  token_for "$NS" stackroute-agent "$agent" https://kubernetes.default.svc > "$creds/token"
+  out=$(status_with "$creds") && fail "the API server's audience: status answered: $out"
+  echo "$out" | grep -q "not valid for audience stackroute.dev/agent" || fail "another audience: unclear refusal: $out"
+  pass "the agent's token for the API server's audience refused"
+  token_for "$NS" stackroute-agent "$agent" stackroute.dev/agent > "$creds/token"
+  out=$(status_with "$creds") || fail "the agent's own token was refused: $out"
+  echo "$out" | grep -q "$(k get nodes -o jsonpath='{.items[0].metadata.name}')" || fail "status without the node: $out"
+  pass "the agent's token for stackroute.dev/agent accepted (node identity; status lists the node)"
+  # Each replica counts what it refused; the Service sent the calls to either.
+  out=$(for ip in $(k -n "$NS" get pods -l app.kubernetes.io/component=controller -o jsonpath='{.items[*].status.podIP}'); do
+    curl -s -m 5 "http://$ip:7421/metrics"; done)
+  echo "$out" | grep -q 'stackroute_controller_denied_requests_total{method="GetStatus",reason="unauthenticated"}' \
+    || fail "the refusals are not counted in the controllers' metrics"
+  pass "refusals counted in stackroute_controller_denied_requests_total"
+}
+
 uninstall() {
   step "uninstall: both releases go, the cluster is as before"
   k delete namespace "$APPS" sr-lane-annotated --ignore-not-found --wait=true --timeout=120s >/dev/null
@@ -350,7 +406,7 @@ uninstall() {
 [ $# -gt 0 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 for scenario in "$@"; do
   case "$scenario" in
-    install | injection | status | transport | validation | rbac | egress | uninstall) "$scenario" ;;
+    install | injection | status | transport | validation | rbac | trust | egress | uninstall) "$scenario" ;;
     agent-roll) agent_roll ;;
     agent-handover) agent_handover ;;
     controller-failover) controller_failover ;;

@@ -20,6 +20,7 @@ const SCENARIOS: &[&str] = &[
     "agent-handover",
     "controller-failover",
     "rbac",
+    "trust",
     "egress",
     "uninstall",
 ];

@@ -714,6 +714,7 @@ fn registrations_expire_a_lease_after_their_agent_is_gone_everywhere() {
             listeners: 0,
             workloads: 1,
             bytes: prost::Message::encoded_len(&mk_workload("n1", "web-0", "10.1.0.10")),
+            replaces: false,
         }
     );
 }
