@@ -53,6 +53,12 @@ pub struct Args {
     /// before taking it over without it.
     #[arg(long, env = "STACKROUTE_HANDOVER_TIMEOUT_MS", default_value_t = 10_000)]
     pub handover_timeout_ms: u64,
+    /// How long /healthz stays 200 once this agent has stopped serving (default 30 s; tests).
+    #[arg(long, env = "STACKROUTE_HEALTHZ_STOPPED_GRACE_MS", hide = true)]
+    pub healthz_stopped_grace_ms: Option<u64>,
+    /// How long /healthz stays 200 while this agent is handing over (default 60 s; tests).
+    #[arg(long, env = "STACKROUTE_HEALTHZ_HANDOVER_LIMIT_MS", hide = true)]
+    pub healthz_handover_limit_ms: Option<u64>,
     /// Exit (status 0) once this agent has handed its socket directory over, instead of
     /// waiting for SIGTERM. Not for a DaemonSet: an exited container is restarted.
     #[arg(long, env = "STACKROUTE_EXIT_AFTER_HANDOVER")]
@@ -86,12 +92,16 @@ impl Args {
         // before anything in it is touched.
         crate::files::ensure_dir(&self.socket_dir, 0o755)
             .with_context(|| format!("{}: cannot create", self.socket_dir.display()))?;
+        handover::prepare(&self.socket_dir, &self.state_dir)?;
         let (listener, handed) = {
             let (dir, node) = (self.socket_dir.clone(), self.node.clone());
+            let state_dir = self.state_dir.clone();
             let timeout = Duration::from_millis(self.handover_timeout_ms);
             let metrics_addr = self.metrics_addr;
-            tokio::task::spawn_blocking(move || acquire_socket(&dir, &node, timeout, metrics_addr))
-                .await??
+            tokio::task::spawn_blocking(move || {
+                acquire_socket(&dir, &state_dir, &node, timeout, metrics_addr)
+            })
+            .await??
         };
         listener.set_nonblocking(true)?;
         let listener = UnixListener::from_std(listener)?;
@@ -111,7 +121,7 @@ impl Args {
             mode: self.mode,
             limits: self.local,
         });
-        let handover_listener = handover::bind(&agent.config.socket_dir)?;
+        let handover_listener = handover::bind(&agent.config.state_dir)?;
         let max_connections = local::connection_limit(raise_fd_limit());
         info!(
             node = %agent.config.node,
@@ -122,10 +132,14 @@ impl Args {
             "agent started"
         );
         let serving = Serving::start(&agent, listener, max_connections);
+        let health = metrics::HealthLimits::new(
+            self.healthz_stopped_grace_ms,
+            self.healthz_handover_limit_ms,
+        );
         let metrics_task = self.metrics_addr.map(|addr| {
             let agent = agent.clone();
             tokio::spawn(async move {
-                if let Err(error) = metrics::serve(addr, agent).await {
+                if let Err(error) = metrics::serve(addr, agent, health).await {
                     tracing::error!(%addr, error = %format!("{error:#}"), "metrics server failed");
                     std::process::exit(1);
                 }
@@ -191,10 +205,11 @@ async fn shutdown() -> Result<()> {
 }
 
 /// The agent socket: handed over by the agent serving `dir` if there is one and it does so
-/// within `timeout`; otherwise bound anew, replacing a socket file left by an earlier agent
-/// (but never another kind of file).
+/// within `timeout` (asked through `state_dir`, see [`handover::request`]); otherwise bound
+/// anew, replacing a socket file left by an earlier agent (but never another kind of file).
 fn acquire_socket(
     dir: &Path,
+    state_dir: &Path,
     node: &str,
     timeout: Duration,
     metrics_addr: Option<SocketAddr>,
@@ -205,7 +220,7 @@ fn acquire_socket(
             if std::os::unix::net::UnixStream::connect(&path).is_ok() {
                 info!(dir = %dir.display(), "another agent serves this socket directory; asking it to hand over");
                 let started = Instant::now();
-                match handover::request(dir, node, timeout, metrics_addr) {
+                match handover::request(state_dir, node, timeout, metrics_addr) {
                     Ok((listener, state)) => {
                         info!(
                             generation = state.generation,

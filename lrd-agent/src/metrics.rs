@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -19,7 +20,7 @@ use tracing::info;
 
 use stackroute_local_api::message::{DecisionCount, FallbackCount, Stack};
 
-use crate::state::Agent;
+use crate::state::{Agent, Role};
 
 /// Labels of `stackroute_lrd_local_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +72,8 @@ pub struct Metrics {
     pub fallbacks: Family<ReasonLabels, Counter<u64, AtomicU64>>,
     /// Connections decided by shims, by the transport they used.
     pub shim_decisions: Family<DecisionLabels, Counter<u64, AtomicU64>>,
+    /// Hand-over requests refused, by reason (`protocol::Refusal::REASONS`).
+    pub handover_refused: Family<ReasonLabels, Counter<u64, AtomicU64>>,
 }
 
 impl Metrics {
@@ -132,6 +135,18 @@ impl Metrics {
             "Connections decided by shims, by the transport used",
             self.shim_decisions.clone(),
         );
+        r.register(
+            "handover_refused",
+            "Hand-over requests refused (the agent kept serving), by reason",
+            self.handover_refused.clone(),
+        );
+    }
+
+    /// Counts one refused hand-over request.
+    pub fn handover_refused(&self, reason: &'static str) {
+        self.handover_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Adds a shim's report: its decisions and its fallbacks (one counter with
@@ -190,20 +205,82 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// How long `/healthz` keeps answering 200 once this agent has stopped serving (another agent
+/// serves the socket directory): in a rolling update the old pod is deleted well before; an
+/// agent that lost its directory otherwise (taken over by something else) is restarted by the
+/// kubelet and takes the directory back.
+pub const STOPPED_GRACE: Duration = Duration::from_secs(30);
+/// How long a hand-over may keep this agent from serving before `/healthz` fails: a hand-over
+/// takes at most the drain (4 s) and the wait for the new agent's confirmation (5 s).
+pub const HANDING_OVER_LIMIT: Duration = Duration::from_secs(60);
+
+/// The limits `/healthz` applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthLimits {
+    /// [`STOPPED_GRACE`].
+    pub stopped_grace: Duration,
+    /// [`HANDING_OVER_LIMIT`].
+    pub handing_over_limit: Duration,
+}
+
+impl Default for HealthLimits {
+    fn default() -> Self {
+        Self {
+            stopped_grace: STOPPED_GRACE,
+            handing_over_limit: HANDING_OVER_LIMIT,
+        }
+    }
+}
+
+impl HealthLimits {
+    /// The defaults, or these overrides (milliseconds; the agent's hidden flags
+    /// `--healthz-stopped-grace-ms` and `--healthz-handover-limit-ms`, for tests).
+    pub fn new(stopped_grace_ms: Option<u64>, handing_over_limit_ms: Option<u64>) -> Self {
+        let defaults = Self::default();
+        Self {
+            stopped_grace: stopped_grace_ms.map_or(defaults.stopped_grace, Duration::from_millis),
+            handing_over_limit: handing_over_limit_ms
+                .map_or(defaults.handing_over_limit, Duration::from_millis),
+        }
+    }
+
+    /// Whether an agent in `role` for `age` is alive; if not, the one-line reason.
+    pub fn check(&self, role: Role, age: Duration) -> Result<(), String> {
+        match role {
+            Role::Serving => Ok(()),
+            Role::HandingOver if age > self.handing_over_limit => Err(format!(
+                "handing the socket directory over for {}s, more than the limit of {}s: the hand-over is stuck",
+                age.as_secs(),
+                self.handing_over_limit.as_secs()
+            )),
+            Role::Stopped if age > self.stopped_grace => Err(format!(
+                "stopped serving {}s ago (another agent serves the socket directory), more than the grace of {}s: restart this agent",
+                age.as_secs(),
+                self.stopped_grace.as_secs()
+            )),
+            Role::HandingOver | Role::Stopped => Ok(()),
+        }
+    }
+}
+
+async fn healthz(agent: Arc<Agent>, limits: HealthLimits) -> (StatusCode, String) {
+    let (role, age) = agent.role_age();
+    match limits.check(role, age) {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
 }
 
 async fn readyz(State(agent): State<Arc<Agent>>) -> (StatusCode, String) {
     match agent.role() {
-        crate::state::Role::Serving => {}
-        crate::state::Role::HandingOver => {
+        Role::Serving => {}
+        Role::HandingOver => {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "handing the socket directory over to a new agent\n".into(),
             );
         }
-        crate::state::Role::Stopped => {
+        Role::Stopped => {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "another agent serves the socket directory\n".into(),
@@ -228,7 +305,7 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> (StatusCode, String) {
 
 /// How long the address may stay in use: an agent that handed over in the same network
 /// namespace (host network) closes it right after the hand-over.
-const BIND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+const BIND_RETRY_FOR: Duration = Duration::from_secs(15);
 
 async fn bind_retrying(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let deadline = tokio::time::Instant::now() + BIND_RETRY_FOR;
@@ -238,22 +315,74 @@ async fn bind_retrying(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListe
                 if error.kind() == std::io::ErrorKind::AddrInUse
                     && tokio::time::Instant::now() < deadline =>
             {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             result => return result,
         }
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, agent: Arc<Agent>) -> anyhow::Result<()> {
+/// Serves `/metrics`, `/healthz` (with `limits`) and `/readyz` on `addr` until the process
+/// ends.
+pub async fn serve(
+    addr: SocketAddr,
+    agent: Arc<Agent>,
+    limits: HealthLimits,
+) -> anyhow::Result<()> {
     let listener = bind_retrying(addr).await?;
-    info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    info!(addr = %listener.local_addr()?, stopped_grace_ms = limits.stopped_grace.as_millis() as u64, handing_over_limit_ms = limits.handing_over_limit.as_millis() as u64, "serving /metrics, /healthz, /readyz");
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
+        .route(
+            "/healthz",
+            get(move |State(agent): State<Arc<Agent>>| healthz(agent, limits)),
+        )
         .route("/readyz", get(readyz))
         .with_state(agent);
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_fails_for_an_agent_stopped_or_handing_over_too_long() {
+        let limits = HealthLimits::new(None, None);
+        assert_eq!(limits, HealthLimits::default());
+        assert_eq!(
+            HealthLimits::new(Some(1500), None).stopped_grace,
+            Duration::from_millis(1500)
+        );
+        let long = Duration::from_secs(3600);
+        assert_eq!(limits.check(Role::Serving, long), Ok(()));
+        assert_eq!(limits.check(Role::Stopped, Duration::from_secs(29)), Ok(()));
+        let reason = limits
+            .check(Role::Stopped, Duration::from_secs(31))
+            .unwrap_err();
+        assert!(reason.contains("stopped serving 31s ago"), "{reason}");
+        assert!(!reason.contains('\n'), "{reason}");
+        assert_eq!(
+            limits.check(Role::HandingOver, Duration::from_secs(59)),
+            Ok(())
+        );
+        let reason = limits.check(Role::HandingOver, long).unwrap_err();
+        assert!(reason.contains("the hand-over is stuck"), "{reason}");
+    }
+
+    #[test]
+    fn refusals_are_counted_by_reason() {
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        metrics.handover_refused("wrong-secret");
+        metrics.handover_refused("wrong-secret");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("stackroute_lrd_handover_refused_total{reason=\"wrong-secret\"} 2"),
+            "{text}"
+        );
+    }
 }

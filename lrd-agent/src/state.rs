@@ -5,6 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use stackroute_proto::v1alpha1::Listener;
@@ -116,6 +117,8 @@ pub struct Agent {
     client: Mutex<Option<DistributionClient<Channel>>>,
     listeners: RwLock<Arc<Vec<Listener>>>,
     role: AtomicU8,
+    /// When `role` last changed (or the agent started); changes are made holding this lock.
+    role_changed: Mutex<Instant>,
     /// (device, inode) of the `agent.sock` this agent serves: if the path names another file,
     /// another agent took the directory over.
     socket_file: Mutex<Option<(u64, u64)>>,
@@ -212,6 +215,7 @@ impl Agent {
             client: Mutex::new(None),
             listeners: RwLock::default(),
             role: AtomicU8::new(Role::Serving as u8),
+            role_changed: Mutex::new(Instant::now()),
             socket_file: Mutex::new(None),
         });
         let weak = Arc::downgrade(&agent);
@@ -323,9 +327,19 @@ impl Agent {
     pub fn set_role(&self, role: Role) {
         // Taking the publisher lock orders the change after any publication in progress.
         let _publisher = lock(&self.publisher);
-        if self.role() != Role::Stopped {
+        let mut changed = lock(&self.role_changed);
+        let current = self.role();
+        if current != Role::Stopped && current != role {
             self.role.store(role as u8, Ordering::Release);
+            *changed = Instant::now();
         }
+    }
+
+    /// This agent's role and for how long it has had it (`/healthz` fails for an agent stopped
+    /// or handing over for too long).
+    pub fn role_age(&self) -> (Role, Duration) {
+        let changed = lock(&self.role_changed);
+        (self.role(), changed.elapsed())
     }
 
     /// Records which `agent.sock` this agent serves.
@@ -477,7 +491,7 @@ impl Agent {
 
     /// Writes changed registrations to the state directory now, waiting up to `timeout`
     /// (blocking: for shutdown and tests); false if they were not confirmed written in time.
-    pub fn flush_registrations(&self, timeout: std::time::Duration) -> bool {
+    pub fn flush_registrations(&self, timeout: Duration) -> bool {
         self.persister.flush(timeout)
     }
 
@@ -635,6 +649,10 @@ mod tests {
         old.set_role(Role::Stopped);
         old.set_role(Role::Serving);
         assert_eq!(old.role(), Role::Stopped);
+        // Staying stopped does not restart the clock `/healthz` reads.
+        std::thread::sleep(Duration::from_millis(20));
+        old.set_role(Role::Stopped);
+        assert!(old.role_age().1 >= Duration::from_millis(20));
         assert!(old.apply(8, example_snapshot("node-a1", 8)).is_err());
         drop((old, new));
 

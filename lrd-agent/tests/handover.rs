@@ -1,6 +1,7 @@
 //! A new agent taking the socket directory over from a running one, with real processes: the
 //! hand-over itself (clients calling throughout, the generation file sampled throughout), an
-//! old agent that does not answer, and garbage on the hand-over socket in both directions.
+//! old agent that does not answer, garbage and callers without the node's secret on the
+//! hand-over socket (in the state directory), `/healthz` of a stopped agent.
 
 mod common;
 
@@ -364,13 +365,18 @@ fn read_handover_frame(stream: &mut UnixStream) -> Option<Value> {
 fn a_running_agent_refuses_garbage_and_strangers_and_keeps_serving() {
     let tmp = tempfile::tempdir().unwrap();
     let (controller, agent) = controller_and_agent(tmp.path());
-    let path = agent.socket_dir.join(HANDOVER_SOCKET);
+    let path = agent.state_dir.join(HANDOVER_SOCKET);
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
 
-    let valid_request = r#"{"kind":"request","version":1,"node":"n1"}"#;
-    let cases: [(&str, Vec<u8>, &str); 5] = [
+    let secret = handover_secret(&agent.state_dir);
+    let valid_request = handover_request_json("n1", &agent.state_dir);
+    let wrong_secret = format!(
+        r#"{{"kind":"request","version":2,"node":"n1","secret":"{}"}}"#,
+        "ab".repeat(32)
+    );
+    let cases: [(&str, Vec<u8>, &str); 7] = [
         (
             "HTTP",
             b"GET / HTTP/1.0\r\n\r\n".to_vec(),
@@ -387,14 +393,26 @@ fn a_running_agent_refuses_garbage_and_strangers_and_keeps_serving() {
             "expected a hand-over request",
         ),
         (
-            "wrong node",
-            handover_frame(r#"{"kind":"request","version":1,"node":"n2"}"#),
-            "requester serves node \"n2\"",
+            "previous protocol version",
+            handover_frame(r#"{"kind":"request","version":1,"node":"n1"}"#),
+            "version 1 is not supported",
         ),
         (
-            "not an agent",
-            handover_frame(valid_request),
-            "not a stackroute-lrd process",
+            "no secret",
+            handover_frame(r#"{"kind":"request","version":2,"node":"n1"}"#),
+            "carries no hand-over secret",
+        ),
+        (
+            "wrong secret",
+            handover_frame(&wrong_secret),
+            "secret does not match",
+        ),
+        (
+            "wrong node, with the secret",
+            handover_frame(&format!(
+                r#"{{"kind":"request","version":2,"node":"n2","secret":"{secret}"}}"#
+            )),
+            "requester serves node \"n2\"",
         ),
     ];
     for (what, bytes, expected) in cases {
@@ -418,7 +436,8 @@ fn a_running_agent_refuses_garbage_and_strangers_and_keeps_serving() {
         "{reply}"
     );
     let mut cut = UnixStream::connect(&path).unwrap();
-    cut.write_all(&handover_frame(valid_request)[..10]).unwrap();
+    cut.write_all(&handover_frame(&valid_request)[..10])
+        .unwrap();
     drop(cut);
 
     // Still serving, still ready, and every refusal is in the log.
@@ -438,21 +457,146 @@ fn a_running_agent_refuses_garbage_and_strangers_and_keeps_serving() {
     assert_eq!(
         log.matches("refused a hand-over request; still serving")
             .count(),
-        7,
+        9,
         "{log}"
     );
+    assert!(!log.contains(&secret), "the secret is never logged");
+    // …and counted by reason.
+    let metrics = agent.metrics();
+    for (reason, count) in [
+        ("malformed", 4),
+        ("kind", 1),
+        ("version", 1),
+        ("missing-secret", 1),
+        ("wrong-secret", 1),
+        ("node", 1),
+    ] {
+        let line = format!("stackroute_lrd_handover_refused_total{{reason=\"{reason}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    assert_eq!(http_get(agent.http, "/healthz").unwrap().0, 200);
     drop(controller);
 }
 
-/// A fake "running agent": a listening `agent.sock` that never accepts and a `handover.sock`
-/// that answers the first request with `answer`.
-fn fake_running_agent(dir: &Path, answer: Vec<u8>) -> (UnixListener, JoinHandle<()>) {
-    std::fs::create_dir_all(dir).unwrap();
-    for file in [published::SOCKET_FILE, HANDOVER_SOCKET] {
-        let _ = std::fs::remove_file(dir.join(file));
+#[test]
+fn the_hand_over_socket_and_secret_live_in_the_state_directory_only() {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    let tmp = tempfile::tempdir().unwrap();
+    let dead_controller = format!("127.0.0.1:{}", free_port());
+    // What an agent of the previous release leaves: a hand-over socket in the socket
+    // directory, and a state directory as the kubelet creates a hostPath (0755).
+    let socket_dir = tmp.path().join("n1-run");
+    let state_dir = tmp.path().join("n1-state");
+    std::fs::create_dir_all(&socket_dir).unwrap();
+    std::fs::create_dir_all(&state_dir).unwrap();
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(UnixListener::bind(socket_dir.join(HANDOVER_SOCKET)).unwrap());
+
+    let mut agent = Agent::start_in_place("n1", &dead_controller, tmp.path(), &[]);
+    assert_eq!(agent.socket_dir, socket_dir);
+    assert!(
+        !socket_dir.join(HANDOVER_SOCKET).exists(),
+        "the socket directory (mounted into pods) has no hand-over socket"
+    );
+    assert_eq!(mode(&state_dir), 0o700);
+    let socket = state_dir.join(HANDOVER_SOCKET);
+    let meta = std::fs::symlink_metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(mode(&socket), 0o600);
+    let key = state_dir.join("handover.key");
+    assert_eq!(mode(&key), 0o600);
+    let secret = handover_secret(&state_dir);
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("removed the hand-over socket an agent of an earlier release left"),
+        "{log}"
+    );
+    assert!(!log.contains(&secret), "{log}");
+    // The key is the node's: a restarted agent keeps it.
+    agent.restart();
+    assert_eq!(handover_secret(&state_dir), secret);
+    assert!(!socket_dir.join(HANDOVER_SOCKET).exists());
+
+    // A state directory inside the socket directory is refused outright (before any
+    // controller is dialled; the variable only satisfies the controller-security flags).
+    let output = output_within({
+        let mut command = std::process::Command::new(bin("stackroute-lrd"));
+        command
+            .env("STACKROUTE_INSECURE_PLAINTEXT", "true")
+            .args(["--controller", &dead_controller, "--node", "n9"])
+            .arg("--socket-dir")
+            .arg(tmp.path().join("n9-run"))
+            .arg("--state-dir")
+            .arg(tmp.path().join("n9-run/state"));
+        command
+    });
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is inside --socket-dir"), "{stderr}");
+}
+
+#[test]
+fn a_stopped_agent_fails_healthz_after_the_grace_period() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
+    let controller = Controller::start(&state, tmp.path(), free_port());
+    let grace = Duration::from_millis(2000);
+    let old = Agent::start_with(
+        "n1",
+        &format!("http://{}", controller.grpc),
+        tmp.path(),
+        &["--healthz-stopped-grace-ms", &grace.as_millis().to_string()],
+    );
+    wait_for("a fresh snapshot", WAIT, || {
+        old.published().filter(|p| !p.2)
+    });
+    assert_eq!(
+        http_get(old.http, "/healthz").unwrap(),
+        (200, "ok\n".into())
+    );
+
+    let new = old.successor("n1-new", &[]);
+    wait_for("the old agent to stop", WAIT, || {
+        http_get(old.http, "/readyz").filter(|(code, _)| *code == 503)
+    });
+    let stopped = Instant::now();
+    // Within the grace: still alive (a rollout deletes the old pod in that time).
+    let (code, body) = http_get(old.http, "/healthz").unwrap();
+    if stopped.elapsed() < grace / 2 {
+        assert_eq!(code, 200, "{body}");
     }
+    let (code, body) = wait_for("/healthz to fail", WAIT, || {
+        http_get(old.http, "/healthz").filter(|(code, _)| *code != 200)
+    });
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("stopped serving"), "{body}");
+    assert!(body.contains("restart this agent"), "{body}");
+    assert_eq!(body.lines().count(), 1, "{body}");
+    assert!(
+        stopped.elapsed() + Duration::from_millis(100) >= grace / 2,
+        "failed after {:?}",
+        stopped.elapsed()
+    );
+    // The agent that serves is healthy.
+    assert_eq!(http_get(new.http, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(new.http, "/readyz").unwrap().0, 200);
+    drop(controller);
+}
+
+/// A fake "running agent": a listening `agent.sock` in `dir` that never accepts and a
+/// `handover.sock` in `state_dir` that answers the first request with `answer`.
+fn fake_running_agent(
+    dir: &Path,
+    state_dir: &Path,
+    answer: Vec<u8>,
+) -> (UnixListener, JoinHandle<()>) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::create_dir_all(state_dir).unwrap();
+    let _ = std::fs::remove_file(dir.join(published::SOCKET_FILE));
+    let _ = std::fs::remove_file(state_dir.join(HANDOVER_SOCKET));
     let agent_socket = UnixListener::bind(dir.join(published::SOCKET_FILE)).unwrap();
-    let handover = UnixListener::bind(dir.join(HANDOVER_SOCKET)).unwrap();
+    let handover = UnixListener::bind(state_dir.join(HANDOVER_SOCKET)).unwrap();
     let server = std::thread::spawn(move || {
         let (mut stream, _) = handover.accept().unwrap();
         let mut header = [0; 4];
@@ -469,7 +613,7 @@ fn fake_running_agent(dir: &Path, answer: Vec<u8>) -> (UnixListener, JoinHandle<
 fn a_new_agent_starts_when_the_running_one_answers_garbage_or_dies_mid_hand_over() {
     let tmp = tempfile::tempdir().unwrap();
     let dead_controller = format!("127.0.0.1:{}", free_port());
-    let node_state = r#""version":1,"node":"n1","generation":3,"registrations":{"listeners":[],"workloads":[],"removals":[]},"clusterListeners":[]"#;
+    let node_state = r#""version":2,"node":"n1","generation":3,"registrations":{"listeners":[],"workloads":[],"removals":[]},"clusterListeners":[]"#;
     let cases: [(&str, Vec<u8>, &str); 5] = [
         (
             "garbage",
@@ -493,13 +637,14 @@ fn a_new_agent_starts_when_the_running_one_answers_garbage_or_dies_mid_hand_over
         ),
         (
             "dies mid-way",
-            handover_frame(r#"{"kind":"state","version":1}"#)[..12].to_vec(),
+            handover_frame(r#"{"kind":"state","version":2}"#)[..12].to_vec(),
             "in the middle of a message",
         ),
     ];
     for (i, (what, answer, expected)) in cases.into_iter().enumerate() {
         let root = tmp.path().join(format!("case-{i}"));
-        let (fake_socket, fake) = fake_running_agent(&root.join("n1-run"), answer);
+        let (fake_socket, fake) =
+            fake_running_agent(&root.join("n1-run"), &root.join("n1-state"), answer);
         // Returns once the new agent serves its socket and /healthz.
         let agent = Agent::start_in_place(
             "n1",

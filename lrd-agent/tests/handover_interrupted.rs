@@ -1,6 +1,8 @@
 //! A new agent that dies in the middle of a hand-over: the running agent serves again. The
-//! "new agent" is this test process, renamed `stackroute-lrd` (the running agent only hands
-//! over to a process of that name) — which is why this test has a binary of its own.
+//! "new agent" is this test process, which asks as a real successor does: on the hand-over
+//! socket in the state directory, with the node's secret read from `STATE_DIR/handover.key`
+//! (its process name plays no part). While it holds the state without confirming, the running
+//! agent is handing over: `/healthz` fails once that lasts longer than its limit.
 
 mod common;
 
@@ -14,8 +16,8 @@ use stackroute_local_api::frame;
 use stackroute_local_api::message::Response;
 use stackroute_local_api::published;
 
-fn request_frame() -> Vec<u8> {
-    handover_frame(r#"{"kind":"request","version":1,"node":"n1"}"#)
+fn request_frame(state_dir: &std::path::Path) -> Vec<u8> {
+    handover_frame(&handover_request_json("n1", state_dir))
 }
 
 #[test]
@@ -23,11 +25,15 @@ fn the_running_agent_serves_again_when_the_new_one_dies_mid_hand_over() {
     let tmp = tempfile::tempdir().unwrap();
     let state = new_state_dir(tmp.path(), "Kernel", "BBR");
     let controller = Controller::start(&state, tmp.path(), free_port());
-    let agent = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
+    let agent = Agent::start_with(
+        "n1",
+        &format!("http://{}", controller.grpc),
+        tmp.path(),
+        &["--healthz-handover-limit-ms", "300"],
+    );
     wait_for("a fresh snapshot", WAIT, || {
         agent.published().filter(|p| !p.2)
     });
-    std::fs::write("/proc/self/comm", "stackroute-lrd").expect("rename this process");
 
     // A client keeps calling throughout; none of its calls may fail.
     let stop = Arc::new(AtomicBool::new(false));
@@ -55,9 +61,9 @@ fn the_running_agent_serves_again_when_the_new_one_dies_mid_hand_over() {
 
     for (round, confirmation) in [&b""[..], b"\x05\x00\x00\x00junk!"].into_iter().enumerate() {
         let mut stream =
-            UnixStream::connect(agent.socket_dir.join("handover.sock")).expect("connect");
+            UnixStream::connect(agent.state_dir.join("handover.sock")).expect("connect");
         stream.set_read_timeout(Some(WAIT)).unwrap();
-        stream.write_all(&request_frame()).unwrap();
+        stream.write_all(&request_frame(&agent.state_dir)).unwrap();
         // The state arrives (its descriptor is discarded by a plain read); then this "new
         // agent" hangs up, or confirms with garbage.
         let mut header = [0; 4];
@@ -67,6 +73,14 @@ fn the_running_agent_serves_again_when_the_new_one_dies_mid_hand_over() {
         let state: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(state["kind"], "state", "{state}");
         assert_eq!(http_get(agent.http, "/readyz").unwrap().0, 503);
+        if round == 0 {
+            // Held past the limit (300 ms here; the new agent has 5 s to confirm): stuck.
+            let (code, body) = wait_for("/healthz to fail while handing over", WAIT, || {
+                http_get(agent.http, "/healthz").filter(|(code, _)| *code != 200)
+            });
+            assert_eq!(code, 503, "{body}");
+            assert!(body.contains("the hand-over is stuck"), "{body}");
+        }
         stream.write_all(confirmation).unwrap();
         drop(stream);
         wait_for("the agent to serve again", WAIT, || {
@@ -80,6 +94,7 @@ fn the_running_agent_serves_again_when_the_new_one_dies_mid_hand_over() {
             agent.call(&lookup_db("web-1")),
             Response::Decision(_)
         ));
+        assert_eq!(http_get(agent.http, "/healthz").unwrap().0, 200);
     }
     let log = agent.proc.log_text();
     assert!(

@@ -1,11 +1,19 @@
 //! Hand-over of the socket directory from a running agent to a new one (a surge rolling update
-//! of the DaemonSet): the new agent asks on `DIR/handover.sock`, the running one stops
+//! of the DaemonSet): the new agent asks on `STATE_DIR/handover.sock`, the running one stops
 //! accepting, drains its connections, stops publishing and passes its listening `agent.sock`
 //! socket (`SCM_RIGHTS`) with its state; clients waiting in the socket's backlog are then
 //! accepted by the new agent. [`protocol`] has the messages and checks, [`fdpass`] the
-//! descriptor passing; this module does the I/O of both sides.
+//! descriptor passing, [`key`] the state directory and the node's hand-over secret; this
+//! module does the I/O of both sides.
+//!
+//! The hand-over socket is in the state directory, not in the socket directory: the socket
+//! directory is mounted into every injected pod, and a process that can connect to the
+//! hand-over socket and pass the checks receives the agent's listening socket and state. The
+//! running agent hands over only to a caller of its own uid that presents the node's secret
+//! (`STATE_DIR/handover.key`).
 
 mod fdpass;
+pub mod key;
 pub mod protocol;
 
 use std::io::{self, Write as _};
@@ -21,8 +29,8 @@ use stackroute_local_api::published::SOCKET_FILE;
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 
-pub use protocol::{HANDOVER_SOCKET_FILE, HandedState, VERSION};
-use protocol::{HEADER_LEN, Message};
+pub use protocol::{HANDOVER_SOCKET_FILE, HandedState, KEY_FILE, Key, VERSION};
+use protocol::{HEADER_LEN, Message, Refusal};
 
 use crate::serving::Serving;
 use crate::state::{Agent, Role};
@@ -52,20 +60,39 @@ pub enum Stopped {
 
 // === the new agent ===
 
-/// Asks the agent serving `dir` to hand it over, within `timeout`. On success: its listening
-/// socket and its state. Every failure is a message saying what the running agent did.
+/// Before the socket directory is touched: the state directory must be separate from the
+/// socket directory (and not inside it), and is made private (0700); a `handover.sock` that an
+/// agent of an earlier release left in the socket directory is removed.
+pub fn prepare(socket_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
+    key::check_separate(socket_dir, state_dir)?;
+    key::secure_dir(state_dir)?;
+    let legacy = socket_dir.join(HANDOVER_SOCKET_FILE);
+    if std::fs::symlink_metadata(&legacy).is_ok_and(|meta| meta.file_type().is_socket()) {
+        std::fs::remove_file(&legacy)
+            .with_context(|| format!("{}: cannot remove", legacy.display()))?;
+        info!(path = %legacy.display(), "removed the hand-over socket an agent of an earlier release left in the socket directory");
+    }
+    Ok(())
+}
+
+/// Asks the agent serving this node to hand its socket directory over, on
+/// `STATE_DIR/handover.sock` with the node's secret from `STATE_DIR/handover.key`, within
+/// `timeout`. On success: its listening socket and its state. Every failure is a message
+/// saying what the running agent did.
 pub fn request(
-    dir: &Path,
+    state_dir: &Path,
     node: &str,
     timeout: Duration,
     metrics_addr: Option<std::net::SocketAddr>,
 ) -> Result<(StdUnixListener, HandedState), String> {
     let timeout = timeout.max(Duration::from_millis(1));
     let deadline = Instant::now() + timeout;
-    let path = dir.join(HANDOVER_SOCKET_FILE);
+    let key = key::load_or_create(state_dir)
+        .map_err(|e| format!("cannot read the node's hand-over key: {e:#}"))?;
+    let path = state_dir.join(HANDOVER_SOCKET_FILE);
     let stream = StdUnixStream::connect(&path).map_err(|e| {
         format!(
-            "cannot connect to {}: {e} (an agent without hand-over support?)",
+            "cannot connect to {}: {e} (an agent of an earlier release, or one without hand-over support?)",
             path.display()
         )
     })?;
@@ -75,6 +102,7 @@ pub fn request(
     let request = Message::Request {
         version: VERSION,
         node: node.to_string(),
+        secret: Some(key.secret()),
         netns: own_netns(),
         metrics_addr: metrics_addr.map(|a| a.to_string()),
     };
@@ -127,9 +155,19 @@ fn own_netns() -> u64 {
 
 // === the running agent ===
 
-/// Binds `DIR/handover.sock` (mode 0600), replacing the one of an earlier agent.
-pub fn bind(dir: &Path) -> anyhow::Result<UnixListener> {
-    let path = dir.join(HANDOVER_SOCKET_FILE);
+/// The hand-over socket of a serving agent and the node's secret a successor must present.
+#[derive(Debug)]
+pub struct Listener {
+    socket: UnixListener,
+    key: Key,
+}
+
+/// Binds `STATE_DIR/handover.sock` (mode 0600, in a directory of mode 0700), replacing the one
+/// of an earlier agent, and reads the node's secret (`STATE_DIR/handover.key`, created if
+/// missing).
+pub fn bind(state_dir: &Path) -> anyhow::Result<Listener> {
+    let key = key::load_or_create(state_dir)?;
+    let path = state_dir.join(HANDOVER_SOCKET_FILE);
     match std::fs::symlink_metadata(&path) {
         Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(&path)
             .with_context(|| format!("{}: cannot remove the old socket", path.display()))?,
@@ -141,7 +179,10 @@ pub fn bind(dir: &Path) -> anyhow::Result<UnixListener> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("{}: cannot set permissions", path.display()))?;
     listener.set_nonblocking(true)?;
-    Ok(UnixListener::from_std(listener)?)
+    Ok(Listener {
+        socket: UnixListener::from_std(listener)?,
+        key,
+    })
 }
 
 enum Event {
@@ -155,7 +196,7 @@ enum Event {
 pub async fn supervise(
     agent: Arc<Agent>,
     mut serving: Serving,
-    handover: UnixListener,
+    handover: Listener,
     metrics_addr: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Stopped> {
     let mut check = tokio::time::interval(OWNERSHIP_CHECK);
@@ -163,7 +204,7 @@ pub async fn supervise(
         let event = tokio::select! {
             _ = serving.ended() => Event::TaskEnded,
             _ = check.tick() => Event::Check,
-            accepted = handover.accept() => Event::Request(accepted.map(|(s, _)| s)),
+            accepted = handover.socket.accept() => Event::Request(accepted.map(|(s, _)| s)),
         };
         match event {
             Event::TaskEnded => anyhow::bail!("an agent task ended unexpectedly"),
@@ -178,7 +219,7 @@ pub async fn supervise(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Event::Request(Ok(stream)) => {
-                match answer(&agent, serving, stream, metrics_addr).await {
+                match answer(&agent, serving, stream, &handover.key, metrics_addr).await {
                     Answered::Serving(again) => serving = again,
                     Answered::Stopped(stopped) => return Ok(stopped),
                 }
@@ -201,12 +242,47 @@ enum Answered {
     Stopped(Stopped),
 }
 
+/// What the logs say about a caller of the hand-over socket. Neither is a proof of anything:
+/// a process sets its own command name, and a new agent from a new image runs an executable
+/// that is another file than this agent's (another container's file system), so the secret is
+/// what authenticates a successor.
+#[derive(Debug)]
+struct PeerInfo {
+    /// `/proc/PID/comm`.
+    comm: Option<String>,
+    /// Whether `/proc/PID/exe` is the same file (device and inode) as this agent's executable.
+    same_executable: Option<bool>,
+}
+
+impl PeerInfo {
+    fn of(pid: Option<i32>) -> Self {
+        let Some(pid) = pid.filter(|pid| *pid > 0) else {
+            return Self {
+                comm: None,
+                same_executable: None,
+            };
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()
+            .map(|c| c.trim_end().to_string());
+        let file = |path: &str| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        let same_executable = file(&format!("/proc/{pid}/exe"))
+            .zip(file("/proc/self/exe"))
+            .map(|(theirs, ours)| theirs == ours);
+        Self {
+            comm,
+            same_executable,
+        }
+    }
+}
+
 /// One request on the hand-over socket: refused (and the agent keeps serving), handed over,
 /// or failed half-way (and the agent serves again).
 async fn answer(
     agent: &Arc<Agent>,
     serving: Serving,
     stream: tokio::net::UnixStream,
+    key: &Key,
     metrics_addr: Option<std::net::SocketAddr>,
 ) -> Answered {
     let cred = stream.peer_cred().ok();
@@ -237,22 +313,40 @@ async fn answer(
         .unwrap_or_else(|e| Err(format!("reading the request failed: {e}")))
     };
     let pid = cred.as_ref().and_then(|c| c.pid());
-    let checked = request.and_then(|request| {
-        let own_uid = rustix::process::getuid().as_raw();
-        let comm = pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok());
-        let uid = cred.as_ref().map_or(u32::MAX, |c| c.uid());
-        protocol::check_request(&request, &agent.config.node)?;
-        protocol::check_peer(uid, own_uid, comm.as_deref().map(str::trim_end))?;
-        if !agent.owns_directory() {
-            return Err("this agent no longer serves its socket directory".into());
-        }
-        Ok(request)
-    });
+    let peer = PeerInfo::of(pid);
+    let checked = request
+        .map_err(|message| Refusal::new("malformed", message))
+        .and_then(|request| {
+            let own_uid = rustix::process::getuid().as_raw();
+            let uid = cred.as_ref().map_or(u32::MAX, |c| c.uid());
+            protocol::check_peer(uid, own_uid)?;
+            protocol::check_request(&request, &agent.config.node, key)?;
+            if !agent.owns_directory() {
+                return Err(Refusal::new(
+                    "not-serving",
+                    "this agent no longer serves its socket directory",
+                ));
+            }
+            Ok(request)
+        });
     let request = match checked {
         Ok(request) => request,
-        Err(message) => {
-            warn!(?pid, reason = %message, "refused a hand-over request; still serving");
-            let _ = write_message(&stream, &Message::Refused { message });
+        Err(refusal) => {
+            agent.metrics.handover_refused(refusal.reason);
+            warn!(
+                ?pid,
+                comm = ?peer.comm,
+                same_executable = ?peer.same_executable,
+                reason = refusal.reason,
+                message = %refusal.message,
+                "refused a hand-over request; still serving"
+            );
+            let _ = write_message(
+                &stream,
+                &Message::Refused {
+                    message: refusal.message,
+                },
+            );
             return Answered::Serving(serving);
         }
     };
@@ -270,7 +364,9 @@ async fn answer(
     };
     info!(
         ?pid,
-        "hand-over requested: no longer accepting; draining connections"
+        comm = ?peer.comm,
+        same_executable = ?peer.same_executable,
+        "hand-over requested by a caller with the node's secret: no longer accepting; draining connections"
     );
     let started = Instant::now();
     let max_connections = serving.max_connections();

@@ -506,3 +506,21 @@ pub fn transport(explanation: &Value) -> String {
             .unwrap_or("?")
     )
 }
+
+// === hand-over helpers ===
+
+/// The node's hand-over secret as a request carries it: `STATE_DIR/handover.key` in hex.
+pub fn handover_secret(state_dir: &Path) -> String {
+    let key = std::fs::read(state_dir.join("handover.key")).expect("the node's hand-over key");
+    assert_eq!(key.len(), 32, "a hand-over key of 32 bytes");
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A hand-over request for `node` as a real successor sends it: the current protocol version
+/// and the node's secret from `state_dir`.
+pub fn handover_request_json(node: &str, state_dir: &Path) -> String {
+    format!(
+        r#"{{"kind":"request","version":2,"node":"{node}","secret":"{}"}}"#,
+        handover_secret(state_dir)
+    )
+}
