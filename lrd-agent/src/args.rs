@@ -33,6 +33,27 @@ pub struct Args {
         required = true
     )]
     pub controller: Vec<String>,
+    /// Directory of this node's credentials for the controller: `ca.crt` (trusts the
+    /// controller's certificate) and either `tls.crt`/`tls.key` (a client certificate from
+    /// `stackroute-controller credentials issue --node NODE`) or `token` (Kubernetes: the
+    /// projected service-account token, re-read on every call).
+    #[arg(
+        long,
+        env = "STACKROUTE_CREDENTIALS",
+        required_unless_present = "insecure_plaintext"
+    )]
+    pub credentials: Option<PathBuf>,
+    /// The name the controller's certificate carries, when the address is not that name (a
+    /// ClusterIP, for instance).
+    #[arg(long, env = "STACKROUTE_CONTROLLER_SERVER_NAME")]
+    pub controller_server_name: Option<String>,
+    /// Talk to a controller started with --insecure-plaintext (development only).
+    #[arg(
+        long,
+        env = "STACKROUTE_INSECURE_PLAINTEXT",
+        conflicts_with = "credentials"
+    )]
+    pub insecure_plaintext: bool,
     /// This node's name, as in the controller's Node objects.
     #[arg(long, env = "STACKROUTE_NODE")]
     pub node: String,
@@ -109,6 +130,13 @@ impl Args {
             Config {
                 node: self.node,
                 controllers,
+                security: match self.credentials {
+                    Some(dir) => stackroute_proto::client::Security::Tls {
+                        dir,
+                        server_name: self.controller_server_name,
+                    },
+                    None => stackroute_proto::client::Security::Plaintext,
+                },
                 socket_dir: self.socket_dir,
                 state_dir: self.state_dir,
             },

@@ -6,10 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
+use stackroute_proto::client;
 use stackroute_proto::v1alpha1::{AckRequest, ApiVersion, Listener, WatchRequest, Workload};
-use stackroute_proto::{MAX_REQUEST_BYTES, MAX_UPDATE_BYTES};
-use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::caps;
@@ -57,25 +55,10 @@ pub async fn run(agent: Arc<Agent>) {
     }
 }
 
-fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
-    let url = if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
-    };
-    Ok(Endpoint::from_shared(url)?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true))
-}
-
 async fn session(agent: &Arc<Agent>, url: &str) -> anyhow::Result<()> {
-    let channel = endpoint(url)?.connect().await?;
-    let mut client = DistributionClient::new(channel)
-        .max_decoding_message_size(MAX_UPDATE_BYTES)
-        .max_encoding_message_size(MAX_REQUEST_BYTES);
+    let mut client = client::connect(url, &agent.config.security)
+        .await
+        .map_err(|error| anyhow::anyhow!("connecting to {url}: {error}"))?;
     info!(controller = %url, agent_id = %agent.agent_id, "connected");
 
     let capabilities = caps::discover(&agent.config.node);
@@ -137,10 +120,7 @@ pub fn transient(code: tonic::Code) -> bool {
 }
 
 /// Sends every held registration again: the controller may have restarted without a store.
-async fn resend_registrations(
-    agent: &Agent,
-    client: &mut DistributionClient<Channel>,
-) -> anyhow::Result<()> {
+async fn resend_registrations(agent: &Agent, client: &mut client::Client) -> anyhow::Result<()> {
     let (removals, listeners, workloads) = {
         let mut held = agent.registrations();
         (
@@ -201,7 +181,9 @@ fn refused_on_resend(
     status: tonic::Status,
     held: Held,
 ) -> Result<(), tonic::Status> {
-    if transient(status.code()) {
+    // A quota refusal is an answer about this registration (the controller counts it against
+    // the node), not about the connection: dropped like any other refusal.
+    if transient(status.code()) && status.code() != tonic::Code::ResourceExhausted {
         return Err(status);
     }
     warn!(registration = ?held, %status, "the controller refused a held registration; dropped");
@@ -243,21 +225,5 @@ mod tests {
         }
         let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(3)).collect();
         assert!(samples.len() > 1, "no jitter");
-    }
-
-    #[test]
-    fn endpoints_accept_bare_addresses_and_urls() {
-        assert_eq!(
-            endpoint("127.0.0.1:9").unwrap().uri().to_string(),
-            "http://127.0.0.1:9/"
-        );
-        assert_eq!(
-            endpoint("https://c.example:443")
-                .unwrap()
-                .uri()
-                .scheme_str(),
-            Some("https")
-        );
-        assert!(endpoint("http://bad host").is_err());
     }
 }

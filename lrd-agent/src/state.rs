@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use stackroute_proto::v1alpha1::Listener;
-use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
 use stackroute_snapshot::Snapshot;
-use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
 use stackroute_local_api::published::{self, SOCKET_FILE};
@@ -42,6 +40,8 @@ pub struct Config {
     pub node: String,
     /// Controller URLs, tried in order.
     pub controllers: Vec<String>,
+    /// How the controllers are reached (TLS with this node's credentials, or plaintext).
+    pub security: stackroute_proto::client::Security,
     /// Directory of the Unix socket and the published files.
     pub socket_dir: PathBuf,
     /// Directory of the persisted snapshot.
@@ -114,7 +114,7 @@ pub struct Agent {
     persister: Persister,
     /// Who may do what on the local socket, and its limits (set once at start).
     local_policy: std::sync::OnceLock<LocalPolicy>,
-    client: Mutex<Option<DistributionClient<Channel>>>,
+    client: Mutex<Option<stackroute_proto::client::Client>>,
     listeners: RwLock<Arc<Vec<Listener>>>,
     role: AtomicU8,
     /// When `role` last changed (or the agent started); changes are made holding this lock.
@@ -509,12 +509,12 @@ impl Agent {
     }
 
     /// The controller client in use, if connected.
-    pub fn client(&self) -> Option<DistributionClient<Channel>> {
+    pub fn client(&self) -> Option<stackroute_proto::client::Client> {
         lock(&self.client).clone()
     }
 
     /// Sets (or clears) the controller client in use.
-    pub fn set_client(&self, client: Option<DistributionClient<Channel>>) {
+    pub fn set_client(&self, client: Option<stackroute_proto::client::Client>) {
         self.metrics.connected.set(i64::from(client.is_some()));
         *lock(&self.client) = client;
     }
@@ -531,6 +531,7 @@ mod tests {
         Config {
             node: "node-a1".into(),
             controllers: vec!["127.0.0.1:1".into()],
+            security: stackroute_proto::client::Security::Plaintext,
             socket_dir: root.join("run"),
             state_dir: root.join("state"),
         }

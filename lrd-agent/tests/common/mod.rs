@@ -88,6 +88,18 @@ pub fn policy(stack: &str, congestion_control: &str) -> String {
 }
 
 /// A binary built into the same target directory as this test.
+/// This test process's CA and credentials (controller serving certificate, per-node and admin
+/// client certificates), made by `stackroute-controller credentials`.
+pub fn pki() -> &'static testkit::pki::Pki {
+    static PKI: std::sync::OnceLock<testkit::pki::Pki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        testkit::pki::Pki::for_process(
+            &bin("stackroute-controller"),
+            Path::new(env!("CARGO_TARGET_TMPDIR")),
+        )
+    })
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
@@ -291,6 +303,8 @@ impl Controller {
                 &http.to_string(),
             ])
             .args(["--debounce-ms", "30", "--poll-ms", "50"])
+            .arg("--grpc-tls-dir")
+            .arg(pki().server())
             .args(extra_args)
             .env("RUST_LOG", "info");
         let proc = Proc::spawn(command, logs.join(format!("controller-{grpc_port}.log")));
@@ -385,6 +399,8 @@ impl Agent {
         let mut command = Command::new(bin("stackroute-lrd"));
         command
             .args(["--controller", &self.controller, "--node", &self.node])
+            .arg("--credentials")
+            .arg(pki().node(&self.node))
             .arg("--socket-dir")
             .arg(&self.socket_dir)
             .arg("--state-dir")
@@ -475,6 +491,8 @@ pub fn output_within(mut command: Command) -> Output {
 pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(bin("stackroute"));
     command.args(args);
+    // `stackroute status` authenticates as an administrator.
+    command.env("STACKROUTE_CREDENTIALS", pki().admin());
     for (key, value) in env {
         command.env(key, value);
     }
