@@ -388,7 +388,7 @@ fn key_ip((family, value): IpKey) -> IpAddr {
 
 /// An inclusive range of addresses of one family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct IpRange {
+pub(crate) struct IpRange {
     family: u8,
     first: u128,
     last: u128,
@@ -683,9 +683,20 @@ pub(crate) struct PodPeer {
 }
 
 #[derive(Clone, Debug)]
-enum PeerRef {
+pub(crate) enum PeerRef {
+    /// A pod peer, by index ([`NetworkPolicies::pod_peers`]).
     Pods(u32),
     Addresses(Vec<IpRange>),
+}
+
+impl PeerRef {
+    /// The pod peer's index, for a pod peer.
+    pub(crate) fn pod(&self) -> Option<u32> {
+        match self {
+            Self::Pods(id) => Some(*id),
+            Self::Addresses(_) => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -851,6 +862,22 @@ impl NetworkPolicies {
     /// The pod peers of every rule, in their index order.
     pub(crate) fn pod_peers(&self) -> &[PodPeer] {
         &self.pod_peers
+    }
+
+    /// The ingress (or egress) rules of policy `policy` as (peers — `None`: every peer —,
+    /// ports — `None`: every port; TCP and UDP numbers only): for the compiler's fast path over
+    /// pod destinations, which must agree with [`NetworkPolicies::evaluate`].
+    pub(crate) fn rules(
+        &self,
+        policy: u32,
+        ingress: bool,
+    ) -> impl Iterator<Item = (Option<&[PeerRef]>, Option<&[PortEntry]>)> {
+        self.indexed
+            .get(policy as usize)
+            .and_then(|p| if ingress { &p.ingress } else { &p.egress }.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|rule| (rule.peers.as_deref(), rule.ports.as_deref()))
     }
 
     /// Why every flow is undecidable, when foreign policy objects are present.

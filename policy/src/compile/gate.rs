@@ -185,8 +185,11 @@ pub(super) fn apply(
         // Classes with the same actions share one copy of the policy.
         let mut groups: Vec<(Vec<Action>, Vec<Verdict>, Vec<u32>)> = Vec::new();
         for (class, identities) in by_class {
-            let outcomes: Vec<(Action, Verdict)> =
-                targets.iter().map(|t| gate.outcome(class, t)).collect();
+            let mut view = gate.view(class);
+            let outcomes: Vec<(Action, Verdict)> = targets
+                .iter()
+                .map(|t| gate.outcome(class, &mut view, t))
+                .collect();
             if outcomes.iter().all(|(action, _)| *action == Action::Keep) {
                 continue;
             }
@@ -408,13 +411,79 @@ struct Gate<'g> {
     /// Pod and node addresses: left out of address parts (judged as pods and nodes).
     known: Vec<IpAddr>,
     cluster_networks: Vec<stackroute_snapshot::Cidr>,
-    /// (source class, destination class or [`NODE`], ports) → whether allowed.
-    cache: HashMap<(u32, u32, u32), Result<(), Verdict>>,
+    /// Identities each pod peer selects (see [`NetworkPolicies::pod_peers`]).
+    peer_sets: Vec<Vec<u32>>,
+    /// (source class, ports) → whether flows to node addresses are allowed.
+    node_cache: HashMap<(u32, u32), Result<(), Verdict>>,
     port_sets: HashMap<Vec<PortEntry>, u32>,
+    /// Scratch for port coverage checks.
+    scratch: Vec<PortEntry>,
 }
 
-/// The destination class of node addresses in the verdict cache.
-const NODE: u32 = u32::MAX;
+/// Ports granted: every port, or these entries (unsorted, perhaps repeated).
+#[derive(Clone, Debug, Default)]
+struct Grant {
+    all: bool,
+    ports: Vec<PortEntry>,
+}
+
+impl Grant {
+    fn add(&mut self, ports: Option<&[PortEntry]>) {
+        match ports {
+            None => {
+                self.all = true;
+                self.ports = Vec::new();
+            }
+            Some(ports) if !self.all => self.ports.extend_from_slice(ports),
+            Some(_) => {}
+        }
+    }
+}
+
+/// Whether `grants` together hold every port of `wanted` (`scratch` is reused).
+fn covers<'a>(
+    grants: impl IntoIterator<Item = &'a Grant>,
+    wanted: &[PortEntry],
+    scratch: &mut Vec<PortEntry>,
+) -> bool {
+    scratch.clear();
+    for grant in grants {
+        if grant.all {
+            return true;
+        }
+        scratch.extend_from_slice(&grant.ports);
+    }
+    scratch.sort_unstable_by_key(|p| (p.protocol as u8, p.first));
+    wanted.iter().all(|want| {
+        let mut next = u32::from(want.first);
+        for port in scratch.iter().filter(|p| p.protocol == want.protocol) {
+            if u32::from(port.first) > next {
+                break;
+            }
+            next = next.max(u32::from(port.last) + 1);
+            if next > u32::from(want.last) {
+                return true;
+            }
+        }
+        next > u32::from(want.last)
+    })
+}
+
+/// What NetworkPolicy grants one class of sources toward pods: built once per source class
+/// and policy, so that judging a destination costs a few lookups rather than an evaluation.
+/// It must agree with [`NetworkPolicies::evaluate`] on pods (the gate's property test checks the
+/// outcome against the evaluator).
+struct SourceView {
+    /// The source's namespace holds an unreadable policy: nothing is allowed.
+    undecidable: bool,
+    /// Egress, when isolated: what rules without peers grant every destination, and what pod
+    /// peers grant each destination class.
+    egress: Option<(Grant, HashMap<u32, Grant>)>,
+    /// Ingress: what each policy's ingress rules grant this source.
+    ingress: Vec<Grant>,
+    /// (ports) → per destination class: 0 unknown, 1 allowed, 2 not.
+    memo: HashMap<u32, Vec<u8>>,
+}
 
 impl<'g> Gate<'g> {
     fn new(
@@ -439,17 +508,20 @@ impl<'g> Gate<'g> {
                 }
             }
         }
+        let mut peer_sets = Vec::with_capacity(netpol.pod_peers().len());
         for (peer_index, peer) in netpol.pod_peers().iter().enumerate() {
             let scope = match &peer.namespaces {
-                Some(selector) => Scope::Namespaces(index.namespace_set(selector)),
-                None => match index.namespace_ids.get(&peer.namespace) {
-                    Some(&namespace) => Scope::Namespace(namespace),
-                    None => continue,
-                },
+                Some(selector) => Some(Scope::Namespaces(index.namespace_set(selector))),
+                None => index
+                    .namespace_ids
+                    .get(&peer.namespace)
+                    .map(|&namespace| Scope::Namespace(namespace)),
             };
-            for id in index.selected(scope, &peer.pods) {
+            let set = scope.map_or_else(Vec::new, |scope| index.selected(scope, &peer.pods));
+            for &id in &set {
                 facts[id as usize].peers.push(peer_index as u32);
             }
+            peer_sets.push(set);
         }
         for (u, unreadable) in netpol.unreadable().iter().enumerate() {
             if let Some(&namespace) = index.namespace_ids.get(&unreadable.namespace) {
@@ -507,8 +579,10 @@ impl<'g> Gate<'g> {
             node_ips,
             known,
             cluster_networks: settings.cluster_networks.clone(),
-            cache: HashMap::new(),
+            peer_sets,
+            node_cache: HashMap::new(),
             port_sets: HashMap::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -587,29 +661,128 @@ impl<'g> Gate<'g> {
         }
     }
 
-    /// Whether every flow from a source of `class` to a pod of `identity` on the rule's ports
-    /// is allowed; cached per class pair.
-    fn pod(&mut self, class: u32, identity: u32, targets: &Targets) -> Result<(), Verdict> {
-        let destination = self.class_of[identity as usize];
-        let key = (class, destination, targets.ports_id);
-        if let Some(result) = self.cache.get(&key) {
-            return result.clone();
+    /// What NetworkPolicy grants sources of `class` toward pods.
+    fn view(&self, class: u32) -> SourceView {
+        let facts = &self.class_facts[class as usize];
+        let egress = facts.isolated_for_egress().then(|| {
+            let mut everyone = Grant::default();
+            let mut by_class: HashMap<u32, Grant> = HashMap::new();
+            let mut classes = Vec::new();
+            for &policy in &facts.egress {
+                for (peers, ports) in self.netpol.rules(policy, false) {
+                    let Some(peers) = peers else {
+                        everyone.add(ports);
+                        continue;
+                    };
+                    // Each destination class once per rule.
+                    classes.clear();
+                    for id in peers.iter().filter_map(|p| p.pod()) {
+                        classes.extend(
+                            self.peer_sets[id as usize]
+                                .iter()
+                                .map(|identity| self.class_of[*identity as usize]),
+                        );
+                    }
+                    classes.sort_unstable();
+                    classes.dedup();
+                    for &destination in &classes {
+                        // A hostNetwork pod is its node's address: no pod peer matches it.
+                        if !self.class_facts[destination as usize].host_network {
+                            by_class.entry(destination).or_default().add(ports);
+                        }
+                    }
+                }
+            }
+            (everyone, by_class)
+        });
+        let ingress = (0..self.netpol.policies().len() as u32)
+            .map(|policy| {
+                let mut grant = Grant::default();
+                for (peers, ports) in self.netpol.rules(policy, true) {
+                    let matches = match peers {
+                        None => true,
+                        Some(peers) => {
+                            !facts.host_network
+                                && peers
+                                    .iter()
+                                    .filter_map(|p| p.pod())
+                                    .any(|id| facts.peers.binary_search(&id).is_ok())
+                        }
+                    };
+                    if matches {
+                        grant.add(ports);
+                    }
+                }
+                grant
+            })
+            .collect();
+        SourceView {
+            undecidable: facts.unreadable.is_some(),
+            egress,
+            ingress,
+            memo: HashMap::new(),
         }
-        let verdict = self.netpol.evaluate(
+    }
+
+    /// Whether every flow from the view's sources to a pod of `identity` on the rule's ports is
+    /// allowed.
+    fn pod_allowed(&mut self, view: &mut SourceView, identity: u32, targets: &Targets) -> bool {
+        let mut memo = view
+            .memo
+            .remove(&targets.ports_id)
+            .unwrap_or_else(|| vec![0; self.class_facts.len()]);
+        let allowed = self.pod_allowed_in(view, &mut memo, identity, targets);
+        view.memo.insert(targets.ports_id, memo);
+        allowed
+    }
+
+    /// [`Gate::pod_allowed`] with the view's memo for the rule's ports taken out.
+    fn pod_allowed_in(
+        &mut self,
+        view: &SourceView,
+        memo: &mut [u8],
+        identity: u32,
+        targets: &Targets,
+    ) -> bool {
+        let destination = self.class_of[identity as usize];
+        match memo[destination as usize] {
+            1 => return true,
+            2 => return false,
+            _ => {}
+        }
+        let facts = &self.class_facts[destination as usize];
+        let egress = match &view.egress {
+            None => true,
+            Some((everyone, by_class)) => covers(
+                std::iter::once(everyone).chain(by_class.get(&destination)),
+                &targets.ports,
+                &mut self.scratch,
+            ),
+        };
+        let allowed = !view.undecidable
+            && egress
+            && facts.unreadable.is_none()
+            && (facts.ingress.is_empty()
+                || covers(
+                    facts.ingress.iter().map(|q| &view.ingress[*q as usize]),
+                    &targets.ports,
+                    &mut self.scratch,
+                ));
+        memo[destination as usize] = if allowed { 1 } else { 2 };
+        allowed
+    }
+
+    /// The evaluator's verdict (with its reason) for a pod destination.
+    fn pod_verdict(&self, class: u32, identity: u32, targets: &Targets) -> Verdict {
+        let destination = self.class_of[identity as usize];
+        self.netpol.evaluate(
             &self.source(class),
             &Endpoint::Pod {
                 name: &self.class_names[destination as usize],
                 facts: &self.class_facts[destination as usize],
             },
             &targets.ports,
-        );
-        let result = if verdict.is_allowed() {
-            Ok(())
-        } else {
-            Err(verdict)
-        };
-        self.cache.insert(key, result.clone());
-        result
+        )
     }
 
     fn source(&self, class: u32) -> Endpoint<'_> {
@@ -620,13 +793,21 @@ impl<'g> Gate<'g> {
     }
 
     /// Whether every flow of a part is allowed.
-    fn part(&mut self, class: u32, part: &Part, targets: &Targets) -> Result<(), Verdict> {
+    fn part(
+        &mut self,
+        class: u32,
+        view: &mut SourceView,
+        part: &Part,
+        targets: &Targets,
+    ) -> Result<(), Verdict> {
         for &identity in &part.identities {
-            self.pod(class, identity, targets)?;
+            if !self.pod_allowed(view, identity, targets) {
+                return Err(self.pod_verdict(class, identity, targets));
+            }
         }
         if part.node {
-            let key = (class, NODE, targets.ports_id);
-            let result = match self.cache.get(&key) {
+            let key = (class, targets.ports_id);
+            let result = match self.node_cache.get(&key) {
                 Some(result) => result.clone(),
                 None => {
                     let verdict =
@@ -637,7 +818,7 @@ impl<'g> Gate<'g> {
                     } else {
                         Err(verdict)
                     };
-                    self.cache.insert(key, result.clone());
+                    self.node_cache.insert(key, result.clone());
                     result
                 }
             };
@@ -658,20 +839,29 @@ impl<'g> Gate<'g> {
 
     /// What happens to a rule covering `targets` for sources of `class`, and the first flow
     /// that is not allowed (`Allowed` when there is none).
-    fn outcome(&mut self, class: u32, targets: &Targets) -> (Action, Verdict) {
+    fn outcome(
+        &mut self,
+        class: u32,
+        view: &mut SourceView,
+        targets: &Targets,
+    ) -> (Action, Verdict) {
         let mut failure: Option<Verdict> = None;
         let mut allowed = Vec::new();
+        let mut memo = view
+            .memo
+            .remove(&targets.ports_id)
+            .unwrap_or_else(|| vec![0; self.class_facts.len()]);
         for &identity in &targets.split {
-            match self.pod(class, identity, targets) {
-                Ok(()) => allowed.push(identity),
-                Err(verdict) => {
-                    failure.get_or_insert(verdict);
-                }
+            if self.pod_allowed_in(view, &mut memo, identity, targets) {
+                allowed.push(identity);
+            } else if failure.is_none() {
+                failure = Some(self.pod_verdict(class, identity, targets));
             }
         }
+        view.memo.insert(targets.ports_id, memo);
         let mut kept = Vec::new();
         for (k, part) in targets.parts.iter().enumerate() {
-            match self.part(class, part, targets) {
+            match self.part(class, view, part, targets) {
                 Ok(()) if part.peer.is_some() => kept.push(k),
                 Ok(()) => {}
                 Err(verdict) => {
