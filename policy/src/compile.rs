@@ -537,7 +537,8 @@ impl<'s> Compiled<'s> {
         &self.node_names
     }
 
-    /// Number of compiled policies and rules.
+    /// Number of compiled policies and rules (the NetworkPolicy gate's per-source copies of a
+    /// policy and the rules it split count too).
     pub fn counts(&self) -> (usize, usize) {
         (
             self.policies.len(),
@@ -545,7 +546,8 @@ impl<'s> Compiled<'s> {
         )
     }
 
-    /// Where each compiled policy came from, in evaluation order.
+    /// Where each compiled policy came from, in evaluation order (a policy the NetworkPolicy
+    /// gate copied for some of its sources appears once per copy).
     pub fn origins(&self) -> impl Iterator<Item = PolicyOrigin> + '_ {
         self.policies.iter().map(|p| PolicyOrigin {
             kind: p.kind,
