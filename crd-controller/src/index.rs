@@ -490,6 +490,10 @@ pub struct PolicyRecord {
     pub problem: Option<String>,
     /// Rules an earlier rule of the same object covers (they can never match).
     pub shadowed_rules: u32,
+    /// Rules the NetworkPolicy gate took a kernel-bypass stack from (per source identity).
+    pub gated_rules: u32,
+    /// The first such rule's reason.
+    pub gated_message: String,
 }
 
 impl PolicyRecord {
@@ -1057,25 +1061,7 @@ impl Index {
     pub fn merged_state(&self) -> ClusterState {
         let mut state = ClusterState::default();
         for file in self.files.values() {
-            let objects = file.objects();
-            state.namespaces.extend(
-                objects
-                    .namespaces
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            );
-            state.nodes.extend(objects.nodes.iter().cloned());
-            state.pods.extend(objects.pods.iter().cloned());
-            state.services.extend(objects.services.iter().cloned());
-            state
-                .endpoint_slices
-                .extend(objects.endpoint_slices.iter().cloned());
-            state
-                .stack_routes
-                .extend(objects.stack_routes.iter().cloned());
-            state
-                .cluster_stack_routes
-                .extend(objects.cluster_stack_routes.iter().cloned());
+            state.extend_from(file.objects());
         }
         // A registered workload is the live truth about its pod: it replaces a file's copy.
         // What a registration leaves empty (addresses, labels: `stackroute run` knows neither
@@ -1209,6 +1195,13 @@ impl Index {
             present.insert(object);
         }
         self.first_contained.retain(|k, _| present.contains(k));
+        self.metrics.network_policy_gated_rules.set(
+            output
+                .policies
+                .iter()
+                .map(|p| i64::from(p.gated_rules))
+                .sum(),
+        );
         self.policies = output.policies;
         self.state_nodes = output.nodes;
         tracing::info!(
@@ -1327,6 +1320,8 @@ impl Index {
                 target_nodes: policy.targets.len() as u32,
                 programmed_nodes: programmed_nodes as u32,
                 shadowed_rules: policy.shadowed_rules,
+                network_policy_gated_rules: policy.gated_rules,
+                network_policy_message: policy.gated_message.clone(),
             });
             listed.insert(object);
         }
@@ -1352,6 +1347,7 @@ impl Index {
                 target_nodes: 0,
                 programmed_nodes: 0,
                 shadowed_rules: 0,
+                ..Default::default()
             });
         }
 
@@ -1388,7 +1384,34 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
         .iter()
         .filter_map(|node| Some((node.clone(), compiled.node_snapshot(node, revision)?)))
         .collect();
-    let policies = policy_records(&state, &problems);
+    let mut policies = policy_records(&state, &problems);
+    let mut gated: BTreeMap<String, (u32, String)> = BTreeMap::new();
+    for rule in compiled.network_policy_gated() {
+        let (count, message) = gated.entry(rule.object()).or_default();
+        *count += 1;
+        if message.is_empty() {
+            let stacks: Vec<String> = rule.removed.iter().map(|s| format!("{s:?}")).collect();
+            *message = format!(
+                "rule {}: {} removed{} for {} source identit{} (network-policy): {}",
+                rule.rule,
+                stacks.join(", "),
+                if rule.partial {
+                    " toward some destinations"
+                } else {
+                    ""
+                },
+                rule.sources,
+                if rule.sources == 1 { "y" } else { "ies" },
+                rule.reason
+            );
+        }
+    }
+    for policy in &mut policies {
+        if let Some((count, message)) = gated.remove(&policy.object()) {
+            policy.gated_rules = count;
+            policy.gated_message = message;
+        }
+    }
     let all_nodes = compiled.node_names().iter().cloned().collect();
     CompileOutput {
         revision,
@@ -1452,6 +1475,8 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
             targets,
             shadowed_rules: stackroute_policy::shadow::shadowed_rules(&route.spec.rules).len()
                 as u32,
+            gated_rules: 0,
+            gated_message: String::new(),
         });
     }
     let namespace_labels = |namespace: &str| -> Labels { state.namespace_labels(namespace) };
@@ -1492,6 +1517,8 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
             targets,
             shadowed_rules: stackroute_policy::shadow::shadowed_rules(&route.spec.rules).len()
                 as u32,
+            gated_rules: 0,
+            gated_message: String::new(),
         });
     }
     records

@@ -626,9 +626,27 @@ pub fn route_status(
             ),
         )
     };
+    let gated = if status.network_policy_gated_rules == 0 {
+        condition(
+            "NetworkPolicyGated",
+            false,
+            "NotGated",
+            "NetworkPolicy removes no transport of this object".into(),
+        )
+    } else {
+        condition(
+            "NetworkPolicyGated",
+            true,
+            "BypassRemoved",
+            format!(
+                "{} rule(s) lost a kernel-bypass transport: {}",
+                status.network_policy_gated_rules, status.network_policy_message
+            ),
+        )
+    };
     RouteStatus {
         observed_generation: generation,
-        conditions: vec![accepted, programmed, shadowed],
+        conditions: vec![accepted, programmed, shadowed, gated],
         selected_pods: None,
         target_nodes: Some(i64::from(status.target_nodes)),
         programmed_nodes: Some(i64::from(status.programmed_nodes)),
@@ -763,6 +781,7 @@ mod tests {
                 target_nodes: 3,
                 programmed_nodes: if programmed { 3 } else { 1 },
                 shadowed_rules: 0,
+                ..Default::default()
             },
             generation: Some(4),
         }
@@ -782,7 +801,8 @@ mod tests {
             vec![
                 ("Accepted", "True", "Accepted"),
                 ("Programmed", "False", "Pending"),
-                ("Shadowed", "False", "NoShadowing")
+                ("Shadowed", "False", "NoShadowing"),
+                ("NetworkPolicyGated", "False", "NotGated")
             ]
         );
         assert_eq!(
@@ -805,6 +825,23 @@ mod tests {
         assert_eq!(
             route_status(&report(true, true), Some(&second), ts(300)),
             second
+        );
+
+        let mut gating = report(true, true);
+        gating.status.network_policy_gated_rules = 1;
+        gating.status.network_policy_message = "rule fabric: Rdma removed (network-policy)".into();
+        let gated = route_status(&gating, Some(&second), ts(320));
+        assert_eq!(
+            (
+                gated.conditions[3].status.as_str(),
+                gated.conditions[3].reason.as_str(),
+                gated.conditions[3].message.as_str()
+            ),
+            (
+                "True",
+                "BypassRemoved",
+                "1 rule(s) lost a kernel-bypass transport: rule fabric: Rdma removed (network-policy)"
+            )
         );
 
         let mut shadowing = report(true, true);

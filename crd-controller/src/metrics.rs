@@ -26,6 +26,8 @@ pub struct Metrics {
     pub registrations: Family<Labels, Counter>,
     /// Problems in the state sources.
     pub source_errors: Gauge,
+    /// Rules (per source identity) the NetworkPolicy gate took a kernel-bypass stack from.
+    pub network_policy_gated_rules: Gauge,
     /// Registered listeners.
     pub listeners: Gauge,
     /// Registered workloads.
@@ -69,6 +71,12 @@ impl Default for Metrics {
             "Listener and workload registrations and removals",
             registrations.clone(),
         );
+        let network_policy_gated_rules = Gauge::default();
+        registry.register(
+            "network_policy_gated_rules",
+            "Rules (per source identity) whose kernel-bypass stacks NetworkPolicy removed in the last revision",
+            network_policy_gated_rules.clone(),
+        );
         let source_errors = Gauge::default();
         registry.register(
             "source_errors",
@@ -111,6 +119,7 @@ impl Default for Metrics {
             acked_revision,
             registrations,
             source_errors,
+            network_policy_gated_rules,
             listeners,
             workloads,
             invalid_requests,

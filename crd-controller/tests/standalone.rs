@@ -422,3 +422,40 @@ async fn a_slow_watcher_does_not_delay_the_others() {
         "the slow agent got {seen} updates: it should skip stale ones"
     );
 }
+
+#[tokio::test]
+async fn network_policy_gating_reaches_status_and_metrics() {
+    // examples/network-policy: RDMA toward parameter servers, one of which NetworkPolicy
+    // does not admit from the trainers' namespace.
+    let examples =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/network-policy");
+    let dir = tempfile::tempdir().expect("state dir");
+    for file in ["cluster.yaml", "policies.yaml"] {
+        std::fs::copy(examples.join(file), dir.path().join(file)).expect("copy example");
+    }
+    let controller = Controller::start(dir.path(), dir.path(), &[]).await;
+    let mut client = controller.client().await;
+    let report = status(&mut client).await;
+    let fabric = report
+        .policies
+        .iter()
+        .find(|p| p.name == "trainer-fabric")
+        .expect("trainer-fabric in status");
+    assert!(fabric.accepted, "{fabric:?}");
+    assert!(fabric.network_policy_gated_rules > 0, "{fabric:?}");
+    assert!(
+        fabric.network_policy_message.contains("network-policy")
+            && fabric.network_policy_message.contains("Rdma"),
+        "{}",
+        fabric.network_policy_message
+    );
+    let (_, metrics) = common::http_get(controller.http, "/metrics").expect("/metrics");
+    let gauge = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("stackroute_controller_network_policy_gated_rules "))
+        .expect("the gated-rules gauge");
+    assert_eq!(
+        gauge.trim().parse::<u32>().expect("a number"),
+        fabric.network_policy_gated_rules
+    );
+}
