@@ -249,7 +249,7 @@ fn validate(paths: &[PathBuf]) -> Result<ExitCode> {
 }
 
 fn run_status(args: &StatusArgs) -> Result<ExitCode> {
-    let response = status::fetch(&args.controller, &security(&args))?;
+    let response = status::fetch(&args.controller, &security(args))?;
     match args.output {
         Output::Text => print!("{}", status::to_text(&response)),
         Output::Json => println!(

@@ -41,6 +41,9 @@
 //! the only mode), and a panic fails the trial with its message.
 
 pub mod pki;
+pub mod support;
+
+pub use support::{bin, free_port, http_get, library, poll, wait_for, wait_for_async};
 
 use std::ffi::OsString;
 use std::fmt;

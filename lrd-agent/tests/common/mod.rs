@@ -6,8 +6,7 @@
 //! stackroute-cli` first.
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -88,6 +87,10 @@ pub fn policy(stack: &str, congestion_control: &str) -> String {
 }
 
 /// A binary built into the same target directory as this test.
+// Each test binary uses some of these (the shim tests `library`).
+#[allow(unused_imports)]
+pub use testkit::{bin, free_port, http_get, library, wait_for};
+
 /// This test process's CA and credentials (controller serving certificate, per-node and admin
 /// client certificates), made by `stackroute-controller credentials`.
 pub fn pki() -> &'static testkit::pki::Pki {
@@ -98,99 +101,6 @@ pub fn pki() -> &'static testkit::pki::Pki {
             Path::new(env!("CARGO_TARGET_TMPDIR")),
         )
     })
-}
-
-pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build -p stackroute-controller -p stackroute-lrd -p stackroute-cli` (or `cargo test --workspace`)",
-        path.display()
-    );
-    path
-}
-
-/// A shared library of a workspace package, built (once per test process) into the same
-/// target directory and profile as this test: `cargo test` builds a package's `rlib` for its
-/// tests but never its `cdylib`, so a fresh `cargo test --workspace` would lack it, and a kept
-/// target directory would hold a stale one (a CI run tested an old `libnsocket.so` against a
-/// new test). Cargo's own freshness check makes the build a no-op when nothing changed.
-pub fn library(package: &str, file: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let path = profile_dir.join(file);
-    let mut built = BUILT
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !built.iter().any(|p| p == package) {
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(other) => other,
-        };
-        let target_dir = profile_dir.parent().expect("target directory");
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--lib", "-p", package, "--profile", profile])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build -p {package} failed");
-        built.push(package.to_owned());
-    }
-    assert!(
-        path.is_file(),
-        "{} is missing after building",
-        path.display()
-    );
-    path
-}
-
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-/// Polls `check` every 25 ms until it returns `Some`, or panics after `timeout`.
-#[track_caller]
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-/// A plain HTTP/1.0 GET: (status code, body), or `None` if nothing answers.
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())?;
-    Some((code, body))
 }
 
 /// A child process killed by PID when dropped.

@@ -1,0 +1,133 @@
+//! What the integration tests of the controller, the agent, the shim and the e2e suites share:
+//! free ports, polling, a plain HTTP GET for `/metrics` and probes, and the workspace's
+//! binaries and libraries built into the test's own target directory.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A free loopback TCP port (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Polls `check` every `every` until it returns `Some`; after `timeout` an error naming
+/// `what`.
+pub fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// [`poll`] every 25 ms, panicking on the timeout.
+#[track_caller]
+pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    poll(what, timeout, Duration::from_millis(25), check).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// [`wait_for`] with an async check (on the caller's tokio runtime).
+pub async fn wait_for_async<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A plain HTTP/1.0 GET: (status code, body), or `None` if nothing answers.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// `target/<profile>` of the running test executable (`target/<profile>/deps/<test>`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// A binary of the workspace in the test's target directory (`cargo test --workspace` builds
+/// them; a test of one package names what to build in the message).
+pub fn bin(name: &str) -> PathBuf {
+    let path = profile_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p stackroute-controller -p stackroute-lrd -p stackroute-cli` (or `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A shared library of a workspace package, built (once per test process) into the same
+/// target directory and profile as the test: `cargo test` builds a package's `rlib` for its
+/// tests but never its `cdylib`, so a fresh `cargo test --workspace` would lack it, and a kept
+/// target directory would hold a stale one (a CI run tested an old `libnsocket.so` against a
+/// new test). Cargo's own freshness check makes the build a no-op when nothing changed.
+pub fn library(package: &str, file: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let profile_dir = profile_dir();
+    let path = profile_dir.join(file);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !built.iter().any(|p| p == package) {
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
+        let target_dir = profile_dir.parent().expect("target directory");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--lib", "-p", package, "--profile", profile])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p {package} failed");
+        built.push(package.to_owned());
+    }
+    assert!(
+        path.is_file(),
+        "{} is missing after building",
+        path.display()
+    );
+    path
+}
