@@ -106,14 +106,15 @@ fn observe(
     (seen, output)
 }
 
-/// curl downloading `url` to nowhere at 2 MB/s (so `ss` can sample the connection), printing
-/// `HTTP-CODE BYTES`.
+/// curl downloading `url` to nowhere at 1 MB/s (so `ss` can sample the connection: the 2 MiB
+/// blobs take two seconds, time for a few samples even when six tests share two busy cores; at
+/// 2 MB/s a CI run once saw no sample at all), printing `HTTP-CODE BYTES`.
 fn curl_download(url: &str) -> [&str; 9] {
     [
         "curl",
         "-sS",
         "--limit-rate",
-        "2M",
+        "1M",
         "-o",
         "/dev/null",
         "-w",
