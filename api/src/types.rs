@@ -354,7 +354,8 @@ pub struct RouteStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Accepted`, `Programmed` and `Shadowed`, each with its own observedGeneration.
+    /// `Accepted`, `Programmed`, `Shadowed` and `NetworkPolicyGated`, each with its own
+    /// observedGeneration.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// How many pods the object selects as sources.

@@ -48,6 +48,15 @@ fn main() -> ExitCode {
                 },
             ),
             Trial::gated(
+                "a_network_policy_in_the_api_server_takes_rdma_out",
+                testkit::kubernetes,
+                |kubeconfig| {
+                    testkit::block_on(a_network_policy_in_the_api_server_takes_rdma_out(
+                        &kubeconfig,
+                    ))
+                },
+            ),
+            Trial::gated(
                 "a_policy_breaking_a_cel_rule_is_refused_or_reported",
                 testkit::kubernetes,
                 |kubeconfig| {
@@ -329,6 +338,76 @@ async fn api_objects_reach_agents_and_policies_get_status(kubeconfig: &Path) {
     drop(cleanup);
 }
 
+/// The NetworkPolicy gate fed by the API server: a default-deny NetworkPolicy in the namespace
+/// takes RDMA out of a StackRoute rule toward the namespace's pods, and the status writer says
+/// so (`NetworkPolicyGated=True`); deleting the NetworkPolicy gives RDMA back.
+async fn a_network_policy_in_the_api_server_takes_rdma_out(kubeconfig: &Path) {
+    let client = client(kubeconfig).await;
+    install_crds(&client).await;
+    let (ns, cleanup) = test_namespace(&client, kubeconfig, "stackroute-netpol").await;
+    let node = format!("{ns}-node");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for (name, app) in [("client-0", "client"), ("server-0", "server")] {
+        create_pod(
+            &pods,
+            serde_json::json!({
+                "metadata": {"name": name, "labels": {"app": app}},
+                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "none"}]}
+            }),
+        )
+        .await;
+    }
+    let network_policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        Api::namespaced(client.clone(), &ns);
+    network_policies
+        .create(
+            &PostParams::default(),
+            &object(serde_json::json!({
+                "metadata": {"name": "default-deny-ingress"},
+                "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+            })),
+        )
+        .await
+        .expect("creating the NetworkPolicy");
+    let routes: Api<StackRoute> = Api::namespaced(client.clone(), &ns);
+    routes
+        .create(
+            &PostParams::default(),
+            &object(serde_json::json!({
+                "apiVersion": "stackroute.dev/v1alpha1",
+                "kind": "StackRoute",
+                "metadata": {"name": "fabric"},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "client"}},
+                    "rules": [{"name": "servers",
+                               "to": [{"pods": {"podSelector": {"matchLabels": {"app": "server"}}}}],
+                               "transport": {"stack": "RDMA"}}]
+                }
+            })),
+        )
+        .await
+        .expect("creating the StackRoute");
+
+    let dir = tempfile::tempdir().expect("log dir");
+    let _controller =
+        Controller::start_kubernetes(dir.path(), kubeconfig_str(kubeconfig), &ns).await;
+    let gated = wait_for_condition(&routes, "fabric", "NetworkPolicyGated", "True").await;
+    let message = gated
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "NetworkPolicyGated")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("network-policy"), "{message}");
+
+    network_policies
+        .delete("default-deny-ingress", &DeleteParams::default())
+        .await
+        .expect("deleting the NetworkPolicy");
+    wait_for_condition(&routes, "fabric", "NetworkPolicyGated", "False").await;
+    drop(cleanup);
+}
+
 /// `examples/invalid/endport-below-port.yaml`: `endPort` below `port`, which only a CEL rule
 /// catches.
 fn backwards_port_range(namespace: &str) -> (StackRoute, &'static str) {
@@ -403,8 +482,17 @@ async fn a_policy_breaking_a_cel_rule_is_refused_or_reported(kubeconfig: &Path) 
 
 /// Waits until the `Accepted` condition of StackRoute `name` has `status`; returns the status.
 async fn wait_for_accepted(routes: &Api<StackRoute>, name: &str, status: &str) -> RouteStatus {
+    wait_for_condition(routes, name, "Accepted", status).await
+}
+
+async fn wait_for_condition(
+    routes: &Api<StackRoute>,
+    name: &str,
+    condition: &str,
+    status: &str,
+) -> RouteStatus {
     common::wait_for(
-        &format!("Accepted={status} on StackRoute {name}"),
+        &format!("{condition}={status} on StackRoute {name}"),
         WAIT,
         || {
             let routes = routes.clone();
@@ -414,7 +502,7 @@ async fn wait_for_accepted(routes: &Api<StackRoute>, name: &str, status: &str) -
                 found
                     .conditions
                     .iter()
-                    .any(|c| c.type_ == "Accepted" && c.status == status)
+                    .any(|c| c.type_ == condition && c.status == status)
                     .then_some(found)
             }
         },
