@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Serialises issuing within the process (the files of one identity are written in place).
+static ISSUING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A CA in a directory, with the controller's serving certificate and client credentials
 /// issued on demand.
 #[derive(Clone, Debug)]
@@ -60,6 +63,10 @@ impl Pki {
     /// `--credentials` of `node`'s agent (issued the first time).
     pub fn node(&self, node: &str) -> PathBuf {
         let out = self.dir.join("nodes").join(node);
+        // Tests of one process ask at once: one issues, the others wait for it.
+        let _issuing = ISSUING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !out.join("tls.crt").exists() {
             self.credentials(&[
                 "issue".into(),
@@ -75,6 +82,9 @@ impl Pki {
     /// `--credentials` of an administrator (`stackroute status`).
     pub fn admin(&self) -> PathBuf {
         let out = self.dir.join("admin");
+        let _issuing = ISSUING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !out.join("tls.crt").exists() {
             self.credentials(&[
                 "issue".into(),
