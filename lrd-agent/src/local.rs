@@ -350,6 +350,13 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
                 "ok",
             )
         }
+        Request::UserspaceInstance => (
+            Response::Unavailable {
+                reason: message::FallbackReason::StackUnavailable,
+                message: "this agent starts no user-space stack instances yet".into(),
+            },
+            "unavailable",
+        ),
         Request::ShimReport {
             decisions,
             fallbacks,

@@ -4,6 +4,8 @@
 //! - [`message`]: the requests and replies on the agent's Unix socket (`DIR/agent.sock`).
 //! - [`frame`]: their framing — a little-endian `u32` length, then that many bytes of JSON, at
 //!   most [`frame::MAX_FRAME`] bytes — with blocking helpers over `std::io`.
+//! - [`relay`]: the user-space stack instance's control socket (connections relayed for the
+//!   shim, their status, `stackroute connections`).
 //! - [`published`]: the layout of the files the agent publishes in its socket directory (the
 //!   memory-mappable snapshot with its header, and the generation counter), and the names of
 //!   those files.
@@ -28,6 +30,7 @@
 pub mod frame;
 pub mod message;
 pub mod published;
+pub mod relay;
 
 pub use frame::{FrameError, MAX_FRAME};
 pub use message::{Request, Response};

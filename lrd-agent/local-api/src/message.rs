@@ -49,9 +49,11 @@ pub enum FallbackReason {
     Unsupported,
     /// The program bypasses the shim (static binary, raw syscalls, io_uring).
     Unaccelerated,
-    /// A stack this build of the shim cannot run yet (Userspace, RDMA): the next transport of
-    /// the list was used.
+    /// The chosen stack is not running for this caller (the user-space stack instance could not
+    /// be started or has died; RDMA in this build): the next transport of the list was used.
     StackUnavailable,
+    /// The chosen stack does not carry this protocol (a `Userspace` rule for UDP).
+    UnsupportedProtocol,
     /// The process's own workload (`STACKROUTE_NAMESPACE`/`STACKROUTE_WORKLOAD`) is unset or not
     /// in the node's snapshot: the installation default was used.
     UnknownWorkload,
@@ -61,7 +63,7 @@ pub enum FallbackReason {
 
 impl FallbackReason {
     /// Every reason, in declaration order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::NoAgent,
         Self::NoCapability,
         Self::PeerNotRegistered,
@@ -70,6 +72,7 @@ impl FallbackReason {
         Self::Unsupported,
         Self::Unaccelerated,
         Self::StackUnavailable,
+        Self::UnsupportedProtocol,
         Self::UnknownWorkload,
         Self::Other,
     ];
@@ -85,6 +88,7 @@ impl FallbackReason {
             Self::Unsupported => "unsupported",
             Self::Unaccelerated => "unaccelerated",
             Self::StackUnavailable => "stack-unavailable",
+            Self::UnsupportedProtocol => "unsupported-protocol",
             Self::UnknownWorkload => "unknown-workload",
             Self::Other => "other",
         }
@@ -176,6 +180,10 @@ pub enum Request {
         #[serde(default = "one")]
         count: u64,
     },
+    /// The shim's first `Userspace` decision in a network namespace: the agent starts (or names
+    /// the running) user-space stack instance for the caller's network namespace and answers
+    /// [`Response::Instance`], or [`Response::Unavailable`] with the reason to fall back.
+    UserspaceInstance,
     /// The shim's per-process counters since its last report: decisions by the transport that
     /// was used, and fallbacks by reason. Sent at exit and at most once a second from a
     /// decision, never from a thread of its own.
@@ -226,6 +234,7 @@ impl Request {
             Self::Lookup { .. } => "lookup",
             Self::FindListener { .. } => "find-listener",
             Self::FallbackReport { .. } => "fallback-report",
+            Self::UserspaceInstance => "userspace-instance",
             Self::ShimReport { .. } => "shim-report",
         }
     }
@@ -299,6 +308,25 @@ pub enum Response {
     Listener {
         /// The listener.
         listener: Option<ListenerInfo>,
+    },
+    /// The answer to [`Request::UserspaceInstance`]: the instance for the caller's network
+    /// namespace listens on the abstract socket `socket` (see
+    /// [`relay`](crate::relay)) and runs as process `pid` (as the agent sees it; the shim
+    /// compares it with `SO_PEERCRED` when both share a pid namespace).
+    #[serde(rename_all = "camelCase")]
+    Instance {
+        /// The instance's pid.
+        pid: i32,
+        /// Its abstract socket name, without the leading NUL.
+        socket: String,
+    },
+    /// The answer to [`Request::UserspaceInstance`] when no instance can serve the caller.
+    #[serde(rename_all = "camelCase")]
+    Unavailable {
+        /// The fallback reason the shim records.
+        reason: FallbackReason,
+        /// Why, for logs.
+        message: String,
     },
     /// The request was rejected; the connection stays usable unless the frame itself was bad.
     #[serde(rename_all = "camelCase")]
