@@ -1,20 +1,19 @@
 //! The host loop: owns the clock and the engine, drives the sans-IO stack, and runs the
 //! client or server application on the socket API.
 
-use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant as StdInstant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use stackroute_nethost::BusyPoll;
 use stackroute_netstack::congestion::CongestionControl;
 use stackroute_netstack::sim::SimRng;
 use stackroute_netstack::{
-    Device, DeviceCapabilities, Instant, Ipv6Config, RxMeta, SocketError, SocketHandle,
-    SocketOption, Stack, StackConfig, TcpState,
+    Ipv6Config, SocketError, SocketHandle, SocketOption, Stack, StackConfig,
 };
-use stackroute_pktio::{AfPacket, AfXdp, AnyDevice, RingConfig, Tap};
 
 pub(crate) enum EngineKind {
     AfPacket,
@@ -64,127 +63,58 @@ fn payload_block() -> Vec<u8> {
 mod iperf3;
 pub(crate) use iperf3::run_iperf3_server;
 
+/// The library host loop plus what this tool adds: a deadline for the whole run and the
+/// connection options of the command line.
 struct Host {
-    stack: Stack,
-    device: AnyDevice,
-    epoch: StdInstant,
+    inner: stackroute_nethost::Host,
     deadline: StdInstant,
     config_cc: CongestionControl,
     nodelay: bool,
-    busy_poll: Duration,
-    busy_poll_yield: bool,
-    last_activity: StdInstant,
 }
 
-/// Microseconds since `epoch`: the clock the host passes to the stack.
-fn elapsed_instant(epoch: StdInstant) -> Instant {
-    Instant::from_micros(epoch.elapsed().as_micros() as u64)
-}
+impl Deref for Host {
+    type Target = stackroute_nethost::Host;
 
-/// The engine as the stack sees it: each received frame carries the time the host took it out
-/// of the ring (`RxMeta::received_at`), read once the frame is there. The `now` a poll starts
-/// with can be tens of milliseconds old by the time the ring is read (under `chrt -f` the
-/// kernel throttles a busy real-time task for 50 ms once a second; on a loaded 2-core machine
-/// any task can be descheduled), and ACKs processed at that stale time gave BBR RTT samples of
-/// 12 µs to 18 ms on a 30 ms path.
-struct Stamped<'a> {
-    device: &'a mut AnyDevice,
-    epoch: StdInstant,
-}
-
-impl Device for Stamped<'_> {
-    fn capabilities(&self) -> DeviceCapabilities {
-        self.device.capabilities()
-    }
-
-    fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {
-        let epoch = self.epoch;
-        self.device.receive(|frame, mut meta| {
-            meta.received_at = Some(elapsed_instant(epoch));
-            f(frame, meta)
-        })
-    }
-
-    fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize> {
-        self.device.transmit(max_len, f)
-    }
-
-    fn flush(&mut self) {
-        self.device.flush();
+    fn deref(&self) -> &Self::Target {
+        &self.inner
     }
 }
 
-fn random_secret() -> Result<[u8; 16]> {
-    let mut secret = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut secret))
-        .context("reading /dev/urandom for the ISN secret")?;
-    Ok(secret)
+impl DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
 }
 
 impl Host {
     fn new(config: &HostConfig) -> Result<Self> {
-        let (device, interface_mac) = match config.engine {
-            EngineKind::AfPacket => {
-                let dev = AfPacket::open(&config.interface, RingConfig::default()).with_context(
-                    || format!("opening AF_PACKET on {} (needs root)", config.interface),
-                )?;
-                let mac = dev.mac();
-                (AnyDevice::AfPacket(dev), mac)
-            }
-            EngineKind::AfXdp => {
-                let dev = AfXdp::open(&config.interface, config.address).with_context(|| {
-                    format!("opening AF_XDP on {} (needs root)", config.interface)
-                })?;
-                let mac = dev.mac();
-                (AnyDevice::AfXdp(Box::new(dev)), mac)
-            }
-            EngineKind::Tap => {
-                let dev = Tap::open(&config.interface)
-                    .with_context(|| format!("opening TAP {}", config.interface))?;
-                // A TAP's own MAC belongs to the kernel side; the stack needs a different one.
-                let mut mac = stackroute_pktio::interface::mac(&config.interface)?;
-                mac[5] ^= 0x01;
-                mac[0] = (mac[0] | 0x02) & 0xfe;
-                (AnyDevice::Tap(dev), mac)
-            }
+        let kind = match config.engine {
+            EngineKind::AfPacket => stackroute_nethost::EngineKind::AfPacket,
+            EngineKind::AfXdp => stackroute_nethost::EngineKind::AfXdp(config.address),
+            EngineKind::Tap => stackroute_nethost::EngineKind::Tap,
         };
+        let (device, engine_mac) = stackroute_nethost::open_engine(kind, &config.interface)?;
         let mut stack_config = StackConfig::new(
-            config.mac.unwrap_or(interface_mac),
+            config.mac.unwrap_or(engine_mac),
             config.address,
             config.prefix_len,
-            random_secret()?,
+            stackroute_nethost::random_secret()?,
         );
         stack_config.gateway = config.gateway;
         stack_config.ipv6 = config.ipv6;
         stack_config.mtu = stackroute_pktio::interface::mtu(&config.interface).unwrap_or(1500);
         stack_config.tcp.congestion_control = config.congestion_control;
         stack_config.tcp.nodelay = config.nodelay;
-        let now = StdInstant::now();
+        let busy_poll = BusyPoll {
+            window: config.busy_poll,
+            yield_between: config.busy_poll_yield,
+        };
         Ok(Self {
-            stack: Stack::new(stack_config),
-            device,
-            epoch: now,
-            deadline: now + config.timeout,
+            inner: stackroute_nethost::Host::new(Stack::new(stack_config), device, busy_poll),
+            deadline: StdInstant::now() + config.timeout,
             config_cc: config.congestion_control,
             nodelay: config.nodelay,
-            busy_poll: config.busy_poll,
-            busy_poll_yield: config.busy_poll_yield,
-            last_activity: now,
         })
-    }
-
-    fn now(&self) -> Instant {
-        elapsed_instant(self.epoch)
-    }
-
-    /// One `Stack::poll` with receive times stamped on every frame.
-    fn poll(&mut self, now: Instant) -> bool {
-        let mut device = Stamped {
-            device: &mut self.device,
-            epoch: self.epoch,
-        };
-        self.stack.poll(now, &mut device)
     }
 
     fn check_deadline(&self) -> Result<()> {
@@ -194,68 +124,14 @@ impl Host {
         Ok(())
     }
 
-    /// Runs the stack once, then sleeps until the next timer or a received frame. Right after
-    /// activity it busy-polls for `busy_poll` instead of sleeping, as user-space stacks do: a
-    /// sleep/wake-up round trip through the scheduler costs tens of microseconds of latency.
-    /// Between empty polls it calls `sched_yield()` (unless `busy_poll_yield` is off): on a
-    /// 2-core machine the peer or ksoftirqd is often woken on this CPU, and a plain spin kept it
-    /// waiting until the window ran out, so the request/response p99 was the window plus the
-    /// round trip (214–233 µs at 200 µs; 22–50 µs with the yield, median unchanged).
-    fn turn(&mut self) -> Result<()> {
-        let now = self.now();
-        if self.poll(now) {
-            self.last_activity = StdInstant::now();
-            return Ok(());
-        }
-        if self.last_activity.elapsed() < self.busy_poll {
-            if self.busy_poll_yield {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
-            return Ok(());
-        }
-        let wait = match self.stack.poll_at() {
-            Some(at) if at <= now => return Ok(()),
-            Some(at) => at.saturating_duration_since(now),
-            None => Duration::from_millis(50),
-        };
-        stackroute_pktio::wait_readable(
-            self.device.raw_fd(),
-            Some(wait.min(Duration::from_millis(50))),
-        )?;
-        Ok(())
-    }
-
-    /// Keeps the stack running for `duration` so final ACKs and FINs leave.
-    fn linger(&mut self, duration: Duration) -> Result<()> {
-        let until = StdInstant::now() + duration;
-        while StdInstant::now() < until {
-            self.turn()?;
-        }
-        Ok(())
-    }
-
     fn connect(&mut self, remote: SocketAddr) -> Result<SocketHandle> {
-        let now = self.now();
         let mut tcp = self.stack.config().tcp.clone();
         tcp.congestion_control = self.config_cc;
         tcp.nodelay = self.nodelay;
-        let handle = self
-            .stack
-            .connect_with(now, remote, tcp)
-            .map_err(|e| anyhow!("connect: {e}"))?;
-        loop {
-            self.check_deadline()?;
-            match self.stack.state(handle).map_err(|e| anyhow!("{e}"))? {
-                TcpState::SynSent | TcpState::SynReceived => self.turn()?,
-                TcpState::Closed => {
-                    let err = self.stack.error(handle).ok().flatten();
-                    bail!("connect to {remote} failed: {err:?}");
-                }
-                _ => return Ok(handle),
-            }
-        }
+        let deadline = self.deadline;
+        self.inner
+            .connect(remote, tcp, deadline)
+            .map_err(|e| anyhow!("connect to {remote}: {e}"))
     }
 }
 

@@ -67,6 +67,14 @@ fn ring_request(frames: u32, frame_size: u32) -> TpacketReq {
 impl AfPacket {
     /// Opens the engine on `interface` (needs CAP_NET_RAW).
     pub fn open(interface: &str, config: RingConfig) -> io::Result<Self> {
+        Self::from_fd(sys::packet_socket()?, interface, config)
+    }
+
+    /// Sets the engine up on an AF_PACKET socket another process created (in this network
+    /// namespace, with CAP_NET_RAW) and handed over: binding it to `interface` and mapping its
+    /// rings need no capability. The socket must be unbound and have no rings yet; any
+    /// protocol it was created with is replaced by "all" when it is bound.
+    pub fn from_fd(fd: OwnedFd, interface: &str, config: RingConfig) -> io::Result<Self> {
         if !config.rx_frame_size.is_multiple_of(PAGE) || !config.tx_frame_size.is_multiple_of(PAGE)
         {
             return Err(io::Error::new(
@@ -74,10 +82,16 @@ impl AfPacket {
                 "frame sizes must be multiples of 4096",
             ));
         }
+        if sys::socket_domain(&fd)? != libc::AF_PACKET {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the descriptor is not an AF_PACKET socket",
+            ));
+        }
+        sys::set_nonblocking(&fd)?;
         let ifindex = sys::if_index(interface)?;
         let mac = sys::if_mac(interface)?;
         let mtu = sys::if_mtu(interface)?;
-        let fd = sys::packet_socket()?;
         sys::set_option(&fd, sys::SOL_PACKET, sys::PACKET_VERSION, &sys::TPACKET_V2)?;
         // Our own transmissions must not loop back into the RX ring (Linux ≥ 4.20); older
         // kernels are handled by the pkttype check in `receive`.
@@ -90,6 +104,9 @@ impl AfPacket {
             + config.tx_frames * config.tx_frame_size) as usize;
         let map = RingMap::new(&fd, len)?;
         sys::bind_packet(&fd, ifindex)?;
+        // Frames taken before the RX ring existed (from every interface, for a socket created
+        // long before) sit on the plain queue, which keeps poll readable: drop them.
+        sys::drain_receive_queue(&fd)?;
         Ok(Self {
             fd,
             map,

@@ -36,6 +36,21 @@ pub mod interface {
     pub fn mtu(name: &str) -> io::Result<usize> {
         crate::sys::if_mtu(name)
     }
+
+    /// The interface's primary IPv4 address and its prefix length.
+    pub fn ipv4(name: &str) -> io::Result<(std::net::Ipv4Addr, u8)> {
+        crate::sys::if_ipv4(name)
+    }
+
+    /// Whether the interface is administratively up.
+    pub fn is_up(name: &str) -> io::Result<bool> {
+        Ok(crate::sys::if_flags(name)? & libc::IFF_UP != 0)
+    }
+
+    /// Whether the interface is a loopback interface.
+    pub fn is_loopback(name: &str) -> io::Result<bool> {
+        Ok(crate::sys::if_flags(name)? & libc::IFF_LOOPBACK != 0)
+    }
 }
 
 /// Waits until `fd` is readable or `timeout` passes; returns whether it is readable.

@@ -540,3 +540,93 @@ pub(crate) fn write(fd: &OwnedFd, buf: &[u8]) -> io::Result<usize> {
     let n = syscall!(write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()))?;
     Ok(n as usize)
 }
+
+/// Puts `fd` in non-blocking mode (a descriptor handed over by another process may be blocking).
+pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
+    syscall!(fcntl(
+        fd.as_raw_fd(),
+        libc::F_SETFL,
+        flags | libc::O_NONBLOCK
+    ))?;
+    Ok(())
+}
+
+/// The address family a socket was created with (`SO_DOMAIN`).
+pub(crate) fn socket_domain(fd: &OwnedFd) -> io::Result<libc::c_int> {
+    let mut domain: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_DOMAIN,
+        (&mut domain as *mut libc::c_int).cast(),
+        &mut len as *mut libc::socklen_t
+    ))?;
+    Ok(domain)
+}
+
+/// Discards frames queued on the socket's plain receive queue before its RX ring existed: poll
+/// reports such a queue as readable forever, since ring readers never `recv` it.
+pub(crate) fn drain_receive_queue(fd: &OwnedFd) -> io::Result<usize> {
+    let mut byte = [0u8; 1];
+    let mut drained = 0;
+    loop {
+        match syscall!(recv(
+            fd.as_raw_fd(),
+            byte.as_mut_ptr().cast(),
+            byte.len(),
+            libc::MSG_DONTWAIT | libc::MSG_TRUNC
+        )) {
+            Ok(_) => drained += 1,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(drained),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The interface's flags (`IFF_UP`, `IFF_LOOPBACK`, …).
+pub(crate) fn if_flags(name: &str) -> io::Result<libc::c_int> {
+    let sock = control_socket()?;
+    let mut req = ifreq_for(name)?;
+    syscall!(ioctl(
+        sock.as_raw_fd(),
+        libc::SIOCGIFFLAGS as _,
+        &mut req as *mut libc::ifreq
+    ))?;
+    // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    Ok(libc::c_int::from(flags))
+}
+
+/// One IPv4 `sockaddr` the interface ioctls return (`SIOCGIFADDR`, `SIOCGIFNETMASK`).
+fn if_ipv4_field(name: &str, request: libc::c_ulong) -> io::Result<std::net::Ipv4Addr> {
+    let sock = control_socket()?;
+    let mut req = ifreq_for(name)?;
+    syscall!(ioctl(
+        sock.as_raw_fd(),
+        request as _,
+        &mut req as *mut libc::ifreq
+    ))?;
+    // SAFETY: both requests fill the `ifru_addr` member of the union.
+    let addr = unsafe { req.ifr_ifru.ifru_addr };
+    if i32::from(addr.sa_family) != libc::AF_INET {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not an IPv4 address",
+        ));
+    }
+    // sockaddr_in: family (2), port (2), address (4).
+    let d = addr.sa_data;
+    Ok(std::net::Ipv4Addr::new(
+        d[2] as u8, d[3] as u8, d[4] as u8, d[5] as u8,
+    ))
+}
+
+/// The interface's primary IPv4 address and prefix length.
+pub(crate) fn if_ipv4(name: &str) -> io::Result<(std::net::Ipv4Addr, u8)> {
+    let address = if_ipv4_field(name, libc::SIOCGIFADDR)?;
+    let netmask = if_ipv4_field(name, libc::SIOCGIFNETMASK)?;
+    Ok((address, u32::from(netmask).leading_ones() as u8))
+}
