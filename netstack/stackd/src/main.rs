@@ -1,0 +1,247 @@
+//! `stackroute-stackd`: the user-space TCP stack instance of one network namespace. The shim
+//! hands it applications' connections over its control socket
+//! (`stackroute_local_api::relay`); it opens them with the stackroute netstack on the
+//! namespace's interface, sharing the kernel's address for a reserved port range, and relays
+//! bytes between the application's socket end and the TCP connection.
+
+#![deny(unsafe_code)]
+
+mod control;
+mod discover;
+mod instance;
+mod relay;
+mod sys;
+
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use stackroute_local_api::relay::socket_name;
+use stackroute_nethost::{BusyPoll, Host, SharedAddress};
+use stackroute_netstack::{Stack, StackConfig};
+use stackroute_pktio::{AfPacket, AnyDevice, RingConfig};
+use tracing::info;
+
+/// Relay applications' TCP connections through the stackroute user-space stack.
+#[derive(Parser, Debug)]
+#[command(name = "stackroute-stackd", version)]
+struct Cli {
+    /// Tag of the control socket: listens on the abstract name `stackroute-stackd.TAG`.
+    #[arg(long)]
+    socket_name: String,
+    /// An AF_PACKET socket created in this namespace and inherited (unbound, no rings): the
+    /// instance then needs no capability.
+    #[arg(long)]
+    packet_fd: Option<i32>,
+    /// The interface (default: the one of the IPv4 default route, or the only one up). Without
+    /// --packet-fd the instance opens AF_PACKET itself (needs CAP_NET_RAW).
+    #[arg(long)]
+    interface: Option<String>,
+    /// Local ports of the stack's connections; the kernel must be kept off them.
+    #[arg(long, default_value = "61000-62999", value_parser = parse_ports)]
+    ports: RangeInclusive<u16>,
+    /// The address the stack uses, IP/PREFIX (default: the interface's first IPv4 address,
+    /// shared with the kernel).
+    #[arg(long, value_parser = parse_cidr)]
+    address: Option<(Ipv4Addr, u8)>,
+    /// Next hop for off-subnet destinations (default: the IPv4 default route's gateway).
+    #[arg(long)]
+    gateway: Option<Ipv4Addr>,
+    /// Write `ready\n` to this inherited descriptor once listening, then close it.
+    #[arg(long)]
+    ready_fd: Option<i32>,
+    /// Busy-poll this many microseconds after activity before sleeping (0 disables).
+    #[arg(long, default_value_t = 200)]
+    busy_poll_us: u64,
+    /// Relayed connections at once (beyond: ENOBUFS).
+    #[arg(long, default_value_t = 16384)]
+    max_connections: usize,
+}
+
+fn parse_ports(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let (low, high) = text
+        .split_once('-')
+        .ok_or_else(|| format!("ports must be LOW-HIGH: {text}"))?;
+    let low: u16 = low
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad port {low:?}"))?;
+    let high: u16 = high
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad port {high:?}"))?;
+    if low == 0 || low > high {
+        return Err(format!("ports must be 1 <= LOW <= HIGH: {text}"));
+    }
+    Ok(low..=high)
+}
+
+fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (ip, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("address must be IPv4/PREFIX: {text}"))?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| format!("bad IPv4 address {ip:?}"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| format!("bad prefix length {prefix:?}"))?;
+    Ok((ip, prefix))
+}
+
+/// Lets the soft descriptor limit rise to the hard one: each relayed connection holds one.
+fn raise_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            rustix::process::Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    // Inherited descriptors first, before anything else could take their numbers.
+    if cli.packet_fd.is_some() && cli.packet_fd == cli.ready_fd {
+        bail!("--packet-fd and --ready-fd name the same descriptor");
+    }
+    let packet_fd = cli
+        .packet_fd
+        .map(sys::take_inherited_fd)
+        .transpose()
+        .context("--packet-fd")?;
+    let ready_fd = cli
+        .ready_fd
+        .map(sys::take_inherited_fd)
+        .transpose()
+        .context("--ready-fd")?;
+    raise_descriptor_limit();
+    let network = discover::network(cli.interface.as_deref(), cli.address, cli.gateway)?;
+    let rings = RingConfig::default();
+    let engine = match packet_fd {
+        Some(fd) => AfPacket::from_fd(fd, &network.interface, rings).with_context(|| {
+            format!(
+                "setting up the inherited AF_PACKET socket on {}",
+                network.interface
+            )
+        })?,
+        None => AfPacket::open(&network.interface, rings).with_context(|| {
+            format!(
+                "opening AF_PACKET on {} (needs CAP_NET_RAW)",
+                network.interface
+            )
+        })?,
+    };
+    let mut config = StackConfig::new(
+        engine.mac(),
+        network.address,
+        network.prefix_len,
+        stackroute_nethost::random_secret()?,
+    );
+    config.gateway = network.gateway;
+    config.mtu = stackroute_pktio::interface::mtu(&network.interface).unwrap_or(1500);
+    config.ephemeral_ports = cli.ports.clone();
+    let mut host = Host::new(
+        Stack::new(config),
+        AnyDevice::AfPacket(engine),
+        BusyPoll {
+            window: Duration::from_micros(cli.busy_poll_us),
+            yield_between: true,
+        },
+    );
+    host.shared = Some(SharedAddress {
+        address: network.address,
+        ports: cli.ports.clone(),
+    });
+    host.max_sleep = Duration::from_millis(200);
+    let name = socket_name(&cli.socket_name);
+    let listener = control::listen(&name)
+        .with_context(|| format!("listening on the abstract socket @{name}"))?;
+    let (signal_read, signal_write) = UnixStream::pair().context("signal pipe")?;
+    signal_write.set_nonblocking(true)?;
+    signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, signal_write)
+        .context("handling SIGTERM")?;
+    let settings = instance::Settings {
+        max_connections: cli.max_connections,
+        address: network.address,
+        prefix_len: network.prefix_len,
+        gateway: network.gateway,
+    };
+    let mut instance = instance::Instance::new(host, listener, signal_read, settings)?;
+    info!(
+        socket = %format!("@{name}"),
+        interface = %network.interface,
+        address = %format!("{}/{}", network.address, network.prefix_len),
+        gateway = ?network.gateway,
+        ports = %format!("{}-{}", cli.ports.start(), cli.ports.end()),
+        inherited_packet_socket = cli.packet_fd.is_some(),
+        "listening"
+    );
+    if let Some(fd) = ready_fd {
+        signal_ready(fd);
+    }
+    instance.run().context("event loop")?;
+    Ok(())
+}
+
+/// `ready\n` on the readiness descriptor, then it is closed — or, for a standard stream,
+/// pointed at /dev/null so its number is not reused by a socket that stray output could reach.
+fn signal_ready(fd: OwnedFd) {
+    let mut file = std::fs::File::from(fd);
+    let _ = file.write_all(b"ready\n");
+    let fd = OwnedFd::from(file);
+    if std::os::fd::AsRawFd::as_raw_fd(&fd) <= 2 {
+        let mut fd = fd;
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = rustix::io::dup2(&null, &mut fd);
+        }
+        std::mem::forget(fd);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_and_addresses_parse_strictly() {
+        assert_eq!(parse_ports("61000-62999"), Ok(61000..=62999));
+        assert_eq!(parse_ports("5-5"), Ok(5..=5));
+        for bad in ["0-10", "10-5", "61000", "a-b", "1-70000"] {
+            assert!(parse_ports(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_cidr("10.0.0.1/24"),
+            Ok((Ipv4Addr::new(10, 0, 0, 1), 24))
+        );
+        for bad in ["10.0.0.1", "10.0.0.1/33", "fd00::1/64", "x/1"] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+}
