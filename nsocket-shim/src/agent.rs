@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use stackroute_local_api::frame;
-use stackroute_local_api::message::{Protocol, Request, Response, Stack};
+use stackroute_local_api::message::{FallbackReason, Protocol, Request, Response, Stack};
 
 use crate::config::Config;
 use crate::sys;
@@ -25,6 +25,25 @@ pub(crate) fn call(config: &Config, request: &Request) -> bool {
         Ok(Response::Ok { .. })
     )
 }
+
+/// The user-space stack instance serving this process's network namespace: (pid, abstract
+/// socket name), started by the agent if needed; or the reason to fall back. Asked at the first
+/// `Userspace` decision of a process, then only when the instance stops answering; the agent
+/// may take a few milliseconds to start one.
+pub(crate) fn userspace_instance(config: &Config) -> Result<(i32, String), FallbackReason> {
+    let Some(mut stream) = sys::agent_stream(&config.socket_path, INSTANCE_TIMEOUT) else {
+        return Err(FallbackReason::NoAgent);
+    };
+    match frame::call::<_, _, Response>(&mut stream, &Request::UserspaceInstance) {
+        Ok(Response::Instance { pid, socket }) => Ok((pid, socket)),
+        Ok(Response::Unavailable { reason, .. }) => Err(reason),
+        Ok(_) => Err(FallbackReason::StackUnavailable),
+        Err(_) => Err(FallbackReason::NoAgent),
+    }
+}
+
+/// How long the agent may take to start an instance (it waits up to 3 s for it by default).
+const INSTANCE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// `registerListener` for a TCP socket listening on `address`.
 pub(crate) fn register_listener(config: &Config, address: SocketAddr) -> bool {

@@ -38,6 +38,7 @@ const DECIDED: u32 = 1 << 2;
 const LISTENER: u32 = 1 << 3;
 const STACK_SHIFT: u32 = 4;
 const CC_SHIFT: u32 = 6;
+const NODELAY: u32 = 1 << 9;
 
 impl Entry {
     /// Nothing known.
@@ -92,6 +93,21 @@ impl Entry {
                 | (stack as u32) << STACK_SHIFT
                 | (cc as u32) << CC_SHIFT,
         )
+    }
+
+    /// `TCP_NODELAY` of a relayed socket (the instance holds the connection; this is what
+    /// `getsockopt` reads back).
+    pub(crate) fn nodelay(self) -> bool {
+        self.0 & NODELAY != 0
+    }
+
+    /// With `TCP_NODELAY` recorded.
+    pub(crate) fn with_nodelay(self, on: bool) -> Self {
+        if on {
+            Self(self.0 | NODELAY)
+        } else {
+            Self(self.0 & !NODELAY)
+        }
     }
 
     /// Whether this process registered it as a listener with the agent.

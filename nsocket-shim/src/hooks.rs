@@ -29,18 +29,22 @@ thread_local! {
     static INSIDE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// A C return type and its failure value.
+/// A C return type, its failure value and its success value.
 trait Ret: Copy {
     const FAIL: Self;
+    const DONE: Self;
 }
 impl Ret for c_int {
     const FAIL: Self = -1;
+    const DONE: Self = 0;
 }
 impl Ret for ssize_t {
     const FAIL: Self = -1;
+    const DONE: Self = 0;
 }
 impl Ret for () {
     const FAIL: Self = ();
+    const DONE: Self = ();
 }
 
 /// `before`, the real call, `after`, with the guard, panic containment and errno discipline.
@@ -63,6 +67,7 @@ fn run<R: Ret, S>(
             sys::set_errno(errno);
             return R::FAIL;
         }
+        Ok((Pre::Done, _)) => return R::DONE,
         Err(_) => {
             counters::fell_back(FallbackReason::Other);
             return real();
@@ -77,6 +82,91 @@ fn run<R: Ret, S>(
     INSIDE.set(false);
     sys::set_errno(errno);
     result
+}
+
+/// A read returned `result`: end of file on a relayed connection that was reset becomes
+/// `ECONNRESET` (see `logic::end_of_file`); anything else is returned as it is.
+fn read_result(fd: c_int, result: ssize_t) -> ssize_t {
+    if result != 0 || INSIDE.get() {
+        return result;
+    }
+    INSIDE.set(true);
+    let saved = sys::errno();
+    let reset = catch_unwind(|| logic::end_of_file(fd)).ok().flatten();
+    INSIDE.set(false);
+    match reset {
+        Some(errno) => {
+            sys::set_errno(errno);
+            -1
+        }
+        None => {
+            sys::set_errno(saved);
+            result
+        }
+    }
+}
+
+/// `getsockname`/`getpeername`: a relayed socket answers its TCP addresses.
+fn name_hook(
+    fd: c_int,
+    side: logic::Side,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+    real: impl FnOnce() -> c_int,
+) -> c_int {
+    run(
+        || match logic::relay_address(fd, side) {
+            Some(found) => {
+                // SAFETY: the caller's (address, len) pair, as getsockname(2) requires it.
+                unsafe { sys::write_address(found, address, len) };
+                (Pre::Done, ())
+            }
+            None => (Pre::Forward, ()),
+        },
+        real,
+        nothing,
+    )
+}
+
+/// `getsockopt`: a relayed socket answers TCP options from its instance.
+fn get_option_hook(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    value: *mut c_void,
+    len: *mut socklen_t,
+    real: impl FnOnce() -> c_int,
+) -> c_int {
+    let answer = |bytes: &[u8]| {
+        // SAFETY: the caller's (value, len) pair, as getsockopt(2) requires it.
+        unsafe { sys::write_option(bytes, value, len) }
+    };
+    run(
+        || (logic::get_option(fd, level, name, answer), ()),
+        real,
+        nothing,
+    )
+}
+
+/// `setsockopt`: a relayed socket's TCP options go to its instance.
+fn set_option_hook(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    value: *const c_void,
+    len: socklen_t,
+    real: impl FnOnce() -> c_int,
+) -> c_int {
+    run(
+        || {
+            // SAFETY: the caller's (value, len) pair, as setsockopt(2) requires it, read during
+            // this call only.
+            let bytes = unsafe { sys::option_bytes(value, len) };
+            (logic::set_option(fd, level, name, bytes), ())
+        },
+        real,
+        nothing,
+    )
 }
 
 fn forward() -> (Pre, ()) {
@@ -156,24 +246,26 @@ hooks! {
     fn dup(old: c_int) -> c_int => |real| run(forward, || real(old), |(), new| logic::after_dup(old, new));
     fn dup2(old: c_int, new: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_dup_onto(old, new)), || real(old, new), |closed, rc| { logic::after_close(closed, rc.min(0)); logic::after_dup(old, rc) });
     fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_dup_onto(old, new)), || real(old, new, flags), |closed, rc| { logic::after_close(closed, rc.min(0)); logic::after_dup(old, rc) });
-    // The rest of the socket surface: every socket is a kernel socket in this build (a
-    // Userspace or RDMA decision falls back to the kernel before `connect`), so these forward;
-    // they are declared here so that the one list is the whole surface and a stack that owns
-    // sockets has one place to take its calls.
+    // The rest of the socket surface. A relayed socket is a real kernel object (an AF_UNIX
+    // stream end), so most calls act on it natively and forward; they are declared here so that
+    // the one list is the whole surface.
     fn bind(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int => |real| run(forward, || real(fd, address, len), nothing);
     fn socketpair(domain: c_int, kind: c_int, protocol: c_int, fds: *mut c_int) -> c_int => |real| run(forward, || real(domain, kind, protocol, fds), nothing);
     fn shutdown(fd: c_int, how: c_int) -> c_int => |real| run(forward, || real(fd, how), nothing);
-    fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int => |real| run(forward, || real(fd, level, name, value, len), nothing);
-    fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int => |real| run(forward, || real(fd, level, name, value, len), nothing);
-    fn getsockname(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| run(forward, || real(fd, address, len), nothing);
-    fn getpeername(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| run(forward, || real(fd, address, len), nothing);
-    fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t => |real| run(forward, || real(fd, buf, n), nothing);
+    // Relayed (user-space stack) sockets answer these as TCP sockets would; see `logic`.
+    fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int => |real| get_option_hook(fd, level, name, value, len, || real(fd, level, name, value, len));
+    fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int => |real| set_option_hook(fd, level, name, value, len, || real(fd, level, name, value, len));
+    fn getsockname(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| name_hook(fd, logic::Side::Local, address, len, || real(fd, address, len));
+    fn getpeername(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| name_hook(fd, logic::Side::Peer, address, len, || real(fd, address, len));
+    // Reads: end of file of a reset relayed connection is `ECONNRESET` (zero-length reads are
+    // left alone).
+    fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t => |real| { let r = run(forward, || real(fd, buf, n), nothing); if n == 0 { r } else { read_result(fd, r) } };
     fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t => |real| run(forward, || real(fd, buf, n), nothing);
-    fn readv(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| run(forward, || real(fd, iov, count), nothing);
+    fn readv(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| { let r = run(forward, || real(fd, iov, count), nothing); if count == 0 { r } else { read_result(fd, r) } };
     fn writev(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| run(forward, || real(fd, iov, count), nothing);
-    fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t => |real| run(forward, || real(fd, buf, n, flags), nothing);
-    fn recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, address: *mut sockaddr, len: *mut socklen_t) -> ssize_t => |real| run(forward, || real(fd, buf, n, flags, address, len), nothing);
-    fn recvmsg(fd: c_int, message: *mut msghdr, flags: c_int) -> ssize_t => |real| run(forward, || real(fd, message, flags), nothing);
+    fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t => |real| { let r = run(forward, || real(fd, buf, n, flags), nothing); if n == 0 { r } else { read_result(fd, r) } };
+    fn recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, address: *mut sockaddr, len: *mut socklen_t) -> ssize_t => |real| { let r = run(forward, || real(fd, buf, n, flags, address, len), nothing); if n == 0 { r } else { read_result(fd, r) } };
+    fn recvmsg(fd: c_int, message: *mut msghdr, flags: c_int) -> ssize_t => |real| { let r = run(forward, || real(fd, message, flags), nothing); read_result(fd, r) };
     fn recvmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int, timeout: *mut timespec) -> c_int => |real| run(forward, || real(fd, messages, count, flags, timeout), nothing);
     fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t => |real| run(forward, || real(fd, buf, n, flags), nothing);
     fn sendfile(out: c_int, input: c_int, offset: *mut off_t, count: size_t) -> ssize_t => |real| run(forward, || real(out, input, offset, count), nothing);

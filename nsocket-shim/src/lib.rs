@@ -19,4 +19,5 @@ mod fdtable;
 mod hooks;
 mod logic;
 mod reader;
+mod relay;
 mod sys;

@@ -11,6 +11,7 @@ use stackroute_snapshot::{CongestionControl, Isolation, NoTrace, Protocol, Stack
 use crate::config::{self, Config};
 use crate::fdtable::{self, Entry, Kind};
 use crate::reader::{self, Unavailable};
+use crate::relay::{self, Connected};
 use crate::{agent, counters, sys};
 
 /// What a hook does before the real call.
@@ -20,6 +21,8 @@ pub(crate) enum Pre {
     Forward,
     /// Fail with this errno, without the real call.
     Fail(i32),
+    /// Succeed (return 0) without the real call: the shim did what it asks.
+    Done,
 }
 
 /// The errno of a connection the policy forbids: a rule with `isolation: Dedicated` whose
@@ -57,15 +60,19 @@ pub(crate) struct Walked {
     pub(crate) used: Option<(Stack, CongestionControl)>,
     /// The reason of the last step down the list, if any.
     pub(crate) fallback: Option<FallbackReason>,
+    /// How the connect went when the user-space stack was used.
+    pub(crate) relayed: Option<Connected>,
 }
 
 /// Walks `plan` for a socket of `kind`: the first transport this build and node can run.
-/// `set_cc` applies a congestion control and says whether the kernel took it. Every step down
-/// the list is counted with its reason.
+/// `set_cc` applies a congestion control and says whether the kernel took it; `userspace`
+/// connects on the user-space stack (or says why it cannot). Every step down the list is
+/// counted with its reason.
 pub(crate) fn walk(
     plan: &Plan,
     kind: Kind,
     mut set_cc: impl FnMut(&'static [u8]) -> bool,
+    mut userspace: impl FnMut(CongestionControl) -> Result<Connected, FallbackReason>,
     mut count: impl FnMut(FallbackReason),
 ) -> Walked {
     let mut fallback = None;
@@ -75,7 +82,24 @@ pub(crate) fn walk(
     };
     for &(stack, cc) in &plan.transports[..plan.len] {
         match stack {
-            Stack::Userspace | Stack::Rdma => step(FallbackReason::StackUnavailable, &mut fallback),
+            Stack::Rdma => step(FallbackReason::StackUnavailable, &mut fallback),
+            Stack::Userspace if kind != Kind::Tcp => {
+                step(FallbackReason::UnsupportedProtocol, &mut fallback)
+            }
+            // Its packets leave without passing the pod's netfilter, which enforces this rule.
+            Stack::Userspace if plan.isolation == Isolation::KernelEnforced => {
+                step(FallbackReason::IsolationForbids, &mut fallback)
+            }
+            Stack::Userspace => match userspace(cc) {
+                Ok(connected) => {
+                    return Walked {
+                        used: Some((stack, cc)),
+                        fallback,
+                        relayed: Some(connected),
+                    };
+                }
+                Err(reason) => step(reason, &mut fallback),
+            },
             Stack::Kernel if plan.isolation == Isolation::Dedicated => {
                 step(FallbackReason::IsolationForbids, &mut fallback)
             }
@@ -85,6 +109,7 @@ pub(crate) fn walk(
                         return Walked {
                             used: Some((stack, cc)),
                             fallback,
+                            relayed: None,
                         };
                     }
                     step(FallbackReason::NoCapability, &mut fallback);
@@ -94,6 +119,7 @@ pub(crate) fn walk(
                     return Walked {
                         used: Some((stack, cc)),
                         fallback,
+                        relayed: None,
                     };
                 }
             },
@@ -106,12 +132,14 @@ pub(crate) fn walk(
         return Walked {
             used: None,
             fallback,
+            relayed: None,
         };
     }
     // The list is exhausted (or empty): the kernel with its default, as without the shim.
     Walked {
         used: Some((Stack::Kernel, CongestionControl::Default)),
         fallback,
+        relayed: None,
     }
 }
 
@@ -155,8 +183,12 @@ pub(crate) fn after_accept(fd: i32) {
     }
 }
 
-/// `connect()`: decides (once per socket) before the real call.
+/// `connect()`: decides (once per socket) before the real call; a `Userspace` decision
+/// connects here, on the user-space stack, and the real call is not made.
 pub(crate) fn connect(fd: i32, destination: Option<SocketAddr>) -> Pre {
+    if let Some((Stack::Userspace, _)) = fdtable::get(fd).transport() {
+        return Pre::Fail(relay::connect_again(fd));
+    }
     decide_fd(fd, destination, Kind::Unknown)
 }
 
@@ -172,12 +204,20 @@ pub(crate) fn send_to(fd: i32, destination: Option<SocketAddr>, flags: i32) -> P
     }
     match kind_of(fd, entry) {
         Kind::Udp => decide_fd(fd, Some(destination), Kind::Udp),
-        Kind::Tcp if flags & libc::MSG_FASTOPEN != 0 => decide_fd(fd, Some(destination), Kind::Tcp),
+        // TCP Fast Open connects inside `sendto`, which the relay does not carry.
+        Kind::Tcp if flags & libc::MSG_FASTOPEN != 0 => {
+            decide(fd, Some(destination), Kind::Tcp, false)
+        }
         _ => Pre::Forward,
     }
 }
 
 fn decide_fd(fd: i32, destination: Option<SocketAddr>, known: Kind) -> Pre {
+    decide(fd, destination, known, true)
+}
+
+/// Decides `fd`'s transport; the user-space stack only when `relay_allowed` (a `connect`).
+fn decide(fd: i32, destination: Option<SocketAddr>, known: Kind, relay_allowed: bool) -> Pre {
     let entry = fdtable::get(fd);
     if entry.decided() || entry.kind() == Kind::Other {
         return Pre::Forward;
@@ -207,6 +247,13 @@ fn decide_fd(fd: i32, destination: Option<SocketAddr>, known: Kind) -> Pre {
                 &plan,
                 kind,
                 |name| sys::set_congestion_control(fd, name).is_ok(),
+                |cc| {
+                    if relay_allowed {
+                        relay::connect(config, fd, destination, cc)
+                    } else {
+                        Err(FallbackReason::Unsupported)
+                    }
+                },
                 counters::fell_back,
             ),
             "",
@@ -217,6 +264,7 @@ fn decide_fd(fd: i32, destination: Option<SocketAddr>, known: Kind) -> Pre {
                 Walked {
                     used: Some((Stack::Kernel, CongestionControl::Default)),
                     fallback: Some(reason),
+                    relayed: None,
                 },
                 " (no table)",
             )
@@ -229,7 +277,12 @@ fn decide_fd(fd: i32, destination: Option<SocketAddr>, known: Kind) -> Pre {
                 fdtable::get(fd).with_kind(kind).with_decision(stack, cc),
             );
             counters::decided(stack, cc);
-            Pre::Forward
+            match walked.relayed {
+                None => Pre::Forward,
+                Some(Connected::Established) => Pre::Done,
+                Some(Connected::InProgress) => Pre::Fail(libc::EINPROGRESS),
+                Some(Connected::Failed(errno)) => Pre::Fail(errno),
+            }
         }
         None => Pre::Fail(ISOLATION_ERRNO),
     };
@@ -494,6 +547,7 @@ pub(crate) fn load() {
 
 extern "C" fn after_fork_child() {
     reader::reset_after_fork();
+    relay::reset_after_fork();
     counters::reset();
     // Listener registrations belong to the process that listened: a child closing its
     // inherited copy must not withdraw them.
@@ -516,6 +570,146 @@ pub(crate) fn unload() {
     }
 }
 
+/// Whether `fd` is the application end of a relayed (user-space stack) connection. A socket
+/// this process did not see created (inherited across `exec`, received over `SCM_RIGHTS`) is
+/// recognised once by its abstract name.
+pub(crate) fn relayed(fd: i32) -> bool {
+    let entry = fdtable::get(fd);
+    match entry.transport() {
+        Some((stack, _)) => stack == Stack::Userspace,
+        None if entry.kind() == Kind::Unknown => {
+            if relay::name_of(fd).is_some() {
+                fdtable::set(
+                    fd,
+                    entry
+                        .with_kind(Kind::Tcp)
+                        .with_decision(Stack::Userspace, CongestionControl::Default),
+                );
+                true
+            } else {
+                kind_of(fd, entry);
+                false
+            }
+        }
+        None => false,
+    }
+}
+
+/// Which address of a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// `getsockname`.
+    Local,
+    /// `getpeername`.
+    Peer,
+}
+
+/// `getsockname`/`getpeername` of a relayed socket: the TCP addresses, not the socketpair's.
+pub(crate) fn relay_address(fd: i32, side: Side) -> Option<SocketAddr> {
+    if !relayed(fd) {
+        return None;
+    }
+    let name = relay::name_of(fd)?;
+    Some(match side {
+        Side::Local => name.local,
+        Side::Peer => name.remote,
+    })
+}
+
+/// `getsockopt` of a relayed socket: what a TCP socket answers, given to `answer`; other
+/// sockets and socket-level options that the relay socket answers itself forward.
+pub(crate) fn get_option(fd: i32, level: i32, name: i32, answer: impl FnOnce(&[u8])) -> Pre {
+    if !relayed(fd) {
+        return Pre::Forward;
+    }
+    let int = |value: i32| value.to_ne_bytes().to_vec();
+    let value = match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_ERROR) => int(relay::error(fd).unwrap_or(0)),
+        (libc::SOL_SOCKET, libc::SO_DOMAIN) => int(match relay::name_of(fd) {
+            Some(n) if n.remote.is_ipv6() => libc::AF_INET6,
+            _ => libc::AF_INET,
+        }),
+        (libc::SOL_SOCKET, libc::SO_PROTOCOL) => int(libc::IPPROTO_TCP),
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY) => int(fdtable::get(fd).nodelay() as i32),
+        (libc::IPPROTO_TCP, libc::TCP_INFO) => {
+            relay::tcp_info_bytes(relay::tcp_info(fd).as_ref()).to_vec()
+        }
+        (libc::IPPROTO_TCP, libc::TCP_CONGESTION) => {
+            let mut buffer = vec![0u8; 16];
+            let name = relay::tcp_info(fd)
+                .map(|info| info.congestion_control.to_ascii_lowercase())
+                .unwrap_or_else(|| "bbr".into());
+            let len = name.len().min(buffer.len() - 1);
+            buffer[..len].copy_from_slice(&name.as_bytes()[..len]);
+            buffer
+        }
+        (libc::IPPROTO_TCP, libc::TCP_MAXSEG) => int(relay::MSS as i32),
+        (libc::IPPROTO_TCP | libc::IPPROTO_IP | libc::IPPROTO_IPV6, _) => int(0),
+        _ => return Pre::Forward,
+    };
+    answer(&value);
+    Pre::Done
+}
+
+/// `setsockopt` of a relayed socket: TCP options go to the instance's connection; socket-level
+/// ones the relay socket also keeps (so `getsockopt` reads them back) forward as well.
+pub(crate) fn set_option(fd: i32, level: i32, name: i32, value: &[u8]) -> Pre {
+    use stackroute_local_api::relay::RelayOption;
+    if !relayed(fd) {
+        return Pre::Forward;
+    }
+    let int = value
+        .get(..4)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(i32::from_ne_bytes);
+    match (level, name, int) {
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY, Some(on)) => {
+            relay::set_option(fd, RelayOption::NoDelay(on != 0));
+            fdtable::set(fd, fdtable::get(fd).with_nodelay(on != 0));
+            Pre::Done
+        }
+        (libc::IPPROTO_TCP, libc::TCP_CONGESTION, _) => {
+            let name = value.split(|b| *b == 0).next().unwrap_or_default();
+            let name = String::from_utf8_lossy(name).into_owned();
+            if relay::set_option(fd, RelayOption::CongestionControl(name)) {
+                Pre::Done
+            } else {
+                Pre::Fail(libc::ENOENT)
+            }
+        }
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, Some(on)) => {
+            relay::set_option(fd, RelayOption::Keepalive(on != 0));
+            Pre::Forward
+        }
+        (libc::SOL_SOCKET, libc::SO_LINGER, _) if value.len() >= 8 => {
+            let on = i32::from_ne_bytes([value[0], value[1], value[2], value[3]]);
+            let seconds = i32::from_ne_bytes([value[4], value[5], value[6], value[7]]);
+            relay::set_option(fd, RelayOption::ResetOnClose(on != 0 && seconds == 0));
+            Pre::Forward
+        }
+        (libc::SOL_SOCKET, libc::SO_SNDBUF, Some(bytes)) => {
+            relay::set_option(fd, RelayOption::SendBuffer(bytes.max(0) as u32));
+            Pre::Forward
+        }
+        (libc::SOL_SOCKET, libc::SO_RCVBUF, Some(bytes)) => {
+            relay::set_option(fd, RelayOption::ReceiveBuffer(bytes.max(0) as u32));
+            Pre::Forward
+        }
+        (libc::IPPROTO_TCP | libc::IPPROTO_IP | libc::IPPROTO_IPV6, _, None) => {
+            Pre::Fail(libc::EINVAL)
+        }
+        // Accepted without effect (`TCP_KEEPIDLE`, `TCP_QUICKACK`, `IP_TOS`, …).
+        (libc::IPPROTO_TCP | libc::IPPROTO_IP | libc::IPPROTO_IPV6, _, Some(_)) => Pre::Done,
+        _ => Pre::Forward,
+    }
+}
+
+/// A read on `fd` returned end of file: the errno to report instead when the relayed
+/// connection was reset (a truncated transfer must not look complete).
+pub(crate) fn end_of_file(fd: i32) -> Option<i32> {
+    relayed(fd).then(|| relay::end_of_file(fd)).flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -532,7 +726,13 @@ mod tests {
 
     fn run(plan: &Plan, kind: Kind, allowed: &[&[u8]]) -> (Walked, Vec<FallbackReason>) {
         let mut reasons = Vec::new();
-        let walked = walk(plan, kind, |n| allowed.contains(&n), |r| reasons.push(r));
+        let walked = walk(
+            plan,
+            kind,
+            |n| allowed.contains(&n),
+            |_| Err(FallbackReason::StackUnavailable),
+            |r| reasons.push(r),
+        );
         (walked, reasons)
     }
 
@@ -606,9 +806,70 @@ mod tests {
         assert_eq!(
             reasons,
             [
-                FallbackReason::StackUnavailable,
+                FallbackReason::UnsupportedProtocol,
                 FallbackReason::IsolationForbids
             ]
+        );
+    }
+
+    #[test]
+    fn userspace_is_tried_for_tcp_outside_kernel_enforced_isolation() {
+        let list = [
+            (Stack::Userspace, CongestionControl::Bbr),
+            (Stack::Kernel, CongestionControl::Cubic),
+        ];
+        let walk_with = |isolation, kind, outcome: Result<Connected, FallbackReason>| {
+            let mut reasons = Vec::new();
+            let mut tried = Vec::new();
+            let walked = walk(
+                &plan(&list, isolation),
+                kind,
+                |_| true,
+                |cc| {
+                    tried.push(cc);
+                    outcome
+                },
+                |r| reasons.push(r),
+            );
+            (walked, reasons, tried)
+        };
+        let (walked, reasons, tried) =
+            walk_with(Isolation::None, Kind::Tcp, Ok(Connected::InProgress));
+        assert_eq!(
+            walked.used,
+            Some((Stack::Userspace, CongestionControl::Bbr))
+        );
+        assert_eq!(walked.relayed, Some(Connected::InProgress));
+        assert!(reasons.is_empty());
+        assert_eq!(tried, [CongestionControl::Bbr]);
+        // The instance cannot be had: down the list, with the agent's reason.
+        let (walked, reasons, _) = walk_with(
+            Isolation::None,
+            Kind::Tcp,
+            Err(FallbackReason::StackUnavailable),
+        );
+        assert_eq!(walked.used, Some((Stack::Kernel, CongestionControl::Cubic)));
+        assert_eq!(walked.relayed, None);
+        assert_eq!(reasons, [FallbackReason::StackUnavailable]);
+        // Never tried under kernel-enforced isolation, nor for UDP.
+        let (walked, reasons, tried) = walk_with(
+            Isolation::KernelEnforced,
+            Kind::Tcp,
+            Ok(Connected::Established),
+        );
+        assert_eq!(walked.used, Some((Stack::Kernel, CongestionControl::Cubic)));
+        assert_eq!(reasons, [FallbackReason::IsolationForbids]);
+        assert!(tried.is_empty());
+        let (walked, reasons, tried) =
+            walk_with(Isolation::None, Kind::Udp, Ok(Connected::Established));
+        assert_eq!(walked.used, Some((Stack::Kernel, CongestionControl::Cubic)));
+        assert_eq!(reasons, [FallbackReason::UnsupportedProtocol]);
+        assert!(tried.is_empty());
+        // Dedicated isolation takes the user-space stack (it is not the kernel).
+        let (walked, _, _) = walk_with(Isolation::Dedicated, Kind::Tcp, Ok(Connected::Established));
+        assert_eq!(
+            walked.used,
+            Some((Stack::Userspace, CongestionControl::Bbr))
         );
     }
 

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use stackroute_snapshot::Snapshot;
 
+pub(crate) mod relay;
+
 /// A libc function found with `dlsym(RTLD_NEXT)` on first use; 0 until then. A race resolves
 /// it twice to the same address; after `fork` the child keeps the cached value.
 pub(crate) struct Real {
@@ -405,4 +407,91 @@ pub(crate) fn word(pointer: *mut AtomicU64) -> Option<&'static AtomicU64> {
 /// The pointer form of a generation word, for storing in an `AtomicPtr`.
 pub(crate) fn word_pointer(word: &'static AtomicU64) -> *mut AtomicU64 {
     ptr::from_ref(word).cast_mut()
+}
+
+/// Writes `address` into a caller's `(sockaddr *, socklen_t *)` pair as `getsockname(2)` does:
+/// at most `*len` bytes copied, `*len` set to the full size.
+///
+/// # Safety
+/// `out` is writable for `*len` bytes and `len` is a readable and writable `socklen_t`, as the
+/// socket calls require of their callers (both may be null: nothing is written).
+pub(crate) unsafe fn write_address(
+    address: SocketAddr,
+    out: *mut libc::sockaddr,
+    len: *mut libc::socklen_t,
+) {
+    if out.is_null() || len.is_null() {
+        return;
+    }
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let size = match address {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*v4.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: a sockaddr_in fits in a sockaddr_storage.
+            unsafe { ptr::write_unaligned((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: a sockaddr_in6 fits in a sockaddr_storage.
+            unsafe { ptr::write_unaligned((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    // SAFETY: the caller's contract: `len` is readable and writable, `out` writable for `*len`.
+    unsafe {
+        let room = ptr::read_unaligned(len) as usize;
+        ptr::copy_nonoverlapping(
+            (&raw const storage).cast::<u8>(),
+            out.cast::<u8>(),
+            room.min(size),
+        );
+        ptr::write_unaligned(len, size as libc::socklen_t);
+    }
+}
+
+/// Writes an option's value into a caller's `getsockopt(2)` buffer: at most `*len` bytes,
+/// `*len` set to what was written.
+///
+/// # Safety
+/// `out` is writable for `*len` bytes and `len` readable and writable (either null: nothing).
+pub(crate) unsafe fn write_option(value: &[u8], out: *mut c_void, len: *mut libc::socklen_t) {
+    if out.is_null() || len.is_null() {
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        let n = (ptr::read_unaligned(len) as usize).min(value.len());
+        ptr::copy_nonoverlapping(value.as_ptr(), out.cast::<u8>(), n);
+        ptr::write_unaligned(len, n as libc::socklen_t);
+    }
+}
+
+/// The bytes of a caller's `setsockopt(2)` value.
+///
+/// # Safety
+/// `value` is null or readable for `len` bytes, and stays so for the returned lifetime (the
+/// call's duration).
+pub(crate) unsafe fn option_bytes<'a>(value: *const c_void, len: libc::socklen_t) -> &'a [u8] {
+    if value.is_null() {
+        return &[];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(value.cast::<u8>(), len as usize) }
 }

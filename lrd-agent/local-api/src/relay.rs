@@ -23,6 +23,24 @@ use serde::{Deserialize, Serialize};
 /// Largest message either side accepts, in bytes (a `Connections` reply is paged to fit).
 pub const MAX_MESSAGE: usize = 60 * 1024;
 
+/// One message as a packet (JSON); `None` if it does not fit [`MAX_MESSAGE`].
+pub fn to_packet<T: Serialize>(message: &T) -> Option<Vec<u8>> {
+    serde_json::to_vec(message)
+        .ok()
+        .filter(|bytes| bytes.len() <= MAX_MESSAGE)
+}
+
+/// A message from a packet.
+pub fn from_packet<T: serde::de::DeserializeOwned>(packet: &[u8]) -> Result<T, String> {
+    if packet.len() > MAX_MESSAGE {
+        return Err(format!(
+            "packet of {} bytes exceeds {MAX_MESSAGE}",
+            packet.len()
+        ));
+    }
+    serde_json::from_slice(packet).map_err(|e| e.to_string())
+}
+
 /// The instance's abstract socket name (without the leading NUL) for a tag the agent chooses.
 pub fn socket_name(tag: &str) -> String {
     format!("stackroute-stackd.{tag}")
