@@ -15,7 +15,7 @@ use tracing::{error, info};
 use crate::handover::{self, HandedState, Stopped};
 use crate::serving::Serving;
 use crate::state::{Agent, Config};
-use crate::{local, metrics};
+use crate::{instances, local, metrics};
 
 /// `stackroute-lrd`: the stackroute node agent.
 #[derive(Debug, Parser)]
@@ -92,6 +92,9 @@ pub struct Args {
     /// Limits and quotas of the local socket.
     #[command(flatten)]
     pub local: local::LocalLimits,
+    /// User-space stack instances.
+    #[command(flatten)]
+    pub instances: instances::InstanceFlags,
 }
 
 impl Args {
@@ -149,6 +152,14 @@ impl Args {
             mode: self.mode,
             limits: self.local,
         });
+        // Instances outlive agents: adopt those an earlier agent (or the one that handed
+        // over) recorded, and reap for the life of this process (a stopped agent still reaps
+        // its own children).
+        let instances = instances::Instances::new(&agent, self.instances, self.mode);
+        instances.adopt();
+        info!(tag = instances.tag(), binary = %instances.binary().display(), flags = ?instances.flags(), "user-space stack instances");
+        agent.set_instances(instances.clone());
+        tokio::spawn(instances::reaper(instances));
         let handover_listener = handover::bind(&agent.config.state_dir)?;
         let max_connections = local::connection_limit(raise_fd_limit());
         info!(

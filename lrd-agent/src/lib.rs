@@ -13,9 +13,11 @@
 //!   process exits.
 //! - [`handover`]: passing the socket directory from a running agent to a new one;
 //!   [`serving`]: the tasks it stops and restarts.
+//! - [`instances`]: the user-space stack instances the agent starts per network namespace.
 //! - [`caps`]: node capability discovery. [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //!
-//! The only unsafe code is the shared mapping of the generation counter (`genmap`).
+//! The only unsafe code is the shared mapping of the generation counter (`genmap`) and what an
+//! instance's child process does before `exec` (`instances::sys`).
 
 pub mod args;
 pub mod caps;
@@ -23,6 +25,7 @@ pub mod controller;
 pub mod files;
 mod genmap;
 pub mod handover;
+pub mod instances;
 pub mod local;
 pub mod metrics;
 pub mod peer;

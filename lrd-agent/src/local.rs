@@ -350,13 +350,16 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
                 "ok",
             )
         }
-        Request::UserspaceInstance => (
-            Response::Unavailable {
-                reason: message::FallbackReason::StackUnavailable,
-                message: "this agent starts no user-space stack instances yet".into(),
-            },
-            "unavailable",
-        ),
+        Request::UserspaceInstance => match agent.instances() {
+            Some(instances) => instances.request(agent, peer).await,
+            None => (
+                Response::Unavailable {
+                    reason: message::FallbackReason::StackUnavailable,
+                    message: "this agent starts no user-space stack instances".into(),
+                },
+                "unavailable",
+            ),
+        },
         Request::ShimReport {
             decisions,
             fallbacks,

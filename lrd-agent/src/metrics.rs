@@ -15,6 +15,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
@@ -47,6 +48,49 @@ pub struct DecisionLabels {
     pub congestion_control: &'static str,
 }
 
+/// Labels of `stackroute_lrd_userspace_instance_starts_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StartLabels {
+    /// `ok` (started and ready), `failed` (a start was tried and failed) or `refused` (no
+    /// start was tried: the caller may not have one, the node is at its limit, or the
+    /// namespace is backing off after failures).
+    pub result: &'static str,
+}
+
+/// The user-space stack instances' metrics; clones share the same series.
+#[derive(Clone, Debug)]
+pub struct InstanceMetrics {
+    /// Instances running (started or adopted).
+    pub running: Gauge<i64, AtomicI64>,
+    /// Start attempts and refusals.
+    pub starts: Family<StartLabels, Counter<u64, AtomicU64>>,
+    /// Time from the request to the instance's `ready`, for successful starts.
+    pub start_seconds: Histogram,
+    /// Instances seen to exit (crashed, killed, or stopped for being idle).
+    pub exits: Counter<u64, AtomicU64>,
+}
+
+impl Default for InstanceMetrics {
+    fn default() -> Self {
+        Self {
+            running: Gauge::default(),
+            starts: Family::default(),
+            // 5 ms … about 10 s: a start is a few process spawns and the instance's own setup.
+            start_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12),
+            ),
+            exits: Counter::default(),
+        }
+    }
+}
+
+impl InstanceMetrics {
+    /// Counts one start attempt or refusal.
+    pub fn start(&self, result: &'static str) {
+        self.starts.get_or_create(&StartLabels { result }).inc();
+    }
+}
+
 /// Every metric the agent exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -74,6 +118,8 @@ pub struct Metrics {
     pub shim_decisions: Family<DecisionLabels, Counter<u64, AtomicU64>>,
     /// Hand-over requests refused, by reason (`protocol::Refusal::REASONS`).
     pub handover_refused: Family<ReasonLabels, Counter<u64, AtomicU64>>,
+    /// User-space stack instances.
+    pub instances: InstanceMetrics,
 }
 
 impl Metrics {
@@ -139,6 +185,26 @@ impl Metrics {
             "handover_refused",
             "Hand-over requests refused (the agent kept serving), by reason",
             self.handover_refused.clone(),
+        );
+        r.register(
+            "userspace_instances",
+            "User-space stack instances running (started or adopted by this agent)",
+            self.instances.running.clone(),
+        );
+        r.register(
+            "userspace_instance_starts",
+            "User-space stack instance starts by result (ok, failed, refused)",
+            self.instances.starts.clone(),
+        );
+        r.register(
+            "userspace_instance_start_seconds",
+            "Time to start a user-space stack instance until it is ready",
+            self.instances.start_seconds.clone(),
+        );
+        r.register(
+            "userspace_instance_exits",
+            "User-space stack instances seen to exit",
+            self.instances.exits.clone(),
         );
     }
 

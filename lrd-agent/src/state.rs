@@ -16,6 +16,7 @@ use stackroute_local_api::published::{self, SOCKET_FILE};
 
 use crate::files::{self, Publisher};
 use crate::handover::HandedState;
+use crate::instances::Instances;
 use crate::local::LocalPolicy;
 use crate::metrics::Metrics;
 use crate::registry::{ListenerRecord, Persist, Persister, Registrations};
@@ -114,6 +115,8 @@ pub struct Agent {
     persister: Persister,
     /// Who may do what on the local socket, and its limits (set once at start).
     local_policy: std::sync::OnceLock<LocalPolicy>,
+    /// The user-space stack instances (set once at start; none: requests are refused).
+    instances: std::sync::OnceLock<Arc<Instances>>,
     client: Mutex<Option<stackroute_proto::client::Client>>,
     listeners: RwLock<Arc<Vec<Listener>>>,
     role: AtomicU8,
@@ -212,6 +215,7 @@ impl Agent {
             registrations: Mutex::new(registrations),
             persister: Persister::default(),
             local_policy: std::sync::OnceLock::new(),
+            instances: std::sync::OnceLock::new(),
             client: Mutex::new(None),
             listeners: RwLock::default(),
             role: AtomicU8::new(Role::Serving as u8),
@@ -506,6 +510,18 @@ impl Agent {
     /// Who may do what on the local socket, and its limits.
     pub fn local_policy(&self) -> &LocalPolicy {
         self.local_policy.get_or_init(LocalPolicy::default)
+    }
+
+    /// Sets the user-space stack instances; only the first call counts.
+    pub fn set_instances(&self, instances: Arc<Instances>) {
+        if self.instances.set(instances).is_err() {
+            warn!("the user-space stack instances were already set; keeping the first");
+        }
+    }
+
+    /// The user-space stack instances, once set.
+    pub fn instances(&self) -> Option<&Arc<Instances>> {
+        self.instances.get()
     }
 
     /// The controller client in use, if connected.

@@ -1,0 +1,477 @@
+//! Starting one instance, on a blocking thread: check the caller's namespace, prepare it
+//! (reserved ports, the raw-table DROP rule), spawn `stackroute-stackd` into it and wait for
+//! its `ready` line.
+
+use std::fs::File;
+use std::io::{self, Read as _, Write as _};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use stackroute_local_api::message::FallbackReason;
+use tracing::{debug, warn};
+
+use super::sys::{self, InstanceSetup};
+use super::{PortRange, Record};
+
+/// Time allowed for each helper command (`cat`, `tee`, `iptables`).
+const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where the kernel keeps the reserved ports, per network namespace.
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+/// The binary's name, looked for next to the agent's executable, then on `PATH`.
+pub(super) const STACKD: &str = "stackroute-stackd";
+/// A minimal `PATH` for the helpers and the instance (the agent's environment is not passed).
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Everything one start needs, taken from the caller's `Peer` and the agent's flags.
+#[derive(Clone, Debug)]
+pub(super) struct Plan {
+    pub(super) pid: i32,
+    pub(super) netns: u64,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
+    pub(super) cgroup: Option<String>,
+    pub(super) cgroup_required: bool,
+    pub(super) binary: PathBuf,
+    pub(super) tag: String,
+    pub(super) ports: PortRange,
+    pub(super) ready_timeout: Duration,
+    pub(super) log: PathBuf,
+}
+
+/// Why a start failed: the reason the shim records and a message for logs.
+#[derive(Debug)]
+pub(super) struct Failure {
+    pub(super) reason: FallbackReason,
+    pub(super) message: String,
+}
+
+impl Failure {
+    fn stack(message: impl Into<String>) -> Self {
+        Self {
+            reason: FallbackReason::StackUnavailable,
+            message: message.into(),
+        }
+    }
+
+    fn capability(message: impl Into<String>) -> Self {
+        Self {
+            reason: FallbackReason::NoCapability,
+            message: message.into(),
+        }
+    }
+}
+
+/// A started, ready instance.
+#[derive(Debug)]
+pub(super) struct Started {
+    pub(super) record: Record,
+    pub(super) child: Child,
+}
+
+/// Starts the instance of `plan`.
+pub(super) fn start(plan: &Plan) -> Result<Started, Failure> {
+    let netns = open_netns(plan.pid, plan.netns)?;
+    let began = Instant::now();
+    reserve_ports(&netns, plan.ports).map_err(Failure::capability)?;
+    drop_rule(&netns, plan.ports).map_err(Failure::capability)?;
+    debug!(
+        netns = plan.netns,
+        elapsed_ms = began.elapsed().as_millis() as u64,
+        "network namespace prepared"
+    );
+    spawn(plan, &netns)
+}
+
+/// `/proc/PID/ns/net` of the caller, if it is still the namespace the caller was seen in (a
+/// reused pid, or a caller that moved, is refused).
+fn open_netns(pid: i32, expected: u64) -> Result<File, Failure> {
+    let path = format!("/proc/{pid}/ns/net");
+    let file = File::open(&path)
+        .map_err(|e| Failure::stack(format!("cannot open {path}: {e} (did the caller exit?)")))?;
+    let inode = file
+        .metadata()
+        .map_err(|e| Failure::stack(format!("cannot stat {path}: {e}")))?
+        .ino();
+    if inode != expected {
+        return Err(Failure::stack(format!(
+            "process {pid} is no longer in network namespace {expected} (now {inode}): the caller exited or moved"
+        )));
+    }
+    Ok(file)
+}
+
+/// A helper command run inside `netns`, with a minimal environment.
+fn in_netns(netns: &File, program: &str) -> Command {
+    let mut command = Command::new(program);
+    command.env_clear().env("PATH", PATH).current_dir("/");
+    sys::enter_netns_before_exec(&mut command, netns.as_raw_fd());
+    command
+}
+
+/// Runs `command` with `input` on its stdin; its stdout if it exits with 0, else what it said.
+fn run(mut command: Command, input: Option<&[u8]>) -> Result<Vec<u8>, String> {
+    let described = format!("{command:?}");
+    command
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => format!("{described}: not found on {PATH}"),
+        _ => format!("{described}: cannot start: {e}"),
+    })?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        let _ = stdin.write_all(input);
+    }
+    let deadline = Instant::now() + HELPER_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{described}: no answer within {HELPER_TIMEOUT:?}"));
+            }
+        }
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("{described}: {e}"))?;
+    if output.status.success() {
+        Ok(output.stdout)
+    } else {
+        Err(format!(
+            "{described}: {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Adds `ports` to the namespace's `ip_local_reserved_ports` (kept with what is there), so
+/// the kernel never picks them for its own connections. Nothing is written when they are
+/// already reserved.
+fn reserve_ports(netns: &File, ports: PortRange) -> Result<(), String> {
+    let read = || -> Result<String, String> {
+        let mut cat = in_netns(netns, "cat");
+        cat.arg(RESERVED_PORTS);
+        let bytes = run(cat, None).map_err(|e| format!("cannot read the reserved ports: {e}"))?;
+        Ok(String::from_utf8_lossy(&bytes).trim().to_string())
+    };
+    let current = read()?;
+    if covers(&current, ports) {
+        return Ok(());
+    }
+    let merged = if current.is_empty() {
+        ports.to_string()
+    } else {
+        format!("{current},{ports}")
+    };
+    let mut tee = in_netns(netns, "tee");
+    tee.arg(RESERVED_PORTS);
+    run(tee, Some(format!("{merged}\n").as_bytes()))
+        .map_err(|e| format!("cannot reserve ports {ports}: {e}"))?;
+    let now = read()?;
+    if !covers(&now, ports) {
+        return Err(format!(
+            "ports {ports} are not reserved after writing {merged:?} (the namespace has {now:?})"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a reserved-ports list (`1,5-9`) covers every port of `ports`.
+pub(super) fn covers(list: &str, ports: PortRange) -> bool {
+    let mut ranges: Vec<(u16, u16)> = list
+        .split(',')
+        .filter_map(|item| {
+            let item = item.trim();
+            let (lo, hi) = item.split_once('-').unwrap_or((item, item));
+            Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut next = u32::from(ports.lo);
+    for (lo, hi) in ranges {
+        if u32::from(lo) > next {
+            break;
+        }
+        next = next.max(u32::from(hi) + 1);
+        if next > u32::from(ports.hi) {
+            return true;
+        }
+    }
+    next > u32::from(ports.hi)
+}
+
+/// Keeps the namespace's kernel from answering the instance's flows (it would reset them: it
+/// knows no such connection): a raw-table DROP of TCP to the instance's ports, inserted only if
+/// missing. AF_PACKET sees frames before netfilter, so the instance still gets them.
+fn drop_rule(netns: &File, ports: PortRange) -> Result<(), String> {
+    let rule = |action: &str| {
+        let mut iptables = in_netns(netns, "iptables");
+        iptables.args(["-w", "5", "-t", "raw", action, "PREROUTING", "-p", "tcp"]);
+        iptables.args([
+            "--dport",
+            &format!("{}:{}", ports.lo, ports.hi),
+            "-j",
+            "DROP",
+        ]);
+        iptables
+    };
+    match run(rule("-C"), None) {
+        Ok(_) => Ok(()),
+        Err(missing) if missing.contains("not found on") => Err(format!(
+            "iptables is needed to keep the kernel from answering the instance's ports: {missing}"
+        )),
+        Err(_) => run(rule("-I"), None)
+            .map(drop)
+            .map_err(|e| format!("cannot add the raw-table DROP rule for ports {ports}: {e}")),
+    }
+}
+
+/// Where cgroup v2 is mounted in the agent's mount namespace (`/sys/fs/cgroup` on a unified
+/// host, `/sys/fs/cgroup/unified` on a hybrid one), from `/proc/self/mountinfo`.
+fn cgroup2_root() -> Option<&'static Path> {
+    static ROOT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        mountinfo.lines().find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            // Mounted at the root of the hierarchy only: a sub-tree mount would shift paths.
+            let mut fields = mount.split(' ');
+            let root = fields.nth(3)?;
+            let point = fields.next()?;
+            (fs.split(' ').next() == Some("cgroup2") && root == "/").then(|| PathBuf::from(point))
+        })
+    })
+    .as_deref()
+}
+
+/// `cgroup.procs` of `cgroup` (a path from `/proc/PID/cgroup`), opened for writing.
+fn open_cgroup_procs(cgroup: Option<&str>) -> Result<File, String> {
+    let cgroup = cgroup.ok_or("the caller's cgroup is unknown")?;
+    if cgroup.split('/').any(|part| part == "..") {
+        return Err(format!("unexpected cgroup path {cgroup:?}"));
+    }
+    let root = cgroup2_root().ok_or("no cgroup v2 hierarchy is mounted")?;
+    let path = root
+        .join(cgroup.trim_start_matches('/'))
+        .join("cgroup.procs");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn spawn(plan: &Plan, netns: &File) -> Result<Started, Failure> {
+    let cgroup_procs = match open_cgroup_procs(plan.cgroup.as_deref()) {
+        Ok(file) => Some(file),
+        Err(why) if plan.cgroup_required => {
+            return Err(Failure::stack(format!(
+                "cannot join the pod's cgroup, which must pay for the instance: {why}"
+            )));
+        }
+        Err(why) => {
+            debug!(%why, "the instance stays in the agent's cgroup");
+            None
+        }
+    };
+    let log =
+        open_log(&plan.log).map_err(|e| Failure::stack(format!("{}: {e}", plan.log.display())))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| Failure::stack(format!("{}: {e}", plan.log.display())))?;
+    let (mut ready_read, ready_write) =
+        io::pipe().map_err(|e| Failure::stack(format!("cannot create the ready pipe: {e}")))?;
+    let mut command = Command::new(&plan.binary);
+    command
+        .args(["--socket-name", &plan.tag])
+        .args(["--packet-fd", &sys::PACKET_FD.to_string()])
+        .args(["--ports", &plan.ports.to_string()])
+        .args(["--ready-fd", &sys::READY_FD.to_string()])
+        .env_clear()
+        .env("PATH", PATH)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    if let Some(level) = std::env::var_os("STACKROUTE_STACKD_LOG") {
+        command.env("STACKROUTE_LOG", level);
+    }
+    sys::instance_before_exec(
+        &mut command,
+        InstanceSetup {
+            netns: netns.as_raw_fd(),
+            ready: ready_write.as_fd().as_raw_fd(),
+            cgroup_procs: cgroup_procs.as_ref().map(AsRawFd::as_raw_fd),
+            cgroup_required: plan.cgroup_required,
+            uid: plan.uid,
+            gid: plan.gid,
+        },
+    );
+    let spawned = command.spawn();
+    // The parent's write end must be closed, or the pipe never reports the instance's exit.
+    drop(command);
+    drop(ready_write);
+    drop(cgroup_procs);
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            let mut step = String::new();
+            let _ = ready_read.read_to_string(&mut step);
+            let binary = plan.binary.display();
+            return Err(Failure::stack(if step.is_empty() {
+                match error.kind() {
+                    io::ErrorKind::NotFound => format!("{binary}: not found (--stackd-binary)"),
+                    _ => format!("cannot start {binary}: {error}"),
+                }
+            } else {
+                format!("cannot start {binary}: {step}: {error}")
+            }));
+        }
+    };
+    let pid = child.id() as i32;
+    if let Err(why) = wait_ready(&mut ready_read, plan.ready_timeout) {
+        let status = stop(&mut child);
+        return Err(Failure::stack(format!(
+            "{} (pid {pid}) {why}; it was stopped ({}); its log: {}",
+            plan.binary.display(),
+            status.map_or_else(|| "no exit status".into(), |s| s.to_string()),
+            plan.log.display()
+        )));
+    }
+    let start_time = crate::peer::parent_and_start(Path::new("/proc"), pid).map(|(_, start)| start);
+    let in_netns = crate::peer::netns_inode(Path::new("/proc"), pid);
+    let Some(start_time) = start_time.filter(|_| in_netns == Some(plan.netns)) else {
+        let status = stop(&mut child);
+        return Err(Failure::stack(format!(
+            "the instance (pid {pid}) said ready but is not running in network namespace {} (it is in {in_netns:?}, exit status {status:?})",
+            plan.netns
+        )));
+    };
+    if let Some(cgroup) = &plan.cgroup {
+        let actual = crate::peer::cgroup(Path::new("/proc"), pid);
+        if actual.as_deref() != Some(cgroup.as_str()) {
+            warn!(pid, expected = %cgroup, ?actual, "the instance runs outside the caller's cgroup");
+        }
+    }
+    Ok(Started {
+        record: Record {
+            netns: plan.netns,
+            pid,
+            start_time,
+            tag: plan.tag.clone(),
+            ports: plan.ports.to_string(),
+        },
+        child,
+    })
+}
+
+/// The instance's log file, emptied at every start so it stays bounded by one run's output.
+fn open_log(path: &Path) -> io::Result<File> {
+    if let Some(dir) = path.parent() {
+        crate::files::ensure_dir(dir, 0o700)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Waits for `ready\n` on the pipe: Err says what happened instead.
+fn wait_ready(pipe: &mut io::PipeReader, timeout: Duration) -> Result<(), String> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let deadline = Instant::now() + timeout;
+    let mut said = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("was not ready within {} ms", timeout.as_millis()));
+        }
+        let mut fds = [PollFd::new(&*pipe, PollFlags::IN)];
+        let wait = Timespec::try_from(left).unwrap_or(Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        });
+        match poll(&mut fds, Some(&wait)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(error) => return Err(format!("poll on the ready pipe failed: {error}")),
+        }
+        let mut buffer = [0; 64];
+        match pipe.read(&mut buffer) {
+            Ok(0) => {
+                return Err(format!(
+                    "exited (or closed its ready descriptor) before it was ready{}",
+                    if said.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (it wrote {:?})", String::from_utf8_lossy(&said))
+                    }
+                ));
+            }
+            Ok(n) => {
+                said.extend_from_slice(&buffer[..n]);
+                if said.windows(6).any(|w| w == b"ready\n") {
+                    return Ok(());
+                }
+                if said.len() > 256 {
+                    return Err("wrote something other than `ready` on its ready descriptor".into());
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(format!("reading the ready pipe failed: {error}")),
+        }
+    }
+}
+
+/// Kills a child that failed to start (by its pid, through its handle) and reaps it.
+fn stop(child: &mut Child) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_port_lists_are_read_as_ranges() {
+        let ports = PortRange {
+            lo: 61000,
+            hi: 62999,
+        };
+        assert!(covers("61000-62999", ports));
+        assert!(covers("80,60000-61999,62000-63000", ports));
+        assert!(covers("1-65535", ports));
+        assert!(!covers("", ports));
+        assert!(!covers("61000-62998", ports));
+        assert!(!covers("61001-62999", ports));
+        assert!(!covers("61000-61500,61502-62999", ports));
+        assert!(covers("61000-61500,61501,61502-62999", ports));
+        assert!(covers(
+            "65535",
+            PortRange {
+                lo: 65535,
+                hi: 65535
+            }
+        ));
+        assert!(!covers("garbage", ports));
+    }
+}

@@ -1,0 +1,959 @@
+//! User-space stack instances with real processes: an agent, callers in network namespaces made
+//! with `ip netns` (this binary started again as a client, as root or as `nobody`), and an
+//! instance binary — this binary again playing `stackroute-stackd` by its contract (it reports
+//! what it was given, binds its abstract socket, writes `ready` on --ready-fd), or the real
+//! `stackroute-stackd` when it is built.
+//!
+//! Trials that need network namespaces need root: without it they show as ignored with the
+//! reason (and fail under `STACKROUTE_REQUIRE_NETNS=1`). Namespaces, cgroups and processes are
+//! named with this test's pid and removed (by name, by pid) when their guards drop; nothing is
+//! sent on any network.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use stackroute_local_api::frame;
+use stackroute_local_api::message::{FallbackReason, Request, Response};
+use stackroute_local_api::published;
+use testkit::{Ignored, Trial};
+
+/// Set in a client helper: the agent's socket directory.
+const HELPER_SOCKET_DIR: &str = "STACKROUTE_INSTANCES_TEST_SOCKET_DIR";
+/// `1`: the trials needing root fail instead of showing as ignored.
+const REQUIRE_NETNS: &str = "STACKROUTE_REQUIRE_NETNS";
+/// The uid and gid of the unprivileged caller.
+const NOBODY: u32 = 65534;
+/// The port range the trials give the agent (not the default, so the flag is exercised).
+const PORTS: &str = "61000-61099";
+
+/// One node with pod `shop/a` at 192.0.2.11 (TEST-NET-1, assigned only inside a namespace).
+const POD_CLUSTER: &str = r#"apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Node, metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}, status: {addresses: [{type: InternalIP, address: 198.51.100.1}]}}
+- {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
+- {apiVersion: v1, kind: Pod, metadata: {name: a, namespace: shop, labels: {app: web}}, spec: {nodeName: n1, containers: []}, status: {podIP: 192.0.2.11}}
+"#;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--socket-name") {
+        return fake_stackd(&args);
+    }
+    if std::env::var_os(HELPER_SOCKET_DIR).is_some() {
+        return client();
+    }
+    let trials = vec![
+        Trial::test(
+            "a_caller_in_the_host_namespace_is_refused_in_standalone_mode",
+            a_caller_in_the_host_namespace_is_refused_in_standalone_mode,
+        ),
+        Trial::gated(
+            "a_caller_gets_an_instance_in_its_namespace_without_privileges",
+            netns_gate,
+            |()| a_caller_gets_an_instance_in_its_namespace_without_privileges(),
+        ),
+        Trial::gated(
+            "an_unprivileged_caller_gets_an_instance_with_its_uid_gid_and_cgroup",
+            netns_gate,
+            |()| an_unprivileged_caller_gets_an_instance_with_its_uid_gid_and_cgroup(),
+        ),
+        Trial::gated(
+            "concurrent_first_requests_start_one_instance",
+            netns_gate,
+            |()| concurrent_first_requests_start_one_instance(),
+        ),
+        Trial::gated(
+            "a_killed_instance_is_started_again_after_the_back_off",
+            netns_gate,
+            |()| a_killed_instance_is_started_again_after_the_back_off(),
+        ),
+        Trial::gated(
+            "a_failing_instance_binary_backs_the_namespace_off",
+            netns_gate,
+            |()| a_failing_instance_binary_backs_the_namespace_off(),
+        ),
+        Trial::gated("agent_restarts_adopt_running_instances", netns_gate, |()| {
+            agent_restarts_adopt_running_instances()
+        }),
+        Trial::gated(
+            "an_instance_is_stopped_once_its_namespace_has_no_other_process",
+            netns_gate,
+            |()| an_instance_is_stopped_once_its_namespace_has_no_other_process(),
+        ),
+        Trial::gated(
+            "kubernetes_mode_starts_instances_for_pods_only",
+            netns_gate,
+            |()| kubernetes_mode_starts_instances_for_pods_only(),
+        ),
+        Trial::gated(
+            "the_real_stackd_starts_and_binds_its_socket",
+            || {
+                netns_gate()?;
+                real_stackd()
+            },
+            the_real_stackd_starts_and_binds_its_socket,
+        ),
+    ];
+    testkit::run(trials)
+}
+
+// === the roles this binary plays ===
+
+/// `stackroute-stackd` by its contract: reports what it was given on stdout (the agent's log
+/// file), binds `@stackroute-stackd.TAG`, writes `ready\n` on --ready-fd, then waits to be
+/// killed.
+fn fake_stackd(args: &[String]) -> ExitCode {
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let packet_fd = value("--packet-fd");
+    let link = std::fs::read_link(format!("/proc/self/fd/{packet_fd}"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_default();
+    let inode = link
+        .strip_prefix("socket:[")
+        .and_then(|l| l.strip_suffix(']'))
+        .unwrap_or("none")
+        .to_string();
+    // /proc/self/net/packet lists the packet sockets of this process's network namespace.
+    let packets = std::fs::read_to_string("/proc/self/net/packet").unwrap_or_default();
+    let packet_here = packets
+        .lines()
+        .skip(1)
+        .any(|line| line.split_whitespace().last() == Some(inode.as_str()));
+    println!(
+        "fake stackd: pid {} ports {} packet-fd {packet_fd} {link} packet-in-netns {packet_here}",
+        std::process::id(),
+        value("--ports"),
+    );
+    let name = stackroute_local_api::relay::socket_name(&value("--socket-name"));
+    let address =
+        <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
+            name.as_bytes(),
+        )
+        .expect("an abstract name");
+    let _listener = match std::os::unix::net::UnixListener::bind_addr(&address) {
+        Ok(listener) => listener,
+        Err(error) => {
+            println!("fake stackd: cannot bind @{name}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Through a shell, which inherits the descriptor: reopening /proc/self/fd/N would need
+    // the pipe's permissions (root's), and a non-root instance has the descriptor only.
+    let fd = value("--ready-fd");
+    let written = Command::new("/bin/sh")
+        .args(["-c", &format!("echo ready >&{fd}")])
+        .status();
+    if !written.as_ref().is_ok_and(|s| s.success()) {
+        println!("fake stackd: cannot write ready on fd {fd}: {written:?}");
+        return ExitCode::FAILURE;
+    }
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// A client: prints its pid, then answers one request per stdin line (each on a new
+/// connection) with one reply per stdout line.
+fn client() -> ExitCode {
+    let socket = PathBuf::from(std::env::var_os(HELPER_SOCKET_DIR).expect("socket dir"))
+        .join(published::SOCKET_FILE);
+    println!("{}", std::process::id());
+    for line in std::io::stdin().lines() {
+        let Ok(line) = line else { break };
+        let request: Request = serde_json::from_str(&line).expect("a request");
+        let reply = std::os::unix::net::UnixStream::connect(&socket)
+            .map_err(|e| e.to_string())
+            .and_then(|mut stream| {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                frame::call::<_, _, Response>(&mut stream, &request).map_err(|e| e.to_string())
+            })
+            .unwrap_or_else(|message| Response::Error {
+                message: format!("client: {message}"),
+            });
+        println!("{}", serde_json::to_string(&reply).unwrap());
+    }
+    ExitCode::SUCCESS
+}
+
+// === guards and helpers ===
+
+fn netns_gate() -> Result<(), Ignored> {
+    let missing = if !rustix::process::geteuid().is_root() {
+        Some("needs root (network namespaces, setns, iptables, cgroups)")
+    } else if !["ip", "iptables", "setpriv"].iter().all(|program| {
+        Command::new(program)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    }) {
+        Some("needs `ip` (iproute2), `iptables` and `setpriv` (util-linux)")
+    } else {
+        None
+    };
+    match missing {
+        None => Ok(()),
+        Some(reason) if std::env::var_os(REQUIRE_NETNS).is_some_and(|v| v == "1") => {
+            panic!("{REQUIRE_NETNS}=1 but this trial {reason}")
+        }
+        Some(reason) => Err(Ignored::new(reason)),
+    }
+}
+
+/// The real instance binary, if it is built in this target directory.
+fn real_stackd() -> Result<PathBuf, Ignored> {
+    let exe = std::env::current_exe().expect("test executable");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory")
+        .join("stackroute-stackd");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Ignored::new(format!(
+            "{} is not built (cargo build -p stackroute-stackd)",
+            path.display()
+        )))
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+/// A network namespace with its loopback up, deleted by name when dropped.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("srinst-{}-{tag}", std::process::id());
+        let _ = run("ip", &["netns", "del", &name]);
+        let output = run("ip", &["netns", "add", &name]);
+        assert!(output.status.success(), "ip netns add {name}: {output:?}");
+        let netns = Self { name };
+        netns.ip(&["link", "set", "lo", "up"]);
+        netns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        let output = run("ip", &all);
+        assert!(output.status.success(), "ip {all:?}: {output:?}");
+    }
+
+    /// `program args…` inside the namespace.
+    fn exec(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A client of the agent inside a namespace, as root or as `nobody`; killed by pid on drop.
+struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pid: u32,
+}
+
+impl Client {
+    fn start(agent: &Agent, netns: &Netns, uid: Option<u32>) -> Self {
+        let exe = std::env::current_exe().expect("test executable");
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &netns.name]);
+        if let Some(uid) = uid {
+            command.arg("setpriv").args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".into(),
+            ]);
+        }
+        command
+            .arg(exe)
+            .env(HELPER_SOCKET_DIR, &agent.socket_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("start a client");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut client = Self {
+            child,
+            stdin,
+            stdout,
+            pid: 0,
+        };
+        client.pid = client.line().trim().parse().expect("the client's pid");
+        client
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("a line");
+        assert!(!line.is_empty(), "the client exited");
+        line
+    }
+
+    fn send(&mut self) {
+        let request = serde_json::to_string(&Request::UserspaceInstance).unwrap();
+        writeln!(self.stdin, "{request}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn reply(&mut self) -> Response {
+        serde_json::from_str(&self.line()).expect("a reply")
+    }
+
+    /// `userspaceInstance`, and how long the answer took.
+    fn instance(&mut self) -> (Response, Duration) {
+        let started = Instant::now();
+        self.send();
+        let reply = self.reply();
+        (reply, started.elapsed())
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Instances the trial saw, killed by pid when dropped (they outlive the agent by design);
+/// a pid whose command line is not an instance's any more is left alone.
+#[derive(Default)]
+struct Instances(BTreeSet<i32>);
+
+impl Instances {
+    fn add(&mut self, pid: i32) -> i32 {
+        self.0.insert(pid);
+        pid
+    }
+}
+
+impl Drop for Instances {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.windows(13).any(|w| w == b"--socket-name")
+                && let Some(pid) = rustix::process::Pid::from_raw(*pid)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+/// A cgroup v2 group for a trial, removed when dropped (once its processes are gone).
+struct Cgroup {
+    dir: PathBuf,
+    /// As `/proc/PID/cgroup` names it.
+    path: String,
+}
+
+impl Cgroup {
+    fn new(tag: &str) -> Option<Self> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let root = mountinfo.lines().find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let mut fields = mount.split(' ');
+            let (root, point) = (fields.nth(3)?, fields.next()?);
+            (fs.starts_with("cgroup2 ") && root == "/").then(|| PathBuf::from(point))
+        })?;
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let own = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+        let path = format!(
+            "{}/srinst-{}-{tag}",
+            own.trim_end_matches('/'),
+            std::process::id()
+        );
+        let dir = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir(&dir).ok()?;
+        Some(Self { dir, path })
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).expect("join the cgroup");
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// An agent (standalone unless `args` say otherwise) whose controller is not running: the
+/// local socket serves without it. Its directories are readable by `nobody`.
+fn agent(root: &Path, stackd: &Path, args: &[&str]) -> Agent {
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stackd = stackd.to_str().unwrap().to_string();
+    let mut all = vec!["--stackd-binary", &stackd, "--userspace-ports", PORTS];
+    all.extend_from_slice(args);
+    Agent::start_with("n1", &format!("127.0.0.1:{}", free_port()), root, &all)
+}
+
+/// This binary, which plays `stackroute-stackd` when given its flags.
+fn fake() -> PathBuf {
+    std::env::current_exe().expect("test executable")
+}
+
+/// A script that waits `delay` then runs the fake stackd (the instance inherits fds 3 and 4
+/// through `exec`).
+fn slow_fake(root: &Path, delay: &str) -> PathBuf {
+    let path = root.join("slow-stackd");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nsleep {delay}\nexec {} \"$@\"\n",
+            fake().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[track_caller]
+fn instance(reply: &Response) -> i32 {
+    match reply {
+        Response::Instance { pid, socket } => {
+            assert!(socket.starts_with("stackroute-stackd."), "{socket}");
+            let tag = &socket["stackroute-stackd.".len()..];
+            assert!(
+                tag.len() == 12 && tag.chars().all(|c| c.is_ascii_hexdigit()),
+                "{socket}"
+            );
+            *pid
+        }
+        other => panic!("expected an instance, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn unavailable(reply: &Response, reason: FallbackReason) -> String {
+    match reply {
+        Response::Unavailable { reason: r, message } if *r == reason => message.clone(),
+        other => panic!("expected Unavailable {reason:?}, got {other:?}"),
+    }
+}
+
+fn metric(agent: &Agent, line_start: &str) -> u64 {
+    agent
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn netns_of(pid: impl std::fmt::Display) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_default()
+}
+
+fn netns_inode(pid: impl std::fmt::Display) -> String {
+    netns_of(pid)
+        .trim_start_matches("net:[")
+        .trim_end_matches(']')
+        .to_string()
+}
+
+/// A `Name:` line of `/proc/PID/status`, its fields.
+fn status(pid: i32, name: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+fn alive(pid: i32) -> bool {
+    status(pid, "State")
+        .first()
+        .is_some_and(|s| s != "Z" && s != "X")
+}
+
+fn drop_rule_present(netns: Option<&Netns>) -> bool {
+    let args = [
+        "-w",
+        "5",
+        "-t",
+        "raw",
+        "-C",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "61000:61099",
+        "-j",
+        "DROP",
+    ];
+    match netns {
+        Some(netns) => netns.exec("iptables", &args).status.success(),
+        None => run("iptables", &args).status.success(),
+    }
+}
+
+fn reserved_ports(netns: Option<&Netns>) -> String {
+    let file = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let output = match netns {
+        Some(netns) => netns.exec("cat", &[file]),
+        None => run("cat", &[file]),
+    };
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+// === trials ===
+
+fn a_caller_in_the_host_namespace_is_refused_in_standalone_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = agent(tmp.path(), &fake(), &[]);
+    let message = unavailable(
+        &agent.call(&Request::UserspaceInstance),
+        FallbackReason::NoCapability,
+    );
+    assert!(message.contains("--userspace-host-netns"), "{message}");
+    assert_eq!(
+        metric(
+            &agent,
+            r#"stackroute_lrd_userspace_instance_starts_total{result="refused"} "#
+        ),
+        1
+    );
+    assert_eq!(metric(&agent, "stackroute_lrd_userspace_instances "), 0);
+}
+
+fn a_caller_gets_an_instance_in_its_namespace_without_privileges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = Instances::default();
+    let agent = agent(tmp.path(), &fake(), &[]);
+    let ns = Netns::new("root");
+    let mut client = Client::start(&agent, &ns, None);
+    let (reply, took) = client.instance();
+    let pid = seen.add(instance(&reply));
+    eprintln!("first request answered in {} ms (start)", took.as_millis());
+    // In the caller's namespace, as the caller (root) but with no capability at all, in a
+    // session of its own.
+    assert_eq!(netns_of(pid), netns_of(client.pid));
+    assert_ne!(netns_of(pid), netns_of("self"));
+    assert_eq!(status(pid, "Uid"), ["0"; 4]);
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status(pid, caps), ["0000000000000000"], "{caps}");
+    }
+    assert_eq!(status(pid, "NoNewPrivs"), ["1"]);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    assert_eq!(fields[3], pid.to_string(), "session id: {stat}");
+    // It got a packet socket of that namespace on fd 3, and its log is in the state directory.
+    let log_path = agent
+        .state_dir
+        .join("instances")
+        .join(format!("{}.log", netns_inode(pid)));
+    let log = wait_for("the instance's log", WAIT, || {
+        std::fs::read_to_string(&log_path)
+            .ok()
+            .filter(|l| l.contains("fake stackd"))
+    });
+    assert!(
+        log.contains(&format!("ports {PORTS} packet-fd 3 socket:["))
+            && log.contains("packet-in-netns true"),
+        "{log}"
+    );
+    // The namespace is prepared, the host is not.
+    assert_eq!(reserved_ports(Some(&ns)), PORTS);
+    assert!(drop_rule_present(Some(&ns)));
+    assert!(!drop_rule_present(None));
+    assert!(!reserved_ports(None).contains("61000-61099"));
+    // Named at once from now on; the namespace is prepared once.
+    let (reply, took) = client.instance();
+    assert_eq!(instance(&reply), pid);
+    eprintln!("second request answered in {} ms", took.as_millis());
+    let rules = ns.exec("iptables", &["-t", "raw", "-S", "PREROUTING"]);
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert_eq!(rules.matches("61000:61099").count(), 1, "{rules}");
+    let starts = r#"stackroute_lrd_userspace_instance_starts_total{result="ok"} "#;
+    assert_eq!(metric(&agent, starts), 1);
+    assert_eq!(metric(&agent, "stackroute_lrd_userspace_instances "), 1);
+    assert_eq!(
+        metric(
+            &agent,
+            "stackroute_lrd_userspace_instance_start_seconds_count "
+        ),
+        1
+    );
+    let recorded = std::fs::read_to_string(agent.state_dir.join("instances.json")).unwrap();
+    assert!(recorded.contains(&format!("\"pid\": {pid}")), "{recorded}");
+    assert!(
+        agent
+            .proc
+            .log_text()
+            .contains("started a user-space stack instance"),
+        "{}",
+        agent.proc.log_text()
+    );
+}
+
+fn an_unprivileged_caller_gets_an_instance_with_its_uid_gid_and_cgroup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cgroup = Cgroup::new("caller");
+    let mut seen = Instances::default();
+    let agent = agent(tmp.path(), &fake(), &[]);
+    let ns = Netns::new("nobody");
+    let mut client = Client::start(&agent, &ns, Some(NOBODY));
+    if let Some(cgroup) = &cgroup {
+        cgroup.add(client.pid);
+    }
+    let (reply, took) = client.instance();
+    let pid = seen.add(instance(&reply));
+    eprintln!("unprivileged caller: answered in {} ms", took.as_millis());
+    assert_eq!(netns_of(pid), netns_of(client.pid));
+    let nobody = NOBODY.to_string();
+    assert_eq!(status(pid, "Uid"), [nobody.as_str(); 4]);
+    assert_eq!(status(pid, "Gid"), [nobody.as_str(); 4]);
+    assert!(
+        status(pid, "Groups").is_empty(),
+        "{:?}",
+        status(pid, "Groups")
+    );
+    assert_eq!(status(pid, "CapEff"), ["0000000000000000"]);
+    let cgroup_of = |pid: String| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+    };
+    assert_eq!(
+        cgroup_of(pid.to_string()),
+        cgroup_of(client.pid.to_string())
+    );
+    match &cgroup {
+        Some(cgroup) => assert_eq!(
+            cgroup_of(pid.to_string()).as_deref(),
+            Some(cgroup.path.as_str())
+        ),
+        None => {
+            eprintln!("no cgroup v2 hierarchy to make a test cgroup in: checked the caller's own")
+        }
+    }
+    assert_eq!(instance(&client.instance().0), pid);
+    drop(client);
+    drop(seen);
+    // The cgroup empties once the instance is killed.
+    let _ = cgroup;
+}
+
+fn concurrent_first_requests_start_one_instance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = Instances::default();
+    let slow = slow_fake(tmp.path(), "0.4");
+    let agent = agent(tmp.path(), &slow, &[]);
+    let ns = Netns::new("race");
+    let mut clients: Vec<Client> = (0..3).map(|_| Client::start(&agent, &ns, None)).collect();
+    for client in &mut clients {
+        client.send();
+    }
+    let pids: BTreeSet<i32> = clients
+        .iter_mut()
+        .map(|c| seen.add(instance(&c.reply())))
+        .collect();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let starts = r#"stackroute_lrd_userspace_instance_starts_total{result="ok"} "#;
+    assert_eq!(metric(&agent, starts), 1);
+    assert_eq!(metric(&agent, "stackroute_lrd_userspace_instances "), 1);
+}
+
+fn a_killed_instance_is_started_again_after_the_back_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = Instances::default();
+    let agent = agent(tmp.path(), &fake(), &[]);
+    let ns = Netns::new("kill");
+    let mut client = Client::start(&agent, &ns, None);
+    let first = seen.add(instance(&client.instance().0));
+    let pid = rustix::process::Pid::from_raw(first).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    wait_for("the instance to die", WAIT, || {
+        (!alive(first)).then_some(())
+    });
+    // It died within 5 s of its start: the namespace backs off (1 s) before a new start.
+    let message = unavailable(&client.instance().0, FallbackReason::StackUnavailable);
+    assert!(
+        message.contains("exited") && message.contains("no new start"),
+        "{message}"
+    );
+    let second = wait_for("a new instance after the back-off", WAIT, || {
+        std::thread::sleep(Duration::from_millis(200));
+        match client.instance().0 {
+            Response::Instance { pid, .. } => Some(seen.add(pid)),
+            _ => None,
+        }
+    });
+    assert_ne!(second, first);
+    assert_eq!(netns_of(second), netns_of(client.pid));
+    assert_eq!(
+        metric(&agent, "stackroute_lrd_userspace_instance_exits_total "),
+        1
+    );
+    let starts = r#"stackroute_lrd_userspace_instance_starts_total{result="ok"} "#;
+    assert_eq!(metric(&agent, starts), 2);
+    assert_eq!(metric(&agent, "stackroute_lrd_userspace_instances "), 1);
+}
+
+fn a_failing_instance_binary_backs_the_namespace_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = agent(tmp.path(), Path::new("/bin/false"), &[]);
+    let ns = Netns::new("false");
+    let mut client = Client::start(&agent, &ns, None);
+    let message = unavailable(&client.instance().0, FallbackReason::StackUnavailable);
+    assert!(message.contains("before it was ready"), "{message}");
+    // At once, without a start, until the back-off (1 s) ends.
+    let started = Instant::now();
+    let message = unavailable(&client.instance().0, FallbackReason::StackUnavailable);
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(message.contains("failure 1 in a row"), "{message}");
+    let refused = r#"stackroute_lrd_userspace_instance_starts_total{result="refused"} "#;
+    let failed = r#"stackroute_lrd_userspace_instance_starts_total{result="failed"} "#;
+    assert_eq!(metric(&agent, failed), 1);
+    assert_eq!(metric(&agent, refused), 1);
+    std::thread::sleep(Duration::from_millis(1100));
+    // Fails again; now 2 s.
+    let message = unavailable(&client.instance().0, FallbackReason::StackUnavailable);
+    assert!(message.contains("before it was ready"), "{message}");
+    let message = unavailable(&client.instance().0, FallbackReason::StackUnavailable);
+    assert!(message.contains("failure 2 in a row"), "{message}");
+    let left: u64 = message
+        .rsplit_once("no new start for ")
+        .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!((1000..=2000).contains(&left), "{message}");
+    assert_eq!(metric(&agent, failed), 2);
+    assert_eq!(metric(&agent, "stackroute_lrd_userspace_instances "), 0);
+    // The agent goes on serving.
+    unavailable(
+        &agent.call(&Request::UserspaceInstance),
+        FallbackReason::NoCapability,
+    );
+}
+
+fn agent_restarts_adopt_running_instances() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = Instances::default();
+    let mut agent = agent(tmp.path(), &fake(), &[]);
+    let ns = Netns::new("adopt");
+    let mut client = Client::start(&agent, &ns, None);
+    let pid = seen.add(instance(&client.instance().0));
+    // SIGTERM: the agent exits, the instance keeps running.
+    agent.proc.signal("TERM");
+    assert!(
+        agent.proc.wait_exit(WAIT).is_some(),
+        "the agent exits on SIGTERM"
+    );
+    assert!(alive(pid));
+    agent.restart();
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("adopted a running user-space stack instance"),
+        "{log}"
+    );
+    assert_eq!(instance(&client.instance().0), pid);
+    assert_eq!(metric(&agent, "stackroute_lrd_userspace_instances "), 1);
+    let starts = r#"stackroute_lrd_userspace_instance_starts_total{result="ok"} "#;
+    assert_eq!(metric(&agent, starts), 0, "adopted, not started");
+    // A crash (SIGKILL) too; an adopted instance that dies is noticed and started again.
+    agent.restart();
+    assert_eq!(instance(&client.instance().0), pid);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let next = wait_for("a new instance", WAIT, || match client.instance().0 {
+        Response::Instance { pid: next, .. } if next != pid => Some(seen.add(next)),
+        _ => None,
+    });
+    assert_eq!(netns_of(next), netns_of(client.pid));
+    assert_eq!(metric(&agent, starts), 1);
+}
+
+fn an_instance_is_stopped_once_its_namespace_has_no_other_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = Instances::default();
+    let agent = agent(
+        tmp.path(),
+        &fake(),
+        &["--userspace-idle-timeout-ms", "1000"],
+    );
+    let ns = Netns::new("idle");
+    let mut client = Client::start(&agent, &ns, None);
+    let pid = seen.add(instance(&client.instance().0));
+    // Kept while its caller lives.
+    std::thread::sleep(Duration::from_millis(2000));
+    assert!(alive(pid));
+    drop(client);
+    let started = Instant::now();
+    wait_for("the idle instance to stop", WAIT, || {
+        (!alive(pid)).then_some(())
+    });
+    eprintln!(
+        "idle instance stopped {} ms after its namespace emptied",
+        started.elapsed().as_millis()
+    );
+    wait_for("the exit to be counted", WAIT, || {
+        (metric(&agent, "stackroute_lrd_userspace_instances ") == 0
+            && metric(&agent, "stackroute_lrd_userspace_instance_exits_total ") == 1)
+            .then_some(())
+    });
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("stopping an idle user-space stack instance"),
+        "{log}"
+    );
+    // A new caller gets a new one at once (an idle stop is no failure).
+    let mut client = Client::start(&agent, &ns, None);
+    let next = seen.add(instance(&client.instance().0));
+    assert_ne!(next, pid);
+}
+
+fn kubernetes_mode_starts_instances_for_pods_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut seen = Instances::default();
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("cluster.yaml"), POD_CLUSTER).unwrap();
+    std::fs::write(state.join("policy.yaml"), policy("Userspace", "BBR")).unwrap();
+    let controller = Controller::start(&state, tmp.path(), free_port());
+    let fake = fake();
+    let agent = Agent::start_with(
+        "n1",
+        &format!("http://{}", controller.grpc),
+        tmp.path(),
+        &[
+            "--mode",
+            "kubernetes",
+            "--stackd-binary",
+            fake.to_str().unwrap(),
+            "--userspace-ports",
+            PORTS,
+        ],
+    );
+    wait_for("a fresh snapshot", WAIT, || {
+        agent.published().filter(|p| !p.2)
+    });
+    let pod = Netns::new("pod");
+    pod.ip(&["addr", "add", "192.0.2.11/32", "dev", "lo"]);
+    let stranger = Netns::new("stranger");
+    stranger.ip(&["addr", "add", "192.0.2.99/32", "dev", "lo"]);
+    let mut in_pod = Client::start(&agent, &pod, None);
+    let pid = seen.add(instance(&in_pod.instance().0));
+    assert_eq!(netns_of(pid), netns_of(in_pod.pid));
+    // The pod's cgroup pays for it (here the caller's, wherever that is).
+    let cgroup_of = |pid: String| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+    };
+    assert_eq!(
+        cgroup_of(pid.to_string()),
+        cgroup_of(in_pod.pid.to_string())
+    );
+    // A namespace that is no pod of this node, and the host (no pod either), get none.
+    let mut outsider = Client::start(&agent, &stranger, None);
+    let message = unavailable(&outsider.instance().0, FallbackReason::NoCapability);
+    assert!(message.contains("only a pod of this node"), "{message}");
+    let message = unavailable(
+        &agent.call(&Request::UserspaceInstance),
+        FallbackReason::NoCapability,
+    );
+    assert!(message.contains("only a pod of this node"), "{message}");
+    let refused = r#"stackroute_lrd_userspace_instance_starts_total{result="refused"} "#;
+    assert_eq!(metric(&agent, refused), 2);
+}
+
+fn the_real_stackd_starts_and_binds_its_socket(stackd: PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = Instances::default();
+    let agent = agent(tmp.path(), &stackd, &[]);
+    // A namespace with an interface and an address, as a pod has (a veth pair inside the
+    // namespace: nothing leaves it).
+    let ns = Netns::new("real");
+    ns.ip(&["link", "add", "sr0", "type", "veth", "peer", "name", "sr1"]);
+    ns.ip(&["addr", "add", "192.0.2.31/24", "dev", "sr0"]);
+    ns.ip(&["link", "set", "sr0", "up"]);
+    ns.ip(&["link", "set", "sr1", "up"]);
+    let mut client = Client::start(&agent, &ns, Some(NOBODY));
+    let (reply, took) = client.instance();
+    let pid = match &reply {
+        Response::Instance { pid, .. } => seen.add(*pid),
+        other => {
+            let log = std::fs::read_dir(agent.state_dir.join("instances"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!(
+                "{other:?}\ninstance log:\n{log}\nagent log:\n{}",
+                agent.proc.log_text()
+            );
+        }
+    };
+    eprintln!(
+        "the real stackroute-stackd was ready in {} ms",
+        took.as_millis()
+    );
+    let Response::Instance { socket, .. } = reply else {
+        unreachable!()
+    };
+    // Its abstract socket, in the namespace's own table of Unix sockets.
+    let unix = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap();
+    assert!(unix.contains(&format!("@{socket}")), "{unix}");
+    assert_eq!(netns_of(pid), netns_of(client.pid));
+    assert_eq!(status(pid, "Uid")[0], NOBODY.to_string());
+    assert_eq!(instance(&client.instance().0), pid);
+}
