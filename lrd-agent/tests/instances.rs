@@ -748,7 +748,10 @@ fn a_failing_instance_binary_backs_the_namespace_off() {
     let ns = Netns::new("false");
     let mut client = Client::start(&agent, &ns, None);
     let message = unavailable(&client.instance().0, FallbackReason::StackUnavailable);
-    assert!(message.contains("before it was ready"), "{message}");
+    assert!(
+        message.contains("before it was ready (exit status: 1)"),
+        "{message}"
+    );
     // At once, without a start, until the back-off (1 s) ends.
     let started = Instant::now();
     let message = unavailable(&client.instance().0, FallbackReason::StackUnavailable);
@@ -761,7 +764,10 @@ fn a_failing_instance_binary_backs_the_namespace_off() {
     std::thread::sleep(Duration::from_millis(1100));
     // Fails again; now 2 s.
     let message = unavailable(&client.instance().0, FallbackReason::StackUnavailable);
-    assert!(message.contains("before it was ready"), "{message}");
+    assert!(
+        message.contains("before it was ready (exit status: 1)"),
+        "{message}"
+    );
     let message = unavailable(&client.instance().0, FallbackReason::StackUnavailable);
     assert!(message.contains("failure 2 in a row"), "{message}");
     let left: u64 = message
@@ -918,13 +924,18 @@ fn the_real_stackd_starts_and_binds_its_socket(stackd: PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let mut seen = Instances::default();
     let agent = agent(tmp.path(), &stackd, &[]);
-    // A namespace with an interface and an address, as a pod has (a veth pair inside the
-    // namespace: nothing leaves it).
+    // A namespace with one interface, an address and a default route, as a pod has; the
+    // veth's other end is in a second namespace, so nothing leaves them.
     let ns = Netns::new("real");
-    ns.ip(&["link", "add", "sr0", "type", "veth", "peer", "name", "sr1"]);
+    let peer = Netns::new("realpeer");
+    ns.ip(&[
+        "link", "add", "sr0", "type", "veth", "peer", "name", "sr1", "netns", &peer.name,
+    ]);
     ns.ip(&["addr", "add", "192.0.2.31/24", "dev", "sr0"]);
     ns.ip(&["link", "set", "sr0", "up"]);
-    ns.ip(&["link", "set", "sr1", "up"]);
+    ns.ip(&["route", "add", "default", "via", "192.0.2.1", "dev", "sr0"]);
+    peer.ip(&["addr", "add", "192.0.2.1/24", "dev", "sr1"]);
+    peer.ip(&["link", "set", "sr1", "up"]);
     let mut client = Client::start(&agent, &ns, Some(NOBODY));
     let (reply, took) = client.instance();
     let pid = match &reply {

@@ -17,6 +17,8 @@ use tracing::{debug, warn};
 use super::sys::{self, InstanceSetup};
 use super::{PortRange, Record};
 
+/// Time a failed instance has to exit by itself before it is killed.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// Time allowed for each helper command (`cat`, `tee`, `iptables`).
 const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where the kernel keeps the reserved ports, per network namespace.
@@ -344,10 +346,13 @@ fn spawn(plan: &Plan, netns: &File) -> Result<Started, Failure> {
     if let Err(why) = wait_ready(&mut ready_read, plan.ready_timeout) {
         let status = stop(&mut child);
         return Err(Failure::stack(format!(
-            "{} (pid {pid}) {why}; it was stopped ({}); its log: {}",
+            "{} (pid {pid}) {why} ({}); its log {}{}",
             plan.binary.display(),
             status.map_or_else(|| "no exit status".into(), |s| s.to_string()),
-            plan.log.display()
+            plan.log.display(),
+            log_tail(&plan.log)
+                .map(|tail| format!(" ends: {tail}"))
+                .unwrap_or_default()
         )));
     }
     let start_time = crate::peer::parent_and_start(Path::new("/proc"), pid).map(|(_, start)| start);
@@ -398,7 +403,10 @@ fn wait_ready(pipe: &mut io::PipeReader, timeout: Duration) -> Result<(), String
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!("was not ready within {} ms", timeout.as_millis()));
+            return Err(format!(
+                "was not ready within {} ms (--userspace-start-timeout-ms)",
+                timeout.as_millis()
+            ));
         }
         let mut fds = [PollFd::new(&*pipe, PollFlags::IN)];
         let wait = Timespec::try_from(left).unwrap_or(Timespec {
@@ -415,7 +423,7 @@ fn wait_ready(pipe: &mut io::PipeReader, timeout: Duration) -> Result<(), String
         match pipe.read(&mut buffer) {
             Ok(0) => {
                 return Err(format!(
-                    "exited (or closed its ready descriptor) before it was ready{}",
+                    "closed its ready descriptor (or exited) before it was ready{}",
                     if said.is_empty() {
                         String::new()
                     } else {
@@ -438,13 +446,46 @@ fn wait_ready(pipe: &mut io::PipeReader, timeout: Duration) -> Result<(), String
     }
 }
 
-/// Kills a child that failed to start (by its pid, through its handle) and reaps it.
+/// Reaps a child that failed to start, killing it (by its pid, through its handle) unless it
+/// exits by itself within [`EXIT_GRACE`]: one that closed its ready descriptor is usually on
+/// its way out, and its own error message is the useful one.
 fn stop(child: &mut Child) -> Option<ExitStatus> {
-    if let Ok(Some(status)) = child.try_wait() {
-        return Some(status);
+    let deadline = Instant::now() + EXIT_GRACE;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => break,
+        }
     }
     let _ = child.kill();
     child.wait().ok()
+}
+
+/// The last line of an instance's log (without colour codes), at most 300 characters.
+fn log_tail(path: &Path) -> Option<String> {
+    let text = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&text[text.len().saturating_sub(4096)..]).into_owned();
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ … final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let plain = plain.trim();
+    Some(match plain.char_indices().nth(300) {
+        Some((at, _)) => format!("{}…", &plain[..at]),
+        None => plain.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -473,5 +514,21 @@ mod tests {
             }
         ));
         assert!(!covers("garbage", ports));
+    }
+
+    #[test]
+    fn log_tails_lose_colours() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.log");
+        std::fs::write(
+            &path,
+            "first\n\x1b[2m2026-12-03T14:10:02Z\x1b[0m \x1b[31mERROR\x1b[0m no interface\n\n",
+        )
+        .unwrap();
+        assert_eq!(
+            log_tail(&path).as_deref(),
+            Some("2026-12-03T14:10:02Z ERROR no interface")
+        );
+        assert_eq!(log_tail(&dir.path().join("none")), None);
     }
 }
