@@ -84,6 +84,11 @@ fn main() -> ExitCode {
             agent_restarts_adopt_running_instances()
         }),
         Trial::gated(
+            "a_hand_over_leaves_instances_running_for_the_new_agent",
+            netns_gate,
+            |()| a_hand_over_leaves_instances_running_for_the_new_agent(),
+        ),
+        Trial::gated(
             "an_instance_is_stopped_once_its_namespace_has_no_other_process",
             netns_gate,
             |()| an_instance_is_stopped_once_its_namespace_has_no_other_process(),
@@ -822,6 +827,58 @@ fn agent_restarts_adopt_running_instances() {
     });
     assert_eq!(netns_of(next), netns_of(client.pid));
     assert_eq!(metric(&agent, starts), 1);
+}
+
+fn a_hand_over_leaves_instances_running_for_the_new_agent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = Instances::default();
+    let old = agent(
+        tmp.path(),
+        &fake(),
+        &["--userspace-idle-timeout-ms", "1000"],
+    );
+    let ns = Netns::new("handover");
+    let mut client = Client::start(&old, &ns, None);
+    let pid = seen.add(instance(&client.instance().0));
+    let fake = fake();
+    let new = old.successor(
+        "n1-new",
+        &[
+            "--stackd-binary",
+            fake.to_str().unwrap(),
+            "--userspace-ports",
+            PORTS,
+            "--userspace-idle-timeout-ms",
+            "1000",
+        ],
+    );
+    wait_for("the old agent to stop serving", WAIT, || {
+        http_get(old.http, "/readyz").filter(|(code, _)| *code == 503)
+    });
+    let log = new.proc.log_text();
+    assert!(
+        log.contains("adopted a running user-space stack instance"),
+        "{log}"
+    );
+    assert_eq!(instance(&client.instance().0), pid);
+    // The old agent, stopped, neither stops it nor forgets it in the record; gone, it leaves
+    // it running for the new one.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(alive(pid));
+    wait_for("the old agent to drop it from its gauge", WAIT, || {
+        (metric(&old, "stackroute_lrd_userspace_instances ") == 0).then_some(())
+    });
+    drop(old);
+    assert!(alive(pid));
+    let recorded = std::fs::read_to_string(new.state_dir.join("instances.json")).unwrap();
+    assert!(recorded.contains(&format!("\"pid\": {pid}")), "{recorded}");
+    assert_eq!(instance(&client.instance().0), pid);
+    assert_eq!(metric(&new, "stackroute_lrd_userspace_instances "), 1);
+    // The new agent reaps it once its namespace is empty.
+    drop(client);
+    wait_for("the new agent to stop the idle instance", WAIT, || {
+        (!alive(pid)).then_some(())
+    });
 }
 
 fn an_instance_is_stopped_once_its_namespace_has_no_other_process() {
