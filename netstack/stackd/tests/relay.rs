@@ -402,13 +402,21 @@ fn reset_on_close_and_options() {
     ));
 }
 
+/// `STACKD_CONCURRENT` / `STACKD_SEQUENTIAL` raise the counts for a longer run.
+fn count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn concurrent() {
-    const COUNT: usize = 200;
+    let count = count("STACKD_CONCURRENT", 200);
     let lab = Lab::new();
     let _echo = lab.start_server("echo", 5009, 0);
     let instance = lab.start_instance(PacketSocket::Inherited, &[]);
     let control = instance.control();
-    let apps: Vec<App> = (0..COUNT)
+    let apps: Vec<App> = (0..count)
         .map(|_| control.open(lab.server(5009)).expect("connect"))
         .collect();
     for (i, app) in apps.iter().enumerate() {
@@ -450,7 +458,7 @@ fn concurrent() {
 }
 
 fn sequential() {
-    const COUNT: usize = 2000;
+    let count = count("STACKD_SEQUENTIAL", 2000);
     let lab = Lab::new();
     let _reply = lab.start_server("reply", 5010, 100);
     let instance = lab.start_instance(PacketSocket::Inherited, &[]);
@@ -470,7 +478,7 @@ fn sequential() {
     let (fds_before, rss_before) = (instance.fd_count(), instance.rss_kib());
     let started = Instant::now();
     let mut last = 0;
-    for i in 1..=COUNT {
+    for i in 1..=count {
         last = one(i);
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -478,9 +486,9 @@ fn sequential() {
     std::thread::sleep(Duration::from_millis(500));
     let (fds_after, rss_after) = (instance.fd_count(), instance.rss_kib());
     eprintln!(
-        "{COUNT} sequential connections in {seconds:.1} s ({:.0}/s); descriptors {fds_before} → \
+        "{count} sequential connections in {seconds:.1} s ({:.0}/s); descriptors {fds_before} → \
          {fds_after}; RSS {rss_before} → {rss_after} KiB",
-        COUNT as f64 / seconds
+        count as f64 / seconds
     );
     assert_eq!(fds_after, fds_before, "descriptors leaked");
     assert!(
