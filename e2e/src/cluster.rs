@@ -100,6 +100,8 @@ pub struct Options {
     pub internet_delay_ms: u32,
     /// Start the controller and the agents.
     pub control_plane: bool,
+    /// Extra arguments for every agent (`--stackd-binary /bin/false`, …).
+    pub agent_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -109,6 +111,7 @@ impl Default for Options {
             internet: Impairment::default(),
             internet_delay_ms: 0,
             control_plane: true,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -148,6 +151,7 @@ pub struct Cluster {
     agent_ports: BTreeMap<&'static str, u16>,
     /// The CA, the controller's certificate and each node's credentials.
     pki: testkit::pki::Pki,
+    agent_args: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -187,6 +191,7 @@ impl Cluster {
             grpc_port: free_port(),
             agent_ports: BTreeMap::new(),
             pki,
+            agent_args: options.agent_args.clone(),
             dir,
         };
         cluster.write_state()?;
@@ -400,6 +405,7 @@ impl Cluster {
             .arg("--state-dir")
             .arg(base.join("state"))
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(&self.agent_args)
             .env("STACKROUTE_LOG", "warn");
         let agent = Proc::spawn(
             &format!("agent-{}", node.name),
@@ -436,6 +442,26 @@ impl Cluster {
             );
         }
         Ok(())
+    }
+
+    /// Waits until the agent of `node_name` reports `series` (a metric with its labels, as
+    /// `/metrics` prints it) at 1 or more; its value.
+    pub fn wait_metric(&self, node_name: &str, series: &str) -> Result<f64> {
+        let port = self.agent_ports[node(node_name).name];
+        let mut last = String::new();
+        wait_for(
+            &format!("{node_name}: {series} ≥ 1"),
+            Duration::from_secs(20),
+            || {
+                last = http_get(port, "/metrics")
+                    .map(|(_, body)| body)
+                    .unwrap_or_default();
+                last.lines()
+                    .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
+                    .filter(|value| *value >= 1.0)
+            },
+        )
+        .with_context(|| format!("last /metrics:\n{last}"))
     }
 
     /// Kills the agent of `node_name` (SIGKILL: its files stay behind, as after a crash).
