@@ -2,6 +2,7 @@
 //! node agent; show the controller's status.
 
 mod agent;
+mod connections;
 mod reach;
 mod status;
 
@@ -43,6 +44,10 @@ enum Command {
     Run(agent::RunArgs),
     /// Nodes, their acked revisions and stale agents, and per-policy Accepted/Programmed.
     Status(StatusArgs),
+    /// The user-space stack's connections on this node (`ss` for the instances the agent
+    /// started): pod, addresses, state, congestion control, bytes, retransmits, RTT, delivery
+    /// rate. Needs root (it enters each instance's network namespace).
+    Connections(connections::ConnectionsArgs),
 }
 
 #[derive(clap::Args)]
@@ -157,6 +162,7 @@ fn main() -> ExitCode {
         .map(|()| ExitCode::SUCCESS),
         Command::Run(args) => agent::run(args),
         Command::Status(args) => run_status(&args),
+        Command::Connections(args) => connections::run(&args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|error| {
         eprintln!("stackroute: {error:#}");

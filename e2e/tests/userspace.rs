@@ -162,6 +162,21 @@ fn kernel_sockets_to(cluster: &Cluster, peer: SocketAddr) -> Vec<String> {
         .collect()
 }
 
+/// `stackroute connections --output json` for node-a1's agent.
+fn connections(cluster: &Cluster) -> serde_json::Value {
+    let output = std::process::Command::new(&cluster.bins.cli)
+        .args(["connections", "--output", "json", "--socket-dir"])
+        .arg(cluster.socket_dir("node-a1"))
+        .output()
+        .expect("stackroute connections runs");
+    assert!(
+        output.status.success(),
+        "stackroute connections: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
 /// The client ports the server printed.
 fn client_ports(server: &stackroute_e2e::proc::Proc) -> Vec<u16> {
     server
@@ -212,17 +227,37 @@ fn curl_downloads_and_uploads_over_the_userspace_stack() {
         .unwrap();
     let mut kernel_seen = Vec::new();
     let mut samples = 0;
+    let mut listed = None;
     while curl.running() {
         kernel_seen.extend(kernel_sockets_to(&cluster, internet()));
         samples += 1;
+        if listed.is_none() && samples >= 20 {
+            listed = Some(connections(&cluster));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     let output = curl.success(LONG).unwrap();
     assert!(output.contains(&format!("200 {bytes}")), "curl: {output}");
     assert!(
-        samples >= 5,
+        samples >= 20,
         "only {samples} ss samples during the download"
     );
+    // `stackroute connections` showed it, from the instance, while it ran.
+    let listed = listed.expect("listed while curl ran");
+    let ours = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["remote"] == internet().to_string())
+        .unwrap_or_else(|| panic!("stackroute connections did not list it: {listed:#}"));
+    assert!(
+        ours["congestionControl"]
+            .as_str()
+            .is_some_and(|cc| cc.eq_ignore_ascii_case("bbr")),
+        "{ours:#}"
+    );
+    assert_eq!(ours["workload"], "e2e/curl-us", "{ours:#}");
+    assert!(ours["bytesReceived"].as_u64() > Some(0), "{ours:#}");
     assert!(
         kernel_seen.is_empty(),
         "node-a1's kernel held TCP sockets to the server: {kernel_seen:?}"

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use stackroute_local_api::message::{FallbackReason, Response};
+use stackroute_local_api::message::{FallbackReason, InstanceInfo, Response};
 use tracing::{debug, info, warn};
 
 use crate::local::{Mode, identity};
@@ -164,6 +164,9 @@ pub struct Record {
     pub tag: String,
     /// Its port range, `LO-HI`.
     pub ports: String,
+    /// Who asked for it first: `namespace/name` of the pod or workload, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 impl Record {
@@ -178,6 +181,15 @@ impl Record {
         !matches!(state, Some("Z" | "X"))
             && crate::peer::parse_parent_and_start(&stat).map(|(_, start)| start)
                 == Some(self.start_time)
+    }
+
+    fn info(&self) -> InstanceInfo {
+        InstanceInfo {
+            pid: self.pid,
+            socket: stackroute_local_api::relay::socket_name(&self.tag),
+            netns: self.netns,
+            workload: self.workload.clone(),
+        }
     }
 
     fn answer(&self) -> Response {
@@ -483,6 +495,15 @@ impl Instances {
         Ok(netns)
     }
 
+    /// The running instances, for `userspaceInstances` (`stackroute connections`).
+    pub fn list(&self) -> Vec<InstanceInfo> {
+        lock(&self.table)
+            .records()
+            .iter()
+            .map(Record::info)
+            .collect()
+    }
+
     /// Answers `userspaceInstance` for `peer`: the running instance of its network namespace,
     /// started if needed, or why there is none. The result label is for the request metric.
     pub async fn request(self: &Arc<Self>, agent: &Agent, peer: &Peer) -> (Response, &'static str) {
@@ -519,7 +540,7 @@ impl Instances {
                 Step::Start(done) => {
                     waited = true;
                     let receiver = done.subscribe();
-                    let plan = self.plan(peer, netns);
+                    let plan = self.plan(agent, peer, netns);
                     let this = self.clone();
                     // On a blocking thread, and never cancelled with the request: the table is
                     // always updated and the waiters woken.
@@ -655,8 +676,17 @@ impl Instances {
         self.state_dir.join(LOG_DIR).join(format!("{netns}.log"))
     }
 
-    fn plan(&self, peer: &Peer, netns: u64) -> start::Plan {
+    fn plan(&self, agent: &Agent, peer: &Peer, netns: u64) -> start::Plan {
+        let workload = match identity::resolve(agent, peer) {
+            identity::Identity::Known(known) => known
+                .workloads
+                .iter()
+                .next()
+                .map(|(namespace, name)| format!("{namespace}/{name}")),
+            identity::Identity::Unknown(_) => None,
+        };
         start::Plan {
+            workload,
             pid: peer.pid.unwrap_or(0),
             netns,
             uid: peer.uid,
@@ -982,6 +1012,7 @@ mod tests {
             start_time,
             tag: "t".into(),
             ports: "61000-62999".into(),
+            workload: None,
         };
         assert!(record.alive());
         assert!(

@@ -350,6 +350,19 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
                 "ok",
             )
         }
+        // Which instances run (pids, socket names) is the node's business: root only.
+        Request::UserspaceInstances if peer.uid != 0 => {
+            denied("only root may list user-space stack instances".into())
+        }
+        Request::UserspaceInstances => (
+            Response::Instances {
+                instances: agent
+                    .instances()
+                    .map(|instances| instances.list())
+                    .unwrap_or_default(),
+            },
+            "ok",
+        ),
         Request::UserspaceInstance => match agent.instances() {
             Some(instances) => instances.request(agent, peer).await,
             None => (

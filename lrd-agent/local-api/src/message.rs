@@ -184,6 +184,8 @@ pub enum Request {
     /// the running) user-space stack instance for the caller's network namespace and answers
     /// [`Response::Instance`], or [`Response::Unavailable`] with the reason to fall back.
     UserspaceInstance,
+    /// The running user-space stack instances (for `stackroute connections`; root callers only).
+    UserspaceInstances,
     /// The shim's per-process counters since its last report: decisions by the transport that
     /// was used, and fallbacks by reason. Sent at exit and at most once a second from a
     /// decision, never from a thread of its own.
@@ -235,6 +237,7 @@ impl Request {
             Self::FindListener { .. } => "find-listener",
             Self::FallbackReport { .. } => "fallback-report",
             Self::UserspaceInstance => "userspace-instance",
+            Self::UserspaceInstances => "userspace-instances",
             Self::ShimReport { .. } => "shim-report",
         }
     }
@@ -286,6 +289,21 @@ pub struct ListenerInfo {
     pub endpoints: BTreeMap<String, String>,
 }
 
+/// A running user-space stack instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceInfo {
+    /// Its pid (in the agent's pid namespace).
+    pub pid: i32,
+    /// Its abstract socket name, inside its network namespace.
+    pub socket: String,
+    /// The inode of the network namespace it serves.
+    pub netns: u64,
+    /// Who it serves: `namespace/name` of the pod or workload that started it, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+}
+
 /// A reply from the agent: exactly one per request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
@@ -319,6 +337,12 @@ pub enum Response {
         pid: i32,
         /// Its abstract socket name, without the leading NUL.
         socket: String,
+    },
+    /// The answer to [`Request::UserspaceInstances`].
+    #[serde(rename_all = "camelCase")]
+    Instances {
+        /// The running instances.
+        instances: Vec<InstanceInfo>,
     },
     /// The answer to [`Request::UserspaceInstance`] when no instance can serve the caller.
     #[serde(rename_all = "camelCase")]

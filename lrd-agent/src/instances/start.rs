@@ -31,6 +31,8 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 /// Everything one start needs, taken from the caller's `Peer` and the agent's flags.
 #[derive(Clone, Debug)]
 pub(super) struct Plan {
+    /// `namespace/name` of the caller's pod or workload, recorded for `stackroute connections`.
+    pub(super) workload: Option<String>,
     pub(super) pid: i32,
     pub(super) netns: u64,
     pub(super) uid: u32,
@@ -377,6 +379,7 @@ fn spawn(plan: &Plan, netns: &File) -> Result<Started, Failure> {
             start_time,
             tag: plan.tag.clone(),
             ports: plan.ports.to_string(),
+            workload: plan.workload.clone(),
         },
         child,
     })

@@ -1,0 +1,170 @@
+//! `stackroute connections`: `ss` for the user-space stack. The agent names its running
+//! instances; each answers for its connections on its abstract control socket, which exists
+//! only inside the network namespace it serves, so each is asked from a thread that entered
+//! that namespace (root, like `ip netns exec`).
+
+use std::fs::File;
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+use serde::Serialize;
+use stackroute_local_api::message::{InstanceInfo, Request, Response};
+use stackroute_local_api::relay::{
+    ConnectionInfo, MAX_MESSAGE, RelayRequest, RelayResponse, from_packet, to_packet,
+};
+
+use crate::agent::call_agent;
+
+#[derive(clap::Args)]
+pub(crate) struct ConnectionsArgs {
+    /// The node agent's socket directory.
+    #[arg(long, default_value = "/run/stackroute")]
+    socket_dir: PathBuf,
+    /// `table` or `json`.
+    #[arg(long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// One connection with the instance that holds it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Row {
+    /// `namespace/name` of the pod or workload the instance serves.
+    workload: Option<String>,
+    /// The instance's pid.
+    instance_pid: i32,
+    #[serde(flatten)]
+    connection: ConnectionInfo,
+}
+
+pub(crate) fn run(args: &ConnectionsArgs) -> Result<()> {
+    let instances = match call_agent(&args.socket_dir, &Request::UserspaceInstances)? {
+        Response::Instances { instances } => instances,
+        Response::Error { message } => bail!("the agent refused: {message}"),
+        other => bail!("unexpected answer from the agent: {other:?}"),
+    };
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for instance in &instances {
+        match connections_of(instance) {
+            Ok(connections) => rows.extend(connections.into_iter().map(|connection| Row {
+                workload: instance.workload.clone(),
+                instance_pid: instance.pid,
+                connection,
+            })),
+            Err(error) => failures.push(format!("instance pid {}: {error:#}", instance.pid)),
+        }
+    }
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Table => print_table(&rows),
+    }
+    for failure in &failures {
+        eprintln!("stackroute: {failure}");
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} instances did not answer",
+            failures.len(),
+            instances.len()
+        );
+    }
+    Ok(())
+}
+
+/// Every connection of one instance, page by page, asked from inside its namespace.
+fn connections_of(instance: &InstanceInfo) -> Result<Vec<ConnectionInfo>> {
+    let namespace = Path::new("/proc")
+        .join(instance.pid.to_string())
+        .join("ns/net");
+    let namespace =
+        File::open(&namespace).with_context(|| format!("opening {}", namespace.display()))?;
+    let socket = instance.socket.clone();
+    // A thread of its own: entering a network namespace changes only the calling thread.
+    std::thread::spawn(move || -> Result<Vec<ConnectionInfo>> {
+        move_into_link_name_space(namespace.as_fd(), Some(LinkNameSpaceType::Network))
+            .context("entering the instance's network namespace (needs root)")?;
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let request = RelayRequest::Connections { after, limit: 100 };
+            match ask(&socket, &request)? {
+                RelayResponse::Connections { connections, more } => {
+                    let last = connections.last().map(|c| c.id);
+                    all.extend(connections);
+                    match (more, last) {
+                        (true, Some(last)) => after = last,
+                        _ => return Ok(all),
+                    }
+                }
+                RelayResponse::Error { message, .. } => bail!("{message}"),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the query thread panicked"))?
+}
+
+/// One request on the instance's abstract control socket.
+fn ask(socket: &str, request: &RelayRequest) -> Result<RelayResponse> {
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let address = SocketAddrUnix::new_abstract_name(socket.as_bytes())?;
+    rustix::net::connect(&fd, &address)
+        .with_context(|| format!("connecting to @{socket} (is the instance running?)"))?;
+    let packet = to_packet(request).context("request too large")?;
+    rustix::net::send(&fd, &packet, SendFlags::empty())?;
+    let mut buffer = vec![0u8; MAX_MESSAGE];
+    let (len, _) = rustix::net::recv(&fd, &mut buffer[..], RecvFlags::empty())?;
+    from_packet(&buffer[..len]).map_err(|e| anyhow::anyhow!("malformed answer: {e}"))
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<24} {:>7} {:<21} {:<21} {:<12} {:<5} {:>12} {:>12} {:>7} {:>9} {:>9} {:>10}",
+        "WORKLOAD",
+        "PID",
+        "LOCAL",
+        "REMOTE",
+        "STATE",
+        "CC",
+        "SENT",
+        "RECEIVED",
+        "RETRANS",
+        "SRTT-MS",
+        "MINRTT-MS",
+        "RATE-MBIT"
+    );
+    for row in rows {
+        let c = &row.connection;
+        println!(
+            "{:<24} {:>7} {:<21} {:<21} {:<12} {:<5} {:>12} {:>12} {:>7} {:>9.3} {:>9.3} {:>10.2}",
+            row.workload.as_deref().unwrap_or("-"),
+            row.instance_pid,
+            c.local.to_string(),
+            c.original.unwrap_or(c.remote).to_string(),
+            c.tcp_state,
+            c.congestion_control,
+            c.bytes_sent,
+            c.bytes_received,
+            c.retransmits,
+            c.smoothed_rtt_us as f64 / 1000.0,
+            c.min_rtt_us as f64 / 1000.0,
+            c.delivery_rate_bps as f64 / 1e6,
+        );
+    }
+}
