@@ -75,6 +75,21 @@ fn main() -> ExitCode {
             |()| curl_downloads_and_uploads_over_the_userspace_stack(),
         ),
         Trial::gated(
+            "unmodified_clients_run_on_the_userspace_stack",
+            || {
+                gate(&[
+                    "python3",
+                    "iperf3",
+                    "nginx",
+                    "wrk",
+                    "redis-server",
+                    "redis-benchmark",
+                    "node",
+                ])
+            },
+            |()| unmodified_clients_run_on_the_userspace_stack(),
+        ),
+        Trial::gated(
             "without_a_stack_instance_connections_fall_back_to_the_kernel",
             || gate(&["python3", "curl"]),
             |()| without_a_stack_instance_connections_fall_back_to_the_kernel(),
@@ -153,6 +168,9 @@ fn kernel_sockets_to(cluster: &Cluster, peer: SocketAddr) -> Vec<String> {
         .net
         .exec(node("node-a1").host, &["ss", "-tanH"])
         .unwrap_or_default()
+        // A dual-stack socket shows an IPv4 peer as [::ffff:a.b.c.d].
+        .replace("[::ffff:", "")
+        .replace(']', "")
         .lines()
         .filter(|line| {
             line.split_whitespace()
@@ -342,4 +360,225 @@ fn without_a_stack_instance_connections_fall_back_to_the_kernel() {
         r#"stackroute_lrd_fallback_reports_total{reason="stack-unavailable"}"#,
     );
     assert!(reason.is_ok(), "{reason:?}");
+}
+
+/// Runs `args` under the shim as `pod` on node-a1 to completion, sampling both kernels: node-a1's
+/// must hold no TCP socket to `server` (any state), and the internet host's sockets on
+/// `server`'s port show the client ports (the router masquerades, keeping ports). Returns (output, client ports the server saw).
+fn run_on_userspace(
+    cluster: &Cluster,
+    pod: &str,
+    args: &[&str],
+    server: SocketAddr,
+) -> (String, Vec<u16>) {
+    let mut client_process = cluster.spawn(&client(pod), true, args).unwrap();
+    let mut kernel_seen = Vec::new();
+    let mut ports = Vec::new();
+    while client_process.running() {
+        kernel_seen.extend(kernel_sockets_to(cluster, server));
+        let server_side = cluster
+            .net
+            .exec(INTERNET, &["ss", "-tanH"])
+            .unwrap_or_default();
+        // Dual-stack listeners (iperf3) show IPv4 peers as [::ffff:a.b.c.d].
+        let server_side = server_side.replace("[::ffff:", "").replace(']', "");
+        for line in server_side.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() >= 5
+                && fields[3] == server.to_string()
+                && let Some((_, port)) = fields[4].rsplit_once(':')
+                && let Ok(port) = port.parse::<u16>()
+                && !ports.contains(&port)
+            {
+                ports.push(port);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let output = client_process
+        .success(LONG)
+        .unwrap_or_else(|e| panic!("{pod} {args:?}: {e:#}"));
+    assert!(
+        kernel_seen.is_empty(),
+        "{pod} {args:?}: node-a1's kernel held TCP sockets to {server}: {kernel_seen:?}"
+    );
+    for port in &ports {
+        assert!(
+            (61000..=62999).contains(port),
+            "{pod} {args:?}: the server saw client port {port}, not the instance's: the kernel made it"
+        );
+    }
+    (output, ports)
+}
+
+/// iperf3, wrk against nginx, redis-benchmark against redis-server, a python asyncio client and
+/// a Node.js (libuv) client, all unmodified, under the shim on the user-space stack against
+/// kernel servers on the internet host.
+fn unmodified_clients_run_on_the_userspace_stack() {
+    let bytes = 2 << 20;
+    let (cluster, _http) = setup(Options::default(), "apps-us", bytes);
+    let ip = INTERNET_IP.to_string();
+    let at = |port| SocketAddr::new(IpAddr::V4(INTERNET_IP), port);
+    cluster
+        .wait_decision("node-a1", "apps-us", at(5201), "Userspace/BBR")
+        .unwrap();
+    let scratch = cluster.dir().join("apps");
+    std::fs::create_dir_all(scratch.join("www")).unwrap();
+    std::fs::create_dir_all(scratch.join("tmp")).unwrap();
+    std::fs::write(scratch.join("www/hello"), "hello from nginx\n").unwrap();
+    let scratch_text = scratch.to_string_lossy().into_owned();
+
+    // iperf3: its control and data connections both on the instance; JSON says what arrived.
+    let _iperf3 = cluster
+        .spawn_plain(INTERNET, "iperf3-server", &["iperf3", "-s", "-p", "5201"])
+        .unwrap();
+    cluster.wait_listening(INTERNET, 5201).unwrap();
+    let (output, ports) = run_on_userspace(
+        &cluster,
+        "apps-us",
+        &["iperf3", "-c", &ip, "-p", "5201", "-t", "2", "-J"],
+        at(5201),
+    );
+    let report: serde_json::Value = serde_json::from_str(&output).expect("iperf3 -J");
+    let received = report["end"]["sum_received"]["bytes"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(received > 1e6, "iperf3 moved {received} bytes: {output}");
+    assert!(ports.len() >= 2, "control and data connections: {ports:?}");
+
+    // wrk against nginx: many requests on keep-alive connections, edge-triggered epoll.
+    let config = format!(
+        "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ use epoll; worker_connections 256; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
+         \n  server {{\n    listen {ip}:8081;\n    root {d}/www;\n  }}\n}}\n",
+        d = scratch_text
+    );
+    std::fs::write(scratch.join("nginx.conf"), config).unwrap();
+    let conf = scratch.join("nginx.conf").to_string_lossy().into_owned();
+    let _nginx = cluster
+        .spawn_plain(
+            INTERNET,
+            "nginx",
+            &["nginx", "-p", &scratch_text, "-c", &conf],
+        )
+        .unwrap();
+    cluster.wait_listening(INTERNET, 8081).unwrap();
+    let url = format!("http://{ip}:8081/hello");
+    let (output, _) = run_on_userspace(
+        &cluster,
+        "apps-us",
+        &["wrk", "-t1", "-c4", "-d2s", &url],
+        at(8081),
+    );
+    let requests: u64 = output
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(requests > 50, "wrk: {output}");
+    assert!(
+        !output.contains("Non-2xx") && !output.contains("Socket errors"),
+        "wrk saw errors: {output}"
+    );
+
+    // redis-benchmark against redis-server.
+    let _redis = cluster
+        .spawn_plain(
+            INTERNET,
+            "redis-server",
+            &[
+                "redis-server",
+                "--bind",
+                &ip,
+                "--port",
+                "6380",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &scratch_text,
+            ],
+        )
+        .unwrap();
+    cluster.wait_listening(INTERNET, 6380).unwrap();
+    let (output, _) = run_on_userspace(
+        &cluster,
+        "apps-us",
+        &[
+            "redis-benchmark",
+            "-h",
+            &ip,
+            "-p",
+            "6380",
+            "-c",
+            "4",
+            "-n",
+            "4000",
+            "-t",
+            "set,get",
+            "-q",
+        ],
+        at(6380),
+    );
+    assert!(
+        output.contains("SET:") && output.contains("GET:"),
+        "{output}"
+    );
+
+    // python asyncio: the blob over StreamReader, hashed.
+    let expected = {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import hashlib,random,sys; print(hashlib.sha256(random.Random(7).randbytes(int(sys.argv[1]))).hexdigest())",
+                &bytes.to_string(),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let asyncio = format!(
+        "import asyncio, hashlib\n\
+         async def main():\n\
+         \x20   r, w = await asyncio.open_connection('{ip}', {PORT})\n\
+         \x20   w.write(b'GET /blob HTTP/1.0\\r\\n\\r\\n'); await w.drain()\n\
+         \x20   data = await r.read()\n\
+         \x20   body = data.split(b'\\r\\n\\r\\n', 1)[1]\n\
+         \x20   print(len(body), hashlib.sha256(body).hexdigest())\n\
+         asyncio.run(main())\n"
+    );
+    let (output, _) = run_on_userspace(
+        &cluster,
+        "apps-us",
+        &["python3", "-c", &asyncio],
+        internet(),
+    );
+    assert!(
+        output.contains(&format!("{bytes} {expected}")),
+        "asyncio client: {output}"
+    );
+
+    // Node.js (libuv): the blob over http.get, hashed.
+    let node_script = format!(
+        "const h = require('crypto').createHash('sha256'); let n = 0;\n\
+         require('http').get('http://{ip}:{PORT}/blob', res => {{\n\
+         \x20 res.on('data', c => {{ n += c.length; h.update(c); }});\n\
+         \x20 res.on('end', () => console.log(n, h.digest('hex')));\n\
+         }}).on('error', e => {{ console.error(e); process.exit(1); }});\n"
+    );
+    let (output, _) = run_on_userspace(
+        &cluster,
+        "apps-us",
+        &["node", "-e", &node_script],
+        internet(),
+    );
+    assert!(
+        output.contains(&format!("{bytes} {expected}")),
+        "node client: {output}"
+    );
 }
