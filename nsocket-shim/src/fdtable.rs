@@ -39,6 +39,11 @@ const LISTENER: u32 = 1 << 3;
 const STACK_SHIFT: u32 = 4;
 const CC_SHIFT: u32 = 6;
 const NODELAY: u32 = 1 << 9;
+const CONNECTED: u32 = 1 << 10;
+const ERROR_REPORTED: u32 = 1 << 11;
+const PASSIVE: u32 = 1 << 12;
+const EPOLL_RECORDED: u32 = 1 << 13;
+const EPOLL_OVERFLOW: u32 = 1 << 14;
 
 impl Entry {
     /// Nothing known.
@@ -110,6 +115,71 @@ impl Entry {
         }
     }
 
+    fn flag(self, bit: u32) -> bool {
+        self.0 & bit != 0
+    }
+
+    fn with_flag(self, bit: u32, on: bool) -> Self {
+        if on {
+            Self(self.0 | bit)
+        } else {
+            Self(self.0 & !bit)
+        }
+    }
+
+    /// A relayed socket whose completed connect was reported (a repeated `connect` is then
+    /// `EISCONN`, as Linux answers once `connect` returned 0).
+    pub(crate) fn connected(self) -> bool {
+        self.flag(CONNECTED)
+    }
+
+    /// With the completed connect reported.
+    pub(crate) fn with_connected(self) -> Self {
+        self.with_flag(CONNECTED, true)
+    }
+
+    /// A relayed socket whose reset or failed handshake was reported (by a read or
+    /// `SO_ERROR`): Linux reports a socket error once, then reads see end of file.
+    pub(crate) fn error_reported(self) -> bool {
+        self.flag(ERROR_REPORTED)
+    }
+
+    /// With the error reported.
+    pub(crate) fn with_error_reported(self) -> Self {
+        self.with_flag(ERROR_REPORTED, true)
+    }
+
+    /// A socket that called `listen`: never relayed, its epoll registrations not recorded.
+    pub(crate) fn passive(self) -> bool {
+        self.flag(PASSIVE)
+    }
+
+    /// With the passive mark.
+    pub(crate) fn with_passive(self) -> Self {
+        self.with_flag(PASSIVE, true)
+    }
+
+    /// The fd (as a socket or as an epoll set) has registrations recorded in `epollreg`.
+    pub(crate) fn epoll_recorded(self) -> bool {
+        self.flag(EPOLL_RECORDED)
+    }
+
+    /// With the recorded mark set or cleared.
+    pub(crate) fn with_epoll_recorded(self, on: bool) -> Self {
+        self.with_flag(EPOLL_RECORDED, on)
+    }
+
+    /// A registration of this socket did not fit the record: it is never relayed (the relay
+    /// could not carry that registration over).
+    pub(crate) fn epoll_overflow(self) -> bool {
+        self.flag(EPOLL_OVERFLOW)
+    }
+
+    /// With the overflow mark.
+    pub(crate) fn with_epoll_overflow(self) -> Self {
+        self.with_flag(EPOLL_OVERFLOW, true)
+    }
+
     /// Whether this process registered it as a listener with the agent.
     pub(crate) fn listener(self) -> bool {
         self.0 & LISTENER != 0
@@ -142,6 +212,19 @@ pub(crate) fn set(fd: i32, entry: Entry) {
             HIGH.fetch_max(fd as u32 + 1, Ordering::Relaxed);
         }
         s.store(entry.0, Ordering::Release);
+    }
+}
+
+/// Sets the entry of `fd`, returning what it held.
+pub(crate) fn replace(fd: i32, entry: Entry) -> Entry {
+    match slot(fd) {
+        Some(s) => {
+            if entry != Entry::EMPTY {
+                HIGH.fetch_max(fd as u32 + 1, Ordering::Relaxed);
+            }
+            Entry(s.swap(entry.0, Ordering::AcqRel))
+        }
+        None => Entry::EMPTY,
     }
 }
 

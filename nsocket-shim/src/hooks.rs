@@ -199,6 +199,18 @@ fn messages_arg(messages: *const mmsghdr, count: c_uint) -> Option<SocketAddr> {
     unsafe { sys::message_address(&raw const (*messages).msg_hdr) }
 }
 
+/// The (events, data) of a successful `EPOLL_CTL_ADD`/`EPOLL_CTL_MOD` (whose `event` the
+/// kernel has just read); `None` for other operations.
+fn epoll_event_arg(op: c_int, event: *const epoll_event) -> Option<(u32, u64)> {
+    if event.is_null() || !matches!(op, libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD) {
+        return None;
+    }
+    // SAFETY: the caller's epoll_event, readable as epoll_ctl(2) requires for ADD and MOD (the
+    // call succeeded, so the kernel read it); read unaligned (it is packed on x86-64).
+    let event = unsafe { std::ptr::read_unaligned(event) };
+    Some((event.events, event.u64))
+}
+
 macro_rules! hooks {
     ($( fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => |$real:ident| $body:expr; )*) => {$(
         #[unsafe(no_mangle)]
@@ -275,7 +287,8 @@ hooks! {
     fn pselect(count: c_int, reads: *mut fd_set, writes: *mut fd_set, errors: *mut fd_set, timeout: *const timespec, mask: *const sigset_t) -> c_int => |real| run(forward, || real(count, reads, writes, errors, timeout, mask), nothing);
     fn epoll_create(size: c_int) -> c_int => |real| run(forward, || real(size), nothing);
     fn epoll_create1(flags: c_int) -> c_int => |real| run(forward, || real(flags), nothing);
-    fn epoll_ctl(epoll: c_int, op: c_int, fd: c_int, event: *mut epoll_event) -> c_int => |real| run(forward, || real(epoll, op, fd, event), nothing);
+    // Registrations of undecided TCP sockets are recorded (one table load for any other fd).
+    fn epoll_ctl(epoll: c_int, op: c_int, fd: c_int, event: *mut epoll_event) -> c_int => |real| run(forward, || real(epoll, op, fd, event), |(), rc| logic::after_epoll_ctl(epoll, op, fd, rc, || epoll_event_arg(op, event)));
     fn epoll_wait(epoll: c_int, events: *mut epoll_event, max: c_int, timeout: c_int) -> c_int => |real| run(forward, || real(epoll, events, max, timeout), nothing);
     fn epoll_pwait(epoll: c_int, events: *mut epoll_event, max: c_int, timeout: c_int, mask: *const sigset_t) -> c_int => |real| run(forward, || real(epoll, events, max, timeout, mask), nothing);
     fn fork() -> c_int => |real| run(forward, real, nothing);

@@ -6,14 +6,15 @@
 //! control. See README.md for what is and is not intercepted.
 //!
 //! Layout: `hooks` (the exported C ABI, one list) and `sys` (every system call and raw
-//! pointer) hold all the unsafe code; `logic`, `reader`, `fdtable`, `counters`, `agent` and
-//! `config` are safe. `src/entry.c` holds what stable Rust cannot define: the variadic
+//! pointer) hold all the unsafe code; `logic`, `relay`, `epollreg`, `reader`, `fdtable`,
+//! `counters`, `agent` and `config` are safe. `src/entry.c` holds what stable Rust cannot define: the variadic
 //! `fcntl`/`fcntl64` and the load/exit hooks.
 #![cfg_attr(test, allow(dead_code))]
 
 mod agent;
 mod config;
 mod counters;
+mod epollreg;
 mod fdtable;
 #[cfg(not(test))]
 mod hooks;

@@ -12,7 +12,7 @@ use crate::config::{self, Config};
 use crate::fdtable::{self, Entry, Kind};
 use crate::reader::{self, Unavailable};
 use crate::relay::{self, Connected};
-use crate::{agent, counters, sys};
+use crate::{agent, counters, epollreg, sys};
 
 /// What a hook does before the real call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,7 +173,10 @@ pub(crate) fn after_socket(domain: i32, kind: i32, protocol: i32, fd: i32) {
         (true, libc::SOCK_DGRAM, 0 | libc::IPPROTO_UDP) => Kind::Udp,
         _ => Kind::Other,
     };
-    fdtable::set(fd, Entry::new(kind));
+    // The number may have been closed behind the shim's back with registrations recorded.
+    if fdtable::replace(fd, Entry::new(kind)).epoll_recorded() {
+        epollreg::forget(fd);
+    }
 }
 
 /// `accept()` returned `fd`: decided by its peer; nothing is pinned here.
@@ -186,8 +189,17 @@ pub(crate) fn after_accept(fd: i32) {
 /// `connect()`: decides (once per socket) before the real call; a `Userspace` decision
 /// connects here, on the user-space stack, and the real call is not made.
 pub(crate) fn connect(fd: i32, destination: Option<SocketAddr>) -> Pre {
-    if let Some((Stack::Userspace, _)) = fdtable::get(fd).transport() {
-        return Pre::Fail(relay::connect_again(fd));
+    let entry = fdtable::get(fd);
+    if let Some((Stack::Userspace, _)) = entry.transport() {
+        return match relay::connect_again(fd) {
+            // Linux: the first `connect` after a non-blocking one completed returns 0; only
+            // later ones say `EISCONN`.
+            libc::EISCONN if !entry.connected() => {
+                fdtable::set(fd, fdtable::get(fd).with_connected());
+                Pre::Done
+            }
+            errno => Pre::Fail(errno),
+        };
     }
     decide_fd(fd, destination, Kind::Unknown)
 }
@@ -248,7 +260,9 @@ fn decide(fd: i32, destination: Option<SocketAddr>, known: Kind, relay_allowed: 
                 kind,
                 |name| sys::set_congestion_control(fd, name).is_ok(),
                 |cc| {
-                    if relay_allowed {
+                    // A registration that did not fit the record could not be carried over
+                    // to the relay socket.
+                    if relay_allowed && !fdtable::get(fd).epoll_overflow() {
                         relay::connect(config, fd, destination, cc)
                     } else {
                         Err(FallbackReason::Unsupported)
@@ -272,10 +286,16 @@ fn decide(fd: i32, destination: Option<SocketAddr>, known: Kind, relay_allowed: 
     };
     let verdict = match walked.used {
         Some((stack, cc)) => {
-            fdtable::set(
-                fd,
-                fdtable::get(fd).with_kind(kind).with_decision(stack, cc),
-            );
+            let mut entry = fdtable::get(fd).with_kind(kind).with_decision(stack, cc);
+            if entry.epoll_recorded() {
+                // Still the kernel socket (a relay replayed them already): they stay valid.
+                epollreg::replay(fd, |_, _, _| {});
+                entry = entry.with_epoll_recorded(false);
+            }
+            if walked.relayed == Some(Connected::Established) {
+                entry = entry.with_connected();
+            }
+            fdtable::set(fd, entry);
             counters::decided(stack, cc);
             match walked.relayed {
                 None => Pre::Forward,
@@ -438,7 +458,15 @@ pub(crate) fn after_listen(fd: i32, result: i32) {
     if result != 0 {
         return;
     }
-    let entry = fdtable::get(fd);
+    let mut entry = fdtable::get(fd);
+    if !entry.passive() {
+        // A listener is never relayed: its epoll registrations need no record.
+        if entry.epoll_recorded() {
+            epollreg::forget(fd);
+        }
+        entry = entry.with_passive().with_epoll_recorded(false);
+        fdtable::set(fd, entry);
+    }
     if entry.listener() || kind_of(fd, entry) != Kind::Tcp {
         return;
     }
@@ -479,6 +507,9 @@ fn debug_line(args: std::fmt::Arguments<'_>) {
 /// (its address) and withdrawn after the close.
 pub(crate) fn before_close(fd: i32) -> Option<SocketAddr> {
     let entry = fdtable::take(fd);
+    if entry.epoll_recorded() {
+        epollreg::forget(fd);
+    }
     entry.listener().then(|| sys::local_address(fd)).flatten()
 }
 
@@ -507,6 +538,9 @@ pub(crate) fn before_close_range(first: u32, last: u32, flags: i32) -> RangeList
     }
     let mut next = 0;
     fdtable::take_range(first, last, |fd, entry| {
+        if entry.epoll_recorded() {
+            epollreg::forget(fd);
+        }
         if entry.listener() && next < RANGE_LISTENERS {
             found.addresses[next] = sys::local_address(fd);
             next += 1;
@@ -547,6 +581,7 @@ pub(crate) fn load() {
 
 extern "C" fn after_fork_child() {
     reader::reset_after_fork();
+    epollreg::reset_after_fork();
     relay::reset_after_fork();
     counters::reset();
     // Listener registrations belong to the process that listened: a child closing its
@@ -624,7 +659,7 @@ pub(crate) fn get_option(fd: i32, level: i32, name: i32, answer: impl FnOnce(&[u
     }
     let int = |value: i32| value.to_ne_bytes().to_vec();
     let value = match (level, name) {
-        (libc::SOL_SOCKET, libc::SO_ERROR) => int(relay::error(fd).unwrap_or(0)),
+        (libc::SOL_SOCKET, libc::SO_ERROR) => int(reported_error(fd, relay::error)),
         (libc::SOL_SOCKET, libc::SO_DOMAIN) => int(match relay::name_of(fd) {
             Some(n) if n.remote.is_ipv6() => libc::AF_INET6,
             _ => libc::AF_INET,
@@ -707,7 +742,58 @@ pub(crate) fn set_option(fd: i32, level: i32, name: i32, value: &[u8]) -> Pre {
 /// A read on `fd` returned end of file: the errno to report instead when the relayed
 /// connection was reset (a truncated transfer must not look complete).
 pub(crate) fn end_of_file(fd: i32) -> Option<i32> {
-    relayed(fd).then(|| relay::end_of_file(fd)).flatten()
+    if !relayed(fd) {
+        return None;
+    }
+    Some(reported_error(fd, relay::end_of_file)).filter(|e| *e != 0)
+}
+
+/// A relayed socket's pending error (0: none), reported once as Linux reports `sk_err`
+/// (`SO_ERROR` and a read consume it; later reads see end of file, `SO_ERROR` 0).
+fn reported_error(fd: i32, ask: impl FnOnce(i32) -> Option<i32>) -> i32 {
+    let entry = fdtable::get(fd);
+    if entry.error_reported() {
+        return 0;
+    }
+    let error = ask(fd).unwrap_or(0);
+    if error != 0 {
+        fdtable::set(fd, fdtable::get(fd).with_error_reported());
+    }
+    error
+}
+
+/// `epoll_ctl(epoll, op, fd, …)` returned `result`: a registration of an undecided TCP socket
+/// is recorded (its `event` read only then), so that a relay placed on `fd` later gets it too.
+/// Any other fd costs one table load.
+pub(crate) fn after_epoll_ctl(
+    epoll: i32,
+    op: i32,
+    fd: i32,
+    result: i32,
+    event: impl FnOnce() -> Option<(u32, u64)>,
+) {
+    if result != 0 {
+        return;
+    }
+    let entry = fdtable::get(fd);
+    if entry.kind() != Kind::Tcp || entry.decided() || entry.passive() {
+        return;
+    }
+    match (op, event()) {
+        (libc::EPOLL_CTL_ADD, Some((events, data))) => {
+            if epollreg::add(epoll, fd, events, data) {
+                fdtable::set(fd, fdtable::get(fd).with_epoll_recorded(true));
+                fdtable::set(epoll, fdtable::get(epoll).with_epoll_recorded(true));
+            } else {
+                fdtable::set(fd, fdtable::get(fd).with_epoll_overflow());
+            }
+        }
+        (libc::EPOLL_CTL_MOD, Some((events, data))) if entry.epoll_recorded() => {
+            epollreg::modify(epoll, fd, events, data);
+        }
+        (libc::EPOLL_CTL_DEL, _) if entry.epoll_recorded() => epollreg::remove(epoll, fd),
+        _ => {}
+    }
 }
 
 #[cfg(test)]

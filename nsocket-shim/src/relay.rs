@@ -271,7 +271,15 @@ pub(crate) fn connect(
     }
     // From here on the application's fd is the relay socket, whatever happens.
     sys::place(application, fd, cloexec).map_err(|_| FallbackReason::Other)?;
-    crate::fdtable::set(fd, crate::fdtable::get(fd).with_nodelay(nodelay));
+    let entry = crate::fdtable::get(fd);
+    if entry.epoll_recorded() {
+        // The registrations made before `connect` named the kernel socket, closed by the
+        // placement: the relay socket gets them again, with the same events and data.
+        crate::epollreg::replay(fd, |epoll, events, data| {
+            let _ = sys::epoll_add(epoll, fd, events, data);
+        });
+    }
+    crate::fdtable::set(fd, entry.with_nodelay(nodelay).with_epoll_recorded(false));
     if nonblocking {
         return Ok(Connected::InProgress);
     }
@@ -279,6 +287,8 @@ pub(crate) fn connect(
         sys::Readiness::Writable => Connected::Established,
         sys::Readiness::Interrupted => Connected::Failed(libc::EINTR),
         sys::Readiness::HungUp => {
+            // The blocking connect reports the error (Linux consumes it: `SO_ERROR` reads 0).
+            crate::fdtable::set(fd, crate::fdtable::get(fd).with_error_reported());
             Connected::Failed(error(fd).filter(|e| *e != 0).unwrap_or(libc::ECONNREFUSED))
         }
     })

@@ -287,3 +287,11 @@ pub(crate) fn int_option(fd: RawFd, level: c_int, option: c_int) -> Option<c_int
     let rc = unsafe { libc::getsockopt(fd, level, option, (&raw mut value).cast(), &raw mut len) };
     (rc == 0).then_some(value)
 }
+
+/// `epoll_ctl(epoll, EPOLL_CTL_ADD, fd, {events, data})`.
+pub(crate) fn epoll_add(epoll: RawFd, fd: RawFd, events: u32, data: u64) -> Result<(), c_int> {
+    let mut event = libc::epoll_event { events, u64: data };
+    // SAFETY: `event` is a live epoll_event; epoll_ctl only reads it.
+    let rc = unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &raw mut event) };
+    if rc == 0 { Ok(()) } else { Err(errno()) }
+}
