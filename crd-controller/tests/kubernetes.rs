@@ -347,7 +347,12 @@ async fn a_network_policy_in_the_api_server_takes_rdma_out(kubeconfig: &Path) {
     let (ns, cleanup) = test_namespace(&client, kubeconfig, "stackroute-netpol").await;
     let node = format!("{ns}-node");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    for (name, app) in [("client-0", "client"), ("server-0", "server")] {
+    // Addresses of their own (no kubelet runs for the node, so nothing overwrites the status):
+    // the gate applies a NetworkPolicy to pods by address, as the kernel would.
+    for (name, app, ip) in [
+        ("client-0", "client", "10.77.0.2"),
+        ("server-0", "server", "10.77.0.3"),
+    ] {
         create_pod(
             &pods,
             serde_json::json!({
@@ -356,6 +361,15 @@ async fn a_network_policy_in_the_api_server_takes_rdma_out(kubeconfig: &Path) {
             }),
         )
         .await;
+        pods.patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+            })),
+        )
+        .await
+        .expect("setting the pod's address");
     }
     let network_policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
         Api::namespaced(client.clone(), &ns);
