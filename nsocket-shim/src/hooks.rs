@@ -106,6 +106,20 @@ fn read_result(fd: c_int, result: ssize_t) -> ssize_t {
     }
 }
 
+/// A write returned `result`: `EPIPE` on a relayed connection that was reset becomes
+/// `ECONNRESET` once (see `logic::broken_pipe`); anything else is returned as it is (no table
+/// access unless the write failed with `EPIPE`).
+fn write_result(fd: c_int, result: ssize_t) -> ssize_t {
+    if result != -1 || INSIDE.get() || sys::errno() != libc::EPIPE {
+        return result;
+    }
+    INSIDE.set(true);
+    let reset = catch_unwind(|| logic::broken_pipe(fd)).ok().flatten();
+    INSIDE.set(false);
+    sys::set_errno(reset.unwrap_or(libc::EPIPE));
+    result
+}
+
 /// `getsockname`/`getpeername`: a relayed socket answers its TCP addresses.
 fn name_hook(
     fd: c_int,
@@ -249,8 +263,8 @@ hooks! {
     fn listen(fd: c_int, backlog: c_int) -> c_int => |real| run(forward, || real(fd, backlog), |(), rc| logic::after_listen(fd, rc));
     fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| run(forward, || real(fd, address, len), |(), new| logic::after_accept(new));
     fn accept4(fd: c_int, address: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int => |real| run(forward, || real(fd, address, len, flags), |(), new| logic::after_accept(new));
-    fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, address: *const sockaddr, len: socklen_t) -> ssize_t => |real| run(|| (logic::send_to(fd, address_arg(address, len), flags), ()), || real(fd, buf, n, flags, address, len), nothing);
-    fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => |real| run(|| (logic::send_to(fd, message_arg(message), flags), ()), || real(fd, message, flags), nothing);
+    fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, address: *const sockaddr, len: socklen_t) -> ssize_t => |real| write_result(fd, run(|| (logic::send_to(fd, address_arg(address, len), flags), ()), || real(fd, buf, n, flags, address, len), nothing));
+    fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => |real| write_result(fd, run(|| (logic::send_to(fd, message_arg(message), flags), ()), || real(fd, message, flags), nothing));
     fn sendmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int) -> c_int => |real| run(|| (logic::send_to(fd, messages_arg(messages, count), flags), ()), || real(fd, messages, count, flags), nothing);
     fn close(fd: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_close(fd)), || real(fd), logic::after_close);
     fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_close_range(first, last, flags)), || real(first, last, flags), logic::after_close_range);
@@ -272,14 +286,15 @@ hooks! {
     // Reads: end of file of a reset relayed connection is `ECONNRESET` (zero-length reads are
     // left alone).
     fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t => |real| { let r = run(forward, || real(fd, buf, n), nothing); if n == 0 { r } else { read_result(fd, r) } };
-    fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t => |real| run(forward, || real(fd, buf, n), nothing);
+    // Writes: `EPIPE` on a relayed connection the peer reset is `ECONNRESET` first, as on TCP.
+    fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t => |real| write_result(fd, run(forward, || real(fd, buf, n), nothing));
     fn readv(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| { let r = run(forward, || real(fd, iov, count), nothing); if count == 0 { r } else { read_result(fd, r) } };
-    fn writev(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| run(forward, || real(fd, iov, count), nothing);
+    fn writev(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| write_result(fd, run(forward, || real(fd, iov, count), nothing));
     fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t => |real| { let r = run(forward, || real(fd, buf, n, flags), nothing); if n == 0 { r } else { read_result(fd, r) } };
     fn recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, address: *mut sockaddr, len: *mut socklen_t) -> ssize_t => |real| { let r = run(forward, || real(fd, buf, n, flags, address, len), nothing); if n == 0 { r } else { read_result(fd, r) } };
     fn recvmsg(fd: c_int, message: *mut msghdr, flags: c_int) -> ssize_t => |real| { let r = run(forward, || real(fd, message, flags), nothing); read_result(fd, r) };
     fn recvmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int, timeout: *mut timespec) -> c_int => |real| run(forward, || real(fd, messages, count, flags, timeout), nothing);
-    fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t => |real| run(forward, || real(fd, buf, n, flags), nothing);
+    fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t => |real| write_result(fd, run(forward, || real(fd, buf, n, flags), nothing));
     fn sendfile(out: c_int, input: c_int, offset: *mut off_t, count: size_t) -> ssize_t => |real| run(forward, || real(out, input, offset, count), nothing);
     fn poll(fds: *mut pollfd, count: nfds_t, timeout: c_int) -> c_int => |real| run(forward, || real(fds, count, timeout), nothing);
     fn ppoll(fds: *mut pollfd, count: nfds_t, timeout: *const timespec, mask: *const sigset_t) -> c_int => |real| run(forward, || real(fds, count, timeout, mask), nothing);

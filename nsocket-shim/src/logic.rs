@@ -748,6 +748,15 @@ pub(crate) fn end_of_file(fd: i32) -> Option<i32> {
     Some(reported_error(fd, relay::end_of_file)).filter(|e| *e != 0)
 }
 
+/// A write on `fd` failed with `EPIPE`: the errno Linux TCP gives instead when the relayed
+/// connection was reset and that was not reported yet (`ECONNRESET`, once).
+pub(crate) fn broken_pipe(fd: i32) -> Option<i32> {
+    if !relayed(fd) {
+        return None;
+    }
+    Some(reported_error(fd, relay::end_of_file)).filter(|e| *e != 0)
+}
+
 /// A relayed socket's pending error (0: none), reported once as Linux reports `sk_err`
 /// (`SO_ERROR` and a read consume it; later reads see end of file, `SO_ERROR` 0).
 fn reported_error(fd: i32, ask: impl FnOnce(i32) -> Option<i32>) -> i32 {
