@@ -84,6 +84,30 @@ pub enum RelayRequest {
         /// The option.
         option: RelayOption,
     },
+    /// Dual listen: the application listens on `port` (a kernel listener, bound to `address`);
+    /// the instance also accepts user-space peers' connections to that port on the wire (peers
+    /// whose source port is in the user-space range, which the kernel of this namespace never
+    /// sees) and delivers each into the application's accept queue as a kernel TCP connection
+    /// it makes to `address` over loopback. Idempotent; answered `Done`.
+    #[serde(rename_all = "camelCase")]
+    Listen {
+        /// The application's listening address (`0.0.0.0:PORT` for a wildcard bind).
+        address: SocketAddr,
+    },
+    /// The application's listener on `address` closed: stop accepting for it. Answered `Done`.
+    #[serde(rename_all = "camelCase")]
+    Unlisten {
+        /// The address given to `Listen`.
+        address: SocketAddr,
+    },
+    /// Who is really at the other end of a connection the application accepted from the
+    /// instance: `local` is the instance's end of the loopback connection (what the accepted
+    /// socket's `getpeername` shows). Answered `Peer`.
+    #[serde(rename_all = "camelCase")]
+    PeerOf {
+        /// The loopback address and port the accepted socket's peer has.
+        local: SocketAddr,
+    },
     /// The connections, for `stackroute connections`: at most `limit` from the `after`th on.
     #[serde(rename_all = "camelCase")]
     Connections {
@@ -161,8 +185,19 @@ pub enum RelayResponse {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         info: Option<ConnectionInfo>,
     },
-    /// An option was applied.
+    /// An option was applied, a listener added or removed.
     Done,
+    /// The answer to [`RelayRequest::PeerOf`]: the remote address on the wire and the
+    /// connection's id, or `None` when that loopback connection is not the instance's.
+    #[serde(rename_all = "camelCase")]
+    Peer {
+        /// The user-space peer, as the application would see it without the relay.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remote: Option<SocketAddr>,
+        /// The connection's id on the instance.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
     /// The answer to [`RelayRequest::Connections`].
     #[serde(rename_all = "camelCase")]
     Connections {

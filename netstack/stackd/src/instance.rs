@@ -465,6 +465,10 @@ impl Instance {
                 None => error("connect carries one descriptor", Errno::INVAL),
             },
             RelayRequest::Status { id } => self.status(id),
+            // Dual listen is not built yet: the shim keeps such listeners kernel-only.
+            RelayRequest::Listen { .. }
+            | RelayRequest::Unlisten { .. }
+            | RelayRequest::PeerOf { .. } => error("dual listen is not supported yet", Errno::OPNOTSUPP),
             RelayRequest::SetOption { id, option } => self.set_option(id, option),
             RelayRequest::Connections { after, limit } => {
                 let live = self
