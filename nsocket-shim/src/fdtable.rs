@@ -44,6 +44,8 @@ const ERROR_REPORTED: u32 = 1 << 11;
 const PASSIVE: u32 = 1 << 12;
 const EPOLL_RECORDED: u32 = 1 << 13;
 const EPOLL_OVERFLOW: u32 = 1 << 14;
+const DUAL_LISTEN: u32 = 1 << 15;
+const FROM_INSTANCE: u32 = 1 << 16;
 
 impl Entry {
     /// Nothing known.
@@ -152,6 +154,27 @@ impl Entry {
     /// A socket that called `listen`: never relayed, its epoll registrations not recorded.
     pub(crate) fn passive(self) -> bool {
         self.flag(PASSIVE)
+    }
+
+    /// A listener whose instance also accepts user-space peers for it (dual listen).
+    pub(crate) fn dual_listen(self) -> bool {
+        self.flag(DUAL_LISTEN)
+    }
+
+    /// With the dual-listen mark.
+    pub(crate) fn with_dual_listen(self) -> Self {
+        self.with_flag(DUAL_LISTEN, true)
+    }
+
+    /// A socket accepted from a dual listener whose peer is the instance (a user-space peer's
+    /// connection delivered over loopback): its peer address is the instance's to tell.
+    pub(crate) fn delivered_by_instance(self) -> bool {
+        self.flag(FROM_INSTANCE)
+    }
+
+    /// With the delivered-by-instance mark.
+    pub(crate) fn with_delivered_by_instance(self) -> Self {
+        self.with_flag(FROM_INSTANCE, true)
     }
 
     /// With the passive mark.

@@ -142,6 +142,23 @@ fn name_hook(
     )
 }
 
+/// `accept`/`accept4`: a user-space peer's connection delivered by the instance reports the
+/// peer's real address (see `logic::after_accept`).
+fn accept_hook(
+    listener: c_int,
+    address: *mut sockaddr,
+    len: *mut socklen_t,
+    real: impl FnOnce() -> c_int,
+) -> c_int {
+    run(forward, real, |(), new| {
+        logic::after_accept(listener, new, |remote| {
+            // SAFETY: the caller's (address, len) pair, as accept(2) requires it (null: nothing
+            // is written).
+            unsafe { sys::write_address(remote, address, len) }
+        })
+    })
+}
+
 /// `getsockopt`: a relayed socket answers TCP options from its instance.
 fn get_option_hook(
     fd: c_int,
@@ -261,8 +278,8 @@ hooks! {
     fn socket(domain: c_int, kind: c_int, protocol: c_int) -> c_int => |real| run(forward, || real(domain, kind, protocol), |(), fd| logic::after_socket(domain, kind, protocol, fd));
     fn connect(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int => |real| run(|| (logic::connect(fd, address_arg(address, len)), ()), || real(fd, address, len), nothing);
     fn listen(fd: c_int, backlog: c_int) -> c_int => |real| run(forward, || real(fd, backlog), |(), rc| logic::after_listen(fd, rc));
-    fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| run(forward, || real(fd, address, len), |(), new| logic::after_accept(new));
-    fn accept4(fd: c_int, address: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int => |real| run(forward, || real(fd, address, len, flags), |(), new| logic::after_accept(new));
+    fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| accept_hook(fd, address, len, || real(fd, address, len));
+    fn accept4(fd: c_int, address: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int => |real| accept_hook(fd, address, len, || real(fd, address, len, flags));
     fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, address: *const sockaddr, len: socklen_t) -> ssize_t => |real| write_result(fd, run(|| (logic::send_to(fd, address_arg(address, len), flags), ()), || real(fd, buf, n, flags, address, len), nothing));
     fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => |real| write_result(fd, run(|| (logic::send_to(fd, message_arg(message), flags), ()), || real(fd, message, flags), nothing));
     fn sendmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int) -> c_int => |real| run(|| (logic::send_to(fd, messages_arg(messages, count), flags), ()), || real(fd, messages, count, flags), nothing);

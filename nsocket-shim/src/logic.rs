@@ -179,11 +179,54 @@ pub(crate) fn after_socket(domain: i32, kind: i32, protocol: i32, fd: i32) {
     }
 }
 
-/// `accept()` returned `fd`: decided by its peer; nothing is pinned here.
-pub(crate) fn after_accept(fd: i32) {
-    if fd >= 0 {
-        fdtable::set(fd, Entry::new(Kind::Other));
+/// `accept()` on `listener` returned `fd`: decided by its peer; nothing is pinned here. From a
+/// dual listener, a connection whose peer is in this namespace may be a user-space peer's that
+/// the instance delivered: its real address (from the instance) goes to `report_peer`, which
+/// writes it into the caller's address buffer.
+pub(crate) fn after_accept(listener: i32, fd: i32, report_peer: impl FnOnce(SocketAddr)) {
+    if fd < 0 {
+        return;
     }
+    let mut entry = Entry::new(Kind::Other);
+    if fdtable::get(listener).dual_listen()
+        && let Some(peer) = sys::peer_address(fd)
+        && from_this_namespace(fd, peer)
+        && let Some((remote, _)) = relay::peer_of(config::get(), peer)
+    {
+        report_peer(remote);
+        entry = entry.with_delivered_by_instance();
+    }
+    fdtable::set(fd, entry);
+}
+
+/// Whether an accepted connection's peer is in this network namespace (loopback, or the
+/// socket's own address): the only connections the instance can have delivered.
+fn from_this_namespace(fd: i32, peer: SocketAddr) -> bool {
+    let peer = peer.ip().to_canonical();
+    peer.is_loopback()
+        || sys::local_address(fd).is_some_and(|local| local.ip().to_canonical() == peer)
+}
+
+/// Whether the node's snapshot routes anything to the user-space stack: a listener then also
+/// takes user-space peers (dual listen). Clients choose the stack, and their rules live in
+/// their own nodes' snapshots, so this is an approximation: where the user-space stack is in
+/// use, listeners are ready for it.
+fn userspace_in_use(config: &Config) -> bool {
+    reader::with_snapshot(config, |snapshot| {
+        let Ok(loaded) = snapshot else {
+            return false;
+        };
+        let snapshot = &loaded.snapshot;
+        let (policies, _, _) = snapshot.counts();
+        (0..policies as u32).any(|policy| {
+            (0..snapshot.policy(policy).rule_count).any(|rule| {
+                snapshot
+                    .rule(stackroute_snapshot::RuleRef { policy, rule })
+                    .transports()
+                    .any(|t| t.stack == Stack::Userspace)
+            })
+        })
+    })
 }
 
 /// `connect()`: decides (once per socket) before the real call; a `Userspace` decision
@@ -493,6 +536,14 @@ pub(crate) fn after_listen(fd: i32, result: i32) {
     } else {
         counters::fell_back(FallbackReason::NoAgent);
     }
+    if userspace_in_use(config) && relay::listen(config, address) {
+        fdtable::set(fd, fdtable::get(fd).with_dual_listen());
+        if config.debug {
+            debug_line(format_args!(
+                "listen fd={fd} on {address}: the instance takes user-space peers too"
+            ));
+        }
+    }
 }
 
 fn debug_line(args: std::fmt::Arguments<'_>) {
@@ -507,6 +558,11 @@ fn debug_line(args: std::fmt::Arguments<'_>) {
 /// (its address) and withdrawn after the close.
 pub(crate) fn before_close(fd: i32) -> Option<SocketAddr> {
     let entry = fdtable::take(fd);
+    if entry.dual_listen()
+        && let Some(address) = sys::local_address(fd)
+    {
+        relay::unlisten(config::get(), address);
+    }
     if entry.epoll_recorded() {
         epollreg::forget(fd);
     }
@@ -641,6 +697,17 @@ pub(crate) enum Side {
 
 /// `getsockname`/`getpeername` of a relayed socket: the TCP addresses, not the socketpair's.
 pub(crate) fn relay_address(fd: i32, side: Side) -> Option<SocketAddr> {
+    let entry = fdtable::get(fd);
+    if entry.delivered_by_instance() {
+        // A user-space peer's connection delivered over loopback: the instance knows both
+        // ends on the wire.
+        let config = config::get();
+        let (remote, id) = relay::peer_of(config, sys::peer_address(fd)?)?;
+        return match side {
+            Side::Peer => Some(remote),
+            Side::Local => relay::local_of(config, id),
+        };
+    }
     if !relayed(fd) {
         return None;
     }

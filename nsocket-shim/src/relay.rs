@@ -368,6 +368,69 @@ pub(crate) fn connect_again(fd: RawFd) -> i32 {
     }
 }
 
+/// Dual listen: asks this namespace's instance to accept user-space peers for the kernel
+/// listener on `address` too; whether it will.
+pub(crate) fn listen(config: &Config, address: SocketAddr) -> bool {
+    let Ok(instance) = instance(config) else {
+        return false;
+    };
+    matches!(
+        call(
+            instance.socket.as_bytes(),
+            instance.pid,
+            &RelayRequest::Listen { address },
+            None,
+        ),
+        Ok(RelayResponse::Done)
+    )
+}
+
+/// The dual listener on `address` closed.
+pub(crate) fn unlisten(config: &Config, address: SocketAddr) {
+    if let Ok(instance) = instance(config) {
+        let _ = call(
+            instance.socket.as_bytes(),
+            instance.pid,
+            &RelayRequest::Unlisten { address },
+            None,
+        );
+    }
+}
+
+/// Who is really at the other end of a connection the instance delivered to a dual listener:
+/// `peer` is the accepted socket's (loopback) peer address. (remote, connection id).
+pub(crate) fn peer_of(config: &Config, peer: SocketAddr) -> Option<(SocketAddr, u64)> {
+    let instance = instance(config).ok()?;
+    match call(
+        instance.socket.as_bytes(),
+        instance.pid,
+        &RelayRequest::PeerOf { local: peer },
+        None,
+    ) {
+        Ok(RelayResponse::Peer {
+            remote: Some(remote),
+            id: Some(id),
+        }) => Some((remote, id)),
+        _ => None,
+    }
+}
+
+/// The local (wire) address of connection `id` of this namespace's instance.
+pub(crate) fn local_of(config: &Config, id: u64) -> Option<SocketAddr> {
+    let instance = instance(config).ok()?;
+    match call(
+        instance.socket.as_bytes(),
+        instance.pid,
+        &RelayRequest::Status { id },
+        None,
+    ) {
+        Ok(RelayResponse::Status {
+            info: Some(info), ..
+        }) => Some(info.local),
+        _ => None,
+    }
+}
+
 /// The instance's figures for `fd`'s connection.
 pub(crate) fn tcp_info(fd: RawFd) -> Option<ConnectionInfo> {
     status(&name_of(fd)?).and_then(|(_, _, info)| info)

@@ -101,6 +101,20 @@ pub(crate) fn local_address(fd: c_int) -> Option<SocketAddr> {
     unsafe { socket_address((&raw const storage).cast(), len) }
 }
 
+/// The socket's peer address (`getpeername`), for IPv4 and IPv6 sockets.
+pub(crate) fn peer_address(fd: c_int) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: storage and len are live locals of the sizes announced.
+    let rc = unsafe { libc::getpeername(fd, (&raw mut storage).cast(), &raw mut len) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the kernel wrote `len` bytes of a socket address into `storage`.
+    unsafe { socket_address((&raw const storage).cast(), len) }
+}
+
 /// Reads an IPv4 or IPv6 socket address a caller handed to a hook; `None` for other families,
 /// a null pointer or a length too short for the family.
 ///
