@@ -478,8 +478,20 @@ def check_workloads(c: Checker, variant: str, objs: list[dict], values: dict, ku
     sc = actr["securityContext"]
     if sc.get("privileged") or sc.get("allowPrivilegeEscalation") is not False or sc["capabilities"].get("drop") != ["ALL"]:
         problems.append(f"securityContext {sc}")
-    if set(sc["capabilities"].get("add", [])) - {"SYS_PTRACE"}:
-        problems.append(f"capabilities beyond SYS_PTRACE: {sc['capabilities']['add']}")
+    # SYS_PTRACE always; with agent.userspace.enabled exactly what starting user-space stack
+    # instances in pods takes (setns, the packet socket, the port rules, the pod's uid), plus
+    # the host's cgroup hierarchy (the instance joins its pod's cgroup).
+    allowed = {"SYS_PTRACE"}
+    if values["agent"]["userspace"]["enabled"]:
+        allowed |= {"SYS_ADMIN", "NET_RAW", "NET_ADMIN", "SETUID", "SETGID"}
+        if vols.get("host-cgroup", {}).get("hostPath", {}).get("path") != "/sys/fs/cgroup":
+            problems.append("userspace enabled without the host's /sys/fs/cgroup")
+        if f"--userspace-ports={values['agent']['userspace']['ports']}" not in actr["args"]:
+            problems.append("--userspace-ports missing")
+    elif "host-cgroup" in vols or "--max-userspace-instances=0" not in actr["args"]:
+        problems.append("userspace disabled but the host cgroup is mounted or instances are allowed")
+    if set(sc["capabilities"].get("add", [])) != allowed:
+        problems.append(f"capabilities {sc['capabilities'].get('add')} are not {sorted(allowed)}")
     if {"operator": "Exists"} not in spec.get("tolerations", []):
         problems.append("tolerations")
     us = ds["spec"]["updateStrategy"]
@@ -505,7 +517,7 @@ def check_workloads(c: Checker, variant: str, objs: list[dict], values: dict, ku
     rolling_text = "surge 1 / unavailable 0" if surge else "no maxSurge, unavailable 1 (in place)"
     c.expect(not problems, f"[{variant}] agent DaemonSet: {sock} hostPath DirectoryOrCreate, system-node-critical, "
              f"tolerates all taints, RollingUpdate with {rolling_text}, readiness /readyz, hostPID, no host network, no token, not privileged, "
-             "caps drop ALL + SYS_PTRACE only; controller --socket-dir matches", "; ".join(problems))
+             "caps drop ALL + SYS_PTRACE (+ the user-space stack's when enabled); controller --socket-dir matches", "; ".join(problems))
 
     replicas = values["controller"]["replicas"]
     problems = []
