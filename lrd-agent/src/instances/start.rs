@@ -217,18 +217,53 @@ pub(super) fn covers(list: &str, ports: PortRange) -> bool {
 }
 
 /// Keeps the namespace's kernel from answering the instance's flows (it would reset them: it
-/// knows no such connection): a raw-table DROP of TCP to the instance's ports, inserted only if
-/// missing. AF_PACKET sees frames before netfilter, so the instance still gets them.
+/// knows no such connection). Two raw-table DROP rules, each inserted only if missing, both
+/// for segments arriving on any interface but loopback (the instance's own loopback
+/// connections to the application, for dual listen, use kernel ephemeral ports anyway):
+///
+/// - TCP **to** the instance's ports: the replies of the instance's client connections;
+/// - TCP **from** the instance's ports: user-space peers (other namespaces' instances)
+///   connecting to a port the application listens on, which this namespace's instance accepts
+///   on the wire (dual listen) while the kernel must not see them (it would answer the SYN
+///   from the application's kernel listener, or reset the flow). By convention a segment from
+///   a source port in the range is a user-space peer: every stackroute namespace reserves the
+///   range from its kernel, and Linux's default ephemeral range ends at 60999. A foreign host
+///   with a widened ephemeral range (`ip_local_port_range` reaching into it) would be taken
+///   for one: its connections from such ports reach the instance, not the kernel.
+///
+/// AF_PACKET sees frames before netfilter, so the instance still gets them.
 fn drop_rule(netns: &File, ports: PortRange) -> Result<(), String> {
+    for direction in ["--dport", "--sport"] {
+        drop_rule_for(netns, ports, direction)?;
+    }
+    Ok(())
+}
+
+/// The arguments of one DROP rule after the action (`-C`, `-I`): `PREROUTING ! -i lo -p tcp
+/// DIRECTION LO:HI -j DROP`.
+fn drop_rule_args(ports: PortRange, direction: &str) -> Vec<String> {
+    [
+        "PREROUTING",
+        "!",
+        "-i",
+        "lo",
+        "-p",
+        "tcp",
+        direction,
+        &format!("{}:{}", ports.lo, ports.hi),
+        "-j",
+        "DROP",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+fn drop_rule_for(netns: &File, ports: PortRange, direction: &str) -> Result<(), String> {
     let rule = |action: &str| {
         let mut iptables = in_netns(netns, "iptables");
-        iptables.args(["-w", "5", "-t", "raw", action, "PREROUTING", "-p", "tcp"]);
-        iptables.args([
-            "--dport",
-            &format!("{}:{}", ports.lo, ports.hi),
-            "-j",
-            "DROP",
-        ]);
+        iptables.args(["-w", "5", "-t", "raw", action]);
+        iptables.args(drop_rule_args(ports, direction));
         iptables
     };
     match run(rule("-C"), None) {
@@ -236,9 +271,9 @@ fn drop_rule(netns: &File, ports: PortRange) -> Result<(), String> {
         Err(missing) if missing.contains("not found on") => Err(format!(
             "iptables is needed to keep the kernel from answering the instance's ports: {missing}"
         )),
-        Err(_) => run(rule("-I"), None)
-            .map(drop)
-            .map_err(|e| format!("cannot add the raw-table DROP rule for ports {ports}: {e}")),
+        Err(_) => run(rule("-I"), None).map(drop).map_err(|e| {
+            format!("cannot add the raw-table DROP rule for TCP {direction} {ports}: {e}")
+        }),
     }
 }
 
@@ -494,6 +529,22 @@ fn log_tail(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drop_rules_spare_loopback_and_cover_both_directions() {
+        let ports = PortRange {
+            lo: 61000,
+            hi: 62999,
+        };
+        assert_eq!(
+            drop_rule_args(ports, "--sport").join(" "),
+            "PREROUTING ! -i lo -p tcp --sport 61000:62999 -j DROP"
+        );
+        assert_eq!(
+            drop_rule_args(ports, "--dport").join(" "),
+            "PREROUTING ! -i lo -p tcp --dport 61000:62999 -j DROP"
+        );
+    }
 
     #[test]
     fn reserved_port_lists_are_read_as_ranges() {
