@@ -90,6 +90,11 @@ fn main() -> ExitCode {
             |()| unmodified_clients_run_on_the_userspace_stack(),
         ),
         Trial::gated(
+            "a_service_cluster_ip_goes_to_its_backend_on_the_userspace_stack",
+            || gate(&["python3", "curl"]),
+            |()| a_service_cluster_ip_goes_to_its_backend_on_the_userspace_stack(),
+        ),
+        Trial::gated(
             "without_a_stack_instance_connections_fall_back_to_the_kernel",
             || gate(&["python3", "curl"]),
             |()| without_a_stack_instance_connections_fall_back_to_the_kernel(),
@@ -581,4 +586,47 @@ fn unmodified_clients_run_on_the_userspace_stack() {
         output.contains(&format!("{bytes} {expected}")),
         "node client: {output}"
     );
+}
+
+/// A Service whose only backend is the internet host's server: node-a1 has no kube-proxy and no
+/// route to the ClusterIP, so only a connection that the shim resolves to the backend reaches
+/// the server — and curl still reports the ClusterIP as the address it connected to.
+fn a_service_cluster_ip_goes_to_its_backend_on_the_userspace_stack() {
+    let (cluster, server) = setup(Options::default(), "curl-svc", 1 << 20);
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: outside, namespace: e2e}}\n\
+         spec: {{clusterIP: 10.96.0.10, ports: [{{name: http, port: 80, protocol: TCP}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: outside-1, namespace: e2e, labels: {{kubernetes.io/service-name: outside}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {PORT}, protocol: TCP}}]\n\
+         endpoints: [{{addresses: [{INTERNET_IP}], conditions: {{ready: true}}}}]\n"
+    );
+    cluster.set_policy("service.yaml", &service).unwrap();
+    let frontend: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    cluster
+        .wait_decision("node-a1", "curl-svc", frontend, "Userspace/BBR")
+        .unwrap();
+    let mut curl = cluster
+        .spawn(
+            &client("curl-svc"),
+            true,
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download} %{remote_ip}:%{remote_port}",
+                "http://10.96.0.10/blob",
+            ],
+        )
+        .unwrap();
+    let output = curl.success(LONG).unwrap();
+    assert!(
+        output.contains("200 1048576 10.96.0.10:80"),
+        "curl (code, bytes, the address it connected to): {output}"
+    );
+    let ports = client_ports(&server);
+    assert_eq!(ports.len(), 1, "server saw: {}", server.output());
+    assert!((61000..=62999).contains(&ports[0]), "{ports:?}");
 }

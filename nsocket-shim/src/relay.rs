@@ -209,6 +209,23 @@ fn call(
     stackroute_local_api::relay::from_packet(&buffer[..len]).map_err(|_| libc::EPROTO)
 }
 
+/// The backend for a connection to `destination` when it is a Service frontend in the
+/// node's snapshot; connections spread over equally near backends.
+fn service_backend(config: &Config, destination: SocketAddr) -> Option<SocketAddr> {
+    static SPREAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let spread =
+        SPREAD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) ^ u64::from(std::process::id());
+    crate::reader::with_snapshot(config, |snapshot| {
+        let (ip, port) = snapshot.ok()?.snapshot.service_backend(
+            destination.ip(),
+            destination.port(),
+            stackroute_snapshot::Protocol::Tcp,
+            spread,
+        )?;
+        Some(SocketAddr::new(ip, port))
+    })
+}
+
 /// How a relayed `connect` went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Connected {
@@ -237,9 +254,12 @@ pub(crate) fn connect(
     let instance = instance(config)?;
     let (application, stack) = sys::stream_pair().map_err(|_| FallbackReason::Other)?;
     let filler = sys::fill(&application);
+    // A Service frontend: the instance's packets never pass kube-proxy, so the shim picks the
+    // backend (the nearest ready one); `getpeername` still shows the frontend.
+    let backend = service_backend(config, destination);
     let request = RelayRequest::Connect {
-        remote: destination,
-        original: None,
+        remote: backend.unwrap_or(destination),
+        original: backend.map(|_| destination),
         congestion_control: congestion_control.as_str().to_string(),
         nodelay,
         filler,

@@ -676,6 +676,54 @@ fn services_resolve_to_their_ready_backends() {
     );
 }
 
+/// The user-space stack connects to a Service's nearest ready backend itself (kube-proxy never
+/// sees its packets): same node first, then same zone; equals are spread; not-ready backends
+/// and non-frontends are never chosen.
+#[test]
+fn service_backends_for_the_user_space_stack_are_the_nearest_ready_ones() {
+    let mut state = ClusterState::default();
+    assert!(state.load_text("cluster", CLUSTER).is_empty());
+    let compiled = Compiled::new(&state, Settings::default());
+    let pick = |node: &str, to: &str, spread: u64| {
+        let bytes = compiled.node_snapshot(node, 1).unwrap();
+        let snapshot = stackroute_snapshot::Snapshot::parse(&bytes).unwrap();
+        let to: SocketAddr = to.parse().unwrap();
+        snapshot
+            .service_backend(to.ip(), to.port(), Protocol::Tcp, spread)
+            .map(|(ip, port)| SocketAddr::new(ip, port).to_string())
+    };
+    // trainers: ready backends 10.1.0.11 (t1 on a1) and 10.2.0.10 (t2 on a2); t3 is not ready.
+    for spread in 0..4 {
+        assert_eq!(
+            pick("a1", "10.96.0.1:80", spread).as_deref(),
+            Some("10.1.0.11:9000")
+        );
+        assert_eq!(
+            pick("a2", "10.96.0.1:80", spread).as_deref(),
+            Some("10.2.0.10:9000")
+        );
+    }
+    // From zone b both are in the other zone: equals, spread.
+    let from_b: std::collections::BTreeSet<_> = (0..4)
+        .filter_map(|s| pick("b1", "10.96.0.1:80", s))
+        .collect();
+    assert_eq!(from_b.len(), 2, "{from_b:?}");
+    // mixed: both backends on a2.
+    assert_eq!(
+        pick("a2", "10.96.0.2:80", 0).as_deref(),
+        Some("10.2.0.10:9000")
+    );
+    // Not a frontend, wrong port, wrong protocol.
+    assert_eq!(pick("a1", "10.2.0.10:9000", 0), None);
+    assert_eq!(pick("a1", "10.96.0.1:81", 0), None);
+    let bytes = compiled.node_snapshot("a1", 1).unwrap();
+    let snapshot = stackroute_snapshot::Snapshot::parse(&bytes).unwrap();
+    assert_eq!(
+        snapshot.service_backend("10.96.0.1".parse().unwrap(), 80, Protocol::Udp, 0),
+        None
+    );
+}
+
 #[test]
 fn v1beta1_endpoint_slices_resolve_services_like_v1() {
     // A Kubernetes 1.20 server serves EndpointSlices only as discovery.k8s.io/v1beta1.

@@ -1088,6 +1088,43 @@ impl<'a> Snapshot<'a> {
         }
     }
 
+    /// The backend a connection to the Service frontend `ip:port` goes to when the user-space
+    /// stack carries it (its packets skip the pod's netfilter, so kube-proxy never rewrites
+    /// them): the nearest ready backends first (same node, then same zone, then the rest, as
+    /// `classify` places them), one of those chosen by `spread` (e.g. a hash of the local
+    /// port), so connections spread over equals. `None` when `ip:port` is no Service frontend
+    /// or it has no ready backend. Allocation-free.
+    pub fn service_backend(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        protocol: Protocol,
+        spread: u64,
+    ) -> Option<(IpAddr, u16)> {
+        let ip = ip.to_canonical();
+        let (family, key) = ip_key(ip);
+        if self.count(SectionId::Services) == 0 {
+            return None;
+        }
+        let service = self.search(SectionId::Services, |r| {
+            (r[16], &r[..16], le16(r, 18), r[17]).cmp(&(family, &key[..], port, protocol as u8))
+        })?;
+        let record = self.record(SectionId::Services, service);
+        let backends = self.range(SectionId::Backends, le32(record, 20), le32(record, 24));
+        let nearest = backends
+            .chunks_exact(SectionId::Backends.record_len())
+            .map(|b| self.classify(backend_address(b)).1 as u8)
+            .min()?;
+        let at_nearest = || {
+            backends
+                .chunks_exact(SectionId::Backends.record_len())
+                .filter(move |b| self.classify(backend_address(b)).1 as u8 == nearest)
+        };
+        let count = at_nearest().count() as u64;
+        let chosen = at_nearest().nth((spread % count.max(1)) as usize)?;
+        Some((backend_address(chosen), le16(chosen, 18)))
+    }
+
     /// Decides the transport for a connection from `workload` to `ip:port` over `protocol`.
     ///
     /// A Service frontend is resolved to its ready backends; when they all get the same
