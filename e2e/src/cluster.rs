@@ -594,6 +594,53 @@ impl Cluster {
         Ok(())
     }
 
+    /// The user-space stack instances the agent of `node_name` runs, from its
+    /// `instances.json`: one per network namespace that made a `Userspace` connection.
+    pub fn stack_instances(&self, node_name: &str) -> Result<Vec<StackInstance>> {
+        let node = node(node_name);
+        let path = self
+            .dir
+            .path()
+            .join(node.name)
+            .join("state")
+            .join("instances.json");
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(error).with_context(|| format!("{}", path.display())),
+        };
+        let records: Vec<Value> = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a list of instances", path.display()))?;
+        records
+            .iter()
+            .map(|r| {
+                Ok(StackInstance {
+                    pid: r["pid"].as_i64().context("instance pid")? as i32,
+                    socket: format!(
+                        "stackroute-stackd.{}",
+                        r["tag"].as_str().context("instance tag")?
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    /// Every connection the user-space stack instance of `host`'s namespace reports, live and
+    /// finished (its `Connections` answer, all pages), read from outside the application: a
+    /// `python3` client on the instance's abstract control socket inside that namespace.
+    pub fn stack_connections(&self, host: &str, instance: &StackInstance) -> Result<Vec<Value>> {
+        let output = self.net.exec(
+            host,
+            &["python3", "-c", STACKD_CONNECTIONS, &instance.socket],
+        )?;
+        let value: Value = serde_json::from_str(output.trim())
+            .with_context(|| format!("the instance's Connections answer: {output}"))?;
+        value
+            .as_array()
+            .cloned()
+            .with_context(|| format!("the instance answered {value}"))
+    }
+
     /// The controller's log so far (for failure messages).
     pub fn controller_log(&self) -> String {
         self.controller
@@ -602,6 +649,36 @@ impl Cluster {
             .unwrap_or_default()
     }
 }
+
+/// A user-space stack instance (`stackroute-stackd`) an agent started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StackInstance {
+    /// Its pid.
+    pub pid: i32,
+    /// Its abstract control socket's name (no leading NUL), in the namespace it serves.
+    pub socket: String,
+}
+
+/// Pages through an instance's `Connections` (lrd-agent/local-api/src/relay.rs: one JSON
+/// message per `SOCK_SEQPACKET` packet) and prints the connections as one JSON array.
+const STACKD_CONNECTIONS: &str = r#"
+import json, socket, sys
+out, after = [], 0
+while True:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    s.connect("\0" + sys.argv[1])
+    s.send(json.dumps({"kind": "connections", "after": after, "limit": 100}).encode())
+    reply = json.loads(s.recv(1 << 17))
+    s.close()
+    if reply.get("kind") != "connections":
+        sys.exit("instance: %s" % reply)
+    out += reply["connections"]
+    if not reply.get("more") or not reply["connections"]:
+        break
+    after = reply["connections"][-1]["id"]
+print(json.dumps(out))
+"#;
 
 fn build_topology(net: &mut Net, options: &Options) -> Result<()> {
     net.add_host(ROUTER, options.default_cc)?;

@@ -83,6 +83,27 @@ pub fn connections_to(net: &Net, host: &str, peer: SocketAddr) -> Result<Vec<Tcp
         .collect())
 }
 
+/// Every TCP socket `host`'s kernel holds towards `peer`, in any state (`ss -tanH`): the lines
+/// as `ss` prints them. A connection on the user-space stack must leave this empty.
+pub fn kernel_sockets_to(net: &Net, host: &str, peer: SocketAddr) -> Result<Vec<String>> {
+    let output = net.exec(host, &["ss", "-tanH"])?;
+    Ok(sockets_in(&output, peer))
+}
+
+fn sockets_in(output: &str, peer: SocketAddr) -> Vec<String> {
+    output
+        .lines()
+        .filter(|line| {
+            line.split_whitespace()
+                .skip(1)
+                .filter_map(parse_addr)
+                .nth(1)
+                .is_some_and(|p| p == peer)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +124,14 @@ mod tests {
     fn an_info_line_without_an_algorithm_gives_none() {
         let conns = parse("ESTAB 0 0 1.2.3.4:1 5.6.7.8:2\n\t wscale:7,7 rto:204\n");
         assert_eq!(conns[0].cc, None);
+    }
+
+    #[test]
+    fn kernel_sockets_match_the_peer_column_in_any_state() {
+        let out = "ESTAB 0 0 10.0.2.1:40122 203.0.113.10:5201\nTIME-WAIT 0 0 10.0.2.1:40124 203.0.113.10:5201\nLISTEN 0 128 0.0.0.0:5201 0.0.0.0:*\nESTAB 0 0 203.0.113.10:5201 10.0.2.1:5\n";
+        let peer = "203.0.113.10:5201".parse().unwrap();
+        let lines = sockets_in(out, peer);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[1].starts_with("TIME-WAIT"));
     }
 }

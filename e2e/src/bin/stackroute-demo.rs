@@ -1,9 +1,12 @@
 //! The stackroute demo: one iperf3 server in the cluster, one on the internet, and three client
 //! pods on three kinds of path — same node, same zone, and an internet path with a rate limit,
-//! a wide-area delay and random loss. First without policy (every connection gets the hosts'
-//! default, kernel CUBIC), then with a StackRoute that picks BBR for the internet path; the
-//! congestion control of each connection is read from the kernel (`ss -tin`), not from the
-//! shim. Needs root. Run it with `sudo scripts/demo.sh`.
+//! a wide-area delay and random loss. First without policy (every connection gets the
+//! installation default, kernel CUBIC), then with a StackRoute that picks kernel BBR for the
+//! internet path, then with the internet rule changed to the user-space stack with BBR. The
+//! stack of each connection is read from outside the application: the kernel's `ss -tin` for
+//! kernel connections; for the user-space run, the stack instance's own report (`Connections`
+//! on its control socket) — and `ss` showing no kernel TCP socket for the flow. Needs root. Run
+//! it with `sudo scripts/demo.sh` (`--output json` for the runs as JSON).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -14,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use serde_json::{Value, json};
 use stackroute_e2e::cluster::{Cluster, INTERNET, INTERNET_IP, Options, Workload, node};
 use stackroute_e2e::net::Impairment;
 use stackroute_e2e::ss;
@@ -22,9 +26,10 @@ use stackroute_e2e::tools::{is_root, netns_preconditions, which};
 #[derive(Parser)]
 #[command(about = "stackroute demo: per-path transport choice, measured")]
 struct Args {
-    /// Bytes the internet client sends (iperf3 -n; K, M and G suffixes work).
-    #[arg(long, default_value = "8M")]
-    size: String,
+    /// Seconds each internet client sends (iperf3 -t): the receiver's rate over a fixed time
+    /// is the same measure for every stack, whatever each one buffers when the client stops.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
     /// Bytes each in-cluster client sends (fast paths: more bytes for a measurable time).
     #[arg(long, default_value = "1G")]
     cluster_size: String,
@@ -44,6 +49,26 @@ struct Args {
     /// (checks that the link shows BBR's advantage before the demo relies on it).
     #[arg(long)]
     calibrate: bool,
+    /// `text` (the tables) or `json` (the runs as a JSON array on stdout; progress on stderr).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+    /// Skip the third run (the internet path on the user-space stack).
+    #[arg(long)]
+    no_userspace: bool,
+}
+
+/// Set with `--output json`: progress goes to stderr, stdout carries only the JSON.
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Prints a progress or table line: to stdout, or to stderr with `--output json`.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if JSON.load(Ordering::Relaxed) {
+            eprintln!($($arg)*);
+        } else {
+            println!($($arg)*);
+        }
+    };
 }
 
 /// Set by SIGINT/SIGTERM.
@@ -87,6 +112,32 @@ spec:
     transport: {stack: Kernel, congestionControl: BBR}
 "#;
 
+/// The policy of the third run: the same StackRoute with the internet rule on the user-space
+/// stack (BBR), the kernel with CUBIC as its fallback.
+const POLICY_USERSPACE: &str = r#"# The demo's StackRoute, third run: the internet path on the user-space stack.
+apiVersion: stackroute.dev/v1alpha1
+kind: StackRoute
+metadata: {name: demo-paths, namespace: e2e}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  rules:
+  - name: same-node
+    to: [{pods: {podSelector: {}}}]
+    location: SameNode
+    transport: {stack: Kernel, congestionControl: Cubic}
+  - name: same-zone
+    to: [{pods: {podSelector: {}}}]
+    location: SameZone
+    transport: {stack: Kernel, congestionControl: Cubic}
+  - name: internet
+    to: [{entity: World}]
+    location: External
+    transport:
+      stack: Userspace
+      congestionControl: BBR
+      fallback: [{stack: Kernel, congestionControl: Cubic}]
+"#;
+
 struct Path {
     label: &'static str,
     internet: bool,
@@ -100,11 +151,37 @@ struct Measurement {
     seconds: f64,
     mbit: f64,
     retransmits: u64,
+    /// What the server received (iperf3's `sum_received.bytes`).
+    bytes_received: u64,
     cc: String,
+    /// The user-space run's evidence: what the instance reported and what `ss` saw.
+    userspace: Option<UserspaceReport>,
+}
+
+#[derive(Clone, Default)]
+struct UserspaceReport {
+    /// Payload bytes the instance sent on the run's connections.
+    bytes_sent: u64,
+    /// Its largest smoothed RTT among them, µs.
+    smoothed_rtt_us: u64,
+    /// How many connections of the run it reported.
+    connections: usize,
+    /// How many times `ss -tan` in the client's node was sampled (each showed no socket).
+    ss_samples: usize,
+}
+
+/// How a run's stack is read from outside the application.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Observe {
+    /// `ss -tin` in the client's node: the kernel's congestion control per connection.
+    Kernel,
+    /// The node's user-space stack instance (`Connections`), and `ss -tan` showing nothing.
+    Userspace,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    JSON.store(args.output == "json", Ordering::Relaxed);
     if !is_root() {
         eprintln!(
             "stackroute-demo needs root: it creates network namespaces, veth pairs, a bridge, tc and iptables rules (all removed at exit). Run: sudo scripts/demo.sh"
@@ -117,6 +194,12 @@ fn main() -> ExitCode {
     }
     if which("iperf3").is_none() {
         eprintln!("stackroute-demo: iperf3 is not installed (Debian: apt-get install iperf3)");
+        return ExitCode::from(2);
+    }
+    if !args.no_userspace && !args.calibrate && which("python3").is_none() {
+        eprintln!(
+            "stackroute-demo: python3 is not installed (it asks the user-space stack instance for its connections; Debian: apt-get install python3), or use --no-userspace"
+        );
         return ExitCode::from(2);
     }
     // Ctrl-C: stop measuring, let the cluster's drop guards clean up, exit.
@@ -162,10 +245,8 @@ fn install_sigint() {
 }
 
 fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
-    println!(
-        "stackroute demo — building the cluster: 3 nodes in 2 zones, a router, an internet host"
-    );
-    println!(
+    say!("stackroute demo — building the cluster: 3 nodes in 2 zones, a router, an internet host");
+    say!(
         "  internet link: {} Mbit/s, {:.1} % random loss, +{} ms delay",
         args.rate_mbit,
         args.loss * 100.0,
@@ -209,7 +290,7 @@ fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
             "libnsocket.so is not built (looked for $STACKROUTE_SHIM, then next to the binaries): build it with `cargo build --release -p nsocket-shim`"
         );
     };
-    println!("  shim: {}", shim.display());
+    say!("  shim: {}", shim.display());
 
     let paths = [
         Path {
@@ -242,29 +323,128 @@ fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
         cluster.wait_decision(path.node, path.client, path.server, "Kernel/Cubic")?;
     }
 
-    println!(
+    say!(
         "\n1) without policy: only the installation default (ClusterStackRoute installation-default, Baseline tier: kernel CUBIC)"
     );
-    let before = measure_all(&cluster, args, &paths, interrupted)?;
+    let mut before = Vec::new();
+    for path in &paths {
+        before.push(measure(&cluster, args, path, Observe::Kernel, interrupted)?);
+    }
 
-    println!("\n2) with StackRoute e2e/demo-paths (CUBIC in the cluster, BBR to the internet)");
+    say!("\n2) with StackRoute e2e/demo-paths (CUBIC in the cluster, kernel BBR to the internet)");
     cluster.set_policy("demo-policy.yaml", POLICY)?;
     let expected = ["Kernel/Cubic", "Kernel/Cubic", "Kernel/BBR"];
     for (path, expected) in paths.iter().zip(expected) {
         cluster.wait_decision(path.node, path.client, path.server, expected)?;
     }
-    let after = measure_all(&cluster, args, &paths, interrupted)?;
+    let mut after = Vec::new();
+    for path in &paths {
+        after.push(measure(&cluster, args, path, Observe::Kernel, interrupted)?);
+    }
 
-    println!(
+    let internet_path = &paths[2];
+    let userspace = if args.no_userspace {
+        None
+    } else {
+        say!(
+            "\n3) StackRoute e2e/demo-paths changed: the internet rule on the user-space stack (Userspace/BBR, fallback kernel CUBIC)"
+        );
+        cluster.set_policy("demo-policy.yaml", POLICY_USERSPACE)?;
+        cluster.wait_decision(
+            internet_path.node,
+            internet_path.client,
+            internet_path.server,
+            "Userspace/BBR",
+        )?;
+        Some(measure(
+            &cluster,
+            args,
+            internet_path,
+            Observe::Userspace,
+            interrupted,
+        )?)
+    };
+
+    print_tables(args, &paths, &before, &after, userspace.as_ref());
+    if JSON.load(Ordering::Relaxed) {
+        let mut runs = Vec::new();
+        let kernel = |path: &Path, m: &Measurement, policy: &str| {
+            json!({
+                "path": path.label,
+                "client": format!("{} ({})", path.client, path.node),
+                "server": path.server.to_string(),
+                "policy": policy,
+                "stack": "kernel",
+                "congestionControl": m.cc,
+                "seconds": round3(m.seconds),
+                "mbitPerSecond": round3(m.mbit),
+                "retransmits": m.retransmits,
+                "observedBy": "ss -tin",
+            })
+        };
+        for (path, m) in paths.iter().zip(&before) {
+            runs.push(kernel(path, m, "installation-default"));
+        }
+        for (path, m) in paths.iter().zip(&after) {
+            runs.push(kernel(path, m, "demo-paths"));
+        }
+        if let Some(m) = &userspace {
+            let report = m.userspace.clone().unwrap_or_default();
+            runs.push(json!({
+                "path": internet_path.label,
+                "client": format!("{} ({})", internet_path.client, internet_path.node),
+                "server": internet_path.server.to_string(),
+                "policy": "demo-paths (internet: Userspace)",
+                "stack": "userspace",
+                "congestionControl": m.cc,
+                "seconds": round3(m.seconds),
+                "mbitPerSecond": round3(m.mbit),
+                "retransmits": m.retransmits,
+                "observedBy": "stack instance Connections; ss -tan: no kernel socket",
+                "bytesSent": report.bytes_sent,
+                "smoothedRttUs": report.smoothed_rtt_us,
+                "kernelSocketSamples": report.ss_samples,
+            }));
+        }
+        println!("{}", serde_json::to_string_pretty(&Value::Array(runs))?);
+    }
+    Ok(())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn print_tables(
+    args: &Args,
+    paths: &[Path],
+    before: &[Measurement],
+    after: &[Measurement],
+    userspace: Option<&Measurement>,
+) {
+    say!(
         "\n{:<10} {:<15} {:<18}│ {:^26} │ {:^26} │ {:>8}",
-        "path", "client (node)", "server", "without policy", "with StackRoute", "speed-up"
+        "path",
+        "client (node)",
+        "server",
+        "without policy",
+        "with StackRoute",
+        "speed-up"
     );
-    println!(
+    say!(
         "{:<10} {:<15} {:<18}│ {:<6} {:>7} {:>11} │ {:<6} {:>7} {:>11} │",
-        "", "", "", "cc", "time", "Mbit/s", "cc", "time", "Mbit/s"
+        "",
+        "",
+        "",
+        "cc",
+        "time",
+        "Mbit/s",
+        "cc",
+        "time",
+        "Mbit/s"
     );
-    for ((path, a), b) in paths.iter().zip(&before).zip(&after) {
-        println!(
+    for ((path, a), b) in paths.iter().zip(before).zip(after) {
+        say!(
             "{:<10} {:<15} {:<18}│ {:<6} {:>6.2}s {:>11.1} │ {:<6} {:>6.2}s {:>11.1} │ {:>7.2}×{}",
             path.label,
             format!(
@@ -279,7 +459,7 @@ fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
             b.cc,
             b.seconds,
             b.mbit,
-            a.seconds / b.seconds,
+            b.mbit / a.mbit,
             if a.cc == b.cc {
                 "  (same cc both times: noise)"
             } else {
@@ -287,67 +467,140 @@ fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
             }
         );
     }
-    println!(
-        "\ncc: the congestion control the kernel reported for the client's connections (ss -tin in its node), read outside the application.\ntime: iperf3's receiver-side time to move {} in the cluster, {} over the internet (median of {} runs); speed-up: time without / time with.\nretransmits on the internet path without/with policy: {}/{}.",
-        args.cluster_size, args.size, args.runs, before[2].retransmits, after[2].retransmits
+    say!(
+        "\ncc: the congestion control the kernel reported for the client's connections (ss -tin in its node), read outside the application.\ntime, Mbit/s: iperf3's receiver-side figures for {} in the cluster (-n), {} s over the internet (-t); median of {} runs by throughput; speed-up: Mbit/s with / Mbit/s without.\nretransmits on the internet path without/with policy: {}/{}.",
+        args.cluster_size,
+        args.seconds,
+        args.runs,
+        before[2].retransmits,
+        after[2].retransmits
     );
-    Ok(())
+
+    let Some(us) = userspace else {
+        return;
+    };
+    let path = &paths[2];
+    say!(
+        "\nthe internet path three ways: {} → {}, {} Mbit/s, {:.1} % loss, +{} ms; iperf3 -t {} under the shim, median of {}",
+        node(path.node).name,
+        path.server,
+        args.rate_mbit,
+        args.loss * 100.0,
+        args.delay_ms,
+        args.seconds,
+        args.runs
+    );
+    say!(
+        "{:<4} {:<10} {:<6} {:>7} {:>8} {:>9} {:>8}  read from outside the application",
+        "run",
+        "stack",
+        "cc",
+        "time",
+        "Mbit/s",
+        "speed-up",
+        "retrans"
+    );
+    let base = before[2].mbit;
+    let report = us.userspace.clone().unwrap_or_default();
+    let rows = [
+        (
+            "1",
+            "kernel",
+            &before[2],
+            format!("ss -tin in node {}", node(path.node).host),
+        ),
+        (
+            "2",
+            "kernel",
+            &after[2],
+            format!("ss -tin in node {}", node(path.node).host),
+        ),
+        (
+            "3",
+            "userspace",
+            us,
+            format!(
+                "the node's stack instance (Connections): {} connection(s), {:.1} MB sent, srtt {:.0} ms; ss -tan: no kernel TCP socket to the server in {} samples",
+                report.connections,
+                report.bytes_sent as f64 / 1e6,
+                report.smoothed_rtt_us as f64 / 1e3,
+                report.ss_samples
+            ),
+        ),
+    ];
+    for (run, stack, m, from) in rows {
+        say!(
+            "{:<4} {:<10} {:<6} {:>6.2}s {:>8.1} {:>8.2}× {:>8}  {}",
+            run,
+            stack,
+            m.cc,
+            m.seconds,
+            m.mbit,
+            m.mbit / base,
+            m.retransmits,
+            from
+        );
+    }
+    say!(
+        "speed-up: Mbit/s of the run / Mbit/s of run 1 (kernel CUBIC). Retransmits: iperf3's for kernel runs, the instance's for the user-space run."
+    );
 }
 
-fn measure_all(
+/// Measures `path` `args.runs` times with the current policy; the median run.
+fn measure(
     cluster: &Cluster,
     args: &Args,
-    paths: &[Path],
+    path: &Path,
+    observe: Observe,
     interrupted: &AtomicBool,
-) -> Result<Vec<Measurement>> {
-    let mut results = Vec::new();
-    for path in paths {
-        let mut runs = Vec::new();
-        for _ in 0..args.runs.max(1) {
-            if interrupted.load(Ordering::Relaxed) {
-                bail!("interrupted");
-            }
-            let size = if path.internet {
-                &args.size
-            } else {
-                &args.cluster_size
-            };
-            let workload = Workload {
-                node: path.node,
-                name: path.client,
-                labels: &["app=client"],
-            };
-            runs.push(iperf3(
-                cluster,
-                path.server,
-                node(path.node).host,
-                |extra| {
-                    let mut argv = vec![
-                        "iperf3".to_string(),
-                        "-c".into(),
-                        path.server.ip().to_string(),
-                    ];
-                    argv.extend([
-                        "-p".into(),
-                        path.server.port().to_string(),
-                        "-n".into(),
-                        size.clone(),
-                        "-J".into(),
-                    ]);
-                    argv.extend(extra.iter().map(|s| s.to_string()));
-                    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-                    cluster.spawn(&workload, true, &argv)
-                },
-            )?);
+) -> Result<Measurement> {
+    let mut runs = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        if interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
         }
-        let m = median(runs);
-        println!(
-            "   {:<10} {:<6} {:>7.2} s {:>8.1} Mbit/s",
-            path.label, m.cc, m.seconds, m.mbit
-        );
-        results.push(m);
+        let amount = if path.internet {
+            ["-t".to_string(), args.seconds.to_string()]
+        } else {
+            ["-n".to_string(), args.cluster_size.clone()]
+        };
+        let workload = Workload {
+            node: path.node,
+            name: path.client,
+            labels: &["app=client"],
+        };
+        let start = |extra: &[&str]| {
+            let mut argv = vec![
+                "iperf3".to_string(),
+                "-c".into(),
+                path.server.ip().to_string(),
+            ];
+            argv.extend([
+                "-p".into(),
+                path.server.port().to_string(),
+                amount[0].clone(),
+                amount[1].clone(),
+                "-J".into(),
+            ]);
+            argv.extend(extra.iter().map(|s| s.to_string()));
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            cluster.spawn(&workload, true, &argv)
+        };
+        let host = node(path.node).host;
+        runs.push(match observe {
+            Observe::Kernel => iperf3(cluster, path.server, host, start)?,
+            Observe::Userspace => iperf3_userspace(cluster, path, start)?,
+        });
     }
-    Ok(results)
+    let m = median(runs);
+    say!(
+        "   {:<10} {:<6} {:>7.2} s {:>8.1} Mbit/s",
+        path.label,
+        m.cc,
+        m.seconds,
+        m.mbit
+    );
+    Ok(m)
 }
 
 fn calibrate(
@@ -356,7 +609,7 @@ fn calibrate(
     server: SocketAddr,
     interrupted: &AtomicBool,
 ) -> Result<()> {
-    println!("calibration: iperf3 -C from node-b1 to the internet host, no shim, no policy");
+    say!("calibration: iperf3 -C from node-b1 to the internet host, no shim, no policy");
     for _ in 0..args.runs.max(1) {
         for cc in ["cubic", "bbr"] {
             if interrupted.load(Ordering::Relaxed) {
@@ -364,17 +617,21 @@ fn calibrate(
             }
             let m = iperf3(cluster, server, "b1", |_| {
                 let ip = server.ip().to_string();
+                let seconds = args.seconds.to_string();
                 cluster.spawn_plain(
                     "b1",
                     "iperf3-calibrate",
                     &[
-                        "iperf3", "-c", &ip, "-p", "5201", "-n", &args.size, "-J", "-C", cc,
+                        "iperf3", "-c", &ip, "-p", "5201", "-t", &seconds, "-J", "-C", cc,
                     ],
                 )
             })?;
-            println!(
+            say!(
                 "   {cc:<6} {:>7.2} s {:>8.1} Mbit/s {:>6} retransmits (ss saw {})",
-                m.seconds, m.mbit, m.retransmits, m.cc
+                m.seconds,
+                m.mbit,
+                m.retransmits,
+                m.cc
             );
         }
     }
@@ -405,12 +662,132 @@ fn iperf3(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let output = client.success(Duration::from_secs(300))?;
+    let mut m = iperf3_result(&client.success(Duration::from_secs(300))?)?;
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    m.cc = if seen.is_empty() {
+        "?".into()
+    } else {
+        seen.iter().cloned().collect::<Vec<_>>().join("+")
+    };
+    Ok(m)
+}
+
+/// Runs one iperf3 client on the user-space stack: meanwhile `ss -tan` in the client's node
+/// must never show a kernel TCP socket to the server; afterwards the node's stack instance must
+/// report the run's connections to the server, with BBR and at least what the server received.
+fn iperf3_userspace(
+    cluster: &Cluster,
+    path: &Path,
+    start: impl FnOnce(&[&str]) -> Result<stackroute_e2e::proc::Proc>,
+) -> Result<Measurement> {
+    let host = node(path.node).host;
+    // Connections the instance already reported (earlier runs) are not this run's.
+    let known = match cluster.stack_instances(path.node)?.first() {
+        Some(instance) => cluster
+            .stack_connections(host, instance)?
+            .iter()
+            .filter_map(|c| c["id"].as_u64())
+            .max()
+            .unwrap_or(0),
+        None => 0,
+    };
+    // The kernel runs before this one left TIME-WAIT sockets to the same server: only a
+    // socket that was not there before counts.
+    let local = |line: &str| line.split_whitespace().nth(3).map(str::to_string);
+    let earlier: BTreeSet<String> = ss::kernel_sockets_to(&cluster.net, host, path.server)?
+        .iter()
+        .filter_map(|line| local(line))
+        .collect();
+    let mut client = start(&[])?;
+    let mut kernel_seen = BTreeSet::new();
+    let mut samples = 0;
+    while client.running() {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            client.stop();
+            bail!("interrupted");
+        }
+        kernel_seen.extend(
+            ss::kernel_sockets_to(&cluster.net, host, path.server)?
+                .into_iter()
+                .filter(|line| local(line).is_none_or(|l| !earlier.contains(&l))),
+        );
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut m = iperf3_result(&client.success(Duration::from_secs(300))?)?;
+    if !kernel_seen.is_empty() {
+        bail!(
+            "the user-space run left kernel TCP sockets to {} in node {host} (the connection did not run on the instance — see the agent's fallback metrics):\n{}",
+            path.server,
+            kernel_seen.into_iter().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let instances = cluster.stack_instances(path.node)?;
+    let [instance] = instances.as_slice() else {
+        bail!(
+            "expected one user-space stack instance on {}, the agent records {}",
+            path.node,
+            instances.len()
+        );
+    };
+    let connections: Vec<Value> = cluster
+        .stack_connections(host, instance)?
+        .into_iter()
+        .filter(|c| c["id"].as_u64().unwrap_or(0) > known)
+        .filter(|c| c["remote"].as_str() == Some(&path.server.to_string()))
+        .collect();
+    if connections.is_empty() {
+        bail!(
+            "the stack instance (pid {}) reports no connection to {} for this run",
+            instance.pid,
+            path.server
+        );
+    }
+    let ccs: BTreeSet<&str> = connections
+        .iter()
+        .map(|c| c["congestionControl"].as_str().unwrap_or("?"))
+        .collect();
+    if ccs.len() != 1 || !ccs.iter().all(|cc| cc.eq_ignore_ascii_case("bbr")) {
+        bail!("the stack instance reports congestion control {ccs:?}, not BBR");
+    }
+    let cc = ccs
+        .iter()
+        .next()
+        .map(|cc| cc.to_string())
+        .unwrap_or_default();
+    let field = |c: &Value, name: &str| c[name].as_u64().unwrap_or(0);
+    let report = UserspaceReport {
+        bytes_sent: connections.iter().map(|c| field(c, "bytesSent")).sum(),
+        smoothed_rtt_us: connections
+            .iter()
+            .map(|c| field(c, "smoothedRttUs"))
+            .max()
+            .unwrap_or(0),
+        connections: connections.len(),
+        ss_samples: samples,
+    };
+    // What the server received the instance must have sent (it may have sent more: data
+    // still in flight when iperf3 stopped counting).
+    if report.bytes_sent < m.bytes_received || m.bytes_received == 0 {
+        bail!(
+            "the stack instance reports {} bytes sent to {}; the server received {}",
+            report.bytes_sent,
+            path.server,
+            m.bytes_received
+        );
+    }
+    m.cc = cc;
+    m.retransmits = connections.iter().map(|c| field(c, "retransmits")).sum();
+    m.userspace = Some(report);
+    Ok(m)
+}
+
+/// The receiver-side figures of an iperf3 `-J` client's output.
+fn iperf3_result(output: &str) -> Result<Measurement> {
     let json_start = output.find('{').context("iperf3 printed no JSON")?;
-    let json: serde_json::Value = serde_json::from_str(&output[json_start..])
+    let json: Value = serde_json::from_str(&output[json_start..])
         .with_context(|| format!("iperf3 output: {output}"))?;
     let received = &json["end"]["sum_received"];
-    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
     Ok(Measurement {
         seconds: received["seconds"].as_f64().context("seconds")?,
         mbit: received["bits_per_second"]
@@ -418,15 +795,12 @@ fn iperf3(
             .context("bits_per_second")?
             / 1e6,
         retransmits: json["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-        cc: if seen.is_empty() {
-            "?".into()
-        } else {
-            seen.iter().cloned().collect::<Vec<_>>().join("+")
-        },
+        bytes_received: received["bytes"].as_u64().unwrap_or(0),
+        ..Measurement::default()
     })
 }
 
 fn median(mut runs: Vec<Measurement>) -> Measurement {
-    runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+    runs.sort_by(|a, b| a.mbit.total_cmp(&b.mbit));
     runs.get(runs.len() / 2).cloned().unwrap_or_default()
 }
