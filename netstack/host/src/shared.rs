@@ -1,5 +1,6 @@
 //! Sharing the kernel's IPv4 address: the stack gets TCP to a port range, the kernel the rest.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
 
@@ -13,18 +14,39 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 /// and echo requests with replies: both would break the kernel's own connections or duplicate
 /// its answers, so such frames are never passed up. (The kernel, in turn, is kept away from
 /// `ports` by whoever set the stack up: `ip_local_reserved_ports` and a netfilter DROP.)
+///
+/// Dual listen: TCP to a port in `listened` whose **source** port is in `ports` is the stack's
+/// too — a user-space peer (another namespace's stack, connecting from its own range, which
+/// every such namespace reserves from its kernel) reaching a port the application listens on
+/// with a kernel socket. The same port from any other source port stays the kernel's, so the
+/// stack never answers the kernel's clients, not even with a RST. (The kernel is kept away
+/// from the peers' segments by a netfilter DROP of TCP *from* `ports`.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SharedAddress {
     /// The shared address.
     pub address: Ipv4Addr,
-    /// The stack's TCP ports (its ephemeral ports).
+    /// The stack's TCP ports (its ephemeral ports), and the source ports of user-space peers.
     pub ports: RangeInclusive<u16>,
+    /// Ports the stack accepts user-space peers on (dual listen).
+    pub listened: BTreeSet<u16>,
+}
+
+impl SharedAddress {
+    /// The stack owns `ports` on `address`, and listens on nothing.
+    pub fn new(address: Ipv4Addr, ports: RangeInclusive<u16>) -> Self {
+        Self {
+            address,
+            ports,
+            listened: BTreeSet::new(),
+        }
+    }
 }
 
 impl SharedAddress {
     /// Whether the stack should see this Ethernet frame: anything not IPv4 to the shared
     /// address (ARP, other addresses, which the stack drops itself), TCP to the stack's ports,
-    /// and ICMP other than echo requests (errors may concern the stack's connections).
+    /// TCP to a listened port from a peer's port in the range, and ICMP other than echo
+    /// requests (errors may concern the stack's connections).
     pub fn is_for_stack(&self, frame: &[u8]) -> bool {
         let Some(ethertype) = frame.get(12..14) else {
             return true;
@@ -56,7 +78,10 @@ impl SharedAddress {
                 // A later fragment has no TCP header; the instance never fragments and Linux
                 // sends TCP with DF, so these are for the kernel.
                 Some(port) if fragment_offset(ip) == 0 => {
-                    self.ports.contains(&u16::from_be_bytes([port[0], port[1]]))
+                    let destination = u16::from_be_bytes([port[0], port[1]]);
+                    let source = u16::from_be_bytes([payload[0], payload[1]]);
+                    self.ports.contains(&destination)
+                        || (self.listened.contains(&destination) && self.ports.contains(&source))
                 }
                 _ => false,
             },
@@ -90,10 +115,7 @@ mod tests {
 
     #[test]
     fn only_the_stacks_tcp_ports_and_icmp_errors_reach_the_stack() {
-        let shared = SharedAddress {
-            address: Ipv4Addr::new(10, 0, 0, 1),
-            ports: 61000..=62999,
-        };
+        let mut shared = SharedAddress::new(Ipv4Addr::new(10, 0, 0, 1), 61000..=62999);
         let ours = [10, 0, 0, 1];
         let tcp_to = |port: u16| {
             let p = port.to_be_bytes();
@@ -120,5 +142,21 @@ mod tests {
         fragment[14 + 7] = 0x10;
         assert!(!shared.is_for_stack(&fragment));
         assert!(!shared.is_for_stack(&tcp_to(61000)[..14 + 21]));
+        // Dual listen: a listened port from a peer's port in the range, and only from there.
+        let tcp = |source: u16, destination: u16| {
+            let (s, d) = (source.to_be_bytes(), destination.to_be_bytes());
+            frame(PROTOCOL_TCP, ours, [s[0], s[1], d[0], d[1]])
+        };
+        assert!(!shared.is_for_stack(&tcp(61005, 8080)));
+        shared.listened.insert(8080);
+        assert!(shared.is_for_stack(&tcp(61005, 8080)));
+        assert!(shared.is_for_stack(&tcp(62999, 8080)));
+        assert!(!shared.is_for_stack(&tcp(60999, 8080)), "a kernel client");
+        assert!(!shared.is_for_stack(&tcp(45000, 8080)), "a kernel client");
+        assert!(!shared.is_for_stack(&tcp(61005, 8081)), "not listened");
+        assert!(
+            shared.is_for_stack(&tcp(80, 61005)),
+            "the stack's own client flow"
+        );
     }
 }

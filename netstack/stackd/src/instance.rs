@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant as StdInstant};
@@ -46,6 +46,26 @@ const CONTROL_LIMIT: usize = 1024;
 const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(200);
 /// A relay read or write moves at most this much at a time (and holds at most this much).
 const SCRATCH: usize = 64 * 1024;
+/// Dual listen: wire connections being established or waiting for the instance to accept
+/// them, per listened port (the instance accepts them at once).
+const WIRE_BACKLOG: usize = 128;
+
+/// Dual listen: a port the application listens on, where the instance accepts user-space
+/// peers.
+#[derive(Debug)]
+struct Listening {
+    /// The stack's listener.
+    handle: SocketHandle,
+    /// Where the instance connects for each accepted connection.
+    app: SocketAddr,
+}
+
+/// Dual listen: who is behind one of the instance's loopback connections.
+#[derive(Clone, Copy, Debug)]
+struct PeerEntry {
+    id: u64,
+    remote: SocketAddr,
+}
 
 /// How the instance behaves.
 #[derive(Clone, Debug)]
@@ -86,6 +106,12 @@ pub(crate) struct Instance {
     next_control: usize,
     relays: BTreeMap<u64, Relay>,
     by_handle: HashMap<SocketHandle, u64>,
+    /// Dual listen: by port.
+    listening: BTreeMap<u16, Listening>,
+    /// Dual listen: our loopback end → the wire peer, while the connection lives and for
+    /// `FINISHED_FOR` after (`peers_finished`, oldest first).
+    peers: HashMap<SocketAddr, PeerEntry>,
+    peers_finished: VecDeque<(StdInstant, SocketAddr, u64)>,
     finished: BTreeMap<u64, Finished>,
     finished_order: VecDeque<u64>,
     /// Closed by us, still finishing in the stack (FIN, ACK, TIME-WAIT): released once done,
@@ -133,6 +159,9 @@ impl Instance {
             next_control: 0,
             relays: BTreeMap::new(),
             by_handle: HashMap::new(),
+            listening: BTreeMap::new(),
+            peers: HashMap::new(),
+            peers_finished: VecDeque::new(),
             finished: BTreeMap::new(),
             finished_order: VecDeque::new(),
             lingering: Vec::new(),
@@ -151,6 +180,9 @@ impl Instance {
         loop {
             let now = self.host.now();
             let mut busy = self.host.poll(now);
+            if !self.listening.is_empty() {
+                busy |= self.accept_wire();
+            }
             while let Some(event) = self.host.stack.poll_event() {
                 if let Some(&id) = self.by_handle.get(&event.handle) {
                     self.dirty.push(id);
@@ -245,6 +277,10 @@ impl Instance {
             .registry()
             .deregister(&mut SourceFd(&relay.socket.as_raw_fd()));
         self.by_handle.remove(&relay.handle);
+        if let Some(loopback) = relay.loopback {
+            self.peers_finished
+                .push_back((StdInstant::now(), loopback, id));
+        }
         match end {
             End::Closed => {
                 debug!(id, remote = %relay.remote, "connection closed");
@@ -258,8 +294,16 @@ impl Instance {
                 debug!(id, remote = %relay.remote, errno, ?state, "connection failed");
                 let _ = self.host.stack.close(relay.handle);
             }
+            End::LoopbackFailed(errno) => {
+                debug!(id, remote = %relay.remote, errno, "the application's listener refused: reset");
+                let _ = self.host.stack.abort(relay.handle);
+            }
         }
-        drop(relay);
+        let Relay { socket, .. } = relay;
+        if matches!(end, End::Failed(_) | End::Reset(_)) {
+            // The wire connection was reset: so is the application's loopback connection.
+            socket.close_with_reset();
+        }
         self.finished.insert(
             id,
             Finished {
@@ -285,6 +329,16 @@ impl Instance {
             self.finished_order.pop_front();
             self.finished.remove(&oldest);
         }
+        while let Some(&(at, loopback, id)) = self.peers_finished.front() {
+            if at.elapsed() < FINISHED_FOR && self.peers_finished.len() <= FINISHED_KEPT {
+                break;
+            }
+            self.peers_finished.pop_front();
+            // The port may serve a newer connection by now.
+            if self.peers.get(&loopback).is_some_and(|peer| peer.id == id) {
+                self.peers.remove(&loopback);
+            }
+        }
     }
 
     fn housekeeping(&mut self) {
@@ -306,6 +360,7 @@ impl Instance {
         let count = self.relays.len() + self.lingering.len();
         for (_, relay) in std::mem::take(&mut self.relays) {
             let _ = self.host.stack.abort(relay.handle);
+            relay.socket.close_with_reset();
         }
         for handle in std::mem::take(&mut self.lingering) {
             let _ = self.host.stack.abort(handle);
@@ -465,10 +520,18 @@ impl Instance {
                 None => error("connect carries one descriptor", Errno::INVAL),
             },
             RelayRequest::Status { id } => self.status(id),
-            // Dual listen is not built yet: the shim keeps such listeners kernel-only.
-            RelayRequest::Listen { .. }
-            | RelayRequest::Unlisten { .. }
-            | RelayRequest::PeerOf { .. } => error("dual listen is not supported yet", Errno::OPNOTSUPP),
+            RelayRequest::Listen { address } => self.listen(address),
+            RelayRequest::Unlisten { address } => self.unlisten(address),
+            RelayRequest::PeerOf { local } => match self.peers.get(&unmapped(local)) {
+                Some(peer) => RelayResponse::Peer {
+                    remote: Some(peer.remote),
+                    id: Some(peer.id),
+                },
+                None => RelayResponse::Peer {
+                    remote: None,
+                    id: None,
+                },
+            },
             RelayRequest::SetOption { id, option } => self.set_option(id, option),
             RelayRequest::Connections { after, limit } => {
                 let live = self
@@ -590,6 +653,128 @@ impl Instance {
         Ok(RelayResponse::Connecting { id, local })
     }
 
+    /// Dual listen: accept user-space peers on `address`'s port and hand each to the
+    /// application's listener there over loopback.
+    fn listen(&mut self, address: SocketAddr) -> RelayResponse {
+        let address = unmapped(address);
+        let port = address.port();
+        if port == 0 {
+            return error("listen on port 0", Errno::INVAL);
+        }
+        let app = match address.ip() {
+            // The instance is IPv4 only, and a wildcard listener (`[::]` without `IPV6_V6ONLY`
+            // too) takes IPv4 loopback connections.
+            ip if ip.is_unspecified() => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            IpAddr::V4(ip) if ip == self.settings.address => address,
+            // A listener bound to loopback or another address is not reachable from the wire
+            // through the kernel either: relaying to it would expose it.
+            _ => {
+                return error(
+                    &format!(
+                        "{address} is not reachable from the wire (the instance accepts on {} only)",
+                        self.settings.address
+                    ),
+                    Errno::ADDRNOTAVAIL,
+                );
+            }
+        };
+        let Some(shared) = self.host.shared.as_mut() else {
+            return error("the instance shares no address", Errno::OPNOTSUPP);
+        };
+        if shared.ports.contains(&port) {
+            return error(
+                &format!("port {port} is in the user-space range"),
+                Errno::ADDRINUSE,
+            );
+        }
+        if let Some(listening) = self.listening.get_mut(&port) {
+            listening.app = app;
+            return RelayResponse::Done;
+        }
+        let tcp = self.host.stack.config().tcp.clone();
+        match self.host.stack.listen_with(port, WIRE_BACKLOG, tcp) {
+            Ok(handle) => {
+                shared.listened.insert(port);
+                self.listening.insert(port, Listening { handle, app });
+                info!(port, %app, "accepting user-space peers");
+                RelayResponse::Done
+            }
+            Err(e) => error(&format!("listen on {port}: {e:?}"), Errno::ADDRINUSE),
+        }
+    }
+
+    /// Stops accepting on `address`'s port; connections accepted go on. The port stays
+    /// steered to the stack, which now answers new peers' SYNs with a RST (connection
+    /// refused, as the kernel would once the listener is gone; the kernel never sees them).
+    fn unlisten(&mut self, address: SocketAddr) -> RelayResponse {
+        if let Some(listening) = self.listening.remove(&address.port()) {
+            let _ = self.host.stack.close(listening.handle);
+            info!(
+                port = address.port(),
+                "no longer accepting user-space peers"
+            );
+        }
+        RelayResponse::Done
+    }
+
+    /// Accepts every wire connection the listeners have; returns whether there was any.
+    fn accept_wire(&mut self) -> bool {
+        let mut accepted = false;
+        let listeners: Vec<(SocketHandle, SocketAddr)> = self
+            .listening
+            .values()
+            .map(|listening| (listening.handle, listening.app))
+            .collect();
+        for (listener, app) in listeners {
+            while let Ok(handle) = self.host.stack.accept(listener) {
+                accepted = true;
+                self.start_accepted(handle, app);
+            }
+        }
+        accepted
+    }
+
+    /// A wire connection was accepted: connect to the application over loopback and relay.
+    fn start_accepted(&mut self, handle: SocketHandle, app: SocketAddr) {
+        let Ok((local, remote)) = self.host.stack.addresses(handle) else {
+            let _ = self.host.stack.close(handle);
+            return;
+        };
+        if self.relays.len() >= self.settings.max_connections {
+            warn!(%remote, "{} connections relayed already: resetting a peer's", self.relays.len());
+            let _ = self.host.stack.abort(handle);
+            return;
+        }
+        let (socket, loopback) = match connect_loopback(app) {
+            Ok(connected) => connected,
+            Err(e) => {
+                debug!(%remote, %app, "the application's listener refused: {e}; reset");
+                let _ = self.host.stack.abort(handle);
+                return;
+            }
+        };
+        let id = self.next_id;
+        let registered = self.poll.registry().register(
+            &mut SourceFd(&socket.as_raw_fd()),
+            Token(RELAY_BIT | id as usize),
+            Interest::READABLE | Interest::WRITABLE,
+        );
+        if let Err(e) = registered {
+            warn!("registering a loopback connection: {e}");
+            let _ = self.host.stack.abort(handle);
+            return;
+        }
+        self.next_id += 1;
+        self.by_handle.insert(handle, id);
+        self.peers.insert(loopback, PeerEntry { id, remote });
+        self.relays.insert(
+            id,
+            Relay::accepted(id, handle, socket, local, remote, loopback),
+        );
+        self.dirty.push(id);
+        debug!(id, %remote, %local, %loopback, "accepted a user-space peer");
+    }
+
     /// Whether an IPv4 destination is on-link or behind the gateway.
     fn reachable(&self, ip: IpAddr) -> bool {
         let IpAddr::V4(ip) = ip else {
@@ -660,6 +845,41 @@ impl Instance {
             }
             Err(e) => error(&format!("connection {id}: {e}"), Errno::NOTCONN),
         }
+    }
+}
+
+/// A non-blocking kernel TCP connection to `to` (usually completing later), with our end's
+/// address.
+fn connect_loopback(to: SocketAddr) -> io::Result<(TcpStream, SocketAddr)> {
+    let family = match to {
+        SocketAddr::V4(_) => rustix::net::AddressFamily::INET,
+        SocketAddr::V6(_) => rustix::net::AddressFamily::INET6,
+    };
+    let socket = rustix::net::socket_with(
+        family,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    // The relay forwards what arrives at once; Nagle would only add delay.
+    let _ = rustix::net::sockopt::set_tcp_nodelay(&socket, true);
+    match rustix::net::connect(&socket, &to) {
+        Ok(()) | Err(Errno::INPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let socket = TcpStream::from(socket);
+    let local = socket.local_addr()?;
+    Ok((socket, unmapped(local)))
+}
+
+/// An IPv4-mapped IPv6 address as IPv4 (what a dual-stack socket reports).
+fn unmapped(address: SocketAddr) -> SocketAddr {
+    match address {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(ip) => SocketAddr::new(IpAddr::V4(ip), v6.port()),
+            None => address,
+        },
+        SocketAddr::V4(_) => address,
     }
 }
 

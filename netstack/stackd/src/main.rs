@@ -175,10 +175,7 @@ fn run(cli: Cli) -> Result<()> {
             yield_between: true,
         },
     );
-    host.shared = Some(SharedAddress {
-        address: network.address,
-        ports: cli.ports.clone(),
-    });
+    host.shared = Some(SharedAddress::new(network.address, cli.ports.clone()));
     host.max_sleep = Duration::from_millis(200);
     let name = socket_name(&cli.socket_name);
     let listener = control::listen(&name)

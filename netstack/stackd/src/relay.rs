@@ -5,7 +5,8 @@
 //! takes them, half-closes passed through, resets and failures remembered as an errno.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use rustix::io::Errno;
@@ -25,6 +26,9 @@ pub(crate) enum End {
     Failed(i32),
     /// The established connection was reset or timed out: this errno.
     Reset(i32),
+    /// Dual listen: the loopback connection to the application's listener failed with this
+    /// errno (`ECONNREFUSED`: it no longer listens); the wire connection is reset.
+    LoopbackFailed(i32),
 }
 
 impl End {
@@ -32,7 +36,7 @@ impl End {
     pub(crate) fn state(self) -> (RelayState, Option<i32>) {
         match self {
             Self::Closed | Self::AppReset => (RelayState::Closed, None),
-            Self::Failed(errno) => (RelayState::Failed, Some(errno)),
+            Self::Failed(errno) | Self::LoopbackFailed(errno) => (RelayState::Failed, Some(errno)),
             Self::Reset(errno) => (RelayState::Reset, Some(errno)),
         }
     }
@@ -75,16 +79,80 @@ impl Filler {
     }
 }
 
+/// The application's side of a relay: our end of the shim's socket pair (a connection the
+/// application opened), or our kernel TCP connection to the application's listener over
+/// loopback (a connection a user-space peer opened to it: dual listen).
+#[derive(Debug)]
+pub(crate) enum AppSocket {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl AppSocket {
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Self::Unix(socket) => socket.shutdown(Shutdown::Write),
+            Self::Tcp(socket) => socket.shutdown(Shutdown::Write),
+        }
+    }
+
+    /// Closes a loopback connection with a RST (`SO_LINGER {1, 0}`), so the application reads
+    /// `ECONNRESET` as it would from the peer; a socket pair end just closes.
+    pub(crate) fn close_with_reset(self) {
+        if let Self::Tcp(socket) = &self {
+            let _ =
+                rustix::net::sockopt::set_socket_linger(socket, Some(std::time::Duration::ZERO));
+        }
+    }
+}
+
+impl AsRawFd for AppSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Self::Unix(socket) => socket.as_raw_fd(),
+            Self::Tcp(socket) => socket.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for AppSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(socket) => socket.read(buf),
+            Self::Tcp(socket) => socket.read(buf),
+        }
+    }
+}
+
+impl Write for AppSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(socket) => socket.write(buf),
+            Self::Tcp(socket) => socket.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A relayed connection while it lives.
 #[derive(Debug)]
 pub(crate) struct Relay {
     pub(crate) id: u64,
     pub(crate) handle: SocketHandle,
-    /// Our end of the application's socket pair (non-blocking).
-    pub(crate) socket: UnixStream,
+    /// The application's side (non-blocking).
+    pub(crate) socket: AppSocket,
     pub(crate) local: SocketAddr,
     pub(crate) remote: SocketAddr,
     pub(crate) original: Option<SocketAddr>,
+    /// Dual listen: our end of the loopback connection to the application's listener (what
+    /// the application's accepted socket has as its peer).
+    pub(crate) loopback: Option<SocketAddr>,
+    /// Dual listen: the loopback connection is not established yet (nothing is read from the
+    /// wire connection until it is: its window closes).
+    app_connecting: bool,
     pub(crate) established: bool,
     pub(crate) reset_on_close: bool,
     filler: Filler,
@@ -125,6 +193,26 @@ impl Relay {
         original: Option<SocketAddr>,
         filler: u64,
     ) -> Self {
+        Self::build(
+            id,
+            handle,
+            AppSocket::Unix(socket),
+            local,
+            remote,
+            original,
+            filler,
+        )
+    }
+
+    fn build(
+        id: u64,
+        handle: SocketHandle,
+        socket: AppSocket,
+        local: SocketAddr,
+        remote: SocketAddr,
+        original: Option<SocketAddr>,
+        filler: u64,
+    ) -> Self {
         Self {
             id,
             handle,
@@ -132,6 +220,8 @@ impl Relay {
             local,
             remote,
             original,
+            loopback: None,
+            app_connecting: false,
             established: false,
             reset_on_close: false,
             filler: Filler::new(filler),
@@ -144,6 +234,25 @@ impl Relay {
             peer_eof: false,
             app_shut: false,
         }
+    }
+
+    /// Dual listen: a wire connection the stack accepted, relayed to `socket`, a non-blocking
+    /// kernel connection to the application's listener from `loopback` (connected already, or
+    /// still connecting).
+    pub(crate) fn accepted(
+        id: u64,
+        handle: SocketHandle,
+        socket: TcpStream,
+        local: SocketAddr,
+        remote: SocketAddr,
+        loopback: SocketAddr,
+    ) -> Self {
+        let mut relay = Self::build(id, handle, AppSocket::Tcp(socket), local, remote, None, 0);
+        relay.loopback = Some(loopback);
+        relay.app_connecting = true;
+        relay.socket_readable = false;
+        relay.socket_writable = false;
+        relay
     }
 
     /// Moves what can be moved now, until each direction waits for something: the handshake,
@@ -171,6 +280,30 @@ impl Relay {
         if let Ok(Some(error)) = stack.error(self.handle) {
             pumped.end = Some(End::Reset(errno_of(Some(error))));
             return pumped;
+        }
+        if self.app_connecting {
+            // A non-blocking connect completes (or fails) with a writable edge.
+            if !self.socket_writable {
+                return pumped;
+            }
+            let outcome = match &self.socket {
+                AppSocket::Tcp(socket) => socket.take_error(),
+                AppSocket::Unix(_) => Ok(None),
+            };
+            match outcome {
+                Ok(None) => {
+                    self.app_connecting = false;
+                    self.socket_readable = true;
+                    pumped.progress = true;
+                }
+                Ok(Some(e)) | Err(e) => {
+                    let errno = e
+                        .raw_os_error()
+                        .unwrap_or(Errno::CONNREFUSED.raw_os_error());
+                    pumped.end = Some(End::LoopbackFailed(errno));
+                    return pumped;
+                }
+            }
         }
         let result = self
             .discard_filler(scratch)
@@ -297,7 +430,7 @@ impl Relay {
             }
         }
         if self.peer_eof && self.to_app.is_empty() && !self.app_shut {
-            let _ = self.socket.shutdown(Shutdown::Write);
+            let _ = self.socket.shutdown_write();
             self.app_shut = true;
             pumped.progress = true;
         }
@@ -306,7 +439,7 @@ impl Relay {
 
     /// The relay state while it lives.
     pub(crate) fn state(&self) -> RelayState {
-        if self.established {
+        if self.established && !self.app_connecting {
             RelayState::Established
         } else {
             RelayState::Connecting
