@@ -97,7 +97,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut command: Command) -> Self {
+    pub fn spawn(mut command: Command) -> Self {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -302,22 +302,111 @@ impl Lab {
             SERVER_IP,
         ]);
         // What the agent does for an instance: keep the kernel off the stack's ports.
+        lab.prepare(&lab.client_ns.clone());
+        lab
+    }
+
+    /// What the agent does in a namespace before starting its instance: the range reserved
+    /// from the kernel, and raw-table DROPs of TCP to and from it on all but loopback.
+    pub fn prepare(&self, ns: &str) {
         let reserved = format!("net.ipv4.ip_local_reserved_ports={PORTS}");
-        lab.exec_client(&["sysctl", "-qw", &reserved]);
-        lab.exec_client(&[
+        run(&["ip", "netns", "exec", ns, "sysctl", "-qw", &reserved]);
+        for direction in ["--dport", "--sport"] {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "iptables",
+                "-t",
+                "raw",
+                "-A",
+                "PREROUTING",
+                "!",
+                "-i",
+                "lo",
+                "-p",
+                "tcp",
+                direction,
+                &PORTS.replace('-', ":"),
+                "-j",
+                "DROP",
+            ]);
+        }
+    }
+
+    /// Packets the raw-table DROP of TCP *from* the range counted in `ns` (user-space peers'
+    /// segments the kernel never saw).
+    pub fn peer_segments_dropped(&self, ns: &str) -> u64 {
+        let rules = run(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
             "iptables",
             "-t",
             "raw",
-            "-A",
+            "-L",
             "PREROUTING",
-            "-p",
-            "tcp",
-            "--dport",
-            &PORTS.replace('-', ":"),
-            "-j",
-            "DROP",
+            "-v",
+            "-n",
+            "-x",
         ]);
-        lab
+        rules
+            .lines()
+            .find(|l| l.contains("spts:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Starts an instance in the server namespace too (prepared first), with its own tag.
+    pub fn start_server_instance(&self) -> Instance {
+        self.prepare(&self.server_ns.clone());
+        let binary = env!("CARGO_BIN_EXE_stackroute-stackd");
+        let tag = format!("{}s", self.tag);
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.server_ns])
+            .args(["python3", "-c", INHERIT_PACKET_SOCKET, binary])
+            .args(["--socket-name", &tag, "--ready-fd", "1", "--ports", PORTS])
+            .env(
+                "RUST_LOG",
+                std::env::var("STACKD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        let proc = Proc::spawn(command);
+        proc.line("ready", Duration::from_secs(20));
+        Instance {
+            proc,
+            netns: self.server_ns.clone(),
+            socket: socket_name(&tag),
+        }
+    }
+
+    /// `OutRsts` of a namespace's kernel TCP.
+    pub fn kernel_resets(&self, ns: &str) -> u64 {
+        let snmp = run(&["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"]);
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+        let index = names
+            .split_whitespace()
+            .position(|n| n == "OutRsts")
+            .unwrap();
+        values
+            .split_whitespace()
+            .nth(index)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Kernel TCP sockets of the server namespace (`ss -tan`, header dropped).
+    pub fn server_kernel_sockets(&self) -> Vec<String> {
+        self.exec_server(&["ss", "-tanH"])
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     pub fn exec_client(&self, args: &[&str]) -> String {
