@@ -191,6 +191,31 @@ fn shared_listener() {
     let client_resets = lab.kernel_resets(&lab.client_ns);
     let expected_from_app = sha256_hex(&payload(2, MB10));
 
+    // During the transfers the server namespace's kernel has the listener, the kernel
+    // client's connection and the loopback pair, and no socket facing the user-space peer.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = std::sync::Arc::clone(&stop);
+        let ns = lab.server_ns.clone();
+        std::thread::spawn(move || {
+            let (mut samples, mut seen) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &ns, "ss", "-tanH"])
+                    .output()
+                    .unwrap();
+                for line in String::from_utf8_lossy(&out.stdout).lines() {
+                    let peer = line.split_whitespace().nth(4).unwrap_or("");
+                    if in_range(peer) {
+                        seen.push(line.to_owned());
+                    }
+                }
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (samples, seen)
+        })
+    };
     // The user-space client, through both instances.
     let control = client.control();
     let user = control.open(lab.server(PORT)).expect("connect");
@@ -270,20 +295,11 @@ fn shared_listener() {
             ..
         }
     ));
-    // During the transfers the server namespace's kernel has the listener, the kernel
-    // client's connection and the loopback pair, and no socket facing the user-space peer.
-    let mut samples = 0;
-    while !user_run.is_finished() {
-        for line in lab.server_kernel_sockets() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let peer = fields.get(4).copied().unwrap_or("");
-            assert!(!in_range(peer), "the kernel sees a user-space peer: {line}");
-        }
-        samples += 1;
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let user_received = user_run.join().unwrap();
     let kernel_received = kernel_run.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (samples, seen) = sampler.join().unwrap();
+    assert!(seen.is_empty(), "the kernel saw user-space peers: {seen:?}");
     assert_eq!(sha256_hex(&user_received), expected_from_app);
     assert_eq!(sha256_hex(&kernel_received), expected_from_app);
     let results = {
