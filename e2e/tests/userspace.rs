@@ -95,6 +95,11 @@ fn main() -> ExitCode {
             |()| a_service_cluster_ip_goes_to_its_backend_on_the_userspace_stack(),
         ),
         Trial::gated(
+            "dual_listen_serves_user_space_and_kernel_clients_on_one_listener",
+            || gate(&["python3", "curl"]),
+            |()| dual_listen_serves_user_space_and_kernel_clients_on_one_listener(),
+        ),
+        Trial::gated(
             "without_a_stack_instance_connections_fall_back_to_the_kernel",
             || gate(&["python3", "curl"]),
             |()| without_a_stack_instance_connections_fall_back_to_the_kernel(),
@@ -629,4 +634,146 @@ fn a_service_cluster_ip_goes_to_its_backend_on_the_userspace_stack() {
     let ports = client_ports(&server);
     assert_eq!(ports.len(), 1, "server saw: {}", server.output());
     assert!((61000..=62999).contains(&ports[0]), "{ports:?}");
+}
+
+/// Dual listen: a python server under the shim on node-b1 keeps its kernel listener; curl on
+/// node-a1 reaches it on the user-space stack (through both nodes' instances), curl on node-a2
+/// through the kernel, at the same time, from the same `accept()`. The server's `accept` reports
+/// each peer's real address (the shim asks the instance who is behind its loopback
+/// connection), and node-b1's kernel never holds a socket whose peer is a user-space port.
+fn dual_listen_serves_user_space_and_kernel_clients_on_one_listener() {
+    let bytes = 2 << 20;
+    let mut cluster = Cluster::start(Options::default()).expect("the e2e cluster starts");
+    cluster
+        .add_pod("curl-dual", "node-a1", &["app=client"], false)
+        .unwrap();
+    cluster
+        .add_pod("curl-kernel", "node-a2", &["app=other"], false)
+        .unwrap();
+    cluster
+        .add_pod("web-dual", "node-b1", &["app=web"], false)
+        .unwrap();
+    let b1 = node("node-b1").ip;
+    // The client's rule: node-b1 on the user-space stack. The server's own rule only puts the
+    // user-space stack in node-b1's snapshot, which makes its listener dual.
+    let policy = format!(
+        "apiVersion: stackroute.dev/v1alpha1\nkind: StackRoute\nmetadata: {{name: dual-client, namespace: e2e}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: client}}}}\n  rules:\n  - name: b1\n    to: [{{networks: [\"{b1}/32\"]}}]\n    transport: {{stack: Userspace, congestionControl: BBR}}\n\
+         ---\napiVersion: stackroute.dev/v1alpha1\nkind: StackRoute\nmetadata: {{name: dual-server, namespace: e2e}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  rules:\n  - name: out\n    to: [{{entity: World}}]\n    transport: {{stack: Userspace, congestionControl: BBR}}\n"
+    );
+    cluster.set_policy("dual.yaml", &policy).unwrap();
+    let server_address = SocketAddr::new(IpAddr::V4(b1), PORT);
+    cluster
+        .wait_decision("node-a1", "curl-dual", server_address, "Userspace/BBR")
+        .unwrap();
+    cluster
+        .wait_decision("node-b1", "web-dual", internet(), "Userspace/BBR")
+        .unwrap();
+    let script = cluster.dir().join("server.py");
+    std::fs::write(&script, SERVER).unwrap();
+    let mut server = cluster
+        .spawn(
+            &Workload {
+                node: "node-b1",
+                name: "web-dual",
+                labels: &["app=web"],
+            },
+            true,
+            &[
+                "python3",
+                script.to_str().unwrap(),
+                &PORT.to_string(),
+                &bytes.to_string(),
+            ],
+        )
+        .unwrap();
+    cluster.wait_listening(node("node-b1").host, PORT).unwrap();
+    let url = format!("http://{server_address}/blob");
+    let download = [
+        "curl",
+        "-sS",
+        "--limit-rate",
+        "1M",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download}",
+        url.as_str(),
+    ];
+    // The server's instance may start only at its listen: give it a moment to be serving.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut user_space = cluster
+        .spawn(&client("curl-dual"), true, &download)
+        .unwrap();
+    let mut kernel = cluster
+        .spawn(
+            &Workload {
+                node: "node-a2",
+                name: "curl-kernel",
+                labels: &["app=other"],
+            },
+            false,
+            &download,
+        )
+        .unwrap();
+    let mut b1_sockets = Vec::new();
+    while user_space.running() || kernel.running() {
+        let text = cluster
+            .net
+            .exec(node("node-b1").host, &["ss", "-tanH"])
+            .unwrap_or_default();
+        b1_sockets.extend(
+            text.lines()
+                .filter(|line| {
+                    line.split_whitespace()
+                        .nth(4)
+                        .and_then(|peer| peer.rsplit_once(':'))
+                        .and_then(|(_, port)| port.parse::<u16>().ok())
+                        .is_some_and(|port| (61000..=62999).contains(&port))
+                })
+                .map(str::to_string),
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = user_space.success(LONG).unwrap();
+    assert!(
+        output.contains(&format!("200 {bytes}")),
+        "user-space curl: {output}"
+    );
+    let output = kernel.success(LONG).unwrap();
+    assert!(
+        output.contains(&format!("200 {bytes}")),
+        "kernel curl: {output}"
+    );
+    assert!(
+        b1_sockets.is_empty(),
+        "node-b1's kernel held sockets with a user-space peer port: {b1_sockets:?}"
+    );
+    // What the server's accept() said of each peer: the user-space client's real address and
+    // port (node-a1, from its instance's range), the kernel client's own.
+    let clients: Vec<(String, u16)> = server
+        .output()
+        .lines()
+        .filter_map(|line| line.strip_prefix("client "))
+        .filter_map(|rest| {
+            let mut fields = rest.split_whitespace();
+            Some((fields.next()?.to_string(), fields.next()?.parse().ok()?))
+        })
+        .collect();
+    let a1 = node("node-a1").ip.to_string();
+    let a2 = node("node-a2").ip.to_string();
+    assert!(
+        clients
+            .iter()
+            .any(|(ip, port)| *ip == a1 && (61000..=62999).contains(port)),
+        "the server did not see the user-space client as {a1}:61000-62999: {clients:?}"
+    );
+    assert!(
+        clients
+            .iter()
+            .any(|(ip, port)| *ip == a2 && !(61000..=62999).contains(port)),
+        "the server did not see the kernel client: {clients:?}"
+    );
+    assert!(server.running(), "server exited: {}", server.output());
 }

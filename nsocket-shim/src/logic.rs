@@ -557,12 +557,9 @@ fn debug_line(args: std::fmt::Arguments<'_>) {
 /// Before `close(fd)`: forget the fd; a listener this process registered is looked up now
 /// (its address) and withdrawn after the close.
 pub(crate) fn before_close(fd: i32) -> Option<SocketAddr> {
+    // A dual listener's close needs no word to the instance: it follows the namespace's
+    // kernel listeners, so a forked child closing its copy cannot stop it for the parent.
     let entry = fdtable::take(fd);
-    if entry.dual_listen()
-        && let Some(address) = sys::local_address(fd)
-    {
-        relay::unlisten(config::get(), address);
-    }
     if entry.epoll_recorded() {
         epollreg::forget(fd);
     }

@@ -405,18 +405,6 @@ pub(crate) fn listen(config: &Config, address: SocketAddr) -> bool {
     )
 }
 
-/// The dual listener on `address` closed.
-pub(crate) fn unlisten(config: &Config, address: SocketAddr) {
-    if let Ok(instance) = instance(config) {
-        let _ = call(
-            instance.socket.as_bytes(),
-            instance.pid,
-            &RelayRequest::Unlisten { address },
-            None,
-        );
-    }
-}
-
 /// Who is really at the other end of a connection the instance delivered to a dual listener:
 /// `peer` is the accepted socket's (loopback) peer address. (remote, connection id).
 pub(crate) fn peer_of(config: &Config, peer: SocketAddr) -> Option<(SocketAddr, u64)> {

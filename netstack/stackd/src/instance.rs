@@ -2,7 +2,7 @@
 //! connection's application socket, with `mio` (edge-triggered epoll) for the descriptors and
 //! the stack's own timers (`poll_at`) for the rest.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -108,6 +108,9 @@ pub(crate) struct Instance {
     by_handle: HashMap<SocketHandle, u64>,
     /// Dual listen: by port.
     listening: BTreeMap<u16, Listening>,
+    /// Dual listen: ports an `Unlisten` withdrew; not followed again while the kernel still
+    /// listens there.
+    withdrawn: BTreeSet<u16>,
     /// Dual listen: our loopback end → the wire peer, while the connection lives and for
     /// `FINISHED_FOR` after (`peers_finished`, oldest first).
     peers: HashMap<SocketAddr, PeerEntry>,
@@ -160,6 +163,7 @@ impl Instance {
             relays: BTreeMap::new(),
             by_handle: HashMap::new(),
             listening: BTreeMap::new(),
+            withdrawn: BTreeSet::new(),
             peers: HashMap::new(),
             peers_finished: VecDeque::new(),
             finished: BTreeMap::new(),
@@ -342,6 +346,7 @@ impl Instance {
     }
 
     fn housekeeping(&mut self) {
+        self.follow_kernel_listeners();
         self.dirty.extend(self.relays.keys().copied());
         self.forget_old_status();
         let stack = &mut self.host.stack;
@@ -661,6 +666,7 @@ impl Instance {
         if port == 0 {
             return error("listen on port 0", Errno::INVAL);
         }
+        self.withdrawn.remove(&port);
         let app = match address.ip() {
             // The instance is IPv4 only, and a wildcard listener (`[::]` without `IPV6_V6ONLY`
             // too) takes IPv4 loopback connections.
@@ -703,10 +709,37 @@ impl Instance {
         }
     }
 
+    /// Dual listen for every kernel listener of the namespace (see `listeners`): a new one is
+    /// taken within a housekeeping period (a peer's SYN that came earlier is retried), a
+    /// closed one is let go. Listeners the instance cannot serve (loopback binds, ports in the
+    /// user-space range) are skipped quietly.
+    fn follow_kernel_listeners(&mut self) {
+        if self.host.shared.is_none() {
+            return;
+        }
+        let kernel = crate::listeners::kernel_listeners(self.settings.address);
+        self.withdrawn.retain(|port| kernel.contains_key(port));
+        for (port, address) in &kernel {
+            if !self.listening.contains_key(port) && !self.withdrawn.contains(port) {
+                let _ = self.listen(*address);
+            }
+        }
+        let gone: Vec<u16> = self
+            .listening
+            .keys()
+            .filter(|port| !kernel.contains_key(port))
+            .copied()
+            .collect();
+        for port in gone {
+            self.unlisten(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+        }
+    }
+
     /// Stops accepting on `address`'s port; connections accepted go on. The port stays
     /// steered to the stack, which now answers new peers' SYNs with a RST (connection
     /// refused, as the kernel would once the listener is gone; the kernel never sees them).
     fn unlisten(&mut self, address: SocketAddr) -> RelayResponse {
+        self.withdrawn.insert(address.port());
         if let Some(listening) = self.listening.remove(&address.port()) {
             let _ = self.host.stack.close(listening.handle);
             info!(

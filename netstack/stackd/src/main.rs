@@ -9,6 +9,7 @@
 mod control;
 mod discover;
 mod instance;
+mod listeners;
 mod relay;
 mod sys;
 
