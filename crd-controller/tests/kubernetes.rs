@@ -363,8 +363,8 @@ async fn a_network_policy_in_the_api_server_takes_rdma_out(kubeconfig: &Path) {
         .await;
         pods.patch_status(
             name,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(serde_json::json!({
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
                 "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
             })),
         )
