@@ -369,14 +369,22 @@ fn spawn(plan: &Plan, netns: &File) -> Result<Started, Failure> {
             let mut step = String::new();
             let _ = ready_read.read_to_string(&mut step);
             let binary = plan.binary.display();
-            return Err(Failure::stack(if step.is_empty() {
+            // The agent lacking a privilege for a step (setns, the packet socket) is a node
+            // without the capability, not an instance that failed.
+            let denied = matches!(error.raw_os_error(), Some(libc::EPERM | libc::EACCES));
+            let message = if step.is_empty() {
                 match error.kind() {
                     io::ErrorKind::NotFound => format!("{binary}: not found (--stackd-binary)"),
                     _ => format!("cannot start {binary}: {error}"),
                 }
             } else {
                 format!("cannot start {binary}: {step}: {error}")
-            }));
+            };
+            return Err(if denied && !step.is_empty() {
+                Failure::capability(message)
+            } else {
+                Failure::stack(message)
+            });
         }
     };
     let pid = child.id() as i32;
