@@ -12,6 +12,7 @@
 //!   agent adopts the live ones (same pid and start time); no agent ever stops instances when
 //!   it exits or hands over.
 
+mod connections;
 mod start;
 mod sys;
 
@@ -26,7 +27,9 @@ use stackroute_local_api::message::{FallbackReason, InstanceInfo, Response};
 use tracing::{debug, info, warn};
 
 use crate::local::{Mode, identity};
-use crate::metrics::InstanceMetrics;
+use crate::metrics::{
+    InstanceMetrics, WorkloadDirectionLabels, WorkloadLabels, WorkloadStateLabels,
+};
 use crate::peer::Peer;
 use crate::state::{Agent, Role};
 
@@ -495,6 +498,44 @@ impl Instances {
         Ok(netns)
     }
 
+    /// Asks every running instance for its connections and sets the per-workload metrics
+    /// (blocking: a thread per instance enters its namespace).
+    pub fn sum_connections(&self) {
+        let records = lock(&self.table).records();
+        let totals = connections::collect(&records);
+        let metrics = &self.metrics;
+        metrics.connections.clear();
+        metrics.bytes.clear();
+        metrics.retransmits.clear();
+        for (workload, totals) in totals {
+            for (state, count) in &totals.by_state {
+                metrics
+                    .connections
+                    .get_or_create(&WorkloadStateLabels {
+                        workload: workload.clone(),
+                        state,
+                    })
+                    .set(*count as i64);
+            }
+            for (direction, bytes) in [
+                ("sent", totals.bytes_sent),
+                ("received", totals.bytes_received),
+            ] {
+                metrics
+                    .bytes
+                    .get_or_create(&WorkloadDirectionLabels {
+                        workload: workload.clone(),
+                        direction,
+                    })
+                    .set(bytes as i64);
+            }
+            metrics
+                .retransmits
+                .get_or_create(&WorkloadLabels { workload })
+                .set(totals.retransmits as i64);
+        }
+    }
+
     /// The running instances, for `userspaceInstances` (`stackroute connections`).
     pub fn list(&self) -> Vec<InstanceInfo> {
         lock(&self.table)
@@ -930,14 +971,29 @@ fn busy_namespaces(instances: &HashSet<i32>) -> HashSet<u64> {
     busy
 }
 
-/// Runs the reaper every [`Instances::reap_interval`] for the life of the process.
+/// How often the instances' connections are summed into the metrics.
+const CONNECTIONS_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs the reaper every [`Instances::reap_interval`] for the life of the process, and sums
+/// the instances' connections into the metrics every [`CONNECTIONS_EVERY`].
 pub async fn reaper(instances: Arc<Instances>) {
     let mut ticker = tokio::time::interval(instances.reap_interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut summed: Option<Instant> = None;
     loop {
         ticker.tick().await;
         let this = instances.clone();
-        if let Err(error) = tokio::task::spawn_blocking(move || this.reap()).await {
+        let sum = summed.is_none_or(|at| at.elapsed() >= CONNECTIONS_EVERY);
+        if sum {
+            summed = Some(Instant::now());
+        }
+        let work = move || {
+            this.reap();
+            if sum {
+                this.sum_connections();
+            }
+        };
+        if let Err(error) = tokio::task::spawn_blocking(work).await {
             warn!(%error, "the instance reaper failed; going on");
         }
     }

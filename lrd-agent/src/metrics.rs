@@ -57,6 +57,31 @@ pub struct StartLabels {
     pub result: &'static str,
 }
 
+/// Labels of `stackroute_lrd_userspace_connections`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadStateLabels {
+    /// `namespace/name` of the pod or workload the instance serves.
+    pub workload: String,
+    /// `connecting`, `established`, `closed`, `reset` or `failed`.
+    pub state: &'static str,
+}
+
+/// Labels of `stackroute_lrd_userspace_bytes`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadDirectionLabels {
+    /// `namespace/name` of the pod or workload the instance serves.
+    pub workload: String,
+    /// `sent` or `received`.
+    pub direction: &'static str,
+}
+
+/// Labels of `stackroute_lrd_userspace_retransmits`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadLabels {
+    /// `namespace/name` of the pod or workload the instance serves.
+    pub workload: String,
+}
+
 /// The user-space stack instances' metrics; clones share the same series.
 #[derive(Clone, Debug)]
 pub struct InstanceMetrics {
@@ -68,6 +93,13 @@ pub struct InstanceMetrics {
     pub start_seconds: Histogram,
     /// Instances seen to exit (crashed, killed, or stopped for being idle).
     pub exits: Counter<u64, AtomicU64>,
+    /// Connections per workload and relay state (live and recently finished), as the
+    /// instances last reported them.
+    pub connections: Family<WorkloadStateLabels, Gauge<i64, AtomicI64>>,
+    /// Payload bytes of those connections per workload and direction.
+    pub bytes: Family<WorkloadDirectionLabels, Gauge<i64, AtomicI64>>,
+    /// Retransmitted segments of those connections per workload.
+    pub retransmits: Family<WorkloadLabels, Gauge<i64, AtomicI64>>,
 }
 
 impl Default for InstanceMetrics {
@@ -80,6 +112,9 @@ impl Default for InstanceMetrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 12),
             ),
             exits: Counter::default(),
+            connections: Family::default(),
+            bytes: Family::default(),
+            retransmits: Family::default(),
         }
     }
 }
@@ -205,6 +240,21 @@ impl Metrics {
             "userspace_instance_exits",
             "User-space stack instances seen to exit",
             self.instances.exits.clone(),
+        );
+        r.register(
+            "userspace_connections",
+            "User-space stack connections per workload and relay state (live and finished in the last minute), as the instances last reported",
+            self.instances.connections.clone(),
+        );
+        r.register(
+            "userspace_bytes",
+            "Payload bytes of those connections per workload and direction",
+            self.instances.bytes.clone(),
+        );
+        r.register(
+            "userspace_retransmits",
+            "Retransmitted segments of those connections per workload",
+            self.instances.retransmits.clone(),
         );
     }
 
