@@ -131,6 +131,10 @@ fn main() -> ExitCode {
             kernel_connections_side_by_side,
         ),
         ("python_asyncio_download", python_asyncio_download),
+        (
+            "a_thousand_concurrent_then_sequential_connections",
+            a_thousand_concurrent_then_sequential_connections,
+        ),
     ];
     testkit::run(
         trials
@@ -1276,4 +1280,102 @@ fn python_asyncio_download() {
     }
     assert_eq!(runs[0], runs[1]);
     assert!(runs[1].contains(&"bytes=4194304 sha256_ok=1".to_string()));
+}
+
+/// Descriptors open in a process.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
+fn a_thousand_concurrent_then_sequential_connections() {
+    const CONCURRENT: usize = 1000;
+    // More than the instance's 2,000 ports, each left in TIME-WAIT by the client's close: the
+    // later ones take over ports a second into TIME-WAIT (our tcp_tw_reuse).
+    const SEQUENTIAL: usize = 2200;
+    let lab = Lab::new();
+    let rsts = lab.out_rsts();
+    let total = (1 + CONCURRENT + SEQUENTIAL) as u32;
+    let mut srv = lab.server("echo", US_PORT, total, "");
+    let (port, n, s) = (
+        US_PORT.to_string(),
+        CONCURRENT.to_string(),
+        SEQUENTIAL.to_string(),
+    );
+    let mut client = lab.python(true, "pyclient.py", &["many", SERVER_IP, &port, &n, &s]);
+    client.expect("warm_ok=1", PROBE_TIMEOUT);
+    let pid = lab
+        .instance_pid()
+        .expect("the first connection started an instance");
+    let idle = descriptors(pid);
+    let held = client.expect("held", Duration::from_secs(120));
+    let open = descriptors(pid);
+    let kernel_sockets = lab
+        .command(
+            &lab.client,
+            &["ss", "-Htn", "state", "all", "dst", SERVER_IP],
+        )
+        .output()
+        .expect("ss runs");
+    let kernel_sockets = String::from_utf8_lossy(&kernel_sockets.stdout).into_owned();
+    client.say("release");
+    let out = client.finish(Duration::from_secs(300));
+    let server_out = srv.finish(PROBE_TIMEOUT);
+    eprintln!("{out}\ninstance descriptors: idle {idle}, {CONCURRENT} open {open}");
+    assert_eq!(held, "held");
+    let lines = compared(&out);
+    let expected =
+        format!("concurrent={CONCURRENT} echoed_ok={CONCURRENT} open_descriptors={CONCURRENT}");
+    assert!(lines.contains(&expected), "{expected:?} in\n{out}");
+    // One descriptor per relayed connection (idle counts a few transient ones).
+    assert!(
+        open > CONCURRENT,
+        "the instance relays {CONCURRENT} connections with {open} descriptors (idle {idle})"
+    );
+    assert_eq!(
+        kernel_sockets.trim(),
+        "",
+        "kernel TCP sockets to the server"
+    );
+    let expected = format!("sequential={SEQUENTIAL} echoed_ok={SEQUENTIAL} leaked_descriptors=0");
+    assert!(lines.contains(&expected), "{expected:?} in\n{out}");
+    let ports = peers(&server_out);
+    assert_eq!(
+        ports.len(),
+        total as usize,
+        "connections the server accepted"
+    );
+    let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+    assert!(
+        distinct.len() <= RESERVED.len(),
+        "{} distinct client ports for {} connections",
+        distinct.len(),
+        ports.len()
+    );
+    let kernel: Vec<_> = ports.iter().filter(|p| !RESERVED.contains(p)).collect();
+    assert!(
+        kernel.is_empty(),
+        "{} connections fell back to the kernel (ports {:?}…):\n{}",
+        kernel.len(),
+        &kernel[..kernel.len().min(5)],
+        client
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("fallback"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Every relay is gone once the connections are: the instance is back to its idle count.
+    let settled = testkit::support::poll(
+        "the instance's descriptors back to idle",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || (descriptors(pid) <= idle).then_some(()),
+    );
+    assert!(
+        settled.is_ok(),
+        "instance descriptors {} after all connections closed, {idle} when idle",
+        descriptors(pid)
+    );
+    assert_eq!(lab.out_rsts(), rsts, "kernel RSTs in the client namespace");
 }

@@ -382,3 +382,51 @@ fn a_new_syn_reuses_a_time_wait_four_tuple_when_it_is_newer() {
         assert_eq!(net.b.stats().time_wait_reused, 1, "timestamps {timestamps}");
     }
 }
+
+#[test]
+fn an_active_open_takes_over_a_time_wait_port_after_one_second_with_timestamps() {
+    // One ephemeral port: the client closes first and holds TIME-WAIT (60 s). A new connection
+    // to the same server finds no free port at once; a second later it takes the TIME-WAIT
+    // port over (Linux's tcp_tw_reuse), but only if the old connection used timestamps.
+    for timestamps in [true, false] {
+        let mut net = Network::new(11, link(5), link(5), |c| {
+            c.tcp.timestamps = timestamps;
+            c.ephemeral_ports = 7000..=7000;
+        });
+        let listener = net.b.listen(80, 4).unwrap();
+        let server = SocketAddrV4::new(ADDR_B, 80);
+        let (a, b) = connect_and_accept(&mut net, listener);
+        net.a.close(a).unwrap();
+        net.run_for(Duration::from_millis(50));
+        let mut buf = [0u8; 8];
+        assert_eq!(net.b.recv(b, &mut buf), Ok(0), "EOF from the client's FIN");
+        net.b.close(b).unwrap();
+        net.run_for(Duration::from_millis(50));
+        assert_eq!(net.a.socket_count(), 1, "the client's TIME-WAIT connection");
+
+        let now = net.now();
+        assert_eq!(
+            net.a.connect(now, server),
+            Err(SocketError::NoPortsAvailable),
+            "timestamps {timestamps}: TIME-WAIT taken over at once"
+        );
+        net.run_for(Duration::from_millis(1000));
+        let now = net.now();
+        let again = net.a.connect(now, server);
+        if !timestamps {
+            assert_eq!(again, Err(SocketError::NoPortsAvailable));
+            continue;
+        }
+        let again = again.expect("the TIME-WAIT port after a second");
+        let mut accepted = None;
+        let limit = net.now() + Duration::from_millis(500);
+        assert!(net.run_until(limit, |net| {
+            accepted = accepted.or_else(|| net.b.accept(listener).ok());
+            accepted.is_some()
+        }));
+        assert_eq!(net.a.state(again), Ok(TcpState::Established));
+        assert_eq!(net.a.addresses(again).unwrap().0.port(), 7000);
+        assert_eq!(net.a.socket_count(), 1, "the old incarnation is gone");
+        assert_eq!(net.a.stats().time_wait_reused_by_connect, 1);
+    }
+}

@@ -2,13 +2,19 @@
 
     pyclient.py fileno HOST PORT     socket.socket(fileno=…) of a connected socket
     pyclient.py asyncio HOST PORT N  asyncio download of N pattern bytes (server.py stream)
+    pyclient.py many HOST PORT N S
+        N connections open at once, each echoing its own token (server.py echo); prints "held"
+        and keeps them until a line (or EOF) on stdin; then S sequential connections, each
+        echoing a token and closed by us first (TIME-WAIT on our side)
 """
 
 import asyncio
 import hashlib
 import os
+import resource
 import socket
 import sys
+import time
 
 mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
@@ -49,3 +55,43 @@ elif mode == "asyncio":
         out(f"peer={peer[0]}:{peer[1]}")
 
     asyncio.run(main())
+elif mode == "many":
+    n, sequential = int(sys.argv[4]), int(sys.argv[5])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 256)), hard))
+
+    def descriptors():
+        return len(os.listdir("/proc/self/fd"))
+
+    def echoed(c, token):
+        c.sendall(token)
+        got = b""
+        while len(got) < len(token):
+            chunk = c.recv(len(token) - len(got))
+            if not chunk:
+                break
+            got += chunk
+        return got == token
+
+    warm = socket.create_connection((host, port))
+    out(f"warm_ok={int(echoed(warm, b'warm'))}")
+    warm.close()
+    before = descriptors()
+    started = time.perf_counter()
+    conns = [socket.create_connection((host, port)) for _ in range(n)]
+    ok = sum(echoed(c, b"c%d." % i) for i, c in enumerate(conns))
+    seconds = time.perf_counter() - started
+    out(f"concurrent={n} echoed_ok={ok} open_descriptors={descriptors() - before}")
+    out(f"concurrent_seconds={seconds:.2f}")
+    out("held")
+    sys.stdin.readline()
+    for c in conns:
+        c.close()
+    started, ok = time.perf_counter(), 0
+    for i in range(sequential):
+        c = socket.create_connection((host, port))
+        ok += echoed(c, b"s%d." % i)
+        c.close()
+    seconds = time.perf_counter() - started
+    out(f"sequential={sequential} echoed_ok={ok} leaked_descriptors={descriptors() - before}")
+    out(f"sequential_per_second={sequential / seconds:.0f}")

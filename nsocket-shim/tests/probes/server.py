@@ -6,6 +6,7 @@ and what it observed ("key=value"); exits after CONNS connections.
 """
 
 import errno
+import resource
 import socket
 import struct
 import sys
@@ -16,6 +17,8 @@ mode, port = sys.argv[1], int(sys.argv[2])
 conns = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 arg = sys.argv[4] if len(sys.argv) > 4 else None
 lock = threading.Lock()
+# Up to a thousand connections at once (tests/userspace.rs many).
+resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
 
 
 def out(line):

@@ -915,6 +915,17 @@ impl Connection {
         }
     }
 
+    /// When this connection's port may go to a new active open to the same peer: `after` into
+    /// TIME-WAIT, and only if it used timestamps (the new incarnation's are newer, so PAWS at
+    /// the peer rejects the old one's stray segments). `None` in any other state.
+    pub(crate) fn time_wait_reusable_since(&self, after: Duration) -> Option<Instant> {
+        if self.state != State::TimeWait || !self.ts_enabled {
+            return None;
+        }
+        let entered = self.time_wait_deadline? - self.config.time_wait;
+        Some(entered + after)
+    }
+
     fn enter_time_wait(&mut self, now: Instant) {
         self.state = State::TimeWait;
         self.time_wait_deadline = Some(now + self.config.time_wait);
