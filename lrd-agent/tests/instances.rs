@@ -139,9 +139,10 @@ fn fake_stackd(args: &[String]) -> ExitCode {
         .skip(1)
         .any(|line| line.split_whitespace().last() == Some(inode.as_str()));
     println!(
-        "fake stackd: pid {} ports {} packet-fd {packet_fd} {link} packet-in-netns {packet_here}",
+        "fake stackd: pid {} ports {} packet-fd {packet_fd} {link} packet-in-netns {packet_here} ipv4-only {}",
         std::process::id(),
         value("--ports"),
+        args.iter().any(|a| a == "--ipv4-only"),
     );
     let name = stackroute_local_api::relay::socket_name(&value("--socket-name"));
     let address =
@@ -637,6 +638,12 @@ fn a_caller_gets_an_instance_in_its_namespace_without_privileges() {
     assert_eq!(rules.matches("--dport 61000:61099").count(), 1, "{rules}");
     assert_eq!(rules.matches("--sport 61000:61099").count(), 1, "{rules}");
     assert_eq!(rules.matches("! -i lo").count(), 2, "{rules}");
+    // The same for IPv6, so the instance serves it too.
+    let rules = ns.exec("ip6tables", &["-t", "raw", "-S", "PREROUTING"]);
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert_eq!(rules.matches("--dport 61000:61099").count(), 1, "{rules}");
+    assert_eq!(rules.matches("--sport 61000:61099").count(), 1, "{rules}");
+    assert!(log.contains("ipv4-only false"), "{log}");
     let starts = r#"stackroute_lrd_userspace_instance_starts_total{result="ok"} "#;
     assert_eq!(metric(&agent, starts), 1);
     assert_eq!(metric(&agent, "stackroute_lrd_userspace_instances "), 1);

@@ -40,6 +40,8 @@ use testkit::{Ignored, Trial};
 const REQUIRE: &str = "STACKROUTE_REQUIRE_NETNS";
 const CLIENT_IP: &str = "10.77.0.1";
 const SERVER_IP: &str = "10.77.0.2";
+const CLIENT_IP6: &str = "fd77::1";
+const SERVER_IP6: &str = "fd77::2";
 /// The instance's ports (the agent's default `--userspace-ports`).
 const RESERVED: std::ops::RangeInclusive<u16> = 61000..=62999;
 /// A server port the policy sends to the user-space stack, and one it sends to the kernel.
@@ -69,7 +71,7 @@ spec:
   podSelector: {{matchLabels: {{app: client}}}}
   rules:
   - {{name: kernel, ports: [{{port: {KERNEL_PORT}, endPort: 7099}}], transport: {{stack: Kernel}}}}
-  - {{name: server, to: [{{networks: [\"{SERVER_IP}/32\"]}}], transport: {transport}}}
+  - {{name: server, to: [{{networks: [\"{SERVER_IP}/32\", \"{SERVER_IP6}/128\"]}}], transport: {transport}}}
 "
     )
 }
@@ -131,6 +133,10 @@ fn main() -> ExitCode {
             kernel_connections_side_by_side,
         ),
         ("python_asyncio_download", python_asyncio_download),
+        (
+            "ipv6_names_and_a_download_match_the_kernel",
+            ipv6_names_and_a_download_match_the_kernel,
+        ),
         (
             "a_thousand_concurrent_then_sequential_connections",
             a_thousand_concurrent_then_sequential_connections,
@@ -285,10 +291,28 @@ impl Lab {
                 &server,
             ],
         );
-        for (ns, dev, cidr) in [(&client, "v0", CLIENT_IP), (&server, "v1", SERVER_IP)] {
+        for (ns, dev, cidr, cidr6) in [
+            (&client, "v0", CLIENT_IP, CLIENT_IP6),
+            (&server, "v1", SERVER_IP, SERVER_IP6),
+        ] {
             must(
                 "ip",
                 &["-n", ns, "addr", "add", &format!("{cidr}/24"), "dev", dev],
+            );
+            // No duplicate address detection: usable at once (the instance reads it as
+            // the interface's global IPv6 address).
+            must(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{cidr6}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ],
             );
             must("ip", &["-n", ns, "link", "set", dev, "up"]);
             // Wire-sized frames: the instance reads and writes the veth with AF_PACKET.
@@ -340,7 +364,10 @@ impl Lab {
 
     /// Waits until the agent decides `expected` (a prefix of `Stack/CC`) for `SERVER_IP:port`.
     fn wait_transport(&self, port: u16, expected: &str) {
-        let to = format!("{SERVER_IP}:{port}");
+        self.wait_transport_to(&format!("{SERVER_IP}:{port}"), expected);
+    }
+
+    fn wait_transport_to(&self, to: &str, expected: &str) {
         wait_for(
             &format!("lab/client → {to} decided {expected}"),
             Duration::from_secs(20),
@@ -1378,4 +1405,49 @@ fn a_thousand_concurrent_then_sequential_connections() {
         descriptors(pid)
     );
     assert_eq!(lab.out_rsts(), rsts, "kernel RSTs in the client namespace");
+}
+
+fn ipv6_names_and_a_download_match_the_kernel() {
+    let lab = Lab::new();
+    lab.wait_transport_to(&format!("[{SERVER_IP6}]:{US_PORT}"), "Userspace/BBR");
+    let port = US_PORT.to_string();
+    let size = (4 << 20).to_string();
+    let mut runs = Vec::new();
+    for shim in [false, true] {
+        let mut srv = lab.server("echo", US_PORT, 1, "-");
+        let mut client = lab.python(shim, "pyclient.py", &["fileno", SERVER_IP6, &port]);
+        let names = client.finish(PROBE_TIMEOUT);
+        let names_server = srv.finish(PROBE_TIMEOUT);
+        let mut srv = lab.server("stream", US_PORT, 1, &size);
+        let mut client = lab.python(shim, "pyclient.py", &["asyncio", SERVER_IP6, &port, &size]);
+        let download = client.finish(PROBE_TIMEOUT);
+        let download_server = srv.finish(PROBE_TIMEOUT);
+        eprintln!(
+            "IPv6 shim={shim}:\n{names}\n{download}\n{names_server}\n{download_server}\n{}",
+            client.stderr()
+        );
+        let ports = [peers(&names_server), peers(&download_server)].concat();
+        assert_eq!(ports.len(), 2, "{names_server}\n{download_server}");
+        assert_eq!(
+            ports.iter().all(|p| RESERVED.contains(p)),
+            shim,
+            "user-space ports with the shim only: {ports:?}"
+        );
+        if shim {
+            assert!(
+                client.stderr().contains("transport=Userspace/BBR"),
+                "{}",
+                client.stderr()
+            );
+        }
+        runs.push([compared(&names), compared(&download)].concat());
+    }
+    assert_eq!(runs[0], runs[1], "kernel (left) and relay (right)");
+    for line in [
+        "family=AF_INET6 type=SOCK_STREAM proto=6".to_owned(),
+        format!("local_ip={CLIENT_IP6} local_port_set=1"),
+        "bytes=4194304 sha256_ok=1".to_owned(),
+    ] {
+        assert!(runs[1].contains(&line), "{line:?} in {:?}", runs[1]);
+    }
 }

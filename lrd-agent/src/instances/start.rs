@@ -81,13 +81,22 @@ pub(super) fn start(plan: &Plan) -> Result<Started, Failure> {
     let netns = open_netns(plan.pid, plan.netns)?;
     let began = Instant::now();
     reserve_ports(&netns, plan.ports).map_err(Failure::capability)?;
-    drop_rule(&netns, plan.ports).map_err(Failure::capability)?;
+    drop_rule(&netns, plan.ports, "iptables").map_err(Failure::capability)?;
+    // IPv6 is served only where the kernel is kept off the ports for it too.
+    let ipv6 = match drop_rule(&netns, plan.ports, "ip6tables") {
+        Ok(()) => true,
+        Err(why) => {
+            warn!(netns = plan.netns, %why, "the instance serves IPv4 only");
+            false
+        }
+    };
     debug!(
         netns = plan.netns,
+        ipv6,
         elapsed_ms = began.elapsed().as_millis() as u64,
         "network namespace prepared"
     );
-    spawn(plan, &netns)
+    spawn(plan, &netns, ipv6)
 }
 
 /// `/proc/PID/ns/net` of the caller, if it is still the namespace the caller was seen in (a
@@ -231,10 +240,11 @@ pub(super) fn covers(list: &str, ports: PortRange) -> bool {
 ///   with a widened ephemeral range (`ip_local_port_range` reaching into it) would be taken
 ///   for one: its connections from such ports reach the instance, not the kernel.
 ///
-/// AF_PACKET sees frames before netfilter, so the instance still gets them.
-fn drop_rule(netns: &File, ports: PortRange) -> Result<(), String> {
+/// AF_PACKET sees frames before netfilter, so the instance still gets them. `tool` is
+/// `iptables` or `ip6tables`.
+fn drop_rule(netns: &File, ports: PortRange, tool: &str) -> Result<(), String> {
     for direction in ["--dport", "--sport"] {
-        drop_rule_for(netns, ports, direction)?;
+        drop_rule_for(netns, ports, direction, tool)?;
     }
     Ok(())
 }
@@ -259,9 +269,14 @@ fn drop_rule_args(ports: PortRange, direction: &str) -> Vec<String> {
     .collect()
 }
 
-fn drop_rule_for(netns: &File, ports: PortRange, direction: &str) -> Result<(), String> {
+fn drop_rule_for(
+    netns: &File,
+    ports: PortRange,
+    direction: &str,
+    tool: &str,
+) -> Result<(), String> {
     let rule = |action: &str| {
-        let mut iptables = in_netns(netns, "iptables");
+        let mut iptables = in_netns(netns, tool);
         iptables.args(["-w", "5", "-t", "raw", action]);
         iptables.args(drop_rule_args(ports, direction));
         iptables
@@ -269,10 +284,10 @@ fn drop_rule_for(netns: &File, ports: PortRange, direction: &str) -> Result<(), 
     match run(rule("-C"), None) {
         Ok(_) => Ok(()),
         Err(missing) if missing.contains("not found on") => Err(format!(
-            "iptables is needed to keep the kernel from answering the instance's ports: {missing}"
+            "{tool} is needed to keep the kernel from answering the instance's ports: {missing}"
         )),
         Err(_) => run(rule("-I"), None).map(drop).map_err(|e| {
-            format!("cannot add the raw-table DROP rule for TCP {direction} {ports}: {e}")
+            format!("cannot add the {tool} raw-table DROP rule for TCP {direction} {ports}: {e}")
         }),
     }
 }
@@ -312,7 +327,7 @@ fn open_cgroup_procs(cgroup: Option<&str>) -> Result<File, String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn spawn(plan: &Plan, netns: &File) -> Result<Started, Failure> {
+fn spawn(plan: &Plan, netns: &File, ipv6: bool) -> Result<Started, Failure> {
     let cgroup_procs = match open_cgroup_procs(plan.cgroup.as_deref()) {
         Ok(file) => Some(file),
         Err(why) if plan.cgroup_required => {
@@ -338,6 +353,7 @@ fn spawn(plan: &Plan, netns: &File) -> Result<Started, Failure> {
         .args(["--packet-fd", &sys::PACKET_FD.to_string()])
         .args(["--ports", &plan.ports.to_string()])
         .args(["--ready-fd", &sys::READY_FD.to_string()])
+        .args((!ipv6).then_some("--ipv4-only"))
         .env_clear()
         .env("PATH", PATH)
         .current_dir("/")

@@ -2,7 +2,7 @@
 //! told otherwise. Read from `/proc/net` (per network namespace) and interface ioctls, so it
 //! works in a pod entered with `setns` alone, where `/sys` may still show the host's.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail};
 
@@ -34,6 +34,54 @@ pub(crate) fn default_route(route_table: &str) -> Option<(String, Ipv4Addr)> {
         .map(|(_, iface, gateway)| (iface, gateway))
 }
 
+/// The first usable global IPv6 address of `interface` in `/proc/net/if_inet6` text
+/// (`ADDRESS IFINDEX PREFIX SCOPE FLAGS NAME`, hexadecimal): scope global (which includes
+/// unique-local addresses), neither tentative nor failed duplicate address detection.
+pub(crate) fn ipv6_address(if_inet6: &str, interface: &str) -> Option<(Ipv6Addr, u8)> {
+    const TENTATIVE: u32 = 0x40;
+    const DAD_FAILED: u32 = 0x08;
+    if_inet6.lines().find_map(|line| {
+        let [address, _, prefix, scope, flags, name] =
+            line.split_whitespace().collect::<Vec<_>>()[..]
+        else {
+            return None;
+        };
+        let flags = u32::from_str_radix(flags, 16).ok()?;
+        if name != interface || scope != "00" || flags & (TENTATIVE | DAD_FAILED) != 0 {
+            return None;
+        }
+        Some((hex_ipv6(address)?, u8::from_str_radix(prefix, 16).ok()?))
+    })
+}
+
+/// The next hop of `interface`'s IPv6 default route with the lowest metric in
+/// `/proc/net/ipv6_route` text (`DEST PLEN SRC SPLEN NEXTHOP METRIC REFCNT USE FLAGS NAME`).
+pub(crate) fn ipv6_gateway(ipv6_route: &str, interface: &str) -> Option<Ipv6Addr> {
+    ipv6_route
+        .lines()
+        .filter_map(|line| {
+            let [destination, prefix, _, _, next_hop, metric, _, _, _, name] =
+                line.split_whitespace().collect::<Vec<_>>()[..]
+            else {
+                return None;
+            };
+            if name != interface || prefix != "00" || !hex_ipv6(destination)?.is_unspecified() {
+                return None;
+            }
+            let next_hop = hex_ipv6(next_hop).filter(|hop| !hop.is_unspecified())?;
+            Some((u32::from_str_radix(metric, 16).ok()?, next_hop))
+        })
+        .min_by_key(|(metric, _)| *metric)
+        .map(|(_, next_hop)| next_hop)
+}
+
+fn hex_ipv6(hex: &str) -> Option<Ipv6Addr> {
+    (hex.len() == 32)
+        .then(|| u128::from_str_radix(hex, 16).ok())
+        .flatten()
+        .map(Ipv6Addr::from)
+}
+
 /// Interface names in `/proc/net/dev` text.
 pub(crate) fn interface_names(dev_table: &str) -> Vec<String> {
     dev_table
@@ -51,13 +99,17 @@ pub(crate) struct Network {
     pub(crate) address: Ipv4Addr,
     pub(crate) prefix_len: u8,
     pub(crate) gateway: Option<Ipv4Addr>,
+    /// The interface's IPv6 address, prefix and default gateway, if it has a global one.
+    pub(crate) ipv6: Option<(Ipv6Addr, u8, Option<Ipv6Addr>)>,
 }
 
-/// Fills in what the command line left out from this namespace.
+/// Fills in what the command line left out from this namespace; IPv6 too unless `ipv6` is
+/// false.
 pub(crate) fn network(
     interface: Option<&str>,
     address: Option<(Ipv4Addr, u8)>,
     gateway: Option<Ipv4Addr>,
+    ipv6: bool,
 ) -> Result<Network> {
     let route_table =
         std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
@@ -95,11 +147,20 @@ pub(crate) fn network(
             .filter(|(name, gateway)| *name == interface && !gateway.is_unspecified())
             .map(|(_, gateway)| gateway)
     });
+    let ipv6 = ipv6
+        .then(|| std::fs::read_to_string("/proc/net/if_inet6").ok())
+        .flatten()
+        .and_then(|table| ipv6_address(&table, &interface))
+        .map(|(address, prefix_len)| {
+            let routes = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+            (address, prefix_len, ipv6_gateway(&routes, &interface))
+        });
     Ok(Network {
         interface,
         address,
         prefix_len,
         gateway,
+        ipv6,
     })
 }
 
@@ -127,5 +188,30 @@ mod tests {
             face |bytes    packets|bytes    packets\n    \
             lo:  1234 5 0 0\n  eth0: 99 1 0 0\nveth-a1:0 0 0 0\n";
         assert_eq!(interface_names(table), ["lo", "eth0", "veth-a1"]);
+    }
+
+    #[test]
+    fn the_global_ipv6_address_and_default_gateway_of_the_interface() {
+        let addresses = "00000000000000000000000000000001 01 80 10 80       lo\n\
+            fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n\
+            fd000000000000000000000000000009 04 40 00 c0     eth0\n\
+            fd000000000000000000000000000002 04 40 00 82     eth0\n\
+            fd010000000000000000000000000002 05 40 00 80     eth1\n";
+        assert_eq!(
+            ipv6_address(addresses, "eth0"),
+            Some(("fd00::2".parse().unwrap(), 64)),
+            "link-local and tentative addresses are skipped"
+        );
+        assert_eq!(ipv6_address(addresses, "eth2"), None);
+        let routes = "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n\
+            00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000003 00000000 00000003     eth0\n\
+            00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd00000000000000000000000000000a 00000100 00000003 00000000 00000003     eth0\n\
+            00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000003 00000000 00200200       lo\n";
+        assert_eq!(
+            ipv6_gateway(routes, "eth0"),
+            Some("fd00::a".parse().unwrap()),
+            "the lowest metric"
+        );
+        assert_eq!(ipv6_gateway(routes, "lo"), None, "no next hop");
     }
 }

@@ -18,7 +18,7 @@ use stackroute_local_api::relay::{
 use stackroute_nethost::{Host, Wait};
 use stackroute_netstack::congestion::CongestionControl;
 use stackroute_netstack::{
-    Keepalive, SocketError, SocketHandle, SocketOption, TcpConfig, TcpState,
+    Ipv6Config, Keepalive, SocketError, SocketHandle, SocketOption, TcpConfig, TcpState,
 };
 use stackroute_pktio::AnyDevice;
 use tracing::{debug, info, warn};
@@ -76,6 +76,8 @@ pub(crate) struct Settings {
     pub(crate) address: Ipv4Addr,
     pub(crate) prefix_len: u8,
     pub(crate) gateway: Option<Ipv4Addr>,
+    /// The stack's IPv6 subnet and gateway, if it serves IPv6.
+    pub(crate) ipv6: Option<Ipv6Config>,
 }
 
 /// A finished connection's last status.
@@ -596,8 +598,13 @@ impl Instance {
         if !self.reachable(remote.ip()) {
             return Err(refuse(
                 format!(
-                    "no route to {remote} (IPv4 on {}/{} only)",
-                    self.settings.address, self.settings.prefix_len
+                    "no route to {remote} (the instance serves {}/{}{})",
+                    self.settings.address,
+                    self.settings.prefix_len,
+                    self.settings.ipv6.map_or_else(
+                        || " only".to_owned(),
+                        |v6| format!(" and {}/{}", v6.address, v6.prefix_len)
+                    )
                 ),
                 Errno::NETUNREACH,
             ));
@@ -810,14 +817,22 @@ impl Instance {
 
     /// Whether an IPv4 destination is on-link or behind the gateway.
     fn reachable(&self, ip: IpAddr) -> bool {
-        let IpAddr::V4(ip) = ip else {
-            return false;
-        };
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.settings.prefix_len))
-            .unwrap_or(0);
-        let on_link = u32::from(ip) & mask == u32::from(self.settings.address) & mask;
-        on_link || self.settings.gateway.is_some()
+        match ip {
+            IpAddr::V4(ip) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.settings.prefix_len))
+                    .unwrap_or(0);
+                let on_link = u32::from(ip) & mask == u32::from(self.settings.address) & mask;
+                on_link || self.settings.gateway.is_some()
+            }
+            IpAddr::V6(ip) => self.settings.ipv6.is_some_and(|v6| {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(v6.prefix_len))
+                    .unwrap_or(0);
+                let on_link = u128::from(ip) & mask == u128::from(v6.address) & mask;
+                on_link || v6.gateway.is_some()
+            }),
+        }
     }
 
     fn status(&self, id: u64) -> RelayResponse {

@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use stackroute_local_api::relay::socket_name;
 use stackroute_nethost::{BusyPoll, Host, SharedAddress};
-use stackroute_netstack::{Stack, StackConfig};
+use stackroute_netstack::{Ipv6Config, Stack, StackConfig};
 use stackroute_pktio::{AfPacket, AnyDevice, RingConfig};
 use tracing::info;
 
@@ -53,6 +53,10 @@ struct Cli {
     /// Next hop for off-subnet destinations (default: the IPv4 default route's gateway).
     #[arg(long)]
     gateway: Option<Ipv4Addr>,
+    /// Serve IPv4 only, even if the interface has a global IPv6 address (for a namespace
+    /// whose kernel could not be kept off the instance's IPv6 ports).
+    #[arg(long)]
+    ipv4_only: bool,
     /// Write `ready\n` to this inherited descriptor once listening, then close it.
     #[arg(long)]
     ready_fd: Option<i32>,
@@ -143,7 +147,12 @@ fn run(cli: Cli) -> Result<()> {
         .transpose()
         .context("--ready-fd")?;
     raise_descriptor_limit();
-    let network = discover::network(cli.interface.as_deref(), cli.address, cli.gateway)?;
+    let network = discover::network(
+        cli.interface.as_deref(),
+        cli.address,
+        cli.gateway,
+        !cli.ipv4_only,
+    )?;
     let rings = RingConfig::default();
     let engine = match packet_fd {
         Some(fd) => AfPacket::from_fd(fd, &network.interface, rings).with_context(|| {
@@ -166,6 +175,13 @@ fn run(cli: Cli) -> Result<()> {
         stackroute_nethost::random_secret()?,
     );
     config.gateway = network.gateway;
+    let ipv6 = network
+        .ipv6
+        .map(|(address, prefix_len, gateway)| Ipv6Config {
+            gateway,
+            ..Ipv6Config::new(address, prefix_len)
+        });
+    config.ipv6 = ipv6;
     config.mtu = stackroute_pktio::interface::mtu(&network.interface).unwrap_or(1500);
     config.ephemeral_ports = cli.ports.clone();
     let mut host = Host::new(
@@ -176,7 +192,10 @@ fn run(cli: Cli) -> Result<()> {
             yield_between: true,
         },
     );
-    host.shared = Some(SharedAddress::new(network.address, cli.ports.clone()));
+    host.shared = Some(SharedAddress {
+        address6: network.ipv6.map(|(address, ..)| address),
+        ..SharedAddress::new(network.address, cli.ports.clone())
+    });
     host.max_sleep = Duration::from_millis(200);
     let name = socket_name(&cli.socket_name);
     let listener = control::listen(&name)
@@ -190,6 +209,7 @@ fn run(cli: Cli) -> Result<()> {
         address: network.address,
         prefix_len: network.prefix_len,
         gateway: network.gateway,
+        ipv6,
     };
     let mut instance = instance::Instance::new(host, listener, signal_read, settings)?;
     info!(
@@ -197,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
         interface = %network.interface,
         address = %format!("{}/{}", network.address, network.prefix_len),
         gateway = ?network.gateway,
+        ipv6 = ?ipv6.map(|v6| format!("{}/{} via {:?}", v6.address, v6.prefix_len, v6.gateway)),
         ports = %format!("{}-{}", cli.ports.start(), cli.ports.end()),
         inherited_packet_socket = cli.packet_fd.is_some(),
         "listening"

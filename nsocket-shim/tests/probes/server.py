@@ -121,14 +121,16 @@ def handle(c):
     c.close()
 
 
-listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+# Dual stack: IPv4 clients and IPv6 ones (tests/userspace.rs ipv6_*).
+listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind(("0.0.0.0", port))
+listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+listener.bind(("::", port))
 listener.listen(16)
 out("listening")
 threads = []
 for _ in range(conns):
-    c, (ip, peer) = listener.accept()
+    c, (_, peer, *_) = listener.accept()
     out(f"peer {peer}")
     t = threading.Thread(target=handle, args=(c,), daemon=True)
     t.start()
