@@ -12,22 +12,17 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use common::netns::{Helper, Netns, answer_requests, helper_role, run};
 use common::*;
-use stackroute_local_api::frame;
 use stackroute_local_api::message::{FallbackReason, Request, Response};
-use stackroute_local_api::published;
 use testkit::{Ignored, Trial};
 
-/// Set in a client helper: the agent's socket directory.
-const HELPER_SOCKET_DIR: &str = "STACKROUTE_INSTANCES_TEST_SOCKET_DIR";
-/// `1`: the trials needing root fail instead of showing as ignored.
-const REQUIRE_NETNS: &str = "STACKROUTE_REQUIRE_NETNS";
 /// The uid and gid of the unprivileged caller.
 const NOBODY: u32 = 65534;
 /// The port range the trials give the agent (not the default, so the flag is exercised).
@@ -47,8 +42,9 @@ fn main() -> ExitCode {
     if args.iter().any(|a| a == "--socket-name") {
         return fake_stackd(&args);
     }
-    if std::env::var_os(HELPER_SOCKET_DIR).is_some() {
-        return client();
+    if let Some((_, socket)) = helper_role() {
+        answer_requests(&socket, Duration::from_secs(30));
+        return ExitCode::SUCCESS;
     }
     let trials = vec![
         Trial::test(
@@ -74,6 +70,11 @@ fn main() -> ExitCode {
             "a_killed_instance_is_started_again_after_the_back_off",
             netns_gate,
             |()| a_killed_instance_is_started_again_after_the_back_off(),
+        ),
+        Trial::gated(
+            "an_agent_without_cap_net_raw_answers_no_capability",
+            netns_gate,
+            |()| an_agent_without_cap_net_raw_answers_no_capability(),
         ),
         Trial::gated(
             "a_failing_instance_binary_backs_the_namespace_off",
@@ -173,55 +174,13 @@ fn fake_stackd(args: &[String]) -> ExitCode {
     }
 }
 
-/// A client: prints its pid, then answers one request per stdin line (each on a new
-/// connection) with one reply per stdout line.
-fn client() -> ExitCode {
-    let socket = PathBuf::from(std::env::var_os(HELPER_SOCKET_DIR).expect("socket dir"))
-        .join(published::SOCKET_FILE);
-    println!("{}", std::process::id());
-    for line in std::io::stdin().lines() {
-        let Ok(line) = line else { break };
-        let request: Request = serde_json::from_str(&line).expect("a request");
-        let reply = std::os::unix::net::UnixStream::connect(&socket)
-            .map_err(|e| e.to_string())
-            .and_then(|mut stream| {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(30)))
-                    .unwrap();
-                frame::call::<_, _, Response>(&mut stream, &request).map_err(|e| e.to_string())
-            })
-            .unwrap_or_else(|message| Response::Error {
-                message: format!("client: {message}"),
-            });
-        println!("{}", serde_json::to_string(&reply).unwrap());
-    }
-    ExitCode::SUCCESS
-}
-
 // === guards and helpers ===
 
 fn netns_gate() -> Result<(), Ignored> {
-    let missing = if !rustix::process::geteuid().is_root() {
-        Some("needs root (network namespaces, setns, iptables, cgroups)")
-    } else if !["ip", "iptables", "setpriv"].iter().all(|program| {
-        Command::new(program)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    }) {
-        Some("needs `ip` (iproute2), `iptables` and `setpriv` (util-linux)")
-    } else {
-        None
-    };
-    match missing {
-        None => Ok(()),
-        Some(reason) if std::env::var_os(REQUIRE_NETNS).is_some_and(|v| v == "1") => {
-            panic!("{REQUIRE_NETNS}=1 but this trial {reason}")
-        }
-        Some(reason) => Err(Ignored::new(reason)),
-    }
+    netns::netns_gate(
+        &["ip", "iptables", "ip6tables", "setpriv"],
+        "needs `ip` (iproute2), `iptables`, `ip6tables` and `setpriv` (util-linux)",
+    )
 }
 
 /// The real instance binary, if it is built in this target directory.
@@ -239,122 +198,6 @@ fn real_stackd() -> Result<PathBuf, Ignored> {
             "{} is not built (cargo build -p stackroute-stackd)",
             path.display()
         )))
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"))
-}
-
-/// A network namespace with its loopback up, deleted by name when dropped.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("srinst-{}-{tag}", std::process::id());
-        let _ = run("ip", &["netns", "del", &name]);
-        let output = run("ip", &["netns", "add", &name]);
-        assert!(output.status.success(), "ip netns add {name}: {output:?}");
-        let netns = Self { name };
-        netns.ip(&["link", "set", "lo", "up"]);
-        netns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        let output = run("ip", &all);
-        assert!(output.status.success(), "ip {all:?}: {output:?}");
-    }
-
-    /// `program args…` inside the namespace.
-    fn exec(&self, program: &str, args: &[&str]) -> std::process::Output {
-        let mut all = vec!["netns", "exec", &self.name, program];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = run("ip", &["netns", "del", &self.name]);
-    }
-}
-
-/// A client of the agent inside a namespace, as root or as `nobody`; killed by pid on drop.
-struct Client {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    pid: u32,
-}
-
-impl Client {
-    fn start(agent: &Agent, netns: &Netns, uid: Option<u32>) -> Self {
-        let exe = std::env::current_exe().expect("test executable");
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &netns.name]);
-        if let Some(uid) = uid {
-            command.arg("setpriv").args([
-                format!("--reuid={uid}"),
-                format!("--regid={uid}"),
-                "--clear-groups".into(),
-            ]);
-        }
-        command
-            .arg(exe)
-            .env(HELPER_SOCKET_DIR, &agent.socket_dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = command.spawn().expect("start a client");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut client = Self {
-            child,
-            stdin,
-            stdout,
-            pid: 0,
-        };
-        client.pid = client.line().trim().parse().expect("the client's pid");
-        client
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("a line");
-        assert!(!line.is_empty(), "the client exited");
-        line
-    }
-
-    fn send(&mut self) {
-        let request = serde_json::to_string(&Request::UserspaceInstance).unwrap();
-        writeln!(self.stdin, "{request}").unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn reply(&mut self) -> Response {
-        serde_json::from_str(&self.line()).expect("a reply")
-    }
-
-    /// `userspaceInstance`, and how long the answer took.
-    fn instance(&mut self) -> (Response, Duration) {
-        let started = Instant::now();
-        self.send();
-        let reply = self.reply();
-        (reply, started.elapsed())
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -588,7 +431,7 @@ fn a_caller_gets_an_instance_in_its_namespace_without_privileges() {
     let mut seen = Instances::default();
     let agent = agent(tmp.path(), &fake(), &[]);
     let ns = Netns::new("root");
-    let mut client = Client::start(&agent, &ns, None);
+    let mut client = Helper::start("client", &agent.socket_dir, Some(&ns), None);
     let (reply, took) = client.instance();
     let pid = seen.add(instance(&reply));
     eprintln!("first request answered in {} ms (start)", took.as_millis());
@@ -672,7 +515,7 @@ fn an_unprivileged_caller_gets_an_instance_with_its_uid_gid_and_cgroup() {
     let mut seen = Instances::default();
     let agent = agent(tmp.path(), &fake(), &[]);
     let ns = Netns::new("nobody");
-    let mut client = Client::start(&agent, &ns, Some(NOBODY));
+    let mut client = Helper::start("client", &agent.socket_dir, Some(&ns), Some(NOBODY));
     if let Some(cgroup) = &cgroup {
         cgroup.add(client.pid);
     }
@@ -721,9 +564,11 @@ fn concurrent_first_requests_start_one_instance() {
     let slow = slow_fake(tmp.path(), "0.4");
     let agent = agent(tmp.path(), &slow, &[]);
     let ns = Netns::new("race");
-    let mut clients: Vec<Client> = (0..3).map(|_| Client::start(&agent, &ns, None)).collect();
+    let mut clients: Vec<Helper> = (0..3)
+        .map(|_| Helper::start("client", &agent.socket_dir, Some(&ns), None))
+        .collect();
     for client in &mut clients {
-        client.send();
+        client.send(&Request::UserspaceInstance);
     }
     let pids: BTreeSet<i32> = clients
         .iter_mut()
@@ -740,7 +585,7 @@ fn a_killed_instance_is_started_again_after_the_back_off() {
     let mut seen = Instances::default();
     let agent = agent(tmp.path(), &fake(), &[]);
     let ns = Netns::new("kill");
-    let mut client = Client::start(&agent, &ns, None);
+    let mut client = Helper::start("client", &agent.socket_dir, Some(&ns), None);
     let first = seen.add(instance(&client.instance().0));
     let pid = rustix::process::Pid::from_raw(first).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
@@ -771,11 +616,51 @@ fn a_killed_instance_is_started_again_after_the_back_off() {
     assert_eq!(metric(&agent, "stackroute_lrd_userspace_instances "), 1);
 }
 
+/// The agent may not create packet sockets (no `CAP_NET_RAW` in its bounding set): the
+/// caller is told `no-capability`, no instance starts, and the agent goes on serving.
+fn an_agent_without_cap_net_raw_answers_no_capability() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stackd = fake();
+    let stackd = stackd.to_str().unwrap();
+    let agent = Agent::start_wrapped(
+        "n1",
+        &format!("127.0.0.1:{}", free_port()),
+        tmp.path(),
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-net_raw",
+            "--inh-caps",
+            "-net_raw",
+            "--",
+        ],
+        &["--stackd-binary", stackd, "--userspace-ports", PORTS],
+    );
+    let ns = Netns::new("noraw");
+    let mut client = Helper::start("client", &agent.socket_dir, Some(&ns), None);
+    let message = unavailable(&client.instance().0, FallbackReason::NoCapability);
+    assert!(
+        message.contains("socket(AF_PACKET, SOCK_RAW)"),
+        "the packet socket is the step that failed: {message}"
+    );
+    assert_eq!(metric(&agent, "stackroute_lrd_userspace_instances "), 0);
+    assert_eq!(
+        metric(
+            &agent,
+            r#"stackroute_lrd_userspace_instance_starts_total{result="ok"} "#
+        ),
+        0
+    );
+    // The agent goes on serving the namespace (the same answer, from its back-off or anew).
+    unavailable(&client.instance().0, FallbackReason::NoCapability);
+}
+
 fn a_failing_instance_binary_backs_the_namespace_off() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = agent(tmp.path(), Path::new("/bin/false"), &[]);
     let ns = Netns::new("false");
-    let mut client = Client::start(&agent, &ns, None);
+    let mut client = Helper::start("client", &agent.socket_dir, Some(&ns), None);
     let message = unavailable(&client.instance().0, FallbackReason::StackUnavailable);
     assert!(
         message.contains("before it was ready (exit status: 1)"),
@@ -818,7 +703,7 @@ fn agent_restarts_adopt_running_instances() {
     let mut seen = Instances::default();
     let mut agent = agent(tmp.path(), &fake(), &[]);
     let ns = Netns::new("adopt");
-    let mut client = Client::start(&agent, &ns, None);
+    let mut client = Helper::start("client", &agent.socket_dir, Some(&ns), None);
     let pid = seen.add(instance(&client.instance().0));
     // SIGTERM: the agent exits, the instance keeps running.
     agent.proc.signal("TERM");
@@ -862,7 +747,7 @@ fn a_hand_over_leaves_instances_running_for_the_new_agent() {
         &["--userspace-idle-timeout-ms", "1000"],
     );
     let ns = Netns::new("handover");
-    let mut client = Client::start(&old, &ns, None);
+    let mut client = Helper::start("client", &old.socket_dir, Some(&ns), None);
     let pid = seen.add(instance(&client.instance().0));
     let fake = fake();
     let new = old.successor(
@@ -914,7 +799,7 @@ fn an_instance_is_stopped_once_its_namespace_has_no_other_process() {
         &["--userspace-idle-timeout-ms", "1000"],
     );
     let ns = Netns::new("idle");
-    let mut client = Client::start(&agent, &ns, None);
+    let mut client = Helper::start("client", &agent.socket_dir, Some(&ns), None);
     let pid = seen.add(instance(&client.instance().0));
     // Kept while its caller lives.
     std::thread::sleep(Duration::from_millis(2000));
@@ -939,7 +824,7 @@ fn an_instance_is_stopped_once_its_namespace_has_no_other_process() {
         "{log}"
     );
     // A new caller gets a new one at once (an idle stop is no failure).
-    let mut client = Client::start(&agent, &ns, None);
+    let mut client = Helper::start("client", &agent.socket_dir, Some(&ns), None);
     let next = seen.add(instance(&client.instance().0));
     assert_ne!(next, pid);
 }
@@ -974,7 +859,7 @@ fn kubernetes_mode_starts_instances_for_pods_only() {
     pod.ip(&["addr", "add", "192.0.2.11/32", "dev", "lo"]);
     let stranger = Netns::new("stranger");
     stranger.ip(&["addr", "add", "192.0.2.99/32", "dev", "lo"]);
-    let mut in_pod = Client::start(&agent, &pod, None);
+    let mut in_pod = Helper::start("client", &agent.socket_dir, Some(&pod), None);
     let pid = seen.add(instance(&in_pod.instance().0));
     assert_eq!(netns_of(pid), netns_of(in_pod.pid));
     // The pod's cgroup pays for it (here the caller's, wherever that is).
@@ -989,7 +874,7 @@ fn kubernetes_mode_starts_instances_for_pods_only() {
         cgroup_of(in_pod.pid.to_string())
     );
     // A namespace that is no pod of this node, and the host (no pod either), get none.
-    let mut outsider = Client::start(&agent, &stranger, None);
+    let mut outsider = Helper::start("client", &agent.socket_dir, Some(&stranger), None);
     let message = unavailable(&outsider.instance().0, FallbackReason::NoCapability);
     assert!(message.contains("only a pod of this node"), "{message}");
     let message = unavailable(
@@ -1017,7 +902,7 @@ fn the_real_stackd_starts_and_binds_its_socket(stackd: PathBuf) {
     ns.ip(&["route", "add", "default", "via", "192.0.2.1", "dev", "sr0"]);
     peer.ip(&["addr", "add", "192.0.2.1/24", "dev", "sr1"]);
     peer.ip(&["link", "set", "sr1", "up"]);
-    let mut client = Client::start(&agent, &ns, Some(NOBODY));
+    let mut client = Helper::start("client", &agent.socket_dir, Some(&ns), Some(NOBODY));
     let (reply, took) = client.instance();
     let pid = match &reply {
         Response::Instance { pid, .. } => seen.add(*pid),

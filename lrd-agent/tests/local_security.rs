@@ -20,24 +20,17 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::io::Read as _;
+use std::path::Path;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use common::netns::{Helper, Netns, answer_requests, helper_role};
 use common::*;
 use serde_json::Value;
 use stackroute_local_api::frame;
 use stackroute_local_api::message::{FallbackReason, Protocol, Request, Response};
-use stackroute_local_api::published;
 use testkit::{Ignored, Trial};
-
-/// Set in a helper process: its role (`client` or `flood:N`).
-const HELPER_ROLE: &str = "STACKROUTE_LOCAL_SECURITY_HELPER";
-/// Set in a helper process: the agent's socket directory.
-const HELPER_SOCKET_DIR: &str = "STACKROUTE_LOCAL_SECURITY_SOCKET_DIR";
-/// `1`: the network-namespace trials fail instead of showing as ignored without root.
-const REQUIRE_NETNS: &str = "STACKROUTE_REQUIRE_NETNS";
 
 /// One node with three pods on documentation addresses (TEST-NET-1): a and b (app=web) and
 /// db. No traffic is ever sent to them: the network-namespace trials only assign them.
@@ -52,8 +45,8 @@ items:
 "#;
 
 fn main() -> ExitCode {
-    if let Ok(role) = std::env::var(HELPER_ROLE) {
-        return helper(&role);
+    if let Some((role, socket)) = helper_role() {
+        return helper(&role, &socket);
     }
     testkit::run(vec![
         Trial::test(
@@ -99,162 +92,15 @@ fn main() -> ExitCode {
 /// Root and `ip` for network namespaces; otherwise ignored with the reason (a failure under
 /// `STACKROUTE_REQUIRE_NETNS=1`).
 fn netns_gate() -> Result<(), Ignored> {
-    let missing = if !rustix::process::geteuid().is_root() {
-        Some("needs root to create network namespaces (ip netns)")
-    } else if Command::new("ip")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_or(true, |s| !s.success())
-    {
-        Some("`ip` (iproute2) is not installed")
-    } else {
-        None
-    };
-    match missing {
-        None => Ok(()),
-        Some(reason) if std::env::var_os(REQUIRE_NETNS).is_some_and(|v| v == "1") => {
-            panic!("{REQUIRE_NETNS}=1 but this trial {reason}")
-        }
-        Some(reason) => Err(Ignored::new(reason)),
-    }
-}
-
-fn ip(args: &[&str]) {
-    let output = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        output.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// A network namespace with one address (on its loopback interface, so nothing is routed
-/// anywhere), deleted by name when dropped.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str, address: &str) -> Self {
-        let name = format!("srlrd-{}-{tag}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", &name]);
-        let netns = Self { name };
-        ip(&["-n", &netns.name, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &netns.name,
-            "addr",
-            "add",
-            &format!("{address}/32"),
-            "dev",
-            "lo",
-        ]);
-        netns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// This binary in a helper role, talking over its stdin/stdout; killed by PID when dropped.
-struct Helper {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-    /// The helper's own pid (it reports it first: under `ip netns exec` it is its own).
-    pid: u32,
-}
-
-impl Helper {
-    fn start(role: &str, socket_dir: &Path, netns: Option<&Netns>) -> Self {
-        let exe = std::env::current_exe().expect("test executable");
-        let mut command = match netns {
-            Some(netns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", &netns.name]).arg(exe);
-                command
-            }
-            None => Command::new(exe),
-        };
-        command
-            .env(HELPER_ROLE, role)
-            .env(HELPER_SOCKET_DIR, socket_dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = command.spawn().expect("start a helper");
-        let stdin = child.stdin.take();
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut helper = Self {
-            child,
-            stdin,
-            stdout,
-            pid: 0,
-        };
-        helper.pid = helper.line().trim().parse().expect("the helper's pid");
-        helper
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.stdout
-            .read_line(&mut line)
-            .expect("a line from the helper");
-        assert!(!line.is_empty(), "the helper exited");
-        line
-    }
-
-    /// One request on a new connection of the helper's.
-    fn call(&mut self, request: &Request) -> Response {
-        let stdin = self.stdin.as_mut().expect("stdin");
-        writeln!(stdin, "{}", serde_json::to_string(request).unwrap()).unwrap();
-        stdin.flush().unwrap();
-        serde_json::from_str(&self.line()).expect("a reply")
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    netns::netns_gate(&["ip"], "needs `ip` (iproute2)")
 }
 
 /// The helper side: `client` answers one request per stdin line (each on a new connection),
 /// one reply per stdout line; `flood:N` opens N connections and keeps them idle, reporting
 /// how many the agent closed.
-fn helper(role: &str) -> ExitCode {
-    let socket = PathBuf::from(std::env::var_os(HELPER_SOCKET_DIR).expect("socket dir"))
-        .join(published::SOCKET_FILE);
-    println!("{}", std::process::id());
+fn helper(role: &str, socket: &Path) -> ExitCode {
     if role == "client" {
-        for line in std::io::stdin().lines() {
-            let Ok(line) = line else { break };
-            let request: Request = serde_json::from_str(&line).expect("a request");
-            let reply = std::os::unix::net::UnixStream::connect(&socket)
-                .map_err(|e| e.to_string())
-                .and_then(|mut stream| {
-                    stream
-                        .set_read_timeout(Some(Duration::from_secs(5)))
-                        .unwrap();
-                    frame::call::<_, _, Response>(&mut stream, &request).map_err(|e| e.to_string())
-                })
-                .unwrap_or_else(|message| Response::Error {
-                    message: format!("helper: {message}"),
-                });
-            println!("{}", serde_json::to_string(&reply).unwrap());
-        }
+        answer_requests(socket, Duration::from_secs(5));
         return ExitCode::SUCCESS;
     }
     let count: usize = role
@@ -262,7 +108,7 @@ fn helper(role: &str) -> ExitCode {
         .and_then(|n| n.parse().ok())
         .expect("flood:N");
     let streams: Vec<_> = (0..count)
-        .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(socket).ok())
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let (mut open, mut refused, mut message) = (0, 0, String::new());
@@ -445,7 +291,7 @@ fn forged_lookups_and_listeners_for_another_workload_are_refused() {
     accepted(agent.call(&listener("127.0.0.1", 7101, "shop", "a")));
 
     // A child process is what its parent registered (`stackroute run` starts programs so).
-    let mut child = Helper::start("client", &agent.socket_dir, None);
+    let mut child = Helper::start("client", &agent.socket_dir, None, None);
     let message = denied(child.call(&lookup("shop", "b", TO_DB)));
     assert!(
         message.contains(&format!("ancestor process, pid {}", std::process::id())),
@@ -584,7 +430,7 @@ fn quotas_are_enforced_with_an_error_naming_the_quota() {
     accepted(agent.call(&listener("127.0.0.1", 7304, "shop", "web-1")));
     // Listeners per node: another workload (a child process that declared itself) gets one
     // more, then the node is full.
-    let mut other = Helper::start("client", &agent.socket_dir, None);
+    let mut other = Helper::start("client", &agent.socket_dir, None, None);
     accepted(other.call(&workload("shop", "h", &[])));
     accepted(other.call(&listener("127.0.0.1", 7305, "shop", "h")));
     let message = denied(other.call(&listener("127.0.0.1", 7306, "shop", "h")));
@@ -730,11 +576,11 @@ fn kubernetes_mode_binds_callers_to_their_pod_and_keeps_wildcards_per_pod() {
     let tmp = tempfile::tempdir().unwrap();
     let (_controller, agent) = start(tmp.path(), POD_CLUSTER, &["--mode", "kubernetes"]);
     let (ns_a, ns_b) = (
-        Netns::new("ka", "192.0.2.11"),
-        Netns::new("kb", "192.0.2.12"),
+        Netns::with_address("ka", "192.0.2.11"),
+        Netns::with_address("kb", "192.0.2.12"),
     );
-    let mut a = Helper::start("client", &agent.socket_dir, Some(&ns_a));
-    let mut b = Helper::start("client", &agent.socket_dir, Some(&ns_b));
+    let mut a = Helper::start("client", &agent.socket_dir, Some(&ns_a), None);
+    let mut b = Helper::start("client", &agent.socket_dir, Some(&ns_b), None);
 
     // Each pod is found by the address its namespace holds; it looks up only itself.
     decided(a.call(&lookup("shop", "a", "192.0.2.20")));
@@ -804,11 +650,11 @@ fn standalone_workloads_in_two_namespaces_keep_their_names_and_listeners() {
     let tmp = tempfile::tempdir().unwrap();
     let (_controller, agent) = start(tmp.path(), POD_CLUSTER, &[]);
     let (ns_a, ns_b) = (
-        Netns::new("sa", "192.0.2.11"),
-        Netns::new("sb", "192.0.2.12"),
+        Netns::with_address("sa", "192.0.2.11"),
+        Netns::with_address("sb", "192.0.2.12"),
     );
-    let mut a = Helper::start("client", &agent.socket_dir, Some(&ns_a));
-    let mut b = Helper::start("client", &agent.socket_dir, Some(&ns_b));
+    let mut a = Helper::start("client", &agent.socket_dir, Some(&ns_a), None);
+    let mut b = Helper::start("client", &agent.socket_dir, Some(&ns_b), None);
 
     accepted(a.call(&workload("shop", "a", &["192.0.2.11"])));
     // B cannot take A's name, nor claim A's address.
@@ -853,8 +699,8 @@ fn an_idle_connection_flood_does_not_lock_out_other_callers() {
         tmp.path(),
         &["--max-local-connections", "128"],
     );
-    let ns = Netns::new("flood", "192.0.2.66");
-    let mut flood = Helper::start("flood:200", &agent.socket_dir, Some(&ns));
+    let ns = Netns::with_address("flood", "192.0.2.66");
+    let mut flood = Helper::start("flood:200", &agent.socket_dir, Some(&ns), None);
     let report: Value = serde_json::from_str(&flood.line()).unwrap();
     assert_eq!(report["connected"], 200, "{report}");
     assert_eq!(report["open"], 64, "at most 64 per caller: {report}");

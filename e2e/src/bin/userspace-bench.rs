@@ -27,7 +27,11 @@
 //!   request/response round trips (a Python client, under the shim on the user-space stack vs
 //!   on the kernel) p50/p99;
 //! - instance start: connect-to-established of the first `Userspace` connection of a
-//!   namespace (the agent starts the instance) vs the following ones.
+//!   namespace (the agent starts the instance) vs the following ones;
+//! - scale: `--concurrent` connections open at once from one pod (each echoing a token), then
+//!   `--sequential` connections one after another (the client closes first, so each leaves
+//!   TIME-WAIT in the instance), with the instance's descriptors and memory and the client's
+//!   descriptors sampled as they go.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -38,7 +42,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use serde_json::Value;
-use stackroute_e2e::cluster::{Cluster, INTERNET, INTERNET_IP, Options, ROUTER, Workload, node};
+use stackroute_e2e::cluster::{
+    Cluster, INTERNET, INTERNET_IP, Options, ROUTER, StackInstance, Workload, node,
+};
 use stackroute_e2e::proc::Proc;
 use stackroute_e2e::tools::{is_root, netns_preconditions, which};
 
@@ -66,6 +72,12 @@ struct Args {
     /// Sequential connections per instance-start run (the first starts the instance).
     #[arg(long, default_value_t = 20)]
     connects: u32,
+    /// Connections held open at once by one client (scale run).
+    #[arg(long, default_value_t = 1000)]
+    concurrent: u32,
+    /// Sequential connections after them (scale run; 0 skips the run).
+    #[arg(long, default_value_t = 100_000)]
+    sequential: u32,
     /// Skip the emulated path.
     #[arg(long)]
     skip_emulated: bool,
@@ -170,6 +182,36 @@ for _ in range(int(sys.argv[3])):
     out.append((time.perf_counter() - t) * 1e3)
     c.sendall(b"x"); c.recv(1); c.close()
 print(" ".join("%.3f" % x for x in out))
+"#;
+
+/// The scale client: N connections at once, each echoing a token, held for two seconds
+/// ("held"), then S sequential ones closed by the client first; "progress K" every tenth, the
+/// client's descriptors over its idle count at the end.
+const SCALE: &str = r#"
+import os, resource, socket, sys, time
+host, port, n, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 256)), hard))
+def fds(): return len(os.listdir("/proc/self/fd"))
+def echoed(c, token):
+    c.sendall(token); got = b""
+    while len(got) < len(token):
+        chunk = c.recv(len(token) - len(got))
+        if not chunk: break
+        got += chunk
+    return got == token
+w = socket.create_connection((host, port)); echoed(w, b"warm"); w.close()
+idle = fds(); t = time.perf_counter()
+conns = [socket.create_connection((host, port)) for _ in range(n)]
+ok = sum(echoed(c, b"c%d." % i) for i, c in enumerate(conns))
+print("held", ok, "%.3f" % (time.perf_counter() - t), flush=True)
+time.sleep(2)
+for c in conns: c.close()
+conns = None; ok = 0; t = time.perf_counter(); step = max(seq // 10, 1)
+for i in range(seq):
+    c = socket.create_connection((host, port)); ok += echoed(c, b"s%d." % i); c.close()
+    if (i + 1) % step == 0: print("progress", i + 1, "%.3f" % (time.perf_counter() - t), flush=True)
+print("done", ok, "%.3f" % (time.perf_counter() - t), fds() - idle, flush=True)
 "#;
 
 fn main() -> ExitCode {
@@ -382,6 +424,9 @@ fn bench(args: &Args) -> Result<()> {
     }
     if !args.skip_plain {
         bench.plain(&mut report)?;
+    }
+    if args.sequential > 0 || args.concurrent > 0 {
+        bench.scale(&mut report)?;
     }
     println!("\n# summary");
     for line in &report {
@@ -809,6 +854,156 @@ impl Bench<'_> {
         Ok([mean, p50, p99])
     }
 
+    /// `--concurrent` connections held at once, then `--sequential` ones, from pod "us" to the
+    /// internet host's echo server: the instance's descriptors and memory as they go; then the
+    /// same from the kernel pod (at most 20,000 sequential: its TIME-WAIT sockets hold ports).
+    fn scale(&self, report: &mut Vec<String>) -> Result<()> {
+        let (n, seq) = (self.args.concurrent, self.args.sequential);
+        println!("\n# scale: {n} concurrent, then {seq} sequential connections from one pod");
+        let instance = self
+            .cluster
+            .stack_instances(US_NODE)?
+            .into_iter()
+            .next()
+            .context("no instance on node-a1 (the instance-start run makes one)")?;
+        let idle = footprint(instance.pid).context("the instance's /proc entry")?;
+        let us = self.scale_run("us", n, seq, Some(&instance))?;
+        for (line, fds, rss) in &us.samples {
+            println!("#   {line:<32} instance: {fds} descriptors, {rss} KiB");
+        }
+        let kernel_seq = seq.min(20_000);
+        println!(
+            "# the same on kernel BBR ({kernel_node}, {kernel_seq} sequential)",
+            kernel_node = kernel_node()
+        );
+        let kernel = self.scale_run("kbbr", n, kernel_seq, None)?;
+        let held = us.samples.first().map_or((0, 0), |s| (s.1, s.2));
+        let progress: Vec<_> = us
+            .samples
+            .iter()
+            .filter(|s| s.0.starts_with("progress"))
+            .collect();
+        let (first, last) = match (progress.first(), progress.last()) {
+            (Some(f), Some(l)) => ((f.1, f.2), (l.1, l.2)),
+            _ => ((0, 0), (0, 0)),
+        };
+        let (us_rate, kernel_rate) = (us.rate(), kernel.rate());
+        let lines = [
+            format!(
+                "scale: {}/{n} concurrent connections echoed in {:.1} s (kernel BBR {:.1} s); the instance had {} ESTABLISHED, {} descriptors, {} KiB (idle: {}, {} KiB)",
+                us.held_ok,
+                us.held_seconds,
+                kernel.held_seconds,
+                us.established.unwrap_or(0),
+                held.0,
+                held.1,
+                idle.0,
+                idle.1
+            ),
+            format!(
+                "scale: {}/{seq} sequential connections (connect, echo, close) at {us_rate:.0}/s vs kernel BBR {kernel_rate:.0}/s ({:.2}×); instance descriptors {} → {}, RSS {} → {} KiB (first → last tenth); client descriptors leaked: {}",
+                us.done_ok,
+                us_rate / kernel_rate,
+                first.0,
+                last.0,
+                first.1,
+                last.1,
+                us.leaked
+            ),
+        ];
+        for line in lines {
+            println!("{line}");
+            report.push(line);
+        }
+        Ok(())
+    }
+
+    /// One scale client as `pod`; with `instance`, its descriptors and memory at "held" and
+    /// at every progress line (polling the client's output), and its ESTABLISHED count.
+    fn scale_run(
+        &self,
+        pod: &str,
+        n: u32,
+        seq: u32,
+        instance: Option<&StackInstance>,
+    ) -> Result<ScaleRun> {
+        let inet = INTERNET_IP.to_string();
+        let mut client = self.spawn_client(
+            pod,
+            &[
+                python(),
+                "-c",
+                SCALE,
+                &inet,
+                &ECHO_PORT.to_string(),
+                &n.to_string(),
+                &seq.to_string(),
+            ],
+        )?;
+        let mut samples: Vec<(String, usize, u64)> = Vec::new();
+        let mut established = None;
+        let mut seen = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(u64::from(seq) / 50 + 300);
+        loop {
+            check_interrupted()?;
+            let output = client.output();
+            let lines: Vec<&str> = output.lines().collect();
+            for line in &lines[seen.min(lines.len())..] {
+                let Some(instance) = instance else { break };
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if matches!(words.first(), Some(&"held" | &"progress" | &"done")) {
+                    let (fds, rss) = footprint(instance.pid).unwrap_or_default();
+                    if words[0] == "held" {
+                        let relayed = self
+                            .cluster
+                            .stack_connections(node(US_NODE).host, instance)?;
+                        established = Some(
+                            relayed
+                                .iter()
+                                .filter(|c| c["tcpState"] == "ESTABLISHED")
+                                .count(),
+                        );
+                    }
+                    samples.push((line.to_string(), fds, rss));
+                }
+            }
+            seen = lines.len();
+            if !client.running() || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let output = client.success(Duration::from_secs(1))?;
+        let field = |prefix: &str, index: usize| -> Option<f64> {
+            output
+                .lines()
+                .find(|l| l.starts_with(prefix))?
+                .split_whitespace()
+                .nth(index)?
+                .parse()
+                .ok()
+        };
+        let (Some(held_ok), Some(held_seconds), Some(done_ok), Some(done_seconds), Some(leaked)) = (
+            field("held", 1),
+            field("held", 2),
+            field("done", 1),
+            field("done", 2),
+            field("done", 3),
+        ) else {
+            bail!("the scale client ({pod}) printed {output:?}");
+        };
+        Ok(ScaleRun {
+            held_ok: held_ok as u64,
+            held_seconds,
+            done_ok: done_ok as u64,
+            done_seconds,
+            sequential: seq,
+            leaked: leaked as i64,
+            samples,
+            established,
+        })
+    }
+
     /// The first Userspace connection of node-b1's and node-a1's namespaces (no instance yet)
     /// and the following ones: ms from connect() to established.
     fn instance_start(&self, report: &mut Vec<String>) -> Result<()> {
@@ -866,6 +1061,40 @@ impl Bench<'_> {
         report.push(line);
         Ok(())
     }
+}
+
+/// What one scale client reported (and, for the user-space one, what was sampled).
+struct ScaleRun {
+    held_ok: u64,
+    held_seconds: f64,
+    done_ok: u64,
+    done_seconds: f64,
+    sequential: u32,
+    leaked: i64,
+    /// (client line, instance descriptors, instance RSS KiB).
+    samples: Vec<(String, usize, u64)>,
+    established: Option<usize>,
+}
+
+impl ScaleRun {
+    /// Sequential connections per second.
+    fn rate(&self) -> f64 {
+        f64::from(self.sequential) / self.done_seconds
+    }
+}
+
+/// A process's open descriptors and resident memory (KiB).
+fn footprint(pid: i32) -> Option<(usize, u64)> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((fds, rss))
 }
 
 fn percentile(values: &[f64], q: f64) -> f64 {

@@ -6,6 +6,8 @@
 //! stackroute-cli` first.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod netns;
+
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -246,6 +248,8 @@ pub struct Agent {
     controller: String,
     logs: PathBuf,
     extra_args: Vec<String>,
+    /// A program (and its arguments) that runs the agent, e.g. `setpriv` dropping a capability.
+    wrapper: Vec<String>,
 }
 
 impl Agent {
@@ -265,6 +269,17 @@ impl Agent {
     /// Like [`Agent::start_with`], leaving whatever is in the socket directory for the agent
     /// to deal with.
     pub fn start_in_place(node: &str, controller: &str, root: &Path, extra_args: &[&str]) -> Self {
+        Self::start_wrapped(node, controller, root, &[], extra_args)
+    }
+
+    /// Like [`Agent::start_in_place`], the agent run by `wrapper` (program and arguments).
+    pub fn start_wrapped(
+        node: &str,
+        controller: &str,
+        root: &Path,
+        wrapper: &[&str],
+        extra_args: &[&str],
+    ) -> Self {
         let socket_dir = root.join(format!("{node}-run"));
         let state_dir = root.join(format!("{node}-state"));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -280,6 +295,7 @@ impl Agent {
             controller: controller.into(),
             logs: root.to_path_buf(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            wrapper: wrapper.iter().map(|a| a.to_string()).collect(),
         };
         agent.spawn();
         agent
@@ -300,13 +316,21 @@ impl Agent {
             controller: self.controller.clone(),
             logs: self.logs.clone(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            wrapper: self.wrapper.clone(),
         };
         agent.spawn();
         agent
     }
 
     fn spawn(&mut self) {
-        let mut command = Command::new(bin("stackroute-lrd"));
+        let mut command = match &self.wrapper[..] {
+            [] => Command::new(bin("stackroute-lrd")),
+            [program, args @ ..] => {
+                let mut command = Command::new(program);
+                command.args(args).arg(bin("stackroute-lrd"));
+                command
+            }
+        };
         command
             .args(["--controller", &self.controller, "--node", &self.node])
             .arg("--credentials")
