@@ -372,7 +372,7 @@ impl Lab {
             &format!("lab/client → {to} decided {expected}"),
             Duration::from_secs(20),
             || {
-                explain_agent(&self.agent.socket_dir, "lab/client", &to)
+                explain_agent(&self.agent.socket_dir, "lab/client", to)
                     .filter(|e| transport(e).starts_with(expected))
             },
         );
