@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant as StdInstant};
@@ -674,18 +674,21 @@ impl Instance {
             return error("listen on port 0", Errno::INVAL);
         }
         self.withdrawn.remove(&port);
+        let own6 = self.settings.ipv6.map(|v6| v6.address);
         let app = match address.ip() {
-            // The instance is IPv4 only, and a wildcard listener (`[::]` without `IPV6_V6ONLY`
-            // too) takes IPv4 loopback connections.
+            // A wildcard listener (`0.0.0.0`, or `[::]` with or without `IPV6_V6ONLY`): IPv4
+            // peers are delivered to 127.0.0.1, IPv6 ones to ::1 (`delivery`).
             ip if ip.is_unspecified() => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
             IpAddr::V4(ip) if ip == self.settings.address => address,
+            IpAddr::V6(ip) if Some(ip) == own6 => address,
             // A listener bound to loopback or another address is not reachable from the wire
             // through the kernel either: relaying to it would expose it.
             _ => {
                 return error(
                     &format!(
-                        "{address} is not reachable from the wire (the instance accepts on {} only)",
-                        self.settings.address
+                        "{address} is not reachable from the wire (the instance accepts on {}{} only)",
+                        self.settings.address,
+                        own6.map_or_else(String::new, |ip| format!(" and {ip}"))
                     ),
                     Errno::ADDRNOTAVAIL,
                 );
@@ -724,7 +727,10 @@ impl Instance {
         if self.host.shared.is_none() {
             return;
         }
-        let kernel = crate::listeners::kernel_listeners(self.settings.address);
+        let kernel = crate::listeners::kernel_listeners(
+            self.settings.address,
+            self.settings.ipv6.map(|v6| v6.address),
+        );
         self.withdrawn.retain(|port| kernel.contains_key(port));
         for (port, address) in &kernel {
             if !self.listening.contains_key(port) && !self.withdrawn.contains(port) {
@@ -785,6 +791,11 @@ impl Instance {
             let _ = self.host.stack.abort(handle);
             return;
         }
+        let Some(app) = delivery(app, remote) else {
+            debug!(%remote, %app, "a peer of the other address family than the listener's; reset");
+            let _ = self.host.stack.abort(handle);
+            return;
+        };
         let (socket, loopback) = match connect_loopback(app) {
             Ok(connected) => connected,
             Err(e) => {
@@ -898,6 +909,20 @@ impl Instance {
 
 /// A non-blocking kernel TCP connection to `to` (usually completing later), with our end's
 /// address.
+/// Where a peer from `remote` goes for a listener delivered at `app`: an IPv6 peer of a
+/// wildcard listener (delivered at 127.0.0.1 for IPv4) over ::1 — refused there, as on the
+/// wire, when the application listens on IPv4 only; a peer of the other family than a
+/// listener bound to one address nowhere.
+fn delivery(app: SocketAddr, remote: SocketAddr) -> Option<SocketAddr> {
+    match (app.ip(), remote.ip()) {
+        (IpAddr::V4(ip), IpAddr::V6(_)) if ip.is_loopback() => {
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), app.port()))
+        }
+        (app_ip, remote_ip) if app_ip.is_ipv4() == remote_ip.is_ipv4() => Some(app),
+        _ => None,
+    }
+}
+
 fn connect_loopback(to: SocketAddr) -> io::Result<(TcpStream, SocketAddr)> {
     let family = match to {
         SocketAddr::V4(_) => rustix::net::AddressFamily::INET,
@@ -963,4 +988,26 @@ fn merge_by_id(
         };
         if take_a { a.next() } else { b.next() }.map(|(_, info)| info)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_delivered_over_loopback_of_their_own_family() {
+        let addr = |text: &str| text.parse::<SocketAddr>().unwrap();
+        let wildcard = addr("127.0.0.1:7070");
+        assert_eq!(delivery(wildcard, addr("10.0.0.1:61000")), Some(wildcard));
+        assert_eq!(
+            delivery(wildcard, addr("[fd00::1]:61000")),
+            Some(addr("[::1]:7070"))
+        );
+        let bound4 = addr("10.0.0.2:7070");
+        assert_eq!(delivery(bound4, addr("10.0.0.1:61000")), Some(bound4));
+        assert_eq!(delivery(bound4, addr("[fd00::1]:61000")), None);
+        let bound6 = addr("[fd00::2]:7070");
+        assert_eq!(delivery(bound6, addr("[fd00::1]:61000")), Some(bound6));
+        assert_eq!(delivery(bound6, addr("10.0.0.1:61000")), None);
+    }
 }

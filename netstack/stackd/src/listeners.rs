@@ -11,9 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 const LISTEN: &str = "0A";
 
 /// Every listening port and the address to deliver to, by preference: a wildcard bind, else
-/// `own` (the instance's address), else whatever else listens there (loopback binds, which
-/// `Listen` refuses).
-pub(crate) fn kernel_listeners(own: Ipv4Addr) -> BTreeMap<u16, SocketAddr> {
+/// `own` or `own6` (the instance's addresses), else whatever else listens there (loopback
+/// binds, which `Listen` refuses).
+pub(crate) fn kernel_listeners(own: Ipv4Addr, own6: Option<Ipv6Addr>) -> BTreeMap<u16, SocketAddr> {
     let mut found = BTreeMap::new();
     for file in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
         if let Ok(text) = std::fs::read_to_string(file) {
@@ -21,6 +21,7 @@ pub(crate) fn kernel_listeners(own: Ipv4Addr) -> BTreeMap<u16, SocketAddr> {
                 let rank = |a: &SocketAddr| match a.ip() {
                     ip if ip.is_unspecified() => 0,
                     IpAddr::V4(ip) if ip == own => 1,
+                    IpAddr::V6(ip) if Some(ip) == own6 => 1,
                     _ => 2,
                 };
                 let better = found

@@ -37,6 +37,10 @@ fn main() -> ExitCode {
                 "unlisten_refuses_new_peers_keeps_existing_and_wire_reset_reaches_the_app",
                 unlisten,
             ),
+            trial(
+                "ipv6_and_ipv4_user_space_peers_share_one_dual_stack_listener",
+                ipv6_peer,
+            ),
         ],
     )
 }
@@ -45,8 +49,9 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const PORT: u16 = 7070;
 const MB10: usize = 10_000_000;
 
-/// The application: a kernel listener on `0.0.0.0:PORT`, one accept loop, a thread per
-/// connection; it prints `ACCEPT <peer>` for each. Modes:
+/// The application: a kernel listener on `0.0.0.0:PORT` (with a fourth argument `dual`: on
+/// `[::]:PORT`, taking IPv4 too; IPv4 peers still print as `a.b.c.d:port`), one accept loop, a
+/// thread per connection; it prints `ACCEPT <peer>` for each. Modes:
 /// - `both`: sends `arg` bytes (xorshift payload, seed 2) while reading to end of file, then
 ///   prints `RESULT <peer> <bytes read> <sha256 read>` and closes;
 /// - `unread`: waits 0.5 s without reading, closes (with the unread data: a RST), prints `CLOSED`;
@@ -61,8 +66,11 @@ def payload(seed, n):
         out += struct.pack("<Q", x)
     return bytes(out[:n])
 data = payload(2, arg) if mode == "both" else b""
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", port)); s.listen(128); print("READY", flush=True)
+dual = sys.argv[4:] == ["dual"]
+s = socket.socket(socket.AF_INET6 if dual else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if dual: s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::" if dual else "0.0.0.0", port)); s.listen(128); print("READY", flush=True)
 def serve(c, peer):
     try:
         if mode == "both":
@@ -93,23 +101,33 @@ def serve(c, peer):
         c.close()
 while True:
     c, a = s.accept()
-    peer = "%s:%d" % a
+    ip = a[0][len("::ffff:"):] if a[0].startswith("::ffff:") else a[0]
+    peer = ("[%s]:%d" if ":" in ip else "%s:%d") % (ip, a[1])
     print("ACCEPT", peer, flush=True)
     threading.Thread(target=serve, args=(c, peer), daemon=True).start()
 "#;
 
 fn start_app(lab: &Lab, mode: &str, arg: usize) -> Proc {
+    start_app_with(lab, mode, arg, &[])
+}
+
+fn start_app_with(lab: &Lab, mode: &str, arg: usize, extra: &[&str]) -> Proc {
     let mut command = Command::new("ip");
     command.args(["netns", "exec", &lab.server_ns, "python3", "-u", "-c", APP]);
     command.args([mode, &PORT.to_string(), &arg.to_string()]);
+    command.args(extra);
     let proc = Proc::spawn(command);
     proc.line("READY", Duration::from_secs(20));
     proc
 }
 
 fn listen(server: &Instance) {
+    listen_on(server, &format!("0.0.0.0:{PORT}"));
+}
+
+fn listen_on(server: &Instance, address: &str) {
     let control = server.control();
-    let address: SocketAddr = format!("0.0.0.0:{PORT}").parse().unwrap();
+    let address: SocketAddr = address.parse().unwrap();
     assert_eq!(
         control.request(&RelayRequest::Listen { address }, None),
         RelayResponse::Done
@@ -461,4 +479,62 @@ fn unlisten() {
     // (`SO_LINGER {1, 0}`), on loopback.
     assert_eq!(lab.kernel_resets(&lab.server_ns), 1);
     assert_eq!(lab.kernel_resets(&lab.client_ns), 0);
+}
+
+fn ipv6_peer() {
+    let lab = Lab::new();
+    let app = start_app_with(&lab, "echo", 0, &["dual"]);
+    let server = lab.start_server_instance();
+    let client = lab.start_instance(PacketSocket::Inherited, &[]);
+    listen_on(&server, &format!("[::]:{PORT}"));
+    let control = client.control();
+    // An IPv6 user-space peer: 1 MB echoed, delivered over ::1, its real address by PeerOf.
+    let user = control.open(lab.server6(PORT)).expect("connect over IPv6");
+    assert!(
+        user.local.is_ipv6() && in_range(&user.local.to_string()),
+        "the client instance's IPv6 address and a port of its range: {}",
+        user.local
+    );
+    blocking(&user.end);
+    let data = payload(21, 1_000_000);
+    let echoed = exchange(
+        user.end,
+        data.clone(),
+        |s| s.shutdown(Shutdown::Write).unwrap(),
+        |s| s.try_clone().unwrap(),
+    )
+    .join()
+    .unwrap();
+    assert!(
+        echoed == data,
+        "{} of {} bytes echoed intact",
+        echoed.len(),
+        data.len()
+    );
+    let accepted = app.line("ACCEPT", TIMEOUT);
+    let loopback = accepted.split_whitespace().nth(1).unwrap().to_owned();
+    assert!(loopback.starts_with("[::1]:"), "{accepted}");
+    match peer_of(&server, &loopback) {
+        RelayResponse::Peer {
+            remote: Some(remote),
+            id: Some(_),
+        } => assert_eq!(remote, user.local, "the client's real IPv6 address"),
+        other => panic!("PeerOf {loopback}: {other:?}"),
+    }
+    app.line("EOF [::1]:", TIMEOUT);
+    // An IPv4 user-space peer of the same listener still arrives over 127.0.0.1.
+    let four = control.open(lab.server(PORT)).expect("connect over IPv4");
+    blocking(&four.end);
+    let mut end = four.end;
+    end.write_all(b"four").unwrap();
+    let mut buffer = [0u8; 4];
+    end.read_exact(&mut buffer).unwrap();
+    assert_eq!(&buffer, b"four");
+    let accepted = app.lines("ACCEPT");
+    assert!(
+        accepted.len() == 2 && accepted[1].starts_with("ACCEPT 127.0.0.1:"),
+        "{accepted:?}"
+    );
+    assert_eq!(lab.kernel_resets(&lab.client_ns), 0);
+    assert_eq!(lab.kernel_resets(&lab.server_ns), 0);
 }

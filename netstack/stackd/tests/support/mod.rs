@@ -30,6 +30,8 @@ use testkit::Ignored;
 
 pub const CLIENT_IP: &str = "10.77.0.1";
 pub const SERVER_IP: &str = "10.77.0.2";
+pub const CLIENT_IP6: &str = "fd78::1";
+pub const SERVER_IP6: &str = "fd78::2";
 pub const PORTS: &str = "61000-62999";
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -56,7 +58,15 @@ fn unavailable() -> Option<String> {
     if uid != Some("0") {
         return Some("not root (network namespaces need CAP_SYS_ADMIN)".into());
     }
-    for tool in ["ip", "iptables", "python3", "ss", "setpriv", "sysctl"] {
+    for tool in [
+        "ip",
+        "iptables",
+        "ip6tables",
+        "python3",
+        "ss",
+        "setpriv",
+        "sysctl",
+    ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -281,6 +291,15 @@ impl Lab {
             "dev",
             &server_if,
         ]);
+        // IPv6 beside IPv4, usable at once (no duplicate address detection): the instances
+        // serve both.
+        for (ns, dev, cidr6) in [
+            (&lab.client_ns, &lab.client_if, CLIENT_IP6),
+            (&lab.server_ns, &server_if, SERVER_IP6),
+        ] {
+            let cidr6 = format!("{cidr6}/64");
+            run(&["ip", "-n", ns, "addr", "add", &cidr6, "dev", dev, "nodad"]);
+        }
         run(&[
             "ip",
             "-n",
@@ -311,13 +330,18 @@ impl Lab {
     pub fn prepare(&self, ns: &str) {
         let reserved = format!("net.ipv4.ip_local_reserved_ports={PORTS}");
         run(&["ip", "netns", "exec", ns, "sysctl", "-qw", &reserved]);
-        for direction in ["--dport", "--sport"] {
+        for (tool, direction) in [
+            ("iptables", "--dport"),
+            ("iptables", "--sport"),
+            ("ip6tables", "--dport"),
+            ("ip6tables", "--sport"),
+        ] {
             run(&[
                 "ip",
                 "netns",
                 "exec",
                 ns,
-                "iptables",
+                tool,
                 "-t",
                 "raw",
                 "-A",
@@ -504,6 +528,10 @@ impl Lab {
 
     pub fn server(&self, port: u16) -> SocketAddr {
         format!("{SERVER_IP}:{port}").parse().unwrap()
+    }
+
+    pub fn server6(&self, port: u16) -> SocketAddr {
+        format!("[{SERVER_IP6}]:{port}").parse().unwrap()
     }
 }
 
