@@ -21,9 +21,11 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=()
-for tool in ip:iproute2 iptables:iptables tc:iproute2 ethtool:ethtool ss:iproute2 iperf3:iperf3 python3:python3; do
+for tool in ip:iproute2 iptables:iptables tc:iproute2 ethtool:ethtool ss:iproute2 iperf3:iperf3 python3:python3 clang:clang; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
 done
+# The AF_XDP engine's XDP program is C, built by clang with libbpf's headers.
+[ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     echo "demo.sh: installing ${missing[*]}" >&2

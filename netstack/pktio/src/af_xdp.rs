@@ -1,9 +1,9 @@
-//! AF_XDP engine: an XSK socket on one queue of an interface, a UMEM of 2 KiB frames, and a
-//! small XDP program (attached in generic/SKB mode, so it works on veth) that steers to the
-//! socket only the frames for the stack's own IPv4 address: IPv4 packets to it and ARP packets
-//! asking for it. Everything else goes on to the kernel, so stack and kernel share the
-//! interface. Detaching is automatic: the program is held by a BPF link whose descriptor closes
-//! with the engine (or the process).
+//! AF_XDP engine: an XSK socket on one queue of an interface, a UMEM of 2 KiB frames, and an
+//! XDP program (`bpf/steer.c`, attached in generic/SKB mode, so it works on veth) that steers
+//! to the socket only the frames for the stack's own IPv4 address: IPv4 packets to it and ARP
+//! packets asking for it. Everything else goes on to the kernel, so stack and kernel share the
+//! interface. Detaching is automatic: the program is held by a BPF link that closes with the
+//! engine (or the process).
 //!
 //! Ring protocol (Documentation/networking/af_xdp.rst): user space produces on the fill and TX
 //! rings and consumes the RX and completion rings; indices are free-running u32 counters.
@@ -15,52 +15,14 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use stackroute_netstack::{Device, DeviceCapabilities, RxMeta};
 
-use crate::sys::{self, BpfInsn, RingMap};
+use crate::steer::Steering;
+use crate::sys::{self, RingMap};
 
 const FRAME_SIZE: u32 = 2048;
 const FRAME_COUNT: u32 = 4096;
 const RING_SIZE: u32 = 2048;
 /// `struct xdp_desc`: addr u64, len u32, options u32.
 const XDP_DESC_SIZE: usize = 16;
-
-/// The steering program. `ip` is the stack's address as the u32 that a little-endian load of
-/// its four network-order bytes yields; `map_fd` is the XSKMAP.
-fn steering_program(ip: u32, map_fd: i32) -> Vec<BpfInsn> {
-    let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| BpfInsn {
-        code,
-        regs: dst | (src << 4),
-        off,
-        imm,
-    };
-    const XDP_PASS: i32 = 2;
-    const BPF_FUNC_REDIRECT_MAP: i32 = 51;
-    const BPF_PSEUDO_MAP_FD: u8 = 1;
-    vec![
-        insn(0xbf, 6, 1, 0, 0),                      // 0: r6 = ctx
-        insn(0x61, 2, 1, 0, 0),                      // 1: r2 = ctx->data
-        insn(0x61, 3, 1, 4, 0),                      // 2: r3 = ctx->data_end
-        insn(0xbf, 4, 2, 0, 0),                      // 3: r4 = r2
-        insn(0x07, 4, 0, 0, 42), // 4: r4 += 42 (Ethernet + ARP, or up to the IPv4 dst)
-        insn(0x2d, 4, 3, 15, 0), // 5: if r4 > r3 goto pass (21)
-        insn(0x69, 5, 2, 12, 0), // 6: r5 = ethertype (as loaded little-endian)
-        insn(0x16, 5, 0, 2, 0x0008), // 7: if w5 == IPv4 goto ipv4 (10)
-        insn(0x16, 5, 0, 4, 0x0608), // 8: if w5 == ARP goto arp (13)
-        insn(0x05, 0, 0, 11, 0), // 9: goto pass (21)
-        insn(0x61, 5, 2, 30, 0), // 10: ipv4: r5 = destination address
-        insn(0x56, 5, 0, 9, ip as i32), // 11: if w5 != ours goto pass (21)
-        insn(0x05, 0, 0, 2, 0),  // 12: goto redirect (15)
-        insn(0x61, 5, 2, 38, 0), // 13: arp: r5 = target protocol address
-        insn(0x56, 5, 0, 6, ip as i32), // 14: if w5 != ours goto pass (21)
-        insn(0x61, 2, 6, 16, 0), // 15: redirect: r2 = ctx->rx_queue_index
-        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map_fd), // 16: r1 = map (ld_imm64, low half)
-        insn(0x00, 0, 0, 0, 0),  // 17: (ld_imm64, high half)
-        insn(0xb7, 3, 0, 0, XDP_PASS), // 18: r3 = XDP_PASS (fallback if the slot is empty)
-        insn(0x85, 0, 0, 0, BPF_FUNC_REDIRECT_MAP), // 19: call bpf_redirect_map
-        insn(0x95, 0, 0, 0, 0),  // 20: exit
-        insn(0xb7, 0, 0, 0, XDP_PASS), // 21: pass: r0 = XDP_PASS
-        insn(0x95, 0, 0, 0, 0),  // 22: exit
-    ]
-}
 
 /// One mapped ring.
 #[derive(Debug)]
@@ -109,10 +71,8 @@ pub struct AfXdp {
     tx_pending: bool,
     mtu: usize,
     mac: [u8; 6],
-    // Kept open for the engine's lifetime: closing the link detaches the program.
-    _map: OwnedFd,
-    _program: OwnedFd,
-    _link: OwnedFd,
+    // Attached for the engine's lifetime: dropping it detaches the program.
+    _steering: Steering,
 }
 
 impl AfXdp {
@@ -164,11 +124,7 @@ impl AfXdp {
         )?;
         sys::bind_xdp(&socket, ifindex, queue, libc::XDP_COPY)?;
 
-        let map = sys::create_xsk_map(1)?;
-        sys::xsk_map_insert(&map, queue, &socket)?;
-        let ip = u32::from_le_bytes(address.octets());
-        let program = sys::load_xdp_program(&steering_program(ip, map.as_raw_fd()))?;
-        let link = sys::attach_xdp(&program, ifindex)?;
+        let steering = Steering::attach(ifindex, queue, &socket, address)?;
 
         let mut engine = Self {
             socket,
@@ -184,9 +140,7 @@ impl AfXdp {
             tx_pending: false,
             mtu,
             mac,
-            _map: map,
-            _program: program,
-            _link: link,
+            _steering: steering,
         };
         for i in 0..FRAME_COUNT / 2 {
             engine.give_to_fill(u64::from(i * FRAME_SIZE));

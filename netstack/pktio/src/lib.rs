@@ -1,7 +1,7 @@
 //! Packet I/O engines for the stackroute netstack, behind the core's `Device` trait:
 //! - [`AfPacket`]: AF_PACKET with mmap'ed TPACKET_V2 RX/TX rings (zero-copy in the ring);
-//! - [`AfXdp`]: AF_XDP in copy mode with a UMEM and an XDP steering program (generic mode, so
-//!   it works on veth);
+//! - [`AfXdp`]: AF_XDP in copy mode with a UMEM and an XDP steering program (C in `bpf/`,
+//!   built by clang, loaded with aya; generic mode, so it works on veth);
 //! - [`Tap`]: a TAP interface.
 //!
 //! All `unsafe` code lives in the `sys` module, one system call
@@ -11,6 +11,7 @@
 
 mod af_packet;
 mod af_xdp;
+mod steer;
 mod sys;
 mod tap;
 
