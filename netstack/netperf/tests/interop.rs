@@ -1,5 +1,6 @@
 //! Interop with unmodified Linux kernel TCP (CPython sockets) across network namespaces, with
-//! random loss. Root only: prints `SKIP:` otherwise, or fails when STACKROUTE_REQUIRE_NETNS=1.
+//! random loss. Root only: every trial shows as ignored with the reason otherwise, or fails
+//! when STACKROUTE_REQUIRE_NETNS=1.
 //!
 //! Bulk sizes: 100 MB on a clean path; `STACKROUTE_INTEROP_LOSSY_BYTES` (default 10 MB) per
 //! loss rate so the suite stays within CI time in debug builds.
@@ -8,7 +9,78 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Lab, json_line, py, should_run, should_run_with};
+use common::{Lab, gate, json_line, py};
+use testkit::Trial;
+
+fn main() -> std::process::ExitCode {
+    let trial = |name: &str, tools: &'static [&'static str], body: fn()| {
+        Trial::gated(name, move || gate(tools), move |()| body())
+    };
+    testkit::run(vec![
+        trial(
+            "our_client_sends_100mb_to_kernel_server",
+            &[],
+            our_client_sends_100mb_to_kernel_server,
+        ),
+        trial(
+            "kernel_client_sends_100mb_to_our_server",
+            &[],
+            kernel_client_sends_100mb_to_our_server,
+        ),
+        trial(
+            "our_client_to_kernel_server_under_random_loss",
+            &[],
+            our_client_to_kernel_server_under_random_loss,
+        ),
+        trial(
+            "kernel_client_to_our_server_under_random_loss",
+            &[],
+            kernel_client_to_our_server_under_random_loss,
+        ),
+        trial(
+            "request_response_both_ways",
+            &[],
+            request_response_both_ways,
+        ),
+        trial(
+            "connection_churn_both_ways",
+            &[],
+            connection_churn_both_ways,
+        ),
+        trial(
+            "ipv6_interops_both_ways_with_loss",
+            &[],
+            ipv6_interops_both_ways_with_loss,
+        ),
+        trial(
+            "af_xdp_engine_interops_both_ways_with_loss",
+            &[],
+            af_xdp_engine_interops_both_ways_with_loss,
+        ),
+        Trial::gated(
+            "tap_engine_sends_to_kernel_in_the_same_namespace",
+            || {
+                gate(&[])?;
+                if std::path::Path::new("/dev/net/tun").exists() {
+                    Ok(())
+                } else {
+                    Err(testkit::Ignored::new("no /dev/net/tun"))
+                }
+            },
+            |()| tap_engine_sends_to_kernel_in_the_same_namespace(),
+        ),
+        trial(
+            "http_with_unmodified_programs_both_ways",
+            &["curl"],
+            http_with_unmodified_programs_both_ways,
+        ),
+        trial(
+            "iperf3_client_runs_a_test_against_our_server",
+            &["iperf3"],
+            iperf3_client_runs_a_test_against_our_server,
+        ),
+    ])
+}
 
 const CLEAN_BYTES: u64 = 100 * 1000 * 1000;
 const LOSS_RATES: [f64; 3] = [0.01, 0.05, 0.10];
@@ -131,43 +203,27 @@ fn kernel_client_to_our_server_on(loss: f64, bytes: u64, engine: &str, family: F
     eprintln!("kernel client → our server ({engine}, {family:?}), loss {loss}: {report}");
 }
 
-#[test]
 fn our_client_sends_100mb_to_kernel_server() {
-    if should_run("our_client_sends_100mb_to_kernel_server") {
-        our_client_to_kernel_server(0.0, CLEAN_BYTES);
-    }
+    our_client_to_kernel_server(0.0, CLEAN_BYTES);
 }
 
-#[test]
 fn kernel_client_sends_100mb_to_our_server() {
-    if should_run("kernel_client_sends_100mb_to_our_server") {
-        kernel_client_to_our_server(0.0, CLEAN_BYTES);
-    }
+    kernel_client_to_our_server(0.0, CLEAN_BYTES);
 }
 
-#[test]
 fn our_client_to_kernel_server_under_random_loss() {
-    if should_run("our_client_to_kernel_server_under_random_loss") {
-        for loss in LOSS_RATES {
-            our_client_to_kernel_server(loss, lossy_bytes());
-        }
+    for loss in LOSS_RATES {
+        our_client_to_kernel_server(loss, lossy_bytes());
     }
 }
 
-#[test]
 fn kernel_client_to_our_server_under_random_loss() {
-    if should_run("kernel_client_to_our_server_under_random_loss") {
-        for loss in LOSS_RATES {
-            kernel_client_to_our_server(loss, lossy_bytes());
-        }
+    for loss in LOSS_RATES {
+        kernel_client_to_our_server(loss, lossy_bytes());
     }
 }
 
-#[test]
 fn request_response_both_ways() {
-    if !should_run("request_response_both_ways") {
-        return;
-    }
     request_response_both_ways_at(0.0, 500);
     // Under loss every lost request or reply waits for a TLP or an RTO: fewer round trips.
     for loss in LOSS_RATES {
@@ -241,11 +297,7 @@ fn request_response_both_ways_at(loss: f64, round_trips: u64) {
     );
 }
 
-#[test]
 fn connection_churn_both_ways() {
-    if !should_run("connection_churn_both_ways") {
-        return;
-    }
     for loss in [0.0].into_iter().chain(LOSS_RATES) {
         connection_churn_both_ways_at(loss);
     }
@@ -310,39 +362,21 @@ fn connection_churn_both_ways_at(loss: f64) {
 /// IPv6 with the kernel: NDP between the stack and the kernel router (the stack's neighbour is
 /// found by solicitation; the router finds the stack's address the same way), TCP over IPv6
 /// both ways, clean and at 5% loss.
-#[test]
 fn ipv6_interops_both_ways_with_loss() {
-    if !should_run("ipv6_interops_both_ways_with_loss") {
-        return;
-    }
     for loss in [0.0, 0.05] {
         our_client_to_kernel_server_on(loss, lossy_bytes(), "af_packet", Family::V6);
         kernel_client_to_our_server_on(loss, lossy_bytes(), "af_packet", Family::V6);
     }
 }
 
-#[test]
 fn af_xdp_engine_interops_both_ways_with_loss() {
-    if !should_run("af_xdp_engine_interops_both_ways_with_loss") {
-        return;
-    }
     for loss in [0.0, 0.05] {
         our_client_to_kernel_server_on(loss, lossy_bytes(), "af_xdp", Family::V4);
         kernel_client_to_our_server_on(loss, lossy_bytes(), "af_xdp", Family::V4);
     }
 }
 
-#[test]
 fn tap_engine_sends_to_kernel_in_the_same_namespace() {
-    if !should_run("tap_engine_sends_to_kernel_in_the_same_namespace") {
-        return;
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        common::skip_notice(
-            "SKIP: tap_engine_sends_to_kernel_in_the_same_namespace: no /dev/net/tun",
-        );
-        return;
-    }
     let mut lab = Lab::new(0.0);
     // The kernel owns 10.254.0.1 on the TAP's kernel side; the stack is 10.254.0.2 behind it.
     lab.exec_kernel(&["ip", "tuntap", "add", "dev", "srtap0", "mode", "tap"]);
@@ -416,11 +450,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// Unmodified HTTP programs on the kernel side: our client fetches a file from
 /// `python3 -m http.server`, and `curl` fetches from our server (which closes first), each body
 /// checked by SHA-256, on a clean path and at 5% loss.
-#[test]
 fn http_with_unmodified_programs_both_ways() {
-    if !should_run_with("http_with_unmodified_programs_both_ways", &["curl"]) {
-        return;
-    }
     const BODY: usize = 4_000_000;
     for loss in [0.0, 0.05] {
         let mut lab = Lab::new(loss);
@@ -513,11 +543,7 @@ fn http_with_unmodified_programs_both_ways() {
 /// An unmodified `iperf3 -c` (two parallel streams, 2 s) against the stack's `--iperf3`
 /// server, clean and at 5% loss: iperf3 must finish its protocol and every byte it wrote
 /// must have arrived.
-#[test]
 fn iperf3_client_runs_a_test_against_our_server() {
-    if !should_run_with("iperf3_client_runs_a_test_against_our_server", &["iperf3"]) {
-        return;
-    }
     for loss in [0.0, 0.05] {
         let mut lab = Lab::new(loss);
         let stack_ip = lab.stack_addr.split('/').next().unwrap().to_owned();

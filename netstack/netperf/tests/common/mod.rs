@@ -46,29 +46,15 @@ pub fn unavailable_with(extra_tools: &[&str]) -> Option<String> {
     None
 }
 
-/// Prints past libtest's output capture (which only intercepts the print macros), so a skip is
-/// visible in a normal `cargo test` run.
-pub fn skip_notice(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// Returns true if the test should run; prints SKIP (or panics under STACKROUTE_REQUIRE_NETNS=1).
-pub fn should_run(test: &str) -> bool {
-    should_run_with(test, &[])
-}
-
-/// `should_run` for a test that also needs `extra_tools`.
-pub fn should_run_with(test: &str, extra_tools: &[&str]) -> bool {
+/// Runs when the lab, plus `extra_tools`, can run here; otherwise the trial is ignored with
+/// the reason, or fails under STACKROUTE_REQUIRE_NETNS=1.
+pub fn gate(extra_tools: &[&str]) -> Result<(), testkit::Ignored> {
     match unavailable_with(extra_tools) {
-        None => true,
-        Some(reason) => {
-            if std::env::var("STACKROUTE_REQUIRE_NETNS").as_deref() == Ok("1") {
-                panic!("{test}: STACKROUTE_REQUIRE_NETNS=1 but {reason}");
-            }
-            skip_notice(&format!("SKIP: {test}: {reason}"));
-            false
+        None => Ok(()),
+        Some(reason) if std::env::var("STACKROUTE_REQUIRE_NETNS").as_deref() == Ok("1") => {
+            panic!("STACKROUTE_REQUIRE_NETNS=1 but {reason}")
         }
+        Some(reason) => Err(testkit::Ignored::new(reason)),
     }
 }
 
