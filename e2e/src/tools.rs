@@ -12,20 +12,6 @@ pub fn required(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "1")
 }
 
-/// Prints a visible skip (past libtest's capture) — or panics when `require_var` is `1`.
-pub fn skip(test: &str, reason: &str, require_var: &str) {
-    if required(require_var) {
-        panic!("{test}: {reason}, and {require_var}=1 forbids skipping");
-    }
-    // eprintln! is captured by libtest for passing tests; a direct write to the stderr handle
-    // is not, so the skip is visible in `cargo test` output.
-    use std::io::Write as _;
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIP {test}: {reason} (set {require_var}=1 to fail instead)"
-    );
-}
-
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -155,26 +141,39 @@ impl Bins {
     }
 }
 
-/// `true` when network-namespace tests can run here; otherwise prints a visible SKIP (or
-/// panics under `STACKROUTE_REQUIRE_NETNS=1`) and returns `false`.
-pub fn netns_available(test: &str) -> bool {
-    match netns_preconditions() {
-        Ok(()) => true,
-        Err(reason) => {
-            skip(test, &reason, REQUIRE_NETNS);
-            false
+/// Gate of a network-namespace trial: root, the network tools, `programs`, the control-plane
+/// binaries and the built `artifacts` next to them (`libnsocket.so`, `stackroute-stackd`).
+/// Otherwise the trial shows as ignored with the reason — or fails under
+/// `STACKROUTE_REQUIRE_NETNS=1` (CI installs and builds everything).
+pub fn netns_gate(programs: &[&str], artifacts: &[&str]) -> Result<(), testkit::Ignored> {
+    let missing = netns_preconditions().err().or_else(|| {
+        programs
+            .iter()
+            .find(|p| which(p).is_none())
+            .map(|p| format!("{p} is not installed"))
+    });
+    let missing = missing.or_else(|| match Bins::find() {
+        Err(error) => Some(format!("{error:#}")),
+        Ok(bins) => artifacts
+            .iter()
+            .find(|artifact| match **artifact {
+                "libnsocket.so" => bins.shim.is_none(),
+                other => !bins.controller.with_file_name(other).is_file(),
+            })
+            .map(|absent| {
+                let package = if *absent == "libnsocket.so" {
+                    "nsocket-shim"
+                } else {
+                    absent
+                };
+                format!("{absent} is not built (cargo build -p {package}, same target directory)")
+            }),
+    });
+    match missing {
+        None => Ok(()),
+        Some(reason) if required(REQUIRE_NETNS) => {
+            panic!("{reason}, and {REQUIRE_NETNS}=1 forbids skipping")
         }
-    }
-}
-
-/// `true` when `programs` are all installed; otherwise a visible SKIP (or a panic under
-/// `STACKROUTE_REQUIRE_NETNS=1`, since CI installs them) and `false`.
-pub fn programs_available(test: &str, programs: &[&str]) -> bool {
-    match programs.iter().find(|p| which(p).is_none()) {
-        None => true,
-        Some(missing) => {
-            skip(test, &format!("{missing} is not installed"), REQUIRE_NETNS);
-            false
-        }
+        Some(reason) => Err(testkit::Ignored::new(reason)),
     }
 }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use stackroute_e2e::cluster::{Cluster, INTERNET, INTERNET_IP, Options, Workload, node, wait_for};
 use stackroute_e2e::proc::Proc;
 use stackroute_e2e::ss;
-use stackroute_e2e::tools::{REQUIRE_NETNS, netns_available, programs_available, skip};
+use stackroute_e2e::tools::netns_gate;
+use testkit::Trial;
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -46,21 +47,51 @@ spec:
     transport: {stack: Kernel, congestionControl: BBR}
 "#;
 
-/// The cluster with the shim built, or `None` after a visible skip.
-fn cluster(test: &str, programs: &[&str]) -> Option<Cluster> {
-    if !netns_available(test) || !programs_available(test, programs) {
-        return None;
-    }
-    let cluster = Cluster::start(Options::default()).expect("the e2e cluster starts");
-    if cluster.bins.shim.is_none() {
-        skip(
-            test,
-            "libnsocket.so is not built (cargo build -p nsocket-shim, same target directory)",
-            REQUIRE_NETNS,
-        );
-        return None;
-    }
-    Some(cluster)
+fn main() -> std::process::ExitCode {
+    let trial = |name: &str, programs: &'static [&'static str], body: fn()| {
+        Trial::gated(
+            name,
+            move || netns_gate(programs, &["libnsocket.so"]),
+            move |()| body(),
+        )
+    };
+    testkit::run(vec![
+        trial(
+            "curl_and_python_http_server_get_the_transport_of_their_path",
+            &["python3", "curl"],
+            curl_and_python_http_server_get_the_transport_of_their_path,
+        ),
+        trial(
+            "iperf3_client_and_server_under_the_shim",
+            &["iperf3"],
+            iperf3_client_and_server_under_the_shim,
+        ),
+        trial(
+            "nginx_with_curl_and_wrk",
+            &["nginx", "curl", "wrk"],
+            nginx_with_curl_and_wrk,
+        ),
+        trial(
+            "redis_with_redis_benchmark",
+            &["redis-server", "redis-benchmark"],
+            redis_with_redis_benchmark,
+        ),
+        trial(
+            "a_policy_change_applies_to_new_connections_only",
+            &["iperf3"],
+            a_policy_change_applies_to_new_connections_only,
+        ),
+        trial(
+            "without_an_agent_applications_fall_back_to_the_kernel_and_keep_working",
+            &["python3", "curl"],
+            without_an_agent_applications_fall_back_to_the_kernel_and_keep_working,
+        ),
+    ])
+}
+
+/// The cluster (the trial's gate made sure the shim is built).
+fn cluster() -> Cluster {
+    Cluster::start(Options::default()).expect("the e2e cluster starts")
 }
 
 fn client<'a>(node: &'a str, name: &'a str) -> Workload<'a> {
@@ -151,12 +182,8 @@ fn assert_cc(seen: &BTreeSet<String>, expected: &str, what: &str, output: &str) 
 
 /// curl (under the shim) fetching a 4 MB file from python's http.server at 2 MB/s, from each
 /// kind of path: same node, same zone, other zone, internet.
-#[test]
 fn curl_and_python_http_server_get_the_transport_of_their_path() {
-    let test = "curl_and_python_http_server_get_the_transport_of_their_path";
-    let Some(mut cluster) = cluster(test, &["python3", "curl"]) else {
-        return;
-    };
+    let mut cluster = cluster();
     let web = cluster
         .add_pod("web", "node-a1", &["app=web"], true)
         .unwrap()
@@ -210,12 +237,8 @@ fn curl_and_python_http_server_get_the_transport_of_their_path() {
 
 /// iperf3 client and server both under the shim: zone-b → zone-a (other zone: CUBIC) and
 /// zone-a → zone-a (same zone: BBR).
-#[test]
 fn iperf3_client_and_server_under_the_shim() {
-    let test = "iperf3_client_and_server_under_the_shim";
-    let Some(mut cluster) = cluster(test, &["iperf3"]) else {
-        return;
-    };
+    let mut cluster = cluster();
     let sink = cluster
         .add_pod("sink", "node-a1", &["app=sink"], true)
         .unwrap()
@@ -275,12 +298,8 @@ fn iperf3_client_and_server_under_the_shim() {
 
 /// nginx (its own config, in its node's namespace, master and workers under the shim) with
 /// curl and wrk as clients from the same zone (BBR) and the other zone (CUBIC).
-#[test]
 fn nginx_with_curl_and_wrk() {
-    let test = "nginx_with_curl_and_wrk";
-    let Some(mut cluster) = cluster(test, &["nginx", "curl", "wrk"]) else {
-        return;
-    };
+    let mut cluster = cluster();
     let web = cluster
         .add_pod("nginx", "node-a1", &["app=web"], true)
         .unwrap()
@@ -357,12 +376,8 @@ fn nginx_with_curl_and_wrk() {
 
 /// redis-server under the shim and redis-benchmark from the other zone: the port rule (6379 →
 /// BBR) wins over the location rule (other zone → CUBIC).
-#[test]
 fn redis_with_redis_benchmark() {
-    let test = "redis_with_redis_benchmark";
-    let Some(mut cluster) = cluster(test, &["redis-server", "redis-benchmark"]) else {
-        return;
-    };
+    let mut cluster = cluster();
     let db = cluster
         .add_pod("redis", "node-a2", &["app=db"], true)
         .unwrap()
@@ -437,12 +452,8 @@ fn redis_with_redis_benchmark() {
 
 /// A policy change applies to new connections; a connection opened before keeps its
 /// transport for its life.
-#[test]
 fn a_policy_change_applies_to_new_connections_only() {
-    let test = "a_policy_change_applies_to_new_connections_only";
-    let Some(mut cluster) = cluster(test, &["iperf3"]) else {
-        return;
-    };
+    let mut cluster = cluster();
     let sink = cluster
         .add_pod("sink", "node-b1", &["app=sink"], true)
         .unwrap()
@@ -538,12 +549,8 @@ fn a_policy_change_applies_to_new_connections_only() {
 /// command; the shim finds no snapshot), the application works exactly as without the shim and
 /// its connections use the host's default. With the agent killed after the policy reached it,
 /// traffic keeps flowing.
-#[test]
 fn without_an_agent_applications_fall_back_to_the_kernel_and_keep_working() {
-    let test = "without_an_agent_applications_fall_back_to_the_kernel_and_keep_working";
-    let Some(mut cluster) = cluster(test, &["python3", "curl"]) else {
-        return;
-    };
+    let mut cluster = cluster();
     let web = cluster
         .add_pod("web", "node-b1", &["app=web"], true)
         .unwrap()

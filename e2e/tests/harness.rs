@@ -7,9 +7,38 @@ use std::time::Duration;
 use stackroute_e2e::cluster::{Cluster, INTERNET, INTERNET_IP, INTERNET_LINK, Options, ROUTER};
 use stackroute_e2e::net::Impairment;
 use stackroute_e2e::ss;
-use stackroute_e2e::tools::{netns_available, programs_available};
+use stackroute_e2e::tools::netns_gate;
+use testkit::Trial;
 
 const SECS: Duration = Duration::from_secs(30);
+
+fn main() -> std::process::ExitCode {
+    let trial = |name: &str, programs: &'static [&'static str], body: fn()| {
+        Trial::gated(name, move || netns_gate(programs, &[]), move |()| body())
+    };
+    testkit::run(vec![
+        trial(
+            "every_host_reaches_every_other_and_drop_removes_everything",
+            &["python3", "curl"],
+            every_host_reaches_every_other_and_drop_removes_everything,
+        ),
+        trial(
+            "a_panicking_test_still_removes_its_namespaces_and_processes",
+            &[],
+            a_panicking_test_still_removes_its_namespaces_and_processes,
+        ),
+        trial(
+            "the_internet_link_is_rate_limited_and_lossy",
+            &["iperf3"],
+            the_internet_link_is_rate_limited_and_lossy,
+        ),
+        trial(
+            "ss_reports_the_congestion_control_the_sender_chose",
+            &["iperf3"],
+            ss_reports_the_congestion_control_the_sender_chose,
+        ),
+    ])
+}
 
 fn namespaces() -> Vec<String> {
     std::fs::read_dir("/run/netns")
@@ -21,13 +50,7 @@ fn namespaces() -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
 fn every_host_reaches_every_other_and_drop_removes_everything() {
-    if !netns_available("every_host_reaches_every_other_and_drop_removes_everything")
-        || !programs_available("every_host_reaches_…", &["python3", "curl"])
-    {
-        return;
-    }
     let mut cluster = Cluster::start(Options::default()).unwrap();
     let ip = cluster
         .add_pod("web", "node-a1", &["app=web"], true)
@@ -82,11 +105,7 @@ fn every_host_reaches_every_other_and_drop_removes_everything() {
     assert!(left.is_empty(), "namespaces left: {left:?}");
 }
 
-#[test]
 fn a_panicking_test_still_removes_its_namespaces_and_processes() {
-    if !netns_available("a_panicking_test_still_removes_its_namespaces_and_processes") {
-        return;
-    }
     let (tx, rx) = std::sync::mpsc::channel();
     let result = std::thread::spawn(move || {
         let cluster = Cluster::start(Options {
@@ -107,13 +126,7 @@ fn a_panicking_test_still_removes_its_namespaces_and_processes() {
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 }
 
-#[test]
 fn the_internet_link_is_rate_limited_and_lossy() {
-    if !netns_available("the_internet_link_is_rate_limited_and_lossy")
-        || !programs_available("the_internet_link_is_rate_limited_and_lossy", &["iperf3"])
-    {
-        return;
-    }
     let impairment = Impairment {
         loss: 0.01,
         rate_mbit: Some(20),
@@ -184,16 +197,7 @@ fn the_internet_link_is_rate_limited_and_lossy() {
     assert!(!String::from_utf8_lossy(&host_rules.stdout).contains("sr-loss-"));
 }
 
-#[test]
 fn ss_reports_the_congestion_control_the_sender_chose() {
-    if !netns_available("ss_reports_the_congestion_control_the_sender_chose")
-        || !programs_available(
-            "ss_reports_the_congestion_control_the_sender_chose",
-            &["iperf3"],
-        )
-    {
-        return;
-    }
     let mut cluster = Cluster::start(Options {
         control_plane: false,
         ..Options::default()

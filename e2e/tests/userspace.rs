@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use stackroute_e2e::cluster::{Cluster, INTERNET, INTERNET_IP, Options, Workload, node};
-use stackroute_e2e::tools::{REQUIRE_NETNS, netns_preconditions, required, which};
+use stackroute_e2e::tools::netns_gate;
 use testkit::{Ignored, Trial};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -107,31 +107,10 @@ fn main() -> ExitCode {
     ])
 }
 
-/// Root, the network tools, `programs`, and the project's binaries including the instance.
+/// Root, the network tools, `programs`, and the project's binaries including the shim and
+/// the instance.
 fn gate(programs: &[&str]) -> Result<(), Ignored> {
-    let missing = netns_preconditions().err().or_else(|| {
-        programs
-            .iter()
-            .find(|p| which(p).is_none())
-            .map(|p| format!("{p} is not installed"))
-    });
-    let missing = missing.or_else(|| {
-        let bins = stackroute_e2e::tools::Bins::find().err()?;
-        Some(format!("{bins:#}"))
-    });
-    let missing = missing.or_else(|| {
-        let exe = std::env::current_exe().ok()?;
-        let dir = exe.parent()?.parent()?;
-        (!dir.join("stackroute-stackd").is_file()).then(|| {
-            "stackroute-stackd is not built (cargo build -p stackroute-stackd, same target directory)"
-                .to_string()
-        })
-    });
-    match missing {
-        None => Ok(()),
-        Some(reason) if required(REQUIRE_NETNS) => panic!("{reason}, and {REQUIRE_NETNS}=1"),
-        Some(reason) => Err(Ignored::new(reason)),
-    }
+    netns_gate(programs, &["libnsocket.so", "stackroute-stackd"])
 }
 
 fn client(name: &str) -> Workload<'_> {
