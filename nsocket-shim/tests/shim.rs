@@ -14,6 +14,79 @@ use std::sync::OnceLock;
 
 use common::{Agent, CLUSTER, Controller, WAIT, explain_agent, free_port, transport, wait_for};
 use stackroute_local_api::message::{Protocol, Request, Response};
+use testkit::{Ignored, Trial};
+
+fn main() -> std::process::ExitCode {
+    let trials = vec![
+        Trial::test(
+            "connect_applies_the_rules_congestion_control_as_ss_sees_it",
+            connect_applies_the_rules_congestion_control_as_ss_sees_it,
+        ),
+        Trial::gated("connect_applies_bbr_as_ss_sees_it", bbr_gate, |()| {
+            connect_applies_bbr_as_ss_sees_it()
+        }),
+        Trial::test(
+            "nonblocking_connect_with_epoll_poll_and_select",
+            nonblocking_connect_with_epoll_poll_and_select,
+        ),
+        Trial::test(
+            "unavailable_stacks_fall_back_dedicated_is_refused_and_counters_reach_metrics",
+            unavailable_stacks_fall_back_dedicated_is_refused_and_counters_reach_metrics,
+        ),
+        Trial::gated(
+            "a_congestion_control_the_kernel_refuses_walks_the_fallback_list",
+            refused_cc_gate,
+            a_congestion_control_the_kernel_refuses_walks_the_fallback_list,
+        ),
+        Trial::test(
+            "udp_first_sendto_decides_ipv4_and_ipv6",
+            udp_first_sendto_decides_ipv4_and_ipv6,
+        ),
+        Trial::test(
+            "fork_keeps_decisions_and_the_child_decides_too",
+            fork_keeps_decisions_and_the_child_decides_too,
+        ),
+        Trial::test(
+            "exec_reloads_the_shim_from_the_environment",
+            exec_reloads_the_shim_from_the_environment,
+        ),
+        Trial::test(
+            "dup_family_copies_decisions_and_close_clears_them",
+            dup_family_copies_decisions_and_close_clears_them,
+        ),
+        Trial::test(
+            "close_range_clears_and_a_reused_fd_decides_anew",
+            close_range_clears_and_a_reused_fd_decides_anew,
+        ),
+        Trial::test("threads_decide_concurrently", threads_decide_concurrently),
+        Trial::test(
+            "threads_connecting_during_the_first_snapshot_load_wait_for_it",
+            threads_connecting_during_the_first_snapshot_load_wait_for_it,
+        ),
+        Trial::test("af_unix_is_left_alone", af_unix_is_left_alone),
+        Trial::test(
+            "listeners_are_registered_at_listen_and_removed_at_close",
+            listeners_are_registered_at_listen_and_removed_at_close,
+        ),
+        Trial::test(
+            "fail_open_without_an_agent_and_with_a_corrupt_snapshot",
+            fail_open_without_an_agent_and_with_a_corrupt_snapshot,
+        ),
+        Trial::test(
+            "an_agent_killed_mid_run_changes_nothing_for_the_application",
+            an_agent_killed_mid_run_changes_nothing_for_the_application,
+        ),
+        Trial::test(
+            "curl_and_python_under_the_shim",
+            curl_and_python_under_the_shim,
+        ),
+        Trial::test(
+            "stackroute_run_finds_and_preloads_the_shim",
+            stackroute_run_finds_and_preloads_the_shim,
+        ),
+    ];
+    testkit::run(trials)
+}
 
 /// One policy for every scenario, told apart by destination port.
 const POLICY: &str = r#"apiVersion: stackroute.dev/v1alpha1
@@ -96,23 +169,21 @@ fn available() -> String {
         .unwrap_or_default()
 }
 
-/// Whether BBR can be used here (loading `tcp_bbr` if needed); prints a SKIP line otherwise
-/// and fails under `STACKROUTE_REQUIRE_BBR=1`.
-fn bbr_available(test: &str) -> bool {
+/// Gate of the trials that need BBR (loading `tcp_bbr` if needed): ignored with the reason
+/// otherwise, failed under `STACKROUTE_REQUIRE_BBR=1`.
+fn bbr_gate() -> Result<(), Ignored> {
     if !available().split_whitespace().any(|c| c == "bbr") {
         let _ = Command::new("modprobe").arg("tcp_bbr").status();
     }
     if available().split_whitespace().any(|c| c == "bbr") {
-        return true;
+        return Ok(());
     }
     let reason = "BBR is not in tcp_available_congestion_control and `modprobe tcp_bbr` failed";
     assert!(
         std::env::var("STACKROUTE_REQUIRE_BBR").as_deref() != Ok("1"),
-        "{test}: {reason} (STACKROUTE_REQUIRE_BBR=1)"
+        "{reason} (STACKROUTE_REQUIRE_BBR=1)"
     );
-    let mut stderr = std::io::stderr();
-    let _ = writeln!(stderr, "SKIP {test} (BBR part): {reason}");
-    false
+    Err(Ignored::new(reason))
 }
 
 /// A controller and the agent of node n1 (where pod shop/web-1, label app=web, runs).
@@ -225,19 +296,19 @@ fn held_cc(env: &Env, mode: &str, ip: &str, base: u16, expect: &str) {
     );
 }
 
-#[test]
 fn connect_applies_the_rules_congestion_control_as_ss_sees_it() {
     let env = Env::start();
     held_cc(&env, "hold", "127.0.0.1", RENO, "reno");
     held_cc(&env, "hold", "::1", RENO, "reno");
     held_cc(&env, "hold", "127.0.0.1", CUBIC, "cubic");
-    if bbr_available("connect_applies_the_rules_congestion_control_as_ss_sees_it") {
-        held_cc(&env, "hold", "127.0.0.1", BBR, "bbr");
-        held_cc(&env, "hold", "::1", BBR, "bbr");
-    }
 }
 
-#[test]
+fn connect_applies_bbr_as_ss_sees_it() {
+    let env = Env::start();
+    held_cc(&env, "hold", "127.0.0.1", BBR, "bbr");
+    held_cc(&env, "hold", "::1", BBR, "bbr");
+}
+
 fn nonblocking_connect_with_epoll_poll_and_select() {
     let env = Env::start();
     for mode in ["epoll", "poll", "select"] {
@@ -246,7 +317,6 @@ fn nonblocking_connect_with_epoll_poll_and_select() {
     }
 }
 
-#[test]
 fn unavailable_stacks_fall_back_dedicated_is_refused_and_counters_reach_metrics() {
     let env = Env::start();
     let (l, port) = listener("127.0.0.1", USERSPACE);
@@ -289,23 +359,27 @@ fn libc_eacces() -> i32 {
     13
 }
 
-#[test]
-fn a_congestion_control_the_kernel_refuses_walks_the_fallback_list() {
-    let test = "a_congestion_control_the_kernel_refuses_walks_the_fallback_list";
+/// Gate of the refused-congestion-control trial: a controller that is available but not
+/// allowed to unprivileged users (BBR, else CUBIC), and its rule's port range.
+fn refused_cc_gate() -> Result<(u16, &'static str), Ignored> {
     let allowed =
         std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control").unwrap();
     let allowed: Vec<&str> = allowed.split_whitespace().collect();
-    // Unprivileged processes may only pick allowed ones: run the probe as `nobody` towards a
+    // Unprivileged processes may only pick allowed ones: the probe runs as `nobody` towards a
     // rule whose first choice is available but not allowed.
-    let Some((base, first)) = [(25000, "bbr"), (25500, "cubic")]
+    [(25000, "bbr"), (25500, "cubic")]
         .into_iter()
         .find(|(_, cc)| !allowed.contains(cc) && available().split_whitespace().any(|a| a == *cc))
-    else {
-        eprintln!(
-            "SKIP {test}: BBR and CUBIC are both allowed to unprivileged users ({allowed:?})"
-        );
-        return;
-    };
+        .ok_or_else(|| {
+            Ignored::new(format!(
+                "BBR and CUBIC are both allowed to unprivileged users ({allowed:?})"
+            ))
+        })
+}
+
+fn a_congestion_control_the_kernel_refuses_walks_the_fallback_list(
+    (base, first): (u16, &'static str),
+) {
     let env = Env::start();
     open_to_nobody(&env.agent.socket_dir);
     let (l, port) = listener("127.0.0.1", base);
@@ -343,7 +417,6 @@ fn open_to_nobody(dir: &Path) {
     let _ = std::fs::set_permissions(probe(), std::fs::Permissions::from_mode(0o755));
 }
 
-#[test]
 fn udp_first_sendto_decides_ipv4_and_ipv6() {
     let env = Env::start();
     for ip in ["127.0.0.1", "::1"] {
@@ -360,7 +433,6 @@ fn udp_first_sendto_decides_ipv4_and_ipv6() {
     }
 }
 
-#[test]
 fn fork_keeps_decisions_and_the_child_decides_too() {
     let env = Env::start();
     let (l, port) = listener("127.0.0.1", RENO);
@@ -376,7 +448,6 @@ fn fork_keeps_decisions_and_the_child_decides_too() {
     assert!(out.contains("parent-after cc=reno pinned=3"), "{out}");
 }
 
-#[test]
 fn exec_reloads_the_shim_from_the_environment() {
     let env = Env::start();
     let (l, port) = listener("127.0.0.1", CUBIC);
@@ -387,7 +458,6 @@ fn exec_reloads_the_shim_from_the_environment() {
     assert!(out.contains("exec'd cc=cubic shim=loaded"), "{out}");
 }
 
-#[test]
 fn dup_family_copies_decisions_and_close_clears_them() {
     let env = Env::start();
     let (l, port) = listener("127.0.0.1", RENO);
@@ -406,7 +476,6 @@ fn dup_family_copies_decisions_and_close_clears_them() {
     assert!(out.contains("after-close-all=-1"), "{out}");
 }
 
-#[test]
 fn close_range_clears_and_a_reused_fd_decides_anew() {
     let env = Env::start();
     let (l, port) = listener("127.0.0.1", CUBIC);
@@ -421,7 +490,6 @@ fn close_range_clears_and_a_reused_fd_decides_anew() {
     );
 }
 
-#[test]
 fn threads_decide_concurrently() {
     let env = Env::start();
     let (l, port) = listener("127.0.0.1", RENO);
@@ -431,7 +499,6 @@ fn threads_decide_concurrently() {
     assert_eq!(out.trim(), "connections=160 cc=reno same=1", "{err}");
 }
 
-#[test]
 fn threads_connecting_during_the_first_snapshot_load_wait_for_it() {
     // Every snapshot load takes 30 ms: the threads that decide while the first one is being
     // loaded must wait for it, not fall back to the kernel as if there were no agent.
@@ -446,7 +513,6 @@ fn threads_connecting_during_the_first_snapshot_load_wait_for_it() {
     assert!(!err.contains("fallback=no-agent"), "{err}");
 }
 
-#[test]
 fn af_unix_is_left_alone() {
     let env = Env::start();
     let dir = tempfile::tempdir().unwrap();
@@ -472,7 +538,6 @@ fn find_listener(agent: &Agent, port: u16) -> Option<String> {
     }
 }
 
-#[test]
 fn listeners_are_registered_at_listen_and_removed_at_close() {
     let env = Env::start();
     let port = free_port();
@@ -510,7 +575,6 @@ fn kernel_default() -> String {
         .to_string()
 }
 
-#[test]
 fn fail_open_without_an_agent_and_with_a_corrupt_snapshot() {
     let (l, port) = listener("127.0.0.1", RENO);
     serve(l);
@@ -547,7 +611,6 @@ fn fail_open_without_an_agent_and_with_a_corrupt_snapshot() {
     assert!(err.contains("fallback=other"), "{err}");
 }
 
-#[test]
 fn an_agent_killed_mid_run_changes_nothing_for_the_application() {
     let mut env = Env::start();
     let (l, port) = listener("127.0.0.1", CUBIC);
@@ -581,7 +644,6 @@ fn an_agent_killed_mid_run_changes_nothing_for_the_application() {
     assert!(status.success(), "{err}");
 }
 
-#[test]
 fn curl_and_python_under_the_shim() {
     let env = Env::start();
     let (l, port) = listener("127.0.0.1", RENO);
@@ -631,7 +693,6 @@ fn curl_and_python_under_the_shim() {
     assert!(ok && out.trim() == "cubic", "python: {out}{err}");
 }
 
-#[test]
 fn stackroute_run_finds_and_preloads_the_shim() {
     let env = Env::start();
     let (l, port) = listener("127.0.0.1", RENO);
