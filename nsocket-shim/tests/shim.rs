@@ -85,7 +85,10 @@ fn main() -> std::process::ExitCode {
             stackroute_run_finds_and_preloads_the_shim,
         ),
     ];
-    testkit::run(trials)
+    // One at a time: every trial starts a controller and an agent on ports `free_port` found
+    // free a moment earlier, which a trial running beside it could take first (seen once in
+    // CI: the controller's gRPC bind failed with EADDRINUSE).
+    testkit::run_with(testkit::Options::parallel().sequential(true), trials)
 }
 
 /// One policy for every scenario, told apart by destination port.
