@@ -170,11 +170,20 @@ stackroute_images() {
   rm -rf "$w"
 }
 
+# containerd answers on its socket; if it exited instead, say why now rather than time out.
+containerd_serving() {
+  if ! running containerd; then
+    tail -n 30 "$LANE/logs/containerd.log" >&2
+    die "containerd exited (log above: $LANE/logs/containerd.log)"
+  fi
+  ctr -a "$LANE/run/containerd.sock" version
+}
+
 import_images() {
   local t
   for t in "$LANE"/images/*.tar; do
     ctr -a "$LANE/run/containerd.sock" -n k8s.io images import "$t" >/dev/null \
-      || die "ctr images import $t failed"
+      || { tail -n 20 "$LANE/logs/containerd.log" >&2; die "ctr images import $t failed"; }
   done
 }
 
@@ -423,8 +432,10 @@ up() {
   runtime_configs
   ts "node address $NODE_IP on $NODE_BRIDGE, PKI, configs"
 
+  # A socket left by a lane that was killed rather than brought down would pass for a live one.
+  running containerd || rm -f "$LANE/run/containerd.sock" "$LANE/run/containerd.sock.ttrpc"
   start containerd containerd --config "$LANE/etc/containerd.toml"
-  waitfor "containerd" 30 test -S "$LANE/run/containerd.sock"
+  waitfor "containerd" 60 containerd_serving
   import_images
   ts "images imported: $(ctr -a "$LANE/run/containerd.sock" -n k8s.io images ls -q | grep -v '^sha256' | tr '\n' ' ')"
 
