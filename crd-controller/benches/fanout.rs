@@ -17,11 +17,13 @@
 //! Sizes can be overridden: `FANOUT_AGENTS=100,1000 FANOUT_ROUNDS=20 MEMORY_PODS=100000`.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+
 use std::time::{Duration, Instant};
+use testkit::free_port;
 
 use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
 use stackroute_proto::v1alpha1::{AckRequest, ApiVersion, WatchRequest};
@@ -46,13 +48,6 @@ fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
         .ok()
         .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
         .unwrap_or_else(|| default.to_vec())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 struct Controller {

@@ -6,14 +6,50 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// A free loopback TCP port (bound, then released).
+/// A TCP port free on every address, for a child process to bind a moment later.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`): a port from `bind(:0)`
+/// is one that any connection's source port or another trial's `bind(:0)` can take before
+/// the child binds it (CI saw a controller's bind fail with EADDRINUSE that way). Below the
+/// range only an explicit bind competes: a per-process counter keeps this process's trials
+/// apart and a start derived from the PID spreads concurrent test binaries.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low <= LOWEST + 1_000 {
+        return TcpListener::bind("0.0.0.0:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free TCP port")
+            .port();
+    }
+    let span = ephemeral_low - LOWEST;
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOWEST + (start + offset) % span) as u16;
+        if bindable(port) {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {LOWEST}..{ephemeral_low}");
+}
+
+/// Whether `port` can be bound on every IPv4 address and then on every IPv6 one (tried one
+/// after the other: a dual-stack `::` bind collides with a held `0.0.0.0` one). A host without
+/// IPv6 has no `::` to collide on.
+fn bindable(port: u16) -> bool {
+    let ipv4 = TcpListener::bind(("0.0.0.0", port)).is_ok();
+    ipv4 && match TcpListener::bind(("::", port)) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::AddrInUse,
+    }
 }
 
 /// Polls `check` every `every` until it returns `Some`; after `timeout` an error naming
