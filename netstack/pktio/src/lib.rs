@@ -2,6 +2,8 @@
 //! - [`AfPacket`]: AF_PACKET with mmap'ed TPACKET_V2 RX/TX rings (zero-copy in the ring);
 //! - [`AfXdp`]: AF_XDP in copy mode with a UMEM and an XDP steering program (C in `bpf/`,
 //!   built by clang, loaded with aya; generic mode, so it works on veth);
+//! - [`SharedXdp`]: AF_XDP for a stack sharing the kernel's addresses by port range, with a
+//!   packet socket filtered to the neighbour protocols beside it;
 //! - [`Tap`]: a TAP interface.
 //!
 //! All `unsafe` code lives in the `sys` module, one system call
@@ -11,6 +13,7 @@
 
 mod af_packet;
 mod af_xdp;
+mod shared_xdp;
 mod steer;
 mod sys;
 mod tap;
@@ -20,8 +23,10 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 pub use af_packet::{AfPacket, RingConfig};
-pub use af_xdp::AfXdp;
+pub use af_xdp::{AfXdp, XdpHandover};
+pub use shared_xdp::SharedXdp;
 use stackroute_netstack::{Device, DeviceCapabilities, RxMeta};
+pub use steer::Steer;
 pub use tap::Tap;
 
 /// Interface facts read from the kernel.
@@ -71,6 +76,8 @@ pub enum AnyDevice {
     AfPacket(AfPacket),
     /// AF_XDP socket (boxed: its ring state is large).
     AfXdp(Box<AfXdp>),
+    /// AF_XDP on a shared address, with its neighbour socket.
+    SharedXdp(Box<SharedXdp>),
     /// TAP.
     Tap(Tap),
 }
@@ -81,6 +88,7 @@ impl AnyDevice {
         match self {
             Self::AfPacket(d) => d.raw_fd(),
             Self::AfXdp(d) => d.raw_fd(),
+            Self::SharedXdp(d) => d.raw_fd(),
             Self::Tap(d) => d.raw_fd(),
         }
     }
@@ -91,6 +99,7 @@ impl Device for AnyDevice {
         match self {
             Self::AfPacket(d) => d.capabilities(),
             Self::AfXdp(d) => d.capabilities(),
+            Self::SharedXdp(d) => d.capabilities(),
             Self::Tap(d) => d.capabilities(),
         }
     }
@@ -99,6 +108,7 @@ impl Device for AnyDevice {
         match self {
             Self::AfPacket(d) => d.receive(f),
             Self::AfXdp(d) => d.receive(f),
+            Self::SharedXdp(d) => d.receive(f),
             Self::Tap(d) => d.receive(f),
         }
     }
@@ -107,6 +117,7 @@ impl Device for AnyDevice {
         match self {
             Self::AfPacket(d) => d.transmit(max_len, f),
             Self::AfXdp(d) => d.transmit(max_len, f),
+            Self::SharedXdp(d) => d.transmit(max_len, f),
             Self::Tap(d) => d.transmit(max_len, f),
         }
     }
@@ -115,6 +126,7 @@ impl Device for AnyDevice {
         match self {
             Self::AfPacket(d) => d.flush(),
             Self::AfXdp(d) => d.flush(),
+            Self::SharedXdp(d) => d.flush(),
             Self::Tap(d) => d.flush(),
         }
     }

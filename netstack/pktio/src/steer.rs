@@ -1,50 +1,90 @@
 //! The AF_XDP engine's steering program (`bpf/steer.c`, built by `build.rs` with clang),
-//! loaded and attached with aya: frames for the stack's IPv4 address (IPv4 to it, ARP for it)
-//! go to the engine's socket, the rest to the kernel.
+//! loaded with aya and attached through a BPF link: frames for the stack go to its AF_XDP
+//! socket, the rest to the kernel. Also the program's socket filter (`neighbours`) that
+//! leaves a packet socket only the ARP, ICMP and ICMPv6 frames a stack sharing the kernel's
+//! address still needs to read.
 
 use std::io;
-use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd as _, AsRawFd, OwnedFd};
 
 use aya::Ebpf;
-use aya::maps::{Array, XskMap};
-use aya::programs::{Xdp, XdpFlags};
+use aya::maps::{Array, MapData, XskMap};
+use aya::programs::{SocketFilter, Xdp};
+
+use crate::sys;
 
 /// The compiled program (ELF), aligned as aya's parser needs.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.o"));
 
-/// The program attached to an interface in generic (SKB) mode, so that it works on veth; it is
-/// detached, and its maps freed, when this is dropped.
+/// `XDP_FLAGS_SKB_MODE`: generic XDP, which works on every interface, veth included.
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+
+/// What the program steers to the stack (`struct steer_config` in `bpf/steer.c`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Steer {
+    /// Everything for an IPv4 address the stack owns alone: IPv4 to it, ARP asking for it.
+    WholeAddress(Ipv4Addr),
+    /// TCP to the kernel's own addresses whose destination or source port is in `ports`.
+    SharedPorts {
+        /// The shared IPv4 address.
+        ipv4: Ipv4Addr,
+        /// The shared IPv6 address, if the stack serves IPv6.
+        ipv6: Option<Ipv6Addr>,
+        /// The stack's ports (its connections' local ports; dual-listen clients' source
+        /// ports).
+        ports: std::ops::RangeInclusive<u16>,
+    },
+}
+
+/// `struct steer_config` as six native-endian words: the IPv4 address, the IPv6 address, and
+/// the two 16-bit ports in one word (laid out as the C struct lays them out).
+fn config_words(steer: &Steer) -> [u32; 6] {
+    // Compared with addresses as loaded from packet memory: network-order bytes.
+    let word = |bytes: &[u8]| u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let mut words = [0; 6];
+    match steer {
+        Steer::WholeAddress(address) => words[0] = word(&address.octets()),
+        Steer::SharedPorts { ipv4, ipv6, ports } => {
+            words[0] = word(&ipv4.octets());
+            if let Some(v6) = ipv6 {
+                for (slot, chunk) in words[1..5].iter_mut().zip(v6.octets().chunks_exact(4)) {
+                    *slot = word(chunk);
+                }
+            }
+            let (low, high) = (ports.start().to_ne_bytes(), ports.end().to_ne_bytes());
+            words[5] = word(&[low[0], low[1], high[0], high[1]]);
+        }
+    }
+    words
+}
+
+/// The steering program attached to an interface, with the descriptors that keep it there.
 #[derive(Debug)]
 pub(crate) struct Steering {
-    _ebpf: Ebpf,
+    /// The socket map (`xsks`): a socket bound to queue Q receives through entry Q.
+    pub(crate) sockets: OwnedFd,
+    /// The BPF link: the program is detached when the last descriptor of it closes.
+    pub(crate) link: OwnedFd,
 }
 
 impl Steering {
-    /// Steers frames for `address` arriving on queue `queue` of interface `ifindex` to
-    /// `socket` (an AF_XDP socket bound there).
-    pub(crate) fn attach(
-        ifindex: u32,
-        queue: u32,
-        socket: &OwnedFd,
-        address: Ipv4Addr,
-    ) -> io::Result<Self> {
+    /// Loads the program with `steer` and attaches it to interface `ifindex` of the calling
+    /// thread's network namespace (needs CAP_BPF and CAP_NET_ADMIN there).
+    pub(crate) fn attach(ifindex: u32, steer: &Steer) -> io::Result<Self> {
         let mut ebpf = Ebpf::load(PROGRAM).map_err(|e| failed("loading bpf/steer.c", e))?;
         {
-            let mut config: Array<_, u32> = Array::try_from(map(&mut ebpf, "config")?)
+            let mut config: Array<_, [u32; 6]> = Array::try_from(map(&mut ebpf, "config")?)
                 .map_err(|e| failed("the config map", e))?;
-            // Compared with the packet's address as loaded from memory: network order bytes.
             config
-                .set(0, u32::from_ne_bytes(address.octets()), 0)
-                .map_err(|e| failed("setting the address", e))?;
+                .set(0, config_words(steer), 0)
+                .map_err(|e| failed("writing the steering configuration", e))?;
         }
-        {
-            let mut sockets = XskMap::try_from(map(&mut ebpf, "xsks")?)
-                .map_err(|e| failed("the socket map", e))?;
-            sockets
-                .set(queue, socket.as_raw_fd(), 0)
-                .map_err(|e| failed("adding the AF_XDP socket", e))?;
-        }
+        // A descriptor of the socket map that outlives the loaded object.
+        let sockets = match map(&mut ebpf, "xsks")? {
+            aya::maps::Map::XskMap(data) => data.fd().as_fd().try_clone_to_owned()?,
+            _ => return Err(io::Error::other("bpf/steer.c's `xsks` is not an XSKMAP")),
+        };
         let program: &mut Xdp = ebpf
             .program_mut("steer")
             .ok_or_else(|| io::Error::other("bpf/steer.c has no program `steer`"))?
@@ -53,11 +93,44 @@ impl Steering {
         program
             .load()
             .map_err(|e| failed("loading the steer program", e))?;
-        program
-            .attach_to_if_index(ifindex, XdpFlags::SKB_MODE)
-            .map_err(|e| failed("attaching the steer program", e))?;
-        Ok(Self { _ebpf: ebpf })
+        let fd = program
+            .fd()
+            .map_err(|e| failed("the steer program's descriptor", e))?;
+        let link = sys::xdp_link_create(fd.as_fd().as_raw_fd(), ifindex, XDP_FLAGS_SKB_MODE)
+            .map_err(|e| io::Error::new(e.kind(), format!("attaching the steer program: {e}")))?;
+        // Dropping `ebpf` closes its descriptors; the link keeps the program and its maps.
+        Ok(Self { sockets, link })
     }
+
+    /// Puts `socket` (an AF_XDP socket bound to queue `queue`) into the socket map; needs no
+    /// capability, only the map's descriptor.
+    pub(crate) fn insert(sockets: &OwnedFd, queue: u32, socket: &OwnedFd) -> io::Result<()> {
+        let data = MapData::from_fd(sockets.try_clone()?)
+            .map_err(|e| failed("the socket map's descriptor", e))?;
+        let mut map = XskMap::try_from(aya::maps::Map::XskMap(data))
+            .map_err(|e| failed("the socket map", e))?;
+        map.set(queue, socket.as_raw_fd(), 0)
+            .map_err(|e| failed("adding the AF_XDP socket to the socket map", e))
+    }
+}
+
+/// Leaves `socket` (AF_PACKET) only ARP, ICMP and ICMPv6 frames (the program `neighbours`).
+pub(crate) fn filter_to_neighbours(socket: &OwnedFd) -> io::Result<()> {
+    let mut ebpf = Ebpf::load(PROGRAM).map_err(|e| failed("loading bpf/steer.c", e))?;
+    let program: &mut SocketFilter = ebpf
+        .program_mut("neighbours")
+        .ok_or_else(|| io::Error::other("bpf/steer.c has no program `neighbours`"))?
+        .try_into()
+        .map_err(|e| failed("the neighbours program", e))?;
+    program
+        .load()
+        .map_err(|e| failed("loading the neighbours program", e))?;
+    let fd = program
+        .fd()
+        .map_err(|e| failed("the neighbours program's descriptor", e))?;
+    // Attached by hand rather than with aya's `attach`, whose link detaches the filter when
+    // dropped: the socket outlives this function and goes to another process.
+    sys::attach_socket_filter(socket, fd.as_fd().as_raw_fd())
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> io::Result<&'a mut aya::maps::Map> {

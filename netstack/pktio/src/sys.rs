@@ -180,7 +180,7 @@ pub(crate) fn kick_tx(fd: &OwnedFd) -> io::Result<()> {
     }
 }
 
-/// A memory mapping: a socket's rings (AF_PACKET, AF_XDP) or anonymous memory (AF_XDP UMEM).
+/// A memory mapping: a socket's rings (AF_PACKET, AF_XDP) or a shared-memory file (AF_XDP UMEM).
 #[derive(Debug)]
 pub(crate) struct RingMap {
     base: *mut u8,
@@ -208,28 +208,6 @@ impl RingMap {
                 libc::MAP_SHARED | libc::MAP_POPULATE,
                 fd.as_raw_fd(),
                 offset as libc::off_t,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self {
-            base: base.cast(),
-            len,
-        })
-    }
-
-    /// Private anonymous memory (page-aligned), for an AF_XDP UMEM.
-    pub(crate) fn anonymous(len: usize) -> io::Result<Self> {
-        // SAFETY: a fresh private anonymous mapping; no file or existing memory is involved.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
             )
         };
         if base == libc::MAP_FAILED {
@@ -325,6 +303,82 @@ pub(crate) fn bind_xdp(fd: &OwnedFd, ifindex: u32, queue: u32, flags: u16) -> io
         size_of::<libc::sockaddr_xdp>() as libc::socklen_t
     ))?;
     Ok(())
+}
+
+/// An anonymous shared-memory file of `len` bytes, for a UMEM that a privileged process
+/// registers and an unprivileged one maps.
+pub(crate) fn memfd(name: &std::ffi::CStr, len: usize) -> io::Result<OwnedFd> {
+    let fd = syscall!(memfd_create(name.as_ptr(), libc::MFD_CLOEXEC))?;
+    // SAFETY: `memfd_create` just returned this descriptor and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    syscall!(ftruncate(fd.as_raw_fd(), len as libc::off_t))?;
+    Ok(fd)
+}
+
+/// The size of the file behind `fd`.
+pub(crate) fn file_len(fd: &OwnedFd) -> io::Result<usize> {
+    // SAFETY: plain old data; all-zero is valid.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    syscall!(fstat(fd.as_raw_fd(), &mut stat))?;
+    Ok(usize::try_from(stat.st_size).unwrap_or(0))
+}
+
+/// `BPF_LINK_CREATE` for an XDP program on `ifindex` (of the calling thread's network
+/// namespace). Written here because aya 0.13 keeps the descriptors of the links it creates
+/// private, and this link must be handed to another process: the program stays attached
+/// exactly as long as a descriptor of the link is open.
+pub(crate) fn xdp_link_create(program: RawFd, ifindex: u32, flags: u32) -> io::Result<OwnedFd> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_XDP: u32 = 37;
+    // `union bpf_attr`'s link_create member: prog_fd, target_ifindex, attach_type, flags; the
+    // rest must be zero. The union is 160 bytes in 6.x uapi headers; a smaller size is accepted
+    // (the kernel zero-extends).
+    let mut attr = [0u32; 16];
+    attr[0] = program as u32;
+    attr[1] = ifindex;
+    attr[2] = BPF_XDP;
+    attr[3] = flags;
+    // SAFETY: bpf(2) reads `size_of_val(&attr)` bytes of an initialised array that outlives
+    // the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            attr.as_ptr(),
+            size_of_val(&attr) as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: bpf(BPF_LINK_CREATE) just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Attaches the eBPF socket filter `program` to `socket` (`SO_ATTACH_BPF`); the socket keeps
+/// the program.
+pub(crate) fn attach_socket_filter(socket: &OwnedFd, program: RawFd) -> io::Result<()> {
+    set_option(socket, libc::SOL_SOCKET, libc::SO_ATTACH_BPF, &program)
+}
+
+/// An epoll instance watching `fds` for input (level-triggered): readable when any of them is.
+pub(crate) fn epoll_of(fds: &[RawFd]) -> io::Result<OwnedFd> {
+    let epoll = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?;
+    // SAFETY: `epoll_create1` just returned this descriptor and nothing else owns it.
+    let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+    for &fd in fds {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: fd as u64,
+        };
+        syscall!(epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd,
+            &mut event
+        ))?;
+    }
+    Ok(epoll)
 }
 
 /// Waits until any of `fds` is readable or `timeout` passes (`None` waits forever).
