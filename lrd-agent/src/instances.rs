@@ -135,6 +135,17 @@ pub struct InstanceFlags {
         default_value_t = 30_000
     )]
     pub userspace_idle_timeout_ms: u64,
+    /// How instances read and write the pod's interface: `af-xdp` (the agent attaches an XDP
+    /// program that steers only the instance's flows to an AF_XDP socket, and gives the
+    /// instance a packet socket filtered to ARP/ICMP; falls back to AF_PACKET where that
+    /// cannot be set up) or `af-packet` (every frame of the interface copied to the instance).
+    #[arg(
+        long,
+        env = "STACKROUTE_USERSPACE_PACKET_IO",
+        default_value = "af-xdp",
+        value_parser = ["af-xdp", "af-packet"]
+    )]
+    pub userspace_packet_io: String,
 }
 
 impl Default for InstanceFlags {
@@ -149,6 +160,7 @@ impl Default for InstanceFlags {
             max_userspace_instances: 256,
             userspace_host_netns: false,
             userspace_idle_timeout_ms: 30_000,
+            userspace_packet_io: "af-xdp".into(),
         }
     }
 }
@@ -170,6 +182,9 @@ pub struct Record {
     /// Who asked for it first: `namespace/name` of the pod or workload, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// Its packet engine as it reported it (`af_xdp`, `af_packet`), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 impl Record {
@@ -739,6 +754,7 @@ impl Instances {
             ports: self.flags.userspace_ports,
             ready_timeout: self.ready_timeout(),
             log: self.log_path(netns),
+            af_xdp: self.flags.userspace_packet_io == "af-xdp",
         }
     }
 
@@ -1069,6 +1085,7 @@ mod tests {
             tag: "t".into(),
             ports: "61000-62999".into(),
             workload: None,
+            engine: None,
         };
         assert!(record.alive());
         assert!(

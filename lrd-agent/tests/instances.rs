@@ -933,4 +933,31 @@ fn the_real_stackd_starts_and_binds_its_socket(stackd: PathBuf) {
     assert_eq!(netns_of(pid), netns_of(client.pid));
     assert_eq!(status(pid, "Uid")[0], NOBODY.to_string());
     assert_eq!(instance(&client.instance().0), pid);
+    // AF_XDP (the default): the agent attached the steering program to the namespace's one
+    // interface, the instance holds the link that keeps it there, and said so.
+    let recorded = std::fs::read_to_string(agent.state_dir.join("instances.json")).unwrap();
+    assert!(recorded.contains(r#""engine": "af_xdp""#), "{recorded}");
+    let link =
+        || String::from_utf8_lossy(&ns.exec("ip", &["link", "show", "sr0"]).stdout).into_owned();
+    assert!(link().contains("xdpgeneric"), "{}", link());
+    let descriptors: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    assert!(
+        descriptors.iter().any(|d| d == "anon_inode:bpf_link"),
+        "{descriptors:?}"
+    );
+    // The program lives as long as the instance: killed, it is gone from the interface.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    wait_for("the instance to exit", WAIT, || (!alive(pid)).then_some(()));
+    wait_for("the steering program to leave the interface", WAIT, || {
+        (!link().contains("xdp")).then_some(())
+    });
 }

@@ -270,6 +270,16 @@ struct Lab {
 }
 
 impl Lab {
+    /// The client namespace's instance reads and writes through AF_XDP (the agent's default),
+    /// not AF_PACKET: its record says so and the steering program is on the interface.
+    fn assert_af_xdp(&self) {
+        let recorded = std::fs::read_to_string(self.agent.state_dir.join("instances.json"))
+            .unwrap_or_default();
+        assert!(recorded.contains(r#""engine": "af_xdp""#), "{recorded}");
+        let link = must("ip", &["-n", &self.client, "link", "show", "v0"]);
+        assert!(link.contains("xdpgeneric"), "{link}");
+    }
+
     fn new() -> Self {
         remove_leftovers();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -1284,8 +1294,20 @@ fn kernel_connections_side_by_side() {
     assert_eq!(lab.out_rsts(), rsts, "kernel RSTs in the client namespace");
 }
 
+/// Runs [`Lab::assert_af_xdp`] when the trial is done (unless it already failed).
+struct CheckAfXdp<'a>(&'a Lab);
+
+impl Drop for CheckAfXdp<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.0.assert_af_xdp();
+        }
+    }
+}
+
 fn python_asyncio_download() {
     let lab = Lab::new();
+    let _checked_at_the_end = CheckAfXdp(&lab);
     let mut runs = Vec::new();
     for shim in [false, true] {
         let size = (4 << 20).to_string();
@@ -1409,6 +1431,7 @@ fn a_thousand_concurrent_then_sequential_connections() {
 
 fn ipv6_names_and_a_download_match_the_kernel() {
     let lab = Lab::new();
+    let _checked_at_the_end = CheckAfXdp(&lab);
     lab.wait_transport_to(&format!("[{SERVER_IP6}]:{US_PORT}"), "Userspace/BBR");
     let port = US_PORT.to_string();
     let size = (4 << 20).to_string();

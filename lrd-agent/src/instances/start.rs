@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use stackroute_local_api::message::FallbackReason;
+use stackroute_pktio::{SharedXdp, XdpHandover};
 use tracing::{debug, warn};
 
 use super::sys::{self, InstanceSetup};
@@ -44,6 +45,8 @@ pub(super) struct Plan {
     pub(super) ports: PortRange,
     pub(super) ready_timeout: Duration,
     pub(super) log: PathBuf,
+    /// Try AF_XDP before AF_PACKET (`--userspace-packet-io af-xdp`).
+    pub(super) af_xdp: bool,
 }
 
 /// Why a start failed: the reason the shim records and a message for logs.
@@ -96,7 +99,76 @@ pub(super) fn start(plan: &Plan) -> Result<Started, Failure> {
         elapsed_ms = began.elapsed().as_millis() as u64,
         "network namespace prepared"
     );
-    spawn(plan, &netns, ipv6)
+    let xdp = if plan.af_xdp {
+        match prepare_xdp(&netns) {
+            Ok(prepared) => Some(prepared),
+            Err(why) => {
+                warn!(netns = plan.netns, %why, "AF_XDP is unavailable; the instance uses AF_PACKET");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    spawn(plan, &netns, ipv6, xdp.as_ref())
+}
+
+/// AF_XDP prepared in the caller's network namespace for its instance.
+#[derive(Debug)]
+struct XdpPrepared {
+    interface: String,
+    handover: XdpHandover,
+    /// The packet socket for ARP/ICMP that goes with it.
+    neighbours: OwnedFd,
+}
+
+/// Prepares AF_XDP on the caller's interface, from a thread that enters the caller's network
+/// namespace (the rest of the agent stays where it is): the XDP program, the AF_XDP socket
+/// and its UMEM, and the neighbour socket (CAP_NET_RAW, CAP_BPF, CAP_NET_ADMIN, CAP_IPC_LOCK
+/// for the UMEM's pinned pages).
+fn prepare_xdp(netns: &File) -> Result<XdpPrepared, String> {
+    let netns = netns
+        .try_clone()
+        .map_err(|e| format!("cannot duplicate the namespace descriptor: {e}"))?;
+    std::thread::Builder::new()
+        .name("prepare-af-xdp".into())
+        .spawn(move || {
+            rustix::thread::move_into_link_name_space(
+                netns.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(|e| format!("cannot enter the caller's network namespace: {e}"))?;
+            let interface = the_interface()?;
+            let (handover, neighbours) = SharedXdp::prepare(&interface)
+                .map_err(|e| format!("preparing AF_XDP on {interface}: {e}"))?;
+            Ok(XdpPrepared {
+                interface,
+                handover,
+                neighbours,
+            })
+        })
+        .map_err(|e| format!("cannot start a thread: {e}"))?
+        .join()
+        .map_err(|_| "the thread preparing AF_XDP panicked".to_owned())?
+}
+
+/// The namespace's one interface that is up and not loopback (a pod's `eth0`): AF_XDP is
+/// set up on one interface, so a namespace with several is left to AF_PACKET.
+fn the_interface() -> Result<String, String> {
+    use stackroute_pktio::interface;
+    let names = interface::names().map_err(|e| format!("cannot list interfaces: {e}"))?;
+    let candidates: Vec<String> = names
+        .into_iter()
+        .filter(|name| {
+            interface::is_up(name).unwrap_or(false) && !interface::is_loopback(name).unwrap_or(true)
+        })
+        .collect();
+    match <[String; 1]>::try_from(candidates) {
+        Ok([only]) => Ok(only),
+        Err(candidates) => Err(format!(
+            "AF_XDP needs exactly one interface up besides loopback, found {candidates:?}"
+        )),
+    }
 }
 
 /// `/proc/PID/ns/net` of the caller, if it is still the namespace the caller was seen in (a
@@ -327,7 +399,12 @@ fn open_cgroup_procs(cgroup: Option<&str>) -> Result<File, String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn spawn(plan: &Plan, netns: &File, ipv6: bool) -> Result<Started, Failure> {
+fn spawn(
+    plan: &Plan,
+    netns: &File,
+    ipv6: bool,
+    xdp: Option<&XdpPrepared>,
+) -> Result<Started, Failure> {
     let cgroup_procs = match open_cgroup_procs(plan.cgroup.as_deref()) {
         Ok(file) => Some(file),
         Err(why) if plan.cgroup_required => {
@@ -354,6 +431,15 @@ fn spawn(plan: &Plan, netns: &File, ipv6: bool) -> Result<Started, Failure> {
         .args(["--ports", &plan.ports.to_string()])
         .args(["--ready-fd", &sys::READY_FD.to_string()])
         .args((!ipv6).then_some("--ipv4-only"))
+        .args(xdp.into_iter().flat_map(|prepared| {
+            let fds = sys::XDP_FDS.map(|fd| fd.to_string()).join(",");
+            [
+                "--interface".to_owned(),
+                prepared.interface.clone(),
+                "--xdp-fds".to_owned(),
+                fds,
+            ]
+        }))
         .env_clear()
         .env("PATH", PATH)
         .current_dir("/")
@@ -368,6 +454,11 @@ fn spawn(plan: &Plan, netns: &File, ipv6: bool) -> Result<Started, Failure> {
         InstanceSetup {
             netns: netns.as_raw_fd(),
             ready: ready_write.as_fd().as_raw_fd(),
+            packet: xdp.map(|prepared| prepared.neighbours.as_raw_fd()),
+            xdp: xdp.map(|prepared| {
+                let h = &prepared.handover;
+                [&h.socket, &h.umem, &h.sockets, &h.config, &h.link].map(AsRawFd::as_raw_fd)
+            }),
             cgroup_procs: cgroup_procs.as_ref().map(AsRawFd::as_raw_fd),
             cgroup_required: plan.cgroup_required,
             uid: plan.uid,
@@ -404,18 +495,21 @@ fn spawn(plan: &Plan, netns: &File, ipv6: bool) -> Result<Started, Failure> {
         }
     };
     let pid = child.id() as i32;
-    if let Err(why) = wait_ready(&mut ready_read, plan.ready_timeout) {
-        let status = stop(&mut child);
-        return Err(Failure::stack(format!(
-            "{} (pid {pid}) {why} ({}); its log {}{}",
-            plan.binary.display(),
-            status.map_or_else(|| "no exit status".into(), |s| s.to_string()),
-            plan.log.display(),
-            log_tail(&plan.log)
-                .map(|tail| format!(" ends: {tail}"))
-                .unwrap_or_default()
-        )));
-    }
+    let engine = match wait_ready(&mut ready_read, plan.ready_timeout) {
+        Ok(engine) => engine,
+        Err(why) => {
+            let status = stop(&mut child);
+            return Err(Failure::stack(format!(
+                "{} (pid {pid}) {why} ({}); its log {}{}",
+                plan.binary.display(),
+                status.map_or_else(|| "no exit status".into(), |s| s.to_string()),
+                plan.log.display(),
+                log_tail(&plan.log)
+                    .map(|tail| format!(" ends: {tail}"))
+                    .unwrap_or_default()
+            )));
+        }
+    };
     let start_time = crate::peer::parent_and_start(Path::new("/proc"), pid).map(|(_, start)| start);
     let in_netns = crate::peer::netns_inode(Path::new("/proc"), pid);
     let Some(start_time) = start_time.filter(|_| in_netns == Some(plan.netns)) else {
@@ -439,6 +533,7 @@ fn spawn(plan: &Plan, netns: &File, ipv6: bool) -> Result<Started, Failure> {
             tag: plan.tag.clone(),
             ports: plan.ports.to_string(),
             workload: plan.workload.clone(),
+            engine,
         },
         child,
     })
@@ -457,8 +552,9 @@ fn open_log(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Waits for `ready\n` on the pipe: Err says what happened instead.
-fn wait_ready(pipe: &mut io::PipeReader, timeout: Duration) -> Result<(), String> {
+/// Waits for `ready\n` on the pipe; the engine the instance named on an `engine NAME` line
+/// before it, if any. Err says what happened instead.
+fn wait_ready(pipe: &mut io::PipeReader, timeout: Duration) -> Result<Option<String>, String> {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let deadline = Instant::now() + timeout;
     let mut said = Vec::new();
@@ -495,8 +591,13 @@ fn wait_ready(pipe: &mut io::PipeReader, timeout: Duration) -> Result<(), String
             }
             Ok(n) => {
                 said.extend_from_slice(&buffer[..n]);
-                if said.windows(6).any(|w| w == b"ready\n") {
-                    return Ok(());
+                let text = String::from_utf8_lossy(&said);
+                if text.lines().any(|line| line == "ready") && text.ends_with('\n') {
+                    let engine = text
+                        .lines()
+                        .find_map(|line| line.strip_prefix("engine "))
+                        .map(str::to_owned);
+                    return Ok(engine);
                 }
                 if said.len() > 256 {
                     return Err("wrote something other than `ready` on its ready descriptor".into());

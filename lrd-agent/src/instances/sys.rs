@@ -1,7 +1,9 @@
 //! What a child process does between `fork` and `exec` (`CommandExt::pre_exec`): enter the
 //! caller's network namespace, create the packet socket there, join the caller's cgroup, leave
 //! the agent's session and drop to the caller's credentials. The agent itself never changes
-//! namespace or credentials (it is a multi-threaded tokio process); only the forked child does.
+//! namespace or credentials (it is a multi-threaded tokio process); only the forked child does,
+//! and, for the network namespace alone, the short-lived thread that prepares AF_XDP
+//! (`start::prepare_xdp`; a thread may enter another network namespace by itself).
 //!
 //! Between `fork` and `exec` only async-signal-safe calls are allowed: raw system calls on
 //! descriptors opened beforehand, no allocation, no locks. A failing step writes its name to
@@ -16,6 +18,9 @@ use std::process::Command;
 pub(super) const PACKET_FD: RawFd = 3;
 /// The write end of the ready pipe: descriptor 4 of the instance.
 pub(super) const READY_FD: RawFd = 4;
+/// The AF_XDP handover (`stackroute_pktio::XdpHandover`: socket, UMEM, socket map, config
+/// map, link): descriptors 5 to 9 of the instance.
+pub(super) const XDP_FDS: [RawFd; 5] = [5, 6, 7, 8, 9];
 /// Duplicates are made at or above this number first, so that placing one on 3 or 4 never
 /// overwrites the other (or a descriptor still needed).
 const SCRATCH_FD_BASE: RawFd = 10;
@@ -31,6 +36,11 @@ pub(super) struct InstanceSetup {
     pub(super) netns: RawFd,
     /// The write end of the ready pipe.
     pub(super) ready: RawFd,
+    /// A packet socket created beforehand in the caller's namespace (the neighbour socket
+    /// that goes with an AF_XDP handover); without it the child creates one.
+    pub(super) packet: Option<RawFd>,
+    /// The AF_XDP handover, placed on [`XDP_FDS`].
+    pub(super) xdp: Option<[RawFd; 5]>,
     /// `cgroup.procs` of the caller's cgroup, opened for writing.
     pub(super) cgroup_procs: Option<RawFd>,
     /// Whether failing to join the cgroup fails the start (Kubernetes: the pod pays).
@@ -84,17 +94,23 @@ fn prepare_instance(setup: &InstanceSetup) -> io::Result<()> {
     if unsafe { libc::setns(setup.netns, libc::CLONE_NEWNET) } != 0 {
         return failed(ready, "setns into the caller's network namespace");
     }
-    // Created after setns, so it belongs to the caller's namespace; no CLOEXEC: the instance
-    // inherits it. ETH_P_ALL in network byte order.
-    let protocol = i32::from((libc::ETH_P_ALL as u16).to_be());
-    // SAFETY: socket(2), async-signal-safe.
-    let packet = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, protocol) };
-    if packet < 0 {
-        return failed(
-            ready,
-            "socket(AF_PACKET, SOCK_RAW) in the caller's namespace",
-        );
-    }
+    let packet = match setup.packet {
+        Some(packet) => packet,
+        None => {
+            // Created after setns, so it belongs to the caller's namespace. ETH_P_ALL in
+            // network byte order.
+            let protocol = i32::from((libc::ETH_P_ALL as u16).to_be());
+            // SAFETY: socket(2), async-signal-safe.
+            let packet = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, protocol) };
+            if packet < 0 {
+                return failed(
+                    ready,
+                    "socket(AF_PACKET, SOCK_RAW) in the caller's namespace",
+                );
+            }
+            packet
+        }
+    };
     if let Some(procs) = setup.cgroup_procs {
         // "0" moves the writing process (cgroup v2 `cgroup.procs`).
         // SAFETY: write of a static buffer to a descriptor the parent keeps open.
@@ -103,27 +119,43 @@ fn prepare_instance(setup: &InstanceSetup) -> io::Result<()> {
             return failed(ready, "joining the caller's cgroup");
         }
     }
-    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on descriptors of this process; async-signal-safe.
-    let (packet_copy, ready_copy) = unsafe {
-        (
-            libc::fcntl(packet, libc::F_DUPFD_CLOEXEC, SCRATCH_FD_BASE),
-            libc::fcntl(ready, libc::F_DUPFD_CLOEXEC, SCRATCH_FD_BASE),
-        )
-    };
-    if packet_copy < 0 || ready_copy < 0 {
-        return failed(ready, "duplicating descriptors");
+    // Every descriptor is first copied at or above SCRATCH_FD_BASE (CLOEXEC), then placed on
+    // its number with dup2, which clears CLOEXEC on the target: the placed ones survive exec,
+    // the scratch copies do not, and no placement overwrites a source still needed.
+    let mut sources = [-1; 7];
+    let mut targets = [-1; 7];
+    let mut count = 0;
+    for (source, target) in [(packet, PACKET_FD), (ready, READY_FD)] {
+        sources[count] = source;
+        targets[count] = target;
+        count += 1;
     }
-    // dup2 onto another number clears CLOEXEC on the target: 3 and 4 survive exec, the
-    // scratch copies (CLOEXEC) do not.
-    // SAFETY: dup2 of descriptors of this process; async-signal-safe.
-    let placed_packet = unsafe { libc::dup2(packet_copy, PACKET_FD) };
-    // SAFETY: as above.
-    let placed_ready = unsafe { libc::dup2(ready_copy, READY_FD) };
-    if placed_packet < 0 || placed_ready < 0 {
-        return failed(ready_copy, "placing descriptors 3 and 4");
+    if let Some(xdp) = setup.xdp {
+        for (source, target) in xdp.into_iter().zip(XDP_FDS) {
+            sources[count] = source;
+            targets[count] = target;
+            count += 1;
+        }
     }
-    if packet != PACKET_FD && packet != READY_FD {
-        // SAFETY: close of the original socket (not CLOEXEC); its copy is on descriptor 3.
+    let mut copies = [-1; 7];
+    for index in 0..count {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor of this process; async-signal-safe.
+        copies[index] =
+            unsafe { libc::fcntl(sources[index], libc::F_DUPFD_CLOEXEC, SCRATCH_FD_BASE) };
+        if copies[index] < 0 {
+            return failed(ready, "duplicating descriptors");
+        }
+    }
+    let ready_copy = copies[1];
+    for index in 0..count {
+        // SAFETY: dup2 of descriptors of this process; async-signal-safe.
+        if unsafe { libc::dup2(copies[index], targets[index]) } < 0 {
+            return failed(ready_copy, "placing the instance's descriptors");
+        }
+    }
+    if setup.packet.is_none() && !targets[..count].contains(&packet) {
+        // SAFETY: close of the socket created above (not CLOEXEC); its copy is on
+        // descriptor 3.
         unsafe {
             libc::close(packet);
         }

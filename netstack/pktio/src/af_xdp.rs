@@ -75,6 +75,9 @@ pub struct XdpHandover {
     pub umem: OwnedFd,
     /// The steering program's socket map, where the stack puts its socket once bound.
     pub sockets: OwnedFd,
+    /// The steering program's configuration, which the stack writes (it knows its addresses
+    /// and ports); until then the program steers nothing.
+    pub config: OwnedFd,
     /// The link attaching the steering program: it detaches when the last descriptor closes,
     /// i.e. when the stack exits.
     pub link: OwnedFd,
@@ -82,8 +85,8 @@ pub struct XdpHandover {
 
 impl XdpHandover {
     /// Prepares queue 0 of `interface` (of the calling thread's network namespace) for a
-    /// stack receiving what `steer` selects. Needs CAP_NET_RAW, CAP_BPF and CAP_NET_ADMIN.
-    pub fn prepare(interface: &str, steer: &Steer) -> io::Result<Self> {
+    /// stack. Needs CAP_NET_RAW, CAP_BPF and CAP_NET_ADMIN.
+    pub fn prepare(interface: &str) -> io::Result<Self> {
         let ifindex = sys::if_index(interface)?;
         let socket = sys::xdp_socket()?;
         let len = (FRAME_SIZE * FRAME_COUNT) as usize;
@@ -109,11 +112,12 @@ impl XdpHandover {
         ] {
             sys::set_option(&socket, libc::SOL_XDP, ring, &RING_SIZE)?;
         }
-        let steering = Steering::attach(ifindex, steer)?;
+        let steering = Steering::attach(ifindex)?;
         Ok(Self {
             socket,
             umem,
             sockets: steering.sockets,
+            config: steering.config,
             link: steering.link,
         })
     }
@@ -143,18 +147,25 @@ impl AfXdp {
     /// Opens queue 0 of `interface` for a stack owning `address` alone (needs root).
     pub fn open(interface: &str, address: Ipv4Addr) -> io::Result<Self> {
         Self::from_handover(
-            XdpHandover::prepare(interface, &Steer::WholeAddress(address))?,
+            XdpHandover::prepare(interface)?,
             interface,
+            &Steer::WholeAddress(address),
         )
     }
 
-    /// Maps the prepared socket's rings and UMEM, binds it to queue 0 of `interface` and puts
-    /// it into the steering program's socket map. Needs no capability.
-    pub fn from_handover(handover: XdpHandover, interface: &str) -> io::Result<Self> {
+    /// Maps the prepared socket's rings and UMEM, binds it to queue 0 of `interface`, puts it
+    /// into the steering program's socket map and has the program steer `steer` to it. Needs
+    /// no capability.
+    pub fn from_handover(
+        handover: XdpHandover,
+        interface: &str,
+        steer: &Steer,
+    ) -> io::Result<Self> {
         let XdpHandover {
             socket,
             umem,
             sockets,
+            config,
             link,
         } = handover;
         let ifindex = sys::if_index(interface)?;
@@ -198,6 +209,7 @@ impl AfXdp {
         // XDP_USE_SG: a frame larger than one chunk arrives in pieces instead of being dropped.
         sys::bind_xdp(&socket, ifindex, queue, libc::XDP_COPY | libc::XDP_USE_SG)?;
         Steering::insert(&sockets, queue, &socket)?;
+        Steering::configure(&config, steer)?;
 
         let mut engine = Self {
             socket,

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 pub use af_packet::{AfPacket, RingConfig};
 pub use af_xdp::{AfXdp, XdpHandover};
-pub use shared_xdp::SharedXdp;
+pub use shared_xdp::{NotShared, SharedXdp};
 use stackroute_netstack::{Device, DeviceCapabilities, RxMeta};
 pub use steer::Steer;
 pub use tap::Tap;
@@ -51,6 +51,11 @@ pub mod interface {
     /// Whether the interface is administratively up.
     pub fn is_up(name: &str) -> io::Result<bool> {
         Ok(crate::sys::if_flags(name)? & libc::IFF_UP != 0)
+    }
+
+    /// The names of the interfaces of the calling thread's network namespace.
+    pub fn names() -> io::Result<Vec<String>> {
+        crate::sys::if_names()
     }
 
     /// Whether the interface is a loopback interface.

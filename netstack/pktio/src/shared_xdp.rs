@@ -24,6 +24,16 @@ pub struct SharedXdp {
     ready: OwnedFd,
 }
 
+/// Why [`SharedXdp::from_handover`] failed, and the packet socket if it can still serve an
+/// AF_PACKET engine (its filter removed).
+#[derive(Debug)]
+pub struct NotShared {
+    /// What failed.
+    pub error: io::Error,
+    /// The neighbour socket, unfiltered again; `None` once it was consumed.
+    pub packet_socket: Option<OwnedFd>,
+}
+
 /// The RX ring of the neighbour socket: ARP and ICMP frames only, a small ring suffices.
 const NEIGHBOUR_RINGS: RingConfig = RingConfig {
     rx_frames: 64,
@@ -43,22 +53,38 @@ impl SharedXdp {
 
     /// Prepares both halves in the calling thread's namespace (needs root): for tests and
     /// for a stack that holds the capabilities itself.
-    pub fn prepare(interface: &str, steer: &Steer) -> io::Result<(XdpHandover, OwnedFd)> {
-        Ok((
-            XdpHandover::prepare(interface, steer)?,
-            Self::neighbour_socket()?,
-        ))
+    pub fn prepare(interface: &str) -> io::Result<(XdpHandover, OwnedFd)> {
+        Ok((XdpHandover::prepare(interface)?, Self::neighbour_socket()?))
     }
 
-    /// The engine from a prepared handover and neighbour socket; needs no capability.
+    /// The engine from a prepared handover and neighbour socket, steering `steer` (a
+    /// [`Steer::SharedPorts`]); needs no capability. If AF_XDP cannot be set up, the neighbour
+    /// socket comes back with its filter removed, for an AF_PACKET engine instead.
     pub fn from_handover(
         handover: XdpHandover,
         neighbour_socket: OwnedFd,
         interface: &str,
-    ) -> io::Result<Self> {
-        let neighbours = AfPacket::from_fd(neighbour_socket, interface, NEIGHBOUR_RINGS)?;
-        let xdp = AfXdp::from_handover(handover, interface)?;
-        let ready = sys::epoll_of(&[xdp.raw_fd(), neighbours.raw_fd()])?;
+        steer: &Steer,
+    ) -> Result<Self, NotShared> {
+        let xdp = match AfXdp::from_handover(handover, interface, steer) {
+            Ok(xdp) => xdp,
+            Err(error) => {
+                let packet_socket = steer::remove_filter(&neighbour_socket)
+                    .is_ok()
+                    .then_some(neighbour_socket);
+                return Err(NotShared {
+                    error,
+                    packet_socket,
+                });
+            }
+        };
+        let not_shared = |error| NotShared {
+            error,
+            packet_socket: None,
+        };
+        let neighbours =
+            AfPacket::from_fd(neighbour_socket, interface, NEIGHBOUR_RINGS).map_err(not_shared)?;
+        let ready = sys::epoll_of(&[xdp.raw_fd(), neighbours.raw_fd()]).map_err(not_shared)?;
         Ok(Self {
             xdp,
             neighbours,

@@ -64,27 +64,29 @@ fn config_words(steer: &Steer) -> [u32; 6] {
 pub(crate) struct Steering {
     /// The socket map (`xsks`): a socket bound to queue Q receives through entry Q.
     pub(crate) sockets: OwnedFd,
+    /// The `config` map: what to steer.
+    pub(crate) config: OwnedFd,
     /// The BPF link: the program is detached when the last descriptor of it closes.
     pub(crate) link: OwnedFd,
 }
 
 impl Steering {
-    /// Loads the program with `steer` and attaches it to interface `ifindex` of the calling
-    /// thread's network namespace (needs CAP_BPF and CAP_NET_ADMIN there).
-    pub(crate) fn attach(ifindex: u32, steer: &Steer) -> io::Result<Self> {
+    /// Loads the program, steering nothing until [`Steering::configure`], and attaches it to
+    /// interface `ifindex` of the calling thread's network namespace (needs CAP_BPF and
+    /// CAP_NET_ADMIN there).
+    pub(crate) fn attach(ifindex: u32) -> io::Result<Self> {
         let mut ebpf = Ebpf::load(PROGRAM).map_err(|e| failed("loading bpf/steer.c", e))?;
-        {
-            let mut config: Array<_, [u32; 6]> = Array::try_from(map(&mut ebpf, "config")?)
-                .map_err(|e| failed("the config map", e))?;
-            config
-                .set(0, config_words(steer), 0)
-                .map_err(|e| failed("writing the steering configuration", e))?;
-        }
-        // A descriptor of the socket map that outlives the loaded object.
-        let sockets = match map(&mut ebpf, "xsks")? {
-            aya::maps::Map::XskMap(data) => data.fd().as_fd().try_clone_to_owned()?,
-            _ => return Err(io::Error::other("bpf/steer.c's `xsks` is not an XSKMAP")),
+        // Descriptors of the maps that outlive the loaded object.
+        let map_fd = |ebpf: &mut Ebpf, name: &str| match map(ebpf, name)? {
+            aya::maps::Map::XskMap(data) | aya::maps::Map::Array(data) => {
+                data.fd().as_fd().try_clone_to_owned()
+            }
+            _ => Err(io::Error::other(format!(
+                "bpf/steer.c's `{name}` has an unexpected type"
+            ))),
         };
+        let sockets = map_fd(&mut ebpf, "xsks")?;
+        let config = map_fd(&mut ebpf, "config")?;
         let program: &mut Xdp = ebpf
             .program_mut("steer")
             .ok_or_else(|| io::Error::other("bpf/steer.c has no program `steer`"))?
@@ -99,7 +101,22 @@ impl Steering {
         let link = sys::xdp_link_create(fd.as_fd().as_raw_fd(), ifindex, XDP_FLAGS_SKB_MODE)
             .map_err(|e| io::Error::new(e.kind(), format!("attaching the steer program: {e}")))?;
         // Dropping `ebpf` closes its descriptors; the link keeps the program and its maps.
-        Ok(Self { sockets, link })
+        Ok(Self {
+            sockets,
+            config,
+            link,
+        })
+    }
+
+    /// Writes what to steer into the program's `config` map (through its descriptor; no
+    /// capability needed).
+    pub(crate) fn configure(config: &OwnedFd, steer: &Steer) -> io::Result<()> {
+        let data = MapData::from_fd(config.try_clone()?)
+            .map_err(|e| failed("the config map's descriptor", e))?;
+        let mut map: Array<_, [u32; 6]> = Array::try_from(aya::maps::Map::Array(data))
+            .map_err(|e| failed("the config map", e))?;
+        map.set(0, config_words(steer), 0)
+            .map_err(|e| failed("writing the steering configuration", e))
     }
 
     /// Puts `socket` (an AF_XDP socket bound to queue `queue`) into the socket map; needs no
@@ -112,6 +129,11 @@ impl Steering {
         map.set(queue, socket.as_raw_fd(), 0)
             .map_err(|e| failed("adding the AF_XDP socket to the socket map", e))
     }
+}
+
+/// Takes the socket filter off `socket` again.
+pub(crate) fn remove_filter(socket: &OwnedFd) -> io::Result<()> {
+    sys::detach_socket_filter(socket)
 }
 
 /// Leaves `socket` (AF_PACKET) only ARP, ICMP and ICMPv6 frames (the program `neighbours`).

@@ -361,6 +361,37 @@ pub(crate) fn attach_socket_filter(socket: &OwnedFd, program: RawFd) -> io::Resu
     set_option(socket, libc::SOL_SOCKET, libc::SO_ATTACH_BPF, &program)
 }
 
+/// Removes the socket filter of `socket` (`SO_DETACH_BPF`).
+pub(crate) fn detach_socket_filter(socket: &OwnedFd) -> io::Result<()> {
+    set_option(socket, libc::SOL_SOCKET, libc::SO_DETACH_BPF, &0i32)
+}
+
+/// The names of the interfaces of the calling thread's network namespace.
+pub(crate) fn if_names() -> io::Result<Vec<String>> {
+    // SAFETY: if_nameindex(3) returns an array terminated by a zero entry, or NULL on error.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let mut names = Vec::new();
+    let mut entry = list;
+    loop {
+        // SAFETY: `entry` points into the array, at or before its terminating entry.
+        let current = unsafe { &*entry };
+        if current.if_index == 0 || current.if_name.is_null() {
+            break;
+        }
+        // SAFETY: each name is a NUL-terminated string owned by the array.
+        let name = unsafe { std::ffi::CStr::from_ptr(current.if_name) };
+        names.push(name.to_string_lossy().into_owned());
+        // SAFETY: not past the terminating entry, which ends the loop above.
+        entry = unsafe { entry.add(1) };
+    }
+    // SAFETY: `list` came from if_nameindex and is freed once.
+    unsafe { libc::if_freenameindex(list) };
+    Ok(names)
+}
+
 /// An epoll instance watching `fds` for input (level-triggered): readable when any of them is.
 pub(crate) fn epoll_of(fds: &[RawFd]) -> io::Result<OwnedFd> {
     let epoll = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?;

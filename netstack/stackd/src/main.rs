@@ -25,8 +25,8 @@ use clap::Parser;
 use stackroute_local_api::relay::socket_name;
 use stackroute_nethost::{BusyPoll, Host, SharedAddress};
 use stackroute_netstack::{Ipv6Config, Stack, StackConfig};
-use stackroute_pktio::{AfPacket, AnyDevice, RingConfig};
-use tracing::info;
+use stackroute_pktio::{AfPacket, AnyDevice, NotShared, RingConfig, SharedXdp, Steer, XdpHandover};
+use tracing::{info, warn};
 
 /// Relay applications' TCP connections through the stackroute user-space stack.
 #[derive(Parser, Debug)]
@@ -39,6 +39,12 @@ struct Cli {
     /// instance then needs no capability.
     #[arg(long)]
     packet_fd: Option<i32>,
+    /// An AF_XDP handover prepared in this namespace and inherited, as five descriptors
+    /// SOCKET,UMEM,SOCKET_MAP,CONFIG_MAP,LINK (`stackroute_pktio::XdpHandover`); --packet-fd is
+    /// then the packet socket filtered to the neighbour protocols. If AF_XDP cannot be set up
+    /// from it, the instance says why and uses AF_PACKET on that socket.
+    #[arg(long, value_parser = parse_xdp_fds)]
+    xdp_fds: Option<[i32; 5]>,
     /// The interface (default: the one of the IPv4 default route, or the only one up). Without
     /// --packet-fd the instance opens AF_PACKET itself (needs CAP_NET_RAW).
     #[arg(long)]
@@ -84,6 +90,19 @@ fn parse_ports(text: &str) -> Result<RangeInclusive<u16>, String> {
         return Err(format!("ports must be 1 <= LOW <= HIGH: {text}"));
     }
     Ok(low..=high)
+}
+
+fn parse_xdp_fds(text: &str) -> Result<[i32; 5], String> {
+    let fds: Vec<i32> = text
+        .split(',')
+        .map(|fd| {
+            fd.trim()
+                .parse()
+                .map_err(|_| format!("bad descriptor {fd:?}"))
+        })
+        .collect::<Result<_, _>>()?;
+    fds.try_into()
+        .map_err(|_| format!("--xdp-fds takes five descriptors: {text}"))
 }
 
 fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
@@ -133,8 +152,14 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     // Inherited descriptors first, before anything else could take their numbers.
-    if cli.packet_fd.is_some() && cli.packet_fd == cli.ready_fd {
-        bail!("--packet-fd and --ready-fd name the same descriptor");
+    let mut numbers: Vec<i32> = cli.packet_fd.into_iter().chain(cli.ready_fd).collect();
+    numbers.extend(cli.xdp_fds.iter().flatten());
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = numbers.iter().find(|fd| !seen.insert(**fd)) {
+        bail!("descriptor {twice} is named twice (--packet-fd, --ready-fd, --xdp-fds)");
+    }
+    if cli.xdp_fds.is_some() && cli.packet_fd.is_none() {
+        bail!("--xdp-fds needs --packet-fd (the neighbour socket)");
     }
     let packet_fd = cli
         .packet_fd
@@ -146,6 +171,21 @@ fn run(cli: Cli) -> Result<()> {
         .map(sys::take_inherited_fd)
         .transpose()
         .context("--ready-fd")?;
+    let handover = cli
+        .xdp_fds
+        .map(
+            |[socket, umem, sockets, config, link]| -> Result<XdpHandover> {
+                let take = |fd| sys::take_inherited_fd(fd).context("--xdp-fds");
+                Ok(XdpHandover {
+                    socket: take(socket)?,
+                    umem: take(umem)?,
+                    sockets: take(sockets)?,
+                    config: take(config)?,
+                    link: take(link)?,
+                })
+            },
+        )
+        .transpose()?;
     raise_descriptor_limit();
     let network = discover::network(
         cli.interface.as_deref(),
@@ -153,23 +193,11 @@ fn run(cli: Cli) -> Result<()> {
         cli.gateway,
         !cli.ipv4_only,
     )?;
-    let rings = RingConfig::default();
-    let engine = match packet_fd {
-        Some(fd) => AfPacket::from_fd(fd, &network.interface, rings).with_context(|| {
-            format!(
-                "setting up the inherited AF_PACKET socket on {}",
-                network.interface
-            )
-        })?,
-        None => AfPacket::open(&network.interface, rings).with_context(|| {
-            format!(
-                "opening AF_PACKET on {} (needs CAP_NET_RAW)",
-                network.interface
-            )
-        })?,
-    };
+    let (device, engine) = packet_engine(&cli, &network, packet_fd, handover)?;
+    let mac = stackroute_pktio::interface::mac(&network.interface)
+        .with_context(|| format!("the Ethernet address of {}", network.interface))?;
     let mut config = StackConfig::new(
-        engine.mac(),
+        mac,
         network.address,
         network.prefix_len,
         stackroute_nethost::random_secret()?,
@@ -186,7 +214,7 @@ fn run(cli: Cli) -> Result<()> {
     config.ephemeral_ports = cli.ports.clone();
     let mut host = Host::new(
         Stack::new(config),
-        AnyDevice::AfPacket(engine),
+        device,
         BusyPoll {
             window: Duration::from_micros(cli.busy_poll_us),
             yield_between: true,
@@ -220,20 +248,64 @@ fn run(cli: Cli) -> Result<()> {
         ipv6 = ?ipv6.map(|v6| format!("{}/{} via {:?}", v6.address, v6.prefix_len, v6.gateway)),
         ports = %format!("{}-{}", cli.ports.start(), cli.ports.end()),
         inherited_packet_socket = cli.packet_fd.is_some(),
+        engine,
         "listening"
     );
     if let Some(fd) = ready_fd {
-        signal_ready(fd);
+        signal_ready(fd, engine);
     }
     instance.run().context("event loop")?;
     Ok(())
 }
 
-/// `ready\n` on the readiness descriptor, then it is closed — or, for a standard stream,
-/// pointed at /dev/null so its number is not reused by a socket that stray output could reach.
-fn signal_ready(fd: OwnedFd) {
+/// The packet engine: AF_XDP from an inherited handover (falling back to AF_PACKET on the
+/// neighbour socket, with the reason logged), AF_PACKET on an inherited socket, or AF_PACKET
+/// opened here (CAP_NET_RAW). Also its name, for the readiness message and the log.
+fn packet_engine(
+    cli: &Cli,
+    network: &discover::Network,
+    packet_fd: Option<OwnedFd>,
+    handover: Option<XdpHandover>,
+) -> Result<(AnyDevice, &'static str)> {
+    let rings = RingConfig::default();
+    let interface = &network.interface;
+    let packet_fd = match (handover, packet_fd) {
+        (Some(handover), Some(neighbours)) => {
+            let steer = Steer::SharedPorts {
+                ipv4: network.address,
+                ipv6: network.ipv6.map(|(address, ..)| address),
+                ports: cli.ports.clone(),
+            };
+            match SharedXdp::from_handover(handover, neighbours, interface, &steer) {
+                Ok(device) => return Ok((AnyDevice::SharedXdp(Box::new(device)), "af_xdp")),
+                Err(NotShared {
+                    error,
+                    packet_socket,
+                }) => {
+                    warn!(%error, "AF_XDP is unavailable; using AF_PACKET");
+                    Some(packet_socket.context(
+                        "AF_XDP failed after its packet socket was set up; no AF_PACKET fallback",
+                    )?)
+                }
+            }
+        }
+        (_, packet_fd) => packet_fd,
+    };
+    let engine = match packet_fd {
+        Some(fd) => AfPacket::from_fd(fd, interface, rings)
+            .with_context(|| format!("setting up the inherited AF_PACKET socket on {interface}"))?,
+        None => AfPacket::open(interface, rings)
+            .with_context(|| format!("opening AF_PACKET on {interface} (needs CAP_NET_RAW)"))?,
+    };
+    Ok((AnyDevice::AfPacket(engine), "af_packet"))
+}
+
+/// `engine NAME\nready\n` on the readiness descriptor, then it is closed — or, for a standard
+/// stream, pointed at /dev/null so its number is not reused by a socket that stray output
+/// could reach.
+fn signal_ready(fd: OwnedFd, engine: &str) {
     let mut file = std::fs::File::from(fd);
-    let _ = file.write_all(b"ready\n");
+    let _ = file.write_all(format!("engine {engine}\nready\n").as_bytes());
     let fd = OwnedFd::from(file);
     if std::os::fd::AsRawFd::as_raw_fd(&fd) <= 2 {
         let mut fd = fd;
