@@ -483,7 +483,7 @@ def check_workloads(c: Checker, variant: str, objs: list[dict], values: dict, ku
     # the host's cgroup hierarchy (the instance joins its pod's cgroup).
     allowed = {"SYS_PTRACE"}
     if values["agent"]["userspace"]["enabled"]:
-        allowed |= {"SYS_ADMIN", "NET_RAW", "NET_ADMIN", "SETUID", "SETGID"}
+        allowed |= {"SYS_ADMIN", "NET_RAW", "NET_ADMIN", "IPC_LOCK", "SETUID", "SETGID"}
         if vols.get("host-cgroup", {}).get("hostPath", {}).get("path") != "/sys/fs/cgroup":
             problems.append("userspace enabled without the host's /sys/fs/cgroup")
         if f"--userspace-ports={values['agent']['userspace']['ports']}" not in actr["args"]:
