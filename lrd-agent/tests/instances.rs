@@ -107,6 +107,14 @@ fn main() -> ExitCode {
             },
             the_real_stackd_starts_and_binds_its_socket,
         ),
+        Trial::gated(
+            "the_real_stackd_falls_back_to_af_packet",
+            || {
+                netns_gate()?;
+                real_stackd()
+            },
+            the_real_stackd_falls_back_to_af_packet,
+        ),
     ];
     testkit::run(trials)
 }
@@ -960,4 +968,58 @@ fn the_real_stackd_starts_and_binds_its_socket(stackd: PathBuf) {
     wait_for("the steering program to leave the interface", WAIT, || {
         (!link().contains("xdp")).then_some(())
     });
+}
+
+/// A namespace with `interfaces` veths (the first with an address and the default route), each
+/// peered into `peer`, as a pod has one.
+fn pod_like(name: &str, peer: &Netns, interfaces: usize) -> Netns {
+    let ns = Netns::new(name);
+    for i in 0..interfaces {
+        // The peer ends are named after the namespace: several pods share one peer.
+        let (here, there) = (format!("sr{i}"), format!("{name}{i}"));
+        ns.ip(&[
+            "link", "add", &here, "type", "veth", "peer", "name", &there, "netns", &peer.name,
+        ]);
+        ns.ip(&["link", "set", &here, "up"]);
+        peer.ip(&["link", "set", &there, "up"]);
+    }
+    ns.ip(&["addr", "add", "192.0.2.31/24", "dev", "sr0"]);
+    ns.ip(&["route", "add", "default", "via", "192.0.2.1", "dev", "sr0"]);
+    ns
+}
+
+/// Where AF_XDP cannot be set up (two interfaces), or is not wanted (`--userspace-packet-io
+/// af-packet`), the instance runs on AF_PACKET, and the agent says why.
+fn the_real_stackd_falls_back_to_af_packet(stackd: PathBuf) {
+    let mut seen = Instances::default();
+    let recorded_engine = |agent: &Agent| {
+        std::fs::read_to_string(agent.state_dir.join("instances.json")).unwrap_or_default()
+    };
+    let peer = Netns::new("fallbackpeer");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let first = agent(tmp.path(), &stackd, &[]);
+    let ns = pod_like("twoifs", &peer, 2);
+    let mut client = Helper::start("client", &first.socket_dir, Some(&ns), Some(NOBODY));
+    seen.add(instance(&client.instance().0));
+    let recorded = recorded_engine(&first);
+    assert!(recorded.contains(r#""engine": "af_packet""#), "{recorded}");
+    let log = first.proc.log_text();
+    assert!(
+        log.contains("AF_XDP is unavailable") && log.contains("exactly one interface"),
+        "{log}"
+    );
+    let links = String::from_utf8_lossy(&ns.exec("ip", &["link", "show"]).stdout).into_owned();
+    assert!(!links.contains("xdp"), "{links}");
+    drop(client);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let second = agent(tmp.path(), &stackd, &["--userspace-packet-io", "af-packet"]);
+    let ns = pod_like("oneif", &peer, 1);
+    let mut client = Helper::start("client", &second.socket_dir, Some(&ns), Some(NOBODY));
+    seen.add(instance(&client.instance().0));
+    let recorded = recorded_engine(&second);
+    assert!(recorded.contains(r#""engine": "af_packet""#), "{recorded}");
+    let links = String::from_utf8_lossy(&ns.exec("ip", &["link", "show"]).stdout).into_owned();
+    assert!(!links.contains("xdp"), "{links}");
 }
