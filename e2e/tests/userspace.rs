@@ -234,12 +234,21 @@ fn curl_downloads_and_uploads_over_the_userspace_stack() {
         .unwrap();
     let mut kernel_seen = Vec::new();
     let mut samples = 0;
-    let mut listed = None;
+    // Asked until it lists the download: the first samples may come before the instance has
+    // started or the connection is up (CI saw an empty list at the fifth sample once).
+    let mut ours = None;
+    let mut last_listed = serde_json::Value::Null;
     while curl.running() {
         kernel_seen.extend(kernel_sockets_to(&cluster, internet()));
         samples += 1;
-        if listed.is_none() && samples >= 5 {
-            listed = Some(connections(&cluster));
+        if ours.is_none() {
+            last_listed = connections(&cluster);
+            ours = last_listed
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["remote"] == internet().to_string())
+                .cloned();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -250,13 +259,9 @@ fn curl_downloads_and_uploads_over_the_userspace_stack() {
         "only {samples} ss samples during the download"
     );
     // `stackroute connections` showed it, from the instance, while it ran.
-    let listed = listed.expect("listed while curl ran");
-    let ours = listed
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["remote"] == internet().to_string())
-        .unwrap_or_else(|| panic!("stackroute connections did not list it: {listed:#}"));
+    let ours = ours.unwrap_or_else(|| {
+        panic!("stackroute connections never listed it while curl ran; last: {last_listed:#}")
+    });
     assert!(
         ours["congestionControl"]
             .as_str()
