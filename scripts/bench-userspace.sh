@@ -11,6 +11,10 @@
 #   (--help lists them: --seconds 10 --repeat 3 --losses 0.01,0.05 --rate-mbit 100 --delay-ms 15
 #    --round-trips 5000 --connects 20 --skip-emulated --skip-plain)
 #
+# The instances use the agent's default packet engine (AF_XDP, falling back to AF_PACKET); set
+# STACKROUTE_USERSPACE_PACKET_IO=af-packet to measure AF_PACKET instead. The engine the instances
+# reported is printed with the instance-start figures.
+#
 # Needs root (network namespaces; all removed at exit, also on Ctrl-C), iproute2, iptables,
 # ethtool, iperf3, python3, chrt. Builds the release binaries with cargo
 # (CARGO_TARGET_DIR is honoured).

@@ -620,6 +620,7 @@ impl Cluster {
                         "stackroute-stackd.{}",
                         r["tag"].as_str().context("instance tag")?
                     ),
+                    engine: r["engine"].as_str().unwrap_or("unknown").to_owned(),
                 })
             })
             .collect()
@@ -657,6 +658,8 @@ pub struct StackInstance {
     pub pid: i32,
     /// Its abstract control socket's name (no leading NUL), in the namespace it serves.
     pub socket: String,
+    /// Its packet engine as it reported it (`af_xdp`, `af_packet`; `unknown` if it did not).
+    pub engine: String,
 }
 
 /// Pages through an instance's `Connections` (lrd-agent/local-api/src/relay.rs: one JSON

@@ -1011,6 +1011,7 @@ impl Bench<'_> {
         let inet = INTERNET_IP.to_string();
         let mut firsts = Vec::new();
         let mut rest = Vec::new();
+        let mut engines = Vec::new();
         for (pod, node_name) in [("us-start-b1", START_NODE), ("us-start-a1", US_NODE)] {
             if !self.cluster.stack_instances(node_name)?.is_empty() {
                 bail!(
@@ -1033,9 +1034,11 @@ impl Bench<'_> {
                 .split_whitespace()
                 .filter_map(|w| w.parse().ok())
                 .collect();
-            if ms.len() < 2 || self.cluster.stack_instances(node_name)?.is_empty() {
+            let instances = self.cluster.stack_instances(node_name)?;
+            if ms.len() < 2 || instances.is_empty() {
                 bail!("{pod}: {line:?}, and no instance on {node_name}");
             }
+            engines.extend(instances.into_iter().map(|i| i.engine));
             println!(
                 "#   {node_name}: first {:.2} ms, then median {:.3} ms (max {:.3}) over {}",
                 ms[0],
@@ -1047,12 +1050,13 @@ impl Bench<'_> {
             rest.extend_from_slice(&ms[1..]);
         }
         let line = format!(
-            "instance start: first Userspace connect of a namespace {} ms (node-b1, node-a1); later connects median {:.3} ms, p99 {:.3} ms ({} connections)",
+            "instance start: first Userspace connect of a namespace {} ms (node-b1, node-a1; packet engine {}); later connects median {:.3} ms, p99 {:.3} ms ({} connections)",
             firsts
                 .iter()
                 .map(|v| format!("{v:.1}"))
                 .collect::<Vec<_>>()
                 .join(", "),
+            engines.join(", "),
             median(&rest),
             percentile(&rest, 0.99),
             rest.len()
