@@ -12,6 +12,7 @@
 //!   agent adopts the live ones (same pid and start time); no agent ever stops instances when
 //!   it exits or hands over.
 
+mod cgroup;
 mod connections;
 mod start;
 mod sys;

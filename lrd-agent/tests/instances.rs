@@ -527,6 +527,21 @@ fn an_unprivileged_caller_gets_an_instance_with_its_uid_gid_and_cgroup() {
     if let Some(cgroup) = &cgroup {
         cgroup.add(client.pid);
     }
+    // A v1 memory cgroup of its own too, where the host has that hierarchy (hybrid).
+    let memory_v1 = Path::new("/sys/fs/cgroup/memory");
+    let own_memory = std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, path)| path.to_owned()));
+    let caller_memory = own_memory
+        .filter(|_| memory_v1.join("cgroup.procs").exists())
+        .map(|own| {
+            let name = format!("srlrd-caller-{}", std::process::id());
+            let dir = memory_v1.join(own.trim_start_matches('/')).join(&name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("cgroup.procs"), client.pid.to_string()).unwrap();
+            dir
+        });
     let (reply, took) = client.instance();
     let pid = seen.add(instance(&reply));
     eprintln!("unprivileged caller: answered in {} ms", took.as_millis());
@@ -559,10 +574,39 @@ fn an_unprivileged_caller_gets_an_instance_with_its_uid_gid_and_cgroup() {
             eprintln!("no cgroup v2 hierarchy to make a test cgroup in: checked the caller's own")
         }
     }
+    // On a host with v1 memory and cpu hierarchies (hybrid), the instance joins the caller's
+    // cgroups of those too: only they account memory and CPU there.
+    let v1_of = |pid: String| -> Vec<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(':').map(|(_, rest)| rest.to_owned()))
+            .filter(|rest| {
+                let controllers = rest.split(':').next().unwrap_or("");
+                controllers.split(',').any(|c| c == "memory" || c == "cpu")
+            })
+            .collect()
+    };
+    assert_eq!(v1_of(pid.to_string()), v1_of(client.pid.to_string()));
+    if let Some(dir) = &caller_memory {
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        assert!(
+            v1_of(pid.to_string())
+                .iter()
+                .any(|l| l.starts_with("memory:") && l.ends_with(name)),
+            "{:?}",
+            v1_of(pid.to_string())
+        );
+    }
     assert_eq!(instance(&client.instance().0), pid);
     drop(client);
     drop(seen);
-    // The cgroup empties once the instance is killed.
+    // The cgroups empty once the instance is killed.
+    if let Some(dir) = caller_memory {
+        wait_for("the v1 memory cgroup to empty", WAIT, || {
+            std::fs::remove_dir(&dir).ok()
+        });
+    }
     let _ = cgroup;
 }
 

@@ -8,13 +8,13 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use stackroute_local_api::message::FallbackReason;
 use stackroute_pktio::{SharedXdp, XdpHandover};
 use tracing::{debug, warn};
 
+use super::cgroup;
 use super::sys::{self, InstanceSetup};
 use super::{PortRange, Record};
 
@@ -364,57 +364,22 @@ fn drop_rule_for(
     }
 }
 
-/// Where cgroup v2 is mounted in the agent's mount namespace (`/sys/fs/cgroup` on a unified
-/// host, `/sys/fs/cgroup/unified` on a hybrid one), from `/proc/self/mountinfo`.
-fn cgroup2_root() -> Option<&'static Path> {
-    static ROOT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        mountinfo.lines().find_map(|line| {
-            let (mount, fs) = line.split_once(" - ")?;
-            // Mounted at the root of the hierarchy only: a sub-tree mount would shift paths.
-            let mut fields = mount.split(' ');
-            let root = fields.nth(3)?;
-            let point = fields.next()?;
-            (fs.split(' ').next() == Some("cgroup2") && root == "/").then(|| PathBuf::from(point))
-        })
-    })
-    .as_deref()
-}
-
-/// `cgroup.procs` of `cgroup` (a path from `/proc/PID/cgroup`), opened for writing.
-fn open_cgroup_procs(cgroup: Option<&str>) -> Result<File, String> {
-    let cgroup = cgroup.ok_or("the caller's cgroup is unknown")?;
-    if cgroup.split('/').any(|part| part == "..") {
-        return Err(format!("unexpected cgroup path {cgroup:?}"));
-    }
-    let root = cgroup2_root().ok_or("no cgroup v2 hierarchy is mounted")?;
-    let path = root
-        .join(cgroup.trim_start_matches('/'))
-        .join("cgroup.procs");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
 fn spawn(
     plan: &Plan,
     netns: &File,
     ipv6: bool,
     xdp: Option<&XdpPrepared>,
 ) -> Result<Started, Failure> {
-    let cgroup_procs = match open_cgroup_procs(plan.cgroup.as_deref()) {
-        Ok(file) => Some(file),
+    let cgroups = match cgroup::Membership::open(plan.pid, plan.cgroup.as_deref()) {
+        Ok(cgroups) => cgroups,
         Err(why) if plan.cgroup_required => {
             return Err(Failure::stack(format!(
-                "cannot join the pod's cgroup, which must pay for the instance: {why}"
+                "cannot join the pod's cgroups, which must pay for the instance: {why}"
             )));
         }
         Err(why) => {
-            debug!(%why, "the instance stays in the agent's cgroup");
-            None
+            debug!(%why, "the instance stays in the agent's cgroups");
+            cgroup::Membership::default()
         }
     };
     let log =
@@ -459,7 +424,7 @@ fn spawn(
                 let h = &prepared.handover;
                 [&h.socket, &h.umem, &h.sockets, &h.config, &h.link].map(AsRawFd::as_raw_fd)
             }),
-            cgroup_procs: cgroup_procs.as_ref().map(AsRawFd::as_raw_fd),
+            cgroup_procs: cgroups.procs_fds(),
             cgroup_required: plan.cgroup_required,
             uid: plan.uid,
             gid: plan.gid,
@@ -469,7 +434,7 @@ fn spawn(
     // The parent's write end must be closed, or the pipe never reports the instance's exit.
     drop(command);
     drop(ready_write);
-    drop(cgroup_procs);
+    drop(cgroups);
     let mut child = match spawned {
         Ok(child) => child,
         Err(error) => {

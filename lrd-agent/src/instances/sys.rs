@@ -41,8 +41,9 @@ pub(super) struct InstanceSetup {
     pub(super) packet: Option<RawFd>,
     /// The AF_XDP handover, placed on [`XDP_FDS`].
     pub(super) xdp: Option<[RawFd; 5]>,
-    /// `cgroup.procs` of the caller's cgroup, opened for writing.
-    pub(super) cgroup_procs: Option<RawFd>,
+    /// `cgroup.procs` of the caller's cgroups (v2, and v1 memory and cpu on a hybrid host),
+    /// opened for writing.
+    pub(super) cgroup_procs: [Option<RawFd>; 3],
     /// Whether failing to join the cgroup fails the start (Kubernetes: the pod pays).
     pub(super) cgroup_required: bool,
     /// The caller's uid and gid, which the instance runs as.
@@ -111,12 +112,12 @@ fn prepare_instance(setup: &InstanceSetup) -> io::Result<()> {
             packet
         }
     };
-    if let Some(procs) = setup.cgroup_procs {
-        // "0" moves the writing process (cgroup v2 `cgroup.procs`).
+    for procs in setup.cgroup_procs.into_iter().flatten() {
+        // "0" moves the writing process (`cgroup.procs`, v1 and v2).
         // SAFETY: write of a static buffer to a descriptor the parent keeps open.
         let written = unsafe { libc::write(procs, b"0".as_ptr().cast(), 1) };
         if written != 1 && setup.cgroup_required {
-            return failed(ready, "joining the caller's cgroup");
+            return failed(ready, "joining the caller's cgroups");
         }
     }
     // Every descriptor is first copied at or above SCRATCH_FD_BASE (CLOEXEC), then placed on
