@@ -135,11 +135,11 @@ stackroute_binaries() {
   BIN=$ROOT/target/$dir
   if [ "${STACKROUTE_LANE_SKIP_CARGO:-0}" != 1 ]; then
     (cd "$ROOT" && cargo build -q --locked --profile "$PROFILE" \
-      -p stackroute-controller -p stackroute-lrd -p nsocket-shim) || die "cargo build of the stackroute binaries failed"
+      -p stackroute-controller -p stackroute-lrd -p stackroute-stackd -p nsocket-shim) || die "cargo build of the stackroute binaries failed"
   fi
   local f
-  for f in stackroute-controller stackroute-lrd libnsocket.so; do
-    [ -f "$BIN/$f" ] || die "$BIN/$f missing (cargo build --profile $PROFILE -p stackroute-controller -p stackroute-lrd -p nsocket-shim)"
+  for f in stackroute-controller stackroute-lrd stackroute-stackd libnsocket.so; do
+    [ -f "$BIN/$f" ] || die "$BIN/$f missing (cargo build --profile $PROFILE -p stackroute-controller -p stackroute-lrd -p stackroute-stackd -p nsocket-shim)"
   done
 }
 
@@ -154,8 +154,18 @@ stackroute_images() {
   cp "$BIN/stackroute-controller" "$w/controller/usr/local/bin/"
   image "$REGISTRY/stackroute-controller:$TAG" "$w/controller" \
     --entrypoint '["/usr/local/bin/stackroute-controller"]' --user 65532:65532
-  libraries_of "$w/agent" "$BIN/stackroute-lrd"
-  mkdir -p "$w/agent/usr/local/bin" && cp "$BIN/stackroute-lrd" "$w/agent/usr/local/bin/"
+  # The agent starts user-space stack instances in pods: stackroute-stackd beside it, and the
+  # iptables/ip6tables (with their match modules), cat and tee it runs in a pod's namespace.
+  busybox_root "$w/agent"
+  local xtables
+  xtables=$(readlink -f "$(command -v iptables)")
+  libraries_of "$w/agent" "$BIN/stackroute-lrd" "$BIN/stackroute-stackd" "$xtables"
+  mkdir -p "$w/agent/usr/local/bin" "$w/agent/usr/sbin" "$w/agent/usr/lib/$(uname -m)-linux-gnu"
+  cp "$BIN/stackroute-lrd" "$BIN/stackroute-stackd" "$w/agent/usr/local/bin/"
+  cp "$xtables" "$w/agent/usr/sbin/"
+  ln -sf "$(basename "$xtables")" "$w/agent/usr/sbin/iptables"
+  ln -sf "$(basename "$xtables")" "$w/agent/usr/sbin/ip6tables"
+  cp -r "/usr/lib/$(uname -m)-linux-gnu/xtables" "$w/agent/usr/lib/$(uname -m)-linux-gnu/"
   image "$REGISTRY/stackroute-lrd:$TAG" "$w/agent" --entrypoint '["/usr/local/bin/stackroute-lrd"]'
   busybox_root "$w/shim"
   mkdir -p "$w/shim/stackroute/lib"

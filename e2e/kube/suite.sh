@@ -2,7 +2,7 @@
 # The Kubernetes scenarios on the single-node lane (e2e/kube/cluster.sh), one per argument, in
 # the order given; `cargo test -p stackroute-e2e --test kube` runs them all as ordered trials.
 #
-#   e2e/kube/suite.sh install injection status transport validation agent-roll agent-handover \
+#   e2e/kube/suite.sh install injection status transport userspace validation agent-roll agent-handover \
 #     controller-failover rbac trust egress uninstall
 #
 # install              both charts with the real Helm engine (helm.py), controller (2 replicas,
@@ -12,6 +12,9 @@
 # status               kubectl apply a StackRoute: Accepted and Programmed in `kubectl get sr`
 # transport            the injected client's connection runs Reno as the StackRoute says, the
 #                      opted-out pod's the node default (`ss -tin` in each pod's network namespace)
+# userspace            an injected client with a Userspace rule: its curl and iperf3 to the server
+#                      run on the stack instance the agent starts in its pod (AF_XDP, the pod's
+#                      cgroups), no kernel TCP socket for them; the instance stops with the pod
 # validation           the examples pass the API server's validation; an object breaking a CEL
 #                      rule is rejected (CEL servers) or reported Accepted=False (Kubernetes < 1.25)
 # agent-roll           the agent DaemonSet rolls while a client connects in a loop: no failure
@@ -168,6 +171,58 @@ transport() {
   [ -n "$cc" ] || fail "cannot read the control pod's congestion control"
   pass "opted-out control pod keeps the node default ($cc)"
   wait "$client_pid" || fail "iperf3 in the control pod failed"
+}
+
+userspace() {
+  step "userspace: an injected client's connections run on the user-space stack in its pod"
+  local ip state pid netns instance out kernel
+  ip=$(server_ip)
+  state=$LANE/node/lib-stackroute/instances.json
+  k apply -f "$HERE/manifests/userspace.yaml" >/dev/null
+  k -n "$APPS" wait --for=condition=Ready pod/usclient --timeout=120s >/dev/null || fail "usclient not Ready"
+  k -n "$APPS" wait --for=condition=Programmed sr/usclient-to-server-userspace --timeout=120s >/dev/null \
+    || fail "StackRoute usclient-to-server-userspace not Programmed"
+  pid=$(pid_of "$APPS" usclient)
+  netns=$(readlink "/proc/$pid/ns/net")
+  # Decisions are pinned at connect: the first connection starts the pod's instance.
+  out=$(k -n "$APPS" exec usclient -- curl -sS --max-time 20 "http://$ip:8080/") || fail "curl from usclient failed: $out"
+  [ "$out" = stackroute-lane ] || fail "curl from usclient got '$out'"
+  instance=$(python3 - "$state" "$netns" <<'PY'
+import json, os, sys
+for record in json.load(open(sys.argv[1])):
+    try:
+        if os.readlink(f"/proc/{record['pid']}/ns/net") == sys.argv[2]:
+            print(record["pid"], record.get("engine", "unknown"))
+    except OSError:
+        pass
+PY
+) || fail "cannot read $state"
+  [ -n "$instance" ] || fail "no user-space stack instance runs in usclient's network namespace ($state: $(cat "$state" 2>/dev/null))"
+  set -- $instance
+  pass "curl from usclient got the server's page; instance pid $1 in the pod's network namespace, engine $2"
+  [ "$2" = af_xdp ] || fail "the instance's packet engine is $2, not af_xdp"
+  grep -q "kubepods" "/proc/$1/cgroup" || fail "the instance is not in the pod's cgroups: $(cat "/proc/$1/cgroup")"
+  [ "$(grep ':memory:' "/proc/$1/cgroup")" = "$(grep ':memory:' "/proc/$pid/cgroup")" ] \
+    || fail "the instance's memory cgroup is not the pod's"
+  pass "the instance runs in the pod's cgroups (memory: $(grep ':memory:' "/proc/$1/cgroup" | cut -d: -f3))"
+  cli
+  k -n "$APPS" exec usclient -- iperf3 -c "$ip" -p 5201 -t 4 -b 20M >/dev/null &
+  local client_pid=$! listed=""
+  while kill -0 "$client_pid" 2>/dev/null; do
+    kernel=$(nsenter -t "$pid" -n ss -tn "( dst $ip and dport = :5201 )" | tail -n +2)
+    [ -z "$kernel" ] || fail "usclient's kernel holds a TCP socket to $ip:5201: $kernel"
+    if [ -z "$listed" ]; then
+      listed=$("$CLI" connections --socket-dir "$LANE/node/run-stackroute" --output json 2>/dev/null \
+        | python3 -c 'import json, sys; print(*[c["workload"] for c in json.load(sys.stdin) if c.get("remote") == sys.argv[1]][:1])' "$ip:5201" || true)
+    fi
+    sleep 0.1
+  done
+  wait "$client_pid" || fail "iperf3 in usclient failed"
+  [ -n "$listed" ] || fail "stackroute connections never listed usclient's connection to $ip:5201"
+  pass "iperf3 from usclient ran through the instance (stackroute connections: $listed → $ip:5201); usclient's kernel held no TCP socket to the server"
+  k -n "$APPS" delete pod usclient --wait=true --timeout=60s >/dev/null
+  retry 90 sh -c "! kill -0 $1 2>/dev/null" || fail "the instance (pid $1) still runs after its pod was deleted"
+  pass "the instance stopped once its pod was gone"
 }
 
 validation() {
@@ -353,13 +408,18 @@ status_with() {
     --controller-server-name "stackroute-controller.$NS.svc" 2>&1
 }
 
-trust() {
-  step "trust: the controller's gRPC takes an agent's audience-bound token and nothing less"
+# The stackroute CLI ($STACKROUTE_CLI, else built here) in $CLI.
+cli() {
   CLI=${STACKROUTE_CLI:-}
   if [ -z "$CLI" ]; then
     (cd "$ROOT" && cargo build -q --locked -p stackroute-cli) || fail "cannot build the stackroute CLI"
     CLI=$ROOT/target/debug/stackroute
   fi
+}
+
+trust() {
+  step "trust: the controller's gRPC takes an agent's audience-bound token and nothing less"
+  cli
   local creds agent out
   creds=$(mktemp -d)
   # shellcheck disable=SC2064 # expand now: the directory is this function's
@@ -406,7 +466,7 @@ uninstall() {
 [ $# -gt 0 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 for scenario in "$@"; do
   case "$scenario" in
-    install | injection | status | transport | validation | rbac | trust | egress | uninstall) "$scenario" ;;
+    install | injection | status | transport | userspace | validation | rbac | trust | egress | uninstall) "$scenario" ;;
     agent-roll) agent_roll ;;
     agent-handover) agent_handover ;;
     controller-failover) controller_failover ;;

@@ -15,6 +15,7 @@ const SCENARIOS: &[&str] = &[
     "injection",
     "status",
     "transport",
+    "userspace",
     "validation",
     "agent-roll",
     "agent-handover",

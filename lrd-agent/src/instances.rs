@@ -147,6 +147,11 @@ pub struct InstanceFlags {
         value_parser = ["af-xdp", "af-packet"]
     )]
     pub userspace_packet_io: String,
+    /// Where the per-network-namespace sysctls are written from (`ip_local_reserved_ports`,
+    /// resolved in the namespace of the writer). A container's `/proc/sys` is read-only, so
+    /// the chart mounts the host's `/proc/sys/net` writable at `/host/proc/sys/net`.
+    #[arg(long, env = "STACKROUTE_PROC_SYS_NET", default_value = "/proc/sys/net")]
+    pub proc_sys_net: PathBuf,
 }
 
 impl Default for InstanceFlags {
@@ -162,6 +167,7 @@ impl Default for InstanceFlags {
             userspace_host_netns: false,
             userspace_idle_timeout_ms: 30_000,
             userspace_packet_io: "af-xdp".into(),
+            proc_sys_net: PathBuf::from("/proc/sys/net"),
         }
     }
 }
@@ -756,6 +762,7 @@ impl Instances {
             ready_timeout: self.ready_timeout(),
             log: self.log_path(netns),
             af_xdp: self.flags.userspace_packet_io == "af-xdp",
+            reserved_ports: self.flags.proc_sys_net.join("ipv4/ip_local_reserved_ports"),
         }
     }
 

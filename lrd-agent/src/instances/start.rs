@@ -22,8 +22,6 @@ use super::{PortRange, Record};
 const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// Time allowed for each helper command (`cat`, `tee`, `iptables`).
 const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Where the kernel keeps the reserved ports, per network namespace.
-const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 /// The binary's name, looked for next to the agent's executable, then on `PATH`.
 pub(super) const STACKD: &str = "stackroute-stackd";
 /// A minimal `PATH` for the helpers and the instance (the agent's environment is not passed).
@@ -47,6 +45,8 @@ pub(super) struct Plan {
     pub(super) log: PathBuf,
     /// Try AF_XDP before AF_PACKET (`--userspace-packet-io af-xdp`).
     pub(super) af_xdp: bool,
+    /// `ip_local_reserved_ports` as the agent reaches it (`--proc-sys-net`).
+    pub(super) reserved_ports: PathBuf,
 }
 
 /// Why a start failed: the reason the shim records and a message for logs.
@@ -83,7 +83,7 @@ pub(super) struct Started {
 pub(super) fn start(plan: &Plan) -> Result<Started, Failure> {
     let netns = open_netns(plan.pid, plan.netns)?;
     let began = Instant::now();
-    reserve_ports(&netns, plan.ports).map_err(Failure::capability)?;
+    reserve_ports(&netns, &plan.reserved_ports, plan.ports).map_err(Failure::capability)?;
     drop_rule(&netns, plan.ports, "iptables").map_err(Failure::capability)?;
     // IPv6 is served only where the kernel is kept off the ports for it too.
     let ipv6 = match drop_rule(&netns, plan.ports, "ip6tables") {
@@ -244,10 +244,10 @@ fn run(mut command: Command, input: Option<&[u8]>) -> Result<Vec<u8>, String> {
 /// Adds `ports` to the namespace's `ip_local_reserved_ports` (kept with what is there), so
 /// the kernel never picks them for its own connections. Nothing is written when they are
 /// already reserved.
-fn reserve_ports(netns: &File, ports: PortRange) -> Result<(), String> {
+fn reserve_ports(netns: &File, file: &Path, ports: PortRange) -> Result<(), String> {
     let read = || -> Result<String, String> {
         let mut cat = in_netns(netns, "cat");
-        cat.arg(RESERVED_PORTS);
+        cat.arg(file);
         let bytes = run(cat, None).map_err(|e| format!("cannot read the reserved ports: {e}"))?;
         Ok(String::from_utf8_lossy(&bytes).trim().to_string())
     };
@@ -261,9 +261,16 @@ fn reserve_ports(netns: &File, ports: PortRange) -> Result<(), String> {
         format!("{current},{ports}")
     };
     let mut tee = in_netns(netns, "tee");
-    tee.arg(RESERVED_PORTS);
-    run(tee, Some(format!("{merged}\n").as_bytes()))
-        .map_err(|e| format!("cannot reserve ports {ports}: {e}"))?;
+    tee.arg(file);
+    run(tee, Some(format!("{merged}\n").as_bytes())).map_err(|e| {
+        let hint = if e.contains("Read-only file system") {
+            " (a container's /proc/sys is read-only: mount the host's /proc/sys/net \
+                 writable and pass --proc-sys-net)"
+        } else {
+            ""
+        };
+        format!("cannot reserve ports {ports}: {e}{hint}")
+    })?;
     let now = read()?;
     if !covers(&now, ports) {
         return Err(format!(
