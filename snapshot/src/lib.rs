@@ -22,6 +22,7 @@
 
 pub mod encode;
 pub mod format;
+pub mod kernel_table;
 pub mod view;
 
 pub use encode::{

@@ -427,7 +427,7 @@ impl<'a> Snapshot<'a> {
         self.sections[id.index()]
     }
 
-    fn records(&self, id: SectionId) -> std::slice::ChunksExact<'a, u8> {
+    pub(crate) fn records(&self, id: SectionId) -> std::slice::ChunksExact<'a, u8> {
         self.section(id).chunks_exact(id.record_len())
     }
 
