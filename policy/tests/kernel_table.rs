@@ -6,12 +6,13 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proptest::prelude::*;
-use stackroute_policy::{ClusterState, Compiled, Settings};
 use stackroute_snapshot::kernel_table::{kernel_outcome, kernel_table};
-use stackroute_snapshot::{CongestionControl, NoTrace, Protocol, Snapshot};
+use stackroute_snapshot::{CongestionControl, NoTrace, Protocol};
 
 mod support;
-use support::random_cluster::{APPS, PodSpec, cluster_documents, pod_ip, policy_yaml, service_ip};
+use support::random_cluster::{
+    APPS, PodSpec, cluster_documents, each_pod, pod_ip, policy_yaml, service_ip,
+};
 
 fn scenario() -> impl Strategy<Value = (Vec<PodSpec>, Vec<String>, Vec<u32>, Vec<u16>)> {
     (
@@ -45,14 +46,6 @@ fn allowed(cc: CongestionControl) -> bool {
 fn check(pods: &[PodSpec], policies: Vec<String>, random: &[u32], random_ports: &[u16]) {
     let mut documents = cluster_documents(pods);
     documents.extend(policies);
-    let mut state = ClusterState::default();
-    for (index, document) in documents.iter().enumerate() {
-        let problems = state.load_text(&format!("doc{index}"), document);
-        assert!(problems.is_empty(), "{problems:?}\n{document}");
-    }
-    let compiled = Compiled::new(&state, Settings::default());
-    assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
-    let snapshots = compiled.all_node_snapshots(1);
     let mut destinations: Vec<IpAddr> = (0..pods.len())
         .map(|i| pod_ip(i).parse().unwrap())
         .collect();
@@ -90,16 +83,8 @@ fn check(pods: &[PodSpec], policies: Vec<String>, random: &[u32], random_ports: 
     );
     let mut ports = vec![0, 1, 79, 80, 81, 82, 83, 99, 100, 101, 102, 9999, 65535];
     ports.extend_from_slice(random_ports);
-    for pod in &state.pods {
-        let (_, bytes) = snapshots
-            .iter()
-            .find(|(node, _)| Some(node) == pod.node.as_ref())
-            .unwrap();
-        let snapshot = Snapshot::parse(bytes).unwrap();
-        let workload = snapshot
-            .workload_by_name(&pod.namespace, &pod.name)
-            .unwrap();
-        let table = kernel_table(&snapshot, workload, allowed);
+    each_pod(&documents, |pod, snapshot, workload| {
+        let table = kernel_table(snapshot, workload, allowed);
         for &destination in &destinations {
             for &port in &ports {
                 let decision =
@@ -108,16 +93,14 @@ fn check(pods: &[PodSpec], policies: Vec<String>, random: &[u32], random_ports: 
                 assert_eq!(
                     table.lookup(destination, port),
                     Some(expected),
-                    "{}/{} → {destination}:{port}: the table ({} entries, port bounds {:?}) \
+                    "{pod} → {destination}:{port}: the table ({} entries, port bounds {:?}) \
                      differs from decide ({decision:?})",
-                    pod.namespace,
-                    pod.name,
                     table.entries.len(),
                     table.port_bounds,
                 );
             }
         }
-    }
+    });
 }
 
 proptest! {

@@ -7,11 +7,12 @@
 use std::net::IpAddr;
 
 use proptest::prelude::*;
-use stackroute_policy::{ClusterState, Compiled, Settings};
-use stackroute_snapshot::{NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict};
+use stackroute_snapshot::{NoTrace, Protocol, RuleRef, Trace, Verdict};
 
 mod support;
-use support::random_cluster::{APPS, PodSpec, cluster_documents, pod_ip, policy_yaml, service_ip};
+use support::random_cluster::{
+    APPS, PodSpec, cluster_documents, each_pod, pod_ip, policy_yaml, service_ip,
+};
 
 /// A trace that asks for rule-by-rule evaluation.
 struct Detailed;
@@ -22,14 +23,6 @@ impl Trace for Detailed {
 
 /// Every decision, keyed by names so that internal numbering cannot matter.
 fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
-    let mut state = ClusterState::default();
-    for (index, document) in documents.iter().enumerate() {
-        let problems = state.load_text(&format!("doc{index}"), document);
-        assert!(problems.is_empty(), "{problems:?}\n{document}");
-    }
-    let compiled = Compiled::new(&state, Settings::default());
-    assert!(compiled.problems.is_empty());
-    let snapshots: Vec<(String, Vec<u8>)> = compiled.all_node_snapshots(1);
     let mut destinations: Vec<IpAddr> = (0..pods).map(|i| pod_ip(i).parse().unwrap()).collect();
     destinations.extend(
         [
@@ -49,15 +42,7 @@ fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
         }
     }
     let mut out = Vec::new();
-    for pod in &state.pods {
-        let (_, bytes) = snapshots
-            .iter()
-            .find(|(node, _)| Some(node) == pod.node.as_ref())
-            .unwrap();
-        let snapshot = Snapshot::parse(bytes).unwrap();
-        let workload = snapshot
-            .workload_by_name(&pod.namespace, &pod.name)
-            .unwrap();
+    each_pod(documents, |pod, snapshot, workload| {
         for destination in &destinations {
             for (port, protocol) in [
                 (80, Protocol::Tcp),
@@ -88,12 +73,11 @@ fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
                 let transports: Vec<String> =
                     decision.transports().map(|t| t.to_string()).collect();
                 out.push(format!(
-                    "{}/{} → {destination}:{port}/{protocol} = {by:?} {transports:?}",
-                    pod.namespace, pod.name
+                    "{pod} → {destination}:{port}/{protocol} = {by:?} {transports:?}"
                 ));
             }
         }
-    }
+    });
     out.sort();
     out
 }

@@ -4,6 +4,8 @@
 //! networks, entities, ports and port ranges, locations and fallback lists.
 
 use proptest::prelude::*;
+use stackroute_policy::{ClusterState, Compiled, Settings};
+use stackroute_snapshot::{Snapshot, WorkloadId};
 
 pub(crate) const APPS: [&str; 3] = ["x", "y", "z"];
 const STACKS: [&str; 3] = ["Kernel", "Userspace", "RDMA"];
@@ -143,3 +145,34 @@ pub(crate) fn service_ip(namespace: usize, app: usize) -> String {
 
 /// `(namespace, app, node)` of each pod.
 pub(crate) type PodSpec = (usize, usize, usize);
+
+/// Loads and compiles `documents` (every one must load cleanly) and calls `visit` with each
+/// pod's `namespace/name`, its node's snapshot and its workload there.
+pub(crate) fn each_pod(
+    documents: &[String],
+    mut visit: impl FnMut(&str, &Snapshot<'_>, WorkloadId),
+) {
+    let mut state = ClusterState::default();
+    for (index, document) in documents.iter().enumerate() {
+        let problems = state.load_text(&format!("doc{index}"), document);
+        assert!(problems.is_empty(), "{problems:?}\n{document}");
+    }
+    let compiled = Compiled::new(&state, Settings::default());
+    assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+    let snapshots = compiled.all_node_snapshots(1);
+    for pod in &state.pods {
+        let (_, bytes) = snapshots
+            .iter()
+            .find(|(node, _)| Some(node) == pod.node.as_ref())
+            .unwrap();
+        let snapshot = Snapshot::parse(bytes).unwrap();
+        let workload = snapshot
+            .workload_by_name(&pod.namespace, &pod.name)
+            .unwrap();
+        visit(
+            &format!("{}/{}", pod.namespace, pod.name),
+            &snapshot,
+            workload,
+        );
+    }
+}
