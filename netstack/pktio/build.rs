@@ -1,34 +1,6 @@
-//! Builds the XDP steering program (`bpf/steer.c`) with clang for the BPF target; the object is
-//! embedded in the crate and loaded with aya at run time. Needs `clang` and libbpf's headers
-//! (Debian: `apt-get install clang libbpf-dev`).
-
-use std::path::PathBuf;
-use std::process::Command;
+//! Builds the XDP steering program (`bpf/steer.c`) for the BPF target; the object is embedded in
+//! the crate and loaded with aya at run time.
 
 fn main() {
-    let source = "bpf/steer.c";
-    println!("cargo:rerun-if-changed={source}");
-    println!("cargo:rerun-if-env-changed=CLANG");
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("steer.o");
-    let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
-    // <linux/types.h> includes <asm/types.h>, which Debian keeps under the host's multiarch
-    // directory.
-    let multiarch = format!(
-        "/usr/include/{}-linux-gnu",
-        std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into())
-    );
-    let status = Command::new(&clang)
-        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
-        .arg(format!("-I{multiarch}"))
-        .args(["-c", source, "-o"])
-        .arg(&out)
-        .status();
-    match status {
-        Ok(status) if status.success() => {}
-        Ok(status) => panic!("{clang} failed to build {source} ({status})"),
-        Err(error) => panic!(
-            "cannot run {clang} to build {source}: {error}; install clang and libbpf's headers \
-             (Debian: apt-get install clang libbpf-dev), or name a clang in $CLANG"
-        ),
-    }
+    stackroute_bpf_build::compile("bpf/steer.c", "steer.o");
 }

@@ -31,12 +31,7 @@ pub(crate) const ISOLATION_ERRNO: i32 = libc::EACCES;
 
 /// The kernel's name of a congestion control (`None`: leave the socket's default).
 pub(crate) fn kernel_name(cc: CongestionControl) -> Option<&'static [u8]> {
-    match cc {
-        CongestionControl::Default => None,
-        CongestionControl::Cubic => Some(b"cubic"),
-        CongestionControl::Bbr => Some(b"bbr"),
-        CongestionControl::Reno => Some(b"reno"),
-    }
+    cc.kernel_name().map(str::as_bytes)
 }
 
 /// Up to this many transports of a decision are considered.

@@ -105,6 +105,26 @@ byte_enum!(
     PolicyKind { /** Namespaced StackRoute. */ StackRoute = 0 => "StackRoute", /** ClusterStackRoute. */ ClusterStackRoute = 1 => "ClusterStackRoute" }
 );
 
+impl CongestionControl {
+    /// The Linux kernel's name for it (`TCP_CONGESTION`); `None` for the default, which
+    /// leaves a socket as it is.
+    pub fn kernel_name(self) -> Option<&'static str> {
+        match self {
+            Self::Default => None,
+            Self::Cubic => Some("cubic"),
+            Self::Bbr => Some("bbr"),
+            Self::Reno => Some("reno"),
+        }
+    }
+
+    /// The congestion control the kernel calls `name`.
+    pub fn from_kernel_name(name: &str) -> Option<Self> {
+        [Self::Cubic, Self::Bbr, Self::Reno]
+            .into_iter()
+            .find(|cc| cc.kernel_name() == Some(name))
+    }
+}
+
 impl LocationMatch {
     /// Whether a destination at `location` satisfies this constraint.
     pub fn admits(self, location: Location) -> bool {
