@@ -114,16 +114,41 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     let unreachable = crate::reach::resolve(Path::new(program))
         .and_then(|path| crate::reach::unreachable_reason(&path).ok().flatten());
     if let Some(reason) = unreachable {
-        eprintln!(
-            "stackroute: warning: {} is not accelerated ({reason}); it runs on the kernel default",
-            Path::new(program).display()
-        );
-        let report = Request::FallbackReport {
-            reason: FallbackReason::Unaccelerated,
-            count: 1,
+        // The shim cannot reach it; the agent's kernel hook can still apply the policy's kernel
+        // transports to its connections (this process joins the hook's cgroup, then execs it).
+        let hook = Request::KernelHook {
+            namespace: args.namespace.clone(),
+            workload: name.clone(),
         };
-        if let Err(error) = call_agent(&args.socket_dir, &report) {
-            eprintln!("stackroute: warning: could not report it to the agent: {error:#}");
+        match call_agent(&args.socket_dir, &hook) {
+            Ok(Response::Ok { revision, .. }) => eprintln!(
+                "stackroute: {} is not reachable by the shim ({reason}); the kernel hook applies \
+                 {}/{name}'s kernel transports to its connections (revision {})",
+                Path::new(program).display(),
+                args.namespace,
+                revision.map_or_else(|| "?".into(), |r| r.to_string())
+            ),
+            answer => {
+                let why = match answer {
+                    Ok(Response::Unavailable { message, .. } | Response::Error { message }) => {
+                        message
+                    }
+                    Ok(other) => format!("unexpected reply {other:?}"),
+                    Err(error) => format!("{error:#}"),
+                };
+                eprintln!(
+                    "stackroute: warning: {} is not accelerated ({reason}; no kernel hook: \
+                     {why}); it runs on the kernel default",
+                    Path::new(program).display()
+                );
+                let report = Request::FallbackReport {
+                    reason: FallbackReason::Unaccelerated,
+                    count: 1,
+                };
+                if let Err(error) = call_agent(&args.socket_dir, &report) {
+                    eprintln!("stackroute: warning: could not report it to the agent: {error:#}");
+                }
+            }
         }
     }
     let mut command = std::process::Command::new(program);

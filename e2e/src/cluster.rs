@@ -447,7 +447,7 @@ impl Cluster {
     /// Waits until the agent of `node_name` reports `series` (a metric with its labels, as
     /// `/metrics` prints it) at 1 or more; its value.
     pub fn wait_metric(&self, node_name: &str, series: &str) -> Result<f64> {
-        let port = self.agent_ports[node(node_name).name];
+        let port = self.agent_metrics_port(node_name);
         let mut last = String::new();
         wait_for(
             &format!("{node_name}: {series} ≥ 1"),
@@ -462,6 +462,11 @@ impl Cluster {
             },
         )
         .with_context(|| format!("last /metrics:\n{last}"))
+    }
+
+    /// The port of the agent of `node_name`'s `/metrics`.
+    pub fn agent_metrics_port(&self, node_name: &str) -> u16 {
+        self.agent_ports[node(node_name).name]
     }
 
     /// Kills the agent of `node_name` (SIGKILL: its files stay behind, as after a crash).

@@ -82,6 +82,11 @@ fn main() -> std::process::ExitCode {
             a_policy_change_applies_to_new_connections_only,
         ),
         trial(
+            "a_static_program_gets_its_policy_through_the_kernel_hook",
+            &["python3", "curl", "gcc"],
+            a_static_program_gets_its_policy_through_the_kernel_hook,
+        ),
+        trial(
             "without_an_agent_applications_fall_back_to_the_kernel_and_keep_working",
             &["python3", "curl"],
             without_an_agent_applications_fall_back_to_the_kernel_and_keep_working,
@@ -605,4 +610,119 @@ fn without_an_agent_applications_fall_back_to_the_kernel_and_keep_working() {
     let (seen, output) = observe(&cluster, curl, "a2", peer);
     assert!(output.contains("200 2097152"), "no agent: {output}");
     assert_cc(&seen, "reno", "no agent: the host's default", &output);
+}
+
+/// A statically linked client (which LD_PRELOAD never reaches, like a Go program) under
+/// `stackroute run`: the agent attaches its kernel hook, and the kernel shows the congestion
+/// control the policy picks — the same as curl under the shim on that path (BBR, same zone).
+/// On the other-zone path the policy's CUBIC is not in `tcp_allowed_congestion_control` here:
+/// the hook, which applies what an unprivileged program could set, counts `no-capability` and
+/// leaves the host's default (curl as root under the shim can set CUBIC; a pod's process could
+/// not). Once the client exits its hook is detached.
+fn a_static_program_gets_its_policy_through_the_kernel_hook() {
+    let mut cluster = cluster();
+    let web = cluster
+        .add_pod("web", "node-a1", &["app=web"], true)
+        .unwrap()
+        .unwrap();
+    for (n, host) in [("node-a2", "a2"), ("node-b1", "b1")] {
+        cluster
+            .add_pod(&format!("static-{host}"), n, &["app=client"], false)
+            .unwrap();
+    }
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/static_get.c");
+    let binary = cluster.dir().join("static_get");
+    let built = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&binary)
+        .arg(source)
+        .status()
+        .expect("gcc");
+    assert!(built.success(), "gcc -static {source}");
+    let binary = binary.to_string_lossy().into_owned();
+    let files = files_with_blob(&cluster, "www", 4 << 20, 7);
+    let web_ip = web.to_string();
+    let _server = cluster
+        .spawn(
+            &Workload {
+                node: "node-a1",
+                name: "http-server",
+                labels: &["app=web"],
+            },
+            true,
+            &python_http_server(Some(&web_ip), &files),
+        )
+        .unwrap();
+    cluster.wait_listening("a1", 8080).unwrap();
+    cluster.set_policy("paths.yaml", POLICY).unwrap();
+    let peer = SocketAddr::new(IpAddr::V4(web), 8080);
+    let host_port = |node_name: &str| cluster.agent_metrics_port(node_name);
+    let metric = |port: u16, series: &str| -> Option<f64> {
+        let metrics = stackroute_e2e::cluster::http_get(port, "/metrics").ok()?.1;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+    };
+    for (node_name, pod, decision, hook_cc, shim_cc) in [
+        ("node-a2", "static-a2", "Kernel/BBR", "bbr", Some("bbr")),
+        ("node-b1", "static-b1", "Kernel/Cubic", "reno", None),
+    ] {
+        cluster
+            .wait_decision(node_name, pod, peer, decision)
+            .unwrap();
+        let host = node(node_name).host;
+        let hooked = cluster
+            .spawn(
+                &client(node_name, pod),
+                true,
+                &[&binary, &web_ip, "8080", "/blob"],
+            )
+            .unwrap();
+        let (seen, output) = observe(&cluster, hooked, host, peer);
+        assert!(
+            output.contains("kernel hook applies"),
+            "{pod}: stackroute run did not attach the kernel hook:\n{output}"
+        );
+        assert!(output.contains("bytes 4194"), "{pod} → {peer}: {output}");
+        assert_cc(
+            &seen,
+            hook_cc,
+            &format!("static client (kernel hook) {pod} → {peer}"),
+            &output,
+        );
+        if let Some(shim_cc) = shim_cc {
+            let shimmed = cluster
+                .spawn(
+                    &client(node_name, pod),
+                    true,
+                    &curl_download(&format!("http://{peer}/blob")),
+                )
+                .unwrap();
+            let (shim_seen, output) = observe(&cluster, shimmed, host, peer);
+            assert_cc(
+                &shim_seen,
+                shim_cc,
+                &format!("curl (shim) {pod} → {peer}"),
+                &output,
+            );
+            assert_eq!(seen, shim_seen, "{pod}: the hook and the shim disagree");
+        }
+        // The client has exited: its hook goes with it, its connections counted.
+        let port = host_port(node_name);
+        let counted = if shim_cc.is_some() {
+            "stackroute_lrd_kernel_hook_connections_total{outcome=\"applied\"} "
+        } else {
+            "stackroute_lrd_fallback_reports_total{reason=\"no-capability\"} "
+        };
+        wait_for(
+            &format!("{node_name}: the kernel hook detached, {counted}≥ 1"),
+            Duration::from_secs(15),
+            || {
+                (metric(port, "stackroute_lrd_kernel_hooks ")? == 0.0
+                    && metric(port, counted)? >= 1.0)
+                    .then_some(())
+            },
+        )
+        .unwrap();
+    }
 }

@@ -15,7 +15,7 @@ use tracing::{error, info};
 use crate::handover::{self, HandedState, Stopped};
 use crate::serving::Serving;
 use crate::state::{Agent, Config};
-use crate::{instances, local, metrics};
+use crate::{hooks, instances, local, metrics};
 
 /// `stackroute-lrd`: the stackroute node agent.
 #[derive(Debug, Parser)]
@@ -95,6 +95,9 @@ pub struct Args {
     /// User-space stack instances.
     #[command(flatten)]
     pub instances: instances::InstanceFlags,
+    /// Kernel hooks.
+    #[command(flatten)]
+    pub hooks: hooks::HookFlags,
 }
 
 impl Args {
@@ -160,6 +163,11 @@ impl Args {
         info!(tag = instances.tag(), binary = %instances.binary().display(), flags = ?instances.flags(), "user-space stack instances");
         agent.set_instances(instances.clone());
         tokio::spawn(instances::reaper(instances));
+        if self.hooks.max_kernel_hooks > 0 {
+            let hooks = hooks::Hooks::new(self.hooks.clone());
+            agent.set_hooks(hooks.clone());
+            tokio::spawn(hooks::keeper(hooks, agent.clone()));
+        }
         let handover_listener = handover::bind(&agent.config.state_dir)?;
         let max_connections = local::connection_limit(raise_fd_limit());
         info!(

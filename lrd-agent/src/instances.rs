@@ -17,6 +17,8 @@ mod connections;
 mod start;
 mod sys;
 
+pub(crate) use cgroup::v2_root as cgroup_v2_root;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Child;

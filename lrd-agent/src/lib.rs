@@ -25,6 +25,7 @@ pub mod controller;
 pub mod files;
 mod genmap;
 pub mod handover;
+pub mod hooks;
 pub mod instances;
 pub mod local;
 pub mod metrics;

@@ -373,6 +373,27 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
                 "unavailable",
             ),
         },
+        Request::KernelHook {
+            namespace,
+            workload,
+        } => match agent.hooks() {
+            // Loads and attaches BPF programs (milliseconds), once per `stackroute run` of a
+            // program the shim cannot reach.
+            Some(hooks) => hooks.request(agent, peer, &namespace, &workload),
+            None => (
+                Response::Unavailable {
+                    reason: message::FallbackReason::NoCapability,
+                    message: "this agent attaches no kernel hooks".into(),
+                },
+                "unavailable",
+            ),
+        },
+        Request::KernelHooks => (
+            Response::Hooks {
+                hooks: agent.hooks().map(|hooks| hooks.list()).unwrap_or_default(),
+            },
+            "ok",
+        ),
         Request::ShimReport {
             decisions,
             fallbacks,

@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
-use stackroute_local_api::message::{DecisionCount, FallbackCount, Stack};
+use stackroute_local_api::message::{DecisionCount, FallbackCount, FallbackReason, Stack};
 
 use crate::state::{Agent, Role};
 
@@ -155,6 +155,28 @@ pub struct Metrics {
     pub handover_refused: Family<ReasonLabels, Counter<u64, AtomicU64>>,
     /// User-space stack instances.
     pub instances: InstanceMetrics,
+    /// Kernel hooks.
+    pub hooks: HookMetrics,
+}
+
+/// Labels of `stackroute_lrd_kernel_hook_connections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `applied`, `left-default`, `chosen-by-process`, `set-failed` or `no-entry`.
+    pub outcome: &'static str,
+}
+
+/// The kernel hooks' metrics.
+#[derive(Debug, Default)]
+pub struct HookMetrics {
+    /// Attach requests by result (`ok`, `failed`).
+    pub attaches: Family<StartLabels, Counter<u64, AtomicU64>>,
+    /// Hooks attached now.
+    pub attached: Gauge<i64, AtomicI64>,
+    /// Connections the hooks saw, by outcome.
+    pub connections: Family<OutcomeLabels, Counter<u64, AtomicU64>>,
+    /// The totals last exported, to turn the hooks' running sums into counter increments.
+    exported: std::sync::Mutex<stackroute_kernel_hook::Counters>,
 }
 
 impl Metrics {
@@ -227,6 +249,21 @@ impl Metrics {
             self.instances.running.clone(),
         );
         r.register(
+            "kernel_hook_attaches",
+            "Kernel hook attach requests by result (ok, failed)",
+            self.hooks.attaches.clone(),
+        );
+        r.register(
+            "kernel_hooks",
+            "Kernel hooks attached now",
+            self.hooks.attached.clone(),
+        );
+        r.register(
+            "kernel_hook_connections",
+            "New TCP connections seen by kernel hooks, by outcome",
+            self.hooks.connections.clone(),
+        );
+        r.register(
             "userspace_instance_starts",
             "User-space stack instance starts by result (ok, failed, refused)",
             self.instances.starts.clone(),
@@ -267,6 +304,67 @@ impl Metrics {
 
     /// Adds a shim's report: its decisions and its fallbacks (one counter with
     /// `fallbackReport`).
+    /// A kernel hook attach request ended with `result`.
+    pub fn kernel_hook_attach(&self, result: &'static str) {
+        self.hooks
+            .attaches
+            .get_or_create(&StartLabels { result })
+            .inc();
+    }
+
+    /// The hooks' counters summed since the agent started (detached hooks included), and how
+    /// many are attached: exported as increments; skipped entries count as fallbacks
+    /// (`not-interposable`, `no-capability`, `isolation-forbids`).
+    pub fn kernel_hook_counters(&self, total: &stackroute_kernel_hook::Counters, attached: usize) {
+        self.hooks.attached.set(attached as i64);
+        let mut exported = self
+            .hooks
+            .exported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (outcome, now, before) in [
+            ("applied", total.applied, exported.applied),
+            ("left-default", total.left_default, exported.left_default),
+            (
+                "chosen-by-process",
+                total.chosen_by_process,
+                exported.chosen_by_process,
+            ),
+            ("set-failed", total.set_failed, exported.set_failed),
+            ("no-entry", total.no_entry, exported.no_entry),
+        ] {
+            let counter = self
+                .hooks
+                .connections
+                .get_or_create(&OutcomeLabels { outcome });
+            counter.inc_by(now.saturating_sub(before));
+        }
+        for (reason, now, before) in [
+            (
+                FallbackReason::NotInterposable,
+                total.not_interposable,
+                exported.not_interposable,
+            ),
+            (
+                FallbackReason::NoCapability,
+                total.no_capability,
+                exported.no_capability,
+            ),
+            (
+                FallbackReason::IsolationForbids,
+                total.isolation_forbids,
+                exported.isolation_forbids,
+            ),
+        ] {
+            self.fallbacks
+                .get_or_create(&ReasonLabels {
+                    reason: reason.as_str(),
+                })
+                .inc_by(now.saturating_sub(before));
+        }
+        *exported = *total;
+    }
+
     pub fn shim_report(&self, decisions: &[DecisionCount], fallbacks: &[FallbackCount]) {
         for decision in decisions {
             let congestion_control = ["Default", "Cubic", "BBR", "Reno"]

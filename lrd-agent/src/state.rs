@@ -117,6 +117,7 @@ pub struct Agent {
     local_policy: std::sync::OnceLock<LocalPolicy>,
     /// The user-space stack instances (set once at start; none: requests are refused).
     instances: std::sync::OnceLock<Arc<Instances>>,
+    hooks: std::sync::OnceLock<Arc<crate::hooks::Hooks>>,
     client: Mutex<Option<stackroute_proto::client::Client>>,
     listeners: RwLock<Arc<Vec<Listener>>>,
     role: AtomicU8,
@@ -216,6 +217,7 @@ impl Agent {
             persister: Persister::default(),
             local_policy: std::sync::OnceLock::new(),
             instances: std::sync::OnceLock::new(),
+            hooks: std::sync::OnceLock::new(),
             client: Mutex::new(None),
             listeners: RwLock::default(),
             role: AtomicU8::new(Role::Serving as u8),
@@ -517,6 +519,18 @@ impl Agent {
         if self.instances.set(instances).is_err() {
             warn!("the user-space stack instances were already set; keeping the first");
         }
+    }
+
+    /// Sets the kernel hooks (once, at start).
+    pub fn set_hooks(&self, hooks: Arc<crate::hooks::Hooks>) {
+        if self.hooks.set(hooks).is_err() {
+            warn!("the kernel hooks were already set; keeping the first");
+        }
+    }
+
+    /// The kernel hooks, once set.
+    pub fn hooks(&self) -> Option<&Arc<crate::hooks::Hooks>> {
+        self.hooks.get()
     }
 
     /// The user-space stack instances, once set.

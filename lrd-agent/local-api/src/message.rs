@@ -57,13 +57,16 @@ pub enum FallbackReason {
     /// The process's own workload (`STACKROUTE_NAMESPACE`/`STACKROUTE_WORKLOAD`) is unset or not
     /// in the node's snapshot: the installation default was used.
     UnknownWorkload,
+    /// A user-space or RDMA entry was skipped for a program the shim cannot reach (the kernel
+    /// hook applies kernel transports only).
+    NotInterposable,
     /// Anything else.
     Other,
 }
 
 impl FallbackReason {
     /// Every reason, in declaration order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::NoAgent,
         Self::NoCapability,
         Self::PeerNotRegistered,
@@ -74,6 +77,7 @@ impl FallbackReason {
         Self::StackUnavailable,
         Self::UnsupportedProtocol,
         Self::UnknownWorkload,
+        Self::NotInterposable,
         Self::Other,
     ];
 
@@ -90,6 +94,7 @@ impl FallbackReason {
             Self::StackUnavailable => "stack-unavailable",
             Self::UnsupportedProtocol => "unsupported-protocol",
             Self::UnknownWorkload => "unknown-workload",
+            Self::NotInterposable => "not-interposable",
             Self::Other => "other",
         }
     }
@@ -186,6 +191,20 @@ pub enum Request {
     UserspaceInstance,
     /// The running user-space stack instances (for `stackroute connections`; root callers only).
     UserspaceInstances,
+    /// Sent by `stackroute run` before it `exec`s a program the shim cannot reach (static,
+    /// set-user-ID): the agent moves the caller into a cgroup of its own (under the one it is
+    /// in) and attaches the kernel hook there, which gives every TCP connection made in it the
+    /// congestion control `namespace/workload`'s policy picks. Answers [`Response::Ok`], or
+    /// [`Response::Unavailable`] with why not.
+    #[serde(rename_all = "camelCase")]
+    KernelHook {
+        /// The workload's namespace.
+        namespace: String,
+        /// The workload's name.
+        workload: String,
+    },
+    /// The attached kernel hooks (for `stackroute connections` and `explain --agent`).
+    KernelHooks,
     /// The shim's per-process counters since its last report: decisions by the transport that
     /// was used, and fallbacks by reason. Sent at exit and at most once a second from a
     /// decision, never from a thread of its own.
@@ -239,6 +258,8 @@ impl Request {
             Self::UserspaceInstance => "userspace-instance",
             Self::UserspaceInstances => "userspace-instances",
             Self::ShimReport { .. } => "shim-report",
+            Self::KernelHook { .. } => "kernel-hook",
+            Self::KernelHooks => "kernel-hooks",
         }
     }
 }
@@ -304,6 +325,30 @@ pub struct InstanceInfo {
     pub workload: Option<String>,
 }
 
+/// One attached kernel hook, as [`Response::Hooks`] lists it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HookInfo {
+    /// `namespace/name` of the workload whose policy it applies.
+    pub workload: String,
+    /// The cgroup v2 directory it is attached to (as `/proc/PID/cgroup` names it).
+    pub cgroup: String,
+    /// The snapshot revision its table was compiled from.
+    pub revision: u64,
+    /// Entries in its table.
+    pub entries: u64,
+    /// New connections it saw.
+    pub connects: u64,
+    /// Connections it gave the policy's congestion control.
+    pub applied: u64,
+    /// Connections it left on the namespace default (the policy's answer, or no kernel entry).
+    pub left_default: u64,
+    /// Connections whose process chose its own congestion control (the shim's, say).
+    pub chosen_by_process: u64,
+    /// Answers that skipped a user-space or RDMA entry.
+    pub not_interposable: u64,
+}
+
 /// A reply from the agent: exactly one per request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
@@ -343,6 +388,12 @@ pub enum Response {
     Instances {
         /// The running instances.
         instances: Vec<InstanceInfo>,
+    },
+    /// The answer to [`Request::KernelHooks`].
+    #[serde(rename_all = "camelCase")]
+    Hooks {
+        /// The attached hooks.
+        hooks: Vec<HookInfo>,
     },
     /// The answer to [`Request::UserspaceInstance`] when no instance can serve the caller.
     #[serde(rename_all = "camelCase")]

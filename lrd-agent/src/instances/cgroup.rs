@@ -66,6 +66,11 @@ struct Roots {
     v1: Vec<(&'static str, PathBuf)>,
 }
 
+/// Where the cgroup v2 hierarchy is mounted in the agent's mount namespace, if anywhere.
+pub(crate) fn v2_root() -> Option<&'static Path> {
+    roots().v2.as_deref()
+}
+
 fn roots() -> &'static Roots {
     static ROOTS: OnceLock<Roots> = OnceLock::new();
     ROOTS.get_or_init(|| {

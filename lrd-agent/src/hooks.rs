@@ -1,0 +1,312 @@
+//! Kernel hooks for programs the shim cannot reach (`stackroute run` of a static or
+//! set-user-ID binary): the agent moves the caller into a cgroup of its own, under the one it
+//! is in, and attaches the `sock_ops` hook (`stackroute-kernel-hook`) there with the caller's
+//! workload's table. A keeper recompiles every table when a new snapshot is published and
+//! detaches a hook (and removes its cgroup) once no process is left in it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use stackroute_kernel_hook::{Counters, KernelHook};
+use stackroute_local_api::message::{FallbackReason, HookInfo, Response};
+use stackroute_snapshot::CongestionControl;
+use stackroute_snapshot::kernel_table::kernel_table;
+use tracing::{info, warn};
+
+use crate::local::identity::{self, Identity};
+use crate::peer::Peer;
+use crate::state::{Agent, Current};
+
+/// How often tables are refreshed and empty cgroups reaped.
+const KEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// Flags of `stackroute-lrd` for kernel hooks.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct HookFlags {
+    /// Most kernel hooks attached at once (0: none; `stackroute run` then runs programs the
+    /// shim cannot reach on the kernel default, as before).
+    #[arg(long, env = "STACKROUTE_MAX_KERNEL_HOOKS", default_value_t = 256)]
+    pub max_kernel_hooks: usize,
+}
+
+impl Default for HookFlags {
+    fn default() -> Self {
+        Self {
+            max_kernel_hooks: 256,
+        }
+    }
+}
+
+/// One attached hook.
+struct Attached {
+    namespace: String,
+    workload: String,
+    /// As `/proc/PID/cgroup` names it.
+    cgroup: String,
+    /// Where the agent sees it.
+    directory: PathBuf,
+    revision: u64,
+    entries: usize,
+    hook: KernelHook,
+}
+
+/// The node's kernel hooks.
+pub struct Hooks {
+    flags: HookFlags,
+    attached: Mutex<Vec<Attached>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("flags", &self.flags)
+            .field("attached", &self.lock().len())
+            .finish()
+    }
+}
+
+impl Hooks {
+    /// No hooks yet.
+    pub fn new(flags: HookFlags) -> Arc<Self> {
+        Arc::new(Self {
+            flags,
+            attached: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Attached>> {
+        self.attached.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `Request::KernelHook` from `peer` for `namespace/workload`.
+    pub fn request(
+        &self,
+        agent: &Agent,
+        peer: &Peer,
+        namespace: &str,
+        workload: &str,
+    ) -> (Response, &'static str) {
+        let unavailable = |message: String| {
+            (
+                Response::Unavailable {
+                    reason: FallbackReason::NoCapability,
+                    message,
+                },
+                "unavailable",
+            )
+        };
+        let identity = identity::resolve(agent, peer);
+        if let Identity::Known(_) = &identity
+            && !identity.is(namespace, workload)
+        {
+            return (
+                Response::Error {
+                    message: format!(
+                        "denied: the caller is {}; it may hook only its own workload, not \
+                         {namespace}/{workload}",
+                        identity.describe()
+                    ),
+                },
+                "denied",
+            );
+        }
+        let (Some(pid), Some(cgroup)) = (peer.pid, peer.cgroup.as_deref()) else {
+            return unavailable("the caller's pid or cgroup is not visible to the agent".into());
+        };
+        if self.lock().len() >= self.flags.max_kernel_hooks {
+            return unavailable(format!(
+                "the node's maximum of {} kernel hooks is reached",
+                self.flags.max_kernel_hooks
+            ));
+        }
+        let Some(current) = agent.current() else {
+            return unavailable("no snapshot is published yet".into());
+        };
+        let Some(root) = crate::instances::cgroup_v2_root() else {
+            return unavailable("no cgroup v2 hierarchy is mounted".into());
+        };
+        // A child of the caller's cgroup: its accounting and limits still apply.
+        let child = format!("{}/stackroute-hook-{pid}", cgroup.trim_end_matches('/'));
+        let directory = root.join(child.trim_start_matches('/'));
+        let table = match compile(&current, namespace, workload) {
+            Ok(table) => table,
+            Err(why) => return unavailable(why),
+        };
+        let entries = table.entries.len();
+        let attached = std::fs::create_dir_all(&directory)
+            .map_err(|e| format!("cannot create the cgroup {}: {e}", directory.display()))
+            .and_then(|()| KernelHook::attach(&directory, &table).map_err(|e| e.to_string()))
+            .and_then(|hook| {
+                // The caller moves last: its connections never run before the hook.
+                std::fs::write(directory.join("cgroup.procs"), pid.to_string())
+                    .map(|()| hook)
+                    .map_err(|e| format!("cannot move process {pid} into {child}: {e}"))
+            });
+        let hook = match attached {
+            Ok(hook) => hook,
+            Err(why) => {
+                let _ = std::fs::remove_dir(&directory);
+                agent.metrics.kernel_hook_attach("failed");
+                return unavailable(why);
+            }
+        };
+        info!(
+            workload = %format!("{namespace}/{workload}"),
+            pid,
+            cgroup = %child,
+            revision = current.revision,
+            entries,
+            "kernel hook attached"
+        );
+        agent.metrics.kernel_hook_attach("ok");
+        self.lock().push(Attached {
+            namespace: namespace.to_string(),
+            workload: workload.to_string(),
+            cgroup: child,
+            directory,
+            revision: current.revision,
+            entries,
+            hook,
+        });
+        (
+            Response::Ok {
+                revision: Some(current.revision),
+                queued: false,
+            },
+            "ok",
+        )
+    }
+
+    /// The attached hooks with their counters.
+    pub fn list(&self) -> Vec<HookInfo> {
+        self.lock()
+            .iter()
+            .map(|a| {
+                let counters = a.hook.counters().unwrap_or_default();
+                HookInfo {
+                    workload: format!("{}/{}", a.namespace, a.workload),
+                    cgroup: a.cgroup.clone(),
+                    revision: a.revision,
+                    entries: a.entries as u64,
+                    connects: counters.connects,
+                    applied: counters.applied,
+                    left_default: counters.left_default,
+                    chosen_by_process: counters.chosen_by_process,
+                    not_interposable: counters.not_interposable,
+                }
+            })
+            .collect()
+    }
+
+    /// Recompiles tables older than the published snapshot, and detaches hooks whose cgroup
+    /// has no process left (removing the cgroup). Returns the counters of the hooks detached,
+    /// the sum over the attached ones, and how many are attached.
+    fn keep(&self, agent: &Agent) -> (Counters, Counters, usize) {
+        let current = agent.current();
+        let mut attached = self.lock();
+        let mut retired = Counters::default();
+        let (gone, kept): (Vec<Attached>, Vec<Attached>) = std::mem::take(&mut *attached)
+            .into_iter()
+            .partition(|a| !populated(&a.directory));
+        *attached = kept;
+        for a in gone {
+            add(&mut retired, a.hook.counters().unwrap_or_default());
+            info!(workload = %format!("{}/{}", a.namespace, a.workload), cgroup = %a.cgroup, "kernel hook detached: no process left");
+            let directory = a.directory.clone();
+            // Dropping the hook detaches it; the empty cgroup can go then.
+            drop(a);
+            let _ = std::fs::remove_dir(&directory);
+        }
+        for a in attached.iter_mut() {
+            let Some(current) = current.as_ref().filter(|c| c.revision != a.revision) else {
+                continue;
+            };
+            match compile(current, &a.namespace, &a.workload).and_then(|table| {
+                a.hook.update(&table).map_err(|e| e.to_string())?;
+                Ok(table.entries.len())
+            }) {
+                Ok(entries) => {
+                    a.revision = current.revision;
+                    a.entries = entries;
+                }
+                Err(why) => {
+                    // The previous table stays in force.
+                    warn!(workload = %format!("{}/{}", a.namespace, a.workload), revision = current.revision, %why, "cannot update a kernel hook's table");
+                }
+            }
+        }
+        let mut total = Counters::default();
+        for a in attached.iter() {
+            add(&mut total, a.hook.counters().unwrap_or_default());
+        }
+        (retired, total, attached.len())
+    }
+}
+
+/// `namespace/workload`'s table in `current`, with the congestion controls this node allows
+/// unprivileged programs.
+fn compile(
+    current: &Current,
+    namespace: &str,
+    workload: &str,
+) -> Result<stackroute_snapshot::kernel_table::KernelTable, String> {
+    let snapshot = current.parsed.snapshot();
+    let id = snapshot
+        .workload_by_name(namespace, workload)
+        .ok_or_else(|| {
+            format!(
+                "workload {namespace}/{workload} is not on node {} in revision {}",
+                snapshot.node_name(),
+                current.revision
+            )
+        })?;
+    let allowed: Vec<CongestionControl> =
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(CongestionControl::from_kernel_name)
+            .collect();
+    Ok(kernel_table(&snapshot, id, |cc| allowed.contains(&cc)))
+}
+
+/// Whether the cgroup at `directory` still has a process (`cgroup.events`); a cgroup that is
+/// gone has none.
+fn populated(directory: &Path) -> bool {
+    match std::fs::read_to_string(directory.join("cgroup.events")) {
+        Ok(events) => events.lines().any(|line| line == "populated 1"),
+        Err(_) => false,
+    }
+}
+
+fn add(sum: &mut Counters, more: Counters) {
+    sum.connects += more.connects;
+    sum.applied += more.applied;
+    sum.left_default += more.left_default;
+    sum.chosen_by_process += more.chosen_by_process;
+    sum.not_interposable += more.not_interposable;
+    sum.no_capability += more.no_capability;
+    sum.isolation_forbids += more.isolation_forbids;
+    sum.set_failed += more.set_failed;
+    sum.no_entry += more.no_entry;
+}
+
+/// Keeps the hooks for the life of the agent.
+pub async fn keeper(hooks: Arc<Hooks>, agent: Arc<Agent>) {
+    let mut ticker = tokio::time::interval(KEEP_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retired = Counters::default();
+    loop {
+        ticker.tick().await;
+        let (hooks, agent_for_work) = (hooks.clone(), agent.clone());
+        match tokio::task::spawn_blocking(move || hooks.keep(&agent_for_work)).await {
+            Ok((detached, attached, count)) => {
+                add(&mut retired, detached);
+                let mut all = retired;
+                add(&mut all, attached);
+                agent.metrics.kernel_hook_counters(&all, count);
+            }
+            Err(error) => warn!(%error, "the kernel hook keeper failed; going on"),
+        }
+    }
+}
