@@ -177,6 +177,28 @@ fn files_with_blob(cluster: &Cluster, name: &str, bytes: usize, fill: u8) -> Str
     dir.to_string_lossy().into_owned()
 }
 
+/// The `web` pod on node-a1 (app=web) serving a directory with a 4 MiB `blob` from python's
+/// http.server under the shim on port 8080: its address, the server and the directory.
+fn web_server(cluster: &mut Cluster) -> (std::net::Ipv4Addr, Proc, String) {
+    let web = cluster
+        .add_pod("web", "node-a1", &["app=web"], true)
+        .unwrap()
+        .unwrap();
+    let files = files_with_blob(cluster, "www", 4 << 20, 7);
+    let server = cluster
+        .spawn(
+            &Workload {
+                node: "node-a1",
+                name: "http-server",
+                labels: &["app=web"],
+            },
+            true,
+            &python_http_server(Some(&web.to_string()), &files),
+        )
+        .unwrap();
+    (web, server, files)
+}
+
 fn assert_cc(seen: &BTreeSet<String>, expected: &str, what: &str, output: &str) {
     let want: BTreeSet<String> = [expected.to_string()].into();
     assert_eq!(
@@ -189,28 +211,12 @@ fn assert_cc(seen: &BTreeSet<String>, expected: &str, what: &str, output: &str) 
 /// kind of path: same node, same zone, other zone, internet.
 fn curl_and_python_http_server_get_the_transport_of_their_path() {
     let mut cluster = cluster();
-    let web = cluster
-        .add_pod("web", "node-a1", &["app=web"], true)
-        .unwrap()
-        .unwrap();
+    let (web, _cluster_server, files) = web_server(&mut cluster);
     for (n, host) in [("node-a1", "a1"), ("node-a2", "a2"), ("node-b1", "b1")] {
         cluster
             .add_pod(&format!("curl-{host}"), n, &["app=client"], false)
             .unwrap();
     }
-    let files = files_with_blob(&cluster, "www", 4 << 20, 7);
-    let web_ip = web.to_string();
-    let _cluster_server = cluster
-        .spawn(
-            &Workload {
-                node: "node-a1",
-                name: "http-server",
-                labels: &["app=web"],
-            },
-            true,
-            &python_http_server(Some(&web_ip), &files),
-        )
-        .unwrap();
     let _internet_server = cluster
         .spawn_plain(INTERNET, "internet-http", &python_http_server(None, &files))
         .unwrap();
@@ -621,10 +627,7 @@ fn without_an_agent_applications_fall_back_to_the_kernel_and_keep_working() {
 /// not). Once the client exits its hook is detached.
 fn a_static_program_gets_its_policy_through_the_kernel_hook() {
     let mut cluster = cluster();
-    let web = cluster
-        .add_pod("web", "node-a1", &["app=web"], true)
-        .unwrap()
-        .unwrap();
+    let (web, _server, _) = web_server(&mut cluster);
     for (n, host) in [("node-a2", "a2"), ("node-b1", "b1")] {
         cluster
             .add_pod(&format!("static-{host}"), n, &["app=client"], false)
@@ -640,19 +643,7 @@ fn a_static_program_gets_its_policy_through_the_kernel_hook() {
         .expect("gcc");
     assert!(built.success(), "gcc -static {source}");
     let binary = binary.to_string_lossy().into_owned();
-    let files = files_with_blob(&cluster, "www", 4 << 20, 7);
     let web_ip = web.to_string();
-    let _server = cluster
-        .spawn(
-            &Workload {
-                node: "node-a1",
-                name: "http-server",
-                labels: &["app=web"],
-            },
-            true,
-            &python_http_server(Some(&web_ip), &files),
-        )
-        .unwrap();
     cluster.wait_listening("a1", 8080).unwrap();
     cluster.set_policy("paths.yaml", POLICY).unwrap();
     let peer = SocketAddr::new(IpAddr::V4(web), 8080);
