@@ -1,6 +1,7 @@
 //! What the kernel hook costs a program: connection rate and request/response latency over
 //! loopback, measured by the same worker process in a cgroup without and with the hook
-//! attached, alternating rounds, medians and their ratio printed side by side.
+//! attached, in rounds that alternate which goes first, medians and their ratio printed side by
+//! side.
 //!
 //! As root: `cargo run --release -p stackroute-kernel-hook --example overhead [-- ROUNDS
 //! CONNECTS ROUND_TRIPS]` (defaults 7 rounds of 5,000 connections and 20,000 round trips). The
@@ -50,13 +51,17 @@ fn main() {
     );
     let hook = KernelHook::attach(&hooked, &table).expect("attach the hook (as root)");
     let server = server();
-    let mut results: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    let mut results: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
     for round in 0..rounds {
-        for (which, cgroup) in [&plain, &hooked].into_iter().enumerate() {
-            let (rate, p50) = run_worker(cgroup, server, connects, round_trips);
-            results[which].push((rate, p50));
+        // Alternating which goes first cancels what running second costs or gains.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let cgroup = [&plain, &hooked][which];
+            let (rate, p50, cpu) = run_worker(cgroup, server, connects, round_trips);
+            results[which].push((rate, p50, cpu));
             println!(
-                "round {round} {}: {rate:.0} connections/s, request/response p50 {p50:.1} µs",
+                "round {round} {}: {rate:.0} connections/s, {cpu:.2} CPU µs per connection, \
+                 request/response p50 {p50:.1} µs",
                 ["without", "with   "][which]
             );
         }
@@ -73,7 +78,13 @@ fn main() {
     let (rate_plain, rate_hooked) = (rate(0), rate(1));
     let p50 = |which: usize| median(&mut results[which].iter().map(|r| r.1).collect());
     let (p50_plain, p50_hooked) = (p50(0), p50(1));
+    let cpu = |which: usize| median(&mut results[which].iter().map(|r| r.2).collect());
+    let (cpu_plain, cpu_hooked) = (cpu(0), cpu(1));
     println!("hook counters: {counters:?}");
+    println!(
+        "CPU µs per connection  without {cpu_plain:.2}  with {cpu_hooked:.2}  ratio {:.3}×",
+        cpu_hooked / cpu_plain
+    );
     println!(
         "connections/s  without {rate_plain:.0}  with {rate_hooked:.0}  cost {:.3}× (time per connection, with / without)",
         rate_plain / rate_hooked
@@ -84,13 +95,14 @@ fn main() {
     );
 }
 
-/// Runs this binary as a worker in `cgroup`; (connections per second, round-trip p50 in µs).
+/// Runs this binary as a worker in `cgroup`; (connections per second, round-trip p50 in µs,
+/// CPU µs per connection).
 fn run_worker(
     cgroup: &Path,
     (sink, echo): (SocketAddr, SocketAddr),
     connects: usize,
     trips: usize,
-) -> (f64, f64) {
+) -> (f64, f64, f64) {
     let me = std::env::current_exe().unwrap();
     let output = Command::new("sh")
         .arg("-c")
@@ -103,19 +115,22 @@ fn run_worker(
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     let text = String::from_utf8_lossy(&output.stdout);
-    let mut words = text.split_whitespace();
+    let mut words = text.split_whitespace().map(|w| w.parse().unwrap());
     (
-        words.next().unwrap().parse().unwrap(),
-        words.next().unwrap().parse().unwrap(),
+        words.next().unwrap(),
+        words.next().unwrap(),
+        words.next().unwrap(),
     )
 }
 
 fn worker(sink: SocketAddr, echo: SocketAddr, connects: usize, trips: usize) {
     let began = Instant::now();
+    let cpu_before = cpu_ns();
     for _ in 0..connects {
         drop(TcpStream::connect(sink).unwrap());
     }
     let rate = connects as f64 / began.elapsed().as_secs_f64();
+    let cpu_per_connection = (cpu_ns() - cpu_before) as f64 / connects as f64 / 1e3;
     let mut stream = TcpStream::connect(echo).unwrap();
     stream.set_nodelay(true).unwrap();
     let mut byte = [0u8; 1];
@@ -127,7 +142,17 @@ fn worker(sink: SocketAddr, echo: SocketAddr, connects: usize, trips: usize) {
         times.push(at.elapsed().as_secs_f64() * 1e6);
     }
     times.sort_by(f64::total_cmp);
-    println!("{rate} {}", times[times.len() / 2]);
+    println!("{rate} {} {cpu_per_connection}", times[times.len() / 2]);
+}
+
+/// Time this (single-threaded) process has run on a CPU, in nanoseconds: its own system calls
+/// and the loopback packet processing they trigger (`/proc/self/schedstat`). Steadier than
+/// the wall clock on a shared machine.
+fn cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Two listeners: one closes what it accepts at once (the connection rate), the other echoes
