@@ -43,7 +43,14 @@ fn main() {
     let hooked = base.join(format!("srhook-bench-hooked-{}", std::process::id()));
     std::fs::create_dir_all(&plain).unwrap();
     std::fs::create_dir_all(&hooked).unwrap();
-    let table = table();
+    let mut table = table();
+    // STACKROUTE_BENCH_LEAVE_DEFAULT=1: every answer leaves the default (no setsockopt), to
+    // tell the lookup's cost from the congestion control switch's.
+    if std::env::var_os("STACKROUTE_BENCH_LEAVE_DEFAULT").is_some_and(|v| v == "1") {
+        for entry in &mut table.entries {
+            entry.outcome.congestion_control = None;
+        }
+    }
     println!(
         "table: {} entries, {} port classes",
         table.entries.len(),
