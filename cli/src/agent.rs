@@ -264,6 +264,75 @@ pub(crate) fn explain(
     .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// What the agent's kernel hook does for `namespace/pod`'s connections to `to` (programs the
+/// shim cannot reach): whether one is attached, and the congestion control it applies. One
+/// line for `explain --agent`; `None` when the snapshot or the agent cannot say.
+pub(crate) fn kernel_hook_line(
+    socket_dir: &Path,
+    namespace: &str,
+    pod: &str,
+    to: std::net::SocketAddr,
+) -> Option<String> {
+    let bytes = std::fs::read(socket_dir.join(SNAPSHOT_FILE)).ok()?;
+    let view = published::parse(&bytes).ok()?;
+    let snapshot = Snapshot::parse(view.snapshot).ok()?;
+    let workload = snapshot.workload_by_name(namespace, pod)?;
+    let decision = snapshot.decide(
+        workload,
+        to.ip(),
+        to.port(),
+        Protocol::Tcp,
+        &mut stackroute_snapshot::NoTrace,
+    );
+    let allowed: Vec<stackroute_snapshot::CongestionControl> =
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(stackroute_snapshot::CongestionControl::from_kernel_name)
+            .collect();
+    let outcome = stackroute_snapshot::kernel_table::kernel_outcome(
+        decision.transports(),
+        decision.isolation,
+        |cc| allowed.contains(&cc),
+    );
+    let applies = match outcome.congestion_control {
+        Some(cc) => format!("Kernel/{cc}"),
+        None => "the namespace's default congestion control".into(),
+    };
+    let mut skipped = Vec::new();
+    if outcome.skipped_not_interposable {
+        skipped.push("not-interposable");
+    }
+    if outcome.skipped_no_capability {
+        skipped.push("no-capability");
+    }
+    if outcome.isolation_forbids {
+        skipped.push("isolation-forbids");
+    }
+    let skipped = if skipped.is_empty() {
+        String::new()
+    } else {
+        format!(" (fell back: {})", skipped.join(", "))
+    };
+    let hooks = match call_agent(socket_dir, &Request::KernelHooks) {
+        Ok(Response::Hooks { hooks }) => hooks,
+        _ => Vec::new(),
+    };
+    let workload_name = format!("{namespace}/{pod}");
+    Some(match hooks.iter().find(|h| h.workload == workload_name) {
+        Some(hook) => format!(
+            "path: the shim decides for programs it reaches; the kernel hook attached to cgroup {} \
+             (revision {}) gives programs it cannot reach {applies}{skipped}",
+            hook.cgroup, hook.revision
+        ),
+        None => format!(
+            "path: the shim decides; no kernel hook is attached for {workload_name} (`stackroute \
+             run` attaches one for a program the shim cannot reach, which would get \
+             {applies}{skipped})"
+        ),
+    })
+}
+
 /// Names addresses from what a node's snapshot knows: its own workloads by name, nodes by
 /// name, and pods elsewhere by the node they run on (their names are not in the snapshot).
 struct SnapshotNames<'a>(Snapshot<'a>);

@@ -1,7 +1,8 @@
 //! `stackroute connections`: `ss` for the user-space stack. The agent names its running
 //! instances; each answers for its connections on its abstract control socket, which exists
 //! only inside the network namespace it serves, so each is asked from a thread that entered
-//! that namespace (root, like `ip netns exec`).
+//! that namespace (root, like `ip netns exec`). Then the agent's kernel hooks: the workloads
+//! whose connections the kernel decides (programs the shim cannot reach), with their counts.
 
 use std::fs::File;
 use std::os::fd::AsFd as _;
@@ -11,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use serde::Serialize;
-use stackroute_local_api::message::{InstanceInfo, Request, Response};
+use stackroute_local_api::message::{HookInfo, InstanceInfo, Request, Response};
 use stackroute_local_api::relay::{
     ConnectionInfo, MAX_MESSAGE, RelayRequest, RelayResponse, from_packet, to_packet,
 };
@@ -32,6 +33,15 @@ pub(crate) struct ConnectionsArgs {
 enum Output {
     Table,
     Json,
+}
+
+/// One line of the JSON output: a connection of the user-space stack, or a kernel hook (the
+/// kernel decides each connection of its workload; they are counted, not listed).
+#[derive(Serialize)]
+#[serde(tag = "path", rename_all = "kebab-case")]
+enum Line<'a> {
+    Userspace(&'a Row),
+    KernelHook(&'a HookInfo),
 }
 
 /// One connection with the instance that holds it.
@@ -64,18 +74,39 @@ pub(crate) fn run(args: &ConnectionsArgs) -> Result<()> {
             Err(error) => failures.push(format!("instance pid {}: {error:#}", instance.pid)),
         }
     }
+    let hooks = match call_agent(&args.socket_dir, &Request::KernelHooks) {
+        Ok(Response::Hooks { hooks }) => hooks,
+        Ok(other) => {
+            failures.push(format!("kernel hooks: unexpected answer {other:?}"));
+            Vec::new()
+        }
+        Err(error) => {
+            failures.push(format!("kernel hooks: {error:#}"));
+            Vec::new()
+        }
+    };
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Output::Table => print_table(&rows),
+        Output::Json => {
+            let lines: Vec<Line<'_>> = rows
+                .iter()
+                .map(Line::Userspace)
+                .chain(hooks.iter().map(Line::KernelHook))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&lines)?);
+        }
+        Output::Table => {
+            print_table(&rows);
+            print_hooks(&hooks);
+        }
     }
     for failure in &failures {
         eprintln!("stackroute: {failure}");
     }
     if !failures.is_empty() {
         bail!(
-            "{} of {} instances did not answer",
+            "{} of {} sources did not answer",
             failures.len(),
-            instances.len()
+            instances.len() + 1
         );
     }
     Ok(())
@@ -165,6 +196,40 @@ fn print_table(rows: &[Row]) {
             c.smoothed_rtt_us as f64 / 1000.0,
             c.min_rtt_us as f64 / 1000.0,
             c.delivery_rate_bps as f64 / 1e6,
+        );
+    }
+}
+
+fn print_hooks(hooks: &[HookInfo]) {
+    if hooks.is_empty() {
+        return;
+    }
+    println!();
+    println!("kernel hooks (the kernel decides each connection of these workloads):");
+    println!(
+        "{:<24} {:<40} {:>14} {:>7} {:>9} {:>9} {:>12} {:>14} {:>16}",
+        "WORKLOAD",
+        "CGROUP",
+        "REVISION",
+        "ENTRIES",
+        "CONNECTS",
+        "APPLIED",
+        "LEFT-DEFAULT",
+        "OWN-CHOICE",
+        "NOT-INTERPOSABLE"
+    );
+    for hook in hooks {
+        println!(
+            "{:<24} {:<40} {:>14} {:>7} {:>9} {:>9} {:>12} {:>14} {:>16}",
+            hook.workload,
+            hook.cgroup,
+            hook.revision,
+            hook.entries,
+            hook.connects,
+            hook.applied,
+            hook.left_default,
+            hook.chosen_by_process,
+            hook.not_interposable
         );
     }
 }

@@ -288,7 +288,15 @@ fn run_explain(args: &ExplainArgs) -> Result<ExitCode> {
         (Some(state), None) => state,
         (None, Some(socket_dir)) => {
             let explanation = agent::explain(socket_dir, namespace, pod, args.to, protocol)?;
-            return print_explanation(&explanation, args.output, unreachable.as_deref());
+            let path = (protocol == Protocol::Tcp)
+                .then(|| agent::kernel_hook_line(socket_dir, namespace, pod, args.to))
+                .flatten();
+            return print_explanation(
+                &explanation,
+                args.output,
+                unreachable.as_deref(),
+                path.as_deref(),
+            );
         }
         _ => bail!("give exactly one of --state and --agent"),
     };
@@ -325,18 +333,24 @@ fn run_explain(args: &ExplainArgs) -> Result<ExitCode> {
         Ok(explanation) => explanation,
         Err(error) => bail!("{error}"),
     };
-    print_explanation(&explanation, args.output, unreachable.as_deref())
+    print_explanation(&explanation, args.output, unreachable.as_deref(), None)
 }
 
-/// Prints the explanation; `unreachable` (from `--program`) says the decision never applies.
+/// Prints the explanation; `unreachable` (from `--program`) says the decision never applies;
+/// `path` (from `--agent`) says what decides: the shim, or the kernel hook.
 fn print_explanation(
     explanation: &stackroute_policy::Explanation,
     output: Output,
     unreachable: Option<&str>,
+    path: Option<&str>,
 ) -> Result<ExitCode> {
     match output {
         Output::Text => {
             let mut text = explanation.to_text();
+            if let Some(path) = path {
+                text.push_str(path);
+                text.push('\n');
+            }
             if let Some(reason) = unreachable {
                 text.push_str(&format!(
                     "unaccelerated: {reason}; its connections use the kernel default, not this decision\n"
@@ -348,6 +362,9 @@ fn print_explanation(
             let mut json = serde_json::to_value(explanation)?;
             if let (Some(object), Some(reason)) = (json.as_object_mut(), unreachable) {
                 object.insert("unaccelerated".into(), reason.into());
+            }
+            if let (Some(object), Some(path)) = (json.as_object_mut(), path) {
+                object.insert("path".into(), path.into());
             }
             emit(&format!("{}\n", serde_json::to_string_pretty(&json)?))?
         }

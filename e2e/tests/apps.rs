@@ -669,6 +669,48 @@ fn a_static_program_gets_its_policy_through_the_kernel_hook() {
                 &[&binary, &web_ip, "8080", "/blob"],
             )
             .unwrap();
+        // While it runs, the agent names its hook, and explain says the hook decides for it.
+        let socket_dir = cluster.socket_dir(node_name);
+        let socket_dir = socket_dir.to_str().unwrap();
+        let cli = |args: &[&str]| {
+            let output = std::process::Command::new(&cluster.bins.cli)
+                .args(args)
+                .output()
+                .expect("stackroute runs");
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        let listed = wait_for(
+            &format!("{pod}'s kernel hook in stackroute connections"),
+            Duration::from_secs(10),
+            || {
+                let json = cli(&[
+                    "connections",
+                    "--output",
+                    "json",
+                    "--socket-dir",
+                    socket_dir,
+                ]);
+                let lines: serde_json::Value = serde_json::from_str(&json).ok()?;
+                lines.as_array()?.iter().find_map(|line| {
+                    (line["path"] == "kernel-hook" && line["workload"] == format!("e2e/{pod}"))
+                        .then(|| line["cgroup"].as_str().unwrap_or("").to_string())
+                })
+            },
+        )
+        .unwrap();
+        let explained = cli(&[
+            "explain",
+            "--agent",
+            socket_dir,
+            "--from",
+            &format!("e2e/{pod}"),
+            "--to",
+            &peer.to_string(),
+        ]);
+        assert!(
+            explained.contains(&format!("the kernel hook attached to cgroup {listed}")),
+            "explain --agent does not name {pod}'s kernel hook ({listed}):\n{explained}"
+        );
         let (seen, output) = observe(&cluster, hooked, host, peer);
         assert!(
             output.contains("kernel hook applies"),
