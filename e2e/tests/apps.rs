@@ -87,6 +87,11 @@ fn main() -> std::process::ExitCode {
             a_static_program_gets_its_policy_through_the_kernel_hook,
         ),
         trial(
+            "without_kernel_hooks_a_static_program_runs_on_the_default",
+            &["python3", "gcc"],
+            without_kernel_hooks_a_static_program_runs_on_the_default,
+        ),
+        trial(
             "without_an_agent_applications_fall_back_to_the_kernel_and_keep_working",
             &["python3", "curl"],
             without_an_agent_applications_fall_back_to_the_kernel_and_keep_working,
@@ -618,6 +623,62 @@ fn without_an_agent_applications_fall_back_to_the_kernel_and_keep_working() {
     assert_cc(&seen, "reno", "no agent: the host's default", &output);
 }
 
+/// `tests/programs/static_get.c` built with `gcc -static` into the cluster's scratch space.
+fn static_get(cluster: &Cluster) -> String {
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/static_get.c");
+    let binary = cluster.dir().join("static_get");
+    let built = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&binary)
+        .arg(source)
+        .status()
+        .expect("gcc");
+    assert!(built.success(), "gcc -static {source}");
+    binary.to_string_lossy().into_owned()
+}
+
+/// With kernel hooks off (`--max-kernel-hooks 0`, what a node without BPF or cgroup v2 answers
+/// too), `stackroute run` says why and runs the static program anyway, on the host's default;
+/// the agent counts it `unaccelerated`.
+fn without_kernel_hooks_a_static_program_runs_on_the_default() {
+    let mut cluster = Cluster::start(Options {
+        agent_args: vec!["--max-kernel-hooks".into(), "0".into()],
+        ..Options::default()
+    })
+    .expect("the e2e cluster starts");
+    let (web, _server, _) = web_server(&mut cluster);
+    cluster
+        .add_pod("static-a2", "node-a2", &["app=client"], false)
+        .unwrap();
+    let binary = static_get(&cluster);
+    cluster.wait_listening("a1", 8080).unwrap();
+    cluster.set_policy("paths.yaml", POLICY).unwrap();
+    let peer = SocketAddr::new(IpAddr::V4(web), 8080);
+    cluster
+        .wait_decision("node-a2", "static-a2", peer, "Kernel/BBR")
+        .unwrap();
+    let client = cluster
+        .spawn(
+            &client("node-a2", "static-a2"),
+            true,
+            &[&binary, &web.to_string(), "8080", "/blob"],
+        )
+        .unwrap();
+    let (seen, output) = observe(&cluster, client, "a2", peer);
+    assert!(
+        output.contains("no kernel hook: this agent attaches no kernel hooks"),
+        "stackroute run did not say why there is no hook:\n{output}"
+    );
+    assert!(output.contains("bytes 4194"), "{output}");
+    assert_cc(&seen, "reno", "no kernel hook: the host's default", &output);
+    cluster
+        .wait_metric(
+            "node-a2",
+            "stackroute_lrd_fallback_reports_total{reason=\"unaccelerated\"} ",
+        )
+        .unwrap();
+}
+
 /// A statically linked client (which LD_PRELOAD never reaches, like a Go program) under
 /// `stackroute run`: the agent attaches its kernel hook, and the kernel shows the congestion
 /// control the policy picks — the same as curl under the shim on that path (BBR, same zone).
@@ -633,16 +694,7 @@ fn a_static_program_gets_its_policy_through_the_kernel_hook() {
             .add_pod(&format!("static-{host}"), n, &["app=client"], false)
             .unwrap();
     }
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/static_get.c");
-    let binary = cluster.dir().join("static_get");
-    let built = std::process::Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&binary)
-        .arg(source)
-        .status()
-        .expect("gcc");
-    assert!(built.success(), "gcc -static {source}");
-    let binary = binary.to_string_lossy().into_owned();
+    let binary = static_get(&cluster);
     let web_ip = web.to_string();
     cluster.wait_listening("a1", 8080).unwrap();
     cluster.set_policy("paths.yaml", POLICY).unwrap();

@@ -165,6 +165,11 @@ impl Args {
         tokio::spawn(instances::reaper(instances));
         if self.hooks.max_kernel_hooks > 0 {
             let hooks = hooks::Hooks::new(self.hooks.clone());
+            agent
+                .metrics
+                .hooks
+                .available
+                .set(i64::from(hooks.unavailable().is_none()));
             agent.set_hooks(hooks.clone());
             tokio::spawn(hooks::keeper(hooks, agent.clone()));
         }

@@ -54,6 +54,8 @@ struct Attached {
 /// The node's kernel hooks.
 pub struct Hooks {
     flags: HookFlags,
+    /// Why this node cannot attach hooks, if it cannot (found at start).
+    unavailable: Option<String>,
     attached: Mutex<Vec<Attached>>,
 }
 
@@ -67,12 +69,34 @@ impl std::fmt::Debug for Hooks {
 }
 
 impl Hooks {
-    /// No hooks yet.
+    /// No hooks yet. Checks once whether this node can attach them (a cgroup v2 hierarchy, a
+    /// kernel that loads the programs, the capabilities): if not, every request is answered
+    /// with why, and the agent says it at start.
     pub fn new(flags: HookFlags) -> Arc<Self> {
+        let unavailable = match (
+            crate::instances::cgroup_v2_root(),
+            stackroute_kernel_hook::probe(),
+        ) {
+            (None, _) => Some("no cgroup v2 hierarchy is mounted".to_string()),
+            (Some(_), Err(error)) => Some(format!("the kernel does not take the hook: {error}")),
+            (Some(_), Ok(())) => None,
+        };
+        match &unavailable {
+            None => info!(max = flags.max_kernel_hooks, "kernel hooks available"),
+            Some(why) => {
+                warn!(%why, "kernel hooks unavailable: programs the shim cannot reach run on the kernel default")
+            }
+        }
         Arc::new(Self {
             flags,
+            unavailable,
             attached: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Why this node cannot attach hooks, if it cannot.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.unavailable.as_deref()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Attached>> {
@@ -110,6 +134,9 @@ impl Hooks {
                 },
                 "denied",
             );
+        }
+        if let Some(why) = &self.unavailable {
+            return unavailable(why.clone());
         }
         let (Some(pid), Some(cgroup)) = (peer.pid, peer.cgroup.as_deref()) else {
             return unavailable("the caller's pid or cgroup is not visible to the agent".into());

@@ -173,6 +173,8 @@ pub struct HookMetrics {
     pub attaches: Family<StartLabels, Counter<u64, AtomicU64>>,
     /// Hooks attached now.
     pub attached: Gauge<i64, AtomicI64>,
+    /// 1 when this node can attach hooks (found at start).
+    pub available: Gauge<i64, AtomicI64>,
     /// Connections the hooks saw, by outcome.
     pub connections: Family<OutcomeLabels, Counter<u64, AtomicU64>>,
     /// The totals last exported, to turn the hooks' running sums into counter increments.
@@ -257,6 +259,11 @@ impl Metrics {
             "kernel_hooks",
             "Kernel hooks attached now",
             self.hooks.attached.clone(),
+        );
+        r.register(
+            "kernel_hook_available",
+            "1 when this node can attach kernel hooks (cgroup v2, BPF, capabilities)",
+            self.hooks.available.clone(),
         );
         r.register(
             "kernel_hook_connections",

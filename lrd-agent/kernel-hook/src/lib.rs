@@ -96,6 +96,25 @@ pub struct Counters {
     pub no_entry: u64,
 }
 
+/// Whether this kernel takes the hook: loads both programs (the verifier checks them) and its
+/// maps, attaches nothing, and unloads them. The error says what is missing (BPF, BTF,
+/// socket-local storage, a capability).
+pub fn probe() -> Result<(), HookError> {
+    let mut ebpf = EbpfLoader::new()
+        .allow_unsupported_maps()
+        .load(PROGRAM)
+        .map_err(|e| kernel("loading bpf/sockops.c")(&e))?;
+    let sockops: &mut SockOps = program(&mut ebpf, "stackroute_sockops")?;
+    sockops
+        .load()
+        .map_err(|e| kernel("loading the sock_ops program")(&e))?;
+    let setsockopt: &mut CgroupSockopt = program(&mut ebpf, "stackroute_setsockopt")?;
+    setsockopt
+        .load()
+        .map_err(|e| kernel("loading the setsockopt program")(&e))?;
+    Ok(())
+}
+
 /// The hook attached to one cgroup.
 pub struct KernelHook {
     ebpf: Ebpf,
