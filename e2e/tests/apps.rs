@@ -623,9 +623,9 @@ fn without_an_agent_applications_fall_back_to_the_kernel_and_keep_working() {
     assert_cc(&seen, "reno", "no agent: the host's default", &output);
 }
 
-/// `tests/programs/static_get.c` built with `gcc -static` into the cluster's scratch space.
+/// `programs/static_get.c` built with `gcc -static` into the cluster's scratch space.
 fn static_get(cluster: &Cluster) -> String {
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/static_get.c");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/programs/static_get.c");
     let binary = cluster.dir().join("static_get");
     let built = std::process::Command::new("gcc")
         .args(["-static", "-O2", "-o"])

@@ -55,6 +55,10 @@ struct Args {
     /// Skip the third run (the internet path on the user-space stack).
     #[arg(long)]
     no_userspace: bool,
+    /// Skip the fourth run (a statically linked uploader, which the shim cannot reach, on the
+    /// internet path under the agent's kernel hook).
+    #[arg(long)]
+    no_kernel_hook: bool,
 }
 
 /// Set with `--output json`: progress goes to stderr, stdout carries only the JSON.
@@ -169,6 +173,31 @@ struct UserspaceReport {
     /// How many times `ss -tan` in the client's node was sampled (each showed no socket).
     ss_samples: usize,
 }
+
+/// The internet host's receiver for the static uploader: reads until end of file, answers the
+/// byte count.
+const SINK: &str = r#"
+import socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 5301))
+s.listen(16)
+def serve(c):
+    n = 0
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            break
+        n += len(b)
+    c.sendall(b"%d\n" % n)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// The sink's port on the internet host.
+const SINK_PORT: u16 = 5301;
 
 /// How a run's stack is read from outside the application.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -365,7 +394,33 @@ fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
         )?)
     };
 
-    print_tables(args, &paths, &before, &after, userspace.as_ref());
+    let hooked = if args.no_kernel_hook {
+        None
+    } else if which("gcc").is_none() {
+        say!("\n4) skipped: gcc is not installed (it builds the static uploader)");
+        None
+    } else {
+        say!(
+            "\n4) the internet rule back on kernel BBR; a statically linked uploader (no LD_PRELOAD reaches it, as none reaches a Go program) under the agent's kernel hook"
+        );
+        cluster.set_policy("demo-policy.yaml", POLICY)?;
+        cluster.wait_decision(
+            internet_path.node,
+            internet_path.client,
+            internet_path.server,
+            "Kernel/BBR",
+        )?;
+        Some(measure_static(&cluster, args, internet_path, interrupted)?)
+    };
+
+    print_tables(
+        args,
+        &paths,
+        &before,
+        &after,
+        userspace.as_ref(),
+        hooked.as_ref(),
+    );
     if JSON.load(Ordering::Relaxed) {
         let mut runs = Vec::new();
         let kernel = |path: &Path, m: &Measurement, policy: &str| {
@@ -406,6 +461,19 @@ fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
                 "kernelSocketSamples": report.ss_samples,
             }));
         }
+        if let Some(m) = &hooked {
+            runs.push(json!({
+                "path": internet_path.label,
+                "client": format!("static uploader as {} ({})", internet_path.client, internet_path.node),
+                "server": SocketAddr::new(internet_path.server.ip(), SINK_PORT).to_string(),
+                "policy": "demo-paths",
+                "stack": "kernel (kernel hook)",
+                "congestionControl": m.cc,
+                "seconds": round3(m.seconds),
+                "mbitPerSecond": round3(m.mbit),
+                "observedBy": "ss -tin",
+            }));
+        }
         println!("{}", serde_json::to_string_pretty(&Value::Array(runs))?);
     }
     Ok(())
@@ -421,6 +489,7 @@ fn print_tables(
     before: &[Measurement],
     after: &[Measurement],
     userspace: Option<&Measurement>,
+    hooked: Option<&Measurement>,
 ) {
     say!(
         "\n{:<10} {:<15} {:<18}│ {:^26} │ {:^26} │ {:>8}",
@@ -476,9 +545,9 @@ fn print_tables(
         after[2].retransmits
     );
 
-    let Some(us) = userspace else {
+    if userspace.is_none() && hooked.is_none() {
         return;
-    };
+    }
     let path = &paths[2];
     say!(
         "\nthe internet path three ways: {} → {}, {} Mbit/s, {:.1} % loss, +{} ms; iperf3 -t {} under the shim, median of {}",
@@ -501,21 +570,14 @@ fn print_tables(
         "retrans"
     );
     let base = before[2].mbit;
-    let report = us.userspace.clone().unwrap_or_default();
-    let rows = [
-        (
-            "1",
-            "kernel",
-            &before[2],
-            format!("ss -tin in node {}", node(path.node).host),
-        ),
-        (
-            "2",
-            "kernel",
-            &after[2],
-            format!("ss -tin in node {}", node(path.node).host),
-        ),
-        (
+    let ss_in = format!("ss -tin in node {}", node(path.node).host);
+    let mut rows = vec![
+        ("1", "kernel", &before[2], ss_in.clone()),
+        ("2", "kernel", &after[2], ss_in.clone()),
+    ];
+    if let Some(us) = userspace {
+        let report = us.userspace.clone().unwrap_or_default();
+        rows.push((
             "3",
             "userspace",
             us,
@@ -526,8 +588,16 @@ fn print_tables(
                 report.smoothed_rtt_us as f64 / 1e3,
                 report.ss_samples
             ),
-        ),
-    ];
+        ));
+    }
+    if let Some(hooked) = hooked {
+        rows.push((
+            "4",
+            "kernel-hook",
+            hooked,
+            format!("{ss_in}; a static uploader the shim cannot reach, under the kernel hook"),
+        ));
+    }
     for (run, stack, m, from) in rows {
         say!(
             "{:<4} {:<10} {:<6} {:>6.2}s {:>8.1} {:>8.2}× {:>8}  {}",
@@ -542,7 +612,7 @@ fn print_tables(
         );
     }
     say!(
-        "speed-up: Mbit/s of the run / Mbit/s of run 1 (kernel CUBIC). Retransmits: iperf3's for kernel runs, the instance's for the user-space run."
+        "speed-up: Mbit/s of the run / Mbit/s of run 1 (kernel CUBIC). Retransmits: iperf3's for kernel runs, the instance's for the user-space run (none counted for the static uploader)."
     );
 }
 
@@ -595,6 +665,100 @@ fn measure(
     let m = median(runs);
     say!(
         "   {:<10} {:<6} {:>7.2} s {:>8.1} Mbit/s",
+        path.label,
+        m.cc,
+        m.seconds,
+        m.mbit
+    );
+    Ok(m)
+}
+
+/// The static uploader on `path` (to the internet host's sink) under `stackroute run`, which
+/// attaches the agent's kernel hook for it; `args.runs` times, the median run. The congestion
+/// control is what `ss -tin` in the client's node shows.
+fn measure_static(
+    cluster: &Cluster,
+    args: &Args,
+    path: &Path,
+    interrupted: &AtomicBool,
+) -> Result<Measurement> {
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/programs/static_upload.c");
+    let binary = cluster.dir().join("static_upload");
+    let built = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&binary)
+        .arg(source)
+        .status()
+        .context("gcc (the static uploader needs gcc and a static libc)")?;
+    if !built.success() {
+        bail!("gcc -static {source} failed");
+    }
+    let _sink = cluster.spawn_plain(INTERNET, "sink", &["python3", "-c", SINK])?;
+    cluster.wait_listening(INTERNET, SINK_PORT)?;
+    let sink = SocketAddr::new(path.server.ip(), SINK_PORT);
+    let workload = Workload {
+        node: path.node,
+        name: path.client,
+        labels: &["app=client"],
+    };
+    let host = node(path.node).host;
+    let mut runs = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        if interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let mut seen = BTreeSet::new();
+        let binary = binary.to_string_lossy();
+        let ip = sink.ip().to_string();
+        let port = SINK_PORT.to_string();
+        let seconds = args.seconds.to_string();
+        let mut client = cluster.spawn(&workload, true, &[&binary, &ip, &port, &seconds])?;
+        while client.running() {
+            if INTERRUPTED.load(Ordering::Relaxed) {
+                client.stop();
+                bail!("interrupted");
+            }
+            if let Ok(conns) = ss::connections_to(&cluster.net, host, sink) {
+                seen.extend(
+                    conns
+                        .into_iter()
+                        .map(|c| c.cc.unwrap_or_else(|| "?".into())),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let output = client.success(Duration::from_secs(120))?;
+        if !output.contains("kernel hook applies") {
+            bail!("stackroute run attached no kernel hook for the static uploader:\n{output}");
+        }
+        let line = output
+            .lines()
+            .find(|l| l.starts_with("bytes "))
+            .with_context(|| format!("the uploader printed no result:\n{output}"))?;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let bytes: f64 = fields
+            .get(1)
+            .and_then(|f| f.parse().ok())
+            .context("bytes")?;
+        let seconds: f64 = fields
+            .get(3)
+            .and_then(|f| f.parse().ok())
+            .context("seconds")?;
+        runs.push(Measurement {
+            seconds,
+            mbit: bytes * 8.0 / seconds / 1e6,
+            bytes_received: bytes as u64,
+            cc: if seen.is_empty() {
+                "?".into()
+            } else {
+                seen.into_iter().collect::<Vec<_>>().join("+")
+            },
+            ..Measurement::default()
+        });
+    }
+    let m = median(runs);
+    say!(
+        "   {:<10} {:<6} {:>7.2} s {:>8.1} Mbit/s  (static uploader, kernel hook)",
         path.label,
         m.cc,
         m.seconds,
