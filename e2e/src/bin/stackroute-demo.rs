@@ -560,7 +560,7 @@ fn print_tables(
         args.runs
     );
     say!(
-        "{:<4} {:<10} {:<6} {:>7} {:>8} {:>9} {:>8}  read from outside the application",
+        "{:<4} {:<11} {:<6} {:>7} {:>8} {:>9} {:>8}  read from outside the application",
         "run",
         "stack",
         "cc",
@@ -599,20 +599,25 @@ fn print_tables(
         ));
     }
     for (run, stack, m, from) in rows {
+        let retransmits = if stack == "kernel-hook" {
+            "-".to_string()
+        } else {
+            m.retransmits.to_string()
+        };
         say!(
-            "{:<4} {:<10} {:<6} {:>6.2}s {:>8.1} {:>8.2}× {:>8}  {}",
+            "{:<4} {:<11} {:<6} {:>6.2}s {:>8.1} {:>8.2}× {:>8}  {}",
             run,
             stack,
             m.cc,
             m.seconds,
             m.mbit,
             m.mbit / base,
-            m.retransmits,
+            retransmits,
             from
         );
     }
     say!(
-        "speed-up: Mbit/s of the run / Mbit/s of run 1 (kernel CUBIC). Retransmits: iperf3's for kernel runs, the instance's for the user-space run (none counted for the static uploader)."
+        "speed-up: Mbit/s of the run / Mbit/s of run 1 (kernel CUBIC). Retransmits: iperf3's for kernel runs, the instance's for the user-space run; not counted for the static uploader (-)."
     );
 }
 
