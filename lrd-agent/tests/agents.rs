@@ -112,7 +112,8 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
     }
 
     // The same JSON as the offline form (db-0 runs on n2, so n2's table names it too); only
-    // the revision differs (the offline form compiles at revision 0).
+    // the revision differs (the offline form compiles at revision 0), and the live form says
+    // which path decides (the shim; no kernel hook is attached for web-2).
     let offline = cli(
         &[
             "explain",
@@ -137,6 +138,15 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
     assert_eq!(live["destination"], "pod shop/db-0");
     offline["revision"] = Value::Null;
     live["revision"] = Value::Null;
+    let path = live
+        .as_object_mut()
+        .and_then(|object| object.remove("path"))
+        .unwrap_or_default();
+    assert!(
+        path.as_str()
+            .is_some_and(|p| p.starts_with("path: the shim decides; no kernel hook")),
+        "{path}"
+    );
     assert_eq!(live, offline);
 
     // A listener registered through n1's agent reaches n2's agent with the next snapshot.
