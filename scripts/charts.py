@@ -481,15 +481,24 @@ def check_workloads(c: Checker, variant: str, objs: list[dict], values: dict, ku
     # SYS_PTRACE always; with agent.userspace.enabled exactly what starting user-space stack
     # instances in pods takes (setns, the packet socket, the port rules, the pod's uid), plus
     # the host's cgroup hierarchy (the instance joins its pod's cgroup).
+    # The kernel hook (agent.kernelHooks.pods other than off) adds SYS_ADMIN and NET_ADMIN
+    # (loading BPF programs, attaching them to pod cgroups) and the host's cgroup hierarchy.
     allowed = {"SYS_PTRACE"}
+    hooks = values["agent"]["kernelHooks"]["pods"]
+    if f"--kernel-hook-pods={hooks}" not in actr["args"]:
+        problems.append("--kernel-hook-pods missing")
+    if hooks != "off":
+        allowed |= {"SYS_ADMIN", "NET_ADMIN"}
     if values["agent"]["userspace"]["enabled"]:
         allowed |= {"SYS_ADMIN", "NET_RAW", "NET_ADMIN", "IPC_LOCK", "SETUID", "SETGID"}
-        if vols.get("host-cgroup", {}).get("hostPath", {}).get("path") != "/sys/fs/cgroup":
-            problems.append("userspace enabled without the host's /sys/fs/cgroup")
         if f"--userspace-ports={values['agent']['userspace']['ports']}" not in actr["args"]:
             problems.append("--userspace-ports missing")
-    elif "host-cgroup" in vols or "--max-userspace-instances=0" not in actr["args"]:
-        problems.append("userspace disabled but the host cgroup is mounted or instances are allowed")
+    elif "host-sysctl-net" in vols or "--max-userspace-instances=0" not in actr["args"]:
+        problems.append("userspace disabled but /proc/sys/net is mounted or instances are allowed")
+    needs_cgroup = values["agent"]["userspace"]["enabled"] or hooks != "off"
+    mounted_cgroup = vols.get("host-cgroup", {}).get("hostPath", {}).get("path") == "/sys/fs/cgroup"
+    if needs_cgroup != mounted_cgroup:
+        problems.append(f"the host's /sys/fs/cgroup mounted: {mounted_cgroup}, needed: {needs_cgroup}")
     if set(sc["capabilities"].get("add", [])) != allowed:
         problems.append(f"capabilities {sc['capabilities'].get('add')} are not {sorted(allowed)}")
     if {"operator": "Exists"} not in spec.get("tolerations", []):
@@ -517,7 +526,7 @@ def check_workloads(c: Checker, variant: str, objs: list[dict], values: dict, ku
     rolling_text = "surge 1 / unavailable 0" if surge else "no maxSurge, unavailable 1 (in place)"
     c.expect(not problems, f"[{variant}] agent DaemonSet: {sock} hostPath DirectoryOrCreate, system-node-critical, "
              f"tolerates all taints, RollingUpdate with {rolling_text}, readiness /readyz, hostPID, no host network, no token, not privileged, "
-             "caps drop ALL + SYS_PTRACE (+ the user-space stack's when enabled); controller --socket-dir matches", "; ".join(problems))
+             "caps drop ALL + SYS_PTRACE (+ the user-space stack's and the kernel hook's when enabled); controller --socket-dir matches", "; ".join(problems))
 
     replicas = values["controller"]["replicas"]
     problems = []
@@ -854,6 +863,7 @@ def check() -> int:
         "cert-manager": [MAIN_CHART / "examples" / "values-cert-manager.yaml"],
         "external-etcd": [MAIN_CHART / "ci" / "external-etcd-values.yaml"],
         "no-webhook": [MAIN_CHART / "ci" / "no-webhook-values.yaml"],
+        "kernel-only": [MAIN_CHART / "ci" / "kernel-only-values.yaml"],
     }
 
     print("\n== helm lint (warnings are failures)")

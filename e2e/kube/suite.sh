@@ -2,7 +2,7 @@
 # The Kubernetes scenarios on the single-node lane (e2e/kube/cluster.sh), one per argument, in
 # the order given; `cargo test -p stackroute-e2e --test kube` runs them all as ordered trials.
 #
-#   e2e/kube/suite.sh install injection status transport userspace validation agent-roll agent-handover \
+#   e2e/kube/suite.sh install injection status transport userspace kernelhook validation agent-roll agent-handover \
 #     controller-failover rbac trust egress uninstall
 #
 # install              both charts with the real Helm engine (helm.py), controller (2 replicas,
@@ -15,6 +15,9 @@
 # userspace            an injected client with a Userspace rule: its curl and iperf3 to the server
 #                      run on the stack instance the agent starts in its pod (AF_XDP, the pod's
 #                      cgroups), no kernel TCP socket for them; the instance stops with the pod
+# kernelhook           an injected pod whose program the shim cannot reach (static busybox) is
+#                      hooked by the agent: its connection runs the policy's Reno (`ss -tin`),
+#                      counted; the hook goes with the pod
 # validation           the examples pass the API server's validation; an object breaking a CEL
 #                      rule is rejected (CEL servers) or reported Accepted=False (Kubernetes < 1.25)
 # agent-roll           the agent DaemonSet rolls while a client connects in a loop: no failure
@@ -223,6 +226,47 @@ PY
   k -n "$APPS" delete pod usclient --wait=true --timeout=60s >/dev/null
   retry 90 sh -c "! kill -0 $1 2>/dev/null" || fail "the instance (pid $1) still runs after its pod was deleted"
   pass "the instance stopped once its pod was gone"
+}
+
+kernelhook() {
+  step "kernelhook: a program the shim cannot reach gets the policy from the agent's kernel hook"
+  local ip pid out cc listed
+  ip=$(server_ip)
+  cli
+  # hooked's only process is busybox (static): injected (LD_PRELOAD) yet never reached by the
+  # shim, so the agent hooks its pod cgroup by itself (--kernel-hook-pods unreachable).
+  k apply -f "$HERE/manifests/kernelhook.yaml" >/dev/null
+  k -n "$APPS" wait --for=condition=Ready pod/hooked --timeout=120s >/dev/null || fail "pod hooked not Ready"
+  pid=$(pid_of "$APPS" hooked)
+  listed=""
+  for _ in $(seq 1 60); do
+    listed=$("$CLI" connections --socket-dir "$LANE/node/run-stackroute" --output json 2>/dev/null \
+      | python3 -c 'import json, sys; print(*[l["cgroup"] for l in json.load(sys.stdin) if l.get("path") == "kernel-hook" and l.get("workload") == sys.argv[1]][:1])' "$APPS/hooked" || true)
+    [ -n "$listed" ] && break
+    sleep 0.5
+  done
+  [ -n "$listed" ] || fail "the agent attached no kernel hook for $APPS/hooked"
+  grep -q "$(echo "$listed" | sed 's/.*pod//')" "/proc/$pid/cgroup" || fail "the hook's cgroup $listed is not the pod's: $(cat "/proc/$pid/cgroup")"
+  pass "the agent hooked pod hooked by itself (cgroup $listed)"
+  # busybox nc (static) holds a connection to the server's httpd (which waits for a request)
+  # for a few seconds.
+  k -n "$APPS" exec hooked -- sh -c "sleep 5 | timeout 6 nc $ip 8080" >/dev/null 2>&1 &
+  local client_pid=$!
+  retry 6 sh -c "nsenter -t $pid -n ss -tinH state established '( dst $ip and dport = :8080 )' | grep -q ." \
+    || fail "no connection from hooked to $ip:8080"
+  out=$(nsenter -t "$pid" -n ss -tin state established "( dst $ip and dport = :8080 )")
+  echo "$out" | sed 's/^/        /'
+  echo "$out" | grep -qw reno || fail "the static client's connection to $ip:8080 does not run reno (the node default is bbr)"
+  pass "busybox nc (static, no shim) → server:8080 runs reno, as the policy says (ss -tin in the pod's network namespace)"
+  wait "$client_pid" || true
+  cc=$("$CLI" connections --socket-dir "$LANE/node/run-stackroute" --output json \
+    | python3 -c 'import json, sys; print(*[l["applied"] for l in json.load(sys.stdin) if l.get("path") == "kernel-hook" and l.get("workload") == sys.argv[1]][:1])' "$APPS/hooked")
+  [ "${cc:-0}" -ge 1 ] || fail "the hook counted no applied connection ($cc)"
+  pass "the hook counted $cc connection(s) given the policy's congestion control"
+  k -n "$APPS" delete pod hooked --wait=true --timeout=60s >/dev/null
+  retry 30 sh -c "! '$CLI' connections --socket-dir '$LANE/node/run-stackroute' --output json | grep -q '\"$APPS/hooked\"'" \
+    || fail "the kernel hook of the deleted pod is still attached"
+  pass "the hook went with its pod"
 }
 
 validation() {
@@ -466,7 +510,7 @@ uninstall() {
 [ $# -gt 0 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 for scenario in "$@"; do
   case "$scenario" in
-    install | injection | status | transport | userspace | validation | rbac | trust | egress | uninstall) "$scenario" ;;
+    install | injection | status | transport | userspace | kernelhook | validation | rbac | trust | egress | uninstall) "$scenario" ;;
     agent-roll) agent_roll ;;
     agent-handover) agent_handover ;;
     controller-failover) controller_failover ;;

@@ -16,6 +16,7 @@ const SCENARIOS: &[&str] = &[
     "status",
     "transport",
     "userspace",
+    "kernelhook",
     "validation",
     "agent-roll",
     "agent-handover",

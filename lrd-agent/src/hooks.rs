@@ -1,8 +1,12 @@
-//! Kernel hooks for programs the shim cannot reach (`stackroute run` of a static or
-//! set-user-ID binary): the agent moves the caller into a cgroup of its own, under the one it
-//! is in, and attaches the `sock_ops` hook (`stackroute-kernel-hook`) there with the caller's
-//! workload's table. A keeper recompiles every table when a new snapshot is published and
-//! detaches a hook (and removes its cgroup) once no process is left in it.
+//! Kernel hooks for programs the shim cannot reach. Standalone, `stackroute run` of a static or
+//! set-user-ID binary asks for one: the agent moves the caller into a cgroup of its own, under
+//! the one it is in, and attaches the `sock_ops` hook (`stackroute-kernel-hook`) there with the
+//! caller's workload's table. In Kubernetes mode the agent finds the pods itself: a pod with an
+//! injected process (`LD_PRELOAD` naming the shim) that has not mapped the shim (a static or Go
+//! program) gets the hook on its pod cgroup (`--kernel-hook-pods unreachable`, the default), or
+//! every injected pod does (`injected`). A keeper recompiles every table when a new snapshot is
+//! published and detaches a hook once no process is left in its cgroup (removing the cgroup
+//! when the agent made it).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,12 +32,23 @@ pub struct HookFlags {
     /// shim cannot reach on the kernel default, as before).
     #[arg(long, env = "STACKROUTE_MAX_KERNEL_HOOKS", default_value_t = 256)]
     pub max_kernel_hooks: usize,
+    /// Kubernetes mode: which pods the agent hooks by itself — `unreachable` (a pod with an
+    /// injected process the shim did not load into), `injected` (every pod with an injected
+    /// process), or `off` (only on request).
+    #[arg(
+        long,
+        env = "STACKROUTE_KERNEL_HOOK_PODS",
+        default_value = "unreachable",
+        value_parser = ["unreachable", "injected", "off"]
+    )]
+    pub kernel_hook_pods: String,
 }
 
 impl Default for HookFlags {
     fn default() -> Self {
         Self {
             max_kernel_hooks: 256,
+            kernel_hook_pods: "unreachable".into(),
         }
     }
 }
@@ -48,6 +63,8 @@ struct Attached {
     directory: PathBuf,
     revision: u64,
     entries: usize,
+    /// The agent made the cgroup (standalone) and removes it; a pod's cgroup is kubelet's.
+    owned: bool,
     hook: KernelHook,
 }
 
@@ -194,6 +211,7 @@ impl Hooks {
             directory,
             revision: current.revision,
             entries,
+            owned: true,
             hook,
         });
         (
@@ -240,10 +258,12 @@ impl Hooks {
         for a in gone {
             add(&mut retired, a.hook.counters().unwrap_or_default());
             info!(workload = %format!("{}/{}", a.namespace, a.workload), cgroup = %a.cgroup, "kernel hook detached: no process left");
-            let directory = a.directory.clone();
-            // Dropping the hook detaches it; the empty cgroup can go then.
+            let (directory, owned) = (a.directory.clone(), a.owned);
+            // Dropping the hook detaches it; an empty cgroup the agent made can go then.
             drop(a);
-            let _ = std::fs::remove_dir(&directory);
+            if owned {
+                let _ = std::fs::remove_dir(&directory);
+            }
         }
         for a in attached.iter_mut() {
             let Some(current) = current.as_ref().filter(|c| c.revision != a.revision) else {
@@ -269,6 +289,110 @@ impl Hooks {
         }
         (retired, total, attached.len())
     }
+}
+
+impl Hooks {
+    /// Kubernetes mode: hooks the pods that need it and are not hooked yet.
+    fn discover(&self, agent: &Agent) {
+        let pods = self.flags.kernel_hook_pods.as_str();
+        if pods == "off" || self.unavailable.is_some() {
+            return;
+        }
+        let (Some(root), Some(current)) = (crate::instances::cgroup_v2_root(), agent.current())
+        else {
+            return;
+        };
+        let hooked: Vec<String> = self.lock().iter().map(|a| a.cgroup.clone()).collect();
+        for (pod_cgroup, pid) in pods_to_hook(Path::new("/proc"), pods == "unreachable") {
+            if hooked.contains(&pod_cgroup) || self.lock().len() >= self.flags.max_kernel_hooks {
+                continue;
+            }
+            let peer = Peer::from_proc(Path::new("/proc"), Some(pid), 0, 0);
+            let Identity::Known(known) = identity::resolve(agent, &peer) else {
+                continue;
+            };
+            let Some((namespace, workload)) = known.workloads.iter().next().cloned() else {
+                continue;
+            };
+            let directory = root.join(pod_cgroup.trim_start_matches('/'));
+            let attached = compile(&current, &namespace, &workload).and_then(|table| {
+                let entries = table.entries.len();
+                KernelHook::attach(&directory, &table)
+                    .map(|hook| (hook, entries))
+                    .map_err(|e| e.to_string())
+            });
+            match attached {
+                Ok((hook, entries)) => {
+                    agent.metrics.kernel_hook_attach("ok");
+                    info!(workload = %format!("{namespace}/{workload}"), cgroup = %pod_cgroup, pid, revision = current.revision, entries, "kernel hook attached to a pod the shim cannot reach");
+                    self.lock().push(Attached {
+                        namespace,
+                        workload,
+                        cgroup: pod_cgroup,
+                        directory,
+                        revision: current.revision,
+                        entries,
+                        owned: false,
+                        hook,
+                    });
+                }
+                Err(why) => {
+                    agent.metrics.kernel_hook_attach("failed");
+                    warn!(workload = %format!("{namespace}/{workload}"), cgroup = %pod_cgroup, %why, "cannot attach a kernel hook to a pod");
+                }
+            }
+        }
+    }
+}
+
+/// The pod cgroups (v2 paths, up to the `pod<uid>` component) that hold an injected process —
+/// `LD_PRELOAD` naming the shim — which, when `unreachable_only`, has not mapped the shim (a
+/// static or Go program, or one that cleared it); with one such process's pid each.
+fn pods_to_hook(proc_root: &Path, unreachable_only: bool) -> Vec<(String, i32)> {
+    let mut found: Vec<(String, i32)> = Vec::new();
+    for (pid, dir) in crate::peer::processes(proc_root) {
+        let Some(pod_cgroup) =
+            crate::peer::cgroup(proc_root, pid).and_then(|cgroup| pod_cgroup(&cgroup))
+        else {
+            continue;
+        };
+        if found.iter().any(|(cgroup, _)| *cgroup == pod_cgroup) {
+            continue;
+        }
+        let injected = std::fs::read(dir.join("environ")).is_ok_and(|environ| {
+            environ.split(|b| *b == 0).any(|var| {
+                var.starts_with(b"LD_PRELOAD=")
+                    && String::from_utf8_lossy(var).contains(SHIM_LIBRARY)
+            })
+        });
+        if !injected {
+            continue;
+        }
+        let reached = unreachable_only
+            && std::fs::read_to_string(dir.join("maps"))
+                .is_ok_and(|maps| maps.contains(SHIM_LIBRARY));
+        if !reached {
+            found.push((pod_cgroup, pid));
+        }
+    }
+    found
+}
+
+/// The shim's file name, as `LD_PRELOAD` and `/proc/PID/maps` show it.
+const SHIM_LIBRARY: &str = "libnsocket.so";
+
+/// A kubelet cgroup path cut after its `pod<uid>` component
+/// (`/kubepods/besteffort/pod…/CONTAINER` → `/kubepods/besteffort/pod…`).
+fn pod_cgroup(cgroup: &str) -> Option<String> {
+    let mut path = String::new();
+    for component in cgroup.split('/').filter(|c| !c.is_empty()) {
+        path.push('/');
+        path.push_str(component);
+        if crate::peer::pod_uid(component).is_some() {
+            return Some(path);
+        }
+    }
+    None
 }
 
 /// `namespace/workload`'s table in `current`, with the congestion controls this node allows
@@ -326,7 +450,15 @@ pub async fn keeper(hooks: Arc<Hooks>, agent: Arc<Agent>) {
     loop {
         ticker.tick().await;
         let (hooks, agent_for_work) = (hooks.clone(), agent.clone());
-        match tokio::task::spawn_blocking(move || hooks.keep(&agent_for_work)).await {
+        let kubernetes = agent.local_policy().mode == crate::local::Mode::Kubernetes;
+        match tokio::task::spawn_blocking(move || {
+            if kubernetes {
+                hooks.discover(&agent_for_work);
+            }
+            hooks.keep(&agent_for_work)
+        })
+        .await
+        {
             Ok((detached, attached, count)) => {
                 add(&mut retired, detached);
                 let mut all = retired;
@@ -335,5 +467,28 @@ pub async fn keeper(hooks: Arc<Hooks>, agent: Arc<Agent>) {
             }
             Err(error) => warn!(%error, "the kernel hook keeper failed; going on"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_cgroups_end_at_the_pod_component() {
+        assert_eq!(
+            pod_cgroup("/kubepods/besteffort/pod0f1e2d3c-4b5a-6978-8899-aabbccddeeff/abc123"),
+            Some("/kubepods/besteffort/pod0f1e2d3c-4b5a-6978-8899-aabbccddeeff".into())
+        );
+        assert_eq!(
+            pod_cgroup(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_4b5a_6978_8899_aabbccddeeff.slice/cri-containerd-1.scope"
+            ),
+            Some(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_4b5a_6978_8899_aabbccddeeff.slice"
+                    .into()
+            )
+        );
+        assert_eq!(pod_cgroup("/user.slice/session-1.scope"), None);
     }
 }

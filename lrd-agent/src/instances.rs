@@ -975,26 +975,10 @@ impl Instances {
 
 /// The network namespaces (inodes) in which some process other than `instances` runs.
 fn busy_namespaces(instances: &HashSet<i32>) -> HashSet<u64> {
-    let mut busy = HashSet::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return busy;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if instances.contains(&pid) {
-            continue;
-        }
-        if let Some(netns) = crate::peer::netns_inode(Path::new("/proc"), pid) {
-            busy.insert(netns);
-        }
-    }
-    busy
+    crate::peer::processes(Path::new("/proc"))
+        .filter(|(pid, _)| !instances.contains(pid))
+        .filter_map(|(pid, _)| crate::peer::netns_inode(Path::new("/proc"), pid))
+        .collect()
 }
 
 /// How often the instances' connections are summed into the metrics.

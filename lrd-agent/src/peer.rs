@@ -63,6 +63,18 @@ impl Peer {
     }
 }
 
+/// Every process under `proc_root`: its pid and its directory.
+pub fn processes(proc_root: &Path) -> impl Iterator<Item = (i32, PathBuf)> {
+    std::fs::read_dir(proc_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            Some((pid, entry.path()))
+        })
+}
+
 /// The inode of `pid`'s network namespace (`net:[INODE]` in `/proc/PID/ns/net`).
 pub fn netns_inode(proc_root: &Path, pid: i32) -> Option<u64> {
     let link = std::fs::read_link(proc_root.join(pid.to_string()).join("ns/net")).ok()?;
