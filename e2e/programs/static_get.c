@@ -1,6 +1,7 @@
 /* A static HTTP/1.0 client (built with `gcc -static` by the test): no LD_PRELOAD reaches it, as
- * none reaches a Go program. `static_get IP PORT PATH` downloads PATH at about 1 MB/s (so `ss`
- * can sample the connection) and prints `bytes N`: everything received, headers included. */
+ * none reaches a Go program. `static_get IP PORT PATH [PAUSE]` downloads PATH at about 1 MB/s
+ * (so `ss` can sample the connection) and prints `bytes N`: everything received, headers
+ * included; with PAUSE, waits that many seconds and downloads it again on a new connection. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -10,11 +11,24 @@
 #include <time.h>
 #include <unistd.h>
 
+static int download(char **argv);
+
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: static_get IP PORT PATH\n");
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: static_get IP PORT PATH [PAUSE]\n");
         return 2;
     }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (download(argv) != 0)
+        return 1;
+    if (argc == 5) {
+        sleep(atoi(argv[4]));
+        return download(argv);
+    }
+    return 0;
+}
+
+static int download(char **argv) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
     if (inet_pton(AF_INET, argv[1], &a.sin_addr) != 1 ||

@@ -6,7 +6,7 @@
 //! The hosts default to **reno**, so `cubic` or `bbr` on a connection can only come from the
 //! policy, applied by the shim (`setsockopt(TCP_CONGESTION)`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -85,6 +85,11 @@ fn main() -> std::process::ExitCode {
             "a_static_program_gets_its_policy_through_the_kernel_hook",
             &["python3", "curl", "gcc"],
             a_static_program_gets_its_policy_through_the_kernel_hook,
+        ),
+        trial(
+            "a_policy_change_reaches_a_hooked_program",
+            &["python3", "gcc"],
+            a_policy_change_reaches_a_hooked_program,
         ),
         trial(
             "without_kernel_hooks_a_static_program_runs_on_the_default",
@@ -637,6 +642,109 @@ fn static_get(cluster: &Cluster) -> String {
     binary.to_string_lossy().into_owned()
 }
 
+/// The web server, pod static-a2 on node-a2 (same zone), the static client built, the paths
+/// policy in force (BBR for static-a2 → web): the web pod's address, the server, the binary.
+fn static_client_on_a2(cluster: &mut Cluster) -> (std::net::Ipv4Addr, Proc, String) {
+    let (web, server, _) = web_server(cluster);
+    cluster
+        .add_pod("static-a2", "node-a2", &["app=client"], false)
+        .unwrap();
+    let binary = static_get(cluster);
+    cluster.wait_listening("a1", 8080).unwrap();
+    cluster.set_policy("paths.yaml", POLICY).unwrap();
+    let peer = SocketAddr::new(IpAddr::V4(web), 8080);
+    cluster
+        .wait_decision("node-a2", "static-a2", peer, "Kernel/BBR")
+        .unwrap();
+    (web, server, binary)
+}
+
+/// A new revision reaches a running program's kernel hook: the static client downloads on the
+/// same-zone path (BBR), the policy changes that path to Reno while it pauses, and its second
+/// connection runs Reno — set by the hook (counted `applied` twice), not the host's default.
+fn a_policy_change_reaches_a_hooked_program() {
+    let mut cluster = cluster();
+    let (web, _server, binary) = static_client_on_a2(&mut cluster);
+    let peer = SocketAddr::new(IpAddr::V4(web), 8080);
+    let mut hooked = cluster
+        .spawn(
+            &client("node-a2", "static-a2"),
+            true,
+            &[&binary, &web.to_string(), "8080", "/blob", "12"],
+        )
+        .unwrap();
+    // Each connection's congestion control, by its local port.
+    let mut seen: BTreeMap<u16, String> = BTreeMap::new();
+    let sample = |seen: &mut BTreeMap<u16, String>| {
+        if let Ok(conns) = ss::connections_to(&cluster.net, "a2", peer) {
+            for c in conns {
+                seen.insert(c.local.port(), c.cc.unwrap_or_else(|| "none".into()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    wait_for("the first download", LONG, || {
+        sample(&mut seen);
+        hooked.output().contains("bytes ").then_some(())
+    })
+    .unwrap();
+    let first: BTreeSet<String> = seen.values().cloned().collect();
+    let first_ports: Vec<u16> = seen.keys().copied().collect();
+    let same_zone_bbr =
+        "    location: SameZone\n    transport: {stack: Kernel, congestionControl: BBR}";
+    assert!(POLICY.contains(same_zone_bbr));
+    let reno = POLICY.replace(
+        same_zone_bbr,
+        "    location: SameZone\n    transport: {stack: Kernel, congestionControl: Reno}",
+    );
+    cluster.set_policy("paths.yaml", &reno).unwrap();
+    cluster
+        .wait_decision("node-a2", "static-a2", peer, "Kernel/Reno")
+        .unwrap();
+    while hooked.running() {
+        sample(&mut seen);
+    }
+    let output = hooked.success(LONG).unwrap();
+    let second: BTreeSet<String> = seen
+        .iter()
+        .filter(|(port, _)| !first_ports.contains(port))
+        .map(|(_, cc)| cc.clone())
+        .collect();
+    assert_cc(
+        &first,
+        "bbr",
+        "the first connection (revision with BBR)",
+        &output,
+    );
+    assert_cc(
+        &second,
+        "reno",
+        "the second connection (revision with Reno)",
+        &output,
+    );
+    assert_eq!(output.matches("bytes 4194").count(), 2, "{output}");
+    let port = cluster.agent_metrics_port("node-a2");
+    wait_for(
+        "both connections counted applied by the hook",
+        Duration::from_secs(15),
+        || {
+            let metrics = stackroute_e2e::cluster::http_get(port, "/metrics").ok()?.1;
+            metrics
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(
+                        "stackroute_lrd_kernel_hook_connections_total{outcome=\"applied\"} ",
+                    )?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                })
+                .filter(|applied| *applied == 2.0)
+        },
+    )
+    .unwrap();
+}
+
 /// With kernel hooks off (`--max-kernel-hooks 0`, what a node without BPF or cgroup v2 answers
 /// too), `stackroute run` says why and runs the static program anyway, on the host's default;
 /// the agent counts it `unaccelerated`.
@@ -646,17 +754,8 @@ fn without_kernel_hooks_a_static_program_runs_on_the_default() {
         ..Options::default()
     })
     .expect("the e2e cluster starts");
-    let (web, _server, _) = web_server(&mut cluster);
-    cluster
-        .add_pod("static-a2", "node-a2", &["app=client"], false)
-        .unwrap();
-    let binary = static_get(&cluster);
-    cluster.wait_listening("a1", 8080).unwrap();
-    cluster.set_policy("paths.yaml", POLICY).unwrap();
+    let (web, _server, binary) = static_client_on_a2(&mut cluster);
     let peer = SocketAddr::new(IpAddr::V4(web), 8080);
-    cluster
-        .wait_decision("node-a2", "static-a2", peer, "Kernel/BBR")
-        .unwrap();
     let client = cluster
         .spawn(
             &client("node-a2", "static-a2"),

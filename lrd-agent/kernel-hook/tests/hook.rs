@@ -89,6 +89,12 @@ fn policy(to_two: &str) -> Vec<String> {
 
 /// lab/client's table under `policy(to_two)`, with the congestion controls this host allows.
 fn table(to_two: &str) -> KernelTable {
+    table_allowing(to_two, None)
+}
+
+/// lab/client's table under `policy(to_two)`, with the congestion controls `allowed` (this
+/// host's `tcp_allowed_congestion_control` when `None`).
+fn table_allowing(to_two: &str, allowed: Option<&[CongestionControl]>) -> KernelTable {
     let mut state = ClusterState::default();
     for (index, document) in policy(to_two).iter().enumerate() {
         let problems = state.load_text(&format!("doc{index}"), document);
@@ -105,12 +111,13 @@ fn table(to_two: &str) -> KernelTable {
     let workload = snapshot
         .workload_by_name("lab", "client")
         .expect("lab/client");
-    let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
-        .unwrap_or_default();
-    let allowed: Vec<CongestionControl> = allowed
-        .split_whitespace()
-        .filter_map(CongestionControl::from_kernel_name)
-        .collect();
+    let host: Vec<CongestionControl> =
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(CongestionControl::from_kernel_name)
+            .collect();
+    let allowed = allowed.unwrap_or(&host);
     kernel_table(&snapshot, workload, |cc| allowed.contains(&cc))
 }
 
@@ -390,6 +397,39 @@ fn policy_picks_the_congestion_control_of_a_static_program(cgroup_root: PathBuf)
     );
     let after = hook.counters().unwrap();
     assert_eq!(after.applied, counters.applied + 2, "{after:?}");
+
+    // CUBIC for rule `two`: on a node whose allowed list has it, the hook sets it; with this
+    // host's list (Reno and BBR here) the entry is skipped (no-capability) and the default
+    // stays, as for an unprivileged program under the shim.
+    let everything = [
+        CongestionControl::Cubic,
+        CongestionControl::Bbr,
+        CongestionControl::Reno,
+    ];
+    hook.update(&table_allowing("Cubic", Some(&everything)))
+        .expect("update the table");
+    assert_eq!(
+        lab.connect("10.77.0.2", 5001, None),
+        "cubic",
+        "CUBIC allowed"
+    );
+    hook.update(&table_allowing(
+        "Cubic",
+        Some(&[CongestionControl::Bbr, CongestionControl::Reno]),
+    ))
+    .expect("update the table");
+    let before = hook.counters().unwrap();
+    assert_eq!(
+        lab.connect("10.77.0.2", 5001, None),
+        "reno",
+        "CUBIC not allowed"
+    );
+    let skipped = hook.counters().unwrap();
+    assert_eq!(
+        skipped.no_capability,
+        before.no_capability + 1,
+        "{skipped:?}"
+    );
 
     drop(hook);
     assert_eq!(
