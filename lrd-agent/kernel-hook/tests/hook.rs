@@ -197,13 +197,46 @@ struct Lab {
     client: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
-    _dir: PathBuf,
+    /// Dropped after the processes are stopped (`Lab::drop`), or alone when `Lab::new` fails
+    /// half way.
+    _scratch: Scratch,
+}
+
+/// What `Lab::new` creates before its processes run: the namespace, the cgroup, the build
+/// directory; removed on drop (each may not exist yet).
+struct Scratch {
+    netns: String,
+    cgroup: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .stderr(Stdio::null())
+            .status();
+        for _ in 0..50 {
+            if !self.cgroup.exists() || std::fs::remove_dir(&self.cgroup).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Lab {
     fn new(cgroup_root: &Path) -> Self {
         let pid = std::process::id();
         let dir = std::env::temp_dir().join(format!("srhook-{pid}"));
+        let netns = format!("srhook-{pid}");
+        let cgroup = cgroup_root.join(format!("srhook-{pid}"));
+        let scratch = Scratch {
+            netns: netns.clone(),
+            cgroup: cgroup.clone(),
+            dir: dir.clone(),
+        };
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("client.c"), CLIENT).unwrap();
         let client_binary = dir.join("client");
@@ -217,7 +250,6 @@ impl Lab {
                 dir.join("client.c").to_str().unwrap(),
             ],
         );
-        let netns = format!("srhook-{pid}");
         let _ = Command::new("ip")
             .args(["netns", "del", &netns])
             .stderr(Stdio::null())
@@ -241,7 +273,6 @@ impl Lab {
         }
         // A namespace other than the host's may only default to an allowed one.
         exec(&["sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"]);
-        let cgroup = cgroup_root.join(format!("srhook-{pid}"));
         std::fs::create_dir_all(&cgroup).unwrap();
         let mut server = Command::new("ip")
             .args(["netns", "exec", &netns, "python3", "-c", SERVER])
@@ -275,7 +306,7 @@ impl Lab {
             client,
             stdin,
             stdout,
-            _dir: dir,
+            _scratch: scratch,
         }
     }
 
@@ -309,16 +340,7 @@ impl Drop for Lab {
         let _ = self.client.wait();
         let _ = self.server.kill();
         let _ = self.server.wait();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.cgroup).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = std::fs::remove_dir_all(&self._dir);
+        // `_scratch` goes next: namespace, cgroup, directory.
     }
 }
 
