@@ -8,7 +8,11 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use crate::format::{self, SectionId};
+use crate::format::{
+    self, SectionId, address4, address6, backend, chain, chain_policy, cidr, directory, header,
+    identity_set, node, peer, policy, port, rule, service, transport, workload, workload_address,
+    zone,
+};
 use crate::{
     Action, Cidr, Entity, Isolation, LocationMatch, NO_IDENTITY, NO_ZONE, PolicyKind, Protocol,
     Stack, Tier, TransportChoice,
@@ -91,18 +95,20 @@ impl SharedTables {
     /// Encodes the shared tables once.
     pub fn build(input: &SharedInput) -> Self {
         let mut strings = Vec::new();
-        let mut zones = Vec::with_capacity(input.zones.len() * 8);
-        for zone in &input.zones {
-            put_str(&mut zones, &mut strings, zone);
+        let mut zones = Vec::with_capacity(input.zones.len() * zone::LEN);
+        for name in &input.zones {
+            let r = push_record(&mut zones, zone::LEN);
+            put_str(r, zone::NAME, &mut strings, name);
         }
-        let mut nodes = Vec::with_capacity(input.nodes.len() * 12);
-        for node in &input.nodes {
-            put_str(&mut nodes, &mut strings, &node.name);
-            put_u32(&mut nodes, node.zone);
+        let mut nodes = Vec::with_capacity(input.nodes.len() * node::LEN);
+        for entry in &input.nodes {
+            let r = push_record(&mut nodes, node::LEN);
+            put_str(r, node::NAME, &mut strings, &entry.name);
+            node::ZONE.put(r, entry.zone);
         }
         let mut networks = Vec::new();
-        for cidr in &input.cluster_networks {
-            put_cidr(&mut networks, cidr);
+        for network in &input.cluster_networks {
+            put_cidr(&mut networks, network);
         }
 
         let mut v4: Vec<(u32, &AddressEntry)> = Vec::new();
@@ -119,24 +125,29 @@ impl SharedTables {
         v6.sort_by_key(|(ip, _)| *ip);
         v6.dedup_by_key(|(ip, _)| *ip);
         let slots = format::address4_slots(v4.len());
-        let mut addresses4 = vec![0u8; slots * 16];
-        for slot in addresses4.chunks_exact_mut(16) {
-            slot[4] = format::EMPTY_SLOT;
+        let mut addresses4 = vec![0u8; slots * address4::LEN];
+        let (table, _) = addresses4.as_chunks_mut::<{ address4::LEN }>();
+        for slot in table.iter_mut() {
+            address4::KIND.put(slot, format::EMPTY_SLOT);
         }
         for (ip, entry) in v4 {
             let mut slot = format::address4_slot(ip, slots);
-            while addresses4[slot * 16 + 4] != format::EMPTY_SLOT {
+            while address4::KIND.get(&table[slot]) != format::EMPTY_SLOT {
                 slot = if slot + 1 == slots { 0 } else { slot + 1 };
             }
-            let mut record = Vec::with_capacity(16);
-            put_u32(&mut record, ip);
-            put_address_tail(&mut record, entry);
-            addresses4[slot * 16..slot * 16 + 16].copy_from_slice(&record);
+            let r = &mut table[slot];
+            address4::IP.put(r, ip);
+            address4::KIND.put(r, address_kind(entry.kind));
+            address4::IDENTITY.put(r, entry.identity);
+            address4::NODE.put(r, entry.node);
         }
-        let mut addresses6 = Vec::with_capacity(v6.len() * 28);
+        let mut addresses6 = Vec::with_capacity(v6.len() * address6::LEN);
         for (ip, entry) in v6 {
-            addresses6.extend_from_slice(&ip);
-            put_address_tail(&mut addresses6, entry);
+            let r = push_record(&mut addresses6, address6::LEN);
+            address6::IP.put(r, &ip);
+            address6::KIND.put(r, address_kind(entry.kind));
+            address6::IDENTITY.put(r, entry.identity);
+            address6::NODE.put(r, entry.node);
         }
 
         // What the address book says of each backend; the first entry of a duplicate wins, as
@@ -150,20 +161,18 @@ impl SharedTables {
         let mut services: Vec<&ServiceEntry> = input.services.iter().collect();
         services.sort_by_key(|s| (ip_key(s.ip.to_canonical()), s.port, s.protocol as u8));
         services.dedup_by_key(|s| (ip_key(s.ip.to_canonical()), s.port, s.protocol as u8));
-        let mut service_records = Vec::with_capacity(services.len() * 28);
+        let mut service_records = Vec::with_capacity(services.len() * service::LEN);
         let mut backends = Vec::new();
-        for service in services {
-            let (family, bytes) = ip_key(service.ip.to_canonical());
-            service_records.extend_from_slice(&bytes);
-            service_records.push(family);
-            service_records.push(service.protocol as u8);
-            put_u16(&mut service_records, service.port);
-            put_u32(
-                &mut service_records,
-                (backends.len() / format::BACKEND_LEN) as u32,
-            );
-            put_u32(&mut service_records, service.backends.len() as u32);
-            let mut sorted: Vec<BackendKey> = service
+        for entry in services {
+            let (family, bytes) = ip_key(entry.ip.to_canonical());
+            let r = push_record(&mut service_records, service::LEN);
+            service::IP.put(r, &bytes);
+            service::FAMILY.put(r, family);
+            service::PROTOCOL.put(r, entry.protocol as u8);
+            service::PORT.put(r, entry.port);
+            let first = backends.len() / backend::LEN;
+            service::BACKENDS.put(r, first, entry.backends.len());
+            let mut sorted: Vec<BackendKey> = entry
                 .backends
                 .iter()
                 .map(|(ip, port)| {
@@ -184,13 +193,13 @@ impl SharedTables {
                 .collect();
             sorted.sort_unstable();
             for (identity, port, zone, node, (family, bytes)) in sorted {
-                backends.extend_from_slice(&bytes);
-                backends.push(family);
-                backends.push(0);
-                put_u16(&mut backends, port);
-                put_u32(&mut backends, identity);
-                put_u32(&mut backends, node);
-                put_u32(&mut backends, zone);
+                let r = push_record(&mut backends, backend::LEN);
+                backend::IP.put(r, &bytes);
+                backend::FAMILY.put(r, family);
+                backend::PORT.put(r, port);
+                backend::IDENTITY.put(r, identity);
+                backend::NODE.put(r, node);
+                backend::ZONE.put(r, zone);
             }
         }
 
@@ -199,9 +208,11 @@ impl SharedTables {
         let mut identity_set_blooms = Vec::with_capacity(input.identity_sets.len());
         let mut identity_set_rule_blooms = Vec::with_capacity(input.identity_sets.len());
         for set in &input.identity_sets {
-            identity_set_ranges.push(((identity_sets.len() / 4) as u32, set.len() as u32));
+            let first = identity_sets.len() / identity_set::LEN;
+            identity_set_ranges.push((first as u32, set.len() as u32));
             for id in set {
-                put_u32(&mut identity_sets, *id);
+                let r = push_record(&mut identity_sets, identity_set::LEN);
+                identity_set::IDENTITY.put(r, *id);
             }
             let (bloom, rule_bloom) = format::identity_set_blooms(set.iter().copied());
             identity_set_blooms.push(bloom);
@@ -425,127 +436,93 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
     let mut policies = Vec::new();
     let mut policy_filters = Vec::new();
     let mut rule_count = 0u32;
-    for policy in &node.policies {
-        policies.push(policy.kind as u8);
-        policies.push(policy.tier as u8);
-        put_u16(&mut policies, policy.priority);
-        put_str(&mut policies, &mut strings, &policy.namespace);
-        put_str(&mut policies, &mut strings, &policy.name);
-        put_u32(&mut policies, rule_count);
-        put_u32(&mut policies, policy.rules.len() as u32);
-        put_policy_filter(&mut policy_filters, shared, policy, rule_count);
-        rule_count += policy.rules.len() as u32;
-        for rule in &policy.rules {
-            put_str(&mut rules, &mut strings, &rule.name);
-            let flags = if rule.peers.is_some() {
-                format::RULE_HAS_PEERS
-            } else {
-                0
-            } | if rule.ports.is_some() {
-                format::RULE_HAS_PORTS
-            } else {
-                0
-            } | rule.gate.flags();
-            rules.extend_from_slice(&[
-                rule.action as u8,
-                rule.location as u8,
-                rule.isolation as u8,
-                flags,
-            ]);
-
-            let span = port_span(rule.ports.as_deref());
-            let mut filter = format::RuleFilter::new(span, rule.location, rule.peers.is_some());
-            let rule_peers = rule.peers.as_deref().unwrap_or_default();
-            put_range(&mut rules, peers.len() / 12, rule_peers.len());
-            for peer in rule_peers {
-                match peer {
-                    PeerEntry::Pods(set) => {
-                        let (offset, len) = shared
-                            .identity_set_ranges
-                            .get(*set as usize)
-                            .copied()
-                            .unwrap_or((0, 0));
-                        peers.extend_from_slice(&[format::PEER_PODS, 0, 0, 0]);
-                        put_u32(&mut peers, offset);
-                        put_u32(&mut peers, len);
-                        filter.add_pods(
-                            shared
-                                .identity_set_rule_blooms
-                                .get(*set as usize)
-                                .copied()
-                                .unwrap_or(0),
-                        );
-                    }
-                    PeerEntry::Networks(cidrs) => {
-                        peers.extend_from_slice(&[format::PEER_NETWORKS, 0, 0, 0]);
-                        put_range(&mut peers, networks.len() / format::CIDR_LEN, cidrs.len());
-                        for cidr in cidrs {
-                            let at = networks.len();
-                            put_cidr(&mut networks, cidr);
-                            filter.add_cidr(&networks[at..]);
-                        }
-                    }
-                    PeerEntry::Entity(entity) => {
-                        peers.extend_from_slice(&[format::PEER_ENTITY, *entity as u8, 0, 0]);
-                        put_range(&mut peers, 0, 0);
-                        filter.add_entity(*entity);
-                    }
-                }
-            }
-            let rule_ports = rule.ports.as_deref().unwrap_or_default();
-            put_range(&mut rules, ports.len() / 8, rule_ports.len());
-            for port in rule_ports {
-                ports.extend_from_slice(&[port.protocol as u8, 0]);
-                put_u16(&mut ports, port.first);
-                put_u16(&mut ports, port.last);
-                put_u16(&mut ports, 0);
-            }
-            put_range(&mut rules, transports.len() / 2, rule.transports.len());
-            rule_filters.extend_from_slice(&filter.to_bytes());
+    for entry in &node.policies {
+        let r = push_record(&mut policies, policy::LEN);
+        policy::KIND.put(r, entry.kind as u8);
+        policy::TIER.put(r, entry.tier as u8);
+        policy::PRIORITY.put(r, entry.priority);
+        put_str(r, policy::NAMESPACE, &mut strings, &entry.namespace);
+        put_str(r, policy::NAME, &mut strings, &entry.name);
+        policy::RULES.put(r, rule_count as usize, entry.rules.len());
+        put_policy_filter(&mut policy_filters, shared, entry, rule_count);
+        rule_count += entry.rules.len() as u32;
+        for item in &entry.rules {
+            let r = push_record(&mut rules, rule::LEN);
+            put_str(r, rule::NAME, &mut strings, &item.name);
+            rule::ACTION.put(r, item.action as u8);
+            rule::LOCATION.put(r, item.location as u8);
+            rule::ISOLATION.put(r, item.isolation as u8);
+            let has = |present: bool, flag: u8| if present { flag } else { 0 };
+            let flags = has(item.peers.is_some(), format::RULE_HAS_PEERS)
+                | has(item.ports.is_some(), format::RULE_HAS_PORTS)
+                | item.gate.flags();
+            rule::FLAGS.put(r, flags);
+            let span = port_span(item.ports.as_deref());
             let (first, last, protocols) = span;
-            put_u16(&mut rules, first);
-            put_u16(&mut rules, last);
-            rules.extend_from_slice(&[protocols, 0, 0, 0]);
-            for transport in &rule.transports {
-                transports.extend_from_slice(&[
-                    transport.stack as u8,
-                    transport.congestion_control as u8,
-                ]);
+            rule::FIRST_PORT.put(r, first);
+            rule::LAST_PORT.put(r, last);
+            rule::PROTOCOLS.put(r, protocols);
+
+            let rule_peers = item.peers.as_deref().unwrap_or_default();
+            rule::PEERS.put(r, peers.len() / peer::LEN, rule_peers.len());
+            let mut filter = format::RuleFilter::new(span, item.location, item.peers.is_some());
+            for entry in rule_peers {
+                put_peer(&mut peers, &mut networks, shared, entry, &mut filter);
+            }
+            rule_filters.extend_from_slice(&filter.to_bytes());
+
+            let rule_ports = item.ports.as_deref().unwrap_or_default();
+            rule::PORTS.put(r, ports.len() / port::LEN, rule_ports.len());
+            for entry in rule_ports {
+                let p = push_record(&mut ports, port::LEN);
+                port::PROTOCOL.put(p, entry.protocol as u8);
+                port::FIRST.put(p, entry.first);
+                port::LAST.put(p, entry.last);
+            }
+
+            let first = transports.len() / transport::LEN;
+            rule::TRANSPORTS.put(r, first, item.transports.len());
+            for choice in &item.transports {
+                transports.extend_from_slice(&transport_record(*choice));
             }
         }
     }
 
-    let mut chains = Vec::with_capacity(node.chains.len() * 8);
+    let mut chains = Vec::with_capacity(node.chains.len() * chain::LEN);
     let mut chain_policies = Vec::new();
-    for chain in &node.chains {
-        put_range(&mut chains, chain_policies.len() / 4, chain.len());
-        for policy in chain {
-            put_u32(&mut chain_policies, *policy);
+    for list in &node.chains {
+        let r = push_record(&mut chains, chain::LEN);
+        chain::POLICIES.put(r, chain_policies.len() / chain_policy::LEN, list.len());
+        for index in list {
+            let p = push_record(&mut chain_policies, chain_policy::LEN);
+            chain_policy::POLICY.put(p, *index);
         }
     }
 
     let mut order: Vec<&WorkloadEntry> = node.workloads.iter().collect();
     order.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     order.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
-    let mut workloads = Vec::with_capacity(order.len() * 28);
+    let mut workloads = Vec::with_capacity(order.len() * workload::LEN);
     let mut by_address: Vec<((u8, [u8; 16]), u32)> = Vec::new();
-    for (index, workload) in order.iter().enumerate() {
-        put_str(&mut workloads, &mut strings, &workload.namespace);
-        put_str(&mut workloads, &mut strings, &workload.name);
-        put_u32(&mut workloads, workload.chain);
-        put_u32(&mut workloads, 0); // unused: addresses live in WorkloadAddresses
-        put_u32(&mut workloads, workload.ips.len() as u32);
-        for ip in &workload.ips {
+    for (index, entry) in order.iter().enumerate() {
+        let r = push_record(&mut workloads, workload::LEN);
+        put_str(r, workload::NAMESPACE, &mut strings, &entry.namespace);
+        put_str(r, workload::NAME, &mut strings, &entry.name);
+        workload::CHAIN.put(r, entry.chain);
+        // workload::RESERVED stays 0: the addresses live in WorkloadAddresses.
+        workload::ADDRESS_COUNT.put(r, entry.ips.len() as u32);
+        for ip in &entry.ips {
             by_address.push((ip_key(ip.to_canonical()), index as u32));
         }
     }
     by_address.sort();
     by_address.dedup_by_key(|(key, _)| *key);
-    let mut workload_addresses = Vec::with_capacity(by_address.len() * 24);
+    let mut workload_addresses = Vec::with_capacity(by_address.len() * workload_address::LEN);
     for ((family, bytes), index) in by_address {
-        workload_addresses.extend_from_slice(&bytes);
-        workload_addresses.extend_from_slice(&[family, 0, 0, 0]);
-        put_u32(&mut workload_addresses, index);
+        let r = push_record(&mut workload_addresses, workload_address::LEN);
+        workload_address::IP.put(r, &bytes);
+        workload_address::FAMILY.put(r, family);
+        workload_address::WORKLOAD.put(r, index);
     }
 
     NodeTables {
@@ -572,6 +549,51 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
     }
 }
 
+/// Appends one rule peer (and a networks peer's CIDRs), and adds it to the rule's filter.
+fn put_peer(
+    peers: &mut Vec<u8>,
+    networks: &mut Vec<u8>,
+    shared: &SharedTables,
+    entry: &PeerEntry,
+    filter: &mut format::RuleFilter,
+) {
+    let r = push_record(peers, peer::LEN);
+    match entry {
+        PeerEntry::Pods(set) => {
+            let set = *set as usize;
+            let (offset, len) = shared
+                .identity_set_ranges
+                .get(set)
+                .copied()
+                .unwrap_or((0, 0));
+            peer::KIND.put(r, format::PEER_PODS);
+            peer::IDENTITIES.put(r, offset as usize, len as usize);
+            filter.add_pods(
+                shared
+                    .identity_set_rule_blooms
+                    .get(set)
+                    .copied()
+                    .unwrap_or(0),
+            );
+        }
+        PeerEntry::Networks(cidrs) => {
+            peer::KIND.put(r, format::PEER_NETWORKS);
+            peer::NETWORKS.put(r, networks.len() / cidr::LEN, cidrs.len());
+            for network in cidrs {
+                let at = networks.len();
+                put_cidr(networks, network);
+                filter.add_cidr(&networks[at..]);
+            }
+        }
+        PeerEntry::Entity(entity) => {
+            // No range: an entity names no records.
+            peer::KIND.put(r, format::PEER_ENTITY);
+            peer::ENTITY.put(r, *entity as u8);
+            filter.add_entity(*entity);
+        }
+    }
+}
+
 /// Joins the shared tables and one node's tables into a complete, checksummed snapshot.
 pub fn assemble(shared: &SharedTables, node: &NodeTables) -> Vec<u8> {
     let mut sections: Vec<(SectionId, &[u8])> = shared
@@ -582,34 +604,31 @@ pub fn assemble(shared: &SharedTables, node: &NodeTables) -> Vec<u8> {
         .collect();
     sections.sort_by_key(|(id, _)| id.index());
 
-    let directory_len = sections.len() * format::DIRECTORY_ENTRY_LEN;
+    let directory_len = sections.len() * directory::LEN;
     let body_len: usize = sections.iter().map(|(_, b)| b.len()).sum();
-    let total = format::HEADER_LEN + directory_len + body_len;
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(&format::MAGIC);
-    put_u32(&mut out, 0); // crc, patched below
-    put_u16(&mut out, format::VERSION);
-    put_u16(&mut out, 0);
-    out.extend_from_slice(&(total as u64).to_le_bytes());
-    out.extend_from_slice(&node.revision.to_le_bytes());
-    put_u32(&mut out, sections.len() as u32);
-    put_u32(&mut out, node.own_node);
-    let default = node.default_transport;
-    out.extend_from_slice(&[default.stack as u8, default.congestion_control as u8]);
-    out.resize(format::HEADER_LEN, 0);
-    let mut offset = format::HEADER_LEN + directory_len;
-    for (id, bytes) in &sections {
-        put_u32(&mut out, *id as u32);
-        put_u32(&mut out, offset as u32);
-        put_u32(&mut out, bytes.len() as u32);
-        put_u32(&mut out, id.record_len() as u32);
+    let mut out = Vec::with_capacity(header::LEN + directory_len + body_len);
+    out.resize(header::LEN + directory_len, 0);
+    let (head, directory) = out.split_at_mut(header::LEN);
+    // Flags and reserved bytes stay zero; `seal` writes the length and checksum last.
+    header::MAGIC.put(head, &format::MAGIC);
+    header::VERSION.put(head, format::VERSION);
+    header::REVISION.put(head, node.revision);
+    header::SECTION_COUNT.put(head, sections.len() as u32);
+    header::OWN_NODE.put(head, node.own_node);
+    header::DEFAULT_TRANSPORT.put(head, &transport_record(node.default_transport));
+    let (entries, _) = directory.as_chunks_mut::<{ directory::LEN }>();
+    let mut offset = header::LEN + directory_len;
+    for (entry, (id, bytes)) in entries.iter_mut().zip(&sections) {
+        directory::ID.put(entry, *id as u32);
+        directory::OFFSET.put(entry, offset as u32);
+        directory::SIZE.put(entry, bytes.len() as u32);
+        directory::RECORD_SIZE.put(entry, id.record_len() as u32);
         offset += bytes.len();
     }
     for (_, bytes) in &sections {
         out.extend_from_slice(bytes);
     }
-    let crc = crc32fast::hash(&out[format::OFF_VERSION..]);
-    out[format::OFF_CRC..format::OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+    format::seal(&mut out);
     out
 }
 
@@ -662,38 +681,40 @@ pub(crate) fn protocol_bit(protocol: Protocol) -> u8 {
     }
 }
 
-fn put_u16(out: &mut Vec<u8>, value: u16) {
-    out.extend_from_slice(&value.to_le_bytes());
+/// Appends a zeroed record of `len` bytes (so its padding is zero) and returns it to fill in.
+fn push_record(out: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    let start = out.len();
+    out.resize(start + len, 0);
+    &mut out[start..]
 }
 
-fn put_u32(out: &mut Vec<u8>, value: u32) {
-    out.extend_from_slice(&value.to_le_bytes());
-}
-
-fn put_range(out: &mut Vec<u8>, offset: usize, len: usize) {
-    put_u32(out, offset as u32);
-    put_u32(out, len as u32);
-}
-
-fn put_str(out: &mut Vec<u8>, strings: &mut Vec<u8>, text: &str) {
-    put_range(out, strings.len(), text.len());
+/// Appends `text` to a string section and points the string field `field` of `record` at it.
+fn put_str(record: &mut [u8], field: format::Str, strings: &mut Vec<u8>, text: &str) {
+    field.put(record, strings.len(), text.len());
     strings.extend_from_slice(text.as_bytes());
 }
 
-fn put_cidr(out: &mut Vec<u8>, cidr: &Cidr) {
-    let (family, bytes) = ip_key(cidr.address);
-    out.extend_from_slice(&bytes);
-    out.extend_from_slice(&[family, cidr.prefix, 0, 0]);
+fn put_cidr(out: &mut Vec<u8>, network: &Cidr) {
+    let (family, bytes) = ip_key(network.address);
+    let r = push_record(out, cidr::LEN);
+    cidr::IP.put(r, &bytes);
+    cidr::FAMILY.put(r, family);
+    cidr::PREFIX.put(r, network.prefix);
 }
 
-fn put_address_tail(out: &mut Vec<u8>, entry: &AddressEntry) {
-    let kind = match entry.kind {
+fn address_kind(kind: AddressKind) -> u8 {
+    match kind {
         AddressKind::Pod => format::ADDRESS_POD,
         AddressKind::Node => format::ADDRESS_NODE,
-    };
-    out.extend_from_slice(&[kind, 0, 0, 0]);
-    put_u32(out, entry.identity);
-    put_u32(out, entry.node);
+    }
+}
+
+/// A transports record (also the header's default transport).
+fn transport_record(choice: TransportChoice) -> [u8; transport::LEN] {
+    let mut r = [0u8; transport::LEN];
+    transport::STACK.put(&mut r, choice.stack as u8);
+    transport::CONGESTION_CONTROL.put(&mut r, choice.congestion_control as u8);
+    r
 }
 
 /// `(family, 16 bytes)`: IPv4 in the first four bytes. Sorting by this key sorts IPv4 before

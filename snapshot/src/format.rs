@@ -4,7 +4,7 @@
 //! from a memory map.
 //!
 //! ```text
-//! header (64 bytes)
+//! header (64 bytes, fields in [`header`])
 //!   0  magic            8  b"\x89SRSNAP\n"
 //!   8  crc32            4  CRC-32 (IEEE) of bytes 12..total_len
 //!  12  version          2  = 1
@@ -20,25 +20,188 @@
 //! sections, each a packed array of fixed-size records (record_size 1 for byte blobs)
 //! ```
 //!
-//! A string reference is `{offset u32, len u32}` into a string section. A range is
-//! `{offset u32, len u32}` counted in records of the section it points into.
+//! Every record's fields are named once, in a module per record type below ([`header`],
+//! [`directory`], [`zone`], [`node`], [`cidr`], [`address4`], [`address6`], [`service`],
+//! [`backend`], [`identity_set`], [`peer`], [`port`], [`transport`], [`rule`],
+//! [`rule_filter`], [`policy`], [`policy_filter`], [`chain`], [`chain_policy`], [`workload`],
+//! [`workload_address`]); the reader and the encoder go through those names, never through
+//! offsets, and each module's `LEN` is its section's record size. Unnamed bytes are padding,
+//! written as zero.
+//!
+//! A string reference ([`Str`]) is `{offset u32, len u32}` into a string section. A range
+//! ([`Range`]) is `{offset u32, len u32}` counted in records of the section it points into.
 
 /// First eight bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"\x89SRSNAP\n";
 /// The only version this crate reads and writes.
 pub const VERSION: u16 = 1;
 /// Size of the fixed header.
-pub const HEADER_LEN: usize = 64;
+pub const HEADER_LEN: usize = header::LEN;
 /// Size of one section directory entry.
-pub const DIRECTORY_ENTRY_LEN: usize = 16;
+pub const DIRECTORY_ENTRY_LEN: usize = directory::LEN;
+/// The CRC-32 (IEEE) a snapshot's header must hold: of every byte after the checksum field
+/// ([`header::CHECKSUMMED_FROM`] to the end).
+pub fn checksum(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes.get(header::CHECKSUMMED_FROM..).unwrap_or_default())
+}
 
-pub(crate) const OFF_CRC: usize = 8;
-pub(crate) const OFF_VERSION: usize = 12;
-pub(crate) const OFF_TOTAL_LEN: usize = 16;
-pub(crate) const OFF_REVISION: usize = 24;
-pub(crate) const OFF_SECTION_COUNT: usize = 32;
-pub(crate) const OFF_OWN_NODE: usize = 36;
-pub(crate) const OFF_DEFAULT_TRANSPORT: usize = 40;
+/// Makes the header agree with the bytes: writes `total_len` (the slice's length) and then the
+/// checksum over everything after it. The encoder's last step; tests and fuzzers call it after
+/// editing a snapshot so the edit gets past those two cheap checks. Bytes shorter than the
+/// header are left as they are (they can never parse).
+pub fn seal(bytes: &mut [u8]) {
+    if bytes.len() < HEADER_LEN {
+        return;
+    }
+    header::TOTAL_LEN.put(bytes, bytes.len() as u64);
+    let crc = checksum(bytes);
+    header::CRC.put(bytes, crc);
+}
+
+/// A byte at a fixed offset of a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct U8(pub usize);
+
+impl U8 {
+    /// The byte; 0 when `record` is too short to hold it (an out-of-range index reads an empty
+    /// record; a validated section holds whole records).
+    #[inline]
+    pub fn get(self, record: &[u8]) -> u8 {
+        record.get(self.0).copied().unwrap_or(0)
+    }
+
+    /// The byte decoded as an enum (`from_byte`), or `default` when it is unknown or the record
+    /// is too short (neither happens to a record of a validated snapshot).
+    #[inline]
+    pub fn decode_or<T>(
+        self,
+        record: &[u8],
+        from_byte: impl FnOnce(u8) -> Option<T>,
+        default: T,
+    ) -> T {
+        record
+            .get(self.0)
+            .and_then(|b| from_byte(*b))
+            .unwrap_or(default)
+    }
+
+    /// Stores `value`. Panics when `record` is too short: only the encoder writes, into
+    /// records of their section's length.
+    #[inline]
+    pub fn put(self, record: &mut [u8], value: u8) {
+        record[self.0] = value;
+    }
+}
+
+macro_rules! int_field {
+    ($(#[$meta:meta])* $name:ident: $ty:ty) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct $name(pub usize);
+
+        impl $name {
+            /// The value; 0 when `record` is too short to hold it (an out-of-range index reads
+            /// an empty record; a validated section holds whole records).
+            #[inline]
+            pub fn get(self, record: &[u8]) -> $ty {
+                record
+                    .get(self.0..self.0 + size_of::<$ty>())
+                    .and_then(|bytes| bytes.try_into().ok())
+                    .map_or(0, <$ty>::from_le_bytes)
+            }
+
+            /// Stores `value`. Panics when `record` is too short: only the encoder writes, into
+            /// records of their section's length.
+            #[inline]
+            pub fn put(self, record: &mut [u8], value: $ty) {
+                record[self.0..self.0 + size_of::<$ty>()].copy_from_slice(&value.to_le_bytes());
+            }
+        }
+    };
+}
+
+int_field!(
+    /// A little-endian `u16` at a fixed offset of a record.
+    U16: u16
+);
+int_field!(
+    /// A little-endian `u32` at a fixed offset of a record.
+    U32: u32
+);
+int_field!(
+    /// A little-endian `u64` at a fixed offset of a record.
+    U64: u64
+);
+int_field!(
+    /// A little-endian `u128` at a fixed offset of a record.
+    U128: u128
+);
+
+/// `N` bytes stored as they are (an address in network order, the magic) at a fixed offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bytes<const N: usize>(pub usize);
+
+impl<const N: usize> Bytes<N> {
+    /// A copy of the bytes; zeros when `record` is too short to hold them.
+    #[inline]
+    pub fn get(self, record: &[u8]) -> [u8; N] {
+        self.slice(record).try_into().unwrap_or([0; N])
+    }
+
+    /// The bytes in place; empty when `record` is too short to hold them.
+    #[inline]
+    pub fn slice(self, record: &[u8]) -> &[u8] {
+        record.get(self.0..self.0 + N).unwrap_or_default()
+    }
+
+    /// Stores `value`. Panics when `record` is too short.
+    #[inline]
+    pub fn put(self, record: &mut [u8], value: &[u8; N]) {
+        record[self.0..self.0 + N].copy_from_slice(value);
+    }
+}
+
+macro_rules! reference_field {
+    ($(#[$meta:meta])* $name:ident, $target:ident, $unit:literal) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct $name {
+            /// Offset of the `offset u32`; the `len u32` follows it.
+            pub at: usize,
+            /// The section it points into.
+            pub $target: SectionId,
+        }
+
+        impl $name {
+            /// A reference at `at` into `target`.
+            pub const fn new(at: usize, target: SectionId) -> Self {
+                Self { at, $target: target }
+            }
+
+            #[doc = concat!("`(offset, len)`, counted in ", $unit, "; zeros when `record` is too short.")]
+            #[inline]
+            pub fn get(self, record: &[u8]) -> (u32, u32) {
+                (U32(self.at).get(record), U32(self.at + 4).get(record))
+            }
+
+            /// Stores `(offset, len)` (as `u32`s). Panics when `record` is too short.
+            #[inline]
+            pub fn put(self, record: &mut [u8], offset: usize, len: usize) {
+                U32(self.at).put(record, offset as u32);
+                U32(self.at + 4).put(record, len as u32);
+            }
+        }
+    };
+}
+
+reference_field!(
+    /// A string reference: `{offset u32, len u32}` in bytes of a string section.
+    Str, table, "bytes"
+);
+reference_field!(
+    /// A range: `{offset u32, len u32}` in records of the section it points into.
+    Range, target, "records of the target section"
+);
 
 /// Section identifiers and their record sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,60 +209,54 @@ pub(crate) const OFF_DEFAULT_TRANSPORT: usize = 40;
 pub enum SectionId {
     /// UTF-8 strings shared by every node: node and zone names.
     SharedStrings = 1,
-    /// Zone names: `{name str}`.
+    /// Zone names: [`zone`].
     Zones = 2,
-    /// Nodes, indexed by node id: `{name str, zone u32}`.
+    /// Nodes, indexed by node id: [`node`].
     Nodes = 3,
-    /// Configured cluster networks: CIDR records.
+    /// Configured cluster networks: [`cidr`] records.
     ClusterNetworks = 4,
-    /// IPv4 address book, an open-addressing hash table of slots
-    /// `{ip u32, kind u8, pad 3, identity u32, node u32}`, kind [`EMPTY_SLOT`] for a free one.
-    /// An address sits in the first free slot at or after [`address4_slot`] (linear probing,
-    /// wrapping at the end); about three quarters of the slots are used ([`address4_slots`]). A lookup reads one or two cache lines of
-    /// one page, where a binary search over 100,000 addresses reads 17 lines of 17 pages.
+    /// IPv4 address book, an open-addressing hash table of [`address4`] slots, kind
+    /// [`EMPTY_SLOT`] for a free one. An address sits in the first free slot at or after
+    /// [`address4_slot`] (linear probing, wrapping at the end); about three quarters of the
+    /// slots are used ([`address4_slots`]). A lookup reads one or two cache lines of one page,
+    /// where a binary search over 100,000 addresses reads 17 lines of 17 pages.
     Addresses4 = 5,
-    /// IPv6 address book, sorted by address: `{ip [16], kind u8, pad 3, identity u32, node u32}`.
+    /// IPv6 address book, sorted by address: [`address6`].
     Addresses6 = 6,
-    /// Service frontends, sorted by (ip, port, protocol):
-    /// `{ip [16], family u8, protocol u8, port u16, backends range}`.
+    /// Service frontends, sorted by (ip, port, protocol): [`service`].
     Services = 7,
-    /// Service backends: `{ip [16], family u8, pad 1, port u16, identity u32, node u32,
-    /// zone u32}`. Identity, node and zone repeat what the address book says of a pod backend
-    /// ([`crate::NO_IDENTITY`], [`NO_NODE`], [`crate::NO_ZONE`] for any other address). Each
-    /// Service's backends are sorted by (identity, port, zone, node, address), so pod backends
-    /// that only differ in where they run form runs a lookup can decide once per location.
+    /// Service backends: [`backend`].
     Backends = 8,
-    /// Identity sets: sorted runs of `u32` identity ids.
+    /// Identity sets: sorted runs of [`identity_set`] records.
     IdentitySets = 9,
-    /// CIDRs named by rules: CIDR records.
+    /// CIDRs named by rules: [`cidr`] records.
     Networks = 10,
-    /// Rule peers: `{kind u8, entity u8, pad 2, range}`.
+    /// Rule peers: [`peer`].
     Peers = 11,
-    /// Rule ports: `{protocol u8, pad 1, first u16, last u16, pad 2}`.
+    /// Rule ports: [`port`].
     Ports = 12,
-    /// Transport lists: `{stack u8, congestion control u8}`.
+    /// Transport lists: [`transport`].
     Transports = 13,
-    /// Rules: see [`RULE_LEN`].
+    /// Rules: [`rule`].
     Rules = 14,
-    /// Policies: `{kind u8, tier u8, priority u16, namespace str, name str, rules range}`.
-    /// Local policy numbers follow the global evaluation order, so every chain ascends through
-    /// this section and the rule sections. A lookup reads only `PolicyFilters`.
+    /// Policies: [`policy`]. Local policy numbers follow the global evaluation order, so every
+    /// chain ascends through this section and the rule sections. A lookup reads only
+    /// `PolicyFilters`.
     Policies = 15,
-    /// Chains: a range of CHAIN_POLICIES.
+    /// Chains: [`chain`].
     Chains = 16,
-    /// Policy indexes of every chain, in evaluation order.
+    /// Policy indexes of every chain, in evaluation order: [`chain_policy`].
     ChainPolicies = 17,
-    /// Workloads on this node, sorted by (namespace, name):
-    /// `{namespace str, name str, chain u32, reserved u32, address count u32}`; the addresses
-    /// themselves are in `WorkloadAddresses`.
+    /// Workloads on this node, sorted by (namespace, name): [`workload`]; their addresses are
+    /// in `WorkloadAddresses`.
     Workloads = 18,
-    /// Workload addresses, sorted by ip: `{ip [16], family u8, pad 3, workload u32}`.
+    /// Workload addresses, sorted by (family, ip): [`workload_address`].
     WorkloadAddresses = 19,
     /// UTF-8 strings of this node: policy, rule, namespace and workload names.
     NodeStrings = 20,
-    /// One prefilter per rule, parallel to `Rules`: see [`RULE_FILTER_LEN`].
+    /// One prefilter per rule, parallel to `Rules`: [`rule_filter`].
     RuleFilters = 21,
-    /// One summary per policy, parallel to `Policies`: see [`POLICY_FILTER_LEN`].
+    /// One summary per policy, parallel to `Policies`: [`policy_filter`].
     PolicyFilters = 23,
 }
 
@@ -133,26 +290,26 @@ impl SectionId {
     /// Size of one record of this section.
     pub const fn record_len(self) -> usize {
         match self {
-            Self::SharedStrings | Self::NodeStrings => 1,
-            Self::Zones => 8,
-            Self::Nodes => 12,
-            Self::ClusterNetworks | Self::Networks => CIDR_LEN,
-            Self::Addresses4 => 16,
-            Self::Addresses6 => 28,
-            Self::Services => 28,
-            Self::Backends => BACKEND_LEN,
-            Self::IdentitySets => 4,
-            Self::Peers => 12,
-            Self::Ports => 8,
-            Self::Transports => 2,
-            Self::Rules => RULE_LEN,
-            Self::RuleFilters => RULE_FILTER_LEN,
-            Self::PolicyFilters => POLICY_FILTER_LEN,
-            Self::Policies => POLICY_LEN,
-            Self::Chains => 8,
-            Self::ChainPolicies => 4,
-            Self::Workloads => 28,
-            Self::WorkloadAddresses => 24,
+            Self::SharedStrings | Self::NodeStrings => STRING_RECORD_LEN,
+            Self::Zones => zone::LEN,
+            Self::Nodes => node::LEN,
+            Self::ClusterNetworks | Self::Networks => cidr::LEN,
+            Self::Addresses4 => address4::LEN,
+            Self::Addresses6 => address6::LEN,
+            Self::Services => service::LEN,
+            Self::Backends => backend::LEN,
+            Self::IdentitySets => identity_set::LEN,
+            Self::Peers => peer::LEN,
+            Self::Ports => port::LEN,
+            Self::Transports => transport::LEN,
+            Self::Rules => rule::LEN,
+            Self::RuleFilters => rule_filter::LEN,
+            Self::PolicyFilters => policy_filter::LEN,
+            Self::Policies => policy::LEN,
+            Self::Chains => chain::LEN,
+            Self::ChainPolicies => chain_policy::LEN,
+            Self::Workloads => workload::LEN,
+            Self::WorkloadAddresses => workload_address::LEN,
         }
     }
 
@@ -161,18 +318,390 @@ impl SectionId {
     }
 }
 
-/// CIDR record: `{ip [16], family u8 (4 or 6), prefix u8, pad 2}`; IPv4 uses the first 4 bytes.
-pub const CIDR_LEN: usize = 20;
+/// Record size of the string sections: byte blobs.
+pub const STRING_RECORD_LEN: usize = 1;
 
-/// Rule record:
-/// `{name str 8, action u8, location u8, isolation u8, flags u8, peers range 8, ports range 8,
-///   transports range 8, first port u16, last port u16, protocol mask u8, pad 3}` = 44 bytes.
-/// Flag bit 0: the rule has `to`; bit 1: it has `ports`. The port span and protocol mask cover
-/// all of the rule's port entries, so most port mismatches are found without reading them.
-/// Bits 2–4 record what the controller's NetworkPolicy gate did to the rule ([`crate::RuleGate`]);
-/// they never change a lookup (the transports list already says what is left), only what
-/// `explain` reports, and readers that predate them ignore them.
-pub const RULE_LEN: usize = 44;
+/// The fixed header at the start of every snapshot.
+pub mod header {
+    use super::{Bytes, U16, U32, U64};
+
+    /// [`super::MAGIC`].
+    pub const MAGIC: Bytes<8> = Bytes(0);
+    /// CRC-32 (IEEE) of bytes [`CHECKSUMMED_FROM`]`..total_len`: see [`super::checksum`].
+    pub const CRC: U32 = U32(8);
+    /// [`super::VERSION`].
+    pub const VERSION: U16 = U16(12);
+    /// Always 0 in version 1.
+    pub const FLAGS: U16 = U16(14);
+    /// Length of the whole snapshot.
+    pub const TOTAL_LEN: U64 = U64(16);
+    /// Controller revision this snapshot was compiled at.
+    pub const REVISION: U64 = U64(24);
+    /// Entries in the section directory, which follows the header.
+    pub const SECTION_COUNT: U32 = U32(32);
+    /// This node: an index into `Nodes`.
+    pub const OWN_NODE: U32 = U32(36);
+    /// The installation default when no rule matches: a [`super::transport`] record.
+    pub const DEFAULT_TRANSPORT: Bytes<2> = Bytes(40);
+    /// Where the checksummed bytes begin: everything after the CRC field.
+    pub const CHECKSUMMED_FROM: usize = VERSION.0;
+    /// Header length; bytes 42..64 are reserved (zero).
+    pub const LEN: usize = 64;
+}
+
+/// A section directory entry.
+pub mod directory {
+    use super::U32;
+
+    /// The section's [`super::SectionId`]; unknown ids are skipped by readers.
+    pub const ID: U32 = U32(0);
+    /// Offset of the section from the start of the snapshot.
+    pub const OFFSET: U32 = U32(4);
+    /// Section length in bytes.
+    pub const SIZE: U32 = U32(8);
+    /// Record length, [`super::SectionId::record_len`].
+    pub const RECORD_SIZE: U32 = U32(12);
+    /// Entry length.
+    pub const LEN: usize = 16;
+}
+
+/// A zone (`Zones`).
+pub mod zone {
+    use super::{SectionId, Str};
+
+    /// Zone name.
+    pub const NAME: Str = Str::new(0, SectionId::SharedStrings);
+    /// Record length.
+    pub const LEN: usize = 8;
+}
+
+/// A node (`Nodes`).
+pub mod node {
+    use super::{SectionId, Str, U32};
+
+    /// Node name.
+    pub const NAME: Str = Str::new(0, SectionId::SharedStrings);
+    /// Index into `Zones`, or [`crate::NO_ZONE`].
+    pub const ZONE: U32 = U32(8);
+    /// Record length.
+    pub const LEN: usize = 12;
+}
+
+/// A CIDR (`ClusterNetworks`, `Networks`).
+pub mod cidr {
+    use super::{Bytes, U8};
+
+    /// Network address; IPv4 in the first 4 bytes, the rest zero.
+    pub const IP: Bytes<16> = Bytes(0);
+    /// 4 or 6.
+    pub const FAMILY: U8 = U8(16);
+    /// Prefix length.
+    pub const PREFIX: U8 = U8(17);
+    /// Record length (2 bytes of padding).
+    pub const LEN: usize = 20;
+}
+
+/// A slot of the IPv4 address book (`Addresses4`).
+pub mod address4 {
+    use super::{U8, U32};
+
+    /// The address as a number.
+    pub const IP: U32 = U32(0);
+    /// `ADDRESS_POD`, `ADDRESS_NODE`, or [`super::EMPTY_SLOT`].
+    pub const KIND: U8 = U8(4);
+    /// Identity of a pod; [`crate::NO_IDENTITY`] for a node.
+    pub const IDENTITY: U32 = U32(8);
+    /// Index into `Nodes`.
+    pub const NODE: U32 = U32(12);
+    /// Record length.
+    pub const LEN: usize = 16;
+}
+
+/// An entry of the IPv6 address book (`Addresses6`).
+pub mod address6 {
+    use super::{Bytes, U8, U32};
+
+    /// The address.
+    pub const IP: Bytes<16> = Bytes(0);
+    /// `ADDRESS_POD` or `ADDRESS_NODE`.
+    pub const KIND: U8 = U8(16);
+    /// Identity of a pod; [`crate::NO_IDENTITY`] for a node.
+    pub const IDENTITY: U32 = U32(20);
+    /// Index into `Nodes`.
+    pub const NODE: U32 = U32(24);
+    /// Record length.
+    pub const LEN: usize = 28;
+}
+
+/// A Service frontend (`Services`).
+pub mod service {
+    use super::{Bytes, Range, SectionId, U8, U16};
+
+    /// ClusterIP; IPv4 in the first 4 bytes.
+    pub const IP: Bytes<16> = Bytes(0);
+    /// 4 or 6.
+    pub const FAMILY: U8 = U8(16);
+    /// [`crate::Protocol`].
+    pub const PROTOCOL: U8 = U8(17);
+    /// Service port.
+    pub const PORT: U16 = U16(18);
+    /// Its ready backends.
+    pub const BACKENDS: Range = Range::new(20, SectionId::Backends);
+    /// Record length.
+    pub const LEN: usize = 28;
+}
+
+/// A Service backend (`Backends`). Identity, node and zone repeat what the address book says
+/// of a pod backend ([`crate::NO_IDENTITY`], [`NO_NODE`], [`crate::NO_ZONE`] for any
+/// other address). Each Service's backends are sorted by (identity, port, zone, node, family,
+/// address), so pod backends that only differ in where they run form runs a lookup can decide
+/// once per location.
+pub mod backend {
+    use super::{Bytes, U8, U16, U32};
+
+    /// Address; IPv4 in the first 4 bytes.
+    pub const IP: Bytes<16> = Bytes(0);
+    /// 4 or 6.
+    pub const FAMILY: U8 = U8(16);
+    /// Target port (byte 17 is padding).
+    pub const PORT: U16 = U16(18);
+    /// Identity of a pod backend.
+    pub const IDENTITY: U32 = U32(20);
+    /// Node of a pod backend.
+    pub const NODE: U32 = U32(24);
+    /// Zone of that node.
+    pub const ZONE: U32 = U32(28);
+    /// Record length.
+    pub const LEN: usize = 32;
+}
+
+/// One identity of an identity set (`IdentitySets`).
+pub mod identity_set {
+    use super::U32;
+
+    /// Identity id.
+    pub const IDENTITY: U32 = U32(0);
+    /// Record length.
+    pub const LEN: usize = 4;
+}
+
+/// A rule peer (`Peers`).
+pub mod peer {
+    use super::{Range, SectionId, U8};
+
+    /// `PEER_PODS`, `PEER_NETWORKS` or `PEER_ENTITY`.
+    pub const KIND: U8 = U8(0);
+    /// [`crate::Entity`] of an entity peer (bytes 2–3 are padding).
+    pub const ENTITY: U8 = U8(1);
+    /// A pods peer's identity set.
+    pub const IDENTITIES: Range = Range::new(4, SectionId::IdentitySets);
+    /// A networks peer's CIDRs (the same bytes as [`IDENTITIES`]; empty for an entity peer).
+    pub const NETWORKS: Range = Range::new(4, SectionId::Networks);
+    /// Record length.
+    pub const LEN: usize = 12;
+}
+
+/// A rule's port range (`Ports`).
+pub mod port {
+    use super::{U8, U16};
+
+    /// [`crate::Protocol`] (byte 1 is padding).
+    pub const PROTOCOL: U8 = U8(0);
+    /// First port.
+    pub const FIRST: U16 = U16(2);
+    /// Last port, inclusive (bytes 6–7 are padding).
+    pub const LAST: U16 = U16(4);
+    /// Record length.
+    pub const LEN: usize = 8;
+}
+
+/// One entry of a transport list (`Transports`, and the header's default).
+pub mod transport {
+    use super::U8;
+
+    /// [`crate::Stack`].
+    pub const STACK: U8 = U8(0);
+    /// [`crate::CongestionControl`].
+    pub const CONGESTION_CONTROL: U8 = U8(1);
+    /// Record length.
+    pub const LEN: usize = 2;
+}
+
+/// A rule (`Rules`). The port span and protocol mask cover all of the rule's port entries, so
+/// most port mismatches are found without reading them.
+pub mod rule {
+    use super::{Range, SectionId, Str, U8, U16};
+
+    /// Rule name.
+    pub const NAME: Str = Str::new(0, SectionId::NodeStrings);
+    /// [`crate::Action`].
+    pub const ACTION: U8 = U8(8);
+    /// [`crate::LocationMatch`].
+    pub const LOCATION: U8 = U8(9);
+    /// [`crate::Isolation`].
+    pub const ISOLATION: U8 = U8(10);
+    /// Bit 0: the rule has `to`; bit 1: it has `ports`. Bits 2–4 record what the
+    /// controller's NetworkPolicy gate did to the rule ([`crate::RuleGate`]); they never change
+    /// a lookup (the transports list already says what is left), only what `explain` reports,
+    /// and readers that predate them ignore them.
+    pub const FLAGS: U8 = U8(11);
+    /// Destination peers.
+    pub const PEERS: Range = Range::new(12, SectionId::Peers);
+    /// Destination port ranges.
+    pub const PORTS: Range = Range::new(20, SectionId::Ports);
+    /// The transport, then its fallbacks.
+    pub const TRANSPORTS: Range = Range::new(28, SectionId::Transports);
+    /// Lowest port of any port entry (0 without `ports`).
+    pub const FIRST_PORT: U16 = U16(36);
+    /// Highest port of any port entry (65535 without `ports`).
+    pub const LAST_PORT: U16 = U16(38);
+    /// Protocol mask of the port entries (0xff without `ports`; bytes 41–43 are padding).
+    pub const PROTOCOLS: U8 = U8(40);
+    /// Record length.
+    pub const LEN: usize = 44;
+}
+
+/// A rule's prefilter (`RuleFilters`), one per rule in the same order as `Rules`.
+///
+/// Everything a lookup needs to reject a rule sits in one small record, so the shim's walk of a
+/// chain reads 24 contiguous bytes per rule instead of following the rule's peer, port and
+/// identity-set ranges. A filter only ever rejects rules that cannot match; whatever passes is
+/// checked in full. Location masks use bit n for [`crate::Location`] n. `Snapshot::parse`
+/// recomputes every filter and rejects a snapshot whose filters differ, so a lookup can trust
+/// them.
+pub mod rule_filter {
+    use super::{U8, U16, U32, U64};
+
+    /// The rule's port span ([`super::rule::FIRST_PORT`]).
+    pub const FIRST_PORT: U16 = U16(0);
+    /// [`super::rule::LAST_PORT`].
+    pub const LAST_PORT: U16 = U16(2);
+    /// [`super::rule::PROTOCOLS`].
+    pub const PROTOCOLS: U8 = U8(4);
+    /// Locations the rule's `location` admits.
+    pub const LOCATIONS: U8 = U8(5);
+    /// Locations where the rule's peers admit any address (no `to`, or an `entity` peer).
+    pub const OPEN_LOCATIONS: U8 = U8(6);
+    /// [`super::FILTER_PODS`], [`super::FILTER_NETWORKS4`], [`super::FILTER_NETWORKS6`].
+    pub const PEER_KINDS: U8 = U8(7);
+    /// Bloom filter of the identities of every pods peer ([`super::rule_bloom_mask`]).
+    pub const BLOOM: U64 = U64(8);
+    /// Lowest IPv4 address of any IPv4 CIDR of the networks peers.
+    pub const V4_FIRST: U32 = U32(16);
+    /// Highest such address.
+    pub const V4_LAST: U32 = U32(20);
+    /// Record length.
+    pub const LEN: usize = 24;
+}
+
+/// A policy (`Policies`).
+pub mod policy {
+    use super::{Range, SectionId, Str, U8, U16};
+
+    /// [`crate::PolicyKind`].
+    pub const KIND: U8 = U8(0);
+    /// [`crate::Tier`].
+    pub const TIER: U8 = U8(1);
+    /// `spec.priority`.
+    pub const PRIORITY: U16 = U16(2);
+    /// Namespace (empty for a ClusterStackRoute).
+    pub const NAMESPACE: Str = Str::new(4, SectionId::NodeStrings);
+    /// Name.
+    pub const NAME: Str = Str::new(12, SectionId::NodeStrings);
+    /// Its rules, in order.
+    pub const RULES: Range = Range::new(20, SectionId::Rules);
+    /// Record length.
+    pub const LEN: usize = 28;
+}
+
+/// A policy's summary (`PolicyFilters`), one per policy in the same order as `Policies`.
+///
+/// Everything a lookup reads to walk past a policy: its rules (a range of `Rules` and
+/// `RuleFilters`), its tier (a Pass ends the tier), and a summary of its rules — the ports they
+/// cover together, the locations they admit, and, when every rule names only pods peers
+/// ([`POLICY_PODS_ONLY`]), a 128-bit Bloom filter of the identities those peers select
+/// ([`policy_bloom_mask`]). 1,000 policies take 32 KB, small enough to stay in cache
+/// between lookups, where the full policy records would not.
+pub mod policy_filter {
+    use super::{Range, SectionId, U8, U16, U128};
+
+    /// The policy's rules (and their filters, which are parallel).
+    pub const RULES: Range = Range::new(0, SectionId::Rules);
+    /// Lowest port any rule covers.
+    pub const FIRST_PORT: U16 = U16(8);
+    /// Highest port any rule covers.
+    pub const LAST_PORT: U16 = U16(10);
+    /// Protocol mask of every rule.
+    pub const PROTOCOLS: U8 = U8(12);
+    /// [`super::POLICY_PODS_ONLY`].
+    pub const FLAGS: U8 = U8(13);
+    /// Locations some rule admits.
+    pub const LOCATIONS: U8 = U8(14);
+    /// [`crate::Tier`] of the policy.
+    pub const TIER: U8 = U8(15);
+    /// Bloom filter of the identities of every pods peer.
+    pub const BLOOM: U128 = U128(16);
+    /// Record length.
+    pub const LEN: usize = 32;
+}
+
+/// A chain (`Chains`): the policies a workload walks.
+pub mod chain {
+    use super::{Range, SectionId};
+
+    /// Its policies, in evaluation order.
+    pub const POLICIES: Range = Range::new(0, SectionId::ChainPolicies);
+    /// Record length.
+    pub const LEN: usize = 8;
+}
+
+/// One policy of a chain (`ChainPolicies`).
+pub mod chain_policy {
+    use super::U32;
+
+    /// Index into `Policies` (and `PolicyFilters`).
+    pub const POLICY: U32 = U32(0);
+    /// Record length.
+    pub const LEN: usize = 4;
+}
+
+/// A workload on this node (`Workloads`).
+pub mod workload {
+    use super::{SectionId, Str, U32};
+
+    /// Namespace.
+    pub const NAMESPACE: Str = Str::new(0, SectionId::NodeStrings);
+    /// Name.
+    pub const NAME: Str = Str::new(8, SectionId::NodeStrings);
+    /// Index into `Chains`.
+    pub const CHAIN: U32 = U32(16);
+    /// Unused (0): addresses live in `WorkloadAddresses`.
+    pub const RESERVED: U32 = U32(20);
+    /// How many addresses the workload has.
+    pub const ADDRESS_COUNT: U32 = U32(24);
+    /// Record length.
+    pub const LEN: usize = 28;
+}
+
+/// An address of a workload (`WorkloadAddresses`).
+pub mod workload_address {
+    use super::{Bytes, U8, U32};
+
+    /// Address; IPv4 in the first 4 bytes.
+    pub const IP: Bytes<16> = Bytes(0);
+    /// 4 or 6 (bytes 17–19 are padding).
+    pub const FAMILY: U8 = U8(16);
+    /// Index into `Workloads`.
+    pub const WORKLOAD: U32 = U32(20);
+    /// Record length.
+    pub const LEN: usize = 24;
+}
+
+/// CIDR record length (see [`cidr`]).
+pub const CIDR_LEN: usize = cidr::LEN;
+
+/// Rule record length (see [`rule`]).
+pub const RULE_LEN: usize = rule::LEN;
 pub(crate) const RULE_HAS_PEERS: u8 = 1;
 pub(crate) const RULE_HAS_PORTS: u8 = 2;
 /// Flag bit 2: the NetworkPolicy gate removed RDMA from this rule's transports.
@@ -184,8 +713,8 @@ pub(crate) const RULE_GATE_REMOVED_USERSPACE: u8 = 8;
 /// destinations NetworkPolicy allows; the rule after it (same name) holds the rest.
 pub(crate) const RULE_GATE_ALLOWED_PART: u8 = 16;
 
-/// Backend record length (see [`SectionId::Backends`]).
-pub const BACKEND_LEN: usize = 32;
+/// Backend record length (see [`backend`]).
+pub const BACKEND_LEN: usize = backend::LEN;
 /// The node of a backend that is not a pod.
 pub const NO_NODE: u32 = u32::MAX;
 
@@ -207,20 +736,8 @@ pub fn address4_slots(addresses: usize) -> usize {
     addresses + addresses / 3 + 1
 }
 
-/// Rule filter record, one per rule in the same order as `Rules`:
-/// `{first port u16, last port u16, protocol mask u8, location mask u8, open locations u8,
-///   peer kinds u8, identity bloom u64, IPv4 first u32, IPv4 last u32}` = 24 bytes.
-///
-/// Everything a lookup needs to reject a rule sits in one small record, so the shim's walk of a
-/// chain reads 24 contiguous bytes per rule instead of following the rule's peer, port and
-/// identity-set ranges. A filter only ever rejects rules that cannot match; whatever passes is
-/// checked in full. Location masks use bit n for [`crate::Location`] n. *Open locations*: where
-/// the rule's peers admit any address (no `to`, or an `entity` peer). *Peer kinds*:
-/// [`FILTER_PODS`], [`FILTER_NETWORKS4`], [`FILTER_NETWORKS6`]. The Bloom filter covers the
-/// identities of every pods peer ([`rule_bloom_mask`]); the IPv4 span covers every IPv4 CIDR of
-/// its networks peers. `Snapshot::parse` recomputes every filter and rejects a snapshot whose
-/// filters differ, so a lookup can trust them.
-pub const RULE_FILTER_LEN: usize = 24;
+/// Rule filter record length (see [`rule_filter`]).
+pub const RULE_FILTER_LEN: usize = rule_filter::LEN;
 /// Rule filter peer kind: some peer is a pods peer.
 pub const FILTER_PODS: u8 = 1;
 /// Rule filter peer kind: some networks peer holds an IPv4 CIDR.
@@ -237,29 +754,21 @@ pub fn rule_bloom_mask(identity: u32) -> u64 {
 
 /// The lowest and highest IPv4 address of a CIDR record, when it is an IPv4 one.
 pub(crate) fn cidr4_span(record: &[u8]) -> Option<(u32, u32)> {
-    if record.get(16) != Some(&4) {
+    if record.len() < cidr::LEN || cidr::FAMILY.get(record) != 4 {
         return None;
     }
-    let base = u32::from_be_bytes(record.get(..4)?.try_into().ok()?);
-    let prefix = u32::from(*record.get(17)?).min(32);
+    let [a, b, c, d, ..] = cidr::IP.get(record);
+    let base = u32::from_be_bytes([a, b, c, d]);
+    let prefix = u32::from(cidr::PREFIX.get(record)).min(32);
     let host = u32::MAX.checked_shr(prefix).unwrap_or(0);
     Some((base & !host, base | host))
 }
 
-/// Policy record length (see [`SectionId::Policies`]).
-pub const POLICY_LEN: usize = 28;
+/// Policy record length (see [`policy`]).
+pub const POLICY_LEN: usize = policy::LEN;
 
-/// Policy filter record, one per policy in the same order as `Policies`:
-/// `{first rule u32, rule count u32, first port u16, last port u16, protocol mask u8, flags u8,
-///   location mask u8, tier u8, identity bloom u128}` = 32 bytes.
-///
-/// Everything a lookup reads to walk past a policy: its rules (a range of `Rules` and
-/// `RuleFilters`), its tier (a Pass ends the tier), and a summary of its rules — the ports they
-/// cover together, the locations they admit, and, when every rule names only pods peers
-/// ([`POLICY_PODS_ONLY`]), a 128-bit Bloom filter of the identities those peers select
-/// ([`policy_bloom_mask`]). 1,000 policies take 32 KB, small enough to stay in cache between
-/// lookups, where the full policy records would not.
-pub const POLICY_FILTER_LEN: usize = 32;
+/// Policy filter record length (see [`policy_filter`]).
+pub const POLICY_FILTER_LEN: usize = policy_filter::LEN;
 /// Policy filter flag: every rule has `to` and every peer is a pods peer.
 pub const POLICY_PODS_ONLY: u8 = 1;
 
@@ -361,16 +870,17 @@ impl RuleFilter {
     }
 
     pub(crate) fn to_bytes(self) -> [u8; RULE_FILTER_LEN] {
-        let mut out = [0u8; RULE_FILTER_LEN];
-        out[0..2].copy_from_slice(&self.first_port.to_le_bytes());
-        out[2..4].copy_from_slice(&self.last_port.to_le_bytes());
-        out[4] = self.protocols;
-        out[5] = self.locations;
-        out[6] = self.open_locations;
-        out[7] = self.peer_kinds;
-        out[8..16].copy_from_slice(&self.bloom.to_le_bytes());
-        out[16..20].copy_from_slice(&self.v4_first.to_le_bytes());
-        out[20..24].copy_from_slice(&self.v4_last.to_le_bytes());
+        use rule_filter::*;
+        let mut out = [0u8; LEN];
+        FIRST_PORT.put(&mut out, self.first_port);
+        LAST_PORT.put(&mut out, self.last_port);
+        PROTOCOLS.put(&mut out, self.protocols);
+        LOCATIONS.put(&mut out, self.locations);
+        OPEN_LOCATIONS.put(&mut out, self.open_locations);
+        PEER_KINDS.put(&mut out, self.peer_kinds);
+        BLOOM.put(&mut out, self.bloom);
+        V4_FIRST.put(&mut out, self.v4_first);
+        V4_LAST.put(&mut out, self.v4_last);
         out
     }
 }
@@ -450,33 +960,28 @@ impl FilterProbe {
     /// Narrows `same` to the addresses for which the answer would be the same.
     #[inline]
     pub(crate) fn admits(&self, filter: &[u8; RULE_FILTER_LEN], same: &mut SameAddresses) -> bool {
-        let first = u16::from_le_bytes([filter[0], filter[1]]);
-        let last = u16::from_le_bytes([filter[2], filter[3]]);
-        if filter[4] & self.protocol_bit == 0
-            || self.port < first
-            || self.port > last
-            || filter[5] & self.location_bit == 0
+        // Fixed offsets into a fixed-size array: the reads compile to plain loads.
+        use rule_filter::*;
+        if PROTOCOLS.get(filter) & self.protocol_bit == 0
+            || self.port < FIRST_PORT.get(filter)
+            || self.port > LAST_PORT.get(filter)
+            || LOCATIONS.get(filter) & self.location_bit == 0
         {
             return false;
         }
-        if filter[6] & self.location_bit != 0 {
+        if OPEN_LOCATIONS.get(filter) & self.location_bit != 0 {
             return true;
         }
-        let kinds = filter[7];
-        if kinds & FILTER_PODS != 0 && self.identity_mask != 0 {
-            let bloom = u64::from_le_bytes([
-                filter[8], filter[9], filter[10], filter[11], filter[12], filter[13], filter[14],
-                filter[15],
-            ]);
-            if bloom & self.identity_mask == self.identity_mask {
-                return true;
-            }
+        let kinds = PEER_KINDS.get(filter);
+        if kinds & FILTER_PODS != 0
+            && self.identity_mask != 0
+            && BLOOM.get(filter) & self.identity_mask == self.identity_mask
+        {
+            return true;
         }
         match self.v4 {
             Some(ip) if kinds & FILTER_NETWORKS4 != 0 => {
-                let first = u32::from_le_bytes([filter[16], filter[17], filter[18], filter[19]]);
-                let last = u32::from_le_bytes([filter[20], filter[21], filter[22], filter[23]]);
-                same.narrow(ip, first, last)
+                same.narrow(ip, V4_FIRST.get(filter), V4_LAST.get(filter))
             }
             Some(_) => false,
             None => {
@@ -547,20 +1052,17 @@ impl PolicySummary {
         } else {
             (self.first_port, self.last_port, self.protocols)
         };
-        let mut out = [0u8; POLICY_FILTER_LEN];
-        out[0..4].copy_from_slice(&self.first_rule.to_le_bytes());
-        out[4..8].copy_from_slice(&self.rule_count.to_le_bytes());
-        out[8..10].copy_from_slice(&first.to_le_bytes());
-        out[10..12].copy_from_slice(&last.to_le_bytes());
-        out[12] = protocols;
-        out[13] = if self.pods_only && !empty {
-            POLICY_PODS_ONLY
-        } else {
-            0
-        };
-        out[14] = self.locations;
-        out[15] = self.tier;
-        out[16..].copy_from_slice(&self.bloom.to_le_bytes());
+        use policy_filter::*;
+        let mut out = [0u8; LEN];
+        RULES.put(&mut out, self.first_rule as usize, self.rule_count as usize);
+        FIRST_PORT.put(&mut out, first);
+        LAST_PORT.put(&mut out, last);
+        PROTOCOLS.put(&mut out, protocols);
+        let pods_only = self.pods_only && !empty;
+        FLAGS.put(&mut out, if pods_only { POLICY_PODS_ONLY } else { 0 });
+        LOCATIONS.put(&mut out, self.locations);
+        TIER.put(&mut out, self.tier);
+        BLOOM.put(&mut out, self.bloom);
         out
     }
 }
@@ -580,21 +1082,18 @@ impl FilterProbe {
     /// none can.
     #[inline]
     pub(crate) fn admits_policy(&self, filter: &[u8; POLICY_FILTER_LEN]) -> bool {
-        let first = u16::from_le_bytes([filter[8], filter[9]]);
-        let last = u16::from_le_bytes([filter[10], filter[11]]);
-        if filter[12] & self.protocol_bit == 0
-            || self.port < first
-            || self.port > last
-            || filter[14] & self.location_bit == 0
+        use policy_filter::*;
+        if PROTOCOLS.get(filter) & self.protocol_bit == 0
+            || self.port < FIRST_PORT.get(filter)
+            || self.port > LAST_PORT.get(filter)
+            || LOCATIONS.get(filter) & self.location_bit == 0
         {
             return false;
         }
-        if filter[13] & POLICY_PODS_ONLY == 0 {
+        if FLAGS.get(filter) & POLICY_PODS_ONLY == 0 {
             return true;
         }
-        let mut bloom = [0u8; 16];
-        bloom.copy_from_slice(&filter[16..32]);
         self.policy_identity_mask != 0
-            && u128::from_le_bytes(bloom) & self.policy_identity_mask == self.policy_identity_mask
+            && BLOOM.get(filter) & self.policy_identity_mask == self.policy_identity_mask
     }
 }

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::format::{CIDR_LEN, EMPTY_SLOT, SectionId};
+use crate::format::{EMPTY_SLOT, SectionId, address4, address6, cidr, port, service};
 use crate::view::{Snapshot, WorkloadId};
 use crate::{CongestionControl, Isolation, NoTrace, Protocol, Stack};
 
@@ -175,10 +175,10 @@ fn port_bounds(snapshot: &Snapshot<'_>) -> Vec<u16> {
         }
     };
     for record in snapshot.records(SectionId::Ports) {
-        range(le16(record, 2), le16(record, 4));
+        range(port::FIRST.get(record), port::LAST.get(record));
     }
     for record in snapshot.records(SectionId::Services) {
-        let port = le16(record, 18);
+        let port = service::PORT.get(record);
         range(port, port);
     }
     bounds.into_iter().collect()
@@ -189,27 +189,28 @@ fn prefixes(snapshot: &Snapshot<'_>, width: u8) -> HashSet<(u128, u8)> {
     let mut out = HashSet::from([(0u128, 0u8)]);
     let family = if width == 32 { 4 } else { 6 };
     for id in [SectionId::ClusterNetworks, SectionId::Networks] {
-        for record in snapshot.records(id).filter(|r| r.len() == CIDR_LEN) {
-            if record[16] == family {
-                let prefix = record[17].min(width);
-                out.insert((mask(address(&record[..16], width), prefix, width), prefix));
+        for record in snapshot.records(id).filter(|r| r.len() == cidr::LEN) {
+            if cidr::FAMILY.get(record) == family {
+                let prefix = cidr::PREFIX.get(record).min(width);
+                let network = address(&cidr::IP.get(record), width);
+                out.insert((mask(network, prefix, width), prefix));
             }
         }
     }
     if width == 32 {
         for record in snapshot.records(SectionId::Addresses4) {
-            if record[4] != EMPTY_SLOT {
-                out.insert((u128::from(u32::from_le_bytes(first4(record))), 32));
+            if address4::KIND.get(record) != EMPTY_SLOT {
+                out.insert((u128::from(address4::IP.get(record)), 32));
             }
         }
     } else {
         for record in snapshot.records(SectionId::Addresses6) {
-            out.insert((address(&record[..16], 128), 128));
+            out.insert((address(&address6::IP.get(record), 128), 128));
         }
     }
     for record in snapshot.records(SectionId::Services) {
-        if record[16] == family {
-            out.insert((address(&record[..16], width), width));
+        if service::FAMILY.get(record) == family {
+            out.insert((address(&service::IP.get(record), width), width));
         }
     }
     out
@@ -282,14 +283,6 @@ fn address(bytes: &[u8], width: u8) -> u128 {
     bytes[..len]
         .iter()
         .fold(0u128, |acc, &b| (acc << 8) | u128::from(b))
-}
-
-fn first4(record: &[u8]) -> [u8; 4] {
-    [record[0], record[1], record[2], record[3]]
-}
-
-fn le16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([bytes[at], bytes[at + 1]])
 }
 
 #[cfg(test)]

@@ -1,10 +1,15 @@
 //! Reading a snapshot in place and deciding connections.
 
-use std::collections::HashMap;
+mod validate;
+
 use std::net::IpAddr;
 
 use crate::encode::ip_key;
-use crate::format::{self, SectionId};
+use crate::format::{
+    self, SectionId, address4, address6, backend, chain, chain_policy, cidr, directory, header,
+    identity_set, node, peer, policy, policy_filter, port, rule, rule_filter, service, transport,
+    workload, workload_address, zone,
+};
 use crate::{
     Action, CongestionControl, Entity, Isolation, Location, LocationMatch, NO_IDENTITY, NO_ZONE,
     PolicyKind, Protocol, RuleGate, Stack, Tier, TransportChoice,
@@ -149,12 +154,9 @@ impl<'a> Decision<'a> {
     /// The transport to use first, then the fallbacks in order (the implicit kernel entry
     /// included where it applies).
     pub fn transports(&self) -> impl Iterator<Item = TransportChoice> + 'a {
-        self.transports.chunks_exact(2).filter_map(|pair| {
-            Some(TransportChoice {
-                stack: Stack::from_byte(pair[0])?,
-                congestion_control: CongestionControl::from_byte(pair[1])?,
-            })
-        })
+        self.transports
+            .chunks_exact(transport::LEN)
+            .filter_map(transport_choice)
     }
 
     /// The first transport.
@@ -271,41 +273,28 @@ pub struct RuleView<'a> {
 impl<'a> RuleView<'a> {
     /// Port entries as `(protocol, first, last)`.
     pub fn port_ranges(&self) -> impl Iterator<Item = (Protocol, u16, u16)> + 'a {
-        self.ports
-            .chunks_exact(8)
-            .filter_map(|r| Some((Protocol::from_byte(r[0])?, le16(r, 2), le16(r, 4))))
+        self.ports.chunks_exact(port::LEN).filter_map(|r| {
+            let protocol = Protocol::from_byte(port::PROTOCOL.get(r))?;
+            Some((protocol, port::FIRST.get(r), port::LAST.get(r)))
+        })
     }
 
     /// The transports, in order.
     pub fn transports(&self) -> impl Iterator<Item = TransportChoice> + 'a {
-        self.transports.chunks_exact(2).filter_map(|pair| {
-            Some(TransportChoice {
-                stack: Stack::from_byte(pair[0])?,
-                congestion_control: CongestionControl::from_byte(pair[1])?,
-            })
-        })
+        self.transports
+            .chunks_exact(transport::LEN)
+            .filter_map(transport_choice)
     }
 }
 
-fn le16(bytes: &[u8], at: usize) -> u16 {
-    bytes
-        .get(at..at + 2)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u16::from_le_bytes)
-}
-
-fn le32(bytes: &[u8], at: usize) -> u32 {
-    bytes
-        .get(at..at + 4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u32::from_le_bytes)
-}
-
-fn le64(bytes: &[u8], at: usize) -> u64 {
-    bytes
-        .get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
+/// A transports record (or the header's default), when both bytes are known values.
+fn transport_choice(record: &[u8]) -> Option<TransportChoice> {
+    Some(TransportChoice {
+        stack: Stack::from_byte(transport::STACK.get(record))?,
+        congestion_control: CongestionControl::from_byte(
+            transport::CONGESTION_CONTROL.get(record),
+        )?,
+    })
 }
 
 fn name_of(id: SectionId) -> &'static str {
@@ -345,14 +334,14 @@ impl<'a> Snapshot<'a> {
                 present: bytes.len(),
             });
         }
-        if bytes[..8] != format::MAGIC {
+        if header::MAGIC.get(bytes) != format::MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        let version = le16(bytes, format::OFF_VERSION);
+        let version = header::VERSION.get(bytes);
         if version != format::VERSION {
             return Err(DecodeError::UnsupportedVersion(version));
         }
-        let total = le64(bytes, format::OFF_TOTAL_LEN);
+        let total = header::TOTAL_LEN.get(bytes);
         if total != bytes.len() as u64 {
             let needed = usize::try_from(total).unwrap_or(usize::MAX);
             if needed > bytes.len() {
@@ -365,12 +354,12 @@ impl<'a> Snapshot<'a> {
                 "trailing bytes after the declared length",
             ));
         }
-        let stored = le32(bytes, format::OFF_CRC);
-        let computed = crc32fast::hash(&bytes[format::OFF_VERSION..]);
+        let stored = header::CRC.get(bytes);
+        let computed = format::checksum(bytes);
         if stored != computed {
             return Err(DecodeError::ChecksumMismatch { stored, computed });
         }
-        let count = le32(bytes, format::OFF_SECTION_COUNT) as usize;
+        let count = header::SECTION_COUNT.get(bytes) as usize;
         let directory_end = count
             .checked_mul(format::DIRECTORY_ENTRY_LEN)
             .and_then(|d| d.checked_add(format::HEADER_LEN))
@@ -382,13 +371,13 @@ impl<'a> Snapshot<'a> {
         for entry in
             bytes[format::HEADER_LEN..directory_end].chunks_exact(format::DIRECTORY_ENTRY_LEN)
         {
-            let id = le32(entry, 0);
+            let id = directory::ID.get(entry);
             let Some(section) = SectionId::ALL.iter().copied().find(|s| *s as u32 == id) else {
                 continue; // unknown sections are allowed: a later minor revision may add some
             };
-            let offset = le32(entry, 4) as usize;
-            let len = le32(entry, 8) as usize;
-            let record = le32(entry, 12) as usize;
+            let offset = directory::OFFSET.get(entry) as usize;
+            let len = directory::SIZE.get(entry) as usize;
+            let record = directory::RECORD_SIZE.get(entry) as usize;
             if record != section.record_len() {
                 return Err(DecodeError::BadSection(
                     "record size differs from this version's",
@@ -444,7 +433,7 @@ impl<'a> Snapshot<'a> {
     }
 
     /// Records `offset..offset+len` of a section, or nothing when out of range.
-    fn range(&self, id: SectionId, offset: u32, len: u32) -> &'a [u8] {
+    fn slice(&self, id: SectionId, offset: u32, len: u32) -> &'a [u8] {
         let size = id.record_len();
         let start = offset as usize * size;
         start
@@ -453,411 +442,26 @@ impl<'a> Snapshot<'a> {
             .unwrap_or(&[])
     }
 
-    fn string(&self, table: SectionId, record: &[u8], at: usize) -> &'a str {
-        let bytes = self.range(table, le32(record, at), le32(record, at + 4));
-        std::str::from_utf8(bytes).unwrap_or("")
+    /// The records a range field of `record` points to, or nothing when out of range.
+    #[inline]
+    fn range(&self, record: &[u8], field: format::Range) -> &'a [u8] {
+        let (offset, len) = field.get(record);
+        self.slice(field.target, offset, len)
     }
 
-    /// Recomputes every rule's port span and filter and every policy's summary from the rules
-    /// they describe: lookups skip rules and policies on their word, so a wrong one would
-    /// silently change decisions. Runs after every range has been checked.
-    fn validate_summaries(&self) -> Result<(), DecodeError> {
-        if self.count(SectionId::RuleFilters) != self.count(SectionId::Rules) {
-            return Err(DecodeError::BadSection(
-                "rule-filters does not hold one record per rule",
-            ));
-        }
-        let mut set_blooms: HashMap<(u32, u32), (u128, u64)> = HashMap::new();
-        let mut rule_summaries = Vec::with_capacity(self.count(SectionId::Rules));
-        let rules = self.records(SectionId::Rules);
-        for (i, (rule, stored)) in rules.zip(self.records(SectionId::RuleFilters)).enumerate() {
-            let bad = |problem| DecodeError::BadRecord {
-                section: name_of(SectionId::Rules),
-                index: i,
-                problem,
-            };
-            let flags = rule[11];
-            let span = if flags & format::RULE_HAS_PORTS == 0 {
-                (0, u16::MAX, 0xff)
-            } else {
-                let ports = self.range(SectionId::Ports, le32(rule, 20), le32(rule, 24));
-                ports.chunks_exact(8).fold(
-                    if ports.is_empty() {
-                        (0, u16::MAX, 0xff)
-                    } else {
-                        (u16::MAX, 0, 0)
-                    },
-                    |(first, last, mask), p| {
-                        let protocol = Protocol::from_byte(p[0]).unwrap_or(Protocol::Tcp);
-                        (
-                            first.min(le16(p, 2)),
-                            last.max(le16(p, 4)),
-                            mask | crate::encode::protocol_bit(protocol),
-                        )
-                    },
-                )
-            };
-            if (le16(rule, 36), le16(rule, 38), rule[40]) != span {
-                return Err(bad("port span differs from the rule's ports"));
-            }
-            let location = LocationMatch::from_byte(rule[9]).unwrap_or(LocationMatch::Any);
-            let has_peers = flags & format::RULE_HAS_PEERS != 0;
-            let mut filter = format::RuleFilter::new(span, location, has_peers);
-            let mut pods_only = has_peers;
-            let mut policy_bloom = 0u128;
-            let peers = self.range(SectionId::Peers, le32(rule, 12), le32(rule, 16));
-            for peer in peers.chunks_exact(12) {
-                let range = (le32(peer, 4), le32(peer, 8));
-                match peer[0] {
-                    format::PEER_PODS => {
-                        let (bloom, rule_bloom) = *set_blooms.entry(range).or_insert_with(|| {
-                            let set = self.range(SectionId::IdentitySets, range.0, range.1);
-                            format::identity_set_blooms(set.chunks_exact(4).map(|c| le32(c, 0)))
-                        });
-                        filter.add_pods(rule_bloom);
-                        policy_bloom |= bloom;
-                    }
-                    format::PEER_NETWORKS => {
-                        pods_only = false;
-                        let cidrs = self.range(SectionId::Networks, range.0, range.1);
-                        for cidr in cidrs.chunks_exact(format::CIDR_LEN) {
-                            filter.add_cidr(cidr);
-                        }
-                    }
-                    _ => {
-                        pods_only = false;
-                        filter.add_entity(Entity::from_byte(peer[1]).unwrap_or(Entity::World));
-                    }
-                }
-            }
-            if stored != filter.to_bytes() {
-                return Err(bad("rule filter differs from the rule"));
-            }
-            rule_summaries.push((span, location, pods_only, policy_bloom));
-        }
-        if self.count(SectionId::PolicyFilters) != self.count(SectionId::Policies) {
-            return Err(DecodeError::BadSection(
-                "policy-filters does not hold one record per policy",
-            ));
-        }
-        let policies = self.records(SectionId::Policies);
-        for (i, (policy, stored)) in policies
-            .zip(self.records(SectionId::PolicyFilters))
-            .enumerate()
-        {
-            let (first, count) = (le32(policy, 20), le32(policy, 24));
-            let mut summary = format::PolicySummary::new(first, count, policy[1]);
-            let rules = rule_summaries
-                .iter()
-                .skip(first as usize)
-                .take(count as usize);
-            for (span, location, pods_only, bloom) in rules {
-                summary.add_rule(*span, *location, *pods_only);
-                summary.add_pods(*bloom);
-            }
-            if stored != summary.to_bytes() {
-                return Err(DecodeError::BadRecord {
-                    section: name_of(SectionId::PolicyFilters),
-                    index: i,
-                    problem: "summary differs from the policy's rules",
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn validate(&self) -> Result<(), DecodeError> {
-        let bad =
-            |section: SectionId, index: usize, problem: &'static str| DecodeError::BadRecord {
-                section: name_of(section),
-                index,
-                problem,
-            };
-        let check_range = |from: SectionId, index: usize, to: SectionId, offset: u32, len: u32| {
-            let end = u64::from(offset) + u64::from(len);
-            if end > self.count(to) as u64 {
-                Err(bad(from, index, "range points past its target section"))
-            } else {
-                Ok(())
-            }
-        };
-        let check_str =
-            |from: SectionId, index: usize, table: SectionId, record: &[u8], at: usize| {
-                let (offset, len) = (le32(record, at), le32(record, at + 4));
-                check_range(from, index, table, offset, len)?;
-                std::str::from_utf8(self.range(table, offset, len))
-                    .map(|_| ())
-                    .map_err(|_| bad(from, index, "string is not UTF-8"))
-            };
-        if self.header_own_node() as usize >= self.count(SectionId::Nodes) {
-            return Err(DecodeError::BadSection("own node index out of range"));
-        }
-        let default = &self.bytes[format::OFF_DEFAULT_TRANSPORT..format::OFF_DEFAULT_TRANSPORT + 2];
-        if Stack::from_byte(default[0]).is_none()
-            || CongestionControl::from_byte(default[1]).is_none()
-        {
-            return Err(DecodeError::BadSection(
-                "default transport holds an unknown value",
-            ));
-        }
-        let zones = self.count(SectionId::Zones) as u32;
-        let nodes = self.count(SectionId::Nodes) as u32;
-        for (i, r) in self.records(SectionId::Zones).enumerate() {
-            check_str(SectionId::Zones, i, SectionId::SharedStrings, r, 0)?;
-        }
-        for (i, r) in self.records(SectionId::Nodes).enumerate() {
-            check_str(SectionId::Nodes, i, SectionId::SharedStrings, r, 0)?;
-            let zone = le32(r, 8);
-            if zone != NO_ZONE && zone >= zones {
-                return Err(bad(SectionId::Nodes, i, "zone out of range"));
-            }
-        }
-        for id in [SectionId::ClusterNetworks, SectionId::Networks] {
-            for (i, r) in self.records(id).enumerate() {
-                let ok = match r[16] {
-                    4 => r[17] <= 32,
-                    6 => r[17] <= 128,
-                    _ => false,
-                };
-                if !ok {
-                    return Err(bad(id, i, "bad CIDR family or prefix"));
-                }
-            }
-        }
-        let mut free = 0usize;
-        for (i, r) in self.records(SectionId::Addresses4).enumerate() {
-            if r[4] == format::EMPTY_SLOT {
-                free += 1;
-                continue;
-            }
-            check_address_tail(&r[4..], nodes).map_err(|p| bad(SectionId::Addresses4, i, p))?;
-            // Reachable by its own probe sequence, and the first slot holding its address:
-            // a lookup finds exactly this record.
-            if self.address4(le32(r, 0)) != Some(i) {
-                return Err(bad(
-                    SectionId::Addresses4,
-                    i,
-                    "address not in its probe sequence",
-                ));
-            }
-        }
-        if free == 0 {
-            return Err(DecodeError::BadSection("addresses4 has no free slot"));
-        }
-        let mut previous6: Option<&[u8]> = None;
-        for (i, r) in self.records(SectionId::Addresses6).enumerate() {
-            if previous6.is_some_and(|p| p >= &r[..16]) {
-                return Err(bad(SectionId::Addresses6, i, "not sorted"));
-            }
-            previous6 = Some(&r[..16]);
-            check_address_tail(&r[16..], nodes).map_err(|p| bad(SectionId::Addresses6, i, p))?;
-        }
-        let mut previous_service: Option<(u8, &[u8], u16, u8)> = None;
-        for (i, r) in self.records(SectionId::Services).enumerate() {
-            let key = (r[16], &r[..16], le16(r, 18), r[17]);
-            if !matches!(r[16], 4 | 6) || Protocol::from_byte(r[17]).is_none() {
-                return Err(bad(SectionId::Services, i, "bad family or protocol"));
-            }
-            if previous_service.is_some_and(|p| p >= key) {
-                return Err(bad(SectionId::Services, i, "not sorted"));
-            }
-            previous_service = Some(key);
-            check_range(
-                SectionId::Services,
-                i,
-                SectionId::Backends,
-                le32(r, 20),
-                le32(r, 24),
-            )?;
-        }
-        for (i, r) in self.records(SectionId::Backends).enumerate() {
-            if !matches!(r[16], 4 | 6) {
-                return Err(bad(SectionId::Backends, i, "bad family"));
-            }
-            // What a lookup groups backends by must be what the address book says.
-            let (identity, node) = match self.classify(backend_address(r)).0 {
-                DestinationClass::Pod { identity, node } => (identity, node),
-                _ => (NO_IDENTITY, format::NO_NODE),
-            };
-            let zone = if node == format::NO_NODE {
-                NO_ZONE
-            } else {
-                le32(self.record(SectionId::Nodes, node as usize), 8)
-            };
-            if (le32(r, 20), le32(r, 24), le32(r, 28)) != (identity, node, zone) {
-                return Err(bad(
-                    SectionId::Backends,
-                    i,
-                    "identity, node or zone differs from the address book",
-                ));
-            }
-        }
-        for (i, service) in self.records(SectionId::Services).enumerate() {
-            let backends = self.range(SectionId::Backends, le32(service, 20), le32(service, 24));
-            let sorted = backends
-                .chunks_exact(format::BACKEND_LEN)
-                .map(backend_key)
-                .is_sorted();
-            if !sorted {
-                return Err(bad(SectionId::Services, i, "backends not sorted"));
-            }
-        }
-        for (i, r) in self.records(SectionId::Peers).enumerate() {
-            match r[0] {
-                format::PEER_PODS => {
-                    check_range(
-                        SectionId::Peers,
-                        i,
-                        SectionId::IdentitySets,
-                        le32(r, 4),
-                        le32(r, 8),
-                    )?;
-                    let set = self.range(SectionId::IdentitySets, le32(r, 4), le32(r, 8));
-                    let sorted = set.chunks_exact(4).map(|c| le32(c, 0)).is_sorted();
-                    if !sorted {
-                        return Err(bad(SectionId::Peers, i, "identity set not sorted"));
-                    }
-                }
-                format::PEER_NETWORKS => check_range(
-                    SectionId::Peers,
-                    i,
-                    SectionId::Networks,
-                    le32(r, 4),
-                    le32(r, 8),
-                )?,
-                format::PEER_ENTITY => {
-                    if Entity::from_byte(r[1]).is_none() {
-                        return Err(bad(SectionId::Peers, i, "unknown entity"));
-                    }
-                }
-                _ => return Err(bad(SectionId::Peers, i, "unknown peer kind")),
-            }
-        }
-        for (i, r) in self.records(SectionId::Ports).enumerate() {
-            if Protocol::from_byte(r[0]).is_none() || le16(r, 2) > le16(r, 4) {
-                return Err(bad(SectionId::Ports, i, "bad protocol or range"));
-            }
-        }
-        for (i, r) in self.records(SectionId::Transports).enumerate() {
-            if Stack::from_byte(r[0]).is_none() || CongestionControl::from_byte(r[1]).is_none() {
-                return Err(bad(
-                    SectionId::Transports,
-                    i,
-                    "unknown stack or congestion control",
-                ));
-            }
-        }
-        for (i, r) in self.records(SectionId::Rules).enumerate() {
-            check_str(SectionId::Rules, i, SectionId::NodeStrings, r, 0)?;
-            if Action::from_byte(r[8]).is_none()
-                || LocationMatch::from_byte(r[9]).is_none()
-                || Isolation::from_byte(r[10]).is_none()
-            {
-                return Err(bad(
-                    SectionId::Rules,
-                    i,
-                    "unknown action, location or isolation",
-                ));
-            }
-            check_range(
-                SectionId::Rules,
-                i,
-                SectionId::Peers,
-                le32(r, 12),
-                le32(r, 16),
-            )?;
-            check_range(
-                SectionId::Rules,
-                i,
-                SectionId::Ports,
-                le32(r, 20),
-                le32(r, 24),
-            )?;
-            check_range(
-                SectionId::Rules,
-                i,
-                SectionId::Transports,
-                le32(r, 28),
-                le32(r, 32),
-            )?;
-        }
-        self.validate_summaries()?;
-        for (i, r) in self.records(SectionId::Policies).enumerate() {
-            if PolicyKind::from_byte(r[0]).is_none() || Tier::from_byte(r[1]).is_none() {
-                return Err(bad(SectionId::Policies, i, "unknown kind or tier"));
-            }
-            check_str(SectionId::Policies, i, SectionId::NodeStrings, r, 4)?;
-            check_str(SectionId::Policies, i, SectionId::NodeStrings, r, 12)?;
-            check_range(
-                SectionId::Policies,
-                i,
-                SectionId::Rules,
-                le32(r, 20),
-                le32(r, 24),
-            )?;
-        }
-        let policies = self.count(SectionId::Policies) as u32;
-        for (i, r) in self.records(SectionId::Chains).enumerate() {
-            check_range(
-                SectionId::Chains,
-                i,
-                SectionId::ChainPolicies,
-                le32(r, 0),
-                le32(r, 4),
-            )?;
-        }
-        for (i, r) in self.records(SectionId::ChainPolicies).enumerate() {
-            if le32(r, 0) >= policies {
-                return Err(bad(
-                    SectionId::ChainPolicies,
-                    i,
-                    "policy index out of range",
-                ));
-            }
-        }
-        let chains = self.count(SectionId::Chains) as u32;
-        let mut previous_workload: Option<(&str, &str)> = None;
-        for (i, r) in self.records(SectionId::Workloads).enumerate() {
-            check_str(SectionId::Workloads, i, SectionId::NodeStrings, r, 0)?;
-            check_str(SectionId::Workloads, i, SectionId::NodeStrings, r, 8)?;
-            if le32(r, 16) >= chains {
-                return Err(bad(SectionId::Workloads, i, "chain index out of range"));
-            }
-            let key = (
-                self.string(SectionId::NodeStrings, r, 0),
-                self.string(SectionId::NodeStrings, r, 8),
-            );
-            if previous_workload.is_some_and(|p| p >= key) {
-                return Err(bad(SectionId::Workloads, i, "not sorted"));
-            }
-            previous_workload = Some(key);
-        }
-        let workloads = self.count(SectionId::Workloads) as u32;
-        let mut previous_address: Option<(u8, &[u8])> = None;
-        for (i, r) in self.records(SectionId::WorkloadAddresses).enumerate() {
-            let key = (r[16], &r[..16]);
-            if !matches!(r[16], 4 | 6) || le32(r, 20) >= workloads {
-                return Err(bad(
-                    SectionId::WorkloadAddresses,
-                    i,
-                    "bad family or workload index",
-                ));
-            }
-            if previous_address.is_some_and(|p| p >= key) {
-                return Err(bad(SectionId::WorkloadAddresses, i, "not sorted"));
-            }
-            previous_address = Some(key);
-        }
-        Ok(())
+    /// The string a string field of `record` points to, or `""` when out of range.
+    fn string(&self, record: &[u8], field: format::Str) -> &'a str {
+        let (offset, len) = field.get(record);
+        std::str::from_utf8(self.slice(field.table, offset, len)).unwrap_or("")
     }
 
     fn header_own_node(&self) -> u32 {
-        le32(self.bytes, format::OFF_OWN_NODE)
+        header::OWN_NODE.get(self.bytes)
     }
 
     /// The controller revision this snapshot was compiled at.
     pub fn revision(&self) -> u64 {
-        le64(self.bytes, format::OFF_REVISION)
+        header::REVISION.get(self.bytes)
     }
 
     /// Size in bytes.
@@ -878,17 +482,13 @@ impl<'a> Snapshot<'a> {
     /// Name and zone name of a node (`""` when it has no zone).
     pub fn node(&self, node: u32) -> (&'a str, &'a str) {
         let record = self.record(SectionId::Nodes, node as usize);
-        let zone = le32(record, 8);
+        let zone = node::ZONE.get(record);
         let zone_name = if zone == NO_ZONE {
             ""
         } else {
-            self.string(
-                SectionId::SharedStrings,
-                self.record(SectionId::Zones, zone as usize),
-                0,
-            )
+            self.string(self.record(SectionId::Zones, zone as usize), zone::NAME)
         };
-        (self.string(SectionId::SharedStrings, record, 0), zone_name)
+        (self.string(record, node::NAME), zone_name)
     }
 
     /// Number of policies, rules and workloads.
@@ -906,11 +506,7 @@ impl<'a> Snapshot<'a> {
         let (mut low, mut high) = (0usize, count);
         while low < high {
             let mid = low + (high - low) / 2;
-            let record = self.record(SectionId::Workloads, mid);
-            let key = (
-                self.string(SectionId::NodeStrings, record, 0),
-                self.string(SectionId::NodeStrings, record, 8),
-            );
+            let key = self.workload(WorkloadId(mid as u32));
             match key.cmp(&(namespace, name)) {
                 std::cmp::Ordering::Less => low = mid + 1,
                 std::cmp::Ordering::Greater => high = mid,
@@ -924,20 +520,19 @@ impl<'a> Snapshot<'a> {
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<WorkloadId> {
         let (family, bytes) = ip_key(ip.to_canonical());
         let index = self.search(SectionId::WorkloadAddresses, |r| {
-            (r[16], &r[..16]).cmp(&(family, &bytes[..]))
+            let stored = (workload_address::FAMILY.get(r), workload_address::IP.get(r));
+            stored.cmp(&(family, bytes))
         })?;
-        Some(WorkloadId(le32(
-            self.record(SectionId::WorkloadAddresses, index),
-            20,
-        )))
+        let record = self.record(SectionId::WorkloadAddresses, index);
+        Some(WorkloadId(workload_address::WORKLOAD.get(record)))
     }
 
     /// Namespace and name of a workload.
     pub fn workload(&self, workload: WorkloadId) -> (&'a str, &'a str) {
         let record = self.record(SectionId::Workloads, workload.0 as usize);
         (
-            self.string(SectionId::NodeStrings, record, 0),
-            self.string(SectionId::NodeStrings, record, 8),
+            self.string(record, workload::NAMESPACE),
+            self.string(record, workload::NAME),
         )
     }
 
@@ -945,66 +540,63 @@ impl<'a> Snapshot<'a> {
     pub fn policy(&self, index: u32) -> PolicyView<'a> {
         let r = self.record(SectionId::Policies, index as usize);
         PolicyView {
-            kind: r
-                .first()
-                .and_then(|b| PolicyKind::from_byte(*b))
-                .unwrap_or(PolicyKind::StackRoute),
-            tier: r
-                .get(1)
-                .and_then(|b| Tier::from_byte(*b))
-                .unwrap_or(Tier::Namespace),
-            priority: le16(r, 2),
-            namespace: self.string(SectionId::NodeStrings, r, 4),
-            name: self.string(SectionId::NodeStrings, r, 12),
-            rule_count: le32(r, 24),
+            kind: policy::KIND.decode_or(r, PolicyKind::from_byte, PolicyKind::StackRoute),
+            tier: policy::TIER.decode_or(r, Tier::from_byte, Tier::Namespace),
+            priority: policy::PRIORITY.get(r),
+            namespace: self.string(r, policy::NAMESPACE),
+            name: self.string(r, policy::NAME),
+            rule_count: policy::RULES.get(r).1,
         }
     }
 
-    /// The rule `rule`.
-    pub fn rule(&self, rule: RuleRef) -> RuleView<'a> {
-        let policy = self.record(SectionId::Policies, rule.policy as usize);
-        let r = self.record(
-            SectionId::Rules,
-            le32(policy, 20).saturating_add(rule.rule) as usize,
-        );
+    /// The rule `reference` names.
+    pub fn rule(&self, reference: RuleRef) -> RuleView<'a> {
+        let r = self.rule_record(reference);
+        let flags = rule::FLAGS.get(r);
         RuleView {
-            name: self.string(SectionId::NodeStrings, r, 0),
-            action: r
-                .get(8)
-                .and_then(|b| Action::from_byte(*b))
-                .unwrap_or(Action::Route),
-            location: r
-                .get(9)
-                .and_then(|b| LocationMatch::from_byte(*b))
-                .unwrap_or(LocationMatch::Any),
-            isolation: r
-                .get(10)
-                .and_then(|b| Isolation::from_byte(*b))
-                .unwrap_or(Isolation::None),
-            has_peers: r.get(11).is_some_and(|f| f & format::RULE_HAS_PEERS != 0),
-            has_ports: r.get(11).is_some_and(|f| f & format::RULE_HAS_PORTS != 0),
-            ports: self.range(SectionId::Ports, le32(r, 20), le32(r, 24)),
-            gate: RuleGate::from_flags(r.get(11).copied().unwrap_or(0)),
-            transports: self.range(SectionId::Transports, le32(r, 28), le32(r, 32)),
+            name: self.string(r, rule::NAME),
+            action: rule::ACTION.decode_or(r, Action::from_byte, Action::Route),
+            location: rule::LOCATION.decode_or(r, LocationMatch::from_byte, LocationMatch::Any),
+            isolation: rule::ISOLATION.decode_or(r, Isolation::from_byte, Isolation::None),
+            has_peers: flags & format::RULE_HAS_PEERS != 0,
+            has_ports: flags & format::RULE_HAS_PORTS != 0,
+            ports: self.range(r, rule::PORTS),
+            gate: RuleGate::from_flags(flags),
+            transports: self.range(r, rule::TRANSPORTS),
         }
+    }
+
+    /// The record of a rule, or an empty one when out of range.
+    fn rule_record(&self, reference: RuleRef) -> &'a [u8] {
+        let policy = self.record(SectionId::Policies, reference.policy as usize);
+        let first = policy::RULES.get(policy).0;
+        self.record(
+            SectionId::Rules,
+            first.saturating_add(reference.rule) as usize,
+        )
     }
 
     /// Classifies a destination: its address book entry and its location from this node.
     pub fn classify(&self, ip: IpAddr) -> (DestinationClass, Location) {
         let ip = ip.to_canonical();
+        // (kind, identity, node) of the address book entry.
         let found = match ip {
-            IpAddr::V4(v4) => {
-                let key = u32::from(v4);
-                self.address4(key)
-                    .and_then(|i| self.record(SectionId::Addresses4, i).get(4..))
-            }
+            IpAddr::V4(v4) => self.address4(u32::from(v4)).map(|i| {
+                use address4::{IDENTITY, KIND, NODE};
+                let r = self.record(SectionId::Addresses4, i);
+                (KIND.get(r), IDENTITY.get(r), NODE.get(r))
+            }),
             IpAddr::V6(v6) => {
                 let key = v6.octets();
-                self.search(SectionId::Addresses6, |r| r.get(..16).cmp(&Some(&key[..])))
-                    .and_then(|i| self.record(SectionId::Addresses6, i).get(16..))
+                let found = self.search(SectionId::Addresses6, |r| address6::IP.get(r).cmp(&key));
+                found.map(|i| {
+                    use address6::{IDENTITY, KIND, NODE};
+                    let r = self.record(SectionId::Addresses6, i);
+                    (KIND.get(r), IDENTITY.get(r), NODE.get(r))
+                })
             }
         };
-        let Some(tail) = found else {
+        let Some((kind, identity, node)) = found else {
             let inside = self
                 .records(SectionId::ClusterNetworks)
                 .any(|r| cidr_contains(r, ip));
@@ -1017,12 +609,8 @@ impl<'a> Snapshot<'a> {
                 },
             );
         };
-        let node = le32(tail, 8);
-        let class = if tail.first() == Some(&format::ADDRESS_POD) {
-            DestinationClass::Pod {
-                identity: le32(tail, 4),
-                node,
-            }
+        let class = if kind == format::ADDRESS_POD {
+            DestinationClass::Pod { identity, node }
         } else {
             DestinationClass::Node { node }
         };
@@ -1030,9 +618,8 @@ impl<'a> Snapshot<'a> {
         let location = if node == own {
             Location::SameNode
         } else {
-            let zone_of = |n: u32| le32(self.record(SectionId::Nodes, n as usize), 8);
-            let own_zone = zone_of(own);
-            if own_zone != NO_ZONE && zone_of(node) == own_zone {
+            let own_zone = self.zone_of(own);
+            if own_zone != NO_ZONE && self.zone_of(node) == own_zone {
                 Location::SameZone
             } else {
                 Location::SameCluster
@@ -1041,18 +628,26 @@ impl<'a> Snapshot<'a> {
         (class, location)
     }
 
+    /// The zone of a node (`NO_ZONE` for an unknown node too: its record reads empty).
+    #[inline]
+    fn zone_of(&self, node: u32) -> u32 {
+        node::ZONE.get(self.record(SectionId::Nodes, node as usize))
+    }
+
     /// The `Addresses4` slot holding `ip`.
     fn address4(&self, ip: u32) -> Option<usize> {
         let slots = self.count(SectionId::Addresses4);
-        let (table, _) = self.section(SectionId::Addresses4).as_chunks::<16>();
+        let (table, _) = self
+            .section(SectionId::Addresses4)
+            .as_chunks::<{ address4::LEN }>();
         let mut slot = format::address4_slot(ip, slots);
         // Validation guarantees a free slot, so the probe ends; the bound is belt and braces.
         for _ in 0..slots {
             let record = table.get(slot)?;
-            if record[4] == format::EMPTY_SLOT {
+            if address4::KIND.get(record) == format::EMPTY_SLOT {
                 return None;
             }
-            if le32(record, 0) == ip {
+            if address4::IP.get(record) == ip {
                 return Some(slot);
             }
             slot = if slot + 1 == slots { 0 } else { slot + 1 };
@@ -1083,8 +678,7 @@ impl<'a> Snapshot<'a> {
             matched: None,
             isolation: Isolation::None,
             via,
-            transports: &self.bytes
-                [format::OFF_DEFAULT_TRANSPORT..format::OFF_DEFAULT_TRANSPORT + 2],
+            transports: header::DEFAULT_TRANSPORT.slice(self.bytes),
         }
     }
 
@@ -1107,22 +701,21 @@ impl<'a> Snapshot<'a> {
             return None;
         }
         let service = self.search(SectionId::Services, |r| {
-            (r[16], &r[..16], le16(r, 18), r[17]).cmp(&(family, &key[..], port, protocol as u8))
+            service_key(r).cmp(&(family, key, port, protocol as u8))
         })?;
-        let record = self.record(SectionId::Services, service);
-        let backends = self.range(SectionId::Backends, le32(record, 20), le32(record, 24));
+        let backends = self.range(self.record(SectionId::Services, service), service::BACKENDS);
         let nearest = backends
-            .chunks_exact(SectionId::Backends.record_len())
+            .chunks_exact(backend::LEN)
             .map(|b| self.classify(backend_address(b)).1 as u8)
             .min()?;
         let at_nearest = || {
             backends
-                .chunks_exact(SectionId::Backends.record_len())
+                .chunks_exact(backend::LEN)
                 .filter(move |b| self.classify(backend_address(b)).1 as u8 == nearest)
         };
         let count = at_nearest().count() as u64;
         let chosen = at_nearest().nth((spread % count.max(1)) as usize)?;
-        Some((backend_address(chosen), le16(chosen, 18)))
+        Some((backend_address(chosen), backend::PORT.get(chosen)))
     }
 
     /// Decides the transport for a connection from `workload` to `ip:port` over `protocol`.
@@ -1145,7 +738,7 @@ impl<'a> Snapshot<'a> {
         let services = self.count(SectionId::Services);
         let outside = |index: usize, ordering| {
             let r = self.record(SectionId::Services, index);
-            (family, &key[..]).cmp(&(r[16], &r[..16])) == ordering
+            (family, key).cmp(&(service::FAMILY.get(r), service::IP.get(r))) == ordering
         };
         let service = if services == 0
             || outside(0, std::cmp::Ordering::Less)
@@ -1154,7 +747,7 @@ impl<'a> Snapshot<'a> {
             None
         } else {
             self.search(SectionId::Services, |r| {
-                (r[16], &r[..16], le16(r, 18), r[17]).cmp(&(family, &key[..], port, protocol as u8))
+                service_key(r).cmp(&(family, key, port, protocol as u8))
             })
         };
         let Some(service) = service else {
@@ -1168,9 +761,8 @@ impl<'a> Snapshot<'a> {
                 &mut Default::default(),
             );
         };
-        let record = self.record(SectionId::Services, service);
-        let backends = self.range(SectionId::Backends, le32(record, 20), le32(record, 24));
-        let count = (backends.len() / SectionId::Backends.record_len()) as u32;
+        let backends = self.range(self.record(SectionId::Services, service), service::BACKENDS);
+        let count = (backends.len() / backend::LEN) as u32;
         let (_, frontend_location) = self.classify(ip);
         if !trace.detailed() {
             return match self.decide_backends(workload, backends, protocol) {
@@ -1186,9 +778,9 @@ impl<'a> Snapshot<'a> {
         }
         let mut agreed: Option<Decision<'a>> = None;
         let mut unanimous = count > 0;
-        for backend in backends.chunks_exact(SectionId::Backends.record_len()) {
-            let backend_ip = backend_address(backend);
-            let backend_port = le16(backend, 18);
+        for record in backends.chunks_exact(backend::LEN) {
+            let backend_ip = backend_address(record);
+            let backend_port = backend::PORT.get(record);
             trace.backend(Some((backend_ip, backend_port)));
             let decision = self.decide_direct(
                 workload,
@@ -1233,25 +825,27 @@ impl<'a> Snapshot<'a> {
         backends: &'a [u8],
         protocol: Protocol,
     ) -> Option<Decision<'a>> {
-        let (records, _) = backends.as_chunks::<{ format::BACKEND_LEN }>();
+        use backend::{IDENTITY, NODE, PORT, ZONE};
+        let (records, _) = backends.as_chunks::<{ backend::LEN }>();
         let own = self.header_own_node();
-        let own_zone = le32(self.record(SectionId::Nodes, own as usize), 8);
+        let own_zone = self.zone_of(own);
         let mut agreed: Option<Decision<'a>> = None;
         let mut start = 0;
         while let Some(first) = records.get(start) {
-            let (identity, port) = (le32(first, 20), le16(first, 18));
+            let (identity, port) = (IDENTITY.get(first), PORT.get(first));
             let run_len = if identity == NO_IDENTITY {
                 1 // not a pod: nothing to share with other backends
             } else {
-                records[start..].partition_point(|b| (le32(b, 20), le16(b, 18)) == (identity, port))
+                records[start..]
+                    .partition_point(|b| (IDENTITY.get(b), PORT.get(b)) == (identity, port))
             };
             let run = &records[start..start + run_len];
             start += run_len;
-            let zone = run.partition_point(|b| le32(b, 28) < own_zone)
-                ..run.partition_point(|b| le32(b, 28) <= own_zone);
+            let zone = run.partition_point(|b| ZONE.get(b) < own_zone)
+                ..run.partition_point(|b| ZONE.get(b) <= own_zone);
             let in_zone = &run[zone.clone()];
-            let node = zone.start + in_zone.partition_point(|b| le32(b, 24) < own)
-                ..zone.start + in_zone.partition_point(|b| le32(b, 24) <= own);
+            let node = zone.start + in_zone.partition_point(|b| NODE.get(b) < own)
+                ..zone.start + in_zone.partition_point(|b| NODE.get(b) <= own);
             // The groups, as (range, excluded subrange) of the run.
             let elsewhere = if own_zone == NO_ZONE {
                 node.clone()
@@ -1320,11 +914,9 @@ impl<'a> Snapshot<'a> {
         same: &mut format::SameAddresses,
     ) -> Decision<'a> {
         let (class, location) = self.classify(ip);
-        let chain = self.record(
-            SectionId::Chains,
-            le32(self.record(SectionId::Workloads, workload.0 as usize), 16) as usize,
-        );
-        let policies = self.range(SectionId::ChainPolicies, le32(chain, 0), le32(chain, 4));
+        let source = self.record(SectionId::Workloads, workload.0 as usize);
+        let chain = self.record(SectionId::Chains, workload::CHAIN.get(source) as usize);
+        let policies = self.range(chain, chain::POLICIES);
         let destination = Destination {
             class,
             location,
@@ -1358,15 +950,15 @@ impl<'a> Snapshot<'a> {
         };
         let (policy_filters, _) = self
             .section(SectionId::PolicyFilters)
-            .as_chunks::<{ format::POLICY_FILTER_LEN }>();
-        for policy_index in policies.chunks_exact(4).map(|c| le32(c, 0)) {
+            .as_chunks::<{ policy_filter::LEN }>();
+        let policies = policies.chunks_exact(chain_policy::LEN);
+        for policy_index in policies.map(|c| chain_policy::POLICY.get(c)) {
             let Some(policy) = policy_filters.get(policy_index as usize) else {
                 continue; // validated: every chain entry names a policy
             };
             // A Pass ends its own tier only.
-            let tier = policy[15];
-            let first_rule = le32(policy, 0);
-            let rule_count = le32(policy, 4);
+            let tier = policy_filter::TIER.get(policy);
+            let (first_rule, rule_count) = policy_filter::RULES.get(policy);
             if passed_tier == Some(tier) {
                 for rule in 0..rule_count {
                     trace.rule(
@@ -1392,12 +984,12 @@ impl<'a> Snapshot<'a> {
                 }
                 continue;
             }
-            let records = self.range(SectionId::Rules, first_rule, rule_count);
+            let records = self.slice(SectionId::Rules, first_rule, rule_count);
             let (filters, _) = self
-                .range(SectionId::RuleFilters, first_rule, rule_count)
-                .as_chunks::<{ format::RULE_FILTER_LEN }>();
+                .slice(SectionId::RuleFilters, first_rule, rule_count)
+                .as_chunks::<{ rule_filter::LEN }>();
             for ((rule, record), filter) in (0..rule_count)
-                .zip(records.chunks_exact(format::RULE_LEN))
+                .zip(records.chunks_exact(rule::LEN))
                 .zip(filters)
             {
                 let reference = RuleRef {
@@ -1411,7 +1003,7 @@ impl<'a> Snapshot<'a> {
                 }
                 match self.rule_matches(record, &destination, same) {
                     Err(mismatch) => trace.rule(reference, Verdict::NoMatch(mismatch)),
-                    Ok(()) if record.get(8) == Some(&(Action::Pass as u8)) => {
+                    Ok(()) if rule::ACTION.get(record) == Action::Pass as u8 => {
                         trace.rule(reference, Verdict::Passed);
                         passed_tier = Some(tier);
                         for skipped in rule + 1..rule_count {
@@ -1430,16 +1022,13 @@ impl<'a> Snapshot<'a> {
                         return Decision {
                             location,
                             matched: Some(reference),
-                            isolation: record
-                                .get(10)
-                                .and_then(|b| Isolation::from_byte(*b))
-                                .unwrap_or(Isolation::None),
-                            via: Via::Direct,
-                            transports: self.range(
-                                SectionId::Transports,
-                                le32(record, 28),
-                                le32(record, 32),
+                            isolation: rule::ISOLATION.decode_or(
+                                record,
+                                Isolation::from_byte,
+                                Isolation::None,
                             ),
+                            via: Via::Direct,
+                            transports: self.range(record, rule::TRANSPORTS),
                         };
                     }
                 }
@@ -1450,7 +1039,7 @@ impl<'a> Snapshot<'a> {
 
     fn rule_matches(
         &self,
-        rule: &[u8],
+        record: &[u8],
         to: &Destination,
         same: &mut format::SameAddresses,
     ) -> Result<(), Mismatch> {
@@ -1461,30 +1050,27 @@ impl<'a> Snapshot<'a> {
             port,
             protocol,
         } = *to;
-        let flags = rule.get(11).copied().unwrap_or(0);
+        let flags = rule::FLAGS.get(record);
         if flags & format::RULE_HAS_PORTS != 0 {
-            let protocols = rule.get(40).copied().unwrap_or(0xff);
-            if protocols & crate::encode::protocol_bit(protocol) == 0
-                || port < le16(rule, 36)
-                || port > le16(rule, 38)
+            if rule::PROTOCOLS.get(record) & crate::encode::protocol_bit(protocol) == 0
+                || port < rule::FIRST_PORT.get(record)
+                || port > rule::LAST_PORT.get(record)
             {
                 return Err(Mismatch::Port);
             }
             // With one port entry the span (validated against it) is the entry: done.
-            let count = le32(rule, 24);
-            let ports = self.range(SectionId::Ports, le32(rule, 20), count);
-            let hit = count == 1
-                || ports
-                    .chunks_exact(8)
-                    .any(|p| p[0] == protocol as u8 && le16(p, 2) <= port && port <= le16(p, 4));
+            let ports = self.range(record, rule::PORTS);
+            let hit = rule::PORTS.get(record).1 == 1
+                || ports.chunks_exact(port::LEN).any(|p| {
+                    port::PROTOCOL.get(p) == protocol as u8
+                        && (port::FIRST.get(p)..=port::LAST.get(p)).contains(&port)
+                });
             if !hit {
                 return Err(Mismatch::Port);
             }
         }
-        let required = rule
-            .get(9)
-            .and_then(|b| LocationMatch::from_byte(*b))
-            .unwrap_or(LocationMatch::Any);
+        let required =
+            rule::LOCATION.decode_or(record, LocationMatch::from_byte, LocationMatch::Any);
         if !required.admits(location) {
             return Err(Mismatch::Location {
                 required,
@@ -1492,33 +1078,34 @@ impl<'a> Snapshot<'a> {
             });
         }
         if flags & format::RULE_HAS_PEERS != 0 {
-            let peers = self.range(SectionId::Peers, le32(rule, 12), le32(rule, 16));
-            let hit = peers.chunks_exact(12).any(|peer| match peer[0] {
-                format::PEER_PODS => match class {
-                    DestinationClass::Pod { identity, .. } if identity != NO_IDENTITY => {
-                        let set = self.range(SectionId::IdentitySets, le32(peer, 4), le32(peer, 8));
-                        contains_sorted(set, identity)
+            let peers = self.range(record, rule::PEERS);
+            let hit = peers
+                .chunks_exact(peer::LEN)
+                .any(|p| match peer::KIND.get(p) {
+                    format::PEER_PODS => match class {
+                        DestinationClass::Pod { identity, .. } if identity != NO_IDENTITY => {
+                            contains_sorted(self.range(p, peer::IDENTITIES), identity)
+                        }
+                        _ => false,
+                    },
+                    format::PEER_NETWORKS => self
+                        .range(p, peer::NETWORKS)
+                        .chunks_exact(cidr::LEN)
+                        .any(|cidr| match (format::cidr4_span(cidr), ip) {
+                            (Some((first, last)), IpAddr::V4(v4)) => {
+                                same.narrow(u32::from(v4), first, last)
+                            }
+                            (None, IpAddr::V6(_)) => {
+                                same.only_this();
+                                cidr_contains(cidr, ip)
+                            }
+                            _ => false, // the other family: false for every address of this one
+                        }),
+                    format::PEER_ENTITY => {
+                        Entity::from_byte(peer::ENTITY.get(p)).is_some_and(|e| e.admits(location))
                     }
                     _ => false,
-                },
-                format::PEER_NETWORKS => self
-                    .range(SectionId::Networks, le32(peer, 4), le32(peer, 8))
-                    .chunks_exact(format::CIDR_LEN)
-                    .any(|cidr| match (format::cidr4_span(cidr), ip) {
-                        (Some((first, last)), IpAddr::V4(v4)) => {
-                            same.narrow(u32::from(v4), first, last)
-                        }
-                        (None, IpAddr::V6(_)) => {
-                            same.only_this();
-                            cidr_contains(cidr, ip)
-                        }
-                        _ => false, // the other family: false for every address of this one
-                    }),
-                format::PEER_ENTITY => {
-                    Entity::from_byte(peer[1]).is_some_and(|e| e.admits(location))
-                }
-                _ => false,
-            });
+                });
             if !hit {
                 return Err(Mismatch::Peer);
             }
@@ -1528,66 +1115,48 @@ impl<'a> Snapshot<'a> {
 
     /// Renders a peer list for explain output: one string per peer.
     pub fn describe_peers(&self, rule: RuleRef) -> Vec<String> {
-        let policy = self.record(SectionId::Policies, rule.policy as usize);
-        let record = self.record(
-            SectionId::Rules,
-            le32(policy, 20).saturating_add(rule.rule) as usize,
-        );
-        let peers = self.range(SectionId::Peers, le32(record, 12), le32(record, 16));
+        let peers = self.range(self.rule_record(rule), rule::PEERS);
         peers
-            .chunks_exact(12)
-            .map(|peer| match peer[0] {
-                format::PEER_PODS => format!("pods ({} identities)", le32(peer, 8)),
+            .chunks_exact(peer::LEN)
+            .map(|p| match peer::KIND.get(p) {
+                format::PEER_PODS => {
+                    format!("pods ({} identities)", peer::IDENTITIES.get(p).1)
+                }
                 format::PEER_NETWORKS => {
                     let nets: Vec<String> = self
-                        .range(SectionId::Networks, le32(peer, 4), le32(peer, 8))
-                        .chunks_exact(format::CIDR_LEN)
-                        .map(|c| format!("{}/{}", cidr_address(c), c[17]))
+                        .range(p, peer::NETWORKS)
+                        .chunks_exact(cidr::LEN)
+                        .map(|c| format!("{}/{}", cidr_address(c), cidr::PREFIX.get(c)))
                         .collect();
                     format!("networks [{}]", nets.join(", "))
                 }
                 _ => format!(
                     "entity {}",
-                    Entity::from_byte(peer[1]).map_or("?", Entity::as_str)
+                    Entity::from_byte(peer::ENTITY.get(p)).map_or("?", Entity::as_str)
                 ),
             })
             .collect()
     }
 }
 
-/// Whether the policy's summary proves that none of its rules can match; the mismatch every
-/// rule would report first. Exact: it only skips what rule-by-rule evaluation would reject.
-fn check_address_tail(tail: &[u8], nodes: u32) -> Result<(), &'static str> {
-    if !matches!(tail[0], format::ADDRESS_POD | format::ADDRESS_NODE) {
-        return Err("unknown address kind");
-    }
-    if le32(tail, 8) >= nodes {
-        return Err("node out of range");
-    }
-    Ok(())
+/// Whether a sorted identity set holds `identity`.
+fn contains_sorted(set: &[u8], identity: u32) -> bool {
+    let (entries, _) = set.as_chunks::<{ identity_set::LEN }>();
+    entries
+        .binary_search_by(|entry| identity_set::IDENTITY.get(entry).cmp(&identity))
+        .is_ok()
 }
 
-fn contains_sorted(set: &[u8], identity: u32) -> bool {
-    let (mut low, mut high) = (0usize, set.len() / 4);
-    while low < high {
-        let mid = low + (high - low) / 2;
-        match le32(set, mid * 4).cmp(&identity) {
-            std::cmp::Ordering::Less => low = mid + 1,
-            std::cmp::Ordering::Greater => high = mid,
-            std::cmp::Ordering::Equal => return true,
-        }
+/// An address stored as family and 16 bytes (IPv4 in the first four).
+fn stored_address(family: u8, bytes: [u8; 16]) -> IpAddr {
+    match bytes {
+        [a, b, c, d, ..] if family == 4 => IpAddr::from([a, b, c, d]),
+        _ => IpAddr::from(bytes),
     }
-    false
 }
 
 fn cidr_address(record: &[u8]) -> IpAddr {
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&record[..16]);
-    if record[16] == 4 {
-        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
-    } else {
-        IpAddr::from(bytes)
-    }
+    stored_address(cidr::FAMILY.get(record), cidr::IP.get(record))
 }
 
 /// A connection's destination as the rules see it.
@@ -1611,41 +1180,55 @@ fn agree<'a>(agreed: &mut Option<Decision<'a>>, decision: Decision<'a>) -> bool 
     }
 }
 
-/// The order of a Service's backends: (identity, port, zone, node, address).
-fn backend_key(record: &[u8]) -> (u32, u16, u32, u32, u8, &[u8]) {
+/// The order of the `Services` section: (family, ip, port, protocol).
+fn service_key(record: &[u8]) -> (u8, [u8; 16], u16, u8) {
+    use service::{FAMILY, IP, PORT, PROTOCOL};
     (
-        le32(record, 20),
-        le16(record, 18),
-        le32(record, 28),
-        le32(record, 24),
-        record[16],
-        &record[..16],
+        FAMILY.get(record),
+        IP.get(record),
+        PORT.get(record),
+        PROTOCOL.get(record),
+    )
+}
+
+/// The order of a Service's backends: (identity, port, zone, node, family, address).
+fn backend_key(record: &[u8]) -> (u32, u16, u32, u32, u8, [u8; 16]) {
+    use backend::{FAMILY, IDENTITY, IP, NODE, PORT, ZONE};
+    (
+        IDENTITY.get(record),
+        PORT.get(record),
+        ZONE.get(record),
+        NODE.get(record),
+        FAMILY.get(record),
+        IP.get(record),
     )
 }
 
 fn backend_address(record: &[u8]) -> IpAddr {
-    cidr_address(record)
+    stored_address(backend::FAMILY.get(record), backend::IP.get(record))
 }
 
 fn cidr_contains(record: &[u8], ip: IpAddr) -> bool {
     // Masked integer comparison: this runs for every networks peer of every rule scanned.
-    let (Some(bytes), Some(&family), Some(&prefix)) =
-        (record.get(..16), record.get(16), record.get(17))
-    else {
+    if record.len() < cidr::LEN {
         return false;
-    };
+    }
+    let (bytes, family, prefix) = (
+        cidr::IP.get(record),
+        cidr::FAMILY.get(record),
+        cidr::PREFIX.get(record),
+    );
     match (family, ip) {
         (4, IpAddr::V4(ip)) => {
-            let net = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let [a, b, c, d, ..] = bytes;
+            let net = u32::from_be_bytes([a, b, c, d]);
             let mask = u32::MAX
                 .checked_shl(32 - u32::from(prefix.min(32)))
                 .unwrap_or(0);
             (net ^ u32::from(ip)) & mask == 0
         }
         (6, IpAddr::V6(ip)) => {
-            let mut octets = [0u8; 16];
-            octets.copy_from_slice(bytes);
-            let net = u128::from_be_bytes(octets);
+            let net = u128::from_be_bytes(bytes);
             let mask = u128::MAX
                 .checked_shl(128 - u32::from(prefix.min(128)))
                 .unwrap_or(0);

@@ -3,9 +3,9 @@
 //!
 //! - [`decode`]: `Snapshot::parse` on arbitrary bytes; anything that parses is looked up.
 //! - [`mutate`]: a small valid snapshot ([`samples`]) is altered by the input (byte flips,
-//!   stores of boundary values, truncation, insertion, removal), its length field and CRC are
-//!   made consistent again so the mutation gets past the cheap checks, and then it is parsed and,
-//!   when accepted, looked up.
+//!   stores of boundary values, truncation, insertion, removal), sealed again
+//!   ([`format::seal`]: length field and CRC made consistent) so the mutation gets past the
+//!   cheap checks, and then it is parsed and, when accepted, looked up.
 //!
 //! "Looked up" ([`exercise`]) means every public read of a [`Snapshot`]: node, policy, rule and
 //! workload accessors, `workload_by_name`, `workload_by_ip`, `classify`, and `decide` for a set
@@ -21,15 +21,8 @@ use stackroute_snapshot::{
     LocationMatch, NO_IDENTITY, NO_ZONE, NoTrace, NodeEntry, NodeInput, PeerEntry, PolicyEntry,
     PolicyKind, PortEntry, Protocol, RuleEntry, RuleGate, RuleRef, ServiceEntry, SharedInput,
     SharedTables, Snapshot, Stack, Tier, Trace, TransportChoice, Verdict, Via, WorkloadEntry,
-    WorkloadId, encode,
+    WorkloadId, encode, format,
 };
-
-/// Offset of the CRC-32 in the header.
-pub const CRC_OFFSET: usize = 8;
-/// The CRC covers bytes `CRC_FROM..`.
-pub const CRC_FROM: usize = 12;
-/// Offset of the `total_len` (u64 LE) header field.
-pub const TOTAL_LEN_OFFSET: usize = 16;
 
 /// Most workloads, policies and rules per policy [`exercise`] walks, to keep one run short.
 const MAX_WALK: u32 = 32;
@@ -65,10 +58,13 @@ pub fn mutate_and_report(data: &[u8]) -> bool {
             edit[3],
         );
     }
-    if select & 0x80 == 0 {
-        fix_total_len(&mut bytes);
+    // With bit 7 set the length field stays as edited. Parse rejects a length that disagrees
+    // with the bytes before it reads the checksum, so sealing matters (and, the length being
+    // right already, only repairs the CRC) exactly when the two agree.
+    let keep_length = select & 0x80 != 0;
+    if !keep_length || format::header::TOTAL_LEN.get(&bytes) == bytes.len() as u64 {
+        format::seal(&mut bytes);
     }
-    fix_crc(&mut bytes);
     match Snapshot::parse(&bytes) {
         Ok(snapshot) => {
             // Unedited, the summaries are the encoder's own: the fast path must then agree.
@@ -124,22 +120,6 @@ fn apply(bytes: &mut Vec<u8>, op: u8, position: usize, value: u8) {
             let span = to_end - at;
             bytes[at..to_end].copy_from_slice(&block[..span]);
         }
-    }
-}
-
-/// Rewrites the header's `total_len` to the actual length (when the header is there).
-pub fn fix_total_len(bytes: &mut [u8]) {
-    if bytes.len() >= TOTAL_LEN_OFFSET + 8 {
-        let len = bytes.len() as u64;
-        bytes[TOTAL_LEN_OFFSET..TOTAL_LEN_OFFSET + 8].copy_from_slice(&len.to_le_bytes());
-    }
-}
-
-/// Recomputes the header CRC (CRC-32 IEEE of bytes `12..`, stored LE at offset 8).
-pub fn fix_crc(bytes: &mut [u8]) {
-    if bytes.len() >= CRC_FROM {
-        let crc = crc32fast::hash(&bytes[CRC_FROM..]);
-        bytes[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
     }
 }
 
@@ -717,7 +697,7 @@ mod tests {
             Snapshot::parse(&bytes),
             Err(stackroute_snapshot::DecodeError::ChecksumMismatch { .. })
         ));
-        fix_crc(&mut bytes);
+        format::seal(&mut bytes);
         assert!(
             Snapshot::parse(&bytes).is_ok(),
             "a repaired CRC is accepted"
