@@ -151,6 +151,7 @@ async fn agent(grpc: SocketAddr, node: String, acked: watch::Sender<u64>) -> any
             agent_id: format!("bench-{node}"),
             known_revision: 0,
             api_version: ApiVersion::V1alpha1 as i32,
+            accepts_delta: false,
         })
         .await?
         .into_inner();

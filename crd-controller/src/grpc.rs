@@ -25,9 +25,62 @@ use std::sync::Mutex;
 use stackroute_proto::identity::Caller;
 
 use crate::auth::Authenticator;
-use crate::index::{IndexClosed, IndexHandle, RegistryChange};
+use crate::index::{IndexClosed, IndexHandle, NodeUpdate, RegistryChange};
 use crate::metrics::Metrics;
 use crate::store::{Store, listener_key, workload_key};
+
+/// What one watch stream sent its agent last, so the next message can be a delta and leave out
+/// an unchanged listener list.
+struct SentToAgent {
+    accepts_delta: bool,
+    /// The revision the agent holds: the one sent last, or the one it said it had.
+    revision: u64,
+    listeners: Option<Vec<Listener>>,
+}
+
+impl SentToAgent {
+    fn new(request: &WatchRequest) -> Self {
+        Self {
+            accepts_delta: request.accepts_delta,
+            revision: request.known_revision,
+            listeners: None,
+        }
+    }
+
+    /// The message for `update`: its delta when it starts from what the agent holds, else the
+    /// whole snapshot.
+    fn next(&mut self, update: &NodeUpdate) -> SnapshotUpdate {
+        let full = &update.full;
+        let listeners_unchanged =
+            self.accepts_delta && self.listeners.as_ref() == Some(&full.listeners);
+        let listeners = if listeners_unchanged {
+            Vec::new()
+        } else {
+            full.listeners.clone()
+        };
+        let message = match &update.delta {
+            Some((base, delta)) if self.accepts_delta && *base == self.revision => SnapshotUpdate {
+                revision: full.revision,
+                node: full.node.clone(),
+                snapshot: Vec::new(),
+                listeners,
+                delta: delta.clone(),
+                base_revision: *base,
+                listeners_unchanged,
+            },
+            _ => SnapshotUpdate {
+                listeners,
+                listeners_unchanged,
+                ..full.clone()
+            },
+        };
+        self.revision = full.revision;
+        if !listeners_unchanged {
+            self.listeners = Some(full.listeners.clone());
+        }
+        message
+    }
+}
 
 /// Most snapshot streams one node may hold open at once (an agent holds one; a hand-over
 /// briefly two).
@@ -229,11 +282,22 @@ impl Distribution for DistributionService {
             .subscribe(&request.node, &request.agent_id, request.known_revision)
             .await?;
         let (rx, guard) = subscription.into_parts();
+        let mut sent = SentToAgent::new(&request);
+        let metrics = self.metrics.clone();
         // The guard lives inside the stream: when tonic drops the stream (client gone), the
         // index hears about it.
         let stream = tokio_stream::wrappers::WatchStream::new(rx).filter_map(move |update| {
             let _alive = (&guard, &slot);
-            update.map(|update| Ok(SnapshotUpdate::clone(&update)))
+            let message = sent.next(&update?.clone());
+            metrics.snapshot_sent(
+                if message.delta.is_empty() {
+                    "full"
+                } else {
+                    "delta"
+                },
+                message.snapshot.len() + message.delta.len(),
+            );
+            Some(Ok(message))
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -395,6 +459,69 @@ impl Distribution for DistributionService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn update(revision: u64, delta_from: Option<u64>, listeners: &[u32]) -> NodeUpdate {
+        NodeUpdate {
+            full: SnapshotUpdate {
+                revision,
+                node: "n1".into(),
+                snapshot: vec![1; 100],
+                listeners: listeners
+                    .iter()
+                    .map(|port| Listener {
+                        key: Some(ListenerKey {
+                            node: "n1".into(),
+                            port: *port,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            delta: delta_from.map(|base| (base, vec![2; 10])),
+        }
+    }
+
+    /// A stream sends a delta only from the revision its agent holds, the whole snapshot
+    /// otherwise, and leaves out a listener list it sent before.
+    #[test]
+    fn a_stream_sends_deltas_from_what_its_agent_holds() {
+        let request = WatchRequest {
+            node: "n1".into(),
+            known_revision: 5,
+            accepts_delta: true,
+            ..Default::default()
+        };
+        let mut sent = SentToAgent::new(&request);
+        // The agent restarted holding 5; the controller's delta starts from 5.
+        let first = sent.next(&update(6, Some(5), &[80]));
+        assert_eq!((first.delta.len(), first.base_revision), (10, 5));
+        assert!(first.snapshot.is_empty() && !first.listeners_unchanged);
+        assert_eq!(first.listeners.len(), 1);
+        // Same listeners: left out.
+        let second = sent.next(&update(7, Some(6), &[80]));
+        assert_eq!(second.base_revision, 6);
+        assert!(second.listeners_unchanged && second.listeners.is_empty());
+        // Revision 8 was skipped by the watch: 9's delta starts from 8, so the whole snapshot.
+        let third = sent.next(&update(9, Some(8), &[80, 443]));
+        assert!(third.delta.is_empty() && third.snapshot.len() == 100);
+        assert_eq!(third.listeners.len(), 2);
+        // No delta at all (larger than the snapshot): whole.
+        assert!(sent.next(&update(10, None, &[80, 443])).delta.is_empty());
+
+        // An agent that does not accept deltas always gets everything.
+        let mut old_agent = SentToAgent::new(&WatchRequest {
+            known_revision: 5,
+            ..request
+        });
+        old_agent.accepts_delta = false;
+        for (revision, base) in [(6, 5), (7, 6)] {
+            let message = old_agent.next(&update(revision, Some(base), &[80]));
+            assert!(message.delta.is_empty() && !message.listeners_unchanged);
+            assert_eq!((message.snapshot.len(), message.listeners.len()), (100, 1));
+        }
+    }
 
     #[test]
     fn watch_requests_need_a_node_and_the_api_version() {

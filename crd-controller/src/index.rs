@@ -30,7 +30,22 @@ use crate::metrics::Metrics;
 use crate::store::{Store, listener_key, workload_key};
 
 /// What a node's watch channel holds: nothing until the node's first compile.
-pub type Published = Option<Arc<SnapshotUpdate>>;
+pub type Published = Option<Arc<NodeUpdate>>;
+
+/// One node's update of one revision: the whole snapshot, and the delta from the node's
+/// previous published snapshot when that is smaller. Each watch stream sends the delta when the
+/// previous one is what it sent last, the whole snapshot otherwise.
+#[derive(Debug)]
+pub struct NodeUpdate {
+    /// The complete update.
+    pub full: SnapshotUpdate,
+    /// The delta from the node's previous snapshot.
+    pub delta: Option<SnapshotDelta>,
+}
+
+/// `(base revision, delta)`: what turns the snapshot of the base revision into this one
+/// (`stackroute_snapshot::delta`).
+pub type SnapshotDelta = (u64, Vec<u8>);
 
 /// A change to the listener or workload registry.
 #[derive(Clone, Debug, PartialEq)]
@@ -530,6 +545,8 @@ pub struct CompileInput {
     pub listeners: Vec<Listener>,
     /// Settings.
     pub settings: Settings,
+    /// Each watched node's last published update: the base of its next delta.
+    pub previous: BTreeMap<String, Arc<NodeUpdate>>,
 }
 
 /// What a compile produced.
@@ -537,8 +554,8 @@ pub struct CompileInput {
 pub struct CompileOutput {
     /// Its revision.
     pub revision: u64,
-    /// Encoded snapshot per node.
-    pub snapshots: Vec<(String, Vec<u8>)>,
+    /// Encoded snapshot per node, with its delta from the node's previous one where smaller.
+    pub snapshots: Vec<(String, Vec<u8>, Option<SnapshotDelta>)>,
     /// Listeners sent with every update.
     pub listeners: Vec<Listener>,
     /// Every policy in the state.
@@ -1147,6 +1164,11 @@ impl Index {
             nodes: self.channels.keys().cloned().collect(),
             listeners: self.listeners.values().cloned().collect(),
             settings: self.settings.clone(),
+            previous: self
+                .channels
+                .iter()
+                .filter_map(|(node, channel)| Some((node.clone(), channel.borrow().clone()?)))
+                .collect(),
         }
     }
 
@@ -1162,13 +1184,17 @@ impl Index {
             .compile_seconds
             .observe(output.duration.as_secs_f64());
         let mut sent = 0;
-        for (node, snapshot) in output.snapshots {
+        for (node, snapshot, delta) in output.snapshots {
             if let Some(channel) = self.channels.get(&node) {
-                channel.send_replace(Some(Arc::new(SnapshotUpdate {
-                    revision: output.revision,
-                    node: node.clone(),
-                    snapshot,
-                    listeners: output.listeners.clone(),
+                channel.send_replace(Some(Arc::new(NodeUpdate {
+                    full: SnapshotUpdate {
+                        revision: output.revision,
+                        node: node.clone(),
+                        snapshot,
+                        listeners: output.listeners.clone(),
+                        ..Default::default()
+                    },
+                    delta,
                 })));
                 sent += 1;
             }
@@ -1373,6 +1399,7 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
         nodes,
         listeners,
         settings,
+        previous,
     } = input;
     let compiled = Compiled::new(&state, settings);
     let problems: BTreeMap<String, String> = compiled
@@ -1382,7 +1409,13 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
         .collect();
     let snapshots = nodes
         .iter()
-        .filter_map(|node| Some((node.clone(), compiled.node_snapshot(node, revision)?)))
+        .filter_map(|node| {
+            let snapshot = compiled.node_snapshot(node, revision)?;
+            let delta = previous
+                .get(node)
+                .and_then(|before| delta_from(&before.full, &snapshot));
+            Some((node.clone(), snapshot, delta))
+        })
         .collect();
     let mut policies = policy_records(&state, &problems);
     let mut gated: BTreeMap<String, (u32, String)> = BTreeMap::new();
@@ -1420,6 +1453,19 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
         policies,
         nodes: all_nodes,
         duration: started.elapsed(),
+    }
+}
+
+/// The delta from a node's previous snapshot to `snapshot`, when it is smaller.
+fn delta_from(before: &SnapshotUpdate, snapshot: &[u8]) -> Option<SnapshotDelta> {
+    match stackroute_snapshot::delta::diff(&before.snapshot, snapshot) {
+        Ok(delta) if delta.len() < snapshot.len() => Some((before.revision, delta)),
+        Ok(_) => None,
+        Err(error) => {
+            // Our own encoder's output: never expected; the whole snapshot goes instead.
+            tracing::warn!(node = %before.node, %error, "no delta from the previous snapshot");
+            None
+        }
     }
 }
 

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub webhook_requests: Family<Labels, Counter>,
     /// Pods that opted in to injection but carry no `stackroute.dev/injected` (Kubernetes mode).
     pub pods_not_injected: Gauge,
+    /// Snapshot updates sent to agents, by encoding (full, delta).
+    pub snapshot_updates: Family<Labels, Counter>,
+    /// Bytes of snapshot sent to agents, by encoding (full, delta).
+    pub snapshot_bytes: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -111,6 +115,18 @@ impl Default for Metrics {
             "Pods that opted in to injection but were not injected (Kubernetes mode, listed every minute)",
             pods_not_injected.clone(),
         );
+        let snapshot_updates = Family::<Labels, Counter>::default();
+        registry.register(
+            "snapshot_updates",
+            "Snapshot updates sent to agents by encoding (full, delta)",
+            snapshot_updates.clone(),
+        );
+        let snapshot_bytes = Family::<Labels, Counter>::default();
+        registry.register(
+            "snapshot_bytes",
+            "Bytes of snapshot (whole or delta) sent to agents by encoding (full, delta)",
+            snapshot_bytes.clone(),
+        );
         Self {
             registry,
             revision,
@@ -126,6 +142,8 @@ impl Default for Metrics {
             denied_requests,
             webhook_requests,
             pods_not_injected,
+            snapshot_updates,
+            snapshot_bytes,
         }
     }
 }
@@ -164,6 +182,15 @@ impl Metrics {
                 ("reason".to_string(), reason.to_string()),
             ])
             .inc();
+    }
+
+    /// Counts a snapshot update sent to an agent: `delta` or `full`, and its bytes.
+    pub fn snapshot_sent(&self, encoding: &str, bytes: usize) {
+        let labels = vec![("encoding".to_string(), encoding.to_string())];
+        self.snapshot_updates.get_or_create(&labels).inc();
+        self.snapshot_bytes
+            .get_or_create(&labels)
+            .inc_by(bytes as u64);
     }
 
     /// Counts a webhook review.

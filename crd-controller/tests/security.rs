@@ -84,6 +84,7 @@ fn watch_request(node: &str, known_revision: u64) -> WatchRequest {
         agent_id: format!("test-{node}"),
         known_revision,
         api_version: ApiVersion::V1alpha1 as i32,
+        accepts_delta: false,
     }
 }
 

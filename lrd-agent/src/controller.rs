@@ -33,12 +33,14 @@ pub fn backoff(failures: u32) -> Duration {
 pub async fn run(agent: Arc<Agent>) {
     let controllers = agent.config.controllers.clone();
     let mut failures = 0u32;
+    // After a delta that did not apply, the next session asks for the whole snapshot.
+    let mut need_full = false;
     for (attempt, url) in controllers.iter().cycle().enumerate() {
         if attempt > 0 {
             agent.metrics.reconnects.inc();
         }
         let started = Instant::now();
-        match session(&agent, url).await {
+        match session(&agent, url, &mut need_full).await {
             Ok(()) => info!(controller = %url, "the controller ended the watch"),
             Err(error) => {
                 warn!(controller = %url, error = %format!("{error:#}"), "controller session failed")
@@ -55,7 +57,7 @@ pub async fn run(agent: Arc<Agent>) {
     }
 }
 
-async fn session(agent: &Arc<Agent>, url: &str) -> anyhow::Result<()> {
+async fn session(agent: &Arc<Agent>, url: &str, need_full: &mut bool) -> anyhow::Result<()> {
     let mut client = client::connect(url, &agent.config.security)
         .await
         .map_err(|error| anyhow::anyhow!("connecting to {url}: {error}"))?;
@@ -67,29 +69,44 @@ async fn session(agent: &Arc<Agent>, url: &str) -> anyhow::Result<()> {
     }
     resend_registrations(agent, &mut client).await?;
 
-    let known_revision = agent.current().map_or(0, |c| c.revision);
+    let known_revision = match agent.current() {
+        Some(current) if !*need_full => current.revision,
+        _ => 0,
+    };
     let mut stream = client
         .watch_snapshots(WatchRequest {
             node: agent.config.node.clone(),
             agent_id: agent.agent_id.clone(),
             known_revision,
             api_version: ApiVersion::V1alpha1 as i32,
+            accepts_delta: true,
         })
         .await?
         .into_inner();
+    *need_full = false;
     agent.set_client(Some(client.clone()));
     while let Some(update) = stream.message().await? {
         let revision = update.revision;
-        // Validation, fsync and rename block: off the async workers.
+        let is_delta = !update.delta.is_empty();
+        let listeners = (!update.listeners_unchanged).then_some(update.listeners);
+        // Rebuilding, validation, fsync and rename block: off the async workers.
         let applier = agent.clone();
-        let result = tokio::task::spawn_blocking(move || applier.apply(revision, update.snapshot))
-            .await
-            .unwrap_or_else(|e| Err(format!("applying revision {revision} panicked: {e}")));
-        if result.is_ok() {
-            agent.set_listeners(update.listeners);
+        let result = tokio::task::spawn_blocking(move || {
+            if is_delta {
+                applier.apply_delta(revision, update.base_revision, &update.delta)
+            } else {
+                applier.apply(revision, update.snapshot)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("applying revision {revision} panicked: {e}")));
+        if let (Ok(()), Some(listeners)) = (&result, listeners) {
+            agent.set_listeners(listeners);
         }
         if let Err(error) = &result {
             warn!(revision, %error, "rejected snapshot; the previous one stays in force");
+            // The stream's next delta would start from a revision this agent does not hold.
+            *need_full |= is_delta;
         }
         let ack = AckRequest {
             node: agent.config.node.clone(),
@@ -99,6 +116,9 @@ async fn session(agent: &Arc<Agent>, url: &str) -> anyhow::Result<()> {
         };
         if let Err(status) = client.ack(ack).await {
             warn!(revision, %status, "Ack failed");
+        }
+        if *need_full {
+            anyhow::bail!("a snapshot delta did not apply; reconnecting for the whole snapshot");
         }
     }
     Ok(())

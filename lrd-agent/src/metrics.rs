@@ -145,6 +145,8 @@ pub struct Metrics {
     pub rejected: Counter<u64, AtomicU64>,
     /// Held registrations the controller refused when they were re-sent, and dropped.
     pub dropped_registrations: Counter<u64, AtomicU64>,
+    /// Snapshot deltas received, by outcome (`applied`, `rejected`).
+    pub deltas: Family<OutcomeLabels, Counter<u64, AtomicU64>>,
     /// Requests on the Unix socket.
     pub requests: Family<RequestLabels, Counter<u64, AtomicU64>>,
     /// Fallbacks reported by shims.
@@ -162,7 +164,8 @@ pub struct Metrics {
 /// Labels of `stackroute_lrd_kernel_hook_connections_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `applied`, `left-default`, `chosen-by-process`, `set-failed` or `no-entry`.
+    /// Kernel hook connections: `applied`, `left-default`, `chosen-by-process`, `set-failed` or
+    /// `no-entry`; snapshot deltas: `applied` or `rejected`.
     pub outcome: &'static str,
 }
 
@@ -182,6 +185,11 @@ pub struct HookMetrics {
 }
 
 impl Metrics {
+    /// Counts a snapshot delta by outcome.
+    pub fn delta(&self, outcome: &'static str) {
+        self.deltas.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
     /// Registers every metric in `registry`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("stackroute_lrd");
@@ -219,6 +227,11 @@ impl Metrics {
             "snapshots_rejected",
             "Snapshots received from a controller and rejected",
             self.rejected.clone(),
+        );
+        r.register(
+            "snapshot_deltas",
+            "Snapshot deltas received from a controller, by outcome (applied, rejected: the agent then asks for the whole snapshot)",
+            self.deltas.clone(),
         );
         r.register(
             "registrations_dropped",

@@ -468,6 +468,29 @@ impl Agent {
         persisted.map_err(|e| format!("published revision {revision} but cannot persist it: {e}"))
     }
 
+    /// Rebuilds revision `revision` from the snapshot in force (which must be `base`) and a
+    /// delta, then applies it as [`Agent::apply`] does: validated whole, published atomically.
+    pub fn apply_delta(&self, revision: u64, base: u64, delta: &[u8]) -> Result<(), String> {
+        let current = self.current().filter(|c| c.revision == base);
+        let rebuilt = current
+            .ok_or_else(|| format!("snapshot delta for revision {revision} starts from revision {base}, which this agent does not hold"))
+            .and_then(|current| {
+                stackroute_snapshot::delta::apply(current.parsed.bytes(), delta)
+                    .map_err(|error| format!("revision {revision}: {error}"))
+            });
+        match rebuilt {
+            Ok(bytes) => {
+                self.metrics.delta("applied");
+                self.apply(revision, bytes)
+            }
+            Err(error) => {
+                self.metrics.delta("rejected");
+                self.metrics.rejected.inc();
+                Err(error)
+            }
+        }
+    }
+
     /// The cluster's listener registry, as of the last snapshot applied.
     pub fn listeners(&self) -> Arc<Vec<Listener>> {
         self.listeners

@@ -109,6 +109,19 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
             metrics.contains("stackroute_lrd_controller_connected 1"),
             "{metrics}"
         );
+        // The change came as a delta from the revision the agent held, rebuilt whole.
+        let deltas = |outcome: &str| {
+            metrics
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(&format!(
+                        "stackroute_lrd_snapshot_deltas_total{{outcome=\"{outcome}\"}} "
+                    ))
+                })
+                .map_or(0, |n| n.parse::<u64>().unwrap())
+        };
+        assert!(deltas("applied") >= 1, "{metrics}");
+        assert_eq!(deltas("rejected"), 0, "{metrics}");
     }
 
     // The same JSON as the offline form (db-0 runs on n2, so n2's table names it too); only

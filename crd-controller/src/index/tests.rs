@@ -483,12 +483,12 @@ fn policy_versions_are_stable_and_name_the_object() {
 
 // === the task ===
 
-async fn next_update(rx: &mut watch::Receiver<Published>) -> Arc<SnapshotUpdate> {
+async fn next_update(rx: &mut watch::Receiver<Published>) -> SnapshotUpdate {
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             rx.changed().await.expect("index alive");
             if let Some(update) = rx.borrow_and_update().clone() {
-                return update;
+                return update.full.clone();
             }
         }
     })
@@ -717,4 +717,24 @@ fn registrations_expire_a_lease_after_their_agent_is_gone_everywhere() {
             replaces: false,
         }
     );
+}
+
+/// Each revision's update carries the delta from the node's previous snapshot, and it rebuilds
+/// the new snapshot exactly.
+#[test]
+fn each_revision_carries_the_delta_from_the_nodes_previous_snapshot() {
+    let (mut index, _) = mk_index();
+    let (rx, _) = index.subscribe("n1", "a", 0, 1);
+    index.apply_file(changed("c.yaml", CLUSTER));
+    publish(&mut index, 10);
+    let first = rx.borrow().clone().expect("published");
+    assert!(first.delta.is_none(), "nothing to start from");
+    index.apply_file(changed("p.yaml", POLICY_BBR));
+    publish(&mut index, 11);
+    let second = rx.borrow().clone().expect("published");
+    let (base, delta) = second.delta.clone().expect("a delta");
+    assert_eq!(base, 10);
+    assert!(delta.len() < second.full.snapshot.len());
+    let rebuilt = stackroute_snapshot::delta::apply(&first.full.snapshot, &delta).unwrap();
+    assert_eq!(rebuilt, second.full.snapshot);
 }

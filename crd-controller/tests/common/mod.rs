@@ -239,6 +239,7 @@ pub async fn watch(
             agent_id: format!("test-{node}"),
             known_revision: 0,
             api_version: ApiVersion::V1alpha1 as i32,
+            accepts_delta: false,
         })
         .await
         .expect("WatchSnapshots")

@@ -1,0 +1,416 @@
+//! Snapshot deltas: what changed between two snapshots of one node, so the controller sends a
+//! node the few records a revision touched instead of the whole table.
+//!
+//! A delta names its base (revision and checksum), carries the target's header and section
+//! directory verbatim, and says for each target section how to get its bytes from the base:
+//! keep the base's section, replace it, or splice a few runs of records into it. [`apply`]
+//! rebuilds the target byte for byte — the header's own checksum proves it — so the agent
+//! always publishes a complete snapshot, never a partial one, and a delta can never be applied
+//! to a base it was not made for.
+//!
+//! ```text
+//! magic          8  b"\x89SRDLTA\n"
+//! version        2  = 1
+//! pad            2
+//! base crc       4  the base snapshot's header checksum
+//! base revision  8
+//! prefix length  4  bytes of the target's header and directory, which follow verbatim
+//! prefix         …
+//! per directory entry of the target, in order:
+//!   op u8: 0 keep (the base's section of the same id) | 1 replace | 2 splice
+//!   replace: len u32, bytes
+//!   splice:  edits u32, then per edit {at u32 (in the base section), remove u32, insert u32,
+//!            bytes}; edits ascending and not overlapping
+//! ```
+//!
+//! Splices are found without a general diff: sections of equal length (the IPv4 address book,
+//! filters, most record arrays after a label change) are compared record by record, others by
+//! their common prefix and suffix. That is exact for any change; it is small for the changes a
+//! cluster makes between revisions.
+
+use crate::format::{self, SectionId, U16, U32, U64, directory, header};
+use crate::view::DecodeError;
+
+/// First eight bytes of every delta.
+pub const MAGIC: [u8; 8] = *b"\x89SRDLTA\n";
+/// The only delta version this crate reads and writes.
+pub const VERSION: u16 = 1;
+
+const OP_KEEP: u8 = 0;
+const OP_REPLACE: u8 = 1;
+const OP_SPLICE: u8 = 2;
+/// Bytes an edit costs besides its inserted bytes.
+const EDIT_OVERHEAD: usize = 12;
+const FIXED_LEN: usize = 28;
+
+/// Why a delta could not be applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeltaError {
+    /// The delta is malformed: what is wrong.
+    Malformed(&'static str),
+    /// The delta was made for another base snapshot.
+    WrongBase {
+        /// Revision and checksum the delta expects.
+        expected: (u64, u32),
+        /// Revision and checksum of the snapshot it was applied to.
+        found: (u64, u32),
+    },
+    /// The base is not a readable snapshot.
+    Base(DecodeError),
+    /// The rebuilt snapshot does not match the target's checksum.
+    Mismatch,
+}
+
+impl std::fmt::Display for DeltaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Malformed(problem) => write!(f, "malformed snapshot delta: {problem}"),
+            Self::WrongBase { expected, found } => write!(
+                f,
+                "snapshot delta is for revision {} (checksum {:#010x}), this agent has revision {} (checksum {:#010x})",
+                expected.0, expected.1, found.0, found.1
+            ),
+            Self::Base(error) => write!(f, "base of the snapshot delta: {error}"),
+            Self::Mismatch => {
+                f.write_str("snapshot delta rebuilt bytes whose checksum differs from the target's")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DeltaError {}
+
+/// The base a delta applies to: `(revision, checksum)`.
+pub fn base_of(delta: &[u8]) -> Result<(u64, u32), DeltaError> {
+    let mut reader = Reader::new(delta);
+    if reader.take(8)? != MAGIC {
+        return Err(DeltaError::Malformed("bad magic"));
+    }
+    if reader.u16()? != VERSION {
+        return Err(DeltaError::Malformed("unsupported version"));
+    }
+    reader.take(2)?;
+    let crc = reader.u32()?;
+    let revision = reader.u64()?;
+    Ok((revision, crc))
+}
+
+/// The delta that turns `base` into `target`. Both must be complete snapshots (as `encode`
+/// writes them); the caller compares the delta's length with the target's and sends the
+/// shorter.
+pub fn diff(base: &[u8], target: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let base_sections = Sections::read(base)?;
+    let target_sections = Sections::read(target)?;
+    let mut out = Vec::with_capacity(FIXED_LEN + target_sections.prefix.len() + 4096);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&base_sections.crc.to_le_bytes());
+    out.extend_from_slice(&base_sections.revision.to_le_bytes());
+    out.extend_from_slice(&(target_sections.prefix.len() as u32).to_le_bytes());
+    out.extend_from_slice(target_sections.prefix);
+    for (id, body) in &target_sections.bodies {
+        let old = id.and_then(|id| base_sections.body(id));
+        match old {
+            Some(old) if old == *body => out.push(OP_KEEP),
+            Some(old) => {
+                let record = id.map_or(1, SectionId::record_len);
+                let edits = splices(old, body, record);
+                let splice_len: usize = edits.iter().map(|e| EDIT_OVERHEAD + e.insert.len()).sum();
+                if splice_len < body.len() {
+                    out.push(OP_SPLICE);
+                    out.extend_from_slice(&(edits.len() as u32).to_le_bytes());
+                    for edit in edits {
+                        out.extend_from_slice(&(edit.at as u32).to_le_bytes());
+                        out.extend_from_slice(&(edit.remove as u32).to_le_bytes());
+                        out.extend_from_slice(&(edit.insert.len() as u32).to_le_bytes());
+                        out.extend_from_slice(edit.insert);
+                    }
+                } else {
+                    replace(&mut out, body);
+                }
+            }
+            None => replace(&mut out, body),
+        }
+    }
+    Ok(out)
+}
+
+/// Rebuilds the target snapshot from `base` and a delta made by [`diff`]. The result carries
+/// the target's checksum, verified here; the caller still parses (validates) it before use.
+pub fn apply(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, DeltaError> {
+    let base_sections = Sections::read(base).map_err(DeltaError::Base)?;
+    let expected = base_of(delta)?;
+    let found = (base_sections.revision, base_sections.crc);
+    if expected != found {
+        return Err(DeltaError::WrongBase { expected, found });
+    }
+    let mut reader = Reader::new(delta);
+    reader.take(FIXED_LEN - 4)?;
+    let prefix_len = reader.u32()? as usize;
+    let prefix = reader.take(prefix_len)?;
+    // The checksum covers everything after itself: the magic is checked on its own.
+    if prefix.len() < header::LEN || header::MAGIC.get(prefix) != format::MAGIC {
+        return Err(DeltaError::Malformed(
+            "the target header lacks the snapshot magic",
+        ));
+    }
+    let layout = Layout::read(prefix).ok_or(DeltaError::Malformed("bad target directory"))?;
+    let mut out = Vec::with_capacity(layout.total_len);
+    out.extend_from_slice(prefix);
+    for (id, offset, len) in layout.entries {
+        if out.len() != offset {
+            return Err(DeltaError::Malformed("target sections are not contiguous"));
+        }
+        let old = id.and_then(|id| base_sections.body(id));
+        match reader.u8()? {
+            OP_KEEP => out.extend_from_slice(old.ok_or(DeltaError::Malformed(
+                "keeps a section the base does not have",
+            ))?),
+            OP_REPLACE => {
+                let n = reader.u32()? as usize;
+                out.extend_from_slice(reader.take(n)?);
+            }
+            OP_SPLICE => {
+                let old = old.ok_or(DeltaError::Malformed(
+                    "splices a section the base does not have",
+                ))?;
+                let edits = reader.u32()?;
+                let mut copied = 0usize;
+                for _ in 0..edits {
+                    let at = reader.u32()? as usize;
+                    let remove = reader.u32()? as usize;
+                    let insert = reader.u32()? as usize;
+                    let end = at
+                        .checked_add(remove)
+                        .filter(|end| at >= copied && *end <= old.len())
+                        .ok_or(DeltaError::Malformed("splice out of order or out of range"))?;
+                    out.extend_from_slice(&old[copied..at]);
+                    out.extend_from_slice(reader.take(insert)?);
+                    copied = end;
+                }
+                out.extend_from_slice(&old[copied..]);
+            }
+            _ => return Err(DeltaError::Malformed("unknown section operation")),
+        }
+        if out.len() != offset + len {
+            return Err(DeltaError::Malformed(
+                "a section's length differs from the directory's",
+            ));
+        }
+    }
+    if !reader.is_empty() {
+        return Err(DeltaError::Malformed("trailing bytes"));
+    }
+    if out.len() != layout.total_len {
+        return Err(DeltaError::Malformed(
+            "sections end before the declared length",
+        ));
+    }
+    if format::checksum(&out) != layout.crc {
+        return Err(DeltaError::Mismatch);
+    }
+    Ok(out)
+}
+
+fn replace(out: &mut Vec<u8>, body: &[u8]) {
+    out.push(OP_REPLACE);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+}
+
+/// One splice: `remove` bytes of the base section at `at` give way to `insert`.
+struct Edit<'a> {
+    at: usize,
+    remove: usize,
+    insert: &'a [u8],
+}
+
+/// Edits turning `old` into `new`, record-aligned: the common prefix and suffix are kept; in
+/// between, equal-length sections are compared record by record (runs of changed records, with
+/// gaps shorter than an edit's overhead folded in), others replaced as one run.
+fn splices<'a>(old: &[u8], new: &'a [u8], record: usize) -> Vec<Edit<'a>> {
+    let record = record.max(1);
+    let shorter = old.len().min(new.len());
+    let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count() / record * record;
+    let suffix = old[prefix..]
+        .iter()
+        .rev()
+        .zip(new[prefix..].iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(shorter - prefix)
+        / record
+        * record;
+    let (old_mid, new_mid) = (prefix..old.len() - suffix, prefix..new.len() - suffix);
+    if old_mid.len() != new_mid.len() {
+        return vec![Edit {
+            at: prefix,
+            remove: old_mid.len(),
+            insert: &new[new_mid],
+        }];
+    }
+    // Gaps of unchanged records shorter than this cost less folded into one edit.
+    let fold = EDIT_OVERHEAD.div_ceil(record);
+    let mut edits: Vec<Edit<'a>> = Vec::new();
+    let mut at = prefix;
+    while at < old.len() - suffix {
+        if old[at..at + record] == new[at..at + record] {
+            at += record;
+            continue;
+        }
+        let start = at;
+        let mut end = at + record;
+        let mut gap = 0;
+        at = end;
+        while at < old.len() - suffix {
+            if old[at..at + record] == new[at..at + record] {
+                gap += 1;
+                if gap > fold {
+                    break;
+                }
+            } else {
+                gap = 0;
+                end = at + record;
+            }
+            at += record;
+        }
+        edits.push(Edit {
+            at: start,
+            remove: end - start,
+            insert: &new[start..end],
+        });
+        at = end;
+    }
+    edits
+}
+
+/// A snapshot's header fields a delta needs and its sections, by directory order.
+struct Sections<'a> {
+    crc: u32,
+    revision: u64,
+    /// Header and directory.
+    prefix: &'a [u8],
+    /// Each directory entry's section id (`None` for one this build does not know) and body.
+    bodies: Vec<(Option<SectionId>, &'a [u8])>,
+}
+
+impl<'a> Sections<'a> {
+    /// Reads the directory only: a base was validated when it was applied, a target is the
+    /// encoder's own output (parsing 6 MB per node per revision would cost the controller more
+    /// than the delta saves).
+    fn read(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        if header::MAGIC.get(bytes) != format::MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let layout = Layout::read(bytes)
+            .filter(|layout| layout.total_len == bytes.len())
+            .ok_or(DecodeError::BadSection(
+                "section directory runs past the end",
+            ))?;
+        let bodies = layout
+            .entries
+            .iter()
+            .map(|(id, offset, len)| (*id, &bytes[*offset..*offset + *len]))
+            .collect();
+        Ok(Self {
+            crc: layout.crc,
+            revision: header::REVISION.get(bytes),
+            prefix: &bytes[..layout.directory_end],
+            bodies,
+        })
+    }
+
+    fn body(&self, id: SectionId) -> Option<&'a [u8]> {
+        self.bodies
+            .iter()
+            .find(|(found, _)| *found == Some(id))
+            .map(|(_, body)| *body)
+    }
+}
+
+/// The header fields and directory of a snapshot (or of a delta's copy of them).
+struct Layout {
+    crc: u32,
+    total_len: usize,
+    directory_end: usize,
+    entries: Vec<(Option<SectionId>, usize, usize)>,
+}
+
+impl Layout {
+    /// Reads the header and directory; `None` when they do not fit or a section lies outside
+    /// `total_len`.
+    fn read(prefix: &[u8]) -> Option<Self> {
+        if prefix.len() < header::LEN {
+            return None;
+        }
+        let total_len = usize::try_from(header::TOTAL_LEN.get(prefix)).ok()?;
+        let count = header::SECTION_COUNT.get(prefix) as usize;
+        let directory_end = count
+            .checked_mul(directory::LEN)?
+            .checked_add(header::LEN)?;
+        if directory_end > prefix.len() || directory_end > total_len {
+            return None;
+        }
+        let entries = prefix[header::LEN..directory_end]
+            .chunks_exact(directory::LEN)
+            .map(|entry| {
+                let id = directory::ID.get(entry);
+                let offset = directory::OFFSET.get(entry) as usize;
+                let len = directory::SIZE.get(entry) as usize;
+                offset.checked_add(len).filter(|end| *end <= total_len)?;
+                Some((
+                    SectionId::ALL.iter().copied().find(|s| *s as u32 == id),
+                    offset,
+                    len,
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            crc: header::CRC.get(prefix),
+            total_len,
+            directory_end,
+            entries,
+        })
+    }
+}
+
+/// Reads a delta front to back; running out is a malformed delta.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DeltaError> {
+        if n > self.bytes.len() {
+            return Err(DeltaError::Malformed("truncated"));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, DeltaError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DeltaError> {
+        Ok(U16(0).get(self.take(2)?))
+    }
+
+    fn u32(&mut self) -> Result<u32, DeltaError> {
+        Ok(U32(0).get(self.take(4)?))
+    }
+
+    fn u64(&mut self) -> Result<u64, DeltaError> {
+        Ok(U64(0).get(self.take(8)?))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
