@@ -675,6 +675,50 @@ mod tests {
         assert_eq!(published::parse_generation(&generation), Some(4));
     }
 
+    /// A restarted agent (killed mid-apply leaves the previous persisted snapshot: it is
+    /// replaced by rename) applies the controller's delta onto the snapshot it restarted with;
+    /// a delta from a revision it does not hold, or a corrupt one, changes nothing.
+    #[test]
+    fn a_restarted_agent_applies_a_delta_onto_its_persisted_snapshot() {
+        use stackroute_snapshot::delta;
+        let root = tempfile::tempdir().unwrap();
+        let agent = Agent::start(config(root.path())).unwrap();
+        let (nine, ten, eleven) = (
+            example_snapshot("node-a1", 9),
+            example_snapshot("node-a1", 10),
+            example_snapshot("node-a1", 11),
+        );
+        agent.apply(9, nine.clone()).unwrap();
+        drop(agent);
+
+        let agent = Agent::start(config(root.path())).unwrap();
+        assert_eq!(published_file(&agent), (2, 9, true));
+        agent
+            .apply_delta(10, 9, &delta::diff(&nine, &ten).unwrap())
+            .unwrap();
+        assert_eq!(published_file(&agent), (3, 10, false));
+        assert_eq!(agent.current().unwrap().parsed.bytes(), &ten[..]);
+
+        let error = agent
+            .apply_delta(11, 9, &delta::diff(&nine, &eleven).unwrap())
+            .unwrap_err();
+        assert!(error.contains("does not hold"), "{error}");
+        let mut corrupt = delta::diff(&ten, &eleven).unwrap();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 1;
+        let error = agent.apply_delta(11, 10, &corrupt).unwrap_err();
+        assert!(error.contains("revision 11"), "{error}");
+        assert_eq!(published_file(&agent), (3, 10, false));
+        let mut metrics = String::new();
+        prometheus_client::encoding::text::encode(&mut metrics, &agent.registry).unwrap();
+        for line in [
+            r#"stackroute_lrd_snapshot_deltas_total{outcome="applied"} 1"#,
+            r#"stackroute_lrd_snapshot_deltas_total{outcome="rejected"} 2"#,
+        ] {
+            assert!(metrics.contains(line), "{metrics}");
+        }
+    }
+
     #[test]
     fn a_hand_over_adopts_the_published_snapshot_and_continues_above_its_generation() {
         let root = tempfile::tempdir().unwrap();
