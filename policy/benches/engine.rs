@@ -13,6 +13,9 @@
 //!    holds every policy. `decide` is timed one call at a time with `Instant`, the timer's own
 //!    cost subtracted, and a counting global allocator checks that the loop allocated nothing.
 //!    A worst case — one workload whose chain holds all 10,000 rules — is reported separately.
+//! 3. Distribution (issue 15): one pod relabelled, to an existing and to a new label set; every
+//!    node's snapshot before and after is diffed (`stackroute_snapshot::delta`) and the delta
+//!    sizes are reported against the whole snapshot.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
@@ -34,7 +37,9 @@ use stackroute_policy::state::{
     EndpointSliceInfo, NAMESPACE_NAME_LABEL, NodeInfo, PodInfo, ServiceInfo, ServicePortInfo,
 };
 use stackroute_policy::{ClusterState, Compiled, Settings};
-use stackroute_snapshot::{NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict, WorkloadId};
+use stackroute_snapshot::{
+    NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict, WorkloadId, delta,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Targets, from issue 2: compile ≤ 1 s on 2 cores, lookup p99 ≤ 1 µs without allocation.
@@ -1469,6 +1474,8 @@ fn main() {
         alloc_match + alloc_none + alloc_service
     );
 
+    label_change_deltas(&state);
+
     summary(&Summary {
         compile_total: total_median,
         compile_sequential: new_median + sequential,
@@ -1480,6 +1487,67 @@ fn main() {
         allocations: allocations + alloc_match + alloc_none + alloc_service,
         hub_rules: snapshot.counts().1,
     });
+}
+
+/// Issue 15: one pod's labels change; the delta every node's agent would receive from its
+/// previous snapshot (`stackroute_snapshot::delta`), against the whole snapshot.
+fn label_change_deltas(state: &ClusterState) {
+    let pod = PODS / 2;
+    let namespace = &state.pods[pod].namespace;
+    let other_labels = state
+        .pods
+        .iter()
+        .find(|p| &p.namespace == namespace && p.labels != state.pods[pod].labels)
+        .map(|p| p.labels.clone())
+        .expect("another label set in the namespace");
+    let mut new_labels = state.pods[pod].labels.clone();
+    new_labels.insert("bench-change".into(), "1".into());
+    let before = Compiled::new(state, Settings::default()).all_node_snapshots(1);
+    println!();
+    println!(
+        "3. distribution (issue 15): pod {} relabelled; the delta each of {} nodes gets from its previous snapshot",
+        state.pods[pod].name,
+        before.len()
+    );
+    for (what, labels) in [
+        (
+            "to another pod's labels (an existing identity)",
+            other_labels,
+        ),
+        ("to labels nobody had (a new identity)", new_labels),
+    ] {
+        let mut changed = state.clone();
+        changed.pods[pod].labels = labels;
+        let after = Compiled::new(&changed, Settings::default()).all_node_snapshots(2);
+        let start = Instant::now();
+        let mut deltas: Vec<usize> = before
+            .iter()
+            .zip(&after)
+            .map(|((name, old), (same, new))| {
+                assert_eq!(name, same);
+                delta::diff(old, new).expect("encoder output").len()
+            })
+            .collect();
+        let diffing = start.elapsed();
+        let check = delta::diff(&before[0].1, &after[0].1).expect("encoder output");
+        assert_eq!(
+            delta::apply(&before[0].1, &check).expect("applies"),
+            after[0].1
+        );
+        deltas.sort_unstable();
+        let mut full: Vec<usize> = after.iter().map(|(_, b)| b.len()).collect();
+        full.sort_unstable();
+        let at = |v: &[usize], q: f64| v[((v.len() - 1) as f64 * q) as usize];
+        println!(
+            "  {what}: delta median {} bytes, p99 {}, max {} — whole snapshot median {} bytes ({:.0}x); diffing every node: {}",
+            at(&deltas, 0.5),
+            at(&deltas, 0.99),
+            deltas.last().copied().unwrap_or(0),
+            at(&full, 0.5),
+            at(&full, 0.5) as f64 / at(&deltas, 0.5).max(1) as f64,
+            ms(diffing)
+        );
+    }
 }
 
 fn verdict(ok: bool) -> &'static str {

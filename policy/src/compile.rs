@@ -234,6 +234,51 @@ impl<'s> Index<'s> {
     }
 }
 
+/// The snapshot's number for each identity (indexed by the compiler's dense identity id): a
+/// 32-bit FNV-1a hash of its namespace and labels, so it depends on nothing else — not on the
+/// order pods are listed in, not on which other identities exist, not on the replica. Two
+/// identities that hash alike are told apart in (namespace, labels) order, the later one taking
+/// the next free number; [`NO_IDENTITY`] is never given.
+fn stable_identity_numbers(
+    state: &ClusterState,
+    pod_identity: &[u32],
+    identities: usize,
+) -> Vec<u32> {
+    let mut first_pod = vec![usize::MAX; identities];
+    for (pod, id) in pod_identity.iter().enumerate() {
+        let slot = &mut first_pod[*id as usize];
+        *slot = (*slot).min(pod);
+    }
+    let key = |id: usize| {
+        let pod = &state.pods[first_pod[id]];
+        (pod.namespace.as_str(), &pod.labels)
+    };
+    let mut order: Vec<usize> = (0..identities).collect();
+    order.sort_unstable_by(|a, b| key(*a).cmp(&key(*b)));
+    let mut taken = std::collections::HashSet::with_capacity(identities);
+    let mut numbers = vec![NO_IDENTITY; identities];
+    for id in order {
+        let (namespace, labels) = key(id);
+        let mut hash = 0x811c_9dc5u32;
+        let mut eat = |bytes: &[u8]| {
+            for byte in bytes.iter().chain(&[0]) {
+                hash = (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193);
+            }
+        };
+        eat(namespace.as_bytes());
+        for (k, v) in labels {
+            eat(k.as_bytes());
+            eat(v.as_bytes());
+        }
+        let mut number = hash;
+        while number == NO_IDENTITY || !taken.insert(number) {
+            number = number.wrapping_add(1);
+        }
+        numbers[id] = number;
+    }
+    numbers
+}
+
 struct PolicySource<'s> {
     kind: PolicyKind,
     tier: Tier,
@@ -453,6 +498,10 @@ impl<'s> Compiled<'s> {
             .chain(state.pods.iter().filter_map(|p| p.node.as_deref()))
             .filter_map(|name| index_of_name.get(name).map(|i| (name, *i)))
             .collect();
+        // What the snapshot calls each identity: a number that depends on the identity alone,
+        // so a revision that adds or removes one leaves every other's as it was (and the
+        // delta to each node small), in every replica.
+        let wire = stable_identity_numbers(state, &pod_identity, index.identity_labels.len());
         let mut pods_by_node = vec![Vec::new(); node_names.len()];
         let mut addresses = Vec::new();
         for (index_in_state, pod) in state.pods.iter().enumerate() {
@@ -465,7 +514,7 @@ impl<'s> Compiled<'s> {
                     addresses.push(AddressEntry {
                         ip: *ip,
                         kind: AddressKind::Pod,
-                        identity: pod_identity[index_in_state],
+                        identity: wire[pod_identity[index_in_state] as usize],
                         node,
                     });
                 }
@@ -490,7 +539,14 @@ impl<'s> Compiled<'s> {
             cluster_networks: settings.cluster_networks.clone(),
             addresses,
             services,
-            identity_sets: std::mem::take(&mut index.sets),
+            identity_sets: std::mem::take(&mut index.sets)
+                .into_iter()
+                .map(|set| {
+                    let mut numbers: Vec<u32> = set.iter().map(|id| wire[*id as usize]).collect();
+                    numbers.sort_unstable();
+                    numbers
+                })
+                .collect(),
         });
 
         Self {
