@@ -24,7 +24,7 @@ root=$PWD
 seconds="${FUZZ_SECONDS:-20}"
 sanitizer="${FUZZ_SANITIZER:-none}"
 target_dir="${FUZZ_TARGET_DIR:-$root/target-fuzz/cargo-fuzz}"
-all_targets="load_yaml decode mutate parse_frame operation_sequence grpc_request local_request handover_message"
+all_targets="load_yaml decode mutate apply_delta parse_frame operation_sequence grpc_request local_request handover_message"
 targets="${FUZZ_TARGETS:-$all_targets}"
 cargo_fuzz_version="0.13.2"
 
@@ -58,7 +58,7 @@ fi
 crate_of() {
   case "$1" in
     load_yaml) echo policy ;;
-    decode | mutate) echo snapshot ;;
+    decode | mutate | apply_delta) echo snapshot ;;
     parse_frame | operation_sequence) echo netstack ;;
     grpc_request) echo proto ;;
     local_request | handover_message) echo lrd-agent ;;

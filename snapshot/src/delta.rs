@@ -10,37 +10,51 @@
 //!
 //! ```text
 //! magic          8  b"\x89SRDLTA\n"
-//! version        2  = 1
+//! version        2  = 2 (1 is read too: it is 2 without the shift operation)
 //! pad            2
 //! base crc       4  the base snapshot's header checksum
 //! base revision  8
 //! prefix length  4  bytes of the target's header and directory, which follow verbatim
 //! prefix         …
 //! per directory entry of the target, in order:
-//!   op u8: 0 keep (the base's section of the same id) | 1 replace | 2 splice
+//!   op u8: 0 keep (the base's section of the same id) | 1 replace | 2 splice | 3 shift
 //!   replace: len u32, bytes
 //!   splice:  edits u32, then per edit {at u32 (in the base section), remove u32, insert u32,
 //!            bytes}; edits ascending and not overlapping
+//!   shift:   (a section of the base's length, records of a multiple of 4 bytes) runs u32, then
+//!            per run {first record u32, records u32, one record's worth of u32 addends}: each
+//!            record of the run is the base's plus the addends, lane by lane (wrapping); runs
+//!            ascending and not overlapping, other records kept
 //! ```
 //!
-//! Splices are found without a general diff: sections of equal length (the IPv4 address book,
-//! filters, most record arrays after a label change) are compared record by record, others by
-//! their common prefix and suffix. That is exact for any change; it is small for the changes a
-//! cluster makes between revisions.
+//! Edits are found without a general diff. Sections of equal length (the IPv4 address book,
+//! filters, most record arrays after a label change) are compared record by record; where
+//! records only moved by the same amount (a rule's peers pointing into identity sets that grew
+//! before theirs), a run of them is one shift. Sections whose length changed keep their common
+//! prefix and suffix, and between them a bounded greedy alignment finds records inserted or
+//! removed (an identity joining a few of many identity sets is a few 4-byte insertions, not the
+//! rest of the section). Every encoding is exact for any change; the smallest one is sent.
 
 use crate::format::{self, SectionId, U16, U32, U64, directory, header};
 use crate::view::DecodeError;
 
 /// First eight bytes of every delta.
 pub const MAGIC: [u8; 8] = *b"\x89SRDLTA\n";
-/// The only delta version this crate reads and writes.
-pub const VERSION: u16 = 1;
+/// The delta version this crate writes; it reads this and version 1 (a subset).
+pub const VERSION: u16 = 2;
 
 const OP_KEEP: u8 = 0;
 const OP_REPLACE: u8 = 1;
 const OP_SPLICE: u8 = 2;
+const OP_SHIFT: u8 = 3;
 /// Bytes an edit costs besides its inserted bytes.
 const EDIT_OVERHEAD: usize = 12;
+/// Bytes a shift run costs besides its addends.
+const SHIFT_OVERHEAD: usize = 8;
+/// How many records ahead the alignment looks for where base and target meet again.
+const ALIGN_WINDOW: usize = 48;
+/// Records that must agree after an insertion or removal for the alignment to trust it.
+const ALIGN_ANCHOR: usize = 3;
 const FIXED_LEN: usize = 28;
 
 /// Why a delta could not be applied.
@@ -86,7 +100,7 @@ pub fn base_of(delta: &[u8]) -> Result<(u64, u32), DeltaError> {
     if reader.take(8)? != MAGIC {
         return Err(DeltaError::Malformed("bad magic"));
     }
-    if reader.u16()? != VERSION {
+    if !(1..=VERSION).contains(&reader.u16()?) {
         return Err(DeltaError::Malformed("unsupported version"));
     }
     reader.take(2)?;
@@ -117,7 +131,20 @@ pub fn diff(base: &[u8], target: &[u8]) -> Result<Vec<u8>, DecodeError> {
                 let record = id.map_or(1, SectionId::record_len);
                 let edits = splices(old, body, record);
                 let splice_len: usize = edits.iter().map(|e| EDIT_OVERHEAD + e.insert.len()).sum();
-                if splice_len < body.len() {
+                let runs = shifts(old, body, record);
+                let shift_len = runs
+                    .as_ref()
+                    .map_or(usize::MAX, |runs| runs.len() * (SHIFT_OVERHEAD + record));
+                if shift_len < splice_len.min(body.len()) {
+                    out.push(OP_SHIFT);
+                    let runs = runs.unwrap_or_default();
+                    out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+                    for run in runs {
+                        out.extend_from_slice(&(run.first as u32).to_le_bytes());
+                        out.extend_from_slice(&(run.count as u32).to_le_bytes());
+                        out.extend_from_slice(&run.addends);
+                    }
+                } else if splice_len < body.len() {
                     out.push(OP_SPLICE);
                     out.extend_from_slice(&(edits.len() as u32).to_le_bytes());
                     for edit in edits {
@@ -156,6 +183,13 @@ pub fn apply(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, DeltaError> {
         ));
     }
     let layout = Layout::read(prefix).ok_or(DeltaError::Malformed("bad target directory"))?;
+    // Each target section is one base section plus bytes the delta carries: a larger declared
+    // length is a lie, and must not size an allocation.
+    if layout.total_len > base.len().saturating_add(delta.len()) {
+        return Err(DeltaError::Malformed(
+            "the target is declared larger than base and delta together",
+        ));
+    }
     let mut out = Vec::with_capacity(layout.total_len);
     out.extend_from_slice(prefix);
     for (id, offset, len) in layout.entries {
@@ -190,6 +224,36 @@ pub fn apply(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, DeltaError> {
                     copied = end;
                 }
                 out.extend_from_slice(&old[copied..]);
+            }
+            OP_SHIFT => {
+                let old = old.ok_or(DeltaError::Malformed(
+                    "shifts a section the base does not have",
+                ))?;
+                let record = id.map_or(0, SectionId::record_len);
+                if record == 0 || !record.is_multiple_of(4) || old.len() != len {
+                    return Err(DeltaError::Malformed(
+                        "shifts a section of another length or record size",
+                    ));
+                }
+                let start = out.len();
+                out.extend_from_slice(old);
+                let runs = reader.u32()?;
+                let mut next = 0usize;
+                for _ in 0..runs {
+                    let first = reader.u32()? as usize;
+                    let count = reader.u32()? as usize;
+                    let addends = reader.take(record)?;
+                    let end = first
+                        .checked_add(count)
+                        .filter(|end| first >= next && *end <= old.len() / record)
+                        .ok_or(DeltaError::Malformed("shift out of order or out of range"))?;
+                    for target in
+                        out[start + first * record..start + end * record].chunks_mut(record)
+                    {
+                        add_lanes(target, addends);
+                    }
+                    next = end;
+                }
             }
             _ => return Err(DeltaError::Malformed("unknown section operation")),
         }
@@ -244,11 +308,13 @@ fn splices<'a>(old: &[u8], new: &'a [u8], record: usize) -> Vec<Edit<'a>> {
         * record;
     let (old_mid, new_mid) = (prefix..old.len() - suffix, prefix..new.len() - suffix);
     if old_mid.len() != new_mid.len() {
-        return vec![Edit {
-            at: prefix,
-            remove: old_mid.len(),
-            insert: &new[new_mid],
-        }];
+        return align(&old[old_mid], &new[new_mid], record)
+            .into_iter()
+            .map(|edit| Edit {
+                at: prefix + edit.at,
+                ..edit
+            })
+            .collect();
     }
     // Gaps of unchanged records shorter than this cost less folded into one edit.
     let fold = EDIT_OVERHEAD.div_ceil(record);
@@ -283,6 +349,103 @@ fn splices<'a>(old: &[u8], new: &'a [u8], record: usize) -> Vec<Edit<'a>> {
         at = end;
     }
     edits
+}
+
+/// Edits turning `old` into `new` (both whole records, of different counts): walks both while
+/// records agree; where they part, looks up to [`ALIGN_WINDOW`] records ahead in each for the
+/// nearest point where [`ALIGN_ANCHOR`] records (or both ends) agree again, and makes the
+/// skipped records one edit. Where no such point is near, the rest is one edit. Bounded work
+/// (window² comparisons per edit) and exact for any input; small when a few records were
+/// inserted or removed.
+fn align<'a>(old: &[u8], new: &'a [u8], record: usize) -> Vec<Edit<'a>> {
+    let (n, m) = (old.len() / record, new.len() / record);
+    let old_at = |i: usize| &old[i * record..(i + 1) * record];
+    let new_at = |j: usize| &new[j * record..(j + 1) * record];
+    let meet = |i: usize, j: usize| {
+        (0..ALIGN_ANCHOR).all(|k| match (i + k < n, j + k < m) {
+            (true, true) => old_at(i + k) == new_at(j + k),
+            (false, false) => true,
+            _ => false,
+        })
+    };
+    let mut edits: Vec<Edit<'a>> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < n || j < m {
+        if i < n && j < m && old_at(i) == new_at(j) {
+            (i, j) = (i + 1, j + 1);
+            continue;
+        }
+        // Nearest meeting point by records skipped in all (removed + inserted).
+        let found = (1..=2 * ALIGN_WINDOW).find_map(|skipped| {
+            (0..=skipped.min(ALIGN_WINDOW))
+                .map(|removed| (removed, skipped - removed))
+                .filter(|&(removed, inserted)| {
+                    inserted <= ALIGN_WINDOW && i + removed <= n && j + inserted <= m
+                })
+                .find(|&(removed, inserted)| meet(i + removed, j + inserted))
+        });
+        let (removed, inserted) = found.unwrap_or((n - i, m - j));
+        // The meeting point agrees (or is both ends): the next edit cannot touch this one.
+        edits.push(Edit {
+            at: i * record,
+            remove: removed * record,
+            insert: &new[j * record..(j + inserted) * record],
+        });
+        (i, j) = (i + removed, j + inserted);
+    }
+    edits
+}
+
+/// A run of records that moved by the same addends.
+struct Shift {
+    first: usize,
+    count: usize,
+    addends: Vec<u8>,
+}
+
+/// Runs of records of `new` that are the record of `old` at the same place plus the same
+/// addends (u32 lanes, wrapping); `None` when the sections differ in length or their records
+/// are not made of u32 lanes.
+fn shifts(old: &[u8], new: &[u8], record: usize) -> Option<Vec<Shift>> {
+    if old.len() != new.len() || record == 0 || !record.is_multiple_of(4) {
+        return None;
+    }
+    let mut runs: Vec<Shift> = Vec::new();
+    let mut addends = vec![0u8; record];
+    for (index, (was, is)) in old
+        .chunks_exact(record)
+        .zip(new.chunks_exact(record))
+        .enumerate()
+    {
+        if was == is {
+            continue;
+        }
+        for ((lane, was), is) in addends
+            .chunks_exact_mut(4)
+            .zip(was.chunks_exact(4))
+            .zip(is.chunks_exact(4))
+        {
+            let difference = U32(0).get(is).wrapping_sub(U32(0).get(was));
+            lane.copy_from_slice(&difference.to_le_bytes());
+        }
+        match runs.last_mut() {
+            Some(run) if run.first + run.count == index && run.addends == addends => run.count += 1,
+            _ => runs.push(Shift {
+                first: index,
+                count: 1,
+                addends: addends.clone(),
+            }),
+        }
+    }
+    Some(runs)
+}
+
+/// Adds `addends` to `record`, u32 lane by lane (little-endian, wrapping).
+fn add_lanes(record: &mut [u8], addends: &[u8]) {
+    for (lane, addend) in record.chunks_exact_mut(4).zip(addends.chunks_exact(4)) {
+        let sum = U32(0).get(lane).wrapping_add(U32(0).get(addend));
+        lane.copy_from_slice(&sum.to_le_bytes());
+    }
 }
 
 /// A snapshot's header fields a delta needs and its sections, by directory order.

@@ -8,12 +8,14 @@ use stackroute_snapshot::delta::{self, DeltaError};
 use stackroute_snapshot::*;
 
 /// A cluster small enough to generate, large enough that a change touches a few records of
-/// big sections: `pods` pod addresses over 4 nodes, identities `pod % identities`.
+/// big sections: `pods` pod addresses over 4 nodes, identities `pod % identities`; identity set
+/// `i` holds the identities up to `i` of its parity, plus the `joined` (set, identity) pairs.
 #[derive(Clone, Debug)]
 struct Cluster {
     revision: u64,
     pod_identity: Vec<u32>,
     identities: u32,
+    joined: Vec<(u32, u32)>,
     services: Vec<Vec<usize>>,
     policies: Vec<(u16, Vec<(u16, u32)>)>,
     workloads: usize,
@@ -26,7 +28,18 @@ fn pod_ip(pod: usize) -> IpAddr {
 impl Cluster {
     fn encode(&self, own_node: u32) -> Vec<u8> {
         let identity_sets: Vec<Vec<u32>> = (0..self.identities)
-            .map(|i| (0..=i).filter(|j| j % 2 == i % 2).collect())
+            .map(|i| {
+                let mut set: Vec<u32> = (0..=i).filter(|j| j % 2 == i % 2).collect();
+                set.extend(
+                    self.joined
+                        .iter()
+                        .filter(|(s, _)| *s == i)
+                        .map(|(_, id)| *id),
+                );
+                set.sort_unstable();
+                set.dedup();
+                set
+            })
             .collect();
         let shared = SharedTables::build(&SharedInput {
             zones: vec!["a".into(), "b".into()],
@@ -131,6 +144,7 @@ fn cluster() -> impl Strategy<Value = Cluster> {
                     revision: 1,
                     pod_identity,
                     identities,
+                    joined: Vec::new(),
                     services,
                     policies,
                     workloads,
@@ -147,6 +161,8 @@ enum Change {
     RemovePod(prop::sample::Index),
     Backends(prop::sample::Index, Vec<usize>),
     NewIdentity,
+    /// An identity that had no set joins a few (a pod relabelled to labels nobody had).
+    JoinSets(u32, Vec<prop::sample::Index>),
     Policy(u16, Vec<(u16, u32)>),
     DropPolicy,
     Workloads(usize),
@@ -163,6 +179,11 @@ fn change() -> impl Strategy<Value = Change> {
         )
             .prop_map(|(i, b)| Change::Backends(i, b)),
         Just(Change::NewIdentity),
+        (
+            100u32..1_000_000,
+            prop::collection::vec(any::<prop::sample::Index>(), 1..4)
+        )
+            .prop_map(|(id, sets)| Change::JoinSets(id, sets)),
         (
             any::<u16>(),
             prop::collection::vec((1u16..100, 0u32..8), 0..4)
@@ -194,6 +215,10 @@ impl Cluster {
                 next.services[at] = backends.iter().map(|b| b % pods.max(1)).collect();
             }
             Change::NewIdentity => next.identities += 1,
+            Change::JoinSets(identity, sets) => next.joined.extend(
+                sets.iter()
+                    .map(|set| (set.index(next.identities as usize) as u32, *identity)),
+            ),
             Change::Policy(priority, rules) => next.policies.push((*priority, rules.clone())),
             Change::DropPolicy => {
                 next.policies.pop();
@@ -260,6 +285,7 @@ fn big_cluster() -> Cluster {
         revision: 7,
         pod_identity: (0..20_000).map(|pod| pod % 5).collect(),
         identities: 5,
+        joined: Vec::new(),
         services: (0..20).map(|s| (s * 100..s * 100 + 50).collect()).collect(),
         policies: (0..40)
             .map(|p| (p, (0..10).map(|r| (r + 1, u32::from(r % 5))).collect()))
@@ -289,6 +315,49 @@ fn one_relabelled_pod_costs_a_few_records_not_the_table() {
     assert!(target.len() > 300_000, "{}", target.len());
     println!(
         "one relabelled pod: delta {} bytes, snapshot {} bytes",
+        patch.len(),
+        target.len()
+    );
+}
+
+/// A new identity joins a few of many identity sets: every set after the first it joined
+/// moves, and so does every rule peer pointing at one of them. The delta carries the inserted
+/// identities and one shift per run of moved peers, not the rest of either section.
+#[test]
+fn a_new_identity_joining_sets_costs_its_insertions_not_the_sets_behind_them() {
+    let before = Cluster {
+        revision: 3,
+        pod_identity: (0..4_000).map(|pod| pod % 400).collect(),
+        identities: 400,
+        joined: Vec::new(),
+        services: Vec::new(),
+        policies: (0..100)
+            .map(|p| {
+                (
+                    p,
+                    (0..10).map(|r| (r + 1, u32::from(p * 4 + r % 4))).collect(),
+                )
+            })
+            .collect(),
+        workloads: 10,
+    };
+    let mut after = before.clone();
+    after.revision += 1;
+    after.joined = [7, 90, 211, 350].map(|set| (set, 1_000_000)).to_vec();
+    let (base, target) = (before.encode(0), after.encode(0));
+    let patch = delta::diff(&base, &target).unwrap();
+    assert_eq!(delta::apply(&base, &patch).unwrap(), target);
+    // Header and directory (~420 bytes), four 4-byte insertions with their edit headers, a
+    // shift run per stretch of peers behind each grown set, the bloom filters of the rules
+    // whose sets grew.
+    assert!(
+        patch.len() < 1_500,
+        "delta of {} bytes for one identity joining 4 of 400 sets ({}-byte snapshot)",
+        patch.len(),
+        target.len()
+    );
+    println!(
+        "one identity joins 4 of 400 sets: delta {} bytes, snapshot {} bytes",
         patch.len(),
         target.len()
     );

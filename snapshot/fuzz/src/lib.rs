@@ -6,6 +6,9 @@
 //!   stores of boundary values, truncation, insertion, removal), sealed again
 //!   ([`format::seal`]: length field and CRC made consistent) so the mutation gets past the
 //!   cheap checks, and then it is parsed and, when accepted, looked up.
+//! - [`apply_delta`]: the delta between two samples (what an agent receives from the
+//!   controller), altered the same way or replaced by the input, applied to its base: never a
+//!   panic or an unbounded allocation; an unaltered delta rebuilds its target byte for byte.
 //!
 //! "Looked up" ([`exercise`]) means every public read of a [`Snapshot`]: node, policy, rule and
 //! workload accessors, `workload_by_name`, `workload_by_ip`, `classify`, and `decide` for a set
@@ -21,7 +24,7 @@ use stackroute_snapshot::{
     LocationMatch, NO_IDENTITY, NO_ZONE, NoTrace, NodeEntry, NodeInput, PeerEntry, PolicyEntry,
     PolicyKind, PortEntry, Protocol, RuleEntry, RuleGate, RuleRef, ServiceEntry, SharedInput,
     SharedTables, Snapshot, Stack, Tier, Trace, TransportChoice, Verdict, Via, WorkloadEntry,
-    WorkloadId, encode, format,
+    WorkloadId, delta, encode, format,
 };
 
 /// Most workloads, policies and rules per policy [`exercise`] walks, to keep one run short.
@@ -41,6 +44,48 @@ pub fn decode(data: &[u8]) {
 /// value]`.
 pub fn mutate(data: &[u8]) {
     mutate_and_report(data);
+}
+
+/// Target `apply_delta`. `data[0]` picks base and target sample (low and high nibble); with
+/// bit 0 of `data[1]` set the rest of the input is the delta itself, otherwise it is a list of
+/// 4-byte edits (as [`mutate`]'s) of the delta between the two samples.
+pub fn apply_delta(data: &[u8]) {
+    let [select, mode, rest @ ..] = data else {
+        return;
+    };
+    let samples = samples();
+    let base = &samples[usize::from(select & 0x0f) % samples.len()];
+    let target = &samples[usize::from(select >> 4) % samples.len()];
+    let mut patch = delta::diff(base, target).expect("samples are encoder output");
+    if mode & 1 != 0 {
+        patch = rest.to_vec();
+    } else {
+        for edit in rest.chunks_exact(4) {
+            apply(
+                &mut patch,
+                edit[0],
+                usize::from(u16::from_be_bytes([edit[1], edit[2]])),
+                edit[3],
+            );
+        }
+    }
+    match delta::apply(base, &patch) {
+        Ok(rebuilt) => {
+            if mode & 1 == 0 && rest.len() < 4 {
+                assert!(
+                    &rebuilt == target,
+                    "an unaltered delta rebuilt another snapshot"
+                );
+            }
+            if let Ok(snapshot) = Snapshot::parse(&rebuilt) {
+                exercise(&snapshot, rest, false);
+            }
+        }
+        Err(_) if mode & 1 == 0 && rest.len() < 4 => {
+            panic!("an unaltered delta between samples must apply")
+        }
+        Err(_) => {}
+    }
 }
 
 /// [`mutate`], returning whether the mutated snapshot parsed (and so was looked up).
@@ -727,6 +772,25 @@ mod tests {
         for (_, bytes) in &mutate_seeds {
             mutate(bytes);
         }
+        let delta_seeds = seed_files("apply_delta");
+        assert!(delta_seeds.len() >= 3, "apply_delta seeds missing");
+        for (_, bytes) in &delta_seeds {
+            apply_delta(bytes);
+        }
+    }
+
+    /// Every pair of samples: the delta rebuilds the target; altered deltas never panic.
+    #[test]
+    fn deltas_between_samples_apply_and_survive_alteration() {
+        for select in [0x00, 0x10, 0x01, 0x20, 0x02, 0x21, 0x12] {
+            apply_delta(&[select, 0]);
+            for position in (0..600u16).step_by(7) {
+                let [hi, lo] = position.to_be_bytes();
+                for op in 0..8 {
+                    apply_delta(&[select, 0, op, hi, lo, 0xa5]);
+                }
+            }
+        }
     }
 
     /// A small deterministic sweep, so the harness is exercised on stable even without
@@ -783,6 +847,16 @@ mod tests {
         ];
         for (name, bytes) in mutate_seeds {
             std::fs::write(seeds("mutate").join(name), bytes).expect("write mutate seed");
+        }
+        let delta_seeds: [(&str, &[u8]); 4] = [
+            ("full-to-zoneless", &[0x10, 0]),
+            ("zoneless-to-full", &[0x01, 0]),
+            ("full-to-empty", &[0x20, 0]),
+            ("flip-prefix", &[0x10, 0, 0, 0x00, 0x30, 0x40]),
+        ];
+        std::fs::create_dir_all(seeds("apply_delta")).expect("apply_delta seeds directory");
+        for (name, bytes) in delta_seeds {
+            std::fs::write(seeds("apply_delta").join(name), bytes).expect("write delta seed");
         }
     }
 }
