@@ -16,6 +16,9 @@
 //! 3. Distribution (issue 15): one pod relabelled, to an existing and to a new label set; every
 //!    node's snapshot before and after is diffed (`stackroute_snapshot::delta`) and the delta
 //!    sizes are reported against the whole snapshot.
+//! 4. Kubernetes' envelope (issue 15; only with `-- --envelope`, alone, so the process's peak
+//!    memory is the envelope's): 5,000 nodes, 150,000 pods, 5,000 Services, 10,000 rules —
+//!    compile time and peak memory, and one relabelled pod's delta for a sample of nodes.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
@@ -47,11 +50,31 @@ const TARGET_COMPILE: Duration = Duration::from_secs(1);
 const TARGET_LOOKUP_P99_NS: u64 = 1_000;
 
 // Scenario size.
-const NODES: usize = 500;
+/// The synthetic cluster's size; the rest of its shape is fixed (10 apps per namespace, three
+/// zones, 10,000 rules).
+#[derive(Clone, Copy)]
+struct Scale {
+    nodes: usize,
+    namespaces: usize,
+    pods: usize,
+}
+/// The benchmark's cluster (issue 2): 500 nodes, 100,000 pods, 1,000 Services.
+const SCALE: Scale = Scale {
+    nodes: 500,
+    namespaces: 100,
+    pods: 100_000,
+};
+/// Kubernetes' scalability envelope (issue 15): 5,000 nodes, 150,000 pods, 5,000 Services.
+const ENVELOPE: Scale = Scale {
+    nodes: 5_000,
+    namespaces: 500,
+    pods: 150_000,
+};
+const NODES: usize = SCALE.nodes;
 const ZONES: usize = 3;
-const NAMESPACES: usize = 100;
+const NAMESPACES: usize = SCALE.namespaces;
 const APPS: usize = 10;
-const PODS: usize = 100_000;
+const PODS: usize = SCALE.pods;
 const STACK_ROUTES_PER_NAMESPACE: usize = 10;
 const STACK_ROUTE_RULES: usize = 9_500;
 const CLUSTER_ROUTES_PER_TIER: usize = 20;
@@ -448,10 +471,10 @@ fn namespace_name(n: usize) -> String {
 }
 
 /// Nodes, namespaces, pods, Services and EndpointSlices; no policies.
-fn cluster(rng: &mut Rng) -> Cluster {
+fn cluster(rng: &mut Rng, scale: Scale) -> Cluster {
     let mut state = ClusterState::default();
     let mut node_ips = Vec::new();
-    for n in 0..NODES {
+    for n in 0..scale.nodes {
         let ip = IpAddr::V4(Ipv4Addr::new(192, 168, (n / 256) as u8, (n % 256) as u8));
         node_ips.push(ip);
         state.nodes.push(NodeInfo {
@@ -460,7 +483,7 @@ fn cluster(rng: &mut Rng) -> Cluster {
             addresses: vec![ip],
         });
     }
-    for n in 0..NAMESPACES {
+    for n in 0..scale.namespaces {
         let name = namespace_name(n);
         let team = format!("team-{}", n % 20);
         let env = ["prod", "staging", "dev"][n % 3];
@@ -470,13 +493,13 @@ fn cluster(rng: &mut Rng) -> Cluster {
         );
     }
     // Node n owns the pod block 10.64.0.0 + n * 2048 (/21).
-    let mut next_on_node = vec![0u32; NODES];
-    let mut pod_ips = Vec::with_capacity(PODS);
+    let mut next_on_node = vec![0u32; scale.nodes];
+    let mut pod_ips = Vec::with_capacity(scale.pods);
     let mut hub_pods = Vec::new();
-    let replicas = PODS / (NAMESPACES * APPS);
+    let replicas = scale.pods / (scale.namespaces * APPS);
     let mut service_ip = u32::from(Ipv4Addr::new(10, 96, 0, 10));
     let mut services = Vec::new();
-    for ns in 0..NAMESPACES {
+    for ns in 0..scale.namespaces {
         let namespace = namespace_name(ns);
         for (app, tier) in TIERS.iter().enumerate() {
             let app_name = format!("app-{app}");
@@ -486,7 +509,7 @@ fn cluster(rng: &mut Rng) -> Cluster {
                 let node = if replica == 0 {
                     0
                 } else {
-                    1 + rng.below(NODES - 1)
+                    1 + rng.below(scale.nodes - 1)
                 };
                 let ip = IpAddr::V4(Ipv4Addr::from(
                     u32::from(Ipv4Addr::new(10, 64, 0, 0))
@@ -548,14 +571,14 @@ fn cluster(rng: &mut Rng) -> Cluster {
     }
 }
 
-/// 1,000 StackRoutes (9,500 rules) and 40 ClusterStackRoutes (500 rules).
-fn realistic_policies(rng: &mut Rng, state: &mut ClusterState) {
+/// 10 StackRoutes per namespace (9,500 rules in all) and 40 ClusterStackRoutes (500 rules).
+fn realistic_policies(rng: &mut Rng, state: &mut ClusterState, scale: Scale) {
     let counts = rule_counts(
         rng,
-        NAMESPACES * STACK_ROUTES_PER_NAMESPACE,
+        scale.namespaces * STACK_ROUTES_PER_NAMESPACE,
         STACK_ROUTE_RULES,
     );
-    for ns in 0..NAMESPACES {
+    for ns in 0..scale.namespaces {
         let namespace = namespace_name(ns);
         for k in 0..STACK_ROUTES_PER_NAMESPACE {
             let n = counts[ns * STACK_ROUTES_PER_NAMESPACE + k];
@@ -1047,6 +1070,10 @@ struct Summary {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--envelope") {
+        envelope();
+        return;
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("stackroute policy engine benchmark (issue 2)");
     println!(
@@ -1062,9 +1089,9 @@ fn main() {
     // ---- 1. compile -------------------------------------------------------------------------
     let started = Instant::now();
     let mut rng = Rng(2026);
-    let cluster = cluster(&mut rng);
+    let cluster = cluster(&mut rng, SCALE);
     let mut state = cluster.state.clone();
-    realistic_policies(&mut rng, &mut state);
+    realistic_policies(&mut rng, &mut state, SCALE);
     let generation = started.elapsed();
     if std::env::var_os("STACKROUTE_BENCH_PROFILE").is_some() {
         // Lookups only, for a profiler or a cache simulator (valgrind --tool=cachegrind), which
@@ -1085,16 +1112,7 @@ fn main() {
     let started = Instant::now();
     let invalid = validate_policies(&state);
     let validation = started.elapsed();
-    let policy_rules: usize = state
-        .stack_routes
-        .iter()
-        .map(|r| r.spec.rules.len())
-        .sum::<usize>()
-        + state
-            .cluster_stack_routes
-            .iter()
-            .map(|r| r.spec.rules.len())
-            .sum::<usize>();
+    let policy_rules = rule_count(&state);
     println!();
     println!(
         "1. compile: synthetic cluster (generated in {}, not timed)",
@@ -1546,6 +1564,139 @@ fn label_change_deltas(state: &ClusterState) {
             at(&full, 0.5),
             at(&full, 0.5) as f64 / at(&deltas, 0.5).max(1) as f64,
             ms(diffing)
+        );
+    }
+}
+
+/// Rules of every StackRoute and ClusterStackRoute.
+fn rule_count(state: &ClusterState) -> usize {
+    let namespaced = state.stack_routes.iter().map(|r| r.spec.rules.len());
+    let cluster = state
+        .cluster_stack_routes
+        .iter()
+        .map(|r| r.spec.rules.len());
+    namespaced.chain(cluster).sum()
+}
+
+/// `VmRSS` and `VmHWM` (peak) of this process, in bytes.
+fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Part 4: Kubernetes' scalability envelope. Compiles every node's tables (median of 3), and
+/// relabels one pod to an existing and to a new label set; the delta of every 25th node is
+/// measured from its complete snapshot before and after (assembling all 5,000 would take
+/// tens of gigabytes: that is what agents do, one each).
+fn envelope() {
+    const TARGET_COMPILE: Duration = Duration::from_secs(2);
+    const TARGET_RSS: u64 = 2 << 30;
+    const TARGET_DELTA: usize = 64 << 10;
+    const SAMPLE_EVERY: usize = 25;
+    let started = Instant::now();
+    let mut rng = Rng(2026);
+    let mut state = cluster(&mut rng, ENVELOPE).state;
+    realistic_policies(&mut rng, &mut state, ENVELOPE);
+    let rules = rule_count(&state);
+    println!("4. Kubernetes' envelope (issue 15)");
+    println!(
+        "  {} nodes, {} pods, {} Services, {} StackRoutes + {} ClusterStackRoutes = {rules} rules (generated in {}, {} resident)",
+        state.nodes.len(),
+        state.pods.len(),
+        state.services.len(),
+        state.stack_routes.len(),
+        state.cluster_stack_routes.len(),
+        ms(started.elapsed()),
+        mib(memory().0)
+    );
+    let mut times = Vec::new();
+    let mut node_bytes = 0;
+    let mut shared_bytes = 0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let compiled = Compiled::new(&state, Settings::default());
+        let tables = compiled.all_node_tables(1);
+        times.push(start.elapsed());
+        node_bytes = tables.iter().map(|(_, t)| t.len()).sum::<usize>();
+        shared_bytes = compiled.shared_tables().len();
+    }
+    let compile = median(times.clone());
+    let (resident, peak) = memory();
+    println!(
+        "  compile (Compiled::new + every node's tables): median {} (runs: {}) — target ≤ {} — {}",
+        ms(compile),
+        times.iter().map(|t| ms(*t)).collect::<Vec<_>>().join(", "),
+        ms(TARGET_COMPILE),
+        verdict(compile <= TARGET_COMPILE)
+    );
+    println!(
+        "  shared tables {shared_bytes} bytes once; node tables {node_bytes} bytes for all nodes; peak memory {} (resident now {}), cluster state included — target ≤ {} — {}",
+        mib(peak),
+        mib(resident),
+        mib(TARGET_RSS),
+        verdict(peak <= TARGET_RSS)
+    );
+    let pod = state.pods.len() / 2;
+    let namespace = state.pods[pod].namespace.clone();
+    let existing = state
+        .pods
+        .iter()
+        .find(|p| p.namespace == namespace && p.labels != state.pods[pod].labels)
+        .map(|p| p.labels.clone())
+        .expect("another label set in the namespace");
+    let mut new_labels = state.pods[pod].labels.clone();
+    new_labels.insert("bench-change".into(), "1".into());
+    let before = Compiled::new(&state, Settings::default());
+    let sample: Vec<String> = before
+        .node_names()
+        .iter()
+        .step_by(SAMPLE_EVERY)
+        .cloned()
+        .collect();
+    let old: Vec<Vec<u8>> = sample
+        .iter()
+        .map(|n| before.node_snapshot(n, 1).expect("node snapshot"))
+        .collect();
+    drop(before);
+    for (what, labels) in [
+        ("to another pod's labels (an existing identity)", existing),
+        ("to labels nobody had (a new identity)", new_labels),
+    ] {
+        let mut changed = state.clone();
+        changed.pods[pod].labels = labels;
+        let after = Compiled::new(&changed, Settings::default());
+        let mut deltas: Vec<usize> = Vec::new();
+        let mut whole: Vec<usize> = Vec::new();
+        for (name, base) in sample.iter().zip(&old) {
+            let target = after.node_snapshot(name, 2).expect("node snapshot");
+            let patch = delta::diff(base, &target).expect("encoder output");
+            deltas.push(patch.len());
+            whole.push(target.len());
+        }
+        deltas.sort_unstable();
+        whole.sort_unstable();
+        let median_delta = deltas[deltas.len() / 2];
+        println!(
+            "  pod {} relabelled {what}: delta per node median {} bytes, max {} ({} nodes sampled) vs whole snapshot {} bytes ({:.0}x) — target median ≤ {} — {}",
+            state.pods[pod].name,
+            median_delta,
+            deltas.last().copied().unwrap_or(0),
+            deltas.len(),
+            whole[whole.len() / 2],
+            whole[whole.len() / 2] as f64 / median_delta.max(1) as f64,
+            TARGET_DELTA,
+            verdict(median_delta <= TARGET_DELTA)
         );
     }
 }
