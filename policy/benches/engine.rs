@@ -41,7 +41,7 @@ use stackroute_policy::state::{
 };
 use stackroute_policy::{ClusterState, Compiled, Settings};
 use stackroute_snapshot::{
-    NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict, WorkloadId, delta,
+    NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict, WorkloadId, delta, format::SectionId,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -888,29 +888,6 @@ fn section_sizes(bytes: &[u8]) -> Vec<(u32, usize)> {
         .collect()
 }
 
-const SECTION_NAMES: [&str; 20] = [
-    "shared-strings",
-    "zones",
-    "nodes",
-    "cluster-networks",
-    "addresses4",
-    "addresses6",
-    "services",
-    "backends",
-    "identity-sets",
-    "networks",
-    "peers",
-    "ports",
-    "transports",
-    "rules",
-    "policies",
-    "chains",
-    "chain-policies",
-    "workloads",
-    "workload-addresses",
-    "node-strings",
-];
-
 fn describe_sections(bytes: &[u8]) -> String {
     let mut sizes = section_sizes(bytes);
     sizes.sort_by_key(|(_, len)| std::cmp::Reverse(*len));
@@ -918,7 +895,7 @@ fn describe_sections(bytes: &[u8]) -> String {
         .iter()
         .take(6)
         .map(|(id, len)| {
-            let name = SECTION_NAMES.get(*id as usize - 1).copied().unwrap_or("?");
+            let name = SectionId::from_id(*id).map_or("?", SectionId::name);
             format!("{name} {:.0} KiB", *len as f64 / 1024.0)
         })
         .collect::<Vec<_>>()

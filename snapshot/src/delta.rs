@@ -522,11 +522,7 @@ impl Layout {
                 let offset = directory::OFFSET.get(entry) as usize;
                 let len = directory::SIZE.get(entry) as usize;
                 offset.checked_add(len).filter(|end| *end <= total_len)?;
-                Some((
-                    SectionId::ALL.iter().copied().find(|s| *s as u32 == id),
-                    offset,
-                    len,
-                ))
+                Some((SectionId::from_id(id), offset, len))
             })
             .collect::<Option<Vec<_>>>()?;
         Some(Self {

@@ -10,8 +10,8 @@ use std::net::IpAddr;
 
 use crate::format::{
     self, SectionId, address4, address6, backend, chain, chain_policy, cidr, directory, header,
-    identity_set, node, peer, policy, port, rule, service, transport, workload, workload_address,
-    zone,
+    identity_set, identity_set_range, node, peer, policy, port, rule, service, transport, workload,
+    workload_address, zone,
 };
 use crate::{
     Action, Cidr, Entity, Isolation, LocationMatch, NO_IDENTITY, NO_ZONE, PolicyKind, Protocol,
@@ -86,7 +86,6 @@ pub struct SharedInput {
 #[derive(Clone, Debug, Default)]
 pub struct SharedTables {
     sections: Vec<(SectionId, Vec<u8>)>,
-    identity_set_ranges: Vec<(u32, u32)>,
     identity_set_blooms: Vec<u128>,
     identity_set_rule_blooms: Vec<u64>,
 }
@@ -204,12 +203,14 @@ impl SharedTables {
         }
 
         let mut identity_sets = Vec::new();
-        let mut identity_set_ranges = Vec::with_capacity(input.identity_sets.len());
+        let mut identity_set_ranges =
+            Vec::with_capacity(input.identity_sets.len() * identity_set_range::LEN);
         let mut identity_set_blooms = Vec::with_capacity(input.identity_sets.len());
         let mut identity_set_rule_blooms = Vec::with_capacity(input.identity_sets.len());
         for set in &input.identity_sets {
             let first = identity_sets.len() / identity_set::LEN;
-            identity_set_ranges.push((first as u32, set.len() as u32));
+            let r = push_record(&mut identity_set_ranges, identity_set_range::LEN);
+            identity_set_range::MEMBERS.put(r, first, set.len());
             for id in set {
                 let r = push_record(&mut identity_sets, identity_set::LEN);
                 identity_set::IDENTITY.put(r, *id);
@@ -230,8 +231,8 @@ impl SharedTables {
                 (SectionId::Services, service_records),
                 (SectionId::Backends, backends),
                 (SectionId::IdentitySets, identity_sets),
+                (SectionId::IdentitySetRanges, identity_set_ranges),
             ],
-            identity_set_ranges,
             identity_set_blooms,
             identity_set_rule_blooms,
         }
@@ -560,18 +561,12 @@ fn put_peer(
     let r = push_record(peers, peer::LEN);
     match entry {
         PeerEntry::Pods(set) => {
-            let set = *set as usize;
-            let (offset, len) = shared
-                .identity_set_ranges
-                .get(set)
-                .copied()
-                .unwrap_or((0, 0));
             peer::KIND.put(r, format::PEER_PODS);
-            peer::IDENTITIES.put(r, offset as usize, len as usize);
+            peer::IDENTITY_SET.put(r, *set);
             filter.add_pods(
                 shared
                     .identity_set_rule_blooms
-                    .get(set)
+                    .get(*set as usize)
                     .copied()
                     .unwrap_or(0),
             );

@@ -1,4 +1,4 @@
-//! Byte layout of a snapshot, version 1. All integers are little-endian; IPv6 addresses are
+//! Byte layout of a snapshot, version 2. All integers are little-endian; IPv6 addresses are
 //! 16 bytes in network order (so byte-wise order is numeric order); IPv4 addresses in the
 //! address book are `u32` values. Nothing needs alignment, so a snapshot can be read straight
 //! from a memory map.
@@ -7,7 +7,7 @@
 //! header (64 bytes, fields in [`header`])
 //!   0  magic            8  b"\x89SRSNAP\n"
 //!   8  crc32            4  CRC-32 (IEEE) of bytes 12..total_len
-//!  12  version          2  = 1
+//!  12  version          2  = 2
 //!  14  flags            2  = 0
 //!  16  total_len        8
 //!  24  revision         8  controller revision this snapshot was compiled at
@@ -22,7 +22,7 @@
 //!
 //! Every record's fields are named once, in a module per record type below ([`header`],
 //! [`directory`], [`zone`], [`node`], [`cidr`], [`address4`], [`address6`], [`service`],
-//! [`backend`], [`identity_set`], [`peer`], [`port`], [`transport`], [`rule`],
+//! [`backend`], [`identity_set`], [`identity_set_range`], [`peer`], [`port`], [`transport`], [`rule`],
 //! [`rule_filter`], [`policy`], [`policy_filter`], [`chain`], [`chain_policy`], [`workload`],
 //! [`workload_address`]); the reader and the encoder go through those names, never through
 //! offsets, and each module's `LEN` is its section's record size. Unnamed bytes are padding,
@@ -33,8 +33,9 @@
 
 /// First eight bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"\x89SRSNAP\n";
-/// The only version this crate reads and writes.
-pub const VERSION: u16 = 1;
+/// The only version this crate reads and writes. Version 2: rule peers name identity sets by
+/// number (`IdentitySetRanges`), so a set that grows moves no peer.
+pub const VERSION: u16 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = header::LEN;
 /// Size of one section directory entry.
@@ -229,6 +230,8 @@ pub enum SectionId {
     Backends = 8,
     /// Identity sets: sorted runs of [`identity_set`] records.
     IdentitySets = 9,
+    /// Where each identity set lies in `IdentitySets`, by set number: [`identity_set_range`].
+    IdentitySetRanges = 24,
     /// CIDRs named by rules: [`cidr`] records.
     Networks = 10,
     /// Rule peers: [`peer`].
@@ -262,7 +265,7 @@ pub enum SectionId {
 
 impl SectionId {
     /// Every section, in the order they are written.
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 23] = [
         Self::SharedStrings,
         Self::Zones,
         Self::Nodes,
@@ -272,6 +275,7 @@ impl SectionId {
         Self::Services,
         Self::Backends,
         Self::IdentitySets,
+        Self::IdentitySetRanges,
         Self::Networks,
         Self::Peers,
         Self::Ports,
@@ -299,6 +303,7 @@ impl SectionId {
             Self::Services => service::LEN,
             Self::Backends => backend::LEN,
             Self::IdentitySets => identity_set::LEN,
+            Self::IdentitySetRanges => identity_set_range::LEN,
             Self::Peers => peer::LEN,
             Self::Ports => port::LEN,
             Self::Transports => transport::LEN,
@@ -310,6 +315,40 @@ impl SectionId {
             Self::ChainPolicies => chain_policy::LEN,
             Self::Workloads => workload::LEN,
             Self::WorkloadAddresses => workload_address::LEN,
+        }
+    }
+
+    /// The section with directory id `id`, if this version knows it.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Self::ALL.iter().copied().find(|s| *s as u32 == id)
+    }
+
+    /// The section's name in errors and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SharedStrings => "shared-strings",
+            Self::Zones => "zones",
+            Self::Nodes => "nodes",
+            Self::ClusterNetworks => "cluster-networks",
+            Self::Addresses4 => "addresses4",
+            Self::Addresses6 => "addresses6",
+            Self::Services => "services",
+            Self::Backends => "backends",
+            Self::IdentitySets => "identity-sets",
+            Self::IdentitySetRanges => "identity-set-ranges",
+            Self::Networks => "networks",
+            Self::Peers => "peers",
+            Self::Ports => "ports",
+            Self::Transports => "transports",
+            Self::Rules => "rules",
+            Self::Policies => "policies",
+            Self::Chains => "chains",
+            Self::ChainPolicies => "chain-policies",
+            Self::Workloads => "workloads",
+            Self::WorkloadAddresses => "workload-addresses",
+            Self::NodeStrings => "node-strings",
+            Self::RuleFilters => "rule-filters",
+            Self::PolicyFilters => "policy-filters",
         }
     }
 
@@ -485,17 +524,28 @@ pub mod identity_set {
     pub const LEN: usize = 4;
 }
 
+/// Where one identity set lies (`IdentitySetRanges`, indexed by set number).
+pub mod identity_set_range {
+    use super::{Range, SectionId};
+
+    /// The set's identities, ascending.
+    pub const MEMBERS: Range = Range::new(0, SectionId::IdentitySets);
+    /// Record length.
+    pub const LEN: usize = 8;
+}
+
 /// A rule peer (`Peers`).
 pub mod peer {
-    use super::{Range, SectionId, U8};
+    use super::{Range, SectionId, U8, U32};
 
     /// `PEER_PODS`, `PEER_NETWORKS` or `PEER_ENTITY`.
     pub const KIND: U8 = U8(0);
     /// [`crate::Entity`] of an entity peer (bytes 2–3 are padding).
     pub const ENTITY: U8 = U8(1);
-    /// A pods peer's identity set.
-    pub const IDENTITIES: Range = Range::new(4, SectionId::IdentitySets);
-    /// A networks peer's CIDRs (the same bytes as [`IDENTITIES`]; empty for an entity peer).
+    /// A pods peer's identity set: its number in `IdentitySetRanges` (bytes 8–11 are zero).
+    /// A number, not a range, so a set that grows leaves every peer as it was.
+    pub const IDENTITY_SET: U32 = U32(4);
+    /// A networks peer's CIDRs (the same bytes as [`IDENTITY_SET`]; empty for an entity peer).
     pub const NETWORKS: Range = Range::new(4, SectionId::Networks);
     /// Record length.
     pub const LEN: usize = 12;
@@ -787,10 +837,12 @@ fn bloom_bits(identity: u32) -> [usize; 2] {
     ]
 }
 
-/// Peer kinds.
-pub(crate) const PEER_PODS: u8 = 0;
-pub(crate) const PEER_NETWORKS: u8 = 1;
-pub(crate) const PEER_ENTITY: u8 = 2;
+/// [`peer::KIND`] of a pods peer (identity set).
+pub const PEER_PODS: u8 = 0;
+/// [`peer::KIND`] of a networks peer (CIDRs).
+pub const PEER_NETWORKS: u8 = 1;
+/// [`peer::KIND`] of an entity peer.
+pub const PEER_ENTITY: u8 = 2;
 
 /// Address kinds.
 pub(crate) const ADDRESS_POD: u8 = 0;

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use crate::encode::ip_key;
 use crate::format::{
     self, SectionId, address4, address6, backend, chain, chain_policy, cidr, directory, header,
-    identity_set, node, peer, policy, policy_filter, port, rule, rule_filter, service, transport,
-    workload, workload_address, zone,
+    identity_set, identity_set_range, node, peer, policy, policy_filter, port, rule, rule_filter,
+    service, transport, workload, workload_address, zone,
 };
 use crate::{
     Action, CongestionControl, Entity, Isolation, Location, LocationMatch, NO_IDENTITY, NO_ZONE,
@@ -298,30 +298,7 @@ fn transport_choice(record: &[u8]) -> Option<TransportChoice> {
 }
 
 fn name_of(id: SectionId) -> &'static str {
-    match id {
-        SectionId::SharedStrings => "shared-strings",
-        SectionId::Zones => "zones",
-        SectionId::Nodes => "nodes",
-        SectionId::ClusterNetworks => "cluster-networks",
-        SectionId::Addresses4 => "addresses4",
-        SectionId::Addresses6 => "addresses6",
-        SectionId::Services => "services",
-        SectionId::Backends => "backends",
-        SectionId::IdentitySets => "identity-sets",
-        SectionId::Networks => "networks",
-        SectionId::Peers => "peers",
-        SectionId::Ports => "ports",
-        SectionId::Transports => "transports",
-        SectionId::Rules => "rules",
-        SectionId::Policies => "policies",
-        SectionId::Chains => "chains",
-        SectionId::ChainPolicies => "chain-policies",
-        SectionId::Workloads => "workloads",
-        SectionId::WorkloadAddresses => "workload-addresses",
-        SectionId::NodeStrings => "node-strings",
-        SectionId::RuleFilters => "rule-filters",
-        SectionId::PolicyFilters => "policy-filters",
-    }
+    id.name()
 }
 
 impl<'a> Snapshot<'a> {
@@ -372,7 +349,7 @@ impl<'a> Snapshot<'a> {
             bytes[format::HEADER_LEN..directory_end].chunks_exact(format::DIRECTORY_ENTRY_LEN)
         {
             let id = directory::ID.get(entry);
-            let Some(section) = SectionId::ALL.iter().copied().find(|s| *s as u32 == id) else {
+            let Some(section) = SectionId::from_id(id) else {
                 continue; // unknown sections are allowed: a later minor revision may add some
             };
             let offset = directory::OFFSET.get(entry) as usize;
@@ -450,6 +427,14 @@ impl<'a> Snapshot<'a> {
     }
 
     /// The string a string field of `record` points to, or `""` when out of range.
+    /// The identities of identity set `set`, ascending (validated: every peer's set exists).
+    pub(crate) fn identity_set(&self, set: u32) -> &'a [u8] {
+        let at = set as usize * identity_set_range::LEN;
+        self.section(SectionId::IdentitySetRanges)
+            .get(at..at + identity_set_range::LEN)
+            .map_or(&[], |range| self.range(range, identity_set_range::MEMBERS))
+    }
+
     fn string(&self, record: &[u8], field: format::Str) -> &'a str {
         let (offset, len) = field.get(record);
         std::str::from_utf8(self.slice(field.table, offset, len)).unwrap_or("")
@@ -1084,7 +1069,7 @@ impl<'a> Snapshot<'a> {
                 .any(|p| match peer::KIND.get(p) {
                     format::PEER_PODS => match class {
                         DestinationClass::Pod { identity, .. } if identity != NO_IDENTITY => {
-                            contains_sorted(self.range(p, peer::IDENTITIES), identity)
+                            contains_sorted(self.identity_set(peer::IDENTITY_SET.get(p)), identity)
                         }
                         _ => false,
                     },
@@ -1120,7 +1105,10 @@ impl<'a> Snapshot<'a> {
             .chunks_exact(peer::LEN)
             .map(|p| match peer::KIND.get(p) {
                 format::PEER_PODS => {
-                    format!("pods ({} identities)", peer::IDENTITIES.get(p).1)
+                    format!(
+                        "pods ({} identities)",
+                        self.identity_set(peer::IDENTITY_SET.get(p)).len() / identity_set::LEN
+                    )
                 }
                 format::PEER_NETWORKS => {
                     let nets: Vec<String> = self

@@ -334,6 +334,43 @@ fn derived_tables_that_disagree_with_their_data_are_rejected() {
     );
 }
 
+/// Rule peers name identity sets by number (format v2): a number past the last set, or a set
+/// whose range leaves its section or whose identities are out of order, is refused.
+#[test]
+fn identity_set_references_are_checked() {
+    let bytes = sample();
+    let peers = section_range(&bytes, format::SectionId::Peers);
+    let pods_peer = (peers.start..peers.end)
+        .step_by(format::peer::LEN)
+        .find(|at| bytes[*at] == format::PEER_PODS)
+        .expect("the sample has a pods peer");
+    let ranges = section_range(&bytes, format::SectionId::IdentitySetRanges);
+    let sets = (ranges.len() / format::identity_set_range::LEN) as u32;
+    let mut corrupt = bytes.clone();
+    corrupt[pods_peer + 4..pods_peer + 8].copy_from_slice(&sets.to_le_bytes());
+    match Snapshot::parse(&with_fixed_checksum(corrupt)) {
+        Err(DecodeError::BadRecord {
+            section, problem, ..
+        }) => {
+            assert_eq!(section, "peers");
+            assert_eq!(problem, "names an identity set that does not exist");
+        }
+        other => panic!("a peer naming set {sets} of {sets} was accepted: {other:?}"),
+    }
+    let mut corrupt = bytes.clone();
+    corrupt[ranges.start + 4..ranges.start + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(
+        matches!(
+            Snapshot::parse(&with_fixed_checksum(corrupt)),
+            Err(DecodeError::BadRecord {
+                section: "identity-set-ranges",
+                ..
+            })
+        ),
+        "an identity set running past its section was accepted"
+    );
+}
+
 /// The bytes with header length and checksum made to agree with them, so an edit gets past
 /// those two cheap checks.
 fn with_fixed_checksum(mut bytes: Vec<u8>) -> Vec<u8> {

@@ -1,5 +1,7 @@
-//! Format v1, pinned: a fixed input must encode to the committed bytes of
-//! `tests/data/v1-sample.snap`, and those bytes must decide as recorded below. A writer and a
+//! Format v2, pinned: a fixed input must encode to the committed bytes of
+//! `tests/data/v2-sample.snap`, and those bytes must decide as recorded below (the decisions
+//! recorded when v1 was pinned: v2 changed where rule peers find their identity sets, not what
+//! any lookup decides). The v1 sample stays, to show a reader refuses an older version by name. A writer and a
 //! reader that drift together pass round trips but not this; a format change is always
 //! deliberate. After a deliberate change, regenerate the file with
 //! `STACKROUTE_BLESS=1 cargo test -p stackroute-snapshot --test golden` and review the diff of
@@ -11,7 +13,7 @@ use std::path::PathBuf;
 use stackroute_snapshot::*;
 
 fn golden_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/v1-sample.snap")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/v2-sample.snap")
 }
 
 fn ip(text: &str) -> IpAddr {
@@ -272,7 +274,7 @@ fn describe_offset(bytes: &[u8], at: usize) -> String {
 }
 
 #[test]
-fn encoding_matches_the_committed_v1_bytes() {
+fn encoding_matches_the_committed_v2_bytes() {
     let encoded = encode_sample();
     let path = golden_path();
     if std::env::var_os("STACKROUTE_BLESS").is_some() {
@@ -281,7 +283,7 @@ fn encoding_matches_the_committed_v1_bytes() {
         eprintln!("wrote {} ({} bytes)", path.display(), encoded.len());
         return;
     }
-    let committed = std::fs::read(&path).expect("tests/data/v1-sample.snap is committed");
+    let committed = std::fs::read(&path).expect("tests/data/v2-sample.snap is committed");
     if encoded != committed {
         let first = encoded
             .iter()
@@ -289,7 +291,7 @@ fn encoding_matches_the_committed_v1_bytes() {
             .position(|(a, b)| a != b)
             .unwrap_or(encoded.len().min(committed.len()));
         panic!(
-            "the encoder no longer writes format v1 as committed: {} bytes encoded, {} \
+            "the encoder no longer writes format v2 as committed: {} bytes encoded, {} \
              committed; first difference at byte {first} ({}; encoded {:02x?}, committed \
              {:02x?}). If the format change is deliberate (a new version), regenerate with \
              `STACKROUTE_BLESS=1 cargo test -p stackroute-snapshot --test golden` and check \
@@ -316,7 +318,8 @@ struct Case {
     via: Via,
 }
 
-/// Decisions of the committed snapshot, recorded when format v1 was pinned; one row a line.
+/// Decisions of the committed snapshot, recorded when format v1 was pinned (and unchanged by
+/// v2); one row a line.
 #[rustfmt::skip]
 fn recorded_cases() -> Vec<Case> {
     use Location::*;
@@ -349,7 +352,7 @@ fn recorded_cases() -> Vec<Case> {
 
 #[test]
 fn committed_bytes_decide_as_recorded() {
-    let bytes = std::fs::read(golden_path()).expect("tests/data/v1-sample.snap is committed");
+    let bytes = std::fs::read(golden_path()).expect("tests/data/v2-sample.snap is committed");
     let snapshot = Snapshot::parse(&bytes).expect("the committed sample parses");
 
     assert_eq!(snapshot.revision(), 7);
@@ -440,4 +443,15 @@ fn committed_bytes_decide_as_recorded() {
             case.from, case.to, case.port, case.protocol
         );
     }
+}
+
+/// A snapshot of another format version (an agent's state directory from an older release, a
+/// shim reading an older agent's table) is refused with the version named, never misread.
+#[test]
+fn a_v1_snapshot_is_refused_by_version() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/v1-sample.snap");
+    let bytes = std::fs::read(path).expect("tests/data/v1-sample.snap is committed");
+    let error = Snapshot::parse(&bytes).expect_err("v1 is not read");
+    assert_eq!(error, DecodeError::UnsupportedVersion(1));
+    assert!(error.to_string().contains('1'), "{error}");
 }

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::format::{
     self, SectionId, address4, address6, backend, chain, chain_policy, cidr, header, identity_set,
-    node, peer, policy, port, rule, service, workload, workload_address, zone,
+    identity_set_range, node, peer, policy, port, rule, service, workload, workload_address, zone,
 };
 use crate::{
     Action, Entity, Isolation, LocationMatch, NO_IDENTITY, NO_ZONE, PolicyKind, Protocol, Tier,
@@ -214,17 +214,36 @@ impl Snapshot<'_> {
     }
 
     fn validate_peers_and_ports(&self) -> Result<(), DecodeError> {
+        let sets = self.count(SectionId::IdentitySetRanges);
+        for (i, r) in self.records(SectionId::IdentitySetRanges).enumerate() {
+            self.check_range(
+                SectionId::IdentitySetRanges,
+                i,
+                r,
+                identity_set_range::MEMBERS,
+            )?;
+            let members = self.range(r, identity_set_range::MEMBERS);
+            let identities = members.chunks_exact(identity_set::LEN);
+            if !identities
+                .map(|e| identity_set::IDENTITY.get(e))
+                .is_sorted()
+            {
+                return Err(bad(
+                    SectionId::IdentitySetRanges,
+                    i,
+                    "identity set not sorted",
+                ));
+            }
+        }
         for (i, r) in self.records(SectionId::Peers).enumerate() {
             match peer::KIND.get(r) {
                 format::PEER_PODS => {
-                    self.check_range(SectionId::Peers, i, r, peer::IDENTITIES)?;
-                    let set = self.range(r, peer::IDENTITIES);
-                    let identities = set.chunks_exact(identity_set::LEN);
-                    if !identities
-                        .map(|e| identity_set::IDENTITY.get(e))
-                        .is_sorted()
-                    {
-                        return Err(bad(SectionId::Peers, i, "identity set not sorted"));
+                    if peer::IDENTITY_SET.get(r) as usize >= sets {
+                        return Err(bad(
+                            SectionId::Peers,
+                            i,
+                            "names an identity set that does not exist",
+                        ));
                     }
                 }
                 format::PEER_NETWORKS => {
@@ -293,7 +312,7 @@ impl Snapshot<'_> {
             ));
         }
         // Blooms per identity set range: rules share sets, and sets can be long.
-        let mut set_blooms: HashMap<(u32, u32), (u128, u64)> = HashMap::new();
+        let mut set_blooms: HashMap<u32, (u128, u64)> = HashMap::new();
         let mut summaries = Vec::with_capacity(self.count(SectionId::Rules));
         let rules = self.records(SectionId::Rules);
         for (i, (r, stored)) in rules.zip(self.records(SectionId::RuleFilters)).enumerate() {
@@ -319,10 +338,9 @@ impl Snapshot<'_> {
             for p in self.range(r, rule::PEERS).chunks_exact(peer::LEN) {
                 match peer::KIND.get(p) {
                     format::PEER_PODS => {
-                        let set = peer::IDENTITIES.get(p);
+                        let set = peer::IDENTITY_SET.get(p);
                         let (bloom, rule_bloom) = *set_blooms.entry(set).or_insert_with(|| {
-                            let set = self.range(p, peer::IDENTITIES);
-                            let ids = set.chunks_exact(identity_set::LEN);
+                            let ids = self.identity_set(set).chunks_exact(identity_set::LEN);
                             format::identity_set_blooms(ids.map(|e| identity_set::IDENTITY.get(e)))
                         });
                         filter.add_pods(rule_bloom);
