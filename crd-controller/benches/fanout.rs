@@ -10,17 +10,22 @@
 //!    Each round rewrites the policy file; the latency of a round is the time from the write
 //!    to the moment the last agent's ack returned. The poll interval and the debounce are part
 //!    of it, as they would be in production.
-//! 2. Memory: 100,000 pods on 500 nodes and 10,000 rules (1,000 StackRoutes of 10 rules) in
-//!    the state directory, 20 agents watching; the controller's VmRSS and VmHWM after the
-//!    first publish.
+//! 2. Memory and one label change at scale: 100,000 pods on 500 nodes and 10,000 rules (1,000
+//!    StackRoutes of 10 rules) in the state directory, 20 and then 500 agents watching (every
+//!    node); the controller's VmRSS and VmHWM after the first publish; then one pod gets a
+//!    label nobody had (a new identity): change → last ack, the bytes each agent received for
+//!    that revision, and the controller's memory again.
 //!
-//! Sizes can be overridden: `FANOUT_AGENTS=100,1000 FANOUT_ROUNDS=20 MEMORY_PODS=100000`.
+//! Agents accept deltas and apply them as the real agent does (a delta that does not apply is
+//! an error). Sizes can be overridden: `FANOUT_AGENTS=100,1000 FANOUT_ROUNDS=20
+//! MEMORY_PODS=100000 MEMORY_AGENTS=20,500`.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use std::time::{Duration, Instant};
 use testkit::free_port;
@@ -35,10 +40,10 @@ const TARGET_P99_1000: Duration = Duration::from_secs(2);
 const TARGET_RSS_BYTES: u64 = 1 << 30;
 
 /// Set while a scenario's controller is being stopped: its agents' errors are expected.
-static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static STOPPING: AtomicBool = AtomicBool::new(false);
 
 fn report_agent_error(node: &str, error: &anyhow::Error) {
-    if !STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+    if !STOPPING.load(Ordering::SeqCst) {
         eprintln!("agent {node}: {error:#}");
     }
 }
@@ -136,8 +141,14 @@ fn policy_yaml(congestion_control: &str) -> String {
     )
 }
 
-/// One agent: watches its node, acks every revision, publishes the highest acked revision.
-async fn agent(grpc: SocketAddr, node: String, acked: watch::Sender<u64>) -> anyhow::Result<()> {
+/// One agent: watches its node, applies deltas, validates and acks every revision, publishes
+/// the highest acked revision and adds the encoded size of every update to `received`.
+async fn agent(
+    grpc: SocketAddr,
+    node: String,
+    acked: watch::Sender<u64>,
+    received: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
     let channel = Channel::from_shared(format!("http://{grpc}"))?
         .tcp_nodelay(true)
         .connect()
@@ -151,13 +162,24 @@ async fn agent(grpc: SocketAddr, node: String, acked: watch::Sender<u64>) -> any
             agent_id: format!("bench-{node}"),
             known_revision: 0,
             api_version: ApiVersion::V1alpha1 as i32,
-            accepts_delta: false,
+            accepts_delta: true,
         })
         .await?
         .into_inner();
+    let mut held: Vec<u8> = Vec::new();
     while let Some(update) = stream.message().await? {
+        received.fetch_add(
+            prost::Message::encoded_len(&update) as u64,
+            Ordering::Relaxed,
+        );
+        held = if update.delta.is_empty() {
+            update.snapshot
+        } else {
+            stackroute_snapshot::delta::apply(&held, &update.delta)
+                .map_err(|e| anyhow::anyhow!("delta does not apply: {e}"))?
+        };
         // A real agent validates before it acks.
-        stackroute_snapshot::Snapshot::parse(&update.snapshot)
+        stackroute_snapshot::Snapshot::parse(&held)
             .map_err(|e| anyhow::anyhow!("bad snapshot: {e:?}"))?;
         client
             .ack(AckRequest {
@@ -172,6 +194,28 @@ async fn agent(grpc: SocketAddr, node: String, acked: watch::Sender<u64>) -> any
     Ok(())
 }
 
+/// Starts `count` agents for nodes `node-0` … : their acked revisions and received bytes.
+fn spawn_agents(
+    grpc: SocketAddr,
+    count: usize,
+) -> (Vec<watch::Receiver<u64>>, Vec<Arc<AtomicU64>>) {
+    let mut acks = Vec::with_capacity(count);
+    let mut received = Vec::with_capacity(count);
+    for n in 0..count {
+        let (tx, rx) = watch::channel(0u64);
+        let bytes = Arc::new(AtomicU64::new(0));
+        acks.push(rx);
+        received.push(bytes.clone());
+        tokio::spawn(async move {
+            let node = format!("node-{n}");
+            if let Err(error) = agent(grpc, node.clone(), tx, bytes).await {
+                report_agent_error(&node, &error);
+            }
+        });
+    }
+    (acks, received)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
@@ -182,18 +226,7 @@ async fn fanout(agents: usize, rounds: usize) {
     std::fs::write(dir.path().join("cluster.yaml"), cluster_yaml(agents, 2)).expect("write");
     std::fs::write(dir.path().join("policy.yaml"), policy_yaml("BBR")).expect("write");
     let controller = Controller::start(dir.path());
-    let mut acks = Vec::with_capacity(agents);
-    for n in 0..agents {
-        let (tx, rx) = watch::channel(0u64);
-        acks.push(rx);
-        let node = format!("node-{n}");
-        let grpc = controller.grpc;
-        tokio::spawn(async move {
-            if let Err(error) = agent(grpc, node.clone(), tx).await {
-                report_agent_error(&node, &error);
-            }
-        });
-    }
+    let (acks, _) = spawn_agents(controller.grpc, agents);
     let acks = Arc::new(acks);
     let all_acked_above = |floor: u64| {
         let acks = acks.clone();
@@ -247,20 +280,17 @@ async fn fanout(agents: usize, rounds: usize) {
 
 /// Stops a scenario's controller; its agents' connection errors are expected then.
 async fn stop(controller: Controller) {
-    STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+    STOPPING.store(true, Ordering::SeqCst);
     drop(controller);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    STOPPING.store(false, std::sync::atomic::Ordering::SeqCst);
+    STOPPING.store(false, Ordering::SeqCst);
 }
 
-async fn memory(pods: usize) {
+async fn memory(pods: usize, watchers: usize) {
     let nodes = 500;
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(
-        dir.path().join("cluster.yaml"),
-        cluster_yaml(nodes, pods / nodes),
-    )
-    .expect("write");
+    let cluster = cluster_yaml(nodes, pods / nodes);
+    std::fs::write(dir.path().join("cluster.yaml"), &cluster).expect("write");
     // 1,000 StackRoutes of 10 rules: 10,000 rules.
     let mut policies = String::new();
     for p in 0..1000 {
@@ -282,19 +312,7 @@ async fn memory(pods: usize) {
     std::fs::write(dir.path().join("policies.yaml"), policies).expect("write");
     let started = Instant::now();
     let controller = Controller::start(dir.path());
-    let watchers = 20;
-    let mut acks = Vec::new();
-    for n in 0..watchers {
-        let (tx, rx) = watch::channel(0u64);
-        acks.push(rx);
-        let grpc = controller.grpc;
-        tokio::spawn(async move {
-            let node = format!("node-{n}");
-            if let Err(error) = agent(grpc, node.clone(), tx).await {
-                report_agent_error(&node, &error);
-            }
-        });
-    }
+    let (mut acks, received) = spawn_agents(controller.grpc, watchers);
     for rx in &mut acks {
         tokio::time::timeout(Duration::from_secs(600), rx.wait_for(|r| *r > 0))
             .await
@@ -305,7 +323,7 @@ async fn memory(pods: usize) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss, hwm) = controller.memory();
     println!(
-        "memory {pods} pods / 500 nodes / 10000 rules, {watchers} agents: first ack after {:.1} s (YAML load + compile); controller RSS {} MiB, peak {} MiB (target < 1024 MiB: {})",
+        "memory {pods} pods / 500 nodes / 10000 rules, {watchers} agents: first ack after {:.1} s (YAML load + compile); controller RSS {} MiB, peak {} MiB (target < 1024 MiB: {}); first update per agent {} bytes",
         elapsed.as_secs_f64(),
         rss >> 20,
         hwm >> 20,
@@ -314,6 +332,41 @@ async fn memory(pods: usize) {
         } else {
             "MISS"
         },
+        received[0].load(Ordering::Relaxed),
+    );
+    // One pod gets a label nobody had: a new identity.
+    let first: Vec<u64> = acks.iter().map(|rx| *rx.borrow()).collect();
+    let before: Vec<u64> = received.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await; // a new mtime tick for the poller
+    let relabelled = cluster.replacen(
+        "name: app-0-0, namespace: bench, labels: {app: app0}",
+        "name: app-0-0, namespace: bench, labels: {app: app0, bench-change: '1'}",
+        1,
+    );
+    assert_ne!(relabelled, cluster, "pod app-0-0 is in the cluster file");
+    let changed = Instant::now();
+    std::fs::write(dir.path().join("cluster.yaml"), relabelled).expect("write");
+    for (rx, floor) in acks.iter_mut().zip(&first) {
+        tokio::time::timeout(Duration::from_secs(120), rx.wait_for(|r| r > floor))
+            .await
+            .expect("every agent acks the change within 2 min")
+            .expect("agent alive");
+    }
+    let last_ack = changed.elapsed();
+    let mut bytes: Vec<u64> = received
+        .iter()
+        .zip(&before)
+        .map(|(b, before)| b.load(Ordering::Relaxed) - before)
+        .collect();
+    bytes.sort_unstable();
+    let (rss, hwm) = controller.memory();
+    println!(
+        "  one pod relabelled (new identity), {watchers} agents: change → last ack {} ms; bytes received per agent median {}, max {}; controller RSS {} MiB, peak {} MiB",
+        last_ack.as_millis(),
+        bytes[bytes.len() / 2],
+        bytes.last().copied().unwrap_or(0),
+        rss >> 20,
+        hwm >> 20,
     );
     stop(controller).await;
 }
@@ -326,6 +379,8 @@ async fn main() {
         fanout(agents, rounds).await;
     }
     for pods in env_list("MEMORY_PODS", &[100_000]) {
-        memory(pods).await;
+        for watchers in env_list("MEMORY_AGENTS", &[20, 500]) {
+            memory(pods, watchers).await;
+        }
     }
 }

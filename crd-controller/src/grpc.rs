@@ -50,18 +50,17 @@ impl SentToAgent {
     /// The message for `update`: its delta when it starts from what the agent holds, else the
     /// whole snapshot.
     fn next(&mut self, update: &NodeUpdate) -> SnapshotUpdate {
-        let full = &update.full;
         let listeners_unchanged =
-            self.accepts_delta && self.listeners.as_ref() == Some(&full.listeners);
+            self.accepts_delta && self.listeners.as_deref() == Some(update.listeners.as_slice());
         let listeners = if listeners_unchanged {
             Vec::new()
         } else {
-            full.listeners.clone()
+            update.listeners.to_vec()
         };
         let message = match &update.delta {
             Some((base, delta)) if self.accepts_delta && *base == self.revision => SnapshotUpdate {
-                revision: full.revision,
-                node: full.node.clone(),
+                revision: update.revision,
+                node: update.node.clone(),
                 snapshot: Vec::new(),
                 listeners,
                 delta: delta.clone(),
@@ -69,14 +68,17 @@ impl SentToAgent {
                 listeners_unchanged,
             },
             _ => SnapshotUpdate {
+                revision: update.revision,
+                node: update.node.clone(),
+                snapshot: update.snapshot.assemble(),
                 listeners,
                 listeners_unchanged,
-                ..full.clone()
+                ..Default::default()
             },
         };
-        self.revision = full.revision;
+        self.revision = update.revision;
         if !listeners_unchanged {
-            self.listeners = Some(full.listeners.clone());
+            self.listeners = Some(update.listeners.to_vec());
         }
         message
     }
@@ -461,12 +463,28 @@ mod tests {
     use super::*;
 
     fn update(revision: u64, delta_from: Option<u64>, listeners: &[u32]) -> NodeUpdate {
-        NodeUpdate {
-            full: SnapshotUpdate {
+        let shared = Arc::new(stackroute_snapshot::SharedTables::build(
+            &stackroute_snapshot::SharedInput {
+                nodes: vec![stackroute_snapshot::NodeEntry {
+                    name: "n1".into(),
+                    zone: stackroute_snapshot::NO_ZONE,
+                }],
+                ..Default::default()
+            },
+        ));
+        let tables = stackroute_snapshot::encode_node_tables(
+            &shared,
+            &stackroute_snapshot::NodeInput {
                 revision,
-                node: "n1".into(),
-                snapshot: vec![1; 100],
-                listeners: listeners
+                ..Default::default()
+            },
+        );
+        NodeUpdate {
+            revision,
+            node: "n1".into(),
+            snapshot: stackroute_snapshot::SnapshotParts::new(shared, tables),
+            listeners: Arc::new(
+                listeners
                     .iter()
                     .map(|port| Listener {
                         key: Some(ListenerKey {
@@ -477,8 +495,7 @@ mod tests {
                         ..Default::default()
                     })
                     .collect(),
-                ..Default::default()
-            },
+            ),
             delta: delta_from.map(|base| (base, vec![2; 10])),
         }
     }
@@ -505,7 +522,8 @@ mod tests {
         assert!(second.listeners_unchanged && second.listeners.is_empty());
         // Revision 8 was skipped by the watch: 9's delta starts from 8, so the whole snapshot.
         let third = sent.next(&update(9, Some(8), &[80, 443]));
-        assert!(third.delta.is_empty() && third.snapshot.len() == 100);
+        assert!(third.delta.is_empty() && !third.snapshot.is_empty());
+        assert!(stackroute_snapshot::Snapshot::parse(&third.snapshot).is_ok());
         assert_eq!(third.listeners.len(), 2);
         // No delta at all (larger than the snapshot): whole.
         assert!(sent.next(&update(10, None, &[80, 443])).delta.is_empty());
@@ -519,7 +537,7 @@ mod tests {
         for (revision, base) in [(6, 5), (7, 6)] {
             let message = old_agent.next(&update(revision, Some(base), &[80]));
             assert!(message.delta.is_empty() && !message.listeners_unchanged);
-            assert_eq!((message.snapshot.len(), message.listeners.len()), (100, 1));
+            assert!(!message.snapshot.is_empty() && message.listeners.len() == 1);
         }
     }
 

@@ -21,8 +21,10 @@ use stackroute_policy::selector::{Labels, Selector};
 use stackroute_policy::state::{NodeInfo, PodInfo};
 use stackroute_policy::{ClusterState, Compiled, Settings};
 use stackroute_proto::v1alpha1::{
-    Listener, NodeCapabilities, NodeStatus, PolicyStatus, SnapshotUpdate, StatusResponse, Workload,
+    Listener, NodeCapabilities, NodeStatus, PolicyStatus, StatusResponse, Workload,
 };
+use stackroute_snapshot::SnapshotParts;
+use stackroute_snapshot::delta::{self, SharedDelta};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::files::{FileEvent, FileSource};
@@ -32,13 +34,24 @@ use crate::store::{Store, listener_key, workload_key};
 /// What a node's watch channel holds: nothing until the node's first compile.
 pub type Published = Option<Arc<NodeUpdate>>;
 
-/// One node's update of one revision: the whole snapshot, and the delta from the node's
-/// previous published snapshot when that is smaller. Each watch stream sends the delta when the
-/// previous one is what it sent last, the whole snapshot otherwise.
+/// One node's update of one revision: its snapshot, and the delta from the node's previous
+/// published snapshot when that is smaller. Each watch stream sends the delta when the previous
+/// one is what it sent last, the whole snapshot otherwise.
+///
+/// The snapshot is kept as its parts: the shared tables (one copy per revision, shared by every
+/// node) and the node's own tables. A complete snapshot is assembled only for a stream that
+/// sends one, so the controller holds tens of kilobytes per watched node, not a copy of the
+/// address book each (5,000 nodes × 9 MB would be 44 GB).
 #[derive(Debug)]
 pub struct NodeUpdate {
-    /// The complete update.
-    pub full: SnapshotUpdate,
+    /// The revision.
+    pub revision: u64,
+    /// The node.
+    pub node: String,
+    /// The snapshot.
+    pub snapshot: SnapshotParts,
+    /// The listener registry sent with it (one list per revision, shared by every node).
+    pub listeners: Arc<Vec<Listener>>,
     /// The delta from the node's previous snapshot.
     pub delta: Option<SnapshotDelta>,
 }
@@ -554,10 +567,10 @@ pub struct CompileInput {
 pub struct CompileOutput {
     /// Its revision.
     pub revision: u64,
-    /// Encoded snapshot per node, with its delta from the node's previous one where smaller.
-    pub snapshots: Vec<(String, Vec<u8>, Option<SnapshotDelta>)>,
+    /// Snapshot per node, with its delta from the node's previous one where smaller.
+    pub snapshots: Vec<(String, SnapshotParts, Option<SnapshotDelta>)>,
     /// Listeners sent with every update.
-    pub listeners: Vec<Listener>,
+    pub listeners: Arc<Vec<Listener>>,
     /// Every policy in the state.
     pub policies: Vec<PolicyRecord>,
     /// Every node of the compiled state.
@@ -1187,13 +1200,10 @@ impl Index {
         for (node, snapshot, delta) in output.snapshots {
             if let Some(channel) = self.channels.get(&node) {
                 channel.send_replace(Some(Arc::new(NodeUpdate {
-                    full: SnapshotUpdate {
-                        revision: output.revision,
-                        node: node.clone(),
-                        snapshot,
-                        listeners: output.listeners.clone(),
-                        ..Default::default()
-                    },
+                    revision: output.revision,
+                    node: node.clone(),
+                    snapshot,
+                    listeners: output.listeners.clone(),
                     delta,
                 })));
                 sent += 1;
@@ -1407,13 +1417,28 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
         .iter()
         .map(|p| (p.object.clone(), p.to_string()))
         .collect();
+    // The shared sections' operations are computed once per base revision's shared tables
+    // (every node published at the last revision has the same), not once per node.
+    let mut shared_deltas: Vec<SharedDelta> = Vec::new();
     let snapshots = nodes
         .iter()
         .filter_map(|node| {
-            let snapshot = compiled.node_snapshot(node, revision)?;
-            let delta = previous
-                .get(node)
-                .and_then(|before| delta_from(&before.full, &snapshot));
+            let snapshot = compiled.node_parts(node, revision)?;
+            let delta = previous.get(node).and_then(|before| {
+                let base = &before.snapshot;
+                let shared = match shared_deltas
+                    .iter()
+                    .position(|known| known.joins(base, &snapshot))
+                {
+                    Some(index) => &shared_deltas[index],
+                    None => {
+                        shared_deltas.push(SharedDelta::new(base.shared(), snapshot.shared()));
+                        shared_deltas.last()?
+                    }
+                };
+                let delta = delta::diff_parts(base, &snapshot, Some(shared));
+                (delta.len() < snapshot.len()).then_some((before.revision, delta))
+            });
             Some((node.clone(), snapshot, delta))
         })
         .collect();
@@ -1449,23 +1474,10 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
     CompileOutput {
         revision,
         snapshots,
-        listeners,
+        listeners: Arc::new(listeners),
         policies,
         nodes: all_nodes,
         duration: started.elapsed(),
-    }
-}
-
-/// The delta from a node's previous snapshot to `snapshot`, when it is smaller.
-fn delta_from(before: &SnapshotUpdate, snapshot: &[u8]) -> Option<SnapshotDelta> {
-    match stackroute_snapshot::delta::diff(&before.snapshot, snapshot) {
-        Ok(delta) if delta.len() < snapshot.len() => Some((before.revision, delta)),
-        Ok(_) => None,
-        Err(error) => {
-            // Our own encoder's output: never expected; the whole snapshot goes instead.
-            tracing::warn!(node = %before.node, %error, "no delta from the previous snapshot");
-            None
-        }
     }
 }
 

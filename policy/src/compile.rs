@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use stackroute_api::{
     self as api, ClusterStackRoute, ClusterStackRouteSpec, RouteRule, StackRoute, StackRouteSpec,
@@ -21,7 +22,7 @@ use stackroute_snapshot::{
     Action, AddressEntry, AddressKind, Cidr, CongestionControl, Entity, Isolation, LocationMatch,
     NO_IDENTITY, NO_ZONE, NodeEntry, NodeInput, NodeTables, PeerEntry, PolicyEntry, PolicyKind,
     PortEntry, Protocol, RuleEntry, RuleGate, RuleRef, ServiceEntry, SharedInput, SharedTables,
-    Stack, Tier, TransportChoice, WorkloadEntry,
+    SnapshotParts, Stack, Tier, TransportChoice, WorkloadEntry,
 };
 
 use crate::selector::{Labels, Requirement, Selector};
@@ -94,7 +95,7 @@ pub struct PolicyOrigin {
 pub struct Compiled<'s> {
     state: &'s ClusterState,
     settings: Settings,
-    shared: SharedTables,
+    shared: Arc<SharedTables>,
     node_names: Vec<String>,
     node_ids: HashMap<&'s str, u32>,
     policies: Vec<PolicyEntry>,
@@ -533,7 +534,7 @@ impl<'s> Compiled<'s> {
         }
 
         let services = service_entries(state);
-        let shared = SharedTables::build(&SharedInput {
+        let shared = Arc::new(SharedTables::build(&SharedInput {
             zones,
             nodes: node_entries,
             cluster_networks: settings.cluster_networks.clone(),
@@ -547,7 +548,7 @@ impl<'s> Compiled<'s> {
                     numbers
                 })
                 .collect(),
-        });
+        }));
 
         Self {
             state,
@@ -626,8 +627,15 @@ impl<'s> Compiled<'s> {
     }
 
     /// The tables every node's snapshot shares (address book, Services, identity sets).
-    pub fn shared_tables(&self) -> &SharedTables {
+    pub fn shared_tables(&self) -> &Arc<SharedTables> {
         &self.shared
+    }
+
+    /// One node's snapshot as its parts (the shared tables, shared, and the node's own), or
+    /// `None` for an unknown node: what a controller keeps per node.
+    pub fn node_parts(&self, node: &str, revision: u64) -> Option<SnapshotParts> {
+        let tables = self.node_tables(node, revision)?;
+        Some(SnapshotParts::new(self.shared.clone(), tables))
     }
 
     /// The node-specific part of one node's snapshot, or `None` for an unknown node; join it

@@ -35,8 +35,11 @@
 //! removed (an identity joining a few of many identity sets is a few 4-byte insertions, not the
 //! rest of the section). Every encoding is exact for any change; the smallest one is sent.
 
+use std::sync::Arc;
+
 use crate::format::{self, SectionId, U16, U32, U64, directory, header};
 use crate::view::DecodeError;
+use crate::{SharedTables, SnapshotParts};
 
 /// First eight bytes of every delta.
 pub const MAGIC: [u8; 8] = *b"\x89SRDLTA\n";
@@ -115,52 +118,138 @@ pub fn base_of(delta: &[u8]) -> Result<(u64, u32), DeltaError> {
 pub fn diff(base: &[u8], target: &[u8]) -> Result<Vec<u8>, DecodeError> {
     let base_sections = Sections::read(base)?;
     let target_sections = Sections::read(target)?;
-    let mut out = Vec::with_capacity(FIXED_LEN + target_sections.prefix.len() + 4096);
+    let mut out = start(
+        (base_sections.revision, base_sections.crc),
+        target_sections.prefix,
+    );
+    for (id, body) in &target_sections.bodies {
+        let old = id.and_then(|id| base_sections.body(id));
+        section_op(&mut out, *id, old, body);
+    }
+    Ok(out)
+}
+
+/// What the shared tables of one revision became in another: each shared section's operation,
+/// computed once and reused for every node whose snapshot moves between the two revisions.
+#[derive(Debug)]
+pub struct SharedDelta {
+    base: Arc<SharedTables>,
+    target: Arc<SharedTables>,
+    ops: Vec<(SectionId, Vec<u8>)>,
+}
+
+impl SharedDelta {
+    /// Diffs the shared sections of `base` and `target`.
+    pub fn new(base: &Arc<SharedTables>, target: &Arc<SharedTables>) -> Self {
+        let ops = target
+            .sections
+            .iter()
+            .map(|(id, body)| {
+                let old = base
+                    .sections
+                    .iter()
+                    .find(|(found, _)| found == id)
+                    .map(|(_, old)| old.as_slice());
+                let mut op = Vec::new();
+                section_op(&mut op, Some(*id), old, body);
+                (*id, op)
+            })
+            .collect();
+        Self {
+            base: base.clone(),
+            target: target.clone(),
+            ops,
+        }
+    }
+
+    /// Whether this is the delta between `base`'s and `target`'s shared tables.
+    pub fn joins(&self, base: &SnapshotParts, target: &SnapshotParts) -> bool {
+        Arc::ptr_eq(&self.base, base.shared()) && Arc::ptr_eq(&self.target, target.shared())
+    }
+}
+
+/// The delta from `base` to `target` without assembling either: exactly the bytes [`diff`]
+/// gives for their complete snapshots. The shared sections' operations come from `shared` when
+/// it joins the two (see [`SharedDelta::joins`]), and are computed here otherwise.
+pub fn diff_parts(
+    base: &SnapshotParts,
+    target: &SnapshotParts,
+    shared: Option<&SharedDelta>,
+) -> Vec<u8> {
+    let cached = shared.filter(|shared| shared.joins(base, target));
+    let same_shared = Arc::ptr_eq(base.shared(), target.shared());
+    let mut out = start((base.revision(), base.checksum()), target.prefix());
+    for (id, body, is_shared) in target.sections() {
+        if is_shared && same_shared {
+            out.push(OP_KEEP);
+            continue;
+        }
+        if let Some((_, op)) = cached
+            .filter(|_| is_shared)
+            .and_then(|cached| cached.ops.iter().find(|(found, _)| *found == id))
+        {
+            out.extend_from_slice(op);
+            continue;
+        }
+        let old = base
+            .sections()
+            .find(|(found, _, _)| *found == id)
+            .map(|(_, old, _)| old);
+        section_op(&mut out, Some(id), old, body);
+    }
+    out
+}
+
+/// A delta's fixed part and the target's header and directory.
+fn start((base_revision, base_crc): (u64, u32), target_prefix: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FIXED_LEN + target_prefix.len() + 4096);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&base_sections.crc.to_le_bytes());
-    out.extend_from_slice(&base_sections.revision.to_le_bytes());
-    out.extend_from_slice(&(target_sections.prefix.len() as u32).to_le_bytes());
-    out.extend_from_slice(target_sections.prefix);
-    for (id, body) in &target_sections.bodies {
-        let old = id.and_then(|id| base_sections.body(id));
-        match old {
-            Some(old) if old == *body => out.push(OP_KEEP),
-            Some(old) => {
-                let record = id.map_or(1, SectionId::record_len);
-                let edits = splices(old, body, record);
-                let splice_len: usize = edits.iter().map(|e| EDIT_OVERHEAD + e.insert.len()).sum();
-                let runs = shifts(old, body, record);
-                let shift_len = runs
-                    .as_ref()
-                    .map_or(usize::MAX, |runs| runs.len() * (SHIFT_OVERHEAD + record));
-                if shift_len < splice_len.min(body.len()) {
-                    out.push(OP_SHIFT);
-                    let runs = runs.unwrap_or_default();
-                    out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
-                    for run in runs {
-                        out.extend_from_slice(&(run.first as u32).to_le_bytes());
-                        out.extend_from_slice(&(run.count as u32).to_le_bytes());
-                        out.extend_from_slice(&run.addends);
-                    }
-                } else if splice_len < body.len() {
-                    out.push(OP_SPLICE);
-                    out.extend_from_slice(&(edits.len() as u32).to_le_bytes());
-                    for edit in edits {
-                        out.extend_from_slice(&(edit.at as u32).to_le_bytes());
-                        out.extend_from_slice(&(edit.remove as u32).to_le_bytes());
-                        out.extend_from_slice(&(edit.insert.len() as u32).to_le_bytes());
-                        out.extend_from_slice(edit.insert);
-                    }
-                } else {
-                    replace(&mut out, body);
-                }
-            }
-            None => replace(&mut out, body),
-        }
+    out.extend_from_slice(&base_crc.to_le_bytes());
+    out.extend_from_slice(&base_revision.to_le_bytes());
+    out.extend_from_slice(&(target_prefix.len() as u32).to_le_bytes());
+    out.extend_from_slice(target_prefix);
+    out
+}
+
+/// Appends the smallest operation that turns `old` (the base's section of the same id, if it
+/// has one) into `body`.
+fn section_op(out: &mut Vec<u8>, id: Option<SectionId>, old: Option<&[u8]>, body: &[u8]) {
+    let Some(old) = old else {
+        return replace(out, body);
+    };
+    if old == body {
+        return out.push(OP_KEEP);
     }
-    Ok(out)
+    let record = id.map_or(1, SectionId::record_len);
+    let edits = splices(old, body, record);
+    let splice_len: usize = edits.iter().map(|e| EDIT_OVERHEAD + e.insert.len()).sum();
+    let runs = shifts(old, body, record);
+    let shift_len = runs
+        .as_ref()
+        .map_or(usize::MAX, |runs| runs.len() * (SHIFT_OVERHEAD + record));
+    if shift_len < splice_len.min(body.len()) {
+        out.push(OP_SHIFT);
+        let runs = runs.unwrap_or_default();
+        out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+        for run in runs {
+            out.extend_from_slice(&(run.first as u32).to_le_bytes());
+            out.extend_from_slice(&(run.count as u32).to_le_bytes());
+            out.extend_from_slice(&run.addends);
+        }
+    } else if splice_len < body.len() {
+        out.push(OP_SPLICE);
+        out.extend_from_slice(&(edits.len() as u32).to_le_bytes());
+        for edit in edits {
+            out.extend_from_slice(&(edit.at as u32).to_le_bytes());
+            out.extend_from_slice(&(edit.remove as u32).to_le_bytes());
+            out.extend_from_slice(&(edit.insert.len() as u32).to_le_bytes());
+            out.extend_from_slice(edit.insert);
+        }
+    } else {
+        replace(out, body);
+    }
 }
 
 /// Rebuilds the target snapshot from `base` and a delta made by [`diff`]. The result carries

@@ -85,7 +85,9 @@ pub struct SharedInput {
 /// The encoded sections common to every node's snapshot.
 #[derive(Clone, Debug, Default)]
 pub struct SharedTables {
-    sections: Vec<(SectionId, Vec<u8>)>,
+    pub(crate) sections: Vec<(SectionId, Vec<u8>)>,
+    /// CRC-32 state of each section's bytes (parallel to `sections`).
+    crcs: Vec<crc32fast::Hasher>,
     identity_set_blooms: Vec<u128>,
     identity_set_rule_blooms: Vec<u64>,
 }
@@ -220,7 +222,7 @@ impl SharedTables {
             identity_set_rule_blooms.push(rule_bloom);
         }
 
-        Self {
+        let mut tables = Self {
             sections: vec![
                 (SectionId::SharedStrings, strings),
                 (SectionId::Zones, zones),
@@ -233,9 +235,12 @@ impl SharedTables {
                 (SectionId::IdentitySets, identity_sets),
                 (SectionId::IdentitySetRanges, identity_set_ranges),
             ],
+            crcs: Vec::new(),
             identity_set_blooms,
             identity_set_rule_blooms,
-        }
+        };
+        tables.crcs = section_crcs(&tables.sections);
+        tables
     }
 
     /// Total bytes of the shared sections.
@@ -399,7 +404,9 @@ pub struct NodeTables {
     revision: u64,
     own_node: u32,
     default_transport: TransportChoice,
-    sections: Vec<(SectionId, Vec<u8>)>,
+    pub(crate) sections: Vec<(SectionId, Vec<u8>)>,
+    /// CRC-32 state of each section's bytes (parallel to `sections`).
+    crcs: Vec<crc32fast::Hasher>,
 }
 
 impl NodeTables {
@@ -526,7 +533,7 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
         workload_address::WORKLOAD.put(r, index);
     }
 
-    NodeTables {
+    let mut tables = NodeTables {
         revision: node.revision,
         own_node: node.own_node,
         default_transport: node
@@ -547,7 +554,22 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
             (SectionId::WorkloadAddresses, workload_addresses),
             (SectionId::NodeStrings, strings),
         ],
-    }
+        crcs: Vec::new(),
+    };
+    tables.crcs = section_crcs(&tables.sections);
+    tables
+}
+
+/// The CRC-32 state of each section's bytes.
+fn section_crcs(sections: &[(SectionId, Vec<u8>)]) -> Vec<crc32fast::Hasher> {
+    sections
+        .iter()
+        .map(|(_, bytes)| {
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(bytes);
+            crc
+        })
+        .collect()
 }
 
 /// Appends one rule peer (and a networks peer's CIDRs), and adds it to the rule's filter.
@@ -591,39 +613,139 @@ fn put_peer(
 
 /// Joins the shared tables and one node's tables into a complete, checksummed snapshot.
 pub fn assemble(shared: &SharedTables, node: &NodeTables) -> Vec<u8> {
-    let mut sections: Vec<(SectionId, &[u8])> = shared
-        .sections
-        .iter()
-        .chain(&node.sections)
-        .map(|(id, b)| (*id, b.as_slice()))
-        .collect();
-    sections.sort_by_key(|(id, _)| id.index());
+    let sections = ordered_sections(shared, node);
+    let mut out = prefix(node, &sections);
+    for (_, bytes, _) in &sections {
+        out.extend_from_slice(bytes);
+    }
+    out
+}
 
+/// A snapshot kept as its parts: the shared tables (one copy per revision, shared by every
+/// node's snapshot) and one node's own tables, with the header and directory the complete
+/// snapshot starts with. The controller keeps these per node — tens of kilobytes each instead of
+/// a multi-megabyte copy of the shared tables — and assembles a complete snapshot only for an
+/// agent that needs one; `delta::diff_parts` diffs two of them without assembling either.
+#[derive(Clone, Debug)]
+pub struct SnapshotParts {
+    shared: std::sync::Arc<SharedTables>,
+    node: NodeTables,
+    prefix: Vec<u8>,
+}
+
+impl SnapshotParts {
+    /// Joins `shared` and `node`; the checksum is combined from the sections' own.
+    pub fn new(shared: std::sync::Arc<SharedTables>, node: NodeTables) -> Self {
+        let prefix = prefix(&node, &ordered_sections(&shared, &node));
+        Self {
+            shared,
+            node,
+            prefix,
+        }
+    }
+
+    /// The complete snapshot, as [`assemble`] writes it.
+    pub fn assemble(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&self.prefix);
+        for (_, bytes, _) in ordered_sections(&self.shared, &self.node) {
+            out.extend_from_slice(bytes);
+        }
+        out
+    }
+
+    /// The header and section directory of the complete snapshot.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    /// The shared tables.
+    pub fn shared(&self) -> &std::sync::Arc<SharedTables> {
+        &self.shared
+    }
+
+    /// The sections in snapshot order: `(id, bytes, whether shared)`.
+    pub fn sections(&self) -> impl Iterator<Item = (SectionId, &[u8], bool)> {
+        ordered_sections(&self.shared, &self.node)
+            .into_iter()
+            .map(|(id, bytes, crc)| (id, bytes, crc.1))
+    }
+
+    /// The revision in the header.
+    pub fn revision(&self) -> u64 {
+        header::REVISION.get(&self.prefix)
+    }
+
+    /// The checksum in the header.
+    pub fn checksum(&self) -> u32 {
+        header::CRC.get(&self.prefix)
+    }
+
+    /// Bytes of the complete snapshot.
+    pub fn len(&self) -> usize {
+        header::TOTAL_LEN.get(&self.prefix) as usize
+    }
+
+    /// Never: a snapshot has at least its header.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held for this node alone (its tables and prefix; the shared tables are counted
+    /// once per revision).
+    pub fn own_len(&self) -> usize {
+        self.prefix.len() + self.node.len()
+    }
+}
+
+/// Every section of a snapshot in directory order: `(id, bytes, (crc state, shared))`.
+type OrderedSection<'a> = (SectionId, &'a [u8], (&'a crc32fast::Hasher, bool));
+
+fn ordered_sections<'a>(shared: &'a SharedTables, node: &'a NodeTables) -> Vec<OrderedSection<'a>> {
+    let tagged = |tables: &'a [(SectionId, Vec<u8>)], crcs: &'a [crc32fast::Hasher], is_shared| {
+        tables
+            .iter()
+            .zip(crcs)
+            .map(move |((id, bytes), crc)| (*id, bytes.as_slice(), (crc, is_shared)))
+    };
+    let mut sections: Vec<OrderedSection<'a>> = tagged(&shared.sections, &shared.crcs, true)
+        .chain(tagged(&node.sections, &node.crcs, false))
+        .collect();
+    sections.sort_by_key(|(id, _, _)| id.index());
+    sections
+}
+
+/// The header and directory of the snapshot made of `sections`, with its length and its
+/// checksum — the CRC of header and directory combined with each section's (crc32fast's
+/// `combine`), so the megabytes of shared tables are never hashed again per node.
+fn prefix(node: &NodeTables, sections: &[OrderedSection<'_>]) -> Vec<u8> {
     let directory_len = sections.len() * directory::LEN;
-    let body_len: usize = sections.iter().map(|(_, b)| b.len()).sum();
-    let mut out = Vec::with_capacity(header::LEN + directory_len + body_len);
-    out.resize(header::LEN + directory_len, 0);
+    let body_len: usize = sections.iter().map(|(_, b, _)| b.len()).sum();
+    let mut out = vec![0; header::LEN + directory_len];
     let (head, directory) = out.split_at_mut(header::LEN);
-    // Flags and reserved bytes stay zero; `seal` writes the length and checksum last.
+    // Flags and reserved bytes stay zero.
     header::MAGIC.put(head, &format::MAGIC);
     header::VERSION.put(head, format::VERSION);
+    header::TOTAL_LEN.put(head, (header::LEN + directory_len + body_len) as u64);
     header::REVISION.put(head, node.revision);
     header::SECTION_COUNT.put(head, sections.len() as u32);
     header::OWN_NODE.put(head, node.own_node);
     header::DEFAULT_TRANSPORT.put(head, &transport_record(node.default_transport));
     let (entries, _) = directory.as_chunks_mut::<{ directory::LEN }>();
     let mut offset = header::LEN + directory_len;
-    for (entry, (id, bytes)) in entries.iter_mut().zip(&sections) {
+    for (entry, (id, bytes, _)) in entries.iter_mut().zip(sections) {
         directory::ID.put(entry, *id as u32);
         directory::OFFSET.put(entry, offset as u32);
         directory::SIZE.put(entry, bytes.len() as u32);
         directory::RECORD_SIZE.put(entry, id.record_len() as u32);
         offset += bytes.len();
     }
-    for (_, bytes) in &sections {
-        out.extend_from_slice(bytes);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[header::CHECKSUMMED_FROM..]);
+    for (_, _, (section_crc, _)) in sections {
+        crc.combine(section_crc);
     }
-    format::seal(&mut out);
+    header::CRC.put(&mut out, crc.finalize());
     out
 }
 

@@ -27,6 +27,15 @@ fn pod_ip(pod: usize) -> IpAddr {
 
 impl Cluster {
     fn encode(&self, own_node: u32) -> Vec<u8> {
+        self.parts(own_node).assemble()
+    }
+
+    fn parts(&self, own_node: u32) -> SnapshotParts {
+        let shared = std::sync::Arc::new(self.shared_tables());
+        self.parts_with(shared, own_node)
+    }
+
+    fn shared_tables(&self) -> SharedTables {
         let identity_sets: Vec<Vec<u32>> = (0..self.identities)
             .map(|i| {
                 let mut set: Vec<u32> = (0..=i).filter(|j| j % 2 == i % 2).collect();
@@ -41,7 +50,7 @@ impl Cluster {
                 set
             })
             .collect();
-        let shared = SharedTables::build(&SharedInput {
+        SharedTables::build(&SharedInput {
             zones: vec!["a".into(), "b".into()],
             nodes: (0..4)
                 .map(|n| NodeEntry {
@@ -73,7 +82,10 @@ impl Cluster {
                 })
                 .collect(),
             identity_sets,
-        });
+        })
+    }
+
+    fn parts_with(&self, shared: std::sync::Arc<SharedTables>, own_node: u32) -> SnapshotParts {
         let policies: Vec<PolicyEntry> = self
             .policies
             .iter()
@@ -122,7 +134,8 @@ impl Cluster {
                 })
                 .collect(),
         };
-        encode(&shared, &node)
+        let tables = encode_node_tables(&shared, &node);
+        SnapshotParts::new(shared, tables)
     }
 }
 
@@ -242,6 +255,7 @@ proptest! {
         node in 0u32..4,
     ) {
         let mut cluster = start;
+        let mut previous = cluster.clone();
         let mut held = cluster.encode(node);
         for change in &changes {
             cluster = cluster.changed(change);
@@ -250,6 +264,17 @@ proptest! {
             prop_assert_eq!(delta::base_of(&patch).unwrap().0, cluster.revision - 1);
             let rebuilt = delta::apply(&held, &patch).unwrap();
             prop_assert!(rebuilt == full, "{change:?}: rebuilt snapshot differs");
+            // The controller's path: the same bytes from the parts, with the shared sections'
+            // operations computed once (and without, and with shared tables that stayed).
+            let (before, after) = (previous.parts(node), cluster.parts(node));
+            prop_assert_eq!(before.assemble(), held.clone());
+            let shared = delta::SharedDelta::new(before.shared(), after.shared());
+            prop_assert!(delta::diff_parts(&before, &after, Some(&shared)) == patch);
+            prop_assert!(delta::diff_parts(&before, &after, None) == patch);
+            let kept = cluster.parts_with(before.shared().clone(), node);
+            let same_shared = delta::diff_parts(&before, &kept, Some(&shared));
+            prop_assert!(same_shared == delta::diff(&held, &kept.assemble()).unwrap());
+            previous = cluster.clone();
             prop_assert!(Snapshot::parse(&rebuilt).is_ok());
             held = rebuilt;
         }
