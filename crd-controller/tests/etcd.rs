@@ -7,12 +7,15 @@ mod common;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use common::{CLUSTER, Controller, Etcd, decide, next_matching, policy, status, watch};
+use common::{CLUSTER, Controller, Etcd, decide, next_matching, policy, status, watch, watch_from};
+use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
 use stackroute_proto::v1alpha1::{
-    AckRequest, Listener, ListenerKey, NodeStatus, PolicyStatus, Protocol, Stack, StatusResponse,
-    Workload, WorkloadKey,
+    AckRequest, Listener, ListenerKey, NodeStatus, PolicyStatus, Protocol, SnapshotUpdate, Stack,
+    StatusResponse, Workload, WorkloadKey,
 };
+use stackroute_snapshot::{Snapshot, delta};
 use testkit::Trial;
+use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -60,6 +63,13 @@ fn main() -> ExitCode {
             common::etcd_installed,
             |_| {
                 testkit::block_on(the_controller_talks_to_etcd_over_tls_with_a_client_certificate())
+            },
+        ),
+        Trial::gated(
+            "agents_holding_different_revisions_fail_over_to_another_replica",
+            common::etcd_installed,
+            |_| {
+                testkit::block_on(agents_holding_different_revisions_fail_over_to_another_replica())
             },
         ),
         Trial::gated(
@@ -159,7 +169,7 @@ async fn a_killed_and_restarted_controller_loses_no_registration() {
         .expect("RegisterWorkload");
     let mut stream = watch(&mut client, "n3").await;
     let before = next_matching(&mut stream, WAIT, "web-3 before the restart", |u| {
-        stackroute_snapshot::Snapshot::parse(&u.snapshot)
+        Snapshot::parse(&u.snapshot)
             .expect("decodes")
             .workload_by_name("shop", "web-3")
             .is_some()
@@ -188,9 +198,7 @@ async fn a_killed_and_restarted_controller_loses_no_registration() {
 
 /// Polls replica's status until `accept` holds for it (10 s).
 async fn status_until(
-    client: &mut stackroute_proto::v1alpha1::distribution_client::DistributionClient<
-        tonic::transport::Channel,
-    >,
+    client: &mut DistributionClient<Channel>,
     what: &str,
     accept: impl Fn(&StatusResponse) -> bool,
 ) -> StatusResponse {
@@ -401,4 +409,138 @@ async fn the_controller_talks_to_etcd_over_tls_with_a_client_certificate() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("etcd"), "{stderr}");
+}
+
+/// What an agent holds: the last snapshot it applied, rebuilt from deltas as the agent does.
+struct Held {
+    node: &'static str,
+    /// `None` while the agent is away.
+    stream: Option<tonic::Streaming<SnapshotUpdate>>,
+    revision: u64,
+    bytes: Vec<u8>,
+    deltas: usize,
+}
+
+impl Held {
+    async fn watch(client: &mut DistributionClient<Channel>, node: &'static str) -> Self {
+        Self {
+            node,
+            stream: Some(watch_from(client, node, 0, true).await),
+            revision: 0,
+            bytes: Vec::new(),
+            deltas: 0,
+        }
+    }
+
+    /// Resumes on another replica with the revision held.
+    async fn resume(&mut self, client: &mut DistributionClient<Channel>) {
+        self.stream = Some(watch_from(client, self.node, self.revision, true).await);
+    }
+
+    /// How web-0 (on n1) reaches 8.8.8.8:443 in what it holds.
+    fn web_transport(&self) -> String {
+        let update = SnapshotUpdate {
+            node: self.node.into(),
+            revision: self.revision,
+            snapshot: self.bytes.clone(),
+            ..Default::default()
+        };
+        decide(&update, "shop", "web-0", "8.8.8.8:443")
+    }
+
+    /// Applies the next update (a delta must name the revision held and rebuild a snapshot that
+    /// validates) and returns it.
+    async fn next(&mut self, what: &str) -> SnapshotUpdate {
+        let stream = self.stream.as_mut().expect("the agent is connected");
+        let update = next_matching(stream, WAIT, what, |_| true).await;
+        if update.delta.is_empty() {
+            assert!(
+                !update.snapshot.is_empty(),
+                "{what}: neither snapshot nor delta"
+            );
+            self.bytes = update.snapshot.clone();
+        } else {
+            assert_eq!(
+                update.base_revision, self.revision,
+                "{what}: delta from another base"
+            );
+            self.bytes = delta::apply(&self.bytes, &update.delta)
+                .unwrap_or_else(|e| panic!("{what}: the delta does not apply: {e}"));
+            self.deltas += 1;
+        }
+        let snapshot = Snapshot::parse(&self.bytes).expect("what the agent holds validates");
+        assert_eq!(snapshot.revision(), update.revision);
+        self.revision = update.revision;
+        update
+    }
+}
+
+/// Two replicas share etcd. Agents of n1 and n2 watch replica A; n2's agent goes away after
+/// the first revision, n1's stays and applies A's delta for the second. A dies; both resume on
+/// B with the revision they hold (n1 the newer, n2 the older). B sends each what applies to it
+/// — its first update to an agent it has sent nothing is whole — and deltas from then on; both
+/// end byte for byte on the snapshot a fresh watcher of B gets.
+async fn agents_holding_different_revisions_fail_over_to_another_replica() {
+    let etcd = Etcd::start().await;
+    let dir = state_dir();
+    let etcd_args = [
+        "--etcd-endpoints",
+        etcd.endpoint.as_str(),
+        "--etcd-prefix",
+        "/t5/",
+    ];
+    let mut a = Controller::start(dir.path(), dir.path(), &etcd_args).await;
+    let b = Controller::start(dir.path(), dir.path(), &etcd_args).await;
+    let mut client_a = a.client().await;
+    let mut client_b = b.client().await;
+
+    let mut n1 = Held::watch(&mut client_a, "n1").await;
+    let mut n2 = Held::watch(&mut client_a, "n2").await;
+    let first = n1.next("n1's first snapshot from A").await;
+    n2.next("n2's first snapshot from A").await;
+    assert_eq!(decide(&first, "shop", "web-0", "8.8.8.8:443"), "Kernel/BBR");
+    let (n1_first, n2_first) = (n1.revision, n2.revision);
+
+    // n2's agent goes away; n1's gets the next revision as a delta.
+    n2.stream = None;
+    std::fs::write(dir.path().join("policy.yaml"), policy("Kernel", "Cubic")).expect("write");
+    while n1.web_transport() != "Kernel/Cubic" {
+        n1.next("Cubic on n1 from A").await;
+    }
+    assert!(n1.deltas >= 1, "A sent n1 whole snapshots only");
+    assert!(n1.revision > n1_first && n2.revision == n2_first);
+
+    // A dies; each agent resumes on B holding a different revision.
+    a.kill();
+    n1.resume(&mut client_b).await;
+    n2.resume(&mut client_b).await;
+    let n1_resumed = n1.next("n1's first update from B").await;
+    let n2_resumed = n2.next("n2's first update from B").await;
+    assert!(n1_resumed.delta.is_empty() && n2_resumed.delta.is_empty());
+    assert!(n1.revision > n1_first && n2.revision > n2_first);
+    assert_eq!(n1.web_transport(), "Kernel/Cubic");
+
+    // B's next revisions reach both as deltas from what B sent them.
+    let deltas_before = (n1.deltas, n2.deltas);
+    std::fs::write(dir.path().join("policy.yaml"), policy("Kernel", "Reno")).expect("write");
+    while n1.web_transport() != "Kernel/Reno" {
+        n1.next("Reno on n1 from B").await;
+    }
+    while n2.revision < n1.revision {
+        n2.next("n2 catching up on B").await;
+    }
+    assert!(n1.deltas > deltas_before.0 && n2.deltas > deltas_before.1);
+    for held in [&n1, &n2] {
+        let mut fresh = watch(&mut client_b, held.node).await;
+        let whole = next_matching(&mut fresh, WAIT, "a fresh watcher's snapshot", |u| {
+            u.revision == held.revision
+        })
+        .await;
+        assert!(
+            whole.snapshot == held.bytes,
+            "{}: what the agent rebuilt differs from B's snapshot of revision {}",
+            held.node,
+            held.revision
+        );
+    }
 }

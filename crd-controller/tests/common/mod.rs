@@ -233,13 +233,24 @@ pub async fn watch(
     client: &mut DistributionClient<Channel>,
     node: &str,
 ) -> tonic::Streaming<SnapshotUpdate> {
+    watch_from(client, node, 0, false).await
+}
+
+/// Watches `node` as an agent holding `known_revision` (0: nothing) that does or does not
+/// accept deltas.
+pub async fn watch_from(
+    client: &mut DistributionClient<Channel>,
+    node: &str,
+    known_revision: u64,
+    accepts_delta: bool,
+) -> tonic::Streaming<SnapshotUpdate> {
     client
         .watch_snapshots(WatchRequest {
             node: node.into(),
             agent_id: format!("test-{node}"),
-            known_revision: 0,
+            known_revision,
             api_version: ApiVersion::V1alpha1 as i32,
-            accepts_delta: false,
+            accepts_delta,
         })
         .await
         .expect("WatchSnapshots")
