@@ -31,6 +31,64 @@ fn lookup(agent: &Agent, workload: &str) -> Response {
     agent.call(&lookup_db(workload))
 }
 
+/// `stackroute_lrd_snapshot_deltas_total{outcome}` in a metrics page (0 when absent).
+fn deltas(metrics: &str, outcome: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "stackroute_lrd_snapshot_deltas_total{{outcome=\"{outcome}\"}} "
+            ))
+        })
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// The agent is killed (SIGKILL) at varying moments after a policy change — before, while or
+/// after the controller's delta arrives, is applied and persisted — and restarted on the same
+/// state directory. Each time it first publishes a complete, valid snapshot (what it persisted:
+/// never half of a revision), resumes from that revision and converges on the controller's
+/// latest; after the last restart, changes arrive as deltas again and none is refused.
+#[test]
+fn an_agent_killed_mid_delta_restarts_whole_and_converges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = new_state_dir(tmp.path(), "Kernel", "BBR");
+    let controller = Controller::start(&state, tmp.path(), free_port());
+    let mut agent = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
+    let converged = |agent: &Agent, cc: &str| {
+        let want = format!("Kernel/{cc}");
+        wait_for(&format!("web-1 on {want}"), WAIT, || {
+            explain_agent(&agent.socket_dir, "shop/web-1", TO_DB)
+                .filter(|e| transport(e) == want)
+                .and_then(|_| agent.published().filter(|p| !p.2))
+        })
+    };
+    converged(&agent, "BBR");
+    for (round, cc) in ["Cubic", "Reno", "BBR", "Cubic", "Reno", "BBR"]
+        .into_iter()
+        .enumerate()
+    {
+        write_state(&state, "Kernel", cc);
+        std::thread::sleep(Duration::from_millis(round as u64 * 23 % 90));
+        agent.restart();
+        let (_, revision, _, bytes) = wait_for("the restarted agent's first table", WAIT, || {
+            agent.published()
+        });
+        let snapshot = stackroute_snapshot::Snapshot::parse(&bytes)
+            .unwrap_or_else(|e| panic!("round {round}: published an invalid snapshot: {e}"));
+        assert_eq!(snapshot.revision(), revision);
+        let (_, latest, _, _) = converged(&agent, cc);
+        assert!(
+            latest >= revision,
+            "round {round}: went back from {revision} to {latest}"
+        );
+    }
+    write_state(&state, "Kernel", "Cubic");
+    converged(&agent, "Cubic");
+    let metrics = agent.metrics();
+    assert!(deltas(&metrics, "applied") >= 1, "{metrics}");
+    assert_eq!(deltas(&metrics, "rejected"), 0, "{metrics}");
+}
+
 #[test]
 fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -110,18 +168,8 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
             "{metrics}"
         );
         // The change came as a delta from the revision the agent held, rebuilt whole.
-        let deltas = |outcome: &str| {
-            metrics
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix(&format!(
-                        "stackroute_lrd_snapshot_deltas_total{{outcome=\"{outcome}\"}} "
-                    ))
-                })
-                .map_or(0, |n| n.parse::<u64>().unwrap())
-        };
-        assert!(deltas("applied") >= 1, "{metrics}");
-        assert_eq!(deltas("rejected"), 0, "{metrics}");
+        assert!(deltas(&metrics, "applied") >= 1, "{metrics}");
+        assert_eq!(deltas(&metrics, "rejected"), 0, "{metrics}");
     }
 
     // The same JSON as the offline form (db-0 runs on n2, so n2's table names it too); only
