@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use prost::Message as _;
 use stackroute_proto::v1alpha1::{Listener, ListenerKey, Protocol, Workload, WorkloadKey};
@@ -224,6 +224,27 @@ const ACKS: &str = "acks/";
 const ALIVE: &str = "alive/";
 const REVISION: &str = "revision";
 
+/// Keys per page of the registries' initial read.
+const READ_PAGE_KEYS: i64 = 200;
+/// The etcd client's limit on one response: a page of the largest values (a registration is
+/// at most one request, [`stackroute_proto::MAX_REQUEST_BYTES`]) fits, with room to spare.
+const READ_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+const _: () = assert!(
+    READ_PAGE_KEYS as usize * (stackroute_proto::MAX_REQUEST_BYTES + 1024) < READ_MESSAGE_BYTES
+);
+
+/// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key: etcd's "\0" range end
+}
+
 impl EtcdStore {
     /// Connects to etcd, over TLS with the client certificate in `tls` (`ca.crt`, `tls.crt`,
     /// `tls.key`) when given. Fails if no endpoint answers within a few seconds.
@@ -267,19 +288,55 @@ impl EtcdStore {
         format!("{}{section}{rest}", self.prefix)
     }
 
+    /// Every key under the prefix, read in pages at one revision: `(revision, kvs)`. A page
+    /// holds at most [`READ_PAGE_KEYS`] keys, so even at the largest value a registration can
+    /// have it stays below the client's message limit ([`READ_MESSAGE_BYTES`]) — one range read
+    /// of a big cluster's registries would not.
+    async fn read_all(&self) -> anyhow::Result<(i64, Vec<KeyValue>)> {
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(READ_MESSAGE_BYTES);
+        let end = prefix_end(self.prefix.as_bytes());
+        let mut from = self.prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut kvs = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(READ_PAGE_KEYS);
+            if revision > 0 {
+                // The first page's revision: the pages are one consistent read.
+                options = options.with_revision(revision);
+            }
+            let mut response = kv
+                .get(from.clone(), Some(options))
+                .await
+                .context("reading the registries")?;
+            if revision == 0 {
+                revision = response.header().map_or(0, |h| h.revision());
+            }
+            let more = response.more();
+            let page = response.take_kvs();
+            let Some(last) = page.last() else { break };
+            from = last.key().to_vec();
+            from.push(0); // the next key after the last one read
+            kvs.extend(page);
+            if !more {
+                break;
+            }
+        }
+        Ok((revision, kvs))
+    }
+
     /// One full read then a watch from the revision after it; returns on any error.
     async fn sync_once(&self, index: &IndexHandle) -> anyhow::Result<()> {
-        let mut client = self.client.clone();
-        let response = client
-            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .context("reading the registries")?;
-        let revision = response.header().map_or(0, |h| h.revision());
+        let (revision, kvs) = self.read_all().await?;
         let mut listeners = Vec::new();
         let mut workloads = Vec::new();
         let mut acks = Vec::new();
         let mut alive = Vec::new();
-        for kv in response.kvs() {
+        for kv in &kvs {
             match self.decode(kv.key(), kv.value()) {
                 Some(RegistryChange::PutListener(l)) => listeners.push(l),
                 Some(RegistryChange::PutWorkload(w)) => workloads.push(w),
@@ -303,7 +360,10 @@ impl EtcdStore {
         for change in alive {
             index.registry(change);
         }
-        let mut stream = client
+        let mut stream = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(READ_MESSAGE_BYTES)
             .watch(
                 self.prefix.as_str(),
                 Some(
@@ -546,6 +606,13 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_ends_at_its_last_byte_plus_one() {
+        assert_eq!(prefix_end(b"/stackroute/"), b"/stackroute0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
 
     #[tokio::test]
     async fn memory_revisions_increase_and_respect_the_floor() {
