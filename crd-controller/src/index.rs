@@ -23,8 +23,8 @@ use stackroute_policy::{ClusterState, Compiled, Settings};
 use stackroute_proto::v1alpha1::{
     Listener, NodeCapabilities, NodeStatus, PolicyStatus, StatusResponse, Workload,
 };
-use stackroute_snapshot::SnapshotParts;
 use stackroute_snapshot::delta::{self, SharedDelta};
+use stackroute_snapshot::{SectionInterner, SnapshotParts};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::files::{FileEvent, FileSource};
@@ -1420,10 +1420,17 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
     // The shared sections' operations are computed once per base revision's shared tables
     // (every node published at the last revision has the same), not once per node.
     let mut shared_deltas: Vec<SharedDelta> = Vec::new();
+    // Nodes with the same policies encode the same rule sections, and most sections of a
+    // revision equal the previous one's: each distinct section is kept once.
+    let mut interner = SectionInterner::default();
+    for before in previous.values() {
+        interner.remember(&before.snapshot);
+    }
     let snapshots = nodes
         .iter()
         .filter_map(|node| {
-            let snapshot = compiled.node_parts(node, revision)?;
+            let mut snapshot = compiled.node_parts(node, revision)?;
+            snapshot.share_sections(&mut interner);
             let delta = previous.get(node).and_then(|before| {
                 let base = &before.snapshot;
                 let shared = match shared_deltas

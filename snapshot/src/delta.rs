@@ -219,7 +219,8 @@ fn section_op(out: &mut Vec<u8>, id: Option<SectionId>, old: Option<&[u8]>, body
     let Some(old) = old else {
         return replace(out, body);
     };
-    if old == body {
+    // The same bytes (often the same allocation: see `SectionInterner`) are kept.
+    if std::ptr::eq(old, body) || old == body {
         return out.push(OP_KEEP);
     }
     let record = id.map_or(1, SectionId::record_len);

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::format::{
     self, SectionId, address4, address6, backend, chain, chain_policy, cidr, directory, header,
@@ -239,7 +240,7 @@ impl SharedTables {
             identity_set_blooms,
             identity_set_rule_blooms,
         };
-        tables.crcs = section_crcs(&tables.sections);
+        tables.crcs = section_crcs(tables.sections.iter().map(|(_, b)| b.as_slice()));
         tables
     }
 
@@ -404,7 +405,9 @@ pub struct NodeTables {
     revision: u64,
     own_node: u32,
     default_transport: TransportChoice,
-    pub(crate) sections: Vec<(SectionId, Vec<u8>)>,
+    /// Shared (reference-counted) so that nodes with the same policies hold one copy of their
+    /// rule sections: see [`SectionInterner`].
+    pub(crate) sections: Vec<(SectionId, Arc<Vec<u8>>)>,
     /// CRC-32 state of each section's bytes (parallel to `sections`).
     crcs: Vec<crc32fast::Hasher>,
 }
@@ -539,7 +542,7 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
         default_transport: node
             .default_transport
             .unwrap_or(TransportChoice::KERNEL_DEFAULT),
-        sections: vec![
+        sections: [
             (SectionId::Networks, networks),
             (SectionId::Peers, peers),
             (SectionId::Ports, ports),
@@ -553,23 +556,75 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
             (SectionId::Workloads, workloads),
             (SectionId::WorkloadAddresses, workload_addresses),
             (SectionId::NodeStrings, strings),
-        ],
+        ]
+        .into_iter()
+        .map(|(id, bytes)| (id, Arc::new(bytes)))
+        .collect(),
         crcs: Vec::new(),
     };
-    tables.crcs = section_crcs(&tables.sections);
+    tables.crcs = section_crcs(tables.sections.iter().map(|(_, b)| b.as_slice()));
     tables
 }
 
 /// The CRC-32 state of each section's bytes.
-fn section_crcs(sections: &[(SectionId, Vec<u8>)]) -> Vec<crc32fast::Hasher> {
+fn section_crcs<'a>(sections: impl Iterator<Item = &'a [u8]>) -> Vec<crc32fast::Hasher> {
     sections
-        .iter()
-        .map(|(_, bytes)| {
+        .map(|bytes| {
             let mut crc = crc32fast::Hasher::new();
             crc.update(bytes);
             crc
         })
         .collect()
+}
+
+/// Makes equal node sections one allocation: nodes whose pods share their policies encode the
+/// same rule sections, and a revision that changed little encodes most sections as before. The
+/// controller keeps every watched node's tables, so at scale that is the difference between one
+/// copy of a cluster's rules and one per node. Sections are matched by id, length and CRC (each
+/// section's CRC is known already), then compared byte for byte.
+#[derive(Debug, Default)]
+pub struct SectionInterner {
+    /// Sections by (id, length, CRC): usually one each, more only on a CRC collision.
+    seen: HashMap<SectionKey, Vec<Arc<Vec<u8>>>>,
+}
+
+/// A section's id, length and CRC-32.
+type SectionKey = (SectionId, usize, u32);
+
+impl SectionInterner {
+    /// Replaces each of `tables`' sections by an equal one seen before, and remembers the rest.
+    pub fn intern(&mut self, tables: &mut NodeTables) {
+        for ((id, bytes), crc) in tables.sections.iter_mut().zip(&tables.crcs) {
+            let key = (*id, bytes.len(), crc.clone().finalize());
+            let known = self.seen.entry(key).or_default();
+            match known
+                .iter()
+                .find(|known| known.as_slice() == bytes.as_slice())
+            {
+                Some(known) => *bytes = known.clone(),
+                None => known.push(bytes.clone()),
+            }
+        }
+    }
+
+    /// Remembers `parts`' own sections (a node's previous revision), so equal sections of
+    /// the next one share their memory.
+    pub fn remember(&mut self, parts: &SnapshotParts) {
+        for ((id, bytes), crc) in parts.node.sections.iter().zip(&parts.node.crcs) {
+            let known = self
+                .seen
+                .entry((*id, bytes.len(), crc.clone().finalize()))
+                .or_default();
+            if !known.iter().any(|k| k.as_slice() == bytes.as_slice()) {
+                known.push(bytes.clone());
+            }
+        }
+    }
+
+    /// Bytes of the distinct sections seen.
+    pub fn distinct_bytes(&self) -> usize {
+        self.seen.values().flatten().map(|b| b.len()).sum()
+    }
 }
 
 /// Appends one rule peer (and a networks peer's CIDRs), and adds it to the rule's filter.
@@ -628,14 +683,20 @@ pub fn assemble(shared: &SharedTables, node: &NodeTables) -> Vec<u8> {
 /// agent that needs one; `delta::diff_parts` diffs two of them without assembling either.
 #[derive(Clone, Debug)]
 pub struct SnapshotParts {
-    shared: std::sync::Arc<SharedTables>,
+    shared: Arc<SharedTables>,
     node: NodeTables,
     prefix: Vec<u8>,
 }
 
 impl SnapshotParts {
+    /// Makes this node's sections share memory with equal ones `interner` has seen (the
+    /// bytes do not change).
+    pub fn share_sections(&mut self, interner: &mut SectionInterner) {
+        interner.intern(&mut self.node);
+    }
+
     /// Joins `shared` and `node`; the checksum is combined from the sections' own.
-    pub fn new(shared: std::sync::Arc<SharedTables>, node: NodeTables) -> Self {
+    pub fn new(shared: Arc<SharedTables>, node: NodeTables) -> Self {
         let prefix = prefix(&node, &ordered_sections(&shared, &node));
         Self {
             shared,
@@ -660,7 +721,7 @@ impl SnapshotParts {
     }
 
     /// The shared tables.
-    pub fn shared(&self) -> &std::sync::Arc<SharedTables> {
+    pub fn shared(&self) -> &Arc<SharedTables> {
         &self.shared
     }
 
@@ -702,14 +763,16 @@ impl SnapshotParts {
 type OrderedSection<'a> = (SectionId, &'a [u8], (&'a crc32fast::Hasher, bool));
 
 fn ordered_sections<'a>(shared: &'a SharedTables, node: &'a NodeTables) -> Vec<OrderedSection<'a>> {
-    let tagged = |tables: &'a [(SectionId, Vec<u8>)], crcs: &'a [crc32fast::Hasher], is_shared| {
-        tables
-            .iter()
-            .zip(crcs)
-            .map(move |((id, bytes), crc)| (*id, bytes.as_slice(), (crc, is_shared)))
-    };
-    let mut sections: Vec<OrderedSection<'a>> = tagged(&shared.sections, &shared.crcs, true)
-        .chain(tagged(&node.sections, &node.crcs, false))
+    let shared_sections = shared.sections.iter().map(|(id, b)| (*id, b.as_slice()));
+    let node_sections = node.sections.iter().map(|(id, b)| (*id, b.as_slice()));
+    let mut sections: Vec<OrderedSection<'a>> = shared_sections
+        .zip(&shared.crcs)
+        .map(|((id, bytes), crc)| (id, bytes, (crc, true)))
+        .chain(
+            node_sections
+                .zip(&node.crcs)
+                .map(|((id, bytes), crc)| (id, bytes, (crc, false))),
+        )
         .collect();
     sections.sort_by_key(|(id, _, _)| id.index());
     sections

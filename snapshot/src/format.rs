@@ -205,7 +205,7 @@ reference_field!(
 );
 
 /// Section identifiers and their record sizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum SectionId {
     /// UTF-8 strings shared by every node: node and zone names.

@@ -28,8 +28,8 @@ pub mod view;
 
 pub use encode::{
     AddressEntry, AddressKind, NodeEntry, NodeInput, NodeTables, PeerEntry, PolicyEntry, PortEntry,
-    RuleEntry, RuleGate, ServiceEntry, SharedInput, SharedTables, SnapshotParts, WorkloadEntry,
-    assemble, encode, encode_node_tables,
+    RuleEntry, RuleGate, SectionInterner, ServiceEntry, SharedInput, SharedTables, SnapshotParts,
+    WorkloadEntry, assemble, encode, encode_node_tables,
 };
 pub use view::{
     Decision, DecodeError, DestinationClass, Mismatch, NoTrace, PolicyView, RuleRef, RuleView,
