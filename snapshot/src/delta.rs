@@ -29,8 +29,8 @@
 //!
 //! Edits are found without a general diff. Sections of equal length (the IPv4 address book,
 //! filters, most record arrays after a label change) are compared record by record; where
-//! records only moved by the same amount (a rule's peers pointing into identity sets that grew
-//! before theirs), a run of them is one shift. Sections whose length changed keep their common
+//! records only moved by the same amount (the ranges of the identity sets behind one that grew),
+//! a run of them is one shift. Sections whose length changed keep their common
 //! prefix and suffix, and between them a bounded greedy alignment finds records inserted or
 //! removed (an identity joining a few of many identity sets is a few 4-byte insertions, not the
 //! rest of the section). Every encoding is exact for any change; the smallest one is sent.
