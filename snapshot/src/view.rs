@@ -754,7 +754,7 @@ impl<'a> Snapshot<'a> {
                 // Reported as the rule-by-rule walk does: where the first backend is.
                 Some(decision) => Decision {
                     via: Via::ServiceUnanimous { backends: count },
-                    location: self.classify(backend_address(backends)).1,
+                    location: self.classify_backend(backends).1,
                     ..decision
                 },
                 None => self
@@ -853,11 +853,9 @@ impl<'a> Snapshot<'a> {
                     continue;
                 };
                 let mut same = format::SameAddresses::default();
-                let decision = self.decide_direct(
+                let decision = self.decide_classified(
                     workload,
-                    backend_address(representative),
-                    port,
-                    protocol,
+                    self.backend_destination(representative, protocol),
                     &mut NoTrace,
                     &mut same,
                 );
@@ -869,11 +867,9 @@ impl<'a> Snapshot<'a> {
                     if same.contains(ip) {
                         continue;
                     }
-                    let decision = self.decide_direct(
+                    let decision = self.decide_classified(
                         workload,
-                        ip,
-                        port,
-                        protocol,
+                        self.backend_destination(backend, protocol),
                         &mut NoTrace,
                         &mut Default::default(),
                     );
@@ -899,9 +895,6 @@ impl<'a> Snapshot<'a> {
         same: &mut format::SameAddresses,
     ) -> Decision<'a> {
         let (class, location) = self.classify(ip);
-        let source = self.record(SectionId::Workloads, workload.0 as usize);
-        let chain = self.record(SectionId::Chains, workload::CHAIN.get(source) as usize);
-        let policies = self.range(chain, chain::POLICIES);
         let destination = Destination {
             class,
             location,
@@ -909,6 +902,60 @@ impl<'a> Snapshot<'a> {
             port,
             protocol,
         };
+        self.decide_classified(workload, destination, trace, same)
+    }
+
+    /// Where a Service backend is, from its own record: a pod backend carries its identity,
+    /// node and zone (validated to be the address book's), so the address book's hash table — a
+    /// cache miss per backend group — is only probed for the others.
+    fn classify_backend(&self, record: &[u8]) -> (DestinationClass, Location) {
+        let node = backend::NODE.get(record);
+        if node == format::NO_NODE {
+            return self.classify(backend_address(record));
+        }
+        let own = self.header_own_node();
+        let own_zone = self.zone_of(own);
+        let location = if node == own {
+            Location::SameNode
+        } else if own_zone != NO_ZONE && backend::ZONE.get(record) == own_zone {
+            Location::SameZone
+        } else {
+            Location::SameCluster
+        };
+        let identity = backend::IDENTITY.get(record);
+        (DestinationClass::Pod { identity, node }, location)
+    }
+
+    /// A Service backend as the rules see it, classified by [`Snapshot::classify_backend`].
+    fn backend_destination(&self, record: &[u8], protocol: Protocol) -> Destination {
+        let (class, location) = self.classify_backend(record);
+        Destination {
+            class,
+            location,
+            ip: backend_address(record),
+            port: backend::PORT.get(record),
+            protocol,
+        }
+    }
+
+    /// [`Snapshot::decide_direct`] for a destination already classified.
+    fn decide_classified<T: Trace>(
+        &self,
+        workload: WorkloadId,
+        destination: Destination,
+        trace: &mut T,
+        same: &mut format::SameAddresses,
+    ) -> Decision<'a> {
+        let Destination {
+            class,
+            location,
+            ip,
+            port,
+            protocol,
+        } = destination;
+        let source = self.record(SectionId::Workloads, workload.0 as usize);
+        let chain = self.record(SectionId::Chains, workload::CHAIN.get(source) as usize);
+        let policies = self.range(chain, chain::POLICIES);
         let mut passed_tier: Option<u8> = None;
         // The fast path (no trace) rejects most rules on their 24-byte filter alone.
         let use_filters = !trace.detailed();
