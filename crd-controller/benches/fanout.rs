@@ -163,16 +163,28 @@ async fn agent(
             known_revision: 0,
             api_version: ApiVersion::V1alpha1 as i32,
             accepts_delta: true,
+            accepts_chunks: true,
         })
         .await?
         .into_inner();
     let mut held: Vec<u8> = Vec::new();
+    let mut parts: Vec<u8> = Vec::new();
     while let Some(update) = stream.message().await? {
         received.fetch_add(
             prost::Message::encoded_len(&update) as u64,
             Ordering::Relaxed,
         );
-        held = if update.delta.is_empty() {
+        held = if update.snapshot_len > 0 {
+            // A whole snapshot in parts, in order (the agent checks more; this counts bytes).
+            if update.snapshot_offset == 0 {
+                parts.clear();
+            }
+            parts.extend_from_slice(&update.snapshot);
+            if (parts.len() as u64) < update.snapshot_len {
+                continue;
+            }
+            std::mem::take(&mut parts)
+        } else if update.delta.is_empty() {
             update.snapshot
         } else {
             stackroute_snapshot::delta::apply(&held, &update.delta)

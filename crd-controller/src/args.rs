@@ -213,6 +213,17 @@ pub struct Args {
     )]
     pub max_registration_bytes_per_node: usize,
 
+    /// A whole snapshot larger than this goes to agents that reassemble parts as several
+    /// messages of at most this many bytes, each read from the snapshot's parts when its turn
+    /// comes: a stream then holds one part in its buffers, not a copy of the whole snapshot.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_SNAPSHOT_CHUNK_BYTES",
+        default_value_t = 1024 * 1024,
+        value_parser = clap::value_parser!(u32).range(256..=64 * 1024 * 1024)
+    )]
+    pub snapshot_chunk_bytes: u32,
+
     /// HTTPS listen address of the pod injection webhook (`POST /inject`, `GET /healthz`);
     /// the webhook is off without it.
     #[arg(

@@ -30,26 +30,33 @@ use crate::metrics::Metrics;
 use crate::store::{Store, listener_key, workload_key};
 
 /// What one watch stream sent its agent last, so the next message can be a delta and leave out
-/// an unchanged listener list.
+/// an unchanged listener list, and what it still has to send of a whole snapshot in parts.
 struct SentToAgent {
     accepts_delta: bool,
+    /// Parts of at most this many bytes for an agent that reassembles them; `None`: whole.
+    chunk_bytes: Option<usize>,
     /// The revision the agent holds: the one sent last, or the one it said it had.
     revision: u64,
     listeners: Option<Vec<Listener>>,
+    /// A whole snapshot being sent in parts, and where its next part starts.
+    sending: Option<(Arc<NodeUpdate>, usize)>,
 }
 
 impl SentToAgent {
-    fn new(request: &WatchRequest) -> Self {
+    fn new(request: &WatchRequest, chunk_bytes: usize) -> Self {
         Self {
             accepts_delta: request.accepts_delta,
+            chunk_bytes: request.accepts_chunks.then_some(chunk_bytes.max(1)),
             revision: request.known_revision,
             listeners: None,
+            sending: None,
         }
     }
 
     /// The message for `update`: its delta when it starts from what the agent holds, else the
-    /// whole snapshot.
-    fn next(&mut self, update: &NodeUpdate) -> SnapshotUpdate {
+    /// whole snapshot — or its first part, when it is larger than a part
+    /// ([`SentToAgent::next_part`] gives the others).
+    fn next(&mut self, update: &Arc<NodeUpdate>) -> SnapshotUpdate {
         let listeners_unchanged =
             self.accepts_delta && self.listeners.as_deref() == Some(update.listeners.as_slice());
         let listeners = if listeners_unchanged {
@@ -57,6 +64,7 @@ impl SentToAgent {
         } else {
             update.listeners.to_vec()
         };
+        let whole_len = update.snapshot.len();
         let message = match &update.delta {
             Some((base, delta)) if self.accepts_delta && *base == self.revision => SnapshotUpdate {
                 revision: update.revision,
@@ -66,14 +74,30 @@ impl SentToAgent {
                 delta: delta.clone(),
                 base_revision: *base,
                 listeners_unchanged,
-            },
-            _ => SnapshotUpdate {
-                revision: update.revision,
-                node: update.node.clone(),
-                snapshot: update.snapshot.assemble(),
-                listeners,
-                listeners_unchanged,
                 ..Default::default()
+            },
+            _ => match self.chunk_bytes.filter(|chunk| whole_len > *chunk) {
+                Some(chunk) => {
+                    self.sending = Some((update.clone(), chunk));
+                    SnapshotUpdate {
+                        revision: update.revision,
+                        node: update.node.clone(),
+                        snapshot: update.snapshot.read(0..chunk),
+                        listeners,
+                        listeners_unchanged,
+                        snapshot_offset: 0,
+                        snapshot_len: whole_len as u64,
+                        ..Default::default()
+                    }
+                }
+                None => SnapshotUpdate {
+                    revision: update.revision,
+                    node: update.node.clone(),
+                    snapshot: update.snapshot.assemble(),
+                    listeners,
+                    listeners_unchanged,
+                    ..Default::default()
+                },
             },
         };
         self.revision = update.revision;
@@ -82,7 +106,71 @@ impl SentToAgent {
         }
         message
     }
+
+    /// The next part of a whole snapshot being sent in parts, read from its parts now.
+    fn next_part(&mut self) -> Option<SnapshotUpdate> {
+        let (update, offset) = self.sending.take()?;
+        let chunk = self.chunk_bytes.unwrap_or(usize::MAX);
+        let whole_len = update.snapshot.len();
+        let end = offset.saturating_add(chunk).min(whole_len);
+        let part = SnapshotUpdate {
+            revision: update.revision,
+            node: update.node.clone(),
+            snapshot: update.snapshot.read(offset..end),
+            listeners_unchanged: true,
+            snapshot_offset: offset as u64,
+            snapshot_len: whole_len as u64,
+            ..Default::default()
+        };
+        if end < whole_len {
+            self.sending = Some((update, end));
+        }
+        Some(part)
+    }
 }
+
+/// One agent's watch: the node's updates as messages, the parts of a whole snapshot one at a
+/// time (each read when tonic asks for it, so a stream holds one part, not the snapshot), and a
+/// newer revision only after the parts of the one being sent.
+struct Watch<S, G> {
+    updates: S,
+    sent: SentToAgent,
+    metrics: Arc<Metrics>,
+    /// Alive as long as the stream: the index hears when tonic drops it (client gone).
+    _guard: G,
+}
+
+impl<S, G> Stream for Watch<S, G>
+where
+    S: Stream<Item = Arc<NodeUpdate>> + Unpin,
+    G: Unpin,
+{
+    type Item = Result<SnapshotUpdate, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let message = match self.sent.next_part() {
+            Some(part) => part,
+            None => match std::task::ready!(Pin::new(&mut self.updates).poll_next(cx)) {
+                Some(update) => self.sent.next(&update),
+                None => return std::task::Poll::Ready(None),
+            },
+        };
+        let encoding = if message.delta.is_empty() {
+            "full"
+        } else {
+            "delta"
+        };
+        self.metrics
+            .snapshot_sent(encoding, message.snapshot.len() + message.delta.len());
+        std::task::Poll::Ready(Some(Ok(message)))
+    }
+}
+
+/// Parts of a whole snapshot, unless `--snapshot-chunk-bytes` says otherwise.
+pub const DEFAULT_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Most snapshot streams one node may hold open at once (an agent holds one; a hand-over
 /// briefly two).
@@ -118,6 +206,7 @@ pub struct DistributionService {
     metrics: Arc<Metrics>,
     auth: Arc<Authenticator>,
     watches: Arc<Mutex<HashMap<String, usize>>>,
+    chunk_bytes: usize,
 }
 
 /// Holds one of a node's watch slots while its stream lives.
@@ -154,6 +243,15 @@ impl DistributionService {
             metrics,
             auth: Arc::new(auth),
             watches: Arc::default(),
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+        }
+    }
+
+    /// Sends whole snapshots larger than `bytes` in parts to agents that reassemble them.
+    pub fn with_chunk_bytes(self, bytes: usize) -> Self {
+        Self {
+            chunk_bytes: bytes.max(1),
+            ..self
         }
     }
 
@@ -284,24 +382,13 @@ impl Distribution for DistributionService {
             .subscribe(&request.node, &request.agent_id, request.known_revision)
             .await?;
         let (rx, guard) = subscription.into_parts();
-        let mut sent = SentToAgent::new(&request);
-        let metrics = self.metrics.clone();
-        // The guard lives inside the stream: when tonic drops the stream (client gone), the
-        // index hears about it.
-        let stream = tokio_stream::wrappers::WatchStream::new(rx).filter_map(move |update| {
-            let _alive = (&guard, &slot);
-            let message = sent.next(&update?.clone());
-            metrics.snapshot_sent(
-                if message.delta.is_empty() {
-                    "full"
-                } else {
-                    "delta"
-                },
-                message.snapshot.len() + message.delta.len(),
-            );
-            Some(Ok(message))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let updates = tokio_stream::wrappers::WatchStream::new(rx).filter_map(|update| update);
+        Ok(Response::new(Box::pin(Watch {
+            updates: Box::pin(updates),
+            sent: SentToAgent::new(&request, self.chunk_bytes),
+            metrics: self.metrics.clone(),
+            _guard: (guard, slot),
+        })))
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
@@ -462,7 +549,7 @@ impl Distribution for DistributionService {
 mod tests {
     use super::*;
 
-    fn update(revision: u64, delta_from: Option<u64>, listeners: &[u32]) -> NodeUpdate {
+    fn update(revision: u64, delta_from: Option<u64>, listeners: &[u32]) -> Arc<NodeUpdate> {
         let shared = Arc::new(stackroute_snapshot::SharedTables::build(
             &stackroute_snapshot::SharedInput {
                 nodes: vec![stackroute_snapshot::NodeEntry {
@@ -479,7 +566,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        NodeUpdate {
+        Arc::new(NodeUpdate {
             revision,
             node: "n1".into(),
             snapshot: stackroute_snapshot::SnapshotParts::new(shared, tables),
@@ -497,7 +584,7 @@ mod tests {
                     .collect(),
             ),
             delta: delta_from.map(|base| (base, vec![2; 10])),
-        }
+        })
     }
 
     /// A stream sends a delta only from the revision its agent holds, the whole snapshot
@@ -510,7 +597,7 @@ mod tests {
             accepts_delta: true,
             ..Default::default()
         };
-        let mut sent = SentToAgent::new(&request);
+        let mut sent = SentToAgent::new(&request, DEFAULT_CHUNK_BYTES);
         // The agent restarted holding 5; the controller's delta starts from 5.
         let first = sent.next(&update(6, Some(5), &[80]));
         assert_eq!((first.delta.len(), first.base_revision), (10, 5));
@@ -529,16 +616,65 @@ mod tests {
         assert!(sent.next(&update(10, None, &[80, 443])).delta.is_empty());
 
         // An agent that does not accept deltas always gets everything.
-        let mut old_agent = SentToAgent::new(&WatchRequest {
-            known_revision: 5,
-            ..request
-        });
+        let mut old_agent = SentToAgent::new(
+            &WatchRequest {
+                known_revision: 5,
+                ..request
+            },
+            DEFAULT_CHUNK_BYTES,
+        );
         old_agent.accepts_delta = false;
         for (revision, base) in [(6, 5), (7, 6)] {
             let message = old_agent.next(&update(revision, Some(base), &[80]));
             assert!(message.delta.is_empty() && !message.listeners_unchanged);
             assert!(!message.snapshot.is_empty() && message.listeners.len() == 1);
         }
+    }
+
+    /// A whole snapshot larger than a part goes in parts to an agent that reassembles them:
+    /// consecutive, of one revision, the listeners in the first; the next revision only after
+    /// the last part. Others get it whole.
+    #[test]
+    fn a_whole_snapshot_goes_in_parts_to_an_agent_that_takes_them() {
+        let request = WatchRequest {
+            node: "n1".into(),
+            accepts_delta: true,
+            accepts_chunks: true,
+            ..Default::default()
+        };
+        let whole = update(3, None, &[80]);
+        let bytes = whole.snapshot.assemble();
+        let chunk = 100;
+        assert!(bytes.len() > 3 * chunk, "{} bytes", bytes.len());
+        let mut sent = SentToAgent::new(&request, chunk);
+        let mut parts = vec![sent.next(&whole)];
+        while let Some(part) = sent.next_part() {
+            parts.push(part);
+        }
+        assert_eq!(parts.len(), bytes.len().div_ceil(chunk));
+        let mut rebuilt = Vec::new();
+        for (index, part) in parts.iter().enumerate() {
+            assert_eq!(part.revision, 3);
+            assert_eq!(part.snapshot_len, bytes.len() as u64);
+            assert_eq!(part.snapshot_offset, rebuilt.len() as u64);
+            assert!(part.snapshot.len() <= chunk && part.delta.is_empty());
+            assert_eq!(part.listeners.len(), usize::from(index == 0));
+            rebuilt.extend_from_slice(&part.snapshot);
+        }
+        assert!(rebuilt == bytes);
+        // The next revision's delta starts from the revision the parts made.
+        assert_eq!(sent.next(&update(4, Some(3), &[80])).base_revision, 3);
+
+        let whole_at_once = SentToAgent::new(
+            &WatchRequest {
+                accepts_chunks: false,
+                ..request
+            },
+            chunk,
+        )
+        .next(&whole);
+        assert_eq!(whole_at_once.snapshot, bytes);
+        assert_eq!(whole_at_once.snapshot_len, 0);
     }
 
     #[test]

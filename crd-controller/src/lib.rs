@@ -72,6 +72,7 @@ impl Args {
             max_listeners_per_node,
             max_workloads_per_node,
             max_registration_bytes_per_node,
+            snapshot_chunk_bytes,
             webhook_addr,
             webhook_cert_dir,
             webhook_ca_secret,
@@ -273,17 +274,20 @@ impl Args {
             metrics.clone(),
             std::time::Duration::from_secs(registration_lease_secs),
         ));
-        let service = DistributionServer::new(grpc::DistributionService::new(
-            handle,
-            store.clone(),
-            metrics,
-            auth,
-            grpc::Quotas {
-                listeners: max_listeners_per_node,
-                workloads: max_workloads_per_node,
-                bytes: max_registration_bytes_per_node,
-            },
-        ))
+        let service = DistributionServer::new(
+            grpc::DistributionService::new(
+                handle,
+                store.clone(),
+                metrics,
+                auth,
+                grpc::Quotas {
+                    listeners: max_listeners_per_node,
+                    workloads: max_workloads_per_node,
+                    bytes: max_registration_bytes_per_node,
+                },
+            )
+            .with_chunk_bytes(snapshot_chunk_bytes as usize),
+        )
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_UPDATE_BYTES);
         let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)

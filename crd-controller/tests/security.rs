@@ -85,6 +85,7 @@ fn watch_request(node: &str, known_revision: u64) -> WatchRequest {
         known_revision,
         api_version: ApiVersion::V1alpha1 as i32,
         accepts_delta: false,
+        accepts_chunks: false,
     }
 }
 

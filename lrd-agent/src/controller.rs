@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stackroute_proto::client;
-use stackroute_proto::v1alpha1::{AckRequest, ApiVersion, Listener, WatchRequest, Workload};
+use stackroute_proto::v1alpha1::{
+    AckRequest, ApiVersion, Listener, SnapshotUpdate, WatchRequest, Workload,
+};
 use tracing::{debug, info, warn};
 
 use crate::caps;
@@ -20,6 +22,68 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A session that lasted this long resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// Largest whole snapshot the agent reassembles from parts.
+const MAX_REASSEMBLED_BYTES: u64 = 1 << 30;
+
+/// A whole snapshot arriving in parts (`SnapshotUpdate.snapshot_offset`, `snapshot_len`).
+#[derive(Default)]
+struct Reassembly {
+    /// The first part, its snapshot grown by each later one.
+    partial: Option<SnapshotUpdate>,
+}
+
+impl Reassembly {
+    /// The complete update once `update` completes one (a message that is no part passes
+    /// through); `None` while parts are missing. Parts out of order, of another revision or
+    /// past the declared length are an error: the stream is broken, the session reconnects.
+    fn add(&mut self, update: SnapshotUpdate) -> anyhow::Result<Option<SnapshotUpdate>> {
+        if update.snapshot_len == 0 {
+            anyhow::ensure!(
+                self.partial.is_none(),
+                "revision {} came before the rest of revision {}'s parts",
+                update.revision,
+                self.partial.as_ref().map_or(0, |p| p.revision)
+            );
+            return Ok(Some(update));
+        }
+        let (offset, total) = (update.snapshot_offset, update.snapshot_len);
+        anyhow::ensure!(
+            total <= MAX_REASSEMBLED_BYTES,
+            "a snapshot of {total} bytes in parts is more than this agent takes"
+        );
+        let partial = match self.partial.take() {
+            None if offset == 0 => update,
+            Some(mut partial)
+                if partial.revision == update.revision
+                    && partial.snapshot_len == total
+                    && partial.snapshot.len() as u64 == offset =>
+            {
+                partial.snapshot.extend_from_slice(&update.snapshot);
+                partial
+            }
+            _ => anyhow::bail!(
+                "part at {offset} of revision {}'s snapshot does not follow what came before",
+                update.revision
+            ),
+        };
+        let held = partial.snapshot.len() as u64;
+        anyhow::ensure!(
+            held <= total,
+            "revision {}'s parts run past its {total} bytes",
+            partial.revision
+        );
+        if held < total {
+            self.partial = Some(partial);
+            return Ok(None);
+        }
+        Ok(Some(SnapshotUpdate {
+            snapshot_offset: 0,
+            snapshot_len: 0,
+            ..partial
+        }))
+    }
+}
 
 /// The delay after `failures` consecutive failures: exponential, capped, with ±50 % jitter.
 pub fn backoff(failures: u32) -> Duration {
@@ -80,12 +144,17 @@ async fn session(agent: &Arc<Agent>, url: &str, need_full: &mut bool) -> anyhow:
             known_revision,
             api_version: ApiVersion::V1alpha1 as i32,
             accepts_delta: true,
+            accepts_chunks: true,
         })
         .await?
         .into_inner();
     *need_full = false;
     agent.set_client(Some(client.clone()));
-    while let Some(update) = stream.message().await? {
+    let mut reassembly = Reassembly::default();
+    while let Some(message) = stream.message().await? {
+        let Some(update) = reassembly.add(message)? else {
+            continue;
+        };
         let revision = update.revision;
         let is_delta = !update.delta.is_empty();
         let listeners = (!update.listeners_unchanged).then_some(update.listeners);
@@ -245,5 +314,57 @@ mod tests {
         }
         let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(3)).collect();
         assert!(samples.len() > 1, "no jitter");
+    }
+
+    fn part(revision: u64, offset: u64, bytes: &[u8], total: u64) -> SnapshotUpdate {
+        SnapshotUpdate {
+            revision,
+            snapshot: bytes.to_vec(),
+            snapshot_offset: offset,
+            snapshot_len: total,
+            listeners: if offset == 0 {
+                vec![Listener::default()]
+            } else {
+                Vec::new()
+            },
+            listeners_unchanged: offset != 0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn parts_are_reassembled_in_order_and_anything_else_is_refused() {
+        let mut reassembly = Reassembly::default();
+        assert!(reassembly.add(part(7, 0, b"abc", 8)).unwrap().is_none());
+        assert!(reassembly.add(part(7, 3, b"def", 8)).unwrap().is_none());
+        let whole = reassembly.add(part(7, 6, b"gh", 8)).unwrap().unwrap();
+        assert_eq!(whole.snapshot, b"abcdefgh");
+        // The first part's listeners, and nothing left of the parts.
+        assert_eq!(
+            (whole.listeners.len(), whole.listeners_unchanged),
+            (1, false)
+        );
+        assert_eq!((whole.snapshot_offset, whole.snapshot_len), (0, 0));
+        // A message that is no part passes through.
+        let plain = SnapshotUpdate {
+            revision: 8,
+            snapshot: b"x".to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(reassembly.add(plain.clone()).unwrap(), Some(plain.clone()));
+
+        let broken = [
+            vec![part(9, 3, b"def", 8)],                           // no first part
+            vec![part(9, 0, b"abc", 8), part(9, 4, b"ef", 8)],     // a gap
+            vec![part(9, 0, b"abc", 8), part(10, 3, b"def", 8)],   // another revision
+            vec![part(9, 0, b"abc", 8), part(9, 3, b"defghi", 8)], // past the end
+            vec![part(9, 0, b"abc", 8), plain],                    // interrupted
+            vec![part(9, 0, b"a", MAX_REASSEMBLED_BYTES + 1)],     // too large
+        ];
+        for messages in broken {
+            let mut reassembly = Reassembly::default();
+            let results: Vec<_> = messages.into_iter().map(|m| reassembly.add(m)).collect();
+            assert!(results.last().unwrap().is_err(), "{results:?}");
+        }
     }
 }

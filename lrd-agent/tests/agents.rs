@@ -45,14 +45,21 @@ fn deltas(metrics: &str, outcome: &str) -> u64 {
 
 /// The agent is killed (SIGKILL) at varying moments after a policy change — before, while or
 /// after the controller's delta arrives, is applied and persisted — and restarted on the same
-/// state directory. Each time it first publishes a complete, valid snapshot (what it persisted:
-/// never half of a revision), resumes from that revision and converges on the controller's
-/// latest; after the last restart, changes arrive as deltas again and none is refused.
+/// state directory. Whole snapshots come in parts of 256 bytes (`--snapshot-chunk-bytes`), so
+/// restarts also land between the parts of one. Each time it first publishes a complete, valid
+/// snapshot (what it persisted: never half of a revision), resumes from that revision and
+/// converges on the controller's latest; after the last restart, changes arrive as deltas
+/// again and none is refused.
 #[test]
 fn an_agent_killed_mid_delta_restarts_whole_and_converges() {
     let tmp = tempfile::tempdir().unwrap();
     let state = new_state_dir(tmp.path(), "Kernel", "BBR");
-    let controller = Controller::start(&state, tmp.path(), free_port());
+    let controller = Controller::start_with(
+        &state,
+        tmp.path(),
+        free_port(),
+        &["--snapshot-chunk-bytes", "256"],
+    );
     let mut agent = Agent::start("n1", &format!("http://{}", controller.grpc), tmp.path());
     let converged = |agent: &Agent, cc: &str| {
         let want = format!("Kernel/{cc}");
@@ -87,6 +94,22 @@ fn an_agent_killed_mid_delta_restarts_whole_and_converges() {
     let metrics = agent.metrics();
     assert!(deltas(&metrics, "applied") >= 1, "{metrics}");
     assert_eq!(deltas(&metrics, "rejected"), 0, "{metrics}");
+    // Every whole snapshot went in parts: far more whole messages than revisions.
+    let sent = http_get(controller.http, "/metrics")
+        .expect("controller metrics")
+        .1;
+    let whole_messages: u64 = sent
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"stackroute_controller_snapshot_updates_total{encoding="full"} "#)
+        })
+        .map_or(0, |n| n.parse().unwrap());
+    let (_, revision, _, bytes) = agent.published().unwrap();
+    assert!(
+        whole_messages as usize >= bytes.len() / 256,
+        "{whole_messages} whole-snapshot messages for revision {revision} of {} bytes",
+        bytes.len()
+    );
 }
 
 #[test]

@@ -715,6 +715,30 @@ impl SnapshotParts {
         out
     }
 
+    /// Bytes `range` of the complete snapshot (clamped to its length), copied from the parts:
+    /// what a chunk of a whole snapshot needs, without assembling the rest.
+    pub fn read(&self, range: std::ops::Range<usize>) -> Vec<u8> {
+        let end = range.end.min(self.len());
+        let mut out = Vec::with_capacity(end.saturating_sub(range.start));
+        let mut at = 0;
+        let pieces = std::iter::once(self.prefix.as_slice()).chain(
+            ordered_sections(&self.shared, &self.node)
+                .into_iter()
+                .map(|(_, b, _)| b),
+        );
+        for piece in pieces {
+            let (from, to) = (range.start.max(at), end.min(at + piece.len()));
+            if from < to {
+                out.extend_from_slice(&piece[from - at..to - at]);
+            }
+            at += piece.len();
+            if at >= end {
+                break;
+            }
+        }
+        out
+    }
+
     /// The header and section directory of the complete snapshot.
     pub fn prefix(&self) -> &[u8] {
         &self.prefix

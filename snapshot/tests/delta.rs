@@ -388,6 +388,21 @@ fn a_new_identity_joining_sets_costs_its_insertions_not_the_sets_behind_them() {
     );
 }
 
+/// Any byte range of a snapshot read from its parts is that range of the assembled snapshot.
+#[test]
+fn ranges_read_from_the_parts_are_the_assembled_bytes() {
+    let parts = big_cluster().parts(1);
+    let whole = parts.assemble();
+    for chunk in [997, 4096, 65_536, whole.len()] {
+        let mut rebuilt = Vec::new();
+        for start in (0..whole.len()).step_by(chunk) {
+            rebuilt.extend(parts.read(start..start + chunk));
+        }
+        assert!(rebuilt == whole, "chunks of {chunk} bytes");
+    }
+    assert!(parts.read(whole.len()..whole.len() + 10).is_empty());
+}
+
 /// Nodes with the same policies encode the same rule sections: interned, they are one
 /// allocation, and every snapshot still assembles to the same bytes.
 #[test]

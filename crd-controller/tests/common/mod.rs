@@ -251,6 +251,7 @@ pub async fn watch_from(
             known_revision,
             api_version: ApiVersion::V1alpha1 as i32,
             accepts_delta,
+            accepts_chunks: false,
         })
         .await
         .expect("WatchSnapshots")
