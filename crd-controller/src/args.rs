@@ -215,11 +215,12 @@ pub struct Args {
 
     /// A whole snapshot larger than this goes to agents that reassemble parts as several
     /// messages of at most this many bytes, each read from the snapshot's parts when its turn
-    /// comes: a stream then holds one part in its buffers, not a copy of the whole snapshot.
+    /// comes: a stream then holds one part in its buffers (tonic keeps a stream's encoding
+    /// buffer at its largest message), not a copy of the whole snapshot.
     #[arg(
         long,
         env = "STACKROUTE_CONTROLLER_SNAPSHOT_CHUNK_BYTES",
-        default_value_t = 1024 * 1024,
+        default_value_t = 256 * 1024,
         value_parser = clap::value_parser!(u32).range(256..=64 * 1024 * 1024)
     )]
     pub snapshot_chunk_bytes: u32,

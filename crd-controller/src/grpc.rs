@@ -170,7 +170,7 @@ where
 }
 
 /// Parts of a whole snapshot, unless `--snapshot-chunk-bytes` says otherwise.
-pub const DEFAULT_CHUNK_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Most snapshot streams one node may hold open at once (an agent holds one; a hand-over
 /// briefly two).
