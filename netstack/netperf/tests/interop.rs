@@ -335,7 +335,7 @@ fn connection_churn_both_ways_at(loss: f64) {
         "--connections",
         "40",
         "--timeout",
-        "120",
+        "240",
     ]);
     std::thread::sleep(Duration::from_millis(300));
     let client = lab.spawn_kernel(&[
@@ -347,7 +347,9 @@ fn connection_churn_both_ways_at(loss: f64) {
         "20000",
         "40",
     ]);
-    let (_, client_err, client_ok) = lab.wait(client, Duration::from_secs(130));
+    // At 10 % loss on a CI machine also running the Kubernetes lane, one of the 40 closes has
+    // been seen to take over a minute (the client's 60 s socket timeout, then): 120 s each.
+    let (_, client_err, client_ok) = lab.wait(client, Duration::from_secs(250));
     assert!(
         client_ok,
         "kernel churn client failed at loss {loss}: {client_err}"

@@ -457,7 +457,7 @@ import hashlib, random, socket, sys
 host, port, size, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(7); block = rng.randbytes(1 << 20); total = 0
 for _ in range(count):
-    c = socket.create_connection((host, port), timeout=60); h = hashlib.sha256(); left = size
+    c = socket.create_connection((host, port), timeout=120); h = hashlib.sha256(); left = size
     while left > 0:
         chunk = block[: min(left, len(block))]; c.sendall(chunk); h.update(chunk); left -= len(chunk)
     c.shutdown(socket.SHUT_WR)
