@@ -87,12 +87,7 @@ fn main() -> ExitCode {
 async fn a_listener_registered_through_one_replica_reaches_agents_of_another() {
     let etcd = Etcd::start().await;
     let dir = state_dir();
-    let etcd_args = [
-        "--etcd-endpoints",
-        etcd.endpoint.as_str(),
-        "--etcd-prefix",
-        "/t1/",
-    ];
+    let etcd_args = etcd.args("/t1/");
     let a = Controller::start(dir.path(), dir.path(), &etcd_args).await;
     let b = Controller::start(dir.path(), dir.path(), &etcd_args).await;
     let mut client_a = a.client().await;
@@ -143,12 +138,7 @@ async fn a_listener_registered_through_one_replica_reaches_agents_of_another() {
 async fn a_killed_and_restarted_controller_loses_no_registration() {
     let etcd = Etcd::start().await;
     let dir = state_dir();
-    let etcd_args = [
-        "--etcd-endpoints",
-        etcd.endpoint.as_str(),
-        "--etcd-prefix",
-        "/t2/",
-    ];
+    let etcd_args = etcd.args("/t2/");
     let mut controller = Controller::start(dir.path(), dir.path(), &etcd_args).await;
     let mut client = controller.client().await;
     // More listeners than one page of the controller's initial read (200 keys): a restart
@@ -258,12 +248,7 @@ async fn acks_through_one_replica_program_policies_in_the_status_of_another() {
     // spec first.
     let dir_a = state_dir();
     let dir_b = state_dir();
-    let etcd_args = [
-        "--etcd-endpoints",
-        etcd.endpoint.as_str(),
-        "--etcd-prefix",
-        "/t3/",
-    ];
+    let etcd_args = etcd.args("/t3/");
     let a = Controller::start(dir_a.path(), dir_a.path(), &etcd_args).await;
     let b = Controller::start(dir_b.path(), dir_b.path(), &etcd_args).await;
     let mut client_a = a.client().await;
@@ -488,12 +473,7 @@ impl Held {
 async fn agents_holding_different_revisions_fail_over_to_another_replica() {
     let etcd = Etcd::start().await;
     let dir = state_dir();
-    let etcd_args = [
-        "--etcd-endpoints",
-        etcd.endpoint.as_str(),
-        "--etcd-prefix",
-        "/t5/",
-    ];
+    let etcd_args = etcd.args("/t5/");
     let mut a = Controller::start(dir.path(), dir.path(), &etcd_args).await;
     let b = Controller::start(dir.path(), dir.path(), &etcd_args).await;
     let mut client_a = a.client().await;

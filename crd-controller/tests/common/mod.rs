@@ -321,6 +321,11 @@ pub fn etcd_installed() -> Result<PathBuf, testkit::Ignored> {
 }
 
 impl Etcd {
+    /// The controller's flags for this etcd, its keys under `prefix`.
+    pub fn args<'a>(&'a self, prefix: &'a str) -> [&'a str; 4] {
+        ["--etcd-endpoints", &self.endpoint, "--etcd-prefix", prefix]
+    }
+
     /// Starts etcd on free loopback ports (the trial's gate, [`etcd_installed`], found it).
     pub async fn start() -> Self {
         Self::start_with(None).await
