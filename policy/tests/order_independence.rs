@@ -11,7 +11,7 @@ use stackroute_snapshot::{NoTrace, Protocol, RuleRef, Trace, Verdict};
 
 mod support;
 use support::random_cluster::{
-    APPS, PodSpec, cluster_documents, each_pod, pod_ip, policy_yaml, service_ip,
+    APPS, MIXED_SERVICE_IP, PodSpec, cluster_documents, each_pod, pod_ip, policy_yaml, service_ip,
 };
 
 /// A trace that asks for rule-by-rule evaluation.
@@ -32,6 +32,7 @@ fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
             "9.9.9.9",
             "fd00::1",
             "2001:db8::1",
+            MIXED_SERVICE_IP,
         ]
         .iter()
         .map(|ip| ip.parse::<IpAddr>().unwrap()),

@@ -938,20 +938,36 @@ impl RuleFilter {
 }
 
 /// The IPv4 addresses that would get the same decision as the one being decided, as far as
-/// the address itself matters: every networks check a decision makes narrows it to the side of
-/// the CIDR the address is on. Identity and location are compared separately. A Service's pod
-/// backends that share identity, port and location and fall inside the range share a decision.
+/// the address itself matters: every networks check a decision makes is recorded with its
+/// outcome (the first [`SAME_ADDRESS_CHECKS`] of them exactly, all of them as the interval
+/// around the address that no checked range crosses), and another address gets the same
+/// decision if every check comes out the same for it. Identity and location are compared
+/// separately. A Service's pod backends that share identity, port and location and pass
+/// [`SameAddresses::contains`] share a decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SameAddresses {
+    /// `(first, last)` of the first checks, in the order made.
+    checks: [(u32, u32); SAME_ADDRESS_CHECKS],
+    /// Bit `i`: the address decided was inside check `i`.
+    inside: u16,
+    /// Checks made (only the first [`SAME_ADDRESS_CHECKS`] are in `checks`).
+    made: u32,
+    /// Every check's outcome is the same for the addresses of this interval.
     first: u32,
     last: u32,
     /// Only the address decided: an IPv6 networks check was made (no range kept for those).
     only_this: bool,
 }
 
+/// How many networks checks [`SameAddresses`] keeps exactly.
+const SAME_ADDRESS_CHECKS: usize = 16;
+
 impl Default for SameAddresses {
     fn default() -> Self {
         Self {
+            checks: [(0, 0); SAME_ADDRESS_CHECKS],
+            inside: 0,
+            made: 0,
             first: 0,
             last: u32::MAX,
             only_this: false,
@@ -959,11 +975,32 @@ impl Default for SameAddresses {
     }
 }
 
-impl SameAddresses {
+/// Where a walk records the networks checks it makes: [`SameAddresses`] for a Service's
+/// backend groups, [`OnlyThis`] (nothing kept) for a destination looked up directly.
+pub(crate) trait AddressChecks {
     /// Records a check of `ip` against `first..=last` and returns whether it is inside.
+    fn narrow(&mut self, ip: u32, first: u32, last: u32) -> bool;
+    /// Records a check whose outcome may differ for any other address.
+    fn only_this(&mut self);
+}
+
+/// Records nothing: the decision is for this address only.
+pub(crate) struct OnlyThis;
+
+impl AddressChecks for OnlyThis {
     #[inline]
-    pub(crate) fn narrow(&mut self, ip: u32, first: u32, last: u32) -> bool {
-        if ip < first {
+    fn narrow(&mut self, ip: u32, first: u32, last: u32) -> bool {
+        first <= ip && ip <= last
+    }
+
+    #[inline]
+    fn only_this(&mut self) {}
+}
+
+impl AddressChecks for SameAddresses {
+    #[inline]
+    fn narrow(&mut self, ip: u32, first: u32, last: u32) -> bool {
+        let inside = if ip < first {
             self.last = self.last.min(first - 1);
             false
         } else if ip > last {
@@ -973,22 +1010,40 @@ impl SameAddresses {
             self.first = self.first.max(first);
             self.last = self.last.min(last);
             true
+        };
+        if let Some(slot) = self.checks.get_mut(self.made as usize) {
+            *slot = (first, last);
+            self.inside |= u16::from(inside) << self.made;
         }
+        self.made = self.made.saturating_add(1);
+        inside
     }
 
-    /// Records a check whose outcome may differ for any other address.
-    pub(crate) fn only_this(&mut self) {
+    fn only_this(&mut self) {
         self.only_this = true;
     }
+}
 
+impl SameAddresses {
     /// Whether `ip` would get the same answers to every check recorded.
     pub(crate) fn contains(&self, ip: std::net::IpAddr) -> bool {
-        match ip {
-            std::net::IpAddr::V4(v4) => {
-                !self.only_this && (self.first..=self.last).contains(&u32::from(v4))
-            }
-            std::net::IpAddr::V6(_) => false,
+        let std::net::IpAddr::V4(v4) = ip else {
+            return false;
+        };
+        let ip = u32::from(v4);
+        if self.only_this {
+            return false;
         }
+        if (self.first..=self.last).contains(&ip) {
+            return true;
+        }
+        self.made as usize <= SAME_ADDRESS_CHECKS
+            && self.checks[..self.made as usize]
+                .iter()
+                .enumerate()
+                .all(|(i, &(first, last))| {
+                    (first <= ip && ip <= last) == (self.inside & 1 << i != 0)
+                })
     }
 }
 
@@ -1011,7 +1066,11 @@ impl FilterProbe {
     /// Whether the rule with this filter record may match; `false` only when it cannot.
     /// Narrows `same` to the addresses for which the answer would be the same.
     #[inline]
-    pub(crate) fn admits(&self, filter: &[u8; RULE_FILTER_LEN], same: &mut SameAddresses) -> bool {
+    pub(crate) fn admits<S: AddressChecks>(
+        &self,
+        filter: &[u8; RULE_FILTER_LEN],
+        same: &mut S,
+    ) -> bool {
         // Fixed offsets into a fixed-size array: the reads compile to plain loads.
         use rule_filter::*;
         if PROTOCOLS.get(filter) & self.protocol_bit == 0

@@ -123,21 +123,60 @@ pub(crate) fn cluster_documents(pods: &[PodSpec]) -> Vec<String> {
                 _ => {}
             }
             let target = 80 + app;
-            documents.push(format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: n{namespace}}}\nspec: {{clusterIP: {}, ports: [{{port: 80, targetPort: {target}}}]}}",
-                service_ip(namespace, app)
-            ));
-            let endpoints: String = addresses
-                .iter()
-                .map(|a| format!("{{addresses: [{a}], conditions: {{ready: true}}}}, "))
-                .collect();
-            documents.push(format!(
-                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: n{namespace}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{port: {target}, protocol: TCP}}]\nendpoints: [{endpoints}]"
-            ));
+            let ip = service_ip(namespace, app);
+            let namespace = format!("n{namespace}");
+            documents.extend(service_documents(name, &namespace, &ip, target, &addresses));
         }
     }
+    // One more Service in front of every pod and sixteen addresses that are no pods (each a
+    // backend group of its own): more groups than the fast path decides in one walk.
+    let mut addresses: Vec<String> = (0..pods.len()).map(pod_ip).collect();
+    addresses.extend((200..210).map(|host| format!("10.0.1.{host}")));
+    addresses.extend(
+        [
+            "172.16.0.1",
+            "172.16.0.3",
+            "10.0.0.3",
+            "8.8.4.4",
+            "8.8.8.8",
+            "9.9.9.9",
+        ]
+        .map(String::from),
+    );
+    documents.extend(service_documents(
+        "mixed",
+        "n0",
+        MIXED_SERVICE_IP,
+        80,
+        &addresses,
+    ));
     documents
 }
+
+/// A Service (port 80 to `target`) and one EndpointSlice listing `addresses`, all ready.
+fn service_documents(
+    name: &str,
+    namespace: &str,
+    ip: &str,
+    target: usize,
+    addresses: &[String],
+) -> [String; 2] {
+    let endpoints: String = addresses
+        .iter()
+        .map(|a| format!("{{addresses: [{a}], conditions: {{ready: true}}}}, "))
+        .collect();
+    [
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80, targetPort: {target}}}]}}"
+        ),
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: {namespace}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{port: {target}, protocol: TCP}}]\nendpoints: [{endpoints}]"
+        ),
+    ]
+}
+
+/// The ClusterIP of the Service in front of every pod (see [`cluster_documents`]).
+pub(crate) const MIXED_SERVICE_IP: &str = "10.96.9.1";
 
 pub(crate) fn service_ip(namespace: usize, app: usize) -> String {
     format!("10.96.{namespace}.{}", app + 1)
