@@ -39,6 +39,9 @@ pub struct Settings {
     pub cluster_networks: Vec<Cidr>,
     /// Transport when no rule matches.
     pub default_transport: TransportChoice,
+    /// Chains of at least this many rules get an index in the node snapshots
+    /// (`stackroute_snapshot::chain_index`).
+    pub chain_index_min_rules: usize,
 }
 
 /// The default cluster networks: RFC 1918, CGNAT and IPv6 ULA space.
@@ -58,6 +61,7 @@ impl Default for Settings {
                 .filter_map(|c| c.parse().ok())
                 .collect(),
             default_transport: TransportChoice::KERNEL_DEFAULT,
+            chain_index_min_rules: stackroute_snapshot::chain_index::MIN_RULES,
         }
     }
 }
@@ -648,6 +652,7 @@ impl<'s> Compiled<'s> {
             revision,
             own_node: id,
             default_transport: Some(self.settings.default_transport),
+            chain_index_min_rules: Some(self.settings.chain_index_min_rules),
             ..Default::default()
         };
         for &pod_index in &self.pods_by_node[id as usize] {

@@ -7,11 +7,13 @@
 use std::net::IpAddr;
 
 use proptest::prelude::*;
+use stackroute_policy::Settings;
 use stackroute_snapshot::{NoTrace, Protocol, RuleRef, Trace, Verdict};
 
 mod support;
 use support::random_cluster::{
-    APPS, MIXED_SERVICE_IP, PodSpec, cluster_documents, each_pod, pod_ip, policy_yaml, service_ip,
+    APPS, MIXED_SERVICE_IP, PodSpec, cluster_documents, each_pod_with, pod_ip, policy_yaml,
+    service_ip,
 };
 
 /// A trace that asks for rule-by-rule evaluation.
@@ -23,6 +25,11 @@ impl Trace for Detailed {
 
 /// Every decision, keyed by names so that internal numbering cannot matter.
 fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
+    decisions_with(documents, pods, Settings::default())
+}
+
+/// [`all_decisions`] compiled with `settings`.
+fn decisions_with(documents: &[String], pods: usize, settings: Settings) -> Vec<String> {
     let mut destinations: Vec<IpAddr> = (0..pods).map(|i| pod_ip(i).parse().unwrap()).collect();
     destinations.extend(
         [
@@ -43,7 +50,7 @@ fn all_decisions(documents: &[String], pods: usize) -> Vec<String> {
         }
     }
     let mut out = Vec::new();
-    each_pod(documents, |pod, snapshot, workload| {
+    each_pod_with(documents, settings, |pod, snapshot, workload| {
         for destination in &destinations {
             for (port, protocol) in [
                 (80, Protocol::Tcp),
@@ -111,5 +118,8 @@ proptest! {
         let expected = all_decisions(&documents, pods.len());
         prop_assert_eq!(&expected, &all_decisions(&shuffled, pods.len()));
         prop_assert_eq!(&expected, &all_decisions(&reversed, pods.len()));
+        // Every chain indexed (the encoder indexes only long ones): the same decisions.
+        let indexed = Settings { chain_index_min_rules: 1, ..Settings::default() };
+        prop_assert_eq!(&expected, &decisions_with(&documents, pods.len(), indexed));
     }
 }

@@ -94,6 +94,14 @@ pub struct SharedTables {
 }
 
 impl SharedTables {
+    /// The bytes of shared section `id` (empty for a node section).
+    pub(crate) fn section(&self, id: SectionId) -> &[u8] {
+        self.sections
+            .iter()
+            .find(|(found, _)| *found == id)
+            .map_or(&[], |(_, bytes)| bytes.as_slice())
+    }
+
     /// Encodes the shared tables once.
     pub fn build(input: &SharedInput) -> Self {
         let mut strings = Vec::new();
@@ -394,6 +402,9 @@ pub struct NodeInput<'a> {
     pub chains: Vec<Vec<u32>>,
     /// The workloads; any order.
     pub workloads: Vec<WorkloadEntry>,
+    /// Chains of at least this many rules get an index ([`crate::chain_index`]); `None`:
+    /// [`crate::chain_index::MIN_RULES`].
+    pub chain_index_min_rules: Option<usize>,
 }
 
 /// What is specific to one node, encoded: everything a snapshot holds except the
@@ -510,6 +521,23 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
         }
     }
 
+    let min_rules = node
+        .chain_index_min_rules
+        .unwrap_or(crate::chain_index::MIN_RULES);
+    let index = crate::chain_index::build(
+        &crate::chain_index::RuleSections {
+            chains: &chains,
+            chain_policies: &chain_policies,
+            policy_filters: &policy_filters,
+            rules: &rules,
+            peers: &peers,
+            networks: &networks,
+            identity_sets: shared.section(SectionId::IdentitySets),
+            identity_set_ranges: shared.section(SectionId::IdentitySetRanges),
+        },
+        |_, rules| rules >= min_rules,
+    );
+
     let mut order: Vec<&WorkloadEntry> = node.workloads.iter().collect();
     order.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     order.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
@@ -553,11 +581,17 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
             (SectionId::PolicyFilters, policy_filters),
             (SectionId::Chains, chains),
             (SectionId::ChainPolicies, chain_policies),
+            (SectionId::ChainIndexes, index.chain_indexes),
+            (SectionId::IndexIdentities, index.identities),
+            (SectionId::IndexIntervals, index.intervals),
+            (SectionId::IndexPostings, index.postings),
             (SectionId::Workloads, workloads),
             (SectionId::WorkloadAddresses, workload_addresses),
             (SectionId::NodeStrings, strings),
         ]
         .into_iter()
+        // Without an indexed chain the index sections are left out, as before they existed.
+        .filter(|(id, bytes)| !(id.is_optional() && bytes.is_empty()))
         .map(|(id, bytes)| (id, Arc::new(bytes)))
         .collect(),
         crcs: Vec::new(),

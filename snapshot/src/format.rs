@@ -261,11 +261,21 @@ pub enum SectionId {
     RuleFilters = 21,
     /// One summary per policy, parallel to `Policies`: [`policy_filter`].
     PolicyFilters = 23,
+    /// One record per chain, parallel to `Chains`: [`chain_index`]. This and the next three
+    /// sections are optional (absent: no chain is indexed), so readers that predate them
+    /// ignore them and walk every chain rule by rule.
+    ChainIndexes = 25,
+    /// Per indexed chain, the rules each identity's pods may match: [`index_identity`].
+    IndexIdentities = 26,
+    /// Per indexed chain, the IPv4 space cut where its CIDRs begin and end: [`index_interval`].
+    IndexIntervals = 27,
+    /// Rule positions named by the index, ascending within each list: [`index_posting`].
+    IndexPostings = 28,
 }
 
 impl SectionId {
     /// Every section, in the order they are written.
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 27] = [
         Self::SharedStrings,
         Self::Zones,
         Self::Nodes,
@@ -286,6 +296,10 @@ impl SectionId {
         Self::PolicyFilters,
         Self::Chains,
         Self::ChainPolicies,
+        Self::ChainIndexes,
+        Self::IndexIdentities,
+        Self::IndexIntervals,
+        Self::IndexPostings,
         Self::Workloads,
         Self::WorkloadAddresses,
         Self::NodeStrings,
@@ -313,9 +327,21 @@ impl SectionId {
             Self::Policies => policy::LEN,
             Self::Chains => chain::LEN,
             Self::ChainPolicies => chain_policy::LEN,
+            Self::ChainIndexes => chain_index::LEN,
+            Self::IndexIdentities => index_identity::LEN,
+            Self::IndexIntervals => index_interval::LEN,
+            Self::IndexPostings => index_posting::LEN,
             Self::Workloads => workload::LEN,
             Self::WorkloadAddresses => workload_address::LEN,
         }
+    }
+
+    /// Whether a snapshot may leave the section out (it is then empty).
+    pub const fn is_optional(self) -> bool {
+        matches!(
+            self,
+            Self::ChainIndexes | Self::IndexIdentities | Self::IndexIntervals | Self::IndexPostings
+        )
     }
 
     /// The section with directory id `id`, if this version knows it.
@@ -344,6 +370,10 @@ impl SectionId {
             Self::Policies => "policies",
             Self::Chains => "chains",
             Self::ChainPolicies => "chain-policies",
+            Self::ChainIndexes => "chain-indexes",
+            Self::IndexIdentities => "index-identities",
+            Self::IndexIntervals => "index-intervals",
+            Self::IndexPostings => "index-postings",
             Self::Workloads => "workloads",
             Self::WorkloadAddresses => "workload-addresses",
             Self::NodeStrings => "node-strings",
@@ -711,6 +741,64 @@ pub mod chain_policy {
 
     /// Index into `Policies` (and `PolicyFilters`).
     pub const POLICY: U32 = U32(0);
+    /// Record length.
+    pub const LEN: usize = 4;
+}
+
+/// The index of one chain (`ChainIndexes`, parallel to `Chains`): for an IPv4 destination,
+/// the only rules of the chain that can match are those it names under the destination's
+/// identity, under the interval holding its address, and the rules any destination may match.
+/// Built for long chains only (see `chain_index`); a reader rebuilds it from the rules and
+/// refuses a snapshot whose index differs.
+pub mod chain_index {
+    use super::{Range, SectionId, U32};
+
+    /// 1 when the chain is indexed, else 0 (and every range empty).
+    pub const INDEXED: U32 = U32(0);
+    /// Rules any destination may match: no `to`, or an entity peer.
+    pub const ALWAYS: Range = Range::new(4, SectionId::IndexPostings);
+    /// The identities its pods peers hold, ascending.
+    pub const IDENTITIES: Range = Range::new(12, SectionId::IndexIdentities);
+    /// The IPv4 space cut into intervals where its CIDRs begin and end, ascending, the first
+    /// at 0.0.0.0.
+    pub const INTERVALS: Range = Range::new(20, SectionId::IndexIntervals);
+    /// Record length.
+    pub const LEN: usize = 28;
+}
+
+/// One identity of a chain index (`IndexIdentities`).
+pub mod index_identity {
+    use super::{Range, SectionId, U32};
+
+    /// Identity id.
+    pub const IDENTITY: U32 = U32(0);
+    /// The rules whose pods peers hold it.
+    pub const RULES: Range = Range::new(4, SectionId::IndexPostings);
+    /// Record length.
+    pub const LEN: usize = 12;
+}
+
+/// One IPv4 interval of a chain index (`IndexIntervals`): from `FIRST` up to the next
+/// interval's first address (or to 255.255.255.255).
+pub mod index_interval {
+    use super::{Range, SectionId, U32};
+
+    /// First address, as a number.
+    pub const FIRST: U32 = U32(0);
+    /// The rules with a networks peer whose CIDRs cover the interval.
+    pub const RULES: Range = Range::new(4, SectionId::IndexPostings);
+    /// Record length.
+    pub const LEN: usize = 12;
+}
+
+/// A rule named by a chain index (`IndexPostings`).
+pub mod index_posting {
+    use super::U32;
+
+    /// Its position in the chain: the chain entry (its policy) in the upper 16 bits, the
+    /// rule's number within that policy in the lower 16, so positions ascend in evaluation
+    /// order.
+    pub const POSITION: U32 = U32(0);
     /// Record length.
     pub const LEN: usize = 4;
 }

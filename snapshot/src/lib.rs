@@ -8,7 +8,9 @@
 //!   then answers [`Snapshot::decide`]: a hash probe finds the destination in the address book,
 //!   and a forward walk of the source workload's ordered chain skips policies and rules on
 //!   small filter records (32 bytes per policy, 24 per rule) before checking what is left in
-//!   full. Corrupt or truncated input is an error, never a panic.
+//!   full; a long chain is not walked but looked up in its index ([`chain_index`]: the rules
+//!   that can match an identity, an IPv4 interval, any destination), and a Service's backend
+//!   groups are decided in one walk. Corrupt or truncated input is an error, never a panic.
 //! - [`encode`]: turns plain owned tables ([`SharedInput`], [`NodeInput`]) into bytes. Tables
 //!   common to every node (address book, services, identity sets) are encoded once into
 //!   [`SharedTables`] and copied into each node's snapshot.
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod chain_index;
 pub mod delta;
 pub mod encode;
 pub mod format;

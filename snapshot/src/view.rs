@@ -379,8 +379,12 @@ impl<'a> Snapshot<'a> {
         }
         let mut found: [&[u8]; SectionId::ALL.len()] = [&[]; SectionId::ALL.len()];
         for (index, section) in sections.iter().enumerate() {
-            found[index] =
-                section.ok_or(DecodeError::BadSection(name_of(SectionId::ALL[index])))?;
+            let id = SectionId::ALL[index];
+            found[index] = match section {
+                Some(body) => body,
+                None if id.is_optional() => &[],
+                None => return Err(DecodeError::BadSection(name_of(id))),
+            };
         }
         let snapshot = Self {
             bytes,

@@ -110,6 +110,8 @@ fn sample() -> Vec<u8> {
             default_transport: None,
             policies: vec![&policy],
             chains: vec![vec![0], vec![]],
+            // Every chain indexed, so the index sections are in every snapshot tested here.
+            chain_index_min_rules: Some(1),
             workloads: vec![
                 WorkloadEntry {
                     namespace: "ml".into(),

@@ -125,6 +125,8 @@ impl Cluster {
             default_transport: None,
             policies: policies.iter().collect(),
             chains: vec![(0..policies.len() as u32).collect()],
+            // Every chain indexed, so the index sections are in every snapshot tested here.
+            chain_index_min_rules: Some(1),
             workloads: (0..self.workloads)
                 .map(|w| WorkloadEntry {
                     namespace: "ns".into(),

@@ -217,6 +217,11 @@ fn policies() -> Vec<PolicyEntry> {
 /// The snapshot of node-a1 at revision 7: `ml/trainer-0` walks every policy, `web/web-0` only
 /// the baseline; the installation default is Kernel/CUBIC.
 fn encode_sample() -> Vec<u8> {
+    encode_sample_indexing(None)
+}
+
+/// [`encode_sample`] with chains of at least `chain_index_min_rules` rules indexed.
+fn encode_sample_indexing(chain_index_min_rules: Option<usize>) -> Vec<u8> {
     let shared = SharedTables::build(&shared_input());
     let policies = policies();
     let workload = |namespace: &str, name: &str, ips: &[&str], chain: u32| WorkloadEntry {
@@ -237,6 +242,7 @@ fn encode_sample() -> Vec<u8> {
                 workload("web", "web-0", &["10.244.1.20", "fd00:10:244:1::20"], 1),
                 workload("ml", "trainer-0", &["10.244.1.10", "fd00:10:244:1::10"], 0),
             ],
+            chain_index_min_rules,
         },
     )
 }
@@ -418,6 +424,11 @@ fn committed_bytes_decide_as_recorded() {
         Some((ip("10.244.1.20"), 8080))
     );
 
+    decides_as_recorded(&snapshot);
+}
+
+/// Every recorded case decides as recorded in `snapshot`.
+fn decides_as_recorded(snapshot: &Snapshot<'_>) {
     for case in &recorded_cases() {
         let namespace = if case.from == "web-0" { "web" } else { "ml" };
         let from = snapshot
@@ -443,6 +454,18 @@ fn committed_bytes_decide_as_recorded() {
             case.from, case.to, case.port, case.protocol
         );
     }
+}
+
+/// With every chain indexed (the sample's chains are short; the encoder indexes only long
+/// ones), the same bytes plus the index sections, and the same decisions: an index chooses
+/// which rules to check, never what they decide.
+#[test]
+fn indexed_chains_decide_as_recorded() {
+    let plain = encode_sample();
+    let bytes = encode_sample_indexing(Some(1));
+    assert!(bytes.len() > plain.len(), "the index sections are written");
+    let snapshot = Snapshot::parse(&bytes).expect("the indexed sample parses");
+    decides_as_recorded(&snapshot);
 }
 
 /// A snapshot of another format version (an agent's state directory from an older release, a

@@ -187,8 +187,14 @@ pub(crate) type PodSpec = (usize, usize, usize);
 
 /// Loads and compiles `documents` (every one must load cleanly) and calls `visit` with each
 /// pod's `namespace/name`, its node's snapshot and its workload there.
-pub(crate) fn each_pod(
+pub(crate) fn each_pod(documents: &[String], visit: impl FnMut(&str, &Snapshot<'_>, WorkloadId)) {
+    each_pod_with(documents, Settings::default(), visit);
+}
+
+/// [`each_pod`] compiled with `settings`.
+pub(crate) fn each_pod_with(
     documents: &[String],
+    settings: Settings,
     mut visit: impl FnMut(&str, &Snapshot<'_>, WorkloadId),
 ) {
     let mut state = ClusterState::default();
@@ -196,7 +202,7 @@ pub(crate) fn each_pod(
         let problems = state.load_text(&format!("doc{index}"), document);
         assert!(problems.is_empty(), "{problems:?}\n{document}");
     }
-    let compiled = Compiled::new(&state, Settings::default());
+    let compiled = Compiled::new(&state, settings);
     assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
     let snapshots = compiled.all_node_snapshots(1);
     for pod in &state.pods {

@@ -643,6 +643,8 @@ pub fn samples() -> &'static [Vec<u8>] {
             default_transport: Some(TransportChoice::KERNEL_DEFAULT),
             policies: policies.iter().collect(),
             chains: vec![vec![0, 1, 2], vec![0, 2], vec![]],
+            // Indexed, so mutations reach the chain index sections too.
+            chain_index_min_rules: Some(1),
             workloads: vec![
                 workload("ml", "trainer-1", &["10.244.1.11"], 0),
                 workload("ml", "trainer-0", &["10.244.1.10", "fd00:10:244:1::10"], 0),
@@ -657,6 +659,7 @@ pub fn samples() -> &'static [Vec<u8>] {
             policies: vec![&policies[2]],
             chains: vec![vec![0]],
             workloads: vec![workload("shop", "cart-9", &["10.244.4.5"], 0)],
+            chain_index_min_rules: None,
         };
         let empty_shared = SharedTables::build(&SharedInput {
             nodes: vec![NodeEntry {
@@ -672,6 +675,7 @@ pub fn samples() -> &'static [Vec<u8>] {
             policies: vec![],
             chains: vec![vec![]],
             workloads: vec![workload("default", "lonely", &["::1"], 0)],
+            chain_index_min_rules: None,
         };
         vec![
             encode(&shared, &full),

@@ -14,8 +14,8 @@ use super::{
 use crate::encode::ip_key;
 use crate::format::{
     self, AddressChecks, FilterProbe, OnlyThis, SameAddresses, SectionId, backend, chain,
-    chain_policy, cidr, identity_set, peer, policy_filter, port, rule, rule_filter, service,
-    workload,
+    chain_index, chain_policy, cidr, identity_set, index_identity, index_interval, index_posting,
+    peer, policy_filter, port, rule, rule_filter, service, workload,
 };
 use crate::{Action, Entity, Isolation, Location, LocationMatch, NO_IDENTITY, NO_ZONE, Protocol};
 
@@ -33,8 +33,9 @@ enum Walked<'a> {
     Same(Decision<'a>),
     /// A rule other than Pass matched some and not others: they differ.
     Differ,
-    /// A Pass rule matched some and not others: each must be walked on its own.
-    PassSplit,
+    /// Each must be walked on its own: a Pass rule matched some and not others, or the chain is
+    /// indexed (an indexed walk follows one destination's rules).
+    EachAlone,
 }
 
 /// Backends of one Service run (same identity and port) at one location: only their addresses
@@ -266,7 +267,7 @@ impl<'a> Snapshot<'a> {
         match self.walk::<WALK_WIDTH, _>(workload, &destinations[..len], &mut same[..len]) {
             Walked::Differ => return None,
             Walked::Same(decision) => agree(agreed, decision).then_some(())?,
-            Walked::PassSplit => {
+            Walked::EachAlone => {
                 for (destination, same) in destinations[..len].iter().zip(&mut same) {
                     *same = SameAddresses::default();
                     agree(agreed, self.walk_one(workload, *destination, same)).then_some(())?;
@@ -331,7 +332,7 @@ impl<'a> Snapshot<'a> {
         match self.walk::<1, _>(workload, &[destination], std::slice::from_mut(same)) {
             Walked::Same(decision) => decision,
             // One destination cannot be split from itself.
-            Walked::Differ | Walked::PassSplit => unreachable!("a walk of one destination"),
+            Walked::Differ | Walked::EachAlone => unreachable!("a walk of one destination"),
         }
     }
 
@@ -357,6 +358,22 @@ impl<'a> Snapshot<'a> {
         let mut probes = [probe_of(&destinations[0]); WIDTH];
         for (probe, destination) in probes.iter_mut().zip(destinations) {
             *probe = probe_of(destination);
+        }
+        if let Some(index) = self.chain_index(workload) {
+            match destinations[0].ip {
+                _ if len > 1 => return Walked::EachAlone,
+                IpAddr::V4(v4) => {
+                    let decision = self.walk_indexed(
+                        workload,
+                        index,
+                        &destinations[0],
+                        u32::from(v4),
+                        &mut same[0],
+                    );
+                    return Walked::Same(decision);
+                }
+                IpAddr::V6(_) => {} // no IPv6 intervals: rule by rule
+            }
         }
         let mut passed_tier: Option<u8> = None;
         for (policy_index, policy) in self.chain_policies(workload) {
@@ -398,7 +415,7 @@ impl<'a> Snapshot<'a> {
                 let pass = rule::ACTION.get(record) == Action::Pass as u8;
                 if matched != everyone {
                     return if pass {
-                        Walked::PassSplit
+                        Walked::EachAlone
                     } else {
                         Walked::Differ
                     };
@@ -419,6 +436,118 @@ impl<'a> Snapshot<'a> {
             }
         }
         Walked::Same(self.default_decision(destinations[0].location, Via::Direct))
+    }
+
+    /// The index record of `workload`'s chain, when the chain is indexed.
+    fn chain_index(&self, workload: WorkloadId) -> Option<&'a [u8]> {
+        let indexes = self.section(SectionId::ChainIndexes);
+        if indexes.is_empty() {
+            return None;
+        }
+        let source = self.record(SectionId::Workloads, workload.0 as usize);
+        let record = self.record(
+            SectionId::ChainIndexes,
+            workload::CHAIN.get(source) as usize,
+        );
+        (chain_index::INDEXED.get(record) == 1).then_some(record)
+    }
+
+    /// The fast walk of an indexed chain for one IPv4 destination: only the rules the index
+    /// names for its identity, for the interval holding its address, and for every destination
+    /// — merged in chain order, each checked in full. The interval narrows `same`: any address
+    /// in it is named by the same networks rules.
+    fn walk_indexed<S: AddressChecks>(
+        &self,
+        workload: WorkloadId,
+        index: &'a [u8],
+        destination: &Destination,
+        v4: u32,
+        same: &mut S,
+    ) -> Decision<'a> {
+        let probe = probe_of(destination);
+        let identity_rules = match destination.class {
+            DestinationClass::Pod { identity, .. } if identity != NO_IDENTITY => {
+                let identities = self.range(index, chain_index::IDENTITIES);
+                let (entries, _) = identities.as_chunks::<{ index_identity::LEN }>();
+                entries
+                    .binary_search_by(|e| index_identity::IDENTITY.get(e).cmp(&identity))
+                    .map_or(&[][..], |found| {
+                        self.range(&entries[found], index_identity::RULES)
+                    })
+            }
+            _ => &[],
+        };
+        let intervals = self.range(index, chain_index::INTERVALS);
+        let (intervals, _) = intervals.as_chunks::<{ index_interval::LEN }>();
+        // Validated: the first interval starts at 0.
+        let at = intervals
+            .partition_point(|i| index_interval::FIRST.get(i) <= v4)
+            .saturating_sub(1);
+        let last = intervals
+            .get(at + 1)
+            .map_or(u32::MAX, |next| index_interval::FIRST.get(next) - 1);
+        let (first, network_rules) = intervals.get(at).map_or((0, &[][..]), |i| {
+            (
+                index_interval::FIRST.get(i),
+                self.range(i, index_interval::RULES),
+            )
+        });
+        same.narrow(v4, first, last);
+        let lists = [
+            self.range(index, chain_index::ALWAYS),
+            identity_rules,
+            network_rules,
+        ]
+        .map(|list| list.as_chunks::<{ index_posting::LEN }>().0);
+
+        let source = self.record(SectionId::Workloads, workload.0 as usize);
+        let chain = self.record(SectionId::Chains, workload::CHAIN.get(source) as usize);
+        let entries = self.range(chain, chain::POLICIES);
+        let (entries, _) = entries.as_chunks::<{ chain_policy::LEN }>();
+        let (policy_filters, _) = self
+            .section(SectionId::PolicyFilters)
+            .as_chunks::<{ policy_filter::LEN }>();
+        let (rule_filters, _) = self
+            .section(SectionId::RuleFilters)
+            .as_chunks::<{ rule_filter::LEN }>();
+        let mut passed_tier: Option<u8> = None;
+        for position in merged(lists) {
+            // Validated (rebuilt): every position names a rule of the chain.
+            let Some(entry) = entries.get((position >> 16) as usize) else {
+                continue;
+            };
+            let policy_index = chain_policy::POLICY.get(entry);
+            let Some(policy) = policy_filters.get(policy_index as usize) else {
+                continue;
+            };
+            let tier = policy_filter::TIER.get(policy);
+            if passed_tier == Some(tier) {
+                continue;
+            }
+            let rule = position & 0xffff;
+            let (first_rule, _) = policy_filter::RULES.get(policy);
+            let number = (first_rule + rule) as usize;
+            let (Some(filter), record) = (
+                rule_filters.get(number),
+                self.record(SectionId::Rules, number),
+            ) else {
+                continue;
+            };
+            if !probe.admits(filter, same) || self.rule_matches(record, destination, same).is_err()
+            {
+                continue;
+            }
+            if rule::ACTION.get(record) == Action::Pass as u8 {
+                passed_tier = Some(tier);
+                continue;
+            }
+            let matched = RuleRef {
+                policy: policy_index,
+                rule,
+            };
+            return self.matched_decision(matched, record, destination.location);
+        }
+        self.default_decision(destination.location, Via::Direct)
     }
 
     /// The decision of a rule that matched a destination at `location`.
@@ -606,6 +735,22 @@ fn agree<'a>(agreed: &mut Option<Decision<'a>>, decision: Decision<'a>) -> bool 
         }
         Some(first) => first.same_outcome(&decision),
     }
+}
+
+/// The positions of three ascending lists, merged in order, each once.
+fn merged<'l>(lists: [&'l [[u8; index_posting::LEN]]; 3]) -> impl Iterator<Item = u32> + 'l {
+    let mut heads = lists.map(|list| {
+        list.iter()
+            .map(|p| index_posting::POSITION.get(p))
+            .peekable()
+    });
+    std::iter::from_fn(move || {
+        let next = heads.iter_mut().filter_map(|h| h.peek().copied()).min()?;
+        for head in &mut heads {
+            head.next_if_eq(&next);
+        }
+        Some(next)
+    })
 }
 
 /// What the filters are tested against for `destination`.

@@ -10,8 +10,9 @@ use super::{
     transport_choice,
 };
 use crate::format::{
-    self, SectionId, address4, address6, backend, chain, chain_policy, cidr, header, identity_set,
-    identity_set_range, node, peer, policy, port, rule, service, workload, workload_address, zone,
+    self, SectionId, address4, address6, backend, chain, chain_index, chain_policy, cidr, header,
+    identity_set, identity_set_range, node, peer, policy, port, rule, service, workload,
+    workload_address, zone,
 };
 use crate::{
     Action, Entity, Isolation, LocationMatch, NO_IDENTITY, NO_ZONE, PolicyKind, Protocol, Tier,
@@ -40,6 +41,7 @@ impl Snapshot<'_> {
         self.validate_rules()?;
         self.validate_summaries()?;
         self.validate_policies_and_chains()?;
+        self.validate_chain_indexes()?;
         self.validate_workloads()
     }
 
@@ -451,6 +453,65 @@ impl Snapshot<'_> {
                     i,
                     "policy index out of range",
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The chain indexes must be exactly what the encoder builds from the rules for the chains
+    /// marked indexed: rebuilt and compared, so a lookup can trust every position and interval.
+    fn validate_chain_indexes(&self) -> Result<(), DecodeError> {
+        let indexes = self.section(SectionId::ChainIndexes);
+        let index_sections = [
+            SectionId::IndexIdentities,
+            SectionId::IndexIntervals,
+            SectionId::IndexPostings,
+        ];
+        if indexes.is_empty() {
+            return match index_sections
+                .into_iter()
+                .find(|id| !self.section(*id).is_empty())
+            {
+                Some(id) => Err(bad(id, 0, "index records without chain indexes")),
+                None => Ok(()),
+            };
+        }
+        if self.count(SectionId::ChainIndexes) != self.count(SectionId::Chains) {
+            return Err(bad(SectionId::ChainIndexes, 0, "not one record per chain"));
+        }
+        let marks: Vec<u32> = self
+            .records(SectionId::ChainIndexes)
+            .map(|r| chain_index::INDEXED.get(r))
+            .collect();
+        if let Some(i) = marks.iter().position(|mark| *mark > 1) {
+            return Err(bad(
+                SectionId::ChainIndexes,
+                i,
+                "indexed is neither 0 nor 1",
+            ));
+        }
+        let rebuilt = crate::chain_index::build(
+            &crate::chain_index::RuleSections {
+                chains: self.section(SectionId::Chains),
+                chain_policies: self.section(SectionId::ChainPolicies),
+                policy_filters: self.section(SectionId::PolicyFilters),
+                rules: self.section(SectionId::Rules),
+                peers: self.section(SectionId::Peers),
+                networks: self.section(SectionId::Networks),
+                identity_sets: self.section(SectionId::IdentitySets),
+                identity_set_ranges: self.section(SectionId::IdentitySetRanges),
+            },
+            |chain, _| marks[chain] == 1,
+        );
+        let stored = [
+            (SectionId::ChainIndexes, &rebuilt.chain_indexes),
+            (SectionId::IndexIdentities, &rebuilt.identities),
+            (SectionId::IndexIntervals, &rebuilt.intervals),
+            (SectionId::IndexPostings, &rebuilt.postings),
+        ];
+        for (id, expected) in stored {
+            if self.section(id) != expected.as_slice() {
+                return Err(bad(id, 0, "differs from the index of the rules it names"));
             }
         }
         Ok(())
