@@ -8,7 +8,7 @@
 //! concern its destination and checks only those rules, in chain order. IPv6 destinations
 //! walk the chain rule by rule (no IPv6 intervals are kept).
 //!
-//! The same [`build`] runs in the encoder and in the reader's validation, which rebuilds the
+//! The same `build` runs in the encoder and in the reader's validation, which rebuilds the
 //! index of every chain the snapshot marks as indexed and refuses one that differs: a lookup
 //! may trust it as it trusts the filters.
 

@@ -1113,6 +1113,11 @@ impl AddressChecks for SameAddresses {
 }
 
 impl SameAddresses {
+    /// Whether no check was recorded: every address gets the same answers.
+    pub(crate) fn covers_all(&self) -> bool {
+        self.made == 0 && !self.only_this
+    }
+
     /// Whether `ip` would get the same answers to every check recorded.
     pub(crate) fn contains(&self, ip: std::net::IpAddr) -> bool {
         let std::net::IpAddr::V4(v4) = ip else {
