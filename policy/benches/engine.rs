@@ -12,7 +12,9 @@
 //! 2. Lookup: node `node-000` hosts one pod of every app of every namespace, so its snapshot
 //!    holds every policy. `decide` is timed one call at a time with `Instant`, the timer's own
 //!    cost subtracted, and a counting global allocator checks that the loop allocated nothing.
-//!    A worst case — one workload whose chain holds all 10,000 rules — is reported separately.
+//!    A worst case — one workload whose chain holds all 10,000 rules (a chain that long is
+//!    looked up through its index, `stackroute_snapshot::chain_index`) — is reported
+//!    separately.
 //! 3. Distribution (issue 15): one pod relabelled, to an existing and to a new label set; every
 //!    node's snapshot before and after is diffed (`stackroute_snapshot::delta`) and the delta
 //!    sizes are reported against the whole snapshot.
@@ -48,6 +50,8 @@ use stackroute_snapshot::{
 // Targets, from issue 2: compile ≤ 1 s on 2 cores, lookup p99 ≤ 1 µs without allocation.
 const TARGET_COMPILE: Duration = Duration::from_secs(1);
 const TARGET_LOOKUP_P99_NS: u64 = 1_000;
+/// Issue 15: a chain of 10,000 rules decided in at most this much (p99).
+const TARGET_CHAIN_P99_NS: u64 = 10_000;
 
 // Scenario size.
 /// The synthetic cluster's size; the rest of its shape is fixed (10 apps per namespace, three
@@ -1038,6 +1042,7 @@ struct Summary {
     compile_total: Duration,
     compile_sequential: Duration,
     headline: Latency,
+    service: Latency,
     all: Latency,
     worst_match: Latency,
     worst_none: Latency,
@@ -1350,6 +1355,7 @@ fn main() {
     let batch = batch_mean(&snapshot, &lookups);
     print_latency_header();
     let mut headline_samples = Vec::new();
+    let mut service_samples = Vec::new();
     for (kind, label) in KINDS {
         let of_kind: Vec<u64> = lookups
             .iter()
@@ -1357,12 +1363,15 @@ fn main() {
             .filter(|(l, _)| l.kind == kind)
             .map(|(_, s)| *s)
             .collect();
-        if matches!(kind, Kind::Pod | Kind::External) {
-            headline_samples.extend_from_slice(&of_kind);
+        match kind {
+            Kind::Pod | Kind::External => headline_samples.extend_from_slice(&of_kind),
+            Kind::Service => service_samples.extend_from_slice(&of_kind),
+            _ => {}
         }
         print_latency(label, &latency(&of_kind));
     }
     let headline = latency(&headline_samples);
+    let service = latency(&service_samples);
     let all = latency(&samples);
     print_latency("pod + external (headline)", &headline);
     print_latency("all", &all);
@@ -1409,6 +1418,18 @@ fn main() {
     let worst_compile = start.elapsed();
     drop(worst_compiled);
     let worst = Snapshot::parse(&worst_bytes).expect("worst-case snapshot parses");
+    let index_sections = [
+        SectionId::ChainIndexes,
+        SectionId::IndexIdentities,
+        SectionId::IndexIntervals,
+        SectionId::IndexPostings,
+    ]
+    .map(|id| id as u32);
+    let index_bytes: usize = section_sizes(&worst_bytes)
+        .iter()
+        .filter(|(id, _)| index_sections.contains(id))
+        .map(|(_, len)| len)
+        .sum();
     let (policies, rules, _) = worst.counts();
     let source = worst
         .workload_by_name(&namespace_name(0), "app-0-v1-0000")
@@ -1428,8 +1449,9 @@ fn main() {
     let none_evaluated = counter.evaluated;
     println!();
     println!(
-        "  worst case: one workload whose chain is every rule: {policies} policies, {rules} rules (compiled in {}, {worst_invalid} validation problems)",
-        ms(worst_compile)
+        "  worst case: one workload whose chain is every rule: {policies} policies, {rules} rules (compiled in {}, {worst_invalid} validation problems); snapshot {} bytes, of which {index_bytes} the chain index",
+        ms(worst_compile),
+        worst_bytes.len()
     );
     println!(
         "  each non-matching rule passes ports and location and fails on its 2 peers (pods set + 3 CIDRs); match at rule {match_position} of {rules} ({}), external destination evaluates {none_evaluated} rules and gets the default ({})",
@@ -1475,6 +1497,7 @@ fn main() {
         compile_total: total_median,
         compile_sequential: new_median + sequential,
         headline,
+        service,
         all,
         worst_match,
         worst_none,
@@ -1684,7 +1707,7 @@ fn verdict(ok: bool) -> &'static str {
 
 fn summary(s: &Summary) {
     println!();
-    println!("summary (targets from issue 2; figures measured above, nothing asserted)");
+    println!("summary (targets from issues 2 and 15; figures measured above, nothing asserted)");
     println!(
         "  {} compile 10,000 rules / 100,000 pods / 500 nodes, Compiled::new + all node tables: median {} (target <= {})",
         verdict(s.compile_total <= TARGET_COMPILE),
@@ -1706,21 +1729,25 @@ fn summary(s: &Summary) {
         s.headline.max
     );
     println!(
+        "  {} lookup p99, Service ClusterIPs (100 backends): {} ns (p50 {}; target p99 <= {TARGET_LOOKUP_P99_NS} ns)",
+        verdict(s.service.p99 <= TARGET_LOOKUP_P99_NS),
+        s.service.p99,
+        s.service.p50
+    );
+    println!(
         "  {} lookup p99, all kinds incl. Service ClusterIPs: {} ns (target p99 <= {TARGET_LOOKUP_P99_NS} ns)",
         verdict(s.all.p99 <= TARGET_LOOKUP_P99_NS),
         s.all.p99
     );
     println!(
-        "  {} worst case, 10,000-rule chain, match near the end: p99 {} ns; no match: p99 {} ns; Service with 100 backends: p99 {} ns (target p99 <= {TARGET_LOOKUP_P99_NS} ns)",
-        verdict(
-            s.worst_match
-                .p99
-                .max(s.worst_none.p99)
-                .max(s.worst_service.p99)
-                <= TARGET_LOOKUP_P99_NS
-        ),
+        "  {} worst case, 10,000-rule chain, match near the end: p99 {} ns; no match: p99 {} ns (target p99 <= {TARGET_CHAIN_P99_NS} ns, issue 15)",
+        verdict(s.worst_match.p99.max(s.worst_none.p99) <= TARGET_CHAIN_P99_NS),
         s.worst_match.p99,
         s.worst_none.p99,
+    );
+    println!(
+        "  {} worst case, Service with 100 backends on that chain: p99 {} ns (target p99 <= {TARGET_LOOKUP_P99_NS} ns)",
+        verdict(s.worst_service.p99 <= TARGET_LOOKUP_P99_NS),
         s.worst_service.p99
     );
     println!(
