@@ -22,7 +22,8 @@
 //!
 //! Agents accept deltas and apply them as the real agent does (a delta that does not apply is
 //! an error). Sizes can be overridden: `FANOUT_AGENTS=100,1000 FANOUT_ROUNDS=20
-//! MEMORY_PODS=100000 MEMORY_AGENTS=20,500`.
+//! MEMORY_PODS=100000 MEMORY_AGENTS=20,500`; `FANOUT_CHUNK_BYTES` sets the controller's
+//! `--snapshot-chunk-bytes`.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpStream};
@@ -75,6 +76,12 @@ impl Controller {
             .arg("--insecure-plaintext")
             .args(["--grpc-addr", &grpc.to_string()])
             .args(["--metrics-addr", &http.to_string()])
+            // FANOUT_CHUNK_BYTES: the size of the parts whole snapshots are sent in.
+            .args(
+                std::env::var("FANOUT_CHUNK_BYTES")
+                    .map(|bytes| vec!["--snapshot-chunk-bytes".to_string(), bytes])
+                    .unwrap_or_default(),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()),
