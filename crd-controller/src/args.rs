@@ -220,7 +220,7 @@ pub struct Args {
     #[arg(
         long,
         env = "STACKROUTE_CONTROLLER_SNAPSHOT_CHUNK_BYTES",
-        default_value_t = 256 * 1024,
+        default_value_t = crate::grpc::DEFAULT_CHUNK_BYTES as u32,
         value_parser = clap::value_parser!(u32).range(256..=64 * 1024 * 1024)
     )]
     pub snapshot_chunk_bytes: u32,

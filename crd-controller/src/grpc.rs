@@ -169,8 +169,10 @@ where
     }
 }
 
-/// Parts of a whole snapshot, unless `--snapshot-chunk-bytes` says otherwise.
-pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
+/// Parts of a whole snapshot, unless `--snapshot-chunk-bytes` says otherwise. Measured with
+/// 5,000 agents connecting at once (the fan-out bench's envelope): 32 KiB parts left the
+/// controller at 3.3–3.4 GiB, 256 KiB parts at 6.8 GiB, 8 KiB parts at 4.5 GiB.
+pub const DEFAULT_CHUNK_BYTES: usize = 32 * 1024;
 
 /// Most snapshot streams one node may hold open at once (an agent holds one; a hand-over
 /// briefly two).
