@@ -35,10 +35,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use testkit::free_port;
 
+use stackroute_proto::client::Security;
 use stackroute_proto::v1alpha1::distribution_client::DistributionClient;
 use stackroute_proto::v1alpha1::{AckRequest, ApiVersion, WatchRequest};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 const TARGET_P99_100: Duration = Duration::from_millis(500);
 const TARGET_P99_1000: Duration = Duration::from_secs(2);
@@ -199,8 +199,10 @@ async fn agent(
     received: Arc<AtomicU64>,
     holds: bool,
 ) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(format!("http://{grpc}"))?
-        .tcp_nodelay(true)
+    // The real agent's endpoint (its HTTP/2 windows bound what the controller buffers).
+    let (endpoint, _) =
+        stackroute_proto::client::endpoint(&grpc.to_string(), &Security::Plaintext)?;
+    let channel = endpoint
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("connect (raise `ulimit -n` for many agents): {e}"))?;

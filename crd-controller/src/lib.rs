@@ -290,8 +290,7 @@ impl Args {
         )
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_UPDATE_BYTES);
-        let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
-            .await
+        let grpc_listener = listen(grpc_addr, GRPC_BACKLOG)
             .with_context(|| format!("binding the gRPC address {grpc_addr}"))?;
         tracing::info!(addr = %grpc_listener.local_addr()?, store = store.kind(),
             tls = grpc_files.is_some(), "serving gRPC");
@@ -520,4 +519,20 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Connections the gRPC listener queues before they are accepted: every node's agent connects
+/// at once after a controller restart, and tokio's default (1,024) resets the rest. The kernel
+/// caps it at `net.core.somaxconn`.
+const GRPC_BACKLOG: u32 = 8192;
+
+fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }

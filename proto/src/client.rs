@@ -90,6 +90,15 @@ fn read(dir: &Path, file: &str) -> Result<Vec<u8>, SetupError> {
     std::fs::read(&path).map_err(|error| SetupError(format!("reading {}: {error}", path.display())))
 }
 
+/// How much of a stream the controller may send before this client has read it. HTTP/2's
+/// flow control is what bounds the controller's buffers: it queues a stream's messages up to
+/// this window (at most 400 KiB, hyper's send buffer), so with 5,000 agents each byte here is
+/// 5 KB of controller memory. 128 KiB a round trip is still 128 MB/s at 1 ms (hyper's default
+/// is 2 MiB).
+pub const STREAM_WINDOW_BYTES: u32 = 128 << 10;
+/// The connection's window: the watch stream and a few small calls at once.
+pub const CONNECTION_WINDOW_BYTES: u32 = 2 * STREAM_WINDOW_BYTES;
+
 /// The endpoint for `address` (`HOST:PORT`, `http://…` or `https://…`) with `security`, and
 /// the bearer interceptor to use with it.
 pub fn endpoint(address: &str, security: &Security) -> Result<(Endpoint, Bearer), SetupError> {
@@ -107,7 +116,9 @@ pub fn endpoint(address: &str, security: &Security) -> Result<(Endpoint, Bearer)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
     let mut bearer = Bearer::default();
     if let Security::Tls { dir, server_name } = security {
         let mut tls =
