@@ -5,20 +5,37 @@
 # user-space stack (BBR, read from the stack instance's own report); tables of transfer time,
 # throughput and speed-up. About a minute and a half.
 #
-#   sudo scripts/demo.sh [stackroute-demo options]     (--help lists them; --calibrate checks the link)
-#   sudo scripts/demo.sh --output json                 (the runs as a JSON array on stdout)
+#   scripts/demo.sh [stackroute-demo options]     (--help lists them; --calibrate checks the link)
+#   scripts/demo.sh --output json                 (the runs as a JSON array on stdout)
 #
 # Needs root (network namespaces, veth, tc, iptables — all created for the run and removed
-# after it, also on Ctrl-C). Installs iperf3/iproute2/iptables/ethtool with apt if missing and
-# builds the release binaries with cargo.
+# after it, also on Ctrl-C): run it in a root shell, or as a user, and it re-runs itself with
+# sudo. Installs iperf3/iproute2/iptables/ethtool with apt if missing and builds the release
+# binaries with cargo.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" != 0 ]; then
-  echo "demo.sh: needs root — it creates network namespaces, veth pairs, tc and iptables rules" >&2
-  echo "         (removed when it ends). Run: sudo $0 $*" >&2
-  exit 2
+  if ! command -v sudo >/dev/null 2>&1; then
+    echo "demo.sh: needs root — it creates network namespaces, veth pairs, tc and iptables rules" >&2
+    echo "         (removed when it ends) — and there is no sudo here: run it in a root shell." >&2
+    exit 2
+  fi
+  # sudo resets PATH (secure_path) and HOME: hand the caller's toolchain on, or root would not
+  # find rustup's cargo in ~/.cargo/bin, or its toolchains in ~/.rustup.
+  keep=("PATH=$PATH")
+  [ -n "${RUSTUP_HOME:-}" ] || [ ! -d "${HOME:-}/.rustup" ] || keep+=("RUSTUP_HOME=$HOME/.rustup")
+  for var in RUSTUP_HOME RUSTUP_TOOLCHAIN CARGO_HOME CARGO_TARGET_DIR; do
+    [ -z "${!var:-}" ] || keep+=("$var=${!var}")
+  done
+  echo "demo.sh: needs root; running it with sudo" >&2
+  exec sudo env "${keep[@]}" "$(realpath "$0")" "$@"
 fi
+# For the test of the lines above (e2e/tests/demo_script.rs): stop before installing or building.
+if [ -n "${DEMO_STOP_AFTER_ROOT_CHECK:-}" ]; then
+  echo "demo.sh: running as root"
+  exit 0
+fi
+cd "$(dirname "$0")/.."
 
 missing=()
 for tool in ip:iproute2 iptables:iptables tc:iproute2 ethtool:ethtool ss:iproute2 iperf3:iperf3 python3:python3 clang:clang; do

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use stackroute_policy::selector::{Labels, Selector};
 use stackroute_policy::state::{NodeInfo, PodInfo};
-use stackroute_policy::{ClusterState, Compiled, Settings};
+use stackroute_policy::{ClusterState, Compiled, Settings, map_on_all_cores};
 use stackroute_proto::v1alpha1::{
-    Listener, NodeCapabilities, NodeStatus, PolicyStatus, StatusResponse, Workload,
+    Listener, NodeCapabilities, NodeStatus, PolicyStatus, StatusResponse, Workload, WorkloadKey,
 };
 use stackroute_snapshot::delta::{self, SharedDelta};
 use stackroute_snapshot::{SectionInterner, SnapshotParts};
@@ -149,7 +149,8 @@ pub struct AckRecord {
 pub enum Command {
     /// A state-directory change.
     File(FileEvent),
-    /// A registry change; the reply (if any) gets the lowest revision that includes it.
+    /// A registry change; the reply (if any) gets the lowest revision that includes it (the
+    /// published one when the change leaves every table as published).
     Registry(RegistryChange, Option<oneshot::Sender<u64>>),
     /// An agent starts watching its node's snapshots.
     Subscribe {
@@ -279,7 +280,8 @@ impl IndexHandle {
         let _ = self.tx.send(Command::Registry(change, None));
     }
 
-    /// Applies a registry change and returns the lowest revision that will include it.
+    /// Applies a registry change and returns the lowest revision that will include it: the
+    /// published one when it changes no table and nothing else waits to be published.
     pub async fn register(&self, change: RegistryChange) -> Result<u64, IndexClosed> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -560,6 +562,8 @@ pub struct CompileInput {
     pub settings: Settings,
     /// Each watched node's last published update: the base of its next delta.
     pub previous: BTreeMap<String, Arc<NodeUpdate>>,
+    /// How many input changes the index had handled when it cut this input.
+    pub changes: u64,
 }
 
 /// What a compile produced.
@@ -577,6 +581,8 @@ pub struct CompileOutput {
     pub nodes: BTreeSet<String>,
     /// How long the compile took.
     pub duration: Duration,
+    /// [`CompileInput::changes`]: the input changes this revision reflects.
+    pub changes: u64,
 }
 
 /// The index proper: every input, the last compile, and the per-node channels.
@@ -594,6 +600,9 @@ pub struct Index {
     published_at: Option<Instant>,
     state_nodes: BTreeSet<String>,
     policies: Vec<PolicyRecord>,
+    /// For each of `policies`: the first revision of this replica that contained its current
+    /// version (`None`: left out). Read by every ack, so it is not looked up by name there.
+    contained_from: Vec<Option<u64>>,
     /// Policy object → (fingerprint, first revision of this replica that contained that
     /// version). Compared only with this replica's own revisions (see [`Index::contained`]).
     first_contained: BTreeMap<String, (u64, u64)>,
@@ -605,6 +614,10 @@ pub struct Index {
     recent: VecDeque<u64>,
     /// Sources that have not delivered their first complete view yet.
     pending_sources: BTreeSet<String>,
+    /// Commands handled that changed the compile's inputs, and how many of them the published
+    /// revision reflects: equal, nothing waits to be published.
+    changes: u64,
+    published_changes: u64,
     registry_synced: bool,
     settings: Settings,
     stale_after: Duration,
@@ -647,11 +660,14 @@ impl Index {
             published_at: None,
             state_nodes: BTreeSet::new(),
             policies: Vec::new(),
+            contained_from: Vec::new(),
             first_contained: BTreeMap::new(),
             gone_since: BTreeMap::new(),
             alive_elsewhere: BTreeMap::new(),
             recent: VecDeque::new(),
             pending_sources: BTreeSet::from([crate::files::DIRECTORY.to_string()]),
+            changes: 0,
+            published_changes: 0,
             registry_synced: false,
             settings,
             stale_after,
@@ -689,12 +705,30 @@ impl Index {
 
     /// Applies one command (except [`Command::Compiled`], see [`Index::publish`]).
     pub fn handle(&mut self, command: Command, now: Instant) -> Effect {
+        let effect = self.handle_command(command, now);
+        if effect != Effect::None {
+            self.changes += 1;
+        }
+        effect
+    }
+
+    fn handle_command(&mut self, command: Command, now: Instant) -> Effect {
         match command {
             Command::File(event) => self.apply_file(event),
             Command::Registry(change, reply) => {
+                let settled = self.revision > 0 && self.published_changes == self.changes;
                 let effect = self.apply_registry(change);
                 if let Some(reply) = reply {
-                    let _ = reply.send(self.revision_floor());
+                    // A change that leaves every table as it is (a re-registration, a workload
+                    // the sources already describe) is in the published revision already, unless
+                    // something before it is still to be published: no new revision would come,
+                    // and `stackroute run` would wait for one in vain.
+                    let revision = if settled && effect == Effect::None {
+                        self.revision
+                    } else {
+                        self.revision_floor()
+                    };
+                    let _ = reply.send(revision);
                 }
                 effect
             }
@@ -817,7 +851,8 @@ impl Index {
         self.metrics.source_errors.set(count as i64);
     }
 
-    /// Applies a registry change; identical re-registrations change nothing.
+    /// Applies a registry change; identical re-registrations, and workload registrations that
+    /// say what the sources already say about their pod, change nothing.
     pub fn apply_registry(&mut self, change: RegistryChange) -> Effect {
         let changed = match change {
             RegistryChange::Reset {
@@ -850,9 +885,9 @@ impl Index {
             RegistryChange::RemoveListener(key) => self.listeners.remove(&key).is_some(),
             RegistryChange::PutWorkload(workload) => {
                 let key = workload_key(&workload.key.clone().unwrap_or_default());
-                self.workloads.insert(key, workload.clone()) != Some(workload)
+                self.change_workload(key, Some(workload))
             }
-            RegistryChange::RemoveWorkload(key) => self.workloads.remove(&key).is_some(),
+            RegistryChange::RemoveWorkload(key) => self.change_workload(key, None),
             RegistryChange::Ack(ack) => {
                 // Status only: nothing to recompile.
                 self.remote_ack(ack);
@@ -871,6 +906,87 @@ impl Index {
         } else {
             Effect::None
         }
+    }
+
+    /// Puts (or with `None` removes) registry entry `key`; whether the merged state changed.
+    fn change_workload(&mut self, key: String, workload: Option<Workload>) -> bool {
+        let named = workload
+            .as_ref()
+            .or_else(|| self.workloads.get(&key))
+            .and_then(|w| w.key.clone())
+            .unwrap_or_default();
+        let before = self.pods_named(&named);
+        let changed = match workload {
+            Some(workload) => self.workloads.insert(key, workload.clone()) != Some(workload),
+            None => self.workloads.remove(&key).is_some(),
+        };
+        changed && self.pods_named(&named) != before
+    }
+
+    /// The merged state's pods with `key`'s namespace and name, without merging everything.
+    fn pods_named(&self, key: &WorkloadKey) -> Vec<PodInfo> {
+        let named = |namespace: &str, name: &str| namespace == key.namespace && name == key.name;
+        let sources: Vec<&PodInfo> = self
+            .files
+            .values()
+            .flat_map(|file| &file.objects().pods)
+            .filter(|p| named(&p.namespace, &p.name))
+            .collect();
+        let registered: Vec<PodInfo> = self
+            .workloads
+            .values()
+            .filter(|w| w.key.as_ref().is_some_and(|k| named(&k.namespace, &k.name)))
+            .filter_map(|w| self.registered_pod(w, sources.first().copied()))
+            .collect();
+        if registered.is_empty() {
+            sources.into_iter().cloned().collect()
+        } else {
+            registered
+        }
+    }
+
+    /// The pod a registered workload stands for, given the sources' first pod of the same name;
+    /// `None` when it may not replace that pod.
+    ///
+    /// A registered workload is the live truth about its pod: it replaces a file's copy. What a
+    /// registration leaves empty (addresses, labels: `stackroute run` knows neither unless
+    /// told) is taken from the file's Pod of the same name, so registering a process does not
+    /// erase its pod's address. A node speaks only for itself: a registration never replaces a
+    /// pod the sources place on another node, and with the API server as the source
+    /// (Kubernetes mode) never replaces a Pod at all.
+    fn registered_pod(&self, workload: &Workload, source: Option<&PodInfo>) -> Option<PodInfo> {
+        let key = workload.key.as_ref()?;
+        if source.is_some_and(|pod| {
+            self.pods_authoritative || pod.node.as_deref().is_some_and(|node| node != key.node)
+        }) {
+            return None;
+        }
+        let mut labels: Labels = workload
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut ips: Vec<IpAddr> = workload
+            .ips
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        if let Some(pod) = source {
+            if labels.is_empty() {
+                labels = pod.labels.clone();
+            }
+            if ips.is_empty() {
+                ips = pod.ips.clone();
+            }
+        }
+        Some(PodInfo {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            labels,
+            node: Some(key.node.clone()),
+            ips,
+            host_network: false,
+        })
     }
 
     fn subscribe(
@@ -1074,13 +1190,11 @@ impl Index {
         let mut versions: Vec<u64> = self
             .policies
             .iter()
-            .filter(|p| p.problem.is_none() && p.targets.contains(node))
-            .filter(|p| {
-                self.first_contained
-                    .get(&p.object())
-                    .is_some_and(|&(version, first)| version == p.fingerprint && first <= revision)
+            .zip(&self.contained_from)
+            .filter(|(p, from)| {
+                from.is_some_and(|first| first <= revision) && p.targets.contains(node)
             })
-            .map(|p| p.fingerprint)
+            .map(|(p, _)| p.fingerprint)
             .collect();
         versions.sort_unstable();
         versions.dedup();
@@ -1093,70 +1207,28 @@ impl Index {
         for file in self.files.values() {
             state.extend_from(file.objects());
         }
-        // A registered workload is the live truth about its pod: it replaces a file's copy.
-        // What a registration leaves empty (addresses, labels: `stackroute run` knows neither
-        // unless told) is taken from the file's Pod of the same name, so registering a process
-        // does not erase its pod's address. A node speaks only for itself: a registration never
-        // replaces a pod the sources place on another node, and with the API server as the
-        // source (Kubernetes mode) never replaces a Pod at all.
-        let accepted: Vec<&Workload> = self
+        // Registered workloads replace the sources' pods of the same name (see
+        // [`Index::registered_pod`]).
+        let registered: Vec<PodInfo> = self
             .workloads
             .values()
-            .filter(|w| {
-                let Some(key) = w.key.as_ref() else {
-                    return false;
-                };
-                state
+            .filter_map(|w| {
+                let key = w.key.as_ref()?;
+                let source = state
                     .pods
                     .iter()
-                    .find(|p| p.namespace == key.namespace && p.name == key.name)
-                    .is_none_or(|pod| {
-                        !self.pods_authoritative
-                            && pod.node.as_deref().is_none_or(|node| node == key.node)
-                    })
+                    .find(|p| p.namespace == key.namespace && p.name == key.name);
+                self.registered_pod(w, source)
             })
             .collect();
-        let registered: HashSet<(&str, &str)> = accepted
+        let names: HashSet<(&str, &str)> = registered
             .iter()
-            .filter_map(|w| w.key.as_ref())
-            .map(|k| (k.namespace.as_str(), k.name.as_str()))
+            .map(|p| (p.namespace.as_str(), p.name.as_str()))
             .collect();
-        let (replaced, kept): (Vec<PodInfo>, Vec<PodInfo>) = std::mem::take(&mut state.pods)
-            .into_iter()
-            .partition(|p| registered.contains(&(p.namespace.as_str(), p.name.as_str())));
-        state.pods = kept;
-        for workload in accepted {
-            let key = workload.key.clone().unwrap_or_default();
-            let file_copy = replaced
-                .iter()
-                .find(|p| p.namespace == key.namespace && p.name == key.name);
-            let mut labels: Labels = workload
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            let mut ips: Vec<IpAddr> = workload
-                .ips
-                .iter()
-                .filter_map(|ip| ip.parse().ok())
-                .collect();
-            if let Some(pod) = file_copy {
-                if labels.is_empty() {
-                    labels = pod.labels.clone();
-                }
-                if ips.is_empty() {
-                    ips = pod.ips.clone();
-                }
-            }
-            state.pods.push(PodInfo {
-                namespace: key.namespace,
-                name: key.name,
-                labels,
-                node: Some(key.node),
-                ips,
-                host_network: false,
-            });
-        }
+        state
+            .pods
+            .retain(|p| !names.contains(&(p.namespace.as_str(), p.name.as_str())));
+        state.pods.extend(registered);
         // A node with an agent gets a snapshot even if no file lists it.
         for node in self.channels.keys() {
             if !state.nodes.iter().any(|n| &n.name == node) {
@@ -1177,6 +1249,7 @@ impl Index {
             nodes: self.channels.keys().cloned().collect(),
             listeners: self.listeners.values().cloned().collect(),
             settings: self.settings.clone(),
+            changes: self.changes,
             previous: self
                 .channels
                 .iter()
@@ -1189,6 +1262,7 @@ impl Index {
     pub fn publish(&mut self, output: CompileOutput, now: Instant) {
         debug_assert!(output.revision > self.revision, "revisions must increase");
         self.revision = output.revision.max(self.revision);
+        self.published_changes = output.changes;
         self.published_at = Some(now);
         self.metrics
             .revision
@@ -1231,6 +1305,14 @@ impl Index {
             present.insert(object);
         }
         self.first_contained.retain(|k, _| present.contains(k));
+        self.contained_from = output
+            .policies
+            .iter()
+            .map(|p| {
+                let (version, first) = self.first_contained.get(&p.object())?;
+                (p.problem.is_none() && *version == p.fingerprint).then_some(*first)
+            })
+            .collect();
         self.metrics.network_policy_gated_rules.set(
             output
                 .policies
@@ -1400,6 +1482,10 @@ impl Index {
 
 // === compile ===
 
+/// Nodes encoded at once: enough to keep every core busy, few enough that their tables are
+/// interned before the next batch is encoded (each node's are ~1 MB before interning).
+const ENCODE_BATCH: usize = 64;
+
 /// Compiles the state and encodes the watched nodes' snapshots (CPU-bound: call it on a
 /// blocking thread).
 pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
@@ -1410,6 +1496,7 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
         listeners,
         settings,
         previous,
+        changes,
     } = input;
     let compiled = Compiled::new(&state, settings);
     let problems: BTreeMap<String, String> = compiled
@@ -1426,29 +1513,47 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
     for before in previous.values() {
         interner.remember(&before.snapshot);
     }
-    let snapshots = nodes
-        .iter()
-        .filter_map(|node| {
-            let mut snapshot = compiled.node_parts(node, revision)?;
-            snapshot.share_sections(&mut interner);
-            let delta = previous.get(node).and_then(|before| {
-                let base = &before.snapshot;
-                let shared = match shared_deltas
-                    .iter()
-                    .position(|known| known.joins(base, &snapshot))
-                {
-                    Some(index) => &shared_deltas[index],
-                    None => {
-                        shared_deltas.push(SharedDelta::new(base.shared(), snapshot.shared()));
-                        shared_deltas.last()?
-                    }
-                };
-                let delta = delta::diff_parts(base, &snapshot, Some(shared));
+    let mut snapshots = Vec::with_capacity(nodes.len());
+    for batch in nodes.chunks(ENCODE_BATCH) {
+        // Encoding and diffing are per node, on every core; interning is shared, in order.
+        let encoded = map_on_all_cores(batch, |node| {
+            Some((node, compiled.node_parts(node, revision)?))
+        });
+        let interned: Vec<_> = encoded
+            .into_iter()
+            .map(|(node, mut snapshot)| {
+                snapshot.share_sections(&mut interner);
+                let base = previous.get(node).map(|before| {
+                    let known = shared_deltas
+                        .iter()
+                        .position(|known| known.joins(&before.snapshot, &snapshot));
+                    let shared = known.unwrap_or_else(|| {
+                        shared_deltas.push(SharedDelta::new(
+                            before.snapshot.shared(),
+                            snapshot.shared(),
+                        ));
+                        shared_deltas.len() - 1
+                    });
+                    (before, shared)
+                });
+                (node, snapshot, base)
+            })
+            .collect();
+        let shared_deltas = &shared_deltas;
+        let deltas = map_on_all_cores(&interned, |(_, snapshot, base)| {
+            Some(base.and_then(|(before, shared)| {
+                let delta =
+                    delta::diff_parts(&before.snapshot, snapshot, Some(&shared_deltas[shared]));
                 (delta.len() < snapshot.len()).then_some((before.revision, delta))
-            });
-            Some((node.clone(), snapshot, delta))
-        })
-        .collect();
+            }))
+        });
+        snapshots.extend(
+            interned
+                .into_iter()
+                .zip(deltas)
+                .map(|((node, snapshot, _), delta)| (node.clone(), snapshot, delta)),
+        );
+    }
     let mut policies = policy_records(&state, &problems);
     let mut gated: BTreeMap<String, (u32, String)> = BTreeMap::new();
     for rule in compiled.network_policy_gated() {
@@ -1485,6 +1590,7 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
         policies,
         nodes: all_nodes,
         duration: started.elapsed(),
+        changes,
     }
 }
 

@@ -301,7 +301,12 @@ impl Args {
         let grpc = async move {
             match grpc_files {
                 None => {
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+                    // Small replies (registrations, acks) must not wait for Nagle's 40 ms:
+                    // tonic's own `tcp_nodelay` covers only listeners it binds itself.
+                    let incoming = tokio_stream::StreamExt::map(
+                        tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                        |accepted| accepted.inspect(|tcp| drop(tcp.set_nodelay(true))),
+                    );
                     server
                         .serve_with_incoming_shutdown(incoming, shutdown_signal())
                         .await
@@ -488,6 +493,7 @@ async fn tls_incoming(
                     continue;
                 }
             };
+            let _ = tcp.set_nodelay(true); // as for plaintext
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {

@@ -1086,7 +1086,12 @@ fn main() {
             .iter()
             .filter_map(|(ns, name)| snapshot.workload_by_name(ns, name))
             .collect();
-        let lookups = lookups(&mut Rng(99), &cluster, &workload_ids, 100_000);
+        let mut lookups = lookups(&mut Rng(99), &cluster, &workload_ids, 100_000);
+        // `STACKROUTE_BENCH_PROFILE=service`: only the Service ClusterIP lookups.
+        if std::env::var_os("STACKROUTE_BENCH_PROFILE").is_some_and(|v| v == "service") {
+            lookups.retain(|lookup| lookup.kind == Kind::Service);
+            lookups = lookups.repeat(400); // 5 % of them: repeated, for enough samples
+        }
         let (samples, _) = time_lookups(&snapshot, &lookups, 0, false);
         println!("  profiled {} lookups", samples.len());
         return;

@@ -709,31 +709,32 @@ impl<'s> Compiled<'s> {
     }
 
     fn for_all_nodes<T: Send>(&self, each: impl Fn(&str) -> Option<T> + Sync) -> Vec<(String, T)> {
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(self.node_names.len().max(1));
-        let chunk = self.node_names.len().div_ceil(workers).max(1);
-        let each = &each;
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .node_names
-                .chunks(chunk)
-                .map(|names| {
-                    scope.spawn(move || {
-                        names
-                            .iter()
-                            .filter_map(|name| Some((name.clone(), each(name)?)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            // A worker only encodes; it cannot panic on valid compiled state.
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("snapshot worker panicked"))
-                .collect()
-        })
+        map_on_all_cores(&self.node_names, |name| Some((name.clone(), each(name)?)))
     }
+}
+
+/// `each` of `items` on all available cores, in order; `None`s left out. Encoding is per node
+/// and CPU-bound: one contiguous share of the items per core.
+pub fn map_on_all_cores<'a, T: Sync, U: Send>(
+    items: &'a [T],
+    each: impl Fn(&'a T) -> Option<U> + Sync,
+) -> Vec<U> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len().max(1));
+    let chunk = items.len().div_ceil(workers).max(1);
+    let each = &each;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|share| scope.spawn(move || share.iter().filter_map(each).collect::<Vec<_>>()))
+            .collect();
+        // Workers only encode; they cannot panic on valid compiled state.
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("encoding worker panicked"))
+            .collect()
+    })
 }
 
 fn source_of_stack_route(route: &StackRoute) -> PolicySource<'_> {

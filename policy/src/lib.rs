@@ -20,6 +20,6 @@ pub mod selector;
 pub mod shadow;
 pub mod state;
 
-pub use compile::{Compiled, PolicyProblem, Settings};
+pub use compile::{Compiled, PolicyProblem, Settings, map_on_all_cores};
 pub use explain::{Explanation, explain, explain_in_snapshot};
 pub use state::{ClusterState, LoadProblem};

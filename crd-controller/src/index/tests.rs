@@ -289,6 +289,86 @@ fn a_registry_reset_replaces_everything() {
     assert!(index.registry_synced);
 }
 
+/// A registration as the gRPC service makes it: its effect and the revision it is answered.
+fn register(index: &mut Index, change: RegistryChange) -> (Effect, u64) {
+    let (reply, mut rx) = oneshot::channel();
+    let effect = index.handle(Command::Registry(change, Some(reply)), Instant::now());
+    (effect, rx.try_recv().expect("answered at once"))
+}
+
+#[test]
+fn a_registration_that_changes_no_table_is_answered_with_the_published_revision() {
+    let (mut index, _) = mk_index();
+    index.handle(Command::File(changed("c.yaml", CLUSTER)), Instant::now());
+    let mut bare = mk_workload("n1", "web-0", "");
+    bare.ips.clear();
+    bare.labels.clear();
+    // Nothing published yet: even a no-op waits for the first revision.
+    assert_eq!(
+        register(&mut index, RegistryChange::PutWorkload(bare.clone())),
+        (Effect::None, 1)
+    );
+    publish(&mut index, 10);
+
+    // Saying what the file already says about web-0 (on n1, app=web, 10.1.0.10) changes no
+    // table: revision 10 has it, nothing to compile. Nor does removing such a registration.
+    let same = mk_workload("n1", "web-0", "10.1.0.10");
+    for change in [
+        RegistryChange::PutWorkload(bare),
+        RegistryChange::PutWorkload(same.clone()),
+        RegistryChange::PutWorkload(same),
+        RegistryChange::RemoveWorkload("n1/shop/web-0".into()),
+    ] {
+        assert_eq!(
+            register(&mut index, change.clone()),
+            (Effect::None, 10),
+            "{change:?}"
+        );
+    }
+
+    // A new address changes n1's table: the next revision.
+    let moved = mk_workload("n1", "web-0", "10.9.0.1");
+    assert_eq!(
+        register(&mut index, RegistryChange::PutWorkload(moved.clone())),
+        (Effect::Changed, 11)
+    );
+    // The same registration again (the store's echo of it, an agent's re-send) changes nothing,
+    // but revision 10 does not have it yet.
+    assert_eq!(
+        register(&mut index, RegistryChange::PutWorkload(moved.clone())),
+        (Effect::None, 11)
+    );
+    publish(&mut index, 11);
+    assert_eq!(
+        register(&mut index, RegistryChange::PutWorkload(moved.clone())),
+        (Effect::None, 11)
+    );
+
+    // Any unpublished change holds the answer back, even one elsewhere.
+    index.handle(Command::File(changed("p.yaml", POLICY_BBR)), Instant::now());
+    assert_eq!(
+        register(&mut index, RegistryChange::PutWorkload(moved)),
+        (Effect::None, 12)
+    );
+    publish(&mut index, 12);
+    // A workload no source knows is a new pod; another node's pod is not replaced.
+    assert_eq!(
+        register(
+            &mut index,
+            RegistryChange::PutWorkload(mk_workload("n1", "job-1", "10.1.0.30"))
+        ),
+        (Effect::Changed, 13)
+    );
+    publish(&mut index, 13);
+    assert_eq!(
+        register(
+            &mut index,
+            RegistryChange::PutWorkload(mk_workload("n9", "web-0", "10.9.0.9"))
+        ),
+        (Effect::None, 13)
+    );
+}
+
 // === acks shared between replicas ===
 
 /// An index with the cluster and the BBR policy, published as this replica's `revision`.

@@ -6,7 +6,7 @@
 //! stack of each connection is read from outside the application: the kernel's `ss -tin` for
 //! kernel connections; for the user-space run, the stack instance's own report (`Connections`
 //! on its control socket) — and `ss` showing no kernel TCP socket for the flow. Needs root. Run
-//! it with `sudo scripts/demo.sh` (`--output json` for the runs as JSON).
+//! it with `scripts/demo.sh` as root (`--output json` for the runs as JSON).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -213,7 +213,7 @@ fn main() -> ExitCode {
     JSON.store(args.output == "json", Ordering::Relaxed);
     if !is_root() {
         eprintln!(
-            "stackroute-demo needs root: it creates network namespaces, veth pairs, a bridge, tc and iptables rules (all removed at exit). Run: sudo scripts/demo.sh"
+            "stackroute-demo needs root: it creates network namespaces, veth pairs, a bridge, tc and iptables rules (all removed at exit). Run scripts/demo.sh as root"
         );
         return ExitCode::from(2);
     }
