@@ -216,6 +216,7 @@ async fn agent(
             api_version: ApiVersion::V1alpha1 as i32,
             accepts_delta: true,
             accepts_chunks: true,
+            accepts_listener_deltas: true,
         })
         .await?
         .into_inner();

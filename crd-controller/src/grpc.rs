@@ -30,14 +30,17 @@ use crate::metrics::Metrics;
 use crate::store::{Store, listener_key, workload_key};
 
 /// What one watch stream sent its agent last, so the next message can be a delta and leave out
-/// an unchanged listener list, and what it still has to send of a whole snapshot in parts.
+/// an unchanged listener list (or send only its changes), and what it still has to send of a
+/// whole snapshot in parts.
 struct SentToAgent {
     accepts_delta: bool,
+    accepts_listener_deltas: bool,
     /// Parts of at most this many bytes for an agent that reassembles them; `None`: whole.
     chunk_bytes: Option<usize>,
     /// The revision the agent holds: the one sent last, or the one it said it had.
     revision: u64,
-    listeners: Option<Vec<Listener>>,
+    /// The revision's list, shared with every other stream (not a copy per agent).
+    listeners: Option<Arc<Vec<Listener>>>,
     /// A whole snapshot being sent in parts, and where its next part starts.
     sending: Option<(Arc<NodeUpdate>, usize)>,
 }
@@ -46,6 +49,7 @@ impl SentToAgent {
     fn new(request: &WatchRequest, chunk_bytes: usize) -> Self {
         Self {
             accepts_delta: request.accepts_delta,
+            accepts_listener_deltas: request.accepts_delta && request.accepts_listener_deltas,
             chunk_bytes: request.accepts_chunks.then_some(chunk_bytes.max(1)),
             revision: request.known_revision,
             listeners: None,
@@ -57,9 +61,17 @@ impl SentToAgent {
     /// whole snapshot — or its first part, when it is larger than a part
     /// ([`SentToAgent::next_part`] gives the others).
     fn next(&mut self, update: &Arc<NodeUpdate>) -> SnapshotUpdate {
-        let listeners_unchanged =
-            self.accepts_delta && self.listeners.as_deref() == Some(update.listeners.as_slice());
-        let listeners = if listeners_unchanged {
+        let held = self.listeners.as_ref();
+        let listeners_unchanged = self.accepts_delta
+            && held.is_some_and(|held| {
+                Arc::ptr_eq(held, &update.listeners) || *held == update.listeners
+            });
+        let listener_changes = update.listener_changes.as_ref().filter(|changes| {
+            !listeners_unchanged
+                && self.accepts_listener_deltas
+                && held.is_some_and(|held| Arc::ptr_eq(held, &changes.base))
+        });
+        let listeners = if listeners_unchanged || listener_changes.is_some() {
             Vec::new()
         } else {
             update.listeners.to_vec()
@@ -101,10 +113,16 @@ impl SentToAgent {
             },
         };
         self.revision = update.revision;
-        if !listeners_unchanged {
-            self.listeners = Some(update.listeners.to_vec());
+        self.listeners = Some(update.listeners.clone());
+        match listener_changes {
+            Some(changes) => SnapshotUpdate {
+                listeners_delta: true,
+                listeners_put: changes.put.clone(),
+                listeners_removed: changes.removed.clone(),
+                ..message
+            },
+            None => message,
         }
-        message
     }
 
     /// The next part of a whole snapshot being sent in parts, read from its parts now.
@@ -550,8 +568,9 @@ impl Distribution for DistributionService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::ListenerChanges;
 
-    fn update(revision: u64, delta_from: Option<u64>, listeners: &[u32]) -> Arc<NodeUpdate> {
+    fn update(revision: u64, delta_from: Option<u64>, ports: &[u32]) -> Arc<NodeUpdate> {
         let shared = Arc::new(stackroute_snapshot::SharedTables::build(
             &stackroute_snapshot::SharedInput {
                 nodes: vec![stackroute_snapshot::NodeEntry {
@@ -572,21 +591,95 @@ mod tests {
             revision,
             node: "n1".into(),
             snapshot: stackroute_snapshot::SnapshotParts::new(shared, tables),
-            listeners: Arc::new(
-                listeners
-                    .iter()
-                    .map(|port| Listener {
-                        key: Some(ListenerKey {
-                            node: "n1".into(),
-                            port: *port,
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
+            listeners: Arc::new(listeners_on(ports)),
+            listener_changes: None,
             delta: delta_from.map(|base| (base, vec![2; 10])),
         })
+    }
+
+    fn listeners_on(ports: &[u32]) -> Vec<Listener> {
+        ports
+            .iter()
+            .map(|port| Listener {
+                key: Some(ListenerKey {
+                    node: "n1".into(),
+                    port: *port,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn ports(listeners: &[Listener]) -> Vec<u32> {
+        listeners
+            .iter()
+            .map(|l| l.key.as_ref().map_or(0, |k| k.port))
+            .collect()
+    }
+
+    /// A changed listener list goes as its changes to an agent that takes them and was sent the
+    /// list they start from; whole to any other.
+    #[test]
+    fn listener_changes_go_to_agents_sent_their_base() {
+        let before = update(6, Some(5), &[80, 443, 9000]);
+        let mut changed = listeners_on(&[80, 8080, 9000]);
+        changed[2].workload = "moved".into();
+        let changes = ListenerChanges::between(&before.listeners, &changed);
+        assert_eq!(ports(&changes.put), [8080, 9000]);
+        assert_eq!(
+            changes.removed.iter().map(|k| k.port).collect::<Vec<_>>(),
+            [443]
+        );
+        let after = Arc::new(NodeUpdate {
+            revision: 7,
+            node: "n1".into(),
+            snapshot: before.snapshot.clone(),
+            listeners: Arc::new(changed),
+            listener_changes: Some(Arc::new(changes)),
+            delta: Some((6, vec![2; 10])),
+        });
+        let request = WatchRequest {
+            node: "n1".into(),
+            known_revision: 5,
+            accepts_delta: true,
+            accepts_listener_deltas: true,
+            ..Default::default()
+        };
+        let mut sent = SentToAgent::new(&request, DEFAULT_CHUNK_BYTES);
+        let first = sent.next(&before);
+        assert_eq!(ports(&first.listeners), [80, 443, 9000]);
+        assert!(!first.listeners_delta);
+        let second = sent.next(&after);
+        assert!(second.listeners_delta && !second.listeners_unchanged);
+        assert!(second.listeners.is_empty());
+        assert_eq!(ports(&second.listeners_put), [8080, 9000]);
+        assert_eq!(second.listeners_removed.len(), 1);
+        // The same list again (the same allocation): unchanged.
+        let third = sent.next(&Arc::new(NodeUpdate {
+            revision: 8,
+            listener_changes: None,
+            delta: Some((7, vec![2; 10])),
+            snapshot: before.snapshot.clone(),
+            node: "n1".into(),
+            listeners: after.listeners.clone(),
+        }));
+        assert!(third.listeners_unchanged && !third.listeners_delta);
+
+        // Not sent the base (a stream that starts at 7), or not taking changes: the whole list.
+        let mut fresh = SentToAgent::new(&request, DEFAULT_CHUNK_BYTES);
+        let whole = fresh.next(&after);
+        assert!(!whole.listeners_delta && ports(&whole.listeners) == [80, 8080, 9000]);
+        let mut old_agent = SentToAgent::new(
+            &WatchRequest {
+                accepts_listener_deltas: false,
+                ..request
+            },
+            DEFAULT_CHUNK_BYTES,
+        );
+        old_agent.next(&before);
+        let whole = old_agent.next(&after);
+        assert!(!whole.listeners_delta && whole.listeners.len() == 3);
     }
 
     /// A stream sends a delta only from the revision its agent holds, the whole snapshot

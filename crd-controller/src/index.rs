@@ -12,7 +12,7 @@
 //! value: a slow agent skips revisions and never holds anyone up. Nothing is compiled before
 //! every source has synced, so no agent ever sees partial state.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,8 @@ use stackroute_policy::selector::{Labels, Selector};
 use stackroute_policy::state::{NodeInfo, PodInfo};
 use stackroute_policy::{ClusterState, Compiled, Settings, map_on_all_cores};
 use stackroute_proto::v1alpha1::{
-    Listener, NodeCapabilities, NodeStatus, PolicyStatus, StatusResponse, Workload, WorkloadKey,
+    Listener, ListenerKey, NodeCapabilities, NodeStatus, PolicyStatus, StatusResponse, Workload,
+    WorkloadKey,
 };
 use stackroute_snapshot::delta::{self, SharedDelta};
 use stackroute_snapshot::{SectionInterner, SnapshotParts};
@@ -50,10 +51,48 @@ pub struct NodeUpdate {
     pub node: String,
     /// The snapshot.
     pub snapshot: SnapshotParts,
-    /// The listener registry sent with it (one list per revision, shared by every node).
+    /// The listener registry sent with it (one list per revision, shared by every node; the
+    /// previous revision's own when it did not change).
     pub listeners: Arc<Vec<Listener>>,
+    /// How `listeners` differs from the list published before it, if it does.
+    pub listener_changes: Option<Arc<ListenerChanges>>,
     /// The delta from the node's previous snapshot.
     pub delta: Option<SnapshotDelta>,
+}
+
+/// The listener registry's changes from one published list (`base`) to the next: what a stream
+/// that sent `base` sends instead of the whole list.
+#[derive(Debug, PartialEq)]
+pub struct ListenerChanges {
+    /// The list these changes apply to.
+    pub base: Arc<Vec<Listener>>,
+    /// Listeners added or changed.
+    pub put: Vec<Listener>,
+    /// Keys of listeners gone.
+    pub removed: Vec<ListenerKey>,
+}
+
+impl ListenerChanges {
+    /// The changes that turn `base` into `target` (listeners are identified by their key).
+    pub fn between(base: &Arc<Vec<Listener>>, target: &[Listener]) -> Self {
+        let key = |listener: &Listener| listener.key.as_ref().map(listener_key);
+        let mut before: BTreeMap<Option<String>, &Listener> =
+            base.iter().map(|l| (key(l), l)).collect();
+        let put = target
+            .iter()
+            .filter(|listener| before.remove(&key(listener)) != Some(*listener))
+            .cloned()
+            .collect();
+        let removed = before
+            .into_values()
+            .map(|gone| gone.key.clone().unwrap_or_default())
+            .collect();
+        Self {
+            base: base.clone(),
+            put,
+            removed,
+        }
+    }
 }
 
 /// `(base revision, delta)`: what turns the snapshot of the base revision into this one
@@ -598,11 +637,16 @@ pub struct Index {
     /// The pods come from the API server (Kubernetes mode): registrations never replace them.
     pods_authoritative: bool,
     published_at: Option<Instant>,
+    /// The listener list of the last publish (see [`NodeUpdate::listener_changes`]).
+    published_listeners: Arc<Vec<Listener>>,
     state_nodes: BTreeSet<String>,
     policies: Vec<PolicyRecord>,
     /// For each of `policies`: the first revision of this replica that contained its current
     /// version (`None`: left out). Read by every ack, so it is not looked up by name there.
     contained_from: Vec<Option<u64>>,
+    /// Node → indices into `policies` of those aimed at it (their `targets` inverted once per
+    /// publish: an ack reads its node's, not every policy's target set).
+    aimed_at: HashMap<String, Vec<u32>>,
     /// Policy object → (fingerprint, first revision of this replica that contained that
     /// version). Compared only with this replica's own revisions (see [`Index::contained`]).
     first_contained: BTreeMap<String, (u64, u64)>,
@@ -658,9 +702,11 @@ impl Index {
             revision: 0,
             pods_authoritative: false,
             published_at: None,
+            published_listeners: Arc::default(),
             state_nodes: BTreeSet::new(),
             policies: Vec::new(),
             contained_from: Vec::new(),
+            aimed_at: HashMap::new(),
             first_contained: BTreeMap::new(),
             gone_since: BTreeMap::new(),
             alive_elsewhere: BTreeMap::new(),
@@ -1187,14 +1233,12 @@ impl Index {
     /// compile that moved a source pod onto the node counts that policy a moment early (the
     /// node acks the later revision right after).
     fn contained(&self, node: &str, revision: u64) -> Vec<u64> {
-        let mut versions: Vec<u64> = self
-            .policies
+        let aimed = self.aimed_at.get(node).map_or(&[][..], Vec::as_slice);
+        let mut versions: Vec<u64> = aimed
             .iter()
-            .zip(&self.contained_from)
-            .filter(|(p, from)| {
-                from.is_some_and(|first| first <= revision) && p.targets.contains(node)
-            })
-            .map(|(p, _)| p.fingerprint)
+            .map(|&index| index as usize)
+            .filter(|&index| self.contained_from[index].is_some_and(|first| first <= revision))
+            .map(|index| self.policies[index].fingerprint)
             .collect();
         versions.sort_unstable();
         versions.dedup();
@@ -1270,6 +1314,14 @@ impl Index {
         self.metrics
             .compile_seconds
             .observe(output.duration.as_secs_f64());
+        // An unchanged list stays the same allocation, so streams compare pointers, not lists.
+        let (listeners, listener_changes) = if output.listeners == self.published_listeners {
+            (self.published_listeners.clone(), None)
+        } else {
+            let changes = ListenerChanges::between(&self.published_listeners, &output.listeners);
+            (output.listeners.clone(), Some(Arc::new(changes)))
+        };
+        self.published_listeners = listeners.clone();
         let mut sent = 0;
         for (node, snapshot, delta) in output.snapshots {
             if let Some(channel) = self.channels.get(&node) {
@@ -1277,7 +1329,8 @@ impl Index {
                     revision: output.revision,
                     node: node.clone(),
                     snapshot,
-                    listeners: output.listeners.clone(),
+                    listeners: listeners.clone(),
+                    listener_changes: listener_changes.clone(),
                     delta,
                 })));
                 sent += 1;
@@ -1313,6 +1366,13 @@ impl Index {
                 (p.problem.is_none() && *version == p.fingerprint).then_some(*first)
             })
             .collect();
+        let mut aimed_at: HashMap<String, Vec<u32>> = HashMap::new();
+        for (index, policy) in output.policies.iter().enumerate() {
+            for node in &policy.targets {
+                aimed_at.entry(node.clone()).or_default().push(index as u32);
+            }
+        }
+        self.aimed_at = aimed_at;
         self.metrics.network_policy_gated_rules.set(
             output
                 .policies

@@ -86,6 +86,7 @@ fn watch_request(node: &str, known_revision: u64) -> WatchRequest {
         api_version: ApiVersion::V1alpha1 as i32,
         accepts_delta: false,
         accepts_chunks: false,
+        accepts_listener_deltas: false,
     }
 }
 

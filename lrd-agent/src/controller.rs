@@ -145,19 +145,24 @@ async fn session(agent: &Arc<Agent>, url: &str, need_full: &mut bool) -> anyhow:
             api_version: ApiVersion::V1alpha1 as i32,
             accepts_delta: true,
             accepts_chunks: true,
+            accepts_listener_deltas: true,
         })
         .await?
         .into_inner();
     *need_full = false;
     agent.set_client(Some(client.clone()));
     let mut reassembly = Reassembly::default();
-    while let Some(message) = stream.message().await? {
+    // The listener list as this stream sent it (its changes apply to it), and whether it has
+    // changed since the agent last took it: it is taken with the next snapshot that applies.
+    let mut listeners = Vec::new();
+    let mut listeners_pending = false;
+    while let Some(mut message) = stream.message().await? {
+        listeners_pending |= take_listeners(&mut listeners, &mut message);
         let Some(update) = reassembly.add(message)? else {
             continue;
         };
         let revision = update.revision;
         let is_delta = !update.delta.is_empty();
-        let listeners = (!update.listeners_unchanged).then_some(update.listeners);
         // Rebuilding, validation, fsync and rename block: off the async workers.
         let applier = agent.clone();
         let result = tokio::task::spawn_blocking(move || {
@@ -169,8 +174,8 @@ async fn session(agent: &Arc<Agent>, url: &str, need_full: &mut bool) -> anyhow:
         })
         .await
         .unwrap_or_else(|e| Err(format!("applying revision {revision} panicked: {e}")));
-        if let (Ok(()), Some(listeners)) = (&result, listeners) {
-            agent.set_listeners(listeners);
+        if result.is_ok() && std::mem::take(&mut listeners_pending) {
+            agent.set_listeners(listeners.clone());
         }
         if let Err(error) = &result {
             warn!(revision, %error, "rejected snapshot; the previous one stays in force");
@@ -191,6 +196,41 @@ async fn session(agent: &Arc<Agent>, url: &str, need_full: &mut bool) -> anyhow:
         }
     }
     Ok(())
+}
+
+/// Updates `listeners` (the list as this stream sent it) from `message`, taking its listener
+/// fields out; whether the list changed.
+fn take_listeners(listeners: &mut Vec<Listener>, message: &mut SnapshotUpdate) -> bool {
+    if message.listeners_unchanged {
+        return false;
+    }
+    if !message.listeners_delta {
+        *listeners = std::mem::take(&mut message.listeners);
+        return true;
+    }
+    // Listeners are identified by their key; its encoding is a map key (prost derives no Hash).
+    let key = |listener: &Listener| listener.key.as_ref().map(prost::Message::encode_to_vec);
+    let gone: std::collections::HashSet<Vec<u8>> = message
+        .listeners_removed
+        .iter()
+        .map(prost::Message::encode_to_vec)
+        .collect();
+    listeners.retain(|listener| key(listener).is_none_or(|key| !gone.contains(&key)));
+    let mut at: std::collections::HashMap<Option<Vec<u8>>, usize> = listeners
+        .iter()
+        .enumerate()
+        .map(|(index, listener)| (key(listener), index))
+        .collect();
+    for listener in std::mem::take(&mut message.listeners_put) {
+        match at.get(&key(&listener)) {
+            Some(&index) => listeners[index] = listener,
+            None => {
+                at.insert(key(&listener), listeners.len());
+                listeners.push(listener);
+            }
+        }
+    }
+    true
 }
 
 /// Whether a failed call may succeed later (connection trouble, overload) rather than being a
@@ -298,6 +338,58 @@ fn refused_on_resend(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stackroute_proto::v1alpha1::ListenerKey;
+
+    fn listener(port: u32, workload: &str) -> Listener {
+        Listener {
+            key: Some(ListenerKey {
+                node: "n1".into(),
+                port,
+                ..Default::default()
+            }),
+            workload: workload.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The listener list a stream sent: whole, unchanged, or changed by key.
+    #[test]
+    fn listener_updates_apply_to_the_list_the_stream_sent() {
+        let mut held = Vec::new();
+        let mut whole = SnapshotUpdate {
+            listeners: vec![listener(80, "a"), listener(443, "b"), listener(9000, "c")],
+            ..Default::default()
+        };
+        assert!(take_listeners(&mut held, &mut whole));
+        assert_eq!(held.len(), 3);
+        let mut unchanged = SnapshotUpdate {
+            listeners_unchanged: true,
+            ..Default::default()
+        };
+        assert!(!take_listeners(&mut held, &mut unchanged));
+        let mut changes = SnapshotUpdate {
+            listeners_delta: true,
+            listeners_put: vec![listener(9000, "moved"), listener(8080, "d")],
+            listeners_removed: vec![listener(443, "").key.unwrap()],
+            ..Default::default()
+        };
+        assert!(take_listeners(&mut held, &mut changes));
+        assert_eq!(
+            held,
+            [
+                listener(80, "a"),
+                listener(9000, "moved"),
+                listener(8080, "d")
+            ]
+        );
+        // A whole list replaces everything, also what changes added.
+        let mut whole = SnapshotUpdate {
+            listeners: vec![listener(22, "e")],
+            ..Default::default()
+        };
+        assert!(take_listeners(&mut held, &mut whole));
+        assert_eq!(held, [listener(22, "e")]);
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {

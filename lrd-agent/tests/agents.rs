@@ -277,6 +277,35 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
         agents[1].call(&other_port),
         Response::Listener { listener: None }
     );
+    // A second listener, then the first one's removal: each reaches n2 as the list's changes.
+    for (port, register) in [(7003, true), (7002, false)] {
+        let (ip, protocol) = ("127.0.0.1".parse().unwrap(), Protocol::Tcp);
+        let reply = agents[0].call(&if register {
+            Request::RegisterListener {
+                ip,
+                port,
+                protocol,
+                namespace: "shop".into(),
+                workload: "web-1".into(),
+                stacks: vec![Stack::Kernel],
+                endpoints: Default::default(),
+            }
+        } else {
+            Request::RemoveListener { ip, port, protocol }
+        });
+        assert!(matches!(reply, Response::Ok { .. }), "{reply:?}");
+        let find = Request::FindListener { ip, port, protocol };
+        wait_for("the listener change at n2", WAIT, || {
+            match agents[1].call(&find) {
+                Response::Listener { listener } => (listener.is_some() == register).then_some(()),
+                other => panic!("{other:?}"),
+            }
+        });
+    }
+    assert!(matches!(
+        agents[1].call(&other_port),
+        Response::Listener { listener: Some(_) }
+    ));
 
     // The controller sees every node ack the revision: `stackroute status`.
     let latest = agents

@@ -252,6 +252,7 @@ pub async fn watch_from(
             api_version: ApiVersion::V1alpha1 as i32,
             accepts_delta,
             accepts_chunks: false,
+            accepts_listener_deltas: false,
         })
         .await
         .expect("WatchSnapshots")
