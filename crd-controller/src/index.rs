@@ -1786,7 +1786,11 @@ pub async fn run(
                     Command::Compiled(result) => {
                         compiling = false;
                         match result {
-                            Ok(output) => index.publish(*output, now),
+                            Ok(output) => {
+                                index.publish(*output, now);
+                                // The previous revision's tables were freed just now.
+                                tokio::task::spawn_blocking(crate::memory::release_freed);
+                            }
                             Err(error) => {
                                 tracing::error!(%error, "compile failed; retrying");
                                 debouncer.changed(now);
