@@ -294,7 +294,12 @@ impl Agent {
                 view.generation
             ));
         }
-        let parsed = Parsed::new(view.snapshot.to_vec()).map_err(|e| e.to_string())?;
+        // Served as the controller sent it (the checksum it knows as a delta base): without
+        // the Service verdicts that agent published with it.
+        let sent = Snapshot::parse(view.snapshot)
+            .map(|snapshot| snapshot.without_service_verdicts())
+            .map_err(|e| e.to_string())?;
+        let parsed = Parsed::new(sent).map_err(|e| e.to_string())?;
         if parsed.snapshot().node_name() != self.config.node {
             return Err(format!(
                 "{} is for node {:?}",
@@ -382,7 +387,14 @@ impl Agent {
         }
     }
 
+    /// Publishes `parsed` for the shim with its Service verdicts (a connection to a ClusterIP
+    /// then reads one record); `parsed` itself, as the controller sent it, stays the current
+    /// snapshot and the base of its deltas.
     fn publish(&self, revision: u64, stale: bool, parsed: Parsed) -> std::io::Result<()> {
+        let started = Instant::now();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let published = parsed.snapshot().with_service_verdicts(cores);
+        let verdicts_ms = started.elapsed().as_millis() as u64;
         let mut publisher = lock(&self.publisher);
         if self.role() != Role::Serving {
             return Err(std::io::Error::other(
@@ -394,7 +406,7 @@ impl Agent {
                 "another agent took this socket directory over; not publishing",
             ));
         }
-        let generation = publisher.publish(revision, stale, parsed.bytes())?;
+        let generation = publisher.publish(revision, stale, &published)?;
         self.metrics.revision.set(revision as i64);
         self.metrics.stale.set(i64::from(stale));
         self.metrics.generation.set(generation as i64);
@@ -404,6 +416,8 @@ impl Agent {
             stale,
             generation,
             bytes = parsed.bytes().len(),
+            published_bytes = published.len(),
+            verdicts_ms,
             "published snapshot"
         );
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Current {
@@ -618,6 +632,18 @@ mod tests {
 
         agent.apply(5, example_snapshot("node-a1", 5)).unwrap();
         assert_eq!(published_file(&agent), (1, 5, false));
+        // Published with Service verdicts for the shim; kept (the delta base) as sent.
+        let file = std::fs::read(agent.config.socket_dir.join(published::SNAPSHOT_FILE)).unwrap();
+        let shim_reads = Snapshot::parse(published::parse(&file).unwrap().snapshot).unwrap();
+        assert!(shim_reads.has_service_verdicts());
+        assert_eq!(
+            shim_reads.without_service_verdicts(),
+            example_snapshot("node-a1", 5)
+        );
+        assert_eq!(
+            agent.current().unwrap().parsed.bytes(),
+            &example_snapshot("node-a1", 5)[..]
+        );
         let error = agent.apply(6, example_snapshot("node-b1", 6)).unwrap_err();
         assert!(error.contains("is for node \"node-b1\""), "{error}");
         let error = agent.apply(7, b"short".to_vec()).unwrap_err();
@@ -741,6 +767,8 @@ mod tests {
             (6, false, 2)
         );
         assert_eq!(published_file(&new), (2, 6, false));
+        // Served as the controller sent it (the file adds Service verdicts).
+        assert_eq!(current.parsed.bytes(), &example_snapshot("node-a1", 6)[..]);
         new.apply(7, example_snapshot("node-a1", 7)).unwrap();
         assert_eq!(published_file(&new), (3, 7, false));
         // The old agent, stopped, never publishes again.

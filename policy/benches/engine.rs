@@ -892,6 +892,15 @@ fn section_sizes(bytes: &[u8]) -> Vec<(u32, usize)> {
         .collect()
 }
 
+/// Bytes of section `id` of a snapshot (0 when absent).
+fn section_bytes(bytes: &[u8], id: SectionId) -> usize {
+    section_sizes(bytes)
+        .iter()
+        .filter(|(found, _)| *found == id as u32)
+        .map(|(_, len)| len)
+        .sum()
+}
+
 fn describe_sections(bytes: &[u8]) -> String {
     let mut sizes = section_sizes(bytes);
     sizes.sort_by_key(|(_, len)| std::cmp::Reverse(*len));
@@ -1043,10 +1052,12 @@ struct Summary {
     compile_sequential: Duration,
     headline: Latency,
     service: Latency,
+    service_decided: Latency,
     all: Latency,
     worst_match: Latency,
     worst_none: Latency,
     worst_service: Latency,
+    worst_service_decided: Latency,
     allocations: u64,
     hub_rules: usize,
 }
@@ -1284,6 +1295,26 @@ fn main() {
         snapshot.len(),
         ms(parse_time)
     );
+    // What the shim reads: the snapshot as the agent publishes it, with the Service verdicts
+    // it computes after each snapshot arrives. The controller's snapshot, which decides a
+    // Service's backends at connect time, is timed beside it.
+    let start = Instant::now();
+    let published_bytes = snapshot.with_service_verdicts(cores);
+    let verdicts_time = start.elapsed();
+    let decided = snapshot;
+    let snapshot = Snapshot::parse(&published_bytes).expect("published snapshot parses");
+    println!(
+        "  Service verdicts as the agent adds them ({cores} cores): {} bytes ({} distinct rows for {} chains × {} Services) computed in {}",
+        section_bytes(&published_bytes, SectionId::ServiceVerdicts)
+            + section_bytes(&published_bytes, SectionId::ServiceVerdictRows),
+        section_bytes(&published_bytes, SectionId::ServiceVerdicts)
+            / stackroute_snapshot::format::service_verdict::LEN
+            / cluster.services.len().max(1),
+        section_bytes(&published_bytes, SectionId::ServiceVerdictRows)
+            / stackroute_snapshot::format::service_verdict_row::LEN,
+        cluster.services.len(),
+        ms(verdicts_time)
+    );
     let workload_ids: Vec<WorkloadId> = cluster
         .hub_pods
         .iter()
@@ -1375,6 +1406,17 @@ fn main() {
         }
         print_latency(label, &latency(&of_kind));
     }
+    // The same lookups on the controller's snapshot: Services decided by their backends.
+    black_box(batch_mean(&decided, &lookups[..lookups.len() / 10]));
+    let (decided_samples, decided_allocations) = time_lookups(&decided, &lookups, overhead, false);
+    let decided_service: Vec<u64> = lookups
+        .iter()
+        .zip(&decided_samples)
+        .filter(|(l, _)| l.kind == Kind::Service)
+        .map(|(_, s)| *s)
+        .collect();
+    let service_decided = latency(&decided_service);
+    print_latency("Service, backends decided", &service_decided);
     let headline = latency(&headline_samples);
     let service = latency(&service_samples);
     let all = latency(&samples);
@@ -1425,6 +1467,9 @@ fn main() {
     let start = Instant::now();
     let worst = Snapshot::parse(&worst_bytes).expect("worst-case snapshot parses");
     let worst_parse = start.elapsed();
+    let worst_published = worst.with_service_verdicts(cores);
+    let worst_decided = worst;
+    let worst = Snapshot::parse(&worst_published).expect("published worst case parses");
     let index_sections = [
         SectionId::ChainIndexes,
         SectionId::IndexIdentities,
@@ -1486,6 +1531,16 @@ fn main() {
     let (service_ip, service_port) = cluster.services[APPS]; // ns-001 app-0, 100 backends
     let (samples_service, alloc_service) =
         repeat(service_ip, service_port, WORST_CASE_SERVICE_LOOKUPS);
+    let service_lookups: Vec<Lookup> = (0..WORST_CASE_SERVICE_LOOKUPS)
+        .map(|_| Lookup {
+            workload: source,
+            ip: service_ip,
+            port: service_port,
+            kind: Kind::Service,
+        })
+        .collect();
+    let (samples_service_decided, alloc_service_decided) =
+        time_lookups(&worst_decided, &service_lookups, overhead, false);
     print_latency_header();
     let worst_match = latency(&samples_match);
     let worst_none = latency(&samples_none);
@@ -1493,10 +1548,12 @@ fn main() {
     print_latency(&format!("match at rule {match_position}"), &worst_match);
     print_latency(&format!("no match ({none_evaluated} rules)"), &worst_none);
     print_latency("Service, 100 backends", &worst_service);
+    let worst_service_decided = latency(&samples_service_decided);
+    print_latency("Service, backends decided", &worst_service_decided);
     println!(
         "  per rule: {:.1} ns (no-match p50 / rules); allocations: {}",
         worst_none.p50 as f64 / none_evaluated.max(1) as f64,
-        alloc_match + alloc_none + alloc_service
+        alloc_match + alloc_none + alloc_service + alloc_service_decided
     );
 
     label_change_deltas(&state);
@@ -1506,11 +1563,18 @@ fn main() {
         compile_sequential: new_median + sequential,
         headline,
         service,
+        service_decided,
         all,
         worst_match,
         worst_none,
         worst_service,
-        allocations: allocations + alloc_match + alloc_none + alloc_service,
+        worst_service_decided,
+        allocations: allocations
+            + decided_allocations
+            + alloc_match
+            + alloc_none
+            + alloc_service
+            + alloc_service_decided,
         hub_rules: snapshot.counts().1,
     });
 }
@@ -1737,10 +1801,14 @@ fn summary(s: &Summary) {
         s.headline.max
     );
     println!(
-        "  {} lookup p99, Service ClusterIPs (100 backends): {} ns (p50 {}; target p99 <= {TARGET_LOOKUP_P99_NS} ns)",
+        "  {} lookup p99, Service ClusterIPs (100 backends), Service verdicts: {} ns (p50 {}; target p99 <= {TARGET_LOOKUP_P99_NS} ns); \
+         backends decided at connect: p99 {} ns (p50 {}), {:.1}x",
         verdict(s.service.p99 <= TARGET_LOOKUP_P99_NS),
         s.service.p99,
-        s.service.p50
+        s.service.p50,
+        s.service_decided.p99,
+        s.service_decided.p50,
+        s.service_decided.p99 as f64 / s.service.p99.max(1) as f64
     );
     println!(
         "  {} lookup p99, all kinds incl. Service ClusterIPs: {} ns (target p99 <= {TARGET_LOOKUP_P99_NS} ns)",
@@ -1754,9 +1822,10 @@ fn summary(s: &Summary) {
         s.worst_none.p99,
     );
     println!(
-        "  {} worst case, Service with 100 backends on that chain: p99 {} ns (target p99 <= {TARGET_LOOKUP_P99_NS} ns)",
+        "  {} worst case, Service with 100 backends on that chain: p99 {} ns (target p99 <= {TARGET_LOOKUP_P99_NS} ns); backends decided at connect: p99 {} ns",
         verdict(s.worst_service.p99 <= TARGET_LOOKUP_P99_NS),
-        s.worst_service.p99
+        s.worst_service.p99,
+        s.worst_service_decided.p99
     );
     println!(
         "  {} allocations in every timed lookup loop: {} (target 0)",

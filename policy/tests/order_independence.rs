@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 use stackroute_policy::Settings;
-use stackroute_snapshot::{NoTrace, Protocol, RuleRef, Trace, Verdict};
+use stackroute_snapshot::{NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict};
 
 mod support;
 use support::random_cluster::{
@@ -51,6 +51,13 @@ fn decisions_with(documents: &[String], pods: usize, settings: Settings) -> Vec<
     }
     let mut out = Vec::new();
     each_pod_with(documents, settings, |pod, snapshot, workload| {
+        // As the agent publishes it: a Service's decision read from the precomputed verdicts.
+        let published = snapshot.with_service_verdicts(2);
+        let published = Snapshot::parse(&published).expect("verdicts validate");
+        assert!(
+            published.has_service_verdicts(),
+            "the random cluster has Services"
+        );
         for destination in &destinations {
             for (port, protocol) in [
                 (80, Protocol::Tcp),
@@ -68,6 +75,13 @@ fn decisions_with(documents: &[String], pods: usize, settings: Settings) -> Vec<
                         && decision.location == traced.location
                         && decision.via == traced.via,
                     "fast path differs for {destination}:{port}: {decision:?} vs {traced:?}"
+                );
+                let read = published.decide(workload, *destination, port, protocol, &mut NoTrace);
+                assert!(
+                    decision.same_outcome(&read)
+                        && decision.location == read.location
+                        && decision.via == read.via,
+                    "Service verdict differs for {destination}:{port}: {decision:?} vs {read:?}"
                 );
                 let by = decision.matched.map(|m| {
                     let policy = snapshot.policy(m.policy);

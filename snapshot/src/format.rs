@@ -271,11 +271,19 @@ pub enum SectionId {
     IndexIntervals = 27,
     /// Rule positions named by the index, ascending within each list: [`index_posting`].
     IndexPostings = 28,
+    /// What a chain's workloads get for each Service frontend: rows of [`service_verdict`]
+    /// records, one per `Services` record; chains that decide every Service alike share a row.
+    /// Optional and derived, with the next: the controller never sends them; the node agent
+    /// adds them ([`crate::Snapshot::with_service_verdicts`]) to the snapshot it publishes for
+    /// the shim, so a connection to a ClusterIP reads a record instead of deciding backends.
+    ServiceVerdicts = 29,
+    /// Each chain's row of `ServiceVerdicts`, parallel to `Chains`: [`service_verdict_row`].
+    ServiceVerdictRows = 30,
 }
 
 impl SectionId {
     /// Every section, in the order they are written.
-    pub const ALL: [Self; 27] = [
+    pub const ALL: [Self; 29] = [
         Self::SharedStrings,
         Self::Zones,
         Self::Nodes,
@@ -303,6 +311,8 @@ impl SectionId {
         Self::Workloads,
         Self::WorkloadAddresses,
         Self::NodeStrings,
+        Self::ServiceVerdicts,
+        Self::ServiceVerdictRows,
     ];
 
     /// Size of one record of this section.
@@ -333,6 +343,8 @@ impl SectionId {
             Self::IndexPostings => index_posting::LEN,
             Self::Workloads => workload::LEN,
             Self::WorkloadAddresses => workload_address::LEN,
+            Self::ServiceVerdicts => service_verdict::LEN,
+            Self::ServiceVerdictRows => service_verdict_row::LEN,
         }
     }
 
@@ -340,7 +352,12 @@ impl SectionId {
     pub const fn is_optional(self) -> bool {
         matches!(
             self,
-            Self::ChainIndexes | Self::IndexIdentities | Self::IndexIntervals | Self::IndexPostings
+            Self::ChainIndexes
+                | Self::IndexIdentities
+                | Self::IndexIntervals
+                | Self::IndexPostings
+                | Self::ServiceVerdicts
+                | Self::ServiceVerdictRows
         )
     }
 
@@ -379,6 +396,8 @@ impl SectionId {
             Self::NodeStrings => "node-strings",
             Self::RuleFilters => "rule-filters",
             Self::PolicyFilters => "policy-filters",
+            Self::ServiceVerdicts => "service-verdicts",
+            Self::ServiceVerdictRows => "service-verdict-rows",
         }
     }
 
@@ -799,6 +818,41 @@ pub mod index_posting {
     /// rule's number within that policy in the lower 16, so positions ascend in evaluation
     /// order.
     pub const POSITION: U32 = U32(0);
+    /// Record length.
+    pub const LEN: usize = 4;
+}
+
+/// What a chain's workloads get for one Service frontend (`ServiceVerdicts`): the decision
+/// [`crate::Snapshot::decide`] reaches by deciding the frontend's backends.
+pub mod service_verdict {
+    use super::{U8, U32};
+
+    /// [`OUTCOME_RULE`], [`OUTCOME_DEFAULT`] or [`OUTCOME_AMBIGUOUS`].
+    pub const OUTCOME: U8 = U8(0);
+    /// Where the destination is: the first backend's location, or the frontend's when the
+    /// backends disagree (a `Location` byte).
+    pub const LOCATION: U8 = U8(1);
+    /// The rule every backend matched (with [`OUTCOME_RULE`]): its policy...
+    pub const POLICY: U32 = U32(4);
+    /// ... and its number within that policy.
+    pub const RULE: U32 = U32(8);
+    /// Record length.
+    pub const LEN: usize = 12;
+
+    /// Every backend matched the rule named by `POLICY` and `RULE`.
+    pub const OUTCOME_RULE: u8 = 0;
+    /// No rule matched any backend: the installation default, unanimously.
+    pub const OUTCOME_DEFAULT: u8 = 1;
+    /// The backends would be routed differently (or there are none): the installation default.
+    pub const OUTCOME_AMBIGUOUS: u8 = 2;
+}
+
+/// A chain's row of Service verdicts (`ServiceVerdictRows`).
+pub mod service_verdict_row {
+    use super::U32;
+
+    /// The row: its first record is `ROW × services` in `ServiceVerdicts`.
+    pub const ROW: U32 = U32(0);
     /// Record length.
     pub const LEN: usize = 4;
 }

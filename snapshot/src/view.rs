@@ -2,6 +2,7 @@
 
 mod decide;
 mod validate;
+mod verdicts;
 
 use std::net::IpAddr;
 
@@ -771,6 +772,11 @@ fn backend_key(record: &[u8]) -> (u32, u16, u32, u32, u8, [u8; 16]) {
         FAMILY.get(record),
         IP.get(record),
     )
+}
+
+/// The address of a Service frontend record.
+fn service_ip(record: &[u8]) -> IpAddr {
+    stored_address(service::FAMILY.get(record), service::IP.get(record))
 }
 
 fn backend_address(record: &[u8]) -> IpAddr {

@@ -373,6 +373,101 @@ fn identity_set_references_are_checked() {
     );
 }
 
+/// Service verdicts (added by the agent): `decide` reads them with the same results, computing
+/// them again replaces them, and a record naming no rule, an unknown outcome or location, or a
+/// section of the wrong size is refused.
+#[test]
+fn service_verdicts_decide_alike_and_are_checked() {
+    let bytes = sample();
+    let plain = Snapshot::parse(&bytes).unwrap();
+    assert!(!plain.has_service_verdicts());
+    let published = plain.with_service_verdicts(2);
+    let snapshot = Snapshot::parse(&published).unwrap();
+    assert!(snapshot.has_service_verdicts());
+    assert_eq!(
+        snapshot.with_service_verdicts(1),
+        published,
+        "computed again: replaced"
+    );
+    assert_eq!(
+        snapshot.without_service_verdicts(),
+        bytes,
+        "left out: the original"
+    );
+    assert_eq!(plain.without_service_verdicts(), bytes);
+    let service: IpAddr = "10.96.0.1".parse().unwrap();
+    let (_, _, workloads) = plain.counts();
+    let mut matched = 0;
+    for w in (0..workloads as u32).map(WorkloadId) {
+        let expected = plain.decide(w, service, 80, Protocol::Tcp, &mut NoTrace);
+        let read = snapshot.decide(w, service, 80, Protocol::Tcp, &mut NoTrace);
+        assert!(expected.same_outcome(&read), "{expected:?} vs {read:?}");
+        assert_eq!((expected.location, expected.via), (read.location, read.via));
+        matched += usize::from(read.matched.is_some());
+    }
+    assert_eq!(matched, 1, "ml/a's chain routes the Service by rule web");
+
+    // Chain 0 (ml/a) matched rule 0 of policy 0; chain 1 got the default: two rows.
+    let verdicts = section_range(&published, format::SectionId::ServiceVerdicts);
+    assert_eq!(verdicts.len(), 2 * format::service_verdict::LEN);
+    let rule_verdict = verdicts.start;
+    assert_eq!(
+        published[rule_verdict],
+        format::service_verdict::OUTCOME_RULE
+    );
+    let cases: [(usize, &[u8], &str); 4] = [
+        (0, &[3], "unknown outcome"),
+        (1, &[9], "unknown location"),
+        (4, &[1, 0, 0, 0], "policy out of range"),
+        (8, &[2, 0, 0, 0], "rule out of range"),
+    ];
+    for (offset, value, problem) in cases {
+        let mut corrupt = published.clone();
+        let at = rule_verdict + offset;
+        corrupt[at..at + value.len()].copy_from_slice(value);
+        match Snapshot::parse(&with_fixed_checksum(corrupt)) {
+            Err(DecodeError::BadRecord {
+                section: "service-verdicts",
+                problem: found,
+                ..
+            }) => assert_eq!(found, problem),
+            other => panic!("verdict byte {offset} set to {value:?}: {other:?}"),
+        }
+    }
+    // Sections cut short in the directory: a row missing (a chain without one), or a chain
+    // pointing past the rows.
+    let directory_entry = |id: format::SectionId| {
+        (0..format::SectionId::ALL.len())
+            .map(|i| format::HEADER_LEN + i * format::DIRECTORY_ENTRY_LEN)
+            .find(|at| published[*at] == id as u8)
+            .unwrap()
+    };
+    let cut = |id: format::SectionId, len: usize| {
+        let mut corrupt = published.clone();
+        let entry = directory_entry(id);
+        corrupt[entry + 8..entry + 12].copy_from_slice(&(len as u32).to_le_bytes());
+        Snapshot::parse(&with_fixed_checksum(corrupt)).unwrap_err()
+    };
+    assert_eq!(
+        cut(
+            format::SectionId::ServiceVerdictRows,
+            format::service_verdict_row::LEN
+        ),
+        DecodeError::BadSection("service verdicts are not a row of every Service for every chain")
+    );
+    assert_eq!(
+        cut(
+            format::SectionId::ServiceVerdicts,
+            format::service_verdict::LEN
+        ),
+        DecodeError::BadRecord {
+            section: "service-verdict-rows",
+            index: 1,
+            problem: "row out of range"
+        }
+    );
+}
+
 /// The bytes with header length and checksum made to agree with them, so an edit gets past
 /// those two cheap checks.
 fn with_fixed_checksum(mut bytes: Vec<u8>) -> Vec<u8> {

@@ -89,6 +89,24 @@ impl<'a> Snapshot<'a> {
                 self.walk_one(workload, destination, &mut OnlyThis)
             };
         };
+        if !trace.detailed()
+            && let Some(decision) = self.service_verdict(workload, service)
+        {
+            return decision;
+        }
+        self.decide_service(workload, service, ip, protocol, trace)
+    }
+
+    /// The decision for a connection to the Service frontend record `service` (at `ip`): its
+    /// backends decided one by one (with a detailed `trace`) or in groups.
+    pub(super) fn decide_service<T: Trace>(
+        &self,
+        workload: WorkloadId,
+        service: usize,
+        ip: IpAddr,
+        protocol: Protocol,
+        trace: &mut T,
+    ) -> Decision<'a> {
         let backends = self.range(self.record(SectionId::Services, service), service::BACKENDS);
         let count = (backends.len() / backend::LEN) as u32;
         let (records, _) = backends.as_chunks::<{ backend::LEN }>();
@@ -114,7 +132,7 @@ impl<'a> Snapshot<'a> {
     /// The Service frontend record at `ip:port`, if there is one. ClusterIPs come from one
     /// service range: most destinations fall outside the first and last frontend, and skip the
     /// search.
-    fn service_at(&self, ip: IpAddr, port: u16, protocol: Protocol) -> Option<usize> {
+    pub(super) fn service_at(&self, ip: IpAddr, port: u16, protocol: Protocol) -> Option<usize> {
         let (family, key) = ip_key(ip);
         let services = self.count(SectionId::Services);
         let outside = |index: usize, ordering| {
@@ -553,7 +571,7 @@ impl<'a> Snapshot<'a> {
     }
 
     /// The decision of a rule that matched a destination at `location`.
-    fn matched_decision(
+    pub(super) fn matched_decision(
         &self,
         rule: RuleRef,
         record: &'a [u8],

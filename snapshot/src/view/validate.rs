@@ -11,11 +11,12 @@ use super::{
 };
 use crate::format::{
     self, SectionId, address4, address6, backend, chain, chain_index, chain_policy, cidr, header,
-    identity_set, identity_set_range, node, peer, policy, port, rule, service, workload,
-    workload_address, zone,
+    identity_set, identity_set_range, node, peer, policy, port, rule, service, service_verdict,
+    service_verdict_row, workload, workload_address, zone,
 };
 use crate::{
-    Action, Entity, Isolation, LocationMatch, NO_IDENTITY, NO_ZONE, PolicyKind, Protocol, Tier,
+    Action, Entity, Isolation, Location, LocationMatch, NO_IDENTITY, NO_ZONE, PolicyKind, Protocol,
+    Tier,
 };
 
 /// The error for record `index` of `section`.
@@ -42,7 +43,8 @@ impl Snapshot<'_> {
         self.validate_summaries()?;
         self.validate_policies_and_chains()?;
         self.validate_chain_indexes()?;
-        self.validate_workloads()
+        self.validate_workloads()?;
+        self.validate_service_verdicts()
     }
 
     /// That the range `field` of record `index` of `from` lies inside its target section.
@@ -512,6 +514,58 @@ impl Snapshot<'_> {
         for (id, expected) in stored {
             if self.section(id) != expected.as_slice() {
                 return Err(bad(id, 0, "differs from the index of the rules it names"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Service verdicts, when present: whole rows (one record per frontend), a row for every
+    /// chain, each record naming a location and, for a rule, a rule that exists (not whether it
+    /// is the right one: see `verdicts`).
+    fn validate_service_verdicts(&self) -> Result<(), DecodeError> {
+        use service_verdict::{LOCATION, OUTCOME, OUTCOME_AMBIGUOUS, OUTCOME_RULE, POLICY, RULE};
+        let (verdicts, rows) = (
+            self.count(SectionId::ServiceVerdicts),
+            self.count(SectionId::ServiceVerdictRows),
+        );
+        if rows == 0 && verdicts == 0 {
+            return Ok(());
+        }
+        let services = self.count(SectionId::Services);
+        if rows != self.count(SectionId::Chains)
+            || (services == 0 && verdicts != 0)
+            || (services != 0 && !verdicts.is_multiple_of(services))
+        {
+            return Err(DecodeError::BadSection(
+                "service verdicts are not a row of every Service for every chain",
+            ));
+        }
+        let distinct = verdicts.checked_div(services).unwrap_or(0);
+        for (i, r) in self.records(SectionId::ServiceVerdictRows).enumerate() {
+            if service_verdict_row::ROW.get(r) as usize >= distinct.max(1) {
+                return Err(bad(SectionId::ServiceVerdictRows, i, "row out of range"));
+            }
+        }
+        let policies = self.count(SectionId::Policies);
+        for (i, r) in self.records(SectionId::ServiceVerdicts).enumerate() {
+            let here = |problem| bad(SectionId::ServiceVerdicts, i, problem);
+            if OUTCOME.get(r) > OUTCOME_AMBIGUOUS {
+                return Err(here("unknown outcome"));
+            }
+            if Location::from_byte(LOCATION.get(r)).is_none() {
+                return Err(here("unknown location"));
+            }
+            if OUTCOME.get(r) == OUTCOME_RULE {
+                let policy = POLICY.get(r) as usize;
+                if policy >= policies {
+                    return Err(here("policy out of range"));
+                }
+                let rules = policy::RULES
+                    .get(self.record(SectionId::Policies, policy))
+                    .1;
+                if RULE.get(r) >= rules {
+                    return Err(here("rule out of range"));
+                }
             }
         }
         Ok(())
