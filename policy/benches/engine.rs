@@ -1741,6 +1741,27 @@ fn envelope() {
         .map(|n| before.node_snapshot(n, 1).expect("node snapshot"))
         .collect();
     drop(before);
+    // What each agent adds before publishing: its node's Service verdicts.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut verdict_times = Vec::new();
+    let mut verdict_bytes = Vec::new();
+    for bytes in old.iter().take(8) {
+        let snapshot = Snapshot::parse(bytes).expect("node snapshot parses");
+        let start = Instant::now();
+        let published = snapshot.with_service_verdicts(cores);
+        verdict_times.push(start.elapsed());
+        verdict_bytes.push(published.len() - bytes.len());
+    }
+    verdict_bytes.sort_unstable();
+    println!(
+        "  Service verdicts an agent adds ({} Services, {} nodes sampled, {cores} cores): median {} (max {}), {}–{} bytes added",
+        state.services.len(),
+        verdict_times.len(),
+        ms(median(verdict_times.clone())),
+        ms(verdict_times.iter().copied().max().unwrap_or_default()),
+        verdict_bytes.first().copied().unwrap_or(0),
+        verdict_bytes.last().copied().unwrap_or(0)
+    );
     for (what, labels) in [
         ("to another pod's labels (an existing identity)", existing),
         ("to labels nobody had (a new identity)", new_labels),

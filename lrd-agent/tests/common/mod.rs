@@ -358,15 +358,18 @@ impl Agent {
         self.spawn();
     }
 
-    /// The published snapshot: (generation, revision, stale, snapshot bytes).
+    /// The published snapshot: (generation, revision, stale, snapshot bytes as the controller
+    /// sent them — the file's without the Service verdicts the agent adds).
     pub fn published(&self) -> Option<(u64, u64, bool, Vec<u8>)> {
         let bytes = std::fs::read(self.socket_dir.join(published::SNAPSHOT_FILE)).ok()?;
         let view = published::parse(&bytes).expect("the published file always parses");
+        let snapshot = stackroute_snapshot::Snapshot::parse(view.snapshot)
+            .expect("the published snapshot always validates");
         Some((
             view.generation,
             view.revision,
             view.stale,
-            view.snapshot.to_vec(),
+            snapshot.without_service_verdicts(),
         ))
     }
 
