@@ -1301,10 +1301,13 @@ fn main() {
     let start = Instant::now();
     let published_bytes = snapshot.with_service_verdicts(cores);
     let verdicts_time = start.elapsed();
+    let start = Instant::now();
+    black_box(snapshot.with_service_verdicts(1));
+    let verdicts_one_core = start.elapsed();
     let decided = snapshot;
     let snapshot = Snapshot::parse(&published_bytes).expect("published snapshot parses");
     println!(
-        "  Service verdicts as the agent adds them ({cores} cores): {} bytes ({} distinct rows for {} chains × {} Services) computed in {}",
+        "  Service verdicts as the agent adds them: {} bytes ({} distinct rows for {} chains × {} Services) computed in {} on {cores} cores, {} on one",
         section_bytes(&published_bytes, SectionId::ServiceVerdicts)
             + section_bytes(&published_bytes, SectionId::ServiceVerdictRows),
         section_bytes(&published_bytes, SectionId::ServiceVerdicts)
@@ -1313,7 +1316,8 @@ fn main() {
         section_bytes(&published_bytes, SectionId::ServiceVerdictRows)
             / stackroute_snapshot::format::service_verdict_row::LEN,
         cluster.services.len(),
-        ms(verdicts_time)
+        ms(verdicts_time),
+        ms(verdicts_one_core)
     );
     let workload_ids: Vec<WorkloadId> = cluster
         .hub_pods

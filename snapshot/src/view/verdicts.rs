@@ -42,14 +42,17 @@ impl<'a> Snapshot<'a> {
                 slot.get_or_insert(WorkloadId(index as u32));
             }
         }
-        let share = chains.div_ceil(workers.max(1)).max(1);
-        let rows: Vec<Vec<u8>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = sources
-                .chunks(share)
-                .map(|sources| {
+        // Chains dealt round-robin: neighbouring chains (one namespace's) cost alike.
+        let workers = workers.clamp(1, chains.max(1));
+        let sources = &sources;
+        let dealt: Vec<Vec<Vec<u8>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|first| {
                     scope.spawn(move || {
                         sources
                             .iter()
+                            .skip(first)
+                            .step_by(workers)
                             .map(|source| self.verdict_row(*source, services))
                             .collect::<Vec<_>>()
                     })
@@ -57,16 +60,14 @@ impl<'a> Snapshot<'a> {
                 .collect();
             handles
                 .into_iter()
-                .flat_map(|h| h.join().expect("deciding Services cannot panic"))
+                .map(|h| h.join().expect("deciding Services cannot panic"))
                 .collect()
         });
+        let rows = (0..chains).map(|chain| &dealt[chain % workers][chain / workers]);
         let mut row_numbers: HashMap<&[u8], u32> = HashMap::new();
         let mut verdicts = Vec::new();
         let mut row_of_chain = vec![0u8; chains * service_verdict_row::LEN];
-        for (row, record) in rows
-            .iter()
-            .zip(row_of_chain.chunks_exact_mut(service_verdict_row::LEN))
-        {
+        for (row, record) in rows.zip(row_of_chain.chunks_exact_mut(service_verdict_row::LEN)) {
             let next = row_numbers.len() as u32;
             let number = *row_numbers.entry(row).or_insert_with(|| {
                 verdicts.extend_from_slice(row);
