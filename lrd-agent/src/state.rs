@@ -393,7 +393,9 @@ impl Agent {
     fn publish(&self, revision: u64, stale: bool, parsed: Parsed) -> std::io::Result<()> {
         let started = Instant::now();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let published = parsed.snapshot().with_service_verdicts(cores);
+        let published = parsed
+            .snapshot()
+            .with_service_verdicts(cores, stackroute_snapshot::SERVICE_VERDICT_DECISIONS);
         let verdicts_ms = started.elapsed().as_millis() as u64;
         let mut publisher = lock(&self.publisher);
         if self.role() != Role::Serving {

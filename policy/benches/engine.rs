@@ -43,7 +43,8 @@ use stackroute_policy::state::{
 };
 use stackroute_policy::{ClusterState, Compiled, Settings};
 use stackroute_snapshot::{
-    NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict, WorkloadId, delta, format::SectionId,
+    NoTrace, Protocol, RuleRef, SERVICE_VERDICT_DECISIONS, Snapshot, Trace, Verdict, WorkloadId,
+    delta, format::SectionId,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1299,10 +1300,10 @@ fn main() {
     // it computes after each snapshot arrives. The controller's snapshot, which decides a
     // Service's backends at connect time, is timed beside it.
     let start = Instant::now();
-    let published_bytes = snapshot.with_service_verdicts(cores);
+    let published_bytes = snapshot.with_service_verdicts(cores, SERVICE_VERDICT_DECISIONS);
     let verdicts_time = start.elapsed();
     let start = Instant::now();
-    black_box(snapshot.with_service_verdicts(1));
+    black_box(snapshot.with_service_verdicts(1, SERVICE_VERDICT_DECISIONS));
     let verdicts_one_core = start.elapsed();
     let decided = snapshot;
     let snapshot = Snapshot::parse(&published_bytes).expect("published snapshot parses");
@@ -1471,7 +1472,7 @@ fn main() {
     let start = Instant::now();
     let worst = Snapshot::parse(&worst_bytes).expect("worst-case snapshot parses");
     let worst_parse = start.elapsed();
-    let worst_published = worst.with_service_verdicts(cores);
+    let worst_published = worst.with_service_verdicts(cores, SERVICE_VERDICT_DECISIONS);
     let worst_decided = worst;
     let worst = Snapshot::parse(&worst_published).expect("published worst case parses");
     let index_sections = [
@@ -1752,7 +1753,7 @@ fn envelope() {
     for bytes in old.iter().take(8) {
         let snapshot = Snapshot::parse(bytes).expect("node snapshot parses");
         let start = Instant::now();
-        let published = snapshot.with_service_verdicts(cores);
+        let published = snapshot.with_service_verdicts(cores, SERVICE_VERDICT_DECISIONS);
         verdict_times.push(start.elapsed());
         verdict_bytes.push(published.len() - bytes.len());
     }

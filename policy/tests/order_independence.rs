@@ -52,12 +52,15 @@ fn decisions_with(documents: &[String], pods: usize, settings: Settings) -> Vec<
     let mut out = Vec::new();
     each_pod_with(documents, settings, |pod, snapshot, workload| {
         // As the agent publishes it: a Service's decision read from the precomputed verdicts.
-        let published = snapshot.with_service_verdicts(2);
+        let published = snapshot.with_service_verdicts(2, usize::MAX);
         let published = Snapshot::parse(&published).expect("verdicts validate");
         assert!(
             published.has_service_verdicts(),
             "the random cluster has Services"
         );
+        // Rows for the chains most workloads use, as many as 40 decisions allow.
+        let partly = snapshot.with_service_verdicts(2, 40);
+        let partly = Snapshot::parse(&partly).expect("verdicts validate");
         for destination in &destinations {
             for (port, protocol) in [
                 (80, Protocol::Tcp),
@@ -82,6 +85,13 @@ fn decisions_with(documents: &[String], pods: usize, settings: Settings) -> Vec<
                         && decision.location == read.location
                         && decision.via == read.via,
                     "Service verdict differs for {destination}:{port}: {decision:?} vs {read:?}"
+                );
+                let read = partly.decide(workload, *destination, port, protocol, &mut NoTrace);
+                assert!(
+                    decision.same_outcome(&read)
+                        && decision.location == read.location
+                        && decision.via == read.via,
+                    "partial Service verdicts differ for {destination}:{port}: {decision:?} vs {read:?}"
                 );
                 let by = decision.matched.map(|m| {
                     let policy = snapshot.policy(m.policy);

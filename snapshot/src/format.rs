@@ -851,10 +851,14 @@ pub mod service_verdict {
 pub mod service_verdict_row {
     use super::U32;
 
-    /// The row: its first record is `ROW × services` in `ServiceVerdicts`.
+    /// The row: its first record is `ROW × services` in `ServiceVerdicts`; [`NONE`] when the
+    /// chain has none (its Services are decided from their backends).
     pub const ROW: U32 = U32(0);
     /// Record length.
     pub const LEN: usize = 4;
+
+    /// No row.
+    pub const NONE: u32 = u32::MAX;
 }
 
 /// A workload on this node (`Workloads`).

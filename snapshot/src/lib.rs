@@ -36,7 +36,7 @@ pub use encode::{
 };
 pub use view::{
     Decision, DecodeError, DestinationClass, Mismatch, NoTrace, PolicyView, RuleRef, RuleView,
-    Snapshot, Trace, Verdict, Via, WorkloadId,
+    SERVICE_VERDICT_DECISIONS, Snapshot, Trace, Verdict, Via, WorkloadId,
 };
 
 use std::net::IpAddr;

@@ -4,6 +4,8 @@ mod decide;
 mod validate;
 mod verdicts;
 
+pub use verdicts::SERVICE_VERDICT_DECISIONS;
+
 use std::net::IpAddr;
 
 use crate::encode::ip_key;

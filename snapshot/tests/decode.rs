@@ -381,11 +381,11 @@ fn service_verdicts_decide_alike_and_are_checked() {
     let bytes = sample();
     let plain = Snapshot::parse(&bytes).unwrap();
     assert!(!plain.has_service_verdicts());
-    let published = plain.with_service_verdicts(2);
+    let published = plain.with_service_verdicts(2, usize::MAX);
     let snapshot = Snapshot::parse(&published).unwrap();
     assert!(snapshot.has_service_verdicts());
     assert_eq!(
-        snapshot.with_service_verdicts(1),
+        snapshot.with_service_verdicts(1, SERVICE_VERDICT_DECISIONS),
         published,
         "computed again: replaced"
     );
@@ -406,6 +406,19 @@ fn service_verdicts_decide_alike_and_are_checked() {
         matched += usize::from(read.matched.is_some());
     }
     assert_eq!(matched, 1, "ml/a's chain routes the Service by rule web");
+    // Room for one chain's row (one Service): chain 0 gets it, chain 1 is decided from the
+    // backends — with the same results.
+    let partly = plain.with_service_verdicts(1, 1);
+    let rows = &partly[section_range(&partly, format::SectionId::ServiceVerdictRows)];
+    assert_eq!(rows[..4], 0u32.to_le_bytes());
+    assert_eq!(rows[4..], format::service_verdict_row::NONE.to_le_bytes());
+    let partly = Snapshot::parse(&partly).unwrap();
+    for w in (0..workloads as u32).map(WorkloadId) {
+        let expected = plain.decide(w, service, 80, Protocol::Tcp, &mut NoTrace);
+        let read = partly.decide(w, service, 80, Protocol::Tcp, &mut NoTrace);
+        assert!(expected.same_outcome(&read), "{expected:?} vs {read:?}");
+        assert_eq!((expected.location, expected.via), (read.location, read.via));
+    }
 
     // Chain 0 (ml/a) matched rule 0 of policy 0; chain 1 got the default: two rows.
     let verdicts = section_range(&published, format::SectionId::ServiceVerdicts);

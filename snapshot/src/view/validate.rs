@@ -542,7 +542,8 @@ impl Snapshot<'_> {
         }
         let distinct = verdicts.checked_div(services).unwrap_or(0);
         for (i, r) in self.records(SectionId::ServiceVerdictRows).enumerate() {
-            if service_verdict_row::ROW.get(r) as usize >= distinct.max(1) {
+            let row = service_verdict_row::ROW.get(r);
+            if row != service_verdict_row::NONE && row as usize >= distinct.max(1) {
                 return Err(bad(SectionId::ServiceVerdictRows, i, "row out of range"));
             }
         }

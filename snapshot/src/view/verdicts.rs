@@ -21,39 +21,54 @@ use crate::format::{
 };
 use crate::{Location, NoTrace, Protocol};
 
+/// How many Service decisions [`Snapshot::with_service_verdicts`] makes by default: about half a
+/// second of one core. A node of 110 pods (the kubelet's default limit) in as many chains fits
+/// with 9,000 Services; beyond, the chains used by the fewest workloads go without.
+pub const SERVICE_VERDICT_DECISIONS: usize = 1_000_000;
+
 impl<'a> Snapshot<'a> {
     /// Whether the snapshot carries Service verdicts (see [`Snapshot::with_service_verdicts`]).
     pub fn has_service_verdicts(&self) -> bool {
         !self.section(SectionId::ServiceVerdictRows).is_empty()
     }
 
-    /// These bytes with Service verdicts computed for them (replacing any they held): every
+    /// These bytes with Service verdicts computed for them (replacing any they held): each
     /// chain's decision for every Service frontend, as [`Snapshot::decide`] reaches it by
     /// deciding the backends, chains with equal rows sharing one. `decide` then reads the
     /// record instead, with the same result. Costs one Service decision per chain and
-    /// frontend, spread over `workers` threads.
-    pub fn with_service_verdicts(&self, workers: usize) -> Vec<u8> {
+    /// frontend, spread over `workers` threads; the chains most workloads use get rows first,
+    /// as many as `max_decisions` allows (see [`SERVICE_VERDICT_DECISIONS`]), the others are
+    /// decided from their backends at connect time.
+    pub fn with_service_verdicts(&self, workers: usize, max_decisions: usize) -> Vec<u8> {
         let services = self.count(SectionId::Services);
         let chains = self.count(SectionId::Chains);
-        // A workload of each chain to decide for; a chain no workload uses is never read.
-        let mut sources: Vec<Option<WorkloadId>> = vec![None; chains];
+        // Per chain, a workload to decide for and how many use it.
+        let mut users: Vec<(Option<WorkloadId>, u32)> = vec![(None, 0); chains];
         for (index, record) in self.records(SectionId::Workloads).enumerate() {
-            if let Some(slot) = sources.get_mut(workload::CHAIN.get(record) as usize) {
-                slot.get_or_insert(WorkloadId(index as u32));
+            if let Some((first, count)) = users.get_mut(workload::CHAIN.get(record) as usize) {
+                first.get_or_insert(WorkloadId(index as u32));
+                *count += 1;
             }
         }
-        // Chains dealt round-robin: neighbouring chains (one namespace's) cost alike.
-        let workers = workers.clamp(1, chains.max(1));
-        let sources = &sources;
+        let mut chosen: Vec<(usize, WorkloadId)> = users
+            .iter()
+            .enumerate()
+            .filter_map(|(chain, (first, _))| Some((chain, (*first)?)))
+            .collect();
+        chosen.sort_by_key(|(chain, _)| (std::cmp::Reverse(users[*chain].1), *chain));
+        chosen.truncate(max_decisions.checked_div(services).unwrap_or(usize::MAX));
+        // Dealt round-robin: neighbouring chains (one namespace's) cost alike.
+        let workers = workers.clamp(1, chosen.len().max(1));
+        let chosen = &chosen;
         let dealt: Vec<Vec<Vec<u8>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
                 .map(|first| {
                     scope.spawn(move || {
-                        sources
+                        chosen
                             .iter()
                             .skip(first)
                             .step_by(workers)
-                            .map(|source| self.verdict_row(*source, services))
+                            .map(|(_, source)| self.verdict_row(*source, services))
                             .collect::<Vec<_>>()
                     })
                 })
@@ -63,17 +78,21 @@ impl<'a> Snapshot<'a> {
                 .map(|h| h.join().expect("deciding Services cannot panic"))
                 .collect()
         });
-        let rows = (0..chains).map(|chain| &dealt[chain % workers][chain / workers]);
         let mut row_numbers: HashMap<&[u8], u32> = HashMap::new();
         let mut verdicts = Vec::new();
         let mut row_of_chain = vec![0u8; chains * service_verdict_row::LEN];
-        for (row, record) in rows.zip(row_of_chain.chunks_exact_mut(service_verdict_row::LEN)) {
+        for record in row_of_chain.chunks_exact_mut(service_verdict_row::LEN) {
+            service_verdict_row::ROW.put(record, service_verdict_row::NONE);
+        }
+        for (i, (chain, _)) in chosen.iter().enumerate() {
+            let row = &dealt[i % workers][i / workers];
             let next = row_numbers.len() as u32;
             let number = *row_numbers.entry(row).or_insert_with(|| {
                 verdicts.extend_from_slice(row);
                 next
             });
-            service_verdict_row::ROW.put(record, number);
+            let at = chain * service_verdict_row::LEN;
+            service_verdict_row::ROW.put(&mut row_of_chain[at..], number);
         }
         with_sections(
             self.bytes,
@@ -97,20 +116,19 @@ impl<'a> Snapshot<'a> {
     }
 
     /// One chain's verdicts, deciding for `source`, a workload of that chain.
-    fn verdict_row(&self, source: Option<WorkloadId>, services: usize) -> Vec<u8> {
+    fn verdict_row(&self, source: WorkloadId, services: usize) -> Vec<u8> {
         let mut row = vec![0u8; services * service_verdict::LEN];
         for (service, record) in row.chunks_exact_mut(service_verdict::LEN).enumerate() {
             let frontend = self.record(SectionId::Services, service);
-            let ip = service_ip(frontend);
             let protocol =
                 service::PROTOCOL.decode_or(frontend, Protocol::from_byte, Protocol::Tcp);
-            let decision = match source {
-                Some(workload) => {
-                    self.decide_service(workload, service, ip, protocol, &mut NoTrace)
-                }
-                None => self
-                    .default_decision(self.classify(ip).1, Via::ServiceAmbiguous { backends: 0 }),
-            };
+            let decision = self.decide_service(
+                source,
+                service,
+                service_ip(frontend),
+                protocol,
+                &mut NoTrace,
+            );
             put_verdict(record, &decision);
         }
         row
@@ -129,6 +147,9 @@ impl<'a> Snapshot<'a> {
         let source = self.record(SectionId::Workloads, workload.0 as usize);
         let chain = workload::CHAIN.get(source) as usize;
         let row = service_verdict_row::ROW.get(self.record(SectionId::ServiceVerdictRows, chain));
+        if row == service_verdict_row::NONE {
+            return None;
+        }
         let at = row as usize * self.count(SectionId::Services) + service;
         let verdict = self.record(SectionId::ServiceVerdicts, at);
         // Validated: every chain has a row, each record names a location and a rule.
