@@ -126,13 +126,7 @@ pub fn encode_header(
 
 /// Parses the contents of a `DIR/snapshot` file.
 pub fn parse(bytes: &[u8]) -> Result<Published<'_>, PublishedError> {
-    if bytes.len() < HEADER_LEN {
-        return Err(PublishedError::Truncated);
-    }
-    if bytes[..8] != MAGIC || le32(bytes, 36) as usize != HEADER_LEN {
-        return Err(PublishedError::BadHeader);
-    }
-    let announced = le64(bytes, 24);
+    let (header, announced) = parse_header(bytes)?;
     let actual = (bytes.len() - HEADER_LEN) as u64;
     if announced != actual {
         return Err(PublishedError::LengthMismatch {
@@ -141,11 +135,28 @@ pub fn parse(bytes: &[u8]) -> Result<Published<'_>, PublishedError> {
         });
     }
     Ok(Published {
+        snapshot: &bytes[HEADER_LEN..],
+        ..header
+    })
+}
+
+/// The header of a `DIR/snapshot` file from its first [`HEADER_LEN`] bytes (with no snapshot),
+/// and the snapshot length it announces: for a reader that only wants to know what is
+/// published.
+pub fn parse_header(bytes: &[u8]) -> Result<(Published<'_>, u64), PublishedError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(PublishedError::Truncated);
+    }
+    if bytes[..8] != MAGIC || le32(bytes, 36) as usize != HEADER_LEN {
+        return Err(PublishedError::BadHeader);
+    }
+    let header = Published {
         generation: le64(bytes, 8),
         revision: le64(bytes, 16),
         stale: le32(bytes, 32) & FLAG_STALE != 0,
-        snapshot: &bytes[HEADER_LEN..],
-    })
+        snapshot: &[],
+    };
+    Ok((header, le64(bytes, 24)))
 }
 
 /// The contents of a fresh `DIR/generation` file holding `generation`.
