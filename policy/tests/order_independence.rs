@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 use stackroute_policy::Settings;
-use stackroute_snapshot::{NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict};
+use stackroute_snapshot::{Decision, NoTrace, Protocol, RuleRef, Snapshot, Trace, Verdict};
 
 mod support;
 use support::random_cluster::{
@@ -70,28 +70,28 @@ fn decisions_with(documents: &[String], pods: usize, settings: Settings) -> Vec<
             ] {
                 let decision =
                     snapshot.decide(workload, *destination, port, protocol, &mut NoTrace);
+                let alike = |what: &str, other: Decision<'_>| {
+                    assert!(
+                        decision.same_outcome(&other)
+                            && decision.location == other.location
+                            && decision.via == other.via,
+                        "{what} differs for {destination}:{port}: {decision:?} vs {other:?}"
+                    );
+                };
                 // The shim's fast path (policy summaries, rule filters, early exit) must agree
-                // with the rule-by-rule evaluation that explain traces.
-                let traced = snapshot.decide(workload, *destination, port, protocol, &mut Detailed);
-                assert!(
-                    decision.same_outcome(&traced)
-                        && decision.location == traced.location
-                        && decision.via == traced.via,
-                    "fast path differs for {destination}:{port}: {decision:?} vs {traced:?}"
+                // with the rule-by-rule evaluation that explain traces, and with the Service
+                // verdicts the agent publishes (all chains, or some).
+                alike(
+                    "fast path",
+                    snapshot.decide(workload, *destination, port, protocol, &mut Detailed),
                 );
-                let read = published.decide(workload, *destination, port, protocol, &mut NoTrace);
-                assert!(
-                    decision.same_outcome(&read)
-                        && decision.location == read.location
-                        && decision.via == read.via,
-                    "Service verdict differs for {destination}:{port}: {decision:?} vs {read:?}"
+                alike(
+                    "Service verdict",
+                    published.decide(workload, *destination, port, protocol, &mut NoTrace),
                 );
-                let read = partly.decide(workload, *destination, port, protocol, &mut NoTrace);
-                assert!(
-                    decision.same_outcome(&read)
-                        && decision.location == read.location
-                        && decision.via == read.via,
-                    "partial Service verdicts differ for {destination}:{port}: {decision:?} vs {read:?}"
+                alike(
+                    "partial Service verdict",
+                    partly.decide(workload, *destination, port, protocol, &mut NoTrace),
                 );
                 let by = decision.matched.map(|m| {
                     let policy = snapshot.policy(m.policy);
