@@ -17,15 +17,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stackroute_policy::selector::{Labels, Selector};
+use stackroute_policy::selector::Labels;
 use stackroute_policy::state::{NodeInfo, PodInfo};
-use stackroute_policy::{ClusterState, Compiled, Settings, map_on_all_cores};
+use stackroute_policy::{ClusterState, Settings};
 use stackroute_proto::v1alpha1::{
     Listener, ListenerKey, NodeCapabilities, NodeStatus, PolicyStatus, StatusResponse, Workload,
     WorkloadKey,
 };
-use stackroute_snapshot::delta::{self, SharedDelta};
-use stackroute_snapshot::{SectionInterner, SnapshotParts};
+use stackroute_snapshot::SnapshotParts;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::files::{FileEvent, FileSource};
@@ -553,8 +552,8 @@ pub struct PolicyRecord {
     /// new value means a new version. Stable across processes, so replicas compare them in
     /// shared acks.
     pub fingerprint: u64,
-    /// Nodes hosting one of its source pods.
-    pub targets: BTreeSet<String>,
+    /// Nodes hosting one of its source pods (one allocation for policies with the same).
+    pub targets: Arc<BTreeSet<String>>,
     /// Why the engine left it out, if it did.
     pub problem: Option<String>,
     /// Rules an earlier rule of the same object covers (they can never match).
@@ -586,42 +585,6 @@ pub struct PolicyReport {
     pub status: PolicyStatus,
     /// The generation in force (`None` for objects that never loaded).
     pub generation: Option<i64>,
-}
-
-/// What a compile needs, cut from the index (runs on a blocking thread).
-#[derive(Debug)]
-pub struct CompileInput {
-    /// The merged state.
-    pub state: ClusterState,
-    /// Nodes to encode snapshots for (those with watchers).
-    pub nodes: Vec<String>,
-    /// The listener registry.
-    pub listeners: Vec<Listener>,
-    /// Settings.
-    pub settings: Settings,
-    /// Each watched node's last published update: the base of its next delta.
-    pub previous: BTreeMap<String, Arc<NodeUpdate>>,
-    /// How many input changes the index had handled when it cut this input.
-    pub changes: u64,
-}
-
-/// What a compile produced.
-#[derive(Debug)]
-pub struct CompileOutput {
-    /// Its revision.
-    pub revision: u64,
-    /// Snapshot per node, with its delta from the node's previous one where smaller.
-    pub snapshots: Vec<(String, SnapshotParts, Option<SnapshotDelta>)>,
-    /// Listeners sent with every update.
-    pub listeners: Arc<Vec<Listener>>,
-    /// Every policy in the state.
-    pub policies: Vec<PolicyRecord>,
-    /// Every node of the compiled state.
-    pub nodes: BTreeSet<String>,
-    /// How long the compile took.
-    pub duration: Duration,
-    /// [`CompileInput::changes`]: the input changes this revision reflects.
-    pub changes: u64,
 }
 
 /// The index proper: every input, the last compile, and the per-node channels.
@@ -1366,11 +1329,29 @@ impl Index {
                 (p.problem.is_none() && *version == p.fingerprint).then_some(*first)
             })
             .collect();
-        let mut aimed_at: HashMap<String, Vec<u32>> = HashMap::new();
+        // Inverted once per distinct target set (policies share them), in policy order.
+        let mut by_targets: HashMap<*const BTreeSet<String>, (&BTreeSet<String>, Vec<u32>)> =
+            HashMap::new();
         for (index, policy) in output.policies.iter().enumerate() {
-            for node in &policy.targets {
-                aimed_at.entry(node.clone()).or_default().push(index as u32);
+            by_targets
+                .entry(Arc::as_ptr(&policy.targets))
+                .or_insert_with(|| (&policy.targets, Vec::new()))
+                .1
+                .push(index as u32);
+        }
+        let mut aimed_at: HashMap<String, Vec<u32>> = HashMap::new();
+        for (targets, indexes) in by_targets.values() {
+            for node in *targets {
+                match aimed_at.get_mut(node.as_str()) {
+                    Some(aimed) => aimed.extend_from_slice(indexes),
+                    None => {
+                        aimed_at.insert(node.clone(), indexes.clone());
+                    }
+                }
             }
+        }
+        for aimed in aimed_at.values_mut() {
+            aimed.sort_unstable();
         }
         self.aimed_at = aimed_at;
         self.metrics.network_policy_gated_rules.set(
@@ -1540,223 +1521,6 @@ impl Index {
     }
 }
 
-// === compile ===
-
-/// Nodes encoded at once: enough to keep every core busy, few enough that their tables are
-/// interned before the next batch is encoded (each node's are ~1 MB before interning).
-const ENCODE_BATCH: usize = 64;
-
-/// Compiles the state and encodes the watched nodes' snapshots (CPU-bound: call it on a
-/// blocking thread).
-pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
-    let started = Instant::now();
-    let CompileInput {
-        state,
-        nodes,
-        listeners,
-        settings,
-        previous,
-        changes,
-    } = input;
-    let compiled = Compiled::new(&state, settings);
-    let problems: BTreeMap<String, String> = compiled
-        .problems
-        .iter()
-        .map(|p| (p.object.clone(), p.to_string()))
-        .collect();
-    // The shared sections' operations are computed once per base revision's shared tables
-    // (every node published at the last revision has the same), not once per node.
-    let mut shared_deltas: Vec<SharedDelta> = Vec::new();
-    // Nodes with the same policies encode the same rule sections, and most sections of a
-    // revision equal the previous one's: each distinct section is kept once.
-    let mut interner = SectionInterner::default();
-    for before in previous.values() {
-        interner.remember(&before.snapshot);
-    }
-    let mut snapshots = Vec::with_capacity(nodes.len());
-    for batch in nodes.chunks(ENCODE_BATCH) {
-        // Encoding and diffing are per node, on every core; interning is shared, in order.
-        let encoded = map_on_all_cores(batch, |node| {
-            Some((node, compiled.node_parts(node, revision)?))
-        });
-        let interned: Vec<_> = encoded
-            .into_iter()
-            .map(|(node, mut snapshot)| {
-                snapshot.share_sections(&mut interner);
-                let base = previous.get(node).map(|before| {
-                    let known = shared_deltas
-                        .iter()
-                        .position(|known| known.joins(&before.snapshot, &snapshot));
-                    let shared = known.unwrap_or_else(|| {
-                        shared_deltas.push(SharedDelta::new(
-                            before.snapshot.shared(),
-                            snapshot.shared(),
-                        ));
-                        shared_deltas.len() - 1
-                    });
-                    (before, shared)
-                });
-                (node, snapshot, base)
-            })
-            .collect();
-        let shared_deltas = &shared_deltas;
-        let deltas = map_on_all_cores(&interned, |(_, snapshot, base)| {
-            Some(base.and_then(|(before, shared)| {
-                let delta =
-                    delta::diff_parts(&before.snapshot, snapshot, Some(&shared_deltas[shared]));
-                (delta.len() < snapshot.len()).then_some((before.revision, delta))
-            }))
-        });
-        snapshots.extend(
-            interned
-                .into_iter()
-                .zip(deltas)
-                .map(|((node, snapshot, _), delta)| (node.clone(), snapshot, delta)),
-        );
-    }
-    let mut policies = policy_records(&state, &problems);
-    let mut gated: BTreeMap<String, (u32, String)> = BTreeMap::new();
-    for rule in compiled.network_policy_gated() {
-        let (count, message) = gated.entry(rule.object()).or_default();
-        *count += 1;
-        if message.is_empty() {
-            let stacks: Vec<String> = rule.removed.iter().map(|s| format!("{s:?}")).collect();
-            *message = format!(
-                "rule {}: {} removed{} for {} source identit{} (network-policy): {}",
-                rule.rule,
-                stacks.join(", "),
-                if rule.partial {
-                    " toward some destinations"
-                } else {
-                    ""
-                },
-                rule.sources,
-                if rule.sources == 1 { "y" } else { "ies" },
-                rule.reason
-            );
-        }
-    }
-    for policy in &mut policies {
-        if let Some((count, message)) = gated.remove(&policy.object()) {
-            policy.gated_rules = count;
-            policy.gated_message = message;
-        }
-    }
-    let all_nodes = compiled.node_names().iter().cloned().collect();
-    CompileOutput {
-        revision,
-        snapshots,
-        listeners: Arc::new(listeners),
-        policies,
-        nodes: all_nodes,
-        duration: started.elapsed(),
-        changes,
-    }
-}
-
-/// A policy's version: FNV-1a (64 bit) of its object name (`Kind/namespace/name`), a zero byte
-/// and its spec's JSON. Equal specs of the same object, equal versions — in every process and
-/// build (unlike `DefaultHasher`), since replicas compare them in shared acks. Not
-/// cryptographic: a collision could at worst show a policy programmed early.
-pub fn policy_version<T: serde::Serialize>(object: &str, spec: &T) -> u64 {
-    let json = serde_json::to_vec(spec).unwrap_or_default();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in object.bytes().chain([0]).chain(json) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
-}
-
-/// Every policy of the state with the nodes hosting its source pods.
-fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> Vec<PolicyRecord> {
-    // Pods with equal namespace and labels are selected alike: evaluate selectors once per
-    // such identity, not once per pod.
-    let mut identities: BTreeMap<(&str, &Labels), BTreeSet<&str>> = BTreeMap::new();
-    for pod in &state.pods {
-        let nodes = identities
-            .entry((pod.namespace.as_str(), &pod.labels))
-            .or_default();
-        nodes.extend(pod.node.as_deref());
-    }
-    let nodes_of = |selects: &dyn Fn(&str, &Labels) -> bool| -> BTreeSet<String> {
-        identities
-            .iter()
-            .filter(|((namespace, labels), _)| selects(namespace, labels))
-            .flat_map(|(_, nodes)| nodes.iter().map(|n| n.to_string()))
-            .collect()
-    };
-    let parse = |selector| Selector::parse(selector).ok();
-    let mut records = Vec::new();
-    for route in &state.stack_routes {
-        let namespace = route.metadata.namespace.clone().unwrap_or_default();
-        let name = route.metadata.name.clone().unwrap_or_default();
-        let targets = match parse(&route.spec.pod_selector) {
-            Some(selector) => nodes_of(&|ns, labels| ns == namespace && selector.matches(labels)),
-            None => BTreeSet::new(),
-        };
-        let object = object_name("StackRoute", &namespace, &name);
-        records.push(PolicyRecord {
-            kind: "StackRoute",
-            problem: problems.get(&object).cloned(),
-            fingerprint: policy_version(&object, &route.spec),
-            namespace,
-            name,
-            generation: route.metadata.generation,
-            targets,
-            shadowed_rules: stackroute_policy::shadow::shadowed_rules(&route.spec.rules).len()
-                as u32,
-            gated_rules: 0,
-            gated_message: String::new(),
-        });
-    }
-    let namespace_labels = |namespace: &str| -> Labels { state.namespace_labels(namespace) };
-    for route in &state.cluster_stack_routes {
-        let name = route.metadata.name.clone().unwrap_or_default();
-        let subject = &route.spec.subject;
-        let targets = match (&subject.namespaces, &subject.pods) {
-            (Some(namespaces), _) => match parse(namespaces) {
-                Some(selector) => nodes_of(&|ns, _| selector.matches(&namespace_labels(ns))),
-                None => BTreeSet::new(),
-            },
-            (None, Some(pods)) => {
-                let pod_selector = parse(&pods.pod_selector);
-                let namespace_selector = match &pods.namespace_selector {
-                    Some(s) => parse(s).map(Some),
-                    None => Some(None),
-                };
-                match (pod_selector, namespace_selector) {
-                    (Some(pod_selector), Some(namespace_selector)) => nodes_of(&|ns, labels| {
-                        pod_selector.matches(labels)
-                            && namespace_selector
-                                .as_ref()
-                                .is_none_or(|s| s.matches(&namespace_labels(ns)))
-                    }),
-                    _ => BTreeSet::new(),
-                }
-            }
-            (None, None) => BTreeSet::new(),
-        };
-        let object = object_name("ClusterStackRoute", "", &name);
-        records.push(PolicyRecord {
-            kind: "ClusterStackRoute",
-            problem: problems.get(&object).cloned(),
-            fingerprint: policy_version(&object, &route.spec),
-            namespace: String::new(),
-            name,
-            generation: route.metadata.generation,
-            targets,
-            shadowed_rules: stackroute_policy::shadow::shadowed_rules(&route.spec.rules).len()
-                as u32,
-            gated_rules: 0,
-            gated_message: String::new(),
-        });
-    }
-    records
-}
-
-// === the task ===
-
 /// Runs the index task until every handle is dropped.
 pub async fn run(
     mut index: Index,
@@ -1833,6 +1597,9 @@ async fn compile_task(
         .await
         .map_err(|e| format!("compile task failed: {e}"))
 }
+
+mod compile;
+pub use compile::{CompileInput, CompileOutput, compile, policy_version};
 
 #[cfg(test)]
 mod tests;

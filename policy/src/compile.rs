@@ -22,7 +22,7 @@ use stackroute_snapshot::{
     Action, AddressEntry, AddressKind, Cidr, CongestionControl, Entity, Isolation, LocationMatch,
     NO_IDENTITY, NO_ZONE, NodeEntry, NodeInput, NodeTables, PeerEntry, PolicyEntry, PolicyKind,
     PortEntry, Protocol, RuleEntry, RuleGate, RuleRef, ServiceEntry, SharedInput, SharedTables,
-    SnapshotParts, Stack, Tier, TransportChoice, WorkloadEntry,
+    SnapshotParts, Stack, Tier, TransportChoice, WorkloadEntry, encode::PolicyTables,
 };
 
 use crate::selector::{Labels, Requirement, Selector};
@@ -92,6 +92,51 @@ pub struct PolicyOrigin {
     pub namespace: String,
     /// Name.
     pub name: String,
+}
+
+/// The compiled policies a node's workloads use: see [`Compiled::node_policies`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePolicies {
+    /// FNV-1a of `ids`, so that looking a list of thousands up hashes eight bytes.
+    hash: u64,
+    ids: Vec<u32>,
+}
+
+impl NodePolicies {
+    fn new(ids: Vec<u32>) -> Self {
+        let hash = ids.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, id| {
+            (hash ^ u64::from(*id)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        Self { hash, ids }
+    }
+}
+
+impl std::hash::Hash for NodePolicies {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// The policy sections of the nodes whose workloads use one [`NodePolicies`], encoded once per
+/// compile ([`Compiled::encode_policies`]) for [`Compiled::node_parts_with`].
+#[derive(Debug)]
+pub struct EncodedPolicies {
+    policies: NodePolicies,
+    /// The compile's shared tables: which compile this encoding belongs to.
+    shared: Arc<SharedTables>,
+    tables: PolicyTables,
+}
+
+impl EncodedPolicies {
+    /// The policies encoded.
+    pub fn policies(&self) -> &NodePolicies {
+        &self.policies
+    }
+
+    /// The encoded sections (to intern them before nodes take them; interning keeps the bytes).
+    pub fn tables_mut(&mut self) -> &mut PolicyTables {
+        &mut self.tables
+    }
 }
 
 /// Cluster state compiled for snapshot generation.
@@ -580,13 +625,8 @@ impl<'s> Compiled<'s> {
     /// split or took a stack from), or `None`.
     pub fn gated_rule(&self, node: &str, rule: RuleRef) -> Option<&GatedRule> {
         let id = *self.node_ids.get(node)?;
-        let mut used: Vec<u32> = self.pods_by_node[id as usize]
-            .iter()
-            .flat_map(|pod| self.chains[self.pod_chain[*pod] as usize].iter().copied())
-            .collect();
         // The node's local policy numbers, as `node_tables` assigns them.
-        used.sort_unstable();
-        used.dedup();
+        let used = self.used_policies(id);
         let global = *used.get(rule.policy as usize)?;
         self.gated_at
             .get(&(global, rule.rule))
@@ -645,6 +685,84 @@ impl<'s> Compiled<'s> {
     /// The node-specific part of one node's snapshot, or `None` for an unknown node; join it
     /// with [`Compiled::shared_tables`] by [`stackroute_snapshot::assemble`].
     pub fn node_tables(&self, node: &str, revision: u64) -> Option<NodeTables> {
+        let (mut input, used) = self.node_input(node, revision)?;
+        input.policies = used.iter().map(|p| &self.policies[*p as usize]).collect();
+        Some(stackroute_snapshot::encode_node_tables(
+            &self.shared,
+            &input,
+        ))
+    }
+
+    /// The compiled policies `node`'s workloads use, or `None` for an unknown node: nodes with
+    /// equal ones have equal policy sections ([`Compiled::encode_policies`]).
+    pub fn node_policies(&self, node: &str) -> Option<NodePolicies> {
+        let id = *self.node_ids.get(node)?;
+        Some(NodePolicies::new(self.used_policies(id)))
+    }
+
+    /// The policy sections of every node whose workloads use `policies`, encoded once. (Lists
+    /// of another compile are encoded as this one's numbers say; no node of this one uses a list
+    /// that names a policy it lacks, so such an encoding is never taken.)
+    pub fn encode_policies(&self, policies: NodePolicies) -> EncodedPolicies {
+        let entries: Vec<&PolicyEntry> = policies
+            .ids
+            .iter()
+            .filter_map(|p| self.policies.get(*p as usize))
+            .collect();
+        EncodedPolicies {
+            tables: stackroute_snapshot::encode::encode_policy_tables(&self.shared, &entries),
+            shared: self.shared.clone(),
+            policies,
+        }
+    }
+
+    /// [`Compiled::node_parts`], taking the node's policy sections from `encoded` when it holds
+    /// this compile's encoding of the node's policies (and encoding them otherwise): the same
+    /// bytes either way, since the policy sections depend on nothing else.
+    pub fn node_parts_with(
+        &self,
+        node: &str,
+        revision: u64,
+        encoded: &EncodedPolicies,
+    ) -> Option<SnapshotParts> {
+        let (mut input, used) = self.node_input(node, revision)?;
+        // The shared tables are this compile's own allocation, kept alive by `encoded`: equal
+        // addresses mean the policy numbers and identity sets it was encoded with are these.
+        let tables = if Arc::ptr_eq(&encoded.shared, &self.shared) && encoded.policies.ids == used {
+            stackroute_snapshot::encode::encode_node_tables_with(
+                &self.shared,
+                &encoded.tables,
+                &input,
+            )
+        } else {
+            input.policies = used.iter().map(|p| &self.policies[*p as usize]).collect();
+            stackroute_snapshot::encode_node_tables(&self.shared, &input)
+        };
+        Some(SnapshotParts::new(self.shared.clone(), tables))
+    }
+
+    /// The compiled policies (global numbers, ascending) the chains of node `id`'s pods use.
+    fn used_policies(&self, id: u32) -> Vec<u32> {
+        let mut chains: Vec<u32> = self.pods_by_node[id as usize]
+            .iter()
+            .map(|pod| self.pod_chain[*pod])
+            .collect();
+        chains.sort_unstable();
+        chains.dedup();
+        let mut used: Vec<u32> = chains
+            .iter()
+            .flat_map(|c| self.chains[*c as usize].iter().copied())
+            .collect();
+        // Chains ascend (evaluation order): a stable sort merges them as runs.
+        used.sort();
+        used.dedup();
+        used
+    }
+
+    /// What [`stackroute_snapshot::encode_node_tables`] needs for `node` but its policies, and
+    /// the global numbers of those (`input.policies` in that order), or `None` for an unknown
+    /// node.
+    fn node_input(&self, node: &str, revision: u64) -> Option<(NodeInput<'_>, Vec<u32>)> {
         let id = *self.node_ids.get(node)?;
         let mut chain_map: HashMap<u32, u32> = HashMap::new();
         let mut global_chains: Vec<u32> = Vec::new();
@@ -678,23 +796,14 @@ impl<'s> Compiled<'s> {
         // Local policy numbers follow the global evaluation order, so every chain ascends
         // through the Policies, Rules and RuleFilters sections: a lookup's walk reads memory
         // forwards, which the hardware prefetcher follows.
-        let mut used: Vec<u32> = global_chains
-            .iter()
-            .flat_map(|c| self.chains[*c as usize].iter().copied())
-            .collect();
-        used.sort_unstable();
-        used.dedup();
-        input.policies = used.iter().map(|p| &self.policies[*p as usize]).collect();
+        let used = self.used_policies(id);
         for (local, global) in input.chains.iter_mut().zip(&global_chains) {
             *local = self.chains[*global as usize]
                 .iter()
                 .map(|p| used.binary_search(p).unwrap_or_default() as u32)
                 .collect();
         }
-        Some(stackroute_snapshot::encode_node_tables(
-            &self.shared,
-            &input,
-        ))
+        Some((input, used))
     }
 
     /// Every node's own tables, encoded on all available cores: what a revision costs the

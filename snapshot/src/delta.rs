@@ -176,8 +176,61 @@ pub fn diff_parts(
     target: &SnapshotParts,
     shared: Option<&SharedDelta>,
 ) -> Vec<u8> {
+    diff_parts_with(base, target, shared, None)
+}
+
+/// Node sections smaller than this are diffed each time: cheaper than looking an operation up.
+const SECTION_OPS_MIN_LEN: usize = 1024;
+
+/// Operations on node sections, each computed once per pair of (base, target) allocations.
+/// Nodes with the same policies hold the same interned rule sections
+/// (`crate::SectionInterner`), so when a revision changes those sections every such node's
+/// delta needs the same operation: diffing it once instead of once per node is most of what
+/// diffing a revision costs. Keyed by the sections' addresses, with both kept alive so the
+/// addresses cannot be reused while the cache lives; shared by threads that diff in parallel.
+#[derive(Debug, Default)]
+pub struct SectionOps {
+    ops: std::sync::Mutex<std::collections::HashMap<OpsKey, CachedOp>>,
+}
+
+/// A node section's id and the addresses of its base and target bytes.
+type OpsKey = (SectionId, usize, usize);
+/// Base and target sections (kept alive) and the operation between them.
+type CachedOp = (Arc<Vec<u8>>, Arc<Vec<u8>>, Arc<Vec<u8>>);
+
+impl SectionOps {
+    fn op(&self, id: SectionId, old: &Arc<Vec<u8>>, new: &Arc<Vec<u8>>) -> Arc<Vec<u8>> {
+        let key = (id, Arc::as_ptr(old) as usize, Arc::as_ptr(new) as usize);
+        if let Some((_, _, op)) = self.lock().get(&key) {
+            return op.clone();
+        }
+        // Computed unlocked: two threads may both compute one, with equal results.
+        let mut op = Vec::new();
+        section_op(&mut op, Some(id), Some(old), new);
+        let op = Arc::new(op);
+        self.lock()
+            .entry(key)
+            .or_insert_with(|| (old.clone(), new.clone(), op))
+            .2
+            .clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<OpsKey, CachedOp>> {
+        // A panic elsewhere cannot leave an entry half-written: insertions are whole.
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// [`diff_parts`], taking large node sections' operations from `ops` (and adding them there).
+pub fn diff_parts_with(
+    base: &SnapshotParts,
+    target: &SnapshotParts,
+    shared: Option<&SharedDelta>,
+    ops: Option<&SectionOps>,
+) -> Vec<u8> {
     let cached = shared.filter(|shared| shared.joins(base, target));
     let same_shared = Arc::ptr_eq(base.shared(), target.shared());
+    let base_sections: Vec<_> = base.sections().collect();
     let mut out = start((base.revision(), base.checksum()), target.prefix());
     for (id, body, is_shared) in target.sections() {
         if is_shared && same_shared {
@@ -191,10 +244,17 @@ pub fn diff_parts(
             out.extend_from_slice(op);
             continue;
         }
-        let old = base
-            .sections()
+        if let Some(ops) = ops.filter(|_| !is_shared && body.len() >= SECTION_OPS_MIN_LEN)
+            && let (Some(old), Some(new)) = (base.node_section(id), target.node_section(id))
+            && !Arc::ptr_eq(old, new)
+        {
+            out.extend_from_slice(&ops.op(id, old, new));
+            continue;
+        }
+        let old = base_sections
+            .iter()
             .find(|(found, _, _)| *found == id)
-            .map(|(_, old, _)| old);
+            .map(|(_, old, _)| *old);
         section_op(&mut out, Some(id), old, body);
     }
     out

@@ -448,6 +448,46 @@ pub fn encode(shared: &SharedTables, node: &NodeInput<'_>) -> Vec<u8> {
 
 /// Encodes the node-specific part of a snapshot.
 pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTables {
+    encode_node_tables_with(shared, &encode_policy_tables(shared, &node.policies), node)
+}
+
+/// The sections of a node's snapshot that depend only on its policies (their records and the
+/// shared identity sets their pods peers name), and the policy and rule names that start its
+/// string section. Nodes whose workloads use the same policies have equal ones, so a controller
+/// encodes them once per distinct policy list rather than once per node
+/// ([`encode_node_tables_with`]).
+#[derive(Clone, Debug, Default)]
+pub struct PolicyTables {
+    /// Networks, Peers, Ports, Transports, Rules, RuleFilters, Policies, PolicyFilters.
+    sections: Vec<(SectionId, Arc<Vec<u8>>)>,
+    /// CRC-32 state of each section's bytes (parallel to `sections`).
+    crcs: Vec<crc32fast::Hasher>,
+    /// The start of the node string section (workload names follow), and its CRC state.
+    strings: Vec<u8>,
+    strings_crc: crc32fast::Hasher,
+}
+
+impl PolicyTables {
+    fn section(&self, id: SectionId) -> &[u8] {
+        self.sections
+            .iter()
+            .find(|(found, _)| *found == id)
+            .map_or(&[], |(_, bytes)| bytes.as_slice())
+    }
+
+    /// Bytes held (sections and strings).
+    pub fn len(&self) -> usize {
+        self.strings.len() + self.sections.iter().map(|(_, b)| b.len()).sum::<usize>()
+    }
+
+    /// Whether there are no bytes at all (no policies).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Encodes the sections that depend on `policies` alone: see [`PolicyTables`].
+pub fn encode_policy_tables(shared: &SharedTables, policies: &[&PolicyEntry]) -> PolicyTables {
     let mut strings = Vec::new();
     let mut networks = Vec::new();
     let mut peers = Vec::new();
@@ -455,11 +495,11 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
     let mut transports = Vec::new();
     let mut rules = Vec::new();
     let mut rule_filters = Vec::new();
-    let mut policies = Vec::new();
+    let mut policy_records = Vec::new();
     let mut policy_filters = Vec::new();
     let mut rule_count = 0u32;
-    for entry in &node.policies {
-        let r = push_record(&mut policies, policy::LEN);
+    for entry in policies {
+        let r = push_record(&mut policy_records, policy::LEN);
         policy::KIND.put(r, entry.kind as u8);
         policy::TIER.put(r, entry.tier as u8);
         policy::PRIORITY.put(r, entry.priority);
@@ -509,7 +549,38 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
             }
         }
     }
+    let sections: Vec<(SectionId, Arc<Vec<u8>>)> = [
+        (SectionId::Networks, networks),
+        (SectionId::Peers, peers),
+        (SectionId::Ports, ports),
+        (SectionId::Transports, transports),
+        (SectionId::Rules, rules),
+        (SectionId::RuleFilters, rule_filters),
+        (SectionId::Policies, policy_records),
+        (SectionId::PolicyFilters, policy_filters),
+    ]
+    .into_iter()
+    .map(|(id, bytes)| (id, Arc::new(bytes)))
+    .collect();
+    let crcs = section_crcs(sections.iter().map(|(_, b)| b.as_slice()));
+    let mut strings_crc = crc32fast::Hasher::new();
+    strings_crc.update(&strings);
+    PolicyTables {
+        sections,
+        crcs,
+        strings,
+        strings_crc,
+    }
+}
 
+/// Encodes the node-specific part of a snapshot from its policies' sections, encoded before by
+/// [`encode_policy_tables`] from `node.policies` (which is not read again): the same bytes as
+/// [`encode_node_tables`].
+pub fn encode_node_tables_with(
+    shared: &SharedTables,
+    policy_tables: &PolicyTables,
+    node: &NodeInput<'_>,
+) -> NodeTables {
     let mut chains = Vec::with_capacity(node.chains.len() * chain::LEN);
     let mut chain_policies = Vec::new();
     for list in &node.chains {
@@ -528,16 +599,19 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
         &crate::chain_index::RuleSections {
             chains: &chains,
             chain_policies: &chain_policies,
-            policy_filters: &policy_filters,
-            rules: &rules,
-            peers: &peers,
-            networks: &networks,
+            policy_filters: policy_tables.section(SectionId::PolicyFilters),
+            rules: policy_tables.section(SectionId::Rules),
+            peers: policy_tables.section(SectionId::Peers),
+            networks: policy_tables.section(SectionId::Networks),
             identity_sets: shared.section(SectionId::IdentitySets),
             identity_set_ranges: shared.section(SectionId::IdentitySetRanges),
         },
         |_, rules| rules >= min_rules,
     );
 
+    // Workload names follow the policies' strings in one section.
+    let mut strings = policy_tables.strings.clone();
+    let policy_strings = strings.len();
     let mut order: Vec<&WorkloadEntry> = node.workloads.iter().collect();
     order.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     order.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
@@ -564,40 +638,47 @@ pub fn encode_node_tables(shared: &SharedTables, node: &NodeInput<'_>) -> NodeTa
         workload_address::WORKLOAD.put(r, index);
     }
 
-    let mut tables = NodeTables {
+    // The policy strings' CRC state, extended by the workload strings: not hashed again per node.
+    let mut strings_crc = policy_tables.strings_crc.clone();
+    strings_crc.update(&strings[policy_strings..]);
+    let node_sections = [
+        (SectionId::Chains, chains),
+        (SectionId::ChainPolicies, chain_policies),
+        (SectionId::ChainIndexes, index.chain_indexes),
+        (SectionId::IndexIdentities, index.identities),
+        (SectionId::IndexIntervals, index.intervals),
+        (SectionId::IndexPostings, index.postings),
+        (SectionId::Workloads, workloads),
+        (SectionId::WorkloadAddresses, workload_addresses),
+    ]
+    .into_iter()
+    // Without an indexed chain the index sections are left out, as before they existed.
+    .filter(|(id, bytes)| !(id.is_optional() && bytes.is_empty()))
+    .map(|(id, bytes)| {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&bytes);
+        ((id, Arc::new(bytes)), crc)
+    });
+    let (sections, crcs) = policy_tables
+        .sections
+        .iter()
+        .cloned()
+        .zip(policy_tables.crcs.iter().cloned())
+        .chain(node_sections)
+        .chain(std::iter::once((
+            (SectionId::NodeStrings, Arc::new(strings)),
+            strings_crc,
+        )))
+        .unzip();
+    NodeTables {
         revision: node.revision,
         own_node: node.own_node,
         default_transport: node
             .default_transport
             .unwrap_or(TransportChoice::KERNEL_DEFAULT),
-        sections: [
-            (SectionId::Networks, networks),
-            (SectionId::Peers, peers),
-            (SectionId::Ports, ports),
-            (SectionId::Transports, transports),
-            (SectionId::Rules, rules),
-            (SectionId::RuleFilters, rule_filters),
-            (SectionId::Policies, policies),
-            (SectionId::PolicyFilters, policy_filters),
-            (SectionId::Chains, chains),
-            (SectionId::ChainPolicies, chain_policies),
-            (SectionId::ChainIndexes, index.chain_indexes),
-            (SectionId::IndexIdentities, index.identities),
-            (SectionId::IndexIntervals, index.intervals),
-            (SectionId::IndexPostings, index.postings),
-            (SectionId::Workloads, workloads),
-            (SectionId::WorkloadAddresses, workload_addresses),
-            (SectionId::NodeStrings, strings),
-        ]
-        .into_iter()
-        // Without an indexed chain the index sections are left out, as before they existed.
-        .filter(|(id, bytes)| !(id.is_optional() && bytes.is_empty()))
-        .map(|(id, bytes)| (id, Arc::new(bytes)))
-        .collect(),
-        crcs: Vec::new(),
-    };
-    tables.crcs = section_crcs(tables.sections.iter().map(|(_, b)| b.as_slice()));
-    tables
+        sections,
+        crcs,
+    }
 }
 
 /// The CRC-32 state of each section's bytes.
@@ -628,9 +709,27 @@ type SectionKey = (SectionId, usize, u32);
 impl SectionInterner {
     /// Replaces each of `tables`' sections by an equal one seen before, and remembers the rest.
     pub fn intern(&mut self, tables: &mut NodeTables) {
-        for ((id, bytes), crc) in tables.sections.iter_mut().zip(&tables.crcs) {
+        self.intern_sections(&mut tables.sections, &tables.crcs);
+    }
+
+    /// [`SectionInterner::intern`] for policy sections, before nodes take them: every node
+    /// built from `tables` then holds sections this interner knows by address.
+    pub fn intern_policy_tables(&mut self, tables: &mut PolicyTables) {
+        self.intern_sections(&mut tables.sections, &tables.crcs);
+    }
+
+    fn intern_sections(
+        &mut self,
+        sections: &mut [(SectionId, Arc<Vec<u8>>)],
+        crcs: &[crc32fast::Hasher],
+    ) {
+        for ((id, bytes), crc) in sections.iter_mut().zip(crcs) {
             let key = (*id, bytes.len(), crc.clone().finalize());
             let known = self.seen.entry(key).or_default();
+            // The same allocation needs no comparison: nodes sharing policy tables hold one.
+            if known.iter().any(|known| Arc::ptr_eq(known, bytes)) {
+                continue;
+            }
             match known
                 .iter()
                 .find(|known| known.as_slice() == bytes.as_slice())
@@ -649,7 +748,11 @@ impl SectionInterner {
                 .seen
                 .entry((*id, bytes.len(), crc.clone().finalize()))
                 .or_default();
-            if !known.iter().any(|k| k.as_slice() == bytes.as_slice()) {
+            // Nodes hold one allocation of shared policy sections: compare addresses first.
+            if !known
+                .iter()
+                .any(|k| Arc::ptr_eq(k, bytes) || k.as_slice() == bytes.as_slice())
+            {
                 known.push(bytes.clone());
             }
         }
@@ -781,6 +884,15 @@ impl SnapshotParts {
     /// The shared tables.
     pub fn shared(&self) -> &Arc<SharedTables> {
         &self.shared
+    }
+
+    /// The node's own section `id`, as the allocation it shares with other nodes' tables.
+    pub(crate) fn node_section(&self, id: SectionId) -> Option<&Arc<Vec<u8>>> {
+        self.node
+            .sections
+            .iter()
+            .find(|(found, _)| *found == id)
+            .map(|(_, bytes)| bytes)
     }
 
     /// The sections in snapshot order: `(id, bytes, whether shared)`.

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use stackroute_proto::v1alpha1::{ListenerKey, Protocol, SnapshotUpdate, WorkloadKey};
-use stackroute_snapshot::{NoTrace, Snapshot};
+use stackroute_snapshot::{NoTrace, Snapshot, delta};
 
 use super::*;
 use crate::store::MemoryStore;
