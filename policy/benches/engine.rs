@@ -1604,15 +1604,27 @@ fn label_change_deltas(state: &ClusterState) {
         state.pods[pod].name,
         before.len()
     );
-    for (what, labels) in [
+    // One more pod beside it, at an address nobody had: the address book grows by one entry.
+    let mut added = state.pods[pod].clone();
+    added.name.push_str("-added");
+    added.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 255, 255, 254))];
+    let changes: [(&str, Box<dyn Fn(&mut ClusterState)>); 3] = [
         (
             "to another pod's labels (an existing identity)",
-            other_labels,
+            Box::new(move |s: &mut ClusterState| s.pods[pod].labels = other_labels.clone()),
         ),
-        ("to labels nobody had (a new identity)", new_labels),
-    ] {
+        (
+            "to labels nobody had (a new identity)",
+            Box::new(move |s: &mut ClusterState| s.pods[pod].labels = new_labels.clone()),
+        ),
+        (
+            "not relabelled: one pod added beside it (a new address; not a target)",
+            Box::new(move |s: &mut ClusterState| s.pods.push(added.clone())),
+        ),
+    ];
+    for (what, change) in changes {
         let mut changed = state.clone();
-        changed.pods[pod].labels = labels;
+        change(&mut changed);
         let after = Compiled::new(&changed, Settings::default()).all_node_snapshots(2);
         let start = Instant::now();
         let mut deltas: Vec<usize> = before
