@@ -1586,6 +1586,9 @@ fn main() {
 
 /// Issue 15: one pod's labels change; the delta every node's agent would receive from its
 /// previous snapshot (`stackroute_snapshot::delta`), against the whole snapshot.
+/// One change made to a cluster state.
+type StateChange = Box<dyn Fn(&mut ClusterState)>;
+
 fn label_change_deltas(state: &ClusterState) {
     let pod = PODS / 2;
     let namespace = &state.pods[pod].namespace;
@@ -1608,7 +1611,7 @@ fn label_change_deltas(state: &ClusterState) {
     let mut added = state.pods[pod].clone();
     added.name.push_str("-added");
     added.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 255, 255, 254))];
-    let changes: [(&str, Box<dyn Fn(&mut ClusterState)>); 3] = [
+    let changes: [(&str, StateChange); 3] = [
         (
             "to another pod's labels (an existing identity)",
             Box::new(move |s: &mut ClusterState| s.pods[pod].labels = other_labels.clone()),

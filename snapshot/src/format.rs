@@ -1377,7 +1377,10 @@ mod tests {
             assert!(addresses * 4 <= slots * 3, "{addresses}: load above 3/4");
             // At most an eighth more than three quarters' load needs (plus rounding).
             let needed = addresses + addresses / 3 + 1;
-            assert!(slots <= needed + needed / 8 + 1, "{addresses}: {slots} slots");
+            assert!(
+                slots <= needed + needed / 8 + 1,
+                "{addresses}: {slots} slots"
+            );
         }
         // Around 100,000 pods the size changes once per ~11,000 addresses, not with each.
         let sizes: std::collections::BTreeSet<usize> =
