@@ -10,17 +10,18 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::format::{
-    self, SectionId, address4, address6, backend, chain, chain_policy, cidr, directory, header,
-    identity_set, identity_set_range, node, peer, policy, port, rule, service, transport, workload,
-    workload_address, zone,
+    self, SectionId, address4, address6, backend, chain, chain_policy, cidr, directory,
+    endpoint_address, header, identity_set, identity_set_range, node, peer, policy, port, rule,
+    service, transport, workload, workload_address, zone,
 };
 use crate::{
     Action, Cidr, Entity, Isolation, LocationMatch, NO_IDENTITY, NO_ZONE, PolicyKind, Protocol,
     Stack, Tier, TransportChoice,
 };
 
-/// A backend in the order a Service's backends are stored: identity, port, zone, node, address.
-type BackendKey = (u32, u16, u32, u32, (u8, [u8; 16]));
+/// A backend in the order a Service's backends are stored: identity, port, zone, node, address
+/// (as stored, then as an `IpAddr`).
+type BackendKey = (u32, u16, u32, u32, (u8, [u8; 16]), IpAddr);
 
 /// A node of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,11 +141,18 @@ impl SharedTables {
         for slot in table.iter_mut() {
             address4::KIND.put(slot, format::EMPTY_SLOT);
         }
+        // Where each address is, for the backends that name it.
+        let mut address_at: HashMap<IpAddr, (u8, u32)> =
+            HashMap::with_capacity(v4.len() + v6.len());
         for (ip, entry) in v4 {
             let mut slot = format::address4_slot(ip, slots);
             while address4::KIND.get(&table[slot]) != format::EMPTY_SLOT {
                 slot = if slot + 1 == slots { 0 } else { slot + 1 };
             }
+            address_at.insert(
+                IpAddr::from(ip.to_be_bytes()),
+                (backend::IN_ADDRESSES4, slot as u32),
+            );
             let r = &mut table[slot];
             address4::IP.put(r, ip);
             address4::KIND.put(r, address_kind(entry.kind));
@@ -152,7 +160,11 @@ impl SharedTables {
             address4::NODE.put(r, entry.node);
         }
         let mut addresses6 = Vec::with_capacity(v6.len() * address6::LEN);
-        for (ip, entry) in v6 {
+        for (index, (ip, entry)) in v6.into_iter().enumerate() {
+            address_at.insert(
+                IpAddr::from(ip).to_canonical(),
+                (backend::IN_ADDRESSES6, index as u32),
+            );
             let r = push_record(&mut addresses6, address6::LEN);
             address6::IP.put(r, &ip);
             address6::KIND.put(r, address_kind(entry.kind));
@@ -168,6 +180,23 @@ impl SharedTables {
             book.entry(entry.ip.to_canonical()).or_insert(entry);
         }
         let zone_of = |node: u32| input.nodes.get(node as usize).map_or(NO_ZONE, |n| n.zone);
+        // Backend addresses outside the address book, each once.
+        let mut endpoints: Vec<(u8, [u8; 16])> = input
+            .services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .map(|(ip, _)| ip.to_canonical())
+            .filter(|ip| !address_at.contains_key(ip))
+            .map(ip_key)
+            .collect();
+        endpoints.sort_unstable();
+        endpoints.dedup();
+        let mut endpoint_addresses = Vec::with_capacity(endpoints.len() * endpoint_address::LEN);
+        for (family, bytes) in &endpoints {
+            let r = push_record(&mut endpoint_addresses, endpoint_address::LEN);
+            endpoint_address::IP.put(r, bytes);
+            endpoint_address::FAMILY.put(r, *family);
+        }
         let mut services: Vec<&ServiceEntry> = input.services.iter().collect();
         services.sort_by_key(|s| (ip_key(s.ip.to_canonical()), s.port, s.protocol as u8));
         services.dedup_by_key(|s| (ip_key(s.ip.to_canonical()), s.port, s.protocol as u8));
@@ -198,14 +227,18 @@ impl SharedTables {
                     } else {
                         zone_of(node)
                     };
-                    (identity, *port, zone, node, ip_key(ip))
+                    (identity, *port, zone, node, ip_key(ip), ip)
                 })
                 .collect();
             sorted.sort_unstable();
-            for (identity, port, zone, node, (family, bytes)) in sorted {
+            for (identity, port, zone, node, key, ip) in sorted {
+                let (source, address) = address_at.get(&ip).copied().unwrap_or_else(|| {
+                    let index = endpoints.binary_search(&key).unwrap_or_default();
+                    (backend::IN_ENDPOINTS, index as u32)
+                });
                 let r = push_record(&mut backends, backend::LEN);
-                backend::IP.put(r, &bytes);
-                backend::FAMILY.put(r, family);
+                backend::SOURCE.put(r, source);
+                backend::ADDRESS.put(r, address);
                 backend::PORT.put(r, port);
                 backend::IDENTITY.put(r, identity);
                 backend::NODE.put(r, node);
@@ -241,6 +274,7 @@ impl SharedTables {
                 (SectionId::Addresses6, addresses6),
                 (SectionId::Services, service_records),
                 (SectionId::Backends, backends),
+                (SectionId::EndpointAddresses, endpoint_addresses),
                 (SectionId::IdentitySets, identity_sets),
                 (SectionId::IdentitySetRanges, identity_set_ranges),
             ],

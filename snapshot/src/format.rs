@@ -34,8 +34,10 @@
 /// First eight bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"\x89SRSNAP\n";
 /// The only version this crate reads and writes. Version 2: rule peers name identity sets by
-/// number (`IdentitySetRanges`), so a set that grows moves no peer.
-pub const VERSION: u16 = 2;
+/// number (`IdentitySetRanges`), so a set that grows moves no peer. Version 3: Service backends
+/// name their address instead of repeating it (the address book's entry, or `EndpointAddresses`
+/// for an address outside it).
+pub const VERSION: u16 = 3;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = header::LEN;
 /// Size of one section directory entry.
@@ -228,6 +230,8 @@ pub enum SectionId {
     Services = 7,
     /// Service backends: [`backend`].
     Backends = 8,
+    /// Backend addresses outside the address book: [`endpoint_address`].
+    EndpointAddresses = 31,
     /// Identity sets: sorted runs of [`identity_set`] records.
     IdentitySets = 9,
     /// Where each identity set lies in `IdentitySets`, by set number: [`identity_set_range`].
@@ -283,7 +287,7 @@ pub enum SectionId {
 
 impl SectionId {
     /// Every section, in the order they are written.
-    pub const ALL: [Self; 29] = [
+    pub const ALL: [Self; 30] = [
         Self::SharedStrings,
         Self::Zones,
         Self::Nodes,
@@ -292,6 +296,7 @@ impl SectionId {
         Self::Addresses6,
         Self::Services,
         Self::Backends,
+        Self::EndpointAddresses,
         Self::IdentitySets,
         Self::IdentitySetRanges,
         Self::Networks,
@@ -326,6 +331,7 @@ impl SectionId {
             Self::Addresses6 => address6::LEN,
             Self::Services => service::LEN,
             Self::Backends => backend::LEN,
+            Self::EndpointAddresses => endpoint_address::LEN,
             Self::IdentitySets => identity_set::LEN,
             Self::IdentitySetRanges => identity_set_range::LEN,
             Self::Peers => peer::LEN,
@@ -377,6 +383,7 @@ impl SectionId {
             Self::Addresses6 => "addresses6",
             Self::Services => "services",
             Self::Backends => "backends",
+            Self::EndpointAddresses => "endpoint-addresses",
             Self::IdentitySets => "identity-sets",
             Self::IdentitySetRanges => "identity-set-ranges",
             Self::Networks => "networks",
@@ -539,28 +546,50 @@ pub mod service {
     pub const LEN: usize = 28;
 }
 
-/// A Service backend (`Backends`). Identity, node and zone repeat what the address book says
-/// of a pod backend ([`crate::NO_IDENTITY`], [`NO_NODE`], [`crate::NO_ZONE`] for any
-/// other address). Each Service's backends are sorted by (identity, port, zone, node, family,
-/// address), so pod backends that only differ in where they run form runs a lookup can decide
-/// once per location.
+/// A Service backend (`Backends`): its address by reference — the address book's entry, or
+/// for an address outside the book an `EndpointAddresses` record — and what a lookup groups
+/// backends by: identity, node and zone, as the address book says of a pod backend
+/// ([`crate::NO_IDENTITY`], [`NO_NODE`], [`crate::NO_ZONE`] for any other address). Each
+/// Service's backends are sorted by (identity, port, zone, node, family, address), so pod
+/// backends that only differ in where they run form runs a lookup can decide once per location.
 pub mod backend {
-    use super::{Bytes, U8, U16, U32};
+    use super::{U8, U16, U32};
+
+    /// Where `ADDRESS` points: [`IN_ADDRESSES4`], [`IN_ADDRESSES6`] or [`IN_ENDPOINTS`] (byte 1
+    /// is padding).
+    pub const SOURCE: U8 = U8(0);
+    /// Target port.
+    pub const PORT: U16 = U16(2);
+    /// The address: a slot of `Addresses4`, a record of `Addresses6` or of `EndpointAddresses`.
+    pub const ADDRESS: U32 = U32(4);
+    /// Identity of a pod backend.
+    pub const IDENTITY: U32 = U32(8);
+    /// Node of a pod backend.
+    pub const NODE: U32 = U32(12);
+    /// Zone of that node.
+    pub const ZONE: U32 = U32(16);
+    /// Record length.
+    pub const LEN: usize = 20;
+
+    /// `ADDRESS` is a slot of `Addresses4`.
+    pub const IN_ADDRESSES4: u8 = 0;
+    /// `ADDRESS` is a record of `Addresses6`.
+    pub const IN_ADDRESSES6: u8 = 1;
+    /// `ADDRESS` is a record of `EndpointAddresses`.
+    pub const IN_ENDPOINTS: u8 = 2;
+}
+
+/// A backend address the address book does not hold (`EndpointAddresses`), sorted by (family,
+/// address) and each once.
+pub mod endpoint_address {
+    use super::{Bytes, U8};
 
     /// Address; IPv4 in the first 4 bytes.
     pub const IP: Bytes<16> = Bytes(0);
     /// 4 or 6.
     pub const FAMILY: U8 = U8(16);
-    /// Target port (byte 17 is padding).
-    pub const PORT: U16 = U16(18);
-    /// Identity of a pod backend.
-    pub const IDENTITY: U32 = U32(20);
-    /// Node of a pod backend.
-    pub const NODE: U32 = U32(24);
-    /// Zone of that node.
-    pub const ZONE: U32 = U32(28);
     /// Record length.
-    pub const LEN: usize = 32;
+    pub const LEN: usize = 20;
 }
 
 /// One identity of an identity set (`IdentitySets`).

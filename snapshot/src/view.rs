@@ -10,8 +10,8 @@ use std::net::IpAddr;
 
 use crate::encode::ip_key;
 use crate::format::{
-    self, SectionId, address4, address6, backend, cidr, directory, header, identity_set,
-    identity_set_range, node, peer, policy, port, rule, service, transport, workload,
+    self, SectionId, address4, address6, backend, cidr, directory, endpoint_address, header,
+    identity_set, identity_set_range, node, peer, policy, port, rule, service, transport, workload,
     workload_address, zone,
 };
 use crate::{
@@ -665,6 +665,42 @@ impl<'a> Snapshot<'a> {
         None
     }
 
+    /// The address of a Service backend record, read where it points (validated: there is an
+    /// address there).
+    fn backend_address(&self, record: &[u8]) -> IpAddr {
+        let at = backend::ADDRESS.get(record) as usize;
+        match backend::SOURCE.get(record) {
+            backend::IN_ADDRESSES4 => {
+                let entry = self.record(SectionId::Addresses4, at);
+                IpAddr::from(address4::IP.get(entry).to_be_bytes())
+            }
+            backend::IN_ADDRESSES6 => {
+                IpAddr::from(address6::IP.get(self.record(SectionId::Addresses6, at)))
+            }
+            _ => {
+                let entry = self.record(SectionId::EndpointAddresses, at);
+                stored_address(
+                    endpoint_address::FAMILY.get(entry),
+                    endpoint_address::IP.get(entry),
+                )
+            }
+        }
+    }
+
+    /// The order of a Service's backends: (identity, port, zone, node, family, address).
+    fn backend_key(&self, record: &[u8]) -> (u32, u16, u32, u32, u8, [u8; 16]) {
+        use backend::{IDENTITY, NODE, PORT, ZONE};
+        let (family, address) = ip_key(self.backend_address(record));
+        (
+            IDENTITY.get(record),
+            PORT.get(record),
+            ZONE.get(record),
+            NODE.get(record),
+            family,
+            address,
+        )
+    }
+
     fn default_decision(&self, location: Location, via: Via) -> Decision<'a> {
         Decision {
             location,
@@ -699,16 +735,16 @@ impl<'a> Snapshot<'a> {
         let backends = self.range(self.record(SectionId::Services, service), service::BACKENDS);
         let nearest = backends
             .chunks_exact(backend::LEN)
-            .map(|b| self.classify(backend_address(b)).1 as u8)
+            .map(|b| self.classify(self.backend_address(b)).1 as u8)
             .min()?;
         let at_nearest = || {
             backends
                 .chunks_exact(backend::LEN)
-                .filter(move |b| self.classify(backend_address(b)).1 as u8 == nearest)
+                .filter(move |b| self.classify(self.backend_address(b)).1 as u8 == nearest)
         };
         let count = at_nearest().count() as u64;
         let chosen = at_nearest().nth((spread % count.max(1)) as usize)?;
-        Some((backend_address(chosen), backend::PORT.get(chosen)))
+        Some((self.backend_address(chosen), backend::PORT.get(chosen)))
     }
 
     /// Renders a peer list for explain output: one string per peer.
@@ -763,26 +799,9 @@ fn service_key(record: &[u8]) -> (u8, [u8; 16], u16, u8) {
     )
 }
 
-/// The order of a Service's backends: (identity, port, zone, node, family, address).
-fn backend_key(record: &[u8]) -> (u32, u16, u32, u32, u8, [u8; 16]) {
-    use backend::{FAMILY, IDENTITY, IP, NODE, PORT, ZONE};
-    (
-        IDENTITY.get(record),
-        PORT.get(record),
-        ZONE.get(record),
-        NODE.get(record),
-        FAMILY.get(record),
-        IP.get(record),
-    )
-}
-
 /// The address of a Service frontend record.
 fn service_ip(record: &[u8]) -> IpAddr {
     stored_address(service::FAMILY.get(record), service::IP.get(record))
-}
-
-fn backend_address(record: &[u8]) -> IpAddr {
-    stored_address(backend::FAMILY.get(record), backend::IP.get(record))
 }
 
 fn cidr_contains(record: &[u8], ip: IpAddr) -> bool {

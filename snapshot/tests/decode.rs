@@ -373,6 +373,44 @@ fn identity_set_references_are_checked() {
     );
 }
 
+/// Bytes written at an offset of a record.
+type Edit<'a> = (usize, &'a [u8]);
+
+/// Format v3: a backend names its address (a slot of the IPv4 address book here); a source
+/// this version does not know, an empty slot or a record past its section is refused.
+#[test]
+fn backend_addresses_are_checked() {
+    let bytes = sample();
+    let backend = section_range(&bytes, format::SectionId::Backends).start;
+    assert_eq!(bytes[backend], format::backend::IN_ADDRESSES4);
+    let slots = section_range(&bytes, format::SectionId::Addresses4);
+    let empty = (0..slots.len() / format::address4::LEN)
+        .find(|slot| bytes[slots.start + slot * format::address4::LEN + 4] == format::EMPTY_SLOT)
+        .expect("the sample's address book has a free slot") as u32;
+    let cases: [(&[Edit], &str); 3] = [
+        (&[(0, &[7])], "unknown address source"),
+        (&[(4, &empty.to_le_bytes())], "names no address"),
+        (
+            &[(0, &[format::backend::IN_ENDPOINTS]), (4, &[0, 0, 0, 0])],
+            "names no address",
+        ),
+    ];
+    for (edits, problem) in cases {
+        let mut corrupt = bytes.clone();
+        for (offset, value) in edits {
+            corrupt[backend + offset..backend + offset + value.len()].copy_from_slice(value);
+        }
+        match Snapshot::parse(&with_fixed_checksum(corrupt)) {
+            Err(DecodeError::BadRecord {
+                section: "backends",
+                problem: found,
+                ..
+            }) => assert_eq!(found, problem),
+            other => panic!("{edits:?}: {other:?}"),
+        }
+    }
+}
+
 /// Service verdicts (added by the agent): `decide` reads them with the same results, computing
 /// them again replaces them, and a record naming no rule, an unknown outcome or location, or a
 /// section of the wrong size is refused.

@@ -1,7 +1,8 @@
-//! Format v2, pinned: a fixed input must encode to the committed bytes of
-//! `tests/data/v2-sample.snap`, and those bytes must decide as recorded below (the decisions
-//! recorded when v1 was pinned: v2 changed where rule peers find their identity sets, not what
-//! any lookup decides). The v1 sample stays, to show a reader refuses an older version by name. A writer and a
+//! Format v3, pinned: a fixed input must encode to the committed bytes of
+//! `tests/data/v3-sample.snap`, and those bytes must decide as recorded below (the decisions
+//! recorded when v1 was pinned: v2 changed where rule peers find their identity sets, v3 where
+//! Service backends find their addresses, not what any lookup decides). The v1 and v2 samples
+//! stay, to show a reader refuses an older version by name. A writer and a
 //! reader that drift together pass round trips but not this; a format change is always
 //! deliberate. After a deliberate change, regenerate the file with
 //! `STACKROUTE_BLESS=1 cargo test -p stackroute-snapshot --test golden` and review the diff of
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use stackroute_snapshot::*;
 
 fn golden_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/v2-sample.snap")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/v3-sample.snap")
 }
 
 fn ip(text: &str) -> IpAddr {
@@ -280,7 +281,7 @@ fn describe_offset(bytes: &[u8], at: usize) -> String {
 }
 
 #[test]
-fn encoding_matches_the_committed_v2_bytes() {
+fn encoding_matches_the_committed_v3_bytes() {
     let encoded = encode_sample();
     let path = golden_path();
     if std::env::var_os("STACKROUTE_BLESS").is_some() {
@@ -289,7 +290,7 @@ fn encoding_matches_the_committed_v2_bytes() {
         eprintln!("wrote {} ({} bytes)", path.display(), encoded.len());
         return;
     }
-    let committed = std::fs::read(&path).expect("tests/data/v2-sample.snap is committed");
+    let committed = std::fs::read(&path).expect("tests/data/v3-sample.snap is committed");
     if encoded != committed {
         let first = encoded
             .iter()
@@ -297,7 +298,7 @@ fn encoding_matches_the_committed_v2_bytes() {
             .position(|(a, b)| a != b)
             .unwrap_or(encoded.len().min(committed.len()));
         panic!(
-            "the encoder no longer writes format v2 as committed: {} bytes encoded, {} \
+            "the encoder no longer writes format v3 as committed: {} bytes encoded, {} \
              committed; first difference at byte {first} ({}; encoded {:02x?}, committed \
              {:02x?}). If the format change is deliberate (a new version), regenerate with \
              `STACKROUTE_BLESS=1 cargo test -p stackroute-snapshot --test golden` and check \
@@ -325,7 +326,7 @@ struct Case {
 }
 
 /// Decisions of the committed snapshot, recorded when format v1 was pinned (and unchanged by
-/// v2); one row a line.
+/// v2 and v3); one row a line.
 #[rustfmt::skip]
 fn recorded_cases() -> Vec<Case> {
     use Location::*;
@@ -358,7 +359,7 @@ fn recorded_cases() -> Vec<Case> {
 
 #[test]
 fn committed_bytes_decide_as_recorded() {
-    let bytes = std::fs::read(golden_path()).expect("tests/data/v2-sample.snap is committed");
+    let bytes = std::fs::read(golden_path()).expect("tests/data/v3-sample.snap is committed");
     let snapshot = Snapshot::parse(&bytes).expect("the committed sample parses");
 
     assert_eq!(snapshot.revision(), 7);
@@ -471,10 +472,13 @@ fn indexed_chains_decide_as_recorded() {
 /// A snapshot of another format version (an agent's state directory from an older release, a
 /// shim reading an older agent's table) is refused with the version named, never misread.
 #[test]
-fn a_v1_snapshot_is_refused_by_version() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/v1-sample.snap");
-    let bytes = std::fs::read(path).expect("tests/data/v1-sample.snap is committed");
-    let error = Snapshot::parse(&bytes).expect_err("v1 is not read");
-    assert_eq!(error, DecodeError::UnsupportedVersion(1));
-    assert!(error.to_string().contains('1'), "{error}");
+fn older_versions_are_refused_by_version() {
+    for version in [1u16, 2] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/data/v{version}-sample.snap"));
+        let bytes = std::fs::read(&path).expect("older samples are committed");
+        let error = Snapshot::parse(&bytes).expect_err("an older version is not read");
+        assert_eq!(error, DecodeError::UnsupportedVersion(version));
+        assert!(error.to_string().contains(&version.to_string()), "{error}");
+    }
 }

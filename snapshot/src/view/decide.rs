@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use super::{
     Decision, DestinationClass, Mismatch, RuleRef, Snapshot, Trace, Verdict, Via, WorkloadId,
-    backend_address, cidr_contains, service_key,
+    cidr_contains, service_key,
 };
 use crate::encode::ip_key;
 use crate::format::{
@@ -162,7 +162,7 @@ impl<'a> Snapshot<'a> {
         let mut agreed: Option<Decision<'a>> = None;
         let mut unanimous = !records.is_empty();
         for record in records {
-            let backend_ip = backend_address(record);
+            let backend_ip = self.backend_address(record);
             let backend_port = backend::PORT.get(record);
             trace.backend(Some((backend_ip, backend_port)));
             let (class, location) = self.classify(backend_ip);
@@ -296,7 +296,7 @@ impl<'a> Snapshot<'a> {
         // even read (a Service's hundred backends are fifty cache lines).
         for (group, same) in groups.zip(same).filter(|(_, same)| !same.covers_all()) {
             for record in group.members().skip(1) {
-                if same.contains(backend_address(record)) {
+                if same.contains(self.backend_address(record)) {
                     continue;
                 }
                 let destination = self.backend_destination(record, protocol);
@@ -313,7 +313,7 @@ impl<'a> Snapshot<'a> {
     fn classify_backend(&self, record: &[u8]) -> (DestinationClass, Location) {
         let node = backend::NODE.get(record);
         if node == format::NO_NODE {
-            return self.classify(backend_address(record));
+            return self.classify(self.backend_address(record));
         }
         let own = self.header_own_node();
         let own_zone = self.zone_of(own);
@@ -334,7 +334,7 @@ impl<'a> Snapshot<'a> {
         Destination {
             class,
             location,
-            ip: backend_address(record),
+            ip: self.backend_address(record),
             port: backend::PORT.get(record),
             protocol,
         }

@@ -5,14 +5,11 @@
 
 use std::collections::HashMap;
 
-use super::{
-    DecodeError, DestinationClass, Snapshot, backend_address, backend_key, name_of, service_key,
-    transport_choice,
-};
+use super::{DecodeError, DestinationClass, Snapshot, name_of, service_key, transport_choice};
 use crate::format::{
-    self, SectionId, address4, address6, backend, chain, chain_index, chain_policy, cidr, header,
-    identity_set, identity_set_range, node, peer, policy, port, rule, service, service_verdict,
-    service_verdict_row, workload, workload_address, zone,
+    self, SectionId, address4, address6, backend, chain, chain_index, chain_policy, cidr,
+    endpoint_address, header, identity_set, identity_set_range, node, peer, policy, port, rule,
+    service, service_verdict, service_verdict_row, workload, workload_address, zone,
 };
 use crate::{
     Action, Entity, Isolation, Location, LocationMatch, NO_IDENTITY, NO_ZONE, PolicyKind, Protocol,
@@ -177,12 +174,45 @@ impl Snapshot<'_> {
             previous = Some(key);
             self.check_range(SectionId::Services, i, r, service::BACKENDS)?;
         }
+        let mut previous = None;
+        for (i, r) in self.records(SectionId::EndpointAddresses).enumerate() {
+            let key = (endpoint_address::FAMILY.get(r), endpoint_address::IP.get(r));
+            if !matches!(key.0, 4 | 6) {
+                return Err(bad(SectionId::EndpointAddresses, i, "bad family"));
+            }
+            if previous.is_some_and(|p| p >= key) {
+                return Err(bad(SectionId::EndpointAddresses, i, "not sorted"));
+            }
+            previous = Some(key);
+        }
         for (i, r) in self.records(SectionId::Backends).enumerate() {
-            if !matches!(backend::FAMILY.get(r), 4 | 6) {
-                return Err(bad(SectionId::Backends, i, "bad family"));
+            let at = backend::ADDRESS.get(r) as usize;
+            let named = match backend::SOURCE.get(r) {
+                backend::IN_ADDRESSES4 => self
+                    .section(SectionId::Addresses4)
+                    .chunks_exact(address4::LEN)
+                    .nth(at)
+                    .is_some_and(|slot| address4::KIND.get(slot) != format::EMPTY_SLOT),
+                backend::IN_ADDRESSES6 => at < self.count(SectionId::Addresses6),
+                backend::IN_ENDPOINTS => at < self.count(SectionId::EndpointAddresses),
+                _ => return Err(bad(SectionId::Backends, i, "unknown address source")),
+            };
+            if !named {
+                return Err(bad(SectionId::Backends, i, "names no address"));
+            }
+            // An address the book holds is named there, so that its entry is the one lookups
+            // find (and each address has one record).
+            let class = self.classify(self.backend_address(r)).0;
+            let in_book = !matches!(class, DestinationClass::Unknown);
+            if in_book == (backend::SOURCE.get(r) == backend::IN_ENDPOINTS) {
+                return Err(bad(
+                    SectionId::Backends,
+                    i,
+                    "address named outside the address book that holds it",
+                ));
             }
             // What a lookup groups backends by must be what the address book says.
-            let (identity, node) = match self.classify(backend_address(r)).0 {
+            let (identity, node) = match class {
                 DestinationClass::Pod { identity, node } => (identity, node),
                 _ => (NO_IDENTITY, format::NO_NODE),
             };
@@ -208,7 +238,7 @@ impl Snapshot<'_> {
             let backends = self.range(r, service::BACKENDS);
             if !backends
                 .chunks_exact(backend::LEN)
-                .map(backend_key)
+                .map(|b| self.backend_key(b))
                 .is_sorted()
             {
                 return Err(bad(SectionId::Services, i, "backends not sorted"));
