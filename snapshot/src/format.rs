@@ -1,4 +1,4 @@
-//! Byte layout of a snapshot, version 2. All integers are little-endian; IPv6 addresses are
+//! Byte layout of a snapshot, version 3. All integers are little-endian; IPv6 addresses are
 //! 16 bytes in network order (so byte-wise order is numeric order); IPv4 addresses in the
 //! address book are `u32` values. Nothing needs alignment, so a snapshot can be read straight
 //! from a memory map.
@@ -7,7 +7,7 @@
 //! header (64 bytes, fields in [`header`])
 //!   0  magic            8  b"\x89SRSNAP\n"
 //!   8  crc32            4  CRC-32 (IEEE) of bytes 12..total_len
-//!  12  version          2  = 2
+//!  12  version          2  = 3
 //!  14  flags            2  = 0
 //!  16  total_len        8
 //!  24  revision         8  controller revision this snapshot was compiled at
