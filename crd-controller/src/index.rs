@@ -602,6 +602,8 @@ pub struct Index {
     published_at: Option<Instant>,
     /// The listener list of the last publish (see [`NodeUpdate::listener_changes`]).
     published_listeners: Arc<Vec<Listener>>,
+    /// The list of nodes that need none (see [`CompileOutput::listener_nodes`]).
+    no_listeners: Arc<Vec<Listener>>,
     state_nodes: BTreeSet<String>,
     policies: Vec<PolicyRecord>,
     /// For each of `policies`: the first revision of this replica that contained its current
@@ -666,6 +668,7 @@ impl Index {
             pods_authoritative: false,
             published_at: None,
             published_listeners: Arc::default(),
+            no_listeners: Arc::default(),
             state_nodes: BTreeSet::new(),
             policies: Vec::new(),
             contained_from: Vec::new(),
@@ -1286,14 +1289,21 @@ impl Index {
         };
         self.published_listeners = listeners.clone();
         let mut sent = 0;
+        // Nodes whose policies cannot pick RDMA get an empty list (one allocation for all).
+        let no_listeners = self.no_listeners.clone();
         for (node, snapshot, delta) in output.snapshots {
             if let Some(channel) = self.channels.get(&node) {
+                let (listeners, listener_changes) = if output.listener_nodes.contains(&node) {
+                    (listeners.clone(), listener_changes.clone())
+                } else {
+                    (no_listeners.clone(), None)
+                };
                 channel.send_replace(Some(Arc::new(NodeUpdate {
                     revision: output.revision,
                     node: node.clone(),
                     snapshot,
-                    listeners: listeners.clone(),
-                    listener_changes: listener_changes.clone(),
+                    listeners,
+                    listener_changes,
                     delta,
                 })));
                 sent += 1;

@@ -116,15 +116,19 @@ async fn a_listener_registered_through_one_replica_reaches_agents_of_another() {
     assert!(update.revision > 0 && a_status.revision > 0);
     assert_eq!(status(&mut client_b).await.listeners, 1);
 
-    // Removal through B reaches an agent of A.
-    let mut agent_on_a = watch(&mut client_a, "n2").await;
+    // Removal through B reaches an agent of A (n1's: web pods may pick RDMA; n2 runs only db,
+    // whose policies cannot, and gets no listeners at all).
+    let mut agent_on_a = watch(&mut client_a, "n1").await;
     next_matching(
         &mut agent_on_a,
         WAIT,
-        "n2's snapshot with the listener",
+        "n1's snapshot with the listener",
         |u| u.listeners.len() == 1,
     )
     .await;
+    let mut n2_on_a = watch(&mut client_a, "n2").await;
+    let n2 = next_matching(&mut n2_on_a, WAIT, "n2's snapshot", |_| true).await;
+    assert!(n2.listeners.is_empty() && !n2.listeners_unchanged);
     client_b
         .remove_listener(rdma_listener(5432).key.expect("key"))
         .await

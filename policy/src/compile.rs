@@ -700,6 +700,18 @@ impl<'s> Compiled<'s> {
         Some(NodePolicies::new(self.used_policies(id)))
     }
 
+    /// Whether a rule of `policies` can pick RDMA: the nodes whose workloads use them are the
+    /// ones that need the cluster's listener registrations (an RDMA client finds the server's
+    /// endpoint there; no other transport asks).
+    pub fn policies_may_use_rdma(&self, policies: &NodePolicies) -> bool {
+        policies.ids.iter().any(|p| {
+            self.policies[*p as usize]
+                .rules
+                .iter()
+                .any(|rule| rule.transports.iter().any(|t| t.stack == Stack::Rdma))
+        })
+    }
+
     /// The policy sections of every node whose workloads use `policies`, encoded once. (Lists
     /// of another compile are encoded as this one's numbers say; no node of this one uses a list
     /// that names a policy it lacks, so such an encoding is never taken.)

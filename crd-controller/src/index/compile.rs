@@ -39,8 +39,11 @@ pub struct CompileOutput {
     pub revision: u64,
     /// Snapshot per node, with its delta from the node's previous one where smaller.
     pub snapshots: Vec<(String, SnapshotParts, Option<SnapshotDelta>)>,
-    /// Listeners sent with every update.
+    /// Listeners sent with the updates of `listener_nodes`.
     pub listeners: Arc<Vec<Listener>>,
+    /// The nodes whose policies can pick RDMA: they need the listener registrations (an RDMA
+    /// client finds the server's endpoint there); the others get none.
+    pub listener_nodes: HashSet<String>,
     /// Every policy in the state.
     pub policies: Vec<PolicyRecord>,
     /// Every node of the compiled state.
@@ -89,8 +92,18 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
     // operation on them: diffed once.
     let section_ops = SectionOps::default();
     let mut snapshots = Vec::with_capacity(nodes.len());
+    let mut may_use_rdma: HashMap<NodePolicies, bool> = HashMap::new();
+    let mut listener_nodes = HashSet::new();
     for batch in nodes.chunks(ENCODE_BATCH) {
         let lists = map_on_all_cores(batch, |node| Some((node, compiled.node_policies(node)?)));
+        for (node, list) in &lists {
+            let rdma = *may_use_rdma
+                .entry(list.clone())
+                .or_insert_with(|| compiled.policies_may_use_rdma(list));
+            if rdma {
+                listener_nodes.insert((*node).clone());
+            }
+        }
         let mut distinct = HashSet::new();
         let fresh: Vec<&NodePolicies> = lists
             .iter()
@@ -182,6 +195,7 @@ pub fn compile(input: CompileInput, revision: u64) -> CompileOutput {
         revision,
         snapshots,
         listeners: Arc::new(listeners),
+        listener_nodes,
         policies,
         nodes: all_nodes,
         duration: started.elapsed(),

@@ -693,7 +693,9 @@ async fn revisions_increase_and_snapshots_follow_changes() {
         .unwrap();
     let with_listener = next_update(&mut rx).await;
     assert!(with_listener.revision >= promised);
-    assert_eq!(with_listener.listeners.len(), 1);
+    // n1's policies cannot pick RDMA: it needs no listener registrations (see
+    // `only_nodes_that_can_pick_rdma_get_the_listeners`).
+    assert_eq!(with_listener.listeners.len(), 0);
 
     // Status: the policy is accepted, and programmed once n1 acks.
     let status = handle.status().await.unwrap();
@@ -830,4 +832,38 @@ fn each_revision_carries_the_delta_from_the_nodes_previous_snapshot() {
     assert_eq!(rebuilt, second.snapshot.assemble());
     // Both share the revision's shared tables with every other node: the parts hold no copy.
     assert!(second.snapshot.own_len() < second.snapshot.len());
+}
+
+/// Listener registrations go to the nodes whose policies can pick RDMA (an RDMA client finds
+/// the server's endpoint there), and to no other: a node gets the list when a policy makes RDMA
+/// possible for its pods and an empty one when none does any more.
+#[test]
+fn only_nodes_that_can_pick_rdma_get_the_listeners() {
+    const POLICY_RDMA: &str = "apiVersion: stackroute.dev/v1alpha1\nkind: StackRoute\nmetadata: {name: web, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  rules:\n  - name: trainers\n    to: [{pods: {podSelector: {matchLabels: {app: trainer}}}}]\n    transport: {stack: RDMA, fallback: [{stack: Kernel}]}\n";
+    let (mut index, _) = mk_index();
+    let (rx, _) = index.subscribe("n1", "a", 0, 1);
+    index.apply_file(changed("c.yaml", CLUSTER));
+    index.apply_registry(RegistryChange::PutListener(Listener {
+        key: Some(ListenerKey {
+            node: "n1".into(),
+            ip: "10.1.0.10".into(),
+            port: 80,
+            protocol: Protocol::Tcp as i32,
+        }),
+        ..Default::default()
+    }));
+    let listeners_at = |revision| {
+        let update = rx.borrow().clone().expect("published");
+        assert_eq!(update.revision, revision);
+        update.listeners.len()
+    };
+    index.apply_file(changed("p.yaml", POLICY_BBR));
+    publish(&mut index, 10);
+    assert_eq!(listeners_at(10), 0, "Kernel only: no listeners");
+    index.apply_file(changed("p.yaml", POLICY_RDMA));
+    publish(&mut index, 11);
+    assert_eq!(listeners_at(11), 1, "RDMA possible: the list");
+    index.apply_file(changed("p.yaml", POLICY_BBR));
+    publish(&mut index, 12);
+    assert_eq!(listeners_at(12), 0, "Kernel only again: none");
 }
