@@ -16,7 +16,8 @@
 //!    label nobody had (a new identity): change → last ack, the bytes each agent received for
 //!    that revision, and the controller's memory again.
 //!
-//! 3. Kubernetes' envelope, with `FANOUT_ENVELOPE_NODES=5000`: 5,000 nodes of 30 pods, 10,000
+//! 3. Kubernetes' envelope, with `FANOUT_ENVELOPE_NODES=5000`: 5,000 nodes of 30 pods, a Service
+//!    per node in front of its pods (5,000 Services, 150,000 backends), 10,000
 //!    rules, one lightweight agent per node (counts bytes and acks, holds nothing); three pods
 //!    relabelled in turn, each to a new identity.
 //!
@@ -125,6 +126,37 @@ fn cluster_yaml(nodes: usize, pods_per_node: usize) -> String {
     let mut text = String::from("apiVersion: v1\nkind: List\nitems:\n");
     text.push_str("- {apiVersion: v1, kind: Namespace, metadata: {name: bench}}\n");
     node_items(&mut text, 0..nodes, pods_per_node, None);
+    text
+}
+
+/// One Service per node (`svc-N`, ClusterIP in 10.96.0.0/16), its backends the node's pods
+/// (`node_items`' addresses) through one EndpointSlice: Kubernetes' envelope has a Service per
+/// 30 pods.
+fn node_services(nodes: usize, pods_per_node: usize) -> String {
+    let mut text = String::from("apiVersion: v1\nkind: List\nitems:\n");
+    for n in 0..nodes {
+        let _ = writeln!(
+            text,
+            "- {{apiVersion: v1, kind: Service, metadata: {{name: svc-{n}, namespace: bench}}, spec: {{clusterIP: 10.96.{}.{}, ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]}}}}",
+            n / 250,
+            n % 250 + 1
+        );
+        let endpoints: Vec<String> = (0..pods_per_node)
+            .map(|p| {
+                format!(
+                    "{{addresses: [10.{}.{}.{}], conditions: {{ready: true}}}}",
+                    100 + n / 250,
+                    n % 250,
+                    p + 1
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            text,
+            "- {{apiVersion: discovery.k8s.io/v1, kind: EndpointSlice, metadata: {{name: svc-{n}-x, namespace: bench, labels: {{kubernetes.io/service-name: svc-{n}}}}}, addressType: IPv4, ports: [{{name: http, port: 8080, protocol: TCP}}], endpoints: [{}]}}",
+            endpoints.join(", ")
+        );
+    }
     text
 }
 
@@ -486,10 +518,11 @@ async fn envelope(nodes: usize) {
         write_group(group, None);
     }
     std::fs::write(dir.path().join("policies.yaml"), many_policies()).expect("write");
+    std::fs::write(dir.path().join("services.yaml"), node_services(nodes, 30)).expect("write");
     let (controller, mut acks, received, elapsed) = start_watched(dir.path(), nodes, false).await;
     let (rss, hwm) = controller.memory();
     println!(
-        "envelope {nodes} nodes / {} pods / 10000 rules, {nodes} lightweight agents: every first ack after {:.1} s; whole snapshot {} bytes; controller RSS {} MiB, peak {} MiB",
+        "envelope {nodes} nodes / {} pods / 10000 rules / {nodes} Services, {nodes} lightweight agents: every first ack after {:.1} s; whole snapshot {} bytes; controller RSS {} MiB, peak {} MiB",
         nodes * 30,
         elapsed.as_secs_f64(),
         received[0].load(Ordering::Relaxed),
