@@ -43,7 +43,7 @@
 pub mod pki;
 pub mod support;
 
-pub use support::{bin, free_port, http_get, library, poll, wait_for, wait_for_async};
+pub use support::{bin, free_port, http_get, library, poll, wait_for, wait_for_async, web_policy};
 
 use std::ffi::OsString;
 use std::fmt;

@@ -167,3 +167,34 @@ pub fn library(package: &str, file: &str) -> PathBuf {
     );
     path
 }
+
+/// The control-plane tests' policy: web pods → anything over `stack` with `congestion_control`
+/// (StackRoute `shop/web`, rule `all`), and a second StackRoute (`shop/web-rdma`, evaluated
+/// after) that lets web pods pick RDMA to trainer pods. There are none, so no decision changes;
+/// it makes RDMA possible on the web pods' nodes, and only such nodes get the cluster's listener
+/// registrations.
+pub fn web_policy(stack: &str, congestion_control: &str) -> String {
+    format!(
+        r#"# the web policy
+apiVersion: stackroute.dev/v1alpha1
+kind: StackRoute
+metadata: {{name: web, namespace: shop}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  rules:
+  - name: all
+    transport: {{stack: {stack}, congestionControl: {congestion_control}}}
+---
+apiVersion: stackroute.dev/v1alpha1
+kind: StackRoute
+metadata: {{name: web-rdma, namespace: shop}}
+spec:
+  priority: 900
+  podSelector: {{matchLabels: {{app: web}}}}
+  rules:
+  - name: trainers
+    to: [{{pods: {{podSelector: {{matchLabels: {{app: trainer}}}}}}}}]
+    transport: {{stack: RDMA, fallback: [{{stack: Kernel, congestionControl: BBR}}]}}
+"#
+    )
+}

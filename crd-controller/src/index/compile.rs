@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use stackroute_api::RouteRule;
 use stackroute_policy::compile::{EncodedPolicies, NodePolicies};
 use stackroute_policy::selector::{Labels, Selector};
 use stackroute_policy::{ClusterState, Compiled, Settings, map_on_all_cores};
@@ -266,20 +267,13 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
             Some(selector) => nodes_of(&|ns, labels| ns == namespace && selector.matches(labels)),
             None => Arc::default(),
         };
-        let object = object_name("StackRoute", &namespace, &name);
-        records.push(PolicyRecord {
-            kind: "StackRoute",
-            problem: problems.get(&object).cloned(),
-            fingerprint: policy_version(&object, &route.spec),
-            namespace,
-            name,
-            generation: route.metadata.generation,
+        records.push(policy_record(
+            ("StackRoute", namespace, name),
+            route.metadata.generation,
+            (&route.spec, &route.spec.rules),
             targets,
-            shadowed_rules: stackroute_policy::shadow::shadowed_rules(&route.spec.rules).len()
-                as u32,
-            gated_rules: 0,
-            gated_message: String::new(),
-        });
+            problems,
+        ));
     }
     let namespace_labels = |namespace: &str| -> Labels { state.namespace_labels(namespace) };
     for route in &state.cluster_stack_routes {
@@ -308,22 +302,38 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
             }
             (None, None) => Arc::default(),
         };
-        let object = object_name("ClusterStackRoute", "", &name);
-        records.push(PolicyRecord {
-            kind: "ClusterStackRoute",
-            problem: problems.get(&object).cloned(),
-            fingerprint: policy_version(&object, &route.spec),
-            namespace: String::new(),
-            name,
-            generation: route.metadata.generation,
+        records.push(policy_record(
+            ("ClusterStackRoute", String::new(), name),
+            route.metadata.generation,
+            (&route.spec, &route.spec.rules),
             targets,
-            shadowed_rules: stackroute_policy::shadow::shadowed_rules(&route.spec.rules).len()
-                as u32,
-            gated_rules: 0,
-            gated_message: String::new(),
-        });
+            problems,
+        ));
     }
     records
+}
+
+/// The record of policy object `(kind, namespace, name)` with `spec` and its `rules`.
+fn policy_record<T: serde::Serialize>(
+    (kind, namespace, name): (&'static str, String, String),
+    generation: Option<i64>,
+    (spec, rules): (&T, &[RouteRule]),
+    targets: Arc<BTreeSet<String>>,
+    problems: &BTreeMap<String, String>,
+) -> PolicyRecord {
+    let object = object_name(kind, &namespace, &name);
+    PolicyRecord {
+        kind,
+        problem: problems.get(&object).cloned(),
+        fingerprint: policy_version(&object, spec),
+        namespace,
+        name,
+        generation,
+        targets,
+        shadowed_rules: stackroute_policy::shadow::shadowed_rules(rules).len() as u32,
+        gated_rules: 0,
+        gated_message: String::new(),
+    }
 }
 
 // === the task ===

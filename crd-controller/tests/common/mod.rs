@@ -39,33 +39,9 @@ items:
   status: {podIP: 10.1.0.20}
 "#;
 
-/// Web → anything: the given stack and congestion control. A second StackRoute lets web pods
-/// pick RDMA to trainers (there are none, so no decision changes): their nodes can use RDMA, so
-/// their agents get the cluster's listener registrations.
+/// Web → anything (see [`testkit::web_policy`]).
 pub fn policy(stack: &str, congestion_control: &str) -> String {
-    format!(
-        r#"# the web policy
-apiVersion: stackroute.dev/v1alpha1
-kind: StackRoute
-metadata: {{name: web, namespace: shop}}
-spec:
-  podSelector: {{matchLabels: {{app: web}}}}
-  rules:
-  - name: all
-    transport: {{stack: {stack}, congestionControl: {congestion_control}}}
----
-apiVersion: stackroute.dev/v1alpha1
-kind: StackRoute
-metadata: {{name: web-rdma, namespace: shop}}
-spec:
-  priority: 900
-  podSelector: {{matchLabels: {{app: web}}}}
-  rules:
-  - name: trainers
-    to: [{{pods: {{podSelector: {{matchLabels: {{app: trainer}}}}}}}}]
-    transport: {{stack: RDMA, fallback: [{{stack: Kernel, congestionControl: BBR}}]}}
-"#
-    )
+    testkit::web_policy(stack, congestion_control)
 }
 
 pub use testkit::{free_port, http_get, wait_for_async as wait_for};

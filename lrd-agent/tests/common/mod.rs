@@ -81,17 +81,10 @@ pub fn lookup_db(workload: &str) -> Request {
     }
 }
 
-/// Web → anything: the given stack and congestion control. A second StackRoute lets web pods
-/// pick RDMA to trainers (there are none, so no decision changes): their nodes can use RDMA, so
-/// they get the cluster's listener registrations.
+/// Web → anything (see [`testkit::web_policy`]).
 pub fn policy(stack: &str, congestion_control: &str) -> String {
-    format!(
-        "apiVersion: stackroute.dev/v1alpha1\nkind: StackRoute\nmetadata: {{name: web, namespace: shop}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  rules:\n  - name: all\n    transport: {{stack: {stack}, congestionControl: {congestion_control}}}\n---\n{RDMA_TO_TRAINERS}"
-    )
+    testkit::web_policy(stack, congestion_control)
 }
-
-/// Web pods may pick RDMA to trainer pods (see [`policy`]).
-pub const RDMA_TO_TRAINERS: &str = "apiVersion: stackroute.dev/v1alpha1\nkind: StackRoute\nmetadata: {name: web-rdma, namespace: shop}\nspec:\n  priority: 900\n  podSelector: {matchLabels: {app: web}}\n  rules:\n  - name: trainers\n    to: [{pods: {podSelector: {matchLabels: {app: trainer}}}}]\n    transport: {stack: RDMA, fallback: [{stack: Kernel, congestionControl: BBR}]}\n";
 
 /// A binary built into the same target directory as this test.
 // Each test binary uses some of these (the shim tests `library`).
