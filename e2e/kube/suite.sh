@@ -223,9 +223,12 @@ PY
   wait "$client_pid" || fail "iperf3 in usclient failed"
   [ -n "$listed" ] || fail "stackroute connections never listed usclient's connection to $ip:5201"
   pass "iperf3 from usclient ran through the instance (stackroute connections: $listed → $ip:5201); usclient's kernel held no TCP socket to the server"
-  k -n "$APPS" delete pod usclient --wait=true --timeout=60s >/dev/null
+  # The agent stops the instance once the pod's container has exited (it is alone in that
+  # cgroup), so the pod's teardown does not wait for kubelet to kill it.
+  local deleting=$SECONDS
+  k -n "$APPS" delete pod usclient --wait=true --timeout=120s >/dev/null || fail "pod usclient still there 120 s after its deletion"
   retry 90 sh -c "! kill -0 $1 2>/dev/null" || fail "the instance (pid $1) still runs after its pod was deleted"
-  pass "the instance stopped once its pod was gone"
+  pass "the instance stopped once its pod was gone (pod deleted in $((SECONDS - deleting)) s)"
 }
 
 kernelhook() {

@@ -7,7 +7,9 @@
 //!   requests for one namespace wait for the one start; a failed start (or an instance dying
 //!   within [`EARLY_EXIT`]) backs the namespace off, 1 s doubling to 30 s.
 //! - **Lifetime**: a reaper drops instances that exited and stops (SIGTERM) those whose
-//!   namespace has had no other process for the idle timeout.
+//!   namespace has had no other process for the idle timeout; in Kubernetes, at once those left
+//!   alone in their caller's container cgroup (the container exited; the pod's teardown waits
+//!   for that cgroup to empty).
 //! - **Restart and hand-over**: instances are recorded in `STATE_DIR/instances.json`; a new
 //!   agent adopts the live ones (same pid and start time); no agent ever stops instances when
 //!   it exits or hands over.
@@ -930,12 +932,21 @@ impl Instances {
                 let State::Running(instance) = &mut entry.state else {
                     continue;
                 };
+                // A pod's instance is in its caller's container cgroup: alone there, the
+                // container has exited, and the pod's teardown waits for that cgroup to empty.
+                if self.mode == Mode::Kubernetes && cgroup::alone_in_cgroup(instance.record.pid) {
+                    self.stop(instance, Stop::ContainerExited);
+                    continue;
+                }
                 if busy.contains(&instance.record.netns) {
                     instance.idle_since = None;
                     continue;
                 }
                 let idle_since = *instance.idle_since.get_or_insert(now);
-                self.stop_idle(instance, now.saturating_duration_since(idle_since));
+                let idle = now.saturating_duration_since(idle_since);
+                if idle >= self.idle_timeout() {
+                    self.stop(instance, Stop::Idle(idle));
+                }
             }
         }
         if changed {
@@ -945,10 +956,10 @@ impl Instances {
         self.persist();
     }
 
-    /// SIGTERM to an instance idle for the idle timeout, SIGKILL if it is still there
-    /// [`TERM_GRACE`] later; by pid, after checking it is still the same process.
-    fn stop_idle(&self, instance: &mut Instance, idle: Duration) {
-        if idle < self.idle_timeout() || !instance.record.alive() {
+    /// SIGTERM to an instance, SIGKILL if it is still there [`TERM_GRACE`] later; by pid,
+    /// after checking it is still the same process.
+    fn stop(&self, instance: &mut Instance, why: Stop) {
+        if !instance.record.alive() {
             return;
         }
         let signal = match instance.terminated {
@@ -959,18 +970,35 @@ impl Instances {
         let Some(pid) = rustix::process::Pid::from_raw(instance.record.pid) else {
             return;
         };
-        info!(
-            pid = instance.record.pid,
-            netns = instance.record.netns,
-            idle_ms = idle.as_millis() as u64,
-            ?signal,
-            "stopping an idle user-space stack instance: no other process is left in its network namespace"
-        );
+        match why {
+            Stop::Idle(idle) => info!(
+                pid = instance.record.pid,
+                netns = instance.record.netns,
+                idle_ms = idle.as_millis() as u64,
+                ?signal,
+                "stopping an idle user-space stack instance: no other process is left in its network namespace"
+            ),
+            Stop::ContainerExited => info!(
+                pid = instance.record.pid,
+                netns = instance.record.netns,
+                ?signal,
+                "stopping a user-space stack instance: its caller's container has exited (no other process in its cgroup)"
+            ),
+        }
         if let Err(error) = rustix::process::kill_process(pid, signal) {
             warn!(pid = instance.record.pid, %error, "cannot signal the instance");
         }
         instance.terminated.get_or_insert_with(Instant::now);
     }
+}
+
+/// Why the reaper stops an instance.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    /// No other process in its network namespace for this long (the idle timeout or more).
+    Idle(Duration),
+    /// Alone in its caller's container cgroup (Kubernetes).
+    ContainerExited,
 }
 
 /// The network namespaces (inodes) in which some process other than `instances` runs.

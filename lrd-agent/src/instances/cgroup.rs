@@ -131,6 +131,46 @@ fn v1_paths(text: &str) -> Vec<(&'static str, String)> {
     paths
 }
 
+/// Whether process `pid` is the only process left in a cgroup it joined below the root: its
+/// memory cgroup (v1), else its v2 cgroup. An instance joins its caller's container cgroup,
+/// so alone there means the container has exited; the runtime and kubelet wait for that
+/// cgroup to empty before the pod is gone.
+pub(super) fn alone_in_cgroup(pid: i32) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    let (root, path) = match v1_paths(&text)
+        .into_iter()
+        .find(|(controller, _)| *controller == "memory")
+        .and_then(|(_, path)| {
+            Some((
+                roots().v1.iter().find(|(c, _)| *c == "memory")?.1.clone(),
+                path,
+            ))
+        }) {
+        Some(found) => found,
+        None => match (
+            roots().v2.as_deref(),
+            text.lines().find_map(|l| l.strip_prefix("0::")),
+        ) {
+            (Some(root), Some(path)) => (root.to_path_buf(), path.to_owned()),
+            _ => return false,
+        },
+    };
+    let path = path.trim_start_matches('/');
+    if path.is_empty() || path.split('/').any(|part| part == "..") {
+        return false;
+    }
+    std::fs::read_to_string(root.join(path).join("cgroup.procs"))
+        .is_ok_and(|procs| only_pid(&procs, pid))
+}
+
+/// Whether the contents of a `cgroup.procs` file list `pid` and no other process.
+fn only_pid(procs: &str, pid: i32) -> bool {
+    let mut listed = procs.split_whitespace().map(str::parse::<i32>);
+    listed.next() == Some(Ok(pid)) && listed.next().is_none()
+}
+
 /// `cgroup.procs` of `cgroup` (a path from `/proc/PID/cgroup`) under `root`, opened for
 /// writing.
 fn open_procs(root: &Path, cgroup: &str) -> Result<File, String> {
@@ -150,6 +190,14 @@ fn open_procs(root: &Path, cgroup: &str) -> Result<File, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alone_means_the_only_pid_listed() {
+        assert!(only_pid("42\n", 42));
+        assert!(!only_pid("42\n43\n", 42));
+        assert!(!only_pid("43\n", 42));
+        assert!(!only_pid("", 42));
+    }
 
     #[test]
     fn hybrid_and_unified_mounts_are_told_apart() {
