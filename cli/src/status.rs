@@ -1,12 +1,13 @@
-//! `stackroute status`: nodes, their acked revisions and stale agents, and per-policy
-//! Accepted/Programmed, from a controller's `GetStatus`.
+//! `stackroute status`: nodes, their acked revisions and stale agents, what RDMA each node's
+//! agent found (or why none is usable), and per-policy Accepted/Programmed, from a
+//! controller's `GetStatus`.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use stackroute_proto::client;
-use stackroute_proto::v1alpha1::{StatusRequest, StatusResponse};
+use stackroute_proto::v1alpha1::{NodeCapabilities, StatusRequest, StatusResponse};
 
 /// Fetches the status from `controller` (HOST:PORT).
 pub(crate) fn fetch(controller: &str, security: &client::Security) -> Result<StatusResponse> {
@@ -41,6 +42,7 @@ pub(crate) fn to_json(status: &StatusResponse) -> Value {
             "ackedRevision": n.acked_revision,
             "connected": n.connected,
             "stale": n.stale,
+            "rdma": n.capabilities.as_ref().map(rdma_json),
         })).collect::<Vec<_>>(),
         "policies": status.policies.iter().map(|p| json!({
             "kind": p.kind,
@@ -55,6 +57,101 @@ pub(crate) fn to_json(status: &StatusResponse) -> Value {
         })).collect::<Vec<_>>(),
         "sourceErrors": status.source_errors,
     })
+}
+
+/// A node's RDMA report as JSON (`null` until its agent reports capabilities).
+fn rdma_json(caps: &NodeCapabilities) -> Value {
+    let limit = |bytes: u64| {
+        if bytes == u64::MAX {
+            json!("unlimited")
+        } else {
+            json!(bytes)
+        }
+    };
+    json!({
+        "devices": caps.rdma_devices.iter().map(|d| json!({
+            "name": d.name,
+            "roceVersions": d.roce_versions,
+            "ports": d.ports.iter().map(|p| json!({
+                "number": p.number,
+                "state": p.state,
+                "physState": p.phys_state,
+                "linkLayer": p.link_layer,
+                "activeMtu": p.active_mtu,
+                "gids": p.gids.iter().map(|g| json!({
+                    "index": g.index,
+                    "gid": g.gid,
+                    "type": g.r#type,
+                    "netdev": g.netdev,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "rdmaCm": caps.rdma_cm_device,
+        "uverbs": caps.uverbs_devices,
+        "memlockSoft": limit(caps.memlock_soft),
+        "memlockHard": limit(caps.memlock_hard),
+        "unavailableReason": caps.rdma_unavailable_reason,
+    })
+}
+
+/// A memlock limit for people: "unlimited", or bytes in KiB/MiB/GiB when exact.
+fn limit_text(bytes: u64) -> String {
+    if bytes == u64::MAX {
+        return "unlimited".into();
+    }
+    for (unit, size) in [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= size && bytes.is_multiple_of(size) {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// One row of the RDMA table: devices with their active ports, RoCE versions, memlock, reason.
+fn rdma_row(node: &str, caps: &NodeCapabilities) -> Vec<String> {
+    let devices: Vec<String> = caps
+        .rdma_devices
+        .iter()
+        .map(|d| {
+            let active = d.ports.iter().filter(|p| p.state == "active").count();
+            format!("{}({active}/{} active)", d.name, d.ports.len())
+        })
+        .collect();
+    let mut roce: Vec<u32> = caps
+        .rdma_devices
+        .iter()
+        .flat_map(|d| d.roce_versions.iter().copied())
+        .collect();
+    roce.sort_unstable();
+    roce.dedup();
+    let or_dash = |text: String| if text.is_empty() { "-".into() } else { text };
+    // An agent that predates these fields reports neither a memlock nor a reason.
+    let memlock = if caps.memlock_soft == 0 && caps.memlock_hard == 0 {
+        "-".into()
+    } else {
+        format!(
+            "{}/{}",
+            limit_text(caps.memlock_soft),
+            limit_text(caps.memlock_hard)
+        )
+    };
+    let reason = if caps.rdma_unavailable_reason.is_empty() && !caps.rdma_devices.is_empty() {
+        "usable".into()
+    } else {
+        or_dash(caps.rdma_unavailable_reason.clone())
+    };
+    vec![
+        node.to_string(),
+        or_dash(devices.join(",")),
+        or_dash(
+            roce.iter()
+                .map(|v| format!("v{v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        memlock,
+        reason,
+    ]
 }
 
 fn table(rows: &[Vec<String>]) -> String {
@@ -109,6 +206,22 @@ pub(crate) fn to_text(status: &StatusResponse) -> String {
     }
     out.push_str(&table(&nodes));
     out.push('\n');
+    let mut rdma = vec![vec![
+        "NODE".to_string(),
+        "RDMA DEVICES".into(),
+        "ROCE".into(),
+        "MEMLOCK (SOFT/HARD)".into(),
+        "RDMA".into(),
+    ]];
+    for node in &status.nodes {
+        if let Some(caps) = &node.capabilities {
+            rdma.push(rdma_row(&node.node, caps));
+        }
+    }
+    if rdma.len() > 1 {
+        out.push_str(&table(&rdma));
+        out.push('\n');
+    }
     let mut policies = vec![vec![
         "KIND".to_string(),
         "NAME".into(),
@@ -139,4 +252,103 @@ pub(crate) fn to_text(status: &StatusResponse) -> String {
         out.push_str(&format!("source error: {error}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use stackroute_proto::v1alpha1::{NodeStatus, RdmaDevice, RdmaGid, RdmaPort};
+
+    use super::*;
+
+    fn status(capabilities: Vec<(&str, NodeCapabilities)>) -> StatusResponse {
+        StatusResponse {
+            nodes: capabilities
+                .into_iter()
+                .map(|(node, caps)| NodeStatus {
+                    node: node.into(),
+                    connected: true,
+                    capabilities: Some(caps),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rdma_capabilities_show_devices_roce_memlock_and_reason() {
+        let usable = NodeCapabilities {
+            rdma_devices: vec![RdmaDevice {
+                name: "rxe0".into(),
+                ports: vec![RdmaPort {
+                    number: 1,
+                    state: "active".into(),
+                    phys_state: "linkup".into(),
+                    link_layer: "Ethernet".into(),
+                    active_mtu: 1024,
+                    gids: vec![RdmaGid {
+                        index: 1,
+                        gid: "0000:0000:0000:0000:0000:ffff:0a00:0001".into(),
+                        r#type: "RoCE v2".into(),
+                        netdev: "eth0".into(),
+                    }],
+                }],
+                roce_versions: vec![2],
+                ..Default::default()
+            }],
+            rdma_cm_device: true,
+            uverbs_devices: vec!["uverbs0".into()],
+            memlock_soft: 8 << 20,
+            memlock_hard: u64::MAX,
+            ..Default::default()
+        };
+        let without = NodeCapabilities {
+            memlock_soft: 65536,
+            memlock_hard: 65536,
+            rdma_unavailable_reason: "no /sys/class/infiniband: the kernel has no RDMA subsystem"
+                .into(),
+            ..Default::default()
+        };
+        let status = status(vec![("n1", usable), ("n2", without)]);
+        let text = to_text(&status);
+        assert!(
+            text.contains("NODE  RDMA DEVICES      ROCE  MEMLOCK (SOFT/HARD)  RDMA\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("n1    rxe0(1/1 active)  v2    8MiB/unlimited       usable\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "n2    -                 -     64KiB/64KiB          no /sys/class/infiniband: \
+                 the kernel has no RDMA subsystem\n"
+            ),
+            "{text}"
+        );
+        let json = to_json(&status);
+        let n1 = &json["nodes"][0]["rdma"];
+        assert_eq!(n1["memlockSoft"], 8 << 20);
+        assert_eq!(n1["memlockHard"], "unlimited");
+        assert_eq!(n1["devices"][0]["roceVersions"], json!([2]));
+        assert_eq!(n1["devices"][0]["ports"][0]["gids"][0]["type"], "RoCE v2");
+        assert_eq!(n1["devices"][0]["ports"][0]["gids"][0]["netdev"], "eth0");
+        assert_eq!(
+            json["nodes"][1]["rdma"]["unavailableReason"],
+            "no /sys/class/infiniband: the kernel has no RDMA subsystem"
+        );
+    }
+
+    #[test]
+    fn nodes_without_a_report_show_no_rdma_table() {
+        let status = StatusResponse {
+            nodes: vec![NodeStatus {
+                node: "n1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(!to_text(&status).contains("RDMA DEVICES"));
+        assert_eq!(to_json(&status)["nodes"][0]["rdma"], Value::Null);
+    }
 }

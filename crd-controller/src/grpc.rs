@@ -369,6 +369,14 @@ fn check_watch(request: &WatchRequest) -> Result<(), String> {
     Ok(())
 }
 
+/// Bound on the RDMA entries of a capability report: devices, their ports, GIDs (per port and the
+/// flat list), RoCE versions, and uverbs devices. The agent trims its report to the same bound
+/// (`MAX_RDMA_ENTRIES` in lrd-agent/src/caps.rs) so a big node is cut, not rejected.
+const MAX_RDMA_ENTRIES: usize = 16 * MAX_ITEMS;
+
+/// Longest `rdma_unavailable_reason` accepted (it is shown in status output as is).
+const MAX_REASON: usize = 1024;
+
 fn check_capabilities(report: &NodeCapabilities) -> Result<(), String> {
     check_name("node", &report.node)?;
     let lists = report.available_congestion_control.len()
@@ -376,6 +384,31 @@ fn check_capabilities(report: &NodeCapabilities) -> Result<(), String> {
         + report.rdma_devices.len();
     if lists > 4 * MAX_ITEMS {
         return Err("too many entries in the capability report".into());
+    }
+    let rdma = report.uverbs_devices.len()
+        + report
+            .rdma_devices
+            .iter()
+            .map(|device| {
+                1 + device.gids.len()
+                    + device.roce_versions.len()
+                    + device
+                        .ports
+                        .iter()
+                        .map(|port| 1 + port.gids.len())
+                        .sum::<usize>()
+            })
+            .sum::<usize>();
+    if rdma > MAX_RDMA_ENTRIES {
+        return Err(format!(
+            "too many RDMA entries in the capability report ({rdma} devices, ports, GIDs and \
+             uverbs devices; at most {MAX_RDMA_ENTRIES})"
+        ));
+    }
+    if report.rdma_unavailable_reason.len() > MAX_REASON {
+        return Err(format!(
+            "rdma_unavailable_reason is longer than {MAX_REASON} bytes"
+        ));
     }
     Ok(())
 }
@@ -792,5 +825,51 @@ mod tests {
             check_watch(&request).expect_err("invalid"),
             "node must not be empty"
         );
+    }
+
+    #[test]
+    fn capability_reports_bound_rdma_ports_and_gids() {
+        use stackroute_proto::v1alpha1::{RdmaDevice, RdmaGid, RdmaPort};
+        let gid = RdmaGid {
+            index: 0,
+            gid: "fe80:0000:0000:0000:5054:00ff:fe12:3456".into(),
+            r#type: "RoCE v2".into(),
+            netdev: "eth0".into(),
+        };
+        // 1 device + 1 port + 15 port GIDs + 15 flat GIDs + 1 RoCE version = 33 entries.
+        let device = RdmaDevice {
+            name: "rxe0".into(),
+            gids: vec![gid.gid.clone(); 15],
+            state: "active".into(),
+            ports: vec![RdmaPort {
+                number: 1,
+                state: "active".into(),
+                gids: vec![gid; 15],
+                ..Default::default()
+            }],
+            roce_versions: vec![2],
+        };
+        let mut report = NodeCapabilities {
+            node: "n1".into(),
+            rdma_devices: vec![device.clone(); MAX_RDMA_ENTRIES / 33],
+            uverbs_devices: vec!["uverbs0".into()],
+            rdma_cm_device: true,
+            memlock_soft: 8 << 20,
+            memlock_hard: u64::MAX,
+            ..Default::default()
+        };
+        assert_eq!(check_capabilities(&report), Ok(()));
+        // Few devices, but ports and GIDs past the bound: counted, not just the devices.
+        report.rdma_devices.push(device);
+        assert!(
+            check_capabilities(&report)
+                .expect_err("too many")
+                .contains("too many RDMA entries"),
+        );
+        report.rdma_devices.clear();
+        report.rdma_unavailable_reason = "x".repeat(MAX_REASON + 1);
+        assert!(check_capabilities(&report).is_err());
+        report.rdma_unavailable_reason = "no /sys/class/infiniband".into();
+        assert_eq!(check_capabilities(&report), Ok(()));
     }
 }
