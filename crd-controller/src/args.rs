@@ -272,6 +272,36 @@ pub struct Args {
         default_value = "/run/stackroute"
     )]
     pub socket_dir: String,
+
+    /// Extended resource (a device plugin's, e.g. rdma/hca_shared_devices_a) that the webhook
+    /// adds to every application container of an injected pod when one of the pod's policies
+    /// lists an RDMA transport; without it no pod gets RDMA resources.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_RDMA_RESOURCE",
+        requires = "webhook_addr"
+    )]
+    pub rdma_resource: Option<String>,
+
+    /// How many of --rdma-resource each container requests (and is limited to), unless the
+    /// pod sets it itself.
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_RDMA_RESOURCE_COUNT",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub rdma_resource_count: u32,
+
+    /// With --rdma-resource, also add the IPC_LOCK capability (`--rdma-ipc-lock=false` to
+    /// leave capabilities alone, e.g. under Pod Security "baseline", which forbids it).
+    #[arg(
+        long,
+        env = "STACKROUTE_CONTROLLER_RDMA_IPC_LOCK",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub rdma_ipc_lock: bool,
 }
 
 /// The controller's subcommands.

@@ -242,6 +242,9 @@ pub enum Command {
     },
     /// What a node has registered, and whether a registry key is among it.
     NodeRegistrations(String, String, oneshot::Sender<NodeRegistrations>),
+    /// Whether a policy that can pick RDMA selects pods of a namespace with these labels (the
+    /// injection webhook's question, see [`Index::rdma_policy_selects`]).
+    RdmaPolicySelects(String, Labels, oneshot::Sender<Option<bool>>),
 }
 
 // === impl IndexHandle ===
@@ -423,6 +426,19 @@ impl IndexHandle {
                 key.to_string(),
                 reply,
             ))
+            .map_err(|_| IndexClosed)?;
+        rx.await.map_err(|_| IndexClosed)
+    }
+
+    /// See [`Index::rdma_policy_selects`].
+    pub async fn rdma_policy_selects(
+        &self,
+        namespace: String,
+        labels: Labels,
+    ) -> Result<Option<bool>, IndexClosed> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::RdmaPolicySelects(namespace, labels, reply))
             .map_err(|_| IndexClosed)?;
         rx.await.map_err(|_| IndexClosed)
     }
@@ -795,6 +811,10 @@ impl Index {
             }
             Command::Policies(reply) => {
                 let _ = reply.send(self.policy_reports(now));
+                Effect::None
+            }
+            Command::RdmaPolicySelects(namespace, labels, reply) => {
+                let _ = reply.send(self.rdma_policy_selects(&namespace, &labels));
                 Effect::None
             }
             Command::Compiled(_) => Effect::None,
@@ -1209,6 +1229,21 @@ impl Index {
         versions.sort_unstable();
         versions.dedup();
         versions
+    }
+
+    /// Whether a policy in force that can pick RDMA selects pods of `namespace` with `labels`
+    /// as sources (read from the sources as they are now, not from the last compile: a pod
+    /// admitted right after its policy was applied gets the device). One pass over the
+    /// sources without merging them. `None` until every source has synced: a replica that
+    /// just started does not know yet.
+    pub fn rdma_policy_selects(&self, namespace: &str, labels: &Labels) -> Option<bool> {
+        self.pending_sources.is_empty().then(|| {
+            crate::webhook::rdma::selects(
+                self.files.values().map(FileSource::objects),
+                namespace,
+                labels,
+            )
+        })
     }
 
     /// The state every file, registered workload and watching node contributes.

@@ -82,6 +82,9 @@ impl Args {
             webhook_service,
             shim_image,
             socket_dir,
+            rdma_resource,
+            rdma_resource_count,
+            rdma_ipc_lock,
         } = self;
         if let Some(args::Command::Credentials { action }) = command {
             return action.run();
@@ -163,6 +166,13 @@ impl Args {
                 .run(),
             );
         }
+        // Before the webhook: it asks the index whether a pod's policies can pick RDMA.
+        let (handle, rx) = IndexHandle::channel();
+        let rdma = rdma_resource.map(|resource_name| stackroute_injector::Rdma {
+            resource_name,
+            resource_count: rdma_resource_count,
+            ipc_lock: rdma_ipc_lock,
+        });
         let webhook = match (webhook_addr, &injector_config) {
             (Some(addr), Some(config)) => Some(
                 start_webhook(
@@ -171,13 +181,13 @@ impl Args {
                     webhook_files.context("--webhook-addr needs --webhook-cert-dir")?,
                     kube_client.as_ref(),
                     metrics.clone(),
+                    rdma.map(|config| (config, handle.clone())),
                 )
                 .await?,
             ),
             _ => None,
         };
         let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-        let (handle, rx) = IndexHandle::channel();
         let mut index = Index::new(
             settings,
             args::ms(stale_after_ms),
@@ -350,10 +360,25 @@ async fn start_webhook(
     files: Arc<tls::CertFiles>,
     client: Option<&kube::Client>,
     metrics: Arc<Metrics>,
+    rdma: Option<(stackroute_injector::Rdma, IndexHandle)>,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("--shim-image/--socket-dir: {e}"))?;
+    let rdma = match rdma {
+        Some((config, index)) => {
+            config
+                .validate()
+                .map_err(|e| anyhow::anyhow!("--rdma-resource/--rdma-resource-count: {e}"))?;
+            tracing::info!(resource = %config.resource_name, count = config.resource_count,
+                ipc_lock = config.ipc_lock, "RDMA resources for pods whose policies can pick RDMA");
+            Some(webhook::RdmaInjection {
+                config,
+                policies: Arc::new(index),
+            })
+        }
+        None => None,
+    };
     let cert_dir = files.dir().to_path_buf();
     if let Err(error) = files.reload() {
         tracing::warn!(error = %format!("{error:#}"),
@@ -373,6 +398,7 @@ async fn start_webhook(
         config,
         namespaces,
         metrics,
+        rdma,
     }));
     Ok(tokio::spawn(webhook::serve(
         listener,

@@ -4,15 +4,18 @@
 //! ```text
 //! API server ─► TLS (tls::CertFiles, polled) ─► /inject ─► review::parse ─► decide
 //!                                                   (namespace lookup only when the pod does not decide)
-//!                                               ─► patch::build ─► AdmissionReview response
+//!                                                   (with RDMA on: do the pod's policies list RDMA? rdma::RdmaPolicies)
+//!                                               ─► patch::build_with_rdma ─► AdmissionReview response
 //! ```
 //!
 //! The decisions and the patch are the pure `stackroute-injector` crate; this module adds the
-//! I/O: the server, the namespace lookup ([`Namespaces`]), metrics and logs.
+//! I/O: the server, the namespace lookup ([`Namespaces`]), the policy question ([`rdma`]),
+//! metrics and logs.
 //! [`kubernetes`] holds the Kubernetes-mode parts (CA Secret, `caBundle`, the report of pods
 //! that opted in but were not injected).
 
 pub mod kubernetes;
+pub mod rdma;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -29,7 +32,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::Value;
 use stackroute_injector::review::{self, Invalid};
-use stackroute_injector::{Config, NamespaceMeta, decide};
+use stackroute_injector::{Config, NamespaceMeta, Rdma, decide};
+use stackroute_policy::selector::Labels;
+
+use self::rdma::RdmaPolicies;
 
 use crate::metrics::Metrics;
 
@@ -38,6 +44,8 @@ use crate::metrics::Metrics;
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 /// How long a namespace lookup may take before the pod is admitted uninjected.
 pub const NAMESPACE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the RDMA policy question may take before the pod is injected without RDMA.
+pub const POLICY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a client has for the TLS handshake and for sending request headers.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,6 +77,16 @@ pub struct Webhook {
     pub namespaces: Arc<dyn Namespaces>,
     /// `stackroute_controller_webhook_requests_total{result}`.
     pub metrics: Arc<Metrics>,
+    /// RDMA resources for pods whose policies can pick RDMA (`--rdma-resource`); `None`: off.
+    pub rdma: Option<RdmaInjection>,
+}
+
+/// What pods whose policies can pick RDMA get, and where the webhook asks.
+pub struct RdmaInjection {
+    /// The resource, its count, `IPC_LOCK`.
+    pub config: Rdma,
+    /// The policies.
+    pub policies: Arc<dyn RdmaPolicies>,
 }
 
 /// What one review came to (the `result` label).
@@ -161,7 +179,10 @@ impl Webhook {
                 return (outcome, Ok(review::allow(&request.uid, &[], &warnings)));
             }
         };
-        let injection = stackroute_injector::build_patch(pod, &settings, &self.config);
+        let (rdma, rdma_warning) = self.rdma_for(pod, namespace, &pod_name).await;
+        let mut injection =
+            stackroute_injector::build_with_rdma(pod, &settings, &self.config, rdma);
+        injection.warnings.extend(rdma_warning);
         let outcome = if injection.ops.is_empty() {
             Outcome::Unchanged
         } else {
@@ -172,6 +193,7 @@ impl Webhook {
             pod = %pod_name,
             operations = injection.ops.len(),
             libc = settings.libc.as_str(),
+            rdma = rdma.is_some(),
             dry_run = request.dry_run,
             warnings = ?injection.warnings,
             "{}",
@@ -185,6 +207,38 @@ impl Webhook {
         (
             outcome,
             Ok(review::allow(&request.uid, &injection.ops, &warnings)),
+        )
+    }
+}
+
+impl Webhook {
+    /// The RDMA settings when RDMA is on and a policy that can pick RDMA selects the pod, with
+    /// a warning when that could not be found out (the pod is still injected, without RDMA:
+    /// the shim then reports `no-device` and falls back, which beats failing the admission).
+    async fn rdma_for(
+        &self,
+        pod: &k8s_openapi::api::core::v1::Pod,
+        namespace: &str,
+        pod_name: &str,
+    ) -> (Option<&Rdma>, Option<String>) {
+        let Some(rdma) = &self.rdma else {
+            return (None, None);
+        };
+        let labels: Labels = pod.metadata.labels.clone().unwrap_or_default();
+        let question = rdma.policies.selects(namespace, &labels);
+        let error = match tokio::time::timeout(POLICY_TIMEOUT, question).await {
+            Ok(Ok(true)) => return (Some(&rdma.config), None),
+            Ok(Ok(false)) => return (None, None),
+            Ok(Err(error)) => format!("{error:#}"),
+            Err(_) => "timed out".to_string(),
+        };
+        tracing::warn!(namespace, pod = %pod_name, %error,
+            "could not tell whether the pod's policies pick RDMA; injected without RDMA resources");
+        (
+            None,
+            Some(format!(
+                "RDMA resources not added: the policies could not be read ({error})"
+            )),
         )
     }
 }

@@ -20,8 +20,13 @@ use stackroute_controller::certs::{self, Ca};
 use stackroute_controller::metrics::Metrics;
 use stackroute_controller::tls::CertFiles;
 use stackroute_controller::webhook::kubernetes::write_serving;
-use stackroute_controller::webhook::{self, BoxFuture, Namespaces, StaticNamespaces, Webhook};
-use stackroute_injector::{Config, INJECTED, NamespaceMeta, SHIM_NAME};
+use stackroute_controller::webhook::rdma::{RdmaPolicies, StaticPolicies};
+use stackroute_controller::webhook::{
+    self, BoxFuture, Namespaces, RdmaInjection, StaticNamespaces, Webhook,
+};
+use stackroute_injector::{Config, INJECTED, NamespaceMeta, RDMA_STATUS, Rdma, SHIM_NAME};
+use stackroute_policy::ClusterState;
+use stackroute_policy::selector::Labels;
 
 const SHIM_IMAGE: &str = "registry.example/stackroute-shim:0.1.0";
 const OWN_NAMESPACE: &str = "stackroute-system";
@@ -61,6 +66,10 @@ fn write_cert(dir: &Path, ca: &Ca) {
 }
 
 async fn start_with(namespaces: Arc<dyn Namespaces>) -> Server {
+    start_with_rdma(namespaces, None).await
+}
+
+async fn start_with_rdma(namespaces: Arc<dyn Namespaces>, rdma: Option<RdmaInjection>) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let ca = certs::new_ca(SystemTime::now()).unwrap();
     write_cert(dir.path(), &ca);
@@ -72,6 +81,7 @@ async fn start_with(namespaces: Arc<dyn Namespaces>) -> Server {
         config: mk_config(),
         namespaces,
         metrics: metrics.clone(),
+        rdma,
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -88,12 +98,12 @@ async fn start_with(namespaces: Arc<dyn Namespaces>) -> Server {
     }
 }
 
-async fn start() -> Server {
+fn namespaces() -> StaticNamespaces {
     let on = |key: &str| NamespaceMeta {
         labels: BTreeMap::new(),
         annotations: BTreeMap::from([(key.to_string(), "enabled".to_string())]),
     };
-    let namespaces = StaticNamespaces(BTreeMap::from([
+    StaticNamespaces(BTreeMap::from([
         ("plain".to_string(), NamespaceMeta::default()),
         ("annotated".to_string(), on("stackroute.dev/inject")),
         (
@@ -106,8 +116,11 @@ async fn start() -> Server {
                 annotations: BTreeMap::new(),
             },
         ),
-    ]));
-    start_with(Arc::new(namespaces)).await
+    ]))
+}
+
+async fn start() -> Server {
+    start_with(Arc::new(namespaces())).await
 }
 
 /// One HTTPS request on a new connection, trusting only `ca_pem`.
@@ -312,17 +325,26 @@ fn assert_injected(before: &Value, after: &Value) -> Pod {
         assert_eq!(sockets.read_only, Some(true));
     }
 
-    // Nothing else changed: resources (no device resources), images, the containers' order.
-    let before_all: Vec<_> = containers(&original)
-        .iter()
-        .map(|c| (c.name.clone(), c.image.clone(), c.resources.clone()))
-        .collect();
-    let after_all: Vec<_> = containers(&pod)
-        .iter()
-        .map(|c| (c.name.clone(), c.image.clone(), c.resources.clone()))
-        .collect();
-    assert_eq!(before_all, after_all);
-    assert!(!after.to_string().contains("rdma/"), "no device resources");
+    // Nothing else changed: images, the containers' order, and resources (no device
+    // resources) unless the webhook says it added RDMA's (the RDMA tests check those).
+    let rdma = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(RDMA_STATUS));
+    let parts = |pod: &Pod| -> Vec<_> {
+        containers(pod)
+            .iter()
+            .map(|c| {
+                let resources = if rdma { None } else { c.resources.clone() };
+                (c.name.clone(), c.image.clone(), resources)
+            })
+            .collect()
+    };
+    assert_eq!(parts(&original), parts(&pod));
+    if !rdma && !before.to_string().contains("rdma/") {
+        assert!(!after.to_string().contains("rdma/"), "no device resources");
+    }
 
     assert!(
         pod.metadata
@@ -797,6 +819,323 @@ async fn binary_serves_the_webhook_with_the_chart_flags() {
     assert!(!output.status.success());
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("not an image reference"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+// === RDMA resources ===
+
+const RDMA_RESOURCE: &str = "rdma/hca_shared_devices_a";
+
+/// A StackRoute in `plain` whose trainers may use RDMA (as a fallback), and one for web pods
+/// that never does.
+const RDMA_POLICIES: &str = r#"
+apiVersion: stackroute.dev/v1alpha1
+kind: StackRoute
+metadata: {name: trainers, namespace: plain}
+spec:
+  podSelector: {matchLabels: {app: trainer}}
+  rules:
+    - name: roce
+      transport: {stack: Kernel, fallback: [{stack: RDMA}]}
+---
+apiVersion: stackroute.dev/v1alpha1
+kind: StackRoute
+metadata: {name: web, namespace: plain}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  rules:
+    - name: bbr
+      transport: {stack: Kernel, congestionControl: BBR}
+"#;
+
+fn mk_rdma(policies: Arc<dyn RdmaPolicies>) -> RdmaInjection {
+    RdmaInjection {
+        config: Rdma {
+            resource_name: RDMA_RESOURCE.into(),
+            resource_count: 1,
+            ipc_lock: true,
+        },
+        policies,
+    }
+}
+
+fn rdma_policies() -> Arc<dyn RdmaPolicies> {
+    let mut state = ClusterState::default();
+    assert!(state.load_text("policies.yaml", RDMA_POLICIES).is_empty());
+    Arc::new(StaticPolicies(state))
+}
+
+/// An application container's RDMA resource limit and request, and its added capabilities.
+type RdmaContainer = (Option<String>, Option<String>, Vec<String>);
+
+/// Each application container's [`RdmaContainer`], and the pod's `stackroute.dev/rdma`.
+fn rdma_parts(pod: &Pod) -> (Vec<RdmaContainer>, Option<String>) {
+    let containers = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .map(|c| {
+            let get = |limits: bool| {
+                let resources = c.resources.as_ref()?;
+                let map = if limits {
+                    resources.limits.as_ref()
+                } else {
+                    resources.requests.as_ref()
+                }?;
+                Some(map.get(RDMA_RESOURCE)?.0.clone())
+            };
+            let caps = c
+                .security_context
+                .as_ref()
+                .and_then(|s| s.capabilities.as_ref())
+                .and_then(|c| c.add.clone())
+                .unwrap_or_default();
+            (get(true), get(false), caps)
+        })
+        .collect();
+    let status = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RDMA_STATUS).cloned());
+    (containers, status)
+}
+
+fn trainer_pod() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "trainer-", "labels": {"app": "trainer", "stackroute.dev/inject": "enabled"}},
+        "spec": {
+            "initContainers": [{"name": "fetch", "image": "busybox"}],
+            "containers": [
+                {"name": "train", "image": "pytorch", "resources": {"limits": {"cpu": "4"}}},
+                {"name": "metrics", "image": "exporter",
+                 "resources": {"limits": {RDMA_RESOURCE: "2"}},
+                 "securityContext": {"capabilities": {"add": ["NET_RAW"], "drop": ["ALL"]}}}
+            ]
+        }
+    })
+}
+
+#[tokio::test]
+async fn pods_whose_policies_pick_rdma_get_the_resource_and_ipc_lock() {
+    let server = start_with_rdma(Arc::new(namespaces()), Some(mk_rdma(rdma_policies()))).await;
+    let pod = trainer_pod();
+    let (after, patched) = server.admit("plain", &pod).await;
+    assert!(patched);
+    let typed = assert_injected(&pod, &after);
+    let (containers, status) = rdma_parts(&typed);
+    let some = |v: &str| Some(v.to_string());
+    let caps = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        containers,
+        [
+            (some("1"), some("1"), caps(&["IPC_LOCK"])),
+            // The author's count stays; its request follows it.
+            (some("2"), some("2"), caps(&["NET_RAW", "IPC_LOCK"])),
+        ]
+    );
+    assert_eq!(
+        status.as_deref(),
+        Some("requested resource=rdma/hca_shared_devices_a count=1 ipcLock=true")
+    );
+    let spec = typed.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap()["cpu"]
+            .0,
+        "4"
+    );
+    for init in spec.init_containers.iter().flatten() {
+        assert!(
+            init.resources.as_ref().is_none_or(|r| r
+                .limits
+                .iter()
+                .flatten()
+                .all(|(k, _)| k != RDMA_RESOURCE)),
+            "{}",
+            init.name
+        );
+    }
+    // A second review (reinvocation) adds nothing.
+    let (again, patched) = server.admit("plain", &after).await;
+    assert!(!patched, "{again}");
+
+    // The web pod's policy never picks RDMA; a pod no policy selects neither.
+    for labels in [
+        json!({"app": "web", "stackroute.dev/inject": "enabled"}),
+        json!({"app": "batch", "stackroute.dev/inject": "enabled"}),
+    ] {
+        let pod = mk_pod(labels, json!({}));
+        let (after, patched) = server.admit("plain", &pod).await;
+        assert!(patched);
+        let typed = assert_injected(&pod, &after);
+        assert_eq!(rdma_parts(&typed), (vec![(None, None, vec![])], None));
+    }
+    // Not opted in: no patch at all, RDMA policy or not.
+    let mut plain = trainer_pod();
+    plain["metadata"]["labels"] = json!({"app": "trainer"});
+    let (_, patched) = server.admit("plain", &plain).await;
+    assert!(!patched);
+    // A trainer in another namespace is not selected by `plain`'s StackRoute.
+    let (after, _) = server.admit("labelled", &trainer_pod()).await;
+    let typed: Pod = serde_json::from_value(after).unwrap();
+    assert_eq!(rdma_parts(&typed).1, None);
+}
+
+#[tokio::test]
+async fn rdma_off_or_unreadable_policies_add_no_rdma() {
+    // The chart's RDMA off: the same trainer gets the shim only.
+    let server = start().await;
+    let pod = trainer_pod();
+    let (after, patched) = server.admit("plain", &pod).await;
+    assert!(patched);
+    let typed = assert_injected(&pod, &after);
+    let (containers, status) = rdma_parts(&typed);
+    assert_eq!(status, None);
+    assert_eq!(containers[0], (None, None, vec![]));
+    assert_eq!(
+        containers[1],
+        (Some("2".into()), None, vec!["NET_RAW".to_string()]),
+        "the author's own values only"
+    );
+
+    // The policies cannot be read: injected without RDMA, with a warning.
+    struct Failing;
+    impl RdmaPolicies for Failing {
+        fn selects<'a>(&'a self, _: &'a str, _: &'a Labels) -> BoxFuture<'a, anyhow::Result<bool>> {
+            Box::pin(async { anyhow::bail!("index stopped") })
+        }
+    }
+    let server = start_with_rdma(Arc::new(namespaces()), Some(mk_rdma(Arc::new(Failing)))).await;
+    let answer = server.review(&review("plain", pod.clone())).await;
+    let warnings = answer["response"]["warnings"].to_string();
+    assert!(warnings.contains("RDMA resources not added"), "{warnings}");
+    let (after, patched) = server.admit("plain", &pod).await;
+    assert!(patched);
+    let typed = assert_injected(&pod, &after);
+    assert_eq!(rdma_parts(&typed).1, None);
+}
+
+/// The binary with the chart's RDMA flags: the webhook asks the controller's index, which
+/// reads the policies from the state directory.
+#[tokio::test]
+async fn binary_adds_rdma_resources_from_the_index_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(
+        state.join("policies.yaml"),
+        RDMA_POLICIES.replace("namespace: plain", "namespace: default"),
+    )
+    .unwrap();
+    let certs_dir = dir.path().join("certs");
+    let ca = certs::new_ca(SystemTime::now()).unwrap();
+    write_cert(&certs_dir, &ca);
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let addr: SocketAddr = free().parse().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stackroute-controller"))
+        .args(["--state", state.to_str().unwrap(), "--insecure-plaintext"])
+        .args(["--grpc-addr", &free(), "--metrics-addr", &free()])
+        .args(["--webhook-addr", &addr.to_string()])
+        .arg("--webhook-cert-dir")
+        .arg(&certs_dir)
+        .args(["--shim-image", SHIM_IMAGE])
+        .args(["--rdma-resource", RDMA_RESOURCE, "--rdma-resource-count=2"])
+        .arg("--rdma-ipc-lock=false")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let admit = |pod: Value| {
+        let ca = ca.cert_pem.clone();
+        async move {
+            let body = review("default", pod.clone()).to_string().into_bytes();
+            let (200, bytes) = request(addr, &ca, "POST", "/inject", body).await.ok()? else {
+                return None;
+            };
+            let answer: Value = serde_json::from_slice(&bytes).ok()?;
+            let patch = base64::engine::general_purpose::STANDARD
+                .decode(answer["response"]["patch"].as_str()?)
+                .ok()?;
+            let patch: json_patch::Patch = serde_json::from_slice(&patch).ok()?;
+            let mut doc = pod;
+            json_patch::patch(&mut doc, &patch).ok()?;
+            serde_json::from_value::<Pod>(doc).ok()
+        }
+    };
+    // Until the webhook answers and the poller has loaded the policies.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let trainer = loop {
+        if let Some(pod) = admit(trainer_pod()).await
+            && rdma_parts(&pod).1.is_some()
+        {
+            break pod;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the binary's webhook never added RDMA resources"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let web = admit(mk_pod(
+        json!({"app": "web", "stackroute.dev/inject": "enabled"}),
+        json!({}),
+    ))
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let (containers, status) = rdma_parts(&trainer);
+    assert_eq!(
+        status.as_deref(),
+        Some("requested resource=rdma/hca_shared_devices_a count=2 ipcLock=false")
+    );
+    assert_eq!(
+        containers,
+        [
+            (Some("2".into()), Some("2".into()), vec![]),
+            (
+                Some("2".into()),
+                Some("2".into()),
+                vec!["NET_RAW".to_string()]
+            ),
+        ]
+    );
+    let web = web.expect("the web pod is injected");
+    assert_eq!(rdma_parts(&web), (vec![(None, None, vec![])], None));
+
+    // A resource name that is not an extended resource is refused at start.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stackroute-controller"))
+        .args(["--state", state.to_str().unwrap(), "--insecure-plaintext"])
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--webhook-addr", "127.0.0.1:0"])
+        .arg("--webhook-cert-dir")
+        .arg(&certs_dir)
+        .args(["--shim-image", SHIM_IMAGE, "--rdma-resource", "hca"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--rdma-resource"),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );

@@ -10,6 +10,8 @@
 //! - [`patch`]: the RFC 6902 JSONPatch; idempotent, so a reinvocation adds only what a later
 //!   webhook made necessary.
 //! - [`review`]: AdmissionReview v1 in and out, with an error for every malformed input.
+//! - [`Rdma`]: what a pod whose policies can pick RDMA gets besides the shim (a device-plugin
+//!   resource, `IPC_LOCK`); whether they can is the controller's question, not this crate's.
 //!
 //! The controller crate supplies the I/O: the HTTPS server, the namespace lookup, metrics.
 #![forbid(unsafe_code)]
@@ -19,12 +21,14 @@ pub mod patch;
 pub mod review;
 
 pub use decide::{Decision, Libc, NamespaceMeta, Settings, Skip, decide, not_injected, pod_opt_in};
-pub use patch::build as build_patch;
+pub use patch::{build as build_patch, build_with_rdma};
 
 /// Opt-in annotation and label (`enabled` / `disabled`), on a pod or its namespace.
 pub const INJECT: &str = "stackroute.dev/inject";
 /// Status annotation written by the webhook: what it did.
 pub const INJECTED: &str = "stackroute.dev/injected";
+/// Status annotation written when the pod got RDMA resources: what was added.
+pub const RDMA_STATUS: &str = "stackroute.dev/rdma";
 /// Per-pod setting: `STACKROUTE_LOG` for the shim (e.g. `debug`).
 pub const CONFIG_LOG: &str = "config.stackroute.dev/log";
 /// Per-pod setting: `glibc` (default) or `musl`, the shim build copied into the pod.
@@ -90,9 +94,99 @@ impl Config {
     }
 }
 
+/// What a pod whose policies can pick RDMA gets in each of its (non-init) containers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rdma {
+    /// The device plugin's extended resource, e.g. `rdma/hca_shared_devices_a`.
+    pub resource_name: String,
+    /// How many of it each container requests (and is limited to).
+    pub resource_count: u32,
+    /// Also add the `IPC_LOCK` capability (memory registration pins pages; it helps root
+    /// containers only, see the chart README).
+    pub ipc_lock: bool,
+}
+
+impl Rdma {
+    /// Checks the resource is an extended resource name (`domain/name`) and the count is
+    /// positive: the API server would reject pods patched otherwise.
+    pub fn validate(&self) -> Result<(), String> {
+        let valid_name = self
+            .resource_name
+            .split_once('/')
+            .is_some_and(|(domain, name)| {
+                let domain_ok = !domain.is_empty()
+                    && domain.len() <= 253
+                    && domain.split('.').all(|part| {
+                        !part.is_empty()
+                            && part
+                                .chars()
+                                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                            && !part.starts_with('-')
+                            && !part.ends_with('-')
+                    });
+                let name_ok = !name.is_empty()
+                    && name.len() <= 63
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+                // `kubernetes.io` names are native resources, never a device plugin's.
+                let not_native = domain != "kubernetes.io" && !domain.ends_with(".kubernetes.io");
+                domain_ok && name_ok && not_native
+            });
+        if !valid_name {
+            return Err(format!(
+                "RDMA resource {:?} is not an extended resource name (domain/name)",
+                self.resource_name
+            ));
+        }
+        if self.resource_count == 0 {
+            return Err("RDMA resource count must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rdma_validation() {
+        let good = Rdma {
+            resource_name: "rdma/hca_shared_devices_a".into(),
+            resource_count: 1,
+            ipc_lock: true,
+        };
+        assert_eq!(good.validate(), Ok(()));
+        let sriov = Rdma {
+            resource_name: "mellanox.com/mlnx_rdma".into(),
+            ..good.clone()
+        };
+        assert_eq!(sriov.validate(), Ok(()));
+        for name in [
+            "",
+            "hca",
+            "rdma/",
+            "/hca",
+            "RDMA/hca",
+            "rdma/hca/x",
+            "rdma/-hca",
+            "kubernetes.io/hca",
+        ] {
+            let bad = Rdma {
+                resource_name: name.into(),
+                ..good.clone()
+            };
+            assert!(bad.validate().is_err(), "{name}");
+        }
+        let zero = Rdma {
+            resource_count: 0,
+            ..good
+        };
+        assert!(zero.validate().is_err());
+    }
 
     #[test]
     fn config_validation() {

@@ -3,12 +3,22 @@
 //! Every part is added only when missing, so the patch is idempotent: a second review of an
 //! injected pod yields no operation, and a reinvocation after a later webhook added a
 //! container yields only that container's environment and mounts.
+//!
+//! With [`Rdma`] (the chart enables it and a policy that can pick RDMA selects the pod), every
+//! application container also gets the RDMA resource and `IPC_LOCK`, never replacing what
+//! the pod's author set.
 
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, Volume, VolumeMount};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::decide::Settings;
-use crate::{Config, INJECTED, INSTALL_MOUNT, SHIM_MOUNT, SHIM_NAME, SHIM_PATH, SOCKETS_NAME};
+use crate::{
+    Config, INJECTED, INSTALL_MOUNT, RDMA_STATUS, Rdma, SHIM_MOUNT, SHIM_NAME, SHIM_PATH,
+    SOCKETS_NAME,
+};
+
+/// The capability RDMA memory registration needs to pin pages beyond `RLIMIT_MEMLOCK`.
+pub const IPC_LOCK: &str = "IPC_LOCK";
 
 /// The patch and what it does.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -44,6 +54,14 @@ pub fn status(settings: &Settings, config: &Config) -> String {
         text.push_str(log);
     }
     text
+}
+
+/// The value of `stackroute.dev/rdma`: what the webhook asked for in each container.
+pub fn rdma_status(rdma: &Rdma) -> String {
+    format!(
+        "requested resource={} count={} ipcLock={}",
+        rdma.resource_name, rdma.resource_count, rdma.ipc_lock
+    )
 }
 
 fn env_value(name: &str, value: &str) -> EnvVar {
@@ -231,8 +249,100 @@ fn container_ops(
     }
 }
 
+/// The RDMA resource and `IPC_LOCK` for one application container. A resource the author set
+/// (limit or request) keeps its value; the missing half gets the same value, since the API
+/// server requires an extended resource's request to equal its limit.
+fn rdma_container_ops(base: &str, container: &Container, rdma: &Rdma, injection: &mut Injection) {
+    let name = &rdma.resource_name;
+    let resources = container.resources.as_ref();
+    let limits = resources.and_then(|r| r.limits.as_ref());
+    let requests = resources.and_then(|r| r.requests.as_ref());
+    let set_by_author = limits
+        .and_then(|l| l.get(name))
+        .or_else(|| requests.and_then(|r| r.get(name)));
+    let value = match set_by_author {
+        Some(quantity) => Value::String(quantity.0.clone()),
+        None => Value::String(rdma.resource_count.to_string()),
+    };
+    if resources.is_none() {
+        injection.ops.push(add(
+            format!("{base}/resources"),
+            json!({"limits": {name: value}, "requests": {name: value}}),
+        ));
+    } else {
+        for (field, map) in [("limits", limits), ("requests", requests)] {
+            match map {
+                None => injection.ops.push(add(
+                    format!("{base}/resources/{field}"),
+                    json!({name: value}),
+                )),
+                Some(map) if !map.contains_key(name) => injection.ops.push(add(
+                    format!("{base}/resources/{field}/{}", token(name)),
+                    value.clone(),
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+
+    if !rdma.ipc_lock {
+        return;
+    }
+    let context = container.security_context.as_ref();
+    let capabilities = context.and_then(|c| c.capabilities.as_ref());
+    let is_ipc_lock = |cap: &String| {
+        let cap = cap.trim();
+        cap == IPC_LOCK || cap.strip_prefix("CAP_") == Some(IPC_LOCK)
+    };
+    if capabilities
+        .and_then(|c| c.drop.as_ref())
+        .is_some_and(|drop| drop.iter().any(is_ipc_lock))
+    {
+        // An explicit drop of IPC_LOCK is the author's decision; adding it back would contradict it.
+        injection.warnings.push(format!(
+            "container {}: drops {IPC_LOCK}; RDMA memory registration may fail (reported by the shim)",
+            container.name
+        ));
+        return;
+    }
+    match (
+        context,
+        capabilities,
+        capabilities.and_then(|c| c.add.as_ref()),
+    ) {
+        (None, _, _) => injection.ops.push(add(
+            format!("{base}/securityContext"),
+            json!({"capabilities": {"add": [IPC_LOCK]}}),
+        )),
+        (Some(_), None, _) => injection.ops.push(add(
+            format!("{base}/securityContext/capabilities"),
+            json!({"add": [IPC_LOCK]}),
+        )),
+        (Some(_), Some(_), None) => injection.ops.push(add(
+            format!("{base}/securityContext/capabilities/add"),
+            json!([IPC_LOCK]),
+        )),
+        (Some(_), Some(_), Some(list)) if !list.iter().any(is_ipc_lock) => injection.ops.push(add(
+            format!("{base}/securityContext/capabilities/add/-"),
+            json!(IPC_LOCK),
+        )),
+        (Some(_), Some(_), Some(_)) => {}
+    }
+}
+
 /// The patch for an opted-in pod (see the module docs). Nothing in it touches resources.
 pub fn build(pod: &Pod, settings: &Settings, config: &Config) -> Injection {
+    build_with_rdma(pod, settings, config, None)
+}
+
+/// [`build`], plus the RDMA resource and `IPC_LOCK` in every application container and the
+/// `stackroute.dev/rdma` annotation when `rdma` is given.
+pub fn build_with_rdma(
+    pod: &Pod,
+    settings: &Settings,
+    config: &Config,
+    rdma: Option<&Rdma>,
+) -> Injection {
     let mut injection = Injection {
         ops: Vec::new(),
         warnings: settings.warnings.clone(),
@@ -244,17 +354,31 @@ pub fn build(pod: &Pod, settings: &Settings, config: &Config) -> Injection {
         return injection;
     };
 
-    // Status annotation (kept as first written: a reinvocation does not rewrite it).
+    // Status annotations (kept as first written: a reinvocation does not rewrite them).
+    let mut wanted = vec![(INJECTED, status(settings, config))];
+    if let Some(rdma) = rdma {
+        wanted.push((RDMA_STATUS, rdma_status(rdma)));
+    }
     match &pod.metadata.annotations {
-        None => injection.ops.push(add(
-            "/metadata/annotations".into(),
-            json!({INJECTED: status(settings, config)}),
-        )),
-        Some(annotations) if !annotations.contains_key(INJECTED) => injection.ops.push(add(
-            format!("/metadata/annotations/{}", token(INJECTED)),
-            Value::String(status(settings, config)),
-        )),
-        Some(_) => {}
+        None => {
+            let map: Map<String, Value> = wanted
+                .into_iter()
+                .map(|(key, value)| (key.to_string(), Value::String(value)))
+                .collect();
+            injection
+                .ops
+                .push(add("/metadata/annotations".into(), Value::Object(map)));
+        }
+        Some(annotations) => {
+            for (key, value) in wanted {
+                if !annotations.contains_key(key) {
+                    injection.ops.push(add(
+                        format!("/metadata/annotations/{}", token(key)),
+                        Value::String(value),
+                    ));
+                }
+            }
+        }
     }
 
     // Volumes.
@@ -296,13 +420,18 @@ pub fn build(pod: &Pod, settings: &Settings, config: &Config) -> Injection {
         }
     }
     for (i, container) in spec.containers.iter().enumerate() {
+        let base = format!("/spec/containers/{i}");
         container_ops(
-            &format!("/spec/containers/{i}"),
+            &base,
             container,
             &wanted_env,
             &wanted_mounts,
             &mut injection,
         );
+        // Init containers run before the application: they open no RDMA connections.
+        if let Some(rdma) = rdma {
+            rdma_container_ops(&base, container, rdma, &mut injection);
+        }
     }
 
     // The copying init container runs first, so later init containers find the shim.
@@ -447,6 +576,195 @@ mod tests {
             .clone()
             .unwrap();
         assert_eq!(mounts.len(), 2);
+    }
+
+    fn mk_rdma() -> Rdma {
+        Rdma {
+            resource_name: "rdma/hca_shared_devices_a".into(),
+            resource_count: 1,
+            ipc_lock: true,
+        }
+    }
+
+    fn quantity(c: &Container, field: &str) -> Option<String> {
+        let resources = c.resources.as_ref()?;
+        let map = match field {
+            "limits" => resources.limits.as_ref(),
+            _ => resources.requests.as_ref(),
+        }?;
+        Some(map.get("rdma/hca_shared_devices_a")?.0.clone())
+    }
+
+    fn added_caps(c: &Container) -> Vec<String> {
+        c.security_context
+            .as_ref()
+            .and_then(|s| s.capabilities.as_ref())
+            .and_then(|c| c.add.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn rdma_adds_resource_and_ipc_lock_to_app_containers_once() {
+        let config = mk_config();
+        let rdma = mk_rdma();
+        let pod = mk_pod(json!({"metadata": {"name": "p"}, "spec": {
+        "initContainers": [{"name": "setup", "image": "i"}],
+        "containers": [
+            {"name": "a", "image": "i"},
+            {"name": "b", "image": "i", "resources": {"limits": {"cpu": "1"}},
+             "securityContext": {"runAsUser": 0}},
+        ]}}));
+        let injection = build_with_rdma(&pod, &Settings::default(), &config, Some(&rdma));
+        assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
+        let patched = apply(&pod, &injection.ops);
+        let spec = patched.spec.as_ref().unwrap();
+        for c in &spec.containers {
+            assert_eq!(quantity(c, "limits").as_deref(), Some("1"), "{}", c.name);
+            assert_eq!(quantity(c, "requests").as_deref(), Some("1"), "{}", c.name);
+            assert_eq!(added_caps(c), [IPC_LOCK], "{}", c.name);
+        }
+        // The author's CPU limit and runAsUser stay.
+        let b = &spec.containers[1];
+        assert_eq!(
+            b.resources.as_ref().unwrap().limits.as_ref().unwrap()["cpu"].0,
+            "1"
+        );
+        assert_eq!(b.security_context.as_ref().unwrap().run_as_user, Some(0));
+        // Init containers (ours and the author's) get neither.
+        for c in spec.init_containers.as_ref().unwrap() {
+            assert_eq!(quantity(c, "limits"), None, "{}", c.name);
+            assert!(added_caps(c).is_empty(), "{}", c.name);
+        }
+        let annotations = patched.metadata.annotations.as_ref().unwrap();
+        assert!(annotations.contains_key(INJECTED));
+        assert_eq!(
+            annotations[RDMA_STATUS],
+            "requested resource=rdma/hca_shared_devices_a count=1 ipcLock=true"
+        );
+        // Idempotent.
+        let again = build_with_rdma(&patched, &Settings::default(), &config, Some(&rdma));
+        assert!(again.ops.is_empty(), "{:?}", again.ops);
+    }
+
+    #[test]
+    fn rdma_keeps_the_authors_values_and_merges_capabilities() {
+        let config = mk_config();
+        let rdma = Rdma {
+            resource_count: 3,
+            ..mk_rdma()
+        };
+        let pod = mk_pod(
+            json!({"metadata": {"name": "p", "annotations": {"x": "y"}}, "spec": {
+            "containers": [
+                // Limit only: the request gets the same value, not the chart's count.
+                {"name": "limit", "image": "i",
+                 "resources": {"limits": {"rdma/hca_shared_devices_a": "2"}},
+                 "securityContext": {"capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}}},
+                // Request only: likewise for the limit.
+                {"name": "request", "image": "i",
+                 "resources": {"requests": {"rdma/hca_shared_devices_a": "5"}},
+                 "securityContext": {"capabilities": {"add": ["CAP_IPC_LOCK"]}}},
+                // Both set, IPC_LOCK already there: nothing.
+                {"name": "both", "image": "i",
+                 "resources": {"limits": {"rdma/hca_shared_devices_a": "4"},
+                               "requests": {"rdma/hca_shared_devices_a": "4"}},
+                 "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}}},
+                // Empty securityContext and capabilities.
+                {"name": "empty", "image": "i", "resources": {},
+                 "securityContext": {"capabilities": {}}},
+            ]}}),
+        );
+        let injection = build_with_rdma(&pod, &Settings::default(), &config, Some(&rdma));
+        let patched = apply(&pod, &injection.ops);
+        let containers = &patched.spec.as_ref().unwrap().containers;
+        let got: Vec<(Option<String>, Option<String>, Vec<String>)> = containers
+            .iter()
+            .map(|c| {
+                (
+                    quantity(c, "limits"),
+                    quantity(c, "requests"),
+                    added_caps(c),
+                )
+            })
+            .collect();
+        let some = |v: &str| Some(v.to_string());
+        let caps = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            got,
+            [
+                (some("2"), some("2"), caps(&["NET_ADMIN", IPC_LOCK])),
+                (some("5"), some("5"), caps(&["CAP_IPC_LOCK"])),
+                (some("4"), some("4"), caps(&[IPC_LOCK])),
+                (some("3"), some("3"), caps(&[IPC_LOCK])),
+            ]
+        );
+        // `drop: [ALL]` stays; the runtime applies adds after drops.
+        let limit_caps = containers[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap();
+        assert_eq!(limit_caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        let annotations = patched.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations["x"], "y");
+        assert!(annotations[RDMA_STATUS].contains("count=3"));
+        assert!(
+            build_with_rdma(&patched, &Settings::default(), &config, Some(&rdma))
+                .ops
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn rdma_without_ipc_lock_or_when_it_is_dropped() {
+        let config = mk_config();
+        let pod = mk_pod(json!({"metadata": {"name": "p"}, "spec": {"containers": [
+            {"name": "a", "image": "i"},
+            {"name": "b", "image": "i", "securityContext": {"capabilities": {"drop": ["IPC_LOCK"]}}},
+        ]}}));
+        let no_lock = Rdma {
+            ipc_lock: false,
+            ..mk_rdma()
+        };
+        let patched = apply(
+            &pod,
+            &build_with_rdma(&pod, &Settings::default(), &config, Some(&no_lock)).ops,
+        );
+        for c in &patched.spec.as_ref().unwrap().containers {
+            assert_eq!(quantity(c, "limits").as_deref(), Some("1"));
+            assert!(added_caps(c).is_empty());
+        }
+        // An explicit drop of IPC_LOCK is not overridden; the author is warned.
+        let injection = build_with_rdma(&pod, &Settings::default(), &config, Some(&mk_rdma()));
+        assert_eq!(injection.warnings.len(), 1, "{:?}", injection.warnings);
+        let patched = apply(&pod, &injection.ops);
+        let containers = &patched.spec.as_ref().unwrap().containers;
+        assert_eq!(added_caps(&containers[0]), [IPC_LOCK]);
+        assert!(added_caps(&containers[1]).is_empty());
+        assert_eq!(quantity(&containers[1], "limits").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn without_rdma_nothing_rdma_is_added() {
+        let config = mk_config();
+        let pod = mk_pod(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}}),
+        );
+        let injection = build_with_rdma(&pod, &Settings::default(), &config, None);
+        assert_eq!(injection, build(&pod, &Settings::default(), &config));
+        let patched = apply(&pod, &injection.ops);
+        let c = &patched.spec.as_ref().unwrap().containers[0];
+        assert!(c.resources.is_none());
+        assert!(c.security_context.is_none());
+        assert!(
+            !patched
+                .metadata
+                .annotations
+                .unwrap()
+                .contains_key(RDMA_STATUS)
+        );
     }
 
     /// Runs the init container's script under `sh` with its absolute paths moved into a
