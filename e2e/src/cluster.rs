@@ -522,6 +522,17 @@ impl Cluster {
     /// Starts `args` on `workload.node` under `stackroute run` (registered with that node's
     /// agent) — with the shim when `shim` is true and it is built.
     pub fn spawn(&self, workload: &Workload, shim: bool, args: &[&str]) -> Result<Proc> {
+        self.spawn_with(workload, shim, &[], args)
+    }
+
+    /// [`Cluster::spawn`] with extra environment variables.
+    pub fn spawn_with(
+        &self,
+        workload: &Workload,
+        shim: bool,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Proc> {
         let node = node(workload.node);
         let mut command = self.net.command(node.host, &[]);
         command
@@ -545,6 +556,7 @@ impl Cluster {
                 .context("libnsocket.so is not built")?;
             command.env("STACKROUTE_SHIM", path);
         }
+        command.envs(env.iter().copied());
         Proc::spawn(workload.name, &mut command, &self.log_dir())
     }
 

@@ -45,8 +45,14 @@ pub(crate) fn userspace_instance(config: &Config) -> Result<(i32, String), Fallb
 /// How long the agent may take to start an instance (it waits up to 3 s for it by default).
 const INSTANCE_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// `registerListener` for a TCP socket listening on `address`.
-pub(crate) fn register_listener(config: &Config, address: SocketAddr) -> bool {
+/// `registerListener` for a TCP socket listening on `address`; `rdma`: also as an RDMA
+/// upgrade endpoint (its shim answers proposals), reachable at `rdma_endpoint` if it has one.
+pub(crate) fn register_listener(
+    config: &Config,
+    address: SocketAddr,
+    rdma: bool,
+    rdma_endpoint: Option<String>,
+) -> bool {
     let (Some(namespace), Some(workload)) = (&config.namespace, &config.workload) else {
         return false;
     };
@@ -58,10 +64,42 @@ pub(crate) fn register_listener(config: &Config, address: SocketAddr) -> bool {
             protocol: Protocol::Tcp,
             namespace: namespace.clone(),
             workload: workload.clone(),
-            stacks: vec![Stack::Kernel],
-            endpoints: Default::default(),
+            stacks: if rdma {
+                vec![Stack::Kernel, Stack::Rdma]
+            } else {
+                vec![Stack::Kernel]
+            },
+            endpoints: rdma_endpoint
+                .map(|endpoint| [(RDMA_ENDPOINT.to_owned(), endpoint)].into())
+                .unwrap_or_default(),
         },
     )
+}
+
+/// The key of a listener's RDMA endpoint in its registration's `endpoints`.
+pub(crate) const RDMA_ENDPOINT: &str = "RDMA";
+
+/// Whether the server at `destination` registered itself as an RDMA upgrade endpoint
+/// (`findListener`): only then may a proposal precede the application's bytes.
+pub(crate) fn rdma_listener(
+    config: &Config,
+    destination: SocketAddr,
+) -> Result<(), FallbackReason> {
+    let Some(mut stream) = sys::agent_stream(&config.socket_path, TIMEOUT) else {
+        return Err(FallbackReason::NoAgent);
+    };
+    let request = Request::FindListener {
+        ip: destination.ip(),
+        port: destination.port(),
+        protocol: Protocol::Tcp,
+    };
+    match frame::call::<_, _, Response>(&mut stream, &request) {
+        Ok(Response::Listener {
+            listener: Some(listener),
+        }) if listener.stacks.contains(&Stack::Rdma) => Ok(()),
+        Ok(_) => Err(FallbackReason::PeerNotRegistered),
+        Err(_) => Err(FallbackReason::NoAgent),
+    }
 }
 
 /// `removeListener` for a TCP listener on `address`.

@@ -31,7 +31,19 @@ pub(crate) struct Config {
     /// `STACKROUTE_TEST_LOAD_DELAY_MS`: a test hook that slows every snapshot load, so races at
     /// a process's first load are reproducible (0 unless set).
     pub(crate) load_delay: Duration,
+    /// `STACKROUTE_RDMA_DEADLINE_MS`: the longest an RDMA upgrade may hold up a `connect` (the
+    /// TCP handshake, the peer's answer and the RDMA connect together); 50 ms unless set.
+    pub(crate) rdma_deadline_ms: u32,
+    /// `STACKROUTE_RDMA_PROVIDER`: the verbs provider library (see `sys::upgrade::Provider`).
+    pub(crate) rdma_provider: Option<CString>,
+    /// `STACKROUTE_TEST_PROPOSAL_DELAY_MS`: a test hook that holds the client's RDMA proposal
+    /// back this long after the TCP handshake (within the deadline), so that a server that
+    /// speaks first is reproducible (0 unless set).
+    pub(crate) proposal_delay_ms: u32,
 }
+
+/// The RDMA upgrade's deadline unless `STACKROUTE_RDMA_DEADLINE_MS` says otherwise.
+pub(crate) const RDMA_DEADLINE_MS: u32 = 50;
 
 impl Config {
     /// Builds the configuration from an environment lookup.
@@ -63,6 +75,17 @@ impl Config {
                     .unwrap_or(0)
                     .min(10_000),
             ),
+            rdma_deadline_ms: get("STACKROUTE_RDMA_DEADLINE_MS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(RDMA_DEADLINE_MS)
+                .clamp(1, 10_000),
+            rdma_provider: get("STACKROUTE_RDMA_PROVIDER")
+                .filter(|p| !p.is_empty())
+                .and_then(|p| CString::new(p).ok()),
+            proposal_delay_ms: get("STACKROUTE_TEST_PROPOSAL_DELAY_MS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+                .min(10_000),
         }
     }
 }
@@ -114,6 +137,15 @@ mod tests {
             "/run/stackroute/snapshot"
         );
         assert!(!defaults.debug);
+        assert_eq!(defaults.rdma_deadline_ms, RDMA_DEADLINE_MS);
+        assert_eq!(defaults.rdma_provider, None);
+        let rdma = Config::from_lookup(|key| match key {
+            "STACKROUTE_RDMA_DEADLINE_MS" => Some("0".into()),
+            "STACKROUTE_RDMA_PROVIDER" => Some("/x/libp.so".into()),
+            _ => None,
+        });
+        assert_eq!(rdma.rdma_deadline_ms, 1);
+        assert_eq!(rdma.rdma_provider.as_deref(), Some(c"/x/libp.so"));
         assert!(!wants_debug("info,stackroute_lrd=debug"));
         assert!(wants_debug("debug"));
     }

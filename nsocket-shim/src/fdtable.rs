@@ -46,6 +46,47 @@ const EPOLL_RECORDED: u32 = 1 << 13;
 const EPOLL_OVERFLOW: u32 = 1 << 14;
 const DUAL_LISTEN: u32 = 1 << 15;
 const FROM_INSTANCE: u32 = 1 << 16;
+const UPGRADE_LISTENER: u32 = 1 << 17;
+const UPGRADE_SHIFT: u32 = 18;
+const UPGRADE_MASK: u32 = 0b111 << UPGRADE_SHIFT;
+
+/// Where a connection stands in the RDMA upgrade exchange (`rdma-upgrade`), for the bytes at
+/// the front of its stream that the application must never read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Upgrade {
+    /// Nothing to strip.
+    None,
+    /// Server, accepted from an upgrade listener: a proposal may come first; answer it.
+    Probe,
+    /// Server whose application wrote first: strip a proposal (and the final) unanswered.
+    ProbeSilent,
+    /// Server that took a proposal: strip the client's final message.
+    AwaitFinal,
+    /// Client that gave up waiting: strip the server's answer if it still comes first.
+    LateAnswer,
+}
+
+impl Upgrade {
+    fn bits(self) -> u32 {
+        (match self {
+            Self::None => 0,
+            Self::Probe => 1,
+            Self::ProbeSilent => 2,
+            Self::AwaitFinal => 3,
+            Self::LateAnswer => 4,
+        }) << UPGRADE_SHIFT
+    }
+
+    fn from_bits(bits: u32) -> Self {
+        match (bits & UPGRADE_MASK) >> UPGRADE_SHIFT {
+            1 => Self::Probe,
+            2 => Self::ProbeSilent,
+            3 => Self::AwaitFinal,
+            4 => Self::LateAnswer,
+            _ => Self::None,
+        }
+    }
+}
 
 impl Entry {
     /// Nothing known.
@@ -203,6 +244,27 @@ impl Entry {
         self.with_flag(EPOLL_OVERFLOW, true)
     }
 
+    /// A listener registered as an RDMA upgrade endpoint: its connections may begin with a
+    /// proposal.
+    pub(crate) fn upgrade_listener(self) -> bool {
+        self.flag(UPGRADE_LISTENER)
+    }
+
+    /// With the upgrade-listener mark.
+    pub(crate) fn with_upgrade_listener(self) -> Self {
+        self.with_flag(UPGRADE_LISTENER, true)
+    }
+
+    /// The connection's upgrade state.
+    pub(crate) fn upgrade(self) -> Upgrade {
+        Upgrade::from_bits(self.0)
+    }
+
+    /// With `state`.
+    pub(crate) fn with_upgrade(self, state: Upgrade) -> Self {
+        Self(self.0 & !UPGRADE_MASK | state.bits())
+    }
+
     /// Whether this process registered it as a listener with the agent.
     pub(crate) fn listener(self) -> bool {
         self.0 & LISTENER != 0
@@ -291,6 +353,24 @@ mod tests {
         assert!(listener.listener());
         assert!(!listener.with_listener(false).listener());
         assert_eq!(listener.with_kind(Kind::Udp).kind(), Kind::Udp);
+        for state in [
+            Upgrade::Probe,
+            Upgrade::ProbeSilent,
+            Upgrade::AwaitFinal,
+            Upgrade::LateAnswer,
+            Upgrade::None,
+        ] {
+            let marked = decided
+                .with_upgrade(Upgrade::AwaitFinal)
+                .with_upgrade(state);
+            assert_eq!(marked.upgrade(), state);
+            assert_eq!(marked.transport(), decided.transport());
+        }
+        assert!(
+            Entry::new(Kind::Tcp)
+                .with_upgrade_listener()
+                .upgrade_listener()
+        );
         assert_eq!(
             Entry::new(Kind::Other)
                 .with_decision(Stack::Rdma, CongestionControl::Reno)

@@ -23,7 +23,7 @@ use stackroute_local_api::message::FallbackReason;
 
 use crate::logic::{self, Pre};
 use crate::sys::{self, Real};
-use crate::{counters, fdtable};
+use crate::{counters, fdtable, upgrade};
 
 thread_local! {
     static INSIDE: Cell<bool> = const { Cell::new(false) };
@@ -204,6 +204,27 @@ fn forward() -> (Pre, ()) {
     (Pre::Forward, ())
 }
 
+/// Before a read: RDMA upgrade bytes at the front of the stream are taken away first (one
+/// relaxed load when no connection of the process has any).
+fn reading(fd: c_int, flags: c_int) -> (Pre, ()) {
+    (upgrade::before_read(fd, flags), ())
+}
+
+/// Before a write: a server's connection answers a waiting upgrade proposal first.
+fn writing(fd: c_int) -> (Pre, ()) {
+    (upgrade::before_write(fd), ())
+}
+
+/// `connect`: decides before the real call; a connection that may be upgraded to RDMA runs
+/// the client's exchange after it (see `logic::after_connect`).
+fn connect_hook(fd: c_int, destination: Option<SocketAddr>, real: impl FnOnce() -> c_int) -> c_int {
+    run(
+        || logic::connect(fd, destination),
+        real,
+        |pending, rc| logic::after_connect(pending, fd, rc, sys::errno()),
+    )
+}
+
 fn nothing<R>(_: (), _: R) {}
 
 /// The address argument of a hook. Only called with the caller's own arguments, which the C
@@ -276,13 +297,13 @@ macro_rules! hooks {
 
 hooks! {
     fn socket(domain: c_int, kind: c_int, protocol: c_int) -> c_int => |real| run(forward, || real(domain, kind, protocol), |(), fd| logic::after_socket(domain, kind, protocol, fd));
-    fn connect(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int => |real| run(|| (logic::connect(fd, address_arg(address, len)), ()), || real(fd, address, len), nothing);
+    fn connect(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int => |real| connect_hook(fd, address_arg(address, len), || real(fd, address, len));
     fn listen(fd: c_int, backlog: c_int) -> c_int => |real| run(forward, || real(fd, backlog), |(), rc| logic::after_listen(fd, rc));
     fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| accept_hook(fd, address, len, || real(fd, address, len));
     fn accept4(fd: c_int, address: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int => |real| accept_hook(fd, address, len, || real(fd, address, len, flags));
-    fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, address: *const sockaddr, len: socklen_t) -> ssize_t => |real| write_result(fd, run(|| (logic::send_to(fd, address_arg(address, len), flags), ()), || real(fd, buf, n, flags, address, len), nothing));
-    fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => |real| write_result(fd, run(|| (logic::send_to(fd, message_arg(message), flags), ()), || real(fd, message, flags), nothing));
-    fn sendmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int) -> c_int => |real| run(|| (logic::send_to(fd, messages_arg(messages, count), flags), ()), || real(fd, messages, count, flags), nothing);
+    fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, address: *const sockaddr, len: socklen_t) -> ssize_t => |real| write_result(fd, run(|| (logic::send_to(fd, address_arg(address, len), flags).or(upgrade::before_write(fd)), ()), || real(fd, buf, n, flags, address, len), nothing));
+    fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => |real| write_result(fd, run(|| (logic::send_to(fd, message_arg(message), flags).or(upgrade::before_write(fd)), ()), || real(fd, message, flags), nothing));
+    fn sendmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int) -> c_int => |real| run(|| (logic::send_to(fd, messages_arg(messages, count), flags).or(upgrade::before_write(fd)), ()), || real(fd, messages, count, flags), nothing);
     fn close(fd: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_close(fd)), || real(fd), logic::after_close);
     fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_close_range(first, last, flags)), || real(first, last, flags), logic::after_close_range);
     fn closefrom(first: c_int) -> () => |real| run(|| (Pre::Forward, logic::before_close_range(first.max(0) as u32, u32::MAX, 0)), || real(first), |found, ()| logic::after_close_range(found, 0));
@@ -302,17 +323,17 @@ hooks! {
     fn getpeername(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| name_hook(fd, logic::Side::Peer, address, len, || real(fd, address, len));
     // Reads: end of file of a reset relayed connection is `ECONNRESET` (zero-length reads are
     // left alone).
-    fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t => |real| { let r = run(forward, || real(fd, buf, n), nothing); if n == 0 { r } else { read_result(fd, r) } };
+    fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t => |real| { let r = run(|| reading(fd, 0), || real(fd, buf, n), nothing); if n == 0 { r } else { read_result(fd, r) } };
     // Writes: `EPIPE` on a relayed connection the peer reset is `ECONNRESET` first, as on TCP.
-    fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t => |real| write_result(fd, run(forward, || real(fd, buf, n), nothing));
-    fn readv(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| { let r = run(forward, || real(fd, iov, count), nothing); if count == 0 { r } else { read_result(fd, r) } };
-    fn writev(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| write_result(fd, run(forward, || real(fd, iov, count), nothing));
-    fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t => |real| { let r = run(forward, || real(fd, buf, n, flags), nothing); if n == 0 { r } else { read_result(fd, r) } };
-    fn recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, address: *mut sockaddr, len: *mut socklen_t) -> ssize_t => |real| { let r = run(forward, || real(fd, buf, n, flags, address, len), nothing); if n == 0 { r } else { read_result(fd, r) } };
-    fn recvmsg(fd: c_int, message: *mut msghdr, flags: c_int) -> ssize_t => |real| { let r = run(forward, || real(fd, message, flags), nothing); read_result(fd, r) };
-    fn recvmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int, timeout: *mut timespec) -> c_int => |real| run(forward, || real(fd, messages, count, flags, timeout), nothing);
-    fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t => |real| write_result(fd, run(forward, || real(fd, buf, n, flags), nothing));
-    fn sendfile(out: c_int, input: c_int, offset: *mut off_t, count: size_t) -> ssize_t => |real| run(forward, || real(out, input, offset, count), nothing);
+    fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t => |real| write_result(fd, run(|| writing(fd), || real(fd, buf, n), nothing));
+    fn readv(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| { let r = run(|| reading(fd, 0), || real(fd, iov, count), nothing); if count == 0 { r } else { read_result(fd, r) } };
+    fn writev(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t => |real| write_result(fd, run(|| writing(fd), || real(fd, iov, count), nothing));
+    fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t => |real| { let r = run(|| reading(fd, flags), || real(fd, buf, n, flags), nothing); if n == 0 { r } else { read_result(fd, r) } };
+    fn recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, address: *mut sockaddr, len: *mut socklen_t) -> ssize_t => |real| { let r = run(|| reading(fd, flags), || real(fd, buf, n, flags, address, len), nothing); if n == 0 { r } else { read_result(fd, r) } };
+    fn recvmsg(fd: c_int, message: *mut msghdr, flags: c_int) -> ssize_t => |real| { let r = run(|| reading(fd, flags), || real(fd, message, flags), nothing); read_result(fd, r) };
+    fn recvmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int, timeout: *mut timespec) -> c_int => |real| run(|| reading(fd, flags), || real(fd, messages, count, flags, timeout), nothing);
+    fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t => |real| write_result(fd, run(|| writing(fd), || real(fd, buf, n, flags), nothing));
+    fn sendfile(out: c_int, input: c_int, offset: *mut off_t, count: size_t) -> ssize_t => |real| run(|| writing(out), || real(out, input, offset, count), nothing);
     fn poll(fds: *mut pollfd, count: nfds_t, timeout: c_int) -> c_int => |real| run(forward, || real(fds, count, timeout), nothing);
     fn ppoll(fds: *mut pollfd, count: nfds_t, timeout: *const timespec, mask: *const sigset_t) -> c_int => |real| run(forward, || real(fds, count, timeout, mask), nothing);
     fn select(count: c_int, reads: *mut fd_set, writes: *mut fd_set, errors: *mut fd_set, timeout: *mut timeval) -> c_int => |real| run(forward, || real(count, reads, writes, errors, timeout), nothing);

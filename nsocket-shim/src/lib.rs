@@ -22,3 +22,4 @@ mod logic;
 mod reader;
 mod relay;
 mod sys;
+mod upgrade;

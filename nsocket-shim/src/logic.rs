@@ -6,12 +6,14 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 
 use stackroute_local_api::message::FallbackReason;
+use stackroute_rdma_upgrade::Endpoint;
 use stackroute_snapshot::{CongestionControl, Isolation, NoTrace, Protocol, Stack};
 
 use crate::config::{self, Config};
 use crate::fdtable::{self, Entry, Kind};
 use crate::reader::{self, Unavailable};
 use crate::relay::{self, Connected};
+use crate::upgrade::{self, At};
 use crate::{agent, counters, epollreg, sys};
 
 /// What a hook does before the real call.
@@ -23,6 +25,16 @@ pub(crate) enum Pre {
     Fail(i32),
     /// Succeed (return 0) without the real call: the shim did what it asks.
     Done,
+}
+
+impl Pre {
+    /// This, or `next` when this forwards.
+    pub(crate) fn or(self, next: Self) -> Self {
+        match self {
+            Self::Forward => next,
+            decided => decided,
+        }
+    }
 }
 
 /// The errno of a connection the policy forbids: a rule with `isolation: Dedicated` whose
@@ -57,27 +69,45 @@ pub(crate) struct Walked {
     pub(crate) fallback: Option<FallbackReason>,
     /// How the connect went when the user-space stack was used.
     pub(crate) relayed: Option<Connected>,
+    /// An RDMA entry this end can take and the server is registered for: the connection runs
+    /// on `used` (kernel TCP) and tries the upgrade from this endpoint right after connecting.
+    pub(crate) upgrade: Option<Endpoint>,
 }
 
 /// Walks `plan` for a socket of `kind`: the first transport this build and node can run.
 /// `set_cc` applies a congestion control and says whether the kernel took it; `userspace`
-/// connects on the user-space stack (or says why it cannot). Every step down the list is
-/// counted with its reason.
+/// connects on the user-space stack (or says why it cannot); `rdma` says whether an RDMA
+/// upgrade may be tried (this end's endpoint) or why not. An RDMA entry that may be tried is
+/// remembered and the walk goes on to the transport that carries the connection until the
+/// upgrade (and after a failed one). Every step down the list is counted with its reason.
 pub(crate) fn walk(
     plan: &Plan,
     kind: Kind,
     mut set_cc: impl FnMut(&'static [u8]) -> bool,
     mut userspace: impl FnMut(CongestionControl) -> Result<Connected, FallbackReason>,
+    mut rdma: impl FnMut() -> Result<Endpoint, FallbackReason>,
     mut count: impl FnMut(FallbackReason),
 ) -> Walked {
     let mut fallback = None;
+    let mut upgrade = None;
     let mut step = |reason, fallback: &mut Option<FallbackReason>| {
         count(reason);
         *fallback = Some(reason);
     };
     for &(stack, cc) in &plan.transports[..plan.len] {
         match stack {
-            Stack::Rdma => step(FallbackReason::StackUnavailable, &mut fallback),
+            Stack::Rdma if kind != Kind::Tcp => {
+                step(FallbackReason::UnsupportedProtocol, &mut fallback)
+            }
+            // The upgrade runs over a TCP connection, which a dedicated rule forbids.
+            Stack::Rdma if plan.isolation == Isolation::Dedicated => {
+                step(FallbackReason::StackUnavailable, &mut fallback)
+            }
+            Stack::Rdma if upgrade.is_some() => {}
+            Stack::Rdma => match rdma() {
+                Ok(endpoint) => upgrade = Some(endpoint),
+                Err(reason) => step(reason, &mut fallback),
+            },
             Stack::Userspace if kind != Kind::Tcp => {
                 step(FallbackReason::UnsupportedProtocol, &mut fallback)
             }
@@ -91,6 +121,7 @@ pub(crate) fn walk(
                         used: Some((stack, cc)),
                         fallback,
                         relayed: Some(connected),
+                        upgrade: None,
                     };
                 }
                 Err(reason) => step(reason, &mut fallback),
@@ -105,6 +136,7 @@ pub(crate) fn walk(
                             used: Some((stack, cc)),
                             fallback,
                             relayed: None,
+                            upgrade,
                         };
                     }
                     step(FallbackReason::NoCapability, &mut fallback);
@@ -115,6 +147,7 @@ pub(crate) fn walk(
                         used: Some((stack, cc)),
                         fallback,
                         relayed: None,
+                        upgrade,
                     };
                 }
             },
@@ -128,6 +161,7 @@ pub(crate) fn walk(
             used: None,
             fallback,
             relayed: None,
+            upgrade: None,
         };
     }
     // The list is exhausted (or empty): the kernel with its default, as without the shim.
@@ -135,6 +169,7 @@ pub(crate) fn walk(
         used: Some((Stack::Kernel, CongestionControl::Default)),
         fallback,
         relayed: None,
+        upgrade,
     }
 }
 
@@ -169,9 +204,11 @@ pub(crate) fn after_socket(domain: i32, kind: i32, protocol: i32, fd: i32) {
         _ => Kind::Other,
     };
     // The number may have been closed behind the shim's back with registrations recorded.
-    if fdtable::replace(fd, Entry::new(kind)).epoll_recorded() {
+    let stale = fdtable::replace(fd, Entry::new(kind));
+    if stale.epoll_recorded() {
         epollreg::forget(fd);
     }
+    upgrade::forgotten(stale);
 }
 
 /// `accept()` on `listener` returned `fd`: decided by its peer; nothing is pinned here. From a
@@ -191,7 +228,13 @@ pub(crate) fn after_accept(listener: i32, fd: i32, report_peer: impl FnOnce(Sock
         report_peer(remote);
         entry = entry.with_delivered_by_instance();
     }
-    fdtable::set(fd, entry);
+    upgrade::forgotten(fdtable::replace(fd, entry));
+    if fdtable::get(listener).upgrade_listener() && !entry.delivered_by_instance() {
+        // Its client may be a stackroute shim that proposes an RDMA upgrade first: usually
+        // the proposal has arrived by now, and is answered at once.
+        upgrade::watch(fd);
+        let _ = upgrade::front(config::get(), fd, At::Accept);
+    }
 }
 
 /// Whether an accepted connection's peer is in this network namespace (loopback, or the
@@ -202,11 +245,11 @@ fn from_this_namespace(fd: i32, peer: SocketAddr) -> bool {
         || sys::local_address(fd).is_some_and(|local| local.ip().to_canonical() == peer)
 }
 
-/// Whether the node's snapshot routes anything to the user-space stack: a listener then also
-/// takes user-space peers (dual listen). Clients choose the stack, and their rules live in
-/// their own nodes' snapshots, so this is an approximation: where the user-space stack is in
-/// use, listeners are ready for it.
-fn userspace_in_use(config: &Config) -> bool {
+/// Whether the node's snapshot routes anything to `stack`: a listener is then ready for peers
+/// on it (the user-space stack: dual listen; RDMA: registered as an upgrade endpoint). Clients
+/// choose the stack, and their rules live in their own nodes' snapshots, so this is an
+/// approximation: where a stack is in use, listeners are ready for it.
+fn stack_in_use(config: &Config, wanted: Stack) -> bool {
     reader::with_snapshot(config, |snapshot| {
         let Ok(loaded) = snapshot else {
             return false;
@@ -218,18 +261,26 @@ fn userspace_in_use(config: &Config) -> bool {
                 snapshot
                     .rule(stackroute_snapshot::RuleRef { policy, rule })
                     .transports()
-                    .any(|t| t.stack == Stack::Userspace)
+                    .any(|t| t.stack == wanted)
             })
         })
     })
 }
 
+/// An RDMA upgrade to try once the real `connect` returns.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PendingUpgrade {
+    endpoint: Endpoint,
+    destination: SocketAddr,
+}
+
 /// `connect()`: decides (once per socket) before the real call; a `Userspace` decision
-/// connects here, on the user-space stack, and the real call is not made.
-pub(crate) fn connect(fd: i32, destination: Option<SocketAddr>) -> Pre {
+/// connects here, on the user-space stack, and the real call is not made. A connection that
+/// may be upgraded to RDMA says so for [`after_connect`].
+pub(crate) fn connect(fd: i32, destination: Option<SocketAddr>) -> (Pre, Option<PendingUpgrade>) {
     let entry = fdtable::get(fd);
     if let Some((Stack::Userspace, _)) = entry.transport() {
-        return match relay::connect_again(fd) {
+        let pre = match relay::connect_again(fd) {
             // Linux: the first `connect` after a non-blocking one completed returns 0; only
             // later ones say `EISCONN`.
             libc::EISCONN if !entry.connected() => {
@@ -238,8 +289,35 @@ pub(crate) fn connect(fd: i32, destination: Option<SocketAddr>) -> Pre {
             }
             errno => Pre::Fail(errno),
         };
+        return (pre, None);
     }
-    decide_fd(fd, destination, Kind::Unknown)
+    let (pre, upgrade) = decide(fd, destination, Kind::Unknown, true);
+    let pending = upgrade
+        .zip(destination)
+        .map(|(endpoint, destination)| PendingUpgrade {
+            endpoint,
+            destination,
+        });
+    (pre, pending)
+}
+
+/// After the real `connect` of a connection that may be upgraded: the client's exchange,
+/// within the deadline; what `connect` returns is left as it is.
+pub(crate) fn after_connect(pending: Option<PendingUpgrade>, fd: i32, result: i32, errno: i32) {
+    let Some(pending) = pending else {
+        return;
+    };
+    let config = config::get();
+    let started = sys::upgrade::monotonic_ms();
+    let connect_errno = if result == 0 { 0 } else { errno };
+    if let Some(outcome) = upgrade::client(config, fd, connect_errno, pending.endpoint) {
+        counters::fell_back(upgrade::fallback_reason(outcome.reason));
+        if config.debug {
+            let took = sys::upgrade::monotonic_ms().saturating_sub(started);
+            let what = format!("not upgraded after {took} ms");
+            upgrade::log(config, fd, Some(pending.destination), &what, outcome);
+        }
+    }
 }
 
 /// `sendto()`/`sendmsg()`/`sendmmsg()` with a destination: the first one on an unconnected UDP
@@ -253,31 +331,34 @@ pub(crate) fn send_to(fd: i32, destination: Option<SocketAddr>, flags: i32) -> P
         return Pre::Forward;
     }
     match kind_of(fd, entry) {
-        Kind::Udp => decide_fd(fd, Some(destination), Kind::Udp),
-        // TCP Fast Open connects inside `sendto`, which the relay does not carry.
+        Kind::Udp => decide(fd, Some(destination), Kind::Udp, false).0,
+        // TCP Fast Open connects inside `sendto`, which neither the relay nor the RDMA
+        // upgrade (whose bytes must come first) carries.
         Kind::Tcp if flags & libc::MSG_FASTOPEN != 0 => {
-            decide(fd, Some(destination), Kind::Tcp, false)
+            decide(fd, Some(destination), Kind::Tcp, false).0
         }
         _ => Pre::Forward,
     }
 }
 
-fn decide_fd(fd: i32, destination: Option<SocketAddr>, known: Kind) -> Pre {
-    decide(fd, destination, known, true)
-}
-
-/// Decides `fd`'s transport; the user-space stack only when `relay_allowed` (a `connect`).
-fn decide(fd: i32, destination: Option<SocketAddr>, known: Kind, relay_allowed: bool) -> Pre {
+/// Decides `fd`'s transport; the user-space stack and the RDMA upgrade only from a `connect`
+/// (`from_connect`). Also answers the endpoint of an upgrade to try after the connect.
+fn decide(
+    fd: i32,
+    destination: Option<SocketAddr>,
+    known: Kind,
+    from_connect: bool,
+) -> (Pre, Option<Endpoint>) {
     let entry = fdtable::get(fd);
     if entry.decided() || entry.kind() == Kind::Other {
-        return Pre::Forward;
+        return (Pre::Forward, None);
     }
     let Some(destination) = destination else {
-        return Pre::Forward;
+        return (Pre::Forward, None);
     };
     let config = config::get();
     if config.disabled {
-        return Pre::Forward;
+        return (Pre::Forward, None);
     }
     let kind = if known == Kind::Unknown {
         kind_of(fd, entry)
@@ -287,7 +368,7 @@ fn decide(fd: i32, destination: Option<SocketAddr>, known: Kind, relay_allowed: 
     let protocol = match kind {
         Kind::Tcp => Protocol::Tcp,
         Kind::Udp => Protocol::Udp,
-        Kind::Other | Kind::Unknown => return Pre::Forward,
+        Kind::Other | Kind::Unknown => return (Pre::Forward, None),
     };
     let mut rule = RuleName::default();
     let looked_up = lookup(config, destination, protocol, &mut rule);
@@ -300,11 +381,21 @@ fn decide(fd: i32, destination: Option<SocketAddr>, known: Kind, relay_allowed: 
                 |cc| {
                     // A registration that did not fit the record could not be carried over
                     // to the relay socket.
-                    if relay_allowed && !fdtable::get(fd).epoll_overflow() {
+                    if from_connect && !fdtable::get(fd).epoll_overflow() {
                         relay::connect(config, fd, destination, cc)
                     } else {
                         Err(FallbackReason::Unsupported)
                     }
+                },
+                || {
+                    if !from_connect {
+                        return Err(FallbackReason::Unsupported);
+                    }
+                    // This end first (no round trip when it cannot), then the server's
+                    // registration: only a registered upgrade endpoint gets a proposal.
+                    let endpoint = upgrade::capability(config).map_err(upgrade::fallback_reason)?;
+                    agent::rdma_listener(config, destination)?;
+                    Ok(endpoint)
                 },
                 counters::fell_back,
             ),
@@ -317,6 +408,7 @@ fn decide(fd: i32, destination: Option<SocketAddr>, known: Kind, relay_allowed: 
                     used: Some((Stack::Kernel, CongestionControl::Default)),
                     fallback: Some(reason),
                     relayed: None,
+                    upgrade: None,
                 },
                 " (no table)",
             )
@@ -350,7 +442,9 @@ fn decide(fd: i32, destination: Option<SocketAddr>, known: Kind, relay_allowed: 
     if counters::report_due(sys::coarse_seconds()) {
         agent::report(config);
     }
-    verdict
+    // Nothing to upgrade when the connection was refused or relayed.
+    let upgrade = walked.upgrade.filter(|_| verdict == Pre::Forward);
+    (verdict, upgrade)
 }
 
 /// Looks the connection up in the agent's snapshot: the plan to walk, or why there is none.
@@ -515,7 +609,15 @@ pub(crate) fn after_listen(fd: i32, result: i32) {
     let Some(address) = sys::local_address(fd) else {
         return;
     };
-    let registered = agent::register_listener(config, address);
+    // An upgrade endpoint where a verbs provider is configured (an RDMA pod), whatever its
+    // check says: a client then hears why not (`no-memlock`, …) from this side. Elsewhere no
+    // client proposes, and accepted connections cost nothing.
+    let rdma = upgrade::endpoint_configured(config);
+    let rdma_endpoint = rdma
+        .then(|| upgrade::capability(config).ok())
+        .flatten()
+        .map(|endpoint| std::net::Ipv6Addr::from(endpoint.gid).to_string());
+    let registered = agent::register_listener(config, address, rdma, rdma_endpoint);
     if config.debug {
         debug_line(format_args!(
             "listen fd={fd} on {address}: {}",
@@ -527,11 +629,19 @@ pub(crate) fn after_listen(fd: i32, result: i32) {
         ));
     }
     if registered {
-        fdtable::set(fd, fdtable::get(fd).with_listener(true));
+        let entry = fdtable::get(fd).with_listener(true);
+        fdtable::set(
+            fd,
+            if rdma {
+                entry.with_upgrade_listener()
+            } else {
+                entry
+            },
+        );
     } else {
         counters::fell_back(FallbackReason::NoAgent);
     }
-    if userspace_in_use(config) && relay::listen(config, address) {
+    if stack_in_use(config, Stack::Userspace) && relay::listen(config, address) {
         fdtable::set(fd, fdtable::get(fd).with_dual_listen());
         if config.debug {
             debug_line(format_args!(
@@ -541,7 +651,7 @@ pub(crate) fn after_listen(fd: i32, result: i32) {
     }
 }
 
-fn debug_line(args: std::fmt::Arguments<'_>) {
+pub(crate) fn debug_line(args: std::fmt::Arguments<'_>) {
     let mut line = [0u8; 256];
     let mut cursor = std::io::Cursor::new(&mut line[..]);
     let _ = writeln!(cursor, "nsocket[{}]: {args}", std::process::id());
@@ -558,6 +668,7 @@ pub(crate) fn before_close(fd: i32) -> Option<SocketAddr> {
     if entry.epoll_recorded() {
         epollreg::forget(fd);
     }
+    upgrade::forgotten(entry);
     entry.listener().then(|| sys::local_address(fd)).flatten()
 }
 
@@ -589,6 +700,7 @@ pub(crate) fn before_close_range(first: u32, last: u32, flags: i32) -> RangeList
         if entry.epoll_recorded() {
             epollreg::forget(fd);
         }
+        upgrade::forgotten(entry);
         if entry.listener() && next < RANGE_LISTENERS {
             found.addresses[next] = sys::local_address(fd);
             next += 1;
@@ -610,7 +722,9 @@ pub(crate) fn after_dup(old: i32, new: i32) {
     if new < 0 || new == old {
         return;
     }
-    fdtable::set(new, fdtable::get(old).with_listener(false));
+    let copy = fdtable::get(old).with_listener(false);
+    upgrade::forgotten(fdtable::replace(new, copy));
+    upgrade::copied(copy);
 }
 
 /// Before `dup2`/`dup3` onto `new`: it is closed implicitly.
@@ -879,15 +993,79 @@ mod tests {
     }
 
     fn run(plan: &Plan, kind: Kind, allowed: &[&[u8]]) -> (Walked, Vec<FallbackReason>) {
+        run_rdma(plan, kind, allowed, Err(FallbackReason::StackUnavailable))
+    }
+
+    fn run_rdma(
+        plan: &Plan,
+        kind: Kind,
+        allowed: &[&[u8]],
+        rdma: Result<Endpoint, FallbackReason>,
+    ) -> (Walked, Vec<FallbackReason>) {
         let mut reasons = Vec::new();
         let walked = walk(
             plan,
             kind,
             |n| allowed.contains(&n),
             |_| Err(FallbackReason::StackUnavailable),
+            || rdma,
             |r| reasons.push(r),
         );
         (walked, reasons)
+    }
+
+    #[test]
+    fn rdma_is_an_upgrade_of_the_next_kernel_transport() {
+        let endpoint = Endpoint {
+            gid: [1; 16],
+            qpn: 2,
+            psn: 3,
+        };
+        let p = plan(
+            &[
+                (Stack::Rdma, CongestionControl::Default),
+                (Stack::Kernel, CongestionControl::Bbr),
+            ],
+            Isolation::None,
+        );
+        // Possible: carried by the next transport until the upgrade; nothing counted yet.
+        let (walked, reasons) = run_rdma(&p, Kind::Tcp, &[b"bbr"], Ok(endpoint));
+        assert_eq!(walked.used, Some((Stack::Kernel, CongestionControl::Bbr)));
+        assert_eq!(walked.upgrade, Some(endpoint));
+        assert!(reasons.is_empty());
+        // Not possible: down the list with the reason, no upgrade.
+        let (walked, reasons) = run_rdma(
+            &p,
+            Kind::Tcp,
+            &[b"bbr"],
+            Err(FallbackReason::PeerNotRegistered),
+        );
+        assert_eq!(walked.used, Some((Stack::Kernel, CongestionControl::Bbr)));
+        assert_eq!(walked.upgrade, None);
+        assert_eq!(reasons, [FallbackReason::PeerNotRegistered]);
+        // UDP never; the last entry falls to the kernel default, upgrade kept.
+        let (walked, reasons) = run_rdma(&p, Kind::Udp, &[], Ok(endpoint));
+        assert_eq!(walked.upgrade, None);
+        assert_eq!(reasons, [FallbackReason::UnsupportedProtocol]);
+        let only = plan(
+            &[(Stack::Rdma, CongestionControl::Default)],
+            Isolation::None,
+        );
+        let (walked, _) = run_rdma(&only, Kind::Tcp, &[], Ok(endpoint));
+        assert_eq!(
+            (walked.used, walked.upgrade),
+            (
+                Some((Stack::Kernel, CongestionControl::Default)),
+                Some(endpoint)
+            )
+        );
+        // Dedicated: the upgrade would need a TCP connection the rule forbids.
+        let dedicated = plan(
+            &[(Stack::Rdma, CongestionControl::Default)],
+            Isolation::Dedicated,
+        );
+        let (walked, _) = run_rdma(&dedicated, Kind::Tcp, &[], Ok(endpoint));
+        assert_eq!((walked.used, walked.upgrade), (None, None));
     }
 
     #[test]
@@ -983,6 +1161,7 @@ mod tests {
                     tried.push(cc);
                     outcome
                 },
+                || Err(FallbackReason::StackUnavailable),
                 |r| reasons.push(r),
             );
             (walked, reasons, tried)
@@ -1053,7 +1232,7 @@ mod tests {
         );
         assert!(!fdtable::get(800_004).listener());
         // An AF_UNIX or already-decided socket is never looked up.
-        assert_eq!(connect(800_003, "127.0.0.1:1".parse().ok()), Pre::Forward);
-        assert_eq!(connect(800_004, "127.0.0.1:1".parse().ok()), Pre::Forward);
+        assert_eq!(connect(800_003, "127.0.0.1:1".parse().ok()).0, Pre::Forward);
+        assert_eq!(connect(800_004, "127.0.0.1:1".parse().ok()).0, Pre::Forward);
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use stackroute_snapshot::Snapshot;
 
 pub(crate) mod relay;
+pub(crate) mod upgrade;
 
 /// A libc function found with `dlsym(RTLD_NEXT)` on first use; 0 until then. A race resolves
 /// it twice to the same address; after `fork` the child keeps the cached value.

@@ -60,13 +60,26 @@ pub enum FallbackReason {
     /// A user-space or RDMA entry was skipped for a program the shim cannot reach (the kernel
     /// hook applies kernel transports only).
     NotInterposable,
+    /// RDMA: the peer's shim declined the upgrade (its own reason is shown beside this).
+    PeerDeclined,
+    /// RDMA: no device here (no RDMA subsystem, none in the pod, `/dev/infiniband` absent).
+    NoDevice,
+    /// RDMA: a device, but no active port with a usable GID.
+    NoGid,
+    /// RDMA: the locked-memory limit is too low to register buffers.
+    Memlock,
+    /// RDMA: the upgrade missed its deadline (TCP connect, the peer's answer, or the RDMA
+    /// connect); the connection carries on as TCP.
+    ConnectTimeout,
+    /// RDMA: the RDMA connect or a verbs call failed.
+    RdmaError,
     /// Anything else.
     Other,
 }
 
 impl FallbackReason {
     /// Every reason, in declaration order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 18] = [
         Self::NoAgent,
         Self::NoCapability,
         Self::PeerNotRegistered,
@@ -78,6 +91,12 @@ impl FallbackReason {
         Self::UnsupportedProtocol,
         Self::UnknownWorkload,
         Self::NotInterposable,
+        Self::PeerDeclined,
+        Self::NoDevice,
+        Self::NoGid,
+        Self::Memlock,
+        Self::ConnectTimeout,
+        Self::RdmaError,
         Self::Other,
     ];
 
@@ -95,6 +114,12 @@ impl FallbackReason {
             Self::UnsupportedProtocol => "unsupported-protocol",
             Self::UnknownWorkload => "unknown-workload",
             Self::NotInterposable => "not-interposable",
+            Self::PeerDeclined => "peer-declined",
+            Self::NoDevice => "no-device",
+            Self::NoGid => "no-gid",
+            Self::Memlock => "memlock",
+            Self::ConnectTimeout => "connect-timeout",
+            Self::RdmaError => "rdma-error",
             Self::Other => "other",
         }
     }

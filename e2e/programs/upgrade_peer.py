@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Both ends of the RDMA upgrade tests (e2e/tests/rdma.rs), as ordinary socket programs.
+
+  upgrade_peer.py serve HOST PORT [--banner] [--accept-delay S]
+      Serves connections one at a time: optionally sends "HELLO\\n" first (a server that
+      speaks first), reads one line, prints "first <hex of the first 16 bytes it read>",
+      answers "ECHO <line>" and closes. --accept-delay sleeps before each accept (a server
+      whose application is slow: the client's bytes wait in the queue).
+
+  upgrade_peer.py ask HOST PORT [--banner]
+      Connects (printing "connect_ms <ms>" for the blocking connect), optionally reads the
+      banner line (printing "banner <line>"), sends "ping\\n" and prints "reply <line>".
+"""
+import socket
+import sys
+import time
+
+
+def read_line(conn):
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def serve(host, port, banner, accept_delay):
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(16)
+    print("listening", flush=True)
+    while True:
+        if accept_delay:
+            time.sleep(accept_delay)
+        conn, _ = listener.accept()
+        with conn:
+            if banner:
+                conn.sendall(b"HELLO\n")
+            line = read_line(conn)
+            print("first", line[:16].hex(), flush=True)
+            conn.sendall(b"ECHO " + line)
+
+
+def ask(host, port, banner):
+    conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    started = time.monotonic()
+    conn.connect((host, port))
+    print("connect_ms", round((time.monotonic() - started) * 1000, 1), flush=True)
+    with conn:
+        if banner:
+            print("banner", read_line(conn).decode().strip(), flush=True)
+        conn.sendall(b"ping\n")
+        print("reply", read_line(conn).decode().strip(), flush=True)
+
+
+def main():
+    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    banner = "--banner" in sys.argv
+    delay = 0.0
+    if "--accept-delay" in sys.argv:
+        delay = float(sys.argv[sys.argv.index("--accept-delay") + 1])
+    if mode == "serve":
+        serve(host, port, banner, delay)
+    else:
+        ask(host, port, banner)
+
+
+if __name__ == "__main__":
+    main()

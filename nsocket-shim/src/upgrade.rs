@@ -1,0 +1,454 @@
+//! The RDMA upgrade behind the shim, SMC-R's shape in user space: a connection that policy
+//! puts on RDMA starts as kernel TCP; right after the TCP handshake the client's shim proposes
+//! on that connection (only to a server registered as an RDMA upgrade endpoint), the server's
+//! shim accepts or declines with its reason, the client confirms or declines; on anything but
+//! a confirmed upgrade the same socket carries on as TCP and the reason is counted. The wire
+//! format and each side's next step are `stackroute-rdma-upgrade`; here are the I/O around it
+//! and the stripping of its bytes, so that neither application ever reads them.
+//!
+//! - Client (`client`): inside `connect`, bounded by `STACKROUTE_RDMA_DEADLINE_MS` in all (the
+//!   TCP handshake of a non-blocking connect, the answer, the RDMA connect). A server answer
+//!   that arrives after the deadline is stripped at the first read (`LateAnswer`).
+//! - Server (`front`): a connection accepted from an upgrade listener may begin with a
+//!   proposal; it is looked for at `accept` (it usually has arrived), else before the first
+//!   read or write. Answered unless the application wrote first; the client's final message is
+//!   stripped too.
+//!
+//! This build has no RDMA data path: the verbs provider (`STACKROUTE_RDMA_PROVIDER`) checks and
+//! connects, and a completed RDMA connect is still declined (`stack-unavailable`).
+#![deny(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use stackroute_local_api::message::FallbackReason;
+use stackroute_rdma_upgrade::{
+    ClientNext, DecodeError, Endpoint, Kind, MESSAGE_LEN, Message, Outcome, Prefix, Reason,
+    classify, client_next, server_answer,
+};
+
+use crate::config::Config;
+use crate::counters;
+use crate::fdtable::{self, Entry, Upgrade};
+use crate::logic::Pre;
+use crate::sys::{self, upgrade as io};
+
+/// Connections whose stream may begin with upgrade bytes: the read and write hooks look at
+/// the fd table only while this is non-zero.
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether any connection of this process has upgrade bytes to strip.
+#[inline]
+pub(crate) fn pending() -> bool {
+    PENDING.load(Ordering::Relaxed) != 0
+}
+
+/// Sets `fd`'s upgrade state, keeping [`PENDING`] right.
+fn set_state(fd: i32, state: Upgrade) {
+    let before = fdtable::get(fd);
+    match (before.upgrade() == Upgrade::None, state == Upgrade::None) {
+        (true, false) => {
+            PENDING.fetch_add(1, Ordering::Relaxed);
+        }
+        (false, true) => forgotten(before),
+        _ => {}
+    }
+    fdtable::set(fd, before.with_upgrade(state));
+}
+
+/// `fd` was accepted from an upgrade listener: its stream may begin with a proposal.
+pub(crate) fn watch(fd: i32) {
+    set_state(fd, Upgrade::Probe);
+}
+
+/// Before a read of `fd` with `flags` (`recv` flags; 0 for `read`/`readv`).
+#[inline]
+pub(crate) fn before_read(fd: i32, flags: i32) -> Pre {
+    if !pending() || fdtable::get(fd).upgrade() == Upgrade::None {
+        return Pre::Forward;
+    }
+    let nonblocking = flags & libc::MSG_DONTWAIT != 0
+        || sys::relay::fd_flags(fd).is_none_or(|(nonblocking, _)| nonblocking);
+    front(crate::config::get(), fd, At::Read { nonblocking })
+}
+
+/// Before a write to `fd`.
+#[inline]
+pub(crate) fn before_write(fd: i32) -> Pre {
+    if !pending() || fdtable::get(fd).upgrade() == Upgrade::None {
+        return Pre::Forward;
+    }
+    front(crate::config::get(), fd, At::Write)
+}
+
+/// An entry with an upgrade state was cleared (close).
+pub(crate) fn forgotten(entry: Entry) {
+    if entry.upgrade() != Upgrade::None {
+        let _ = PENDING.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+}
+
+/// An entry with an upgrade state was copied to another fd (dup).
+pub(crate) fn copied(entry: Entry) {
+    if entry.upgrade() != Upgrade::None {
+        PENDING.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The least `RLIMIT_MEMLOCK` with which the connection buffers can be registered.
+pub(crate) const MIN_MEMLOCK: u64 = 64 << 20;
+
+/// This process's RDMA endpoint, or why it has none; found once per process.
+pub(crate) fn capability(config: &Config) -> Result<Endpoint, Reason> {
+    static FOUND: OnceLock<Result<Endpoint, Reason>> = OnceLock::new();
+    *FOUND.get_or_init(|| match provider(config) {
+        Some(provider) => provider
+            .probe()
+            .map(|(gid, qpn, psn)| Endpoint { gid, qpn, psn })
+            .map_err(Reason::from_code),
+        None => builtin_check(config),
+    })
+}
+
+/// Whether this process's listeners are RDMA upgrade endpoints: a verbs provider is
+/// configured and loads.
+pub(crate) fn endpoint_configured(config: &Config) -> bool {
+    provider(config).is_some()
+}
+
+/// The verbs provider named by `STACKROUTE_RDMA_PROVIDER`, loaded once.
+fn provider(config: &Config) -> Option<io::Provider> {
+    static LOADED: OnceLock<Option<io::Provider>> = OnceLock::new();
+    *LOADED.get_or_init(|| io::Provider::open(config.rdma_provider.as_deref()?))
+}
+
+/// Without a provider: what the node and this process have (a device with an active port and
+/// a GID, its device nodes in this container, the locked-memory limit), and then that this
+/// build has no verbs data path of its own.
+fn builtin_check(_config: &Config) -> Result<Endpoint, Reason> {
+    let discovery = stackroute_rdma_discover::discover(Path::new("/"));
+    let usable =
+        stackroute_rdma_discover::usable(&discovery).map_err(|unavailable| match unavailable {
+            stackroute_rdma_discover::Unavailable::NoDevice => Reason::NoDevice,
+            stackroute_rdma_discover::Unavailable::NoActivePort
+            | stackroute_rdma_discover::Unavailable::NoGid => Reason::NoGid,
+        })?;
+    memlock_check(io::memlock_limit(), has_ipc_lock())?;
+    let _ = usable;
+    Err(Reason::StackUnavailable)
+}
+
+/// Whether the locked-memory limit lets the buffers be registered (`None`: unlimited).
+pub(crate) fn memlock_check(limit: Option<u64>, ipc_lock: bool) -> Result<(), Reason> {
+    match limit {
+        Some(bytes) if bytes < MIN_MEMLOCK && !ipc_lock => Err(Reason::Memlock),
+        _ => Ok(()),
+    }
+}
+
+/// `CAP_IPC_LOCK` (linux/capability.h).
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Whether this process holds `CAP_IPC_LOCK` in its effective set (then the limit does not
+/// bind registrations).
+fn has_ipc_lock() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("CapEff:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+    })
+}
+
+/// The counted fallback of an upgrade that did not happen.
+pub(crate) fn fallback_reason(reason: Reason) -> FallbackReason {
+    match reason {
+        Reason::NoDevice => FallbackReason::NoDevice,
+        Reason::NoGid => FallbackReason::NoGid,
+        Reason::Memlock => FallbackReason::Memlock,
+        Reason::ConnectTimeout => FallbackReason::ConnectTimeout,
+        Reason::RdmaError => FallbackReason::RdmaError,
+        Reason::PeerDeclined | Reason::SpokeFirst => FallbackReason::PeerDeclined,
+        Reason::VersionMismatch => FallbackReason::Unsupported,
+        Reason::StackUnavailable => FallbackReason::StackUnavailable,
+        Reason::Policy | Reason::Other => FallbackReason::Other,
+    }
+}
+
+/// The client's exchange on `fd` right after the real `connect` returned `connect_errno` (0
+/// when it completed): `None` when there was no exchange (the connect failed). Never changes
+/// what `connect` returns; never takes longer than the deadline.
+pub(crate) fn client(
+    config: &Config,
+    fd: i32,
+    connect_errno: i32,
+    endpoint: Endpoint,
+) -> Option<Outcome> {
+    let deadline = io::monotonic_ms() + u64::from(config.rdma_deadline_ms);
+    let left = || {
+        deadline
+            .saturating_sub(io::monotonic_ms())
+            .min(i32::MAX as u64) as i32
+    };
+    match connect_errno {
+        0 => {}
+        libc::EINPROGRESS | libc::EINTR => {
+            let events = io::wait(fd, libc::POLLOUT, left());
+            if events & (libc::POLLERR | libc::POLLHUP) != 0 {
+                // Refused or unreachable: the application learns it from the socket.
+                return None;
+            }
+            if events & libc::POLLOUT == 0 {
+                // Still connecting: nothing was sent, the connection goes on as TCP.
+                return Some(Outcome::local(Reason::ConnectTimeout));
+            }
+        }
+        _ => return None,
+    }
+    if config.proposal_delay_ms > 0 {
+        // The test hook: the peer's application gets to speak first.
+        io::wait(fd, 0, (config.proposal_delay_ms as i32).min(left()));
+    }
+    let nonce = io::random_u64();
+    let proposal = Message::new(Kind::Proposal, nonce).with_endpoint(endpoint);
+    if io::send_all(fd, &proposal.encode()).is_err() {
+        return Some(Outcome::local(Reason::Other));
+    }
+    let finish = |outcome: Outcome| {
+        // Always a final message: the server strips exactly two.
+        let _ = io::send_all(fd, &Message::decline(nonce, outcome.reason).encode());
+        Some(outcome)
+    };
+    loop {
+        let mut front = [0u8; MESSAGE_LEN];
+        let seen = match io::peek(fd, &mut front) {
+            Ok(0) => return Some(Outcome::local(Reason::Other)),
+            Ok(n) => n,
+            Err(libc::EAGAIN | libc::EINTR) => 0,
+            Err(_) => return Some(Outcome::local(Reason::Other)),
+        };
+        match client_next(nonce, &front[..seen]) {
+            ClientNext::Wait => {
+                let remaining = left();
+                if remaining <= 0 {
+                    set_state(fd, Upgrade::LateAnswer);
+                    return finish(Outcome::local(Reason::ConnectTimeout));
+                }
+                io::wait(fd, libc::POLLIN, remaining);
+            }
+            ClientNext::Connect(peer) => {
+                let _ = io::discard(fd, MESSAGE_LEN);
+                let reason = match provider(config) {
+                    Some(provider) => {
+                        match provider.connect(&peer.gid, peer.qpn, peer.psn, left().max(0) as u32)
+                        {
+                            // Connected, but this build cannot move the stream onto it.
+                            0 => Reason::StackUnavailable,
+                            code => Reason::from_code(code),
+                        }
+                    }
+                    None => Reason::StackUnavailable,
+                };
+                let reason = if left() <= 0 && reason != Reason::StackUnavailable {
+                    Reason::ConnectTimeout
+                } else {
+                    reason
+                };
+                return finish(Outcome::local(reason));
+            }
+            ClientNext::Fallback { outcome, consume } => {
+                if consume {
+                    let _ = io::discard(fd, MESSAGE_LEN);
+                }
+                return finish(outcome);
+            }
+        }
+    }
+}
+
+/// Where a hook meets a connection's upgrade bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum At {
+    /// Right after `accept` returned it.
+    Accept,
+    /// Before a read (`nonblocking`: the socket's or the call's `MSG_DONTWAIT`).
+    Read { nonblocking: bool },
+    /// Before a write.
+    Write,
+}
+
+/// Before a read or write on `fd`, or right after accepting it: takes the upgrade bytes off
+/// the front of its stream (answering a proposal) so the application never sees them.
+/// `Pre::Fail(EAGAIN)` when a non-blocking read must wait for them.
+pub(crate) fn front(config: &Config, fd: i32, at: At) -> Pre {
+    // Half a message waits this long in all before it is taken as the application's bytes.
+    let partial_until = io::monotonic_ms() + 2 * u64::from(config.rdma_deadline_ms);
+    loop {
+        let state = fdtable::get(fd).upgrade();
+        if state == Upgrade::None {
+            return Pre::Forward;
+        }
+        let mut bytes = [0u8; MESSAGE_LEN];
+        let seen = match io::peek(fd, &mut bytes) {
+            Ok(0) => {
+                set_state(fd, Upgrade::None);
+                return Pre::Forward;
+            }
+            Ok(n) => n,
+            Err(libc::EAGAIN | libc::EINTR) => 0,
+            Err(_) => {
+                set_state(fd, Upgrade::None);
+                return Pre::Forward;
+            }
+        };
+        match classify(&bytes[..seen]) {
+            Prefix::NotOurs => {
+                set_state(fd, Upgrade::None);
+                return Pre::Forward;
+            }
+            Prefix::Empty => match at {
+                At::Write if state == Upgrade::Probe => {
+                    // The application speaks first: a proposal arriving later goes unanswered.
+                    set_state(fd, Upgrade::ProbeSilent);
+                    return Pre::Forward;
+                }
+                At::Write | At::Accept => return Pre::Forward,
+                At::Read { nonblocking: true } => return Pre::Fail(libc::EAGAIN),
+                At::Read { nonblocking: false } => {
+                    if io::wait(fd, libc::POLLIN, -1) == 0 {
+                        // A signal: what the blocking read would have said.
+                        return Pre::Fail(libc::EINTR);
+                    }
+                }
+            },
+            Prefix::Partial => match at {
+                At::Write if state == Upgrade::Probe => {
+                    set_state(fd, Upgrade::ProbeSilent);
+                    return Pre::Forward;
+                }
+                At::Write | At::Accept => return Pre::Forward,
+                At::Read { .. } => {
+                    let remaining = partial_until.saturating_sub(io::monotonic_ms());
+                    if remaining == 0 {
+                        // Never completed: the peer's own bytes that happen to start alike.
+                        set_state(fd, Upgrade::None);
+                        return Pre::Forward;
+                    }
+                    io::wait(fd, libc::POLLIN, remaining.min(1000) as i32);
+                }
+            },
+            Prefix::Complete => take_message(config, fd, state, &bytes),
+        }
+    }
+}
+
+/// A whole message is at the front of `fd`'s stream in `state`: take it and move on.
+fn take_message(config: &Config, fd: i32, state: Upgrade, bytes: &[u8; MESSAGE_LEN]) {
+    let message = Message::decode(bytes);
+    match (state, message) {
+        (Upgrade::Probe | Upgrade::ProbeSilent, Ok(proposal))
+            if proposal.kind == Kind::Proposal =>
+        {
+            let _ = io::discard(fd, MESSAGE_LEN);
+            if state == Upgrade::Probe {
+                let answer = server_answer(&proposal, capability(config));
+                let _ = io::send_all(fd, &answer.encode());
+                if let Some(reason) = answer.reason {
+                    counters::fell_back(fallback_reason(reason));
+                    log(
+                        config,
+                        fd,
+                        sys::peer_address(fd),
+                        "declined the peer's proposal",
+                        Outcome::local(reason),
+                    );
+                }
+            }
+            set_state(fd, Upgrade::AwaitFinal);
+        }
+        (Upgrade::Probe, Err(DecodeError::Version(_))) => {
+            let _ = io::discard(fd, MESSAGE_LEN);
+            let _ = io::send_all(fd, &Message::decline(0, Reason::VersionMismatch).encode());
+            counters::fell_back(fallback_reason(Reason::VersionMismatch));
+            set_state(fd, Upgrade::AwaitFinal);
+        }
+        (Upgrade::AwaitFinal, Ok(last)) if matches!(last.kind, Kind::Confirm | Kind::Decline) => {
+            let _ = io::discard(fd, MESSAGE_LEN);
+            if last.kind == Kind::Decline && last.reason.is_some_and(|r| r != Reason::PeerDeclined)
+            {
+                // The client gave up after this side accepted (or timed out waiting).
+                counters::fell_back(FallbackReason::PeerDeclined);
+                log(
+                    config,
+                    fd,
+                    sys::peer_address(fd),
+                    "the peer declined",
+                    Outcome {
+                        reason: Reason::PeerDeclined,
+                        peer: last.reason,
+                    },
+                );
+            }
+            set_state(fd, Upgrade::None);
+        }
+        (Upgrade::LateAnswer, Ok(answer))
+            if matches!(answer.kind, Kind::Accept | Kind::Decline) =>
+        {
+            let _ = io::discard(fd, MESSAGE_LEN);
+            set_state(fd, Upgrade::None);
+        }
+        // Anything else is not the message this state expects: leave the bytes alone.
+        _ => set_state(fd, Upgrade::None),
+    }
+}
+
+/// Logs an exchange's outcome (`STACKROUTE_LOG=debug`).
+pub(crate) fn log(
+    config: &Config,
+    fd: i32,
+    peer: Option<SocketAddr>,
+    what: &str,
+    outcome: Outcome,
+) {
+    if !config.debug {
+        return;
+    }
+    let peer_reason = outcome.peer.map_or("-", Reason::as_str);
+    let peer = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
+    crate::logic::debug_line(format_args!(
+        "fd={fd} rdma upgrade with {peer}: {what}: reason={} peer-reason={peer_reason}; the connection stays TCP",
+        outcome.reason
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memlock_binds_unless_unlimited_or_ipc_lock() {
+        assert_eq!(memlock_check(Some(8 << 20), false), Err(Reason::Memlock));
+        assert_eq!(memlock_check(Some(8 << 20), true), Ok(()));
+        assert_eq!(memlock_check(Some(MIN_MEMLOCK), false), Ok(()));
+        assert_eq!(memlock_check(None, false), Ok(()));
+    }
+
+    #[test]
+    fn every_reason_is_counted_under_a_name() {
+        for reason in Reason::ALL {
+            let counted = fallback_reason(reason);
+            assert!(FallbackReason::ALL.contains(&counted), "{reason:?}");
+        }
+        assert_eq!(
+            fallback_reason(Reason::NoDevice).as_str(),
+            Reason::NoDevice.as_str()
+        );
+        assert_eq!(
+            fallback_reason(Reason::ConnectTimeout).as_str(),
+            Reason::ConnectTimeout.as_str()
+        );
+    }
+}
