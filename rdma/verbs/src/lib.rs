@@ -1,0 +1,191 @@
+//! `libstackroute_rdma.so`: the shim's verbs provider on rdma-core. The shim `dlopen`s it
+//! (`STACKROUTE_RDMA_PROVIDER`, which the injection webhook sets for RDMA pods), so programs
+//! without RDMA never load libibverbs. The provider ABI is the shim's
+//! (`nsocket-shim/src/sys/upgrade.rs`): `stackroute_rdma_probe` and `stackroute_rdma_connect`,
+//! answering reason codes of `stackroute-rdma-upgrade`.
+//!
+//! - **Probe** (this build): the verbs devices (`ibv_get_device_list`), an active port with a
+//!   non-zero GID (`ibv_query_port`, `ibv_query_gid`; RoCE v2 GIDs are addresses), and that a
+//!   connection's buffers can be registered (`ibv_reg_mr` of [`PROBE_REGISTRATION`] bytes:
+//!   `ENOMEM` is the locked-memory limit). Without the kernel's RDMA subsystem libibverbs
+//!   answers `ENOSYS` and the probe says `no-device` with that reason.
+//! - **Connect**: this build has no RDMA data path (queue pairs, registered rings, the shadow
+//!   socket's readiness): it answers `stack-unavailable`, and the connection stays TCP.
+#![deny(unsafe_code)]
+
+mod sys;
+
+use stackroute_rdma_upgrade::Reason;
+
+/// Bytes registered by the probe: one connection's buffers. Registration pins memory against
+/// `RLIMIT_MEMLOCK` (unless `CAP_IPC_LOCK`), the usual reason RDMA fails inside containers.
+pub const PROBE_REGISTRATION: usize = 4 << 20;
+
+/// What the probe found: the device, port and GID a connection would use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// The device's name (`mlx5_0`, `rxe0`, …).
+    pub device: String,
+    /// The port number.
+    pub port: u8,
+    /// The GID index.
+    pub gid_index: i32,
+    /// The GID.
+    pub gid: [u8; 16],
+}
+
+/// Why the probe found nothing usable: the reason code and what exactly was missing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotUsable {
+    /// The reason sent in a decline.
+    pub reason: Reason,
+    /// For people: which call said what.
+    pub detail: String,
+}
+
+impl NotUsable {
+    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Looks for a usable device: the first active port with a non-zero GID whose device lets a
+/// connection's buffers be registered.
+pub fn probe() -> Result<Found, NotUsable> {
+    let devices = sys::DeviceList::get().map_err(|errno| {
+        NotUsable::new(
+            Reason::NoDevice,
+            format!(
+                "ibv_get_device_list: {}{}",
+                std::io::Error::from_raw_os_error(errno),
+                if errno == libc::ENOSYS {
+                    ": the kernel has no RDMA subsystem (CONFIG_INFINIBAND) or no RDMA driver is loaded"
+                } else {
+                    ""
+                }
+            ),
+        )
+    })?;
+    if devices.is_empty() {
+        return Err(NotUsable::new(
+            Reason::NoDevice,
+            "ibv_get_device_list: no RDMA devices (none visible to this process: a pod needs the RDMA device resource)",
+        ));
+    }
+    let mut last = NotUsable::new(Reason::NoGid, "no device has an active port");
+    for index in 0..devices.len() {
+        let name = devices.name(index);
+        let device = match devices.open(index) {
+            Ok(device) => device,
+            Err(errno) => {
+                last = NotUsable::new(
+                    Reason::NoDevice,
+                    format!("ibv_open_device {name}: errno {errno}"),
+                );
+                continue;
+            }
+        };
+        for port in 1..=device.port_count() {
+            let Some(gid_count) = device.active_port_gids(port) else {
+                continue;
+            };
+            let Some((gid_index, gid)) = (0..gid_count).find_map(|i| {
+                device
+                    .gid(port, i)
+                    .filter(|g| *g != [0; 16])
+                    .map(|g| (i, g))
+            }) else {
+                last = NotUsable::new(Reason::NoGid, format!("{name} port {port}: active, no GID"));
+                continue;
+            };
+            return match device.can_register(PROBE_REGISTRATION) {
+                Ok(()) => Ok(Found {
+                    device: name,
+                    port,
+                    gid_index,
+                    gid,
+                }),
+                Err(errno) if errno == libc::ENOMEM || errno == libc::EPERM => Err(NotUsable::new(
+                    Reason::Memlock,
+                    format!(
+                        "ibv_reg_mr of {PROBE_REGISTRATION} bytes on {name}: errno {errno} (raise RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=infinity for the container runtime, or run as root with IPC_LOCK)"
+                    ),
+                )),
+                Err(errno) => Err(NotUsable::new(
+                    Reason::RdmaError,
+                    format!("ibv_alloc_pd/ibv_reg_mr on {name}: errno {errno}"),
+                )),
+            };
+        }
+    }
+    Err(last)
+}
+
+/// The provider ABI's probe: 0 with this side's endpoint (the GID; the queue pair is the data
+/// path's, none in this build), or a reason code.
+///
+/// # Safety
+///
+/// `gid` must point to 16 writable bytes and `qpn`, `psn` to writable `u32`s.
+#[unsafe(no_mangle)]
+#[allow(unsafe_code)]
+pub unsafe extern "C" fn stackroute_rdma_probe(gid: *mut u8, qpn: *mut u32, psn: *mut u32) -> u16 {
+    match probe() {
+        Ok(found) => {
+            // SAFETY: the caller passes 16 writable bytes and two writable u32s (see above).
+            unsafe {
+                std::ptr::copy_nonoverlapping(found.gid.as_ptr(), gid, 16);
+                *qpn = 0;
+                *psn = 0;
+            }
+            0
+        }
+        Err(not_usable) => not_usable.reason.code(),
+    }
+}
+
+/// The provider ABI's connect: this build has no data path.
+///
+/// # Safety
+///
+/// `gid` must point to 16 readable bytes (it is not read in this build).
+#[unsafe(no_mangle)]
+#[allow(unsafe_code)]
+pub unsafe extern "C" fn stackroute_rdma_connect(
+    _gid: *const u8,
+    _qpn: u32,
+    _psn: u32,
+    _timeout_ms: u32,
+) -> u16 {
+    Reason::StackUnavailable.code()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine without the RDMA subsystem (this project's CI) the probe links, runs and
+    /// says why; where devices exist it must find one or name what is missing.
+    #[test]
+    fn the_probe_explains_itself() {
+        let class = std::path::Path::new("/sys/class/infiniband");
+        let has_devices = std::fs::read_dir(class).is_ok_and(|mut d| d.next().is_some());
+        match probe() {
+            Ok(found) => {
+                assert!(has_devices, "found {found:?} without /sys/class/infiniband");
+                assert_ne!(found.gid, [0; 16]);
+            }
+            Err(not_usable) if !has_devices => {
+                assert_eq!(not_usable.reason, Reason::NoDevice, "{not_usable:?}");
+                assert!(
+                    not_usable.detail.starts_with("ibv_get_device_list: "),
+                    "{not_usable:?}"
+                );
+            }
+            Err(not_usable) => assert!(!not_usable.detail.is_empty()),
+        }
+    }
+}
