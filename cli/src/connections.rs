@@ -3,6 +3,8 @@
 //! only inside the network namespace it serves, so each is asked from a thread that entered
 //! that namespace (root, like `ip netns exec`). Then the agent's kernel hooks: the workloads
 //! whose connections the kernel decides (programs the shim cannot reach), with their counts.
+//! Then the RDMA upgrade attempts the node's shims reported (SMC-R's `smcss`): each
+//! connection, which end it was, and why it stayed on TCP (with the peer's own reason).
 
 use std::fs::File;
 use std::os::fd::AsFd as _;
@@ -12,7 +14,9 @@ use anyhow::{Context, Result, bail};
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use serde::Serialize;
-use stackroute_local_api::message::{HookInfo, InstanceInfo, Request, Response};
+use stackroute_local_api::message::{
+    HookInfo, InstanceInfo, Request, Response, UpgradeRecord, UpgradeRole,
+};
 use stackroute_local_api::relay::{
     ConnectionInfo, MAX_MESSAGE, RelayRequest, RelayResponse, from_packet, to_packet,
 };
@@ -35,13 +39,15 @@ enum Output {
     Json,
 }
 
-/// One line of the JSON output: a connection of the user-space stack, or a kernel hook (the
-/// kernel decides each connection of its workload; they are counted, not listed).
+/// One line of the JSON output: a connection of the user-space stack, a kernel hook (the
+/// kernel decides each connection of its workload; they are counted, not listed), or an RDMA
+/// upgrade attempt.
 #[derive(Serialize)]
 #[serde(tag = "path", rename_all = "kebab-case")]
 enum Line<'a> {
     Userspace(&'a Row),
     KernelHook(&'a HookInfo),
+    RdmaUpgrade(&'a UpgradeRecord),
 }
 
 /// One connection with the instance that holds it.
@@ -85,18 +91,35 @@ pub(crate) fn run(args: &ConnectionsArgs) -> Result<()> {
             Vec::new()
         }
     };
+    let upgrades = match call_agent(&args.socket_dir, &Request::UpgradeAttempts) {
+        Ok(Response::Upgrades { attempts }) => attempts,
+        // An agent older than the request does not know it: nothing to show.
+        Ok(Response::Error { message }) if message.contains("unknown variant") => Vec::new(),
+        Ok(other) => {
+            failures.push(format!(
+                "RDMA upgrade attempts: unexpected answer {other:?}"
+            ));
+            Vec::new()
+        }
+        Err(error) => {
+            failures.push(format!("RDMA upgrade attempts: {error:#}"));
+            Vec::new()
+        }
+    };
     match args.output {
         Output::Json => {
             let lines: Vec<Line<'_>> = rows
                 .iter()
                 .map(Line::Userspace)
                 .chain(hooks.iter().map(Line::KernelHook))
+                .chain(upgrades.iter().map(Line::RdmaUpgrade))
                 .collect();
             println!("{}", serde_json::to_string_pretty(&lines)?);
         }
         Output::Table => {
             print_table(&rows);
             print_hooks(&hooks);
+            print_upgrades(&upgrades, now_unix_ms());
         }
     }
     for failure in &failures {
@@ -106,7 +129,7 @@ pub(crate) fn run(args: &ConnectionsArgs) -> Result<()> {
         bail!(
             "{} of {} sources did not answer",
             failures.len(),
-            instances.len() + 1
+            instances.len() + 2
         );
     }
     Ok(())
@@ -230,6 +253,121 @@ fn print_hooks(hooks: &[HookInfo]) {
             hook.left_default,
             hook.chosen_by_process,
             hook.not_interposable
+        );
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+fn print_upgrades(upgrades: &[UpgradeRecord], now_ms: u64) {
+    if upgrades.is_empty() {
+        return;
+    }
+    println!();
+    println!("RDMA upgrade attempts (newest last):");
+    println!(
+        "{:<9} {:<24} {:<6} {:<21} {:<21} {:<40} {:>9}",
+        "WHEN", "WORKLOAD", "ROLE", "LOCAL", "REMOTE", "RESULT", "TIME-MS"
+    );
+    for record in upgrades {
+        let attempt = &record.attempt;
+        println!(
+            "{:<9} {:<24} {:<6} {:<21} {:<21} {:<40} {:>9.1}",
+            age(now_ms, record.at_unix_ms),
+            record.workload.as_deref().unwrap_or("-"),
+            match attempt.role {
+                UpgradeRole::Client => "client",
+                UpgradeRole::Server => "server",
+            },
+            attempt.local,
+            attempt.remote,
+            result(record),
+            attempt.elapsed_us as f64 / 1000.0,
+        );
+    }
+}
+
+/// `3s ago`, `4m ago`, `2h ago`, `5d ago` (a record stamped ahead of this clock reads `0s ago`).
+fn age(now_ms: u64, at_ms: u64) -> String {
+    let seconds = now_ms.saturating_sub(at_ms) / 1000;
+    match seconds {
+        0..60 => format!("{seconds}s ago"),
+        60..3600 => format!("{}m ago", seconds / 60),
+        3600..86400 => format!("{}h ago", seconds / 3600),
+        _ => format!("{}d ago", seconds / 86400),
+    }
+}
+
+/// What the connection ended up on and why: every attempt stays on TCP in this build.
+fn result(record: &UpgradeRecord) -> String {
+    let attempt = &record.attempt;
+    match &attempt.peer_reason {
+        Some(peer) => format!("TCP ({}; peer: {peer})", attempt.reason),
+        None => format!("TCP ({})", attempt.reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use stackroute_local_api::message::UpgradeAttempt;
+
+    use super::*;
+
+    fn record(peer_reason: Option<&str>) -> UpgradeRecord {
+        UpgradeRecord {
+            attempt: UpgradeAttempt {
+                role: UpgradeRole::Client,
+                local: "10.0.0.1:40000".into(),
+                remote: "10.0.0.2:7000".into(),
+                reason: "peer-declined".into(),
+                peer_reason: peer_reason.map(Into::into),
+                elapsed_us: 1234,
+            },
+            workload: Some("shop/web".into()),
+            pid: Some(42),
+            at_unix_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn upgrade_attempts_read_as_age_and_result() {
+        let at = 1_700_000_000_000;
+        assert_eq!(age(at + 3_400, at), "3s ago");
+        assert_eq!(age(at - 5_000, at), "0s ago");
+        assert_eq!(age(at + 125_000, at), "2m ago");
+        assert_eq!(age(at + 7_200_000, at), "2h ago");
+        assert_eq!(age(at + 3 * 86_400_000, at), "3d ago");
+        assert_eq!(
+            result(&record(Some("no-device"))),
+            "TCP (peer-declined; peer: no-device)"
+        );
+        assert_eq!(result(&record(None)), "TCP (peer-declined)");
+    }
+
+    #[test]
+    fn upgrade_attempts_are_json_lines_with_their_path() {
+        let record = record(Some("no-device"));
+        let line = serde_json::to_value(Line::RdmaUpgrade(&record)).unwrap();
+        assert_eq!(
+            line,
+            serde_json::json!({
+                "path": "rdma-upgrade",
+                "role": "client",
+                "local": "10.0.0.1:40000",
+                "remote": "10.0.0.2:7000",
+                "reason": "peer-declined",
+                "peerReason": "no-device",
+                "elapsedUs": 1234,
+                "workload": "shop/web",
+                "pid": 42,
+                "atUnixMs": 1_700_000_000_000u64,
+            })
         );
     }
 }

@@ -33,5 +33,6 @@ pub mod peer;
 pub mod registry;
 pub mod serving;
 pub mod state;
+pub mod upgrades;
 
 pub use args::Args;

@@ -397,16 +397,24 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
         Request::ShimReport {
             decisions,
             fallbacks,
+            upgrades,
         } => {
             agent.metrics.shim_report(&decisions, &fallbacks);
-            (
-                Response::Ok {
-                    revision: None,
-                    queued: false,
-                },
-                "ok",
-            )
+            if !upgrades.is_empty() {
+                record_upgrades(agent, peer, upgrades);
+            }
+            ok()
         }
+        // The attempts name other pods' connections and addresses: root only.
+        Request::UpgradeAttempts if peer.uid != 0 => {
+            denied("only root may list RDMA upgrade attempts".into())
+        }
+        Request::UpgradeAttempts => (
+            Response::Upgrades {
+                attempts: agent.metrics.upgrade_log.answer(),
+            },
+            "ok",
+        ),
     };
     let served = matches!(result, "ok" | "queued");
     if !served {
@@ -416,6 +424,35 @@ pub async fn handle(agent: &Agent, peer: &Peer, request: Request) -> Response {
     }
     agent.metrics.request(kind, result);
     response
+}
+
+/// Keeps a shim's upgrade attempts, bounded (`upgrades::sanitize`), stamped with who reported
+/// them (the caller as the kernel names it, never as the report claims) and when.
+fn record_upgrades(agent: &Agent, peer: &Peer, attempts: Vec<message::UpgradeAttempt>) {
+    let (attempts, trimmed) = crate::upgrades::sanitize(attempts);
+    if trimmed != crate::upgrades::Trimmed::default() {
+        // Debug only: any local process can send these at will.
+        debug!(pid = ?peer.pid, uid = peer.uid, ?trimmed, "trimmed an oversized upgrade report");
+    }
+    agent.metrics.rdma_upgrade_report(&attempts, trimmed);
+    let workload = match identity::resolve(agent, peer) {
+        Identity::Known(known) => Some(identity::names(&known.workloads)),
+        Identity::Unknown(_) => None,
+    };
+    let at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        });
+    agent
+        .metrics
+        .upgrade_log
+        .extend(attempts.into_iter().map(|attempt| message::UpgradeRecord {
+            attempt,
+            workload: workload.clone(),
+            pid: peer.pid,
+            at_unix_ms,
+        }));
 }
 
 fn error(message: String) -> (Response, &'static str) {
@@ -1176,4 +1213,79 @@ fn extract_dead<K: Ord + Clone, T>(
         .map(|(k, _)| k.clone())
         .collect();
     dead.into_iter().filter_map(|k| map.remove(&k)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use message::{UpgradeAttempt, UpgradeRole};
+
+    use super::*;
+    use crate::state::Config;
+
+    fn agent(root: &Path) -> Arc<Agent> {
+        Agent::start(Config {
+            node: "n1".into(),
+            controllers: vec!["127.0.0.1:1".into()],
+            security: stackroute_proto::client::Security::Plaintext,
+            socket_dir: root.join("run"),
+            state_dir: root.join("state"),
+        })
+        .unwrap()
+    }
+
+    fn caller(uid: u32) -> Peer {
+        Peer {
+            pid: None,
+            uid,
+            gid: uid,
+            cgroup: None,
+            netns: None,
+            pod_uid: None,
+        }
+    }
+
+    fn attempt(n: u64) -> UpgradeAttempt {
+        UpgradeAttempt {
+            role: UpgradeRole::Server,
+            local: "10.0.0.2:7000".into(),
+            remote: format!("10.0.0.1:{n}"),
+            reason: "stack-unavailable".into(),
+            peer_reason: None,
+            elapsed_us: n,
+        }
+    }
+
+    #[tokio::test]
+    async fn upgrade_attempts_are_kept_and_listed_to_root_only() {
+        let root = tempfile::tempdir().unwrap();
+        let agent = agent(root.path());
+        let report = Request::ShimReport {
+            decisions: Vec::new(),
+            fallbacks: Vec::new(),
+            upgrades: (0..message::MAX_UPGRADE_REPORT as u64 + 3)
+                .map(attempt)
+                .collect(),
+        };
+        // Anyone may report (shims run as any user); the report is cut to its newest attempts.
+        assert!(matches!(
+            handle(&agent, &caller(1000), report).await,
+            Response::Ok { .. }
+        ));
+        match handle(&agent, &caller(1000), Request::UpgradeAttempts).await {
+            Response::Error { message } => {
+                assert!(message.starts_with("denied: only root"), "{message}")
+            }
+            other => panic!("a non-root caller was answered {other:?}"),
+        }
+        let Response::Upgrades { attempts } =
+            handle(&agent, &caller(0), Request::UpgradeAttempts).await
+        else {
+            panic!("root gets the attempts");
+        };
+        assert_eq!(attempts.len(), message::MAX_UPGRADE_REPORT);
+        assert_eq!(attempts[0].attempt, attempt(3));
+        assert_eq!(attempts[0].pid, None);
+        assert!(attempts[0].at_unix_ms > 1_600_000_000_000);
+        assert_eq!(agent.metrics.rdma_upgrades_dropped.get(), 3);
+    }
 }

@@ -19,7 +19,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing::info;
 
-use stackroute_local_api::message::{DecisionCount, FallbackCount, FallbackReason, Stack};
+use stackroute_local_api::message::{
+    DecisionCount, FallbackCount, FallbackReason, Stack, UpgradeAttempt, UpgradeRole,
+};
 
 use crate::state::{Agent, Role};
 
@@ -46,6 +48,15 @@ pub struct DecisionLabels {
     pub stack: &'static str,
     /// `Default`, `Cubic`, `BBR`, `Reno` (anything else is counted as `other`).
     pub congestion_control: &'static str,
+}
+
+/// Labels of `stackroute_lrd_rdma_upgrade_attempts_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpgradeLabels {
+    /// `client` or `server`.
+    pub role: &'static str,
+    /// A reason name of `stackroute-rdma-upgrade` (`other` for any it does not know).
+    pub reason: &'static str,
 }
 
 /// Labels of `stackroute_lrd_userspace_instance_starts_total`.
@@ -159,6 +170,16 @@ pub struct Metrics {
     pub instances: InstanceMetrics,
     /// Kernel hooks.
     pub hooks: HookMetrics,
+    /// RDMA upgrade attempts reported by shims, by role and reason.
+    pub rdma_upgrades: Family<UpgradeLabels, Counter<u64, AtomicU64>>,
+    /// Upgrade attempts dropped from reports over `MAX_UPGRADE_REPORT`.
+    pub rdma_upgrades_dropped: Counter<u64, AtomicU64>,
+    /// Strings of upgrade attempts cut to `upgrades::MAX_STRING` or with control characters
+    /// replaced.
+    pub rdma_upgrade_strings_trimmed: Counter<u64, AtomicU64>,
+    /// The attempts themselves, newest kept: here, beside their counters, so each agent (and
+    /// each test's agent) has its own.
+    pub upgrade_log: crate::upgrades::UpgradeLog,
 }
 
 /// Labels of `stackroute_lrd_kernel_hook_connections_total`.
@@ -252,6 +273,21 @@ impl Metrics {
             "shim_decisions",
             "Connections decided by shims, by the transport used",
             self.shim_decisions.clone(),
+        );
+        r.register(
+            "rdma_upgrade_attempts",
+            "RDMA upgrade attempts reported by shims, by role and the reason the connection stayed on TCP",
+            self.rdma_upgrades.clone(),
+        );
+        r.register(
+            "rdma_upgrade_attempts_dropped",
+            "RDMA upgrade attempts dropped from shim reports carrying more than the limit",
+            self.rdma_upgrades_dropped.clone(),
+        );
+        r.register(
+            "rdma_upgrade_strings_trimmed",
+            "Strings of reported RDMA upgrade attempts cut to the length limit or with control characters replaced",
+            self.rdma_upgrade_strings_trimmed.clone(),
         );
         r.register(
             "handover_refused",
@@ -410,6 +446,29 @@ impl Metrics {
                 })
                 .inc_by(fallback.count.min(1 << 32));
         }
+    }
+
+    /// Counts upgrade attempts (already bounded by `upgrades::sanitize`) and what was cut.
+    pub fn rdma_upgrade_report(
+        &self,
+        attempts: &[UpgradeAttempt],
+        trimmed: crate::upgrades::Trimmed,
+    ) {
+        for attempt in attempts {
+            let role = match attempt.role {
+                UpgradeRole::Client => "client",
+                UpgradeRole::Server => "server",
+            };
+            self.rdma_upgrades
+                .get_or_create(&UpgradeLabels {
+                    role,
+                    reason: crate::upgrades::reason_label(&attempt.reason),
+                })
+                .inc();
+        }
+        self.rdma_upgrades_dropped.inc_by(trimmed.attempts as u64);
+        self.rdma_upgrade_strings_trimmed
+            .inc_by(trimmed.strings as u64);
     }
 
     /// Counts one local request.
@@ -618,5 +677,41 @@ mod tests {
             text.contains("stackroute_lrd_handover_refused_total{reason=\"wrong-secret\"} 2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn upgrade_attempts_are_counted_by_role_and_known_reason() {
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let attempt = |role, reason: &str| UpgradeAttempt {
+            role,
+            local: "10.0.0.1:1".into(),
+            remote: "10.0.0.2:2".into(),
+            reason: reason.into(),
+            peer_reason: None,
+            elapsed_us: 1,
+        };
+        metrics.rdma_upgrade_report(
+            &[
+                attempt(UpgradeRole::Client, "peer-declined"),
+                attempt(UpgradeRole::Client, "peer-declined"),
+                attempt(UpgradeRole::Server, "no-such-reason"),
+            ],
+            crate::upgrades::Trimmed {
+                attempts: 5,
+                strings: 2,
+            },
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "stackroute_lrd_rdma_upgrade_attempts_total{role=\"client\",reason=\"peer-declined\"} 2",
+            "stackroute_lrd_rdma_upgrade_attempts_total{role=\"server\",reason=\"other\"} 1",
+            "stackroute_lrd_rdma_upgrade_attempts_dropped_total 5",
+            "stackroute_lrd_rdma_upgrade_strings_trimmed_total 2",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

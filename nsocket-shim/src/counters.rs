@@ -3,9 +3,12 @@
 //! starts no thread of its own.
 #![deny(unsafe_code)]
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use stackroute_local_api::message::{self, DecisionCount, FallbackCount, FallbackReason};
+use stackroute_local_api::message::{
+    self, DecisionCount, FallbackCount, FallbackReason, MAX_UPGRADE_REPORT, UpgradeAttempt,
+};
 use stackroute_snapshot::{CongestionControl, Stack};
 
 const STACKS: [Stack; 3] = [Stack::Kernel, Stack::Userspace, Stack::Rdma];
@@ -21,6 +24,19 @@ static DECISIONS: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
 static FALLBACKS: [AtomicU64; REASONS] = [const { AtomicU64::new(0) }; REASONS];
 /// Coarse monotonic second of the last report (0: none yet).
 static LAST_REPORT: AtomicU64 = AtomicU64::new(0);
+/// RDMA upgrade attempts not reported yet (at most [`MAX_UPGRADE_REPORT`]; more are dropped,
+/// their reasons still counted).
+static UPGRADES: Mutex<Vec<UpgradeAttempt>> = Mutex::new(Vec::new());
+
+/// Keeps an RDMA upgrade attempt for the next report. Off every data path (an attempt costs
+/// round trips); `try_lock`, so a hook that interrupted another never waits for it.
+pub(crate) fn upgrade_attempt(attempt: UpgradeAttempt) {
+    if let Ok(mut kept) = UPGRADES.try_lock()
+        && kept.len() < MAX_UPGRADE_REPORT
+    {
+        kept.push(attempt);
+    }
+}
 
 fn decision_slot(stack: Stack, cc: CongestionControl) -> usize {
     stack as usize * CCS.len() + cc as usize
@@ -73,10 +89,17 @@ pub(crate) fn take() -> Option<message::Request> {
             });
         }
     }
-    (!decisions.is_empty() || !fallbacks.is_empty()).then_some(message::Request::ShimReport {
-        decisions,
-        fallbacks,
-    })
+    let upgrades = UPGRADES
+        .try_lock()
+        .map(|mut kept| std::mem::take(&mut *kept))
+        .unwrap_or_default();
+    (!decisions.is_empty() || !fallbacks.is_empty() || !upgrades.is_empty()).then_some(
+        message::Request::ShimReport {
+            decisions,
+            fallbacks,
+            upgrades,
+        },
+    )
 }
 
 /// Puts back the counts of a report that could not be delivered.
@@ -84,10 +107,14 @@ pub(crate) fn restore(report: &message::Request) {
     let message::Request::ShimReport {
         decisions,
         fallbacks,
+        upgrades,
     } = report
     else {
         return;
     };
+    for attempt in upgrades {
+        upgrade_attempt(attempt.clone());
+    }
     for d in decisions {
         let stack = STACKS
             .into_iter()
@@ -130,6 +157,9 @@ pub(crate) fn reset() {
         counter.store(0, Ordering::Relaxed);
     }
     LAST_REPORT.store(0, Ordering::Relaxed);
+    if let Ok(mut kept) = UPGRADES.try_lock() {
+        kept.clear();
+    }
 }
 
 #[cfg(test)]
@@ -141,10 +171,19 @@ mod tests {
         decided(Stack::Kernel, CongestionControl::Bbr);
         decided(Stack::Kernel, CongestionControl::Bbr);
         fell_back(FallbackReason::StackUnavailable);
+        upgrade_attempt(UpgradeAttempt {
+            role: message::UpgradeRole::Client,
+            local: "10.0.0.1:40000".into(),
+            remote: "10.0.0.2:9000".into(),
+            reason: "peer-declined".into(),
+            peer_reason: Some("no-device".into()),
+            elapsed_us: 120,
+        });
         let report = take().expect("a report");
         let text = serde_json::to_string(&report).unwrap();
         assert!(text.contains(r#"{"stack":"Kernel","congestionControl":"BBR","count":2}"#));
         assert!(text.contains(r#"{"reason":"stack-unavailable","count":1}"#));
+        assert!(text.contains(r#""peerReason":"no-device""#), "{text}");
         assert!(take().is_none());
         restore(&report);
         assert_eq!(take(), Some(report));

@@ -5,7 +5,7 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 
-use stackroute_local_api::message::FallbackReason;
+use stackroute_local_api::message::{FallbackReason, UpgradeRole};
 use stackroute_rdma_upgrade::Endpoint;
 use stackroute_snapshot::{CongestionControl, Isolation, NoTrace, Protocol, Stack};
 
@@ -308,15 +308,17 @@ pub(crate) fn after_connect(pending: Option<PendingUpgrade>, fd: i32, result: i3
         return;
     };
     let config = config::get();
-    let started = sys::upgrade::monotonic_ms();
+    let started_us = sys::upgrade::monotonic_us();
     let connect_errno = if result == 0 { 0 } else { errno };
     if let Some(outcome) = upgrade::client(config, fd, connect_errno, pending.endpoint) {
-        counters::fell_back(upgrade::fallback_reason(outcome.reason));
-        if config.debug {
-            let took = sys::upgrade::monotonic_ms().saturating_sub(started);
-            let what = format!("not upgraded after {took} ms");
-            upgrade::log(config, fd, Some(pending.destination), &what, outcome);
-        }
+        upgrade::ended(
+            config,
+            fd,
+            UpgradeRole::Client,
+            Some(pending.destination),
+            outcome,
+            started_us,
+        );
     }
 }
 

@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use stackroute_local_api::message::FallbackReason;
+use stackroute_local_api::message::{FallbackReason, UpgradeAttempt, UpgradeRole};
 use stackroute_rdma_upgrade::{
     ClientNext, DecodeError, Endpoint, Kind, MESSAGE_LEN, Message, Outcome, Prefix, Reason,
     classify, client_next, server_answer,
@@ -347,6 +347,11 @@ pub(crate) fn front(config: &Config, fd: i32, at: At) -> Pre {
 
 /// A whole message is at the front of `fd`'s stream in `state`: take it and move on.
 fn take_message(config: &Config, fd: i32, state: Upgrade, bytes: &[u8; MESSAGE_LEN]) {
+    let started_us = io::monotonic_us();
+    let server_ended = |outcome| {
+        let peer = sys::peer_address(fd);
+        ended(config, fd, UpgradeRole::Server, peer, outcome, started_us);
+    };
     let message = Message::decode(bytes);
     match (state, message) {
         (Upgrade::Probe | Upgrade::ProbeSilent, Ok(proposal))
@@ -357,14 +362,7 @@ fn take_message(config: &Config, fd: i32, state: Upgrade, bytes: &[u8; MESSAGE_L
                 let answer = server_answer(&proposal, capability(config));
                 let _ = io::send_all(fd, &answer.encode());
                 if let Some(reason) = answer.reason {
-                    counters::fell_back(fallback_reason(reason));
-                    log(
-                        config,
-                        fd,
-                        sys::peer_address(fd),
-                        "declined the peer's proposal",
-                        Outcome::local(reason),
-                    );
+                    server_ended(Outcome::local(reason));
                 }
             }
             set_state(fd, Upgrade::AwaitFinal);
@@ -372,7 +370,7 @@ fn take_message(config: &Config, fd: i32, state: Upgrade, bytes: &[u8; MESSAGE_L
         (Upgrade::Probe, Err(DecodeError::Version(_))) => {
             let _ = io::discard(fd, MESSAGE_LEN);
             let _ = io::send_all(fd, &Message::decline(0, Reason::VersionMismatch).encode());
-            counters::fell_back(fallback_reason(Reason::VersionMismatch));
+            server_ended(Outcome::local(Reason::VersionMismatch));
             set_state(fd, Upgrade::AwaitFinal);
         }
         (Upgrade::AwaitFinal, Ok(last)) if matches!(last.kind, Kind::Confirm | Kind::Decline) => {
@@ -380,17 +378,10 @@ fn take_message(config: &Config, fd: i32, state: Upgrade, bytes: &[u8; MESSAGE_L
             if last.kind == Kind::Decline && last.reason.is_some_and(|r| r != Reason::PeerDeclined)
             {
                 // The client gave up after this side accepted (or timed out waiting).
-                counters::fell_back(FallbackReason::PeerDeclined);
-                log(
-                    config,
-                    fd,
-                    sys::peer_address(fd),
-                    "the peer declined",
-                    Outcome {
-                        reason: Reason::PeerDeclined,
-                        peer: last.reason,
-                    },
-                );
+                server_ended(Outcome {
+                    reason: Reason::PeerDeclined,
+                    peer: last.reason,
+                });
             }
             set_state(fd, Upgrade::None);
         }
@@ -405,23 +396,45 @@ fn take_message(config: &Config, fd: i32, state: Upgrade, bytes: &[u8; MESSAGE_L
     }
 }
 
-/// Logs an exchange's outcome (`STACKROUTE_LOG=debug`).
-pub(crate) fn log(
+/// An attempt ended without an upgrade: counted by reason, kept for the agent's list of
+/// attempts (`stackroute connections`), logged (`STACKROUTE_LOG=debug`), and reported if a
+/// report is due.
+pub(crate) fn ended(
     config: &Config,
     fd: i32,
-    peer: Option<SocketAddr>,
-    what: &str,
+    role: UpgradeRole,
+    remote: Option<SocketAddr>,
     outcome: Outcome,
+    started_us: u64,
 ) {
-    if !config.debug {
-        return;
+    let elapsed_us = io::monotonic_us().saturating_sub(started_us);
+    counters::fell_back(fallback_reason(outcome.reason));
+    let address = |a: Option<SocketAddr>| a.map_or_else(|| "?".to_string(), |a| a.to_string());
+    counters::upgrade_attempt(UpgradeAttempt {
+        role,
+        local: address(sys::local_address(fd)),
+        remote: address(remote),
+        reason: outcome.reason.as_str().into(),
+        peer_reason: outcome.peer.map(|r| r.as_str().into()),
+        elapsed_us,
+    });
+    if config.debug {
+        let what = match role {
+            UpgradeRole::Client => "not upgraded",
+            UpgradeRole::Server => "declined",
+        };
+        crate::logic::debug_line(format_args!(
+            "fd={fd} rdma upgrade with {}: {what} after {}.{:03} ms: reason={} peer-reason={}; the connection stays TCP",
+            address(remote),
+            elapsed_us / 1000,
+            elapsed_us % 1000,
+            outcome.reason,
+            outcome.peer.map_or("-", Reason::as_str),
+        ));
     }
-    let peer_reason = outcome.peer.map_or("-", Reason::as_str);
-    let peer = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
-    crate::logic::debug_line(format_args!(
-        "fd={fd} rdma upgrade with {peer}: {what}: reason={} peer-reason={peer_reason}; the connection stays TCP",
-        outcome.reason
-    ));
+    if counters::report_due(sys::coarse_seconds()) {
+        crate::agent::report(config);
+    }
 }
 
 #[cfg(test)]

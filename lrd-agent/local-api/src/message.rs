@@ -241,7 +241,64 @@ pub enum Request {
         /// Fallbacks, by reason.
         #[serde(default)]
         fallbacks: Vec<FallbackCount>,
+        /// RDMA upgrade attempts since the last report (at most [`MAX_UPGRADE_REPORT`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        upgrades: Vec<UpgradeAttempt>,
     },
+    /// The RDMA upgrade attempts the node's shims reported, newest last (for `stackroute
+    /// connections`; root callers only: they name other pods' connections).
+    UpgradeAttempts,
+}
+
+/// Most upgrade attempts one [`Request::ShimReport`] carries.
+pub const MAX_UPGRADE_REPORT: usize = 64;
+
+/// Which end of a connection made an upgrade attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpgradeRole {
+    /// It connected and proposed.
+    Client,
+    /// It accepted and answered.
+    Server,
+}
+
+/// One RDMA upgrade attempt, as the shim that made it saw it (SMC-R's `smcss` shows the same:
+/// the connection, why it stayed TCP, and the peer's own reason).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeAttempt {
+    /// Client or server.
+    pub role: UpgradeRole,
+    /// The connection's local address.
+    pub local: String,
+    /// Its remote address.
+    pub remote: String,
+    /// Why it stays TCP (`no-device`, `peer-declined`, `connect-timeout`, …; the reason names
+    /// of `stackroute-rdma-upgrade`).
+    pub reason: String,
+    /// The peer's own reason, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_reason: Option<String>,
+    /// How long the attempt held the connection up, in microseconds.
+    pub elapsed_us: u64,
+}
+
+/// An upgrade attempt as the agent keeps it: who reported it, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeRecord {
+    /// The attempt.
+    #[serde(flatten)]
+    pub attempt: UpgradeAttempt,
+    /// `namespace/name` of the reporting workload, if the agent knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// The reporting process (as the agent sees it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// When the agent received it, in milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
 }
 
 /// How many connections a shim decided onto one transport.
@@ -283,6 +340,7 @@ impl Request {
             Self::UserspaceInstance => "userspace-instance",
             Self::UserspaceInstances => "userspace-instances",
             Self::ShimReport { .. } => "shim-report",
+            Self::UpgradeAttempts => "upgrade-attempts",
             Self::KernelHook { .. } => "kernel-hook",
             Self::KernelHooks => "kernel-hooks",
         }
@@ -420,6 +478,12 @@ pub enum Response {
         /// The attached hooks.
         hooks: Vec<HookInfo>,
     },
+    /// The answer to [`Request::UpgradeAttempts`].
+    #[serde(rename_all = "camelCase")]
+    Upgrades {
+        /// The kept attempts, oldest first.
+        attempts: Vec<UpgradeRecord>,
+    },
     /// The answer to [`Request::UserspaceInstance`] when no instance can serve the caller.
     #[serde(rename_all = "camelCase")]
     Unavailable {
@@ -491,6 +555,7 @@ mod tests {
                     reason: FallbackReason::StackUnavailable,
                     count: 1
                 }],
+                upgrades: vec![],
             }
         );
         let reasons: Vec<_> = FallbackReason::ALL.iter().map(|r| r.as_str()).collect();

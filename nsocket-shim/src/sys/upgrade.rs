@@ -75,15 +75,20 @@ pub(crate) fn wait(fd: RawFd, events: i16, timeout_ms: i32) -> i16 {
     if rc > 0 { entry.revents } else { 0 }
 }
 
-/// Milliseconds of the monotonic clock.
-pub(crate) fn monotonic_ms() -> u64 {
+/// Microseconds of the monotonic clock.
+pub(crate) fn monotonic_us() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `now` is a live timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
-    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
+    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1000
+}
+
+/// Milliseconds of the monotonic clock.
+pub(crate) fn monotonic_ms() -> u64 {
+    monotonic_us() / 1000
 }
 
 /// A random number for an exchange's nonce (the clock and pid if `getrandom` has nothing).
