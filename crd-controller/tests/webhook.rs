@@ -24,7 +24,10 @@ use stackroute_controller::webhook::rdma::{RdmaPolicies, StaticPolicies};
 use stackroute_controller::webhook::{
     self, BoxFuture, Namespaces, RdmaInjection, StaticNamespaces, Webhook,
 };
-use stackroute_injector::{Config, INJECTED, NamespaceMeta, RDMA_STATUS, Rdma, SHIM_NAME};
+use stackroute_injector::{
+    Config, INJECTED, NamespaceMeta, RDMA_PROVIDER_ENV, RDMA_PROVIDER_PATH, RDMA_STATUS, Rdma,
+    SHIM_NAME,
+};
 use stackroute_policy::ClusterState;
 use stackroute_policy::selector::Labels;
 
@@ -905,6 +908,34 @@ fn rdma_parts(pod: &Pod) -> (Vec<RdmaContainer>, Option<String>) {
     (containers, status)
 }
 
+/// The verbs provider in a pod: each application container's `STACKROUTE_RDMA_PROVIDER`,
+/// whether an init container has one, and whether the shim's init container copies it.
+fn provider_parts(pod: &Pod) -> (Vec<Option<String>>, bool, bool) {
+    let spec = pod.spec.as_ref().unwrap();
+    let provider = |c: &Container| {
+        c.env
+            .iter()
+            .flatten()
+            .rfind(|e| e.name == RDMA_PROVIDER_ENV)
+            .map(|e| e.value.clone().unwrap_or_default())
+    };
+    let inits = spec.init_containers.as_deref().unwrap_or_default();
+    let copies = inits
+        .iter()
+        .filter(|c| c.name == SHIM_NAME)
+        .flat_map(|c| c.command.iter().flatten())
+        .any(|arg| {
+            arg.contains(
+                "cp /stackroute/lib/libstackroute_rdma.so /stackroute-install/libstackroute_rdma.so",
+            )
+        });
+    (
+        spec.containers.iter().map(provider).collect(),
+        inits.iter().any(|c| provider(c).is_some()),
+        copies,
+    )
+}
+
 fn trainer_pod() -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -915,7 +946,8 @@ fn trainer_pod() -> Value {
                 {"name": "train", "image": "pytorch", "resources": {"limits": {"cpu": "4"}}},
                 {"name": "metrics", "image": "exporter",
                  "resources": {"limits": {RDMA_RESOURCE: "2"}},
-                 "securityContext": {"capabilities": {"add": ["NET_RAW"], "drop": ["ALL"]}}}
+                 "securityContext": {"capabilities": {"add": ["NET_RAW"], "drop": ["ALL"]}},
+                 "env": [{"name": "STACKROUTE_RDMA_PROVIDER", "value": "/opt/exporter/verbs.so"}]}
             ]
         }
     })
@@ -941,7 +973,23 @@ async fn pods_whose_policies_pick_rdma_get_the_resource_and_ipc_lock() {
     );
     assert_eq!(
         status.as_deref(),
-        Some("requested resource=rdma/hca_shared_devices_a count=1 ipcLock=true")
+        Some(
+            "requested resource=rdma/hca_shared_devices_a count=1 ipcLock=true \
+             provider=/stackroute/libstackroute_rdma.so"
+        )
+    );
+    // The verbs provider: copied by the init container, named in the application containers
+    // (the author's own value stays), in no init container.
+    assert_eq!(
+        provider_parts(&typed),
+        (
+            vec![
+                Some(RDMA_PROVIDER_PATH.to_string()),
+                Some("/opt/exporter/verbs.so".to_string())
+            ],
+            false,
+            true
+        )
     );
     let spec = typed.spec.as_ref().unwrap();
     assert_eq!(
@@ -980,6 +1028,7 @@ async fn pods_whose_policies_pick_rdma_get_the_resource_and_ipc_lock() {
         assert!(patched);
         let typed = assert_injected(&pod, &after);
         assert_eq!(rdma_parts(&typed), (vec![(None, None, vec![])], None));
+        assert_eq!(provider_parts(&typed), (vec![None], false, false));
     }
     // Not opted in: no patch at all, RDMA policy or not.
     let mut plain = trainer_pod();
@@ -990,6 +1039,14 @@ async fn pods_whose_policies_pick_rdma_get_the_resource_and_ipc_lock() {
     let (after, _) = server.admit("labelled", &trainer_pod()).await;
     let typed: Pod = serde_json::from_value(after).unwrap();
     assert_eq!(rdma_parts(&typed).1, None);
+    assert_eq!(
+        provider_parts(&typed),
+        (
+            vec![None, Some("/opt/exporter/verbs.so".into())],
+            false,
+            false
+        )
+    );
 }
 
 #[tokio::test]
@@ -1008,6 +1065,15 @@ async fn rdma_off_or_unreadable_policies_add_no_rdma() {
         (Some("2".into()), None, vec!["NET_RAW".to_string()]),
         "the author's own values only"
     );
+    assert_eq!(
+        provider_parts(&typed),
+        (
+            vec![None, Some("/opt/exporter/verbs.so".into())],
+            false,
+            false
+        ),
+        "no provider but the author's"
+    );
 
     // The policies cannot be read: injected without RDMA, with a warning.
     struct Failing;
@@ -1024,6 +1090,7 @@ async fn rdma_off_or_unreadable_policies_add_no_rdma() {
     assert!(patched);
     let typed = assert_injected(&pod, &after);
     assert_eq!(rdma_parts(&typed).1, None);
+    assert!(!provider_parts(&typed).2, "no provider copied");
 }
 
 /// The binary with the chart's RDMA flags: the webhook asks the controller's index, which
@@ -1102,7 +1169,21 @@ async fn binary_adds_rdma_resources_from_the_index_policies() {
     let (containers, status) = rdma_parts(&trainer);
     assert_eq!(
         status.as_deref(),
-        Some("requested resource=rdma/hca_shared_devices_a count=2 ipcLock=false")
+        Some(
+            "requested resource=rdma/hca_shared_devices_a count=2 ipcLock=false \
+             provider=/stackroute/libstackroute_rdma.so"
+        )
+    );
+    assert_eq!(
+        provider_parts(&trainer),
+        (
+            vec![
+                Some(RDMA_PROVIDER_PATH.to_string()),
+                Some("/opt/exporter/verbs.so".to_string())
+            ],
+            false,
+            true
+        )
     );
     assert_eq!(
         containers,
@@ -1117,6 +1198,7 @@ async fn binary_adds_rdma_resources_from_the_index_policies() {
     );
     let web = web.expect("the web pod is injected");
     assert_eq!(rdma_parts(&web), (vec![(None, None, vec![])], None));
+    assert_eq!(provider_parts(&web), (vec![None], false, false));
 
     // A resource name that is not an extended resource is refused at start.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_stackroute-controller"))

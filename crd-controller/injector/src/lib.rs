@@ -4,14 +4,15 @@
 //! AdmissionReview bytes ─► review::parse ─► decide (pod, namespace meta) ─► patch::build ─► review::respond
 //! ```
 //!
-//! - [`decide`]: opt-in rules (annotation or label `stackroute.dev/inject`, pod or namespace;
-//!   `disabled` on the pod wins), exclusions (hostNetwork, the controller's namespace,
-//!   kube-system) and the per-pod `config.stackroute.dev/*` settings.
+//! - [`decide`](mod@decide): opt-in rules (annotation or label `stackroute.dev/inject`, pod
+//!   or namespace; `disabled` on the pod wins), exclusions (hostNetwork, the controller's
+//!   namespace, kube-system) and the per-pod `config.stackroute.dev/*` settings.
 //! - [`patch`]: the RFC 6902 JSONPatch; idempotent, so a reinvocation adds only what a later
 //!   webhook made necessary.
 //! - [`review`]: AdmissionReview v1 in and out, with an error for every malformed input.
 //! - [`Rdma`]: what a pod whose policies can pick RDMA gets besides the shim (a device-plugin
-//!   resource, `IPC_LOCK`); whether they can is the controller's question, not this crate's.
+//!   resource, `IPC_LOCK`, the verbs provider and [`RDMA_PROVIDER_ENV`]); whether they can is
+//!   the controller's question, not this crate's.
 //!
 //! The controller crate supplies the I/O: the HTTPS server, the namespace lookup, metrics.
 #![forbid(unsafe_code)]
@@ -47,6 +48,13 @@ pub const SHIM_MOUNT: &str = "/stackroute";
 pub const INSTALL_MOUNT: &str = "/stackroute-install";
 /// `LD_PRELOAD` value the webhook adds (prepended to an existing one).
 pub const SHIM_PATH: &str = "/stackroute/libnsocket.so";
+/// The variable naming the shim's verbs provider, set in the application containers of pods
+/// that get RDMA (only those: a process without it never loads libibverbs, and its listeners
+/// are not RDMA upgrade endpoints).
+pub const RDMA_PROVIDER_ENV: &str = "STACKROUTE_RDMA_PROVIDER";
+/// Where RDMA pods find the verbs provider (copied by the init container when the shim image
+/// has it; the shim reports `no-device` when it cannot load it).
+pub const RDMA_PROVIDER_PATH: &str = "/stackroute/libstackroute_rdma.so";
 
 /// Namespaces never injected besides the controller's own.
 pub const SYSTEM_NAMESPACES: &[&str] = &["kube-system"];
@@ -55,7 +63,8 @@ pub const SYSTEM_NAMESPACES: &[&str] = &["kube-system"];
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Image of the init container; holds `/stackroute/lib/libnsocket.so` (glibc build),
-    /// `/stackroute/lib/musl/libnsocket.so` and a POSIX `sh` with `cp`.
+    /// `/stackroute/lib/musl/libnsocket.so` and a POSIX `sh` with `cp`, and optionally the
+    /// verbs provider `/stackroute/lib/libstackroute_rdma.so` (copied for RDMA pods only).
     pub shim_image: String,
     /// The node agent's socket directory on the host, mounted at the same path in pods.
     pub socket_dir: String,
@@ -94,7 +103,8 @@ impl Config {
     }
 }
 
-/// What a pod whose policies can pick RDMA gets in each of its (non-init) containers.
+/// What a pod whose policies can pick RDMA gets in each of its (non-init) containers, besides
+/// [`RDMA_PROVIDER_ENV`] (the init container copies the provider when the shim image has it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rdma {
     /// The device plugin's extended resource, e.g. `rdma/hca_shared_devices_a`.

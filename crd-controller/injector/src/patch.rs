@@ -5,16 +5,17 @@
 //! container yields only that container's environment and mounts.
 //!
 //! With [`Rdma`] (the chart enables it and a policy that can pick RDMA selects the pod), every
-//! application container also gets the RDMA resource and `IPC_LOCK`, never replacing what
-//! the pod's author set.
+//! application container also gets the RDMA resource, `IPC_LOCK` and
+//! `STACKROUTE_RDMA_PROVIDER`, never replacing what the pod's author set, and the init
+//! container also copies the verbs provider when the shim image has it.
 
 use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, Volume, VolumeMount};
 use serde_json::{Map, Value, json};
 
-use crate::decide::Settings;
+use crate::decide::{Libc, Settings};
 use crate::{
-    Config, INJECTED, INSTALL_MOUNT, RDMA_STATUS, Rdma, SHIM_MOUNT, SHIM_NAME, SHIM_PATH,
-    SOCKETS_NAME,
+    Config, INJECTED, INSTALL_MOUNT, RDMA_PROVIDER_ENV, RDMA_PROVIDER_PATH, RDMA_STATUS, Rdma,
+    SHIM_MOUNT, SHIM_NAME, SHIM_PATH, SOCKETS_NAME,
 };
 
 /// The capability RDMA memory registration needs to pin pages beyond `RLIMIT_MEMLOCK`.
@@ -59,9 +60,19 @@ pub fn status(settings: &Settings, config: &Config) -> String {
 /// The value of `stackroute.dev/rdma`: what the webhook asked for in each container.
 pub fn rdma_status(rdma: &Rdma) -> String {
     format!(
-        "requested resource={} count={} ipcLock={}",
+        "requested resource={} count={} ipcLock={} provider={RDMA_PROVIDER_PATH}",
         rdma.resource_name, rdma.resource_count, rdma.ipc_lock
     )
+}
+
+/// The verbs provider's path inside the shim image, next to the shim build of that libc.
+/// Only a glibc provider is built: a musl pod's init container finds none and copies nothing,
+/// rather than a library its processes cannot load.
+pub fn rdma_provider_source(libc: Libc) -> &'static str {
+    match libc {
+        Libc::Glibc => "/stackroute/lib/libstackroute_rdma.so",
+        Libc::Musl => "/stackroute/lib/musl/libstackroute_rdma.so",
+    }
 }
 
 fn env_value(name: &str, value: &str) -> EnvVar {
@@ -97,6 +108,12 @@ pub fn env(settings: &Settings, config: &Config) -> Vec<EnvVar> {
     env
 }
 
+/// What an application container of an RDMA pod gets besides [`env()`]: the verbs provider the
+/// shim loads (a value the container sets itself is kept, like every variable here).
+pub fn rdma_env() -> Vec<EnvVar> {
+    vec![env_value(RDMA_PROVIDER_ENV, RDMA_PROVIDER_PATH)]
+}
+
 /// The mounts every container gets (both read-only).
 pub fn mounts(config: &Config) -> Vec<VolumeMount> {
     vec![
@@ -128,12 +145,32 @@ pub fn volumes(config: &Config) -> Vec<Volume> {
 /// The init container that copies the chosen build into the emptyDir and records what it
 /// copied (stdout, `/stackroute/installed`, and its termination message).
 pub fn init_container(settings: &Settings, config: &Config) -> Container {
+    init_container_with_rdma(settings, config, false)
+}
+
+/// [`init_container`]; with `rdma` it also copies the verbs provider when the shim image has
+/// one (an image without it is not an error: the shim then reports `no-device`).
+pub fn init_container_with_rdma(settings: &Settings, config: &Config, rdma: bool) -> Container {
     let source = settings.libc.source();
     let libc = settings.libc.as_str();
+    let provider = if rdma {
+        let from = rdma_provider_source(settings.libc);
+        format!(
+            "if [ -f {from} ]; then\n\
+             cp {from} {INSTALL_MOUNT}/libstackroute_rdma.so\n\
+             msg=\"$msg; copied {from} to {RDMA_PROVIDER_PATH}\"\n\
+             else\n\
+             msg=\"$msg; no {from} in the image: RDMA upgrades off\"\n\
+             fi\n"
+        )
+    } else {
+        String::new()
+    };
     let script = format!(
         "set -eu\n\
          cp {source} {INSTALL_MOUNT}/libnsocket.so\n\
          msg=\"stackroute: copied {source} ({libc} build) from {image} to {SHIM_PATH}\"\n\
+         {provider}\
          echo \"$msg\" > {INSTALL_MOUNT}/installed\n\
          echo \"$msg\" > /dev/termination-log || true\n\
          echo \"$msg\"\n",
@@ -335,8 +372,9 @@ pub fn build(pod: &Pod, settings: &Settings, config: &Config) -> Injection {
     build_with_rdma(pod, settings, config, None)
 }
 
-/// [`build`], plus the RDMA resource and `IPC_LOCK` in every application container and the
-/// `stackroute.dev/rdma` annotation when `rdma` is given.
+/// [`build`], plus the RDMA resource, `IPC_LOCK` and [`rdma_env`] in every application
+/// container, the provider's copy in the init container and the `stackroute.dev/rdma`
+/// annotation when `rdma` is given.
 pub fn build_with_rdma(
     pod: &Pod,
     settings: &Settings,
@@ -419,16 +457,14 @@ pub fn build_with_rdma(
             );
         }
     }
+    // Init containers run before the application: they open no RDMA connections.
+    let mut app_env = wanted_env.clone();
+    if rdma.is_some() {
+        app_env.extend(rdma_env());
+    }
     for (i, container) in spec.containers.iter().enumerate() {
         let base = format!("/spec/containers/{i}");
-        container_ops(
-            &base,
-            container,
-            &wanted_env,
-            &wanted_mounts,
-            &mut injection,
-        );
-        // Init containers run before the application: they open no RDMA connections.
+        container_ops(&base, container, &app_env, &wanted_mounts, &mut injection);
         if let Some(rdma) = rdma {
             rdma_container_ops(&base, container, rdma, &mut injection);
         }
@@ -436,8 +472,8 @@ pub fn build_with_rdma(
 
     // The copying init container runs first, so later init containers find the shim.
     if !inits.iter().any(|c| c.name == SHIM_NAME) {
-        let ours =
-            serde_json::to_value(init_container(settings, config)).expect("a Container serializes");
+        let ours = serde_json::to_value(init_container_with_rdma(settings, config, rdma.is_some()))
+            .expect("a Container serializes");
         if spec.init_containers.is_none() {
             injection
                 .ops
@@ -603,6 +639,22 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// Every value of `STACKROUTE_RDMA_PROVIDER` in the container (the last one is in force).
+    fn provider_env(c: &Container) -> Vec<String> {
+        c.env
+            .iter()
+            .flatten()
+            .filter(|e| e.name == RDMA_PROVIDER_ENV)
+            .map(|e| e.value.clone().unwrap_or_default())
+            .collect()
+    }
+
+    fn init_script(pod: &Pod) -> String {
+        let inits = pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
+        let ours = inits.iter().find(|c| c.name == SHIM_NAME).unwrap();
+        ours.command.as_ref().unwrap()[2].clone()
+    }
+
     #[test]
     fn rdma_adds_resource_and_ipc_lock_to_app_containers_once() {
         let config = mk_config();
@@ -622,6 +674,7 @@ mod tests {
             assert_eq!(quantity(c, "limits").as_deref(), Some("1"), "{}", c.name);
             assert_eq!(quantity(c, "requests").as_deref(), Some("1"), "{}", c.name);
             assert_eq!(added_caps(c), [IPC_LOCK], "{}", c.name);
+            assert_eq!(provider_env(c), [RDMA_PROVIDER_PATH], "{}", c.name);
         }
         // The author's CPU limit and runAsUser stay.
         let b = &spec.containers[1];
@@ -630,16 +683,27 @@ mod tests {
             "1"
         );
         assert_eq!(b.security_context.as_ref().unwrap().run_as_user, Some(0));
-        // Init containers (ours and the author's) get neither.
+        // Init containers (ours and the author's) get none of it.
         for c in spec.init_containers.as_ref().unwrap() {
             assert_eq!(quantity(c, "limits"), None, "{}", c.name);
             assert!(added_caps(c).is_empty(), "{}", c.name);
+            assert!(provider_env(c).is_empty(), "{}", c.name);
         }
+        // Ours copies the provider, without failing when the image has none.
+        let script = init_script(&patched);
+        assert!(
+            script.contains(&format!(
+                "if [ -f /stackroute/lib/libstackroute_rdma.so ]; then\n\
+                 cp /stackroute/lib/libstackroute_rdma.so {INSTALL_MOUNT}/libstackroute_rdma.so\n"
+            )),
+            "{script}"
+        );
         let annotations = patched.metadata.annotations.as_ref().unwrap();
         assert!(annotations.contains_key(INJECTED));
         assert_eq!(
             annotations[RDMA_STATUS],
-            "requested resource=rdma/hca_shared_devices_a count=1 ipcLock=true"
+            "requested resource=rdma/hca_shared_devices_a count=1 ipcLock=true \
+             provider=/stackroute/libstackroute_rdma.so"
         );
         // Idempotent.
         let again = build_with_rdma(&patched, &Settings::default(), &config, Some(&rdma));
@@ -664,14 +728,16 @@ mod tests {
                 {"name": "request", "image": "i",
                  "resources": {"requests": {"rdma/hca_shared_devices_a": "5"}},
                  "securityContext": {"capabilities": {"add": ["CAP_IPC_LOCK"]}}},
-                // Both set, IPC_LOCK already there: nothing.
+                // Both set, IPC_LOCK already there, its own provider: nothing.
                 {"name": "both", "image": "i",
                  "resources": {"limits": {"rdma/hca_shared_devices_a": "4"},
                                "requests": {"rdma/hca_shared_devices_a": "4"}},
-                 "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}}},
-                // Empty securityContext and capabilities.
+                 "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}},
+                 "env": [{"name": "STACKROUTE_RDMA_PROVIDER", "value": "/opt/verbs.so"}]},
+                // Empty securityContext and capabilities; an environment of its own.
                 {"name": "empty", "image": "i", "resources": {},
-                 "securityContext": {"capabilities": {}}},
+                 "securityContext": {"capabilities": {}},
+                 "env": [{"name": "A", "value": "1"}]},
             ]}}),
         );
         let injection = build_with_rdma(&pod, &Settings::default(), &config, Some(&rdma));
@@ -707,6 +773,15 @@ mod tests {
             .as_ref()
             .unwrap();
         assert_eq!(limit_caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        // The author's provider stays; the others get ours.
+        let providers: Vec<Vec<String>> = containers.iter().map(provider_env).collect();
+        let ours = || vec![RDMA_PROVIDER_PATH.to_string()];
+        assert_eq!(
+            providers,
+            [ours(), ours(), vec!["/opt/verbs.so".to_string()], ours()]
+        );
+        let empty_env = containers[3].env.as_ref().unwrap();
+        assert_eq!(empty_env[0].name, "A");
         let annotations = patched.metadata.annotations.as_ref().unwrap();
         assert_eq!(annotations["x"], "y");
         assert!(annotations[RDMA_STATUS].contains("count=3"));
@@ -758,6 +833,12 @@ mod tests {
         let c = &patched.spec.as_ref().unwrap().containers[0];
         assert!(c.resources.is_none());
         assert!(c.security_context.is_none());
+        assert!(provider_env(c).is_empty());
+        assert!(
+            !init_script(&patched).contains("libstackroute_rdma"),
+            "{}",
+            init_script(&patched)
+        );
         assert!(
             !patched
                 .metadata
@@ -765,6 +846,15 @@ mod tests {
                 .unwrap()
                 .contains_key(RDMA_STATUS)
         );
+    }
+
+    /// The init container's script with its absolute paths moved under `root`: the image's
+    /// `/stackroute/lib/` to `root/lib/`, the emptyDir to `root/out`.
+    fn sandboxed(init: &Container, root: &str) -> String {
+        init.command.as_ref().unwrap()[2]
+            .replace("/stackroute/lib/", &format!("{root}/lib/"))
+            .replace(INSTALL_MOUNT, &format!("{root}/out"))
+            .replace("/dev/termination-log", &format!("{root}/termination-log"))
     }
 
     /// Runs the init container's script under `sh` with its absolute paths moved into a
@@ -780,10 +870,7 @@ mod tests {
                 libc,
                 ..Settings::default()
             };
-            let script = init_container(&settings, &config).command.unwrap()[2]
-                .replace("/stackroute/lib/", &format!("{root}/lib/"))
-                .replace(INSTALL_MOUNT, &format!("{root}/out"))
-                .replace("/dev/termination-log", &format!("{root}/termination-log"));
+            let script = sandboxed(&init_container(&settings, &config), &root);
             std::fs::create_dir_all(dir.path().join("out")).unwrap();
             let run = || {
                 std::process::Command::new("/bin/sh")
@@ -814,5 +901,111 @@ mod tests {
             assert_eq!(message, record);
             assert_eq!(String::from_utf8_lossy(&output.stdout), record);
         }
+    }
+
+    /// The RDMA init script under `sh`, as above: it copies the provider of the pod's libc when
+    /// the image has one, goes on without it when it has none, and still fails without the
+    /// shim; without RDMA it never copies the provider.
+    #[test]
+    fn init_script_copies_the_provider_only_with_rdma() {
+        let config = mk_config();
+        for (libc, rdma) in [
+            (Libc::Glibc, true),
+            (Libc::Glibc, false),
+            (Libc::Musl, true),
+        ] {
+            let case = format!("{} rdma={rdma}", libc.as_str());
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().display().to_string();
+            let settings = Settings {
+                libc,
+                ..Settings::default()
+            };
+            let script = sandboxed(&init_container_with_rdma(&settings, &config, rdma), &root);
+            let out = dir.path().join("out");
+            std::fs::create_dir_all(&out).unwrap();
+            let run = || {
+                std::process::Command::new("/bin/sh")
+                    .args(["-c", &script])
+                    .output()
+                    .unwrap()
+            };
+            let in_image = |path: &str| dir.path().join(path.trim_start_matches("/stackroute/"));
+            let write = |path: &std::path::Path, text: &str| {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, text).unwrap();
+            };
+            let provider = in_image(rdma_provider_source(libc));
+            let copied_provider = out.join("libstackroute_rdma.so");
+
+            // The provider alone: the missing shim still fails the container.
+            write(&provider, "verbs");
+            assert!(!run().status.success(), "{case}");
+            std::fs::remove_file(&provider).unwrap();
+
+            // The shim without the provider (an older image): not an error.
+            write(&in_image(libc.source()), libc.as_str());
+            let output = run();
+            assert!(output.status.success(), "{case}: {output:?}");
+            assert_eq!(
+                std::fs::read_to_string(out.join("libnsocket.so")).unwrap(),
+                libc.as_str(),
+                "{case}"
+            );
+            assert!(!copied_provider.exists(), "{case}");
+            let record = std::fs::read_to_string(out.join("installed")).unwrap();
+            assert_eq!(
+                record.contains("in the image: RDMA upgrades off"),
+                rdma,
+                "{case}: {record}"
+            );
+
+            // Both: the provider is copied with RDMA only.
+            write(&provider, "verbs");
+            let output = run();
+            assert!(output.status.success(), "{case}: {output:?}");
+            let record = std::fs::read_to_string(out.join("installed")).unwrap();
+            if rdma {
+                assert_eq!(
+                    std::fs::read_to_string(&copied_provider).unwrap(),
+                    "verbs",
+                    "{case}"
+                );
+                assert!(
+                    record.contains(&format!(
+                        "copied {} to {RDMA_PROVIDER_PATH}",
+                        provider.display()
+                    )),
+                    "{case}: {record}"
+                );
+            } else {
+                assert!(!copied_provider.exists(), "{case}");
+                assert!(!record.contains("libstackroute_rdma"), "{case}: {record}");
+            }
+            assert_eq!(String::from_utf8_lossy(&output.stdout), record, "{case}");
+        }
+        // A musl pod never gets the glibc provider.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().display().to_string();
+        let musl = Settings {
+            libc: Libc::Musl,
+            ..Settings::default()
+        };
+        let script = sandboxed(&init_container_with_rdma(&musl, &config, true), &root);
+        for (path, text) in [
+            (Libc::Musl.source(), "musl"),
+            (rdma_provider_source(Libc::Glibc), "glibc verbs"),
+        ] {
+            let path = dir.path().join(path.trim_start_matches("/stackroute/"));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("out")).unwrap();
+        let output = std::process::Command::new("/bin/sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        assert!(!dir.path().join("out/libstackroute_rdma.so").exists());
     }
 }
