@@ -27,6 +27,7 @@ use stackroute_snapshot::{
 
 use crate::selector::{Labels, Requirement, Selector};
 use crate::state::ClusterState;
+use crate::subject::SubjectSelector;
 
 mod gate;
 
@@ -909,40 +910,27 @@ fn compile_policy(
     index: &mut Index<'_>,
 ) -> Result<(PolicyEntry, u32), CompileError> {
     let own_namespace = index.namespace_ids.get(source.namespace).copied();
-    let subject = match source.subject {
-        Subject::StackRoute(spec) => {
-            let selector = parse_selector(&spec.pod_selector, "spec.podSelector")?;
-            // A StackRoute in a namespace with no pods selects nothing yet.
-            match own_namespace {
-                Some(ns) => index.select(Scope::Namespace(ns), &selector),
-                None => index.select(Scope::Namespaces(u32::MAX), &selector),
-            }
-        }
-        Subject::Cluster(spec) => match (&spec.subject.namespaces, &spec.subject.pods) {
-            (Some(namespaces), _) => {
-                let selector = parse_selector(namespaces, "spec.subject.namespaces")?;
-                let set = index.namespace_set(&selector);
-                index.select(Scope::Namespaces(set), &Selector::default())
-            }
-            (None, Some(pods)) => {
-                let pod_selector =
-                    parse_selector(&pods.pod_selector, "spec.subject.pods.podSelector")?;
-                let scope = match &pods.namespace_selector {
-                    Some(ns) => Scope::Namespaces(index.namespace_set(&parse_selector(
-                        ns,
-                        "spec.subject.pods.namespaceSelector",
-                    )?)),
-                    None => Scope::All,
-                };
-                index.select(scope, &pod_selector)
-            }
-            (None, None) => {
-                return Err((
-                    "spec.subject".into(),
-                    "must set exactly one of namespaces or pods".into(),
-                ));
-            }
+    let parsed = match source.subject {
+        Subject::StackRoute(spec) => SubjectSelector::of_stack_route(source.namespace, spec)?,
+        Subject::Cluster(spec) => SubjectSelector::of_cluster(spec)?,
+    };
+    let subject = match &parsed {
+        // A StackRoute in a namespace with no pods selects nothing yet.
+        SubjectSelector::Namespace { pods, .. } => match own_namespace {
+            Some(ns) => index.select(Scope::Namespace(ns), pods),
+            None => index.select(Scope::Namespaces(u32::MAX), pods),
         },
+        SubjectSelector::Namespaces(namespaces) => {
+            let set = index.namespace_set(namespaces);
+            index.select(Scope::Namespaces(set), &Selector::default())
+        }
+        SubjectSelector::Pods { pods, namespaces } => {
+            let scope = match namespaces {
+                Some(namespaces) => Scope::Namespaces(index.namespace_set(namespaces)),
+                None => Scope::All,
+            };
+            index.select(scope, pods)
+        }
     };
     let mut rules = Vec::with_capacity(source.rules.len());
     for (position, rule) in source.rules.iter().enumerate() {

@@ -19,7 +19,9 @@ pub mod netpol;
 pub mod selector;
 pub mod shadow;
 pub mod state;
+pub mod subject;
 
 pub use compile::{Compiled, PolicyProblem, Settings, map_on_all_cores};
 pub use explain::{Explanation, explain, explain_in_snapshot};
 pub use state::{ClusterState, LoadProblem};
+pub use subject::SubjectSelector;

@@ -2,14 +2,15 @@
 //! delta from the node's previous one (CPU-bound, on a blocking thread), and the policy records
 //! the index reports status from.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stackroute_api::RouteRule;
 use stackroute_policy::compile::{EncodedPolicies, NodePolicies};
-use stackroute_policy::selector::{Labels, Selector};
-use stackroute_policy::{ClusterState, Compiled, Settings, map_on_all_cores};
+use stackroute_policy::selector::Labels;
+use stackroute_policy::{ClusterState, Compiled, Settings, SubjectSelector, map_on_all_cores};
 use stackroute_proto::v1alpha1::Listener;
 use stackroute_snapshot::delta::{self, SectionOps, SharedDelta};
 use stackroute_snapshot::{SectionInterner, SnapshotParts};
@@ -224,9 +225,18 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
     // such identity, not once per pod.
     let mut identity_ids: HashMap<(&str, &Labels), usize> = HashMap::new();
     let mut identities: Vec<((&str, &Labels), Vec<&str>)> = Vec::new();
+    // Each identity's namespace's labels, looked up once per namespace (a namespace not listed
+    // still has its name label, as `ClusterState::namespace_labels`).
+    let mut namespace_labels: HashMap<&str, Cow<'_, Labels>> = HashMap::new();
     for pod in &state.pods {
         let key = (pod.namespace.as_str(), &pod.labels);
         let id = *identity_ids.entry(key).or_insert_with(|| {
+            namespace_labels
+                .entry(key.0)
+                .or_insert_with(|| match state.namespaces.get(key.0) {
+                    Some(labels) => Cow::Borrowed(labels),
+                    None => Cow::Owned(state.namespace_labels(key.0)),
+                });
             identities.push((key, Vec::new()));
             identities.len() - 1
         });
@@ -238,12 +248,18 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
     }
     // Policies selecting the same identities (at scale, most of them) share one set of target
     // nodes: thousands of policies times thousands of nodes would be millions of strings.
+    // An invalid subject selects nothing: the compile leaves such a policy out too.
     let mut target_sets: HashMap<Vec<usize>, Arc<BTreeSet<String>>> = HashMap::new();
-    let mut nodes_of = |selects: &dyn Fn(&str, &Labels) -> bool| -> Arc<BTreeSet<String>> {
+    let mut nodes_of = |subject: Result<SubjectSelector, _>| -> Arc<BTreeSet<String>> {
+        let Ok(subject) = subject else {
+            return Arc::default();
+        };
         let selected: Vec<usize> = identities
             .iter()
             .enumerate()
-            .filter(|(_, ((namespace, labels), _))| selects(namespace, labels))
+            .filter(|(_, ((namespace, labels), _))| {
+                subject.selects(namespace, || &*namespace_labels[namespace], labels)
+            })
             .map(|(id, _)| id)
             .collect();
         target_sets
@@ -258,15 +274,11 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
             })
             .clone()
     };
-    let parse = |selector| Selector::parse(selector).ok();
     let mut records = Vec::new();
     for route in &state.stack_routes {
         let namespace = route.metadata.namespace.clone().unwrap_or_default();
         let name = route.metadata.name.clone().unwrap_or_default();
-        let targets = match parse(&route.spec.pod_selector) {
-            Some(selector) => nodes_of(&|ns, labels| ns == namespace && selector.matches(labels)),
-            None => Arc::default(),
-        };
+        let targets = nodes_of(SubjectSelector::for_stack_route(route));
         records.push(policy_record(
             ("StackRoute", namespace, name),
             route.metadata.generation,
@@ -275,33 +287,9 @@ fn policy_records(state: &ClusterState, problems: &BTreeMap<String, String>) -> 
             problems,
         ));
     }
-    let namespace_labels = |namespace: &str| -> Labels { state.namespace_labels(namespace) };
     for route in &state.cluster_stack_routes {
         let name = route.metadata.name.clone().unwrap_or_default();
-        let subject = &route.spec.subject;
-        let targets = match (&subject.namespaces, &subject.pods) {
-            (Some(namespaces), _) => match parse(namespaces) {
-                Some(selector) => nodes_of(&|ns, _| selector.matches(&namespace_labels(ns))),
-                None => Arc::default(),
-            },
-            (None, Some(pods)) => {
-                let pod_selector = parse(&pods.pod_selector);
-                let namespace_selector = match &pods.namespace_selector {
-                    Some(s) => parse(s).map(Some),
-                    None => Some(None),
-                };
-                match (pod_selector, namespace_selector) {
-                    (Some(pod_selector), Some(namespace_selector)) => nodes_of(&|ns, labels| {
-                        pod_selector.matches(labels)
-                            && namespace_selector
-                                .as_ref()
-                                .is_none_or(|s| s.matches(&namespace_labels(ns)))
-                    }),
-                    _ => Arc::default(),
-                }
-            }
-            (None, None) => Arc::default(),
-        };
+        let targets = nodes_of(SubjectSelector::for_cluster(route));
         records.push(policy_record(
             ("ClusterStackRoute", String::new(), name),
             route.metadata.generation,

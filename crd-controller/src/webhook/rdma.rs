@@ -7,10 +7,12 @@
 //! registrations. Rule order, tiers and destinations are not weighed: a pod that might open an
 //! RDMA connection gets the device, one that never can does not.
 
-use stackroute_api::{ClusterStackRoute, RouteRule, Stack, StackRoute};
-use stackroute_policy::ClusterState;
-use stackroute_policy::selector::{Labels, Selector};
+use std::cell::OnceCell;
+
+use stackroute_api::{RouteRule, Stack};
+use stackroute_policy::selector::Labels;
 use stackroute_policy::state::NAMESPACE_NAME_LABEL;
+use stackroute_policy::{ClusterState, SubjectSelector};
 
 use super::BoxFuture;
 use crate::index::IndexHandle;
@@ -63,38 +65,6 @@ pub fn rule_may_use_rdma(rule: &RouteRule) -> bool {
     })
 }
 
-fn parsed(
-    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
-) -> Option<Selector> {
-    // An invalid selector selects nothing: the compile leaves such a policy out too.
-    Selector::parse(selector).ok()
-}
-
-fn stack_route_selects(route: &StackRoute, namespace: &str, labels: &Labels) -> bool {
-    route.metadata.namespace.as_deref().unwrap_or("default") == namespace
-        && parsed(&route.spec.pod_selector).is_some_and(|s| s.matches(labels))
-}
-
-fn cluster_route_selects(
-    route: &ClusterStackRoute,
-    namespace_labels: &Labels,
-    labels: &Labels,
-) -> bool {
-    let subject = &route.spec.subject;
-    match (&subject.namespaces, &subject.pods) {
-        (Some(namespaces), _) => parsed(namespaces).is_some_and(|s| s.matches(namespace_labels)),
-        (None, Some(pods)) => {
-            let pod_ok = parsed(&pods.pod_selector).is_some_and(|s| s.matches(labels));
-            let namespace_ok = match &pods.namespace_selector {
-                Some(selector) => parsed(selector).is_some_and(|s| s.matches(namespace_labels)),
-                None => true,
-            };
-            pod_ok && namespace_ok
-        }
-        (None, None) => false,
-    }
-}
-
 /// Whether a policy of `states` (the sources' states, as the index holds them) that can pick
 /// RDMA selects a pod of `namespace` with `labels`. One pass: RDMA policies are few, so they
 /// are set aside and matched once the namespace's labels are known.
@@ -103,40 +73,41 @@ pub fn selects<'s>(
     namespace: &str,
     labels: &Labels,
 ) -> bool {
-    let mut namespace_labels: Option<&Labels> = None;
-    let mut cluster_routes: Vec<&ClusterStackRoute> = Vec::new();
+    let mut listed: Option<&Labels> = None;
+    let mut subjects: Vec<SubjectSelector> = Vec::new();
     for state in states {
         if let Some(found) = state.namespaces.get(namespace) {
-            namespace_labels = Some(found);
+            listed = Some(found);
         }
-        let mut routes = state.stack_routes.iter();
-        if routes.any(|r| {
-            r.spec.rules.iter().any(rule_may_use_rdma) && stack_route_selects(r, namespace, labels)
-        }) {
-            return true;
-        }
-        cluster_routes.extend(
+        // An invalid selector selects nothing: the compile leaves such a policy out too.
+        subjects.extend(
+            state
+                .stack_routes
+                .iter()
+                .filter(|r| r.spec.rules.iter().any(rule_may_use_rdma))
+                .filter_map(|r| SubjectSelector::for_stack_route(r).ok()),
+        );
+        subjects.extend(
             state
                 .cluster_stack_routes
                 .iter()
-                .filter(|r| r.spec.rules.iter().any(rule_may_use_rdma)),
+                .filter(|r| r.spec.rules.iter().any(rule_may_use_rdma))
+                .filter_map(|r| SubjectSelector::for_cluster(r).ok()),
         );
     }
-    if cluster_routes.is_empty() {
-        return false;
-    }
-    // A namespace not (yet) known still has its name label, as `ClusterState::namespace_labels`.
-    let fallback;
-    let namespace_labels = match namespace_labels {
-        Some(labels) => labels,
-        None => {
-            fallback = Labels::from([(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string())]);
-            &fallback
-        }
+    // A namespace not (yet) known still has its name label, as `ClusterState::namespace_labels`;
+    // built at most once, and only when a namespace selector is checked.
+    let fallback = OnceCell::new();
+    let namespace_labels = || {
+        listed.unwrap_or_else(|| {
+            fallback.get_or_init(|| {
+                Labels::from([(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string())])
+            })
+        })
     };
-    cluster_routes
+    subjects
         .iter()
-        .any(|r| cluster_route_selects(r, namespace_labels, labels))
+        .any(|subject| subject.selects(namespace, namespace_labels, labels))
 }
 
 #[cfg(test)]
