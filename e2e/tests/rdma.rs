@@ -186,6 +186,27 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// The RDMA upgrade attempts `stackroute connections --output json` lists for `node`.
+    fn upgrade_attempts(&self, node: &str) -> Vec<serde_json::Value> {
+        let output = stackroute_e2e::proc::run(
+            std::process::Command::new(&self.cluster.bins.cli)
+                .arg("connections")
+                .arg("--socket-dir")
+                .arg(self.cluster.socket_dir(node))
+                .args(["--output", "json"]),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let lines: Vec<serde_json::Value> =
+            serde_json::from_str(&output).unwrap_or_else(|e| panic!("{e}: {output}"));
+        lines
+            .into_iter()
+            .filter(|line| line["path"] == "rdma-upgrade")
+            .collect()
+    }
+}
+
 /// The client's `reason=… peer-reason=…` of its upgrade line.
 fn upgrade_line(output: &str) -> &str {
     output
@@ -247,6 +268,20 @@ fn every_decline_reaches_the_client_and_the_bytes_are_intact() {
             r#"stackroute_lrd_fallback_reports_total{reason="peer-declined"}"#,
         )
         .unwrap();
+    // Each attempt as `stackroute connections` lists it (the clients reported at exit).
+    let attempts = lab.upgrade_attempts("node-a1");
+    for reason in ["no-device", "no-gid", "memlock"] {
+        assert!(
+            attempts.iter().any(|a| a["role"] == "client"
+                && a["workload"] == "e2e/trainer"
+                && a["reason"] == "peer-declined"
+                && a["peerReason"] == reason
+                && a["remote"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with(&lab.ps.to_string()))),
+            "no client attempt declined for {reason}: {attempts:#?}"
+        );
+    }
 }
 
 /// The server accepts (the fault provider says it can); the client's RDMA connect fails, hangs
