@@ -7,9 +7,10 @@
       answers "ECHO <line>" and closes. --accept-delay sleeps before each accept (a server
       whose application is slow: the client's bytes wait in the queue).
 
-  upgrade_peer.py ask HOST PORT [--banner]
+  upgrade_peer.py ask HOST PORT [--banner] [--repeat N]
       Connects (printing "connect_ms <ms>" for the blocking connect), optionally reads the
-      banner line (printing "banner <line>"), sends "ping\\n" and prints "reply <line>".
+      banner line (printing "banner <line>"), sends "ping\\n" and prints "reply <line>";
+      N times, one connection after the other, in one process.
 """
 import socket
 import sys
@@ -62,10 +63,14 @@ def main():
     delay = 0.0
     if "--accept-delay" in sys.argv:
         delay = float(sys.argv[sys.argv.index("--accept-delay") + 1])
+    repeat = 1
+    if "--repeat" in sys.argv:
+        repeat = int(sys.argv[sys.argv.index("--repeat") + 1])
     if mode == "serve":
         serve(host, port, banner, delay)
     else:
-        ask(host, port, banner)
+        for _ in range(repeat):
+            ask(host, port, banner)
 
 
 if __name__ == "__main__":

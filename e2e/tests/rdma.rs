@@ -244,6 +244,7 @@ fn every_decline_reaches_the_client_and_the_bytes_are_intact() {
         // The real provider: libibverbs finds no device on this machine (ENOSYS).
         (9104, lab.verbs(), "no-device"),
     ];
+    let mut servers = Vec::new();
     for (port, server_env, reason) in &cases {
         let (port, reason) = (*port, *reason);
         let server = lab.server(port, true, server_env, &[]);
@@ -261,6 +262,7 @@ fn every_decline_reaches_the_client_and_the_bytes_are_intact() {
             served.contains(&format!("reason={reason} peer-reason=-;")),
             "{served}"
         );
+        servers.push(server);
     }
     lab.cluster
         .wait_metric(
@@ -268,6 +270,12 @@ fn every_decline_reaches_the_client_and_the_bytes_are_intact() {
             r#"stackroute_lrd_fallback_reports_total{reason="peer-declined"}"#,
         )
         .unwrap();
+    // A server that declined for a lasting reason gets no second proposal from the same
+    // process for a while: the next connection falls back at once.
+    let output = lab.ask(9101, true, &client_env, &["--repeat", "2"]);
+    assert_eq!(output.matches(REPLY).count(), 2, "{output}");
+    assert_eq!(output.matches("rdma upgrade with").count(), 1, "{output}");
+    assert!(output.contains("fallback=peer-declined"), "{output}");
     // Each attempt as `stackroute connections` lists it (the clients reported at exit).
     let attempts = lab.upgrade_attempts("node-a1");
     for reason in ["no-device", "no-gid", "memlock"] {

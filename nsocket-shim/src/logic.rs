@@ -311,6 +311,7 @@ pub(crate) fn after_connect(pending: Option<PendingUpgrade>, fd: i32, result: i3
     let started_us = sys::upgrade::monotonic_us();
     let connect_errno = if result == 0 { 0 } else { errno };
     if let Some(outcome) = upgrade::client(config, fd, connect_errno, pending.endpoint) {
+        upgrade::remember_decline(pending.destination, outcome);
         upgrade::ended(
             config,
             fd,
@@ -393,9 +394,13 @@ fn decide(
                     if !from_connect {
                         return Err(FallbackReason::Unsupported);
                     }
-                    // This end first (no round trip when it cannot), then the server's
-                    // registration: only a registered upgrade endpoint gets a proposal.
+                    // This end first (no round trip when it cannot), then a server that
+                    // declined lately for a lasting reason, then the server's registration:
+                    // only a registered upgrade endpoint gets a proposal.
                     let endpoint = upgrade::capability(config).map_err(upgrade::fallback_reason)?;
+                    if upgrade::declined_lately(destination) {
+                        return Err(FallbackReason::PeerDeclined);
+                    }
                     agent::rdma_listener(config, destination)?;
                     Ok(endpoint)
                 },

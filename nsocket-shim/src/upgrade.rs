@@ -20,8 +20,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use stackroute_local_api::message::{FallbackReason, UpgradeAttempt, UpgradeRole};
 use stackroute_rdma_upgrade::{
@@ -110,6 +110,60 @@ pub(crate) fn capability(config: &Config) -> Result<Endpoint, Reason> {
             .map_err(Reason::from_code),
         None => builtin_check(config),
     })
+}
+
+/// How long a server that declined for a lasting reason (no device, no GID, memlock, no data
+/// path, another version) gets no proposal from this process: its connections fall back at
+/// once (`peer-declined`) instead of paying the exchange's round trips again.
+pub(crate) const DECLINED_TTL_MS: u64 = 10_000;
+
+/// Servers that declined lately, with when to propose again.
+const DECLINED_SLOTS: usize = 32;
+static DECLINED: Mutex<[Option<(SocketAddr, u64)>; DECLINED_SLOTS]> =
+    Mutex::new([None; DECLINED_SLOTS]);
+
+/// Whether `server` declined lately for a lasting reason (then no proposal is sent).
+pub(crate) fn declined_lately(server: SocketAddr) -> bool {
+    let now = io::monotonic_ms();
+    // `try_lock`: a connect never waits on another thread's bookkeeping.
+    DECLINED.try_lock().is_ok_and(|slots| {
+        slots
+            .iter()
+            .flatten()
+            .any(|(address, until)| *address == server && now < *until)
+    })
+}
+
+/// Remembers `server`'s decline when its reason lasts.
+pub(crate) fn remember_decline(server: SocketAddr, outcome: Outcome) {
+    let lasting = matches!(
+        outcome.peer,
+        Some(
+            Reason::NoDevice
+                | Reason::NoGid
+                | Reason::Memlock
+                | Reason::StackUnavailable
+                | Reason::VersionMismatch
+        )
+    );
+    if outcome.reason != Reason::PeerDeclined || !lasting {
+        return;
+    }
+    let now = io::monotonic_ms();
+    if let Ok(mut slots) = DECLINED.try_lock() {
+        // The same server's slot, else a free or expired one, else the one expiring first.
+        let index = slots
+            .iter()
+            .position(|slot| slot.is_some_and(|(address, _)| address == server))
+            .or_else(|| {
+                slots
+                    .iter()
+                    .position(|slot| slot.is_none_or(|(_, until)| until <= now))
+            })
+            .or_else(|| (0..DECLINED_SLOTS).min_by_key(|&i| slots[i].map_or(0, |(_, until)| until)))
+            .unwrap_or(0);
+        slots[index] = Some((server, now + DECLINED_TTL_MS));
+    }
 }
 
 /// Whether this process's listeners are RDMA upgrade endpoints: a verbs provider is
@@ -218,7 +272,8 @@ pub(crate) fn client(
         return Some(Outcome::local(Reason::Other));
     }
     let finish = |outcome: Outcome| {
-        // Always a final message: the server strips exactly two.
+        // A final message unless the server declined (then it strips one if one comes, and
+        // takes anything else for the application's bytes).
         let _ = io::send_all(fd, &Message::decline(nonce, outcome.reason).encode());
         Some(outcome)
     };
@@ -262,6 +317,15 @@ pub(crate) fn client(
             ClientNext::Fallback { outcome, consume } => {
                 if consume {
                     let _ = io::discard(fd, MESSAGE_LEN);
+                }
+                if outcome.reason == Reason::PeerDeclined
+                    && outcome.peer != Some(Reason::SpokeFirst)
+                {
+                    // The server declined: the exchange is over for both. A final message
+                    // here would sit unacknowledged (the server has nothing to send, so it
+                    // delays its ACK) and hold the application's first small write behind
+                    // Nagle for ~40 ms.
+                    return Some(outcome);
                 }
                 return finish(outcome);
             }
@@ -375,6 +439,9 @@ fn take_message(config: &Config, fd: i32, state: Upgrade, bytes: &[u8; MESSAGE_L
         }
         (Upgrade::AwaitFinal, Ok(last)) if matches!(last.kind, Kind::Confirm | Kind::Decline) => {
             let _ = io::discard(fd, MESSAGE_LEN);
+            // The client's next write may be a small one held by Nagle until this message is
+            // acknowledged: acknowledge it now rather than after the delayed-ACK timer.
+            io::quick_ack(fd);
             if last.kind == Kind::Decline && last.reason.is_some_and(|r| r != Reason::PeerDeclined)
             {
                 // The client gave up after this side accepted (or timed out waiting).
@@ -440,6 +507,33 @@ pub(crate) fn ended(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lasting_declines_are_remembered_per_server() {
+        let server: SocketAddr = "10.9.9.9:9000".parse().unwrap();
+        let other: SocketAddr = "10.9.9.9:9001".parse().unwrap();
+        let declined = |peer| Outcome {
+            reason: Reason::PeerDeclined,
+            peer: Some(peer),
+        };
+        remember_decline(server, declined(Reason::SpokeFirst));
+        remember_decline(server, Outcome::local(Reason::ConnectTimeout));
+        assert!(
+            !declined_lately(server),
+            "passing reasons are not remembered"
+        );
+        remember_decline(server, declined(Reason::NoDevice));
+        assert!(declined_lately(server));
+        assert!(!declined_lately(other));
+        // More servers than slots: the newest are kept.
+        for port in 0..DECLINED_SLOTS as u16 {
+            remember_decline(
+                SocketAddr::from(([10, 8, 0, 1], port)),
+                declined(Reason::Memlock),
+            );
+        }
+        assert!(declined_lately(SocketAddr::from(([10, 8, 0, 1], 5))));
+    }
 
     #[test]
     fn memlock_binds_unless_unlimited_or_ipc_lock() {

@@ -62,6 +62,21 @@ pub(crate) fn send_all(fd: RawFd, bytes: &[u8]) -> Result<(), c_int> {
     }
 }
 
+/// Sends a pending ACK at once (`TCP_QUICKACK`); errors are ignored (an optimisation).
+pub(crate) fn quick_ack(fd: RawFd) {
+    let on: c_int = 1;
+    // SAFETY: `on` is a live c_int of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&raw const on).cast(),
+            size_of::<c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 /// Waits up to `timeout_ms` (-1: no limit) for `events` on `fd`: the events that came (empty
 /// on timeout or on a signal).
 pub(crate) fn wait(fd: RawFd, events: i16, timeout_ms: i32) -> i16 {

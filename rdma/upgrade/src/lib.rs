@@ -9,14 +9,19 @@
 //! shim never sees them. Every message is [`MESSAGE_LEN`] bytes and starts with [`MAGIC`],
 //! whose first byte (0xF5) never starts UTF-8 text, TLS, HTTP/2 or a Redis command.
 //!
-//! The exchange, and how many bytes each side strips from its stream:
+//! The exchange, and what each side strips from its stream:
 //!
 //! ```text
 //! client                                  server
 //!   PROPOSAL ───────────────────────────▶   (strips it; answers unless it already wrote)
 //!            ◀─────────────── ACCEPT | DECLINE(reason)
-//!   CONFIRM | DECLINE(reason) ──────────▶   (always sent: the server strips exactly two)
+//!   CONFIRM | DECLINE(reason) ──────────▶   (after an ACCEPT, no answer in time, or the
+//!                                            server's bytes first; never after a DECLINE)
 //! ```
+//!
+//! After its answer the server strips a final message if one comes first and takes anything
+//! else for the application's bytes (none of those start with the magic); the client strips
+//! an answer that arrives after it stopped waiting.
 //!
 //! No I/O, no clock: the shim peeks, reads and waits; this crate says what the bytes are and
 //! what comes next.

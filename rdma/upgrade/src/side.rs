@@ -40,7 +40,8 @@ pub enum ClientNext {
     /// The answer's bytes are consumed.
     Connect(Endpoint),
     /// No upgrade. `consume`: whether the front of the stream is the answer (read it away) or
-    /// the server's application data (leave it). Decline to the server with `outcome.reason`.
+    /// the server's application data (leave it). Unless the server declined, tell it with a
+    /// decline for `outcome.reason`.
     Fallback { outcome: Outcome, consume: bool },
 }
 
