@@ -13,8 +13,8 @@ use stackroute_proto::v1alpha1::{
     WatchRequest, Workload, WorkloadKey,
 };
 use stackroute_proto::validate::{
-    MAX_ITEMS, MAX_NAME, check_listener, check_listener_key, check_name, check_workload,
-    check_workload_key,
+    MAX_ITEMS, MAX_NAME, MAX_RDMA_ENTRIES, MAX_RDMA_REASON, check_listener, check_listener_key,
+    check_name, check_workload, check_workload_key, rdma_entries,
 };
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
@@ -369,14 +369,6 @@ fn check_watch(request: &WatchRequest) -> Result<(), String> {
     Ok(())
 }
 
-/// Bound on the RDMA entries of a capability report: devices, their ports, GIDs (per port and the
-/// flat list), RoCE versions, and uverbs devices. The agent trims its report to the same bound
-/// (`MAX_RDMA_ENTRIES` in lrd-agent/src/caps.rs) so a big node is cut, not rejected.
-const MAX_RDMA_ENTRIES: usize = 16 * MAX_ITEMS;
-
-/// Longest `rdma_unavailable_reason` accepted (it is shown in status output as is).
-const MAX_REASON: usize = 1024;
-
 fn check_capabilities(report: &NodeCapabilities) -> Result<(), String> {
     check_name("node", &report.node)?;
     let lists = report.available_congestion_control.len()
@@ -385,29 +377,17 @@ fn check_capabilities(report: &NodeCapabilities) -> Result<(), String> {
     if lists > 4 * MAX_ITEMS {
         return Err("too many entries in the capability report".into());
     }
-    let rdma = report.uverbs_devices.len()
-        + report
-            .rdma_devices
-            .iter()
-            .map(|device| {
-                1 + device.gids.len()
-                    + device.roce_versions.len()
-                    + device
-                        .ports
-                        .iter()
-                        .map(|port| 1 + port.gids.len())
-                        .sum::<usize>()
-            })
-            .sum::<usize>();
+    let rdma =
+        report.uverbs_devices.len() + report.rdma_devices.iter().map(rdma_entries).sum::<usize>();
     if rdma > MAX_RDMA_ENTRIES {
         return Err(format!(
             "too many RDMA entries in the capability report ({rdma} devices, ports, GIDs and \
              uverbs devices; at most {MAX_RDMA_ENTRIES})"
         ));
     }
-    if report.rdma_unavailable_reason.len() > MAX_REASON {
+    if report.rdma_unavailable_reason.len() > MAX_RDMA_REASON {
         return Err(format!(
-            "rdma_unavailable_reason is longer than {MAX_REASON} bytes"
+            "rdma_unavailable_reason is longer than {MAX_RDMA_REASON} bytes"
         ));
     }
     Ok(())
@@ -867,7 +847,7 @@ mod tests {
                 .contains("too many RDMA entries"),
         );
         report.rdma_devices.clear();
-        report.rdma_unavailable_reason = "x".repeat(MAX_REASON + 1);
+        report.rdma_unavailable_reason = "x".repeat(MAX_RDMA_REASON + 1);
         assert!(check_capabilities(&report).is_err());
         report.rdma_unavailable_reason = "no /sys/class/infiniband".into();
         assert_eq!(check_capabilities(&report), Ok(()));

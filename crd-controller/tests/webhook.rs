@@ -910,6 +910,21 @@ fn rdma_parts(pod: &Pod) -> (Vec<RdmaContainer>, Option<String>) {
 
 /// The verbs provider in a pod: each application container's `STACKROUTE_RDMA_PROVIDER`,
 /// whether an init container has one, and whether the shim's init container copies it.
+/// The trainer pod's verbs provider: with `given`, named in its application container and
+/// copied by the init container; either way the author's own value kept in the other
+/// container, and none in an init container.
+fn assert_provider(pod: &Pod, given: bool) {
+    let own = given.then(|| RDMA_PROVIDER_PATH.to_string());
+    assert_eq!(
+        provider_parts(pod),
+        (
+            vec![own, Some("/opt/exporter/verbs.so".into())],
+            false,
+            given
+        )
+    );
+}
+
 fn provider_parts(pod: &Pod) -> (Vec<Option<String>>, bool, bool) {
     let spec = pod.spec.as_ref().unwrap();
     let provider = |c: &Container| {
@@ -980,17 +995,7 @@ async fn pods_whose_policies_pick_rdma_get_the_resource_and_ipc_lock() {
     );
     // The verbs provider: copied by the init container, named in the application containers
     // (the author's own value stays), in no init container.
-    assert_eq!(
-        provider_parts(&typed),
-        (
-            vec![
-                Some(RDMA_PROVIDER_PATH.to_string()),
-                Some("/opt/exporter/verbs.so".to_string())
-            ],
-            false,
-            true
-        )
-    );
+    assert_provider(&typed, true);
     let spec = typed.spec.as_ref().unwrap();
     assert_eq!(
         spec.containers[0]
@@ -1039,14 +1044,7 @@ async fn pods_whose_policies_pick_rdma_get_the_resource_and_ipc_lock() {
     let (after, _) = server.admit("labelled", &trainer_pod()).await;
     let typed: Pod = serde_json::from_value(after).unwrap();
     assert_eq!(rdma_parts(&typed).1, None);
-    assert_eq!(
-        provider_parts(&typed),
-        (
-            vec![None, Some("/opt/exporter/verbs.so".into())],
-            false,
-            false
-        )
-    );
+    assert_provider(&typed, false);
 }
 
 #[tokio::test]
@@ -1065,15 +1063,7 @@ async fn rdma_off_or_unreadable_policies_add_no_rdma() {
         (Some("2".into()), None, vec!["NET_RAW".to_string()]),
         "the author's own values only"
     );
-    assert_eq!(
-        provider_parts(&typed),
-        (
-            vec![None, Some("/opt/exporter/verbs.so".into())],
-            false,
-            false
-        ),
-        "no provider but the author's"
-    );
+    assert_provider(&typed, false);
 
     // The policies cannot be read: injected without RDMA, with a warning.
     struct Failing;
@@ -1174,17 +1164,7 @@ async fn binary_adds_rdma_resources_from_the_index_policies() {
              provider=/stackroute/libstackroute_rdma.so"
         )
     );
-    assert_eq!(
-        provider_parts(&trainer),
-        (
-            vec![
-                Some(RDMA_PROVIDER_PATH.to_string()),
-                Some("/opt/exporter/verbs.so".to_string())
-            ],
-            false,
-            true
-        )
-    );
+    assert_provider(&trainer, true);
     assert_eq!(
         containers,
         [

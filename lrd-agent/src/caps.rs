@@ -125,10 +125,7 @@ fn has_file(dir: &Path, wanted: impl Fn(&str) -> bool) -> bool {
     })
 }
 
-/// Bound on the RDMA part of a report, counted as the controller counts it (`check_capabilities`
-/// in crd-controller/src/grpc.rs): devices, ports, GIDs (both lists), RoCE versions and uverbs
-/// devices. Devices past it are left out rather than having the whole report rejected.
-pub const MAX_RDMA_ENTRIES: usize = 1024;
+pub use stackroute_proto::validate::{MAX_RDMA_ENTRIES, rdma_entries};
 
 /// `/dev/infiniband/uverbsN` names reported (one per RDMA device, so rarely more than a few).
 pub const MAX_UVERBS_DEVICES: usize = 64;
@@ -176,17 +173,6 @@ pub fn rdma_report(discovery: &Discovery, unavailable_reason: String) -> Rdma {
         uverbs_devices,
         unavailable_reason,
     }
-}
-
-/// Entries `device` adds to a report, as [`MAX_RDMA_ENTRIES`] counts them.
-pub fn rdma_entries(device: &RdmaDevice) -> usize {
-    1 + device.gids.len()
-        + device.roce_versions.len()
-        + device
-            .ports
-            .iter()
-            .map(|port| 1 + port.gids.len())
-            .sum::<usize>()
 }
 
 /// One discovered device as a report message: its ports with their typed GIDs, and for the
@@ -342,6 +328,23 @@ mod tests {
         }
     }
 
+    /// A device with one active Ethernet port holding two RoCE v2 GIDs on eth0.
+    fn roce_v2_device(name: &str) -> rdma_discover::Device {
+        device(
+            name,
+            vec![port(
+                1,
+                "active",
+                "Ethernet",
+                1024,
+                vec![
+                    gid(0, LINK_LOCAL, "RoCE v2", "eth0"),
+                    gid(1, V4_MAPPED, "RoCE v2", "eth0"),
+                ],
+            )],
+        )
+    }
+
     fn with_nodes(devices: Vec<rdma_discover::Device>) -> Discovery {
         Discovery {
             devices,
@@ -381,19 +384,7 @@ mod tests {
                     vec![gid(0, LINK_LOCAL, "IB/RoCE v1", "")],
                 )],
             ),
-            device(
-                "rxe0",
-                vec![port(
-                    1,
-                    "active",
-                    "Ethernet",
-                    1024,
-                    vec![
-                        gid(0, LINK_LOCAL, "RoCE v2", "eth0"),
-                        gid(1, V4_MAPPED, "RoCE v2", "eth0"),
-                    ],
-                )],
-            ),
+            roce_v2_device("rxe0"),
         ]);
         let rdma = rdma_report(&discovery, String::new());
         assert_eq!(rdma.devices_left_out, 0);
@@ -458,21 +449,7 @@ mod tests {
         let count = MAX_RDMA_ENTRIES / per_device + 3;
         let discovery = with_nodes(
             (0..count)
-                .map(|n| {
-                    device(
-                        &format!("rxe{n:04}"),
-                        vec![port(
-                            1,
-                            "active",
-                            "Ethernet",
-                            1024,
-                            vec![
-                                gid(0, LINK_LOCAL, "RoCE v2", "eth0"),
-                                gid(1, V4_MAPPED, "RoCE v2", "eth0"),
-                            ],
-                        )],
-                    )
-                })
+                .map(|n| roce_v2_device(&format!("rxe{n:04}")))
                 .collect(),
         );
         let rdma = rdma_report(&discovery, String::new());

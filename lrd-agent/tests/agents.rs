@@ -327,13 +327,7 @@ fn a_policy_change_reaches_every_agent_and_explain_agent_reflects_it() {
     assert!(reads > 10, "{reads} reads");
 
     let status: Value = wait_for("every node acked", WAIT, || {
-        let output = cli(&["status", "--controller", &url, "--output", "json"], &[]);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let status = status_json(&url);
         let nodes = status["nodes"].as_array()?;
         let acked = ["n1", "n2", "n3"].iter().all(|n| {
             nodes

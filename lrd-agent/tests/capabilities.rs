@@ -29,13 +29,7 @@ fn status_shows_the_rdma_the_agent_found() {
     let (controller, agent) = controller_and_agent(tmp.path());
     let url = format!("http://{}", controller.grpc);
     let rdma: Value = wait_for("n1's capabilities in status", WAIT, || {
-        let output = cli(&["status", "--controller", &url, "--output", "json"], &[]);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let status = status_json(&url);
         status["nodes"]
             .as_array()?
             .iter()

@@ -127,13 +127,7 @@ mod tests {
 
     use super::*;
     use crate::ClusterState;
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::selector::tests::labels;
 
     fn state(yaml: &str) -> ClusterState {
         let mut state = ClusterState::default();

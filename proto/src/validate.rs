@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use crate::v1alpha1::{Listener, ListenerKey, Protocol, Stack, Workload, WorkloadKey};
+use crate::v1alpha1::{Listener, ListenerKey, Protocol, RdmaDevice, Stack, Workload, WorkloadKey};
 
 /// Longest node, namespace, workload or label key accepted.
 pub const MAX_NAME: usize = 253;
@@ -15,6 +15,24 @@ pub const MAX_LABEL_VALUE: usize = 63;
 pub const MAX_ITEMS: usize = 64;
 /// Longest endpoint text of one stack.
 pub const MAX_ENDPOINT: usize = 1024;
+/// Bound on the RDMA part of a capability report, as [`rdma_entries`] counts it plus the uverbs
+/// devices: the controller refuses more, the agent leaves devices out to stay within it (a big
+/// node is cut, not rejected).
+pub const MAX_RDMA_ENTRIES: usize = 16 * MAX_ITEMS;
+/// Longest `rdma_unavailable_reason` of a capability report (status output shows it as is).
+pub const MAX_RDMA_REASON: usize = 1024;
+
+/// Entries `device` adds to a capability report: itself, its ports, their GIDs and the flat
+/// GID list, its RoCE versions.
+pub fn rdma_entries(device: &RdmaDevice) -> usize {
+    1 + device.gids.len()
+        + device.roce_versions.len()
+        + device
+            .ports
+            .iter()
+            .map(|port| 1 + port.gids.len())
+            .sum::<usize>()
+}
 
 /// Checks a name-like field: non-empty, bounded, printable, no `/` (keys use it).
 pub fn check_name(field: &str, value: &str) -> Result<(), String> {

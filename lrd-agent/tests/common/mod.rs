@@ -434,6 +434,17 @@ pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
     output_within(command)
 }
 
+/// `stackroute status --controller URL --output json`, which must succeed.
+pub fn status_json(url: &str) -> Value {
+    let output = cli(&["status", "--controller", url, "--output", "json"], &[]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("status --output json")
+}
+
 /// `stackroute explain --agent DIR --from FROM --to TO --output json`, if it succeeds.
 pub fn explain_agent(socket_dir: &Path, from: &str, to: &str) -> Option<Value> {
     let dir = socket_dir.to_str().expect("utf-8 path");
