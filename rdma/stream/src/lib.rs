@@ -174,11 +174,7 @@ impl Stream {
     /// Queues up to the send queue's room of `data`: how many bytes were taken (0: full, or
     /// writing is shut down, or the connection failed).
     pub fn write(&mut self, data: &[u8]) -> usize {
-        if self.write_closed || self.failed {
-            return 0;
-        }
-        let room = self.config.send_queue.saturating_sub(self.unsent.len());
-        let taken = room.min(data.len());
+        let taken = self.room().min(data.len());
         self.unsent.extend(&data[..taken]);
         taken
     }
@@ -190,7 +186,25 @@ impl Stream {
 
     /// Whether a write would take bytes.
     pub fn writable(&self) -> bool {
-        !self.write_closed && !self.failed && self.unsent.len() < self.config.send_queue
+        self.room() > 0
+    }
+
+    /// How many bytes a write would take now.
+    pub fn room(&self) -> usize {
+        if self.write_closed || self.failed {
+            return 0;
+        }
+        self.config.send_queue.saturating_sub(self.unsent.len())
+    }
+
+    /// Whether the peer's FIN arrived (the application may still have bytes to read).
+    pub fn fin_received(&self) -> bool {
+        self.fin_received
+    }
+
+    /// Whether this side's FIN has been handed to the transport.
+    pub fn fin_sent(&self) -> bool {
+        self.fin_sent
     }
 
     /// Whether a read would return something other than `WouldBlock`.
@@ -250,7 +264,10 @@ impl Stream {
             self.fin_sent = true;
             return Some(self.send(Kind::Fin, Vec::new()));
         }
-        if self.credits >= 1 && self.owed >= self.config.window / 2 {
+        // Once both FINs are out, neither side sends data again: credits would buy nothing,
+        // and a CREDIT could reach a peer that has already torn its queue pair down.
+        let both_fins = self.fin_sent && self.fin_received;
+        if self.credits >= 1 && self.owed >= self.config.window / 2 && !both_fins {
             return Some(self.send(Kind::Credit, Vec::new()));
         }
         None
