@@ -46,6 +46,8 @@ enum Output {
 #[serde(tag = "path", rename_all = "kebab-case")]
 enum Line<'a> {
     Userspace(&'a Row),
+    /// A connection upgraded to RDMA, relayed by the same instance.
+    Rdma(&'a Row),
     KernelHook(&'a HookInfo),
     RdmaUpgrade(&'a UpgradeRecord),
 }
@@ -110,7 +112,10 @@ pub(crate) fn run(args: &ConnectionsArgs) -> Result<()> {
         Output::Json => {
             let lines: Vec<Line<'_>> = rows
                 .iter()
-                .map(Line::Userspace)
+                .map(|row| match row.connection.transport.as_deref() {
+                    Some("RDMA") => Line::Rdma(row),
+                    _ => Line::Userspace(row),
+                })
                 .chain(hooks.iter().map(Line::KernelHook))
                 .chain(upgrades.iter().map(Line::RdmaUpgrade))
                 .collect();
@@ -212,7 +217,8 @@ fn print_table(rows: &[Row]) {
             c.local.to_string(),
             c.original.unwrap_or(c.remote).to_string(),
             c.tcp_state,
-            c.congestion_control,
+            // An RDMA connection has no congestion control of ours: the column names it.
+            c.transport.as_deref().unwrap_or(&c.congestion_control),
             c.bytes_sent,
             c.bytes_received,
             c.retransmits,
@@ -304,9 +310,12 @@ fn age(now_ms: u64, at_ms: u64) -> String {
     }
 }
 
-/// What the connection ended up on and why: every attempt stays on TCP in this build.
+/// What the connection ended up on and why.
 fn result(record: &UpgradeRecord) -> String {
     let attempt = &record.attempt;
+    if attempt.reason == stackroute_rdma_upgrade::UPGRADED {
+        return "RDMA".into();
+    }
     match &attempt.peer_reason {
         Some(peer) => format!("TCP ({}; peer: {peer})", attempt.reason),
         None => format!("TCP ({})", attempt.reason),
@@ -348,6 +357,9 @@ mod tests {
             "TCP (peer-declined; peer: no-device)"
         );
         assert_eq!(result(&record(None)), "TCP (peer-declined)");
+        let mut upgraded = record(None);
+        upgraded.attempt.reason = "upgraded".into();
+        assert_eq!(result(&upgraded), "RDMA");
     }
 
     #[test]

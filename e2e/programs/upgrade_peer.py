@@ -7,11 +7,17 @@
       answers "ECHO <line>" and closes. --accept-delay sleeps before each accept (a server
       whose application is slow: the client's bytes wait in the queue).
 
-  upgrade_peer.py ask HOST PORT [--banner] [--repeat N]
+  upgrade_peer.py ask HOST PORT [--banner] [--repeat N] [--bulk BYTES]
       Connects (printing "connect_ms <ms>" for the blocking connect), optionally reads the
       banner line (printing "banner <line>"), sends "ping\\n" and prints "reply <line>";
-      N times, one connection after the other, in one process.
+      N times, one connection after the other, in one process. --bulk: then sends BYTES of a
+      pattern, shuts down writing and prints "sent <count> <sha256>" and the server's
+      "sum <count> <sha256>" (or "error <errno name>" if the connection failed).
+
+  With --bulk the server reads to the end after its answer and sends "SUM <count> <sha256>".
 """
+import errno
+import hashlib
 import socket
 import sys
 import time
@@ -27,7 +33,23 @@ def read_line(conn):
     return data
 
 
-def serve(host, port, banner, accept_delay):
+def pattern(count):
+    block = bytes((i * 31 + 7) % 251 for i in range(65536))
+    return (block * (count // len(block) + 1))[:count]
+
+
+def sink(conn):
+    digest, count = hashlib.sha256(), 0
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        digest.update(chunk)
+        count += len(chunk)
+    conn.sendall(b"SUM %d %s\n" % (count, digest.hexdigest().encode()))
+
+
+def serve(host, port, banner, accept_delay, bulk=False):
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
@@ -43,9 +65,14 @@ def serve(host, port, banner, accept_delay):
             line = read_line(conn)
             print("first", line[:16].hex(), flush=True)
             conn.sendall(b"ECHO " + line)
+            if bulk:
+                try:
+                    sink(conn)
+                except OSError as e:
+                    print("error", errno.errorcode.get(e.errno, e.errno), flush=True)
 
 
-def ask(host, port, banner):
+def ask(host, port, banner, bulk=0):
     conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     started = time.monotonic()
     conn.connect((host, port))
@@ -55,6 +82,15 @@ def ask(host, port, banner):
             print("banner", read_line(conn).decode().strip(), flush=True)
         conn.sendall(b"ping\n")
         print("reply", read_line(conn).decode().strip(), flush=True)
+        if bulk:
+            data = pattern(bulk)
+            try:
+                conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+                print("sent", len(data), hashlib.sha256(data).hexdigest(), flush=True)
+                print("sum", read_line(conn).decode().strip()[4:], flush=True)
+            except OSError as e:
+                print("error", errno.errorcode.get(e.errno, e.errno), flush=True)
 
 
 def main():
@@ -66,11 +102,14 @@ def main():
     repeat = 1
     if "--repeat" in sys.argv:
         repeat = int(sys.argv[sys.argv.index("--repeat") + 1])
+    bulk = 0
+    if "--bulk" in sys.argv and mode == "ask":
+        bulk = int(sys.argv[sys.argv.index("--bulk") + 1])
     if mode == "serve":
-        serve(host, port, banner, delay)
+        serve(host, port, banner, delay, "--bulk" in sys.argv)
     else:
         for _ in range(repeat):
-            ask(host, port, banner)
+            ask(host, port, banner, bulk)
 
 
 if __name__ == "__main__":

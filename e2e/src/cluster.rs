@@ -102,6 +102,9 @@ pub struct Options {
     pub control_plane: bool,
     /// Extra arguments for every agent (`--stackd-binary /bin/false`, …).
     pub agent_args: Vec<String>,
+    /// Extra environment for every agent (and so for the stack instances it starts, where it
+    /// passes a variable on).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -112,6 +115,7 @@ impl Default for Options {
             internet_delay_ms: 0,
             control_plane: true,
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
         }
     }
 }
@@ -152,6 +156,7 @@ pub struct Cluster {
     /// The CA, the controller's certificate and each node's credentials.
     pki: testkit::pki::Pki,
     agent_args: Vec<String>,
+    agent_env: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -192,6 +197,7 @@ impl Cluster {
             agent_ports: BTreeMap::new(),
             pki,
             agent_args: options.agent_args.clone(),
+            agent_env: options.agent_env.clone(),
             dir,
         };
         cluster.write_state()?;
@@ -406,6 +412,7 @@ impl Cluster {
             .arg(base.join("state"))
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(&self.agent_args)
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .env("STACKROUTE_LOG", "warn");
         let agent = Proc::spawn(
             &format!("agent-{}", node.name),

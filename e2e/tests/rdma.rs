@@ -1,16 +1,18 @@
 //! The RDMA upgrade between two shims, end to end across network namespaces: a client pod
 //! (`trainer`, node-a1) whose policy puts connections to the `ps` pod (node-a2) on
 //! `{stack: RDMA, fallback: [{stack: Kernel, congestionControl: BBR}]}`, both ends real socket
-//! programs (`programs/upgrade_peer.py`) under `stackroute run`.
+//! programs (`programs/upgrade_peer.py`) under `stackroute run`, each pod's stack instance
+//! started by its node's agent.
 //!
-//! This machine has no RDMA device, so no connection here ever runs on RDMA. What is tested is
-//! everything around it: who proposes (only to a server registered as an upgrade endpoint),
-//! every decline reaching the client with the decliner's reason, the deadline, and that the
-//! application bytes on both sides are exactly what the other application sent (the exchange
-//! is stripped, a late answer too). Where a test needs an end that says "capable" or an RDMA
-//! connect that fails, the verbs layer is `libstackroute_rdma_fault.so`
-//! (`rdma/fault-provider`): a fault-injecting provider that never moves a byte. Nothing here
-//! counts as RDMA working.
+//! This machine has no RDMA device. What is tested is everything around the verbs: who
+//! proposes (only to a server registered as an upgrade endpoint), every decline reaching the
+//! client with the decliner's reason, the deadline, that the application bytes on both sides
+//! are exactly what the other application sent (the exchange is stripped, a late answer too),
+//! and the data path's machinery: the instances' queue pairs, the relays, the application's fd
+//! becoming the relay's socket. The verbs layer there is `libstackroute_rdma_fault.so`
+//! (`rdma/fault-provider`): in the shims it answers the capability probe as told; in the
+//! instances (the agents' `--rdma-provider`) its queue pairs are **emulated** over Unix
+//! sockets, with injected faults. Nothing here counts as RDMA working.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -61,6 +63,10 @@ fn main() -> std::process::ExitCode {
             "late_answers_and_servers_that_speak_first_are_stripped",
             late_answers_and_servers_that_speak_first_are_stripped,
         ),
+        trial(
+            "an_upgraded_connection_carries_both_applications_bytes_over_the_emulated_queue_pairs",
+            an_upgraded_connection_carries_both_applications_bytes_over_the_emulated_queue_pairs,
+        ),
     ])
 }
 
@@ -69,10 +75,28 @@ struct Lab {
     ps: Ipv4Addr,
     fault: PathBuf,
     verbs: PathBuf,
+    /// The emulated queue pairs' sockets and the instances' `faults` file.
+    fault_dir: tempfile::TempDir,
 }
 
 fn lab() -> Lab {
-    let mut cluster = Cluster::start(Options::default()).expect("the e2e cluster starts");
+    let fault = testkit::library(
+        "stackroute-rdma-fault-provider",
+        "libstackroute_rdma_fault.so",
+    );
+    let fault_dir = tempfile::Builder::new()
+        .prefix("stackroute-rdma-fault-")
+        .tempdir()
+        .unwrap();
+    let mut cluster = Cluster::start(Options {
+        agent_args: vec!["--rdma-provider".into(), fault.display().to_string()],
+        agent_env: vec![(
+            "STACKROUTE_RDMA_FAULT_DIR".into(),
+            fault_dir.path().display().to_string(),
+        )],
+        ..Options::default()
+    })
+    .expect("the e2e cluster starts");
     cluster
         .add_pod("trainer", "node-a1", &["app=trainer"], false)
         .unwrap();
@@ -89,22 +113,24 @@ fn lab() -> Lab {
             "RDMA/Default",
         )
         .unwrap();
-    let fault = testkit::library(
-        "stackroute-rdma-fault-provider",
-        "libstackroute_rdma_fault.so",
-    );
     let verbs = testkit::library("stackroute-rdma-verbs", "libstackroute_rdma.so");
     Lab {
         cluster,
         ps,
         fault,
         verbs,
+        fault_dir,
     }
 }
 
 impl Lab {
     fn script() -> &'static str {
         concat!(env!("CARGO_MANIFEST_DIR"), "/programs/upgrade_peer.py")
+    }
+
+    /// The faults of the stack instances' queue pairs (both nodes), from their next call on.
+    fn instance_faults(&self, faults: &str) {
+        std::fs::write(self.fault_dir.path().join("faults"), faults).unwrap();
     }
 
     /// The fault provider's environment with `faults`.
@@ -167,15 +193,20 @@ impl Lab {
     }
 
     /// Asks until the client's shim ran the exchange (the server's registration as an upgrade
-    /// endpoint has reached node-a1's agent): that run's output.
+    /// endpoint has reached node-a1's agent, and both pods' stack instances run — the first
+    /// connection of a pod starts its instance, which the exchange's deadline does not wait
+    /// for): that run's output.
     fn ask_negotiated(&self, port: u16, env: &[(&str, &str)], extra: &[&str]) -> String {
         let mut last = String::new();
         wait_for(
             &format!("the server on port {port} known as an RDMA upgrade endpoint"),
-            Duration::from_secs(20),
+            Duration::from_secs(30),
             || {
                 last = self.ask(port, true, env, extra);
-                if !last.contains("fallback=peer-not-registered") {
+                let starting = last.contains("fallback=peer-not-registered")
+                    || last.contains("reason=stack-unavailable")
+                    || last.contains("peer-reason=stack-unavailable");
+                if !starting {
                     return Some(last.clone());
                 }
                 std::thread::sleep(Duration::from_millis(200));
@@ -187,8 +218,8 @@ impl Lab {
 }
 
 impl Lab {
-    /// The RDMA upgrade attempts `stackroute connections --output json` lists for `node`.
-    fn upgrade_attempts(&self, node: &str) -> Vec<serde_json::Value> {
+    /// Every line of `stackroute connections --output json` for `node`.
+    fn connection_lines(&self, node: &str) -> Vec<serde_json::Value> {
         let output = stackroute_e2e::proc::run(
             std::process::Command::new(&self.cluster.bins.cli)
                 .arg("connections")
@@ -198,13 +229,44 @@ impl Lab {
             Duration::from_secs(10),
         )
         .unwrap();
-        let lines: Vec<serde_json::Value> =
-            serde_json::from_str(&output).unwrap_or_else(|e| panic!("{e}: {output}"));
-        lines
+        serde_json::from_str(&output).unwrap_or_else(|e| panic!("{e}: {output}"))
+    }
+
+    /// The RDMA upgrade attempts `stackroute connections --output json` lists for `node`.
+    fn upgrade_attempts(&self, node: &str) -> Vec<serde_json::Value> {
+        self.connection_lines(node)
             .into_iter()
             .filter(|line| line["path"] == "rdma-upgrade")
             .collect()
     }
+}
+
+impl Lab {
+    /// Asks until the connection runs on RDMA (registration known, both instances up and
+    /// answering within the deadline): that run's output.
+    fn ask_upgraded(&self, port: u16, env: &[(&str, &str)], extra: &[&str]) -> String {
+        let mut last = String::new();
+        wait_for(
+            &format!("a connection to port {port} upgraded"),
+            Duration::from_secs(30),
+            || {
+                last = self.ask(port, true, env, extra);
+                if upgraded(&last) {
+                    return Some(last.clone());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                None
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\nlast client output:\n{last}"))
+    }
+}
+
+/// Whether a shim's output says its connection was upgraded.
+fn upgraded(output: &str) -> bool {
+    output
+        .lines()
+        .any(|line| line.contains("rdma upgrade with") && line.contains(": upgraded after"))
 }
 
 /// The client's `reason=… peer-reason=…` of its upgrade line.
@@ -292,29 +354,31 @@ fn every_decline_reaches_the_client_and_the_bytes_are_intact() {
     }
 }
 
-/// The server accepts (the fault provider says it can); the client's RDMA connect fails, hangs
-/// past the deadline, or succeeds where this build has no data path: each time the connection
-/// carries on as TCP, and `connect` returned within the deadline.
+/// Both ends can (the fault provider's probe says so), but connecting the queue pairs fails
+/// or hangs: the server's instance connects first, so the server declines with that reason;
+/// a connect that hangs past the client's deadline ends the client's wait first, and its
+/// `connect` returns within the deadline. Each time the connection carries on as TCP.
 fn an_accepted_upgrade_that_cannot_connect_falls_back_within_the_deadline() {
     let lab = lab();
-    let server_env = lab.faulty("probe=ok");
+    let mut server_env = lab.faulty("probe=ok");
+    // The server's side may take a second: the client's deadline is the one measured.
+    server_env.push(("STACKROUTE_RDMA_DEADLINE_MS", "1000"));
     let server = lab.server(9110, true, &server_env, &[]);
-    let cases = [
-        ("probe=ok,connect=error", "rdma-error"),
-        ("probe=ok,connect=ok", "stack-unavailable"),
-    ];
-    for (faults, reason) in cases {
-        let output = lab.ask_negotiated(9110, &lab.faulty(faults), &[]);
-        assert!(output.contains(REPLY), "{faults}: {output}");
-        assert!(
-            upgrade_line(&output).contains(&format!("reason={reason} ")),
-            "{faults}: {output}"
-        );
-    }
-    // The RDMA connect never answers: the deadline (300 ms) ends the attempt.
-    let mut env = lab.faulty("probe=ok,connect=hang");
+    let client_env = lab.faulty("probe=ok");
+    // Instances started (an upgrade that works), then the faults.
+    lab.ask_upgraded(9110, &client_env, &[]);
+    lab.instance_faults("connect=error");
+    let output = lab.ask(9110, true, &client_env, &[]);
+    assert!(output.contains(REPLY), "{output}");
+    assert!(
+        upgrade_line(&output).contains("reason=peer-declined peer-reason=rdma-error"),
+        "{output}"
+    );
+    // The queue pairs' connect never answers: the client's deadline (300 ms) ends its wait.
+    lab.instance_faults("connect=hang");
+    let mut env = client_env.clone();
     env.push(("STACKROUTE_RDMA_DEADLINE_MS", "300"));
-    let output = lab.ask_negotiated(9110, &env, &[]);
+    let output = lab.ask(9110, true, &env, &[]);
     assert!(output.contains(REPLY), "{output}");
     assert!(
         upgrade_line(&output).contains("reason=connect-timeout "),
@@ -328,9 +392,10 @@ fn an_accepted_upgrade_that_cannot_connect_falls_back_within_the_deadline() {
         (200.0..1000.0).contains(&connect_ms),
         "connect took {connect_ms} ms with a 300 ms deadline: {output}"
     );
+    lab.instance_faults("");
     let served = server.output();
     assert!(
-        served.contains("reason=peer-declined peer-reason=rdma-error;"),
+        served.contains("reason=rdma-error peer-reason=-;"),
         "{served}"
     );
     served_only_pings(&served);
@@ -394,4 +459,53 @@ fn late_answers_and_servers_that_speak_first_are_stripped() {
     served_only_pings(&served);
     // Unanswered: the server's shim declined nothing and recorded no attempt.
     assert!(!served.contains("rdma upgrade with"), "{served}");
+}
+
+/// Both ends can, and the instances' queue pairs connect (emulated): the connection runs on
+/// them. 4 MiB from the client reach the server intact and its digest comes back; both shims
+/// say `upgraded`; `stackroute connections` lists the client's connection as RDMA and the
+/// attempt as upgraded. Then an error completion on the queue pairs (`send-fail-after`)
+/// resets the connection under the applications instead of losing bytes silently.
+fn an_upgraded_connection_carries_both_applications_bytes_over_the_emulated_queue_pairs() {
+    let lab = lab();
+    let env = lab.faulty("probe=ok");
+    let server = lab.server(9401, true, &env, &["--bulk"]);
+    let output = lab.ask_upgraded(9401, &env, &["--bulk", "4194304"]);
+    assert!(output.contains(REPLY), "{output}");
+    let field = |prefix: &str| {
+        output
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {output}"))
+            .to_string()
+    };
+    let sent = field("sent ");
+    assert!(sent.starts_with("4194304 "), "{output}");
+    assert_eq!(field("sum "), sent, "the server's digest of what it read");
+    let served = server.output();
+    assert!(upgraded(&served), "{served}\nclient:\n{output}");
+    served_only_pings(&served);
+    let connections = lab.connection_lines("node-a1");
+    assert!(
+        connections.iter().any(|c| c["path"] == "rdma"
+            && c["transport"] == "RDMA"
+            && c["bytesSent"].as_u64() >= Some(4_194_304)),
+        "no RDMA connection with the bytes sent: {connections:#?}"
+    );
+    assert!(
+        lab.upgrade_attempts("node-a1")
+            .iter()
+            .any(|a| a["role"] == "client" && a["reason"] == "upgraded"),
+        "no upgraded attempt listed"
+    );
+
+    lab.instance_faults("send-fail-after=3");
+    let output = lab.ask(9401, true, &env, &["--bulk", "4194304"]);
+    assert!(upgraded(&output), "{output}");
+    assert!(
+        output.contains("error ECONNRESET") || output.contains("error EPIPE"),
+        "the client's connection was not reset: {output}"
+    );
+    assert!(!output.contains("sum "), "{output}");
+    lab.instance_faults("");
 }

@@ -156,6 +156,10 @@ pub struct InstanceFlags {
     /// the chart mounts the host's `/proc/sys/net` writable at `/host/proc/sys/net`.
     #[arg(long, env = "STACKROUTE_PROC_SYS_NET", default_value = "/proc/sys/net")]
     pub proc_sys_net: PathBuf,
+    /// The verbs provider (`libstackroute_rdma.so`) instances relay connections upgraded to
+    /// RDMA with; without it they decline every upgrade (`stack-unavailable`).
+    #[arg(long, env = "STACKROUTE_RDMA_PROVIDER_LIBRARY")]
+    pub rdma_provider: Option<PathBuf>,
 }
 
 impl Default for InstanceFlags {
@@ -172,6 +176,7 @@ impl Default for InstanceFlags {
             userspace_idle_timeout_ms: 30_000,
             userspace_packet_io: "af-xdp".into(),
             proc_sys_net: PathBuf::from("/proc/sys/net"),
+            rdma_provider: None,
         }
     }
 }
@@ -767,6 +772,7 @@ impl Instances {
             log: self.log_path(netns),
             af_xdp: self.flags.userspace_packet_io == "af-xdp",
             reserved_ports: self.flags.proc_sys_net.join("ipv4/ip_local_reserved_ports"),
+            rdma_provider: self.flags.rdma_provider.clone(),
         }
     }
 

@@ -24,6 +24,9 @@ const ENVELOPE: usize = 64;
 /// `reason` if it names a reason of `stackroute-rdma-upgrade`, else `other`: only those are
 /// metric labels, so a shim cannot grow the label set.
 pub fn reason_label(reason: &str) -> &'static str {
+    if reason == stackroute_rdma_upgrade::UPGRADED {
+        return stackroute_rdma_upgrade::UPGRADED;
+    }
     Reason::from_name(reason).unwrap_or(Reason::Other).as_str()
 }
 
@@ -259,6 +262,7 @@ mod tests {
         assert_eq!(reason_label("peer-declined"), "peer-declined");
         assert_eq!(reason_label("stack-unavailable"), "stack-unavailable");
         assert_eq!(reason_label("made-up"), "other");
+        assert_eq!(reason_label("upgraded"), "upgraded");
         assert_eq!(reason_label(""), "other");
     }
 }

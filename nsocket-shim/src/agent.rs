@@ -30,8 +30,11 @@ pub(crate) fn call(config: &Config, request: &Request) -> bool {
 /// socket name), started by the agent if needed; or the reason to fall back. Asked at the first
 /// `Userspace` decision of a process, then only when the instance stops answering; the agent
 /// may take a few milliseconds to start one.
-pub(crate) fn userspace_instance(config: &Config) -> Result<(i32, String), FallbackReason> {
-    let Some(mut stream) = sys::agent_stream(&config.socket_path, INSTANCE_TIMEOUT) else {
+pub(crate) fn userspace_instance(
+    config: &Config,
+    timeout: Duration,
+) -> Result<(i32, String), FallbackReason> {
+    let Some(mut stream) = sys::agent_stream(&config.socket_path, timeout) else {
         return Err(FallbackReason::NoAgent);
     };
     match frame::call::<_, _, Response>(&mut stream, &Request::UserspaceInstance) {
@@ -43,7 +46,7 @@ pub(crate) fn userspace_instance(config: &Config) -> Result<(i32, String), Fallb
 }
 
 /// How long the agent may take to start an instance (it waits up to 3 s for it by default).
-const INSTANCE_TIMEOUT: Duration = Duration::from_secs(4);
+pub(crate) const INSTANCE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// `registerListener` for a TCP socket listening on `address`; `rdma`: also as an RDMA
 /// upgrade endpoint (its shim answers proposals), reachable at `rdma_endpoint` if it has one.

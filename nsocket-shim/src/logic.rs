@@ -270,7 +270,6 @@ fn stack_in_use(config: &Config, wanted: Stack) -> bool {
 /// An RDMA upgrade to try once the real `connect` returns.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PendingUpgrade {
-    endpoint: Endpoint,
     destination: SocketAddr,
 }
 
@@ -279,7 +278,7 @@ pub(crate) struct PendingUpgrade {
 /// may be upgraded to RDMA says so for [`after_connect`].
 pub(crate) fn connect(fd: i32, destination: Option<SocketAddr>) -> (Pre, Option<PendingUpgrade>) {
     let entry = fdtable::get(fd);
-    if let Some((Stack::Userspace, _)) = entry.transport() {
+    if let Some((Stack::Userspace | Stack::Rdma, _)) = entry.transport() {
         let pre = match relay::connect_again(fd) {
             // Linux: the first `connect` after a non-blocking one completed returns 0; only
             // later ones say `EISCONN`.
@@ -292,12 +291,11 @@ pub(crate) fn connect(fd: i32, destination: Option<SocketAddr>) -> (Pre, Option<
         return (pre, None);
     }
     let (pre, upgrade) = decide(fd, destination, Kind::Unknown, true);
+    // The endpoint of this process's own probe says only that it can: the queue pair the
+    // proposal names is the instance's.
     let pending = upgrade
         .zip(destination)
-        .map(|(endpoint, destination)| PendingUpgrade {
-            endpoint,
-            destination,
-        });
+        .map(|(_, destination)| PendingUpgrade { destination });
     (pre, pending)
 }
 
@@ -310,7 +308,8 @@ pub(crate) fn after_connect(pending: Option<PendingUpgrade>, fd: i32, result: i3
     let config = config::get();
     let started_us = sys::upgrade::monotonic_us();
     let connect_errno = if result == 0 { 0 } else { errno };
-    if let Some(outcome) = upgrade::client(config, fd, connect_errno, pending.endpoint) {
+    let result = upgrade::client(config, fd, connect_errno);
+    if let Some(Err(outcome)) = result {
         upgrade::remember_decline(pending.destination, outcome);
         upgrade::ended(
             config,
@@ -320,6 +319,18 @@ pub(crate) fn after_connect(pending: Option<PendingUpgrade>, fd: i32, result: i3
             outcome,
             started_us,
         );
+    }
+    if let Some(Ok(())) = result {
+        upgrade::upgraded(
+            config,
+            fd,
+            UpgradeRole::Client,
+            Some(pending.destination),
+            started_us,
+        );
+    } else {
+        // Registrations kept for a relay socket that did not come: the kernel socket stays.
+        upgrade::keep_registrations(fd);
     }
 }
 
@@ -424,7 +435,7 @@ fn decide(
     let verdict = match walked.used {
         Some((stack, cc)) => {
             let mut entry = fdtable::get(fd).with_kind(kind).with_decision(stack, cc);
-            if entry.epoll_recorded() {
+            if entry.epoll_recorded() && walked.upgrade.is_none() {
                 // Still the kernel socket (a relay replayed them already): they stay valid.
                 epollreg::replay(fd, |_, _, _| {});
                 entry = entry.with_epoll_recorded(false);
@@ -774,13 +785,13 @@ pub(crate) fn unload() {
     }
 }
 
-/// Whether `fd` is the application end of a relayed (user-space stack) connection. A socket
-/// this process did not see created (inherited across `exec`, received over `SCM_RIGHTS`) is
-/// recognised once by its abstract name.
+/// Whether `fd` is the application end of a relayed connection (user-space stack, or RDMA
+/// after an upgrade). A socket this process did not see created (inherited across `exec`,
+/// received over `SCM_RIGHTS`) is recognised once by its abstract name.
 pub(crate) fn relayed(fd: i32) -> bool {
     let entry = fdtable::get(fd);
     match entry.transport() {
-        Some((stack, _)) => stack == Stack::Userspace,
+        Some((stack, _)) => matches!(stack, Stack::Userspace | Stack::Rdma),
         None if entry.kind() == Kind::Unknown => {
             if relay::name_of(fd).is_some() {
                 fdtable::set(
@@ -965,7 +976,11 @@ pub(crate) fn after_epoll_ctl(
         return;
     }
     let entry = fdtable::get(fd);
-    if entry.kind() != Kind::Tcp || entry.decided() || entry.passive() {
+    // Undecided sockets, and those whose RDMA upgrade is pending: a relay socket may take
+    // their fd number.
+    let may_be_replaced =
+        !entry.decided() && !entry.passive() || entry.upgrade() != fdtable::Upgrade::None;
+    if entry.kind() != Kind::Tcp || !may_be_replaced {
         return;
     }
     match (op, event()) {

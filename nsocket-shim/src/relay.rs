@@ -20,7 +20,7 @@ use stackroute_local_api::message::FallbackReason;
 use stackroute_local_api::relay::{
     ConnectionInfo, MAX_MESSAGE, RelayOption, RelayRequest, RelayResponse, RelayState,
 };
-use stackroute_snapshot::CongestionControl;
+use stackroute_snapshot::{CongestionControl, Stack};
 
 use crate::agent;
 use crate::config::Config;
@@ -156,12 +156,17 @@ struct Instance {
 static INSTANCE: Mutex<Option<Instance>> = Mutex::new(None);
 
 fn instance(config: &Config) -> Result<Instance, FallbackReason> {
+    instance_within(config, agent::INSTANCE_TIMEOUT)
+}
+
+/// The instance, asking the agent (which may have to start it) for at most `timeout`.
+fn instance_within(config: &Config, timeout: Duration) -> Result<Instance, FallbackReason> {
     if let Ok(cached) = INSTANCE.try_lock()
         && let Some(instance) = cached.as_ref()
     {
         return Ok(instance.clone());
     }
-    let (pid, socket) = agent::userspace_instance(config)?;
+    let (pid, socket) = agent::userspace_instance(config, timeout)?;
     let instance = Instance { pid, socket };
     if let Ok(mut cached) = INSTANCE.try_lock() {
         *cached = Some(instance.clone());
@@ -192,7 +197,7 @@ fn call(
     socket: &[u8],
     expected_pid: i32,
     request: &RelayRequest,
-    passed: Option<&OwnedFd>,
+    passed: &[&OwnedFd],
 ) -> Result<RelayResponse, i32> {
     let stream = sys::seqpacket_connect(socket, TIMEOUT)?;
     if let Some(pid) = sys::peer_pid(&stream)
@@ -268,7 +273,7 @@ pub(crate) fn connect(
         instance.socket.as_bytes(),
         instance.pid,
         &request,
-        Some(&stack),
+        &[&stack],
     );
     drop(stack);
     let (id, local) = match reply {
@@ -279,27 +284,18 @@ pub(crate) fn connect(
             return Err(FallbackReason::StackUnavailable);
         }
     };
-    if let Some(name) = RelayName::new(&instance, id, local, destination) {
-        let mut bytes = [0; sys::MAX_NAME];
-        let len = name.encode(&mut bytes);
-        // Without the name the socket still relays; only addresses and reset detection are
-        // lost, so a failure here is not a reason to fall back.
-        let _ = sys::bind_abstract(&application, &bytes[..len]);
-    }
-    if nonblocking {
-        sys::set_nonblocking(&application).map_err(|_| FallbackReason::Other)?;
-    }
-    // From here on the application's fd is the relay socket, whatever happens.
-    sys::place(application, fd, cloexec).map_err(|_| FallbackReason::Other)?;
-    let entry = crate::fdtable::get(fd);
-    if entry.epoll_recorded() {
-        // The registrations made before `connect` named the kernel socket, closed by the
-        // placement: the relay socket gets them again, with the same events and data.
-        crate::epollreg::replay(fd, |epoll, events, data| {
-            let _ = sys::epoll_add(epoll, fd, events, data);
-        });
-    }
-    crate::fdtable::set(fd, entry.with_nodelay(nodelay).with_epoll_recorded(false));
+    adopt(
+        &instance,
+        id,
+        fd,
+        application,
+        local,
+        destination,
+        nonblocking,
+        cloexec,
+    )
+    .map_err(|_| FallbackReason::Other)?;
+    crate::fdtable::set(fd, crate::fdtable::get(fd).with_nodelay(nodelay));
     if nonblocking {
         return Ok(Connected::InProgress);
     }
@@ -314,6 +310,189 @@ pub(crate) fn connect(
     })
 }
 
+/// Puts `application`, the application's end of connection `id` of `instance`, on the
+/// application's fd number `fd`, named so the shim recognises it (addresses, status).
+/// Epoll registrations recorded for `fd` move to it.
+#[allow(clippy::too_many_arguments)]
+fn adopt(
+    instance: &Instance,
+    id: u64,
+    fd: RawFd,
+    application: OwnedFd,
+    local: SocketAddr,
+    remote: SocketAddr,
+    nonblocking: bool,
+    cloexec: bool,
+) -> Result<(), i32> {
+    if let Some(name) = RelayName::new(instance, id, local, remote) {
+        let mut bytes = [0; sys::MAX_NAME];
+        let len = name.encode(&mut bytes);
+        // Without the name the socket still relays; only addresses and reset detection are
+        // lost, so a failure here is not a reason to fall back.
+        let _ = sys::bind_abstract(&application, &bytes[..len]);
+    }
+    if nonblocking {
+        sys::set_nonblocking(&application)?;
+    }
+    let entry = crate::fdtable::get(fd);
+    let mut registrations = [(0, 0, 0); crate::epollreg::CAPACITY];
+    let mut count = 0;
+    if entry.epoll_recorded() {
+        crate::epollreg::replay(fd, |epoll, events, data| {
+            if count < registrations.len() {
+                registrations[count] = (epoll, events, data);
+                count += 1;
+            }
+        });
+    }
+    // The registrations name the socket now on `fd`. Placing the relay socket closes it
+    // unless someone else holds it (an RDMA relay keeps the TCP connection): remove them
+    // first, so no event of the old socket ever reaches the application.
+    for &(epoll, _, _) in &registrations[..count] {
+        sys::epoll_delete(epoll, fd);
+    }
+    // From here on the application's fd is the relay socket, whatever happens.
+    let placed = sys::place(application, fd, cloexec);
+    // The relay socket (or, if placing failed, the old one) gets them again, with the same
+    // events and data.
+    for &(epoll, events, data) in &registrations[..count] {
+        let _ = sys::epoll_add(epoll, fd, events, data);
+    }
+    placed?;
+    crate::fdtable::set(fd, entry.with_epoll_recorded(false));
+    Ok(())
+}
+
+/// A queue pair this namespace's instance opened for an RDMA upgrade exchange.
+#[derive(Debug)]
+pub(crate) struct RdmaOpened {
+    instance: Instance,
+    token: u64,
+    /// Its endpoint, for the Proposal or Accept.
+    pub(crate) endpoint: stackroute_rdma_upgrade::Endpoint,
+}
+
+/// An RDMA connection the instance relays, not yet on the application's fd.
+#[derive(Debug)]
+pub(crate) struct RdmaStarted {
+    instance: Instance,
+    id: u64,
+    application: OwnedFd,
+    local: SocketAddr,
+    remote: SocketAddr,
+}
+
+fn rdma_reason(reason: &str) -> stackroute_rdma_upgrade::Reason {
+    stackroute_rdma_upgrade::Reason::from_name(reason)
+        .unwrap_or(stackroute_rdma_upgrade::Reason::Other)
+}
+
+/// Asks this namespace's instance for a queue pair (the instance is started if needed, but
+/// waited for at most `timeout`).
+pub(crate) fn rdma_open(
+    config: &Config,
+    timeout: Duration,
+) -> Result<RdmaOpened, stackroute_rdma_upgrade::Reason> {
+    use stackroute_rdma_upgrade::Reason;
+    let instance = instance_within(config, timeout).map_err(|reason| match reason {
+        FallbackReason::NoAgent | FallbackReason::StackUnavailable => Reason::StackUnavailable,
+        _ => Reason::Other,
+    })?;
+    match call(
+        instance.socket.as_bytes(),
+        instance.pid,
+        &RelayRequest::RdmaOpen,
+        &[],
+    ) {
+        Ok(RelayResponse::RdmaOpened { token, endpoint }) => Ok(RdmaOpened {
+            instance,
+            token,
+            endpoint: stackroute_rdma_upgrade::Endpoint {
+                gid: endpoint.gid,
+                qpn: endpoint.qpn,
+                psn: endpoint.psn,
+            },
+        }),
+        Ok(RelayResponse::RdmaRefused { reason, .. }) => Err(rdma_reason(&reason)),
+        Ok(_) => Err(Reason::Other),
+        Err(_) => {
+            forget(&instance);
+            Err(Reason::StackUnavailable)
+        }
+    }
+}
+
+/// Has the instance connect `opened` to `peer` and relay connection `fd` (a connected kernel
+/// TCP socket, which it keeps watching) over it; the application's end is returned for
+/// [`rdma_adopt`]. Nothing of `fd` changes here.
+pub(crate) fn rdma_start(
+    opened: RdmaOpened,
+    fd: RawFd,
+    peer: stackroute_rdma_upgrade::Endpoint,
+    timeout: Duration,
+) -> Result<RdmaStarted, stackroute_rdma_upgrade::Reason> {
+    use stackroute_rdma_upgrade::Reason;
+    let (Some(local), Some(remote)) = (crate::sys::local_address(fd), crate::sys::peer_address(fd))
+    else {
+        return Err(Reason::Other);
+    };
+    let (application, stack) = sys::stream_pair().map_err(|_| Reason::Other)?;
+    let control = sys::duplicate(fd).map_err(|_| Reason::Other)?;
+    let request = RelayRequest::RdmaRelay {
+        token: opened.token,
+        peer: stackroute_local_api::relay::RdmaEndpoint {
+            gid: peer.gid,
+            qpn: peer.qpn,
+            psn: peer.psn,
+        },
+        local,
+        remote,
+        timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+    };
+    let instance = opened.instance;
+    match call(
+        instance.socket.as_bytes(),
+        instance.pid,
+        &request,
+        &[&stack, &control],
+    ) {
+        Ok(RelayResponse::Connecting { id, .. }) => Ok(RdmaStarted {
+            instance,
+            id,
+            application,
+            local,
+            remote,
+        }),
+        Ok(RelayResponse::RdmaRefused { reason, .. }) => Err(rdma_reason(&reason)),
+        Ok(_) => Err(Reason::Other),
+        Err(_) => {
+            forget(&instance);
+            Err(Reason::StackUnavailable)
+        }
+    }
+}
+
+/// Puts a started RDMA connection on the application's fd: from here on `fd` is its relayed
+/// socket (same flags; `getsockname`/`getpeername` as before).
+pub(crate) fn rdma_adopt(started: RdmaStarted, fd: RawFd) -> Result<(), i32> {
+    let (nonblocking, cloexec) = sys::fd_flags(fd).ok_or(libc::EBADF)?;
+    adopt(
+        &started.instance,
+        started.id,
+        fd,
+        started.application,
+        started.local,
+        started.remote,
+        nonblocking,
+        cloexec,
+    )?;
+    let entry = crate::fdtable::get(fd)
+        .with_decision(Stack::Rdma, CongestionControl::Default)
+        .with_connected();
+    crate::fdtable::set(fd, entry);
+    Ok(())
+}
+
 /// The state of `fd`'s relayed connection: (state, errno, figures).
 pub(crate) fn status(
     name: &RelayName,
@@ -322,7 +501,7 @@ pub(crate) fn status(
         name.socket(),
         name.instance_pid,
         &RelayRequest::Status { id: name.id },
-        None,
+        &[],
     ) {
         Ok(RelayResponse::Status {
             state, error, info, ..
@@ -369,7 +548,7 @@ pub(crate) fn set_option(fd: RawFd, option: RelayOption) -> bool {
                 id: name.id,
                 option
             },
-            None,
+            &[],
         ),
         Ok(RelayResponse::Done)
     )
@@ -399,7 +578,7 @@ pub(crate) fn listen(config: &Config, address: SocketAddr) -> bool {
             instance.socket.as_bytes(),
             instance.pid,
             &RelayRequest::Listen { address },
-            None,
+            &[],
         ),
         Ok(RelayResponse::Done)
     )
@@ -413,7 +592,7 @@ pub(crate) fn peer_of(config: &Config, peer: SocketAddr) -> Option<(SocketAddr, 
         instance.socket.as_bytes(),
         instance.pid,
         &RelayRequest::PeerOf { local: peer },
-        None,
+        &[],
     ) {
         Ok(RelayResponse::Peer {
             remote: Some(remote),
@@ -430,7 +609,7 @@ pub(crate) fn local_of(config: &Config, id: u64) -> Option<SocketAddr> {
         instance.socket.as_bytes(),
         instance.pid,
         &RelayRequest::Status { id },
-        None,
+        &[],
     ) {
         Ok(RelayResponse::Status {
             info: Some(info), ..
@@ -559,6 +738,7 @@ mod tests {
             min_rtt_us: 30_000,
             delivery_rate_bps: 80_000_000,
             cwnd_bytes: 1448 * 10,
+            transport: None,
         };
         let bytes = tcp_info_bytes(Some(&info));
         let u32_at = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap());

@@ -14,8 +14,14 @@
 //!   read or write. Answered unless the application wrote first; the client's final message is
 //!   stripped too.
 //!
-//! This build has no RDMA data path: the verbs provider (`STACKROUTE_RDMA_PROVIDER`) checks and
-//! connects, and a completed RDMA connect is still declined (`stack-unavailable`).
+//! The data path is the pod's stack instance's (`stackroute-stackd --rdma-provider`): each side
+//! asks it for a queue pair (`RdmaOpen`, whose endpoint the Proposal or Accept carries), then
+//! to connect it to the peer's and relay the connection (`RdmaRelay`, handing it the
+//! application's end of a socketpair and a duplicate of the TCP socket, which it watches for the
+//! peer's death). The application's fd then becomes that socketpair end, as for the user-space
+//! stack (`relay`). The server switches only on the client's Confirm: the client sends one only
+//! once its own relay runs and within the deadline of its proposal; the server waits for it
+//! twice as long, so the two never disagree unless one network delay exceeds the deadline.
 #![deny(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -28,6 +34,8 @@ use stackroute_rdma_upgrade::{
     ClientNext, DecodeError, Endpoint, Kind, MESSAGE_LEN, Message, Outcome, Prefix, Reason,
     classify, client_next, server_answer,
 };
+
+use stackroute_snapshot::Stack;
 
 use crate::config::Config;
 use crate::counters;
@@ -56,6 +64,23 @@ fn set_state(fd: i32, state: Upgrade) {
         _ => {}
     }
     fdtable::set(fd, before.with_upgrade(state));
+    if state == Upgrade::None
+        && fdtable::get(fd)
+            .transport()
+            .is_none_or(|(stack, _)| stack != Stack::Rdma)
+    {
+        keep_registrations(fd);
+    }
+}
+
+/// The exchange on `fd` is over and its kernel socket stays: epoll registrations recorded in
+/// case a relay socket took its fd number are forgotten (they remain valid as they are).
+pub(crate) fn keep_registrations(fd: i32) {
+    let entry = fdtable::get(fd);
+    if entry.epoll_recorded() {
+        crate::epollreg::replay(fd, |_, _, _| {});
+        fdtable::set(fd, entry.with_epoll_recorded(false));
+    }
 }
 
 /// `fd` was accepted from an upgrade listener: its stream may begin with a proposal.
@@ -235,12 +260,16 @@ pub(crate) fn fallback_reason(reason: Reason) -> FallbackReason {
 /// The client's exchange on `fd` right after the real `connect` returned `connect_errno` (0
 /// when it completed): `None` when there was no exchange (the connect failed). Never changes
 /// what `connect` returns; never takes longer than the deadline.
-pub(crate) fn client(
-    config: &Config,
-    fd: i32,
-    connect_errno: i32,
-    endpoint: Endpoint,
-) -> Option<Outcome> {
+pub(crate) fn client(config: &Config, fd: i32, connect_errno: i32) -> Option<Result<(), Outcome>> {
+    client_exchange(config, fd, connect_errno).map(|outcome| match outcome {
+        Some(outcome) => Err(outcome),
+        None => Ok(()),
+    })
+}
+
+/// The client's exchange: `None` when there was none, `Some(None)` when the connection now
+/// runs on RDMA, else why not.
+fn client_exchange(config: &Config, fd: i32, connect_errno: i32) -> Option<Option<Outcome>> {
     let deadline = io::monotonic_ms() + u64::from(config.rdma_deadline_ms);
     let left = || {
         deadline
@@ -257,33 +286,41 @@ pub(crate) fn client(
             }
             if events & libc::POLLOUT == 0 {
                 // Still connecting: nothing was sent, the connection goes on as TCP.
-                return Some(Outcome::local(Reason::ConnectTimeout));
+                return Some(Some(Outcome::local(Reason::ConnectTimeout)));
             }
         }
         _ => return None,
     }
+    let failed = |outcome| Some(Some(outcome));
+    let opened = match crate::relay::rdma_open(config, millis(left())) {
+        Ok(opened) => opened,
+        // Nothing was sent: the server takes the application's first bytes as they are.
+        Err(reason) => return failed(Outcome::local(reason)),
+    };
+    let proposed_at = io::monotonic_ms();
     if config.proposal_delay_ms > 0 {
         // The test hook: the peer's application gets to speak first.
         io::wait(fd, 0, (config.proposal_delay_ms as i32).min(left()));
     }
     let nonce = io::random_u64();
-    let proposal = Message::new(Kind::Proposal, nonce).with_endpoint(endpoint);
+    let proposal = Message::new(Kind::Proposal, nonce).with_endpoint(opened.endpoint);
     if io::send_all(fd, &proposal.encode()).is_err() {
-        return Some(Outcome::local(Reason::Other));
+        return failed(Outcome::local(Reason::Other));
     }
+    let mut opened = Some(opened);
     let finish = |outcome: Outcome| {
         // A final message unless the server declined (then it strips one if one comes, and
         // takes anything else for the application's bytes).
         let _ = io::send_all(fd, &Message::decline(nonce, outcome.reason).encode());
-        Some(outcome)
+        Some(Some(outcome))
     };
     loop {
         let mut front = [0u8; MESSAGE_LEN];
         let seen = match io::peek(fd, &mut front) {
-            Ok(0) => return Some(Outcome::local(Reason::Other)),
+            Ok(0) => return failed(Outcome::local(Reason::Other)),
             Ok(n) => n,
             Err(libc::EAGAIN | libc::EINTR) => 0,
-            Err(_) => return Some(Outcome::local(Reason::Other)),
+            Err(_) => return failed(Outcome::local(Reason::Other)),
         };
         match client_next(nonce, &front[..seen]) {
             ClientNext::Wait => {
@@ -296,23 +333,28 @@ pub(crate) fn client(
             }
             ClientNext::Connect(peer) => {
                 let _ = io::discard(fd, MESSAGE_LEN);
-                let reason = match provider(config) {
-                    Some(provider) => {
-                        match provider.connect(&peer.gid, peer.qpn, peer.psn, left().max(0) as u32)
-                        {
-                            // Connected, but this build cannot move the stream onto it.
-                            0 => Reason::StackUnavailable,
-                            code => Reason::from_code(code),
-                        }
-                    }
-                    None => Reason::StackUnavailable,
+                let Some(opened) = opened.take() else {
+                    return finish(Outcome::local(Reason::Other));
                 };
-                let reason = if left() <= 0 && reason != Reason::StackUnavailable {
-                    Reason::ConnectTimeout
-                } else {
-                    reason
+                let started = match crate::relay::rdma_start(opened, fd, peer, millis(left())) {
+                    Ok(started) => started,
+                    Err(reason) => return finish(Outcome::local(reason)),
                 };
-                return finish(Outcome::local(reason));
+                // The server waits for this answer twice the deadline after its Accept: past
+                // the deadline of the proposal, it may have given up, so this side must too.
+                if io::monotonic_ms().saturating_sub(proposed_at)
+                    > u64::from(config.rdma_deadline_ms)
+                {
+                    return finish(Outcome::local(Reason::ConnectTimeout));
+                }
+                if io::send_all(fd, &Message::new(Kind::Confirm, nonce).encode()).is_err() {
+                    return failed(Outcome::local(Reason::Other));
+                }
+                return match crate::relay::rdma_adopt(started, fd) {
+                    Ok(()) => Some(None),
+                    // The server switched; this side cannot: the connection is lost either way.
+                    Err(_) => failed(Outcome::local(Reason::Other)),
+                };
             }
             ClientNext::Fallback { outcome, consume } => {
                 if consume {
@@ -325,7 +367,7 @@ pub(crate) fn client(
                     // here would sit unacknowledged (the server has nothing to send, so it
                     // delays its ACK) and hold the application's first small write behind
                     // Nagle for ~40 ms.
-                    return Some(outcome);
+                    return failed(outcome);
                 }
                 return finish(outcome);
             }
@@ -422,14 +464,38 @@ fn take_message(config: &Config, fd: i32, state: Upgrade, bytes: &[u8; MESSAGE_L
             if proposal.kind == Kind::Proposal =>
         {
             let _ = io::discard(fd, MESSAGE_LEN);
-            if state == Upgrade::Probe {
-                let answer = server_answer(&proposal, capability(config));
-                let _ = io::send_all(fd, &answer.encode());
-                if let Some(reason) = answer.reason {
+            if state == Upgrade::ProbeSilent {
+                set_state(fd, Upgrade::AwaitFinal);
+                return;
+            }
+            match server_upgrade(config, fd, &proposal) {
+                ServerStep::Upgraded => {
+                    set_state(fd, Upgrade::None);
+                    upgraded(
+                        config,
+                        fd,
+                        UpgradeRole::Server,
+                        sys::peer_address(fd),
+                        started_us,
+                    );
+                }
+                ServerStep::Declined(reason) => {
                     server_ended(Outcome::local(reason));
+                    set_state(fd, Upgrade::AwaitFinal);
+                }
+                ServerStep::ClientDeclined(reason) => {
+                    server_ended(Outcome {
+                        reason: Reason::PeerDeclined,
+                        peer: Some(reason),
+                    });
+                    set_state(fd, Upgrade::None);
+                }
+                ServerStep::NoFinal => {
+                    // A late final is stripped when it comes.
+                    server_ended(Outcome::local(Reason::ConnectTimeout));
+                    set_state(fd, Upgrade::AwaitFinal);
                 }
             }
-            set_state(fd, Upgrade::AwaitFinal);
         }
         (Upgrade::Probe, Err(DecodeError::Version(_))) => {
             let _ = io::discard(fd, MESSAGE_LEN);
@@ -460,6 +526,127 @@ fn take_message(config: &Config, fd: i32, state: Upgrade, bytes: &[u8; MESSAGE_L
         }
         // Anything else is not the message this state expects: leave the bytes alone.
         _ => set_state(fd, Upgrade::None),
+    }
+}
+
+/// How the server's side of an exchange went.
+enum ServerStep {
+    /// The connection runs on RDMA.
+    Upgraded,
+    /// Declined (the decline was sent) for this reason; the client's final may follow.
+    Declined(Reason),
+    /// Accepted, then the client declined for this reason (its final was taken).
+    ClientDeclined(Reason),
+    /// Accepted, and no final came in time.
+    NoFinal,
+}
+
+fn millis(ms: i32) -> std::time::Duration {
+    std::time::Duration::from_millis(ms.max(0) as u64)
+}
+
+/// Answers `proposal` (already taken off `fd`): when this side can, has its instance relay the
+/// connection over a queue pair connected to the client's, accepts, waits for the client's
+/// Confirm, and only then puts the relay on the application's fd.
+fn server_upgrade(config: &Config, fd: i32, proposal: &Message) -> ServerStep {
+    let deadline_ms = u64::from(config.rdma_deadline_ms);
+    let started = io::monotonic_ms();
+    let left = |within: u64| {
+        (started + within)
+            .saturating_sub(io::monotonic_ms())
+            .min(i32::MAX as u64) as i32
+    };
+    let decline = |reason: Reason| {
+        let _ = io::send_all(fd, &Message::decline(proposal.nonce, reason).encode());
+        ServerStep::Declined(reason)
+    };
+    if let Err(reason) = capability(config) {
+        return decline(reason);
+    }
+    if fdtable::get(fd).epoll_overflow() {
+        // Registrations the record could not hold would stay on the TCP socket.
+        return decline(Reason::Other);
+    }
+    let opened = match crate::relay::rdma_open(config, millis(left(deadline_ms))) {
+        Ok(opened) => opened,
+        Err(reason) => return decline(reason),
+    };
+    let endpoint = opened.endpoint;
+    let relayed =
+        match crate::relay::rdma_start(opened, fd, proposal.endpoint, millis(left(deadline_ms))) {
+            Ok(relayed) => relayed,
+            Err(reason) => return decline(reason),
+        };
+    let answer = server_answer(proposal, Ok(endpoint));
+    if io::send_all(fd, &answer.encode()).is_err() {
+        return ServerStep::Declined(Reason::Other);
+    }
+    // The client's final: twice the deadline (see the module docs).
+    loop {
+        let mut bytes = [0u8; MESSAGE_LEN];
+        let seen = match io::peek(fd, &mut bytes) {
+            Ok(0) => return ServerStep::ClientDeclined(Reason::Other),
+            Ok(n) => n,
+            Err(libc::EAGAIN | libc::EINTR) => 0,
+            Err(_) => return ServerStep::ClientDeclined(Reason::Other),
+        };
+        if seen < MESSAGE_LEN {
+            let remaining = left(2 * deadline_ms);
+            if remaining <= 0 {
+                return ServerStep::NoFinal;
+            }
+            io::wait(fd, libc::POLLIN, remaining);
+            continue;
+        }
+        return match Message::decode(&bytes) {
+            Ok(last) if last.kind == Kind::Confirm && last.nonce == proposal.nonce => {
+                let _ = io::discard(fd, MESSAGE_LEN);
+                match crate::relay::rdma_adopt(relayed, fd) {
+                    Ok(()) => ServerStep::Upgraded,
+                    Err(_) => ServerStep::ClientDeclined(Reason::Other),
+                }
+            }
+            Ok(last) if last.kind == Kind::Decline => {
+                let _ = io::discard(fd, MESSAGE_LEN);
+                io::quick_ack(fd);
+                ServerStep::ClientDeclined(last.reason.unwrap_or(Reason::Other))
+            }
+            // Not the final: the client's application bytes, left alone.
+            _ => ServerStep::ClientDeclined(Reason::Other),
+        };
+    }
+}
+
+/// A connection now runs on RDMA: counted, kept for the agent's list of attempts (reason
+/// `upgraded`), logged.
+pub(crate) fn upgraded(
+    config: &Config,
+    fd: i32,
+    role: UpgradeRole,
+    remote: Option<SocketAddr>,
+    started_us: u64,
+) {
+    let elapsed_us = io::monotonic_us().saturating_sub(started_us);
+    counters::decided(Stack::Rdma, stackroute_snapshot::CongestionControl::Default);
+    let address = |a: Option<SocketAddr>| a.map_or_else(|| "?".to_string(), |a| a.to_string());
+    counters::upgrade_attempt(UpgradeAttempt {
+        role,
+        local: address(sys::local_address(fd)),
+        remote: address(remote),
+        reason: stackroute_rdma_upgrade::UPGRADED.into(),
+        peer_reason: None,
+        elapsed_us,
+    });
+    if config.debug {
+        crate::logic::debug_line(format_args!(
+            "fd={fd} rdma upgrade with {}: upgraded after {}.{:03} ms; the connection runs on RDMA",
+            address(remote),
+            elapsed_us / 1000,
+            elapsed_us % 1000,
+        ));
+    }
+    if counters::report_due(sys::coarse_seconds()) {
+        crate::agent::report(config);
     }
 }
 

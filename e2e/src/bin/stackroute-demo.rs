@@ -290,6 +290,7 @@ fn demo(args: &Args, interrupted: &AtomicBool) -> Result<()> {
         internet_delay_ms: args.delay_ms,
         control_plane: !args.calibrate,
         agent_args: Vec::new(),
+        agent_env: Vec::new(),
     })?;
     let server_ip = cluster
         .add_pod("server", "node-a1", &["app=server"], true)?

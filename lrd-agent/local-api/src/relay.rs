@@ -108,6 +108,27 @@ pub enum RelayRequest {
         /// The loopback address and port the accepted socket's peer has.
         local: SocketAddr,
     },
+    /// RDMA upgrade: open a queue pair with the instance's verbs provider, for the endpoint the
+    /// upgrade exchange carries. Answered `RdmaOpened`, or `RdmaRefused` with the reason.
+    RdmaOpen,
+    /// RDMA upgrade: connect the queue pair `token` to the peer's endpoint and relay the
+    /// application's socket end (the first descriptor) over it, watching the TCP connection
+    /// the exchange ran on (the second) for the peer's death. Answered `Connecting`, or
+    /// `RdmaRefused`; the queue pair is spent either way.
+    #[serde(rename_all = "camelCase")]
+    RdmaRelay {
+        /// What `RdmaOpened` said.
+        token: u64,
+        /// The peer's endpoint, from its Proposal or Accept.
+        peer: RdmaEndpoint,
+        /// The TCP connection's local address (what `getsockname` keeps reporting).
+        local: SocketAddr,
+        /// Its remote address.
+        remote: SocketAddr,
+        /// How long connecting may take, in milliseconds (what is left of the exchange's
+        /// deadline).
+        timeout_ms: u32,
+    },
     /// The connections, for `stackroute connections`: at most `limit` from the `after`th on.
     #[serde(rename_all = "camelCase")]
     Connections {
@@ -162,6 +183,8 @@ pub enum RelayState {
 /// A reply from the instance.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
+// One reply at a time, built and dropped at once: a boxed `Status` would save nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum RelayResponse {
     /// The connection was started (SYN sent).
     #[serde(rename_all = "camelCase")]
@@ -206,6 +229,22 @@ pub enum RelayResponse {
         /// Whether more follow (ask again with `after` = the last id).
         more: bool,
     },
+    /// The answer to [`RelayRequest::RdmaOpen`].
+    #[serde(rename_all = "camelCase")]
+    RdmaOpened {
+        /// Names the queue pair in `RdmaRelay`.
+        token: u64,
+        /// Its endpoint, for the Proposal or Accept.
+        endpoint: RdmaEndpoint,
+    },
+    /// An RDMA request refused: the upgrade falls back to TCP with `reason`.
+    #[serde(rename_all = "camelCase")]
+    RdmaRefused {
+        /// A reason name of the upgrade exchange (`no-device`, `rdma-error`, …).
+        reason: String,
+        /// For people: what exactly failed.
+        detail: String,
+    },
     /// The request failed; `errno` is what the application should see.
     #[serde(rename_all = "camelCase")]
     Error {
@@ -214,6 +253,18 @@ pub enum RelayResponse {
         /// An errno for the application (`ENOBUFS` when out of ports or connections, …).
         errno: i32,
     },
+}
+
+/// An RDMA endpoint as the upgrade exchange carries it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RdmaEndpoint {
+    /// The port's GID.
+    pub gid: [u8; 16],
+    /// Queue pair number.
+    pub qpn: u32,
+    /// Initial packet sequence number.
+    pub psn: u32,
 }
 
 /// One relayed connection, as `stackroute connections` prints it.
@@ -249,6 +300,10 @@ pub struct ConnectionInfo {
     pub delivery_rate_bps: u64,
     /// Congestion window in bytes.
     pub cwnd_bytes: u64,
+    /// `RDMA` for a connection relayed over a queue pair (its TCP figures are zero); absent
+    /// for the user-space stack's TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 #[cfg(test)]

@@ -142,6 +142,7 @@ mod tests {
             min_rtt_us: 0,
             delivery_rate_bps: 0,
             cwnd_bytes: 0,
+            transport: None,
         };
         let mut totals = Totals::default();
         totals.add(&connection(RelayState::Established, 100, 1));

@@ -47,6 +47,8 @@ pub(super) struct Plan {
     pub(super) af_xdp: bool,
     /// `ip_local_reserved_ports` as the agent reaches it (`--proc-sys-net`).
     pub(super) reserved_ports: PathBuf,
+    /// `--rdma-provider`.
+    pub(super) rdma_provider: Option<PathBuf>,
 }
 
 /// Why a start failed: the reason the shim records and a message for logs.
@@ -420,6 +422,16 @@ fn spawn(
         .stderr(log_err);
     if let Some(level) = std::env::var_os("STACKROUTE_STACKD_LOG") {
         command.env("STACKROUTE_LOG", level);
+    }
+    if let Some(provider) = &plan.rdma_provider {
+        command.arg("--rdma-provider").arg(provider);
+        // The test provider's settings (`libstackroute_rdma_fault.so`); rdma-core's own
+        // environment (`RDMAV_*`, `MLX5_*`) is not passed on.
+        for name in ["STACKROUTE_RDMA_FAULTS", "STACKROUTE_RDMA_FAULT_DIR"] {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
     }
     sys::instance_before_exec(
         &mut command,

@@ -137,9 +137,13 @@ pub(crate) fn decode(
         (RelayRequest::Connect { .. }, n) => Err(Refusal::invalid(format!(
             "connect carries exactly one descriptor (SCM_RIGHTS), not {n}"
         ))),
+        (RelayRequest::RdmaRelay { .. }, 2) => Ok(request),
+        (RelayRequest::RdmaRelay { .. }, n) => Err(Refusal::invalid(format!(
+            "rdmaRelay carries exactly two descriptors (the application's end, the TCP connection), not {n}"
+        ))),
         (_, 0) => Ok(request),
         (_, n) => Err(Refusal::invalid(format!(
-            "only connect carries a descriptor, this request carried {n}"
+            "only connect and rdmaRelay carry descriptors, this request carried {n}"
         ))),
     }
 }
@@ -212,6 +216,7 @@ mod tests {
             min_rtt_us: u64::MAX,
             delivery_rate_bps: u64::MAX,
             cwnd_bytes: u64::MAX,
+            transport: None,
         }
     }
 

@@ -24,6 +24,7 @@ use stackroute_pktio::AnyDevice;
 use tracing::{debug, info, warn};
 
 use crate::control::{self, Packet, Refusal};
+use crate::rdma::Rdma;
 use crate::relay::{End, Relay};
 
 const PACKETS: Token = Token(0);
@@ -78,6 +79,8 @@ pub(crate) struct Settings {
     pub(crate) gateway: Option<Ipv4Addr>,
     /// The stack's IPv6 subnet and gateway, if it serves IPv6.
     pub(crate) ipv6: Option<Ipv6Config>,
+    /// The verbs provider for RDMA upgrades, if any.
+    pub(crate) rdma_provider: Option<std::path::PathBuf>,
 }
 
 /// A finished connection's last status.
@@ -127,6 +130,7 @@ pub(crate) struct Instance {
     scratch: Vec<u8>,
     packet: Vec<u8>,
     terminate: bool,
+    rdma: Rdma,
 }
 
 impl Instance {
@@ -136,6 +140,7 @@ impl Instance {
         signal: UnixStream,
         settings: Settings,
     ) -> io::Result<Self> {
+        let rdma = Rdma::new(settings.rdma_provider.clone());
         let poll = Poll::new()?;
         let registry = poll.registry();
         registry.register(
@@ -176,6 +181,7 @@ impl Instance {
             scratch: vec![0; SCRATCH],
             packet: vec![0; MAX_MESSAGE + 1],
             terminate: false,
+            rdma,
         })
     }
 
@@ -450,12 +456,12 @@ impl Instance {
                 Packet::Message {
                     bytes,
                     truncated,
-                    mut fds,
+                    fds,
                 } => {
                     let length = bytes.min(self.packet.len());
                     let response =
                         match control::decode(&self.packet[..length], truncated, fds.len()) {
-                            Ok(request) => self.handle(request, fds.pop()),
+                            Ok(request) => self.handle(request, fds),
                             Err(refusal) => {
                                 warn!(
                                     "refused a control packet ({} bytes, {} descriptors): {}",
@@ -509,7 +515,8 @@ impl Instance {
         }
     }
 
-    fn handle(&mut self, request: RelayRequest, fd: Option<OwnedFd>) -> RelayResponse {
+    fn handle(&mut self, request: RelayRequest, mut fds: Vec<OwnedFd>) -> RelayResponse {
+        let fd = fds.pop();
         match request {
             RelayRequest::Connect {
                 remote,
@@ -527,6 +534,23 @@ impl Instance {
                 None => error("connect carries one descriptor", Errno::INVAL),
             },
             RelayRequest::Status { id } => self.status(id),
+            RelayRequest::RdmaOpen => self.rdma.open(),
+            RelayRequest::RdmaRelay {
+                token,
+                peer,
+                local,
+                remote,
+                timeout_ms,
+            } => match (fds.pop(), fd) {
+                (Some(app), Some(control)) => {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    let timeout = Duration::from_millis(u64::from(timeout_ms));
+                    self.rdma
+                        .relay(id, token, peer, local, remote, timeout, app, control)
+                }
+                _ => error("rdmaRelay carries two descriptors", Errno::INVAL),
+            },
             RelayRequest::Listen { address } => self.listen(address),
             RelayRequest::Unlisten { address } => self.unlisten(address),
             RelayRequest::PeerOf { local } => match self.peers.get(&unmapped(local)) {
@@ -549,8 +573,9 @@ impl Instance {
                     .finished
                     .range(after.saturating_add(1)..)
                     .map(|(&id, f)| (id, f.info.clone()));
+                let tcp = merge_by_id(live, finished).map(|info| (info.id, info));
                 control::page(
-                    merge_by_id(live, finished),
+                    merge_by_id(tcp, self.rdma.infos(after)),
                     limit as usize,
                     MAX_MESSAGE,
                 )
@@ -863,11 +888,19 @@ impl Instance {
                 error: finished.error,
                 info: Some(finished.info.clone()),
             },
-            None => error(&format!("no connection {id}"), Errno::NOENT),
+            None => self
+                .rdma
+                .status(id)
+                .unwrap_or_else(|| error(&format!("no connection {id}"), Errno::NOENT)),
         }
     }
 
     fn set_option(&mut self, id: u64, option: RelayOption) -> RelayResponse {
+        if self.rdma.status(id).is_some() {
+            // TCP options mean nothing on a queue pair (no Nagle, no congestion control of
+            // ours): taken and ignored, as a kernel socket would take them.
+            return RelayResponse::Done;
+        }
         let Some(relay) = self.relays.get_mut(&id) else {
             return if self.finished.contains_key(&id) {
                 error(&format!("connection {id} is closed"), Errno::NOTCONN)

@@ -10,6 +10,7 @@ mod control;
 mod discover;
 mod instance;
 mod listeners;
+mod rdma;
 mod relay;
 mod sys;
 
@@ -72,6 +73,10 @@ struct Cli {
     /// Relayed connections at once (beyond: ENOBUFS).
     #[arg(long, default_value_t = 16384)]
     max_connections: usize,
+    /// The verbs provider (`libstackroute_rdma.so`) for connections upgraded to RDMA; without
+    /// it every upgrade this instance is asked for is declined (`stack-unavailable`).
+    #[arg(long)]
+    rdma_provider: Option<std::path::PathBuf>,
 }
 
 fn parse_ports(text: &str) -> Result<RangeInclusive<u16>, String> {
@@ -238,6 +243,7 @@ fn run(cli: Cli) -> Result<()> {
         prefix_len: network.prefix_len,
         gateway: network.gateway,
         ipv6,
+        rdma_provider: cli.rdma_provider.clone(),
     };
     let mut instance = instance::Instance::new(host, listener, signal_read, settings)?;
     info!(

@@ -469,6 +469,7 @@ impl Relay {
             min_rtt_us: 0,
             delivery_rate_bps: 0,
             cwnd_bytes: 0,
+            transport: None,
         };
         if let Ok(stats) = stack.connection_stats(self.handle) {
             info.bytes_sent = stats.bytes_written;

@@ -154,44 +154,62 @@ pub(crate) fn peer_pid(fd: &OwnedFd) -> Option<i32> {
 }
 
 /// Sends one packet, with `passed` attached by `SCM_RIGHTS` when given.
-pub(crate) fn send_packet(
-    fd: &OwnedFd,
-    bytes: &[u8],
-    passed: Option<&OwnedFd>,
-) -> Result<(), c_int> {
+pub(crate) fn send_packet(fd: &OwnedFd, bytes: &[u8], passed: &[&OwnedFd]) -> Result<(), c_int> {
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr().cast_mut().cast(),
         iov_len: bytes.len(),
     };
-    // Room for one control message carrying one fd, aligned for cmsghdr.
+    // Room for one control message carrying up to two fds, aligned for cmsghdr.
     let mut control = [0u64; 4];
     // SAFETY: msghdr is plain data; all zeroes is a valid value.
     let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
     message.msg_iov = &raw mut iov;
     message.msg_iovlen = 1;
-    if let Some(passed) = passed {
+    if !passed.is_empty() {
+        assert!(passed.len() <= 2, "at most two descriptors per packet");
+        let data = (passed.len() * size_of::<c_int>()) as u32;
         // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
         let (space, len) = unsafe {
             (
-                libc::CMSG_SPACE(size_of::<c_int>() as u32) as usize,
-                libc::CMSG_LEN(size_of::<c_int>() as u32) as usize,
+                libc::CMSG_SPACE(data) as usize,
+                libc::CMSG_LEN(data) as usize,
             )
         };
         message.msg_control = control.as_mut_ptr().cast();
         message.msg_controllen = space;
         // SAFETY: the control buffer is `space` (≤ 32) bytes, aligned for cmsghdr, so the first
-        // header and its data fit.
+        // header and its (at most two) fds fit.
         unsafe {
             let header = libc::CMSG_FIRSTHDR(&raw const message);
             (*header).cmsg_level = libc::SOL_SOCKET;
             (*header).cmsg_type = libc::SCM_RIGHTS;
             (*header).cmsg_len = len;
-            std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<c_int>(), passed.as_raw_fd());
+            let first = libc::CMSG_DATA(header).cast::<c_int>();
+            for (index, fd) in passed.iter().enumerate() {
+                std::ptr::write_unaligned(first.add(index), fd.as_raw_fd());
+            }
         }
     }
     // SAFETY: `message` points at live locals (iov, control) for the duration of the call.
     let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &raw const message, libc::MSG_NOSIGNAL) };
     if n < 0 { Err(errno()) } else { Ok(()) }
+}
+
+/// A new descriptor (close-on-exec) for `fd`'s open file.
+pub(crate) fn duplicate(fd: RawFd) -> Result<OwnedFd, c_int> {
+    // SAFETY: F_DUPFD_CLOEXEC takes no pointer; a failure is reported by errno.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if copy < 0 {
+        return Err(errno());
+    }
+    // SAFETY: `copy` is a new descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+}
+
+/// Removes `fd`'s registration from `epoll` (errors ignored: it may have none).
+pub(crate) fn epoll_delete(epoll: RawFd, fd: RawFd) {
+    // SAFETY: EPOLL_CTL_DEL ignores the event pointer (null is allowed since Linux 2.6.9).
+    unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
 }
 
 /// Receives one packet into `buffer`; its length.

@@ -132,18 +132,18 @@ pub(crate) fn memlock_limit() -> Option<u64> {
     (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }
 
-/// A verbs provider: a shared library that does the RDMA side for the shim, loaded from
-/// `STACKROUTE_RDMA_PROVIDER` so that programs without RDMA never load libibverbs. Its C ABI:
+/// A verbs provider: a shared library that does the RDMA side, loaded from
+/// `STACKROUTE_RDMA_PROVIDER` so that programs without RDMA never load libibverbs. The shim
+/// calls only its capability probe:
 ///
 /// - `uint16_t stackroute_rdma_probe(uint8_t gid[16], uint32_t *qpn, uint32_t *psn)`: 0 and
-///   this side's endpoint, or a reason code (`stackroute_rdma_upgrade::Reason::code`);
-/// - `uint16_t stackroute_rdma_connect(const uint8_t gid[16], uint32_t qpn, uint32_t psn,
-///   uint32_t timeout_ms)`: 0 once connected to the peer's endpoint, or a reason code; it must
-///   return within `timeout_ms`.
+///   the device's endpoint, or a reason code (`stackroute_rdma_upgrade::Reason::code`).
+///
+/// Queue pairs are the pod's stack instance's (the data-path ABI of
+/// `stackroute-rdma-provider`).
 #[derive(Clone, Copy)]
 pub(crate) struct Provider {
     probe: unsafe extern "C" fn(*mut u8, *mut u32, *mut u32) -> u16,
-    connect: unsafe extern "C" fn(*const u8, u32, u32, u32) -> u16,
 }
 
 impl std::fmt::Debug for Provider {
@@ -161,27 +161,18 @@ impl Provider {
         if handle.is_null() {
             return None;
         }
-        // SAFETY: `handle` is a live handle and the names are NUL-terminated.
-        let (probe, connect) = unsafe {
-            (
-                libc::dlsym(handle, c"stackroute_rdma_probe".as_ptr()),
-                libc::dlsym(handle, c"stackroute_rdma_connect".as_ptr()),
-            )
-        };
-        if probe.is_null() || connect.is_null() {
+        // SAFETY: `handle` is a live handle and the name is NUL-terminated.
+        let probe = unsafe { libc::dlsym(handle, c"stackroute_rdma_probe".as_ptr()) };
+        if probe.is_null() {
             return None;
         }
-        // SAFETY: the provider ABI above declares both symbols with these signatures.
+        // SAFETY: the provider ABI above declares the symbol with this signature.
         unsafe {
             Some(Self {
                 probe: std::mem::transmute::<
                     *mut c_void,
                     unsafe extern "C" fn(*mut u8, *mut u32, *mut u32) -> u16,
                 >(probe),
-                connect: std::mem::transmute::<
-                    *mut c_void,
-                    unsafe extern "C" fn(*const u8, u32, u32, u32) -> u16,
-                >(connect),
             })
         }
     }
@@ -196,11 +187,5 @@ impl Provider {
         } else {
             Err(code)
         }
-    }
-
-    /// Connects to the peer's endpoint within `timeout_ms`: 0, or a reason code.
-    pub(crate) fn connect(&self, gid: &[u8; 16], qpn: u32, psn: u32, timeout_ms: u32) -> u16 {
-        // SAFETY: `gid` is a live 16-byte array; the provider only reads it.
-        unsafe { (self.connect)(gid.as_ptr(), qpn, psn, timeout_ms) }
     }
 }

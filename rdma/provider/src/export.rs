@@ -316,9 +316,8 @@ pub mod raw {
     pub unsafe fn send_slots<P: Provider>(qp: *mut c_void) -> u32 {
         // SAFETY: the caller's promise.
         match unsafe { handle::<P>(qp) } {
-            Handle::Connected(connected) if connected.error.is_none() => {
-                connected.qp.send_slots() as u32
-            }
+            // Also after an error: the relay counts SENDs in flight with it.
+            Handle::Connected(connected) => connected.qp.send_slots() as u32,
             _ => 0,
         }
     }

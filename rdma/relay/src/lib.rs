@@ -11,7 +11,9 @@
 pub mod emulated;
 mod queue_pair;
 mod relay;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use queue_pair::{QueuePair, QueuePairError, Received};
-pub use relay::{CONTROL_GRACE, End, Relay};
+pub use relay::{CONTROL_GRACE, Counters, End, PROTOCOL_V1, Relay};
 pub use stackroute_rdma_stream::Config;

@@ -8,6 +8,8 @@ use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
@@ -23,6 +25,23 @@ pub const CONTROL_GRACE: Duration = Duration::from_millis(200);
 
 /// Bytes moved per read or write of the application's socket.
 const CHUNK: usize = 64 * 1024;
+
+/// The ring sizes of version 1 of the upgrade exchange, the same on both ends: 16 buffers of
+/// 64 KiB each way (2 MiB registered per connection), 256 KiB queued from the application.
+pub const PROTOCOL_V1: Config = Config {
+    window: 16,
+    buffer: 64 * 1024,
+    send_queue: 256 * 1024,
+};
+
+/// Bytes a relay moved, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Taken from the application and queued on the stream.
+    pub sent: AtomicU64,
+    /// Delivered to the application.
+    pub received: AtomicU64,
+}
 
 /// How a relayed connection ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +74,7 @@ pub struct Relay<Q> {
     credits_after_fin: usize,
     /// The queue pair failed after the stream had nothing left to send or receive.
     qp_closed: bool,
+    counters: Arc<Counters>,
 }
 
 impl<Q: QueuePair> Relay<Q> {
@@ -74,6 +94,7 @@ impl<Q: QueuePair> Relay<Q> {
             received: Vec::new(),
             credits_after_fin: 0,
             qp_closed: false,
+            counters: Arc::default(),
         }
     }
 
@@ -81,6 +102,12 @@ impl<Q: QueuePair> Relay<Q> {
     /// death (see the module docs). No byte is read from it or written to it.
     pub fn with_control(mut self, control: TcpStream) -> Self {
         self.control = Some(control);
+        self
+    }
+
+    /// Counts the bytes moved into `counters`.
+    pub fn with_counters(mut self, counters: Arc<Counters>) -> Self {
+        self.counters = counters;
         self
     }
 
@@ -223,6 +250,9 @@ impl<Q: QueuePair> Relay<Q> {
             ) {
                 Ok(n) => {
                     self.to_app_at += n;
+                    self.counters
+                        .received
+                        .fetch_add(n as u64, Ordering::Relaxed);
                     moved = true;
                 }
                 Err(Errno::AGAIN) => return Ok(moved),
@@ -256,6 +286,7 @@ impl<Q: QueuePair> Relay<Q> {
                 Ok((n, _)) => {
                     let taken = self.stream.write(&buffer[..n]);
                     debug_assert_eq!(taken, n, "read no more than the stream's room");
+                    self.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
                     moved = true;
                 }
                 Err(Errno::AGAIN) => break,
@@ -271,33 +302,24 @@ impl<Q: QueuePair> Relay<Q> {
         Ok(moved)
     }
 
-    /// Whether the peer's control connection says it is gone, and the grace is over.
+    /// Whether the peer's control connection closed more than the grace ago before its FIN
+    /// arrived. (A peer whose relay ended cleanly had sent its FIN: what is left is delivering
+    /// to the application, at the application's pace.)
     fn check_control(&mut self) -> Option<End> {
-        if let Some(at) = self.control_closed_at {
-            return (at.elapsed() >= CONTROL_GRACE).then(|| {
-                End::Failed(
-                    "the peer closed the connection's TCP socket before the stream ended (its process ended or reset)"
-                        .into(),
-                )
-            });
+        let at = self.control_closed_at?;
+        if self.stream.fin_received() {
+            return None;
         }
-        let control = self.control.as_ref()?;
-        let mut byte = [0u8; 1];
-        let closed = match recv(control, &mut byte, RecvFlags::DONTWAIT | RecvFlags::PEEK) {
-            Ok((0, _)) => true,
-            // Nothing is ever sent on it after the upgrade; bytes would be a confused peer.
-            Ok(_) => false,
-            Err(Errno::AGAIN | Errno::INTR) => false,
-            Err(_) => true,
-        };
-        if closed {
-            self.control_closed_at = Some(Instant::now());
-        }
-        None
+        (at.elapsed() >= CONTROL_GRACE).then(|| {
+            End::Failed(
+                "the peer closed the connection's TCP socket before the stream ended (its process ended or reset)"
+                    .into(),
+            )
+        })
     }
 
     /// Blocks until the application, the queue pair or the control connection has something.
-    fn wait(&self) -> io::Result<()> {
+    fn wait(&mut self) -> io::Result<()> {
         let mut app_flags = PollFlags::empty();
         if self.to_app_at < self.to_app.len() {
             app_flags |= PollFlags::OUT;
@@ -314,8 +336,11 @@ impl<Q: QueuePair> Relay<Q> {
         if !app_flags.is_empty() {
             fds.push(PollFd::from_borrowed_fd(self.app.as_fd(), app_flags));
         }
+        // The control connection only for its peer's FIN or reset: bytes on it are not ours
+        // (the shim reads the upgrade's last message from it) and must not wake the relay.
+        let control_at = fds.len();
         if let (Some(control), None) = (&self.control, self.control_closed_at) {
-            fds.push(PollFd::from_borrowed_fd(control.as_fd(), PollFlags::IN));
+            fds.push(PollFd::from_borrowed_fd(control.as_fd(), PollFlags::RDHUP));
         }
         let timeout = self.control_closed_at.map(|at| {
             let left = CONTROL_GRACE.saturating_sub(at.elapsed());
@@ -325,8 +350,17 @@ impl<Q: QueuePair> Relay<Q> {
             }
         });
         match poll(&mut fds, timeout.as_ref()) {
-            Ok(_) | Err(Errno::INTR) => Ok(()),
-            Err(errno) => Err(errno.into()),
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(errno) => return Err(errno.into()),
         }
+        let control_closed = fds.get(control_at).is_some_and(|fd| {
+            fd.revents()
+                .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+        });
+        drop(fds);
+        if control_closed && self.control.is_some() {
+            self.control_closed_at.get_or_insert_with(Instant::now);
+        }
+        Ok(())
     }
 }

@@ -4,14 +4,15 @@
 //! data path's code where no RDMA device exists; they do not show RDMA working (the device
 //! trial of `stackroute-rdma-verbs` does, on RDMA hosts).
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use stackroute_rdma_relay::emulated::{self, EmulatedQueuePair, Faults};
-use stackroute_rdma_relay::{CONTROL_GRACE, Config, End, Relay};
+use stackroute_rdma_relay::emulated::{self, Faults};
+use stackroute_rdma_relay::testing::{end_within, pattern, read_to_end, send_all, spawn};
+use stackroute_rdma_relay::{CONTROL_GRACE, Config, End};
 
 const CONFIG: Config = Config {
     window: 8,
@@ -26,16 +27,6 @@ fn control_pair() -> (TcpStream, TcpStream) {
     (client, server)
 }
 
-/// One side's relay on its own thread: the application's end is returned.
-fn spawn(qp: EmulatedQueuePair, control: Option<TcpStream>) -> (UnixStream, JoinHandle<End>) {
-    let (app, relayed) = UnixStream::pair().unwrap();
-    let mut relay = Relay::new(relayed, qp, CONFIG);
-    if let Some(control) = control {
-        relay = relay.with_control(control);
-    }
-    (app, std::thread::spawn(move || relay.run()))
-}
-
 struct Connection {
     a: UnixStream,
     b: UnixStream,
@@ -46,47 +37,14 @@ struct Connection {
 fn connect(faults: (Faults, Faults)) -> Connection {
     let (qp_a, qp_b) = emulated::pair(CONFIG, faults).unwrap();
     let (control_a, control_b) = control_pair();
-    let (a, relay_a) = spawn(qp_a, Some(control_a));
-    let (b, relay_b) = spawn(qp_b, Some(control_b));
+    let (a, relay_a) = spawn(qp_a, CONFIG, Some(control_a));
+    let (b, relay_b) = spawn(qp_b, CONFIG, Some(control_b));
     Connection {
         a,
         b,
         relay_a,
         relay_b,
     }
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u64 * 31 + u64::from(seed)) as u8 ^ (i >> 13) as u8)
-        .collect()
-}
-
-/// Writes `data` then shuts down writing, on a thread (which stops at an error: the tests of
-/// failures break the connection under it).
-fn send_all(mut socket: UnixStream, data: Vec<u8>) -> JoinHandle<std::io::Result<()>> {
-    std::thread::spawn(move || {
-        socket.write_all(&data)?;
-        socket.shutdown(Shutdown::Write)
-    })
-}
-
-fn read_to_end(socket: &mut UnixStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    socket.read_to_end(&mut out).unwrap();
-    out
-}
-
-fn end_within(relay: JoinHandle<End>, limit: Duration) -> End {
-    let start = Instant::now();
-    while !relay.is_finished() {
-        assert!(
-            start.elapsed() < limit,
-            "the relay did not end within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    relay.join().unwrap()
 }
 
 #[test]
@@ -220,7 +178,7 @@ fn an_error_completion_fails_both_ends() {
 fn a_dead_peer_is_noticed_by_an_idle_reader_through_the_control_connection() {
     let (qp_a, qp_b) = emulated::pair(CONFIG, Default::default()).unwrap();
     let (control_a, control_b) = control_pair();
-    let (mut a, relay_a) = spawn(qp_a, Some(control_a));
+    let (mut a, relay_a) = spawn(qp_a, CONFIG, Some(control_a));
     a.write_all(b"are you there?").unwrap();
     std::thread::sleep(Duration::from_millis(50));
     // The peer process dies: its queue pair and its TCP socket go with it, without a FIN on
@@ -241,7 +199,7 @@ fn a_dead_peer_is_noticed_by_an_idle_reader_through_the_control_connection() {
 #[test]
 fn without_the_control_connection_a_dead_peer_is_noticed_by_sending() {
     let (qp_a, qp_b) = emulated::pair(CONFIG, Default::default()).unwrap();
-    let (mut a, relay_a) = spawn(qp_a, None);
+    let (mut a, relay_a) = spawn(qp_a, CONFIG, None);
     drop(qp_b);
     a.write_all(&pattern(64 * 1024, 5)).unwrap();
     match end_within(relay_a, Duration::from_secs(5)) {

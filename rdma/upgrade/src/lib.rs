@@ -36,3 +36,7 @@ pub use message::{
 };
 pub use reason::Reason;
 pub use side::{ClientNext, Outcome, client_next, server_answer};
+
+/// What an attempt that ended on RDMA is recorded as, beside the [`Reason`]s of those that
+/// did not.
+pub const UPGRADED: &str = "upgraded";

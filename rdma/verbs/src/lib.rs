@@ -1,20 +1,33 @@
 //! `libstackroute_rdma.so`: the shim's verbs provider on rdma-core. The shim `dlopen`s it
-//! (`STACKROUTE_RDMA_PROVIDER`, which the injection webhook sets for RDMA pods), so programs
-//! without RDMA never load libibverbs. The provider ABI is the shim's
-//! (`nsocket-shim/src/sys/upgrade.rs`): `stackroute_rdma_probe` and `stackroute_rdma_connect`,
-//! answering reason codes of `stackroute-rdma-upgrade`.
+//! (`STACKROUTE_RDMA_PROVIDER`, which the injection webhook sets for RDMA pods) for its
+//! capability probe (`stackroute_rdma_probe`, `nsocket-shim/src/sys/upgrade.rs`, answering
+//! reason codes of `stackroute-rdma-upgrade`), and the pod's stack instance for the data path;
+//! programs without RDMA never load libibverbs.
 //!
 //! - **Probe** (this build): the verbs devices (`ibv_get_device_list`), an active port with a
 //!   non-zero GID (`ibv_query_port`, `ibv_query_gid`; RoCE v2 GIDs are addresses), and that a
 //!   connection's buffers can be registered (`ibv_reg_mr` of [`PROBE_REGISTRATION`] bytes:
 //!   `ENOMEM` is the locked-memory limit). Without the kernel's RDMA subsystem libibverbs
 //!   answers `ENOSYS` and the probe says `no-device` with that reason.
-//! - **Connect**: this build has no RDMA data path (queue pairs, registered rings, the shadow
-//!   socket's readiness): it answers `stack-unavailable`, and the connection stays TCP.
+//! - **Queue pair** ([`Prepared`], [`VerbsQueuePair`]): the data path's reliable-connected
+//!   queue pair on the probed device and port. One registered region holds `window` receive
+//!   and `window` send buffers of `buffer` bytes (the stream's [`Config`]); every message is a
+//!   signaled SEND with immediate data into one of the peer's posted receive buffers;
+//!   completions come through a non-blocking completion channel whose fd tells when to poll.
+//!   [`Prepared::new`] creates it (INIT, receives posted), the two sides exchange
+//!   [`Prepared::local`] endpoints, [`Prepared::connect`] brings it to RTS; it implements
+//!   `stackroute_rdma_relay::QueuePair`, so a `Relay` carries a byte stream over it.
+//! - **Data-path ABI** (`stackroute-rdma-provider`, in `provider.rs`): the pod's stack
+//!   instance (`stackroute-stackd --rdma-provider`) opens, connects and drives queue pairs
+//!   through this library.
 #![deny(unsafe_code)]
 
+mod provider;
+mod queue_pair;
 mod sys;
 
+pub use queue_pair::{Prepared, VerbsQueuePair};
+pub use stackroute_rdma_relay::Config;
 use stackroute_rdma_upgrade::Reason;
 
 /// Bytes registered by the probe: one connection's buffers. Registration pins memory against
@@ -124,8 +137,9 @@ pub fn probe() -> Result<Found, NotUsable> {
     Err(last)
 }
 
-/// The provider ABI's probe: 0 with this side's endpoint (the GID; the queue pair is the data
-/// path's, none in this build), or a reason code.
+/// The provider ABI's probe: 0 with this side's endpoint (the GID; QPN and PSN are 0: the
+/// queue pair is created per connection, which the ABI's connect does not do yet), or a
+/// reason code.
 ///
 /// # Safety
 ///
@@ -145,22 +159,6 @@ pub unsafe extern "C" fn stackroute_rdma_probe(gid: *mut u8, qpn: *mut u32, psn:
         }
         Err(not_usable) => not_usable.reason.code(),
     }
-}
-
-/// The provider ABI's connect: this build has no data path.
-///
-/// # Safety
-///
-/// `gid` must point to 16 readable bytes (it is not read in this build).
-#[unsafe(no_mangle)]
-#[allow(unsafe_code)]
-pub unsafe extern "C" fn stackroute_rdma_connect(
-    _gid: *const u8,
-    _qpn: u32,
-    _psn: u32,
-    _timeout_ms: u32,
-) -> u16 {
-    Reason::StackUnavailable.code()
 }
 
 #[cfg(test)]

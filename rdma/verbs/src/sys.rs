@@ -1,14 +1,19 @@
-//! The libibverbs calls of the probe, behind safe types that release what they hold.
+//! The libibverbs calls, behind safe types that release what they hold: the probe's here,
+//! the data path's queue pair in [`rc`].
 #![allow(unsafe_code)]
+
+mod rc;
 
 use std::ffi::CStr;
 
 use rdma_sys::{
     ___ibv_query_port, ibv_access_flags, ibv_alloc_pd, ibv_close_device, ibv_context,
     ibv_dealloc_pd, ibv_dereg_mr, ibv_device, ibv_device_attr, ibv_free_device_list,
-    ibv_get_device_list, ibv_get_device_name, ibv_gid, ibv_open_device, ibv_port_attr,
+    ibv_get_device_list, ibv_get_device_name, ibv_gid, ibv_mtu, ibv_open_device, ibv_port_attr,
     ibv_port_state, ibv_query_device, ibv_query_gid, ibv_reg_mr,
 };
+
+pub(crate) use rc::{Completion, Failure, Init, Opcode, POLL_BATCH, RcQp, Rtr, Rts, Work};
 
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
@@ -81,6 +86,19 @@ impl Drop for DeviceList {
     }
 }
 
+/// A port's MTU as verbs encode it (`enum ibv_mtu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Mtu(ibv_mtu::Type);
+
+impl Mtu {
+    /// In bytes (256 … 4096), or `None` for a value verbs do not define.
+    pub(crate) fn bytes(self) -> Option<u32> {
+        (ibv_mtu::IBV_MTU_256..=ibv_mtu::IBV_MTU_4096)
+            .contains(&self.0)
+            .then(|| 128 << self.0)
+    }
+}
+
 /// An open device, closed on drop.
 pub(crate) struct Device {
     context: *mut ibv_context,
@@ -103,6 +121,19 @@ impl Device {
         // SAFETY: an open context and a live attribute struct of the size the call announces.
         let rc = unsafe { ___ibv_query_port(self.context, port, &raw mut attr) };
         (rc == 0 && attr.state == ibv_port_state::IBV_PORT_ACTIVE).then_some(attr.gid_tbl_len)
+    }
+
+    /// The active MTU of `port`, or the errno.
+    pub(crate) fn active_mtu(&self, port: u8) -> Result<Mtu, i32> {
+        // SAFETY: ibv_port_attr is plain data; all zeroes is a valid value.
+        let mut attr: ibv_port_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: an open context and a live attribute struct of the size the call announces.
+        let rc = unsafe { ___ibv_query_port(self.context, port, &raw mut attr) };
+        match rc {
+            0 => Ok(Mtu(attr.active_mtu)),
+            rc if rc > 0 => Err(rc),
+            _ => Err(errno()),
+        }
     }
 
     /// GID `index` of `port`.
@@ -151,5 +182,30 @@ impl Drop for Device {
     fn drop(&mut self) {
         // SAFETY: the context from ibv_open_device, closed once.
         unsafe { ibv_close_device(self.context) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mtus_in_bytes() {
+        assert_eq!(Mtu(ibv_mtu::IBV_MTU_256).bytes(), Some(256));
+        assert_eq!(Mtu(ibv_mtu::IBV_MTU_1024).bytes(), Some(1024));
+        assert_eq!(Mtu(ibv_mtu::IBV_MTU_4096).bytes(), Some(4096));
+        assert_eq!(Mtu(0).bytes(), None);
+        assert_eq!(Mtu(6).bytes(), None);
+    }
+
+    #[test]
+    fn failures_name_the_call_and_errno() {
+        let failure = Failure {
+            call: "ibv_modify_qp to RTR".into(),
+            errno: libc::EINVAL,
+        };
+        let text = failure.to_string();
+        assert!(text.starts_with("ibv_modify_qp to RTR: "), "{text}");
+        assert!(text.contains("os error 22"), "{text}");
     }
 }
