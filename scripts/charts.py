@@ -495,6 +495,10 @@ def check_workloads(c: Checker, variant: str, objs: list[dict], values: dict, ku
             problems.append("--userspace-ports missing")
     elif "host-sysctl-net" in vols or "--max-userspace-instances=0" not in actr["args"]:
         problems.append("userspace disabled but /proc/sys/net is mounted or instances are allowed")
+    # RDMA: the stack instances relay upgraded connections with the image's verbs provider.
+    provider = "--rdma-provider=/usr/lib/stackroute/libstackroute_rdma.so"
+    if values["rdma"]["enabled"] != (provider in actr["args"]):
+        problems.append(f"rdma.enabled is {values['rdma']['enabled']} but the agent's args say otherwise")
     needs_cgroup = values["agent"]["userspace"]["enabled"] or hooks != "off"
     mounted_cgroup = vols.get("host-cgroup", {}).get("hostPath", {}).get("path") == "/sys/fs/cgroup"
     if needs_cgroup != mounted_cgroup:
@@ -864,6 +868,7 @@ def check() -> int:
         "external-etcd": [MAIN_CHART / "ci" / "external-etcd-values.yaml"],
         "no-webhook": [MAIN_CHART / "ci" / "no-webhook-values.yaml"],
         "kernel-only": [MAIN_CHART / "ci" / "kernel-only-values.yaml"],
+        "rdma": [MAIN_CHART / "ci" / "rdma-values.yaml"],
     }
 
     print("\n== helm lint (warnings are failures)")
