@@ -409,6 +409,9 @@ fn decide(
                     // declined lately for a lasting reason, then the server's registration:
                     // only a registered upgrade endpoint gets a proposal.
                     let endpoint = upgrade::capability(config).map_err(upgrade::fallback_reason)?;
+                    if let Some(reason) = upgrade::refused_locally() {
+                        return Err(upgrade::fallback_reason(reason));
+                    }
                     if upgrade::declined_lately(destination) {
                         return Err(FallbackReason::PeerDeclined);
                     }

@@ -413,7 +413,11 @@ pub(crate) fn rdma_open(
                 psn: endpoint.psn,
             },
         }),
-        Ok(RelayResponse::RdmaRefused { reason, .. }) => Err(rdma_reason(&reason)),
+        Ok(RelayResponse::RdmaRefused { reason, .. }) => {
+            let reason = rdma_reason(&reason);
+            crate::upgrade::remember_local_refusal(reason);
+            Err(reason)
+        }
         Ok(_) => Err(Reason::Other),
         Err(_) => {
             forget(&instance);

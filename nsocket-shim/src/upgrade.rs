@@ -147,6 +147,29 @@ const DECLINED_SLOTS: usize = 32;
 static DECLINED: Mutex<[Option<(SocketAddr, u64)>; DECLINED_SLOTS]> =
     Mutex::new([None; DECLINED_SLOTS]);
 
+/// This process's stack instance refused a queue pair for a lasting reason lately (no verbs
+/// provider, no device, no GID, memlock): (reason code, until when in ms). No proposal until
+/// then, and no request to the instance on every connection.
+static REFUSED_LOCALLY: Mutex<Option<(Reason, u64)>> = Mutex::new(None);
+
+/// The instance's lasting refusal, if it is recent.
+pub(crate) fn refused_locally() -> Option<Reason> {
+    let now = io::monotonic_ms();
+    let refused = *REFUSED_LOCALLY.try_lock().ok()?;
+    refused.and_then(|(reason, until)| (now < until).then_some(reason))
+}
+
+/// The instance refused a queue pair for `reason`: remembered when it lasts.
+pub(crate) fn remember_local_refusal(reason: Reason) {
+    if matches!(
+        reason,
+        Reason::StackUnavailable | Reason::NoDevice | Reason::NoGid | Reason::Memlock
+    ) && let Ok(mut refused) = REFUSED_LOCALLY.try_lock()
+    {
+        *refused = Some((reason, io::monotonic_ms() + DECLINED_TTL_MS));
+    }
+}
+
 /// Whether `server` declined lately for a lasting reason (then no proposal is sent).
 pub(crate) fn declined_lately(server: SocketAddr) -> bool {
     let now = io::monotonic_ms();

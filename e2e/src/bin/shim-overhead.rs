@@ -15,7 +15,7 @@
 //! stayed on TCP.
 //!
 //! `sudo target/release/shim-overhead [--rounds N] [--seconds S] [--connects C]`
-//! `sudo target/release/shim-overhead --transport rdma [--rdma-provider PATH] [--rdma-client-faults probe=ok]`
+//! `sudo target/release/shim-overhead --transport rdma [--rdma-provider PATH] [--rdma-client-faults probe=ok | --rdma-emulated]`
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -69,6 +69,12 @@ struct Args {
     /// which keeps `--rdma-provider`. Without a device here: the cost of a declined upgrade.
     #[arg(long, value_name = "FAULTS")]
     rdma_client_faults: Option<String>,
+    /// `--transport rdma` without an RDMA device: both ends' shims get the fault-injecting
+    /// provider saying capable, and the stack instances its **emulated** queue pairs (Unix
+    /// sockets with RC's semantics): every connection is upgraded and relayed, so this measures
+    /// the data path's machinery (exchange, instances, relays) — not RDMA.
+    #[arg(long)]
+    rdma_emulated: bool,
     #[command(subcommand)]
     helper: Option<Helper>,
 }
@@ -371,8 +377,23 @@ fn setup(args: &Args, cluster: &mut Cluster) -> Result<([Ends; 2], Ipv4Addr, Str
         None => existing(dir.join("libstackroute_rdma.so"), "stackroute-rdma-verbs")?,
     };
     let mut client_env = vec![("STACKROUTE_RDMA_PROVIDER", provider.clone())];
-    let mut providers = format!("RDMA variant: both ends' provider {provider}");
-    if let Some(faults) = &args.rdma_client_faults {
+    let mut server_env = client_env.clone();
+    let mut providers =
+        format!("RDMA variant: both ends' and the stack instances' provider {provider}");
+    if args.rdma_emulated {
+        let fault = existing(
+            dir.join("libstackroute_rdma_fault.so"),
+            "stackroute-rdma-fault-provider",
+        )?;
+        providers = format!(
+            "RDMA variant: EMULATED — both ends' provider the fault-injecting {fault} (probe=ok),              the stack instances' queue pairs emulated over Unix sockets: the upgrade, the              instances and their relays run; no RDMA does"
+        );
+        client_env = vec![
+            ("STACKROUTE_RDMA_PROVIDER", fault),
+            ("STACKROUTE_RDMA_FAULTS", "probe=ok".into()),
+        ];
+        server_env = client_env.clone();
+    } else if let Some(faults) = &args.rdma_client_faults {
         let fault = existing(
             dir.join("libstackroute_rdma_fault.so"),
             "stackroute-rdma-fault-provider",
@@ -402,13 +423,44 @@ fn setup(args: &Args, cluster: &mut Cluster) -> Result<([Ends; 2], Ipv4Addr, Str
         client: workload("node-a1", "trainer", &["app=trainer"]),
         server: workload("node-a2", "ps", &["app=ps"]),
         client_env,
-        server_env: vec![("STACKROUTE_RDMA_PROVIDER", provider)],
+        server_env,
     };
     Ok(([kernel, rdma], server_ip, providers))
 }
 
+/// The agents' options: for `--transport rdma`, the stack instances' verbs provider (the real
+/// one, or with `--rdma-emulated` the fault provider's emulated queue pairs).
+fn cluster_options(args: &Args, fault_dir: &Path) -> Result<Options> {
+    if args.transport != Transport::Rdma {
+        return Ok(Options::default());
+    }
+    let dir = stackroute_e2e::tools::Bins::find()?
+        .cli
+        .parent()
+        .context("the binaries' directory")?
+        .to_path_buf();
+    let provider = if args.rdma_emulated {
+        dir.join("libstackroute_rdma_fault.so")
+    } else {
+        args.rdma_provider
+            .clone()
+            .unwrap_or_else(|| dir.join("libstackroute_rdma.so"))
+    };
+    Ok(Options {
+        agent_args: vec!["--rdma-provider".into(), provider.display().to_string()],
+        agent_env: vec![(
+            "STACKROUTE_RDMA_FAULT_DIR".into(),
+            fault_dir.display().to_string(),
+        )],
+        ..Options::default()
+    })
+}
+
 fn bench(args: &Args) -> Result<()> {
-    let mut cluster = Cluster::start(Options::default())?;
+    let fault_dir = tempfile::Builder::new()
+        .prefix("stackroute-rdma-fault-")
+        .tempdir()?;
+    let mut cluster = Cluster::start(cluster_options(args, fault_dir.path())?)?;
     let Some(shim) = cluster.bins.shim.clone() else {
         bail!("libnsocket.so is not built: cargo build --release -p nsocket-shim");
     };
