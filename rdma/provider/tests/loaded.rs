@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use stackroute_rdma_provider::{Library, LoadedQueuePair, OpenedQueuePair};
-use stackroute_rdma_relay::testing::{end_within, pattern, read_to_end, send_all, spawn};
+use stackroute_rdma_relay::testing::{
+    end_within, exchange_both_ways, pattern, read_to_end, send_all, spawn,
+};
 use stackroute_rdma_relay::{Config, End, QueuePair, Received};
 use stackroute_rdma_upgrade::{Endpoint, Reason};
 use testkit::{Ignored, Options, Trial};
@@ -158,26 +160,7 @@ fn two_queue_pairs_carry_a_stream_both_ways_and_end_closed() {
     let (a, relay_a) = spawn(qp_a, CONFIG, None);
     let (b, relay_b) = spawn(qp_b, CONFIG, None);
     let (to_b, to_a) = (pattern(2 << 20, 1), pattern(2 << 20, 2));
-    let writer_a = send_all(a.try_clone().unwrap(), to_b.clone());
-    let writer_b = send_all(b.try_clone().unwrap(), to_a.clone());
-    let (mut a, mut b) = (a, b);
-    let reader_b = std::thread::spawn(move || read_to_end(&mut b));
-    let got_a = read_to_end(&mut a);
-    let got_b = reader_b.join().unwrap();
-    assert!(
-        got_b == to_b,
-        "a → b: {} bytes of {}",
-        got_b.len(),
-        to_b.len()
-    );
-    assert!(
-        got_a == to_a,
-        "b → a: {} bytes of {}",
-        got_a.len(),
-        to_a.len()
-    );
-    writer_a.join().unwrap().unwrap();
-    writer_b.join().unwrap().unwrap();
+    exchange_both_ways(a, b, to_b, to_a);
     assert_eq!(end_within(relay_a, Duration::from_secs(10)), End::Closed);
     assert_eq!(end_within(relay_b, Duration::from_secs(10)), End::Closed);
     assert_eq!(

@@ -59,3 +59,28 @@ pub fn end_within(relay: JoinHandle<End>, limit: Duration) -> End {
     }
     relay.join().expect("the relay thread")
 }
+
+/// Sends `to_b` from `a` and `to_a` from `b` at once (each then shuts down writing), reads both
+/// to their ends, and checks every byte arrived once and in order.
+pub fn exchange_both_ways(a: UnixStream, b: UnixStream, to_b: Vec<u8>, to_a: Vec<u8>) {
+    let writer_a = send_all(a.try_clone().expect("a clone"), to_b.clone());
+    let writer_b = send_all(b.try_clone().expect("a clone"), to_a.clone());
+    let (mut a, mut b) = (a, b);
+    let reader_b = std::thread::spawn(move || read_to_end(&mut b));
+    let got_a = read_to_end(&mut a);
+    let got_b = reader_b.join().expect("the reader thread");
+    assert!(
+        got_b == to_b,
+        "a → b: {} bytes of {}",
+        got_b.len(),
+        to_b.len()
+    );
+    assert!(
+        got_a == to_a,
+        "b → a: {} bytes of {}",
+        got_a.len(),
+        to_a.len()
+    );
+    writer_a.join().expect("writer a").expect("writing a");
+    writer_b.join().expect("writer b").expect("writing b");
+}

@@ -11,7 +11,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use stackroute_rdma_relay::emulated::{self, Faults};
-use stackroute_rdma_relay::testing::{end_within, pattern, read_to_end, send_all, spawn};
+use stackroute_rdma_relay::testing::{
+    end_within, exchange_both_ways, pattern, read_to_end, send_all, spawn,
+};
 use stackroute_rdma_relay::{CONTROL_GRACE, Config, End};
 
 const CONFIG: Config = Config {
@@ -56,26 +58,7 @@ fn a_stream_crosses_both_ways_intact_and_ends_closed() {
         relay_b,
     } = connect(Default::default());
     let (to_b, to_a) = (pattern(4 << 20, 1), pattern(3 << 20, 2));
-    let writer_a = send_all(a.try_clone().unwrap(), to_b.clone());
-    let writer_b = send_all(b.try_clone().unwrap(), to_a.clone());
-    let (mut a, mut b) = (a, b);
-    let reader_b = std::thread::spawn(move || read_to_end(&mut b));
-    let got_a = read_to_end(&mut a);
-    let got_b = reader_b.join().unwrap();
-    assert!(
-        got_b == to_b,
-        "a → b: {} bytes of {}",
-        got_b.len(),
-        to_b.len()
-    );
-    assert!(
-        got_a == to_a,
-        "b → a: {} bytes of {}",
-        got_a.len(),
-        to_a.len()
-    );
-    writer_a.join().unwrap().unwrap();
-    writer_b.join().unwrap().unwrap();
+    exchange_both_ways(a, b, to_b, to_a);
     assert_eq!(end_within(relay_a, Duration::from_secs(5)), End::Closed);
     assert_eq!(end_within(relay_b, Duration::from_secs(5)), End::Closed);
 }
