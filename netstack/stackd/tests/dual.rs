@@ -397,9 +397,12 @@ fn app_not_listening() {
         ),
         "{state:?} {error:?}"
     );
-    // The one RST the server namespace's kernel sent is on loopback: its answer to the
-    // instance's SYN to the closed port. None went on the wire.
-    assert_eq!(lab.kernel_resets(&lab.server_ns), 1);
+    // Two ways to the same end, depending on timing: the instance relays the SYN and the
+    // server namespace's kernel answers its loopback SYN to the closed port with one RST; or a
+    // housekeeping pass already found no kernel listener on the port, withdrew the dual
+    // listen, and the stack refused the SYN itself. Either way no kernel RST went on the wire.
+    let server_resets = lab.kernel_resets(&lab.server_ns);
+    assert!(server_resets <= 1, "{server_resets} kernel RSTs in the server namespace");
     assert_eq!(lab.kernel_resets(&lab.client_ns), 0);
 }
 
