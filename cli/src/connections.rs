@@ -123,6 +123,7 @@ pub(crate) fn run(args: &ConnectionsArgs) -> Result<()> {
         }
         Output::Table => {
             print_table(&rows);
+            print_rdma_paths(&rows);
             print_hooks(&hooks);
             print_upgrades(&upgrades, now_unix_ms());
         }
@@ -225,6 +226,35 @@ fn print_table(rows: &[Row]) {
             c.smoothed_rtt_us as f64 / 1000.0,
             c.min_rtt_us as f64 / 1000.0,
             c.delivery_rate_bps as f64 / 1e6,
+        );
+    }
+}
+
+/// Where RDMA connections run: the GIDs' addresses (on a secondary RoCE network they are not
+/// the TCP addresses above).
+fn print_rdma_paths(rows: &[Row]) {
+    let paths: Vec<_> = rows
+        .iter()
+        .filter_map(|row| Some((row, row.connection.rdma?)))
+        .collect();
+    if paths.is_empty() {
+        return;
+    }
+    println!();
+    println!("RDMA connections (queue pairs' GIDs as addresses):");
+    println!(
+        "{:<24} {:<21} {:<21} {:<39} {:<39}",
+        "WORKLOAD", "LOCAL", "REMOTE", "RDMA-LOCAL", "RDMA-REMOTE"
+    );
+    for (row, path) in paths {
+        let c = &row.connection;
+        println!(
+            "{:<24} {:<21} {:<21} {:<39} {:<39}",
+            row.workload.as_deref().unwrap_or("-"),
+            c.local.to_string(),
+            c.original.unwrap_or(c.remote).to_string(),
+            path.local.to_string(),
+            path.remote.to_string(),
         );
     }
 }

@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use stackroute_e2e::cluster::{Cluster, Options, Workload, wait_for};
+use stackroute_e2e::cluster::{Cluster, Options, Workload, node as node_named, wait_for};
 use stackroute_e2e::proc::Proc;
 use stackroute_e2e::tools::netns_gate;
 use testkit::Trial;
@@ -468,6 +468,19 @@ fn late_answers_and_servers_that_speak_first_are_stripped() {
 /// resets the connection under the applications instead of losing bytes silently.
 fn an_upgraded_connection_carries_both_applications_bytes_over_the_emulated_queue_pairs() {
     let lab = lab();
+    // A secondary "RoCE" network: each node's namespace (its pods' here) holds an address on
+    // it, and the emulated device's GID table carries both. Each instance must pick its own
+    // (the agent passes the caller's addresses, secondary networks' first; the GID table
+    // decides), so the queue pairs' GIDs name the RDMA network, not the pods' cluster IPs.
+    let (client_rdma, server_rdma) = ("192.168.100.1", "192.168.100.2");
+    for (node, address) in [("node-a1", client_rdma), ("node-a2", server_rdma)] {
+        let host = node_named(node).host;
+        lab.cluster
+            .net
+            .addr(host, "lo", &format!("{address}/32"))
+            .unwrap();
+    }
+    lab.instance_faults(&format!("gids={server_rdma} {client_rdma}"));
     let env = lab.faulty("probe=ok");
     let server = lab.server(9401, true, &env, &["--bulk"]);
     let output = lab.ask_upgraded(9401, &env, &["--bulk", "4194304"]);
@@ -489,8 +502,11 @@ fn an_upgraded_connection_carries_both_applications_bytes_over_the_emulated_queu
     assert!(
         connections.iter().any(|c| c["path"] == "rdma"
             && c["transport"] == "RDMA"
-            && c["bytesSent"].as_u64() >= Some(4_194_304)),
-        "no RDMA connection with the bytes sent: {connections:#?}"
+            && c["bytesSent"].as_u64() >= Some(4_194_304)
+            && c["rdma"]["local"] == client_rdma
+            && c["rdma"]["remote"] == server_rdma),
+        "no RDMA connection with the bytes sent between {client_rdma} and {server_rdma}: \
+         {connections:#?}"
     );
     assert!(
         lab.upgrade_attempts("node-a1")
@@ -499,7 +515,9 @@ fn an_upgraded_connection_carries_both_applications_bytes_over_the_emulated_queu
         "no upgraded attempt listed"
     );
 
-    lab.instance_faults("send-fail-after=3");
+    lab.instance_faults(&format!(
+        "gids={server_rdma} {client_rdma},send-fail-after=3"
+    ));
     let output = lab.ask(9401, true, &env, &["--bulk", "4194304"]);
     assert!(upgraded(&output), "{output}");
     assert!(

@@ -35,7 +35,7 @@ use crate::local::{Mode, identity};
 use crate::metrics::{
     InstanceMetrics, WorkloadDirectionLabels, WorkloadLabels, WorkloadStateLabels,
 };
-use crate::peer::Peer;
+use crate::peer::{self, Peer, ProcNet};
 use crate::state::{Agent, Role};
 
 /// The instances' record in the state directory.
@@ -213,8 +213,7 @@ impl Record {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next());
         !matches!(state, Some("Z" | "X"))
-            && crate::peer::parse_parent_and_start(&stat).map(|(_, start)| start)
-                == Some(self.start_time)
+            && peer::parse_parent_and_start(&stat).map(|(_, start)| start) == Some(self.start_time)
     }
 
     fn info(&self) -> InstanceInfo {
@@ -397,7 +396,7 @@ impl Instances {
             tag: tag(&agent.config.socket_dir),
             binary,
             state_dir: agent.config.state_dir.clone(),
-            own_netns: crate::peer::netns_inode(Path::new("/proc"), std::process::id() as i32),
+            own_netns: peer::netns_inode(Path::new("/proc"), std::process::id() as i32),
             metrics: agent.metrics.instances.clone(),
             agent: Arc::downgrade(agent),
             flags,
@@ -465,7 +464,7 @@ impl Instances {
         let (mut adopted, mut gone) = (0, 0);
         for record in records {
             let live = record.alive()
-                && crate::peer::netns_inode(Path::new("/proc"), record.pid) == Some(record.netns);
+                && peer::netns_inode(Path::new("/proc"), record.pid) == Some(record.netns);
             if !live || table.entries.contains_key(&record.netns) {
                 debug!(?record, "not adopting an instance that is gone");
                 gone += 1;
@@ -749,13 +748,27 @@ impl Instances {
     }
 
     fn plan(&self, agent: &Agent, peer: &Peer, netns: u64) -> start::Plan {
-        let workload = match identity::resolve(agent, peer) {
-            identity::Identity::Known(known) => known
-                .workloads
-                .iter()
-                .next()
-                .map(|(namespace, name)| format!("{namespace}/{name}")),
-            identity::Identity::Unknown(_) => None,
+        let identity = identity::resolve(agent, peer);
+        let (workload, primary) = match &identity {
+            identity::Identity::Known(known) => (
+                known
+                    .workloads
+                    .iter()
+                    .next()
+                    .map(|(namespace, name)| format!("{namespace}/{name}")),
+                known.ips.clone(),
+            ),
+            identity::Identity::Unknown(_) => (None, Vec::new()),
+        };
+        let rdma_addresses = match (&self.flags.rdma_provider, peer.pid) {
+            (Some(_), Some(pid)) => match ProcNet::default().namespace_addresses(pid) {
+                Ok((_, addresses)) => rdma_addresses(&addresses, &primary),
+                Err(error) => {
+                    debug!(pid, "the caller's addresses, for its RDMA GID: {error}");
+                    Vec::new()
+                }
+            },
+            _ => Vec::new(),
         };
         start::Plan {
             workload,
@@ -773,6 +786,7 @@ impl Instances {
             af_xdp: self.flags.userspace_packet_io == "af-xdp",
             reserved_ports: self.flags.proc_sys_net.join("ipv4/ip_local_reserved_ports"),
             rdma_provider: self.flags.rdma_provider.clone(),
+            rdma_addresses,
         }
     }
 
@@ -1009,9 +1023,9 @@ enum Stop {
 
 /// The network namespaces (inodes) in which some process other than `instances` runs.
 fn busy_namespaces(instances: &HashSet<i32>) -> HashSet<u64> {
-    crate::peer::processes(Path::new("/proc"))
+    peer::processes(Path::new("/proc"))
         .filter(|(pid, _)| !instances.contains(pid))
-        .filter_map(|(pid, _)| crate::peer::netns_inode(Path::new("/proc"), pid))
+        .filter_map(|(pid, _)| peer::netns_inode(Path::new("/proc"), pid))
         .collect()
 }
 
@@ -1043,9 +1057,68 @@ pub async fn reaper(instances: Arc<Instances>) {
     }
 }
 
+/// The addresses whose GID a pod's queue pairs should use, in order of preference: those of
+/// its network namespace besides its primary ones (`primary`: the pod IPs of the snapshot, or
+/// a standalone workload's registered addresses) first — a secondary network (a Multus
+/// attachment, the addresses its `network-status` annotation reports) is where RoCE usually
+/// runs — then the primary ones. Read from the kernel (`/proc/PID/net`), not from an annotation
+/// the pod's CNI plugins wrote: only an address the pod holds can be chosen, and the RDMA
+/// device's GID table decides which of them is an RDMA address (`stackroute-rdma-discover`).
+fn rdma_addresses(
+    namespace: &std::collections::BTreeSet<std::net::IpAddr>,
+    primary: &[std::net::IpAddr],
+) -> Vec<std::net::IpAddr> {
+    let routable = namespace
+        .iter()
+        .copied()
+        .filter(|ip| peer::is_routable(*ip));
+    let (mut primary_held, secondary): (Vec<_>, Vec<_>) =
+        routable.partition(|ip| primary.contains(ip));
+    primary_held.sort_by_key(|ip| primary.iter().position(|p| p == ip));
+    secondary.into_iter().chain(primary_held).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rdma_addresses_put_secondary_networks_first() {
+        let ip = |text: &str| -> std::net::IpAddr { text.parse().unwrap() };
+        let namespace = [
+            "127.0.0.1",
+            "10.244.1.5",
+            "192.168.100.7",
+            "fd00:10:244::5",
+            "fe80::1",
+            "fd00:100::7",
+        ]
+        .map(ip)
+        .into_iter()
+        .collect();
+        let primary = [ip("fd00:10:244::5"), ip("10.244.1.5")];
+        assert_eq!(
+            rdma_addresses(&namespace, &primary),
+            [
+                "192.168.100.7",
+                "fd00:100::7",
+                "fd00:10:244::5",
+                "10.244.1.5"
+            ]
+            .map(ip)
+        );
+        // A standalone workload sharing the node's addresses registers none: all count.
+        assert_eq!(
+            rdma_addresses(&namespace, &[]),
+            [
+                "10.244.1.5",
+                "192.168.100.7",
+                "fd00:10:244::5",
+                "fd00:100::7"
+            ]
+            .map(ip)
+        );
+    }
 
     #[test]
     fn port_ranges_are_validated() {
@@ -1105,7 +1178,7 @@ mod tests {
     #[test]
     fn records_check_pid_and_start_time() {
         let me = std::process::id() as i32;
-        let (_, start_time) = crate::peer::parent_and_start(Path::new("/proc"), me).unwrap();
+        let (_, start_time) = peer::parent_and_start(Path::new("/proc"), me).unwrap();
         let record = Record {
             netns: 1,
             pid: me,

@@ -743,6 +743,7 @@ mod tests {
             delivery_rate_bps: 80_000_000,
             cwnd_bytes: 1448 * 10,
             transport: None,
+            rdma: None,
         };
         let bytes = tcp_info_bytes(Some(&info));
         let u32_at = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap());

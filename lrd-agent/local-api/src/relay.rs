@@ -16,7 +16,7 @@
 //! The shim checks the instance's pid with `SO_PEERCRED` against the pid the agent named, so a
 //! process squatting the abstract name is never handed a connection.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -304,6 +304,19 @@ pub struct ConnectionInfo {
     /// for the user-space stack's TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
+    /// For an RDMA connection: the addresses its queue pairs' GIDs stand for (RoCE v2: the
+    /// RDMA network's addresses, which differ from `local`/`remote` on a secondary network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<RdmaPath>,
+}
+
+/// Where an RDMA connection runs: the addresses of this side's and the peer's GIDs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaPath {
+    /// This side's GID as an address.
+    pub local: IpAddr,
+    /// The peer's GID as an address.
+    pub remote: IpAddr,
 }
 
 #[cfg(test)]

@@ -143,6 +143,7 @@ mod tests {
             delivery_rate_bps: 0,
             cwnd_bytes: 0,
             transport: None,
+            rdma: None,
         };
         let mut totals = Totals::default();
         totals.add(&connection(RelayState::Established, 100, 1));

@@ -49,6 +49,8 @@ pub(super) struct Plan {
     pub(super) reserved_ports: PathBuf,
     /// `--rdma-provider`.
     pub(super) rdma_provider: Option<PathBuf>,
+    /// The caller's addresses, for its queue pairs' GID (`STACKROUTE_RDMA_ADDRESSES`).
+    pub(super) rdma_addresses: Vec<std::net::IpAddr>,
 }
 
 /// Why a start failed: the reason the shim records and a message for logs.
@@ -431,6 +433,14 @@ fn spawn(
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);
             }
+        }
+        if !plan.rdma_addresses.is_empty() {
+            let addresses: Vec<String> = plan
+                .rdma_addresses
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect();
+            command.env(stackroute_rdma_discover::ADDRESSES_VAR, addresses.join(","));
         }
     }
     sys::instance_before_exec(

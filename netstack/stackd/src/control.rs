@@ -217,6 +217,7 @@ mod tests {
             delivery_rate_bps: u64::MAX,
             cwnd_bytes: u64::MAX,
             transport: None,
+            rdma: None,
         }
     }
 

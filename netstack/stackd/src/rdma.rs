@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
-use stackroute_local_api::relay::{ConnectionInfo, RdmaEndpoint, RelayResponse, RelayState};
+use stackroute_local_api::relay::{
+    ConnectionInfo, RdmaEndpoint, RdmaPath, RelayResponse, RelayState,
+};
+use stackroute_rdma_discover::gid_address;
 use stackroute_rdma_provider::{Library, OpenedQueuePair, Refusal};
 use stackroute_rdma_relay::{Counters, End, PROTOCOL_V1, Relay};
 use stackroute_rdma_upgrade::{Endpoint, Reason};
@@ -32,6 +35,8 @@ const FINISHED_KEPT: usize = 1024;
 struct Connection {
     local: SocketAddr,
     remote: SocketAddr,
+    /// The two queue pairs' GIDs: this side's, the peer's.
+    gids: ([u8; 16], [u8; 16]),
     counters: Arc<Counters>,
     end: Mutex<Option<End>>,
 }
@@ -67,6 +72,10 @@ impl Connection {
             delivery_rate_bps: 0,
             cwnd_bytes: 0,
             transport: Some("RDMA".into()),
+            rdma: Some(RdmaPath {
+                local: gid_address(self.gids.0),
+                remote: gid_address(self.gids.1),
+            }),
         }
     }
 }
@@ -76,7 +85,8 @@ impl Connection {
 pub(crate) struct Rdma {
     provider: Option<PathBuf>,
     library: Option<Result<Arc<Library>, String>>,
-    opened: HashMap<u64, (OpenedQueuePair, Instant)>,
+    /// Queue pairs opened for an exchange: with this side's GID and when.
+    opened: HashMap<u64, (OpenedQueuePair, [u8; 16], Instant)>,
     next_token: u64,
     connections: BTreeMap<u64, Arc<Connection>>,
 }
@@ -122,7 +132,8 @@ impl Rdma {
 
     /// `RdmaOpen`.
     pub(crate) fn open(&mut self) -> RelayResponse {
-        self.opened.retain(|_, (_, at)| at.elapsed() < OPENED_FOR);
+        self.opened
+            .retain(|_, (_, _, at)| at.elapsed() < OPENED_FOR);
         match self
             .library()
             .and_then(|library| library.open(&PROTOCOL_V1))
@@ -130,7 +141,8 @@ impl Rdma {
             Ok((opened, endpoint)) => {
                 let token = self.next_token;
                 self.next_token += 1;
-                self.opened.insert(token, (opened, Instant::now()));
+                self.opened
+                    .insert(token, (opened, endpoint.gid, Instant::now()));
                 RelayResponse::RdmaOpened {
                     token,
                     endpoint: RdmaEndpoint {
@@ -161,7 +173,7 @@ impl Rdma {
         app: OwnedFd,
         control: OwnedFd,
     ) -> RelayResponse {
-        let Some((opened, _)) = self.opened.remove(&token) else {
+        let Some((opened, local_gid, _)) = self.opened.remove(&token) else {
             return refused(
                 Reason::RdmaError,
                 format!("no open queue pair {token} (expired after {OPENED_FOR:?}?)"),
@@ -182,6 +194,7 @@ impl Rdma {
         let connection = Arc::new(Connection {
             local,
             remote,
+            gids: (local_gid, peer.gid),
             counters: Arc::new(Counters::default()),
             end: Mutex::new(None),
         });

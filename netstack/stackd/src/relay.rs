@@ -470,6 +470,7 @@ impl Relay {
             delivery_rate_bps: 0,
             cwnd_bytes: 0,
             transport: None,
+            rdma: None,
         };
         if let Ok(stats) = stack.connection_stats(self.handle) {
             info.bytes_sent = stats.bytes_written;

@@ -402,7 +402,10 @@ fn app_not_listening() {
     // housekeeping pass already found no kernel listener on the port, withdrew the dual
     // listen, and the stack refused the SYN itself. Either way no kernel RST went on the wire.
     let server_resets = lab.kernel_resets(&lab.server_ns);
-    assert!(server_resets <= 1, "{server_resets} kernel RSTs in the server namespace");
+    assert!(
+        server_resets <= 1,
+        "{server_resets} kernel RSTs in the server namespace"
+    );
     assert_eq!(lab.kernel_resets(&lab.client_ns), 0);
 }
 

@@ -8,7 +8,14 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+
+/// The environment variable naming the addresses a queue pair's GID should carry, in order of
+/// preference (comma-separated): the agent sets it for a pod's stack instance to the addresses
+/// of the pod's network namespace, secondary networks' (Multus attachments: where RoCE usually
+/// runs) before the pod's cluster IPs.
+pub const ADDRESSES_VAR: &str = "STACKROUTE_RDMA_ADDRESSES";
 
 /// Non-zero GIDs kept per port; a port with more IP addresses than that keeps its lowest
 /// indexes (the kernel's tables are 16..256 entries, one or two per address).
@@ -178,6 +185,34 @@ pub fn parse_gid(text: &str) -> Option<[u8; 16]> {
         pair.copy_from_slice(&u16::from_str_radix(group, 16).ok()?.to_be_bytes());
     }
     groups.next().is_none().then_some(bytes)
+}
+
+/// The GID a RoCE port gives `ip`: an IPv4 address mapped (`::ffff:a.b.c.d`), an IPv6 one as
+/// it is.
+pub fn address_gid(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address a GID stands for, for people: an IPv4-mapped GID as the IPv4 address, any other
+/// as IPv6 (a link-local `fe80::…` GID is a RoCE v1 / InfiniBand port GID, not an address
+/// a peer routes to).
+pub fn gid_address(gid: [u8; 16]) -> IpAddr {
+    Ipv6Addr::from(gid).to_canonical()
+}
+
+/// [`ADDRESSES_VAR`]'s value: addresses separated by commas (blanks ignored).
+pub fn parse_addresses(text: &str) -> Result<Vec<IpAddr>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            part.parse()
+                .map_err(|_| format!("{ADDRESSES_VAR}: {part:?} is not an IP address"))
+        })
+        .collect()
 }
 
 /// `"4: ACTIVE"` → `"active"`.
@@ -382,6 +417,15 @@ impl std::error::Error for Unavailable {}
 /// device nodes present. Problems are judged in [`unavailable_reason`]'s order (devices, an
 /// ACTIVE port, a GID, then the device nodes), so `usable` is `Err` exactly when it is `Some`.
 pub fn usable(discovery: &Discovery) -> Result<Usable, Unavailable> {
+    usable_for(discovery, &[])
+}
+
+/// [`usable`], choosing first the RoCE v2 GID that carries one of `preferred` (earlier
+/// addresses first), then a RoCE v1 one that does: the GID of the address the peer reaches
+/// this side at (a RoCE GID table holds the addresses of the RDMA netdevs, so only this
+/// pod's secondary-network address can match, not another pod's on a shared device). Without
+/// such a GID, [`usable`]'s choice.
+pub fn usable_for(discovery: &Discovery, preferred: &[IpAddr]) -> Result<Usable, Unavailable> {
     if discovery.devices.is_empty() {
         return Err(Unavailable::NoDevice);
     }
@@ -409,8 +453,15 @@ pub fn usable(discovery: &Discovery) -> Result<Usable, Unavailable> {
             })
         })
     };
-    let found = candidates()
-        .find(|u| u.roce_version == Some(2))
+    let carrying = |version| {
+        preferred.iter().find_map(|ip| {
+            let gid = address_gid(*ip);
+            candidates().find(|u| u.gid == gid && u.roce_version == Some(version))
+        })
+    };
+    let found = carrying(2)
+        .or_else(|| carrying(1))
+        .or_else(|| candidates().find(|u| u.roce_version == Some(2)))
         .or_else(|| candidates().next())
         .ok_or(Unavailable::NoGid)?;
     if !discovery.rdma_cm || discovery.uverbs.is_empty() {
@@ -573,6 +624,73 @@ mod tests {
         assert_eq!(
             (found.device.as_str(), found.gid_index, found.roce_version),
             ("mlx5_0", 1, Some(2))
+        );
+    }
+
+    #[test]
+    fn the_gid_carrying_a_preferred_address_wins() {
+        let root = FakeRoot::new();
+        root.port("mlx5_0", 1, "4: ACTIVE", "5: LinkUp", "Ethernet");
+        // A shared device: the host's address and two pods' secondary-network addresses,
+        // each as RoCE v1 and v2 entries.
+        let entries = [
+            (0, LINK_LOCAL, "IB/RoCE v1"),
+            (1, LINK_LOCAL, "RoCE v2"),
+            (2, "0000:0000:0000:0000:0000:ffff:0a00:0001", "IB/RoCE v1"),
+            (3, "0000:0000:0000:0000:0000:ffff:0a00:0001", "RoCE v2"),
+            (4, "0000:0000:0000:0000:0000:ffff:c0a8:6407", "IB/RoCE v1"),
+            (5, "0000:0000:0000:0000:0000:ffff:c0a8:6407", "RoCE v2"),
+            (6, "0000:0000:0000:0000:0000:ffff:c0a8:6408", "RoCE v2"),
+        ];
+        for (index, gid, kind) in entries {
+            root.gid("mlx5_0", 1, index, gid, Some((kind, "ens1f0")));
+        }
+        root.dev_nodes();
+        let (discovery, _) = root.discover();
+        let pod: IpAddr = "192.168.100.7".parse().unwrap();
+        let cluster: IpAddr = "10.244.1.5".parse().unwrap();
+        let found = usable_for(&discovery, &[pod, cluster]).unwrap();
+        assert_eq!((found.gid_index, found.roce_version), (5, Some(2)));
+        assert_eq!(gid_address(found.gid), pod);
+        // Order is preference: the first address with a GID.
+        let other: IpAddr = "192.168.100.8".parse().unwrap();
+        assert_eq!(
+            usable_for(&discovery, &[cluster, other, pod])
+                .unwrap()
+                .gid_index,
+            6
+        );
+        // No preferred address on the device: the first RoCE v2 GID, as `usable`.
+        let found = usable_for(&discovery, &[cluster]).unwrap();
+        assert_eq!(found, usable(&discovery).unwrap());
+        assert_eq!(found.gid_index, 1);
+        // IPv6 addresses are their own GIDs; link-local GIDs read as IPv6.
+        let v6: IpAddr = "fd00::7".parse().unwrap();
+        assert_eq!(
+            address_gid(v6),
+            "fd00::7".parse::<Ipv6Addr>().unwrap().octets()
+        );
+        assert_eq!(gid_address(address_gid(v6)), v6);
+        assert_eq!(
+            gid_address(parse_gid(LINK_LOCAL).unwrap()),
+            "fe80::5054:ff:fe12:3456".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn address_lists_parse_or_name_the_bad_entry() {
+        assert_eq!(
+            parse_addresses(" 192.168.100.7, fd00::7,,").unwrap(),
+            [
+                "192.168.100.7".parse::<IpAddr>().unwrap(),
+                "fd00::7".parse().unwrap()
+            ]
+        );
+        assert_eq!(parse_addresses("").unwrap(), Vec::<IpAddr>::new());
+        let error = parse_addresses("10.0.0.1,eth0").unwrap_err();
+        assert!(
+            error.contains("\"eth0\"") && error.contains(ADDRESSES_VAR),
+            "{error}"
         );
     }
 

@@ -26,6 +26,10 @@
 //!   connects;
 //! - `open=<reason>` (data path) — any reason name of `stackroute_rdma_upgrade::Reason`
 //!   (`no-device`, `memlock`, …) refuses `open` with that reason (default `ok`);
+//! - `gids=ADDRESS ADDRESS…` (data path, read at `open`) — an emulated RoCE v2 GID table
+//!   holding these addresses (space-separated); `open` chooses from it as the verbs provider
+//!   chooses from a device's (`stackroute_rdma_discover::usable_for` with the addresses of
+//!   `STACKROUTE_RDMA_ADDRESSES`, which the agent sets for a pod's instance);
 //! - `send-fail-after=N` (data path, read at `open`) — after N SENDs, every SEND completes
 //!   with `IBV_WC_RETRY_EXC_ERR … (emulated fault after N SENDs)`.
 //!
@@ -33,8 +37,8 @@
 //!
 //! # Queue pairs
 //!
-//! `open` answers the endpoint {GID: the fault GID (as `probe=ok`), QPN: a counter of the
-//! process from 1, PSN: the process id} and binds a non-blocking `SOCK_SEQPACKET` listener at
+//! `open` answers the endpoint {GID: the fault GID (as `probe=ok`), or the GID chosen from
+//! `gids=` (below); QPN: a counter of the process from 1; PSN: the process id} and binds a non-blocking `SOCK_SEQPACKET` listener at
 //! `<dir>/<psn>-<qpn>`, where `<dir>` is `STACKROUTE_RDMA_FAULT_DIR` (default
 //! `/tmp/stackroute-rdma-fault`, created mode `1777` — sticky and world-writable like `/tmp`,
 //! because stack instances of several users may share it and each may remove only its own
@@ -94,6 +98,70 @@ fn fault(key: &str) -> Option<String> {
 const GID: [u8; 16] = [
     0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x53, 0x52, 0x46, 0x41, 0x55, 0x4c, 0x54, 0x01,
 ];
+
+/// This side's queue pairs' GID: [`GID`], or the one chosen from the emulated table `gids=`
+/// for the addresses of `STACKROUTE_RDMA_ADDRESSES`, by the verbs provider's rule.
+fn local_gid() -> Result<[u8; 16], Refusal> {
+    use stackroute_rdma_discover::{self as discover, Device, Discovery, Gid, Port};
+    let Some(table) = fault("gids") else {
+        return Ok(GID);
+    };
+    let gids = table
+        .split_whitespace()
+        .enumerate()
+        .map(|(index, text)| {
+            let ip: std::net::IpAddr = text
+                .parse()
+                .map_err(|_| fault_refusal("gids", &table, "a list of IP addresses"))?;
+            let bytes = discover::address_gid(ip);
+            Ok(Gid {
+                index: index as u32,
+                // As sysfs writes it: eight groups of four hex digits.
+                gid: bytes
+                    .chunks(2)
+                    .map(|pair| format!("{:02x}{:02x}", pair[0], pair[1]))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+                kind: "RoCE v2".into(),
+                netdev: "fault0".into(),
+            })
+        })
+        .collect::<Result<Vec<_>, Refusal>>()?;
+    let discovery = Discovery {
+        devices: vec![Device {
+            name: "fault0".into(),
+            ports: vec![Port {
+                number: 1,
+                state: "active".into(),
+                phys_state: "linkup".into(),
+                link_layer: "Ethernet".into(),
+                active_mtu: 4096,
+                gids,
+            }],
+        }],
+        rdma_cm: true,
+        uverbs: vec!["uverbs0".into()],
+    };
+    let preferred = std::env::var(discover::ADDRESSES_VAR)
+        .ok()
+        .map(|text| discover::parse_addresses(&text))
+        .transpose()
+        .map_err(|message| Refusal::new(Reason::Other, message))?
+        .unwrap_or_default();
+    discover::usable_for(&discovery, &preferred)
+        .map(|usable| usable.gid)
+        .map_err(|why| {
+            Refusal::new(
+                Reason::NoGid,
+                format!("emulated GID table {table:?}: {why}"),
+            )
+        })
+}
+
+/// Whether a peer's GID is one of an emulated table (an address, not link-local).
+fn is_address_gid(gid: [u8; 16]) -> bool {
+    gid[..2] != [0xfe, 0x80] && gid != [0; 16]
+}
 
 // === the negotiation ABI ===
 
@@ -184,8 +252,12 @@ fn socket_dir() -> Result<PathBuf, Refusal> {
     }
 }
 
-/// Binds and listens at a fresh name in `dir`: the listener, its path and its endpoint.
-fn listen_in(dir: &std::path::Path) -> Result<(OwnedFd, SocketPath, Endpoint), Refusal> {
+/// Binds and listens at a fresh name in `dir`: the listener, its path and its endpoint (with
+/// `gid`).
+fn listen_in(
+    dir: &std::path::Path,
+    gid: [u8; 16],
+) -> Result<(OwnedFd, SocketPath, Endpoint), Refusal> {
     let failed = |what: &str, path: &std::path::Path, error: io::Error| {
         Refusal::new(
             Reason::RdmaError,
@@ -194,7 +266,7 @@ fn listen_in(dir: &std::path::Path) -> Result<(OwnedFd, SocketPath, Endpoint), R
     };
     for _ in 0..NAME_ATTEMPTS {
         let endpoint = Endpoint {
-            gid: GID,
+            gid,
             qpn: NEXT_QPN.fetch_add(1, Ordering::Relaxed),
             psn: std::process::id(),
         };
@@ -253,8 +325,9 @@ impl Provider for FaultProvider {
         config.check().map_err(|message| {
             Refusal::new(Reason::RdmaError, format!("queue pair sizes: {message}"))
         })?;
+        let gid = local_gid()?;
         let dir = socket_dir()?;
-        let (listener, path, endpoint) = listen_in(&dir)?;
+        let (listener, path, endpoint) = listen_in(&dir, gid)?;
         let send = seqpacket().map_err(|error| {
             Refusal::new(Reason::RdmaError, format!("send wire socket: {error}"))
         })?;
@@ -296,7 +369,7 @@ impl Provider for FaultProvider {
             }
             Some(other) => return Err(fault_refusal("connect", other, "error, hang or ok")),
         }
-        if peer.gid != GID {
+        if peer.gid != GID && !is_address_gid(peer.gid) {
             return Err(Refusal::new(
                 Reason::RdmaError,
                 format!(

@@ -65,8 +65,20 @@ impl NotUsable {
     }
 }
 
-/// Looks for a usable device: the first active port with a non-zero GID whose device lets a
-/// connection's buffers be registered.
+/// The device, port and GID `stackroute-rdma-discover` chooses from sysfs: a RoCE v2 GID
+/// carrying one of the addresses in `STACKROUTE_RDMA_ADDRESSES` (the pod's, set by the agent),
+/// else the first RoCE v2 GID. `None` where sysfs says nothing usable (verbs decides then).
+fn sysfs_choice() -> Option<stackroute_rdma_discover::Usable> {
+    use stackroute_rdma_discover as discover;
+    let preferred = std::env::var(discover::ADDRESSES_VAR)
+        .ok()
+        .and_then(|text| discover::parse_addresses(&text).ok())
+        .unwrap_or_default();
+    discover::usable_for(&discover::discover(std::path::Path::new("/")), &preferred).ok()
+}
+
+/// Looks for a usable device: an active port with a non-zero GID whose device lets a
+/// connection's buffers be registered; the GID [`sysfs_choice`] names where it can.
 pub fn probe() -> Result<Found, NotUsable> {
     let devices = sys::DeviceList::get().map_err(|errno| {
         NotUsable::new(
@@ -88,8 +100,16 @@ pub fn probe() -> Result<Found, NotUsable> {
             "ibv_get_device_list: no RDMA devices (none visible to this process: a pod needs the RDMA device resource)",
         ));
     }
+    let choice = sysfs_choice();
     let mut last = NotUsable::new(Reason::NoGid, "no device has an active port");
-    for index in 0..devices.len() {
+    // The device sysfs chose first.
+    let mut order: Vec<usize> = (0..devices.len()).collect();
+    order.sort_by_key(|&index| {
+        choice
+            .as_ref()
+            .is_none_or(|c| c.device != devices.name(index))
+    });
+    for index in order {
         let name = devices.name(index);
         let device = match devices.open(index) {
             Ok(device) => device,
@@ -105,11 +125,22 @@ pub fn probe() -> Result<Found, NotUsable> {
             let Some(gid_count) = device.active_port_gids(port) else {
                 continue;
             };
-            let Some((gid_index, gid)) = (0..gid_count).find_map(|i| {
-                device
-                    .gid(port, i)
-                    .filter(|g| *g != [0; 16])
-                    .map(|g| (i, g))
+            // sysfs's choice where it names an entry of this port that verbs confirms (it
+            // knows the GIDs' types and the pod's addresses), else the first non-zero GID.
+            let chosen = choice
+                .as_ref()
+                .filter(|c| c.device == name && c.port == u32::from(port))
+                .and_then(|c| {
+                    let index = i32::try_from(c.gid_index).ok()?;
+                    (device.gid(port, index)? == c.gid).then_some((index, c.gid))
+                });
+            let Some((gid_index, gid)) = chosen.or_else(|| {
+                (0..gid_count).find_map(|i| {
+                    device
+                        .gid(port, i)
+                        .filter(|g| *g != [0; 16])
+                        .map(|g| (i, g))
+                })
             }) else {
                 last = NotUsable::new(Reason::NoGid, format!("{name} port {port}: active, no GID"));
                 continue;

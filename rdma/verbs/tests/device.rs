@@ -84,7 +84,20 @@ fn main() -> std::process::ExitCode {
                     .find(|d| d.name == found.device)
                     .and_then(|d| d.ports.iter().find(|p| p.number == u32::from(found.port)))
                     .unwrap_or_else(|| panic!("{found:?} is not in sysfs: {discovery:?}"));
-                assert!(port.state.contains("ACTIVE"), "{port:?}");
+                // discover lower-cases the state ("4: ACTIVE" reads "active").
+                assert_eq!(port.state, "active", "{port:?}");
+                // Without preferred addresses the probe takes discover's choice (RoCE v2 first).
+                if std::env::var_os(stackroute_rdma_discover::ADDRESSES_VAR).is_none() {
+                    let usable = stackroute_rdma_discover::usable(&discovery).unwrap();
+                    assert_eq!(
+                        (usable.device.as_str(), usable.port, usable.gid_index),
+                        (
+                            found.device.as_str(),
+                            u32::from(found.port),
+                            found.gid_index as u32
+                        )
+                    );
+                }
                 let gid = port
                     .gids
                     .iter()
@@ -94,8 +107,7 @@ fn main() -> std::process::ExitCode {
                     stackroute_rdma_discover::parse_gid(&gid.gid),
                     Some(found.gid)
                 );
-                // The provider ABI answers the same GID, and its connect still declines (the shim
-                // does not hand connections to the queue pair yet).
+                // The provider ABI's probe answers the same GID.
                 let (mut raw, mut qpn, mut psn) = ([0u8; 16], 1u32, 1u32);
                 // SAFETY: 16 writable bytes and two writable u32s, as the ABI requires.
                 let code = unsafe {
