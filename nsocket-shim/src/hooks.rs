@@ -251,6 +251,48 @@ fn messages_arg(messages: *const mmsghdr, count: c_uint) -> Option<SocketAddr> {
     unsafe { sys::message_address(&raw const (*messages).msg_hdr) }
 }
 
+/// Whether a send on `fd` naming a destination must go without it: a relayed socket is an
+/// `AF_UNIX` stream end, which fails such a send with `EISCONN`, where a connected TCP socket
+/// ignores the address (sockperf, for one, names the peer in every `sendto`).
+fn drops_destination(fd: c_int, destination: bool) -> bool {
+    destination && logic::relayed(fd)
+}
+
+/// A copy of the caller's `msghdr` without its destination.
+fn without_destination(message: *const msghdr) -> msghdr {
+    // SAFETY: the caller's msghdr, readable as sendmsg(2) requires (`message_arg` read it).
+    let mut copy = unsafe { *message };
+    copy.msg_name = std::ptr::null_mut();
+    copy.msg_namelen = 0;
+    copy
+}
+
+/// `sendmmsg` through `send` on copies of the caller's `count` messages without their
+/// destinations; the byte counts the kernel writes are copied back to the caller's array.
+fn send_many_without_destinations(
+    messages: *mut mmsghdr,
+    count: c_uint,
+    send: impl FnOnce(*mut mmsghdr) -> c_int,
+) -> c_int {
+    // SAFETY: the caller's array of `count` messages, as sendmmsg(2) requires (a destination
+    // was found in it, so it is not null and `count` >= 1).
+    let originals = unsafe { std::slice::from_raw_parts_mut(messages, count as usize) };
+    let mut copies: Vec<mmsghdr> = originals
+        .iter()
+        .map(|m| mmsghdr {
+            msg_hdr: without_destination(&raw const m.msg_hdr),
+            msg_len: m.msg_len,
+        })
+        .collect();
+    let sent = send(copies.as_mut_ptr());
+    let errno = sys::errno();
+    for (original, copy) in originals.iter_mut().zip(&copies).take(sent.max(0) as usize) {
+        original.msg_len = copy.msg_len;
+    }
+    sys::set_errno(errno);
+    sent
+}
+
 /// The (events, data) of a successful `EPOLL_CTL_ADD`/`EPOLL_CTL_MOD` (whose `event` the
 /// kernel has just read); `None` for other operations.
 fn epoll_event_arg(op: c_int, event: *const epoll_event) -> Option<(u32, u64)> {
@@ -301,9 +343,10 @@ hooks! {
     fn listen(fd: c_int, backlog: c_int) -> c_int => |real| run(forward, || real(fd, backlog), |(), rc| logic::after_listen(fd, rc));
     fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| accept_hook(fd, address, len, || real(fd, address, len));
     fn accept4(fd: c_int, address: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int => |real| accept_hook(fd, address, len, || real(fd, address, len, flags));
-    fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, address: *const sockaddr, len: socklen_t) -> ssize_t => |real| write_result(fd, run(|| (logic::send_to(fd, address_arg(address, len), flags).or(upgrade::before_write(fd)), ()), || real(fd, buf, n, flags, address, len), nothing));
-    fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => |real| write_result(fd, run(|| (logic::send_to(fd, message_arg(message), flags).or(upgrade::before_write(fd)), ()), || real(fd, message, flags), nothing));
-    fn sendmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int) -> c_int => |real| run(|| (logic::send_to(fd, messages_arg(messages, count), flags).or(upgrade::before_write(fd)), ()), || real(fd, messages, count, flags), nothing);
+    // A destination given to a relayed socket is dropped (see `drops_destination`).
+    fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, address: *const sockaddr, len: socklen_t) -> ssize_t => |real| { let drop = Cell::new(false); write_result(fd, run(|| { let destination = address_arg(address, len); drop.set(drops_destination(fd, destination.is_some())); (logic::send_to(fd, destination, flags).or(upgrade::before_write(fd)), ()) }, || if drop.get() { real(fd, buf, n, flags, std::ptr::null(), 0) } else { real(fd, buf, n, flags, address, len) }, nothing)) };
+    fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => |real| { let drop = Cell::new(false); write_result(fd, run(|| { let destination = message_arg(message); drop.set(drops_destination(fd, destination.is_some())); (logic::send_to(fd, destination, flags).or(upgrade::before_write(fd)), ()) }, || if drop.get() { real(fd, &without_destination(message), flags) } else { real(fd, message, flags) }, nothing)) };
+    fn sendmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int) -> c_int => |real| { let drop = Cell::new(false); run(|| { let destination = messages_arg(messages, count); drop.set(drops_destination(fd, destination.is_some())); (logic::send_to(fd, destination, flags).or(upgrade::before_write(fd)), ()) }, || if drop.get() { send_many_without_destinations(messages, count, |copies| real(fd, copies, count, flags)) } else { real(fd, messages, count, flags) }, nothing) };
     fn close(fd: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_close(fd)), || real(fd), logic::after_close);
     fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_close_range(first, last, flags)), || real(first, last, flags), logic::after_close_range);
     fn closefrom(first: c_int) -> () => |real| run(|| (Pre::Forward, logic::before_close_range(first.max(0) as u32, u32::MAX, 0)), || real(first), |found, ()| logic::after_close_range(found, 0));

@@ -1130,6 +1130,10 @@ fn names_and_options_look_like_tcp() {
             "set_nodelay=0",
             "set_keepalive=0",
             "echo=5",
+            // A destination on a connected socket is ignored, as TCP does.
+            "sendto=3 echo=3",
+            "sendmsg=3 echo=3",
+            "sendmmsg=2 lens=3,3 echo=6",
             &format!("local={CLIENT_IP} family=AF_INET len=16 port_set=1"),
             &format!("peer={SERVER_IP}:{US_PORT} family=AF_INET len=16"),
             "so_domain=AF_INET so_type=1 so_protocol=6",

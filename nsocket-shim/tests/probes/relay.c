@@ -590,6 +590,43 @@ static int reset(const char *how) {
 }
 
 /* 8. What a TCP socket answers about itself. */
+/* Reads exactly n bytes (echoed ones); how many came. */
+static ssize_t read_n(int fd, size_t n) {
+    char buf[64];
+    size_t got = 0;
+    while (got < n && got < sizeof buf) {
+        ssize_t r = read(fd, buf + got, n - got);
+        if (r <= 0) break;
+        got += (size_t)r;
+    }
+    return (ssize_t)got;
+}
+
+/* sendto/sendmsg/sendmmsg naming the connected peer: a TCP socket ignores the address. */
+static void sends_naming_the_peer(int fd) {
+    struct sockaddr_storage peer;
+    socklen_t len = sizeof peer;
+    if (getpeername(fd, (struct sockaddr *)&peer, &len) != 0) die("getpeername");
+    ssize_t sent = sendto(fd, "to\n", 3, 0, (struct sockaddr *)&peer, len);
+    out("sendto=%s echo=%zd", sent == 3 ? "3" : ename(errno), sent == 3 ? read_n(fd, 3) : 0);
+    struct iovec iov = {.iov_base = "msg", .iov_len = 3};
+    struct msghdr message = {.msg_name = &peer, .msg_namelen = len, .msg_iov = &iov, .msg_iovlen = 1};
+    sent = sendmsg(fd, &message, 0);
+    out("sendmsg=%s echo=%zd", sent == 3 ? "3" : ename(errno), sent == 3 ? read_n(fd, 3) : 0);
+    struct iovec iovs[2] = {{.iov_base = "mm1", .iov_len = 3}, {.iov_base = "mm2", .iov_len = 3}};
+    struct mmsghdr messages[2];
+    memset(messages, 0, sizeof messages);
+    for (int i = 0; i < 2; i++) {
+        messages[i].msg_hdr.msg_name = &peer;
+        messages[i].msg_hdr.msg_namelen = len;
+        messages[i].msg_hdr.msg_iov = &iovs[i];
+        messages[i].msg_hdr.msg_iovlen = 1;
+    }
+    int count = sendmmsg(fd, messages, 2, 0);
+    out("sendmmsg=%s lens=%u,%u echo=%zd", count == 2 ? "2" : ename(errno), messages[0].msg_len,
+        messages[1].msg_len, count == 2 ? read_n(fd, 6) : 0);
+}
+
 static int names(void) {
     int fd = connected(port);
     int one = 1;
@@ -598,6 +635,7 @@ static int names(void) {
     if (write(fd, "ping\n", 5) != 5) die("write");
     char buf[16];
     out("echo=%zd", read(fd, buf, sizeof buf));
+    sends_naming_the_peer(fd);
     struct sockaddr_in local;
     socklen_t len = sizeof local;
     getsockname(fd, (struct sockaddr *)&local, &len);
