@@ -253,9 +253,29 @@ fn messages_arg(messages: *const mmsghdr, count: c_uint) -> Option<SocketAddr> {
 
 /// Whether a send on `fd` naming a destination must go without it: a relayed socket is an
 /// `AF_UNIX` stream end, which fails such a send with `EISCONN`, where a connected TCP socket
-/// ignores the address (sockperf, for one, names the peer in every `sendto`).
+/// ignores the address, whatever it holds (sockperf names the peer in every `sendto`, and its
+/// server whatever its `recvfrom` buffer held: a TCP socket reports no source).
 fn drops_destination(fd: c_int, destination: bool) -> bool {
     destination && logic::relayed(fd)
+}
+
+/// Whether a `msghdr` names a destination (any bytes at all).
+fn names_destination(message: *const msghdr) -> bool {
+    if message.is_null() {
+        return false;
+    }
+    // SAFETY: the caller's msghdr, readable as sendmsg(2) requires.
+    let header = unsafe { &*message };
+    !header.msg_name.is_null() && header.msg_namelen > 0
+}
+
+/// The header of message `index` of a `sendmmsg` array, or null.
+fn messages_header(messages: *const mmsghdr, index: usize) -> *const msghdr {
+    if messages.is_null() {
+        return std::ptr::null();
+    }
+    // SAFETY: the caller's array holds more than `index` messages, as sendmmsg(2) requires.
+    unsafe { &raw const (*messages.add(index)).msg_hdr }
 }
 
 /// A copy of the caller's `msghdr` without its destination.
@@ -344,9 +364,9 @@ hooks! {
     fn accept(fd: c_int, address: *mut sockaddr, len: *mut socklen_t) -> c_int => |real| accept_hook(fd, address, len, || real(fd, address, len));
     fn accept4(fd: c_int, address: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int => |real| accept_hook(fd, address, len, || real(fd, address, len, flags));
     // A destination given to a relayed socket is dropped (see `drops_destination`).
-    fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, address: *const sockaddr, len: socklen_t) -> ssize_t => |real| { let drop = Cell::new(false); write_result(fd, run(|| { let destination = address_arg(address, len); drop.set(drops_destination(fd, destination.is_some())); (logic::send_to(fd, destination, flags).or(upgrade::before_write(fd)), ()) }, || if drop.get() { real(fd, buf, n, flags, std::ptr::null(), 0) } else { real(fd, buf, n, flags, address, len) }, nothing)) };
-    fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => |real| { let drop = Cell::new(false); write_result(fd, run(|| { let destination = message_arg(message); drop.set(drops_destination(fd, destination.is_some())); (logic::send_to(fd, destination, flags).or(upgrade::before_write(fd)), ()) }, || if drop.get() { real(fd, &without_destination(message), flags) } else { real(fd, message, flags) }, nothing)) };
-    fn sendmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int) -> c_int => |real| { let drop = Cell::new(false); run(|| { let destination = messages_arg(messages, count); drop.set(drops_destination(fd, destination.is_some())); (logic::send_to(fd, destination, flags).or(upgrade::before_write(fd)), ()) }, || if drop.get() { send_many_without_destinations(messages, count, |copies| real(fd, copies, count, flags)) } else { real(fd, messages, count, flags) }, nothing) };
+    fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, address: *const sockaddr, len: socklen_t) -> ssize_t => |real| { let drop = Cell::new(false); write_result(fd, run(|| { drop.set(drops_destination(fd, !address.is_null() && len > 0)); let destination = address_arg(address, len); (logic::send_to(fd, destination, flags).or(upgrade::before_write(fd)), ()) }, || if drop.get() { real(fd, buf, n, flags, std::ptr::null(), 0) } else { real(fd, buf, n, flags, address, len) }, nothing)) };
+    fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => |real| { let drop = Cell::new(false); write_result(fd, run(|| { drop.set(drops_destination(fd, names_destination(message))); let destination = message_arg(message); (logic::send_to(fd, destination, flags).or(upgrade::before_write(fd)), ()) }, || if drop.get() { real(fd, &without_destination(message), flags) } else { real(fd, message, flags) }, nothing)) };
+    fn sendmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int) -> c_int => |real| { let drop = Cell::new(false); run(|| { drop.set(drops_destination(fd, (0..count as usize).any(|i| names_destination(messages_header(messages, i))))); let destination = messages_arg(messages, count); (logic::send_to(fd, destination, flags).or(upgrade::before_write(fd)), ()) }, || if drop.get() { send_many_without_destinations(messages, count, |copies| real(fd, copies, count, flags)) } else { real(fd, messages, count, flags) }, nothing) };
     fn close(fd: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_close(fd)), || real(fd), logic::after_close);
     fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int => |real| run(|| (Pre::Forward, logic::before_close_range(first, last, flags)), || real(first, last, flags), logic::after_close_range);
     fn closefrom(first: c_int) -> () => |real| run(|| (Pre::Forward, logic::before_close_range(first.max(0) as u32, u32::MAX, 0)), || real(first), |found, ()| logic::after_close_range(found, 0));

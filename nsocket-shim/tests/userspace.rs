@@ -1132,6 +1132,7 @@ fn names_and_options_look_like_tcp() {
             "echo=5",
             // A destination on a connected socket is ignored, as TCP does.
             "sendto=3 echo=3",
+            "sendto_junk=3 echo=3",
             "sendmsg=3 echo=3",
             "sendmmsg=2 lens=3,3 echo=6",
             &format!("local={CLIENT_IP} family=AF_INET len=16 port_set=1"),

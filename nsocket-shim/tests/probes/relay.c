@@ -609,6 +609,12 @@ static void sends_naming_the_peer(int fd) {
     if (getpeername(fd, (struct sockaddr *)&peer, &len) != 0) die("getpeername");
     ssize_t sent = sendto(fd, "to\n", 3, 0, (struct sockaddr *)&peer, len);
     out("sendto=%s echo=%zd", sent == 3 ? "3" : ename(errno), sent == 3 ? read_n(fd, 3) : 0);
+    /* What sockperf's server passes: whatever its recvfrom buffer held (TCP reports no source). */
+    struct sockaddr_storage junk;
+    memset(&junk, 0x13, sizeof junk);
+    junk.ss_family = AF_UNIX;
+    sent = sendto(fd, "jk\n", 3, 0, (struct sockaddr *)&junk, 16);
+    out("sendto_junk=%s echo=%zd", sent == 3 ? "3" : ename(errno), sent == 3 ? read_n(fd, 3) : 0);
     struct iovec iov = {.iov_base = "msg", .iov_len = 3};
     struct msghdr message = {.msg_name = &peer, .msg_namelen = len, .msg_iov = &iov, .msg_iovlen = 1};
     sent = sendmsg(fd, &message, 0);
