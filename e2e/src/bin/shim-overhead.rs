@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use stackroute_e2e::cluster::{Cluster, Options, Workload, http_get};
+use stackroute_e2e::proc::Proc;
 use stackroute_e2e::tools::{is_root, netns_preconditions, which};
 
 #[derive(Parser)]
@@ -656,7 +657,7 @@ fn sockperf(
     seconds: u32,
 ) -> Result<(f64, f64)> {
     let ip = ip.to_string();
-    let _server = cluster.spawn_with(
+    let mut server = cluster.spawn_with(
         &ends.server,
         ends.shim,
         &ends.server_env(),
@@ -665,7 +666,7 @@ fn sockperf(
             &["sockperf", "sr", "--tcp", "-i", &ip, "-p", "11111"],
         ),
     )?;
-    cluster.wait_listening("a2", 11111)?;
+    listening(cluster, &mut server, 11111)?;
     cluster.wait_settled(SETTLE)?;
     let mut client = cluster.spawn_with(
         &ends.client,
@@ -700,6 +701,25 @@ fn sockperf(
     Ok((percentile("50.000")?, percentile("99.000")?))
 }
 
+/// Waits for `server`'s listener on node-a2's `port`; if none comes, says whether the server
+/// still runs (with its pid, to look at) or how it ended, and what it printed.
+fn listening(cluster: &Cluster, server: &mut Proc, port: u16) -> Result<()> {
+    cluster.wait_listening("a2", port).map_err(|error| {
+        let state = if server.running() {
+            format!("still running as pid {}", server.pid())
+        } else {
+            match server.wait(Duration::ZERO) {
+                Ok(status) => format!("ended: {status}"),
+                Err(why) => format!("state unknown: {why:#}"),
+            }
+        };
+        anyhow::anyhow!(
+            "{error:#}; the server {state}; its output:\n{}",
+            server.output()
+        )
+    })
+}
+
 /// One iperf3 run: received Gbit/s.
 fn iperf3(
     cluster: &Cluster,
@@ -709,7 +729,7 @@ fn iperf3(
     seconds: u32,
 ) -> Result<f64> {
     let ip = ip.to_string();
-    let _server = cluster.spawn_with(
+    let mut server = cluster.spawn_with(
         &ends.server,
         ends.shim,
         &ends.server_env(),
@@ -718,7 +738,7 @@ fn iperf3(
             &["iperf3", "-s", "-B", &ip, "-p", "5201", "-1"],
         ),
     )?;
-    cluster.wait_listening("a2", 5201)?;
+    listening(cluster, &mut server, 5201)?;
     cluster.wait_settled(SETTLE)?;
     let mut client = cluster.spawn_with(
         &ends.client,
@@ -783,7 +803,7 @@ fn connects(
         &ends.server_env(),
         &pinned(&pinning.server, &[exe, "echo-server", &ip, &port, &total]),
     )?;
-    cluster.wait_listening("a2", PORT)?;
+    listening(cluster, &mut server, PORT)?;
     cluster.wait_settled(SETTLE)?;
     let mut command = vec![exe, "connect-loop", &ip, &port, &count_text, &warmup];
     if nodelay {
@@ -881,6 +901,7 @@ fn shim_counters(cluster: &Cluster, node: &str) -> Result<BTreeMap<String, f64>>
         .filter(|line| {
             line.starts_with("stackroute_lrd_shim_decisions_total{")
                 || line.starts_with("stackroute_lrd_fallback_reports_total{")
+                || line.starts_with("stackroute_lrd_rdma_upgrade_attempts_total{")
         })
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
@@ -957,10 +978,26 @@ impl Counted {
             .collect()
     }
 
-    /// One line: the connections the client's shim decided (by transport), how many stayed on
-    /// TCP and why, the server's side of it. No agent counts connections on RDMA (this build
-    /// has no RDMA data path), so none is ever reported as such: under the RDMA policy, a
-    /// connection without a fallback reason is shown as not accounted for.
+    /// The upgrade attempts of `role` (`client`, `server`) by reason (`upgraded` or why not).
+    fn attempts(map: &BTreeMap<String, f64>, role: &str) -> Vec<(String, f64)> {
+        let role = format!("role=\"{role}\"");
+        Self::by(map, "stackroute_lrd_rdma_upgrade_attempts_total")
+            .filter_map(|(labels, n)| {
+                let mut parts = labels.split(',');
+                let reason = parts.find_map(|part| part.strip_prefix("reason="))?;
+                labels
+                    .split(',')
+                    .any(|part| part == role)
+                    .then(|| (reason.trim_matches('"').to_string(), n))
+            })
+            .collect()
+    }
+
+    /// One line: the connections the client's shim decided (by transport) and the fallbacks
+    /// both shims reported; for the RDMA variant also the upgrade attempts each side reported,
+    /// `upgraded` counting the connections that ran on (emulated) queue pairs. A connection
+    /// under the RDMA policy is decided twice: on the kernel entry that carries it until the
+    /// upgrade, and as RDMA.
     fn describe(&self, variant: Variant) -> String {
         let list = |items: &[(String, f64)]| {
             if items.is_empty() {
@@ -996,30 +1033,28 @@ impl Counted {
                 list(&server)
             );
         }
-        // Under the RDMA policy every connection either falls back (with a reason) or would be
-        // upgraded; `no-capability` is the kernel entry's (BBR not applied), not the upgrade's.
+        // Every RDMA decision either fell back with a counted reason or was upgraded.
+        let rdma_decided: f64 = decided
+            .iter()
+            .filter(|(transport, _)| transport.starts_with("RDMA"))
+            .map(|(_, n)| n)
+            .sum();
         let stayed: f64 = client
             .iter()
             .filter(|(reason, _)| reason != "no-capability")
             .map(|(_, n)| n)
             .sum();
-        let unaccounted = (connections - stayed).max(0.0);
-        let on_rdma = if unaccounted == 0.0 {
-            "0 connections on RDMA".to_string()
-        } else {
-            format!(
-                "0 connections known to be on RDMA ({unaccounted:.0} without a fallback reason: \
-                 not counted as RDMA)"
-            )
-        };
         format!(
-            "{}: {connections:.0} connections decided at node-a1 (carried by {} until an \
-             upgrade); {on_rdma}; {stayed:.0} stayed TCP — node-a1 (client): {}; node-a2 \
-             (server): {}",
+            "{}: decisions at node-a1: {}; {:.0} RDMA connections upgraded ({stayed:.0} fell \
+             back: node-a1 {}; node-a2 {}); attempt records (a shim report carries at most 64: \
+             a sample) — the client's: {}; the server's: {}",
             variant.name(),
             list(&decided),
+            (rdma_decided - stayed).max(0.0),
             list(&client),
-            list(&server)
+            list(&server),
+            list(&Self::attempts(&self.client, "client")),
+            list(&Self::attempts(&self.server, "server")),
         )
     }
 }
