@@ -577,16 +577,23 @@ impl Cluster {
     /// Waits until something in `host` listens on TCP `port`.
     pub fn wait_listening(&self, host: &str, port: u16) -> Result<()> {
         let filter = format!("sport = :{port}");
+        let mut last = String::new();
         wait_for(
             &format!("a listener on {host}:{port}"),
             Duration::from_secs(15),
-            || {
-                self.net
-                    .exec(host, &["ss", "-ltnH", &filter])
-                    .ok()
-                    .filter(|out| !out.trim().is_empty())
+            || match self.net.exec(host, &["ss", "-ltnH", &filter]) {
+                Ok(out) if !out.trim().is_empty() => Some(()),
+                Ok(_) => {
+                    last = "ss listed no listener".into();
+                    None
+                }
+                Err(error) => {
+                    last = format!("{error:#}");
+                    None
+                }
             },
-        )?;
+        )
+        .with_context(|| format!("the last look: {last}"))?;
         Ok(())
     }
 
