@@ -21,7 +21,8 @@ mod sys;
 
 pub(crate) use cgroup::v2_root as cgroup_v2_root;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -1064,10 +1065,7 @@ pub async fn reaper(instances: Arc<Instances>) {
 /// runs — then the primary ones. Read from the kernel (`/proc/PID/net`), not from an annotation
 /// the pod's CNI plugins wrote: only an address the pod holds can be chosen, and the RDMA
 /// device's GID table decides which of them is an RDMA address (`stackroute-rdma-discover`).
-fn rdma_addresses(
-    namespace: &std::collections::BTreeSet<std::net::IpAddr>,
-    primary: &[std::net::IpAddr],
-) -> Vec<std::net::IpAddr> {
+fn rdma_addresses(namespace: &BTreeSet<IpAddr>, primary: &[IpAddr]) -> Vec<IpAddr> {
     let routable = namespace
         .iter()
         .copied()
@@ -1084,7 +1082,7 @@ mod tests {
 
     #[test]
     fn rdma_addresses_put_secondary_networks_first() {
-        let ip = |text: &str| -> std::net::IpAddr { text.parse().unwrap() };
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
         let namespace = [
             "127.0.0.1",
             "10.244.1.5",

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -50,7 +51,7 @@ pub(super) struct Plan {
     /// `--rdma-provider`.
     pub(super) rdma_provider: Option<PathBuf>,
     /// The caller's addresses, for its queue pairs' GID (`STACKROUTE_RDMA_ADDRESSES`).
-    pub(super) rdma_addresses: Vec<std::net::IpAddr>,
+    pub(super) rdma_addresses: Vec<IpAddr>,
 }
 
 /// Why a start failed: the reason the shim records and a message for logs.

@@ -203,6 +203,19 @@ pub fn gid_address(gid: [u8; 16]) -> IpAddr {
     Ipv6Addr::from(gid).to_canonical()
 }
 
+/// A GID as sysfs writes it, eight groups of four hex digits ([`parse_gid`]'s inverse).
+pub fn format_gid(gid: [u8; 16]) -> String {
+    gid.chunks_exact(2)
+        .map(|pair| format!("{:02x}{:02x}", pair[0], pair[1]))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The addresses in this process's [`ADDRESSES_VAR`] (none when it is not set).
+pub fn preferred_addresses() -> Result<Vec<IpAddr>, String> {
+    std::env::var(ADDRESSES_VAR).map_or(Ok(Vec::new()), |text| parse_addresses(&text))
+}
+
 /// [`ADDRESSES_VAR`]'s value: addresses separated by commas (blanks ignored).
 pub fn parse_addresses(text: &str) -> Result<Vec<IpAddr>, String> {
     text.split(',')
@@ -687,6 +700,9 @@ mod tests {
             ]
         );
         assert_eq!(parse_addresses("").unwrap(), Vec::<IpAddr>::new());
+        for text in [LINK_LOCAL, V4_MAPPED] {
+            assert_eq!(format_gid(parse_gid(text).unwrap()), text);
+        }
         let error = parse_addresses("10.0.0.1,eth0").unwrap_err();
         assert!(
             error.contains("\"eth0\"") && error.contains(ADDRESSES_VAR),

@@ -38,8 +38,8 @@
 //! # Queue pairs
 //!
 //! `open` answers the endpoint {GID: the fault GID (as `probe=ok`), or the GID chosen from
-//! `gids=` (below); QPN: a counter of the process from 1; PSN: the process id} and binds a non-blocking `SOCK_SEQPACKET` listener at
-//! `<dir>/<psn>-<qpn>`, where `<dir>` is `STACKROUTE_RDMA_FAULT_DIR` (default
+//! `gids=` (above); QPN: a counter of the process from 1; PSN: the process id} and binds a
+//! non-blocking `SOCK_SEQPACKET` listener at `<dir>/<psn>-<qpn>`, where `<dir>` is `STACKROUTE_RDMA_FAULT_DIR` (default
 //! `/tmp/stackroute-rdma-fault`, created mode `1777` — sticky and world-writable like `/tmp`,
 //! because stack instances of several users may share it and each may remove only its own
 //! sockets; the sockets themselves get the process's umask, so a peer of another user than
@@ -113,15 +113,9 @@ fn local_gid() -> Result<[u8; 16], Refusal> {
             let ip: std::net::IpAddr = text
                 .parse()
                 .map_err(|_| fault_refusal("gids", &table, "a list of IP addresses"))?;
-            let bytes = discover::address_gid(ip);
             Ok(Gid {
                 index: index as u32,
-                // As sysfs writes it: eight groups of four hex digits.
-                gid: bytes
-                    .chunks(2)
-                    .map(|pair| format!("{:02x}{:02x}", pair[0], pair[1]))
-                    .collect::<Vec<_>>()
-                    .join(":"),
+                gid: discover::format_gid(discover::address_gid(ip)),
                 kind: "RoCE v2".into(),
                 netdev: "fault0".into(),
             })
@@ -142,12 +136,8 @@ fn local_gid() -> Result<[u8; 16], Refusal> {
         rdma_cm: true,
         uverbs: vec!["uverbs0".into()],
     };
-    let preferred = std::env::var(discover::ADDRESSES_VAR)
-        .ok()
-        .map(|text| discover::parse_addresses(&text))
-        .transpose()
-        .map_err(|message| Refusal::new(Reason::Other, message))?
-        .unwrap_or_default();
+    let preferred =
+        discover::preferred_addresses().map_err(|message| Refusal::new(Reason::Other, message))?;
     discover::usable_for(&discovery, &preferred)
         .map(|usable| usable.gid)
         .map_err(|why| {

@@ -68,17 +68,55 @@ impl NotUsable {
 /// The device, port and GID `stackroute-rdma-discover` chooses from sysfs: a RoCE v2 GID
 /// carrying one of the addresses in `STACKROUTE_RDMA_ADDRESSES` (the pod's, set by the agent),
 /// else the first RoCE v2 GID. `None` where sysfs says nothing usable (verbs decides then).
-fn sysfs_choice() -> Option<stackroute_rdma_discover::Usable> {
+fn sysfs_choice() -> Result<Option<stackroute_rdma_discover::Usable>, NotUsable> {
     use stackroute_rdma_discover as discover;
-    let preferred = std::env::var(discover::ADDRESSES_VAR)
-        .ok()
-        .and_then(|text| discover::parse_addresses(&text).ok())
-        .unwrap_or_default();
-    discover::usable_for(&discover::discover(std::path::Path::new("/")), &preferred).ok()
+    let preferred = discover::preferred_addresses()
+        .map_err(|message| NotUsable::new(Reason::Other, message))?;
+    Ok(discover::usable_for(&discover::discover(std::path::Path::new("/")), &preferred).ok())
 }
 
-/// Looks for a usable device: an active port with a non-zero GID whose device lets a
-/// connection's buffers be registered; the GID [`sysfs_choice`] names where it can.
+/// `found` if its device lets a connection's buffers be registered.
+fn registered(device: &sys::Device, found: Found) -> Result<Found, NotUsable> {
+    match device.can_register(PROBE_REGISTRATION) {
+        Ok(()) => Ok(found),
+        Err(errno) if errno == libc::ENOMEM || errno == libc::EPERM => Err(NotUsable::new(
+            Reason::Memlock,
+            format!(
+                "ibv_reg_mr of {PROBE_REGISTRATION} bytes on {}: errno {errno} (raise RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=infinity for the container runtime, or run as root with IPC_LOCK)",
+                found.device
+            ),
+        )),
+        Err(errno) => Err(NotUsable::new(
+            Reason::RdmaError,
+            format!("ibv_alloc_pd/ibv_reg_mr on {}: errno {errno}", found.device),
+        )),
+    }
+}
+
+/// sysfs's `choice`, if verbs confirms it (the device opens, the port is active, the GID at
+/// that index is the same): the device and what it found.
+fn confirmed(
+    devices: &sys::DeviceList,
+    choice: &stackroute_rdma_discover::Usable,
+) -> Option<(sys::Device, Found)> {
+    let index = (0..devices.len()).find(|&i| devices.name(i) == choice.device)?;
+    let device = devices.open(index).ok()?;
+    let port = u8::try_from(choice.port).ok()?;
+    let gid_index = i32::try_from(choice.gid_index).ok()?;
+    device.active_port_gids(port)?;
+    (device.gid(port, gid_index)? == choice.gid).then_some(())?;
+    let found = Found {
+        device: choice.device.clone(),
+        port,
+        gid_index,
+        gid: choice.gid,
+    };
+    Some((device, found))
+}
+
+/// Looks for a usable device: [`sysfs_choice`]'s port and GID where verbs confirms it, else the
+/// first active port with a non-zero GID; its device must let a connection's buffers be
+/// registered.
 pub fn probe() -> Result<Found, NotUsable> {
     let devices = sys::DeviceList::get().map_err(|errno| {
         NotUsable::new(
@@ -100,16 +138,11 @@ pub fn probe() -> Result<Found, NotUsable> {
             "ibv_get_device_list: no RDMA devices (none visible to this process: a pod needs the RDMA device resource)",
         ));
     }
-    let choice = sysfs_choice();
+    if let Some((device, found)) = sysfs_choice()?.and_then(|c| confirmed(&devices, &c)) {
+        return registered(&device, found);
+    }
     let mut last = NotUsable::new(Reason::NoGid, "no device has an active port");
-    // The device sysfs chose first.
-    let mut order: Vec<usize> = (0..devices.len()).collect();
-    order.sort_by_key(|&index| {
-        choice
-            .as_ref()
-            .is_none_or(|c| c.device != devices.name(index))
-    });
-    for index in order {
+    for index in 0..devices.len() {
         let name = devices.name(index);
         let device = match devices.open(index) {
             Ok(device) => device,
@@ -125,44 +158,22 @@ pub fn probe() -> Result<Found, NotUsable> {
             let Some(gid_count) = device.active_port_gids(port) else {
                 continue;
             };
-            // sysfs's choice where it names an entry of this port that verbs confirms (it
-            // knows the GIDs' types and the pod's addresses), else the first non-zero GID.
-            let chosen = choice
-                .as_ref()
-                .filter(|c| c.device == name && c.port == u32::from(port))
-                .and_then(|c| {
-                    let index = i32::try_from(c.gid_index).ok()?;
-                    (device.gid(port, index)? == c.gid).then_some((index, c.gid))
-                });
-            let Some((gid_index, gid)) = chosen.or_else(|| {
-                (0..gid_count).find_map(|i| {
-                    device
-                        .gid(port, i)
-                        .filter(|g| *g != [0; 16])
-                        .map(|g| (i, g))
-                })
+            let Some((gid_index, gid)) = (0..gid_count).find_map(|i| {
+                device
+                    .gid(port, i)
+                    .filter(|g| *g != [0; 16])
+                    .map(|g| (i, g))
             }) else {
                 last = NotUsable::new(Reason::NoGid, format!("{name} port {port}: active, no GID"));
                 continue;
             };
-            return match device.can_register(PROBE_REGISTRATION) {
-                Ok(()) => Ok(Found {
-                    device: name,
-                    port,
-                    gid_index,
-                    gid,
-                }),
-                Err(errno) if errno == libc::ENOMEM || errno == libc::EPERM => Err(NotUsable::new(
-                    Reason::Memlock,
-                    format!(
-                        "ibv_reg_mr of {PROBE_REGISTRATION} bytes on {name}: errno {errno} (raise RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=infinity for the container runtime, or run as root with IPC_LOCK)"
-                    ),
-                )),
-                Err(errno) => Err(NotUsable::new(
-                    Reason::RdmaError,
-                    format!("ibv_alloc_pd/ibv_reg_mr on {name}: errno {errno}"),
-                )),
+            let found = Found {
+                device: name,
+                port,
+                gid_index,
+                gid,
             };
+            return registered(&device, found);
         }
     }
     Err(last)
