@@ -86,6 +86,22 @@ impl fmt::Display for Ignored {
     }
 }
 
+/// `1`: a build without DPDK fails the DPDK trials instead of ignoring them.
+pub const REQUIRE_DPDK_VAR: &str = "STACKROUTE_REQUIRE_DPDK";
+
+/// The gate of the DPDK trials: open when the test was built with DPDK (`built`: the calling
+/// crate's `cfg!(feature = "dpdk")`); otherwise ignored with "built without DPDK (`how`)", or a
+/// panic (a failed trial) when `STACKROUTE_REQUIRE_DPDK=1`.
+pub fn dpdk(built: bool, how: &str) -> Result<(), Ignored> {
+    if built {
+        return Ok(());
+    }
+    if std::env::var_os(REQUIRE_DPDK_VAR).is_some_and(|r| r == "1") {
+        panic!("{REQUIRE_DPDK_VAR}=1 but this test was built without DPDK ({how})");
+    }
+    Err(Ignored::new(format!("built without DPDK ({how})")))
+}
+
 /// The gate of the Kubernetes trials: the kubeconfig named by `STACKROUTE_TEST_KUBECONFIG`, or
 /// "ignored: STACKROUTE_TEST_KUBECONFIG not set: no Kubernetes API server (e2e/kube/cluster.sh
 /// up)". Panics — failing the trial that calls it — when it is unset and

@@ -1,7 +1,8 @@
 //! The host loop of the stackroute netstack: it owns the clock and the packet engine and drives
 //! the sans-IO [`Stack`] — `stackroute-netperf` and `stackroute-stackd` run on it.
 //!
-//! - [`open_engine`] opens AF_PACKET, AF_XDP or TAP and tells the MAC the stack should use;
+//! - [`open_engine`] opens AF_PACKET, AF_XDP, DPDK or TAP and tells the MAC the stack should
+//!   use; [`open_first`] tries engines in order and says why each earlier one was unavailable;
 //! - [`Host`] holds the stack and the engine: [`Host::poll`] runs one `Stack::poll` with every
 //!   received frame stamped with the time it left the ring ([`Stamped`]); [`Host::turn`]
 //!   polls, then busy-polls or sleeps until the next timer or frame; [`Host::wait_plan`] is
@@ -22,10 +23,10 @@ use stackroute_netstack::{
     Device, DeviceCapabilities, Instant, RxMeta, SocketError, SocketHandle, Stack, TcpConfig,
     TcpError, TcpState,
 };
-use stackroute_pktio::{AfPacket, AfXdp, AnyDevice, RingConfig, Tap};
+use stackroute_pktio::{AfPacket, AfXdp, AnyDevice, Dpdk, DpdkConfig, RingConfig, Tap};
 
 /// Which packet engine to open.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EngineKind {
     /// AF_PACKET with TPACKET_V2 rings.
     AfPacket,
@@ -33,6 +34,69 @@ pub enum EngineKind {
     AfXdp(Ipv4Addr),
     /// A TAP interface (created if missing).
     Tap,
+    /// A DPDK port (the interface name is not used: EAL's arguments name the device).
+    Dpdk(DpdkConfig),
+}
+
+impl EngineKind {
+    /// The engine's name, as reports and logs say it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::AfPacket => "af_packet",
+            Self::AfXdp(_) => "af_xdp",
+            Self::Tap => "tap",
+            Self::Dpdk(_) => "dpdk",
+        }
+    }
+}
+
+/// An engine opened by [`open_first`].
+#[derive(Debug)]
+pub struct Opened {
+    /// The engine.
+    pub device: AnyDevice,
+    /// The MAC the stack should use.
+    pub mac: [u8; 6],
+    /// The engines tried before it, each with why it could not be opened.
+    pub fallbacks: Vec<(&'static str, io::Error)>,
+}
+
+/// Opens the first of `kinds` that opens on `interface`; each failure before it is logged on
+/// stderr and kept in [`Opened::fallbacks`]. Fails with every reason when none opens.
+pub fn open_first(kinds: &[EngineKind], interface: &str) -> io::Result<Opened> {
+    let mut fallbacks: Vec<(&'static str, io::Error)> = Vec::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        match open_engine(kind.clone(), interface) {
+            Ok((device, mac)) => {
+                return Ok(Opened {
+                    device,
+                    mac,
+                    fallbacks,
+                });
+            }
+            Err(e) => {
+                if let Some(next) = kinds.get(i + 1) {
+                    eprintln!("{} unavailable: {e}; trying {}", kind.name(), next.name());
+                }
+                fallbacks.push((kind.name(), e));
+            }
+        }
+    }
+    let reasons: Vec<String> = fallbacks
+        .iter()
+        .map(|(name, e)| format!("{name}: {e}"))
+        .collect();
+    let kind = fallbacks
+        .last()
+        .map_or(io::ErrorKind::InvalidInput, |(_, e)| e.kind());
+    Err(io::Error::new(
+        kind,
+        if reasons.is_empty() {
+            "no packet engine given".to_string()
+        } else {
+            reasons.join("; ")
+        },
+    ))
 }
 
 /// Opens an engine on `interface`; returns it with the MAC the stack should use (the
@@ -60,6 +124,11 @@ pub fn open_engine(kind: EngineKind, interface: &str) -> io::Result<(AnyDevice, 
             mac[5] ^= 0x01;
             mac[0] = (mac[0] | 0x02) & 0xfe;
             (AnyDevice::Tap(dev), mac)
+        }
+        EngineKind::Dpdk(config) => {
+            let dev = Dpdk::open(&config).map_err(|e| context(e, "opening DPDK"))?;
+            let mac = dev.mac();
+            (AnyDevice::Dpdk(Box::new(dev)), mac)
         }
     })
 }
@@ -297,8 +366,12 @@ impl<D: Device + HasFd> Host<D> {
                 Ok(false)
             }
             Wait::Sleep(timeout) => {
+                let timeout = self
+                    .device
+                    .max_idle()
+                    .map_or(timeout, |idle| timeout.min(idle));
                 let mut fds = Vec::with_capacity(1 + extra_fds.len());
-                fds.push(self.device.raw_fd());
+                fds.extend(self.device.wait_fd());
                 fds.extend_from_slice(extra_fds);
                 stackroute_pktio::wait_any_readable(&fds, Some(timeout))
             }
@@ -347,20 +420,29 @@ impl<D: Device + HasFd> Host<D> {
     }
 }
 
-/// An engine with a descriptor to wait on.
+/// How the host waits for an engine's frames.
 pub trait HasFd {
-    /// The descriptor that becomes readable when frames arrive.
-    fn raw_fd(&self) -> RawFd;
+    /// The descriptor that becomes readable when frames arrive; `None`: poll the engine.
+    fn wait_fd(&self) -> Option<RawFd>;
+
+    /// The longest sleep between polls of an engine without a descriptor.
+    fn max_idle(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl HasFd for AnyDevice {
-    fn raw_fd(&self) -> RawFd {
-        Self::raw_fd(self)
+    fn wait_fd(&self) -> Option<RawFd> {
+        Self::wait_fd(self)
+    }
+
+    fn max_idle(&self) -> Option<Duration> {
+        Self::max_idle(self)
     }
 }
 
 impl HasFd for AfPacket {
-    fn raw_fd(&self) -> RawFd {
-        Self::raw_fd(self)
+    fn wait_fd(&self) -> Option<RawFd> {
+        Some(self.raw_fd())
     }
 }

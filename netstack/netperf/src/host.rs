@@ -8,21 +8,17 @@ use std::time::{Duration, Instant as StdInstant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use stackroute_nethost::BusyPoll;
+use stackroute_nethost::{BusyPoll, EngineKind};
 use stackroute_netstack::congestion::CongestionControl;
 use stackroute_netstack::sim::SimRng;
 use stackroute_netstack::{
-    Ipv6Config, SocketError, SocketHandle, SocketOption, Stack, StackConfig,
+    Device, Ipv6Config, SocketError, SocketHandle, SocketOption, Stack, StackConfig,
 };
-
-pub(crate) enum EngineKind {
-    AfPacket,
-    AfXdp,
-    Tap,
-}
+use stackroute_pktio::AnyDevice;
 
 pub(crate) struct HostConfig {
-    pub(crate) engine: EngineKind,
+    /// Tried in order.
+    pub(crate) engines: Vec<EngineKind>,
     pub(crate) interface: String,
     /// Unspecified: no IPv4.
     pub(crate) address: Ipv4Addr,
@@ -67,6 +63,8 @@ pub(crate) use iperf3::run_iperf3_server;
 /// connection options of the command line.
 struct Host {
     inner: stackroute_nethost::Host,
+    /// The engines that could not open before the one in use, with why.
+    fallbacks: Vec<serde_json::Value>,
     deadline: StdInstant,
     config_cc: CongestionControl,
     nodelay: bool,
@@ -88,29 +86,35 @@ impl DerefMut for Host {
 
 impl Host {
     fn new(config: &HostConfig) -> Result<Self> {
-        let kind = match config.engine {
-            EngineKind::AfPacket => stackroute_nethost::EngineKind::AfPacket,
-            EngineKind::AfXdp => stackroute_nethost::EngineKind::AfXdp(config.address),
-            EngineKind::Tap => stackroute_nethost::EngineKind::Tap,
-        };
-        let (device, engine_mac) = stackroute_nethost::open_engine(kind, &config.interface)?;
+        let opened = stackroute_nethost::open_first(&config.engines, &config.interface)?;
+        let device = opened.device;
         let mut stack_config = StackConfig::new(
-            config.mac.unwrap_or(engine_mac),
+            config.mac.unwrap_or(opened.mac),
             config.address,
             config.prefix_len,
             stackroute_nethost::random_secret()?,
         );
         stack_config.gateway = config.gateway;
         stack_config.ipv6 = config.ipv6;
-        stack_config.mtu = stackroute_pktio::interface::mtu(&config.interface).unwrap_or(1500);
+        stack_config.mtu = match &device {
+            // EAL's arguments name the device; the port knows its MTU.
+            AnyDevice::Dpdk(port) => port.capabilities().mtu,
+            _ => stackroute_pktio::interface::mtu(&config.interface).unwrap_or(1500),
+        };
         stack_config.tcp.congestion_control = config.congestion_control;
         stack_config.tcp.nodelay = config.nodelay;
         let busy_poll = BusyPoll {
             window: config.busy_poll,
             yield_between: config.busy_poll_yield,
         };
+        let fallbacks = opened
+            .fallbacks
+            .iter()
+            .map(|(engine, error)| json!({ "engine": engine, "error": error.to_string() }))
+            .collect();
         Ok(Self {
             inner: stackroute_nethost::Host::new(Stack::new(stack_config), device, busy_poll),
+            fallbacks,
             deadline: StdInstant::now() + config.timeout,
             config_cc: config.congestion_control,
             nodelay: config.nodelay,
@@ -148,14 +152,47 @@ struct Totals {
     handshake_seconds: f64,
 }
 
+/// The engine in use, the ones that failed before it, and for DPDK the port's report.
+fn engine_report(host: &Host) -> serde_json::Value {
+    let mut value = json!({
+        "engine": host.device.name(),
+        "engine_fallbacks": host.fallbacks,
+    });
+    if let AnyDevice::Dpdk(port) = &host.device {
+        let status = port.status();
+        value["dpdk"] = json!({
+            "version": status.version,
+            "port": status.port,
+            "driver": status.driver,
+            "memory": status.memory,
+            "runtime_dir": status.runtime_dir,
+            "eal_init_ms": status.eal_init_ms,
+            "mbufs": status.mbufs,
+            "mbufs_in_use": status.mbufs_in_use,
+            "rx_checksum_offload": status.rx_checksum_offload,
+            "rx_bad_checksum": status.rx_bad_checksum,
+            "rx_chained": status.rx_chained,
+            "port_stats": {
+                "ipackets": status.ipackets,
+                "opackets": status.opackets,
+                "imissed": status.imissed,
+                "ierrors": status.ierrors,
+                "oerrors": status.oerrors,
+                "rx_nombuf": status.rx_nombuf,
+            },
+        });
+    }
+    value
+}
+
 fn report(
     totals: &Totals,
-    stack: &Stack,
+    host: &Host,
     seconds: f64,
     extra: serde_json::Value,
     cc: &str,
 ) -> serde_json::Value {
-    let interface = stack.stats();
+    let interface = host.stack.stats();
     // Like iperf3, goodput counts from the established connection: a lost SYN costs the
     // initial RTO (1 s, RFC 6298) before any data moves, which says nothing about the transfer.
     let transfer_seconds = seconds - totals.handshake_seconds;
@@ -181,8 +218,10 @@ fn report(
         "tx_frames": interface.tx_frames,
         "tx_no_buffer": interface.tx_dropped,
     });
-    if let (Some(map), serde_json::Value::Object(extra)) = (value.as_object_mut(), extra) {
-        map.extend(extra);
+    for extra in [engine_report(host), extra] {
+        if let (Some(map), serde_json::Value::Object(extra)) = (value.as_object_mut(), extra) {
+            map.extend(extra);
+        }
     }
     value
 }
@@ -384,7 +423,7 @@ pub(crate) fn run_client(
     };
     Ok(report(
         &totals,
-        &host.stack,
+        &host,
         seconds,
         extra,
         config.congestion_control.name(),
@@ -647,7 +686,7 @@ pub(crate) fn run_server(
     let seconds = first_accept.map_or(0.0, |t| last_close.duration_since(t).as_secs_f64());
     Ok(report(
         &totals,
-        &host.stack,
+        &host,
         seconds,
         match work {
             ServerWork::Http { .. } => json!({ "body_sha256": body_hash }),

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use stackroute_nethost::EngineKind;
 use stackroute_netstack::Ipv6Config;
 use stackroute_netstack::congestion::CongestionControl;
+use stackroute_pktio::{DpdkConfig, Hugepages};
 
 /// Run the stackroute user-space TCP stack as a client or server.
 #[derive(Parser, Debug)]
@@ -37,6 +39,15 @@ enum Engine {
     AfXdp,
     /// A TAP interface (created if missing).
     Tap,
+    /// A DPDK port (`--dpdk-args`); needs a build with `--features dpdk`.
+    Dpdk,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DpdkHugepages {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,12 +69,32 @@ impl From<Cc> for CongestionControl {
 
 #[derive(Args, Debug, Clone)]
 struct Common {
-    /// Packet I/O engine.
-    #[arg(long, value_enum, default_value = "af_packet")]
-    engine: Engine,
-    /// Interface to attach to.
+    /// Packet I/O engine; a comma-separated list is tried in order (`dpdk,af_packet`: DPDK, or
+    /// AF_PACKET when DPDK cannot open, with the reason in the report).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "af_packet")]
+    engine: Vec<Engine>,
+    /// Interface to attach to (for DPDK only when another engine follows it: EAL's arguments
+    /// name DPDK's device).
     #[arg(long)]
-    interface: String,
+    interface: Option<String>,
+    /// EAL arguments for `--engine dpdk`, one string with shell quoting
+    /// (`"--vdev=net_af_packet0,iface=eth1"`, `"-a 0000:03:00.0"`). The engine adds a
+    /// per-process --file-prefix, --no-shconf, --no-telemetry, --no-pci (unless PCI devices
+    /// are allowed), --lcores 0@(this process's CPUs) and the memory mode, each unless given.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    dpdk_args: String,
+    /// The DPDK port by name (default: the only one EAL finds).
+    #[arg(long)]
+    dpdk_port: Option<String>,
+    /// Mbufs in the DPDK pool (the af_xdp PMD needs several thousand).
+    #[arg(long, default_value_t = 8191)]
+    dpdk_mbufs: u32,
+    /// DPDK memory: hugepages when enough are free (auto), always (on) or never (off).
+    #[arg(long, value_enum, default_value = "auto")]
+    dpdk_hugepages: DpdkHugepages,
+    /// Do not use the DPDK port's checksum offloads.
+    #[arg(long)]
+    dpdk_no_offloads: bool,
     /// The stack's own address, IP/PREFIX (IPv4 or IPv6; give it twice for both). Use an
     /// address the kernel does not own.
     #[arg(long, required = true)]
@@ -242,19 +273,15 @@ fn policy_from_stat(stat: &str) -> Option<i32> {
 fn host_config(common: &Common) -> Result<host::HostConfig> {
     let (v4, ipv6) = interface_addresses(&common.address, &common.gateway)?;
     let (address, prefix_len, gateway) = v4.unwrap_or((Ipv4Addr::UNSPECIFIED, 0, None));
-    if common.engine == Engine::AfXdp && v4.is_none() {
+    if common.engine.contains(&Engine::AfXdp) && v4.is_none() {
         bail!(
             "--engine af_xdp needs an IPv4 --address: its XDP program steers frames by IPv4 \
              address and ARP; use af_packet or tap for IPv6 only"
         );
     }
     Ok(host::HostConfig {
-        engine: match common.engine {
-            Engine::AfPacket => host::EngineKind::AfPacket,
-            Engine::Tap => host::EngineKind::Tap,
-            Engine::AfXdp => host::EngineKind::AfXdp,
-        },
-        interface: common.interface.clone(),
+        engines: engines(common, address)?,
+        interface: common.interface.clone().unwrap_or_default(),
         address,
         prefix_len,
         gateway,
@@ -267,6 +294,35 @@ fn host_config(common: &Common) -> Result<host::HostConfig> {
         busy_poll_yield: !common.busy_poll_no_yield,
         checksum: !common.no_checksum,
     })
+}
+
+fn engines(common: &Common, address: Ipv4Addr) -> Result<Vec<EngineKind>> {
+    let needs_interface = common.engine.iter().any(|&e| e != Engine::Dpdk);
+    if needs_interface && common.interface.is_none() {
+        bail!("--interface is required unless every --engine is dpdk");
+    }
+    let dpdk = DpdkConfig {
+        eal_args: DpdkConfig::parse_eal_args(&common.dpdk_args).map_err(anyhow::Error::msg)?,
+        port: common.dpdk_port.clone(),
+        mbufs: common.dpdk_mbufs,
+        hugepages: match common.dpdk_hugepages {
+            DpdkHugepages::Auto => Hugepages::Auto,
+            DpdkHugepages::On => Hugepages::On,
+            DpdkHugepages::Off => Hugepages::Off,
+        },
+        offloads: !common.dpdk_no_offloads,
+        ..DpdkConfig::default()
+    };
+    Ok(common
+        .engine
+        .iter()
+        .map(|engine| match engine {
+            Engine::AfPacket => EngineKind::AfPacket,
+            Engine::Tap => EngineKind::Tap,
+            Engine::AfXdp => EngineKind::AfXdp(address),
+            Engine::Dpdk => EngineKind::Dpdk(dpdk.clone()),
+        })
+        .collect())
 }
 
 fn main() -> Result<()> {

@@ -4,15 +4,17 @@
 //!   built by clang, loaded with aya; generic mode, so it works on veth);
 //! - [`SharedXdp`]: AF_XDP for a stack sharing the kernel's addresses by port range, with a
 //!   packet socket filtered to the neighbour protocols beside it;
+//! - [`Dpdk`]: a DPDK ethdev port (PCI or virtual device), with the `dpdk` cargo feature;
 //! - [`Tap`]: a TAP interface.
 //!
-//! All `unsafe` code lives in the `sys` module, one system call
+//! All `unsafe` code lives in the `sys` module, one system call, FFI call
 //! or raw-memory access per block, each with a `// SAFETY:` line.
 
 #![deny(unsafe_code)]
 
 mod af_packet;
 mod af_xdp;
+mod dpdk;
 mod shared_xdp;
 mod steer;
 mod sys;
@@ -24,6 +26,7 @@ use std::time::Duration;
 
 pub use af_packet::{AfPacket, RingConfig};
 pub use af_xdp::{AfXdp, XdpHandover};
+pub use dpdk::{Dpdk, DpdkConfig, DpdkStatus, Hugepages, Memory};
 pub use shared_xdp::{NotShared, SharedXdp};
 use stackroute_netstack::{Device, DeviceCapabilities, RxMeta};
 pub use steer::Steer;
@@ -85,19 +88,47 @@ pub enum AnyDevice {
     SharedXdp(Box<SharedXdp>),
     /// TAP.
     Tap(Tap),
+    /// A DPDK port (boxed: its bursts are inline).
+    Dpdk(Box<Dpdk>),
 }
 
 impl AnyDevice {
-    /// The descriptor to wait on.
-    pub fn raw_fd(&self) -> RawFd {
+    /// The descriptor that becomes readable when frames arrive; `None` for a polled engine
+    /// (DPDK), which the host polls at least every [`AnyDevice::max_idle`].
+    pub fn wait_fd(&self) -> Option<RawFd> {
         match self {
-            Self::AfPacket(d) => d.raw_fd(),
-            Self::AfXdp(d) => d.raw_fd(),
-            Self::SharedXdp(d) => d.raw_fd(),
-            Self::Tap(d) => d.raw_fd(),
+            Self::AfPacket(d) => Some(d.raw_fd()),
+            Self::AfXdp(d) => Some(d.raw_fd()),
+            Self::SharedXdp(d) => Some(d.raw_fd()),
+            Self::Tap(d) => Some(d.raw_fd()),
+            Self::Dpdk(_) => None,
+        }
+    }
+
+    /// The longest the host may sleep without polling: a DPDK port has no descriptor to wake
+    /// it, so idle hosts poll it every 50 µs (a poll-mode driver's nature, at a few percent of
+    /// a CPU instead of all of it).
+    pub fn max_idle(&self) -> Option<Duration> {
+        match self {
+            Self::Dpdk(_) => Some(DPDK_IDLE_POLL),
+            _ => None,
+        }
+    }
+
+    /// The engine's name, as reports and logs say it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::AfPacket(_) => "af_packet",
+            Self::AfXdp(_) => "af_xdp",
+            Self::SharedXdp(_) => "shared_xdp",
+            Self::Tap(_) => "tap",
+            Self::Dpdk(_) => "dpdk",
         }
     }
 }
+
+/// See [`AnyDevice::max_idle`].
+const DPDK_IDLE_POLL: Duration = Duration::from_micros(50);
 
 impl Device for AnyDevice {
     fn capabilities(&self) -> DeviceCapabilities {
@@ -106,6 +137,7 @@ impl Device for AnyDevice {
             Self::AfXdp(d) => d.capabilities(),
             Self::SharedXdp(d) => d.capabilities(),
             Self::Tap(d) => d.capabilities(),
+            Self::Dpdk(d) => d.capabilities(),
         }
     }
 
@@ -115,6 +147,7 @@ impl Device for AnyDevice {
             Self::AfXdp(d) => d.receive(f),
             Self::SharedXdp(d) => d.receive(f),
             Self::Tap(d) => d.receive(f),
+            Self::Dpdk(d) => d.receive(f),
         }
     }
 
@@ -124,6 +157,7 @@ impl Device for AnyDevice {
             Self::AfXdp(d) => d.transmit(max_len, f),
             Self::SharedXdp(d) => d.transmit(max_len, f),
             Self::Tap(d) => d.transmit(max_len, f),
+            Self::Dpdk(d) => d.transmit(max_len, f),
         }
     }
 
@@ -133,6 +167,7 @@ impl Device for AnyDevice {
             Self::AfXdp(d) => d.flush(),
             Self::SharedXdp(d) => d.flush(),
             Self::Tap(d) => d.flush(),
+            Self::Dpdk(d) => d.flush(),
         }
     }
 }

@@ -143,11 +143,10 @@ impl Instance {
         let rdma = Rdma::new(settings.rdma_provider.clone());
         let poll = Poll::new()?;
         let registry = poll.registry();
-        registry.register(
-            &mut SourceFd(&host.device.raw_fd()),
-            PACKETS,
-            Interest::READABLE,
-        )?;
+        // A polled engine (DPDK) has no descriptor: `run` caps its sleeps instead.
+        if let Some(fd) = host.device.wait_fd() {
+            registry.register(&mut SourceFd(&fd), PACKETS, Interest::READABLE)?;
+        }
         registry.register(
             &mut SourceFd(&listener.as_raw_fd()),
             LISTENER,
@@ -218,6 +217,11 @@ impl Instance {
                         Duration::ZERO
                     }
                     Wait::Sleep(sleep) => {
+                        let sleep = self
+                            .host
+                            .device
+                            .max_idle()
+                            .map_or(sleep, |idle| sleep.min(idle));
                         sleep.min(next_housekeeping.saturating_duration_since(StdInstant::now()))
                     }
                 }

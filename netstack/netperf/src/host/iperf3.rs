@@ -145,7 +145,7 @@ pub(crate) fn run_iperf3_server(config: &HostConfig, port: u16) -> Result<serde_
     host.linger(std::time::Duration::from_millis(300))?;
     Ok(report(
         &totals,
-        &host.stack,
+        &host,
         started.elapsed().as_secs_f64(),
         json!({
             "iperf3_streams": streams.len(),

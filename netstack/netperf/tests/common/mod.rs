@@ -58,6 +58,47 @@ pub fn gate(extra_tools: &[&str]) -> Result<(), testkit::Ignored> {
     }
 }
 
+/// The netns gate, then the DPDK gate (a build with `--features dpdk`).
+pub fn dpdk_gate(extra_tools: &[&str]) -> Result<(), testkit::Ignored> {
+    gate(extra_tools)?;
+    testkit::dpdk(
+        cfg!(feature = "dpdk"),
+        "cargo test -p stackroute-netperf --features dpdk",
+    )
+}
+
+/// `--engine` arguments for `engine`: an engine name, or `dpdk:PMD` for DPDK's `net_PMD`
+/// virtual device on the stack's interface (`dpdk:af_packet`, `dpdk:af_xdp`).
+pub fn engine_args(engine: &str, interface: &str) -> Vec<String> {
+    match engine.strip_prefix("dpdk:") {
+        None => vec!["--engine".into(), engine.into()],
+        Some(pmd) => {
+            let queue = if pmd == "af_xdp" {
+                ",start_queue=0,queue_count=1"
+            } else {
+                ""
+            };
+            vec![
+                "--engine".into(),
+                "dpdk".into(),
+                "--dpdk-args".into(),
+                format!("--vdev=net_{pmd}0,iface={interface}{queue}"),
+            ]
+        }
+    }
+}
+
+/// After a DPDK run: the runtime directory its report names is gone.
+pub fn assert_dpdk_cleaned_up(report: &serde_json::Value) {
+    let Some(dir) = report["dpdk"]["runtime_dir"].as_str() else {
+        return;
+    };
+    assert!(
+        !std::path::Path::new(dir).exists(),
+        "DPDK left its runtime directory {dir}"
+    );
+}
+
 fn run(args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])

@@ -559,3 +559,6 @@ pub(crate) fn if_ipv4(name: &str) -> io::Result<(std::net::Ipv4Addr, u8)> {
     let netmask = if_ipv4_field(name, libc::SIOCGIFNETMASK)?;
     Ok((address, u32::from(netmask).leading_ones() as u8))
 }
+
+#[cfg(feature = "dpdk")]
+pub(crate) mod dpdk;
