@@ -16,7 +16,8 @@ fn main() -> std::process::ExitCode {
     let trial = |name: &str, tools: &'static [&'static str], body: fn()| {
         Trial::gated(name, move || gate(tools), move |()| body())
     };
-    let dpdk_trial = |name: &str, body: fn()| Trial::gated(name, || dpdk_gate(&[]), move |()| body());
+    let dpdk_trial =
+        |name: &str, body: fn()| Trial::gated(name, || dpdk_gate(&[]), move |()| body());
     testkit::run(vec![
         trial(
             "our_client_sends_100mb_to_kernel_server",
@@ -161,8 +162,16 @@ fn assert_engine(report: &serde_json::Value, engine: &str) {
         Some(pmd) => {
             assert_eq!(report["engine"].as_str(), Some("dpdk"), "{report}");
             let driver = format!("net_{pmd}");
-            assert_eq!(report["dpdk"]["driver"].as_str(), Some(driver.as_str()), "{report}");
-            assert_eq!(report["dpdk"]["rx_bad_checksum"].as_u64(), Some(0), "{report}");
+            assert_eq!(
+                report["dpdk"]["driver"].as_str(),
+                Some(driver.as_str()),
+                "{report}"
+            );
+            assert_eq!(
+                report["dpdk"]["rx_bad_checksum"].as_u64(),
+                Some(0),
+                "{report}"
+            );
             assert_dpdk_cleaned_up(report);
         }
     }
