@@ -1,5 +1,5 @@
-//! `stackroute status`: nodes, their acked revisions and stale agents, what RDMA each node's
-//! agent found (or why none is usable), and per-policy Accepted/Programmed, from a
+//! `stackroute status`: nodes, their acked revisions and stale agents, what RDMA and DPDK each
+//! node's agent found (or why none is usable), and per-policy Accepted/Programmed, from a
 //! controller's `GetStatus`.
 
 use std::time::Duration;
@@ -43,6 +43,7 @@ pub(crate) fn to_json(status: &StatusResponse) -> Value {
             "connected": n.connected,
             "stale": n.stale,
             "rdma": n.capabilities.as_ref().map(rdma_json),
+            "dpdk": n.capabilities.as_ref().map(dpdk_json),
         })).collect::<Vec<_>>(),
         "policies": status.policies.iter().map(|p| json!({
             "kind": p.kind,
@@ -91,6 +92,26 @@ fn rdma_json(caps: &NodeCapabilities) -> Value {
         "memlockSoft": limit(caps.memlock_soft),
         "memlockHard": limit(caps.memlock_hard),
         "unavailableReason": caps.rdma_unavailable_reason,
+    })
+}
+
+/// A node's DPDK report as JSON (`null` until its agent reports capabilities). An agent that
+/// predates the detail gives only `installed`, with `version` etc. empty.
+fn dpdk_json(caps: &NodeCapabilities) -> Value {
+    let detail = caps.dpdk_detail.clone().unwrap_or_default();
+    json!({
+        "installed": caps.dpdk,
+        "version": detail.version,
+        "pmds": detail.pmds,
+        "boundDevices": detail.bound_devices.iter().map(|d| json!({
+            "pciAddress": d.pci_address,
+            "driver": d.driver,
+        })).collect::<Vec<_>>(),
+        "vfio": detail.vfio,
+        "hugepagesTotal": caps.hugepages_total,
+        "hugepagesFree": caps.hugepages_free,
+        "hugepageSizeKib": detail.hugepage_size_kib,
+        "unavailableReason": detail.unavailable_reason,
     })
 }
 
@@ -150,6 +171,47 @@ fn rdma_row(node: &str, caps: &NodeCapabilities) -> Vec<String> {
                 .join(","),
         ),
         memlock,
+        reason,
+    ]
+}
+
+/// One row of the DPDK table: version, hugepages free/total (and their size), bound devices,
+/// VFIO, the reason or `usable`.
+fn dpdk_row(node: &str, caps: &NodeCapabilities) -> Vec<String> {
+    let or_dash = |text: String| if text.is_empty() { "-".into() } else { text };
+    let mut hugepages = format!("{}/{}", caps.hugepages_free, caps.hugepages_total);
+    let Some(detail) = &caps.dpdk_detail else {
+        // An agent that predates the detail says only whether the library is there.
+        let installed = if caps.dpdk { "installed" } else { "-" };
+        return vec![
+            node.to_string(),
+            installed.into(),
+            hugepages,
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ];
+    };
+    if detail.hugepage_size_kib > 0 {
+        let size = limit_text(detail.hugepage_size_kib.saturating_mul(1024));
+        hugepages.push_str(&format!(" x {size}"));
+    }
+    let devices: Vec<String> = detail
+        .bound_devices
+        .iter()
+        .map(|d| format!("{}({})", d.pci_address, d.driver))
+        .collect();
+    let reason = if detail.unavailable_reason.is_empty() && !detail.version.is_empty() {
+        "usable".into()
+    } else {
+        or_dash(detail.unavailable_reason.clone())
+    };
+    vec![
+        node.to_string(),
+        or_dash(detail.version.clone()),
+        hugepages,
+        or_dash(devices.join(",")),
+        yes_no(detail.vfio),
         reason,
     ]
 }
@@ -222,6 +284,23 @@ pub(crate) fn to_text(status: &StatusResponse) -> String {
         out.push_str(&table(&rdma));
         out.push('\n');
     }
+    let mut dpdk = vec![vec![
+        "NODE".to_string(),
+        "DPDK VERSION".into(),
+        "HUGEPAGES (FREE/TOTAL)".into(),
+        "BOUND DEVICES".into(),
+        "VFIO".into(),
+        "DPDK".into(),
+    ]];
+    for node in &status.nodes {
+        if let Some(caps) = &node.capabilities {
+            dpdk.push(dpdk_row(&node.node, caps));
+        }
+    }
+    if dpdk.len() > 1 {
+        out.push_str(&table(&dpdk));
+        out.push('\n');
+    }
     let mut policies = vec![vec![
         "KIND".to_string(),
         "NAME".into(),
@@ -256,7 +335,9 @@ pub(crate) fn to_text(status: &StatusResponse) -> String {
 
 #[cfg(test)]
 mod tests {
-    use stackroute_proto::v1alpha1::{NodeStatus, RdmaDevice, RdmaGid, RdmaPort};
+    use stackroute_proto::v1alpha1::{
+        DpdkCapability, DpdkDevice, NodeStatus, RdmaDevice, RdmaGid, RdmaPort,
+    };
 
     use super::*;
 
@@ -340,7 +421,94 @@ mod tests {
     }
 
     #[test]
-    fn nodes_without_a_report_show_no_rdma_table() {
+    fn dpdk_capabilities_show_version_hugepages_devices_and_reason() {
+        let bound = NodeCapabilities {
+            dpdk: true,
+            hugepages_total: 64,
+            hugepages_free: 60,
+            dpdk_detail: Some(DpdkCapability {
+                version: "22.11.11".into(),
+                pmds: vec!["net_af_packet".into(), "net_memif".into()],
+                bound_devices: vec![DpdkDevice {
+                    pci_address: "0000:03:00.0".into(),
+                    driver: "vfio-pci".into(),
+                }],
+                vfio: true,
+                unavailable_reason: String::new(),
+                hugepage_size_kib: 2048,
+            }),
+            ..Default::default()
+        };
+        let vdevs = NodeCapabilities {
+            dpdk: true,
+            dpdk_detail: Some(DpdkCapability {
+                version: "22.11.11".into(),
+                unavailable_reason: "no hugepages and no device bound to vfio-pci/uio: virtual \
+                                     devices only (--no-huge)"
+                    .into(),
+                hugepage_size_kib: 1 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let missing = NodeCapabilities {
+            dpdk_detail: Some(DpdkCapability {
+                unavailable_reason: "no DPDK library (install libdpdk-dev dpdk)".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // An agent that predates the detail.
+        let older = NodeCapabilities {
+            dpdk: true,
+            hugepages_total: 8,
+            hugepages_free: 8,
+            ..Default::default()
+        };
+        let status = status(vec![
+            ("n1", bound),
+            ("n2", vdevs),
+            ("n3", missing),
+            ("n4", older),
+        ]);
+        let text = to_text(&status);
+        for line in [
+            "NODE  DPDK VERSION  HUGEPAGES (FREE/TOTAL)  BOUND DEVICES           VFIO   DPDK\n",
+            "n1    22.11.11      60/64 x 2MiB            0000:03:00.0(vfio-pci)  True   usable\n",
+            "n2    22.11.11      0/0 x 1GiB              -                       False  no \
+             hugepages and no device bound to vfio-pci/uio: virtual devices only (--no-huge)\n",
+            "n3    -             0/0                     -                       False  no DPDK \
+             library (install libdpdk-dev dpdk)\n",
+            "n4    installed     8/8                     -                       -      -\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        let json = to_json(&status);
+        let n1 = &json["nodes"][0]["dpdk"];
+        assert_eq!(n1["installed"], true);
+        assert_eq!(n1["version"], "22.11.11");
+        assert_eq!(n1["pmds"], json!(["net_af_packet", "net_memif"]));
+        assert_eq!(
+            n1["boundDevices"],
+            json!([{"pciAddress": "0000:03:00.0", "driver": "vfio-pci"}])
+        );
+        assert_eq!(n1["vfio"], true);
+        assert_eq!(
+            (&n1["hugepagesFree"], &n1["hugepagesTotal"]),
+            (&json!(60), &json!(64))
+        );
+        assert_eq!(n1["hugepageSizeKib"], 2048);
+        assert_eq!(n1["unavailableReason"], "");
+        assert_eq!(
+            json["nodes"][2]["dpdk"]["unavailableReason"],
+            "no DPDK library (install libdpdk-dev dpdk)"
+        );
+        assert_eq!(json["nodes"][3]["dpdk"]["installed"], true);
+        assert_eq!(json["nodes"][3]["dpdk"]["version"], "");
+    }
+
+    #[test]
+    fn nodes_without_a_report_show_no_rdma_or_dpdk_table() {
         let status = StatusResponse {
             nodes: vec![NodeStatus {
                 node: "n1".into(),
@@ -349,6 +517,8 @@ mod tests {
             ..Default::default()
         };
         assert!(!to_text(&status).contains("RDMA DEVICES"));
+        assert!(!to_text(&status).contains("DPDK VERSION"));
         assert_eq!(to_json(&status)["nodes"][0]["rdma"], Value::Null);
+        assert_eq!(to_json(&status)["nodes"][0]["dpdk"], Value::Null);
     }
 }

@@ -8,13 +8,14 @@ use std::sync::Arc;
 
 use stackroute_proto::v1alpha1::distribution_server::Distribution;
 use stackroute_proto::v1alpha1::{
-    AckRequest, AckResponse, ApiVersion, CapabilitiesResponse, Listener, ListenerKey,
-    NodeCapabilities, RegistrationResponse, SnapshotUpdate, StatusRequest, StatusResponse,
-    WatchRequest, Workload, WorkloadKey,
+    AckRequest, AckResponse, ApiVersion, CapabilitiesResponse, DpdkCapability, Listener,
+    ListenerKey, NodeCapabilities, RegistrationResponse, SnapshotUpdate, StatusRequest,
+    StatusResponse, WatchRequest, Workload, WorkloadKey,
 };
 use stackroute_proto::validate::{
-    MAX_ITEMS, MAX_NAME, MAX_RDMA_ENTRIES, MAX_RDMA_REASON, check_listener, check_listener_key,
-    check_name, check_workload, check_workload_key, rdma_entries,
+    MAX_DPDK_LIST, MAX_DPDK_REASON, MAX_ITEMS, MAX_NAME, MAX_RDMA_ENTRIES, MAX_RDMA_REASON,
+    check_listener, check_listener_key, check_name, check_workload, check_workload_key,
+    rdma_entries,
 };
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
@@ -388,6 +389,39 @@ fn check_capabilities(report: &NodeCapabilities) -> Result<(), String> {
     if report.rdma_unavailable_reason.len() > MAX_RDMA_REASON {
         return Err(format!(
             "rdma_unavailable_reason is longer than {MAX_RDMA_REASON} bytes"
+        ));
+    }
+    if let Some(dpdk) = &report.dpdk_detail {
+        check_dpdk(dpdk)?;
+    }
+    Ok(())
+}
+
+fn check_dpdk(dpdk: &DpdkCapability) -> Result<(), String> {
+    if dpdk.pmds.len() > MAX_DPDK_LIST || dpdk.bound_devices.len() > MAX_DPDK_LIST {
+        return Err(format!(
+            "too many DPDK entries in the capability report ({} PMDs, {} bound devices; at most \
+             {MAX_DPDK_LIST} each)",
+            dpdk.pmds.len(),
+            dpdk.bound_devices.len()
+        ));
+    }
+    let names = std::iter::once(("dpdk version", &dpdk.version))
+        .chain(dpdk.pmds.iter().map(|pmd| ("dpdk pmd", pmd)))
+        .chain(dpdk.bound_devices.iter().flat_map(|device| {
+            [
+                ("dpdk pci_address", &device.pci_address),
+                ("dpdk driver", &device.driver),
+            ]
+        }));
+    for (field, value) in names {
+        if value.len() > MAX_NAME {
+            return Err(format!("{field} is longer than {MAX_NAME} bytes"));
+        }
+    }
+    if dpdk.unavailable_reason.len() > MAX_DPDK_REASON {
+        return Err(format!(
+            "dpdk unavailable_reason is longer than {MAX_DPDK_REASON} bytes"
         ));
     }
     Ok(())
@@ -851,5 +885,56 @@ mod tests {
         assert!(check_capabilities(&report).is_err());
         report.rdma_unavailable_reason = "no /sys/class/infiniband".into();
         assert_eq!(check_capabilities(&report), Ok(()));
+    }
+
+    #[test]
+    fn capability_reports_bound_dpdk_pmds_devices_and_names() {
+        use stackroute_proto::v1alpha1::DpdkDevice;
+        let device = DpdkDevice {
+            pci_address: "0000:03:00.0".into(),
+            driver: "vfio-pci".into(),
+        };
+        let dpdk = DpdkCapability {
+            version: "22.11.11".into(),
+            pmds: vec!["net_memif".into(); MAX_DPDK_LIST],
+            bound_devices: vec![device.clone(); MAX_DPDK_LIST],
+            vfio: true,
+            unavailable_reason: String::new(),
+            hugepage_size_kib: 2048,
+        };
+        let report = |dpdk: &DpdkCapability| NodeCapabilities {
+            node: "n1".into(),
+            dpdk: true,
+            dpdk_detail: Some(dpdk.clone()),
+            ..Default::default()
+        };
+        assert_eq!(check_capabilities(&report(&dpdk)), Ok(()));
+        let refused = |change: &dyn Fn(&mut DpdkCapability)| {
+            let mut dpdk = dpdk.clone();
+            change(&mut dpdk);
+            check_capabilities(&report(&dpdk)).expect_err("refused")
+        };
+        assert!(refused(&|d| d.pmds.push("net_tap".into())).contains("too many DPDK entries"));
+        assert!(refused(&|d| d.bound_devices.push(device.clone())).contains("too many DPDK"));
+        let long = "x".repeat(MAX_NAME + 1);
+        assert!(refused(&|d| d.version = long.clone()).starts_with("dpdk version"));
+        assert!(refused(&|d| d.pmds[7] = long.clone()).starts_with("dpdk pmd"));
+        assert!(
+            refused(&|d| d.bound_devices[3].pci_address = long.clone())
+                .starts_with("dpdk pci_address")
+        );
+        assert!(refused(&|d| d.bound_devices[0].driver = long.clone()).starts_with("dpdk driver"));
+        assert!(
+            refused(&|d| d.unavailable_reason = "x".repeat(MAX_DPDK_REASON + 1))
+                .contains("unavailable_reason")
+        );
+        // An older agent reports no detail.
+        assert_eq!(
+            check_capabilities(&NodeCapabilities {
+                node: "n1".into(),
+                ..Default::default()
+            }),
+            Ok(())
+        );
     }
 }

@@ -1,12 +1,16 @@
-//! Node capability discovery: congestion controls (BBR available / allowed), AF_XDP, DPDK,
-//! RDMA (devices, ports, typed GIDs, /dev/infiniband nodes, why it is unusable: read by
-//! [`stackroute_rdma_discover`], which the shim shares; here made report messages within the
-//! controller's bounds), the memlock limit, hugepages. Each probe reads files or tries a socket
-//! and reports "absent" on any error; none can fail the agent.
+//! Node capability discovery: congestion controls (BBR available / allowed), AF_XDP, DPDK
+//! (library version, PMDs, devices bound for user space, VFIO, hugepage size, why it is not
+//! fully usable), RDMA (devices, ports, typed GIDs, /dev/infiniband nodes, why it is unusable:
+//! read by [`stackroute_rdma_discover`], which the shim shares; here made report messages within
+//! the controller's bounds), the memlock limit, hugepages. Each probe reads files or tries a
+//! socket and reports "absent" on any error; none can fail the agent.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use stackroute_proto::v1alpha1::{NodeCapabilities, RdmaDevice, RdmaGid, RdmaPort};
+use stackroute_proto::v1alpha1::{
+    DpdkCapability, DpdkDevice, NodeCapabilities, RdmaDevice, RdmaGid, RdmaPort,
+};
+use stackroute_proto::validate::{MAX_DPDK_LIST, MAX_NAME};
 use stackroute_rdma_discover::{self as rdma_discover, Discovery};
 use tracing::{info, warn};
 
@@ -18,6 +22,7 @@ pub fn discover(node: &str) -> NodeCapabilities {
     let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
     let (hugepages_total, hugepages_free) = parse_hugepages(&read("/proc/meminfo"));
     let rdma = rdma(Path::new("/"));
+    let dpdk = dpdk_capability(Path::new("/"));
     let (memlock_soft, memlock_hard) = memlock();
     if rdma.devices_left_out > 0 {
         warn!(
@@ -34,7 +39,7 @@ pub fn discover(node: &str) -> NodeCapabilities {
             "/proc/sys/net/ipv4/tcp_allowed_congestion_control",
         )),
         af_xdp: af_xdp(),
-        dpdk: dpdk(),
+        dpdk: !dpdk.version.is_empty(),
         rdma_devices: rdma.devices,
         hugepages_total,
         hugepages_free,
@@ -43,12 +48,18 @@ pub fn discover(node: &str) -> NodeCapabilities {
         rdma_cm_device: rdma.rdma_cm_device,
         uverbs_devices: rdma.uverbs_devices,
         rdma_unavailable_reason: rdma.unavailable_reason,
+        dpdk_detail: Some(dpdk.clone()),
     };
     info!(
         available_cc = ?capabilities.available_congestion_control,
         allowed_cc = ?capabilities.allowed_congestion_control,
         af_xdp = capabilities.af_xdp,
         dpdk = capabilities.dpdk,
+        dpdk_version = %dpdk.version,
+        dpdk_pmds = dpdk.pmds.len(),
+        dpdk_devices = %dpdk_devices_text(&dpdk.bound_devices),
+        vfio = dpdk.vfio,
+        dpdk_unavailable_reason = %dpdk.unavailable_reason,
         rdma_devices = capabilities.rdma_devices.len(),
         rdma = %rdma_summary(&capabilities.rdma_devices),
         rdma_cm = capabilities.rdma_cm_device,
@@ -58,6 +69,7 @@ pub fn discover(node: &str) -> NodeCapabilities {
         memlock_hard = %limit_text(memlock_hard),
         hugepages_total,
         hugepages_free,
+        hugepage_size_kib = dpdk.hugepage_size_kib,
         "node capabilities"
     );
     capabilities
@@ -84,14 +96,19 @@ pub fn parse_words(text: &str) -> Vec<String> {
 
 /// `HugePages_Total` and `HugePages_Free` from `/proc/meminfo` (0 when missing).
 pub fn parse_hugepages(meminfo: &str) -> (u64, u64) {
-    let field = |name: &str| {
-        meminfo
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|value| value.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("HugePages_Total"), field("HugePages_Free"))
+    (
+        meminfo_field(meminfo, "HugePages_Total"),
+        meminfo_field(meminfo, "HugePages_Free"),
+    )
+}
+
+/// The number of a `/proc/meminfo` line (`Hugepagesize:       2048 kB` → 2048), 0 when missing.
+fn meminfo_field(meminfo: &str, name: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Whether the kernel lets us create an AF_XDP socket (the socket is closed at once).
@@ -99,30 +116,180 @@ pub fn af_xdp() -> bool {
     socket2::Socket::new(socket2::Domain::from(AF_XDP), socket2::Type::RAW, None).is_ok()
 }
 
-/// Whether DPDK is installed: `librte_eal.so*` in a library directory, or a `libdpdk.pc`.
+/// Library directories DPDK is looked for in, relative to the root, in this order.
+const DPDK_LIB_DIRS: &[&str] = &[
+    "usr/lib/x86_64-linux-gnu",
+    "usr/lib/aarch64-linux-gnu",
+    "usr/lib64",
+    "usr/lib",
+    "usr/local/lib",
+    "usr/local/lib64",
+    "usr/local/lib/x86_64-linux-gnu",
+];
+
+/// The drivers a PCI device is bound to for DPDK's PCI PMDs to drive it from user space.
+const DPDK_DEVICE_DRIVERS: &[&str] = &["vfio-pci", "uio_pci_generic", "igb_uio"];
+
+/// `unavailable_reason` of a node without a DPDK library.
+pub const DPDK_MISSING: &str = "no DPDK library (install libdpdk-dev dpdk)";
+/// `unavailable_reason` of a node with DPDK but neither hugepages nor a bound device: the engine
+/// still runs, on virtual devices (memif, af_packet, ...) with `--no-huge`.
+pub const DPDK_VDEVS_ONLY: &str =
+    "no hugepages and no device bound to vfio-pci/uio: virtual devices only (--no-huge)";
+
+/// Whether DPDK is installed on this node: `librte_eal.so*` or `pkgconfig/libdpdk.pc` in a
+/// library directory (as `NodeCapabilities.dpdk` reports it).
 pub fn dpdk() -> bool {
-    const LIB_DIRS: &[&str] = &[
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib/aarch64-linux-gnu",
-        "/usr/lib64",
-        "/usr/lib",
-        "/usr/local/lib",
-        "/usr/local/lib64",
-        "/usr/local/lib/x86_64-linux-gnu",
-    ];
-    LIB_DIRS.iter().any(|dir| {
-        let dir = Path::new(dir);
-        has_file(dir, |name| name.starts_with("librte_eal.so"))
-            || dir.join("pkgconfig/libdpdk.pc").is_file()
+    dpdk_install(Path::new("/")).is_some()
+}
+
+/// A DPDK installation: the library directory holding it, and its version.
+struct DpdkInstall {
+    lib_dir: PathBuf,
+    version: String,
+}
+
+/// The first library directory under `root` with `librte_eal.so*` or `pkgconfig/libdpdk.pc`.
+/// Its version is the `.pc` file's `Version:`, else the EAL's ABI from its file name
+/// (`librte_eal.so.23` → "ABI 23"), else "unknown".
+fn dpdk_install(root: &Path) -> Option<DpdkInstall> {
+    DPDK_LIB_DIRS.iter().find_map(|dir| {
+        let lib_dir = root.join(dir);
+        let pc = lib_dir.join("pkgconfig/libdpdk.pc");
+        let eal: Vec<String> = file_names(&lib_dir)
+            .into_iter()
+            .filter(|name| name.starts_with("librte_eal.so"))
+            .collect();
+        if eal.is_empty() && !pc.is_file() {
+            return None;
+        }
+        let from_pc = std::fs::read_to_string(&pc).ok().and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("Version:"))
+                .map(str::trim)
+                .filter(|version| !version.is_empty() && version.len() <= MAX_NAME)
+                .map(str::to_string)
+        });
+        let abi = || {
+            eal.iter()
+                .filter_map(|name| {
+                    name.strip_prefix("librte_eal.so.")?
+                        .split('.')
+                        .next()?
+                        .parse::<u32>()
+                        .ok()
+                })
+                .max()
+                .map(|abi| format!("ABI {abi}"))
+        };
+        let version = from_pc.or_else(abi).unwrap_or_else(|| "unknown".into());
+        Some(DpdkInstall { lib_dir, version })
     })
 }
 
-fn has_file(dir: &Path, wanted: impl Fn(&str) -> bool) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_str().is_some_and(&wanted))
-    })
+/// DPDK on the node whose filesystem is at `root` (`/` on a node): the installed library
+/// ([`dpdk_install`]), the PMDs it ships as plugins, PCI devices bound to a user-space I/O
+/// driver, `/dev/vfio/vfio`, the hugepage size, and why it is not (fully) usable. Files only:
+/// nothing is loaded.
+pub fn dpdk_capability(root: &Path) -> DpdkCapability {
+    let install = dpdk_install(root);
+    let meminfo = std::fs::read_to_string(root.join("proc/meminfo")).unwrap_or_default();
+    let bound_devices = dpdk_bound_devices(root);
+    let unavailable_reason = if install.is_none() {
+        DPDK_MISSING
+    } else if meminfo_field(&meminfo, "HugePages_Total") == 0 && bound_devices.is_empty() {
+        DPDK_VDEVS_ONLY
+    } else {
+        ""
+    };
+    DpdkCapability {
+        pmds: install
+            .as_ref()
+            .map(|install| dpdk_pmds(&install.lib_dir))
+            .unwrap_or_default(),
+        version: install.map(|install| install.version).unwrap_or_default(),
+        bound_devices,
+        vfio: root.join("dev/vfio/vfio").exists(),
+        unavailable_reason: unavailable_reason.into(),
+        hugepage_size_kib: meminfo_field(&meminfo, "Hugepagesize"),
+    }
+}
+
+/// PMD names of the plugins in `LIB_DIR/dpdk/pmds-*/` (`librte_net_memif.so.23.0` →
+/// `net_memif`), sorted, without duplicates, at most [`MAX_DPDK_LIST`].
+fn dpdk_pmds(lib_dir: &Path) -> Vec<String> {
+    let plugins = lib_dir.join("dpdk");
+    let mut pmds: Vec<String> = file_names(&plugins)
+        .into_iter()
+        .filter(|dir| dir.starts_with("pmds-"))
+        .flat_map(|dir| file_names(&plugins.join(dir)))
+        .filter_map(|file| {
+            let (name, version) = file.strip_prefix("librte_")?.split_once(".so")?;
+            let library = version.is_empty() || version.starts_with('.');
+            (library && !name.is_empty() && name.len() <= MAX_NAME).then(|| name.to_string())
+        })
+        .collect();
+    pmds.sort_unstable();
+    pmds.dedup();
+    pmds.truncate(MAX_DPDK_LIST);
+    pmds
+}
+
+/// PCI devices in `sys/bus/pci/drivers/{vfio-pci,uio_pci_generic,igb_uio}/`, by address, at
+/// most [`MAX_DPDK_LIST`] (the drivers' other entries, `bind`, `new_id`, ..., are not devices).
+fn dpdk_bound_devices(root: &Path) -> Vec<DpdkDevice> {
+    let drivers = root.join("sys/bus/pci/drivers");
+    let mut devices: Vec<DpdkDevice> = DPDK_DEVICE_DRIVERS
+        .iter()
+        .flat_map(|driver| {
+            file_names(&drivers.join(driver))
+                .into_iter()
+                .filter(|name| is_pci_address(name))
+                .map(|pci_address| DpdkDevice {
+                    pci_address,
+                    driver: driver.to_string(),
+                })
+        })
+        .collect();
+    devices.sort_by(|a, b| a.pci_address.cmp(&b.pci_address));
+    devices.truncate(MAX_DPDK_LIST);
+    devices
+}
+
+/// Whether `name` is a PCI address as sysfs writes it: `DOMAIN:BUS:DEVICE.FUNCTION` in hex
+/// (`0000:03:00.0`; the domain may be longer than 4 digits).
+fn is_pci_address(name: &str) -> bool {
+    let hex = |text: &str, digits: std::ops::RangeInclusive<usize>| {
+        digits.contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    let Some((slot, function)) = name.rsplit_once('.') else {
+        return false;
+    };
+    let parts: Vec<&str> = slot.split(':').collect();
+    matches!(parts.as_slice(), [domain, bus, device]
+        if hex(domain, 4..=8) && hex(bus, 2..=2) && hex(device, 2..=2))
+        && matches!(function.as_bytes(), [b'0'..=b'7'])
+}
+
+/// Bound devices for logs: `0000:03:00.0=vfio-pci 0000:04:00.0=igb_uio`.
+pub fn dpdk_devices_text(devices: &[DpdkDevice]) -> String {
+    devices
+        .iter()
+        .map(|d| format!("{}={}", d.pci_address, d.driver))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The UTF-8 names in `dir` (none when it cannot be read).
+fn file_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub use stackroute_proto::validate::{MAX_RDMA_ENTRIES, rdma_entries};
@@ -285,6 +452,211 @@ mod tests {
         assert_eq!(parse_hugepages(meminfo), (64, 60));
         assert_eq!(parse_hugepages("MemTotal: 1 kB\n"), (0, 0));
         assert_eq!(parse_hugepages("HugePages_Total: lots\n"), (0, 0));
+    }
+
+    /// Writes `text` to `path` under `root`, creating its directories.
+    fn write(root: &Path, path: &str, text: &str) {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    const LIB: &str = "usr/lib/x86_64-linux-gnu";
+    /// No hugepages of 2 MiB.
+    const MEMINFO_2M_NONE: &str = "MemTotal:       16318372 kB\nHugePages_Total:       0\n\
+                                   HugePages_Free:        0\nHugepagesize:       2048 kB\n";
+
+    #[test]
+    fn dpdk_capability_from_a_fake_root() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        write(
+            root,
+            &format!("{LIB}/pkgconfig/libdpdk.pc"),
+            "prefix=/usr\nName: DPDK\nDescription: The Data Plane Development Kit\n\
+             Version: 22.11.11\nLibs: -lrte_eal\n",
+        );
+        write(root, &format!("{LIB}/librte_eal.so.23"), "");
+        for pmd in [
+            "librte_net_af_packet.so",
+            "librte_net_af_packet.so.23",
+            "librte_net_memif.so.23.0",
+            // Not PMD libraries.
+            "README",
+            "librte_.so.23",
+            "librte_net_tap.sonic",
+        ] {
+            write(root, &format!("{LIB}/dpdk/pmds-23.0/{pmd}"), "");
+        }
+        let vfio_pci = "sys/bus/pci/drivers/vfio-pci";
+        for entry in [
+            "0000:03:00.0",
+            "bind",
+            "unbind",
+            "new_id",
+            "remove_id",
+            "uevent",
+        ] {
+            write(root, &format!("{vfio_pci}/{entry}"), "");
+        }
+        std::fs::create_dir_all(root.join(vfio_pci).join("module")).unwrap();
+        write(root, "sys/bus/pci/drivers/igb_uio/0000:00:1f.6", "");
+        // Not a user-space I/O driver.
+        write(root, "sys/bus/pci/drivers/virtio-pci/0000:00:04.0", "");
+        write(root, "dev/vfio/vfio", "");
+        write(root, "proc/meminfo", MEMINFO_2M_NONE);
+
+        let dpdk = dpdk_capability(root);
+        assert_eq!(dpdk.version, "22.11.11");
+        assert_eq!(dpdk.pmds, ["net_af_packet", "net_memif"]);
+        let devices: Vec<_> = dpdk
+            .bound_devices
+            .iter()
+            .map(|d| (d.pci_address.as_str(), d.driver.as_str()))
+            .collect();
+        assert_eq!(
+            devices,
+            [("0000:00:1f.6", "igb_uio"), ("0000:03:00.0", "vfio-pci")]
+        );
+        assert!(dpdk.vfio);
+        assert_eq!(dpdk.hugepage_size_kib, 2048);
+        // No hugepages, but bound devices: usable.
+        assert_eq!(dpdk.unavailable_reason, "");
+        assert_eq!(
+            dpdk_devices_text(&dpdk.bound_devices),
+            "0000:00:1f.6=igb_uio 0000:03:00.0=vfio-pci"
+        );
+    }
+
+    #[test]
+    fn dpdk_reasons_and_version_fallbacks() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        // Only the EAL: its ABI from the file name.
+        write(root, &format!("{LIB}/librte_eal.so.23.0"), "");
+        write(root, "proc/meminfo", MEMINFO_2M_NONE);
+        let vdevs = dpdk_capability(root);
+        assert_eq!(vdevs.version, "ABI 23");
+        assert!(vdevs.pmds.is_empty() && vdevs.bound_devices.is_empty() && !vdevs.vfio);
+        assert_eq!(vdevs.unavailable_reason, DPDK_VDEVS_ONLY);
+        assert!(vdevs.unavailable_reason.contains("virtual devices only"));
+        // Hugepages without a bound device: usable with virtual devices.
+        write(
+            root,
+            "proc/meminfo",
+            "HugePages_Total:      64\nHugePages_Free:       60\nHugepagesize:    1048576 kB\n",
+        );
+        let hugepages = dpdk_capability(root);
+        assert_eq!(hugepages.unavailable_reason, "");
+        assert_eq!(hugepages.hugepage_size_kib, 1 << 20);
+        // A .pc without a version, in a later directory, and an unversioned EAL: installed.
+        let other = tempfile::tempdir().unwrap();
+        write(
+            other.path(),
+            "usr/local/lib/pkgconfig/libdpdk.pc",
+            "Name: DPDK\n",
+        );
+        assert_eq!(dpdk_capability(other.path()).version, "unknown");
+        write(other.path(), "usr/lib64/librte_eal.so", "");
+        assert_eq!(dpdk_capability(other.path()).version, "unknown");
+    }
+
+    #[test]
+    fn dpdk_capability_over_an_empty_root_names_the_missing_library() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(
+            dpdk_capability(root.path()),
+            DpdkCapability {
+                unavailable_reason: DPDK_MISSING.into(),
+                ..Default::default()
+            }
+        );
+        assert!(DPDK_MISSING.contains("no DPDK library") && DPDK_MISSING.contains("libdpdk-dev"));
+    }
+
+    #[test]
+    fn pci_addresses_are_recognized() {
+        for name in ["0000:03:00.0", "0000:00:1f.6", "10000:e1:00.7"] {
+            assert!(is_pci_address(name), "{name}");
+        }
+        for name in [
+            "bind",
+            "new_id",
+            "module",
+            "0000:03:00",
+            "0000:03:00.8",
+            "000:03:00.0",
+            "0000:3:00.0",
+            "0000:03:00.00",
+            "0000:0g:00.0",
+            "0000:03:00:00.0",
+        ] {
+            assert!(!is_pci_address(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn dpdk_lists_are_bounded() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        for n in 0..MAX_DPDK_LIST + 5 {
+            write(
+                root,
+                &format!("{LIB}/dpdk/pmds-23.0/librte_net_x{n:04}.so.23"),
+                "",
+            );
+            write(
+                root,
+                &format!(
+                    "sys/bus/pci/drivers/vfio-pci/0000:{:02x}:{:02x}.0",
+                    n / 256,
+                    n % 256
+                ),
+                "",
+            );
+        }
+        write(root, &format!("{LIB}/librte_eal.so.23"), "");
+        let dpdk = dpdk_capability(root);
+        assert_eq!(dpdk.pmds.len(), MAX_DPDK_LIST);
+        assert_eq!(dpdk.pmds[0], "net_x0000");
+        assert_eq!(dpdk.bound_devices.len(), MAX_DPDK_LIST);
+        assert_eq!(dpdk.bound_devices[0].pci_address, "0000:00:00.0");
+    }
+
+    #[test]
+    fn dpdk_capability_on_this_machine() {
+        let found = dpdk_capability(Path::new("/"));
+        assert_eq!(dpdk(), !found.version.is_empty());
+        let pkg_config = std::process::Command::new("pkg-config")
+            .args(["--modversion", "libdpdk"])
+            .output()
+            .ok()
+            .filter(|out| out.status.success());
+        match pkg_config {
+            Some(out) => {
+                let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                assert_eq!(found.version, version, "{found:?}");
+            }
+            None if found.version.is_empty() => {
+                assert_eq!(found.unavailable_reason, DPDK_MISSING, "{found:?}")
+            }
+            // A library without a .pc pkg-config finds: its reason follows the node's state.
+            None => {}
+        }
+        if !found.version.is_empty() {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+            let (hugepages, _) = parse_hugepages(&meminfo);
+            assert_eq!(
+                found.unavailable_reason.is_empty(),
+                hugepages > 0 || !found.bound_devices.is_empty(),
+                "{found:?}"
+            );
+            assert_eq!(
+                found.hugepage_size_kib,
+                meminfo_field(&meminfo, "Hugepagesize")
+            );
+        }
+        assert_eq!(found.vfio, Path::new("/dev/vfio/vfio").exists());
     }
 
     const LINK_LOCAL: &str = "fe80:0000:0000:0000:5054:00ff:fe12:3456";
@@ -525,6 +897,10 @@ mod tests {
         assert!(!caps.available_congestion_control.is_empty());
         assert!(caps.hugepages_free <= caps.hugepages_total);
         assert!(caps.memlock_soft <= caps.memlock_hard);
+        let dpdk = caps
+            .dpdk_detail
+            .expect("the agent always reports DPDK in detail");
+        assert_eq!(caps.dpdk, !dpdk.version.is_empty());
     }
 
     #[test]

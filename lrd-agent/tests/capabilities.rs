@@ -28,15 +28,16 @@ fn status_shows_the_rdma_the_agent_found() {
     let tmp = tempfile::tempdir().unwrap();
     let (controller, agent) = controller_and_agent(tmp.path());
     let url = format!("http://{}", controller.grpc);
-    let rdma: Value = wait_for("n1's capabilities in status", WAIT, || {
+    let node: Value = wait_for("n1's capabilities in status", WAIT, || {
         let status = status_json(&url);
         status["nodes"]
             .as_array()?
             .iter()
             .find(|n| n["node"] == "n1")
-            .map(|n| n["rdma"].clone())
-            .filter(|rdma| !rdma.is_null())
+            .filter(|n| !n["rdma"].is_null())
+            .cloned()
     });
+    let rdma = &node["rdma"];
     // The agent inherits this process's limits.
     let (soft, hard) = memlock_json();
     assert_eq!((&rdma["memlockSoft"], &rdma["memlockHard"]), (&soft, &hard));
@@ -58,6 +59,8 @@ fn status_shows_the_rdma_the_agent_found() {
         "uverbs=",
         "memlock_soft=",
         "memlock_hard=",
+        "dpdk_version=",
+        "dpdk_unavailable_reason=",
     ] {
         assert!(line.contains(field), "{field} missing: {line}");
     }
@@ -65,6 +68,23 @@ fn status_shows_the_rdma_the_agent_found() {
     let text = cli(&["status", "--controller", &url], &[]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("RDMA DEVICES"), "{text}");
+    // DPDK as the agent found it (the controller took this machine's PMD list).
+    let dpdk = &node["dpdk"];
+    let version = dpdk["version"].as_str().unwrap();
+    assert_eq!(dpdk["installed"], !version.is_empty(), "{dpdk}");
+    if let Some(pkg_config) = std::process::Command::new("pkg-config")
+        .args(["--modversion", "libdpdk"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+    {
+        assert_eq!(version, String::from_utf8_lossy(&pkg_config.stdout).trim());
+    }
+    let dpdk_reason = dpdk["unavailableReason"].as_str().unwrap();
+    assert!(version.is_empty() || line.contains(version), "{line}");
+    assert!(line.contains(dpdk_reason), "{line}");
+    assert!(text.contains("DPDK VERSION"), "{text}");
+    assert!(text.contains(dpdk_reason), "{text}");
     if Path::new("/sys/class/infiniband").exists() {
         // A machine with the RDMA class: devices and reason are whatever it has, but a
         // reason is given exactly when nothing usable was found.

@@ -21,6 +21,11 @@ pub const MAX_ENDPOINT: usize = 1024;
 pub const MAX_RDMA_ENTRIES: usize = 16 * MAX_ITEMS;
 /// Longest `rdma_unavailable_reason` of a capability report (status output shows it as is).
 pub const MAX_RDMA_REASON: usize = 1024;
+/// Most PMD names, and most bound devices, in a capability report's DPDK detail: the controller
+/// refuses more, the agent cuts its lists to it (a node with more is cut, not rejected).
+pub const MAX_DPDK_LIST: usize = 4 * MAX_ITEMS;
+/// Longest `DpdkCapability.unavailable_reason`.
+pub const MAX_DPDK_REASON: usize = 1024;
 
 /// Entries `device` adds to a capability report: itself, its ports, their GIDs and the flat
 /// GID list, its RoCE versions.
