@@ -25,8 +25,11 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use stackroute_local_api::relay::socket_name;
 use stackroute_nethost::{BusyPoll, Host, SharedAddress};
+use stackroute_netstack::Device as _;
 use stackroute_netstack::{Ipv6Config, Stack, StackConfig};
-use stackroute_pktio::{AfPacket, AnyDevice, NotShared, RingConfig, SharedXdp, Steer, XdpHandover};
+use stackroute_pktio::{
+    AfPacket, AnyDevice, Dpdk, DpdkConfig, NotShared, RingConfig, SharedXdp, Steer, XdpHandover,
+};
 use tracing::{info, warn};
 
 /// Relay applications' TCP connections through the stackroute user-space stack.
@@ -77,6 +80,19 @@ struct Cli {
     /// it every upgrade this instance is asked for is declined (`stack-unavailable`).
     #[arg(long)]
     rdma_provider: Option<std::path::PathBuf>,
+    /// Run on a DPDK port: EAL arguments naming it, one string with shell quoting
+    /// (`"--vdev=net_af_packet0,iface=eth1"`, `"-a 0000:03:00.0"`, `"--vdev=net_memif0,…"`).
+    /// If DPDK cannot open (a build without the `dpdk` feature, bad arguments, missing
+    /// capabilities), the reason is logged and the instance uses its other engines.
+    #[arg(long, allow_hyphen_values = true)]
+    dpdk_args: Option<String>,
+    /// The DPDK port by name (default: the only one EAL finds).
+    #[arg(long, requires = "dpdk_args")]
+    dpdk_port: Option<String>,
+    /// The stack owns --address alone on a device of its own (Dedicated isolation: a NIC,
+    /// an SR-IOV VF, a DPDK port): every port is the stack's, none is kept for the kernel.
+    #[arg(long, requires = "address")]
+    dedicated: bool,
 }
 
 fn parse_ports(text: &str) -> Result<RangeInclusive<u16>, String> {
@@ -198,9 +214,15 @@ fn run(cli: Cli) -> Result<()> {
         cli.gateway,
         !cli.ipv4_only,
     )?;
-    let (device, engine) = packet_engine(&cli, &network, packet_fd, handover)?;
-    let mac = stackroute_pktio::interface::mac(&network.interface)
-        .with_context(|| format!("the Ethernet address of {}", network.interface))?;
+    let (device, engine) = match dpdk_engine(&cli) {
+        Some(device) => (device, "dpdk"),
+        None => packet_engine(&cli, &network, packet_fd, handover)?,
+    };
+    let mac = match &device {
+        AnyDevice::Dpdk(port) => port.mac(),
+        _ => stackroute_pktio::interface::mac(&network.interface)
+            .with_context(|| format!("the Ethernet address of {}", network.interface))?,
+    };
     let mut config = StackConfig::new(
         mac,
         network.address,
@@ -215,7 +237,10 @@ fn run(cli: Cli) -> Result<()> {
             ..Ipv6Config::new(address, prefix_len)
         });
     config.ipv6 = ipv6;
-    config.mtu = stackroute_pktio::interface::mtu(&network.interface).unwrap_or(1500);
+    config.mtu = match &device {
+        AnyDevice::Dpdk(port) => port.capabilities().mtu,
+        _ => stackroute_pktio::interface::mtu(&network.interface).unwrap_or(1500),
+    };
     config.ephemeral_ports = cli.ports.clone();
     let mut host = Host::new(
         Stack::new(config),
@@ -225,10 +250,12 @@ fn run(cli: Cli) -> Result<()> {
             yield_between: true,
         },
     );
-    host.shared = Some(SharedAddress {
-        address6: network.ipv6.map(|(address, ..)| address),
-        ..SharedAddress::new(network.address, cli.ports.clone())
-    });
+    if !cli.dedicated {
+        host.shared = Some(SharedAddress {
+            address6: network.ipv6.map(|(address, ..)| address),
+            ..SharedAddress::new(network.address, cli.ports.clone())
+        });
+    }
     host.max_sleep = Duration::from_millis(200);
     let name = socket_name(&cli.socket_name);
     let listener = control::listen(&name)
@@ -304,6 +331,27 @@ fn packet_engine(
             .with_context(|| format!("opening AF_PACKET on {interface} (needs CAP_NET_RAW)"))?,
     };
     Ok((AnyDevice::AfPacket(engine), "af_packet"))
+}
+
+/// The DPDK port `--dpdk-args` names, if it opens; why not is logged.
+fn dpdk_engine(cli: &Cli) -> Option<AnyDevice> {
+    let args = cli.dpdk_args.as_deref()?;
+    let opened = DpdkConfig::parse_eal_args(args)
+        .map_err(std::io::Error::other)
+        .and_then(|eal_args| {
+            Dpdk::open(&DpdkConfig {
+                eal_args,
+                port: cli.dpdk_port.clone(),
+                ..DpdkConfig::default()
+            })
+        });
+    match opened {
+        Ok(port) => Some(AnyDevice::Dpdk(Box::new(port))),
+        Err(error) => {
+            warn!(%error, "DPDK is unavailable; using the next engine");
+            None
+        }
+    }
 }
 
 /// `engine NAME\nready\n` on the readiness descriptor, then it is closed — or, for a standard

@@ -62,6 +62,11 @@ fn main() -> ExitCode {
             ),
             trial("sigterm_resets_connections_and_exits_zero", sigterm),
             trial("throughput_of_a_100mb_relay_against_kernel_tcp", throughput),
+            Trial::gated(
+                "dedicated_device_on_dpdk_relays_both_ways",
+                dpdk_gate,
+                |()| dedicated_device_on_dpdk(),
+            ),
         ],
     )
 }
@@ -661,5 +666,110 @@ fn throughput() {
         } else {
             ""
         }
+    );
+}
+
+/// The instance alone on a device of its own, through DPDK (`net_af_packet` on a second veth
+/// whose client side has no kernel address: the Dedicated isolation's shape with a NIC or VF):
+/// `engine dpdk` in its readiness message, 10 MB each way checked by SHA-256 from the stack's
+/// own address, no port kept for a kernel. SIGTERM ends it with exit code 0 and EAL's runtime
+/// directory removed. With EAL arguments DPDK refuses, the instance says why and runs on
+/// AF_PACKET instead.
+fn dedicated_device_on_dpdk() {
+    let lab = Lab::new();
+    let device = lab.add_dedicated_link();
+    let sink = lab.start_server("sink", 5020, 0);
+    let source = lab.start_server("source", 5021, 10_000_000);
+    let address = format!("{DEDICATED_STACK}/24");
+    let args = |dpdk_args: String| {
+        [
+            "--dpdk-args".to_string(),
+            dpdk_args,
+            "--interface".into(),
+            device.clone(),
+            "--address".into(),
+            address.clone(),
+            "--gateway".into(),
+            DEDICATED_GATEWAY.into(),
+            "--ipv4-only".into(),
+            "--dedicated".into(),
+        ]
+    };
+    let dpdk = args(format!("--vdev=net_af_packet0,iface={device}"));
+    let mut instance = lab.start_instance(
+        PacketSocket::Named,
+        &dpdk.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(
+        instance.proc.stdout().contains("engine dpdk"),
+        "{}",
+        instance.proc.stdout()
+    );
+    let control = instance.control();
+
+    let app = control.open(lab.server(5020)).expect("connect");
+    assert_eq!(app.local.ip().to_string(), DEDICATED_STACK);
+    let data = payload(7, 10_000_000);
+    let expected = format!("RESULT 10000000 {}", sha256_hex(&data));
+    let mut end = app.end;
+    blocking(&end);
+    end.write_all(&data).unwrap();
+    end.shutdown(Shutdown::Write).unwrap();
+    assert!(read_all(&mut end).is_empty());
+    assert_eq!(sink.line("RESULT", TIMEOUT), expected);
+
+    let app = control.open(lab.server(5021)).expect("connect");
+    let mut end = app.end;
+    blocking(&end);
+    let received = read_all(&mut end);
+    drop(end);
+    let sent = source.line("SENT", TIMEOUT);
+    assert_eq!(sent, format!("SENT 10000000 {}", sha256_hex(&received)));
+    assert_eq!(final_status(&control, app.id), (RelayState::Closed, None));
+
+    let pid = instance.proc.pid();
+    instance.proc.signal("TERM");
+    assert_eq!(instance.proc.wait(Duration::from_secs(10)), Some(0));
+    let prefix = format!("stackroute-{pid}-");
+    let left: Vec<String> = std::fs::read_dir("/var/run/dpdk")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "EAL runtime directories left: {left:?}");
+
+    // Arguments EAL refuses: the reason is logged, AF_PACKET carries the connection.
+    let refused = args(format!(
+        "--vdev=net_af_packet0,iface={device} --no-such-flag"
+    ));
+    let instance = lab.start_instance(
+        PacketSocket::Named,
+        &refused.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(
+        instance.proc.stdout().contains("engine af_packet"),
+        "{}",
+        instance.proc.stdout()
+    );
+    assert!(
+        instance.proc.stderr().contains("DPDK is unavailable"),
+        "{}",
+        instance.proc.stderr()
+    );
+    let app = instance
+        .open(lab.server(5020))
+        .expect("connect over AF_PACKET");
+    let mut end = app.end;
+    blocking(&end);
+    end.write_all(b"fallback").unwrap();
+    end.shutdown(Shutdown::Write).unwrap();
+    assert!(read_all(&mut end).is_empty());
+    assert_eq!(
+        sink.line("RESULT 8 ", TIMEOUT),
+        format!("RESULT 8 {}", sha256_hex(b"fallback"))
     );
 }

@@ -317,8 +317,14 @@ impl Lab {
 
     /// Starts `stackroute-netperf` inside the stack namespace with the lab's addressing.
     pub fn spawn_netperf(&mut self, args: &[&str]) -> usize {
+        self.spawn_netperf_under(&[], args)
+    }
+
+    /// [`Lab::spawn_netperf`] run by `wrapper` (`setpriv …`: a command that runs its arguments).
+    pub fn spawn_netperf_under(&mut self, wrapper: &[&str], args: &[&str]) -> usize {
         let bin = env!("CARGO_BIN_EXE_stackroute-netperf").to_owned();
-        let mut full = vec![bin.as_str()];
+        let mut full = wrapper.to_vec();
+        full.push(bin.as_str());
         full.extend_from_slice(args);
         let common = [
             "--interface",

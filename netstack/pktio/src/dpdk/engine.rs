@@ -67,7 +67,15 @@ impl Dpdk {
         } else {
             0
         };
-        let context = |e: io::Error| io::Error::new(e.kind(), format!("port {}: {e}", info.name));
+        let context = |e: io::Error| {
+            let hint = if e.kind() == io::ErrorKind::PermissionDenied {
+                " (PMDs over kernel interfaces need CAP_NET_RAW and CAP_NET_ADMIN, net_af_xdp \
+                 also CAP_BPF and CAP_SYS_ADMIN)"
+            } else {
+                ""
+            };
+            io::Error::new(e.kind(), format!("port {}: {e}{hint}", info.name))
+        };
         sys::port_configure(
             port,
             config.descriptors,

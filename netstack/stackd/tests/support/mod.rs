@@ -33,6 +33,9 @@ pub const SERVER_IP: &str = "10.77.0.2";
 pub const CLIENT_IP6: &str = "fd78::1";
 pub const SERVER_IP6: &str = "fd78::2";
 pub const PORTS: &str = "61000-62999";
+/// The server side of [`Lab::add_dedicated_link`]; the stack takes .2 of its /24.
+pub const DEDICATED_GATEWAY: &str = "10.78.0.1";
+pub const DEDICATED_STACK: &str = "10.78.0.2";
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -47,6 +50,15 @@ pub fn netns_gate() -> Result<(), Ignored> {
         }
         Some(reason) => Err(Ignored::new(reason)),
     }
+}
+
+/// The netns gate, then the DPDK gate (a build with `--features dpdk`).
+pub fn dpdk_gate() -> Result<(), Ignored> {
+    netns_gate()?;
+    testkit::dpdk(
+        cfg!(feature = "dpdk"),
+        "cargo test -p stackroute-stackd --features dpdk",
+    )
 }
 
 fn unavailable() -> Option<String> {
@@ -220,6 +232,8 @@ pub enum PacketSocket {
     Inherited,
     /// Opened by the instance itself (`--interface`, CAP_NET_RAW).
     Own,
+    /// None: the trial's own arguments name the engine and interface (DPDK).
+    Named,
 }
 
 /// Creates an AF_PACKET socket in the namespace, then execs `setpriv` (no capabilities, an
@@ -323,6 +337,49 @@ impl Lab {
         // What the agent does for an instance: keep the kernel off the stack's ports.
         lab.prepare(&lab.client_ns.clone());
         lab
+    }
+
+    /// A second link from the client namespace to the server namespace for a stack that owns
+    /// its device (Dedicated isolation): the server side holds [`DEDICATED_GATEWAY`], the
+    /// client side no kernel address. Its name in the client namespace is returned. The server
+    /// side sends no TSO/GSO aggregates: a NIC's wire carries MTU-sized frames.
+    pub fn add_dedicated_link(&self) -> String {
+        let client_if = format!("dc{}", self.tag);
+        let server_if = format!("ds{}", self.tag);
+        run(&[
+            "ip",
+            "link",
+            "add",
+            &client_if,
+            "netns",
+            &self.client_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &server_if,
+            "netns",
+            &self.server_ns,
+        ]);
+        let gateway = format!("{DEDICATED_GATEWAY}/24");
+        run(&[
+            "ip",
+            "-n",
+            &self.server_ns,
+            "addr",
+            "add",
+            &gateway,
+            "dev",
+            &server_if,
+        ]);
+        for (ns, dev) in [(&self.client_ns, &client_if), (&self.server_ns, &server_if)] {
+            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            run(&[
+                "ip", "netns", "exec", ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro",
+                "off",
+            ]);
+        }
+        client_if
     }
 
     /// What the agent does in a namespace before starting its instance: the range reserved
@@ -456,6 +513,9 @@ impl Lab {
             }
             PacketSocket::Own => {
                 command.args([binary, "--interface", &self.client_if]);
+            }
+            PacketSocket::Named => {
+                command.arg(binary);
             }
         }
         command
