@@ -11,11 +11,19 @@ use crate::time::Instant;
 pub struct DeviceCapabilities {
     /// IP MTU in bytes (the Ethernet payload size, 1500 on most links).
     pub mtu: usize,
+    /// The engine completes the checksums of the TCP frames it sends (a NIC's checksum
+    /// offload): the stack leaves 0 in the IPv4 header checksum and the pseudo-header sum in
+    /// the TCP checksum field, as DPDK's `RTE_MBUF_F_TX_TCP_CKSUM` and Linux's
+    /// `CHECKSUM_PARTIAL` expect, and does not sum the segment itself.
+    pub tx_checksum_offload: bool,
 }
 
 impl Default for DeviceCapabilities {
     fn default() -> Self {
-        Self { mtu: 1500 }
+        Self {
+            mtu: 1500,
+            tx_checksum_offload: false,
+        }
     }
 }
 

@@ -151,11 +151,16 @@ pub struct SimDevice {
     pub tx: Vec<Vec<u8>>,
     /// Stamped on received frames as `RxMeta::received_at`.
     pub receive_time: Option<Instant>,
+    /// Advertise transmit checksum offload (the frames in `tx` are then left unfinished).
+    pub tx_checksum_offload: bool,
 }
 
 impl Device for SimDevice {
     fn capabilities(&self) -> DeviceCapabilities {
-        DeviceCapabilities::default()
+        DeviceCapabilities {
+            tx_checksum_offload: self.tx_checksum_offload,
+            ..DeviceCapabilities::default()
+        }
     }
 
     fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {

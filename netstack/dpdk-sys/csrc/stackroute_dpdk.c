@@ -75,6 +75,15 @@ uint32_t sr_rx_checksum(const struct rte_mbuf *m) {
     return facts;
 }
 
+void sr_tx_tcp_checksum(struct rte_mbuf *m, uint16_t l3_len, int ipv6) {
+    m->l2_len = RTE_ETHER_HDR_LEN;
+    m->l3_len = l3_len;
+    if (ipv6)
+        m->ol_flags |= RTE_MBUF_F_TX_IPV6 | RTE_MBUF_F_TX_TCP_CKSUM;
+    else
+        m->ol_flags |= RTE_MBUF_F_TX_IPV4 | RTE_MBUF_F_TX_IP_CKSUM | RTE_MBUF_F_TX_TCP_CKSUM;
+}
+
 int sr_port_info(uint16_t port, struct sr_port_info *info) {
     struct rte_eth_dev_info dev;
     struct rte_ether_addr mac;

@@ -62,6 +62,11 @@ uint8_t *sr_pktmbuf_reset_to(struct rte_mbuf *m, uint16_t len);
 /* Shortens a single-segment mbuf to `len` bytes (no larger than it is). */
 void sr_pktmbuf_set_len(struct rte_mbuf *m, uint16_t len);
 uint32_t sr_rx_checksum(const struct rte_mbuf *m);
+/*
+ * Asks the port to complete a TCP frame's checksums (IPv4 header and TCP; the TCP field holds
+ * the pseudo-header sum): `l3_len` is the IP header's length after a 14-byte Ethernet header.
+ */
+void sr_tx_tcp_checksum(struct rte_mbuf *m, uint16_t l3_len, int ipv6);
 
 int sr_port_info(uint16_t port, struct sr_port_info *info);
 /*

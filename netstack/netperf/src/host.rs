@@ -170,6 +170,8 @@ fn engine_report(host: &Host) -> serde_json::Value {
             "mbufs": status.mbufs,
             "mbufs_in_use": status.mbufs_in_use,
             "rx_checksum_offload": status.rx_checksum_offload,
+            "tx_checksum_offload": status.tx_checksum_offload,
+            "tx_checksum_offloaded": status.tx_checksum_offloaded,
             "rx_bad_checksum": status.rx_bad_checksum,
             "rx_chained": status.rx_chained,
             "port_stats": {

@@ -151,7 +151,10 @@ impl AfPacket {
 
 impl Device for AfPacket {
     fn capabilities(&self) -> DeviceCapabilities {
-        DeviceCapabilities { mtu: self.mtu }
+        DeviceCapabilities {
+            mtu: self.mtu,
+            ..DeviceCapabilities::default()
+        }
     }
 
     fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {

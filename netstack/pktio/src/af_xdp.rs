@@ -300,7 +300,10 @@ impl AfXdp {
 
 impl Device for AfXdp {
     fn capabilities(&self) -> DeviceCapabilities {
-        DeviceCapabilities { mtu: self.mtu }
+        DeviceCapabilities {
+            mtu: self.mtu,
+            ..DeviceCapabilities::default()
+        }
     }
 
     fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {

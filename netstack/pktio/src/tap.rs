@@ -37,7 +37,10 @@ impl Tap {
 
 impl Device for Tap {
     fn capabilities(&self) -> DeviceCapabilities {
-        DeviceCapabilities { mtu: self.mtu }
+        DeviceCapabilities {
+            mtu: self.mtu,
+            ..DeviceCapabilities::default()
+        }
     }
 
     fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {

@@ -297,6 +297,8 @@ pub struct Stack {
     control_frames: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     scratch: Vec<u8>,
+    /// Who completes sent TCP frames' checksums: the engine's capability, read at each poll.
+    tx_checksum: TxChecksum,
     stats: StackStats,
     now: Instant,
 }
@@ -319,6 +321,7 @@ impl Stack {
             control_frames: VecDeque::new(),
             events: VecDeque::new(),
             scratch: Vec::with_capacity(2048),
+            tx_checksum: TxChecksum::Full,
             stats: StackStats::default(),
             now: Instant::ZERO,
             config,
@@ -924,6 +927,11 @@ impl Stack {
     /// received or sent.
     pub fn poll<D: Device>(&mut self, now: Instant, device: &mut D) -> bool {
         self.now = self.now.max(now);
+        self.tx_checksum = if device.capabilities().tx_checksum_offload {
+            TxChecksum::Offloaded
+        } else {
+            TxChecksum::Full
+        };
         let mut activity = false;
         for _ in 0..RX_BUDGET {
             let mut frame = std::mem::take(&mut self.scratch);
@@ -1446,7 +1454,15 @@ impl Stack {
             return;
         };
         let mut frame = vec![0u8; 14 + 40 + repr.buffer_len()];
-        let len = emit_tcp_frame(&mut frame, self.config.mac, mac, local, peer, &repr);
+        let len = emit_tcp_frame(
+            &mut frame,
+            self.config.mac,
+            mac,
+            local,
+            peer,
+            &repr,
+            self.tx_checksum,
+        );
         frame.truncate(len);
         self.stats.rst_sent += 1;
         self.control_frames.push_back(frame);
@@ -1552,6 +1568,7 @@ impl Stack {
                     let conn = &mut slot.conn;
                     let scratch = &mut self.scratch;
                     let config = &self.config;
+                    let tx_checksum = self.tx_checksum;
                     let mut produced = false;
                     let sent = device.transmit(max_frame, |buf| {
                         let Some(mut repr) = conn.poll_transmit(now, scratch) else {
@@ -1566,6 +1583,7 @@ impl Stack {
                             conn.endpoints.local.ip(),
                             conn.endpoints.remote.ip(),
                             &repr,
+                            tx_checksum,
                         )
                     });
                     match sent {
@@ -1702,7 +1720,17 @@ fn readiness_of(conn: &Connection) -> Readiness {
     }
 }
 
-/// Writes Ethernet + IPv4 + TCP into `buf`; returns the frame length, or 0 if it does not fit.
+/// Who completes a sent TCP frame's checksums.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum TxChecksum {
+    /// The stack: both checksums filled in.
+    #[default]
+    Full,
+    /// The engine (`DeviceCapabilities::tx_checksum_offload`): IPv4 header checksum 0, TCP
+    /// checksum field the pseudo-header sum.
+    Offloaded,
+}
+
 /// Writes Ethernet, IP (the family of the addresses) and TCP headers plus payload into `buf`;
 /// returns the frame length, or 0 if it does not fit or the families differ.
 pub(crate) fn emit_tcp_frame(
@@ -1712,6 +1740,7 @@ pub(crate) fn emit_tcp_frame(
     src_ip: IpAddr,
     dst_ip: IpAddr,
     repr: &TcpRepr<'_>,
+    checksum: TxChecksum,
 ) -> usize {
     let (ethertype, ip_header_len) = match src_ip {
         IpAddr::V4(_) => (EthernetProtocol::Ipv4, 20),
@@ -1729,7 +1758,16 @@ pub(crate) fn emit_tcp_frame(
         ethertype,
     }
     .emit(&mut eth);
-    let caps = ChecksumCapabilities::default();
+    let caps = match checksum {
+        TxChecksum::Full => ChecksumCapabilities::default(),
+        // Zeroed by smoltcp; the engine fills them in.
+        TxChecksum::Offloaded => {
+            let mut caps = ChecksumCapabilities::default();
+            caps.ipv4 = smoltcp::phy::Checksum::Rx;
+            caps.tcp = smoltcp::phy::Checksum::Rx;
+            caps
+        }
+    };
     let ip_bytes = eth.payload_mut();
     match (src_ip, dst_ip) {
         (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => Ipv4Repr {
@@ -1750,12 +1788,16 @@ pub(crate) fn emit_tcp_frame(
         .emit(&mut Ipv6Packet::new_unchecked(&mut *ip_bytes)),
         _ => return 0,
     }
+    let mut tcp = TcpPacket::new_unchecked(&mut ip_bytes[ip_header_len..]);
     repr.emit(
-        &mut TcpPacket::new_unchecked(&mut ip_bytes[ip_header_len..]),
+        &mut tcp,
         &IpAddress::from(src_ip),
         &IpAddress::from(dst_ip),
         &caps,
     );
+    if checksum == TxChecksum::Offloaded {
+        tcp.set_checksum(pseudo_header_sum(src_ip, dst_ip, repr.buffer_len()));
+    }
     total
 }
 

@@ -74,6 +74,7 @@ fn peer_segment(repr: &TcpRepr<'_>) -> Vec<u8> {
         PEER_IP.into(),
         OUR_IP.into(),
         repr,
+        TxChecksum::Full,
     );
     frame.truncate(len);
     frame
@@ -117,6 +118,73 @@ fn syn_literal_gets_syn_ack_with_negotiated_options() {
     assert_eq!(syn_ack.window_scale, Some(7), "4 MiB buffer needs shift 7");
     assert!(syn_ack.sack_permitted);
     assert_eq!(syn_ack.timestamp.map(|t| t.tsecr), Some(100));
+}
+
+/// What a NIC with TCP checksum offload does: sums the segment as it is, the pseudo-header sum
+/// the stack left in the checksum field included, and stores the complement.
+fn complete_offloaded_tcp_checksum(segment: &mut [u8]) {
+    let mut sum: u32 = segment
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    segment[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+#[test]
+fn tx_checksum_offload_leaves_the_pseudo_header_sum() {
+    let (mut offloading, mut dev) = stack();
+    dev.tx_checksum_offload = true;
+    offloading.listen(80, 4).unwrap();
+    // A SYN-ACK from a connection and a RST from the stack's control path.
+    let mut out = feed(
+        &mut offloading,
+        &mut dev,
+        Instant::from_millis(5),
+        &SYN_FRAME,
+    );
+    let mut closed = SYN_FRAME;
+    closed[36..38].copy_from_slice(&81u16.to_be_bytes()); // destination port 81: nobody listens
+    let ip = Ipv4Packet::new_unchecked(&closed[14..]);
+    let tcp_len = usize::from(ip.total_len()) - 20;
+    let mut tcp = TcpPacket::new_unchecked(&mut closed[34..34 + tcp_len]);
+    tcp.fill_checksum(&IpAddress::Ipv4(PEER_IP), &IpAddress::Ipv4(OUR_IP));
+    out.extend(feed(
+        &mut offloading,
+        &mut dev,
+        Instant::from_millis(6),
+        &closed,
+    ));
+    assert_eq!(out.len(), 2);
+    for mut frame in out {
+        let tcp_len = frame.len() - 34;
+        assert_eq!(
+            &frame[24..26],
+            &[0, 0],
+            "IPv4 header checksum left to the engine"
+        );
+        let pseudo = pseudo_header_sum(OUR_IP.into(), PEER_IP.into(), tcp_len);
+        assert_eq!(
+            frame[50..52],
+            pseudo.to_be_bytes(),
+            "TCP field holds the pseudo sum"
+        );
+        // Completed as hardware does, both checksums verify.
+        Ipv4Packet::new_unchecked(&mut frame[14..]).fill_checksum();
+        complete_offloaded_tcp_checksum(&mut frame[34..]);
+        parse_tcp(&frame);
+        let tcp = TcpPacket::new_checked(&frame[34..]).unwrap();
+        assert!(tcp.verify_checksum(&IpAddress::Ipv4(OUR_IP), &IpAddress::Ipv4(PEER_IP)));
+    }
+    // Without the capability the stack finishes them itself (what `parse_tcp` checks).
+    let (mut plain, mut dev) = stack();
+    plain.listen(80, 4).unwrap();
+    let out = feed(&mut plain, &mut dev, Instant::from_millis(5), &SYN_FRAME);
+    parse_tcp(&out[0]);
+    let tcp = TcpPacket::new_checked(&out[0][34..]).unwrap();
+    assert!(tcp.verify_checksum(&IpAddress::Ipv4(OUR_IP), &IpAddress::Ipv4(PEER_IP)));
 }
 
 #[test]
@@ -416,6 +484,7 @@ fn peer_segment6(repr: &TcpRepr<'_>) -> Vec<u8> {
         PEER_IP6.into(),
         OUR_IP6.into(),
         repr,
+        TxChecksum::Full,
     );
     frame.truncate(len);
     frame

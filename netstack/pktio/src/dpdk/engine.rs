@@ -4,13 +4,21 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
-use stackroute_dpdk_sys::{SR_OFFLOAD_RX_CHECKSUM, SR_RX_IP_BAD, SR_RX_L4_BAD, SR_RX_L4_GOOD};
+use stackroute_dpdk_sys::{
+    SR_OFFLOAD_RX_CHECKSUM, SR_OFFLOAD_TX_IPV4_CHECKSUM, SR_OFFLOAD_TX_TCP_CHECKSUM, SR_RX_IP_BAD,
+    SR_RX_L4_BAD, SR_RX_L4_GOOD,
+};
 use stackroute_netstack::{Device, DeviceCapabilities, RxMeta};
 
 use super::config::MBUF_DATA_ROOM;
 use super::eal::Eal;
+use super::offload::tcp_frame;
 use super::{DpdkConfig, DpdkStatus};
 use crate::sys::dpdk::{self as sys, Mbuf, Mempool, PortInfo};
+
+/// The transmit offloads the engine uses: both, or neither (an IPv4 frame whose TCP checksum the
+/// port completes needs its header checksum completed too).
+const TX_CHECKSUM: u32 = SR_OFFLOAD_TX_IPV4_CHECKSUM | SR_OFFLOAD_TX_TCP_CHECKSUM;
 
 /// Drivers fed by the Linux kernel, where a local sender's frame may carry an unfinished
 /// (`CHECKSUM_PARTIAL`) TCP checksum the PMD cannot flag.
@@ -44,6 +52,7 @@ pub struct Dpdk {
     assembly: Vec<u8>,
     rx_bad_checksum: u64,
     rx_chained: u64,
+    tx_checksum_offloaded: u64,
 }
 
 impl Dpdk {
@@ -62,10 +71,12 @@ impl Dpdk {
             config.mbufs,
             MBUF_DATA_ROOM,
         )?;
-        let offloads = if config.offloads {
-            info.offloads & SR_OFFLOAD_RX_CHECKSUM
-        } else {
-            0
+        let offloads = match config.offloads {
+            false => 0,
+            true if info.offloads & TX_CHECKSUM == TX_CHECKSUM => {
+                info.offloads & (SR_OFFLOAD_RX_CHECKSUM | TX_CHECKSUM)
+            }
+            true => info.offloads & SR_OFFLOAD_RX_CHECKSUM,
         };
         let context = |e: io::Error| {
             let hint = if e.kind() == io::ErrorKind::PermissionDenied {
@@ -100,6 +111,7 @@ impl Dpdk {
             assembly: Vec::new(),
             rx_bad_checksum: 0,
             rx_chained: 0,
+            tx_checksum_offloaded: 0,
         })
     }
 
@@ -121,6 +133,8 @@ impl Dpdk {
             mbufs: self.config.mbufs,
             mbufs_in_use: self.pool.in_use(),
             rx_checksum_offload: self.offloads & SR_OFFLOAD_RX_CHECKSUM != 0,
+            tx_checksum_offload: self.offloads & TX_CHECKSUM != 0,
+            tx_checksum_offloaded: self.tx_checksum_offloaded,
             rx_bad_checksum: self.rx_bad_checksum,
             rx_chained: self.rx_chained,
             ipackets: stats.ipackets,
@@ -173,6 +187,7 @@ impl Device for Dpdk {
         let frame_limit = usize::from(MBUF_DATA_ROOM - 128).min(self.info.max_rx_pktlen as usize);
         DeviceCapabilities {
             mtu: usize::from(self.info.mtu).min(frame_limit.saturating_sub(18)),
+            tx_checksum_offload: self.offloads & TX_CHECKSUM != 0,
         }
     }
 
@@ -231,7 +246,14 @@ impl Device for Dpdk {
             self.stash.push(mbuf);
             return Some(0);
         }
+        let tcp = (self.offloads & TX_CHECKSUM != 0)
+            .then(|| mbuf.first_segment().0.get(..len).and_then(tcp_frame))
+            .flatten();
         mbuf.set_len(len as u16);
+        if let Some(tcp) = tcp {
+            mbuf.offload_tcp_checksum(tcp.l3_len, tcp.ipv6);
+            self.tx_checksum_offloaded += 1;
+        }
         self.pending.push_back(mbuf);
         Some(len)
     }

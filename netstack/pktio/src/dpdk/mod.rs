@@ -9,6 +9,8 @@
 mod config;
 #[cfg(feature = "dpdk")]
 mod eal;
+#[cfg(feature = "dpdk")]
+mod offload;
 
 pub use config::{DpdkConfig, Hugepages, Memory};
 
@@ -31,6 +33,10 @@ pub struct DpdkStatus {
     pub mbufs_in_use: u32,
     /// The port verifies received checksums.
     pub rx_checksum_offload: bool,
+    /// The port completes sent TCP frames' checksums.
+    pub tx_checksum_offload: bool,
+    /// Frames sent with their checksums left to the port.
+    pub tx_checksum_offloaded: u64,
     /// Frames dropped because the port found a bad checksum.
     pub rx_bad_checksum: u64,
     /// Chained (multi-segment) frames received, each copied once.

@@ -222,6 +222,12 @@ impl Mbuf {
         unsafe { ffi::sr_pktmbuf_set_len(self.0.as_ptr(), len) }
     }
 
+    /// Asks the port to complete this TCP frame's checksums (see `sr_tx_tcp_checksum`).
+    pub(crate) fn offload_tcp_checksum(&mut self, l3_len: u16, ipv6: bool) {
+        // SAFETY: the mbuf is live, owned and not yet handed to the driver.
+        unsafe { ffi::sr_tx_tcp_checksum(self.0.as_ptr(), l3_len, i32::from(ipv6)) }
+    }
+
     /// `SR_RX_*` checksum facts the port set on a received mbuf.
     pub(crate) fn rx_checksum(&self) -> u32 {
         // SAFETY: the mbuf is live.
