@@ -30,6 +30,11 @@ fn main() -> std::process::ExitCode {
                 checksum_offloads_on_net_tap_both_ways,
             ),
             trial(
+                "hugepages_in_memory_leave_nothing_behind_even_after_sigkill",
+                &[],
+                hugepages_in_memory_leave_nothing_behind_even_after_sigkill,
+            ),
+            trial(
                 "bad_eal_arguments_fall_back_to_the_next_engine",
                 &[],
                 bad_eal_arguments_fall_back_to_the_next_engine,
@@ -190,6 +195,151 @@ fn two_stacks_over_memif_without_privileges() {
         "memif: 20 MB at {} bit/s; 500 round trips, p50 {} µs, p99 {} µs",
         server["goodput_bps"], client["rtt_us_p50"], client["rtt_us_p99"]
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `HugePages_Free` now.
+fn hugepages_free() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raises `vm.nr_hugepages` by `more` for the trial and puts the old value back when dropped.
+struct MoreHugepages(String);
+
+impl MoreHugepages {
+    const PATH: &str = "/proc/sys/vm/nr_hugepages";
+
+    fn new(more: u64) -> Self {
+        let old = std::fs::read_to_string(Self::PATH)
+            .unwrap()
+            .trim()
+            .to_string();
+        let wanted = old.parse::<u64>().unwrap() + more;
+        std::fs::write(Self::PATH, wanted.to_string()).unwrap();
+        let guard = Self(old);
+        let got: u64 = std::fs::read_to_string(Self::PATH)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(got, wanted, "the kernel gave {got} of {wanted} hugepages");
+        guard
+    }
+}
+
+impl Drop for MoreHugepages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// With hugepages free, `--dpdk-hugepages on` puts EAL in `--in-memory` mode: its hugepages are
+/// memfd-backed, nothing on a hugetlbfs mount, so they return to the kernel when the process
+/// ends, also by SIGKILL. The killed process's runtime directory stays (it could not remove
+/// it); the next DPDK process sweeps it.
+fn hugepages_in_memory_leave_nothing_behind_even_after_sigkill() {
+    let _hugepages = MoreHugepages::new(128);
+    let free_before = hugepages_free();
+    let dir = std::env::temp_dir().join(format!("stackroute-huge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("memif.sock");
+    let vdev = |role: &str| format!("--vdev=net_memif0,role={role},socket={}", socket.display());
+    let netperf = |args: &[&str]| {
+        let mut command = Command::new(NETPERF);
+        command.args(args).env("RUST_BACKTRACE", "0");
+        command
+    };
+    let common = [
+        "--dpdk-hugepages",
+        "on",
+        "--dpdk-mbufs",
+        "4095",
+        "--timeout",
+        "60",
+    ];
+    let server_vdev = vdev("server");
+    let mut server_args = vec!["server", "--engine", "dpdk", "--dpdk-args", &server_vdev];
+    server_args.extend(["--address", "10.252.0.1/24", "--port", "5320"]);
+    server_args.extend(common);
+    let server = std::thread::spawn({
+        let command = netperf(&server_args);
+        move || finish(command, Duration::from_secs(70))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let client_vdev = vdev("client");
+    let mut client_args = vec!["client", "--engine", "dpdk", "--dpdk-args", &client_vdev];
+    client_args.extend(["--address", "10.252.0.2/24", "--connect", "10.252.0.1:5320"]);
+    client_args.extend(["--send", "10000000"]);
+    client_args.extend(common);
+    let (client_out, client_err, client_code) =
+        finish(netperf(&client_args), Duration::from_secs(70));
+    let (server_out, server_err, server_code) = server.join().unwrap();
+    assert_eq!(client_code, Some(0), "{client_err}");
+    assert_eq!(server_code, Some(0), "{server_err}");
+    let (server, client) = (json_line(&server_out), json_line(&client_out));
+    assert_eq!(server["received_sha256"], client["sent_sha256"]);
+    for report in [&server, &client] {
+        let memory = report["dpdk"]["memory"].as_str().unwrap_or_default();
+        assert!(memory.starts_with("hugepages in-memory"), "{report}");
+        assert_dpdk_cleaned_up(report);
+    }
+    assert_eq!(
+        hugepages_free(),
+        free_before,
+        "hugepages returned after exit"
+    );
+
+    // SIGKILL while EAL holds its hugepages.
+    let mut killed = netperf(&server_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while hugepages_free() == free_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "EAL never took hugepages"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stale = std::path::PathBuf::from(format!("/var/run/dpdk/stackroute-{}-0", killed.id()));
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(
+        hugepages_free(),
+        free_before,
+        "hugepages returned after SIGKILL"
+    );
+    assert!(stale.is_dir(), "a killed EAL leaves {}", stale.display());
+    // The next DPDK process sweeps it (this one has nothing to connect to, and ends).
+    let (_, _, code) = finish(
+        netperf(&[
+            "client",
+            "--engine",
+            "dpdk",
+            "--dpdk-args",
+            "--vdev=net_ring0",
+            "--dpdk-hugepages",
+            "off",
+            "--address",
+            "10.252.1.2/24",
+            "--connect",
+            "10.252.1.1:9",
+            "--send",
+            "1",
+            "--timeout",
+            "1",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(1));
+    assert!(!stale.exists(), "{} was not swept", stale.display());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
