@@ -27,7 +27,18 @@ BIN=$CARGO_TARGET_DIR/release
 for tool in ip iperf3 python3; do
   command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 1; }
 done
-(cd "$ROOT" && cargo build --release -q -p stackroute-netperf -p stackroute-linkemu)
+# The plain-veth engines: our AF_XDP and AF_PACKET, and DPDK over its net_af_packet and
+# net_af_xdp virtual devices on the same veth when DPDK is installed (the build then has the
+# `dpdk` feature).
+FEATURES=()
+if pkg-config --atleast-version=22.11 libdpdk 2>/dev/null; then
+  ENGINES=${ENGINES:-"af_xdp af_packet dpdk:af_packet dpdk:af_xdp"}
+  FEATURES=(--features stackroute-netperf/dpdk)
+else
+  ENGINES=${ENGINES:-"af_xdp af_packet"}
+  echo "# DPDK not installed (pkg-config libdpdk): no DPDK rows" >&2
+fi
+(cd "$ROOT" && cargo build --release -q -p stackroute-netperf -p stackroute-linkemu "${FEATURES[@]}")
 
 # The emulator and the user-space stack run under SCHED_FIFO when chrt exists: the emulator must
 # keep accurate time for all three contenders, and a user-space stack is deployed on a core of its
@@ -195,11 +206,24 @@ fi
 [ -n "${SKIP_PLAIN:-}" ] && exit 0
 echo
 echo "# Plain veth (no emulator, no loss), TSO/GSO/GRO off on both ends"
+# `--engine` arguments for an ENGINES entry: an engine name, or dpdk:PMD for DPDK's net_PMD
+# virtual device on c1.
+engine_args() {
+  case "$1" in
+    dpdk:af_xdp) echo "--engine dpdk --dpdk-args --vdev=net_af_xdp0,iface=c1,start_queue=0,queue_count=1" ;;
+    dpdk:*) echo "--engine dpdk --dpdk-args --vdev=net_${1#dpdk:}0,iface=c1" ;;
+    *) echo "--engine $1" ;;
+  esac
+}
+# DPDK's af_xdp PMD removes its XDP program when it closes; if it was killed, this does.
+after_engine() { case "$1" in dpdk:af_xdp) ip -n $C link set c1 xdp off 2>/dev/null || true ;; esac; }
 plain_send() { # engine -> Mbit/s
   start_py $S "$SINK" $SUB2.2 5311 || { echo fail; return; }; local srv=$SRV
-  ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client --engine "$1" --interface c1 \
+  # shellcheck disable=SC2046 # engine_args prints words on purpose
+  ip netns exec $C $RT_STACK "$BIN/stackroute-netperf" client $(engine_args "$1") --interface c1 \
     --address $SUB2.3/24 --connect $SUB2.2:5311 --send 1000000000 --no-checksum --timeout 120 ${PLAIN_ARGS:-} 2>/dev/null |
     python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print("%.0f" % (r["goodput_bps"]/1e6))' 2>/dev/null || echo "fail"
+  after_engine "$1"
   stop_srv $srv
 }
 plain_kernel() {
@@ -212,19 +236,35 @@ plain_rr() { # engine -> "mean p50 p99"
   start_py $S "$ECHO" $SUB2.2 5312 || { echo fail; return; }; local srv=$SRV
   # No SCHED_FIFO here: a real-time task busy-polling would keep ksoftirqd, which delivers the
   # veth's packets, off its CPU and add milliseconds to the tail.
-  ip netns exec $C "$BIN/stackroute-netperf" client --engine "$1" --interface c1 \
+  # shellcheck disable=SC2046
+  ip netns exec $C "$BIN/stackroute-netperf" client $(engine_args "$1") --interface c1 \
     --address $SUB2.3/24 --connect $SUB2.2:5312 --rr 5000 --rr-size 64 --nodelay --timeout 60 ${PLAIN_ARGS:-} 2>/dev/null |
     python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(r["rtt_us_mean"], r["rtt_us_p50"], r["rtt_us_p99"])' 2>/dev/null || echo "fail"
+  after_engine "$1"
   stop_srv $srv
 }
+rr_median() { # engine -> median of REPEAT runs of "mean p50 p99", field by field
+  local runs=()
+  for _ in $(seq "$REPEAT"); do runs+=("$(plain_rr "$1")"); done
+  echo "#   plain_rr $1: ${runs[*]}" >&2
+  python3 -c "
+import statistics, sys
+rows = [r.split() for r in sys.argv[1:] if r != 'fail']
+print(' '.join('%.0f' % statistics.median(float(r[i]) for r in rows) for i in range(3)) if rows else 'fail')" "${runs[@]}"
+}
 k=$(repeat plain_kernel)
-xdp=$(repeat plain_send af_xdp)
-pkt=$(repeat plain_send af_packet)
-echo "throughput Mbit/s: kernel-cubic $k, netstack af_xdp $xdp ($(python3 -c "print('%.2fx' % ($xdp/$k))" 2>/dev/null || echo -)), netstack af_packet $pkt ($(python3 -c "print('%.2fx' % ($pkt/$k))" 2>/dev/null || echo -))"
 start_py $S "$ECHO" $SUB2.2 5313; srv=$SRV
 krr=$(timeout 60 ip netns exec $C python3 -c "$RR" $SUB2.2 5313 5000 || echo fail)
 stop_srv $srv
-echo "request/response 64 B, µs mean p50 p99 (Python kernel echo server):"
-echo "  kernel client (Python)   $krr"
-echo "  netstack af_xdp client   $(plain_rr af_xdp)"
-echo "  netstack af_packet client $(plain_rr af_packet)"
+echo "# throughput: one connection sending 1 GB (kernel: iperf3 CUBIC ${SECONDS_PER_RUN} s); request/response:"
+echo "# 5000 round trips of 64 B against a Python kernel echo server (kernel row: a Python client,"
+echo "# one run); medians of ${REPEAT} run(s), every run on stderr"
+printf "%-22s %12s %9s %10s %8s %8s\n" engine "Mbit/s" "x kernel" "rr mean" "rr p50" "rr p99"
+read -r kmean kp50 kp99 _ <<<"$krr - - -"
+printf "%-22s %12s %9s %10s %8s %8s\n" "kernel (CUBIC)" "$k" "1.00x" "$kmean µs" "$kp50 µs" "$kp99 µs"
+for engine in $ENGINES; do
+  tput=$(repeat plain_send "$engine")
+  read -r mean p50 p99 _ <<<"$(rr_median "$engine") - - -"
+  ratio=$(python3 -c "print('%.2fx' % ($tput/$k))" 2>/dev/null || echo -)
+  printf "%-22s %12s %9s %10s %8s %8s\n" "netstack $engine" "$tput" "$ratio" "$mean µs" "$p50 µs" "$p99 µs"
+done

@@ -175,12 +175,12 @@ fn engine_report(host: &Host) -> serde_json::Value {
             "rx_bad_checksum": status.rx_bad_checksum,
             "rx_chained": status.rx_chained,
             "port_stats": {
-                "ipackets": status.ipackets,
-                "opackets": status.opackets,
-                "imissed": status.imissed,
-                "ierrors": status.ierrors,
-                "oerrors": status.oerrors,
-                "rx_nombuf": status.rx_nombuf,
+                "ipackets": status.counters.ipackets,
+                "opackets": status.counters.opackets,
+                "imissed": status.counters.imissed,
+                "ierrors": status.counters.ierrors,
+                "oerrors": status.counters.oerrors,
+                "rx_nombuf": status.counters.rx_nombuf,
             },
         });
     }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 pub use af_packet::{AfPacket, RingConfig};
 pub use af_xdp::{AfXdp, XdpHandover};
-pub use dpdk::{Dpdk, DpdkConfig, DpdkStatus, Hugepages, Memory};
+pub use dpdk::{Dpdk, DpdkConfig, DpdkStatus, Hugepages, Memory, PortCounters};
 pub use shared_xdp::{NotShared, SharedXdp};
 use stackroute_netstack::{Device, DeviceCapabilities, RxMeta};
 pub use steer::Steer;

@@ -83,8 +83,8 @@ fn eal_lifecycle_and_frames_on_net_ring() {
     }
     assert_eq!(received, frames);
     let status = dpdk.status();
-    assert_eq!(status.opackets, 40, "{status:?}");
-    assert_eq!(status.ipackets, 40, "{status:?}");
+    assert_eq!(status.counters.opackets, 40, "{status:?}");
+    assert_eq!(status.counters.ipackets, 40, "{status:?}");
     // Every lent and sent mbuf went back (the TX stash may hold some).
     assert!(
         status.mbufs_in_use <= in_use_before + 32,

@@ -122,7 +122,6 @@ impl Dpdk {
 
     /// The engine's report.
     pub fn status(&self) -> DpdkStatus {
-        let stats = sys::port_stats(self.port.0);
         DpdkStatus {
             version: sys::version(),
             port: self.info.name.clone(),
@@ -137,12 +136,7 @@ impl Dpdk {
             tx_checksum_offloaded: self.tx_checksum_offloaded,
             rx_bad_checksum: self.rx_bad_checksum,
             rx_chained: self.rx_chained,
-            ipackets: stats.ipackets,
-            opackets: stats.opackets,
-            imissed: stats.imissed,
-            ierrors: stats.ierrors,
-            oerrors: stats.oerrors,
-            rx_nombuf: stats.rx_nombuf,
+            counters: sys::port_stats(self.port.0),
         }
     }
 }

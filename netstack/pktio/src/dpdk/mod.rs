@@ -19,8 +19,9 @@ pub use config::{DpdkConfig, Hugepages, Memory};
 pub struct DpdkStatus {
     /// DPDK's version ("DPDK 22.11.11").
     pub version: String,
-    /// The port's name and driver (`net_af_packet0`, `net_af_packet`).
+    /// The port's name (`net_af_packet0`, `0000:03:00.0`).
     pub port: String,
+    /// Its driver (`net_af_packet`, `net_ice`).
     pub driver: String,
     /// Where EAL memory comes from.
     pub memory: String,
@@ -28,8 +29,9 @@ pub struct DpdkStatus {
     pub runtime_dir: String,
     /// How long `rte_eal_init` took, in ms.
     pub eal_init_ms: u64,
-    /// Mbufs in the pool, and of them in use now.
+    /// Mbufs in the pool.
     pub mbufs: u32,
+    /// Of them, in use now (the port's RX ring, frames in flight, the TX stash).
     pub mbufs_in_use: u32,
     /// The port verifies received checksums.
     pub rx_checksum_offload: bool,
@@ -42,11 +44,21 @@ pub struct DpdkStatus {
     /// Chained (multi-segment) frames received, each copied once.
     pub rx_chained: u64,
     /// The port's counters.
+    pub counters: PortCounters,
+}
+
+/// A DPDK port's counters (`rte_eth_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortCounters {
+    /// Frames received and sent.
     pub ipackets: u64,
     pub opackets: u64,
+    /// Frames the port dropped for want of RX descriptors, and receive errors.
     pub imissed: u64,
     pub ierrors: u64,
+    /// Transmit errors.
     pub oerrors: u64,
+    /// Receive failures for want of mbufs.
     pub rx_nombuf: u64,
 }
 

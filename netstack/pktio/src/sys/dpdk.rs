@@ -10,6 +10,8 @@ use std::ptr::NonNull;
 
 use stackroute_dpdk_sys as ffi;
 
+use crate::dpdk::PortCounters;
+
 /// `rte_strerror` of `rte_errno` (or of a negative return value's errno).
 pub(crate) fn dpdk_error(errno: i32) -> String {
     let errno = errno.abs();
@@ -283,24 +285,14 @@ pub(crate) fn port_close(port: u16) {
     }
 }
 
-/// Counters of the port.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct PortStats {
-    pub(crate) ipackets: u64,
-    pub(crate) opackets: u64,
-    pub(crate) imissed: u64,
-    pub(crate) ierrors: u64,
-    pub(crate) oerrors: u64,
-    pub(crate) rx_nombuf: u64,
-}
-
-pub(crate) fn port_stats(port: u16) -> PortStats {
+/// The port's counters (zero if it cannot tell).
+pub(crate) fn port_stats(port: u16) -> PortCounters {
     let mut stats = ffi::rte_eth_stats::default();
     // SAFETY: valid port; `stats` is a valid, writable rte_eth_stats.
     if unsafe { ffi::rte_eth_stats_get(port, &mut stats) } != 0 {
-        return PortStats::default();
+        return PortCounters::default();
     }
-    PortStats {
+    PortCounters {
         ipackets: stats.ipackets,
         opackets: stats.opackets,
         imissed: stats.imissed,

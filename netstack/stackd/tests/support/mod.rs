@@ -236,6 +236,13 @@ pub enum PacketSocket {
     Named,
 }
 
+/// A veth pair: `a` in its namespace, `b` in its own.
+fn veth(a: (&str, &str), b: (&str, &str)) {
+    run(&[
+        "ip", "link", "add", a.0, "netns", a.1, "type", "veth", "peer", "name", b.0, "netns", b.1,
+    ]);
+}
+
 /// Creates an AF_PACKET socket in the namespace, then execs `setpriv` (no capabilities, an
 /// empty bounding set) and the instance with `--packet-fd`.
 const INHERIT_PACKET_SOCKET: &str = r#"
@@ -268,21 +275,10 @@ impl Lab {
             run(&["ip", "netns", "add", ns]);
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
-        run(&[
-            "ip",
-            "link",
-            "add",
-            &lab.client_if,
-            "netns",
-            &lab.client_ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &server_if,
-            "netns",
-            &lab.server_ns,
-        ]);
+        veth(
+            (&lab.client_if, &lab.client_ns),
+            (&server_if, &lab.server_ns),
+        );
         let client_cidr = format!("{CLIENT_IP}/24");
         let server_cidr = format!("{SERVER_IP}/24");
         run(&[
@@ -346,21 +342,7 @@ impl Lab {
     pub fn add_dedicated_link(&self) -> String {
         let client_if = format!("dc{}", self.tag);
         let server_if = format!("ds{}", self.tag);
-        run(&[
-            "ip",
-            "link",
-            "add",
-            &client_if,
-            "netns",
-            &self.client_ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &server_if,
-            "netns",
-            &self.server_ns,
-        ]);
+        veth((&client_if, &self.client_ns), (&server_if, &self.server_ns));
         let gateway = format!("{DEDICATED_GATEWAY}/24");
         run(&[
             "ip",
