@@ -16,6 +16,11 @@ pub struct DeviceCapabilities {
     /// the TCP checksum field, as DPDK's `RTE_MBUF_F_TX_TCP_CKSUM` and Linux's
     /// `CHECKSUM_PARTIAL` expect, and does not sum the segment itself.
     pub tx_checksum_offload: bool,
+    /// TCP segmentation offload: the engine cuts a TCP frame of up to this many bytes (Ethernet
+    /// header included) into wire segments, so the stack may hand it several MSS of new data at
+    /// once through [`Device::transmit_segmented`] (for TCP over IPv4). Implies
+    /// `tx_checksum_offload`.
+    pub tso_max_frame: Option<usize>,
 }
 
 impl Default for DeviceCapabilities {
@@ -23,6 +28,7 @@ impl Default for DeviceCapabilities {
         Self {
             mtu: 1500,
             tx_checksum_offload: false,
+            tso_max_frame: None,
         }
     }
 }
@@ -59,6 +65,20 @@ pub trait Device {
     /// Lends a buffer of at least `max_len` bytes. `f` writes one Ethernet frame and returns its
     /// length, or 0 to send nothing. `None` when no transmit buffer is free.
     fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize>;
+
+    /// [`Device::transmit`] for an engine with `tso_max_frame`: a frame longer than the MTU that
+    /// `f` writes is one TCP segment whose payload the engine cuts into `segment_size`-byte
+    /// pieces, each with a copy of the headers (sequence numbers advanced, checksums completed).
+    /// Without segmentation offload, a plain transmit.
+    fn transmit_segmented(
+        &mut self,
+        max_len: usize,
+        segment_size: usize,
+        f: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Option<usize> {
+        let _ = segment_size;
+        self.transmit(max_len, f)
+    }
 
     /// Pushes batched transmissions to the wire.
     fn flush(&mut self) {}

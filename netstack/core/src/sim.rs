@@ -153,14 +153,104 @@ pub struct SimDevice {
     pub receive_time: Option<Instant>,
     /// Advertise transmit checksum offload (the frames in `tx` are then left unfinished).
     pub tx_checksum_offload: bool,
+    /// Behave as a NIC with TCP segmentation offload up to this frame size: checksums are
+    /// completed and frames longer than the MTU are cut into segments before they reach `tx`.
+    pub tso_max_frame: Option<usize>,
+    /// Frames longer than the MTU the stack handed over (and this device cut).
+    pub tso_frames: u64,
+}
+
+impl SimDevice {
+    /// What the NIC does with a sent frame: complete the TCP checksums and, for a frame
+    /// longer than the MTU, cut its TCP payload into `segment_size` pieces.
+    fn offload(&mut self, frame: Vec<u8>, segment_size: usize) {
+        let mtu_frame = DeviceCapabilities::default().mtu + 14;
+        if frame.len() <= mtu_frame {
+            self.tx.push(finish_tcp_checksums(frame));
+            return;
+        }
+        self.tso_frames += 1;
+        let ip_len = match frame[14] >> 4 {
+            4 => usize::from(frame[14] & 0x0f) * 4,
+            _ => 40,
+        };
+        let tcp_at = 14 + ip_len;
+        let headers = tcp_at + usize::from(frame[tcp_at + 12] >> 4) * 4;
+        let payload = &frame[headers..];
+        let seq = u32::from_be_bytes(frame[tcp_at + 4..tcp_at + 8].try_into().unwrap());
+        let chunks = payload.chunks(segment_size).count();
+        for (i, chunk) in payload.chunks(segment_size).enumerate() {
+            let mut piece = frame[..headers].to_vec();
+            piece.extend_from_slice(chunk);
+            let offset = (i * segment_size) as u32;
+            piece[tcp_at + 4..tcp_at + 8].copy_from_slice(&seq.wrapping_add(offset).to_be_bytes());
+            if i + 1 < chunks {
+                piece[tcp_at + 13] &= !0x09; // FIN and PSH only on the last piece
+            }
+            let ip_payload = (piece.len() - 14 - ip_len) as u16;
+            if ip_len == 40 {
+                piece[18..20].copy_from_slice(&ip_payload.to_be_bytes());
+            } else {
+                piece[16..18].copy_from_slice(&(ip_payload + ip_len as u16).to_be_bytes());
+            }
+            self.tx.push(finish_tcp_checksums(piece));
+        }
+    }
+}
+
+/// Fills in an IPv4 header checksum and a TCP checksum, as a NIC's offload does.
+fn finish_tcp_checksums(mut frame: Vec<u8>) -> Vec<u8> {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpAddress, Ipv4Packet, Ipv6Packet};
+    use smoltcp::wire::{IpProtocol, TcpPacket};
+    let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+    match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let mut ip = Ipv4Packet::new_unchecked(eth.payload_mut());
+            if ip.next_header() != IpProtocol::Tcp {
+                return frame;
+            }
+            ip.fill_checksum();
+            let (src, dst) = (ip.src_addr(), ip.dst_addr());
+            let header = usize::from(ip.header_len());
+            let mut tcp = TcpPacket::new_unchecked(&mut ip.into_inner()[header..]);
+            tcp.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_unchecked(eth.payload_mut());
+            if ip.next_header() != IpProtocol::Tcp {
+                return frame;
+            }
+            let (src, dst) = (ip.src_addr(), ip.dst_addr());
+            let mut tcp = TcpPacket::new_unchecked(&mut ip.into_inner()[40..]);
+            tcp.fill_checksum(&IpAddress::Ipv6(src), &IpAddress::Ipv6(dst));
+        }
+        _ => {}
+    }
+    frame
 }
 
 impl Device for SimDevice {
     fn capabilities(&self) -> DeviceCapabilities {
         DeviceCapabilities {
-            tx_checksum_offload: self.tx_checksum_offload,
+            tx_checksum_offload: self.tx_checksum_offload || self.tso_max_frame.is_some(),
+            tso_max_frame: self.tso_max_frame,
             ..DeviceCapabilities::default()
         }
+    }
+
+    fn transmit_segmented(
+        &mut self,
+        max_len: usize,
+        segment_size: usize,
+        f: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Option<usize> {
+        let mut buf = vec![0u8; max_len];
+        let len = f(&mut buf).min(max_len);
+        if len > 0 {
+            buf.truncate(len);
+            self.offload(buf, segment_size);
+        }
+        Some(len)
     }
 
     fn receive<R>(&mut self, f: impl FnOnce(&[u8], RxMeta) -> R) -> Option<R> {
@@ -177,7 +267,10 @@ impl Device for SimDevice {
         let len = f(&mut buf).min(max_len);
         if len > 0 {
             buf.truncate(len);
-            self.tx.push(buf);
+            match self.tso_max_frame {
+                Some(_) => self.tx.push(finish_tcp_checksums(buf)),
+                None => self.tx.push(buf),
+            }
         }
         Some(len)
     }
@@ -272,6 +365,18 @@ impl Network {
     /// Frames dropped by the links (random loss plus queue overflow).
     pub fn dropped_frames(&self) -> u64 {
         self.a_to_b.dropped + self.b_to_a.dropped
+    }
+
+    /// Gives both hosts a NIC with segmentation offload up to `max_frame` (see
+    /// [`SimDevice::tso_max_frame`]), or none.
+    pub fn set_tso(&mut self, max_frame: Option<usize>) {
+        self.dev_a.tso_max_frame = max_frame;
+        self.dev_b.tso_max_frame = max_frame;
+    }
+
+    /// Frames longer than the MTU the stacks handed to their NICs (cut into segments there).
+    pub fn tso_frames(&self) -> u64 {
+        self.dev_a.tso_frames + self.dev_b.tso_frames
     }
 
     /// Changes the impairments of both directions.

@@ -1,6 +1,8 @@
 #include "stackroute_dpdk.h"
 
+#include <rte_ip.h>
 #include <rte_log.h>
+#include <rte_tcp.h>
 
 #include <errno.h>
 #include <stdio.h>
@@ -82,6 +84,22 @@ void sr_tx_tcp_checksum(struct rte_mbuf *m, uint16_t l3_len, int ipv6) {
         m->ol_flags |= RTE_MBUF_F_TX_IPV6 | RTE_MBUF_F_TX_TCP_CKSUM;
     else
         m->ol_flags |= RTE_MBUF_F_TX_IPV4 | RTE_MBUF_F_TX_IP_CKSUM | RTE_MBUF_F_TX_TCP_CKSUM;
+}
+
+void sr_tx_tcp_segmentation(struct rte_mbuf *m, uint16_t l3_len, uint16_t l4_len,
+                            uint16_t segment_size) {
+    struct rte_ipv4_hdr *ip =
+        rte_pktmbuf_mtod_offset(m, struct rte_ipv4_hdr *, RTE_ETHER_HDR_LEN);
+    struct rte_tcp_hdr *tcp =
+        rte_pktmbuf_mtod_offset(m, struct rte_tcp_hdr *, RTE_ETHER_HDR_LEN + l3_len);
+
+    m->l2_len = RTE_ETHER_HDR_LEN;
+    m->l3_len = l3_len;
+    m->l4_len = l4_len;
+    m->tso_segsz = segment_size;
+    m->ol_flags |= RTE_MBUF_F_TX_IPV4 | RTE_MBUF_F_TX_IP_CKSUM | RTE_MBUF_F_TX_TCP_SEG;
+    ip->hdr_checksum = 0;
+    tcp->cksum = rte_ipv4_phdr_cksum(ip, m->ol_flags);
 }
 
 int sr_port_info(uint16_t port, struct sr_port_info *info) {

@@ -67,6 +67,13 @@ uint32_t sr_rx_checksum(const struct rte_mbuf *m);
  * the pseudo-header sum): `l3_len` is the IP header's length after a 14-byte Ethernet header.
  */
 void sr_tx_tcp_checksum(struct rte_mbuf *m, uint16_t l3_len, int ipv6);
+/*
+ * Asks the port to cut a TCP/IPv4 frame into segments of `segment_size` payload bytes (TSO),
+ * completing their checksums; rewrites the TCP checksum field to the pseudo-header sum without
+ * the length, as TSO wants it.
+ */
+void sr_tx_tcp_segmentation(struct rte_mbuf *m, uint16_t l3_len, uint16_t l4_len,
+                            uint16_t segment_size);
 
 int sr_port_info(uint16_t port, struct sr_port_info *info);
 /*

@@ -196,6 +196,15 @@ impl<D: Device> Device for Stamped<'_, D> {
         self.device.transmit(max_len, f)
     }
 
+    fn transmit_segmented(
+        &mut self,
+        max_len: usize,
+        segment_size: usize,
+        f: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Option<usize> {
+        self.device.transmit_segmented(max_len, segment_size, f)
+    }
+
     fn flush(&mut self) {
         self.device.flush();
     }

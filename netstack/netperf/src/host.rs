@@ -172,6 +172,8 @@ fn engine_report(host: &Host) -> serde_json::Value {
             "rx_checksum_offload": status.rx_checksum_offload,
             "tx_checksum_offload": status.tx_checksum_offload,
             "tx_checksum_offloaded": status.tx_checksum_offloaded,
+            "tso": status.tso,
+            "tx_segmented": status.tx_segmented,
             "rx_bad_checksum": status.rx_bad_checksum,
             "rx_chained": status.rx_chained,
             "port_stats": {

@@ -362,10 +362,11 @@ fn configure_tap(lab: &Lab, tap: &str, address: &str) {
 }
 
 /// The port's offloads in use: DPDK's `net_tap` PMD (its TAP interface faces the kernel in the
-/// same namespace) completes sent TCP checksums and verifies received ones, in software like
-/// a NIC would in hardware. The stack leaves its checksums to the port — a frame the port did
-/// not complete would be dropped by the kernel, and the transfer would fail — and trusts the
-/// port's verdict on received ones. 10 MB each way, checked by SHA-256.
+/// same namespace) completes sent TCP checksums, cuts frames longer than the MTU into segments
+/// (TSO) and verifies received checksums, in software like a NIC would in hardware. The stack
+/// leaves its checksums to the port and hands it several MSS per frame — a frame the port did
+/// not complete or cut would be dropped by the kernel, and the transfer would fail — and trusts
+/// the port's verdict on received ones. 10 MB each way, checked by SHA-256.
 fn checksum_offloads_on_net_tap_both_ways() {
     let mut lab = Lab::new(0.0);
     let tag = std::process::id() % 100_000;
@@ -457,9 +458,14 @@ fn checksum_offloads_on_net_tap_both_ways() {
         assert_eq!(dpdk["rx_bad_checksum"].as_u64(), Some(0), "{report}");
         assert_dpdk_cleaned_up(report);
     }
+    // The sender handed the port frames of several segments (TSO), which the kernel received
+    // as MTU-sized segments with valid checksums (or the SHA-256 above would differ).
+    assert_eq!(sent["dpdk"]["tso"].as_bool(), Some(true), "{sent}");
+    assert!(sent["dpdk"]["tx_segmented"].as_u64() > Some(0), "{sent}");
     eprintln!(
-        "net_tap with offloads: stack → kernel {} bit/s, kernel → stack {} bit/s",
-        sent["goodput_bps"], received["goodput_bps"]
+        "net_tap with offloads: stack → kernel {} bit/s ({} frames cut by the port), kernel → \
+         stack {} bit/s",
+        sent["goodput_bps"], sent["dpdk"]["tx_segmented"], received["goodput_bps"]
     );
 }
 

@@ -161,6 +161,18 @@ impl Device for AnyDevice {
         }
     }
 
+    fn transmit_segmented(
+        &mut self,
+        max_len: usize,
+        segment_size: usize,
+        f: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Option<usize> {
+        match self {
+            Self::Dpdk(d) => d.transmit_segmented(max_len, segment_size, f),
+            other => other.transmit(max_len, f),
+        }
+    }
+
     fn flush(&mut self) {
         match self {
             Self::AfPacket(d) => d.flush(),

@@ -1545,7 +1545,12 @@ impl Stack {
 
     fn egress<D: Device>(&mut self, now: Instant, device: &mut D) -> bool {
         let mut activity = false;
-        let max_frame = self.config.mtu + 14;
+        // With segmentation offload a frame may carry up to the engine's limit less the largest
+        // headers (Ethernet, IPv6, TCP with options).
+        let (max_frame, max_payload) = match device.capabilities().tso_max_frame {
+            Some(limit) if limit > self.config.mtu + 14 + 114 => (limit, (limit - 114) as u64),
+            _ => (self.config.mtu + 14, 0),
+        };
         for index in 0..self.slots.len() {
             let generation = self.slots[index].generation;
             let handle = SocketHandle {
@@ -1570,8 +1575,16 @@ impl Stack {
                     let config = &self.config;
                     let tx_checksum = self.tx_checksum;
                     let mut produced = false;
-                    let sent = device.transmit(max_frame, |buf| {
-                        let Some(mut repr) = conn.poll_transmit(now, scratch) else {
+                    let segment_size = conn.mss() as usize;
+                    // IPv4 only: DPDK's segmentation library (behind net_tap's TSO and GSO)
+                    // cuts TCP over IPv4 in 22.11, and NICs do not all take IPv6.
+                    let max_payload = if conn.endpoints.remote.is_ipv4() {
+                        max_payload
+                    } else {
+                        0
+                    };
+                    let write = |buf: &mut [u8]| {
+                        let Some(mut repr) = conn.poll_transmit(now, scratch, max_payload) else {
                             return 0;
                         };
                         produced = true;
@@ -1585,7 +1598,12 @@ impl Stack {
                             &repr,
                             tx_checksum,
                         )
-                    });
+                    };
+                    let sent = if max_payload > 0 {
+                        device.transmit_segmented(max_frame, segment_size, write)
+                    } else {
+                        device.transmit(max_frame, write)
+                    };
                     match sent {
                         Some(0) => break,
                         Some(_) => {

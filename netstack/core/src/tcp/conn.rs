@@ -1590,10 +1590,19 @@ impl Connection {
 
     /// The next segment to send, if any. Payload bytes are written into `payload`; the returned
     /// header's own payload is empty and the caller attaches `payload`.
+    /// The payload of one wire segment: what a segmentation-offload engine cuts frames into.
+    pub(crate) fn mss(&self) -> u64 {
+        self.mss
+    }
+
+    /// The next segment to send, if any. `max_payload` above the MSS means the engine cuts
+    /// frames into MSS-sized segments (TSO): new data may then go out as several MSS at once,
+    /// recorded as one entry per wire segment.
     pub(crate) fn poll_transmit(
         &mut self,
         now: Instant,
         payload: &mut Vec<u8>,
+        max_payload: u64,
     ) -> Option<TcpRepr<'static>> {
         payload.clear();
         if let Some((seq, ack)) = self.rst_due.take() {
@@ -1615,7 +1624,7 @@ impl Connection {
             _ => {}
         }
         if self.established_for_data()
-            && let Some(segment) = self.transmit_data(now, payload)
+            && let Some(segment) = self.transmit_data(now, payload, max_payload)
         {
             return Some(segment);
         }
@@ -1744,7 +1753,12 @@ impl Connection {
         self.ack_sent();
     }
 
-    fn transmit_data(&mut self, now: Instant, payload: &mut Vec<u8>) -> Option<TcpRepr<'static>> {
+    fn transmit_data(
+        &mut self,
+        now: Instant,
+        payload: &mut Vec<u8>,
+        max_payload: u64,
+    ) -> Option<TcpRepr<'static>> {
         let rate = self.cc.pacing_rate(self.rtt.smoothed());
         if let Some(rate) = rate {
             self.pacer.refill(now, rate, self.mss);
@@ -1752,7 +1766,7 @@ impl Connection {
         let paced_out = rate.is_some() && self.pacer.tokens < 0.0;
         if self.tlp_due && !paced_out {
             self.tlp_due = false;
-            if let Some(segment) = self.send_new(now, payload, true) {
+            if let Some(segment) = self.send_new(now, payload, true, self.mss) {
                 return Some(segment);
             }
             if let Some(last) = self.segments.iter().rposition(|s| !s.sacked) {
@@ -1771,7 +1785,20 @@ impl Connection {
         {
             return Some(self.retransmit(now, index, payload));
         }
-        self.send_new(now, payload, false)
+        let burst = if max_payload > self.mss {
+            // Segmentation offload: whole MSS within the congestion window and the pacer's
+            // bucket (as Linux sizes TSO frames by the pacing rate).
+            let cwnd_room = cwnd - self.pipe;
+            let paced = if rate.is_some() {
+                self.pacer.tokens as u64
+            } else {
+                u64::MAX
+            };
+            (max_payload.min(cwnd_room).min(paced) / self.mss).max(1) * self.mss
+        } else {
+            self.mss
+        };
+        self.send_new(now, payload, false, burst)
     }
 
     fn copy_payload(&self, start: u64, end: u64, payload: &mut Vec<u8>) {
@@ -1826,17 +1853,20 @@ impl Connection {
         repr
     }
 
+    /// New data from `snd_nxt`: at most `burst` bytes (one MSS, or several with segmentation
+    /// offload), each MSS recorded as its own segment.
     fn send_new(
         &mut self,
         now: Instant,
         payload: &mut Vec<u8>,
         is_probe: bool,
+        burst: u64,
     ) -> Option<TcpRepr<'static>> {
         let data_end = self.data_end();
         let avail = data_end.saturating_sub(self.snd_nxt);
         let window_room = (self.snd_una + self.snd_wnd).saturating_sub(self.snd_nxt);
         let fin_pending = self.fin_queued && self.snd_nxt <= data_end;
-        let len = avail.min(self.mss).min(window_room);
+        let len = avail.min(burst).min(window_room);
         if !is_probe && avail > window_room && window_room < self.mss {
             // Limited by the peer's receive window, not by the network: like app-limited
             // rounds, these must not convince BBR that the bottleneck is full. A receiver whose
@@ -1869,24 +1899,37 @@ impl Connection {
         let start = self.snd_nxt;
         let end = start + len + u64::from(fin);
         self.copy_payload(start, start + len, payload);
-        let mut segment = TxSegment {
-            start,
-            end,
-            fin,
-            tx_time: now,
-            delivered: 0,
-            delivered_time: now,
-            first_sent_time: now,
-            app_limited: false,
-            sacked: false,
-            lost: false,
-            retransmitted: false,
-        };
-        self.stamp_for_rate(now, &mut segment);
+        // One entry per wire segment, so SACK, RACK and retransmission work per segment.
+        let mut piece_start = start;
+        let mut pieces = 0;
+        while piece_start < end {
+            let piece_end = if end - piece_start > self.mss + u64::from(fin) {
+                piece_start + self.mss
+            } else {
+                end
+            };
+            let mut segment = TxSegment {
+                start: piece_start,
+                end: piece_end,
+                fin: fin && piece_end == end,
+                tx_time: now,
+                delivered: 0,
+                delivered_time: now,
+                first_sent_time: now,
+                app_limited: false,
+                sacked: false,
+                lost: false,
+                retransmitted: false,
+            };
+            self.stamp_for_rate(now, &mut segment);
+            self.pipe += piece_end - piece_start;
+            self.segments.push_back(segment);
+            piece_start = piece_end;
+            pieces += 1;
+        }
         self.snd_nxt = end;
-        self.pipe += end - start;
-        self.segments.push_back(segment);
         let repr = self.data_segment(now, start, end, fin);
+        self.stats.segments_sent += pieces - 1;
         if !is_probe && self.tlp_deadline.is_none() {
             self.arm_tlp(now);
         }

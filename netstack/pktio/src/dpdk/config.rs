@@ -58,6 +58,10 @@ impl Default for DpdkConfig {
 
 /// Bytes of packet data an mbuf holds, headroom (128) included: one 1500-byte-MTU frame.
 pub(crate) const MBUF_DATA_ROOM: u16 = 2048 + 128;
+/// The room of the mbufs for frames the port cuts into segments (TSO): the most an mbuf holds.
+pub(crate) const TSO_DATA_ROOM: u16 = u16::MAX;
+/// How many of them: enough for a few bursts in flight (each frame up to 44 segments).
+pub(crate) const TSO_MBUFS: u32 = 255;
 
 /// What the EAL command line depends on besides the configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,12 +130,17 @@ impl DpdkConfig {
         shlex::split(text).ok_or_else(|| format!("--dpdk-args {text:?}: unbalanced quotes"))
     }
 
-    /// EAL memory in MB for the pool: each mbuf costs its data room plus about 256 bytes of
-    /// headers (rte_mbuf, mempool object header), twice over for EAL's own tables and the
-    /// drivers' rings, plus 64 MB.
+    /// EAL memory in MB for the pools (the packet pool, and with offloads the TSO pool a port
+    /// may want): each mbuf costs its data room plus about 256 bytes of headers (rte_mbuf,
+    /// mempool object header), twice over for EAL's own tables and the drivers' rings, plus
+    /// 64 MB.
     pub(crate) fn memory_megabytes(&self) -> u64 {
-        let pool = u64::from(self.mbufs) * (u64::from(MBUF_DATA_ROOM) + 256);
-        (pool * 2).div_ceil(1 << 20) + 64
+        let mbuf = |count: u32, room: u16| u64::from(count) * (u64::from(room) + 256);
+        let mut pools = mbuf(self.mbufs, MBUF_DATA_ROOM);
+        if self.offloads {
+            pools += mbuf(TSO_MBUFS, TSO_DATA_ROOM);
+        }
+        (pools * 2).div_ceil(1 << 20) + 64
     }
 
     /// The EAL command line: the user's arguments, then a default for each thing they leave
@@ -237,8 +246,13 @@ mod tests {
         );
         assert_eq!(command.memory, Memory::NoHuge { megabytes });
         assert_eq!(command.file_prefix, "stackroute-42-0");
-        // 8191 mbufs of 2176 + 256 bytes, doubled, plus 64 MB.
-        assert_eq!(megabytes, 102);
+        // 8191 mbufs of 2176 + 256 bytes and 255 of 65535 + 256, doubled, plus 64 MB.
+        assert_eq!(megabytes, 134);
+        let without_offloads = DpdkConfig {
+            offloads: false,
+            ..config("")
+        };
+        assert_eq!(without_offloads.memory_megabytes(), 102);
     }
 
     #[test]

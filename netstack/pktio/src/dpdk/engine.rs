@@ -5,12 +5,12 @@ use std::io;
 use std::sync::Arc;
 
 use stackroute_dpdk_sys::{
-    SR_OFFLOAD_RX_CHECKSUM, SR_OFFLOAD_TX_IPV4_CHECKSUM, SR_OFFLOAD_TX_TCP_CHECKSUM, SR_RX_IP_BAD,
-    SR_RX_L4_BAD, SR_RX_L4_GOOD,
+    SR_OFFLOAD_RX_CHECKSUM, SR_OFFLOAD_TX_IPV4_CHECKSUM, SR_OFFLOAD_TX_TCP_CHECKSUM,
+    SR_OFFLOAD_TX_TCP_TSO, SR_RX_IP_BAD, SR_RX_L4_BAD, SR_RX_L4_GOOD,
 };
 use stackroute_netstack::{Device, DeviceCapabilities, RxMeta};
 
-use super::config::MBUF_DATA_ROOM;
+use super::config::{MBUF_DATA_ROOM, TSO_DATA_ROOM, TSO_MBUFS};
 use super::eal::Eal;
 use super::offload::tcp_frame;
 use super::{DpdkConfig, DpdkStatus};
@@ -19,6 +19,10 @@ use crate::sys::dpdk::{self as sys, Mbuf, Mempool, PortInfo};
 /// The transmit offloads the engine uses: both, or neither (an IPv4 frame whose TCP checksum the
 /// port completes needs its header checksum completed too).
 const TX_CHECKSUM: u32 = SR_OFFLOAD_TX_IPV4_CHECKSUM | SR_OFFLOAD_TX_TCP_CHECKSUM;
+
+/// The longest frame the stack may hand over for segmentation: a TSO mbuf's room less its
+/// headroom, rounded down.
+const TSO_MAX_FRAME: usize = 65_000;
 
 /// Drivers fed by the Linux kernel, where a local sender's frame may carry an unfinished
 /// (`CHECKSUM_PARTIAL`) TCP checksum the PMD cannot flag.
@@ -41,9 +45,12 @@ pub struct Dpdk {
     // then the pool, then EAL.
     rx: VecDeque<Mbuf>,
     stash: Vec<Mbuf>,
+    tso_stash: Vec<Mbuf>,
     pending: VecDeque<Mbuf>,
     port: Port,
     pool: Mempool,
+    /// Mbufs of 64 KiB for frames the port cuts into segments, when it offers TSO.
+    tso_pool: Option<Mempool>,
     eal: Arc<Eal>,
     info: PortInfo,
     config: DpdkConfig,
@@ -53,6 +60,7 @@ pub struct Dpdk {
     rx_bad_checksum: u64,
     rx_chained: u64,
     tx_checksum_offloaded: u64,
+    tx_segmented: u64,
 }
 
 impl Dpdk {
@@ -71,13 +79,22 @@ impl Dpdk {
             config.mbufs,
             MBUF_DATA_ROOM,
         )?;
-        let offloads = match config.offloads {
+        let mut offloads = match config.offloads {
             false => 0,
             true if info.offloads & TX_CHECKSUM == TX_CHECKSUM => {
-                info.offloads & (SR_OFFLOAD_RX_CHECKSUM | TX_CHECKSUM)
+                info.offloads & (SR_OFFLOAD_RX_CHECKSUM | TX_CHECKSUM | SR_OFFLOAD_TX_TCP_TSO)
             }
             true => info.offloads & SR_OFFLOAD_RX_CHECKSUM,
         };
+        // TSO needs frames larger than a packet mbuf; without their pool, no TSO.
+        let tso_pool = (offloads & SR_OFFLOAD_TX_TCP_TSO != 0)
+            .then(|| {
+                Mempool::create(&format!("sr-tso-{}", info.name), TSO_MBUFS, TSO_DATA_ROOM).ok()
+            })
+            .flatten();
+        if tso_pool.is_none() {
+            offloads &= !SR_OFFLOAD_TX_TCP_TSO;
+        }
         let context = |e: io::Error| {
             let hint = if e.kind() == io::ErrorKind::PermissionDenied {
                 " (PMDs over kernel interfaces need CAP_NET_RAW and CAP_NET_ADMIN, net_af_xdp \
@@ -100,9 +117,11 @@ impl Dpdk {
         Ok(Self {
             rx: VecDeque::with_capacity(config.burst),
             stash: Vec::with_capacity(config.burst),
+            tso_stash: Vec::new(),
             pending: VecDeque::with_capacity(config.burst),
             port,
             pool,
+            tso_pool,
             eal,
             kernel_fed: KERNEL_FED.contains(&info.driver.as_str()),
             info,
@@ -112,6 +131,7 @@ impl Dpdk {
             rx_bad_checksum: 0,
             rx_chained: 0,
             tx_checksum_offloaded: 0,
+            tx_segmented: 0,
         })
     }
 
@@ -134,10 +154,82 @@ impl Dpdk {
             rx_checksum_offload: self.offloads & SR_OFFLOAD_RX_CHECKSUM != 0,
             tx_checksum_offload: self.offloads & TX_CHECKSUM != 0,
             tx_checksum_offloaded: self.tx_checksum_offloaded,
+            tso: self.tso_pool.is_some(),
+            tx_segmented: self.tx_segmented,
             rx_bad_checksum: self.rx_bad_checksum,
             rx_chained: self.rx_chained,
             counters: sys::port_stats(self.port.0),
         }
+    }
+}
+
+impl Dpdk {
+    /// Lends an mbuf of at least `max_len` bytes to `f` and queues what it wrote, marked for
+    /// the port's offloads: a TCP frame longer than the MTU is cut into `segment_size` pieces
+    /// (TSO), any other TCP frame gets its checksums completed.
+    fn send(
+        &mut self,
+        max_len: usize,
+        segment_size: Option<usize>,
+        f: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Option<usize> {
+        if self.pending.len() >= self.config.burst {
+            self.flush();
+            if self.pending.len() >= self.config.burst {
+                return None;
+            }
+        }
+        let large = max_len > usize::from(MBUF_DATA_ROOM - 128);
+        let (pool, stash) = match (&self.tso_pool, large) {
+            (Some(pool), true) => (pool, &mut self.tso_stash),
+            (None, true) => return None,
+            (_, false) => (&self.pool, &mut self.stash),
+        };
+        if stash.is_empty()
+            && !pool.alloc_bulk(stash, self.config.burst)
+            && !pool.alloc_bulk(stash, 1)
+        {
+            return None;
+        }
+        let mut mbuf = stash.pop()?;
+        let Some(buffer) = u16::try_from(max_len)
+            .ok()
+            .and_then(|len| mbuf.reset_to(len))
+        else {
+            stash.push(mbuf);
+            return None;
+        };
+        let len = f(buffer).min(max_len);
+        if len == 0 {
+            stash.push(mbuf);
+            return Some(0);
+        }
+        let tcp = (self.offloads & TX_CHECKSUM != 0)
+            .then(|| mbuf.first_segment().0.get(..len).and_then(tcp_frame))
+            .flatten();
+        mbuf.set_len(len as u16);
+        let mtu_frame = self.capabilities().mtu + 14;
+        match (tcp, segment_size) {
+            (Some(tcp), Some(size)) if len > mtu_frame && !tcp.ipv6 => {
+                let headers = 14 + usize::from(tcp.l3_len + tcp.l4_len);
+                // net_tap (22.11) refuses a segment whose headers, Ethernet's included, and
+                // payload exceed the MTU, and then stops its whole burst: its segments are
+                // cut 14 bytes shorter than the MSS (the receiver does not mind).
+                let size = match self.info.driver.as_str() {
+                    "net_tap" => size.min(usize::from(self.info.mtu).saturating_sub(headers)),
+                    _ => size,
+                };
+                mbuf.offload_tcp_segmentation(tcp.l3_len, tcp.l4_len, size as u16);
+                self.tx_segmented += 1;
+            }
+            (Some(tcp), _) => {
+                mbuf.offload_tcp_checksum(tcp.l3_len, tcp.ipv6);
+                self.tx_checksum_offloaded += 1;
+            }
+            (None, _) => {}
+        }
+        self.pending.push_back(mbuf);
+        Some(len)
     }
 }
 
@@ -182,6 +274,7 @@ impl Device for Dpdk {
         DeviceCapabilities {
             mtu: usize::from(self.info.mtu).min(frame_limit.saturating_sub(18)),
             tx_checksum_offload: self.offloads & TX_CHECKSUM != 0,
+            tso_max_frame: self.tso_pool.is_some().then_some(TSO_MAX_FRAME),
         }
     }
 
@@ -215,41 +308,16 @@ impl Device for Dpdk {
     }
 
     fn transmit(&mut self, max_len: usize, f: impl FnOnce(&mut [u8]) -> usize) -> Option<usize> {
-        if self.pending.len() >= self.config.burst {
-            self.flush();
-            if self.pending.len() >= self.config.burst {
-                return None;
-            }
-        }
-        if self.stash.is_empty()
-            && !self.pool.alloc_bulk(&mut self.stash, self.config.burst)
-            && !self.pool.alloc_bulk(&mut self.stash, 1)
-        {
-            return None;
-        }
-        let mut mbuf = self.stash.pop()?;
-        let Some(buffer) = u16::try_from(max_len)
-            .ok()
-            .and_then(|len| mbuf.reset_to(len))
-        else {
-            self.stash.push(mbuf);
-            return None;
-        };
-        let len = f(buffer).min(max_len);
-        if len == 0 {
-            self.stash.push(mbuf);
-            return Some(0);
-        }
-        let tcp = (self.offloads & TX_CHECKSUM != 0)
-            .then(|| mbuf.first_segment().0.get(..len).and_then(tcp_frame))
-            .flatten();
-        mbuf.set_len(len as u16);
-        if let Some(tcp) = tcp {
-            mbuf.offload_tcp_checksum(tcp.l3_len, tcp.ipv6);
-            self.tx_checksum_offloaded += 1;
-        }
-        self.pending.push_back(mbuf);
-        Some(len)
+        self.send(max_len, None, f)
+    }
+
+    fn transmit_segmented(
+        &mut self,
+        max_len: usize,
+        segment_size: usize,
+        f: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Option<usize> {
+        self.send(max_len, Some(segment_size), f)
     }
 
     fn flush(&mut self) {

@@ -39,6 +39,10 @@ pub struct DpdkStatus {
     pub tx_checksum_offload: bool,
     /// Frames sent with their checksums left to the port.
     pub tx_checksum_offloaded: u64,
+    /// The port cuts frames longer than the MTU into segments (TSO).
+    pub tso: bool,
+    /// Frames the port was asked to cut.
+    pub tx_segmented: u64,
     /// Frames dropped because the port found a bad checksum.
     pub rx_bad_checksum: u64,
     /// Chained (multi-segment) frames received, each copied once.

@@ -128,9 +128,11 @@ impl Mempool {
     /// `count` mbufs with `data_room` bytes each (headroom included).
     pub(crate) fn create(name: &str, count: u32, data_room: u16) -> io::Result<Self> {
         let name = CString::new(name).map_err(|_| io::Error::other("pool name holds a NUL"))?;
+        // DPDK refuses a per-lcore cache above count / 1.5.
+        let cache = (count * 2 / 3).min(256);
         // SAFETY: after EAL init; `name` is a valid C string copied by DPDK; socket -1 (any).
         let pool =
-            unsafe { ffi::rte_pktmbuf_pool_create(name.as_ptr(), count, 256, 0, data_room, -1) };
+            unsafe { ffi::rte_pktmbuf_pool_create(name.as_ptr(), count, cache, 0, data_room, -1) };
         NonNull::new(pool).map(Self).ok_or_else(|| {
             let errno = last_error();
             io::Error::new(
@@ -228,6 +230,14 @@ impl Mbuf {
     pub(crate) fn offload_tcp_checksum(&mut self, l3_len: u16, ipv6: bool) {
         // SAFETY: the mbuf is live, owned and not yet handed to the driver.
         unsafe { ffi::sr_tx_tcp_checksum(self.0.as_ptr(), l3_len, i32::from(ipv6)) }
+    }
+
+    /// Asks the port to cut this TCP/IPv4 frame into `segment_size`-byte segments (see
+    /// `sr_tx_tcp_segmentation`).
+    pub(crate) fn offload_tcp_segmentation(&mut self, l3_len: u16, l4_len: u16, segment_size: u16) {
+        // SAFETY: the mbuf is live, owned, not yet handed to the driver, and holds an
+        // Ethernet/IPv4/TCP frame with these header lengths (checked by the caller).
+        unsafe { ffi::sr_tx_tcp_segmentation(self.0.as_ptr(), l3_len, l4_len, segment_size) }
     }
 
     /// `SR_RX_*` checksum facts the port set on a received mbuf.
