@@ -161,9 +161,7 @@ impl Dpdk {
             counters: sys::port_stats(self.port.0),
         }
     }
-}
 
-impl Dpdk {
     /// Lends an mbuf of at least `max_len` bytes to `f` and queues what it wrote, marked for
     /// the port's offloads: a TCP frame longer than the MTU is cut into `segment_size` pieces
     /// (TSO), any other TCP frame gets its checksums completed.
