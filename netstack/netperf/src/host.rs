@@ -96,11 +96,8 @@ impl Host {
         );
         stack_config.gateway = config.gateway;
         stack_config.ipv6 = config.ipv6;
-        stack_config.mtu = match &device {
-            // EAL's arguments name the device; the port knows its MTU.
-            AnyDevice::Dpdk(port) => port.capabilities().mtu,
-            _ => stackroute_pktio::interface::mtu(&config.interface).unwrap_or(1500),
-        };
+        // Every engine reports the MTU of its device (a DPDK port knows its own).
+        stack_config.mtu = device.capabilities().mtu;
         stack_config.tcp.congestion_control = config.congestion_control;
         stack_config.tcp.nodelay = config.nodelay;
         let busy_poll = BusyPoll {

@@ -24,11 +24,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use stackroute_local_api::relay::socket_name;
-use stackroute_nethost::{BusyPoll, Host, SharedAddress};
+use stackroute_nethost::{BusyPoll, EngineKind, Host, SharedAddress};
 use stackroute_netstack::Device as _;
 use stackroute_netstack::{Ipv6Config, Stack, StackConfig};
 use stackroute_pktio::{
-    AfPacket, AnyDevice, Dpdk, DpdkConfig, NotShared, RingConfig, SharedXdp, Steer, XdpHandover,
+    AfPacket, AnyDevice, DpdkConfig, NotShared, RingConfig, SharedXdp, Steer, XdpHandover,
 };
 use tracing::{info, warn};
 
@@ -214,14 +214,14 @@ fn run(cli: Cli) -> Result<()> {
         cli.gateway,
         !cli.ipv4_only,
     )?;
-    let (device, engine) = match dpdk_engine(&cli) {
-        Some(device) => (device, "dpdk"),
-        None => packet_engine(&cli, &network, packet_fd, handover)?,
-    };
-    let mac = match &device {
-        AnyDevice::Dpdk(port) => port.mac(),
-        _ => stackroute_pktio::interface::mac(&network.interface)
-            .with_context(|| format!("the Ethernet address of {}", network.interface))?,
+    let (device, engine, mac) = match dpdk_engine(&cli, &network.interface) {
+        Some((device, mac)) => (device, "dpdk", mac),
+        None => {
+            let (device, engine) = packet_engine(&cli, &network, packet_fd, handover)?;
+            let mac = stackroute_pktio::interface::mac(&network.interface)
+                .with_context(|| format!("the Ethernet address of {}", network.interface))?;
+            (device, engine, mac)
+        }
     };
     let mut config = StackConfig::new(
         mac,
@@ -237,10 +237,8 @@ fn run(cli: Cli) -> Result<()> {
             ..Ipv6Config::new(address, prefix_len)
         });
     config.ipv6 = ipv6;
-    config.mtu = match &device {
-        AnyDevice::Dpdk(port) => port.capabilities().mtu,
-        _ => stackroute_pktio::interface::mtu(&network.interface).unwrap_or(1500),
-    };
+    // Every engine reports the MTU of its device (a DPDK port knows its own).
+    config.mtu = device.capabilities().mtu;
     config.ephemeral_ports = cli.ports.clone();
     let mut host = Host::new(
         Stack::new(config),
@@ -333,20 +331,21 @@ fn packet_engine(
     Ok((AnyDevice::AfPacket(engine), "af_packet"))
 }
 
-/// The DPDK port `--dpdk-args` names, if it opens; why not is logged.
-fn dpdk_engine(cli: &Cli) -> Option<AnyDevice> {
+/// The DPDK port `--dpdk-args` names and its MAC, if it opens; why not is logged.
+fn dpdk_engine(cli: &Cli, interface: &str) -> Option<(AnyDevice, [u8; 6])> {
     let args = cli.dpdk_args.as_deref()?;
     let opened = DpdkConfig::parse_eal_args(args)
         .map_err(std::io::Error::other)
         .and_then(|eal_args| {
-            Dpdk::open(&DpdkConfig {
+            let config = DpdkConfig {
                 eal_args,
                 port: cli.dpdk_port.clone(),
                 ..DpdkConfig::default()
-            })
+            };
+            stackroute_nethost::open_engine(EngineKind::Dpdk(config), interface)
         });
     match opened {
-        Ok(port) => Some(AnyDevice::Dpdk(Box::new(port))),
+        Ok(opened) => Some(opened),
         Err(error) => {
             warn!(%error, "DPDK is unavailable; using the next engine");
             None

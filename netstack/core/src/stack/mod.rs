@@ -1578,10 +1578,10 @@ impl Stack {
                     let segment_size = conn.mss() as usize;
                     // IPv4 only: DPDK's segmentation library (behind net_tap's TSO and GSO)
                     // cuts TCP over IPv4 in 22.11, and NICs do not all take IPv6.
-                    let max_payload = if conn.endpoints.remote.is_ipv4() {
-                        max_payload
+                    let (max_frame, max_payload) = if conn.endpoints.remote.is_ipv4() {
+                        (max_frame, max_payload)
                     } else {
-                        0
+                        (self.config.mtu + 14, 0)
                     };
                     let write = |buf: &mut [u8]| {
                         let Some(mut repr) = conn.poll_transmit(now, scratch, max_payload) else {
